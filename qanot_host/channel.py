@@ -1,0 +1,167 @@
+"""The host's side of the protocol: requests out, replies matched to them by id.
+
+Nothing a worker sends is trusted. A frame over the size limit, bytes that do not decode, a message
+type a worker may not send, a reply to an id never asked: each is a protocol violation that ends the
+channel (the owner then kills the worker). A late reply to a call the host already gave up on is not a
+violation: the worker could not know, so those ids are remembered until answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from typing import Callable
+
+import msgspec
+
+from qanot_worker import protocol as p
+
+from .errors import PluginError, ProtocolViolation, WorkerTimeout
+
+__all__ = ["WorkerChannel", "RemoteFailure"]
+
+
+class RemoteFailure(Exception):
+    """The worker answered a request with Failure; the caller knows what it asked and says so."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class WorkerChannel(asyncio.Protocol):
+    def __init__(self, plugin: str, max_frame: int, on_lost: Callable[[PluginError | None], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._plugin = plugin
+        self._frames = p.FrameBuffer(max_frame)
+        self._writer = p.FrameWriter(max_frame)
+        self._decoder = msgspec.msgpack.Decoder(p.WorkerMessage)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future, type]] = {}
+        self._abandoned: set[int] = set()
+        self._out: asyncio.WriteTransport | None = None
+        self._in: asyncio.ReadTransport | None = None
+        self._on_lost = on_lost
+        self.closed: PluginError | None = None
+        self.hello: asyncio.Future[p.Hello] = loop.create_future()
+
+    @classmethod
+    async def open(cls, plugin: str, max_frame: int, to_worker: int, from_worker: int,
+                   on_lost: Callable[[PluginError | None], None]) -> "WorkerChannel":
+        """Wrap the host's ends of the two pipes (the fds are owned by the channel from here on)."""
+        loop = asyncio.get_running_loop()
+        channel = cls(plugin, max_frame, on_lost)
+        channel._out, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(to_worker, "wb", buffering=0))
+        channel._in, _ = await loop.connect_read_pipe(
+            lambda: channel, os.fdopen(from_worker, "rb", buffering=0))
+        return channel
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    async def request(self, make: Callable[[int], msgspec.Struct], expect: type, timeout: float,
+                      what: str):
+        """Send make(id) and wait for its reply, which must be `expect` (or Failure).
+
+        On timeout the caller gets WorkerTimeout at once and the worker is told to cancel.
+        """
+        if self.closed is not None:
+            raise self.closed
+        request_id = next(self._ids)
+        future = self._loop.create_future()
+        self._pending[request_id] = (future, expect)
+        self._send(make(request_id))
+        timer = self._loop.call_later(timeout, self._expire, request_id, timeout, what)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, request_id: int, timeout: float, what: str) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is None or entry[0].done():
+            return
+        future = entry[0]
+        self._abandoned.add(request_id)
+        future.set_exception(WorkerTimeout(self._plugin, f"{what} timed out after {timeout:g} s"))
+        self._send(p.Cancel(request_id))
+
+    def _send(self, msg: msgspec.Struct) -> None:
+        out = self._out
+        if out is not None and not out.is_closing():
+            out.write(self._writer.frame(msg))
+
+    # ---- replies ---------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed is not None:
+            return
+        try:
+            for frame in self._frames.feed(data):
+                self._deliver(self._decoder.decode(frame))
+        except (p.FrameTooLarge, msgspec.DecodeError) as exc:
+            self.close(ProtocolViolation(self._plugin, f"bad frame from the worker: {exc}"))
+
+    def _deliver(self, msg: p.WorkerMessage) -> None:
+        if isinstance(msg, p.Hello):
+            if self.hello.done():
+                raise msgspec.DecodeError("a second Hello")
+            self.hello.set_result(msg)
+            return
+        entry = self._pending.pop(msg.id, None)
+        if entry is None:
+            if msg.id in self._abandoned:
+                self._abandoned.discard(msg.id)
+                return
+            raise msgspec.DecodeError(f"a reply to request {msg.id}, which was never sent or was "
+                                      "already answered")
+        future, expect = entry
+        if not isinstance(msg, (expect, p.Failure)):
+            raise msgspec.DecodeError(f"{type(msg).__name__} in reply to a request that expects "
+                                      f"{expect.__name__}")
+        if future.done():
+            return
+        if isinstance(msg, p.Failure):
+            future.set_exception(RemoteFailure(msg.kind, msg.message))
+        else:
+            future.set_result(msg)
+
+    def eof_received(self) -> bool:
+        self.close(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(None)
+
+    # ---- end -------------------------------------------------------------------------------------
+
+    def close(self, error: PluginError | None) -> None:
+        """End the channel once; pending requests are failed by the owner through on_lost."""
+        if self.closed is not None:
+            return
+        if error is None and self._frames.pending:
+            error = ProtocolViolation(self._plugin, f"the worker closed its pipe in the middle of a "
+                                                    f"frame ({self._frames.pending} bytes)")
+        self.closed = error or PluginError(self._plugin, "the worker closed its pipe")
+        for transport in (self._in, self._out):
+            if transport is not None:
+                transport.close()
+        self._on_lost(error)
+
+    def fail_pending(self, error: PluginError) -> None:
+        """End every request still waiting, at once, with `error`."""
+        self.closed = error
+        pending, self._pending = self._pending, {}
+        for future, _ in pending.values():
+            if not future.done():
+                future.set_exception(error)
+        if not self.hello.done():
+            self.hello.set_exception(error)
+            self.hello.exception()  # retrieved: nobody may be waiting for it any more
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,62 @@
+"""`qanot-host check`: every problem in config.json and the plugins' plugin.json, without running
+any plugin code."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from qanot_worker.plugin_api import ManifestError
+
+from .config import Config, PluginEntry
+from .discovery import find_plugin, manifest_problems, searched_paths
+from .environments import find_uv
+
+__all__ = ["CheckReport", "check_config"]
+
+KNOWN_ENTRY_KEYS = {"name", "enabled", "config"}
+
+
+@dataclass
+class CheckReport:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    checked: int = 0
+
+
+def check_config(config: Config, raw_entries: list[object]) -> CheckReport:
+    """raw_entries: config.json's "plugins" list as parsed JSON, to spot keys Qanot would ignore."""
+    report = CheckReport()
+    if config.host.wheel_dir is not None and not os.path.isdir(config.host.wheel_dir):
+        report.errors.append(f"{config.path}: host.wheel_dir: {config.host.wheel_dir} is not a directory")
+    enabled = {e.name for e in config.plugins if e.enabled}
+    for index, entry in enumerate(config.plugins):
+        raw = raw_entries[index] if index < len(raw_entries) else {}
+        for key in sorted(set(raw) - KNOWN_ENTRY_KEYS) if isinstance(raw, dict) else ():
+            report.warnings.append(f"{config.path}: plugins[{index}].{key}: unknown key, ignored")
+        _check_plugin(config, entry, enabled, report)
+    return report
+
+
+def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report: CheckReport) -> None:
+    report.checked += 1
+    problems = report.errors if entry.enabled else report.warnings
+    label = f"plugin {entry.name}" + ("" if entry.enabled else " (disabled)")
+    try:
+        source = find_plugin(entry.name, config, strict_manifest=True)
+    except ManifestError as exc:
+        problems.append(f"{label}: {exc}")
+        return
+    if source is None:
+        problems.append(f"{label}: not found: no {searched_paths(entry.name, config)}")
+        return
+    problems.extend(f"{label}: {problem}" for problem in manifest_problems(source, entry))
+    manifest_path = os.path.join(source.directory, "plugin.json")
+    for dep in source.manifest.plugin_deps:
+        if dep not in enabled:
+            problems.append(f"{label}: {manifest_path}: plugin_deps: {dep!r} is not an enabled plugin")
+    for req in source.manifest.dependencies:
+        if not req.strip() or req.lstrip().startswith("-"):
+            problems.append(f"{label}: {manifest_path}: dependencies: {req!r} is not a requirement")
+    if source.manifest.dependencies and find_uv() is None:
+        problems.append(f"{label}: needs dependencies but uv is not installed")

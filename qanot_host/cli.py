@@ -1,0 +1,158 @@
+"""The `qanot-host` command: run, call, tools, check.
+
+A user's mistake ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from qanot_worker import eventloop
+
+from .check import check_config
+from .config import load_config
+from .errors import QanotHostError, ToolNotFound
+from .host import Host, PluginState
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = args.log_level or ("INFO" if args.command == "run" else "CRITICAL")
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return eventloop.run(COMMANDS[args.command](args))
+    except QanotHostError as exc:
+        print(f"qanot-host: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qanot-host", description="Run Qanot plugins, each in its "
+                                     "own sandboxed worker process.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", default="config.json", help="path to config.json")
+        cmd.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                         type=str.upper, help="log to stderr at this level")
+        return cmd
+
+    command("run", "start every enabled plugin and serve until SIGTERM or SIGINT")
+    call = command("call", "start the host, call one tool, print its result, stop")
+    call.add_argument("tool")
+    call.add_argument("params", nargs="?", default="{}", help="a JSON object (default {})")
+    tools = command("tools", "list every tool: name, plugin, description")
+    tools.add_argument("--json", action="store_true", help="print the definitions as JSON")
+    command("check", "validate config.json and every plugin.json without running plugin code")
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host = Host(args.config)
+    try:
+        starting = asyncio.ensure_future(host.start())
+        await asyncio.wait([starting, asyncio.ensure_future(stop.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            _print_ready(host)
+            await stop.wait()
+        else:
+            starting.cancel()
+        logging.getLogger("qanot_host").info("stopping")
+    finally:
+        await host.stop()
+    return EXIT_OK
+
+
+def _print_ready(host: Host) -> None:
+    log = logging.getLogger("qanot_host")
+    for row in host.status():
+        if row["state"] == PluginState.READY:
+            log.info("plugin %s: pid %s, tools: %s", row["plugin"], row["pid"], ", ".join(row["tools"]))
+        else:
+            log.error("plugin %s: %s: %s", row["plugin"], row["state"], row["error"])
+
+
+async def _call(args: argparse.Namespace) -> int:
+    params = _parse_params(args.params)
+    async with Host(args.config) as host:
+        try:
+            result = await host.registry.invoke(args.tool, params)
+        except ToolNotFound as exc:
+            raise ToolNotFound(args.tool) if not _failed(host) else QanotHostError(
+                f"{exc} (plugins that failed to start: {_failed(host)})") from None
+    sys.stdout.write(result if result.endswith("\n") else result + "\n")
+    return EXIT_OK
+
+
+def _parse_params(text: str) -> dict:
+    try:
+        params = json.loads(text)
+    except ValueError as exc:
+        raise QanotHostError(f"params: not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise QanotHostError(f"params: must be a JSON object, got {type(params).__name__}")
+    return params
+
+
+def _failed(host: Host) -> str:
+    return "; ".join(f"{r['plugin']}: {r['error']}" for r in host.status()
+                     if r["state"] != PluginState.READY)
+
+
+async def _tools(args: argparse.Namespace) -> int:
+    async with Host(args.config) as host:
+        failed = _failed(host)
+        if args.json:
+            print(json.dumps([dict(t.definition(), plugin=t.plugin) for t in _tools_of(host)],
+                             ensure_ascii=False, indent=2))
+        else:
+            rows = [(t.name, t.plugin or "-", (t.description.strip().splitlines() or [""])[0])
+                    for t in _tools_of(host)]
+            widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("TOOL", "PLUGIN"))]
+            print(f"{'TOOL':<{widths[0]}}  {'PLUGIN':<{widths[1]}}  DESCRIPTION")
+            for name, plugin, description in rows:
+                print(f"{name:<{widths[0]}}  {plugin:<{widths[1]}}  {description}")
+    if failed:
+        print(f"qanot-host: error: plugins that failed to start: {failed}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _tools_of(host: Host):
+    return [host.registry.get(name) for name in host.registry.tool_names]
+
+
+async def _check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    with open(args.config, "rb") as f:
+        raw_entries = json.loads(f.read()).get("plugins", [])
+    report = check_config(config, raw_entries)
+    for line in report.errors:
+        print(f"error: {line}")
+    for line in report.warnings:
+        print(f"warning: {line}")
+    print(f"{config.path}: {report.checked} plugins checked, {len(report.errors)} errors, "
+          f"{len(report.warnings)} warnings")
+    return EXIT_ERROR if report.errors else EXIT_OK
+
+
+COMMANDS = {"run": _run, "call": _call, "tools": _tools, "check": _check}

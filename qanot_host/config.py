@@ -1,0 +1,133 @@
+"""config.json: Qanot's keys, as Qanot reads them, plus qanot-host's own settings under "host".
+
+Qanot's config.json holds much more than plugins (models, bots, ...): unknown top-level keys are
+left alone. Inside "host" every key is ours, so an unknown one there is a typo and is refused.
+Relative paths are taken from the directory that holds config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated, Any
+
+import msgspec
+
+from .errors import ConfigError
+
+__all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "load_config", "parse_config"]
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class PluginEntry(msgspec.Struct):
+    """One item of Qanot's "plugins" list."""
+
+    name: str
+    enabled: bool = True
+    config: dict[str, Any] = {}
+
+
+class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """host.plugins.NAME: how qanot-host runs one plugin (Qanot has no such key)."""
+
+    call_timeout: Seconds | None = None
+    tool_timeouts: dict[str, Seconds] = {}
+
+
+class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """The "host" key: qanot-host's own settings, every one optional."""
+
+    state_dir: str = ".qanot-host"
+    builtin_plugins_dir: str | None = None
+    wheel_dir: str | None = None
+    offline: bool = False
+    call_timeout: Seconds = 30.0
+    handshake_timeout: Seconds = 10.0
+    setup_timeout: Seconds = 30.0
+    teardown_timeout: Seconds = 3.0
+    install_timeout: Seconds = 600.0
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=2**31)] = 64 * 1024 * 1024
+    plugins: dict[str, PluginSettings] = {}
+
+
+class Config(msgspec.Struct):
+    plugins: list[PluginEntry] = []
+    plugins_dir: str = "/data/plugins"
+    workspace_dir: str = "/data/workspace"
+    host: HostSettings = msgspec.field(default_factory=HostSettings)
+    # Where this config came from; not a config.json key.
+    path: str = ""
+
+    def settings_for(self, plugin: str) -> PluginSettings:
+        return self.host.plugins.get(plugin) or PluginSettings()
+
+    def call_timeout(self, plugin: str, tool: str) -> float:
+        """Per tool, else per plugin, else the host default."""
+        settings = self.settings_for(plugin)
+        return settings.tool_timeouts.get(tool) or settings.call_timeout or self.host.call_timeout
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: bytes | str, path: str) -> Config:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    data.pop("path", None)
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_where_first(exc)}") from None
+    config.path = path
+    _check_plugins(config)
+    _resolve_paths(config)
+    config.path = os.path.abspath(path)
+    return config
+
+
+def _where_first(exc: msgspec.ValidationError) -> str:
+    """Turn msgspec's 'Expected `bool`, got `str` - at `$.plugins[0].enabled`' key-first."""
+    message, sep, where = str(exc).rpartition(" - at `")
+    if not sep:
+        return str(exc)
+    return f"{where.rstrip('`').removeprefix('$.')}: {message}"
+
+
+def _check_plugins(config: Config) -> None:
+    seen: set[str] = set()
+    for index, entry in enumerate(config.plugins):
+        where = f"{config.path}: plugins[{index}].name"
+        if not entry.name or entry.name in (".", "..") or "/" in entry.name or "\0" in entry.name:
+            raise ConfigError(f"{where}: {entry.name!r} is not a plugin directory name")
+        if entry.name in seen:
+            raise ConfigError(f"{where}: plugin {entry.name!r} is listed twice")
+        seen.add(entry.name)
+    for name in config.host.plugins:
+        if name not in seen:
+            raise ConfigError(f"{config.path}: host.plugins.{name}: no plugin {name!r} in plugins")
+
+
+def _resolve_paths(config: Config) -> None:
+    base = os.path.dirname(os.path.abspath(config.path))
+
+    def resolve(value: str) -> str:
+        return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+    config.plugins_dir = resolve(config.plugins_dir)
+    config.workspace_dir = resolve(config.workspace_dir)
+    config.host.state_dir = resolve(config.host.state_dir)
+    if config.host.wheel_dir is not None:
+        config.host.wheel_dir = resolve(config.host.wheel_dir)
+    if config.host.builtin_plugins_dir is not None:
+        config.host.builtin_plugins_dir = resolve(config.host.builtin_plugins_dir)

@@ -1,0 +1,67 @@
+"""Find a plugin's directory and read its plugin.json, without running any of its code.
+
+Qanot's order: the built-in plugins/ directory at the package root first, then plugins_dir.
+plugin.py is the entry point; __init__.py is accepted when plugin.py is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qanot_worker.plugin_api import QANOT_API_VERSION, PluginManifest, load_manifest, parse_version
+
+from .config import Config, PluginEntry
+
+__all__ = ["PluginSource", "builtin_plugins_dir", "find_plugin", "searched_paths", "manifest_problems"]
+
+ENTRY_FILES = ("plugin.py", "__init__.py")
+
+
+@dataclass
+class PluginSource:
+    name: str
+    directory: str
+    entry_file: str
+    builtin: bool
+    manifest: PluginManifest
+    warnings: list[str] = field(default_factory=list)
+
+
+def builtin_plugins_dir(config: Config) -> str:
+    if config.host.builtin_plugins_dir is not None:
+        return config.host.builtin_plugins_dir
+    return str(Path(__file__).resolve().parent.parent / "plugins")
+
+
+def find_plugin(name: str, config: Config, strict_manifest: bool = False) -> PluginSource | None:
+    """The first of builtin/NAME and plugins_dir/NAME that has an entry file, or None."""
+    for root, builtin in ((builtin_plugins_dir(config), True), (config.plugins_dir, False)):
+        directory = os.path.join(root, name)
+        for entry in ENTRY_FILES:
+            entry_file = os.path.join(directory, entry)
+            if os.path.isfile(entry_file):
+                manifest, warnings = load_manifest(directory, strict=strict_manifest)
+                return PluginSource(name, directory, entry_file, builtin, manifest, warnings)
+    return None
+
+
+def searched_paths(name: str, config: Config) -> str:
+    return " or ".join(os.path.join(root, name, "plugin.py")
+                       for root in (builtin_plugins_dir(config), config.plugins_dir))
+
+
+def manifest_problems(source: PluginSource, entry: PluginEntry) -> list[str]:
+    """What plugin.json asks for that this host or this config cannot give (required keys, version)."""
+    problems = []
+    path = os.path.join(source.directory, "plugin.json")
+    missing = [key for key in source.manifest.required_config if key not in entry.config]
+    if missing:
+        problems.append(f"{path}: required_config: missing from the plugin's config in config.json: "
+                        + ", ".join(missing))
+    wanted = source.manifest.min_qanot_version
+    if wanted and parse_version(wanted) > parse_version(QANOT_API_VERSION):
+        problems.append(f"{path}: min_qanot_version: needs Qanot plugin API {wanted}, "
+                        f"this host implements {QANOT_API_VERSION}")
+    return problems

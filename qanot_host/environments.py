@@ -1,0 +1,133 @@
+"""Per-plugin Python environments, built with uv from plugin.json's "dependencies".
+
+Each plugin gets its own virtual environment, keyed by its requirement list, built once and reused
+until that list changes, and never installed into the host's environment. Environments are built
+in a scratch directory and renamed into place, so a crash mid-build never leaves a half environment
+that looks finished; a lock file keeps two hosts from building the same one at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+from .errors import DependencyError
+
+__all__ = ["EnvironmentBuilder", "find_uv"]
+
+COMPLETE_MARK = ".qanot-host-env.json"
+
+
+def find_uv() -> str | None:
+    try:
+        from uv import find_uv_bin  # the `uv` wheel ships its binary and this helper
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return shutil.which("uv")
+
+
+class EnvironmentBuilder:
+    def __init__(self, state_dir: str, wheel_dir: str | None, offline: bool, timeout: float) -> None:
+        self._root = os.path.join(state_dir, "envs")
+        self._wheel_dir = wheel_dir
+        self._offline = offline
+        self._timeout = timeout
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def site_dirs(self, plugin: str, requirements: list[str]) -> list[str]:
+        """The site-packages directories the plugin's worker adds; [] for a plugin with no deps."""
+        if not requirements:
+            return []
+        for req in requirements:
+            if not isinstance(req, str) or not req.strip() or req.lstrip().startswith("-") or "\n" in req:
+                raise DependencyError(plugin, f"plugin.json: dependencies: {req!r} is not a requirement")
+        env_dir = os.path.join(self._root, f"{plugin}-{self._key(requirements)}")
+        lock = self._locks.setdefault(env_dir, asyncio.Lock())
+        async with lock:
+            if not os.path.exists(os.path.join(env_dir, COMPLETE_MARK)):
+                await self._build_locked(plugin, env_dir, requirements)
+        return _site_packages(env_dir)
+
+    def _key(self, requirements: list[str]) -> str:
+        material = json.dumps([sys.version, sys.executable, sorted(requirements), self._wheel_dir,
+                               self._offline])
+        return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+    async def _build_locked(self, plugin: str, env_dir: str, requirements: list[str]) -> None:
+        os.makedirs(self._root, exist_ok=True)
+        lock_file = open(env_dir + ".lock", "w")
+        try:
+            # Another host process may be building the same environment: wait for it.
+            await asyncio.to_thread(fcntl.flock, lock_file, fcntl.LOCK_EX)
+            if not os.path.exists(os.path.join(env_dir, COMPLETE_MARK)):
+                await self._build(plugin, env_dir, requirements)
+        finally:
+            lock_file.close()
+
+    async def _build(self, plugin: str, env_dir: str, requirements: list[str]) -> None:
+        uv = find_uv()
+        if uv is None:
+            raise DependencyError(plugin, "needs dependencies but uv is not installed (pip install uv)")
+        scratch = f"{env_dir}.building-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            await self._uv(plugin, [uv, "venv", "--quiet", "--python", sys.executable, scratch])
+            await self._uv(plugin, [uv, "pip", "install", "--quiet", "--python",
+                                    os.path.join(scratch, "bin", "python"), "--link-mode", "copy",
+                                    *self._index_args(), *requirements])
+            with open(os.path.join(scratch, COMPLETE_MARK), "w") as f:
+                json.dump({"plugin": plugin, "requirements": requirements}, f)
+            shutil.rmtree(env_dir, ignore_errors=True)
+            os.rename(scratch, env_dir)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self._remove_stale(plugin, env_dir)
+
+    def _index_args(self) -> list[str]:
+        args = ["--no-build"]  # wheels only: building an sdist runs its code in the host, unsandboxed
+        if self._wheel_dir is not None:
+            args += ["--no-index", "--find-links", self._wheel_dir]
+        if self._offline:
+            args.append("--offline")
+        return args
+
+    async def _uv(self, plugin: str, argv: list[str]) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, cwd=self._root, env=_uv_environment())
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), self._timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise DependencyError(plugin, f"uv took longer than {self._timeout:g} s") from None
+        if proc.returncode != 0:
+            text = " ".join(output.decode(errors="replace").split())
+            raise DependencyError(plugin, f"installing dependencies failed: {text}")
+
+    def _remove_stale(self, plugin: str, keep: str) -> None:
+        """Environments of older requirement lists of this plugin are dead weight."""
+        for path in glob.glob(os.path.join(self._root, f"{plugin}-" + "?" * 16)):
+            if path != keep:
+                shutil.rmtree(path, ignore_errors=True)
+                try:
+                    os.unlink(path + ".lock")
+                except FileNotFoundError:
+                    pass
+
+
+def _site_packages(env_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(env_dir, "lib", "python*", "site-packages")))
+
+
+def _uv_environment() -> dict[str, str]:
+    """uv must not pick up a VIRTUAL_ENV or project of the host's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "UV_PROJECT"))}
+    env["UV_NO_CONFIG"] = "1"
+    return env

@@ -1,0 +1,108 @@
+"""Every way a plugin, a worker or the user's input can fail, as types.
+
+::
+
+    QanotHostError
+    ├── ConfigError                 config.json or a plugin.json is unusable (names file and key)
+    ├── ToolNotFound                no tool of that name is registered
+    ├── InvalidParams               params failed the tool's JSON Schema, checked in the host
+    └── PluginError                 something went wrong with one plugin (carries .plugin)
+        ├── PluginUnavailable       the plugin is not running (failed to start, stopped, failed)
+        ├── PluginStartError        spawn, handshake, import, setup() or get_tools() failed
+        │   ├── DependencyError     uv could not build the plugin's environment
+        │   └── ProtocolMismatch    the worker speaks another protocol version
+        ├── WorkerCrashed           the worker process died (carries exit code or signal)
+        ├── WorkerTimeout           a call, setup() or teardown() ran past its deadline
+        ├── ProtocolViolation       the worker sent a frame the host cannot accept
+        └── ToolFailed              the tool's handler raised or returned a non-string
+
+Inside the host these are raised; `ToolRegistry.execute()` turns them into Qanot's
+``{"error": "..."}`` string at the edge, and the CLI into one line on stderr.
+"""
+
+from __future__ import annotations
+
+import signal
+
+__all__ = [
+    "QanotHostError", "ConfigError", "ToolNotFound", "InvalidParams", "PluginError",
+    "PluginUnavailable", "PluginStartError", "DependencyError", "ProtocolMismatch", "WorkerCrashed",
+    "WorkerTimeout", "ProtocolViolation", "ToolFailed", "describe_exit",
+]
+
+
+class QanotHostError(Exception):
+    """Base of every error qanot-host raises on purpose."""
+
+
+class ConfigError(QanotHostError):
+    pass
+
+
+class ToolNotFound(QanotHostError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Unknown tool: {name}")
+        self.tool = name
+
+
+class InvalidParams(QanotHostError):
+    def __init__(self, tool: str, problems: list[str]) -> None:
+        super().__init__(f"Invalid parameters for tool {tool}: {'; '.join(problems)}")
+        self.tool = tool
+        self.problems = problems
+
+
+class PluginError(QanotHostError):
+    def __init__(self, plugin: str, message: str) -> None:
+        super().__init__(f"plugin {plugin}: {message}")
+        self.plugin = plugin
+        self.detail = message
+
+
+class PluginUnavailable(PluginError):
+    pass
+
+
+class PluginStartError(PluginError):
+    pass
+
+
+class DependencyError(PluginStartError):
+    pass
+
+
+class ProtocolMismatch(PluginStartError):
+    pass
+
+
+class WorkerCrashed(PluginError):
+    def __init__(self, plugin: str, returncode: int | None, context: str = "") -> None:
+        how = describe_exit(returncode)
+        super().__init__(plugin, f"worker crashed ({how}){context}")
+        self.returncode = returncode
+
+
+class WorkerTimeout(PluginError):
+    pass
+
+
+class ProtocolViolation(PluginError):
+    pass
+
+
+class ToolFailed(PluginError):
+    def __init__(self, plugin: str, tool: str, message: str) -> None:
+        super().__init__(plugin, f"tool {tool} failed: {message}")
+        self.tool = tool
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'killed by SIGKILL', 'exit code 3', or 'exit status unknown' for a process not yet reaped."""
+    if returncode is None:
+        return "exit status unknown"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"

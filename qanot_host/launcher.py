@@ -1,0 +1,112 @@
+"""Starting a worker process, behind a small interface.
+
+The rest of the host only needs a process it can wait for and signal; keeping the launch here means a
+fork-server launcher (a pre-started template that forks per plugin) can replace plain spawning later
+without touching supervision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["LaunchSpec", "WorkerProcess", "Launcher", "SubprocessLauncher"]
+
+# A plugin that prints without newlines must not make the host buffer without bound.
+MAX_LOG_LINE = 4096
+
+
+@dataclass
+class LaunchSpec:
+    plugin: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    pass_fds: tuple[int, ...]
+
+
+class WorkerProcess(Protocol):
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the worker and every process it started (its own process group)."""
+
+
+class Launcher(Protocol):
+    async def launch(self, spec: LaunchSpec) -> WorkerProcess: ...
+
+
+class _SpawnedWorker:
+    def __init__(self, proc: asyncio.subprocess.Process, plugin: str) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+        log = logging.getLogger(f"qanot_host.plugin.{plugin}")
+        self._pumps = [
+            asyncio.ensure_future(_pump(proc.stdout, log, plugin, "stdout")),
+            asyncio.ensure_future(_pump(proc.stderr, log, plugin, "stderr")),
+        ]
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    async def wait(self) -> int:
+        code = await self._proc.wait()
+        # Output written just before exit is still in the pipes: log it before saying we are done.
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        return code
+
+    def signal_group(self, sig: int) -> None:
+        if self._proc.returncode is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # the group is gone and its id reused; signal only our child
+            self._proc.send_signal(sig)
+
+
+class SubprocessLauncher:
+    """One fresh interpreter per worker, in a session (and process group) of its own."""
+
+    async def launch(self, spec: LaunchSpec) -> WorkerProcess:
+        proc = await asyncio.create_subprocess_exec(
+            *spec.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=spec.env, cwd=spec.cwd, pass_fds=spec.pass_fds,
+            start_new_session=True)
+        return _SpawnedWorker(proc, spec.plugin)
+
+
+async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, plugin: str, kind: str) -> None:
+    """Log what a worker writes, a line at a time, tagged with its plugin's name."""
+    if stream is None:
+        return
+    pending = b""
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        if len(pending) > MAX_LOG_LINE:
+            lines.append(pending)
+            pending = b""
+        for line in lines:
+            _emit(log, plugin, kind, line)
+    if pending:
+        _emit(log, plugin, kind, pending)
+
+
+def _emit(log: logging.Logger, plugin: str, kind: str, line: bytes) -> None:
+    text = line[:MAX_LOG_LINE].decode("utf-8", errors="replace").rstrip()
+    if text:
+        log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", plugin, kind, text)

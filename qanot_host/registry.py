@@ -1,0 +1,110 @@
+"""A ToolRegistry with Qanot's API, where a tool may live in the host or in a plugin's worker.
+
+`execute()` is the edge where typed errors become Qanot's ``{"error": "..."}`` string; `invoke()`
+is the same call with the errors left as exceptions, for callers (the CLI) that must tell a tool's
+own JSON from a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from qanot_worker.plugin_api import validate_tool_params
+
+from .errors import InvalidParams, QanotHostError, ToolNotFound
+
+__all__ = ["ToolRegistry", "RegisteredTool"]
+
+log = logging.getLogger("qanot_host.registry")
+
+Handler = Callable[[dict], Awaitable[str]]
+
+# Qanot's own registry gives an in-process handler 30 seconds.
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass
+class RegisteredTool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    handler: Handler
+    plugin: str | None = None  # None: an in-host tool registered with register()
+
+    def definition(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
+
+class ToolRegistry:
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._tools: dict[str, RegisteredTool] = {}
+        self._timeout = timeout
+
+    # ---- Qanot's API -----------------------------------------------------------------------------
+
+    def register(self, name: str, description: str, parameters: dict[str, Any], handler: Handler) -> None:
+        """Register an in-host tool (Qanot's manual registration). It replaces a tool of that name."""
+        old = self._tools.get(name)
+        if old is not None:
+            log.warning("tool %s: replaced (was registered by %s)", name,
+                        f"plugin {old.plugin}" if old.plugin else "the host")
+        self._tools[name] = RegisteredTool(name, description, parameters, handler)
+
+    async def execute(self, name: str, params: dict[str, Any]) -> str:
+        """Run a tool and return its result string; any failure comes back as {"error": ...}."""
+        try:
+            return await self.invoke(name, params)
+        except QanotHostError as exc:
+            return _error(str(exc))
+        except asyncio.TimeoutError:
+            return _error(f"Tool {name} timed out after {self._timeout:g} s")
+        except Exception as exc:  # an in-host handler's own bug
+            log.exception("tool %s raised", name)
+            return _error(f"Tool {name} failed: {type(exc).__name__}: {exc}")
+
+    def get_definitions(self) -> list[dict[str, Any]]:
+        return [tool.definition() for tool in self._tools.values()]
+
+    @property
+    def tool_names(self) -> list[str]:
+        return list(self._tools)
+
+    # ---- qanot-host's additions ------------------------------------------------------------------
+
+    async def invoke(self, name: str, params: dict[str, Any]) -> str:
+        """execute() with typed errors raised instead of returned."""
+        tool = self._tools.get(name)
+        if tool is None:
+            raise ToolNotFound(name)
+        problems = validate_tool_params(params, tool.parameters)
+        if problems:
+            raise InvalidParams(name, problems)
+        if tool.plugin is not None:
+            return await tool.handler(params)  # the worker enforces its own per-call timeout
+        result = await asyncio.wait_for(tool.handler(params), self._timeout)
+        if not isinstance(result, str):
+            raise QanotHostError(f"Tool {name} returned {type(result).__name__}, expected str")
+        return result
+
+    def get(self, name: str) -> RegisteredTool | None:
+        return self._tools.get(name)
+
+    def add_plugin_tool(self, tool: RegisteredTool) -> RegisteredTool | None:
+        """Add a worker's tool unless the name is taken; returns the tool that holds the name then."""
+        holder = self._tools.get(tool.name)
+        if holder is not None and holder.plugin != tool.plugin:
+            return holder
+        self._tools[tool.name] = tool
+        return None
+
+    def remove_plugin_tools(self, plugin: str) -> None:
+        for name in [n for n, t in self._tools.items() if t.plugin == plugin]:
+            del self._tools[name]
+
+
+def _error(message: str) -> str:
+    return json.dumps({"error": message}, ensure_ascii=False)

@@ -1,0 +1,202 @@
+"""One worker process as the host sees it: start it, call into it, stop it for certain.
+
+The start is a handshake under a deadline (a distinct error when the worker dies before saying
+Hello), then load, setup() and get_tools(). Stopping always ends: teardown() under its timeout, then
+SIGTERM to the worker's process group, then SIGKILL, and the exit is always awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from qanot_worker import protocol as p
+from qanot_worker.main import COOKIE_KEY, COOKIE_VALUE
+
+from .channel import RemoteFailure, WorkerChannel
+from .errors import (PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch, ToolFailed,
+                     WorkerCrashed, WorkerTimeout, describe_exit)
+from .launcher import Launcher, LaunchSpec, WorkerProcess
+
+__all__ = ["WorkerHandle", "WorkerOptions"]
+
+log = logging.getLogger("qanot_host.worker")
+
+BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from qanot_worker.main import main; "
+        "sys.exit(main(sys.argv[2:]))")
+
+
+@dataclass
+class WorkerOptions:
+    import_root: str
+    data_dir: str
+    max_frame: int
+    handshake_timeout: float
+    setup_timeout: float
+    teardown_timeout: float
+    term_timeout: float = 2.0
+
+
+class WorkerHandle:
+    def __init__(self, plugin: str, launcher: Launcher, options: WorkerOptions,
+                 on_exit: Callable[["WorkerHandle"], None] | None = None) -> None:
+        self.plugin = plugin
+        self._launcher = launcher
+        self._options = options
+        self._on_exit = on_exit
+        self._process: WorkerProcess | None = None
+        self._channel: WorkerChannel | None = None
+        self._stopping = False
+        self._lost_reason: PluginError | None = None
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.info: p.Loaded | None = None
+        self.tools: list[p.ToolSpec] = []
+        self.started_at = 0.0
+        self.stop_path: list[str] = []  # how the last stop went, for logs and tests
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def in_flight(self) -> int:
+        return self._channel.in_flight if self._channel is not None else 0
+
+    # ---- start -----------------------------------------------------------------------------------
+
+    async def start(self, entry_file: str, plugin_dir: str, site_dirs: list[str],
+                    config: dict[str, Any]) -> None:
+        """Spawn, handshake, load, setup(config), get_tools(). Raises PluginStartError subtypes."""
+        await self._spawn()
+        await self._handshake()
+        self.info = await self._ask(
+            lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs), p.Loaded,
+            self._options.handshake_timeout, "loading the plugin")
+        await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
+        reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
+        self.tools = reply.tools
+        self.started_at = time.monotonic()
+
+    async def _spawn(self) -> None:
+        opts = self._options
+        worker_reads, host_writes = os.pipe()
+        host_reads, worker_writes = os.pipe()
+        try:
+            spec = LaunchSpec(
+                plugin=self.plugin,
+                argv=[sys.executable, "-I", "-S", "-c", BOOT, opts.import_root, str(worker_reads),
+                      str(worker_writes), str(opts.max_frame), str(os.getpid())],
+                env=self._environment(), cwd=opts.data_dir, pass_fds=(worker_reads, worker_writes))
+            self._process = await self._launcher.launch(spec)
+        except BaseException:
+            os.close(host_writes)
+            os.close(host_reads)
+            raise
+        finally:
+            os.close(worker_reads)
+            os.close(worker_writes)
+        self._channel = await WorkerChannel.open(self.plugin, opts.max_frame, host_writes, host_reads,
+                                                 self._channel_lost)
+        asyncio.get_running_loop().create_task(self._watch_exit())
+
+    def _environment(self) -> dict[str, str]:
+        """Workers start with a scrubbed environment: no host secrets pass through."""
+        tmp = os.path.join(self._options.data_dir, ".tmp")
+        os.makedirs(tmp, exist_ok=True)
+        return {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": self._options.data_dir,
+                "TMPDIR": tmp, COOKIE_KEY: COOKIE_VALUE}
+
+    async def _handshake(self) -> None:
+        assert self._channel is not None
+        try:
+            hello = await asyncio.wait_for(asyncio.shield(self._channel.hello),
+                                           self._options.handshake_timeout)
+        except asyncio.TimeoutError:
+            raise PluginStartError(self.plugin, f"worker did not say hello within "
+                                   f"{self._options.handshake_timeout:g} s") from None
+        except WorkerCrashed as exc:
+            raise PluginStartError(self.plugin, f"worker exited before the handshake "
+                                   f"({describe_exit(exc.returncode)}); see its stderr above") from None
+        if hello.protocol != p.PROTOCOL_VERSION:
+            raise ProtocolMismatch(self.plugin, f"worker speaks protocol {hello.protocol}, "
+                                   f"the host speaks {p.PROTOCOL_VERSION}")
+
+    async def _ask(self, make, expect: type, timeout: float, what: str):
+        if self._channel is None:
+            raise PluginUnavailable(self.plugin, "worker is not running")
+        try:
+            return await self._channel.request(make, expect, timeout, what)
+        except RemoteFailure as exc:
+            raise PluginStartError(self.plugin, f"{what} failed: {exc.message}") from None
+        except WorkerCrashed as exc:
+            raise PluginStartError(self.plugin, f"worker crashed during {what} "
+                                   f"({describe_exit(exc.returncode)})") from None
+
+    # ---- calls -----------------------------------------------------------------------------------
+
+    async def call(self, tool: str, params: dict[str, Any], timeout: float) -> str:
+        channel = self._channel
+        if channel is None or self._stopping:
+            raise PluginUnavailable(self.plugin, "worker is stopping")
+        try:
+            reply = await channel.request(lambda i: p.Call(i, tool, params), p.Result, timeout,
+                                          f"tool {tool}")
+        except RemoteFailure as exc:
+            raise ToolFailed(self.plugin, tool, exc.message) from None
+        return reply.value
+
+    # ---- end -------------------------------------------------------------------------------------
+
+    def _channel_lost(self, reason: PluginError | None) -> None:
+        """The pipe closed or the worker broke the protocol: it must not outlive its channel."""
+        self._lost_reason = reason
+        if reason is not None:
+            log.error("%s (pid %s); killing the worker", reason, self.pid)
+        if not self._stopping and self._process is not None:
+            self._process.signal_group(signal.SIGKILL)
+
+    async def _watch_exit(self) -> None:
+        assert self._process is not None and self._channel is not None
+        code = await self._process.wait()
+        if self._stopping:
+            error: PluginError = PluginUnavailable(self.plugin, "worker stopped")
+        else:
+            error = self._lost_reason or WorkerCrashed(self.plugin, code)
+        self._channel.fail_pending(error)
+        self._channel.close(None)
+        if not self.exited.done():
+            self.exited.set_result(code)
+        if self._on_exit is not None:
+            self._on_exit(self)
+
+    async def stop(self, teardown: bool = True) -> int | None:
+        """Teardown, then SIGTERM, then SIGKILL; returns the exit code. Safe to call many times."""
+        if self._process is None:
+            return None
+        self._stopping = True
+        opts = self._options
+        first_grace = 0.0
+        if teardown and not self.exited.done() and self._channel is not None and self._channel.closed is None:
+            try:
+                await self._channel.request(p.Teardown, p.Done, opts.teardown_timeout, "teardown()")
+                self.stop_path.append("teardown")
+                first_grace = 1.0  # the worker exits by itself right after answering
+            except (PluginError, RemoteFailure) as exc:
+                self.stop_path.append("teardown-failed")
+                log.warning("plugin %s: teardown() did not finish cleanly: %s", self.plugin, exc)
+        for sig, grace in ((None, first_grace), (signal.SIGTERM, opts.term_timeout), (signal.SIGKILL, 5.0)):
+            if sig is not None:
+                self.stop_path.append(sig.name)
+                self._process.signal_group(sig)
+            try:
+                return await asyncio.wait_for(asyncio.shield(self.exited), grace)
+            except asyncio.TimeoutError:
+                continue
+        log.error("plugin %s: worker pid %s survived SIGKILL for 5 s", self.plugin, self.pid)
+        return None

@@ -1,0 +1,50 @@
+"""Entry point of a worker process: check the cookie, arm the parent-death signal, serve.
+
+The host starts it as ``python -I -S -c BOOT RUNTIME_DIR READ_FD WRITE_FD MAX_FRAME HOST_PID``: isolated
+mode and no site, so nothing from the host's environment (PYTHON* variables, .pth files,
+sitecustomize) runs before the worker is in control.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+from . import eventloop
+from .server import serve
+
+__all__ = ["main", "COOKIE_KEY", "COOKIE_VALUE"]
+
+# Not a secret: it only stops someone from running a worker by hand and wondering why it hangs.
+COOKIE_KEY = "QANOT_WORKER_COOKIE"
+COOKIE_VALUE = "d1b4a8a0f3c94e39a7e1"
+
+PR_SET_PDEATHSIG = 1
+
+
+def main(argv: list[str]) -> int:
+    if os.environ.pop(COOKIE_KEY, None) != COOKIE_VALUE:
+        sys.stderr.write("qanot_worker: this is a plugin worker of qanot-host; the host starts it\n")
+        return 2
+    read_fd, write_fd, max_frame, host_pid = (int(arg) for arg in argv[:4])
+    _die_with_parent(host_pid)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return eventloop.run(serve(read_fd, write_fd, max_frame))
+
+
+def _die_with_parent(host_pid: int) -> None:
+    """Ask the kernel for SIGKILL when the host dies, so a SIGKILLed host leaves no orphans."""
+    if not sys.platform.startswith("linux"):
+        return  # pipe EOF still ends the worker elsewhere
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != host_pid:
+        # The host died between fork and prctl: nobody will ever talk to us.
+        os._exit(0)

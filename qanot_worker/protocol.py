@@ -1,0 +1,207 @@
+"""The wire protocol between the supervisor and a worker, written down once.
+
+Both sides import this module; neither defines a message of its own. A frame is a 4-byte big-endian
+length followed by that many bytes of msgpack. Every message is a tagged msgspec Struct, so a frame of
+the wrong shape fails in msgspec's decoder with an error that says what was expected.
+
+Conversation::
+
+    worker -> host   Hello(protocol, pid)              first frame, before any plugin code runs
+    host -> worker   Load(id, ...)       -> Loaded      import plugin.py, find the Plugin class
+    host -> worker   Setup(id, config)   -> Done        plugin.setup(config)
+    host -> worker   GetTools(id)        -> ToolList    plugin.get_tools()
+    host -> worker   Call(id, tool, params) -> Result | Failure   many in flight at once
+    host -> worker   Cancel(id)                         the host gave up on call `id`
+    host -> worker   Ping(id)            -> Pong        liveness of the worker's event loop
+    host -> worker   Teardown(id)        -> Done        plugin.teardown(), then the worker exits
+
+Any request may be answered with Failure(id, kind, message) instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+__all__ = [
+    "PROTOCOL_VERSION", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter",
+    "Hello", "Load", "Loaded", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
+    "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
+    "FailureKind",
+]
+
+PROTOCOL_VERSION = 1
+HEADER = 4
+# Big enough for a 10 MB tool result with room to spare, small enough that a hostile length prefix
+# cannot make either side reserve gigabytes.
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+
+
+class FailureKind:
+    """Why a request failed inside the worker; the host maps each to an error type."""
+
+    LOAD = "load"  # plugin.py missing, import error, no Plugin class
+    SETUP = "setup"  # setup() raised
+    BAD_TOOLS = "bad_tools"  # get_tools() did not return a list of ToolDef
+    TOOL = "tool"  # a handler raised
+    BAD_RESULT = "bad_result"  # a handler returned something that is not a str
+    UNKNOWN_TOOL = "unknown_tool"
+    CANCELLED = "cancelled"
+    TOO_LARGE = "too_large"  # the reply would exceed the maximum frame size
+    PROTOCOL = "protocol"  # the request made no sense at this point
+
+
+# ---- worker -> host -------------------------------------------------------------------------------
+
+class Hello(msgspec.Struct, tag=True, array_like=True):
+    protocol: int
+    pid: int
+
+
+class Loaded(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    name: str
+    description: str
+    version: str
+    tools_md: str
+    soul_append: str
+
+
+class ToolSpec(msgspec.Struct, array_like=True):
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+class ToolList(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    tools: list[ToolSpec]
+
+
+class Result(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    value: str
+
+
+class Failure(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    kind: str
+    message: str
+
+
+class Pong(msgspec.Struct, tag=True, array_like=True):
+    id: int
+
+
+class Done(msgspec.Struct, tag=True, array_like=True):
+    id: int
+
+
+# ---- host -> worker -------------------------------------------------------------------------------
+
+class Load(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    plugin_name: str
+    plugin_file: str  # plugin.py, or __init__.py when plugin.py is missing
+    plugin_dir: str
+    site_dirs: list[str]  # the plugin's own environment, added with site.addsitedir
+
+
+class Setup(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    config: dict[str, Any]
+
+
+class GetTools(msgspec.Struct, tag=True, array_like=True):
+    id: int
+
+
+class Call(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    tool: str
+    params: dict[str, Any]
+
+
+class Cancel(msgspec.Struct, tag=True, array_like=True):
+    id: int
+
+
+class Ping(msgspec.Struct, tag=True, array_like=True):
+    id: int
+
+
+class Teardown(msgspec.Struct, tag=True, array_like=True):
+    id: int
+
+
+HostMessage = Union[Load, Setup, GetTools, Call, Cancel, Ping, Teardown]
+WorkerMessage = Union[Hello, Loaded, ToolList, Result, Failure, Pong, Done]
+
+
+class FrameTooLarge(ValueError):
+    """A length prefix above the agreed maximum: the peer is broken or hostile."""
+
+
+class FrameBuffer:
+    """Splits a byte stream into frames, refusing an oversized frame as soon as its prefix arrives.
+
+    Checking the prefix first means a peer that announces 4 GiB never makes us buffer it.
+    """
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[memoryview | bytes]:
+        buf = self._buf
+        if not buf and len(data) >= HEADER:
+            # Fast path: the read holds exactly one frame, as it does for nearly every call.
+            size = int.from_bytes(data[:HEADER], "big")
+            self._check(size)
+            if size == len(data) - HEADER:
+                return [memoryview(data)[HEADER:]]
+        buf += data
+        start = 0
+        end = len(buf)
+        frames: list[memoryview | bytes] = []
+        while end - start >= HEADER:
+            size = int.from_bytes(buf[start:start + HEADER], "big")
+            self._check(size)
+            if end - start - HEADER < size:
+                break
+            frames.append(bytes(buf[start + HEADER:start + HEADER + size]))
+            start += HEADER + size
+        if start:
+            del buf[:start]
+        return frames
+
+    def _check(self, size: int) -> None:
+        if size > self._max:
+            raise FrameTooLarge(f"frame of {size} bytes exceeds the maximum of {self._max}")
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame (a truncated frame at EOF)."""
+        return len(self._buf)
+
+
+class FrameWriter:
+    """Encodes a message straight behind its length prefix so each frame is one write()."""
+
+    __slots__ = ("_encoder", "_max")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._max = max_frame
+
+    def frame(self, message: msgspec.Struct) -> bytearray:
+        buf = bytearray(HEADER)
+        self._encoder.encode_into(message, buf, HEADER)
+        size = len(buf) - HEADER
+        if size > self._max:
+            raise FrameTooLarge(f"message of {size} bytes exceeds the maximum frame of {self._max}")
+        buf[:HEADER] = size.to_bytes(HEADER, "big")
+        return buf

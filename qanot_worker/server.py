@@ -1,0 +1,224 @@
+"""The worker's side of the protocol: one plugin, served over two pipes.
+
+Calls run as tasks keyed by request id, so a slow call never holds up the others and the host can
+cancel one by id. Nothing here trusts the plugin: every exception from its code becomes a Failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import traceback
+
+import msgspec
+
+from . import protocol as p
+from .loader import PluginLoadError, check_tools, load_plugin
+from .plugin_api import Plugin, ToolDef
+
+__all__ = ["serve"]
+
+log = logging.getLogger("qanot_worker")
+
+# A host that vanished gets this long for teardown() before the worker exits anyway.
+ORPHAN_TEARDOWN_SECONDS = 3.0
+
+
+class WorkerServer(asyncio.Protocol):
+    def __init__(self, max_frame: int) -> None:
+        self._frames = p.FrameBuffer(max_frame)
+        self._writer = p.FrameWriter(max_frame)
+        self._decoder = msgspec.msgpack.Decoder(p.HostMessage)
+        self._out: asyncio.WriteTransport | None = None
+        self._plugin: Plugin | None = None
+        self._tools: dict[str, ToolDef] = {}
+        self._calls: dict[int, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.finished: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def attach(self, out: asyncio.WriteTransport) -> None:
+        self._out = out
+        self._send(p.Hello(protocol=p.PROTOCOL_VERSION, pid=os.getpid()))
+
+    # ---- transport callbacks ---------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for frame in self._frames.feed(data):
+                self._dispatch(self._decoder.decode(frame))
+        except (p.FrameTooLarge, msgspec.DecodeError) as exc:
+            log.error("bad frame from the host: %s", exc)
+            self._finish(70)
+
+    def eof_received(self) -> bool:
+        # The host is gone (exited or killed): give the plugin a bounded chance to clean up.
+        self._spawn(self._orphaned())
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.finished.done():
+            self._spawn(self._orphaned())
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def _dispatch(self, msg: p.HostMessage) -> None:
+        match msg:
+            case p.Call():
+                if msg.id in self._calls:
+                    self._send(p.Failure(msg.id, p.FailureKind.PROTOCOL, "duplicate request id"))
+                    return
+                self._calls[msg.id] = self._spawn(self._call(msg))
+            case p.Cancel():
+                task = self._calls.get(msg.id)
+                if task is not None:
+                    task.cancel()
+            case p.Ping():
+                self._send(p.Pong(msg.id))
+            case p.Load():
+                self._load(msg)
+            case p.Setup():
+                self._spawn(self._setup(msg))
+            case p.GetTools():
+                self._get_tools(msg)
+            case p.Teardown():
+                self._spawn(self._teardown(msg))
+
+    def _load(self, msg: p.Load) -> None:
+        try:
+            plugin = load_plugin(msg.plugin_name, msg.plugin_file, msg.plugin_dir, msg.site_dirs)
+        except PluginLoadError as exc:
+            log.error("%s", exc)
+            self._send(p.Failure(msg.id, p.FailureKind.LOAD, str(exc)))
+            return
+        self._plugin = plugin
+        self._send(p.Loaded(
+            msg.id, _text(plugin.name), _text(plugin.description), _text(plugin.version),
+            _text(plugin.tools_md), _text(plugin.soul_append)))
+
+    async def _setup(self, msg: p.Setup) -> None:
+        try:
+            await self._require_plugin().setup(msg.config)
+        except Exception as exc:
+            log.error("setup() raised:\n%s", traceback.format_exc())
+            self._send(p.Failure(msg.id, p.FailureKind.SETUP, _describe(exc)))
+            return
+        self._send(p.Done(msg.id))
+
+    def _get_tools(self, msg: p.GetTools) -> None:
+        try:
+            self._tools = check_tools(self._require_plugin().get_tools())
+        except Exception as exc:
+            log.error("get_tools() failed: %s", exc)
+            self._send(p.Failure(msg.id, p.FailureKind.BAD_TOOLS, _describe(exc, bare_type=True)))
+            return
+        self._send(p.ToolList(msg.id, [
+            p.ToolSpec(t.name, _text(t.description), t.parameters) for t in self._tools.values()]))
+
+    async def _call(self, msg: p.Call) -> None:
+        try:
+            tool = self._tools.get(msg.tool)
+            if tool is None:
+                self._send(p.Failure(msg.id, p.FailureKind.UNKNOWN_TOOL, f"no tool named {msg.tool!r}"))
+                return
+            try:
+                result = tool.handler(msg.params)
+                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                    result = await result
+            except asyncio.CancelledError:
+                self._send(p.Failure(msg.id, p.FailureKind.CANCELLED, "cancelled by the host"))
+                return
+            except Exception as exc:
+                log.error("tool %s raised:\n%s", msg.tool, traceback.format_exc())
+                await self._on_error(msg.tool, exc)
+                self._send(p.Failure(msg.id, p.FailureKind.TOOL, _describe(exc)))
+                return
+            if not isinstance(result, str):
+                self._send(p.Failure(msg.id, p.FailureKind.BAD_RESULT,
+                                     f"returned {type(result).__name__}, expected str"))
+                return
+            self._send(p.Result(msg.id, result))
+        finally:
+            self._calls.pop(msg.id, None)
+
+    async def _on_error(self, tool_name: str, exc: Exception) -> None:
+        try:
+            await self._require_plugin().on_error(tool_name, exc)
+        except Exception:
+            log.error("on_error(%r) itself raised:\n%s", tool_name, traceback.format_exc())
+
+    async def _teardown(self, msg: p.Teardown) -> None:
+        for task in list(self._calls.values()):
+            task.cancel()
+        try:
+            if self._plugin is not None:
+                await self._plugin.teardown()
+        except Exception as exc:
+            log.error("teardown() raised:\n%s", traceback.format_exc())
+            self._send(p.Failure(msg.id, p.FailureKind.TOOL, _describe(exc)))
+        else:
+            self._send(p.Done(msg.id))
+        self._finish(0)
+
+    async def _orphaned(self) -> None:
+        if self.finished.done():
+            return
+        for task in list(self._calls.values()):
+            task.cancel()
+        if self._plugin is not None:
+            try:
+                await asyncio.wait_for(self._plugin.teardown(), ORPHAN_TEARDOWN_SECONDS)
+            except BaseException:
+                log.error("teardown() after the host vanished failed:\n%s", traceback.format_exc())
+        self._finish(0)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _require_plugin(self) -> Plugin:
+        if self._plugin is None:
+            raise RuntimeError("no plugin is loaded")
+        return self._plugin
+
+    def _send(self, msg: msgspec.Struct) -> None:
+        try:
+            frame = self._writer.frame(msg)
+        except p.FrameTooLarge as exc:
+            frame = self._writer.frame(p.Failure(msg.id, p.FailureKind.TOO_LARGE, str(exc)))
+        if self._out is not None and not self._out.is_closing():
+            self._out.write(frame)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _finish(self, code: int) -> None:
+        if not self.finished.done():
+            self.finished.set_result(code)
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def _describe(exc: BaseException, bare_type: bool = False) -> str:
+    text = str(exc)
+    if bare_type and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def serve(read_fd: int, write_fd: int, max_frame: int) -> int:
+    loop = asyncio.get_running_loop()
+    server = WorkerServer(max_frame)
+    out, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0))
+    server.attach(out)
+    await loop.connect_read_pipe(lambda: server, os.fdopen(read_fd, "rb", buffering=0))
+    code = await server.finished
+    # Let the last frame (Done) reach the pipe before the process goes away.
+    out.close()
+    await asyncio.sleep(0)
+    sys.stdout.flush()
+    return code
