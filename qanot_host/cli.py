@@ -66,6 +66,7 @@ async def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = Host(args.config)
+    logging.getLogger("qanot_host").info("starting %d plugins from %s", len(host.plugins), args.config)
     try:
         starting = asyncio.ensure_future(host.start())
         await asyncio.wait([starting, asyncio.ensure_future(stop.wait())],
@@ -76,6 +77,8 @@ async def _run(args: argparse.Namespace) -> int:
             await stop.wait()
         else:
             starting.cancel()
+            # Let each half-started worker be stopped by its own start path before we go on.
+            await asyncio.gather(starting, return_exceptions=True)
         logging.getLogger("qanot_host").info("stopping")
     finally:
         await host.stop()

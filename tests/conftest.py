@@ -1,0 +1,64 @@
+"""Shared helpers: config files in tmp_path that point at the fixture plugins in tests/plugins."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import uvloop
+
+FIXTURE_PLUGINS = Path(__file__).parent / "plugins"
+
+
+def pytest_asyncio_loop_factories(config, item):
+    # The host runs on uvloop in production; test it there.
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def plugin(name: str, enabled: bool = True, **config) -> dict:
+    return {"name": name, "enabled": enabled, "config": config}
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """write_config([plugin(...), ...], host={...}) -> path of a config.json using the fixtures."""
+
+    def write(plugins: list[dict], host: dict | None = None, **top) -> str:
+        data = {"plugins": plugins, "plugins_dir": top.pop("plugins_dir", str(FIXTURE_PLUGINS)),
+                "workspace_dir": str(tmp_path / "workspace"),
+                "host": {"state_dir": str(tmp_path / "state"), **(host or {})}, **top}
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    return write
+
+
+GREETER = plugin("greeter", greeting_style="warm")
+
+
+def make_wheel(directory: Path, name: str, version: str, body: str = "") -> Path:
+    """A minimal, valid pure-Python wheel, so dependency tests need no network."""
+    module = name.replace("-", "_")
+    dist_info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": f"__version__ = {version!r}\n{body}",
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: qanot-host-tests\nRoot-Is-Purelib: true\n"
+                              "Tag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{dist_info}/RECORD,,")
+    files[f"{dist_info}/RECORD"] = "\n".join(record) + "\n"
+    wheel = directory / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+    return wheel

@@ -1,0 +1,6 @@
+from qanot.plugins.base import Plugin
+
+
+class QanotPlugin(Plugin):
+    def get_tools(self):
+        return ["just a string"]

@@ -1,0 +1,11 @@
+from qanot.plugins.base import Plugin, tool
+
+
+class InitStylePlugin(Plugin):
+    """No plugin.py and no class named QanotPlugin: Qanot still finds this."""
+
+    name = "init_style"
+
+    @tool(name="init_style_ping", description="pong")
+    async def ping(self, params: dict) -> str:
+        return "pong"

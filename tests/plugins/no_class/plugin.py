@@ -1,0 +1,1 @@
+VALUE = 1  # no Plugin subclass here

@@ -1,0 +1,3 @@
+from qanot.plugins.base import Plugin
+class QanotPlugin(Plugin)
+    pass

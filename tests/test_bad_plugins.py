@@ -1,0 +1,84 @@
+"""Every way a plugin can be broken: a clear error naming it, and the other plugins keep working."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qanot_host import Host, PluginState
+
+from .conftest import GREETER, plugin
+
+BROKEN = [
+    ("missing_plugin", "not found: no "),
+    ("syntax_error", "syntax error in "),
+    ("import_error", "RuntimeError: import-time failure of the import_error fixture"),
+    ("setup_fails", "setup() failed: ConnectionError: database at db.invalid refused the connection"),
+    ("bad_tools_dict", "get_tools() failed: get_tools() returned dict, expected a list of ToolDef"),
+    ("bad_tools_items", "get_tools() failed: get_tools()[0] is str, expected ToolDef"),
+    ("no_class", "defines no Plugin subclass"),
+    ("needs_newer", "min_qanot_version: needs Qanot plugin API 99.0.0, this host implements 2.0.0"),
+    ("needs_config", "required_config: missing from the plugin's config in config.json: api_key, region"),
+    ("orphan_dep", "plugin_deps: 'not_configured' is not an enabled plugin in config.json"),
+]
+
+
+@pytest.mark.parametrize("name, expected", BROKEN, ids=[b[0] for b in BROKEN])
+async def test_broken_plugin_is_reported_and_others_run(write_config, name, expected):
+    async with Host(write_config([plugin(name), GREETER])) as host:
+        broken = host.plugins[name]
+        assert broken.state == PluginState.FAILED
+        assert expected in broken.error
+        assert broken.worker is None or broken.worker.exited.done()
+        assert host.plugins["greeter"].state == PluginState.READY
+        assert await host.registry.execute("greet", {"name": "ok"}) == "Salom, ok!"
+
+
+async def test_a_failed_plugin_leaves_no_process(write_config):
+    import psutil
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    async with Host(write_config([plugin("setup_fails"), plugin("import_error")])) as host:
+        assert all(r.state == PluginState.FAILED for r in host.plugins.values())
+        assert {c.pid for c in psutil.Process().children(recursive=True)} == before
+
+
+async def test_broken_plugin_json_falls_back_with_a_warning(write_config, caplog):
+    async with Host(write_config([plugin("broken_manifest")])) as host:
+        assert host.plugins["broken_manifest"].state == PluginState.READY
+        assert await host.registry.execute("broken_manifest_ping", {}) == "pong from broken_manifest"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("broken_manifest/plugin.json: is not valid JSON" in w and "default manifest" in w
+               for w in warnings)
+
+
+async def test_plugin_deps_start_order_and_failed_dependency(write_config):
+    async with Host(write_config([plugin("dependent"), GREETER])) as host:
+        assert host.plugins["dependent"].state == PluginState.READY
+        assert host.plugins["greeter"].worker.started_at <= host.plugins["dependent"].worker.started_at
+    # greeter without its required_config fails, so dependent must not start
+    async with Host(write_config([plugin("dependent"), plugin("greeter")])) as host:
+        assert host.plugins["greeter"].state == PluginState.FAILED
+        assert host.plugins["dependent"].error == "plugin_deps: 'greeter' failed to start"
+    async with Host(write_config([plugin("dependent"), plugin("greeter", enabled=False)])) as host:
+        assert "plugin_deps: 'greeter' is not an enabled plugin" in host.plugins["dependent"].error
+
+
+async def test_tool_name_conflict_first_listed_plugin_wins(write_config, caplog):
+    for order in (["conflict_a", "conflict_b"], ["conflict_b", "conflict_a"]):
+        async with Host(write_config([plugin(n) for n in order])) as host:
+            assert await host.registry.execute("shared_tool", {}) == f"answered by {order[0]}"
+            assert host.plugins[order[1]].conflicts == ["shared_tool"]
+            assert host.plugins[order[1]].state == PluginState.READY
+    assert any("tool shared_tool is not registered: plugin conflict_b already provides it" in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_disabled_plugins_do_not_start(write_config):
+    async with Host(write_config([plugin("greeter", enabled=False), plugin("init_style")])) as host:
+        assert list(host.plugins) == ["init_style"]
+
+
+async def test_calls_to_a_failed_plugin_say_why(write_config):
+    async with Host(write_config([plugin("setup_fails")])) as host:
+        assert json.loads(await host.registry.execute("anything", {})) == {"error": "Unknown tool: anything"}

@@ -1,0 +1,143 @@
+"""The qanot-host command as a user runs it: real processes, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import GREETER, plugin
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def qanot_host(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qanot_host", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("qanot-host: error: ")
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_call_prints_the_result(write_config):
+    proc = qanot_host("call", "--config", write_config([GREETER]), "greet", '{"name": "Tashkent"}')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Salom, Tashkent!\n"
+    assert proc.stderr == ""
+
+
+def test_call_errors_are_one_line(write_config):
+    config = write_config([GREETER, plugin("setup_fails")])
+    assert_one_line_error(qanot_host("call", "--config", config, "greeter_fail"),
+                          "plugin greeter: tool greeter_fail failed: ValueError")
+    assert_one_line_error(qanot_host("call", "--config", config, "greet", "{}"),
+                          "Missing required parameter: name")
+    assert_one_line_error(qanot_host("call", "--config", config, "nope"),
+                          "Unknown tool: nope", "setup_fails: setup() failed")
+    assert_one_line_error(qanot_host("call", "--config", config, "greet", "{bad json"),
+                          "params: not valid JSON")
+    assert_one_line_error(qanot_host("call", "--config", config, "greet", "[1]"),
+                          "params: must be a JSON object")
+
+
+def test_bad_config_is_one_line(tmp_path):
+    missing = qanot_host("call", "--config", str(tmp_path / "nope.json"), "greet")
+    assert_one_line_error(missing, "nope.json: cannot be read")
+    broken = tmp_path / "config.json"
+    broken.write_text('{"plugins": [{"name": "greeter", "enabled": "yes"}]}')
+    for command in ("run", "tools", "check"):
+        assert_one_line_error(qanot_host(command, "--config", str(broken)),
+                              "config.json: plugins[0].enabled: Expected `bool`, got `str`")
+
+
+def test_tools_lists_name_plugin_description(write_config):
+    proc = qanot_host("tools", "--config", write_config([GREETER, plugin("init_style")]))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["TOOL", "PLUGIN", "DESCRIPTION"]
+    assert any(line.split()[:2] == ["greet", "greeter"] and line.endswith("Greet someone.") for line in lines)
+    assert any(line.split()[:3] == ["init_style_ping", "init_style", "pong"] for line in lines)
+    as_json = json.loads(qanot_host("tools", "--json", "--config", write_config([GREETER])).stdout)
+    assert {"name": "greet_sync", "description": "A plain function as handler.",
+            "parameters": {"type": "object", "properties": {}}, "plugin": "greeter"} in as_json
+
+
+def test_run_serves_until_sigterm_then_tears_down(write_config, tmp_path):
+    marker = tmp_path / "teardown.txt"
+    config = write_config([plugin("greeter", greeting_style="x", teardown_marker=str(marker))])
+    proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config],
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        seen = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            seen.append(line)
+            if "ready: 1 of 1 plugins" in line:
+                break
+        else:
+            pytest.fail("no ready line: " + "".join(seen))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert marker.read_text() == "teardown ran"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_run_exits_zero_on_signal_during_start(write_config, sig):
+    config = write_config([GREETER])
+    proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config],
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        # Signal handlers are in place once this line is logged; the workers are still starting.
+        while "starting 1 plugins" not in (line := proc.stderr.readline()):
+            assert line, "run exited before starting"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=15) == 0
+        assert "ready:" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def test_check_reports_every_problem_without_running_plugin_code(write_config, tmp_path):
+    config = write_config([
+        plugin("import_error"),  # would raise if imported: check must not import it
+        plugin("needs_config"), plugin("needs_newer"), plugin("orphan_dep"), plugin("missing_one"),
+        plugin("broken_manifest"), plugin("missing_disabled", enabled=False),
+        {"name": "greeter", "enabled": True, "config": {"greeting_style": "x"}, "enabeld": False},
+    ])
+    proc = qanot_host("check", "--config", config)
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert "import_error" not in out
+    assert "error: plugin needs_config: " in out and "required_config: missing from the plugin's config in config.json: api_key, region" in out
+    assert "needs Qanot plugin API 99.0.0, this host implements 2.0.0" in out
+    assert "plugin_deps: 'not_configured' is not an enabled plugin" in out
+    assert "error: plugin missing_one: not found: no " in out
+    assert "error: plugin broken_manifest: " in out and "broken_manifest/plugin.json: is not valid JSON" in out
+    assert "warning: plugin missing_disabled (disabled): not found" in out
+    assert "warning: " in out and "plugins[7].enabeld: unknown key, ignored" in out
+    assert out.strip().splitlines()[-1].endswith("8 plugins checked, 5 errors, 2 warnings")
+
+
+def test_check_passes_on_the_example_config():
+    proc = qanot_host("check", "--config", str(REPO / "examples" / "config.json"))
+    assert proc.returncode == 0, proc.stdout
+    assert "0 errors" in proc.stdout

@@ -1,0 +1,71 @@
+"""Per-plugin environments built with uv from a local wheel directory (no network needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from qanot_host import Host, PluginState
+
+from .conftest import GREETER, make_wheel, plugin
+
+
+@pytest.fixture
+def wheels(tmp_path):
+    directory = tmp_path / "wheels"
+    directory.mkdir()
+    make_wheel(directory, "qhtest-dep", "1.0.0")
+    make_wheel(directory, "qhtest-dep", "2.0.0")
+    return str(directory)
+
+
+async def test_conflicting_versions_each_in_its_own_environment(write_config, wheels, tmp_path):
+    config = write_config([plugin("dep_v1"), plugin("dep_v2"), GREETER], host={"wheel_dir": wheels})
+    async with Host(config) as host:
+        v1 = json.loads(await host.registry.execute("dep_v1_version", {}))
+        v2 = json.loads(await host.registry.execute("dep_v2_version", {}))
+    assert v1["version"] == "1.0.0" and v2["version"] == "2.0.0"
+    assert v1["file"].startswith(str(tmp_path / "state" / "envs"))
+    assert os.path.dirname(v1["file"]) != os.path.dirname(v2["file"])
+    import importlib.util
+    assert importlib.util.find_spec("qhtest_dep") is None  # never installed into the host
+
+
+async def test_environment_is_reused_while_requirements_are_unchanged(write_config, wheels, tmp_path):
+    config = write_config([plugin("dep_v1")], host={"wheel_dir": wheels})
+    async with Host(config):
+        pass
+    envs = tmp_path / "state" / "envs"
+    [env] = [p for p in envs.iterdir() if p.is_dir()]
+    built = env.stat().st_mtime_ns
+    started = time.monotonic()
+    async with Host(config) as host:
+        assert host.plugins["dep_v1"].state == PluginState.READY
+    assert env.stat().st_mtime_ns == built
+    assert time.monotonic() - started < 10  # no rebuild happened (a bound, not a benchmark)
+
+
+async def test_unresolvable_requirement_fails_that_plugin_with_uvs_message(write_config, wheels):
+    config = write_config([plugin("dep_bad"), plugin("dep_v1"), GREETER], host={"wheel_dir": wheels})
+    async with Host(config) as host:
+        bad = host.plugins["dep_bad"]
+        assert bad.state == PluginState.FAILED
+        assert bad.error.startswith("installing dependencies failed:")
+        assert "qhtest-dep==9.9.9" in bad.error  # uv's own explanation names the requirement
+        assert host.plugins["dep_v1"].state == PluginState.READY
+        assert host.plugins["greeter"].state == PluginState.READY
+
+
+async def test_requirement_that_looks_like_an_option_is_refused(write_config, tmp_path):
+    plugins = tmp_path / "extra"
+    (plugins / "sneaky").mkdir(parents=True)
+    (plugins / "sneaky" / "plugin.py").write_text("from qanot.plugins.base import Plugin\n"
+                                                  "class QanotPlugin(Plugin):\n    pass\n")
+    (plugins / "sneaky" / "plugin.json").write_text(json.dumps(
+        {"dependencies": ["--index-url=http://127.0.0.1:1/simple"]}))
+    async with Host(write_config([plugin("sneaky")], plugins_dir=str(plugins))) as host:
+        assert "dependencies: '--index-url=http://127.0.0.1:1/simple' is not a requirement" in \
+            host.plugins["sneaky"].error

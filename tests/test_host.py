@@ -1,0 +1,175 @@
+"""The host's whole path with real worker processes: config.json in, tool results out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import psutil
+import pytest
+
+from qanot_host import Host, PluginState, ToolRegistry
+
+from .conftest import GREETER, plugin
+
+
+async def test_plugin_tools_are_registered_and_called(write_config):
+    async with Host(write_config([GREETER])) as host:
+        assert host.plugins["greeter"].state == PluginState.READY
+        assert {"greet", "greet_sync", "greeter_config"} <= set(host.registry.tool_names)
+        assert await host.registry.execute("greet", {"name": "Aziz", "times": 2}) == "Salom, Aziz! Salom, Aziz!"
+        assert await host.registry.execute("greet_sync", {"name": "Bek"}) == "Salom, Bek!"
+
+
+async def test_one_worker_process_per_plugin(write_config):
+    async with Host(write_config([GREETER, plugin("init_style")])) as host:
+        pids = {name: r.worker.pid for name, r in host.plugins.items()}
+        assert len(set(pids.values())) == 2
+        me = psutil.Process()
+        children = {c.pid for c in me.children()}
+        assert set(pids.values()) <= children
+        assert os.getpid() not in pids.values()
+
+
+async def test_setup_receives_config_plus_workspace_dir(write_config, tmp_path):
+    async with Host(write_config([GREETER])) as host:
+        config = json.loads(await host.registry.execute("greeter_config", {}))
+    assert config == {"greeting_style": "warm", "workspace_dir": str(tmp_path / "workspace")}
+
+
+async def test_get_definitions_match_the_tool_decorator(write_config):
+    async with Host(write_config([GREETER])) as host:
+        definitions = {d["name"]: d for d in host.registry.get_definitions()}
+    assert definitions["greet"] == {
+        "name": "greet", "description": "Greet someone.",
+        "parameters": {"type": "object", "required": ["name"],
+                       "properties": {"name": {"type": "string"}, "times": {"type": "integer"}}}}
+    # @tool without parameters gets the document's default
+    assert definitions["greeter_config"]["parameters"] == {"type": "object", "properties": {}}
+
+
+async def test_init_py_plugin_and_any_plugin_subclass(write_config):
+    async with Host(write_config([plugin("init_style")])) as host:
+        assert await host.registry.execute("init_style_ping", {}) == "pong"
+
+
+async def test_manual_registration_beside_plugin_tools(write_config):
+    registry = ToolRegistry()
+
+    async def local(params: dict) -> str:
+        return json.dumps({"ok": True, "got": params})
+
+    registry.register(name="my_tool", description="in the host", parameters={"type": "object", "properties": {}},
+                      handler=local)
+    async with Host(write_config([GREETER]), registry=registry) as host:
+        assert host.registry is registry
+        assert json.loads(await registry.execute("my_tool", {"a": 1})) == {"ok": True, "got": {"a": 1}}
+        assert await registry.execute("greet", {"name": "X"}) == "Salom, X!"
+        assert "my_tool" in registry.tool_names and "greet" in registry.tool_names
+
+
+async def test_handler_exception_runs_on_error_and_returns_json_error(write_config):
+    async with Host(write_config([GREETER])) as host:
+        result = json.loads(await host.registry.execute("greeter_fail", {}))
+        assert result == {"error": "plugin greeter: tool greeter_fail failed: ValueError: the greeter "
+                                   "cannot greet today"}
+        seen = json.loads(await host.registry.execute("greeter_errors", {}))
+        assert seen == [["greeter_fail", "ValueError: the greeter cannot greet today"]]
+        # the plugin keeps working
+        assert await host.registry.execute("greet", {"name": "A"}) == "Salom, A!"
+
+
+async def test_non_string_result_is_a_clear_error(write_config):
+    async with Host(write_config([GREETER])) as host:
+        result = json.loads(await host.registry.execute("greeter_number", {}))
+    assert result == {"error": "plugin greeter: tool greeter_number failed: returned int, expected str"}
+
+
+async def test_params_are_validated_in_the_host(write_config):
+    async with Host(write_config([GREETER])) as host:
+        missing = json.loads(await host.registry.execute("greet", {}))
+        wrong = json.loads(await host.registry.execute("greet", {"name": "A", "times": True}))
+        unknown = json.loads(await host.registry.execute("no_such_tool", {}))
+        assert host.plugins["greeter"].calls == 0  # nothing crossed to the worker
+    assert missing == {"error": "Invalid parameters for tool greet: Missing required parameter: name"}
+    assert wrong == {"error": "Invalid parameters for tool greet: Parameter 'times' expected integer, got bool"}
+    assert unknown == {"error": "Unknown tool: no_such_tool"}
+
+
+async def test_many_calls_in_flight_and_a_slow_one_blocks_none(write_config):
+    async with Host(write_config([GREETER])) as host:
+        slow = asyncio.ensure_future(host.registry.execute("greeter_sleep", {"seconds": 5}))
+        await asyncio.sleep(0.05)
+        fast = await asyncio.wait_for(
+            asyncio.gather(*(host.registry.execute("greet", {"name": str(i)}) for i in range(200))), 4)
+        assert fast == [f"Salom, {i}!" for i in range(200)]
+        assert not slow.done()
+        slow.cancel()
+
+
+async def test_call_timeout_cancels_in_the_worker(write_config):
+    config = write_config([GREETER], host={"plugins": {"greeter": {"tool_timeouts": {"greeter_sleep": 0.2}}}})
+    async with Host(config) as host:
+        result = await asyncio.wait_for(host.registry.execute("greeter_sleep", {"seconds": 30}), 5)
+        assert json.loads(result) == {"error": "plugin greeter: tool greeter_sleep timed out after 0.2 s"}
+        # the worker answered the cancel and still serves
+        assert await host.registry.execute("greet", {"name": "after"}) == "Salom, after!"
+        assert host.plugins["greeter"].worker.in_flight == 0
+
+
+async def test_large_result_crosses_and_oversize_is_refused(write_config):
+    config = write_config([GREETER], host={"max_frame_bytes": 2 * 1024 * 1024})
+    async with Host(config) as host:
+        assert len(await host.registry.execute("greeter_big", {"size": 1_500_000})) == 1_500_000
+        too_big = json.loads(await host.registry.execute("greeter_big", {"size": 3_000_000}))
+        assert "exceeds the maximum frame" in too_big["error"]
+        assert await host.registry.execute("greet", {"name": "still"}) == "Salom, still!"
+
+
+async def test_worker_output_is_logged_with_the_plugin_name(write_config, caplog):
+    caplog.set_level("INFO")
+    async with Host(write_config([GREETER])) as host:
+        assert await host.registry.execute("greeter_print", {}) == "printed"
+    messages = [r.getMessage() for r in caplog.records if r.name == "qanot_host.plugin.greeter"]
+    assert "[greeter stdout] hello from the plugin's stdout" in messages
+    assert "[greeter stderr] hello from the plugin's stderr" in messages
+
+
+async def test_teardown_runs_at_shutdown_and_workers_exit(write_config, tmp_path):
+    marker = tmp_path / "teardown.txt"
+    host = Host(write_config([plugin("greeter", greeting_style="x", teardown_marker=str(marker))]))
+    await host.start()
+    worker = host.plugins["greeter"].worker
+    pid = worker.pid
+    await host.stop()
+    assert marker.read_text() == "teardown ran"
+    assert worker.stop_path == ["teardown"]
+    assert worker.exited.result() == 0
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert host.registry.tool_names == []
+
+
+async def test_worker_is_isolated_from_the_host(write_config):
+    os.environ["QANOT_HOST_TEST_SECRET"] = "do-not-leak"
+    try:
+        async with Host(write_config([GREETER, plugin("host_import")])) as host:
+            env = json.loads(await host.registry.execute("greeter_env", {}))
+            pytest_import = json.loads(await host.registry.execute("try_import", {"module": "pytest"}))
+            psutil_import = json.loads(await host.registry.execute("try_import", {"module": "psutil"}))
+            msgspec_import = json.loads(await host.registry.execute("try_import", {"module": "msgspec"}))
+            qanot_host_import = json.loads(await host.registry.execute("try_import", {"module": "qanot_host"}))
+    finally:
+        del os.environ["QANOT_HOST_TEST_SECRET"]
+    assert "QANOT_HOST_TEST_SECRET" not in env["environ"]
+    assert "QANOT_WORKER_COOKIE" not in env["environ"]
+    assert env["flags"] == [1, 1]  # python -I -S
+    assert pytest_import["imported"] is False and psutil_import["imported"] is False
+    assert qanot_host_import["imported"] is False
+    assert msgspec_import["imported"] is True
+    assert env["cwd"].endswith(os.path.join("data", "greeter"))
+
+
+async def test_qanot_is_not_installed_in_the_host_environment():
+    import importlib.util
+    assert importlib.util.find_spec("qanot") is None

@@ -1,0 +1,51 @@
+"""tools_md and soul_append reach TOOLS.md and SOUL.md once, whatever restarts and races happen."""
+
+from __future__ import annotations
+
+import asyncio
+
+from qanot_host import Host
+from qanot_host.workspace import Workspace, tools_marker
+
+from .conftest import GREETER, plugin
+
+
+async def test_docs_appended_once_across_restarts(write_config, tmp_path):
+    config = write_config([GREETER, plugin("calc_like", enabled=False)])
+    for _ in range(3):
+        async with Host(config):
+            pass
+    tools = (tmp_path / "workspace" / "TOOLS.md").read_text()
+    soul = (tmp_path / "workspace" / "SOUL.md").read_text()
+    assert tools.count(tools_marker("greeter")) == 1
+    assert tools.count("### greet\nGreets a person by name.") == 1
+    assert soul.count("## Greeter Behavior") == 1
+    assert soul.count("Always greet in Uzbek first.") == 1
+
+
+async def test_existing_content_is_kept(write_config, tmp_path):
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / "TOOLS.md").write_text("# Tools\n\nOperator's own notes.\n")
+    (workspace / "SOUL.md").write_text("# Soul\n## Greeter Behavior\nalready here\n")
+    async with Host(write_config([GREETER])):
+        pass
+    tools = (workspace / "TOOLS.md").read_text()
+    assert tools.startswith("# Tools\n\nOperator's own notes.\n\n<!-- plugin: greeter -->\n## Greeter Tools")
+    # the marker (first line of soul_append) is present already, so nothing is added
+    assert (workspace / "SOUL.md").read_text() == "# Soul\n## Greeter Behavior\nalready here\n"
+
+
+async def test_many_plugins_at_once_never_tear_the_files(tmp_path):
+    workspaces = [Workspace(str(tmp_path)) for _ in range(4)]  # four hosts sharing one workspace
+    jobs = [workspaces[i % 4].add_plugin_docs(f"p{i}", f"## Tools of p{i}\n", f"## Soul of p{i}\nline\n")
+            for i in range(60)]
+    jobs += [workspaces[i % 4].add_plugin_docs(f"p{i}", f"## Tools of p{i}\n", f"## Soul of p{i}\nline\n")
+             for i in range(60)]
+    await asyncio.gather(*jobs)
+    tools = (tmp_path / "TOOLS.md").read_text()
+    soul = (tmp_path / "SOUL.md").read_text()
+    for i in range(60):
+        assert tools.count(f"{tools_marker(f'p{i}')}\n## Tools of p{i}\n") == 1
+        assert soul.count(f"## Soul of p{i}\nline\n") == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".TOOLS", ".SOUL"))]
