@@ -1,0 +1,41 @@
+"""The public surface is what each package means to export, and nothing breaks the split."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import qanot_host
+import qanot_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_exports_resolve():
+    for module in (qanot_host, qanot_worker):
+        for name in module.__all__:
+            assert getattr(module, name) is not None
+
+
+def test_host_api_names():
+    assert {"Host", "ToolRegistry", "QanotHostError", "WorkerCrashed", "WorkerTimeout",
+            "ToolFailed", "ConfigError"} <= set(qanot_host.__all__)
+
+
+def imported_modules(package: str) -> set[str]:
+    names = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module)
+    return names
+
+
+def test_worker_never_imports_the_supervisor():
+    assert not any(name.split(".")[0] == "qanot_host" for name in imported_modules("qanot_worker"))
+
+
+def test_host_never_imports_plugin_code():
+    assert not any(name.split(".")[0] in ("qanot", "plugins") for name in imported_modules("qanot_host"))

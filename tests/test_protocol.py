@@ -1,0 +1,42 @@
+"""Framing of the wire protocol shared by host and worker."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from qanot_worker import protocol as p
+
+
+def test_round_trip_through_frames_split_anywhere():
+    writer = p.FrameWriter()
+    messages = [p.Call(1, "echo", {"a": [1, 2]}), p.Cancel(1), p.Ping(7), p.Setup(2, {"k": "v"})]
+    stream = b"".join(bytes(writer.frame(m)) for m in messages)
+    decoder = msgspec.msgpack.Decoder(p.HostMessage)
+    for cut in range(1, 12):
+        buffer = p.FrameBuffer()
+        got = []
+        for i in range(0, len(stream), cut):
+            got += [decoder.decode(f) for f in buffer.feed(stream[i:i + cut])]
+        assert got == messages and buffer.pending == 0
+
+
+def test_oversized_prefix_is_refused_before_buffering():
+    buffer = p.FrameBuffer(max_frame=1024)
+    with pytest.raises(p.FrameTooLarge, match="4294967295 bytes exceeds the maximum of 1024"):
+        buffer.feed(b"\xff\xff\xff\xff")
+    with pytest.raises(p.FrameTooLarge):
+        p.FrameWriter(max_frame=1024).frame(p.Result(1, "x" * 2000))
+
+
+def test_wrong_message_type_fails_in_the_decoder():
+    worker_frame = bytes(p.FrameWriter().frame(p.Result(1, "x")))[p.HEADER:]
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.msgpack.Decoder(p.HostMessage).decode(worker_frame)
+
+
+def test_truncated_frame_stays_pending():
+    frame = bytes(p.FrameWriter().frame(p.Ping(1)))
+    buffer = p.FrameBuffer()
+    assert buffer.feed(frame[:-1]) == []
+    assert buffer.pending == len(frame) - 1

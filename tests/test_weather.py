@@ -1,0 +1,49 @@
+"""The document's weather plugin, unedited, against an HTTP server on 127.0.0.1.
+
+Its plugin.json declares aiohttp, which uv installs into the plugin's own environment (from PyPI, or
+from uv's cache once warm).
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from qanot_host import Host, PluginState
+
+from .conftest import plugin
+
+
+async def test_weather_get_against_a_local_server(write_config):
+    seen = []
+
+    async def current(request: web.Request) -> web.Response:
+        seen.append(dict(request.query))
+        return web.json_response({"city": request.query["city"], "temp_c": 31, "sky": "ochiq"})
+
+    app = web.Application()
+    app.router.add_get("/current", current)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        config = write_config([plugin("weather", api_key="k-123", base_url=f"http://127.0.0.1:{port}")],
+                              host={"install_timeout": 300})
+        async with Host(config) as host:
+            assert host.plugins["weather"].state == PluginState.READY, host.plugins["weather"].error
+            assert host.plugins["weather"].source.builtin
+            result = await host.registry.execute("weather_get", {"city": "Samarkand"})
+    finally:
+        await runner.cleanup()
+    assert json.loads(result) == {"city": "Samarkand", "temp_c": 31, "sky": "ochiq"}
+    assert seen == [{"city": "Samarkand", "key": "k-123"}]
+
+
+async def test_weather_without_api_key_is_refused_by_required_config(write_config):
+    async with Host(write_config([plugin("weather", base_url="http://127.0.0.1:9")])) as host:
+        assert host.plugins["weather"].state == PluginState.FAILED
+        assert "required_config: missing from the plugin's config in config.json: api_key" in \
+            host.plugins["weather"].error
