@@ -32,7 +32,8 @@ class RemoteFailure(Exception):
 
 
 class WorkerChannel(asyncio.Protocol):
-    def __init__(self, plugin: str, max_frame: int, on_lost: Callable[[PluginError | None], None]) -> None:
+    def __init__(self, plugin: str, max_frame: int, on_lost: Callable[[PluginError | None], None],
+                 on_abandoned: Callable[[int, str], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._plugin = plugin
@@ -45,15 +46,18 @@ class WorkerChannel(asyncio.Protocol):
         self._out: asyncio.WriteTransport | None = None
         self._in: asyncio.ReadTransport | None = None
         self._on_lost = on_lost
+        self._on_abandoned = on_abandoned
+        self.last_heard = loop.time()  # when the worker last sent anything: proof its loop runs
         self.closed: PluginError | None = None
         self.hello: asyncio.Future[p.Hello] = loop.create_future()
 
     @classmethod
     async def open(cls, plugin: str, max_frame: int, to_worker: int, from_worker: int,
-                   on_lost: Callable[[PluginError | None], None]) -> "WorkerChannel":
+                   on_lost: Callable[[PluginError | None], None],
+                   on_abandoned: Callable[[int, str], None] | None = None) -> "WorkerChannel":
         """Wrap the host's ends of the two pipes (the fds are owned by the channel from here on)."""
         loop = asyncio.get_running_loop()
-        channel = cls(plugin, max_frame, on_lost)
+        channel = cls(plugin, max_frame, on_lost, on_abandoned)
         channel._out, _ = await loop.connect_write_pipe(
             asyncio.Protocol, os.fdopen(to_worker, "wb", buffering=0))
         channel._in, _ = await loop.connect_read_pipe(
@@ -88,6 +92,12 @@ class WorkerChannel(asyncio.Protocol):
         self._abandoned.add(request_id)
         future.set_exception(WorkerTimeout(self._plugin, f"{what} timed out after {timeout:g} s"))
         self._send(p.Cancel(request_id))
+        if self._on_abandoned is not None:
+            self._on_abandoned(request_id, what)
+
+    def is_abandoned(self, request_id: int) -> bool:
+        """True while a cancelled request has not been answered by the worker."""
+        return request_id in self._abandoned
 
     def _send(self, msg: msgspec.Struct) -> None:
         out = self._out
@@ -99,6 +109,7 @@ class WorkerChannel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed is not None:
             return
+        self.last_heard = self._loop.time()
         try:
             for frame in self._frames.feed(data):
                 self._deliver(self._decoder.decode(frame))

@@ -66,7 +66,8 @@ async def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = Host(args.config)
-    logging.getLogger("qanot_host").info("starting %d plugins from %s", len(host.plugins), args.config)
+    logging.getLogger("qanot_host").info("starting %d plugins from %s",
+                                         sum(e.enabled for e in host.config.plugins), args.config)
     try:
         starting = asyncio.ensure_future(host.start())
         await asyncio.wait([starting, asyncio.ensure_future(stop.wait())],

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from .errors import ConfigError
 
-__all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "load_config", "parse_config"]
+__all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "RestartSettings", "Limits",
+           "load_config", "parse_config"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -28,11 +29,32 @@ class PluginEntry(msgspec.Struct):
     config: dict[str, Any] = {}
 
 
+class RestartSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """Defaults from Erlang/OTP supervisors and jupyter_client's restarter (see restarter.py)."""
+
+    policy: Literal["permanent", "transient", "never"] = "permanent"
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
+    window: Seconds = 60.0
+    backoff_initial: Annotated[float, msgspec.Meta(ge=0)] = 0.5
+    backoff_max: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    stable_after: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True):
+    """Watched with psutil; a worker over a limit is recycled (teardown tried, then killed)."""
+
+    max_rss_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    max_cpu_seconds: Seconds | None = None
+    max_calls: Annotated[int, msgspec.Meta(gt=0)] | None = None
+
+
 class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
     """host.plugins.NAME: how qanot-host runs one plugin (Qanot has no such key)."""
 
     call_timeout: Seconds | None = None
     tool_timeouts: dict[str, Seconds] = {}
+    restart: RestartSettings | None = None
+    limits: Limits | None = None
 
 
 class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -48,6 +70,14 @@ class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
     teardown_timeout: Seconds = 3.0
     install_timeout: Seconds = 600.0
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=2**31)] = 64 * 1024 * 1024
+    ping_interval: Seconds = 10.0
+    ping_timeout: Seconds = 3.0
+    cancel_grace: Seconds = 3.0
+    term_timeout: Seconds = 2.0
+    shutdown_deadline: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    limits_interval: Seconds = 1.0
+    restart: RestartSettings = msgspec.field(default_factory=RestartSettings)
+    limits: Limits = msgspec.field(default_factory=Limits)
     plugins: dict[str, PluginSettings] = {}
 
 
@@ -66,6 +96,12 @@ class Config(msgspec.Struct):
         """Per tool, else per plugin, else the host default."""
         settings = self.settings_for(plugin)
         return settings.tool_timeouts.get(tool) or settings.call_timeout or self.host.call_timeout
+
+    def restart_for(self, plugin: str) -> RestartSettings:
+        return self.settings_for(plugin).restart or self.host.restart
+
+    def limits_for(self, plugin: str) -> Limits:
+        return self.settings_for(plugin).limits or self.host.limits
 
 
 def load_config(path: str) -> Config:

@@ -1,4 +1,4 @@
-"""The host: config.json in, one worker per enabled plugin, their tools in one ToolRegistry.
+"""The host: config.json in, one supervised worker per enabled plugin, their tools in one registry.
 
 Plugins start concurrently, each as soon as the plugins named in its plugin_deps are ready. Tools are
 registered afterwards in config.json order, so when two plugins offer the same tool name the outcome
@@ -11,56 +11,23 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .config import Config, PluginEntry, load_config
+from .config import Config, load_config
 from .discovery import PluginSource, find_plugin, manifest_problems, searched_paths
 from .environments import EnvironmentBuilder
-from .errors import PluginError, PluginStartError, PluginUnavailable, describe_exit
+from .errors import PluginError, PluginStartError
 from .launcher import Launcher, SubprocessLauncher
 from .registry import RegisteredTool, ToolRegistry
 from .runtime import worker_import_root
+from .supervisor import PluginState, PluginSupervisor
 from .worker import WorkerHandle, WorkerOptions
 from .workspace import Workspace
 
-__all__ = ["Host", "PluginRuntime", "PluginState"]
+__all__ = ["Host", "PluginState"]
 
 log = logging.getLogger("qanot_host")
-
-
-class PluginState:
-    STARTING = "starting"
-    READY = "ready"
-    FAILED = "failed"  # did not start, or cannot be kept running; error says why
-    CRASHED = "crashed"
-    STOPPED = "stopped"
-
-
-@dataclass
-class PluginRuntime:
-    """Everything the host knows about one configured plugin."""
-
-    entry: PluginEntry
-    state: str = PluginState.STARTING
-    error: str = ""
-    source: PluginSource | None = None
-    worker: WorkerHandle | None = None
-    tools: list[str] = field(default_factory=list)
-    conflicts: list[str] = field(default_factory=list)
-    calls: int = 0
-    errors: int = 0
-    ready: asyncio.Event = field(default_factory=asyncio.Event)  # set once starting is over
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    def fail(self, message: str) -> None:
-        self.state = PluginState.FAILED
-        self.error = message
-        self.ready.set()
 
 
 class Host:
@@ -70,15 +37,14 @@ class Host:
                  registry: ToolRegistry | None = None) -> None:
         self.config = load_config(config) if isinstance(config, str) else config
         self.registry = registry if registry is not None else ToolRegistry(self.config.host.call_timeout)
-        self.plugins: dict[str, PluginRuntime] = {
-            e.name: PluginRuntime(e) for e in self.config.plugins if e.enabled}
+        self.plugins: dict[str, PluginSupervisor] = {}
         self.workspace = Workspace(self.config.workspace_dir)
         self._launcher = launcher or SubprocessLauncher()
-        settings = self.config.host
-        self._envs = EnvironmentBuilder(settings.state_dir, settings.wheel_dir, settings.offline,
-                                        settings.install_timeout)
+        self._envs = self._environment_builder(self.config)
         self._import_root = ""
         self._stopping = False
+        self._monitor: asyncio.Task | None = None
+        self._registration_paused = False
 
     async def __aenter__(self) -> "Host":
         await self.start()
@@ -87,101 +53,84 @@ class Host:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    @staticmethod
+    def _environment_builder(config: Config) -> EnvironmentBuilder:
+        settings = config.host
+        return EnvironmentBuilder(settings.state_dir, settings.wheel_dir, settings.offline,
+                                  settings.install_timeout)
+
     # ---- start -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start every enabled plugin; one that fails is reported and the rest run on."""
         os.makedirs(self.config.host.state_dir, exist_ok=True)
         self._import_root = worker_import_root(self.config.host.state_dir)
-        order = list(self.plugins)
-        for name in order:
-            # Every source is located before any starts, so plugin_deps can be followed at once.
-            self.plugins[name].source = find_plugin(name, self.config)
-        await asyncio.gather(*(self._start_plugin(self.plugins[name]) for name in order))
-        for name in order:
-            self._register_tools(self.plugins[name])
-        for name in order:
-            runtime = self.plugins[name]
-            if runtime.state == PluginState.READY and runtime.worker and runtime.worker.info:
-                info = runtime.worker.info
-                await self.workspace.add_plugin_docs(name, info.tools_md, info.soul_append)
-        ready = [r for r in self.plugins.values() if r.state == PluginState.READY]
+        await self._start_plugins([e.name for e in self.config.plugins if e.enabled])
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_limits())
+        ready = [s for s in self.plugins.values() if s.state == PluginState.READY]
         log.info("ready: %d of %d plugins, %d tools", len(ready), len(self.plugins),
                  len(self.registry.tool_names))
 
-    async def _start_plugin(self, runtime: PluginRuntime) -> None:
+    async def _start_plugins(self, names: list[str]) -> None:
+        entries = {e.name: e for e in self.config.plugins}
+        fresh = []
+        for name in names:
+            supervisor = PluginSupervisor(entries[name], self.config, self._spawn_worker,
+                                          self._register_tools)
+            # Every source is located before any starts, so plugin_deps can be followed at once.
+            supervisor.source = find_plugin(name, self.config)
+            self.plugins[name] = supervisor
+            fresh.append(supervisor)
+        # config.json order decides tool-name conflicts: hold registration until all have started
+        self._registration_paused = True
         try:
-            source = self._locate(runtime)
-            await self._await_deps(runtime, source)
-            site_dirs = await self._envs.site_dirs(runtime.name, source.manifest.dependencies)
-            runtime.worker = await self._spawn_worker(runtime, source, site_dirs)
-        except PluginError as exc:
-            runtime.fail(exc.detail)
-            log.error("plugin %s failed to start: %s", runtime.name, exc.detail)
-            return
-        runtime.state = PluginState.READY
-        runtime.ready.set()
-        log.info("plugin %s ready (pid %s, %d tools)", runtime.name, runtime.worker.pid,
-                 len(runtime.worker.tools))
+            await asyncio.gather(*(self._start_plugin(s) for s in fresh))
+        finally:
+            self._registration_paused = False
+        for supervisor in fresh:
+            self._register_tools(supervisor)
+        for supervisor in fresh:
+            worker = supervisor.worker
+            if supervisor.state == PluginState.READY and worker is not None and worker.info is not None:
+                await self.workspace.add_plugin_docs(supervisor.name, worker.info.tools_md,
+                                                     worker.info.soul_append)
 
-    def _locate(self, runtime: PluginRuntime) -> PluginSource:
-        source = runtime.source
+    async def _start_plugin(self, supervisor: PluginSupervisor) -> None:
+        try:
+            source = self._locate(supervisor)
+            await self._await_deps(supervisor, source)
+            supervisor.site_dirs = await self._envs.site_dirs(supervisor.name, source.manifest.dependencies)
+            await supervisor.start()
+        except PluginError as exc:
+            supervisor.fail(exc.detail)
+            log.error("plugin %s failed to start: %s", supervisor.name, exc.detail)
+            return
+        log.info("plugin %s ready (pid %s, %d tools)", supervisor.name, supervisor.worker.pid,
+                 len(supervisor.worker.tools))
+
+    def _locate(self, supervisor: PluginSupervisor) -> PluginSource:
+        source = supervisor.source
         if source is None:
-            raise PluginStartError(runtime.name, "not found: no " + searched_paths(runtime.name, self.config))
+            raise PluginStartError(supervisor.name, "not found: no " + searched_paths(supervisor.name, self.config))
         for warning in source.warnings:
-            log.warning("plugin %s: %s", runtime.name, warning)
-        problems = manifest_problems(source, runtime.entry)
+            log.warning("plugin %s: %s", supervisor.name, warning)
+        problems = manifest_problems(source, supervisor.entry)
         if problems:
-            raise PluginStartError(runtime.name, "; ".join(problems))
+            raise PluginStartError(supervisor.name, "; ".join(problems))
         return source
 
-    async def _await_deps(self, runtime: PluginRuntime, source: PluginSource) -> None:
+    async def _await_deps(self, supervisor: PluginSupervisor, source: PluginSource) -> None:
         for dep in source.manifest.plugin_deps:
             other = self.plugins.get(dep)
             if other is None:
-                raise PluginStartError(runtime.name, f"plugin_deps: {dep!r} is not an enabled plugin "
+                raise PluginStartError(supervisor.name, f"plugin_deps: {dep!r} is not an enabled plugin "
                                        "in config.json")
-            if self._depends_on(dep, runtime.name):
-                raise PluginStartError(runtime.name, f"plugin_deps: {dep!r} depends back on "
-                                       f"{runtime.name!r} (a cycle)")
-            await other.ready.wait()
+            if self._depends_on(dep, supervisor.name):
+                raise PluginStartError(supervisor.name, f"plugin_deps: {dep!r} depends back on "
+                                       f"{supervisor.name!r} (a cycle)")
+            await other.settled.wait()
             if other.state != PluginState.READY:
-                raise PluginStartError(runtime.name, f"plugin_deps: {dep!r} failed to start")
-
-    async def _spawn_worker(self, runtime: PluginRuntime, source: PluginSource,
-                            site_dirs: list[str]) -> WorkerHandle:
-        settings = self.config.host
-        data_dir = os.path.join(settings.state_dir, "data", runtime.name)
-        os.makedirs(data_dir, exist_ok=True)
-        options = WorkerOptions(
-            import_root=self._import_root, data_dir=data_dir, max_frame=settings.max_frame_bytes,
-            handshake_timeout=settings.handshake_timeout, setup_timeout=settings.setup_timeout,
-            teardown_timeout=settings.teardown_timeout)
-        worker = WorkerHandle(runtime.name, self._launcher, options, self._worker_exited)
-        config: dict[str, Any] = dict(runtime.entry.config)
-        config.setdefault("workspace_dir", self.config.workspace_dir)
-        try:
-            await worker.start(source.entry_file, source.directory, site_dirs, config)
-        except BaseException:
-            await worker.stop(teardown=False)
-            raise
-        return worker
-
-    def _register_tools(self, runtime: PluginRuntime) -> None:
-        if runtime.state != PluginState.READY or runtime.worker is None:
-            return
-        runtime.tools, runtime.conflicts = [], []
-        for spec in runtime.worker.tools:
-            tool = RegisteredTool(spec.name, spec.description, spec.parameters,
-                                  partial(self._call_plugin, runtime, spec.name), runtime.name)
-            holder = self.registry.add_plugin_tool(tool)
-            if holder is None:
-                runtime.tools.append(spec.name)
-                continue
-            owner = f"plugin {holder.plugin}" if holder.plugin else "the host"
-            runtime.conflicts.append(spec.name)
-            log.error("plugin %s: tool %s is not registered: %s already provides it (the plugin "
-                      "listed first in config.json keeps a tool name)", runtime.name, spec.name, owner)
+                raise PluginStartError(supervisor.name, f"plugin_deps: {dep!r} failed to start")
 
     def _depends_on(self, plugin: str, target: str) -> bool:
         """True if `plugin` depends on `target`, directly or through other plugins' plugin_deps."""
@@ -191,60 +140,116 @@ class Host:
             name = stack.pop()
             if name == target:
                 return True
-            runtime = self.plugins.get(name)
-            if name in seen or runtime is None or runtime.source is None:
+            supervisor = self.plugins.get(name)
+            if name in seen or supervisor is None or supervisor.source is None:
                 continue
             seen.add(name)
-            stack.extend(runtime.source.manifest.plugin_deps)
+            stack.extend(supervisor.source.manifest.plugin_deps)
         return False
 
-    # ---- calls -----------------------------------------------------------------------------------
-
-    async def _call_plugin(self, runtime: PluginRuntime, tool: str, params: dict[str, Any]) -> str:
-        worker = runtime.worker
-        if runtime.state != PluginState.READY or worker is None:
-            raise PluginUnavailable(runtime.name, runtime.error or f"plugin is {runtime.state}")
-        runtime.calls += 1
+    async def _spawn_worker(self, supervisor: PluginSupervisor) -> WorkerHandle:
+        """Start a worker for `supervisor` (first start and every restart)."""
+        settings = self.config.host
+        source = supervisor.source
+        assert source is not None
+        data_dir = os.path.join(settings.state_dir, "data", supervisor.name)
+        os.makedirs(data_dir, exist_ok=True)
+        options = WorkerOptions(
+            import_root=self._import_root, data_dir=data_dir, max_frame=settings.max_frame_bytes,
+            handshake_timeout=settings.handshake_timeout, setup_timeout=settings.setup_timeout,
+            teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
+            ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
+            cancel_grace=settings.cancel_grace)
+        worker = WorkerHandle(supervisor.name, self._launcher, options, supervisor.worker_exited)
+        config: dict[str, Any] = dict(supervisor.entry.config)
+        config.setdefault("workspace_dir", self.config.workspace_dir)
         try:
-            return await worker.call(tool, params, self.config.call_timeout(runtime.name, tool))
-        except PluginError:
-            runtime.errors += 1
+            await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config)
+        except BaseException:
+            await worker.stop(teardown=False)
             raise
+        return worker
 
-    def _worker_exited(self, worker: WorkerHandle) -> None:
-        runtime = self.plugins.get(worker.plugin)
-        if runtime is None or runtime.worker is not worker or self._stopping:
+    def _register_tools(self, supervisor: PluginSupervisor) -> None:
+        """(Re-)register a ready plugin's tools; names another plugin holds stay with that plugin."""
+        if self._registration_paused or supervisor.state != PluginState.READY:
             return
-        if runtime.state == PluginState.READY:
-            code = worker.exited.result()
-            runtime.state = PluginState.CRASHED
-            runtime.error = f"worker crashed ({describe_exit(code)})"
-            log.error("plugin %s: worker pid %s exited unexpectedly (%s)", runtime.name, worker.pid,
-                      describe_exit(code))
+        worker = supervisor.worker
+        assert worker is not None
+        offered = {spec.name for spec in worker.tools}
+        for name in set(supervisor.tools) - offered:  # a restarted worker may offer fewer tools
+            tool = self.registry.get(name)
+            if tool is not None and tool.plugin == supervisor.name:
+                self.registry.remove_tool(name)
+        supervisor.tools, supervisor.conflicts = [], []
+        for spec in worker.tools:
+            tool = RegisteredTool(spec.name, spec.description, spec.parameters,
+                                  partial(supervisor.call, spec.name), supervisor.name)
+            holder = self.registry.add_plugin_tool(tool)
+            if holder is None:
+                supervisor.tools.append(spec.name)
+                continue
+            owner = f"plugin {holder.plugin}" if holder.plugin else "the host"
+            supervisor.conflicts.append(spec.name)
+            log.error("plugin %s: tool %s is not registered: %s already provides it (the plugin "
+                      "listed first in config.json keeps a tool name)", supervisor.name, spec.name, owner)
+
+    # ---- running ---------------------------------------------------------------------------------
+
+    async def _watch_limits(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.config.host.limits_interval)
+            for supervisor in list(self.plugins.values()):
+                supervisor.check_limits()
+
+    async def reload(self, config: Config | None = None) -> dict[str, list[str]]:
+        """Read config.json again: start new plugins, stop removed ones, restart changed ones (and
+        failed ones: a reload is how an operator acts). Untouched plugins keep serving."""
+        new = config or load_config(self.config.path)
+        old = self.config
+        wanted = [e.name for e in new.plugins if e.enabled]
+        removed = [name for name in self.plugins if name not in wanted]
+        changed = [name for name in wanted if name in self.plugins and (
+            old.settings_for(name) != new.settings_for(name)
+            or self.plugins[name].entry != next(e for e in new.plugins if e.name == name)
+            or self.plugins[name].state in (PluginState.FAILED, PluginState.EXITED))]
+        added = [name for name in wanted if name not in self.plugins]
+        await self._stop_plugins(removed + changed)
+        self.config = new
+        self.registry.timeout = new.host.call_timeout
+        self.workspace = Workspace(new.workspace_dir)
+        self._envs = self._environment_builder(new)
+        for supervisor in self.plugins.values():
+            supervisor.rebind(new)
+        await self._start_plugins([name for name in wanted if name in changed or name in added])
+        self.plugins = {name: self.plugins[name] for name in wanted}
+        summary = {"added": added, "removed": removed, "restarted": changed,
+                   "unchanged": [n for n in wanted if n not in changed and n not in added]}
+        log.info("reloaded %s: %s", new.path, summary)
+        return summary
+
+    async def _stop_plugins(self, names: list[str]) -> None:
+        supervisors = [self.plugins.pop(name) for name in names]
+        await asyncio.gather(*(s.stop() for s in supervisors), return_exceptions=True)
+        for supervisor in supervisors:
+            self.registry.remove_plugin_tools(supervisor.name)
 
     # ---- stop ------------------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """teardown() in every worker, then SIGTERM, then SIGKILL. Always ends; safe to repeat."""
+        """No new calls; calls in flight finish (up to host.shutdown_deadline); then teardown() in
+        every worker, SIGTERM, SIGKILL. Always ends; safe to call more than once."""
         self._stopping = True
-        workers = [r.worker for r in self.plugins.values() if r.worker is not None]
-        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
-        for runtime in self.plugins.values():
-            if runtime.state in (PluginState.READY, PluginState.CRASHED, PluginState.STARTING):
-                runtime.state = PluginState.STOPPED
-            self.registry.remove_plugin_tools(runtime.name)
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for supervisor in self.plugins.values():
+            supervisor.close_to_calls()
+        deadline = time.monotonic() + self.config.host.shutdown_deadline
+        while any(s.in_flight for s in self.plugins.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*(s.stop() for s in self.plugins.values()), return_exceptions=True)
+        for supervisor in self.plugins.values():
+            self.registry.remove_plugin_tools(supervisor.name)
 
     def status(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        rows = []
-        for runtime in self.plugins.values():
-            worker = runtime.worker
-            rows.append({
-                "plugin": runtime.name, "state": runtime.state, "error": runtime.error,
-                "pid": worker.pid if worker else None,
-                "uptime": round(now - worker.started_at, 3) if worker and worker.started_at else 0.0,
-                "tools": list(runtime.tools), "conflicts": list(runtime.conflicts),
-                "calls": runtime.calls, "errors": runtime.errors})
-        return rows
-
-
+        return [supervisor.status() for supervisor in self.plugins.values()]

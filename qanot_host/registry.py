@@ -42,7 +42,7 @@ class RegisteredTool:
 class ToolRegistry:
     def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         self._tools: dict[str, RegisteredTool] = {}
-        self._timeout = timeout
+        self.timeout = timeout
 
     # ---- Qanot's API -----------------------------------------------------------------------------
 
@@ -61,7 +61,7 @@ class ToolRegistry:
         except QanotHostError as exc:
             return _error(str(exc))
         except asyncio.TimeoutError:
-            return _error(f"Tool {name} timed out after {self._timeout:g} s")
+            return _error(f"Tool {name} timed out after {self.timeout:g} s")
         except Exception as exc:  # an in-host handler's own bug
             log.exception("tool %s raised", name)
             return _error(f"Tool {name} failed: {type(exc).__name__}: {exc}")
@@ -85,7 +85,7 @@ class ToolRegistry:
             raise InvalidParams(name, problems)
         if tool.plugin is not None:
             return await tool.handler(params)  # the worker enforces its own per-call timeout
-        result = await asyncio.wait_for(tool.handler(params), self._timeout)
+        result = await asyncio.wait_for(tool.handler(params), self.timeout)
         if not isinstance(result, str):
             raise QanotHostError(f"Tool {name} returned {type(result).__name__}, expected str")
         return result
@@ -100,6 +100,9 @@ class ToolRegistry:
             return holder
         self._tools[tool.name] = tool
         return None
+
+    def remove_tool(self, name: str) -> None:
+        self._tools.pop(name, None)
 
     def remove_plugin_tools(self, plugin: str) -> None:
         for name in [n for n, t in self._tools.items() if t.plugin == plugin]:

@@ -41,6 +41,9 @@ class WorkerOptions:
     setup_timeout: float
     teardown_timeout: float
     term_timeout: float = 2.0
+    ping_interval: float = 10.0
+    ping_timeout: float = 3.0
+    cancel_grace: float = 3.0
 
 
 class WorkerHandle:
@@ -53,12 +56,15 @@ class WorkerHandle:
         self._process: WorkerProcess | None = None
         self._channel: WorkerChannel | None = None
         self._stopping = False
+        self._stop_reason = ""
         self._lost_reason: PluginError | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.info: p.Loaded | None = None
         self.tools: list[p.ToolSpec] = []
         self.started_at = 0.0
         self.stop_path: list[str] = []  # how the last stop went, for logs and tests
+        self._tasks: list[asyncio.Task] = []
+        self.exit_error: PluginError | None = None  # why the worker ended, once it has
 
     @property
     def pid(self) -> int | None:
@@ -82,6 +88,8 @@ class WorkerHandle:
         reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
         self.tools = reply.tools
         self.started_at = time.monotonic()
+        # Pings start only now: a setup() that blocks its loop is bounded by setup_timeout instead.
+        self._tasks.append(asyncio.get_running_loop().create_task(self._heartbeat()))
 
     async def _spawn(self) -> None:
         opts = self._options
@@ -102,8 +110,9 @@ class WorkerHandle:
             os.close(worker_reads)
             os.close(worker_writes)
         self._channel = await WorkerChannel.open(self.plugin, opts.max_frame, host_writes, host_reads,
-                                                 self._channel_lost)
-        asyncio.get_running_loop().create_task(self._watch_exit())
+                                                 self._channel_lost, self._call_abandoned)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch_exit())]
 
     def _environment(self) -> dict[str, str]:
         """Workers start with a scrubbed environment: no host secrets pass through."""
@@ -151,35 +160,83 @@ class WorkerHandle:
             raise ToolFailed(self.plugin, tool, exc.message) from None
         return reply.value
 
+    # ---- health ----------------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Ping a worker that has been silent for a whole interval: a blocked event loop cannot answer."""
+        opts = self._options
+        channel = self._channel
+        assert channel is not None
+        loop = asyncio.get_running_loop()
+        while channel.closed is None:
+            silent = loop.time() - channel.last_heard
+            if silent < opts.ping_interval:
+                await asyncio.sleep(opts.ping_interval - silent)
+                continue
+            try:
+                await channel.request(p.Ping, p.Pong, opts.ping_timeout, "ping")
+            except WorkerTimeout:
+                self.kill(WorkerTimeout(self.plugin, f"unresponsive: no answer to a ping within "
+                                        f"{opts.ping_timeout:g} s (event loop blocked?); killed"))
+                return
+            except PluginError:
+                return
+
+    def _call_abandoned(self, request_id: int, what: str) -> None:
+        """A call timed out and was cancelled; a worker that cannot even answer the cancel is stuck."""
+        grace = self._options.cancel_grace
+
+        def check() -> None:
+            channel = self._channel
+            if channel is not None and channel.closed is None and channel.is_abandoned(request_id):
+                self.kill(WorkerTimeout(self.plugin, f"{what} did not stop within {grace:g} s of its "
+                                        "timeout (a handler blocking the event loop?); killed"))
+
+        asyncio.get_running_loop().call_later(grace, check)
+
+    def kill(self, reason: PluginError) -> None:
+        """SIGKILL the worker's process group; calls in flight end with `reason`."""
+        if self._process is None or self.exited.done():
+            return
+        if self._lost_reason is None:
+            self._lost_reason = reason
+        log.error("%s (pid %s)", reason, self.pid)
+        self._process.signal_group(signal.SIGKILL)
+
     # ---- end -------------------------------------------------------------------------------------
 
     def _channel_lost(self, reason: PluginError | None) -> None:
         """The pipe closed or the worker broke the protocol: it must not outlive its channel."""
-        self._lost_reason = reason
         if reason is not None:
             log.error("%s (pid %s); killing the worker", reason, self.pid)
-        if not self._stopping and self._process is not None:
+            self._lost_reason = self._lost_reason or reason
+        if not self._stopping and self._process is not None and self._process.returncode is None:
             self._process.signal_group(signal.SIGKILL)
 
     async def _watch_exit(self) -> None:
         assert self._process is not None and self._channel is not None
         code = await self._process.wait()
         if self._stopping:
-            error: PluginError = PluginUnavailable(self.plugin, "worker stopped")
+            error: PluginError = PluginUnavailable(self.plugin, self._stop_reason)
         else:
             error = self._lost_reason or WorkerCrashed(self.plugin, code)
+        self.exit_error = error
         self._channel.fail_pending(error)
         self._channel.close(None)
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
         if not self.exited.done():
             self.exited.set_result(code)
         if self._on_exit is not None:
             self._on_exit(self)
 
-    async def stop(self, teardown: bool = True) -> int | None:
+    async def stop(self, teardown: bool = True, reason: str = "worker stopped") -> int | None:
         """Teardown, then SIGTERM, then SIGKILL; returns the exit code. Safe to call many times."""
         if self._process is None:
             return None
         self._stopping = True
+        self._stop_reason = reason
         opts = self._options
         first_grace = 0.0
         if teardown and not self.exited.done() and self._channel is not None and self._channel.closed is None:

@@ -1,0 +1,273 @@
+"""One configured plugin through its whole life: start, serve, restart, recycle, stop.
+
+A worker that exits without being asked to is replaced according to the plugin's RestartPolicy.
+Calls that arrive while a replacement starts wait for it (within their own timeout) instead of
+failing, so a crash costs callers milliseconds; calls that were in flight on the dead worker end at
+once with its exit reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import psutil
+
+from .config import Config, PluginEntry
+from .discovery import PluginSource
+from .errors import PluginError, PluginUnavailable, WorkerTimeout
+from .restarter import RestartPolicy
+from .worker import WorkerHandle
+
+__all__ = ["PluginSupervisor", "PluginState"]
+
+log = logging.getLogger("qanot_host.supervisor")
+
+
+class PluginState:
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"  # did not start, or gave up restarting: `error` says why; reload retries
+    EXITED = "exited"  # ended normally and its restart policy says not to restart
+    STOPPED = "stopped"
+
+
+@dataclass
+class _Recycle:
+    reason: str
+    counts: bool  # toward the restart intensity (a limit breach does; max_calls does not)
+
+
+Spawner = Callable[["PluginSupervisor"], Awaitable[WorkerHandle]]
+
+
+class PluginSupervisor:
+    def __init__(self, entry: PluginEntry, config: Config, spawn: Spawner,
+                 on_ready: Callable[["PluginSupervisor"], None]) -> None:
+        self.entry = entry
+        self.name = entry.name
+        self.source: PluginSource | None = None
+        self.site_dirs: list[str] = []
+        restart = config.restart_for(entry.name)
+        self.policy = RestartPolicy(restart.policy, restart.max_restarts, restart.window,
+                                    restart.backoff_initial, restart.backoff_max, restart.stable_after)
+        self.limits = config.limits_for(entry.name)
+        self._config = config
+        self._spawn = spawn
+        self._on_ready = on_ready
+        self.state = PluginState.STARTING
+        self.error = ""
+        self.worker: WorkerHandle | None = None
+        self.tools: list[str] = []
+        self.conflicts: list[str] = []
+        self.calls = self.errors = self.timeouts = self.restarts = 0
+        self.last_exit = ""
+        self.in_flight = 0
+        self.settled = asyncio.Event()  # set whenever the plugin is not starting or restarting
+        self.recoveries: collections.deque[float] = collections.deque(maxlen=10000)
+        self._closing = False
+        self._recycling: _Recycle | None = None
+        self._calls_since_start = 0
+        self._restart_task: asyncio.Task | None = None
+        self._exit_seen_at = 0.0
+        self._proc: psutil.Process | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """First start; raises PluginError (the host records it with fail())."""
+        self.worker = await self._spawn(self)
+        self._became_ready()
+
+    def fail(self, message: str) -> None:
+        self.state = PluginState.FAILED
+        self.error = message
+        self.settled.set()
+
+    def _became_ready(self) -> None:
+        self.state = PluginState.READY
+        self.error = ""
+        self._calls_since_start = 0
+        self._proc = None
+        self.settled.set()
+        self._on_ready(self)
+
+    def worker_exited(self, worker: WorkerHandle) -> None:
+        """WorkerHandle's on_exit: decide between restart and giving up."""
+        if worker is not self.worker or self._closing:
+            return
+        now = time.monotonic()
+        self._exit_seen_at = now
+        code = worker.exited.result()
+        self.last_exit = worker.exit_error.detail if worker.exit_error else f"exit code {code}"
+        recycle, self._recycling = self._recycling, None
+        if recycle is not None:
+            self.last_exit = f"recycled: {recycle.reason}"
+        uptime = now - worker.started_at if worker.started_at else 0.0
+        if recycle is not None and not recycle.counts:
+            self._schedule_restart(0.0)
+            return
+        decision = self.policy.decide(abnormal=recycle is not None or code != 0, uptime=uptime, now=now)
+        if decision.restart:
+            log.warning("plugin %s: worker pid %s ended (%s); restarting in %.2f s", self.name, worker.pid,
+                        self.last_exit, decision.delay)
+            self._schedule_restart(decision.delay)
+            return
+        self.state = PluginState.FAILED if code != 0 or recycle else PluginState.EXITED
+        self.error = f"{decision.reason}; last exit: {self.last_exit}"
+        self.settled.set()
+        log.error("plugin %s: worker pid %s ended (%s); not restarting: %s", self.name, worker.pid,
+                  self.last_exit, decision.reason)
+
+    def _schedule_restart(self, delay: float) -> None:
+        self.state = PluginState.RESTARTING
+        self.settled.clear()
+        self._restart_task = asyncio.get_running_loop().create_task(self._restart(delay))
+
+    async def _restart(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if self._closing:
+            return
+        old_pid = self.worker.pid if self.worker else None
+        try:
+            self.worker = await self._spawn(self)
+        except PluginError as exc:
+            self.last_exit = f"restart failed: {exc.detail}"
+            decision = self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
+            if decision.restart and not self._closing:
+                log.error("plugin %s: restart failed (%s); retrying in %.2f s", self.name, exc.detail,
+                          decision.delay)
+                self._schedule_restart(decision.delay)
+            else:
+                self.fail(f"{decision.reason}; last exit: {self.last_exit}")
+                log.error("plugin %s: restart failed (%s); giving up", self.name, exc.detail)
+            return
+        self.restarts += 1
+        self.recoveries.append(time.monotonic() - self._exit_seen_at)
+        log.warning("plugin %s: restarted (pid %s replaces %s, %.1f ms after the exit)", self.name,
+                    self.worker.pid, old_pid, 1000 * self.recoveries[-1])
+        self._became_ready()
+
+    def recycle(self, reason: str, counts: bool) -> None:
+        """Replace a running worker on purpose: teardown() is tried, then the worker is killed."""
+        worker = self.worker
+        if self.state != PluginState.READY or worker is None or self._recycling is not None:
+            return
+        log.warning("plugin %s: recycling worker pid %s: %s", self.name, worker.pid, reason)
+        self._recycling = _Recycle(reason, counts)
+        self.state = PluginState.RESTARTING
+        self.settled.clear()
+        asyncio.get_running_loop().create_task(self._recycle(worker, reason, drain=not counts))
+
+    async def _recycle(self, worker: WorkerHandle, reason: str, drain: bool) -> None:
+        if drain:  # a planned recycle lets calls in flight finish first
+            deadline = time.monotonic() + self._config.host.call_timeout
+            while self.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        await worker.stop(reason=f"worker recycled: {reason}")
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            await asyncio.gather(self._restart_task, return_exceptions=True)
+        if self.worker is not None:
+            await self.worker.stop()
+        if self.state != PluginState.FAILED:
+            self.state = PluginState.STOPPED
+        self.settled.set()
+
+    def rebind(self, config: Config) -> None:
+        """A reload left this plugin untouched: later calls use the new config's host defaults."""
+        self._config = config
+
+    def close_to_calls(self) -> None:
+        self._closing = True
+
+    # ---- calls -----------------------------------------------------------------------------------
+
+    async def call(self, tool: str, params: dict[str, Any]) -> str:
+        if self._closing:
+            raise PluginUnavailable(self.name, "the host is shutting down")
+        timeout = self._config.call_timeout(self.name, tool)
+        if self.state != PluginState.READY:
+            deadline = time.monotonic() + timeout
+            await self._wait_settled(tool, timeout)
+            timeout = max(deadline - time.monotonic(), 0.001)
+        self.calls += 1
+        self.in_flight += 1
+        self._calls_since_start += 1
+        try:
+            return await self.worker.call(tool, params, timeout)
+        except WorkerTimeout:
+            self.timeouts += 1
+            self.errors += 1
+            raise
+        except PluginError:
+            self.errors += 1
+            raise
+        finally:
+            self.in_flight -= 1
+            if self.limits.max_calls and self._calls_since_start >= self.limits.max_calls:
+                self.recycle(f"served max_calls={self.limits.max_calls} calls", counts=False)
+
+    async def _wait_settled(self, tool: str, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.settled.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.timeouts += 1
+            raise WorkerTimeout(self.name, f"tool {tool} timed out after {timeout:g} s waiting for "
+                                f"the plugin to {self.state.rstrip('ing')}") from None
+        if self.state != PluginState.READY or self.worker is None:
+            raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
+
+    # ---- limits and status -----------------------------------------------------------------------
+
+    def check_limits(self) -> None:
+        """Called periodically by the host: recycle a worker over its memory or CPU limit."""
+        limits = self.limits
+        if self.state != PluginState.READY or not (limits.max_rss_mb or limits.max_cpu_seconds):
+            return
+        usage = self.usage()
+        if usage is None:
+            return
+        rss_mb, cpu = usage
+        if limits.max_rss_mb and rss_mb > limits.max_rss_mb:
+            self.recycle(f"RSS {rss_mb:.0f} MB is over max_rss_mb={limits.max_rss_mb:g}", counts=True)
+        elif limits.max_cpu_seconds and cpu > limits.max_cpu_seconds:
+            self.recycle(f"CPU time {cpu:.1f} s is over max_cpu_seconds={limits.max_cpu_seconds:g}",
+                         counts=True)
+
+    def usage(self) -> tuple[float, float] | None:
+        """(RSS in MB, CPU seconds) of the current worker, or None if it is not running."""
+        worker = self.worker
+        if worker is None or worker.pid is None or worker.exited.done():
+            return None
+        try:
+            if self._proc is None or self._proc.pid != worker.pid:
+                self._proc = psutil.Process(worker.pid)
+            with self._proc.oneshot():
+                cpu = self._proc.cpu_times()
+                return self._proc.memory_info().rss / 2**20, cpu.user + cpu.system
+        except psutil.Error:
+            return None
+
+    def status(self) -> dict[str, Any]:
+        worker = self.worker
+        running = worker is not None and not worker.exited.done()
+        usage = self.usage() if running else None
+        return {
+            "plugin": self.name, "state": self.state, "error": self.error,
+            "pid": worker.pid if running else None,
+            "uptime": round(time.monotonic() - worker.started_at, 3) if running and worker.started_at else 0.0,
+            "restarts": self.restarts, "last_exit": self.last_exit,
+            "rss_mb": round(usage[0], 1) if usage else None, "cpu_s": round(usage[1], 2) if usage else None,
+            "calls": self.calls, "errors": self.errors, "timeouts": self.timeouts,
+            "tools": list(self.tools), "conflicts": list(self.conflicts),
+        }
