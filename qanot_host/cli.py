@@ -14,8 +14,10 @@ import sys
 
 from qanot_worker import eventloop
 
+from .chaos import run_chaos
 from .check import check_config
 from .config import load_config
+from .control import ControlServer, control_request, socket_path
 from .errors import QanotHostError, ToolNotFound
 from .host import Host, PluginState
 
@@ -57,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     tools = command("tools", "list every tool: name, plugin, description")
     tools.add_argument("--json", action="store_true", help="print the definitions as JSON")
     command("check", "validate config.json and every plugin.json without running plugin code")
+    command("status", "show each plugin of a running host: state, pid, restarts, RSS, CPU, calls")
+    command("reload", "make a running host read config.json again (as SIGHUP does)")
+    chaos = command("chaos", "drive concurrent calls while SIGKILLing random workers; report")
+    chaos.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
+    chaos.add_argument("--kill-every", type=float, default=0.1, help="seconds between kills (default 0.1)")
+    chaos.add_argument("--concurrency", type=int, default=32, help="calls in flight (default 32)")
+    chaos.add_argument("--calls", type=int, help="stop after this many calls")
+    chaos.add_argument("--keep-restart-policy", action="store_true",
+                       help="use config.json's restart intensity instead of lifting it")
     return parser
 
 
@@ -66,6 +77,10 @@ async def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = Host(args.config)
+    control = ControlServer(host)
+    await control.start()
+    reloads: set[asyncio.Task] = set()
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_in_background(host, reloads))
     logging.getLogger("qanot_host").info("starting %d plugins from %s",
                                          sum(e.enabled for e in host.config.plugins), args.config)
     try:
@@ -82,8 +97,23 @@ async def _run(args: argparse.Namespace) -> int:
             await asyncio.gather(starting, return_exceptions=True)
         logging.getLogger("qanot_host").info("stopping")
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        await control.close()
+        await asyncio.gather(*reloads, return_exceptions=True)
         await host.stop()
     return EXIT_OK
+
+
+def _reload_in_background(host: Host, tasks: set) -> None:
+    async def reload() -> None:
+        try:
+            await host.reload()
+        except QanotHostError as exc:  # a broken config.json must not stop a running host
+            logging.getLogger("qanot_host").error("reload refused, keeping the running config: %s", exc)
+
+    task = asyncio.ensure_future(reload())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def _print_ready(host: Host) -> None:
@@ -159,4 +189,37 @@ async def _check(args: argparse.Namespace) -> int:
     return EXIT_ERROR if report.errors else EXIT_OK
 
 
-COMMANDS = {"run": _run, "call": _call, "tools": _tools, "check": _check}
+async def _status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    reply = await control_request(socket_path(config.host.state_dir), "status")
+    columns = ("plugin", "state", "pid", "uptime", "restarts", "rss_mb", "cpu_s", "calls", "errors",
+               "timeouts", "last_exit")
+    rows = [[_cell(row.get(c)) for c in columns] for row in reply["plugins"]]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
+def _cell(value: object) -> str:
+    return "-" if value in (None, "") else str(value)
+
+
+async def _reload(args: argparse.Namespace) -> int:
+    config = load_config(args.config)  # a broken config is refused here, with a one-line error
+    reply = await control_request(socket_path(config.host.state_dir), "reload")
+    for key, names in reply["reload"].items():
+        print(f"{key}: {', '.join(names) or '-'}")
+    return EXIT_OK
+
+
+async def _chaos(args: argparse.Namespace) -> int:
+    report = await run_chaos(args.config, args.duration, args.kill_every, args.concurrency, args.calls,
+                             args.keep_restart_policy)
+    print(report.render())
+    return EXIT_OK if report.passed() else EXIT_ERROR
+
+
+COMMANDS = {"run": _run, "call": _call, "tools": _tools, "check": _check, "status": _status,
+            "reload": _reload, "chaos": _chaos}

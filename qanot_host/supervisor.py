@@ -196,15 +196,14 @@ class PluginSupervisor:
         if self._closing:
             raise PluginUnavailable(self.name, "the host is shutting down")
         timeout = self._config.call_timeout(self.name, tool)
-        if self.state != PluginState.READY:
-            deadline = time.monotonic() + timeout
-            await self._wait_settled(tool, timeout)
-            timeout = max(deadline - time.monotonic(), 0.001)
+        worker = self.worker
+        if self.state != PluginState.READY or worker is None or not worker.accepting_calls:
+            worker, timeout = await self._wait_for_worker(tool, timeout)
         self.calls += 1
         self.in_flight += 1
         self._calls_since_start += 1
         try:
-            return await self.worker.call(tool, params, timeout)
+            return await worker.call(tool, params, timeout)
         except WorkerTimeout:
             self.timeouts += 1
             self.errors += 1
@@ -217,15 +216,28 @@ class PluginSupervisor:
             if self.limits.max_calls and self._calls_since_start >= self.limits.max_calls:
                 self.recycle(f"served max_calls={self.limits.max_calls} calls", counts=False)
 
-    async def _wait_settled(self, tool: str, timeout: float) -> None:
+    async def _wait_for_worker(self, tool: str, timeout: float) -> tuple[WorkerHandle, float]:
+        """Wait (within the call's timeout) for a worker that can take the call; returns it and the
+        time left. A worker whose pipe just closed is about to be reaped and replaced: wait for that
+        rather than fail the call."""
+        deadline = time.monotonic() + timeout
         try:
-            await asyncio.wait_for(self.settled.wait(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                while True:
+                    worker = self.worker
+                    if worker is not None and not worker.accepting_calls and self.state == PluginState.READY:
+                        await asyncio.shield(worker.exited)
+                        await asyncio.sleep(0)  # let the exit callback move the state on
+                        continue
+                    await self.settled.wait()
+                    if self.state != PluginState.READY or self.worker is None:
+                        raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
+                    if self.worker.accepting_calls:
+                        return self.worker, max(deadline - time.monotonic(), 0.001)
+        except TimeoutError:
             self.timeouts += 1
             raise WorkerTimeout(self.name, f"tool {tool} timed out after {timeout:g} s waiting for "
-                                f"the plugin to {self.state.rstrip('ing')}") from None
-        if self.state != PluginState.READY or self.worker is None:
-            raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
+                                f"the plugin's worker to restart") from None
 
     # ---- limits and status -----------------------------------------------------------------------
 

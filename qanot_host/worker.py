@@ -71,6 +71,12 @@ class WorkerHandle:
         return self._process.pid if self._process is not None else None
 
     @property
+    def accepting_calls(self) -> bool:
+        """False once the pipe closed or a stop began, even before the exit is reaped."""
+        channel = self._channel
+        return channel is not None and channel.closed is None and not self._stopping
+
+    @property
     def in_flight(self) -> int:
         return self._channel.in_flight if self._channel is not None else 0
 

@@ -1,0 +1,100 @@
+"""A unix socket in state_dir through which `qanot-host status` and `reload` reach a running host.
+
+One JSON request line in, one JSON reply line out. The socket is created mode 0600: whoever can
+use it can restart plugins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from .errors import QanotHostError
+
+if TYPE_CHECKING:
+    from .host import Host
+
+__all__ = ["ControlServer", "control_request", "socket_path"]
+
+log = logging.getLogger("qanot_host.control")
+MAX_REQUEST = 65536
+
+
+def socket_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "control.sock")
+
+
+class ControlServer:
+    def __init__(self, host: "Host") -> None:
+        self._host = host
+        self._server: asyncio.AbstractServer | None = None
+        self.path = socket_path(host.config.host.state_dir)
+
+    async def start(self) -> None:
+        if os.path.exists(self.path):
+            try:
+                await control_request(self.path, "ping")
+            except QanotHostError:
+                os.unlink(self.path)  # left behind by a host that died
+            else:
+                raise QanotHostError(f"another qanot-host is running with state_dir "
+                                     f"{self._host.config.host.state_dir} ({self.path})")
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            reply = await self._answer(request.get("command"))
+        except (ValueError, AttributeError, asyncio.TimeoutError) as exc:
+            reply = {"ok": False, "error": f"bad control request: {exc}"}
+        except QanotHostError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        try:
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    async def _answer(self, command: Any) -> dict[str, Any]:
+        match command:
+            case "ping":
+                return {"ok": True}
+            case "status":
+                return {"ok": True, "pid": os.getpid(), "plugins": self._host.status()}
+            case "reload":
+                return {"ok": True, "reload": await self._host.reload()}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+
+async def control_request(path: str, command: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Send one command to a running host; QanotHostError if none answers."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 5)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise QanotHostError(f"no running qanot-host answers at {path}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        writer.write(json.dumps({"command": command}).encode() + b"\n")
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+    reply = json.loads(line or b"{}")
+    if not reply.get("ok"):
+        raise QanotHostError(reply.get("error", "the host closed the control connection"))
+    return reply
