@@ -34,6 +34,8 @@ class ControlServer:
         self.path = socket_path(host.config.host.state_dir)
 
     async def start(self) -> None:
+        """Listen on state_dir/control.sock; without it the host still runs, minus status/reload."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         if os.path.exists(self.path):
             try:
                 await control_request(self.path, "ping")
@@ -45,6 +47,9 @@ class ControlServer:
         old_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_REQUEST)
+        except OSError as exc:  # e.g. a path longer than a unix socket address allows
+            log.warning("no control socket at %s (%s): `qanot-host status` and `reload` will not "
+                        "reach this host; SIGHUP still reloads", self.path, exc.strerror or exc)
         finally:
             os.umask(old_umask)
 
