@@ -28,6 +28,9 @@ __all__ = ["WorkerHandle", "WorkerOptions"]
 
 log = logging.getLogger("qanot_host.worker")
 
+# How long a worker may live on after closing its end of the protocol pipe.
+EOF_GRACE = 0.25
+
 BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from qanot_worker.main import main; "
         "sys.exit(main(sys.argv[2:]))")
 
@@ -217,6 +220,12 @@ class WorkerHandle:
             log.error("%s (pid %s); killing the worker", reason, self.pid)
             self._lost_reason = self._lost_reason or reason
         if not self._stopping and self._process is not None and self._process.returncode is None:
+            # A dying worker closes its pipes a moment before it exits: give it that moment, so its
+            # own exit code is what gets reported; one that lives on without its pipes is killed.
+            asyncio.get_running_loop().call_later(EOF_GRACE, self._kill_if_alive)
+
+    def _kill_if_alive(self) -> None:
+        if self._process is not None and not self.exited.done():
             self._process.signal_group(signal.SIGKILL)
 
     async def _watch_exit(self) -> None:

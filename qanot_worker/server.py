@@ -35,6 +35,7 @@ class WorkerServer(asyncio.Protocol):
         self._plugin: Plugin | None = None
         self._tools: dict[str, ToolDef] = {}
         self._calls: dict[int, asyncio.Task] = {}
+        self._cancelled_by_host: set[int] = set()
         self._tasks: set[asyncio.Task] = set()
         self.finished: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -73,6 +74,7 @@ class WorkerServer(asyncio.Protocol):
             case p.Cancel():
                 task = self._calls.get(msg.id)
                 if task is not None:
+                    self._cancelled_by_host.add(msg.id)
                     task.cancel()
             case p.Ping():
                 self._send(p.Pong(msg.id))
@@ -127,7 +129,10 @@ class WorkerServer(asyncio.Protocol):
                 if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                     result = await result
             except asyncio.CancelledError:
-                self._send(p.Failure(msg.id, p.FailureKind.CANCELLED, "cancelled by the host"))
+                # Only the host's Cancel is answered; a cancel from the loop shutting down (the
+                # worker is dying) must not look like one: the host reports the exit instead.
+                if msg.id in self._cancelled_by_host:
+                    self._send(p.Failure(msg.id, p.FailureKind.CANCELLED, "cancelled by the host"))
                 return
             except Exception as exc:
                 log.error("tool %s raised:\n%s", msg.tool, traceback.format_exc())
@@ -141,6 +146,7 @@ class WorkerServer(asyncio.Protocol):
             self._send(p.Result(msg.id, result))
         finally:
             self._calls.pop(msg.id, None)
+            self._cancelled_by_host.discard(msg.id)
 
     async def _on_error(self, tool_name: str, exc: Exception) -> None:
         try:

@@ -62,3 +62,14 @@ def make_wheel(directory: Path, name: str, version: str, body: str = "") -> Path
         for path, text in files.items():
             zf.writestr(path, text)
     return wheel
+
+
+async def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Poll `predicate` until true, failing the test after `timeout` seconds (never a bare sleep)."""
+    import asyncio
+    import time
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)

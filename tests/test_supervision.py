@@ -1,0 +1,271 @@
+"""Crashed, hung and runaway workers: each failure is bounded, reported and recovered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from qanot_host import Host, PluginState
+from qanot_host.restarter import RestartPolicy
+
+from .conftest import GREETER, plugin, wait_until
+
+FAST = {"restart": {"backoff_initial": 0.0}}
+
+
+def misbehave(**config) -> dict:
+    return plugin("misbehave", **config)
+
+
+CRASHES = [
+    ("signal", "worker crashed (killed by SIGKILL)"),
+    ("exit", "worker crashed (exit code 7)"),
+    ("segfault", "worker crashed (killed by SIGSEGV)"),
+    ("close_pipes", "worker crashed (killed by SIGKILL)"),
+    ("raise_in_loop", "worker crashed (exit code 3)"),
+]
+
+
+@pytest.mark.parametrize("how, expected", CRASHES, ids=[c[0] for c in CRASHES])
+async def test_crash_ends_calls_in_flight_at_once_and_restarts(write_config, how, expected):
+    async with Host(write_config([misbehave(), GREETER], host=FAST)) as host:
+        sup = host.plugins["misbehave"]
+        first_pid = sup.worker.pid
+        hanging = [asyncio.ensure_future(host.registry.execute("mb_hang_async", {})) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        crash = await asyncio.wait_for(host.registry.execute("mb_crash", {"how": how}), 5)
+        others = await asyncio.wait_for(asyncio.gather(*hanging), 5)
+        assert time.monotonic() - started < 2  # at once, not after the 30 s call timeout
+        for result in [crash, *others]:
+            assert json.loads(result) == {"error": f"plugin misbehave: {expected}"}
+        await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != first_pid, 10, "restart")
+        assert sup.restarts == 1 and sup.last_exit == expected
+        assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+
+
+async def test_calls_made_during_a_restart_wait_for_it(write_config):
+    async with Host(write_config([misbehave()], host=FAST)) as host:
+        sup = host.plugins["misbehave"]
+        os.kill(sup.worker.pid, signal.SIGKILL)
+        await wait_until(lambda: sup.state == PluginState.RESTARTING, 5, "the exit to be seen")
+        results = await asyncio.wait_for(
+            asyncio.gather(*(host.registry.execute("mb_ok", {}) for _ in range(20))), 10)
+        assert all(r.startswith("ok ") for r in results), results
+
+
+async def test_restart_intensity_limit_then_reload_revives(write_config):
+    config = write_config([misbehave(), GREETER],
+                          host={"plugins": {"misbehave": {"restart": {"max_restarts": 2, "backoff_initial": 0}}}})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        for _ in range(3):
+            await wait_until(lambda: sup.state in (PluginState.READY, PluginState.FAILED), 10, "settle")
+            await host.registry.execute("mb_crash", {"how": "exit"})
+        await wait_until(lambda: sup.state == PluginState.FAILED, 10, "failed")
+        assert sup.restarts == 2
+        assert "restart intensity exceeded: 2 restarts within 60 s" in sup.error
+        answer = json.loads(await host.registry.execute("mb_ok", {}))
+        assert "restart intensity exceeded" in answer["error"] and "exit code 7" in answer["error"]
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+        summary = await host.reload()  # the operator acts
+        assert summary["restarted"] == ["misbehave"] and summary["unchanged"] == ["greeter"]
+        assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
+
+
+@pytest.mark.parametrize("policy, how, state", [
+    ("transient", "normal", PluginState.EXITED),
+    ("transient", "exit", PluginState.READY),
+    ("never", "exit", PluginState.FAILED),
+    ("permanent", "normal", PluginState.READY),
+])
+async def test_restart_policies(write_config, policy, how, state):
+    config = write_config([misbehave()], host={"restart": {"policy": policy, "backoff_initial": 0}})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        pid = sup.worker.pid
+        await host.registry.execute("mb_crash", {"how": how})
+        await wait_until(lambda: sup.state == state and (state != PluginState.READY or sup.worker.pid != pid),
+                         10, f"state {state}")
+
+
+def test_backoff_doubles_caps_and_resets_after_a_stable_run():
+    policy = RestartPolicy(max_restarts=100, window=60, backoff_initial=0.5, backoff_max=4, stable_after=10)
+    policy.jitter = 0
+    delays = [policy.decide(True, uptime=0.1, now=i).delay for i in range(7)]
+    assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert policy.decide(True, uptime=11, now=8).delay == 0.0  # a stable run resets the sequence
+    limited = RestartPolicy(max_restarts=5, window=60)
+    assert [limited.decide(True, 0, now=t).restart for t in range(6)] == [True] * 5 + [False]
+    assert limited.decide(True, 0, now=70).restart  # the window slid past the old restarts
+
+
+async def test_blocking_handler_times_out_then_worker_is_killed_and_restarted(write_config):
+    config = write_config([misbehave()], host={
+        "cancel_grace": 0.3, **FAST, "plugins": {"misbehave": {"tool_timeouts": {"mb_hang_blocking": 0.3}}}})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        pid = sup.worker.pid
+        started = time.monotonic()
+        result = json.loads(await asyncio.wait_for(host.registry.execute("mb_hang_blocking", {}), 5))
+        assert result == {"error": "plugin misbehave: tool mb_hang_blocking timed out after 0.3 s"}
+        assert time.monotonic() - started < 1.0
+        await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != pid, 10, "restart")
+        assert "did not stop within 0.3 s of its timeout" in sup.last_exit
+        assert sup.timeouts == 1
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_async_hang_is_cancelled_without_a_restart(write_config):
+    config = write_config([misbehave()], host={"plugins": {"misbehave": {"call_timeout": 0.2}}})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        assert "timed out after 0.2 s" in await host.registry.execute("mb_hang_async", {})
+        await asyncio.sleep(0.5)
+        assert sup.restarts == 0 and sup.worker.in_flight == 0
+
+
+async def test_blocked_event_loop_is_found_by_the_heartbeat(write_config):
+    config = write_config([misbehave()], host={"ping_interval": 0.3, "ping_timeout": 0.3, **FAST})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        pid = sup.worker.pid
+        assert await host.registry.execute("mb_block_later", {}) == "blocking soon"
+        started = time.monotonic()
+        await wait_until(lambda: sup.restarts == 1 and sup.state == PluginState.READY, 5, "heartbeat restart")
+        assert time.monotonic() - started < 2.0
+        assert sup.worker.pid != pid
+        assert "unresponsive: no answer to a ping within 0.3 s" in sup.last_exit
+
+
+async def test_slow_and_crashing_setup(write_config):
+    config = write_config([misbehave(slow_start=5), GREETER], host={"setup_timeout": 0.3})
+    async with Host(config) as host:
+        assert host.plugins["misbehave"].error == "setup() timed out after 0.3 s"
+    async with Host(write_config([misbehave(crash_in_setup=True)])) as host:
+        assert host.plugins["misbehave"].error == "worker crashed during setup() (exit code 5)"
+
+
+@pytest.mark.parametrize("config, path", [
+    ({"die_in_teardown": True}, ["teardown-failed"]),
+    ({"hang_in_teardown": True}, ["teardown-failed", "SIGTERM"]),
+])
+async def test_teardown_that_dies_or_hangs_still_ends(write_config, config, path):
+    host = Host(write_config([misbehave(**config)], host={"teardown_timeout": 0.3}))
+    await host.start()
+    worker = host.plugins["misbehave"].worker
+    started = time.monotonic()
+    await asyncio.wait_for(host.stop(), 10)
+    assert worker.stop_path == path and worker.exited.done()
+    assert time.monotonic() - started < 3
+
+
+async def test_memory_limit_recycles_and_intensity_ends_it(write_config, caplog):
+    config = write_config([misbehave()], host={"limits_interval": 0.05, "plugins": {"misbehave": {
+        "limits": {"max_rss_mb": 80}, "restart": {"max_restarts": 2, "backoff_initial": 0}}}})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        for expected_restarts in (1, 2):
+            pid = sup.worker.pid
+            await host.registry.execute("mb_eat_memory", {"mb": 150})
+            await wait_until(lambda: sup.worker.pid != pid and sup.state == PluginState.READY, 10, "recycle")
+            assert sup.restarts == expected_restarts
+            assert sup.last_exit.startswith("recycled: RSS") and "over max_rss_mb=80" in sup.last_exit
+        await host.registry.execute("mb_eat_memory", {"mb": 150})
+        await wait_until(lambda: sup.state == PluginState.FAILED, 10, "give up")
+    assert any("recycling worker pid" in r.getMessage() for r in caplog.records)
+
+
+async def test_cpu_limit_and_max_calls_recycle(write_config):
+    config = write_config([misbehave(), GREETER], host={"limits_interval": 0.05, "plugins": {
+        "misbehave": {"limits": {"max_cpu_seconds": 0.5}, **FAST},
+        "greeter": {"limits": {"max_calls": 3}}}})
+    async with Host(config) as host:
+        mb, greeter = host.plugins["misbehave"], host.plugins["greeter"]
+        pid = mb.worker.pid
+        await host.registry.execute("mb_spin", {"seconds": 1.0})
+        await wait_until(lambda: mb.worker.pid != pid and mb.state == PluginState.READY, 10, "cpu recycle")
+        assert "over max_cpu_seconds=0.5" in mb.last_exit
+        pids = set()
+        for _ in range(7):
+            await wait_until(lambda: greeter.state == PluginState.READY, 10, "greeter ready")
+            pids.add(greeter.worker.pid)
+            assert await host.registry.execute("greet", {"name": "n"}) == "Salom, n!"
+        assert len(pids) == 3 and greeter.errors == 0  # recycled after every 3rd call, no call lost
+
+
+async def test_graceful_shutdown_finishes_calls_in_flight(write_config):
+    host = Host(write_config([GREETER]))
+    await host.start()
+    slow = asyncio.ensure_future(host.registry.execute("greeter_sleep", {"seconds": 0.5}))
+    await asyncio.sleep(0.1)
+    stopping = asyncio.ensure_future(host.stop())
+    await asyncio.sleep(0.05)
+    late = await host.registry.execute("greet", {"name": "late"})
+    assert json.loads(late)["error"] in ("plugin greeter: the host is shutting down", "Unknown tool: greet")
+    assert await asyncio.wait_for(slow, 5) == "slept 0.5"
+    await asyncio.wait_for(stopping, 10)
+
+
+async def test_garbage_on_stdout_is_logged_and_harmless(write_config):
+    async with Host(write_config([misbehave()])) as host:
+        assert await host.registry.execute("mb_garbage", {"n": 200000}) == "garbage written"
+        assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
+        assert host.plugins["misbehave"].restarts == 0
+
+
+async def test_status_fields(write_config):
+    async with Host(write_config([misbehave()], host=FAST)) as host:
+        await host.registry.execute("mb_ok", {})
+        [row] = host.status()
+        assert row["state"] == "ready" and row["pid"] == host.plugins["misbehave"].worker.pid
+        assert row["calls"] == 1 and row["errors"] == 0 and row["timeouts"] == 0 and row["restarts"] == 0
+        assert row["rss_mb"] > 1 and row["cpu_s"] >= 0 and row["uptime"] >= 0
+        await host.registry.execute("mb_crash", {"how": "exit"})
+        await wait_until(lambda: host.plugins["misbehave"].state == PluginState.READY, 10, "restart")
+        [row] = host.status()
+        assert row["restarts"] == 1 and row["errors"] == 1 and row["last_exit"] == "worker crashed (exit code 7)"
+
+
+async def test_reload_starts_stops_restarts_and_keeps_untouched_serving(write_config, tmp_path):
+    path = write_config([GREETER, plugin("init_style"), plugin("echo")])
+    async with Host(path) as host:
+        greeter_pid = host.plugins["greeter"].worker.pid
+        echo_pid = host.plugins["echo"].worker.pid
+        in_flight = asyncio.ensure_future(host.registry.execute("greeter_sleep", {"seconds": 0.3}))
+        data = json.loads(Path(path).read_text())
+        data["plugins"] = [GREETER, plugin("echo", extra=1), plugin("calc")]
+        Path(path).write_text(json.dumps(data))
+        summary = await host.reload()
+        assert summary == {"added": ["calc"], "removed": ["init_style"], "restarted": ["echo"],
+                           "unchanged": ["greeter"]}
+        assert await in_flight == "slept 0.3"
+        assert host.plugins["greeter"].worker.pid == greeter_pid
+        assert host.plugins["echo"].worker.pid != echo_pid
+        assert "init_style_ping" not in host.registry.tool_names
+        assert "calc_eval" in host.registry.tool_names
+        assert list(host.plugins) == ["greeter", "echo", "calc"]
+
+
+async def test_hundreds_of_restarts_leak_nothing(write_config):
+    me = psutil.Process()
+    async with Host(write_config([misbehave()], host={"restart": {"max_restarts": 1000, "backoff_initial": 0}})) as host:
+        sup = host.plugins["misbehave"]
+        fds, threads = me.num_fds(), me.num_threads()
+        for i in range(200):
+            pid = sup.worker.pid
+            os.kill(pid, signal.SIGKILL)
+            await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != pid, 10, f"restart {i}")
+        await asyncio.sleep(0.2)
+        assert sup.restarts == 200
+        assert me.num_fds() == fds and me.num_threads() == threads
+        assert [c.pid for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE] == [sup.worker.pid]
+    assert not [c for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
