@@ -19,7 +19,7 @@ import psutil
 
 from .config import Config, PluginEntry
 from .discovery import PluginSource
-from .errors import PluginError, PluginUnavailable, WorkerTimeout
+from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
 from .restarter import RestartPolicy
 from .worker import WorkerHandle
 
@@ -137,6 +137,11 @@ class PluginSupervisor:
         old_pid = self.worker.pid if self.worker else None
         try:
             self.worker = await self._spawn(self)
+        except ProtocolMismatch as exc:  # restarting cannot fix a worker of another version
+            self.last_exit = f"restart failed: {exc.detail}"
+            self.fail(exc.detail)
+            log.error("plugin %s: %s; not restarting", self.name, exc.detail)
+            return
         except PluginError as exc:
             self.last_exit = f"restart failed: {exc.detail}"
             decision = self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
@@ -204,9 +209,10 @@ class PluginSupervisor:
         self._calls_since_start += 1
         try:
             return await worker.call(tool, params, timeout)
-        except WorkerTimeout:
+        except WorkerTimeout as exc:
             self.timeouts += 1
             self.errors += 1
+            log.warning("plugin %s: %s (pid %s)", self.name, exc.detail, worker.pid)
             raise
         except PluginError:
             self.errors += 1

@@ -269,3 +269,17 @@ async def test_hundreds_of_restarts_leak_nothing(write_config):
         assert me.num_fds() == fds and me.num_threads() == threads
         assert [c.pid for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE] == [sup.worker.pid]
     assert not [c for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_fds_leaked_by_a_plugin_stay_in_its_worker(write_config):
+    me = psutil.Process()
+    async with Host(write_config([misbehave()], host=FAST)) as host:
+        fds = me.num_fds()
+        sup = host.plugins["misbehave"]
+        worker = psutil.Process(sup.worker.pid)
+        before = worker.num_fds()
+        assert await host.registry.execute("mb_leak_fds", {"n": 300}) == "leaked 300"
+        assert worker.num_fds() == before + 300 and me.num_fds() == fds
+        sup.recycle("test", counts=False)
+        await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != worker.pid, 10, "recycle")
+        assert psutil.Process(sup.worker.pid).num_fds() == before

@@ -1,0 +1,46 @@
+"""A hostile worker: speaks the protocol until the first Call, then sends FAKE_PAYLOAD (hex) raw.
+
+Started by tests in place of the real worker (same argv), so it imports the protocol from the
+worker's import root.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, sys.argv[1])
+import msgspec  # noqa: E402
+
+from qanot_worker import protocol as p  # noqa: E402
+
+read_fd, write_fd = int(sys.argv[2]), int(sys.argv[3])
+payload = bytes.fromhex(os.environ.get("FAKE_PAYLOAD", ""))
+writer = p.FrameWriter()
+decoder = msgspec.msgpack.Decoder(p.HostMessage)
+frames = p.FrameBuffer()
+
+
+def send(msg) -> None:
+    os.write(write_fd, bytes(writer.frame(msg)))
+
+
+send(p.Hello(int(os.environ.get("FAKE_PROTOCOL", p.PROTOCOL_VERSION)), os.getpid()))
+while True:
+    data = os.read(read_fd, 65536)
+    if not data:
+        sys.exit(0)
+    for frame in frames.feed(data):
+        msg = decoder.decode(frame)
+        if isinstance(msg, p.Load):
+            send(p.Loaded(msg.id, "fake", "", "0", "", ""))
+        elif isinstance(msg, (p.Setup, p.Teardown)):
+            send(p.Done(msg.id))
+        elif isinstance(msg, p.GetTools):
+            send(p.ToolList(msg.id, [p.ToolSpec("fake_tool", "hostile", {"type": "object", "properties": {}})]))
+        elif isinstance(msg, p.Ping):
+            send(p.Pong(msg.id))
+        elif isinstance(msg, p.Call):
+            os.write(write_fd, payload.replace(b"@ID@", msgspec.msgpack.encode(msg.id)))
+            if os.environ.get("FAKE_THEN") == "exit":
+                os._exit(0)
+            time.sleep(30)
