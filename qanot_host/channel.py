@@ -76,8 +76,11 @@ class WorkerChannel(asyncio.Protocol):
             raise self.closed
         request_id = next(self._ids)
         future = self._loop.create_future()
+        try:
+            self._send(make(request_id))
+        except p.FrameTooLarge as exc:
+            raise RemoteFailure(p.FailureKind.TOO_LARGE, f"the request is too large: {exc}") from None
         self._pending[request_id] = (future, expect)
-        self._send(make(request_id))
         timer = self._loop.call_later(timeout, self._expire, request_id, timeout, what)
         try:
             return await future
@@ -100,6 +103,8 @@ class WorkerChannel(asyncio.Protocol):
         return request_id in self._abandoned
 
     def _send(self, msg: msgspec.Struct) -> None:
+        # Written at once, not coalesced: the worker starts on a request while the host prepares
+        # the next, so both processes work in parallel (batching here put them in lockstep).
         out = self._out
         if out is not None and not out.is_closing():
             out.write(self._writer.frame(msg))

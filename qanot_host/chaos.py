@@ -112,7 +112,7 @@ async def run_chaos(config_path: str, duration: float, kill_every: float, concur
         await asyncio.sleep(0.2)  # output pumps of the last killed workers finish
         report.leaked_fds = max(0, me.num_fds() - fds_before)
     report.seconds = time.monotonic() - started
-    report.leaked_processes = len([c for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE])
+    report.leaked_processes = len([c for c in me.children(recursive=True) if _alive(c)])
     return report
 
 
@@ -163,3 +163,10 @@ async def _settle(host: Host, report: ChaosReport, timeout: float = 10.0) -> Non
     while time.monotonic() < end and any(s.state != PluginState.READY for s in host.plugins.values()):
         await asyncio.sleep(0.05)
     report.unhealthy = [f"{s.name} ({s.state})" for s in host.plugins.values() if s.state != PluginState.READY]
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

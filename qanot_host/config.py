@@ -60,6 +60,7 @@ class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
 class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
     """The "host" key: qanot-host's own settings, every one optional."""
 
+    launcher: Literal["forkserver", "spawn"] = "forkserver"
     state_dir: str = ".qanot-host"
     builtin_plugins_dir: str | None = None
     wheel_dir: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from functools import partial
 from typing import Any
@@ -18,6 +19,7 @@ from .config import Config, load_config
 from .discovery import PluginSource, find_plugin, manifest_problems, searched_paths
 from .environments import EnvironmentBuilder
 from .errors import PluginError, PluginStartError
+from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .registry import RegisteredTool, ToolRegistry
 from .runtime import worker_import_root
@@ -39,7 +41,7 @@ class Host:
         self.registry = registry if registry is not None else ToolRegistry(self.config.host.call_timeout)
         self.plugins: dict[str, PluginSupervisor] = {}
         self.workspace = Workspace(self.config.workspace_dir)
-        self._launcher = launcher or SubprocessLauncher()
+        self._launcher = launcher
         self._envs = self._environment_builder(self.config)
         self._import_root = ""
         self._stopping = False
@@ -65,11 +67,18 @@ class Host:
         """Start every enabled plugin; one that fails is reported and the rest run on."""
         os.makedirs(self.config.host.state_dir, exist_ok=True)
         self._import_root = worker_import_root(self.config.host.state_dir)
+        if self._launcher is None:
+            self._launcher = self._default_launcher()
         await self._start_plugins([e.name for e in self.config.plugins if e.enabled])
         self._monitor = asyncio.get_running_loop().create_task(self._watch_limits())
         ready = [s for s in self.plugins.values() if s.state == PluginState.READY]
         log.info("ready: %d of %d plugins, %d tools", len(ready), len(self.plugins),
                  len(self.registry.tool_names))
+
+    def _default_launcher(self) -> Launcher:
+        if self.config.host.launcher == "forkserver" and sys.platform.startswith("linux"):
+            return ForkServerLauncher(self._import_root)
+        return SubprocessLauncher()
 
     async def _start_plugins(self, names: list[str]) -> None:
         entries = {e.name: e for e in self.config.plugins}
@@ -160,6 +169,7 @@ class Host:
             teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
             ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
             cancel_grace=settings.cancel_grace)
+        assert self._launcher is not None
         worker = WorkerHandle(supervisor.name, self._launcher, options, supervisor.worker_exited)
         config: dict[str, Any] = dict(supervisor.entry.config)
         config.setdefault("workspace_dir", self.config.workspace_dir)
@@ -250,6 +260,8 @@ class Host:
         await asyncio.gather(*(s.stop() for s in self.plugins.values()), return_exceptions=True)
         for supervisor in self.plugins.values():
             self.registry.remove_plugin_tools(supervisor.name)
+        if self._launcher is not None:
+            await self._launcher.close()
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]

@@ -10,22 +10,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["LaunchSpec", "WorkerProcess", "Launcher", "SubprocessLauncher"]
+__all__ = ["LaunchSpec", "WorkerProcess", "Launcher", "SubprocessLauncher", "start_output_pumps"]
 
 # A plugin that prints without newlines must not make the host buffer without bound.
 MAX_LOG_LINE = 4096
 
 
+# How a spawned worker starts: isolated mode, no site, and only the import root on its path.
+BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from qanot_worker.main import main; "
+        "sys.exit(main(sys.argv[2:]))")
+
+
 @dataclass
 class LaunchSpec:
     plugin: str
-    argv: list[str]
+    import_root: str
+    read_fd: int  # the worker's ends of the two protocol pipes
+    write_fd: int
+    max_frame: int
     env: dict[str, str]
     cwd: str
-    pass_fds: tuple[int, ...]
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-I", "-S", "-c", BOOT, self.import_root, str(self.read_fd),
+                str(self.write_fd), str(self.max_frame), str(os.getpid())]
 
 
 class WorkerProcess(Protocol):
@@ -43,16 +55,22 @@ class WorkerProcess(Protocol):
 class Launcher(Protocol):
     async def launch(self, spec: LaunchSpec) -> WorkerProcess: ...
 
+    async def close(self) -> None:
+        """Release what the launcher itself holds (a fork server); workers are stopped first."""
+
+
+def start_output_pumps(plugin: str, stdout: asyncio.StreamReader | None,
+                       stderr: asyncio.StreamReader | None) -> list[asyncio.Future]:
+    log = logging.getLogger(f"qanot_host.plugin.{plugin}")
+    return [asyncio.ensure_future(_pump(stdout, log, plugin, "stdout")),
+            asyncio.ensure_future(_pump(stderr, log, plugin, "stderr"))]
+
 
 class _SpawnedWorker:
     def __init__(self, proc: asyncio.subprocess.Process, plugin: str) -> None:
         self._proc = proc
         self.pid = proc.pid
-        log = logging.getLogger(f"qanot_host.plugin.{plugin}")
-        self._pumps = [
-            asyncio.ensure_future(_pump(proc.stdout, log, plugin, "stdout")),
-            asyncio.ensure_future(_pump(proc.stderr, log, plugin, "stderr")),
-        ]
+        self._pumps = start_output_pumps(plugin, proc.stdout, proc.stderr)
 
     @property
     def returncode(self) -> int | None:
@@ -80,10 +98,13 @@ class SubprocessLauncher:
 
     async def launch(self, spec: LaunchSpec) -> WorkerProcess:
         proc = await asyncio.create_subprocess_exec(
-            *spec.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=spec.env, cwd=spec.cwd, pass_fds=spec.pass_fds,
-            start_new_session=True)
+            *spec.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=spec.env, cwd=spec.cwd,
+            pass_fds=(spec.read_fd, spec.write_fd), start_new_session=True)
         return _SpawnedWorker(proc, spec.plugin)
+
+    async def close(self) -> None:
+        pass
 
 
 async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, plugin: str, kind: str) -> None:

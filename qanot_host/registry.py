@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from qanot_worker.plugin_api import validate_tool_params
+from qanot_worker.plugin_api import compile_validator
 
 from .errors import InvalidParams, QanotHostError, ToolNotFound
 
@@ -34,6 +34,10 @@ class RegisteredTool:
     parameters: dict[str, Any]
     handler: Handler
     plugin: str | None = None  # None: an in-host tool registered with register()
+    validate: Callable[[dict], list[str]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate = compile_validator(self.parameters)
 
     def definition(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "parameters": self.parameters}
@@ -80,7 +84,7 @@ class ToolRegistry:
         tool = self._tools.get(name)
         if tool is None:
             raise ToolNotFound(name)
-        problems = validate_tool_params(params, tool.parameters)
+        problems = tool.validate(params)
         if problems:
             raise InvalidParams(name, problems)
         if tool.plugin is not None:

@@ -58,6 +58,7 @@ class PluginSupervisor:
                                     restart.backoff_initial, restart.backoff_max, restart.stable_after)
         self.limits = config.limits_for(entry.name)
         self._config = config
+        self._timeouts: dict[str, float] = {}  # per tool, from config (cleared by rebind)
         self._spawn = spawn
         self._on_ready = on_ready
         self.state = PluginState.STARTING
@@ -191,6 +192,7 @@ class PluginSupervisor:
     def rebind(self, config: Config) -> None:
         """A reload left this plugin untouched: later calls use the new config's host defaults."""
         self._config = config
+        self._timeouts.clear()
 
     def close_to_calls(self) -> None:
         self._closing = True
@@ -200,7 +202,9 @@ class PluginSupervisor:
     async def call(self, tool: str, params: dict[str, Any]) -> str:
         if self._closing:
             raise PluginUnavailable(self.name, "the host is shutting down")
-        timeout = self._config.call_timeout(self.name, tool)
+        timeout = self._timeouts.get(tool)
+        if timeout is None:
+            timeout = self._timeouts[tool] = self._config.call_timeout(self.name, tool)
         worker = self.worker
         if self.state != PluginState.READY or worker is None or not worker.accepting_calls:
             worker, timeout = await self._wait_for_worker(tool, timeout)

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,8 +30,6 @@ log = logging.getLogger("qanot_host.worker")
 # How long a worker may live on after closing its end of the protocol pipe.
 EOF_GRACE = 0.25
 
-BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from qanot_worker.main import main; "
-        "sys.exit(main(sys.argv[2:]))")
 
 
 @dataclass
@@ -105,11 +102,9 @@ class WorkerHandle:
         worker_reads, host_writes = os.pipe()
         host_reads, worker_writes = os.pipe()
         try:
-            spec = LaunchSpec(
-                plugin=self.plugin,
-                argv=[sys.executable, "-I", "-S", "-c", BOOT, opts.import_root, str(worker_reads),
-                      str(worker_writes), str(opts.max_frame), str(os.getpid())],
-                env=self._environment(), cwd=opts.data_dir, pass_fds=(worker_reads, worker_writes))
+            spec = LaunchSpec(plugin=self.plugin, import_root=opts.import_root, read_fd=worker_reads,
+                              write_fd=worker_writes, max_frame=opts.max_frame,
+                              env=self._environment(), cwd=opts.data_dir)
             self._process = await self._launcher.launch(spec)
         except BaseException:
             os.close(host_writes)

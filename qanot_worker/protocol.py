@@ -28,7 +28,7 @@ __all__ = [
     "PROTOCOL_VERSION", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter",
     "Hello", "Load", "Loaded", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
-    "FailureKind",
+    "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
 ]
 
 PROTOCOL_VERSION = 1
@@ -139,6 +139,38 @@ HostMessage = Union[Load, Setup, GetTools, Call, Cancel, Ping, Teardown]
 WorkerMessage = Union[Hello, Loaded, ToolList, Result, Failure, Pong, Done]
 
 
+# ---- fork server (one SOCK_SEQPACKET message each; Spawn carries four fds by SCM_RIGHTS) ---------
+
+class Spawn(msgspec.Struct, tag=True, array_like=True):
+    """host -> template: fork a worker with these fds (protocol read, protocol write, stdout, stderr)."""
+
+    id: int
+    plugin: str
+    env: dict[str, str]
+    cwd: str
+    max_frame: int
+
+
+class Spawned(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    pid: int  # 0 when the fork failed; error says why
+    error: str = ""
+
+
+class Exited(msgspec.Struct, tag=True, array_like=True):
+    """template -> host: a worker it forked has been reaped."""
+
+    pid: int
+    returncode: int  # negative: killed by that signal, as subprocess reports it
+
+
+class TemplateReady(msgspec.Struct, tag=True, array_like=True):
+    pid: int
+
+
+TemplateMessage = Union[Spawned, Exited, TemplateReady]
+
+
 class FrameTooLarge(ValueError):
     """A length prefix above the agreed maximum: the peer is broken or hostile."""
 
@@ -189,7 +221,11 @@ class FrameBuffer:
 
 
 class FrameWriter:
-    """Encodes a message straight behind its length prefix so each frame is one write()."""
+    """Encodes a message straight behind its length prefix, so each frame is one write().
+
+    Frames are written as soon as they are made, never batched per loop turn: measured here,
+    batching put host and worker in lockstep and halved throughput at 64 calls in flight.
+    """
 
     __slots__ = ("_encoder", "_max")
 
@@ -199,9 +235,14 @@ class FrameWriter:
 
     def frame(self, message: msgspec.Struct) -> bytearray:
         buf = bytearray(HEADER)
-        self._encoder.encode_into(message, buf, HEADER)
-        size = len(buf) - HEADER
-        if size > self._max:
-            raise FrameTooLarge(f"message of {size} bytes exceeds the maximum frame of {self._max}")
-        buf[:HEADER] = size.to_bytes(HEADER, "big")
+        self.append(message, buf, 0)
         return buf
+
+    def append(self, message: msgspec.Struct, buf: bytearray, start: int) -> None:
+        """Encode `message` as one frame at buf[start:] (buf must hold HEADER bytes from start)."""
+        self._encoder.encode_into(message, buf, start + HEADER)
+        size = len(buf) - start - HEADER
+        if size > self._max:
+            del buf[start:]
+            raise FrameTooLarge(f"message of {size} bytes exceeds the maximum frame of {self._max}")
+        buf[start:start + HEADER] = size.to_bytes(HEADER, "big")

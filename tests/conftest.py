@@ -73,3 +73,26 @@ async def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def worker_processes(root: int | None = None, include_template: bool = False):
+    """Live (non-zombie) descendants of `root` (default: this process), without the worker
+    template unless asked."""
+    import psutil
+    top = psutil.Process(root)
+    templates = set()
+    for child in top.children():
+        try:
+            if "serve_template" in " ".join(child.cmdline()):
+                templates.add(child.pid)  # its forked workers share its command line
+        except psutil.NoSuchProcess:
+            pass
+    found = []
+    for proc in top.children(recursive=True):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE or (proc.pid in templates and not include_template):
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        found.append(proc)
+    return found

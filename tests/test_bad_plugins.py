@@ -8,7 +8,7 @@ import pytest
 
 from qanot_host import Host, PluginState
 
-from .conftest import GREETER, plugin
+from .conftest import GREETER, plugin, worker_processes
 
 BROKEN = [
     ("missing_plugin", "not found: no "),
@@ -36,11 +36,10 @@ async def test_broken_plugin_is_reported_and_others_run(write_config, name, expe
 
 
 async def test_a_failed_plugin_leaves_no_process(write_config):
-    import psutil
-    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    before = {c.pid for c in worker_processes()}
     async with Host(write_config([plugin("setup_fails"), plugin("import_error")])) as host:
         assert all(r.state == PluginState.FAILED for r in host.plugins.values())
-        assert {c.pid for c in psutil.Process().children(recursive=True)} == before
+        assert {c.pid for c in worker_processes()} == before
 
 
 async def test_broken_plugin_json_falls_back_with_a_warning(write_config, caplog):

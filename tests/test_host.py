@@ -27,7 +27,7 @@ async def test_one_worker_process_per_plugin(write_config):
         pids = {name: r.worker.pid for name, r in host.plugins.items()}
         assert len(set(pids.values())) == 2
         me = psutil.Process()
-        children = {c.pid for c in me.children()}
+        children = {c.pid for c in me.children(recursive=True)}
         assert set(pids.values()) <= children
         assert os.getpid() not in pids.values()
 
@@ -173,3 +173,25 @@ async def test_worker_is_isolated_from_the_host(write_config):
 async def test_qanot_is_not_installed_in_the_host_environment():
     import importlib.util
     assert importlib.util.find_spec("qanot") is None
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "forkserver"])
+async def test_both_launchers_give_the_same_isolated_worker(write_config, launcher):
+    config = write_config([GREETER, plugin("misbehave")], host={"launcher": launcher,
+                                                                  "restart": {"backoff_initial": 0}})
+    async with Host(config) as host:
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+        env = json.loads(await host.registry.execute("greeter_env", {}))
+        assert env["flags"] == [1, 1] and set(env["environ"]) == {"PATH", "LANG", "HOME", "TMPDIR"}
+        assert env["cwd"].endswith(os.path.join("data", "greeter"))
+        worker = psutil.Process(host.plugins["greeter"].worker.pid)
+        assert os.getsid(worker.pid) == worker.pid  # a session (and process group) of its own
+        sup = host.plugins["misbehave"]
+        pid = sup.worker.pid
+        crash = json.loads(await host.registry.execute("mb_crash", {"how": "segfault"}))
+        assert crash == {"error": "plugin misbehave: worker crashed (killed by SIGSEGV)"}
+        for _ in range(500):
+            if sup.state == PluginState.READY and sup.worker.pid != pid:
+                break
+            await asyncio.sleep(0.01)
+        assert (await host.registry.execute("mb_ok", {})).startswith("ok ")

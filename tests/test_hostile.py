@@ -29,12 +29,18 @@ class HostileLauncher(SubprocessLauncher):
         self.payload, self.then, self.protocol = payload, then, protocol
 
     async def launch(self, spec: LaunchSpec):
-        boot = spec.argv.index("-c")
-        argv = spec.argv[:boot] + [FAKE] + spec.argv[boot + 2:]
-        env = dict(spec.env, FAKE_PAYLOAD=self.payload.hex(), FAKE_THEN=self.then)
+        fake = HostileSpec(**vars(spec))
+        fake.env = dict(spec.env, FAKE_PAYLOAD=self.payload.hex(), FAKE_THEN=self.then)
         if self.protocol is not None:
-            env["FAKE_PROTOCOL"] = str(self.protocol)
-        return await super().launch(LaunchSpec(spec.plugin, argv, env, spec.cwd, spec.pass_fds))
+            fake.env["FAKE_PROTOCOL"] = str(self.protocol)
+        return await super().launch(fake)
+
+
+class HostileSpec(LaunchSpec):
+    def argv(self) -> list[str]:
+        boot = super().argv()
+        at = boot.index("-c")
+        return boot[:at] + [FAKE] + boot[at + 2:]
 
 
 def frame(msg) -> bytes:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import GREETER, plugin
+from .conftest import GREETER, plugin, worker_processes
 from .test_cli import REPO, assert_one_line_error, qanot_host
 
 
@@ -34,8 +34,8 @@ class RunningHost:
                 return line
         raise AssertionError(f"no {text!r} within {timeout} s")
 
-    def workers(self) -> list[psutil.Process]:
-        return psutil.Process(self.proc.pid).children()
+    def workers(self, include_template: bool = False) -> list[psutil.Process]:
+        return worker_processes(self.proc.pid, include_template)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -106,8 +106,8 @@ def test_a_second_host_on_the_same_state_dir_is_refused(write_config, running):
 
 def test_workers_exit_when_the_host_is_sigkilled(write_config, running):
     host = running(write_config([GREETER, plugin("init_style"), plugin("echo")]))
-    workers = host.workers()
-    assert len(workers) == 3
+    workers = host.workers(include_template=True)
+    assert len(workers) == 4
     host.proc.kill()
     host.proc.wait()
     deadline = time.monotonic() + 1.0

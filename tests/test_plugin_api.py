@@ -96,3 +96,15 @@ def test_versions_compare_numerically():
     assert parse_version(QANOT_API_VERSION) >= parse_version("2.0.0")
     with pytest.raises(ValueError):
         parse_version("two")
+
+
+@pytest.mark.parametrize("params", [
+    {"city": "Tashkent", "units": 42}, {}, {"city": "x"}, {"city": None, "days": True}, {"days": 3, "city": "y"},
+    [], {"city": "x", "tags": ["a"], "extra": object()},
+])
+def test_compiled_validator_agrees_with_validate_tool_params(params):
+    from qanot_worker.plugin_api import compile_validator
+    schema = {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string"}, "units": {"type": "string"}, "days": {"type": ["integer", "null"]},
+        "tags": {"type": "array"}, "any": {}}}
+    assert compile_validator(schema)(params) == validate_tool_params(params, schema)

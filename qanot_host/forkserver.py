@@ -1,0 +1,242 @@
+"""A launcher that asks a pre-started worker template to fork each worker (see
+qanot_worker/forkserver.py): a worker is ready in milliseconds instead of the ~100 ms an
+interpreter needs to start and import the runtime.
+
+The template is the workers' parent, so it reaps them and reports their exit codes over the socket;
+the host still owns the protocol pipes and the workers' stdout and stderr, and signals each worker's
+process group directly. If the template dies, its workers die with it (parent-death signal); they
+are reported with an unknown exit status and the next launch starts a new template.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+
+import msgspec
+
+from qanot_worker import protocol as p
+from qanot_worker.main import COOKIE_KEY, COOKIE_VALUE
+
+from .errors import QanotHostError
+from .launcher import LaunchSpec, WorkerProcess, start_output_pumps
+
+__all__ = ["ForkServerLauncher"]
+
+log = logging.getLogger("qanot_host.forkserver")
+
+TEMPLATE_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                 "from qanot_worker.forkserver import serve_template; "
+                 "sys.exit(serve_template(int(sys.argv[2]), int(sys.argv[3])))")
+READY_TIMEOUT = 30.0
+
+
+class ForkServerLauncher:
+    def __init__(self, import_root: str) -> None:
+        self._import_root = import_root
+        self._template: _Template | None = None
+        self._starting: asyncio.Lock | None = None
+
+    async def launch(self, spec: LaunchSpec) -> WorkerProcess:
+        template = await self._running_template()
+        return await template.spawn(spec)
+
+    async def close(self) -> None:
+        if self._template is not None:
+            await self._template.close()
+            self._template = None
+
+    async def _running_template(self) -> "_Template":
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._template is None or self._template.dead:
+                self._template = await _Template.start(self._import_root)
+        return self._template
+
+
+class _ForkedWorker:
+    def __init__(self, pid: int, plugin: str, stdout: asyncio.StreamReader,
+                 stderr: asyncio.StreamReader) -> None:
+        self.pid = pid
+        self.exit: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._pumps = start_output_pumps(plugin, stdout, stderr)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.exit.result() if self.exit.done() else None
+
+    async def wait(self) -> int:
+        code = await self.exit
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        return code
+
+    def signal_group(self, sig: int) -> None:
+        if self.exit.done():
+            return  # reaped: its pid (and so its group id) may belong to someone else by now
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class _Template:
+    """One template process and the socket to it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, sock: socket.socket) -> None:
+        self._proc = proc
+        self._sock = sock
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(p.TemplateMessage)
+        self._ids = itertools.count(1)
+        self._spawning: dict[int, asyncio.Future[p.Spawned]] = {}
+        self._workers: dict[int, _ForkedWorker] = {}
+        self._early_exits: dict[int, int] = {}
+        self.ready: asyncio.Future[p.TemplateReady] = asyncio.get_running_loop().create_future()
+        self.dead = False
+        self._pumps = start_output_pumps("forkserver", proc.stdout, proc.stderr)
+
+    @classmethod
+    async def start(cls, import_root: str) -> "_Template":
+        host_end, template_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", "-c", TEMPLATE_BOOT, import_root,
+                str(template_end.fileno()), str(os.getpid()),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, pass_fds=(template_end.fileno(),),
+                env={"PATH": os.defpath, "LANG": "C.UTF-8", COOKIE_KEY: COOKIE_VALUE},
+                start_new_session=True)
+        finally:
+            template_end.close()
+        host_end.setblocking(False)
+        template = cls(proc, host_end)
+        asyncio.get_running_loop().add_reader(host_end.fileno(), template._readable)
+        asyncio.ensure_future(template._watch())
+        try:
+            await asyncio.wait_for(asyncio.shield(template.ready), READY_TIMEOUT)
+        except (asyncio.TimeoutError, QanotHostError) as exc:
+            await template.close()
+            raise QanotHostError(f"the worker template did not start: {exc}") from None
+        log.debug("worker template pid %s ready", proc.pid)
+        return template
+
+    async def spawn(self, spec: LaunchSpec) -> WorkerProcess:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._spawning[request_id] = future
+        try:
+            message = self._encoder.encode(p.Spawn(request_id, spec.plugin, spec.env, spec.cwd, spec.max_frame))
+            fds = array.array("i", [spec.read_fd, spec.write_fd, out_w, err_w])
+            self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError as exc:
+            self._spawning.pop(request_id, None)
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise QanotHostError(f"the worker template is gone: {exc}") from None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        try:
+            reply = await future
+        except BaseException:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        if not reply.pid:
+            os.close(out_r)
+            os.close(err_r)
+            raise QanotHostError(f"the worker template could not fork: {reply.error}")
+        loop = asyncio.get_running_loop()
+        worker = _ForkedWorker(reply.pid, spec.plugin, await _reader(loop, out_r), await _reader(loop, err_r))
+        if reply.pid in self._early_exits:  # it died before we even heard its pid
+            worker.exit.set_result(self._early_exits.pop(reply.pid))
+        else:
+            self._workers[reply.pid] = worker
+        return worker
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._died()
+                return
+            try:
+                msg = self._decoder.decode(data)
+            except msgspec.DecodeError as exc:
+                log.error("bad message from the worker template: %s", exc)
+                self._died()
+                return
+            match msg:
+                case p.Spawned():
+                    future = self._spawning.pop(msg.id, None)
+                    if future is not None and not future.done():
+                        future.set_result(msg)
+                case p.Exited():
+                    worker = self._workers.pop(msg.pid, None)
+                    if worker is None:
+                        self._early_exits[msg.pid] = msg.returncode
+                    elif not worker.exit.done():
+                        worker.exit.set_result(msg.returncode)
+                case p.TemplateReady():
+                    if not self.ready.done():
+                        self.ready.set_result(msg)
+
+    async def _watch(self) -> None:
+        code = await self._proc.wait()
+        if not self.dead:
+            log.error("the worker template (pid %s) exited (code %s); its workers die with it",
+                      self._proc.pid, code)
+        self._died()
+
+    def _died(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        error = QanotHostError("the worker template exited")
+        for future in self._spawning.values():
+            if not future.done():
+                future.set_exception(error)
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()  # retrieved: nobody may be waiting for it any more
+        for worker in self._workers.values():
+            worker.signal_group(signal.SIGKILL)  # parent-death already did it; be sure
+            if not worker.exit.done():
+                worker.exit.set_result(None)
+        self._workers.clear()
+        if self._proc.returncode is None:
+            self._proc.kill()
+
+    async def close(self) -> None:
+        self._died()
+        await self._proc.wait()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+
+class _PipeReaderProtocol(asyncio.StreamReaderProtocol):
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False  # a pipe has no half-close: let the transport close (uvloop keeps it otherwise)
+
+
+async def _reader(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: _PipeReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    return reader
