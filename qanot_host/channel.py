@@ -17,7 +17,7 @@ import msgspec
 
 from qanot_worker import protocol as p
 
-from .errors import PluginError, ProtocolViolation, WorkerTimeout
+from .errors import PluginError, ProtocolViolation, ToolFailed, WorkerTimeout
 
 __all__ = ["WorkerChannel", "RemoteFailure"]
 
@@ -84,6 +84,26 @@ class WorkerChannel(asyncio.Protocol):
         timer = self._loop.call_later(timeout, self._expire, request_id, timeout, what)
         try:
             return await future
+        finally:
+            timer.cancel()
+
+    async def call(self, tool: str, params: dict, timeout: float) -> str:
+        """request() specialised for the hot path: one tool call, its failure typed for the caller."""
+        if self.closed is not None:
+            raise self.closed
+        request_id = next(self._ids)
+        try:
+            frame = self._writer.frame(p.Call(request_id, tool, params))
+        except p.FrameTooLarge as exc:
+            raise ToolFailed(self._plugin, tool, f"the request is too large: {exc}") from None
+        future = self._loop.create_future()
+        self._pending[request_id] = (future, p.Result)
+        self._out.write(frame)
+        timer = self._loop.call_later(timeout, self._expire, request_id, timeout, f"tool {tool}")
+        try:
+            return (await future).value
+        except RemoteFailure as exc:
+            raise ToolFailed(self._plugin, tool, exc.message) from None
         finally:
             timer.cancel()
 

@@ -13,13 +13,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from qanot_worker import protocol as p
 from qanot_worker.main import COOKIE_KEY, COOKIE_VALUE
 
 from .channel import RemoteFailure, WorkerChannel
-from .errors import (PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch, ToolFailed,
+from .errors import (PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
 from .launcher import Launcher, LaunchSpec, WorkerProcess
 
@@ -62,6 +62,7 @@ class WorkerHandle:
         self.info: p.Loaded | None = None
         self.tools: list[p.ToolSpec] = []
         self.started_at = 0.0
+        self.start_seconds = 0.0
         self.stop_path: list[str] = []  # how the last stop went, for logs and tests
         self._tasks: list[asyncio.Task] = []
         self.exit_error: PluginError | None = None  # why the worker ended, once it has
@@ -85,6 +86,7 @@ class WorkerHandle:
     async def start(self, entry_file: str, plugin_dir: str, site_dirs: list[str],
                     config: dict[str, Any]) -> None:
         """Spawn, handshake, load, setup(config), get_tools(). Raises PluginStartError subtypes."""
+        began = time.monotonic()
         await self._spawn()
         await self._handshake()
         self.info = await self._ask(
@@ -94,6 +96,7 @@ class WorkerHandle:
         reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
         self.tools = reply.tools
         self.started_at = time.monotonic()
+        self.start_seconds = self.started_at - began  # spawn to tools listed
         # Pings start only now: a setup() that blocks its loop is bounded by setup_timeout instead.
         self._tasks.append(asyncio.get_running_loop().create_task(self._heartbeat()))
 
@@ -153,16 +156,12 @@ class WorkerHandle:
 
     # ---- calls -----------------------------------------------------------------------------------
 
-    async def call(self, tool: str, params: dict[str, Any], timeout: float) -> str:
+    def call(self, tool: str, params: dict[str, Any], timeout: float) -> Awaitable[str]:
+        """The call's awaitable, straight from the channel: no coroutine layer of its own."""
         channel = self._channel
         if channel is None or self._stopping:
             raise PluginUnavailable(self.plugin, "worker is stopping")
-        try:
-            reply = await channel.request(lambda i: p.Call(i, tool, params), p.Result, timeout,
-                                          f"tool {tool}")
-        except RemoteFailure as exc:
-            raise ToolFailed(self.plugin, tool, exc.message) from None
-        return reply.value
+        return channel.call(tool, params, timeout)
 
     # ---- health ----------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ Any request may be answered with Failure(id, kind, message) instead.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Union
 
 import msgspec
@@ -33,6 +34,7 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 HEADER = 4
+_PREFIX = struct.Struct(">I")
 # Big enough for a 10 MB tool result with room to spare, small enough that a hostile length prefix
 # cannot make either side reserve gigabytes.
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
@@ -235,14 +237,9 @@ class FrameWriter:
 
     def frame(self, message: msgspec.Struct) -> bytearray:
         buf = bytearray(HEADER)
-        self.append(message, buf, 0)
-        return buf
-
-    def append(self, message: msgspec.Struct, buf: bytearray, start: int) -> None:
-        """Encode `message` as one frame at buf[start:] (buf must hold HEADER bytes from start)."""
-        self._encoder.encode_into(message, buf, start + HEADER)
-        size = len(buf) - start - HEADER
+        self._encoder.encode_into(message, buf, HEADER)
+        size = len(buf) - HEADER
         if size > self._max:
-            del buf[start:]
             raise FrameTooLarge(f"message of {size} bytes exceeds the maximum frame of {self._max}")
-        buf[start:start + HEADER] = size.to_bytes(HEADER, "big")
+        _PREFIX.pack_into(buf, 0, size)
+        return buf

@@ -7,6 +7,7 @@ cancel one by id. Nothing here trusts the plugin: every exception from its code 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import sys
@@ -37,7 +38,8 @@ class WorkerServer(asyncio.Protocol):
         self._calls: dict[int, asyncio.Task] = {}
         self._cancelled_by_host: set[int] = set()
         self._tasks: set[asyncio.Task] = set()
-        self.finished: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.finished: asyncio.Future[int] = self._loop.create_future()
 
     def attach(self, out: asyncio.WriteTransport) -> None:
         self._out = out
@@ -70,7 +72,8 @@ class WorkerServer(asyncio.Protocol):
                 if msg.id in self._calls:
                     self._send(p.Failure(msg.id, p.FailureKind.PROTOCOL, "duplicate request id"))
                     return
-                self._calls[msg.id] = self._spawn(self._call(msg))
+                # _calls holds the task until it ends (its finally pops it): no second set needed.
+                self._calls[msg.id] = self._loop.create_task(self._call(msg))
             case p.Cancel():
                 task = self._calls.get(msg.id)
                 if task is not None:
@@ -126,7 +129,7 @@ class WorkerServer(asyncio.Protocol):
                 return
             try:
                 result = tool.handler(msg.params)
-                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                if type(result) is not str and inspect.isawaitable(result):
                     result = await result
             except asyncio.CancelledError:
                 # Only the host's Cancel is answered; a cancel from the loop shutting down (the
