@@ -444,8 +444,9 @@ def render(results: dict, quick: bool) -> str:
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Linux {platform.release()}, "
                f"Python {platform.python_version()}, event loop {eventloop.loop_name()}")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    notes = (HERE / "profile.md").read_text() if (HERE / "profile.md").exists() else ""
     return (f"# Benchmark results{' (--quick)' if quick else ''}\n\n{when} on {machine}\n\n"
-            + "\n".join(lines) + "\n")
+            + "\n".join(lines) + "\n\n" + notes)
 
 
 def chart(results: dict, path: Path) -> None:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from qanot_worker.plugin_api import validation_message
+
 from .errors import ConfigError
 
 __all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "RestartSettings", "Limits",
@@ -125,20 +127,12 @@ def parse_config(raw: bytes | str, path: str) -> Config:
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {_where_first(exc)}") from None
+        raise ConfigError(f"{path}: {validation_message(exc)}") from None
     config.path = path
     _check_plugins(config)
     _resolve_paths(config)
     config.path = os.path.abspath(path)
     return config
-
-
-def _where_first(exc: msgspec.ValidationError) -> str:
-    """Turn msgspec's 'Expected `bool`, got `str` - at `$.plugins[0].enabled`' key-first."""
-    message, sep, where = str(exc).rpartition(" - at `")
-    if not sep:
-        return str(exc)
-    return f"{where.rstrip('`').removeprefix('$.')}: {message}"
 
 
 def _check_plugins(config: Config) -> None:

@@ -210,7 +210,7 @@ def load_manifest(plugin_dir: str, strict: bool = False) -> tuple[PluginManifest
     try:
         manifest = msgspec.convert(data, PluginManifest)
     except msgspec.ValidationError as exc:
-        return _broken(path, _describe(exc), default_name, strict)
+        return _broken(path, validation_message(exc), default_name, strict)
     if manifest.min_qanot_version:
         try:
             parse_version(manifest.min_qanot_version)
@@ -222,8 +222,11 @@ def load_manifest(plugin_dir: str, strict: bool = False) -> tuple[PluginManifest
     return manifest, []
 
 
-def _describe(exc: msgspec.ValidationError) -> str:
-    """msgspec says 'Expected `array`, got `str` - at `$.dependencies`'; lead with the key instead."""
+def validation_message(exc: msgspec.ValidationError) -> str:
+    """msgspec says 'Expected `array`, got `str` - at `$.dependencies`'; lead with the key instead.
+
+    Also used by the host for config.json, so both files' errors read the same way.
+    """
     text = str(exc)
     message, sep, where = text.rpartition(" - at `")
     if not sep:
