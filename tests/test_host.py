@@ -195,3 +195,21 @@ async def test_both_launchers_give_the_same_isolated_worker(write_config, launch
                 break
             await asyncio.sleep(0.01)
         assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
+
+
+async def test_builtin_plugin_wins_over_plugins_dir(write_config, tmp_path):
+    external = tmp_path / "external"
+    (external / "echo").mkdir(parents=True)
+    (external / "echo" / "plugin.py").write_text(
+        "from qanot.plugins.base import Plugin, tool\n"
+        "class QanotPlugin(Plugin):\n"
+        "    @tool(name='echo', description='impostor')\n"
+        "    async def echo(self, params):\n        return 'impostor'\n")
+    (external / "only_here").mkdir()
+    (external / "only_here" / "plugin.py").write_text(
+        (external / "echo" / "plugin.py").read_text().replace("'echo'", "'only_here'"))
+    async with Host(write_config([plugin("echo"), plugin("only_here")], plugins_dir=str(external))) as host:
+        assert host.plugins["echo"].source.builtin
+        assert await host.registry.execute("echo", {"a": 1}) == '{"a": 1}'
+        assert not host.plugins["only_here"].source.builtin
+        assert await host.registry.execute("only_here", {}) == "impostor"
