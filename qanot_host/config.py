@@ -50,9 +50,51 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     max_calls: Annotated[int, msgspec.Meta(gt=0)] | None = None
 
 
+class PortGrant(msgspec.Struct, forbid_unknown_fields=True):
+    """network (or database) narrowed to TCP ports: {"ports": [443]}."""
+
+    ports: list[Annotated[int, msgspec.Meta(ge=1, le=65535)]]
+
+
+class FilesystemGrant(msgspec.Struct, forbid_unknown_fields=True):
+    read: list[str] = []
+    write: list[str] = []
+
+
+class Permissions(msgspec.Struct, forbid_unknown_fields=True):
+    """What the operator grants one plugin; what is enforced is this, not what plugin.json asks."""
+
+    network: bool | PortGrant = False
+    database: bool | PortGrant = False  # a database is reached over TCP: the same as network
+    filesystem: FilesystemGrant | None = None
+    subprocess: bool = False
+    env_vars: list[str] = []
+
+    def granted(self) -> set[str]:
+        names = {n for n in ("network", "database", "subprocess") if getattr(self, n)}
+        if self.filesystem and (self.filesystem.read or self.filesystem.write):
+            names.add("filesystem")
+        if self.env_vars:
+            names.add("env_vars")
+        return names
+
+
+Rlimit = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class SandboxSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """host.sandbox: the kernel layers every worker puts itself in (see qanot_worker/sandbox.py)."""
+
+    enabled: bool = True
+    strict: bool = False  # refuse to start a plugin unless every layer is active
+    rlimits: dict[Literal["data", "nofile", "nproc", "fsize", "core", "cpu"], Rlimit] = msgspec.field(
+        default_factory=lambda: {"nofile": 1024, "fsize": 1 << 30, "core": 0})
+
+
 class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
     """host.plugins.NAME: how qanot-host runs one plugin (Qanot has no such key)."""
 
+    permissions: Permissions = msgspec.field(default_factory=Permissions)
     call_timeout: Seconds | None = None
     tool_timeouts: dict[str, Seconds] = {}
     restart: RestartSettings | None = None
@@ -81,6 +123,7 @@ class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
     limits_interval: Seconds = 1.0
     restart: RestartSettings = msgspec.field(default_factory=RestartSettings)
     limits: Limits = msgspec.field(default_factory=Limits)
+    sandbox: SandboxSettings = msgspec.field(default_factory=SandboxSettings)
     plugins: dict[str, PluginSettings] = {}
 
 
@@ -162,3 +205,8 @@ def _resolve_paths(config: Config) -> None:
         config.host.wheel_dir = resolve(config.host.wheel_dir)
     if config.host.builtin_plugins_dir is not None:
         config.host.builtin_plugins_dir = resolve(config.host.builtin_plugins_dir)
+    for settings in config.host.plugins.values():
+        grant = settings.permissions.filesystem
+        if grant is not None:
+            grant.read = [resolve(path) for path in grant.read]
+            grant.write = [resolve(path) for path in grant.write]

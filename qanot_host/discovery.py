@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qanot_worker.plugin_api import QANOT_API_VERSION, PluginManifest, load_manifest, parse_version
+from qanot_worker.plugin_api import (PERMISSIONS, QANOT_API_VERSION, PluginManifest, load_manifest,
+                                     parse_version)
 
 from .config import Config, PluginEntry
 
@@ -60,6 +61,10 @@ def manifest_problems(source: PluginSource, entry: PluginEntry) -> list[str]:
     if missing:
         problems.append(f"{path}: required_config: missing from the plugin's config in config.json: "
                         + ", ".join(missing))
+    unknown = [name for name in source.manifest.permissions if name not in PERMISSIONS]
+    if unknown:
+        problems.append(f"{path}: permissions: unknown {', '.join(map(repr, unknown))} "
+                        f"(known: {', '.join(PERMISSIONS)})")
     wanted = source.manifest.min_qanot_version
     if wanted and parse_version(wanted) > parse_version(QANOT_API_VERSION):
         problems.append(f"{path}: min_qanot_version: needs Qanot plugin API {wanted}, "

@@ -23,6 +23,7 @@ from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .registry import RegisteredTool, ToolRegistry
 from .runtime import worker_import_root
+from .sandbox_spec import sandbox_spec, withheld_permissions
 from .supervisor import PluginState, PluginSupervisor
 from .worker import WorkerHandle, WorkerOptions
 from .workspace import Workspace
@@ -126,6 +127,12 @@ class Host:
         problems = manifest_problems(source, supervisor.entry)
         if problems:
             raise PluginStartError(supervisor.name, "; ".join(problems))
+        withheld = withheld_permissions(source.manifest.permissions,
+                                        self.config.settings_for(supervisor.name).permissions)
+        if withheld:
+            log.warning("plugin %s: plugin.json asks for %s, not granted in config.json "
+                        "(host.plugins.%s.permissions): starting without", supervisor.name,
+                        ", ".join(withheld), supervisor.name)
         return source
 
     async def _await_deps(self, supervisor: PluginSupervisor, source: PluginSource) -> None:
@@ -168,17 +175,28 @@ class Host:
             handshake_timeout=settings.handshake_timeout, setup_timeout=settings.setup_timeout,
             teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
             ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
-            cancel_grace=settings.cancel_grace)
+            cancel_grace=settings.cancel_grace, extra_env=self._granted_env(supervisor.name))
         assert self._launcher is not None
         worker = WorkerHandle(supervisor.name, self._launcher, options, supervisor.worker_exited)
         config: dict[str, Any] = dict(supervisor.entry.config)
         config.setdefault("workspace_dir", self.config.workspace_dir)
+        sandbox = sandbox_spec(self.config, supervisor.name, source.directory, supervisor.site_dirs,
+                               data_dir, self._import_root)
         try:
-            await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config)
+            await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config, sandbox)
         except BaseException:
             await worker.stop(teardown=False)
             raise
+        info = worker.info
+        if info is not None and info.sandbox_warnings and not supervisor.sandbox_warned:
+            supervisor.sandbox_warned = True  # once per plugin, not at every restart
+            for warning in info.sandbox_warnings:
+                log.warning("plugin %s: %s", supervisor.name, warning)
         return worker
+
+    def _granted_env(self, plugin: str) -> dict[str, str]:
+        names = self.config.settings_for(plugin).permissions.env_vars
+        return {name: os.environ[name] for name in names if name in os.environ}
 
     def _register_tools(self, supervisor: PluginSupervisor) -> None:
         """(Re-)register a ready plugin's tools; names another plugin holds stay with that plugin."""

@@ -71,6 +71,7 @@ class PluginSupervisor:
         self.in_flight = 0
         self.settled = asyncio.Event()  # set whenever the plugin is not starting or restarting
         self.recoveries: collections.deque[float] = collections.deque(maxlen=10000)
+        self.sandbox_warned = False
         self._closing = False
         self._recycling: _Recycle | None = None
         self._calls_since_start = 0
@@ -292,4 +293,5 @@ class PluginSupervisor:
             "rss_mb": round(usage[0], 1) if usage else None, "cpu_s": round(usage[1], 2) if usage else None,
             "calls": self.calls, "errors": self.errors, "timeouts": self.timeouts,
             "tools": list(self.tools), "conflicts": list(self.conflicts),
+            "sandbox": list(worker.info.sandbox_layers) if running and worker.info else [],
         }

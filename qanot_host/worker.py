@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from qanot_worker import protocol as p
@@ -44,6 +44,7 @@ class WorkerOptions:
     ping_interval: float = 10.0
     ping_timeout: float = 3.0
     cancel_grace: float = 3.0
+    extra_env: dict[str, str] = field(default_factory=dict)  # env_vars the operator granted
 
 
 class WorkerHandle:
@@ -84,13 +85,13 @@ class WorkerHandle:
     # ---- start -----------------------------------------------------------------------------------
 
     async def start(self, entry_file: str, plugin_dir: str, site_dirs: list[str],
-                    config: dict[str, Any]) -> None:
+                    config: dict[str, Any], sandbox: p.SandboxSpec | None = None) -> None:
         """Spawn, handshake, load, setup(config), get_tools(). Raises PluginStartError subtypes."""
         began = time.monotonic()
         await self._spawn()
         await self._handshake()
         self.info = await self._ask(
-            lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs), p.Loaded,
+            lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs, sandbox), p.Loaded,
             self._options.handshake_timeout, "loading the plugin")
         await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
         reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
@@ -125,8 +126,8 @@ class WorkerHandle:
         """Workers start with a scrubbed environment: no host secrets pass through."""
         tmp = os.path.join(self._options.data_dir, ".tmp")
         os.makedirs(tmp, exist_ok=True)
-        return {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": self._options.data_dir,
-                "TMPDIR": tmp, COOKIE_KEY: COOKIE_VALUE}
+        return {**self._options.extra_env, "PATH": os.defpath, "LANG": "C.UTF-8",
+                "HOME": self._options.data_dir, "TMPDIR": tmp, COOKIE_KEY: COOKIE_VALUE}
 
     async def _handshake(self) -> None:
         assert self._channel is not None

@@ -167,6 +167,10 @@ class PluginManifest(msgspec.Struct, kw_only=True):
     permissions: list[str] = []
 
 
+# The names plugin.json's "permissions" may use (Qanot's list).
+PERMISSIONS = ("network", "filesystem", "subprocess", "env_vars", "database")
+
+
 class ManifestError(ValueError):
     """plugin.json exists but cannot be used; the message names the file and the key."""
 

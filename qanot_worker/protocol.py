@@ -27,7 +27,7 @@ import msgspec
 
 __all__ = [
     "PROTOCOL_VERSION", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter",
-    "Hello", "Load", "Loaded", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
+    "Hello", "Load", "Loaded", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
 ]
@@ -68,6 +68,8 @@ class Loaded(msgspec.Struct, tag=True, array_like=True):
     version: str
     tools_md: str
     soul_append: str
+    sandbox_layers: list[str] = []  # the layers the worker put itself in
+    sandbox_warnings: list[str] = []  # ...and the ones it could not
 
 
 class ToolSpec(msgspec.Struct, array_like=True):
@@ -102,12 +104,26 @@ class Done(msgspec.Struct, tag=True, array_like=True):
 
 # ---- host -> worker -------------------------------------------------------------------------------
 
+class SandboxSpec(msgspec.Struct, array_like=True):
+    """What the worker may touch, applied by the worker itself before it imports the plugin."""
+
+    read_paths: list[str] = []
+    write_paths: list[str] = []
+    exec_paths: list[str] = []  # read and execute (only with the subprocess permission)
+    network: bool = False
+    tcp_ports: list[int] | None = None  # with network: connect only to these ports; None: any
+    subprocess: bool = False
+    rlimits: dict[str, int] = {}
+    strict: bool = False  # refuse to start rather than run with a layer missing
+
+
 class Load(msgspec.Struct, tag=True, array_like=True):
     id: int
     plugin_name: str
     plugin_file: str  # plugin.py, or __init__.py when plugin.py is missing
     plugin_dir: str
     site_dirs: list[str]  # the plugin's own environment, added with site.addsitedir
+    sandbox: SandboxSpec | None = None
 
 
 class Setup(msgspec.Struct, tag=True, array_like=True):

@@ -18,6 +18,7 @@ import msgspec
 from . import protocol as p
 from .loader import PluginLoadError, check_tools, load_plugin
 from .plugin_api import Plugin, ToolDef
+from .sandbox import SandboxRefused, apply_sandbox
 
 __all__ = ["serve"]
 
@@ -91,16 +92,21 @@ class WorkerServer(asyncio.Protocol):
                 self._spawn(self._teardown(msg))
 
     def _load(self, msg: p.Load) -> None:
+        layers: list[str] = []
+        warnings: list[str] = []
         try:
+            if msg.sandbox is not None:
+                # Before any plugin code: the plugin never runs outside its sandbox.
+                layers, warnings = apply_sandbox(msg.sandbox, msg.plugin_name)
             plugin = load_plugin(msg.plugin_name, msg.plugin_file, msg.plugin_dir, msg.site_dirs)
-        except PluginLoadError as exc:
+        except (PluginLoadError, SandboxRefused) as exc:
             log.error("%s", exc)
             self._send(p.Failure(msg.id, p.FailureKind.LOAD, str(exc)))
             return
         self._plugin = plugin
         self._send(p.Loaded(
             msg.id, _text(plugin.name), _text(plugin.description), _text(plugin.version),
-            _text(plugin.tools_md), _text(plugin.soul_append)))
+            _text(plugin.tools_md), _text(plugin.soul_append), layers, warnings))
 
     async def _setup(self, msg: p.Setup) -> None:
         try:

@@ -96,3 +96,8 @@ def worker_processes(root: int | None = None, include_template: bool = False):
             continue
         found.append(proc)
     return found
+
+
+def grant_write(plugin_name: str, path) -> dict:
+    """host settings granting one plugin write access to `path` (the sandbox denies it otherwise)."""
+    return {"plugins": {plugin_name: {"permissions": {"filesystem": {"write": [str(path)]}}}}}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import GREETER, plugin
+from .conftest import GREETER, grant_write, plugin
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,8 @@ def test_tools_lists_name_plugin_description(write_config):
 
 def test_run_serves_until_sigterm_then_tears_down(write_config, tmp_path):
     marker = tmp_path / "teardown.txt"
-    config = write_config([plugin("greeter", greeting_style="x", teardown_marker=str(marker))])
+    config = write_config([plugin("greeter", greeting_style="x", teardown_marker=str(marker))],
+                          host=grant_write("greeter", tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config],
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:

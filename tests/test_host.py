@@ -11,7 +11,7 @@ import pytest
 
 from qanot_host import Host, PluginState, ToolRegistry
 
-from .conftest import GREETER, plugin
+from .conftest import GREETER, grant_write, plugin
 
 
 async def test_plugin_tools_are_registered_and_called(write_config):
@@ -138,7 +138,8 @@ async def test_worker_output_is_logged_with_the_plugin_name(write_config, caplog
 
 async def test_teardown_runs_at_shutdown_and_workers_exit(write_config, tmp_path):
     marker = tmp_path / "teardown.txt"
-    host = Host(write_config([plugin("greeter", greeting_style="x", teardown_marker=str(marker))]))
+    host = Host(write_config([plugin("greeter", greeting_style="x", teardown_marker=str(marker))],
+                             host=grant_write("greeter", tmp_path)))
     await host.start()
     worker = host.plugins["greeter"].worker
     pid = worker.pid

@@ -31,7 +31,8 @@ async def test_weather_get_against_a_local_server(write_config):
     port = site._server.sockets[0].getsockname()[1]
     try:
         config = write_config([plugin("weather", api_key="k-123", base_url=f"http://127.0.0.1:{port}")],
-                              host={"install_timeout": 300})
+                              host={"install_timeout": 300, "plugins": {"weather": {
+                                  "permissions": {"network": {"ports": [port]}}}}})
         async with Host(config) as host:
             assert host.plugins["weather"].state == PluginState.READY, host.plugins["weather"].error
             assert host.plugins["weather"].source.builtin
@@ -40,6 +41,15 @@ async def test_weather_get_against_a_local_server(write_config):
         await runner.cleanup()
     assert json.loads(result) == {"city": "Samarkand", "temp_c": 31, "sky": "ochiq"}
     assert seen == [{"city": "Samarkand", "key": "k-123"}]
+
+
+async def test_weather_without_the_network_grant_is_told_what_to_grant(write_config):
+    config = write_config([plugin("weather", api_key="k", base_url="http://127.0.0.1:9")],
+                          host={"install_timeout": 300})
+    async with Host(config) as host:
+        assert "network-namespace" in host.status()[0]["sandbox"]
+        error = json.loads(await host.registry.execute("weather_get", {"city": "Tashkent"}))["error"]
+    assert "needs the 'network' permission (config.json: host.plugins.weather.permissions)" in error
 
 
 async def test_weather_without_api_key_is_refused_by_required_config(write_config):

@@ -1,0 +1,73 @@
+"""What a plugin's worker may touch, from the operator's grant: the host decides, the worker
+enforces (qanot_worker/sandbox.py) before it imports any plugin code."""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+
+from qanot_worker import protocol as p
+
+from .config import Config, Permissions
+
+__all__ = ["sandbox_spec", "withheld_permissions"]
+
+# What any Python process needs to read: shared libraries, time zones, and its own /proc entries
+# (Landlock still keeps /proc of other processes out of reach).
+SYSTEM_READ = ["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache", "/usr/share/zoneinfo",
+               "/etc/localtime", "/proc", "/dev/urandom", "/dev/random", "/dev/zero"]
+SYSTEM_WRITE = ["/dev/null"]
+# What name resolution and TLS need, granted with network.
+NETWORK_READ = ["/etc/ssl", "/etc/ca-certificates", "/usr/share/ca-certificates", "/etc/resolv.conf",
+                "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf", "/etc/services",
+                "/etc/protocols"]
+EXEC_DIRS = ["/bin", "/usr/bin", "/usr/local/bin", "/sbin", "/usr/sbin"]
+
+
+def _python_paths(import_root: str) -> list[str]:
+    paths = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"],
+             os.path.join(sys.base_prefix, "lib"), import_root}
+    for entry in os.listdir(import_root):
+        paths.add(os.path.realpath(os.path.join(import_root, entry)))
+    return sorted(paths)
+
+
+def sandbox_spec(config: Config, plugin: str, plugin_dir: str, site_dirs: list[str], data_dir: str,
+                 import_root: str) -> p.SandboxSpec | None:
+    settings = config.host.sandbox
+    if not settings.enabled:
+        return None
+    grant: Permissions = config.settings_for(plugin).permissions
+    network = bool(grant.network or grant.database)
+    ports = _ports(grant)
+    read = [*_python_paths(import_root), *SYSTEM_READ, plugin_dir, *site_dirs]
+    if network:
+        read += NETWORK_READ
+    write = [data_dir, *SYSTEM_WRITE]
+    if grant.filesystem is not None:
+        read += grant.filesystem.read
+        write += grant.filesystem.write
+    executable_dir = os.path.dirname(os.path.realpath(sys.executable))
+    return p.SandboxSpec(
+        read_paths=read, write_paths=write,
+        exec_paths=[*EXEC_DIRS, executable_dir] if grant.subprocess else [],
+        network=network, tcp_ports=ports, subprocess=grant.subprocess,
+        rlimits=dict(settings.rlimits), strict=settings.strict)
+
+
+def _ports(grant: Permissions) -> list[int] | None:
+    """None: any port. A bare `true` for either network or database means any port."""
+    if grant.network is True or grant.database is True:
+        return None
+    ports = []
+    for item in (grant.network, grant.database):
+        if isinstance(item, object) and hasattr(item, "ports"):
+            ports += item.ports
+    return sorted(set(ports))
+
+
+def withheld_permissions(declared: list[str], grant: Permissions) -> list[str]:
+    """What plugin.json asks for that config.json does not grant."""
+    granted = grant.granted()
+    return [name for name in declared if name not in granted]

@@ -1,0 +1,189 @@
+"""The kernel sandbox a worker puts itself in before it imports any plugin code.
+
+Order matters (see shared notes): rlimits, then a new network namespace (needs privilege, so
+before anything drops it), then no_new_privs and Landlock. Each layer that the kernel or the
+process's privileges do not allow is reported, never silently skipped; with `strict` a missing layer
+refuses the plugin.
+
+The kernel enforces. An audit hook only explains: when plugin code opens a path, connects or starts
+a process that its grant does not cover, the error names the permission to grant, instead of a bare
+"Permission denied".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+import socket
+import sys
+from typing import Any
+
+from . import protocol as p
+
+__all__ = ["apply_sandbox", "SandboxRefused", "landlock_abi"]
+
+# Landlock: the same syscall numbers on every architecture (they are in the generic table).
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH, LANDLOCK_RULE_NET_PORT = 1, 2
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+FS_WRITE_ONLY = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make_*
+FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
+PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWNET = 0x40000000
+
+RLIMITS = {"data": resource.RLIMIT_DATA, "nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
+           "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE, "cpu": resource.RLIMIT_CPU}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SandboxRefused(Exception):
+    """strict was asked for and a layer could not be had."""
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class _NetPortAttr(ctypes.Structure):
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 where there is none."""
+    abi = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    return max(abi, 0)
+
+
+def apply_sandbox(spec: p.SandboxSpec, plugin: str) -> tuple[list[str], list[str]]:
+    """Apply every layer `spec` asks for; returns (active layers, warnings)."""
+    active, warnings = [], []
+
+    def layer(name: str, ok: bool, why: str = "") -> None:
+        if ok:
+            active.append(name)
+            return
+        message = f"sandbox layer {name} is not active: {why}"
+        if spec.strict:
+            raise SandboxRefused(message)
+        warnings.append(message)
+
+    _set_rlimits(spec.rlimits)
+    layer("rlimits", True)
+    if not spec.network:
+        layer("network-namespace", *_new_network_namespace())
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
+        layer("no-new-privileges", True)
+    else:
+        layer("no-new-privileges", False, os.strerror(ctypes.get_errno()))
+    layer("landlock", *_landlock(spec))
+    _explain_denials(spec, plugin)
+    return active, warnings
+
+
+def _set_rlimits(limits: dict[str, int]) -> None:
+    for name, value in limits.items():
+        which = RLIMITS[name]
+        soft, hard = resource.getrlimit(which)
+        # An unprivileged process cannot raise a hard limit: only ever lower it.
+        new = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (new, new))
+
+
+def _new_network_namespace() -> tuple[bool, str]:
+    if _libc.unshare(CLONE_NEWNET) == 0:
+        return True, ""
+    return False, f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())}"
+
+
+def _landlock(spec: p.SandboxSpec) -> tuple[bool, str]:
+    abi = landlock_abi()
+    if abi < 1:
+        return False, "the kernel has no Landlock"
+    fs = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_READ_DIR | FS_WRITE_ONLY
+    fs |= (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0) | (FS_IOCTL_DEV if abi >= 5 else 0)
+    net = (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 and not (spec.network and spec.tcp_ports is None) else 0
+    scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0
+    attr = _RulesetAttr(fs, net, scoped)
+    ruleset = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    if ruleset < 0:
+        return False, f"landlock_create_ruleset failed: {os.strerror(ctypes.get_errno())}"
+    try:
+        read = FS_READ_FILE | FS_READ_DIR
+        for paths, access in ((spec.read_paths, read), (spec.exec_paths, read | FS_EXECUTE),
+                              (spec.write_paths, fs & ~FS_EXECUTE)):
+            for path in paths:
+                _allow_path(ruleset, path, access)
+        if net and spec.network:
+            for port in spec.tcp_ports or ():
+                rule = _NetPortAttr(NET_CONNECT_TCP, port)
+                _libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_NET_PORT, ctypes.byref(rule), 0)
+        if _libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
+            return False, f"landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}"
+    finally:
+        os.close(ruleset)
+    return True, f"ABI {abi}"
+
+
+def _allow_path(ruleset: int, path: str, access: int) -> None:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return  # a path that does not exist here grants nothing
+    try:
+        if not os.path.isdir(path):
+            # Directory-only rights on a file make add_rule fail with EINVAL.
+            access &= FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
+        rule = _PathBeneathAttr(access, fd)
+        _libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0)
+    finally:
+        os.close(fd)
+
+
+def _explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
+    """An audit hook that turns a denied open/connect/exec into an error naming the permission."""
+    readable = tuple(os.path.join(os.path.realpath(x), "") for x in
+                     [*spec.read_paths, *spec.exec_paths, *spec.write_paths])
+    writable = tuple(os.path.join(os.path.realpath(x), "") for x in spec.write_paths)
+    grant = f"config.json: host.plugins.{plugin}.permissions"
+
+    def covered(path: str, roots: tuple[str, ...]) -> bool:
+        real = os.path.join(os.path.realpath(path), "")
+        return real.startswith(roots)
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event == "open" and isinstance(args[0], (str, bytes)):
+            path = os.fsdecode(args[0])
+            mode = args[1] or "r"
+            wants_write = any(c in str(mode) for c in "wax+") or (isinstance(args[2], int) and args[2] & 3)
+            if not covered(path, writable if wants_write else readable):
+                raise PermissionError(errno.EACCES, f"denied by the sandbox: {'writing' if wants_write else 'reading'} "
+                                      f"{path} needs the 'filesystem' permission ({grant})")
+        elif event == "socket.connect" and not spec.network and _is_inet(args[0]):
+            raise PermissionError(errno.EACCES, f"denied by the sandbox: connecting to {args[1]} needs the "
+                                  f"'network' permission ({grant})")
+        elif event == "socket.bind" and not spec.network and _is_inet(args[0]):
+            raise PermissionError(errno.EACCES, f"denied by the sandbox: binding {args[1]} needs the "
+                                  f"'network' permission ({grant})")
+        elif event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn") \
+                and not spec.subprocess:
+            raise PermissionError(errno.EACCES, f"denied by the sandbox: starting a process needs the "
+                                  f"'subprocess' permission ({grant})")
+
+    sys.addaudithook(hook)
+
+
+def _is_inet(sock: object) -> bool:
+    return isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6)
