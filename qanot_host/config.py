@@ -87,6 +87,7 @@ class SandboxSettings(msgspec.Struct, forbid_unknown_fields=True):
 
     enabled: bool = True
     strict: bool = False  # refuse to start a plugin unless every layer is active
+    pids_max: Annotated[int, msgspec.Meta(ge=1)] = 64  # processes and threads per plugin (pids cgroup)
     rlimits: dict[Literal["data", "nofile", "nproc", "fsize", "core", "cpu"], Rlimit] = msgspec.field(
         default_factory=lambda: {"nofile": 1024, "fsize": 1 << 30, "core": 0})
 

@@ -10,7 +10,11 @@ import asyncio
 import json
 import logging
 import os
+import socket
+import struct
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from .errors import QanotHostError
 
@@ -63,6 +67,11 @@ class ControlServer:
                 pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._from_worker(writer):
+            # Landlock (ABI 7) does not cover connect() to a pathname socket: refuse plugins here.
+            log.warning("control socket: refused a connection from worker process %s", _peer_pid(writer))
+            writer.close()
+            return
         try:
             request = json.loads(await asyncio.wait_for(reader.readline(), 5))
             reply = await self._answer(request.get("command"))
@@ -76,6 +85,17 @@ class ControlServer:
         finally:
             writer.close()
 
+    def _from_worker(self, writer: asyncio.StreamWriter) -> bool:
+        """True if the peer is one of our workers or any process they started."""
+        pid = _peer_pid(writer)
+        if pid is None:
+            return True
+        try:
+            lineage = {pid, *(parent.pid for parent in psutil.Process(pid).parents())}
+        except psutil.Error:
+            return True
+        return bool(lineage & self._host.worker_pids())
+
     async def _answer(self, command: Any) -> dict[str, Any]:
         match command:
             case "ping":
@@ -85,6 +105,15 @@ class ControlServer:
             case "reload":
                 return {"ok": True, "reload": await self._host.reload()}
         return {"ok": False, "error": f"unknown command {command!r}"}
+
+
+def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    return struct.unpack("3i", creds)[0]
 
 
 async def control_request(path: str, command: str, timeout: float = 60.0) -> dict[str, Any]:

@@ -47,6 +47,10 @@ class ForkServerLauncher:
         template = await self._running_template()
         return await template.spawn(spec)
 
+    @property
+    def template_pid(self) -> int | None:
+        return self._template.pid if self._template is not None and not self._template.dead else None
+
     async def close(self) -> None:
         if self._template is not None:
             await self._template.close()
@@ -100,6 +104,7 @@ class _Template:
         self._early_exits: dict[int, int] = {}
         self.ready: asyncio.Future[p.TemplateReady] = asyncio.get_running_loop().create_future()
         self.dead = False
+        self.pid = proc.pid
         self._pumps = start_output_pumps("forkserver", proc.stdout, proc.stderr)
 
     @classmethod

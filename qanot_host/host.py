@@ -15,6 +15,7 @@ import time
 from functools import partial
 from typing import Any
 
+from .cgroups import PidsCgroups
 from .config import Config, load_config
 from .discovery import PluginSource, find_plugin, manifest_problems, searched_paths
 from .environments import EnvironmentBuilder
@@ -48,6 +49,7 @@ class Host:
         self._stopping = False
         self._monitor: asyncio.Task | None = None
         self._registration_paused = False
+        self._cgroups = PidsCgroups()
 
     async def __aenter__(self) -> "Host":
         await self.start()
@@ -180,8 +182,10 @@ class Host:
         worker = WorkerHandle(supervisor.name, self._launcher, options, supervisor.worker_exited)
         config: dict[str, Any] = dict(supervisor.entry.config)
         config.setdefault("workspace_dir", self.config.workspace_dir)
+        sandbox_settings = self.config.host.sandbox
+        cgroup = self._cgroups.prepare(supervisor.name, sandbox_settings.pids_max) if sandbox_settings.enabled else ""
         sandbox = sandbox_spec(self.config, supervisor.name, source.directory, supervisor.site_dirs,
-                               data_dir, self._import_root)
+                               data_dir, self._import_root, cgroup)
         try:
             await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config, sandbox)
         except BaseException:
@@ -280,6 +284,15 @@ class Host:
             self.registry.remove_plugin_tools(supervisor.name)
         if self._launcher is not None:
             await self._launcher.close()
+        self._cgroups.remove()
+
+    def worker_pids(self) -> set[int]:
+        """Every running worker's pid, and the worker template's (they all run plugin-reachable code)."""
+        pids = {s.worker.pid for s in self.plugins.values() if s.worker and s.worker.pid}
+        template = getattr(self._launcher, "template_pid", None)
+        if template:
+            pids.add(template)
+        return pids
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]

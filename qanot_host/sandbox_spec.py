@@ -13,10 +13,12 @@ from .config import Config, Permissions
 
 __all__ = ["sandbox_spec", "withheld_permissions"]
 
-# What any Python process needs to read: shared libraries, time zones, and its own /proc entries
-# (Landlock still keeps /proc of other processes out of reach).
+# What any Python process needs to read: shared libraries, time zones, and its own /proc entry.
+# Never all of /proc: measured here, a root worker under Landlock could still read
+# /proc/<parent>/environ (the host's secrets) when /proc as a whole was readable.
 SYSTEM_READ = ["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache", "/usr/share/zoneinfo",
-               "/etc/localtime", "/proc", "/dev/urandom", "/dev/random", "/dev/zero"]
+               "/etc/localtime", "/proc/self", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat",
+               "/dev/urandom", "/dev/random", "/dev/zero"]
 SYSTEM_WRITE = ["/dev/null"]
 # What name resolution and TLS need, granted with network.
 NETWORK_READ = ["/etc/ssl", "/etc/ca-certificates", "/usr/share/ca-certificates", "/etc/resolv.conf",
@@ -34,7 +36,7 @@ def _python_paths(import_root: str) -> list[str]:
 
 
 def sandbox_spec(config: Config, plugin: str, plugin_dir: str, site_dirs: list[str], data_dir: str,
-                 import_root: str) -> p.SandboxSpec | None:
+                 import_root: str, cgroup_procs: str = "") -> p.SandboxSpec | None:
     settings = config.host.sandbox
     if not settings.enabled:
         return None
@@ -53,7 +55,7 @@ def sandbox_spec(config: Config, plugin: str, plugin_dir: str, site_dirs: list[s
         read_paths=read, write_paths=write,
         exec_paths=[*EXEC_DIRS, executable_dir] if grant.subprocess else [],
         network=network, tcp_ports=ports, subprocess=grant.subprocess,
-        rlimits=dict(settings.rlimits), strict=settings.strict)
+        rlimits=dict(settings.rlimits), cgroup_procs=cgroup_procs, strict=settings.strict)
 
 
 def _ports(grant: Permissions) -> list[int] | None:

@@ -114,6 +114,7 @@ class SandboxSpec(msgspec.Struct, array_like=True):
     tcp_ports: list[int] | None = None  # with network: connect only to these ports; None: any
     subprocess: bool = False
     rlimits: dict[str, int] = {}
+    cgroup_procs: str = ""  # a pids cgroup's cgroup.procs to join ("" where none could be made)
     strict: bool = False  # refuse to start rather than run with a layer missing
 
 

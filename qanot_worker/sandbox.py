@@ -82,6 +82,7 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str) -> tuple[list[str], list[str
 
     _set_rlimits(spec.rlimits)
     layer("rlimits", True)
+    layer("pids-cgroup", *_join_cgroup(spec.cgroup_procs))
     if not spec.network:
         layer("network-namespace", *_new_network_namespace())
     if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
@@ -100,6 +101,17 @@ def _set_rlimits(limits: dict[str, int]) -> None:
         # An unprivileged process cannot raise a hard limit: only ever lower it.
         new = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(which, (new, new))
+
+
+def _join_cgroup(procs: str) -> tuple[bool, str]:
+    if not procs:
+        return False, "the host could not create a pids cgroup (no cgroup pids controller, or no privilege)"
+    try:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as exc:
+        return False, f"joining {procs} failed: {exc.strerror}"
+    return True, ""
 
 
 def _new_network_namespace() -> tuple[bool, str]:
@@ -171,6 +183,11 @@ def _explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
             if not covered(path, writable if wants_write else readable):
                 raise PermissionError(errno.EACCES, f"denied by the sandbox: {'writing' if wants_write else 'reading'} "
                                       f"{path} needs the 'filesystem' permission ({grant})")
+        elif event in ("os.listdir", "os.scandir") and isinstance(args[0], (str, bytes)):
+            path = os.fsdecode(args[0])
+            if not covered(path, readable):
+                raise PermissionError(errno.EACCES, f"denied by the sandbox: listing {path} needs the "
+                                      f"'filesystem' permission ({grant})")
         elif event == "socket.connect" and not spec.network and _is_inet(args[0]):
             raise PermissionError(errno.EACCES, f"denied by the sandbox: connecting to {args[1]} needs the "
                                   f"'network' permission ({grant})")

@@ -1,0 +1,27 @@
+"""Hostile fixture: SIGKILL its parent (the host or the worker template)
+Returns "ESCAPED ..." if the attack worked; otherwise raises (or returns) what stopped it."""
+
+import ctypes
+import os
+import socket
+import struct
+import sys
+
+from qanot.plugins.base import Plugin, tool
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def errno_text() -> str:
+    return os.strerror(ctypes.get_errno())
+
+
+class QanotPlugin(Plugin):
+    async def setup(self, config: dict) -> None:
+        self.config = config
+
+    @tool(name="escape_kill_parent", description="SIGKILL its parent (the host or the worker template)")
+    async def escape(self, params: dict) -> str:
+        import signal
+        os.kill(os.getppid(), signal.SIGKILL)
+        return "ESCAPED: killed the parent"

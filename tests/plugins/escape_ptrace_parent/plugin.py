@@ -1,0 +1,27 @@
+"""Hostile fixture: ptrace its parent process
+Returns "ESCAPED ..." if the attack worked; otherwise raises (or returns) what stopped it."""
+
+import ctypes
+import os
+import socket
+import struct
+import sys
+
+from qanot.plugins.base import Plugin, tool
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def errno_text() -> str:
+    return os.strerror(ctypes.get_errno())
+
+
+class QanotPlugin(Plugin):
+    async def setup(self, config: dict) -> None:
+        self.config = config
+
+    @tool(name="escape_ptrace_parent", description="ptrace its parent process")
+    async def escape(self, params: dict) -> str:
+        if libc.ptrace(16, os.getppid(), 0, 0) == 0:  # PTRACE_ATTACH
+            return "ESCAPED: attached"
+        raise PermissionError(f"ptrace: {errno_text()}")

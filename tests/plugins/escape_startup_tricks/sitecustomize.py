@@ -1,0 +1,2 @@
+import sys
+sys.modules["escape_pth_ran"] = sys

@@ -1,0 +1,90 @@
+"""The escape suite: each hostile plugin in tests/plugins/escape_* tries one way out of its sandbox.
+Each must be contained with a clear error, and afterwards the host and a neighbour plugin must
+still work. The attacks use raw libc calls where Python's own checks could be bypassed, so what
+is tested is the kernel layer, not only the friendly error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from qanot_host import Host, PluginState
+from qanot_host.control import ControlServer
+
+from .conftest import GREETER, plugin
+
+FS = "needs the 'filesystem' permission (config.json: host.plugins.escape_{name}.permissions)"
+CONTAINED = {
+    "read_host_config": FS,
+    "proc_environ": FS,
+    "write_outside": FS,
+    "symlink": FS,
+    "hardlink": "link failed:",
+    "connect_localhost": "needs the 'network' permission",
+    "bind_port": "needs the 'network' permission",
+    "fork_bomb": "contained after",
+    "memory_bomb": "MemoryError",
+    "cpu_spin": "timed out after 0.5 s",
+    "run_shell": "needs the 'subprocess' permission",
+    "ptrace_parent": "ptrace: Operation not permitted",
+    "kill_parent": "Operation not permitted",
+    "import_host_package": "No module named 'pytest'",
+    "startup_tricks": "none of the host's start-up tricks reached the worker",
+    "inherited_fd": "no descriptor but its pipes and its own files",
+    "setuid": "NoNewPrivs: 1",
+    "mount": "mount: Operation not permitted",
+    "dev_mem": FS.replace("escape_{name}", "escape_dev_mem"),
+    "huge_file": "File too large",
+    "protocol_garbage": "bad frame from the worker",
+    "other_plugin_data": FS,
+    "control_socket": "the host closed the control connection",
+}
+
+
+@pytest.fixture
+def listener():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    yield server.getsockname()[1]
+    server.close()
+
+
+@pytest.mark.parametrize("name", sorted(CONTAINED))
+async def test_escape_is_contained(write_config, tmp_path, listener, monkeypatch, name):
+    for var, value in {"PYTHONPATH": str(tmp_path), "LD_PRELOAD": "", "QANOT_ESCAPE_SECRET": "s3cret",
+                       "PYTHONSTARTUP": str(tmp_path / "startup.py")}.items():
+        monkeypatch.setenv(var, value)
+    config = write_config([plugin(f"escape_{name}", port=listener), GREETER], host={
+        "cancel_grace": 0.3, "restart": {"backoff_initial": 0},
+        "sandbox": {"rlimits": {"data": 1 << 30, "fsize": 16 << 20, "nofile": 256, "core": 0}},
+        "plugins": {f"escape_{name}": {"tool_timeouts": {f"escape_{name}": 0.5 if name == "cpu_spin" else 10}}}})
+    async with Host(config) as host:
+        control = ControlServer(host)
+        await control.start()
+        try:
+            escaper = host.plugins[f"escape_{name}"]
+            assert escaper.state == PluginState.READY, escaper.error
+            result = await asyncio.wait_for(host.registry.execute(f"escape_{name}", {}), 20)
+            assert "ESCAPED" not in result, result
+            expected = CONTAINED[name].format(name=name)
+            assert expected in result, result
+            # the host and the neighbour plugin are untouched
+            assert await host.registry.execute("greet", {"name": "ok"}) == "Salom, ok!"
+            for _ in range(500):
+                if escaper.state == PluginState.READY:
+                    break
+                await asyncio.sleep(0.01)
+            assert escaper.state == PluginState.READY
+        finally:
+            await control.close()
+    assert not list(Path(tmp_path).glob("pwned-*"))
+
+
+def test_every_escape_plugin_is_in_the_table():
+    plugins = {p.name.removeprefix("escape_") for p in (Path(__file__).parent / "plugins").glob("escape_*")}
+    assert plugins == set(CONTAINED) and len(plugins) >= 20
