@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+import msgspec
+
 from qanot_worker import protocol as p
-from qanot_worker.main import COOKIE_KEY, COOKIE_VALUE
+from qanot_worker.main import COOKIE_KEY, COOKIE_VALUE, PLUGIN_KEY, SANDBOX_KEY
 
 from .channel import RemoteFailure, WorkerChannel
 from .errors import (PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
@@ -58,6 +60,7 @@ class WorkerHandle:
         self._channel: WorkerChannel | None = None
         self._stopping = False
         self._stop_reason = ""
+        self._sandbox: p.SandboxSpec | None = None
         self._lost_reason: PluginError | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.info: p.Loaded | None = None
@@ -88,10 +91,11 @@ class WorkerHandle:
                     config: dict[str, Any], sandbox: p.SandboxSpec | None = None) -> None:
         """Spawn, handshake, load, setup(config), get_tools(). Raises PluginStartError subtypes."""
         began = time.monotonic()
+        self._sandbox = sandbox
         await self._spawn()
         await self._handshake()
         self.info = await self._ask(
-            lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs, sandbox), p.Loaded,
+            lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs), p.Loaded,
             self._options.handshake_timeout, "loading the plugin")
         await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
         reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
@@ -126,8 +130,11 @@ class WorkerHandle:
         """Workers start with a scrubbed environment: no host secrets pass through."""
         tmp = os.path.join(self._options.data_dir, ".tmp")
         os.makedirs(tmp, exist_ok=True)
-        return {**self._options.extra_env, "PATH": os.defpath, "LANG": "C.UTF-8",
-                "HOME": self._options.data_dir, "TMPDIR": tmp, COOKIE_KEY: COOKIE_VALUE}
+        env = {**self._options.extra_env, "PATH": os.defpath, "LANG": "C.UTF-8",
+               "HOME": self._options.data_dir, "TMPDIR": tmp, COOKIE_KEY: COOKIE_VALUE, PLUGIN_KEY: self.plugin}
+        if self._sandbox is not None:
+            env[SANDBOX_KEY] = msgspec.json.encode(self._sandbox).decode()
+        return env
 
     async def _handshake(self) -> None:
         assert self._channel is not None

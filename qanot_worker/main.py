@@ -13,14 +13,21 @@ import os
 import signal
 import sys
 
+import msgspec
+
 from . import eventloop
+from . import protocol as p
+from .sandbox import SandboxOutcome, SandboxRefused, apply_sandbox
 from .server import serve
 
-__all__ = ["main", "COOKIE_KEY", "COOKIE_VALUE"]
+__all__ = ["main", "COOKIE_KEY", "COOKIE_VALUE", "SANDBOX_KEY", "PLUGIN_KEY"]
 
 # Not a secret: it only stops someone from running a worker by hand and wondering why it hangs.
 COOKIE_KEY = "QANOT_WORKER_COOKIE"
 COOKIE_VALUE = "d1b4a8a0f3c94e39a7e1"
+# The sandbox to enter (JSON of protocol.SandboxSpec) and the plugin's name, for its messages.
+SANDBOX_KEY = "QANOT_WORKER_SANDBOX"
+PLUGIN_KEY = "QANOT_WORKER_PLUGIN"
 
 PR_SET_PDEATHSIG = 1
 
@@ -33,7 +40,23 @@ def main(argv: list[str]) -> int:
     _die_with_parent(host_pid)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    return eventloop.run(serve(read_fd, write_fd, max_frame))
+    # The sandbox goes up before the event loop exists: libuv sets up an io_uring at loop creation
+    # that seccomp would later deny (libuv aborts on that); created inside the sandbox, the loop
+    # falls back to epoll. Plugin code comes later still, on Load.
+    sandbox = _enter_sandbox()
+    return eventloop.run(serve(read_fd, write_fd, max_frame, sandbox))
+
+
+def _enter_sandbox() -> SandboxOutcome:
+    raw = os.environ.pop(SANDBOX_KEY, None)
+    if raw is None:
+        return SandboxOutcome()
+    spec = msgspec.json.decode(raw, type=p.SandboxSpec)
+    try:
+        layers, warnings = apply_sandbox(spec, os.environ.get(PLUGIN_KEY, "?"))
+    except SandboxRefused as exc:
+        return SandboxOutcome(refused=str(exc))
+    return SandboxOutcome(layers, warnings)
 
 
 def _die_with_parent(host_pid: int) -> None:

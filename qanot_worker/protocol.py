@@ -104,8 +104,9 @@ class Done(msgspec.Struct, tag=True, array_like=True):
 
 # ---- host -> worker -------------------------------------------------------------------------------
 
-class SandboxSpec(msgspec.Struct, array_like=True):
-    """What the worker may touch, applied by the worker itself before it imports the plugin."""
+class SandboxSpec(msgspec.Struct):
+    """What the worker may touch; handed to the worker at start (JSON in its environment), which
+    enters the sandbox before it creates its event loop, long before it imports the plugin."""
 
     read_paths: list[str] = []
     write_paths: list[str] = []
@@ -124,7 +125,6 @@ class Load(msgspec.Struct, tag=True, array_like=True):
     plugin_file: str  # plugin.py, or __init__.py when plugin.py is missing
     plugin_dir: str
     site_dirs: list[str]  # the plugin's own environment, added with site.addsitedir
-    sandbox: SandboxSpec | None = None
 
 
 class Setup(msgspec.Struct, tag=True, array_like=True):

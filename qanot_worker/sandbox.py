@@ -1,7 +1,7 @@
 """The kernel sandbox a worker puts itself in before it imports any plugin code.
 
-Order matters (see shared notes): rlimits, then a new network namespace (needs privilege, so
-before anything drops it), then no_new_privs and Landlock. Each layer that the kernel or the
+Order matters (see shared notes): rlimits and the pids cgroup, then a new network namespace (needs
+privilege, so before anything drops it), then no_new_privs, Landlock, and seccomp last. Each layer that the kernel or the
 process's privileges do not allow is reported, never silently skipped; with `strict` a missing layer
 refuses the plugin.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from dataclasses import dataclass, field
 import os
 import resource
 import socket
@@ -21,8 +22,9 @@ import sys
 from typing import Any
 
 from . import protocol as p
+from .seccomp import install_seccomp
 
-__all__ = ["apply_sandbox", "SandboxRefused", "landlock_abi"]
+__all__ = ["apply_sandbox", "SandboxRefused", "SandboxOutcome", "landlock_abi"]
 
 # Landlock: the same syscall numbers on every architecture (they are in the generic table).
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
@@ -44,6 +46,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class SandboxRefused(Exception):
     """strict was asked for and a layer could not be had."""
+
+
+@dataclass
+class SandboxOutcome:
+    layers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    refused: str = ""  # strict and a layer missing: the plugin must not be loaded
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -90,6 +99,7 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str) -> tuple[list[str], list[str
     else:
         layer("no-new-privileges", False, os.strerror(ctypes.get_errno()))
     layer("landlock", *_landlock(spec))
+    layer("seccomp", *install_seccomp(spec.subprocess))
     _explain_denials(spec, plugin)
     return active, warnings
 
@@ -194,8 +204,8 @@ def _explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
         elif event == "socket.bind" and not spec.network and _is_inet(args[0]):
             raise PermissionError(errno.EACCES, f"denied by the sandbox: binding {args[1]} needs the "
                                   f"'network' permission ({grant})")
-        elif event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn") \
-                and not spec.subprocess:
+        elif event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
+                       "os.fork", "os.forkpty") and not spec.subprocess:
             raise PermissionError(errno.EACCES, f"denied by the sandbox: starting a process needs the "
                                   f"'subprocess' permission ({grant})")
 

@@ -18,7 +18,7 @@ import msgspec
 from . import protocol as p
 from .loader import PluginLoadError, check_tools, load_plugin
 from .plugin_api import Plugin, ToolDef
-from .sandbox import SandboxRefused, apply_sandbox
+from .sandbox import SandboxOutcome
 
 __all__ = ["serve"]
 
@@ -29,7 +29,8 @@ ORPHAN_TEARDOWN_SECONDS = 3.0
 
 
 class WorkerServer(asyncio.Protocol):
-    def __init__(self, max_frame: int) -> None:
+    def __init__(self, max_frame: int, sandbox: SandboxOutcome) -> None:
+        self._sandbox = sandbox
         self._frames = p.FrameBuffer(max_frame)
         self._writer = p.FrameWriter(max_frame)
         self._decoder = msgspec.msgpack.Decoder(p.HostMessage)
@@ -92,21 +93,20 @@ class WorkerServer(asyncio.Protocol):
                 self._spawn(self._teardown(msg))
 
     def _load(self, msg: p.Load) -> None:
-        layers: list[str] = []
-        warnings: list[str] = []
+        sandbox = self._sandbox
+        if sandbox.refused:  # strict, and a layer is missing: no plugin code may run
+            self._send(p.Failure(msg.id, p.FailureKind.LOAD, sandbox.refused))
+            return
         try:
-            if msg.sandbox is not None:
-                # Before any plugin code: the plugin never runs outside its sandbox.
-                layers, warnings = apply_sandbox(msg.sandbox, msg.plugin_name)
             plugin = load_plugin(msg.plugin_name, msg.plugin_file, msg.plugin_dir, msg.site_dirs)
-        except (PluginLoadError, SandboxRefused) as exc:
+        except PluginLoadError as exc:
             log.error("%s", exc)
             self._send(p.Failure(msg.id, p.FailureKind.LOAD, str(exc)))
             return
         self._plugin = plugin
         self._send(p.Loaded(
             msg.id, _text(plugin.name), _text(plugin.description), _text(plugin.version),
-            _text(plugin.tools_md), _text(plugin.soul_append), layers, warnings))
+            _text(plugin.tools_md), _text(plugin.soul_append), sandbox.layers, sandbox.warnings))
 
     async def _setup(self, msg: p.Setup) -> None:
         try:
@@ -225,9 +225,9 @@ def _describe(exc: BaseException, bare_type: bool = False) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def serve(read_fd: int, write_fd: int, max_frame: int) -> int:
+async def serve(read_fd: int, write_fd: int, max_frame: int, sandbox: SandboxOutcome) -> int:
     loop = asyncio.get_running_loop()
-    server = WorkerServer(max_frame)
+    server = WorkerServer(max_frame, sandbox)
     out, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0))
     server.attach(out)
     await loop.connect_read_pipe(lambda: server, os.fdopen(read_fd, "rb", buffering=0))

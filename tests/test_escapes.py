@@ -41,7 +41,7 @@ CONTAINED = {
     "huge_file": "File too large",
     "protocol_garbage": "bad frame from the worker",
     "other_plugin_data": FS,
-    "control_socket": "the host closed the control connection",
+    "control_socket": "Operation not permitted",  # seccomp: no socket(AF_UNIX); the host refuses workers too
 }
 
 
@@ -88,3 +88,16 @@ async def test_escape_is_contained(write_config, tmp_path, listener, monkeypatch
 def test_every_escape_plugin_is_in_the_table():
     plugins = {p.name.removeprefix("escape_") for p in (Path(__file__).parent / "plugins").glob("escape_*")}
     assert plugins == set(CONTAINED) and len(plugins) >= 20
+
+
+async def test_control_socket_refuses_workers_even_without_seccomp(write_config, tmp_path):
+    """The second line of defence: with seccomp off, a worker that reaches the socket is refused."""
+    config = write_config([plugin("escape_control_socket")], host={"sandbox": {"enabled": False}})
+    async with Host(config) as host:
+        control = ControlServer(host)
+        await control.start()
+        try:
+            result = await host.registry.execute("escape_control_socket", {})
+        finally:
+            await control.close()
+    assert "the host closed the control connection" in result

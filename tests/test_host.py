@@ -183,7 +183,7 @@ async def test_both_launchers_give_the_same_isolated_worker(write_config, launch
     async with Host(config) as host:
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
         env = json.loads(await host.registry.execute("greeter_env", {}))
-        assert env["flags"] == [1, 1] and set(env["environ"]) == {"PATH", "LANG", "HOME", "TMPDIR"}
+        assert env["flags"] == [1, 1] and set(env["environ"]) == {"PATH", "LANG", "HOME", "TMPDIR", "QANOT_WORKER_PLUGIN"}
         assert env["cwd"].endswith(os.path.join("data", "greeter"))
         worker = psutil.Process(host.plugins["greeter"].worker.pid)
         assert os.getsid(worker.pid) == worker.pid  # a session (and process group) of its own
