@@ -27,7 +27,8 @@ class PidsCgroups:
         try:
             base = self._base or self._make_base()
             group = os.path.join(base, plugin)
-            os.makedirs(group, exist_ok=True)
+            if not os.path.isdir(group):
+                os.mkdir(group)
             if group not in self._made:
                 self._made.append(group)
             with open(os.path.join(group, "pids.max"), "w") as f:
@@ -38,14 +39,20 @@ class PidsCgroups:
             return ""
 
     def _make_base(self) -> str:
-        if os.path.isdir(V1_ROOT):
+        # Only ever mkdir inside a real cgroup filesystem: as root, makedirs elsewhere would make
+        # plain directories that merely look like a cgroup.
+        if os.path.isfile(os.path.join(V1_ROOT, "cgroup.procs")):
             base = os.path.join(V1_ROOT, f"qanot-host-{os.getpid()}")
-            os.makedirs(base, exist_ok=True)
-        else:
+            if not os.path.isdir(base):
+                os.mkdir(base)
+        elif "pids" in _read(os.path.join(V2_ROOT, "cgroup.controllers")).split():
             base = os.path.join(V2_ROOT, f"qanot-host-{os.getpid()}")
-            os.makedirs(base, exist_ok=True)
+            if not os.path.isdir(base):
+                os.mkdir(base)
             with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
                 f.write("+pids")
+        else:
+            raise OSError(f"no pids controller at {V1_ROOT} or {V2_ROOT}")
         self._made.append(base)
         self._base = base
         return base
@@ -59,3 +66,11 @@ class PidsCgroups:
                 pass
         self._made.clear()
         self._base = None
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""

@@ -11,6 +11,7 @@ from qanot_worker.plugin_api import ManifestError
 from .config import Config, PluginEntry
 from .discovery import find_plugin, manifest_problems, searched_paths
 from .environments import find_uv
+from .sandbox_spec import probe_layers, withheld_permissions
 
 __all__ = ["CheckReport", "check_config"]
 
@@ -21,12 +22,14 @@ KNOWN_ENTRY_KEYS = {"name", "enabled", "config"}
 class CheckReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     checked: int = 0
 
 
 def check_config(config: Config, raw_entries: list[object]) -> CheckReport:
     """raw_entries: config.json's "plugins" list as parsed JSON, to spot keys Qanot would ignore."""
     report = CheckReport()
+    _report_layers(config, report)
     if config.host.wheel_dir is not None and not os.path.isdir(config.host.wheel_dir):
         report.errors.append(f"{config.path}: host.wheel_dir: {config.host.wheel_dir} is not a directory")
     enabled = {e.name for e in config.plugins if e.enabled}
@@ -60,3 +63,21 @@ def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report:
             problems.append(f"{label}: {manifest_path}: dependencies: {req!r} is not a requirement")
     if source.manifest.dependencies and find_uv() is None:
         problems.append(f"{label}: needs dependencies but uv is not installed")
+    withheld = withheld_permissions(source.manifest.permissions, config.settings_for(entry.name).permissions)
+    if withheld:
+        report.warnings.append(f"{label}: plugin.json asks for {', '.join(withheld)}, not granted in "
+                               f"config.json (host.plugins.{entry.name}.permissions): withheld")
+
+
+def _report_layers(config: Config, report: CheckReport) -> None:
+    settings = config.host.sandbox
+    if not settings.enabled:
+        report.warnings.append(f"{config.path}: host.sandbox.enabled is false: plugins run without a sandbox")
+        return
+    for layer, available, why in probe_layers():
+        if available:
+            report.notes.append(f"sandbox layer {layer}: available{f' ({why})' if why else ''}")
+        else:
+            (report.errors if settings.strict else report.warnings).append(
+                f"sandbox layer {layer}: not available here: {why}"
+                + (" (host.sandbox.strict refuses every plugin)" if settings.strict else ""))

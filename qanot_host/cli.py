@@ -184,6 +184,8 @@ async def _check(args: argparse.Namespace) -> int:
         print(f"error: {line}")
     for line in report.warnings:
         print(f"warning: {line}")
+    for line in report.notes:
+        print(f"note: {line}")
     print(f"{config.path}: {report.checked} plugins checked, {len(report.errors)} errors, "
           f"{len(report.warnings)} warnings")
     return EXIT_ERROR if report.errors else EXIT_OK
@@ -193,8 +195,9 @@ async def _status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     reply = await control_request(socket_path(config.host.state_dir), "status")
     columns = ("plugin", "state", "pid", "uptime", "restarts", "rss_mb", "cpu_s", "calls", "errors",
-               "timeouts", "last_exit")
-    rows = [[_cell(row.get(c)) for c in columns] for row in reply["plugins"]]
+               "timeouts", "sandbox", "last_exit")
+    rows = [[_cell(",".join(row["sandbox"]) if c == "sandbox" else row.get(c)) for c in columns]
+            for row in reply["plugins"]]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
     for row in rows:

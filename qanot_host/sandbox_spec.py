@@ -73,3 +73,32 @@ def withheld_permissions(declared: list[str], grant: Permissions) -> list[str]:
     """What plugin.json asks for that config.json does not grant."""
     granted = grant.granted()
     return [name for name in declared if name not in granted]
+
+
+def probe_layers() -> list[tuple[str, bool, str]]:
+    """What this machine allows, layer by layer, found without starting a worker: (layer,
+    available, detail). A forked child tries the layers that change the process itself."""
+    from qanot_worker.sandbox import landlock_abi
+    abi = landlock_abi()
+    probes = [("environment", True, "scrubbed"), ("python-isolation", True, "python -I -S"),
+              ("rlimits", True, ""), ("landlock", abi >= 1, f"ABI {abi}" if abi else "the kernel has no Landlock")]
+    pid = os.fork()
+    if pid == 0:  # child: try what needs trying, report by exit status bits
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        bits = (libc.unshare(0x40000000) == 0) | ((libc.prctl(38, 1, 0, 0, 0) == 0) << 1)
+        os._exit(bits)
+    bits = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    probes.append(("network-namespace", bool(bits & 1), "" if bits & 1 else "unshare(CLONE_NEWNET) refused "
+                   "(not root, no user namespaces): Landlock TCP rules still deny TCP"))
+    probes.append(("no-new-privileges", bool(bits & 2), "" if bits & 2 else "prctl refused"))
+    import platform
+    probes.append(("seccomp", platform.machine() == "x86_64", "" if platform.machine() == "x86_64"
+                   else f"no syscall table for {platform.machine()} yet"))
+    cgroups = os.path.isdir("/sys/fs/cgroup/pids") or os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+    writable = cgroups and os.access("/sys/fs/cgroup/pids" if os.path.isdir("/sys/fs/cgroup/pids")
+                                     else "/sys/fs/cgroup", os.W_OK)
+    probes.append(("pids-cgroup", bool(writable), "" if writable else "no writable pids cgroup controller"))
+    probes.append(("identity", False, "workers keep the host's uid (dropping to an unprivileged uid is "
+                   "not implemented yet)"))
+    return probes

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import msgspec
 
@@ -52,11 +53,12 @@ def _enter_sandbox() -> SandboxOutcome:
     if raw is None:
         return SandboxOutcome()
     spec = msgspec.json.decode(raw, type=p.SandboxSpec)
+    began = time.perf_counter()
     try:
         layers, warnings = apply_sandbox(spec, os.environ.get(PLUGIN_KEY, "?"))
     except SandboxRefused as exc:
         return SandboxOutcome(refused=str(exc))
-    return SandboxOutcome(layers, warnings)
+    return SandboxOutcome(layers, warnings, milliseconds=1000 * (time.perf_counter() - began))
 
 
 def _die_with_parent(host_pid: int) -> None:

@@ -70,6 +70,7 @@ class Loaded(msgspec.Struct, tag=True, array_like=True):
     soul_append: str
     sandbox_layers: list[str] = []  # the layers the worker put itself in
     sandbox_warnings: list[str] = []  # ...and the ones it could not
+    sandbox_ms: float = 0.0  # what entering the sandbox cost the worker
 
 
 class ToolSpec(msgspec.Struct, array_like=True):

@@ -53,6 +53,7 @@ class SandboxOutcome:
     layers: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     refused: str = ""  # strict and a layer missing: the plugin must not be loaded
+    milliseconds: float = 0.0  # what entering the sandbox cost
 
 
 class _RulesetAttr(ctypes.Structure):

@@ -106,7 +106,8 @@ class WorkerServer(asyncio.Protocol):
         self._plugin = plugin
         self._send(p.Loaded(
             msg.id, _text(plugin.name), _text(plugin.description), _text(plugin.version),
-            _text(plugin.tools_md), _text(plugin.soul_append), sandbox.layers, sandbox.warnings))
+            _text(plugin.tools_md), _text(plugin.soul_append), sandbox.layers, sandbox.warnings,
+            sandbox.milliseconds))
 
     async def _setup(self, msg: p.Setup) -> None:
         try:

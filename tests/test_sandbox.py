@@ -1,0 +1,71 @@
+"""The permission model: what config.json grants is what the kernel enforces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qanot_host import ConfigError, Host, PluginState
+from qanot_host.config import parse_config
+
+from .conftest import GREETER, plugin
+
+ALL_LAYERS = {"rlimits", "pids-cgroup", "network-namespace", "no-new-privileges", "landlock", "seccomp"}
+
+
+async def test_every_layer_is_active_here_and_reported(write_config):
+    async with Host(write_config([GREETER])) as host:
+        [row] = host.status()
+        assert set(row["sandbox"]) == ALL_LAYERS
+        assert host.plugins["greeter"].worker.info.sandbox_ms < 50  # bounded, not a benchmark
+
+
+async def test_granted_env_vars_and_paths_reach_the_plugin(write_config, tmp_path, monkeypatch):
+    secret = tmp_path / "shared" / "readme.txt"
+    secret.parent.mkdir()
+    secret.write_text("granted")
+    (tmp_path / "other.txt").write_text("not granted")
+    monkeypatch.setenv("WEATHER_API_KEY", "k-1")
+    monkeypatch.setenv("HOST_SECRET", "s-2")
+    config = write_config([plugin("wants_everything")], host={"plugins": {"wants_everything": {"permissions": {
+        "env_vars": ["WEATHER_API_KEY", "NOT_SET_ANYWHERE"], "filesystem": {"read": [str(secret.parent)]}}}}})
+    async with Host(config) as host:
+        env = json.loads(await host.registry.execute("wants_env", {}))
+        granted = await host.registry.execute("wants_read", {"path": str(secret)})
+        denied = json.loads(await host.registry.execute("wants_read", {"path": str(tmp_path / "other.txt")}))
+    assert "WEATHER_API_KEY" in env and "HOST_SECRET" not in env
+    assert granted == "granted"
+    assert "reading" in denied["error"] and "needs the 'filesystem' permission" in denied["error"]
+
+
+async def test_declared_but_not_granted_starts_and_is_logged(write_config, caplog):
+    async with Host(write_config([plugin("wants_everything")])) as host:
+        assert host.plugins["wants_everything"].state == PluginState.READY
+    assert any("plugin.json asks for network, filesystem, subprocess, env_vars, database, not granted"
+               in r.getMessage() for r in caplog.records)
+
+
+async def test_unknown_permission_name_in_plugin_json_is_refused(write_config):
+    async with Host(write_config([plugin("bad_permission"), GREETER])) as host:
+        assert "permissions: unknown 'root_access' (known: network, filesystem, subprocess, env_vars, " \
+               "database)" in host.plugins["bad_permission"].error
+        assert host.plugins["greeter"].state == PluginState.READY
+
+
+def test_unknown_permission_name_in_config_is_a_config_error(tmp_path):
+    raw = json.dumps({"plugins": [{"name": "a"}], "host": {"plugins": {"a": {"permissions": {"internet": True}}}}})
+    with pytest.raises(ConfigError, match="Object contains unknown field `internet`"):
+        parse_config(raw, str(tmp_path / "c.json"))
+
+
+async def test_strict_refuses_a_plugin_when_a_layer_is_missing(write_config, monkeypatch):
+    import qanot_host.cgroups as cgroups
+    monkeypatch.setattr(cgroups, "V1_ROOT", "/nonexistent/pids")
+    monkeypatch.setattr(cgroups, "V2_ROOT", "/nonexistent")
+    async with Host(write_config([GREETER], host={"sandbox": {"strict": True}})) as host:
+        assert host.plugins["greeter"].state == PluginState.FAILED
+        assert "sandbox layer pids-cgroup is not active" in host.plugins["greeter"].error
+    async with Host(write_config([GREETER])) as host:  # not strict: runs, and says what is missing
+        assert "pids-cgroup" not in host.status()[0]["sandbox"]
+        assert host.plugins["greeter"].state == PluginState.READY
