@@ -308,7 +308,7 @@ async def cold_start(make, reps: int) -> float:
     return statistics.median(samples) * 1000
 
 
-async def worker_cold_start(scratch: Path, reps: int) -> tuple[float, float]:
+async def worker_cold_start(scratch: Path, reps: int) -> tuple[float, float, float]:
     """(e)'s figure: in a running host, from asking for a new plugin's worker to its tools listed;
     and, apart, a whole host start with one plugin (template included)."""
     host_starts = []
@@ -318,13 +318,15 @@ async def worker_cold_start(scratch: Path, reps: int) -> tuple[float, float]:
         await host.start()
         host_starts.append(time.perf_counter() - started)
         await host.stop()
-    samples = []
+    samples, sandbox_costs = [], []
     async with Host(write_config(scratch, ["bench"])) as host:
         for i in range(1, reps + 1):
             names = ["bench"] + [f"bench{j}" for j in range(1, i + 1)]
             await host.reload(load_config(write_config(scratch, names)))
             samples.append(host.plugins[f"bench{i}"].worker.start_seconds)
-    return statistics.median(samples) * 1000, statistics.median(host_starts) * 1000
+            sandbox_costs.append(host.plugins[f"bench{i}"].worker.info.sandbox_ms)
+    return (statistics.median(samples) * 1000, statistics.median(host_starts) * 1000,
+            statistics.median(sandbox_costs))
 
 
 async def restart_to_ready(scratch: Path, reps: int) -> float:
@@ -397,7 +399,8 @@ async def measure(quick: bool) -> dict:
                 if key != "e":
                     r["cold_ms"] = await cold_start(make, 2 if slow or quick else reps)
             print(f"  measured {r['label']}", file=sys.stderr)
-        results["e"]["cold_ms"], results["e"]["host_start_ms"] = await worker_cold_start(scratch, reps)
+        e = results["e"]
+        e["cold_ms"], e["host_start_ms"], e["sandbox_ms"] = await worker_cold_start(scratch, reps)
         results["e"]["restart_ms"] = await restart_to_ready(scratch, reps)
         results["e"]["fifty_ms"], results["e"]["fifty_mb"] = await fifty_plugins(scratch)
     finally:
@@ -414,6 +417,7 @@ ROWS = [
     ("calls/s, conc. 64 over 4 workers", "tp64x4", "{:.0f}", ""),
     ("cold start, spawn to tools listed p50 (ms)", "cold_ms", "{:.1f}", "≤ 25 ms, ≥ 20× faster than d"),
     ("whole host start with 1 plugin p50 (ms)", "host_start_ms", "{:.1f}", ""),
+    ("sandbox set-up per worker start p50 (ms)", "sandbox_ms", "{:.2f}", "< 10 ms"),
     ("restart after SIGKILL to ready p50 (ms)", "restart_ms", "{:.1f}", "≤ 50 ms"),
     ("idle worker USS (MB)", "uss_mb", "{:.1f}", "≤ 8 MB"),
     ("idle worker RSS (MB)", "rss_mb", "{:.1f}", ""),
