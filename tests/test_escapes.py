@@ -6,7 +6,6 @@ is tested is the kernel layer, not only the friendly error."""
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from pathlib import Path
 

@@ -43,7 +43,7 @@ async def test_crash_ends_calls_in_flight_at_once_and_restarts(write_config, how
         started = time.monotonic()
         crash = await asyncio.wait_for(host.registry.execute("mb_crash", {"how": how}), 5)
         others = await asyncio.wait_for(asyncio.gather(*hanging), 5)
-        assert time.monotonic() - started < 2  # at once, not after the 30 s call timeout
+        assert time.monotonic() - started < 5  # at once, not after the 30 s call timeout
         for result in [crash, *others]:
             assert json.loads(result) == {"error": f"plugin misbehave: {expected}"}
         await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != first_pid, 10, "restart")
@@ -117,7 +117,7 @@ async def test_blocking_handler_times_out_then_worker_is_killed_and_restarted(wr
         started = time.monotonic()
         result = json.loads(await asyncio.wait_for(host.registry.execute("mb_hang_blocking", {}), 5))
         assert result == {"error": "plugin misbehave: tool mb_hang_blocking timed out after 0.3 s"}
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0  # the timeout (0.3 s), not the kill after it
         await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != pid, 10, "restart")
         assert "did not stop within 0.3 s of its timeout" in sup.last_exit
         assert sup.timeouts == 1
@@ -141,7 +141,7 @@ async def test_blocked_event_loop_is_found_by_the_heartbeat(write_config):
         assert await host.registry.execute("mb_block_later", {}) == "blocking soon"
         started = time.monotonic()
         await wait_until(lambda: sup.restarts == 1 and sup.state == PluginState.READY, 5, "heartbeat restart")
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 5.0  # within a few 0.3 s ping rounds, not the 10 s default
         assert sup.worker.pid != pid
         assert "unresponsive: no answer to a ping within 0.3 s" in sup.last_exit
 
@@ -165,7 +165,7 @@ async def test_teardown_that_dies_or_hangs_still_ends(write_config, config, path
     started = time.monotonic()
     await asyncio.wait_for(host.stop(), 10)
     assert worker.stop_path == path and worker.exited.done()
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 8  # teardown 0.3 s + SIGTERM grace 2 s, with room
 
 
 async def test_memory_limit_recycles_and_intensity_ends_it(write_config, caplog):

@@ -5,7 +5,6 @@ import ctypes
 import os
 import socket
 import struct
-import sys
 
 from qanot.plugins.base import Plugin, tool
 

@@ -5,7 +5,6 @@ import ctypes
 import os
 import socket
 import struct
-import sys
 
 from qanot.plugins.base import Plugin, tool
 
@@ -29,5 +28,5 @@ class QanotPlugin(Plugin):
         if libc.connect(fd, addr, len(addr)) == 0:
             return "ESCAPED: raw connect"
         raw = errno_text()
-        sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
         return f"ESCAPED: connected ({raw})"

@@ -3,9 +3,6 @@ Returns "ESCAPED ..." if the attack worked; otherwise raises (or returns) what s
 
 import ctypes
 import os
-import socket
-import struct
-import sys
 
 from qanot.plugins.base import Plugin, tool
 
