@@ -70,6 +70,10 @@ class ControlServer:
         if self._from_worker(writer):
             # Landlock (ABI 7) does not cover connect() to a pathname socket: refuse plugins here.
             log.warning("control socket: refused a connection from worker process %s", _peer_pid(writer))
+            try:  # read what it sent first: closing on unread data would reset, not close, the connection
+                await asyncio.wait_for(reader.readline(), 1)
+            except (asyncio.TimeoutError, OSError, ValueError):
+                pass
             writer.close()
             return
         try:
