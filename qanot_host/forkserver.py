@@ -25,7 +25,7 @@ from qanot_worker import protocol as p
 from qanot_worker.main import COOKIE_KEY, COOKIE_VALUE
 
 from .errors import QanotHostError
-from .launcher import LaunchSpec, WorkerProcess, start_output_pumps
+from .launcher import LaunchSpec, WorkerProcess, finish_worker_group, start_output_pumps
 
 __all__ = ["ForkServerLauncher"]
 
@@ -38,6 +38,10 @@ READY_TIMEOUT = 30.0
 
 
 class ForkServerLauncher:
+    # The template writes each child into its cgroup before answering Spawned (cheaper than the
+    # worker migrating itself, and overlapped with the worker's own start).
+    places_in_cgroup = True
+
     def __init__(self, import_root: str) -> None:
         self._import_root = import_root
         self._template: _Template | None = None
@@ -66,11 +70,12 @@ class ForkServerLauncher:
 
 
 class _ForkedWorker:
-    def __init__(self, pid: int, plugin: str, stdout: asyncio.StreamReader,
-                 stderr: asyncio.StreamReader) -> None:
+    def __init__(self, pid: int, plugin: str, stdout: tuple[asyncio.StreamReader, asyncio.BaseTransport],
+                 stderr: tuple[asyncio.StreamReader, asyncio.BaseTransport]) -> None:
         self.pid = pid
         self.exit: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._pumps = start_output_pumps(plugin, stdout, stderr)
+        self._pipes = [stdout[1], stderr[1]]
+        self._pumps = start_output_pumps(plugin, stdout[0], stderr[0])
 
     @property
     def returncode(self) -> int | None:
@@ -78,8 +83,12 @@ class _ForkedWorker:
 
     async def wait(self) -> int:
         code = await self.exit
-        await asyncio.gather(*self._pumps, return_exceptions=True)
+        await finish_worker_group(self.pid, self._pumps, self._close_pipes)
         return code
+
+    def _close_pipes(self) -> None:
+        for transport in self._pipes:
+            transport.close()
 
     def signal_group(self, sig: int) -> None:
         if self.exit.done():
@@ -139,7 +148,8 @@ class _Template:
         future = asyncio.get_running_loop().create_future()
         self._spawning[request_id] = future
         try:
-            message = self._encoder.encode(p.Spawn(request_id, spec.plugin, spec.env, spec.cwd, spec.max_frame))
+            message = self._encoder.encode(p.Spawn(request_id, spec.plugin, spec.env, spec.cwd, spec.max_frame,
+                                           spec.cgroup_procs))
             fds = array.array("i", [spec.read_fd, spec.write_fd, out_w, err_w])
             self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         except OSError as exc:
@@ -241,7 +251,8 @@ class _PipeReaderProtocol(asyncio.StreamReaderProtocol):
         return False  # a pipe has no half-close: let the transport close (uvloop keeps it otherwise)
 
 
-async def _reader(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.StreamReader:
+async def _reader(loop: asyncio.AbstractEventLoop, fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
     reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: _PipeReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
-    return reader
+    transport, _ = await loop.connect_read_pipe(lambda: _PipeReaderProtocol(reader),
+                                                os.fdopen(fd, "rb", buffering=0))
+    return reader, transport

@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["LaunchSpec", "WorkerProcess", "Launcher", "SubprocessLauncher", "start_output_pumps"]
+__all__ = ["LaunchSpec", "WorkerProcess", "Launcher", "SubprocessLauncher", "start_output_pumps",
+           "finish_worker_group"]
 
 # A plugin that prints without newlines must not make the host buffer without bound.
 MAX_LOG_LINE = 4096
+# After a worker exits and its process group is killed, how long its output may take to drain.
+OUTPUT_DRAIN_SECONDS = 2.0
 
 
 # How a spawned worker starts: isolated mode, no site, and only the import root on its path.
@@ -34,6 +38,7 @@ class LaunchSpec:
     max_frame: int
     env: dict[str, str]
     cwd: str
+    cgroup_procs: str = ""  # a launcher that can place the worker in its cgroup itself does so
 
     def argv(self) -> list[str]:
         return [sys.executable, "-I", "-S", "-c", BOOT, self.import_root, str(self.read_fd),
@@ -59,6 +64,21 @@ class Launcher(Protocol):
         """Release what the launcher itself holds (a fork server); workers are stopped first."""
 
 
+async def finish_worker_group(pgid: int, pumps: list[asyncio.Future], close_pipes) -> None:
+    """After a worker's exit: kill whatever it left in its process group (no orphans; they would
+    also hold its output pipes open), then log its last output, waiting a bounded time for it."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # safe just after reaping: a live group keeps its id reserved
+    except (ProcessLookupError, PermissionError):
+        pass
+    _, pending = await asyncio.wait(pumps, timeout=OUTPUT_DRAIN_SECONDS)
+    if pending:  # something escaped the group and still holds a pipe: stop reading it
+        close_pipes()
+        for pump in pending:
+            pump.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
 def start_output_pumps(plugin: str, stdout: asyncio.StreamReader | None,
                        stderr: asyncio.StreamReader | None) -> list[asyncio.Future]:
     log = logging.getLogger(f"qanot_host.plugin.{plugin}")
@@ -78,8 +98,7 @@ class _SpawnedWorker:
 
     async def wait(self) -> int:
         code = await self._proc.wait()
-        # Output written just before exit is still in the pipes: log it before saying we are done.
-        await asyncio.gather(*self._pumps, return_exceptions=True)
+        await finish_worker_group(self.pid, self._pumps, self._proc._transport.close)
         return code
 
     def signal_group(self, sig: int) -> None:

@@ -61,6 +61,7 @@ class WorkerHandle:
         self._stopping = False
         self._stop_reason = ""
         self._sandbox: p.SandboxSpec | None = None
+        self._cgroup_procs = ""
         self._lost_reason: PluginError | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.info: p.Loaded | None = None
@@ -91,6 +92,10 @@ class WorkerHandle:
                     config: dict[str, Any], sandbox: p.SandboxSpec | None = None) -> None:
         """Spawn, handshake, load, setup(config), get_tools(). Raises PluginStartError subtypes."""
         began = time.monotonic()
+        self._cgroup_procs = ""
+        if sandbox is not None and sandbox.cgroup_procs and getattr(self._launcher, "places_in_cgroup", False):
+            self._cgroup_procs = sandbox.cgroup_procs
+            sandbox = msgspec.structs.replace(sandbox, cgroup_joined_by_parent=True)
         self._sandbox = sandbox
         await self._spawn()
         await self._handshake()
@@ -112,7 +117,7 @@ class WorkerHandle:
         try:
             spec = LaunchSpec(plugin=self.plugin, import_root=opts.import_root, read_fd=worker_reads,
                               write_fd=worker_writes, max_frame=opts.max_frame,
-                              env=self._environment(), cwd=opts.data_dir)
+                              env=self._environment(), cwd=opts.data_dir, cgroup_procs=self._cgroup_procs)
             self._process = await self._launcher.launch(spec)
         except BaseException:
             os.close(host_writes)

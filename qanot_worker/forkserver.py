@@ -101,6 +101,14 @@ def _fork_worker(request: p.Spawn, fds: list[int], sock: socket.socket,
             _become_worker(request, fds, sock, wake)  # never returns
     for fd in fds:
         os.close(fd)
+    if pid and request.cgroup_procs:
+        # Before Spawned goes out: the host loads plugin code only after it, so the plugin never
+        # runs outside its pids cgroup; meanwhile the child gets on with its own start.
+        try:
+            with open(request.cgroup_procs, "w") as f:
+                f.write(str(pid))
+        except OSError as exc:
+            sys.stderr.write(f"could not put worker {pid} in {request.cgroup_procs}: {exc.strerror}\n")
     return pid, error
 
 

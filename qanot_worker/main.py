@@ -58,7 +58,9 @@ def _enter_sandbox() -> SandboxOutcome:
         layers, warnings = apply_sandbox(spec, os.environ.get(PLUGIN_KEY, "?"))
     except SandboxRefused as exc:
         return SandboxOutcome(refused=str(exc))
-    return SandboxOutcome(layers, warnings, milliseconds=1000 * (time.perf_counter() - began))
+    return SandboxOutcome(layers, warnings, milliseconds=1000 * (time.perf_counter() - began),
+                          cgroup_to_verify=spec.cgroup_procs if spec.cgroup_joined_by_parent else "",
+                          strict=spec.strict)
 
 
 def _die_with_parent(host_pid: int) -> None:

@@ -117,6 +117,7 @@ class SandboxSpec(msgspec.Struct):
     subprocess: bool = False
     rlimits: dict[str, int] = {}
     cgroup_procs: str = ""  # a pids cgroup's cgroup.procs to join ("" where none could be made)
+    cgroup_joined_by_parent: bool = False  # the fork server put the worker there already: verify only
     strict: bool = False  # refuse to start rather than run with a layer missing
 
 
@@ -169,6 +170,7 @@ class Spawn(msgspec.Struct, tag=True, array_like=True):
     env: dict[str, str]
     cwd: str
     max_frame: int
+    cgroup_procs: str = ""  # the template puts the child in this cgroup before it answers Spawned
 
 
 class Spawned(msgspec.Struct, tag=True, array_like=True):

@@ -24,7 +24,7 @@ from typing import Any
 from . import protocol as p
 from .seccomp import install_seccomp
 
-__all__ = ["apply_sandbox", "SandboxRefused", "SandboxOutcome", "landlock_abi"]
+__all__ = ["apply_sandbox", "SandboxRefused", "SandboxOutcome", "landlock_abi", "in_cgroup"]
 
 # Landlock: the same syscall numbers on every architecture (they are in the generic table).
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
@@ -54,6 +54,22 @@ class SandboxOutcome:
     warnings: list[str] = field(default_factory=list)
     refused: str = ""  # strict and a layer missing: the plugin must not be loaded
     milliseconds: float = 0.0  # what entering the sandbox cost
+    cgroup_to_verify: str = ""  # joined by the fork server: checked on Load, before plugin code
+    strict: bool = False
+
+    def verify_cgroup(self) -> None:
+        """On Load: the fork server has answered Spawned by now, so the worker must be in its group."""
+        procs, self.cgroup_to_verify = self.cgroup_to_verify, ""
+        if not procs:
+            return
+        if in_cgroup(procs):
+            self.layers.append("pids-cgroup")
+            return
+        message = f"sandbox layer pids-cgroup is not active: the fork server could not add the worker to {procs}"
+        if self.strict:
+            self.refused = message
+        else:
+            self.warnings.append(message)
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -92,7 +108,8 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str) -> tuple[list[str], list[str
 
     _set_rlimits(spec.rlimits)
     layer("rlimits", True)
-    layer("pids-cgroup", *_join_cgroup(spec.cgroup_procs))
+    if not spec.cgroup_joined_by_parent:  # else verified on Load, once the parent has done it
+        layer("pids-cgroup", *_join_cgroup(spec.cgroup_procs))
     if not spec.network:
         layer("network-namespace", *_new_network_namespace())
     if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
@@ -123,6 +140,17 @@ def _join_cgroup(procs: str) -> tuple[bool, str]:
     except OSError as exc:
         return False, f"joining {procs} failed: {exc.strerror}"
     return True, ""
+
+
+def in_cgroup(procs: str) -> bool:
+    """Is this process in the cgroup whose cgroup.procs file is `procs`?"""
+    group = os.path.dirname(procs)
+    try:
+        with open("/proc/self/cgroup") as f:
+            memberships = [line.rstrip("\n").split(":", 2)[2] for line in f if line.count(":") >= 2]
+    except OSError:
+        return False
+    return any(path != "/" and group.endswith(path) for path in memberships)
 
 
 def _new_network_namespace() -> tuple[bool, str]:

@@ -94,6 +94,7 @@ class WorkerServer(asyncio.Protocol):
 
     def _load(self, msg: p.Load) -> None:
         sandbox = self._sandbox
+        sandbox.verify_cgroup()
         if sandbox.refused:  # strict, and a layer is missing: no plugin code may run
             self._send(p.Failure(msg.id, p.FailureKind.LOAD, sandbox.refused))
             return

@@ -187,6 +187,7 @@ async def test_both_launchers_give_the_same_isolated_worker(write_config, launch
         assert env["cwd"].endswith(os.path.join("data", "greeter"))
         worker = psutil.Process(host.plugins["greeter"].worker.pid)
         assert os.getsid(worker.pid) == worker.pid  # a session (and process group) of its own
+        assert "pids-cgroup" in host.status()[0]["sandbox"]  # joined itself, or placed by the template
         sup = host.plugins["misbehave"]
         pid = sup.worker.pid
         crash = json.loads(await host.registry.execute("mb_crash", {"how": "segfault"}))

@@ -69,3 +69,15 @@ async def test_strict_refuses_a_plugin_when_a_layer_is_missing(write_config, mon
     async with Host(write_config([GREETER])) as host:  # not strict: runs, and says what is missing
         assert "pids-cgroup" not in host.status()[0]["sandbox"]
         assert host.plugins["greeter"].state == PluginState.READY
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "forkserver"])
+async def test_pids_cgroup_stops_a_fork_bomb_even_with_subprocess_granted(write_config, launcher):
+    config = write_config([plugin("escape_fork_bomb"), GREETER], host={
+        "launcher": launcher, "sandbox": {"pids_max": 16},
+        "plugins": {"escape_fork_bomb": {"permissions": {"subprocess": True}}}})
+    async with Host(config) as host:
+        result = await host.registry.execute("escape_fork_bomb", {})
+        assert result.startswith("contained after"), result
+        assert int(result.split()[2]) < 16  # the worker itself counts too
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
