@@ -88,6 +88,8 @@ class SandboxSettings(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = True
     strict: bool = False  # refuse to start a plugin unless every layer is active
     pids_max: Annotated[int, msgspec.Meta(ge=1)] = 64  # processes and threads per plugin (pids cgroup)
+    identity: bool = True  # when the host is root, each plugin's worker runs as a uid of its own
+    uid_base: Annotated[int, msgspec.Meta(ge=1000)] = 61000  # plugin uids are uid_base + 0..3999
     rlimits: dict[Literal["data", "nofile", "nproc", "fsize", "core", "cpu"], Rlimit] = msgspec.field(
         default_factory=lambda: {"nofile": 1024, "fsize": 1 << 30, "core": 0})
 

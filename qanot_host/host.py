@@ -24,7 +24,7 @@ from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .registry import RegisteredTool, ToolRegistry
 from .runtime import worker_import_root
-from .sandbox_spec import sandbox_spec, withheld_permissions
+from .sandbox_spec import give_data_dir, sandbox_spec, withheld_permissions
 from .supervisor import PluginState, PluginSupervisor
 from .worker import WorkerHandle, WorkerOptions
 from .workspace import Workspace
@@ -186,6 +186,9 @@ class Host:
         cgroup = self._cgroups.prepare(supervisor.name, sandbox_settings.pids_max) if sandbox_settings.enabled else ""
         sandbox = sandbox_spec(self.config, supervisor.name, source.directory, supervisor.site_dirs,
                                data_dir, self._import_root, cgroup)
+        if sandbox is not None and sandbox.uid >= 0:
+            os.makedirs(os.path.join(data_dir, ".tmp"), exist_ok=True)
+            give_data_dir(data_dir, sandbox.uid)
         try:
             await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config, sandbox)
         except BaseException:

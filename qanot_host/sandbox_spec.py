@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import sys
 import sysconfig
+import zlib
 
 from qanot_worker import protocol as p
 
 from .config import Config, Permissions
 
-__all__ = ["sandbox_spec", "withheld_permissions"]
+__all__ = ["sandbox_spec", "withheld_permissions", "plugin_uid", "give_data_dir", "probe_layers"]
 
 # What any Python process needs to read: shared libraries, time zones, and its own /proc entry.
 # Never all of /proc: measured here, a root worker under Landlock could still read
@@ -51,11 +52,29 @@ def sandbox_spec(config: Config, plugin: str, plugin_dir: str, site_dirs: list[s
         read += grant.filesystem.read
         write += grant.filesystem.write
     executable_dir = os.path.dirname(os.path.realpath(sys.executable))
+    uid = plugin_uid(settings.uid_base, plugin) if settings.identity and os.geteuid() == 0 else -1
     return p.SandboxSpec(
         read_paths=read, write_paths=write,
         exec_paths=[*EXEC_DIRS, executable_dir] if grant.subprocess else [],
         network=network, tcp_ports=ports, subprocess=grant.subprocess,
-        rlimits=dict(settings.rlimits), cgroup_procs=cgroup_procs, strict=settings.strict)
+        rlimits=dict(settings.rlimits), cgroup_procs=cgroup_procs, strict=settings.strict,
+        uid=uid, gid=uid)
+
+
+def plugin_uid(base: int, plugin: str) -> int:
+    """A uid of the plugin's own, the same at every start (its data directory stays its own)."""
+    return base + zlib.crc32(plugin.encode()) % 4000
+
+
+def give_data_dir(data_dir: str, uid: int) -> None:
+    """Make the plugin's data directory (and what is in it) belong to its uid."""
+    for root, dirs, files in os.walk(data_dir):
+        for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+            try:
+                if os.lstat(name).st_uid != uid:
+                    os.lchown(name, uid, uid)
+            except OSError:
+                pass
 
 
 def _ports(grant: Permissions) -> list[int] | None:
@@ -99,6 +118,7 @@ def probe_layers() -> list[tuple[str, bool, str]]:
     writable = cgroups and os.access("/sys/fs/cgroup/pids" if os.path.isdir("/sys/fs/cgroup/pids")
                                      else "/sys/fs/cgroup", os.W_OK)
     probes.append(("pids-cgroup", bool(writable), "" if writable else "no writable pids cgroup controller"))
-    probes.append(("identity", False, "workers keep the host's uid (dropping to an unprivileged uid is "
-                   "not implemented yet)"))
+    root = os.geteuid() == 0
+    probes.append(("identity", root, "a uid per plugin" if root else "the host is not root: workers already "
+                   "run as the host's unprivileged user"))
     return probes

@@ -118,6 +118,8 @@ class SandboxSpec(msgspec.Struct):
     rlimits: dict[str, int] = {}
     cgroup_procs: str = ""  # a pids cgroup's cgroup.procs to join ("" where none could be made)
     cgroup_joined_by_parent: bool = False  # the fork server put the worker there already: verify only
+    uid: int = -1  # drop to this user and group (when started as root); -1: keep
+    gid: int = -1
     strict: bool = False  # refuse to start rather than run with a layer missing
 
 

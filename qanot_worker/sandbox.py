@@ -1,7 +1,8 @@
 """The kernel sandbox a worker puts itself in before it imports any plugin code.
 
 Order matters (see shared notes): rlimits and the pids cgroup, then a new network namespace (needs
-privilege, so before anything drops it), then no_new_privs, Landlock, and seccomp last. Each layer that the kernel or the
+privilege, so before anything drops it), then an unprivileged uid, no_new_privs, Landlock, and
+seccomp last. Each layer that the kernel or the
 process's privileges do not allow is reported, never silently skipped; with `strict` a missing layer
 refuses the plugin.
 
@@ -36,6 +37,9 @@ FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_KEEPCAPS = 8
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_DAC_READ_SEARCH = 2
 CLONE_NEWNET = 0x40000000
 
 RLIMITS = {"data": resource.RLIMIT_DATA, "nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
@@ -112,6 +116,8 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str) -> tuple[list[str], list[str
         layer("pids-cgroup", *_join_cgroup(spec.cgroup_procs))
     if not spec.network:
         layer("network-namespace", *_new_network_namespace())
+    if spec.uid >= 0:  # after everything that needs root, before no_new_privs
+        layer("identity", *_drop_identity(spec.uid, spec.gid))
     if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
         layer("no-new-privileges", True)
     else:
@@ -151,6 +157,37 @@ def in_cgroup(procs: str) -> bool:
     except OSError:
         return False
     return any(path != "/" and group.endswith(path) for path in memberships)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_identity(uid: int, gid: int) -> tuple[bool, str]:
+    """Become an unprivileged user, keeping only CAP_DAC_READ_SEARCH.
+
+    That one capability lets the worker read its interpreter wherever it is installed (here under
+    /root, mode 0700); Landlock still decides which paths it may read. Writing needs the uid's own
+    rights: the host makes the data directory the plugin's.
+    """
+    try:
+        _libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        return False, f"setresuid({uid}) failed: {exc.strerror}"
+    header = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = 1 << CAP_DAC_READ_SEARCH
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        return False, f"capset failed: {os.strerror(ctypes.get_errno())}"
+    _libc.prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0)
+    return True, f"uid {uid}"
 
 
 def _new_network_namespace() -> tuple[bool, str]:

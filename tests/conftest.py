@@ -99,5 +99,8 @@ def worker_processes(root: int | None = None, include_template: bool = False):
 
 
 def grant_write(plugin_name: str, path) -> dict:
-    """host settings granting one plugin write access to `path` (the sandbox denies it otherwise)."""
+    """host settings granting one plugin write access to `path` (the sandbox denies it otherwise).
+    The worker runs as a uid of its own, so the directory must be writable by it too."""
+    import os
+    os.chmod(path, 0o777)
     return {"plugins": {plugin_name: {"permissions": {"filesystem": {"write": [str(path)]}}}}}

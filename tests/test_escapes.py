@@ -6,6 +6,7 @@ is tested is the kernel layer, not only the friendly error."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from pathlib import Path
 
@@ -58,7 +59,7 @@ async def test_escape_is_contained(write_config, tmp_path, listener, monkeypatch
     for var, value in {"PYTHONPATH": str(tmp_path), "LD_PRELOAD": "", "QANOT_ESCAPE_SECRET": "s3cret",
                        "PYTHONSTARTUP": str(tmp_path / "startup.py")}.items():
         monkeypatch.setenv(var, value)
-    config = write_config([plugin(f"escape_{name}", port=listener), GREETER], host={
+    config = write_config([plugin(f"escape_{name}", port=listener, host_pid=os.getpid()), GREETER], host={
         "cancel_grace": 0.3, "restart": {"backoff_initial": 0},
         "sandbox": {"rlimits": {"data": 1 << 30, "fsize": 16 << 20, "nofile": 256, "core": 0}},
         "plugins": {f"escape_{name}": {"tool_timeouts": {f"escape_{name}": 0.5 if name == "cpu_spin" else 10}}}})

@@ -11,7 +11,7 @@ from qanot_host.config import parse_config
 
 from .conftest import GREETER, plugin
 
-ALL_LAYERS = {"rlimits", "pids-cgroup", "network-namespace", "no-new-privileges", "landlock", "seccomp"}
+ALL_LAYERS = {"rlimits", "pids-cgroup", "network-namespace", "identity", "no-new-privileges", "landlock", "seccomp"}
 
 
 async def test_every_layer_is_active_here_and_reported(write_config):
@@ -80,4 +80,17 @@ async def test_pids_cgroup_stops_a_fork_bomb_even_with_subprocess_granted(write_
         result = await host.registry.execute("escape_fork_bomb", {})
         assert result.startswith("contained after"), result
         assert int(result.split()[2]) < 16  # the worker itself counts too
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+
+
+async def test_each_plugin_runs_as_a_uid_of_its_own(write_config):
+    import os
+
+    import psutil
+    async with Host(write_config([GREETER, plugin("echo")])) as host:
+        uids = {name: psutil.Process(s.worker.pid).uids().real for name, s in host.plugins.items()}
+        assert os.geteuid() != 0 or (0 not in uids.values() and len(set(uids.values())) == 2)
+        data_dir = os.path.join(host.config.host.state_dir, "data", "greeter")
+        assert os.stat(data_dir).st_uid == uids["greeter"]
+        # the data directory is the plugin's own: it can write there
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"

@@ -20,5 +20,8 @@ class QanotPlugin(Plugin):
     @tool(name="escape_kill_parent", description="SIGKILL its parent (the host or the worker template)")
     async def escape(self, params: dict) -> str:
         import signal
-        os.kill(os.getppid(), signal.SIGKILL)
-        return "ESCAPED: killed the parent"
+        for target in (self.config.get("host_pid"), os.getppid()):  # the host, then the template
+            if target and libc.kill(target, 0) == 0:
+                return f"ESCAPED: may signal pid {target}"
+        os.kill(self.config.get("host_pid") or os.getppid(), signal.SIGKILL)
+        return "ESCAPED: killed the host"

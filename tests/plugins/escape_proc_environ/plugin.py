@@ -20,11 +20,11 @@ class QanotPlugin(Plugin):
     @tool(name="escape_proc_environ", description="read another process's environment through /proc")
     async def escape(self, params: dict) -> str:
         me = os.getpid()
-        for pid in {1, os.getppid(), *range(max(2, me - 300), me)} - {me}:
+        for pid in {1, os.getppid(), self.config.get("host_pid", 1), *range(max(2, me - 300), me)} - {me}:
             fd = libc.open(f"/proc/{pid}/environ".encode(), 0)
             if fd >= 0:
                 buf = ctypes.create_string_buffer(64)
                 if libc.read(fd, buf, 64) > 0:
                     return f"ESCAPED: /proc/{pid}/environ: {buf.raw[:30]!r}"
-        with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+        with open(f"/proc/{self.config.get('host_pid', os.getppid())}/environ", "rb") as f:
             return "ESCAPED: " + repr(f.read(30))

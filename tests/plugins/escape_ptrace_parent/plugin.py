@@ -19,6 +19,7 @@ class QanotPlugin(Plugin):
 
     @tool(name="escape_ptrace_parent", description="ptrace its parent process")
     async def escape(self, params: dict) -> str:
-        if libc.ptrace(16, os.getppid(), 0, 0) == 0:  # PTRACE_ATTACH
-            return "ESCAPED: attached"
+        for target in (self.config.get("host_pid"), os.getppid()):
+            if target and libc.ptrace(16, target, 0, 0) == 0:  # PTRACE_ATTACH
+                return f"ESCAPED: attached to {target}"
         raise PermissionError(f"ptrace: {errno_text()}")
