@@ -72,16 +72,11 @@ class WorkerChannel(asyncio.Protocol):
 
         On timeout the caller gets WorkerTimeout at once and the worker is told to cancel.
         """
-        if self.closed is not None:
-            raise self.closed
-        request_id = next(self._ids)
-        future = self._loop.create_future()
+        request_id = self._next_id()
         try:
-            self._send(make(request_id))
+            future, timer = self._start(request_id, make(request_id), expect, timeout, what)
         except p.FrameTooLarge as exc:
             raise RemoteFailure(p.FailureKind.TOO_LARGE, f"the request is too large: {exc}") from None
-        self._pending[request_id] = (future, expect)
-        timer = self._loop.call_later(timeout, self._expire, request_id, timeout, what)
         try:
             return await future
         finally:
@@ -89,23 +84,32 @@ class WorkerChannel(asyncio.Protocol):
 
     async def call(self, tool: str, params: dict, timeout: float) -> str:
         """request() specialised for the hot path: one tool call, its failure typed for the caller."""
-        if self.closed is not None:
-            raise self.closed
-        request_id = next(self._ids)
+        request_id = self._next_id()
         try:
-            frame = self._writer.frame(p.Call(request_id, tool, params))
+            future, timer = self._start(request_id, p.Call(request_id, tool, params), p.Result,
+                                        timeout, f"tool {tool}")
         except p.FrameTooLarge as exc:
             raise ToolFailed(self._plugin, tool, f"the request is too large: {exc}") from None
-        future = self._loop.create_future()
-        self._pending[request_id] = (future, p.Result)
-        self._out.write(frame)
-        timer = self._loop.call_later(timeout, self._expire, request_id, timeout, f"tool {tool}")
         try:
             return (await future).value
         except RemoteFailure as exc:
             raise ToolFailed(self._plugin, tool, exc.message) from None
         finally:
             timer.cancel()
+
+    def _next_id(self) -> int:
+        if self.closed is not None:
+            raise self.closed
+        return next(self._ids)
+
+    def _start(self, request_id: int, message: msgspec.Struct, expect: type, timeout: float,
+               what: str) -> tuple[asyncio.Future, asyncio.TimerHandle]:
+        """Frame and send one request, remember it, and arm its timeout (FrameTooLarge: nothing sent)."""
+        frame = self._writer.frame(message)
+        future = self._loop.create_future()
+        self._pending[request_id] = (future, expect)
+        self._write(frame)
+        return future, self._loop.call_later(timeout, self._expire, request_id, timeout, what)
 
     def _expire(self, request_id: int, timeout: float, what: str) -> None:
         entry = self._pending.pop(request_id, None)
@@ -114,7 +118,7 @@ class WorkerChannel(asyncio.Protocol):
         future = entry[0]
         self._abandoned.add(request_id)
         future.set_exception(WorkerTimeout(self._plugin, f"{what} timed out after {timeout:g} s"))
-        self._send(p.Cancel(request_id))
+        self._write(self._writer.frame(p.Cancel(request_id)))
         if self._on_abandoned is not None:
             self._on_abandoned(request_id, what)
 
@@ -122,12 +126,12 @@ class WorkerChannel(asyncio.Protocol):
         """True while a cancelled request has not been answered by the worker."""
         return request_id in self._abandoned
 
-    def _send(self, msg: msgspec.Struct) -> None:
+    def _write(self, frame: bytearray) -> None:
         # Written at once, not coalesced: the worker starts on a request while the host prepares
         # the next, so both processes work in parallel (batching here put them in lockstep).
         out = self._out
         if out is not None and not out.is_closing():
-            out.write(self._writer.frame(msg))
+            out.write(frame)
 
     # ---- replies ---------------------------------------------------------------------------------
 
