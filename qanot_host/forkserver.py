@@ -51,9 +51,9 @@ class ForkServerLauncher:
         template = await self._running_template()
         return await template.spawn(spec)
 
-    @property
-    def template_pid(self) -> int | None:
-        return self._template.pid if self._template is not None and not self._template.dead else None
+    def helper_pids(self) -> set[int]:
+        template = self._template
+        return {template.pid} if template is not None and not template.dead else set()
 
     async def close(self) -> None:
         if self._template is not None:

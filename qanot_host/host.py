@@ -171,7 +171,7 @@ class Host:
         source = supervisor.source
         assert source is not None
         data_dir = os.path.join(settings.state_dir, "data", supervisor.name)
-        os.makedirs(data_dir, exist_ok=True)
+        os.makedirs(os.path.join(data_dir, ".tmp"), exist_ok=True)  # the plugin's HOME and TMPDIR
         options = WorkerOptions(
             import_root=self._import_root, data_dir=data_dir, max_frame=settings.max_frame_bytes,
             handshake_timeout=settings.handshake_timeout, setup_timeout=settings.setup_timeout,
@@ -187,7 +187,6 @@ class Host:
         sandbox = sandbox_spec(self.config, supervisor.name, source.directory, supervisor.site_dirs,
                                data_dir, self._import_root, cgroup)
         if sandbox is not None and sandbox.uid >= 0:
-            os.makedirs(os.path.join(data_dir, ".tmp"), exist_ok=True)
             give_data_dir(data_dir, sandbox.uid)
         try:
             await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config, sandbox)
@@ -292,10 +291,7 @@ class Host:
     def worker_pids(self) -> set[int]:
         """Every running worker's pid, and the worker template's (they all run plugin-reachable code)."""
         pids = {s.worker.pid for s in self.plugins.values() if s.worker and s.worker.pid}
-        template = getattr(self._launcher, "template_pid", None)
-        if template:
-            pids.add(template)
-        return pids
+        return pids | (self._launcher.helper_pids() if self._launcher is not None else set())
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]

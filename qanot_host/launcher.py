@@ -58,7 +58,14 @@ class WorkerProcess(Protocol):
 
 
 class Launcher(Protocol):
+    # True if launch() itself puts the worker in spec.cgroup_procs before its plugin code can run;
+    # otherwise the worker joins its cgroup itself.
+    places_in_cgroup: bool
+
     async def launch(self, spec: LaunchSpec) -> WorkerProcess: ...
+
+    def helper_pids(self) -> set[int]:
+        """Processes of the launcher's own that plugin code could reach (a fork server's template)."""
 
     async def close(self) -> None:
         """Release what the launcher itself holds (a fork server); workers are stopped first."""
@@ -114,6 +121,11 @@ class _SpawnedWorker:
 
 class SubprocessLauncher:
     """One fresh interpreter per worker, in a session (and process group) of its own."""
+
+    places_in_cgroup = False
+
+    def helper_pids(self) -> set[int]:
+        return set()
 
     async def launch(self, spec: LaunchSpec) -> WorkerProcess:
         proc = await asyncio.create_subprocess_exec(

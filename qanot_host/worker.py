@@ -93,7 +93,7 @@ class WorkerHandle:
         """Spawn, handshake, load, setup(config), get_tools(). Raises PluginStartError subtypes."""
         began = time.monotonic()
         self._cgroup_procs = ""
-        if sandbox is not None and sandbox.cgroup_procs and getattr(self._launcher, "places_in_cgroup", False):
+        if sandbox is not None and sandbox.cgroup_procs and self._launcher.places_in_cgroup:
             self._cgroup_procs = sandbox.cgroup_procs
             sandbox = msgspec.structs.replace(sandbox, cgroup_joined_by_parent=True)
         self._sandbox = sandbox
@@ -133,8 +133,7 @@ class WorkerHandle:
 
     def _environment(self) -> dict[str, str]:
         """Workers start with a scrubbed environment: no host secrets pass through."""
-        tmp = os.path.join(self._options.data_dir, ".tmp")
-        os.makedirs(tmp, exist_ok=True)
+        tmp = os.path.join(self._options.data_dir, ".tmp")  # made by the host with the data dir
         env = {**self._options.extra_env, "PATH": os.defpath, "LANG": "C.UTF-8",
                "HOME": self._options.data_dir, "TMPDIR": tmp, COOKIE_KEY: COOKIE_VALUE, PLUGIN_KEY: self.plugin}
         if self._sandbox is not None:
