@@ -50,10 +50,34 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     max_calls: Annotated[int, msgspec.Meta(gt=0)] | None = None
 
 
-class PortGrant(msgspec.Struct, forbid_unknown_fields=True):
-    """network (or database) narrowed to TCP ports: {"ports": [443]}."""
+class NetworkGrant(msgspec.Struct, forbid_unknown_fields=True):
+    """network (or database) narrowed: {"ports": [443]} reaches any host on those TCP ports;
+    {"hosts": ["api.example.com:443"]} only those hosts (each name, IPv4 or [IPv6] with its port)."""
 
-    ports: list[Annotated[int, msgspec.Meta(ge=1, le=65535)]]
+    ports: list[Annotated[int, msgspec.Meta(ge=1, le=65535)]] = []
+    hosts: list[str] = []
+
+    def __post_init__(self) -> None:
+        if not self.ports and not self.hosts:
+            raise ValueError('grants nothing: give "ports", "hosts", or true for any host and port')
+        self.pairs()  # raises on the first malformed entry
+
+    def pairs(self) -> list[tuple[str, int]]:
+        return [split_host_port(entry, f"hosts[{i}]") for i, entry in enumerate(self.hosts)]
+
+
+def split_host_port(entry: str, where: str) -> tuple[str, int]:
+    """"api.example.com:443", "10.0.0.5:5432" or "[::1]:8080" -> (host, port)."""
+    host, sep, port = entry.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""  # an IPv6 address must be written in brackets
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(
+            c.isspace() or c in "/@?#" for c in host):
+        raise ValueError(f'{where}: {entry!r} is not "host:port" (a name, IPv4 address or '
+                         f'[IPv6] address, then a TCP port 1-65535)')
+    return host.lower(), int(port)
 
 
 class FilesystemGrant(msgspec.Struct, forbid_unknown_fields=True):
@@ -64,8 +88,8 @@ class FilesystemGrant(msgspec.Struct, forbid_unknown_fields=True):
 class Permissions(msgspec.Struct, forbid_unknown_fields=True):
     """What the operator grants one plugin; what is enforced is this, not what plugin.json asks."""
 
-    network: bool | PortGrant = False
-    database: bool | PortGrant = False  # a database is reached over TCP: the same as network
+    network: bool | NetworkGrant = False
+    database: bool | NetworkGrant = False  # a database is reached over TCP: the same as network
     filesystem: FilesystemGrant | None = None
     subprocess: bool = False
     env_vars: list[str] = []
@@ -173,12 +197,25 @@ def parse_config(raw: bytes | str, path: str) -> Config:
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {validation_message(exc)}") from None
+        raise ConfigError(f"{path}: {_name_the_plugin(data, validation_message(exc))}") from None
     config.path = path
     _check_plugins(config)
     _resolve_paths(config)
     config.path = os.path.abspath(path)
     return config
+
+
+def _name_the_plugin(data: dict, message: str) -> str:
+    """msgspec writes a dict key as [...]: find which plugin's settings are at fault."""
+    if not message.startswith("host.plugins[...]"):
+        return message
+    plugins = (data.get("host") or {}).get("plugins") or {}
+    for name, settings in plugins.items():
+        try:
+            msgspec.convert(settings, PluginSettings)
+        except msgspec.ValidationError:
+            return message.replace("host.plugins[...]", f"host.plugins.{name}", 1)
+    return message
 
 
 def _check_plugins(config: Config) -> None:

@@ -10,7 +10,7 @@ import zlib
 
 from qanot_worker import protocol as p
 
-from .config import Config, Permissions
+from .config import Config, NetworkGrant, Permissions
 
 __all__ = ["sandbox_spec", "withheld_permissions", "plugin_uid", "give_data_dir", "probe_layers"]
 
@@ -43,7 +43,7 @@ def sandbox_spec(config: Config, plugin: str, plugin_dir: str, site_dirs: list[s
         return None
     grant: Permissions = config.settings_for(plugin).permissions
     network = bool(grant.network or grant.database)
-    ports = _ports(grant)
+    ports, hosts = _ports(grant), _hosts(grant)
     read = [*_python_paths(import_root), *SYSTEM_READ, plugin_dir, *site_dirs]
     if network:
         read += NETWORK_READ
@@ -56,7 +56,8 @@ def sandbox_spec(config: Config, plugin: str, plugin_dir: str, site_dirs: list[s
     return p.SandboxSpec(
         read_paths=read, write_paths=write,
         exec_paths=[*EXEC_DIRS, executable_dir] if grant.subprocess else [],
-        network=network, tcp_ports=ports, subprocess=grant.subprocess,
+        network=network, tcp_ports=ports, tcp_hosts=hosts if ports is not None else [],
+        subprocess=grant.subprocess,
         rlimits=dict(settings.rlimits), cgroup_procs=cgroup_procs, strict=settings.strict,
         uid=uid, gid=uid)
 
@@ -83,9 +84,17 @@ def _ports(grant: Permissions) -> list[int] | None:
         return None
     ports = []
     for item in (grant.network, grant.database):
-        if isinstance(item, object) and hasattr(item, "ports"):
+        if isinstance(item, NetworkGrant):
             ports += item.ports
     return sorted(set(ports))
+
+
+def _hosts(grant: Permissions) -> list[tuple[str, int]]:
+    pairs = []
+    for item in (grant.network, grant.database):
+        if isinstance(item, NetworkGrant):
+            pairs += item.pairs()
+    return sorted(set(pairs))
 
 
 def withheld_permissions(declared: list[str], grant: Permissions) -> list[str]:
@@ -106,11 +115,16 @@ def probe_layers() -> list[tuple[str, bool, str]]:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         bits = (libc.unshare(0x40000000) == 0) | ((libc.prctl(38, 1, 0, 0, 0) == 0) << 1)
+        from qanot_worker.seccomp import install_connect_listener
+        bits |= (install_connect_listener()[0] >= 0 and hasattr(os, "pidfd_open")) << 2
         os._exit(bits)
     bits = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     probes.append(("network-namespace", bool(bits & 1), "" if bits & 1 else "unshare(CLONE_NEWNET) refused "
                    "(not root, no user namespaces): Landlock TCP rules still deny TCP"))
     probes.append(("no-new-privileges", bool(bits & 2), "" if bits & 2 else "prctl refused"))
+    probes.append(("egress-filter", bool(bits & 4), "network narrowed to host:port pairs: the host makes each "
+                   "connection" if bits & 4 else "no seccomp listener (x86_64, Linux 5.14 or newer): a "
+                   "network grant with hosts holds for its ports, any host"))
     import platform
     probes.append(("seccomp", platform.machine() == "x86_64", "" if platform.machine() == "x86_64"
                    else f"no syscall table for {platform.machine()} yet"))

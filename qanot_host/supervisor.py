@@ -294,4 +294,5 @@ class PluginSupervisor:
             "calls": self.calls, "errors": self.errors, "timeouts": self.timeouts,
             "tools": list(self.tools), "conflicts": list(self.conflicts),
             "sandbox": list(worker.info.sandbox_layers) if running and worker.info else [],
+            "egress": worker.egress.status() if running and worker.egress else None,
         }

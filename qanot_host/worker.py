@@ -21,6 +21,7 @@ from qanot_worker import protocol as p
 from qanot_worker.main import COOKIE_KEY, COOKIE_VALUE, PLUGIN_KEY, SANDBOX_KEY
 
 from .channel import RemoteFailure, WorkerChannel
+from .egress import RESOLVER_ENV, EgressGate, EgressPolicy
 from .errors import (PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
 from .launcher import Launcher, LaunchSpec, WorkerProcess
@@ -71,6 +72,7 @@ class WorkerHandle:
         self.stop_path: list[str] = []  # how the last stop went, for logs and tests
         self._tasks: list[asyncio.Task] = []
         self.exit_error: PluginError | None = None  # why the worker ended, once it has
+        self.egress: EgressGate | None = None  # network narrowed to hosts: the host connects for it
 
     @property
     def pid(self) -> int | None:
@@ -98,7 +100,9 @@ class WorkerHandle:
             sandbox = msgspec.structs.replace(sandbox, cgroup_joined_by_parent=True)
         self._sandbox = sandbox
         await self._spawn()
-        await self._handshake()
+        hello = await self._handshake()
+        if hello.egress_fd >= 0:
+            self._take_egress_listener(hello.egress_fd)
         self.info = await self._ask(
             lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs), p.Loaded,
             self._options.handshake_timeout, "loading the plugin")
@@ -138,9 +142,21 @@ class WorkerHandle:
                "HOME": self._options.data_dir, "TMPDIR": tmp, COOKIE_KEY: COOKIE_VALUE, PLUGIN_KEY: self.plugin}
         if self._sandbox is not None:
             env[SANDBOX_KEY] = msgspec.json.encode(self._sandbox).decode()
+            if self._sandbox.tcp_hosts:
+                env.update(RESOLVER_ENV)
         return env
 
-    async def _handshake(self) -> None:
+    def _take_egress_listener(self, fd_in_worker: int) -> None:
+        """Before Load: the worker closes its own copy on Load, so plugin code never holds it."""
+        assert self._process is not None and self._sandbox is not None
+        try:
+            self.egress = EgressGate(self.plugin, self._process.pid, fd_in_worker,
+                                     EgressPolicy.from_spec(self.plugin, self._sandbox))
+        except OSError as exc:
+            raise PluginStartError(self.plugin, f"cannot take the worker's connect() listener ({exc.strerror}): "
+                                   "its network is narrowed to hosts, and no connection could be made") from None
+
+    async def _handshake(self) -> p.Hello:
         assert self._channel is not None
         try:
             hello = await asyncio.wait_for(asyncio.shield(self._channel.hello),
@@ -154,6 +170,7 @@ class WorkerHandle:
         if hello.protocol != p.PROTOCOL_VERSION:
             raise ProtocolMismatch(self.plugin, f"worker speaks protocol {hello.protocol}, "
                                    f"the host speaks {p.PROTOCOL_VERSION}")
+        return hello
 
     async def _ask(self, make, expect: type, timeout: float, what: str):
         if self._channel is None:
@@ -242,6 +259,8 @@ class WorkerHandle:
         else:
             error = self._lost_reason or WorkerCrashed(self.plugin, code)
         self.exit_error = error
+        if self.egress is not None:
+            self.egress.close()
         self._channel.fail_pending(error)
         self._channel.close(None)
         for task in self._tasks:

@@ -55,12 +55,12 @@ def _enter_sandbox() -> SandboxOutcome:
     spec = msgspec.json.decode(raw, type=p.SandboxSpec)
     began = time.perf_counter()
     try:
-        layers, warnings = apply_sandbox(spec, os.environ.get(PLUGIN_KEY, "?"))
+        layers, warnings, egress_fd = apply_sandbox(spec, os.environ.get(PLUGIN_KEY, "?"))
     except SandboxRefused as exc:
         return SandboxOutcome(refused=str(exc))
     return SandboxOutcome(layers, warnings, milliseconds=1000 * (time.perf_counter() - began),
                           cgroup_to_verify=spec.cgroup_procs if spec.cgroup_joined_by_parent else "",
-                          strict=spec.strict)
+                          strict=spec.strict, egress_fd=egress_fd)
 
 
 def _die_with_parent(host_pid: int) -> None:

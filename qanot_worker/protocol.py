@@ -32,7 +32,7 @@ __all__ = [
     "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = 4
 _PREFIX = struct.Struct(">I")
 # Big enough for a 10 MB tool result with room to spare, small enough that a hostile length prefix
@@ -59,6 +59,7 @@ class FailureKind:
 class Hello(msgspec.Struct, tag=True, array_like=True):
     protocol: int
     pid: int
+    egress_fd: int = -1  # the worker's seccomp listener for connect(): the host takes it before Load
 
 
 class Loaded(msgspec.Struct, tag=True, array_like=True):
@@ -114,6 +115,9 @@ class SandboxSpec(msgspec.Struct):
     exec_paths: list[str] = []  # read and execute (only with the subprocess permission)
     network: bool = False
     tcp_ports: list[int] | None = None  # with network: connect only to these ports; None: any
+    # with network: also (or only) these (host, port) pairs. Non-empty, the worker stays in an empty
+    # network namespace and the host makes each TCP connection it allows (qanot_host/egress.py).
+    tcp_hosts: list[tuple[str, int]] = []
     subprocess: bool = False
     rlimits: dict[str, int] = {}
     cgroup_procs: str = ""  # a pids cgroup's cgroup.procs to join ("" where none could be made)

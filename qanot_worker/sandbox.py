@@ -1,7 +1,8 @@
 """The kernel sandbox a worker puts itself in before it imports any plugin code.
 
-Order matters (see shared notes): rlimits and the pids cgroup, then a new network namespace (needs
-privilege, so before anything drops it), then an unprivileged uid, no_new_privs, Landlock, and
+Order matters (see shared notes): rlimits and the pids cgroup, the connect() listener when the
+network is narrowed to hosts, then a new network namespace (needs privilege, so before anything
+drops it), then an unprivileged uid, no_new_privs, Landlock, and
 seccomp last. Each layer that the kernel or the
 process's privileges do not allow is reported, never silently skipped; with `strict` a missing layer
 refuses the plugin.
@@ -23,7 +24,7 @@ import sys
 from typing import Any
 
 from . import protocol as p
-from .seccomp import install_seccomp
+from .seccomp import install_connect_listener, install_seccomp
 
 __all__ = ["apply_sandbox", "SandboxRefused", "SandboxOutcome", "landlock_abi", "in_cgroup"]
 
@@ -60,6 +61,13 @@ class SandboxOutcome:
     milliseconds: float = 0.0  # what entering the sandbox cost
     cgroup_to_verify: str = ""  # joined by the fork server: checked on Load, before plugin code
     strict: bool = False
+    egress_fd: int = -1  # the connect() listener, held until the host has taken its own copy
+
+    def release_egress_listener(self) -> None:
+        """On Load: the host holds the listener by now; plugin code must never answer its own connects."""
+        fd, self.egress_fd = self.egress_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def verify_cgroup(self) -> None:
         """On Load: the fork server has answered Spawned by now, so the worker must be in its group."""
@@ -97,9 +105,10 @@ def landlock_abi() -> int:
     return max(abi, 0)
 
 
-def apply_sandbox(spec: p.SandboxSpec, plugin: str) -> tuple[list[str], list[str]]:
-    """Apply every layer `spec` asks for; returns (active layers, warnings)."""
+def apply_sandbox(spec: p.SandboxSpec, plugin: str) -> tuple[list[str], list[str], int]:
+    """Apply every layer `spec` asks for; returns (active layers, warnings, egress listener fd or -1)."""
     active, warnings = [], []
+    egress_fd = -1
 
     def layer(name: str, ok: bool, why: str = "") -> None:
         if ok:
@@ -114,7 +123,14 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str) -> tuple[list[str], list[str
     layer("rlimits", True)
     if not spec.cgroup_joined_by_parent:  # else verified on Load, once the parent has done it
         layer("pids-cgroup", *_join_cgroup(spec.cgroup_procs))
-    if not spec.network:
+    narrowed_to_hosts = spec.network and bool(spec.tcp_hosts)
+    if narrowed_to_hosts:
+        # First, so that without it the worker keeps its network, narrowed to the grant's ports only.
+        _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # what an unprivileged seccomp filter needs
+        egress_fd, why = install_connect_listener()
+        narrowed_to_hosts = egress_fd >= 0
+        layer("egress-filter", narrowed_to_hosts, f"{why}; the network grant holds for its ports, any host")
+    if not spec.network or narrowed_to_hosts:  # with hosts, every way out is a socket the host made
         layer("network-namespace", *_new_network_namespace())
     if spec.uid >= 0:  # after everything that needs root, before no_new_privs
         layer("identity", *_drop_identity(spec.uid, spec.gid))
@@ -125,7 +141,7 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str) -> tuple[list[str], list[str
     layer("landlock", *_landlock(spec))
     layer("seccomp", *install_seccomp(spec.subprocess))
     _explain_denials(spec, plugin)
-    return active, warnings
+    return active, warnings, egress_fd
 
 
 def _set_rlimits(limits: dict[str, int]) -> None:
@@ -215,7 +231,7 @@ def _landlock(spec: p.SandboxSpec) -> tuple[bool, str]:
             for path in paths:
                 _allow_path(ruleset, path, access)
         if net and spec.network:
-            for port in spec.tcp_ports or ():
+            for port in {*(spec.tcp_ports or ()), *(port for _, port in spec.tcp_hosts)}:
                 rule = _NetPortAttr(NET_CONNECT_TCP, port)
                 _libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_NET_PORT, ctypes.byref(rule), 0)
         if _libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
@@ -247,6 +263,24 @@ def _explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
     writable = tuple(os.path.join(os.path.realpath(x), "") for x in spec.write_paths)
     grant = f"config.json: host.plugins.{plugin}.permissions"
 
+    narrowed = spec.network and spec.tcp_ports is not None
+    any_host_ports = set(spec.tcp_ports or ())
+    granted_pairs = {(host.lower(), port) for host, port in spec.tcp_hosts}
+    granted_ports = any_host_ports | {port for _, port in granted_pairs}
+
+    def reachable(address: object) -> bool:
+        """False only where the grant surely refuses: an IP literal may be a granted name's address,
+        which the host checks when it makes the connection."""
+        if not (isinstance(address, tuple) and len(address) >= 2 and isinstance(address[1], int)):
+            return True  # a service name, or no port: decided at connect time
+        host, port = address[0], address[1]
+        if port in any_host_ports or port == 0:
+            return True
+        if port not in granted_ports:
+            return False
+        name = os.fsdecode(host).lower() if isinstance(host, (str, bytes)) else ""
+        return not name or (name, port) in granted_pairs or _is_ip_literal(name)
+
     def covered(path: str, roots: tuple[str, ...]) -> bool:
         real = os.path.join(os.path.realpath(path), "")
         return real.startswith(roots)
@@ -267,6 +301,13 @@ def _explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
         elif event == "socket.connect" and not spec.network and _is_inet(args[0]):
             raise PermissionError(errno.EACCES, f"denied by the sandbox: connecting to {args[1]} needs the "
                                   f"'network' permission ({grant})")
+        elif event in ("socket.connect", "socket.getaddrinfo") and narrowed:
+            address = args[1] if event == "socket.connect" else args[:2]
+            if (event == "socket.getaddrinfo" or _is_inet(args[0])) and not reachable(address):
+                host, port = address[0], address[1]
+                raise PermissionError(errno.EACCES, f"denied by the sandbox: {host}:{port} is not among the "
+                                      f"'network' hosts and ports granted ({grant}.network: add "
+                                      f"\"{host}:{port}\" to its \"hosts\")")
         elif event == "socket.bind" and not spec.network and _is_inet(args[0]):
             raise PermissionError(errno.EACCES, f"denied by the sandbox: binding {args[1]} needs the "
                                   f"'network' permission ({grant})")
@@ -280,3 +321,13 @@ def _explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
 
 def _is_inet(sock: object) -> bool:
     return isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
+def _is_ip_literal(name: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, name.strip("[]").split("%")[0])
+            return True
+        except OSError:
+            pass
+    return False

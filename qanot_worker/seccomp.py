@@ -5,8 +5,12 @@ Denied with EPERM: ptrace and reading other processes' memory, every way to moun
 namespaces, module and kexec loading, reboot, bpf, perf_event_open, userfaultfd, the keyring,
 io_uring, open_by_handle_at, raw port I/O, swap, clock setters, mknod, socket() for AF_UNIX,
 NETLINK, PACKET, VSOCK and ALG (socketpair stays), ioctl(TIOCSTI); clone with namespace flags; and
-clone3 answers ENOSYS so glibc falls back to clone, where flags can be checked. Without the
+clone3 answers ENOSYS so glibc falls back to clone, where flags can be checked, and TCP Fast Open
+sends (a connect hidden in sendto/sendmsg, which the egress listener would not see). Without the
 subprocess permission, execve and every clone that is not a thread are denied too.
+
+A second, one-rule filter hands every connect() to a listener (SECCOMP_RET_USER_NOTIF) when the
+plugin's network is narrowed to host:port pairs: the host answers for the kernel (qanot_host/egress.py).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import errno
 import platform
 import struct
 
-__all__ = ["install_seccomp"]
+__all__ = ["install_seccomp", "install_connect_listener"]
 
 # x86_64 only for now; another architecture reports the layer as missing rather than guess numbers.
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -33,7 +37,9 @@ DENY = {
     "adjtimex": 159, "clock_adjtime": 305, "mknod": 133, "mknodat": 259,
 }
 DENY_WITHOUT_SUBPROCESS = {"execve": 59, "execveat": 322, "fork": 57, "vfork": 58}
-CLONE, CLONE3, SOCKET, IOCTL = 56, 435, 41, 16
+CLONE, CLONE3, SOCKET, IOCTL, CONNECT = 56, 435, 41, 16, 42
+SENDTO, SENDMSG, SENDMMSG = 44, 46, 307  # flags are arg 3, 2 and 3
+MSG_FASTOPEN = 0x20000000
 CLONE_THREAD = 0x00010000
 CLONE_NEW_ANY = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x00000080
 DENIED_FAMILIES = (1, 16, 17, 38, 40)  # AF_UNIX, AF_NETLINK, AF_PACKET, AF_ALG, AF_VSOCK
@@ -44,7 +50,13 @@ LD_W_ABS, JEQ_K, JGE_K, JSET_K, RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 RET_ALLOW = 0x7FFF0000
 RET_KILL = 0x80000000  # SECCOMP_RET_KILL_PROCESS: a foreign-architecture syscall is an attack
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+RET_USER_NOTIF = 0x7FC00000
+SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER = 317, 1, 1 << 3
 OFF_NR, OFF_ARCH, OFF_ARG0, OFF_ARG1 = 0, 4, 16, 24
+
+
+def _arg(index: int) -> int:
+    return OFF_ARG0 + 8 * index  # the low 32 bits, little-endian
 
 
 def _errno(code: int) -> int:
@@ -76,6 +88,10 @@ def _program(subprocess: bool) -> list[tuple[int, int, int, int]]:
     prog += [_op(JEQ_K, SOCKET, 0, len(sock))] + sock
     ioctl = [_op(LD_W_ABS, OFF_ARG1), _op(JEQ_K, TIOCSTI, 0, 1), _op(RET_K, eperm), _op(RET_K, RET_ALLOW)]
     prog += [_op(JEQ_K, IOCTL, 0, len(ioctl))] + ioctl
+    for number, flags_arg in ((SENDTO, 3), (SENDMSG, 2), (SENDMMSG, 3)):
+        fastopen = [_op(LD_W_ABS, _arg(flags_arg)), _op(JSET_K, MSG_FASTOPEN, 0, 1), _op(RET_K, eperm),
+                    _op(RET_K, RET_ALLOW)]
+        prog += [_op(JEQ_K, number, 0, len(fastopen))] + fastopen
     prog.append(_op(RET_K, RET_ALLOW))
     return prog
 
@@ -84,15 +100,36 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+def _fprog(prog: list[tuple[int, int, int, int]]) -> tuple[_SockFprog, ctypes.Array]:
+    raw = b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    return _SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p)), buf  # buf must outlive the call
+
+
 def install_seccomp(subprocess: bool) -> tuple[bool, str]:
     """Load the filter into this process (no_new_privs must already be set)."""
     if platform.machine() != "x86_64":
         return False, f"no syscall table for {platform.machine()} yet"
     prog = _program(subprocess)
-    raw = b"".join(struct.pack("=HBBI", *insn) for insn in prog)
-    buf = ctypes.create_string_buffer(raw, len(raw))
-    fprog = _SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
+    fprog, _buf = _fprog(prog)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         return False, f"prctl(PR_SET_SECCOMP) failed: {errno.errorcode.get(ctypes.get_errno(), '?')}"
     return True, f"{len(prog)} instructions"
+
+
+def install_connect_listener() -> tuple[int, str]:
+    """Send every connect() of this process (and its threads and children) to a listener; returns
+    (listener fd, "") or (-1, why not). Until someone answers, a connect waits; once nobody holds
+    the listener, every connect fails with ENOSYS: closed, never open."""
+    if platform.machine() != "x86_64":
+        return -1, f"no syscall table for {platform.machine()} yet"
+    prog = [_op(LD_W_ABS, OFF_ARCH), _op(JEQ_K, AUDIT_ARCH_X86_64, 1, 0), _op(RET_K, RET_KILL),
+            _op(LD_W_ABS, OFF_NR), _op(JEQ_K, CONNECT, 0, 1), _op(RET_K, RET_USER_NOTIF),
+            _op(RET_K, RET_ALLOW)]
+    fprog, _buf = _fprog(prog)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(fprog))
+    if fd < 0:
+        return -1, f"seccomp(NEW_LISTENER) failed: {errno.errorcode.get(ctypes.get_errno(), '?')}"
+    return fd, ""

@@ -45,7 +45,7 @@ class WorkerServer(asyncio.Protocol):
 
     def attach(self, out: asyncio.WriteTransport) -> None:
         self._out = out
-        self._send(p.Hello(protocol=p.PROTOCOL_VERSION, pid=os.getpid()))
+        self._send(p.Hello(protocol=p.PROTOCOL_VERSION, pid=os.getpid(), egress_fd=self._sandbox.egress_fd))
 
     # ---- transport callbacks ---------------------------------------------------------------------
 
@@ -94,6 +94,7 @@ class WorkerServer(asyncio.Protocol):
 
     def _load(self, msg: p.Load) -> None:
         sandbox = self._sandbox
+        sandbox.release_egress_listener()
         sandbox.verify_cgroup()
         if sandbox.refused:  # strict, and a layer is missing: no plugin code may run
             self._send(p.Failure(msg.id, p.FailureKind.LOAD, sandbox.refused))

@@ -110,4 +110,4 @@ async def test_another_protocol_version_is_fatal_not_restarted(tmp_path):
     async with Host(config_for(tmp_path), launcher=HostileLauncher(b"", protocol=99)) as host:
         sup = host.plugins["echo"]
         assert sup.state == PluginState.FAILED and sup.restarts == 0
-        assert sup.error == "worker speaks protocol 99, the host speaks 1"
+        assert sup.error == f"worker speaks protocol 99, the host speaks {p.PROTOCOL_VERSION}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from aiohttp import web
 
 from qanot_host import Host, PluginState
@@ -15,7 +16,8 @@ from qanot_host import Host, PluginState
 from .conftest import plugin
 
 
-async def test_weather_get_against_a_local_server(write_config):
+@pytest.mark.parametrize("grant", ["ports", "hosts"])
+async def test_weather_get_against_a_local_server(write_config, grant):
     seen = []
 
     async def current(request: web.Request) -> web.Response:
@@ -30,9 +32,12 @@ async def test_weather_get_against_a_local_server(write_config):
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     try:
-        config = write_config([plugin("weather", api_key="k-123", base_url=f"http://127.0.0.1:{port}")],
+        # narrowed to the port, or to the one host and port (by name: the host resolves it too)
+        network, base_url = {"ports": ({"ports": [port]}, f"http://127.0.0.1:{port}"),
+                             "hosts": ({"hosts": [f"localhost:{port}"]}, f"http://localhost:{port}")}[grant]
+        config = write_config([plugin("weather", api_key="k-123", base_url=base_url)],
                               host={"install_timeout": 300, "plugins": {"weather": {
-                                  "permissions": {"network": {"ports": [port]}}}}})
+                                  "permissions": {"network": network}}}})
         async with Host(config) as host:
             assert host.plugins["weather"].state == PluginState.READY, host.plugins["weather"].error
             assert host.plugins["weather"].source.builtin

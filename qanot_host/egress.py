@@ -1,0 +1,361 @@
+"""Network narrowed to host:port pairs: the host makes each TCP connection a plugin is allowed.
+
+A worker whose grant names hosts runs in an empty network namespace, and a seccomp filter hands
+each of its connect() calls to a listener the host holds (SECCOMP_RET_USER_NOTIF). For a TCP
+connect the host reads the address from the worker's memory once, decides on that copy, connects a
+socket of its own (in the host's namespace) and installs it in place of the plugin's socket
+(SECCOMP_IOCTL_NOTIF_ADDFD). The kernel never reads the plugin's address again, so nothing another
+plugin thread writes there in between counts; and every other socket the plugin has lives in a
+namespace with no way out. A connected socket cannot be re-aimed: a disconnect (AF_UNSPEC) of a TCP
+socket is refused here, and TCP Fast Open sends are refused by the worker's seccomp filter.
+
+Host names are matched by address: the host resolves the granted names itself (cached for
+RESOLVE_TTL, resolved again when an address does not match) and allows an address that one of them
+has. Name resolution in the worker goes to the system's nameservers over TCP (RES_OPTIONS=use-vc,
+set by the host), port 53 only: DNS queries are the one channel left open, as in any DNS-based
+allowlist.
+
+UDP and every non-TCP socket are let through to the kernel untouched: they stay in the worker's
+empty namespace, where nothing answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from typing import NamedTuple
+
+from qanot_worker import protocol as p
+
+__all__ = ["EgressGate", "EgressPolicy", "RESOLVER_ENV"]
+
+log = logging.getLogger("qanot_host.egress")
+
+# glibc's resolver over TCP, so that DNS goes through a connect() the host decides on.
+RESOLVER_ENV = {"RES_OPTIONS": "use-vc"}
+
+NOTIF = struct.Struct("=QIIiIQ6Q")  # struct seccomp_notif: id, pid, flags, then seccomp_data
+RESPONSE = struct.Struct("=QqiI")  # struct seccomp_notif_resp: id, val, error, flags
+ADDFD = struct.Struct("=QIIII")  # struct seccomp_notif_addfd: id, flags, srcfd, newfd, newfd_flags
+IOCTL_RECV, IOCTL_SEND, IOCTL_ID_VALID, IOCTL_ADDFD = 0xC0502100, 0xC0182101, 0x40082102, 0x40182103
+ADDFD_FLAG_SETFD = 1
+USER_NOTIF_FLAG_CONTINUE = 1
+SYS_PIDFD_GETFD = 438
+SYS_CONNECT = 42
+AF_UNSPEC = 0
+CONNECT_TIMEOUT = 30.0
+RESOLVE_TTL = 30.0
+REFRESH_AFTER = 1.0  # an address that matches no cached name is looked up again after this long
+# Set on the plugin's socket before connect(): carried over to the one the host makes.
+COPIED_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY), (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                  (socket.SOL_SOCKET, socket.SO_REUSEADDR)]
+MAX_LOGGED_DENIALS = 50  # distinct destinations logged per worker; the count goes on
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class EgressPolicy:
+    """Which (address, port) a plugin may connect to: any host on `ports`, or the `hosts` pairs."""
+
+    def __init__(self, plugin: str, ports: list[int], hosts: list[tuple[str, int]],
+                 nameservers: list[str] | None = None) -> None:
+        self.plugin = plugin
+        self.ports = set(ports)
+        self.hosts = hosts
+        wants_names = any(_literal(host) is None for host, _ in hosts)
+        self._dns = {(_literal(ns), 53) for ns in (nameservers if nameservers is not None else _nameservers())
+                     if _literal(ns) is not None} if wants_names else set()
+        self._resolved: dict[str, tuple[float, set[str]]] = {}
+
+    @classmethod
+    def from_spec(cls, plugin: str, spec: p.SandboxSpec) -> "EgressPolicy":
+        return cls(plugin, list(spec.tcp_ports or ()), [tuple(pair) for pair in spec.tcp_hosts])
+
+    def describe(self) -> str:
+        parts = [f"{host}:{port}" for host, port in self.hosts] + [f"any host:{port}" for port in sorted(self.ports)]
+        return ", ".join(parts)
+
+    async def allows(self, address: str, port: int) -> bool:
+        if port in self.ports or (address, port) in self._dns:
+            return True
+        for refresh in (False, True):
+            for host, granted_port in self.hosts:
+                if granted_port == port and address in await self._addresses(host, refresh):
+                    return True
+        return False
+
+    async def _addresses(self, host: str, refresh: bool) -> set[str]:
+        literal = _literal(host)
+        if literal is not None:
+            return {literal}
+        now = time.monotonic()
+        cached = self._resolved.get(host)
+        if cached is not None and now - cached[0] < (REFRESH_AFTER if refresh else RESOLVE_TTL):
+            return cached[1]
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("plugin %s: granted host %s does not resolve: %s", self.plugin, host, exc)
+            addresses: set[str] = set()
+        else:
+            addresses = {_literal(info[4][0]) or info[4][0] for info in infos}
+        self._resolved[host] = (now, addresses)
+        return addresses
+
+
+class EgressGate:
+    """Answers one worker's connect() calls for the kernel, by its EgressPolicy."""
+
+    def __init__(self, plugin: str, worker_pid: int, listener_fd_in_worker: int, policy: EgressPolicy) -> None:
+        self.plugin = plugin
+        self.policy = policy
+        self.allowed = 0
+        self.denied = 0
+        self.last_denied = ""
+        self._pid = worker_pid
+        self._pidfd = os.pidfd_open(worker_pid)
+        try:
+            self._fd = _pidfd_getfd(self._pidfd, listener_fd_in_worker)
+        except OSError:
+            os.close(self._pidfd)
+            raise
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task] = set()
+        self._logged: set[tuple[str, int]] = set()
+        self._loop.add_reader(self._fd, self._on_ready)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        self._loop.remove_reader(self._fd)
+        for task in self._tasks:
+            task.cancel()
+        os.close(self._fd)
+        os.close(self._pidfd)
+        self._fd = -1
+
+    def status(self) -> dict[str, object]:
+        return {"allowed": self.allowed, "denied": self.denied, "last_denied": self.last_denied,
+                "grant": self.policy.describe()}
+
+    # ---- one notification ------------------------------------------------------------------------
+
+    def _on_ready(self) -> None:
+        # RECV blocks until a notification arrives; readable can also mean "the worker is gone".
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        events = poller.poll(0)
+        if not events or not events[0][1] & select.POLLIN:
+            if events and events[0][1] & (select.POLLHUP | select.POLLERR):
+                self.close()
+            return
+        buf = bytearray(NOTIF.size)
+        try:
+            fcntl.ioctl(self._fd, IOCTL_RECV, buf, True)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EINTR):  # ENOENT: the caller died meanwhile
+                log.error("plugin %s: egress listener failed (%s); its connects will fail", self.plugin, exc)
+                self.close()
+            return
+        notif_id, tid, _flags, nr, _arch, _ip, fd, addr_ptr, addr_len, *_ = NOTIF.unpack(buf)
+        if nr != SYS_CONNECT:
+            self._answer(notif_id, USER_NOTIF_FLAG_CONTINUE)
+            return
+        try:
+            raw = _read_memory(tid, addr_ptr, min(addr_len, 128))
+            fcntl.ioctl(self._fd, IOCTL_ID_VALID, struct.pack("=Q", notif_id))  # tid was not reused
+        except OSError:
+            self._answer(notif_id, error=errno.EFAULT)
+            return
+        family = struct.unpack_from("=H", raw)[0] if len(raw) >= 2 else -1
+        if family not in (socket.AF_INET, socket.AF_INET6, AF_UNSPEC):
+            self._answer(notif_id, USER_NOTIF_FLAG_CONTINUE)  # unix and others: the kernel decides
+            return
+        target = self._target_socket(tid, fd)
+        if target is None or target.kind != socket.SOCK_STREAM:
+            # Not a socket (the kernel says so), or UDP/raw: it stays in the empty namespace.
+            self._answer(notif_id, USER_NOTIF_FLAG_CONTINUE)
+            return
+        if family == AF_UNSPEC:  # a disconnect would free a host-made socket to be re-aimed
+            self._answer(notif_id, error=errno.EACCES)
+            return
+        if family != target.family:
+            self._answer(notif_id, error=errno.EAFNOSUPPORT)
+            return
+        address, port, sockaddr = _parse_sockaddr(family, raw)
+        task = self._loop.create_task(self._connect(notif_id, fd, target, address, port, sockaddr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, notif_id: int, fd: int, target: "_Target", address: str, port: int,
+                       sockaddr: tuple) -> None:
+        if not await self.policy.allows(address, port):
+            self._deny(notif_id, address, port)
+            return
+        sock = socket.socket(target.family, target.kind, target.proto)
+        try:
+            sock.setblocking(False)
+            for level, option, value in target.options:  # what the plugin set before connecting
+                sock.setsockopt(level, option, value)
+            if target.nonblocking:  # the plugin polls for the result itself, as with its own socket
+                error = sock.connect_ex(sockaddr)
+                if error not in (0, errno.EINPROGRESS):
+                    self._answer(notif_id, error=error)
+                    return
+            else:
+                try:
+                    await asyncio.wait_for(self._loop.sock_connect(sock, sockaddr), CONNECT_TIMEOUT)
+                except asyncio.TimeoutError:
+                    self._answer(notif_id, error=errno.ETIMEDOUT)
+                    return
+                except OSError as exc:
+                    self._answer(notif_id, error=exc.errno or errno.ECONNREFUSED)
+                    return
+                sock.setblocking(True)
+                error = 0
+            try:
+                fcntl.ioctl(self._fd, IOCTL_ADDFD, ADDFD.pack(notif_id, ADDFD_FLAG_SETFD, sock.fileno(), fd,
+                                                              target.fd_flags))
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    self._answer(notif_id, error=errno.EACCES)
+                return
+            self.allowed += 1
+            self._answer(notif_id, error=error)
+        finally:
+            sock.close()
+
+    def _deny(self, notif_id: int, address: str, port: int) -> None:
+        self.denied += 1
+        self.last_denied = f"{address}:{port}"
+        if (address, port) not in self._logged and len(self._logged) < MAX_LOGGED_DENIALS:
+            self._logged.add((address, port))
+            log.warning("plugin %s: connect to %s:%d denied: not among its network grant (%s); to allow it, "
+                        "add \"HOST:%d\" to config.json host.plugins.%s.permissions.network.hosts",
+                        self.plugin, address, port, self.policy.describe() or "nothing", port, self.plugin)
+        self._answer(notif_id, error=errno.EACCES)
+
+    def _answer(self, notif_id: int, flags: int = 0, error: int = 0) -> None:
+        if self._fd < 0:
+            return
+        try:
+            fcntl.ioctl(self._fd, IOCTL_SEND, bytearray(RESPONSE.pack(notif_id, 0, -error, flags)), True)
+        except OSError:
+            pass  # the caller died (ENOENT) or the worker is gone
+
+    def _target_socket(self, tid: int, fd: int) -> "_Target | None":
+        """What the plugin's socket is and how it was set up, or None for what is not a socket."""
+        tgid = self._pid if tid == self._pid else _tgid(tid)
+        pidfd = self._pidfd if tgid == self._pid else None
+        try:
+            if pidfd is None:
+                pidfd = os.pidfd_open(tgid)
+            try:
+                copy = _pidfd_getfd(pidfd, fd)
+            finally:
+                if pidfd != self._pidfd:
+                    os.close(pidfd)
+        except OSError:
+            return None
+        try:
+            sock = socket.socket(fileno=copy)
+        except OSError:
+            os.close(copy)
+            return None
+        try:
+            nonblocking = bool(fcntl.fcntl(copy, fcntl.F_GETFL) & os.O_NONBLOCK)
+            options = []
+            if sock.type == socket.SOCK_STREAM:
+                options = [(level, option, sock.getsockopt(level, option)) for level, option in COPIED_OPTIONS]
+            return _Target(sock.family, sock.type, sock.proto, nonblocking, _fd_flags(tgid, fd), options)
+        except OSError:
+            return None
+        finally:
+            sock.close()
+
+
+class _Target(NamedTuple):
+    family: int
+    kind: int
+    proto: int
+    nonblocking: bool
+    fd_flags: int  # O_CLOEXEC or 0, for the installed descriptor
+    options: list[tuple[int, int, int]]
+
+
+def _pidfd_getfd(pidfd: int, fd: int) -> int:
+    copy = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    if copy < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"pidfd_getfd: {os.strerror(code)}")
+    return copy
+
+
+def _read_memory(tid: int, address: int, size: int) -> bytes:
+    fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, address)
+    finally:
+        os.close(fd)
+
+
+def _tgid(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return tid
+
+
+def _fd_flags(tgid: int, fd: int) -> int:
+    """O_CLOEXEC as the plugin's own descriptor had it: a granted subprocess may inherit it."""
+    try:
+        with open(f"/proc/{tgid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("flags:"):
+                    return int(line.split()[1], 8) & os.O_CLOEXEC
+    except (OSError, ValueError):
+        pass
+    return os.O_CLOEXEC
+
+
+def _parse_sockaddr(family: int, raw: bytes) -> tuple[str, int, tuple]:
+    port = struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET:
+        text = socket.inet_ntop(socket.AF_INET, raw[4:8])
+        return text, port, (text, port)
+    flowinfo, = struct.unpack_from("!I", raw, 4)
+    text = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    scope, = struct.unpack_from("=I", raw, 24) if len(raw) >= 28 else (0,)
+    return _literal(text) or text, port, (text, port, flowinfo, scope)
+
+
+def _literal(host: str) -> str | None:
+    """The canonical text of an IP address (an IPv4-mapped IPv6 address as IPv4), None for a name."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _nameservers(path: str = "/etc/resolv.conf") -> list[str]:
+    try:
+        with open(path) as f:
+            return [line.split()[1] for line in f if line.startswith("nameserver") and len(line.split()) > 1]
+    except OSError:
+        return []

@@ -1,0 +1,74 @@
+"""Connects where it is told, in every way a client library might; for the host:port grant tests.
+Returns what happened; a denial comes back as the error text the plugin saw."""
+
+import asyncio
+import ctypes
+import json
+import os
+import socket
+import struct
+
+from qanot.plugins.base import Plugin, tool
+
+libc = ctypes.CDLL(None, use_errno=True)
+ADDRESS = {"type": "object", "required": ["host", "port"],
+           "properties": {"host": {"type": "string"}, "port": {"type": "integer"}}}
+
+
+def _raw_connect(host: str, port: int) -> int:
+    """connect(2) through libc: no Python audit event, only the kernel (and the host) decide."""
+    fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+    addr = struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + socket.inet_aton(host) + bytes(8)
+    if libc.connect(fd, addr, len(addr)) != 0:
+        error = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(error, os.strerror(error))
+    return fd
+
+
+class QanotPlugin(Plugin):
+    @tool(name="net_blocking", description="socket.create_connection, send ping, read the reply.", parameters=ADDRESS)
+    async def blocking(self, params: dict) -> str:
+        with socket.create_connection((params["host"], params["port"]), timeout=5) as sock:
+            sock.sendall(b"ping")
+            return sock.recv(100).decode()
+
+    @tool(name="net_asyncio", description="asyncio.open_connection on the worker's loop.", parameters=ADDRESS)
+    async def on_loop(self, params: dict) -> str:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(params["host"], params["port"]), 5)
+        writer.write(b"ping")
+        reply = await reader.read(100)
+        writer.close()
+        return reply.decode()
+
+    @tool(name="net_raw", description="connect(2) through libc, then ping.", parameters=ADDRESS)
+    async def raw(self, params: dict) -> str:
+        fd = _raw_connect(params["host"], params["port"])
+        with socket.socket(fileno=fd) as sock:
+            sock.sendall(b"ping")
+            return sock.recv(100).decode()
+
+    @tool(name="net_reaim", description="Connect where granted, then try to point a socket elsewhere.",
+          parameters={"type": "object", "required": ["host", "port", "other_port"], "properties": {
+              "host": {"type": "string"}, "port": {"type": "integer"}, "other_port": {"type": "integer"}}})
+    async def reaim(self, params: dict) -> str:
+        host, other = params["host"], params["other_port"]
+        outcome = {}
+        sock = socket.socket(fileno=_raw_connect(host, params["port"]))
+        unspec = struct.pack("=H", socket.AF_UNSPEC) + bytes(14)
+        rc = libc.connect(sock.fileno(), unspec, len(unspec))
+        outcome["disconnect"] = "ok" if rc == 0 else os.strerror(ctypes.get_errno())
+        try:
+            sock.sendto(b"x", socket.MSG_FASTOPEN, (host, other))
+            outcome["fastopen"] = "sent"
+        except OSError as exc:
+            outcome["fastopen"] = exc.strerror
+        sock.close()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.sendto(b"udp", (host, other))
+            outcome["udp"] = "sent"
+        except OSError as exc:
+            outcome["udp"] = exc.strerror
+        udp.close()
+        return json.dumps(outcome)

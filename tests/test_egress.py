@@ -1,0 +1,126 @@
+"""Network narrowed to host:port pairs: the worker has no network of its own, and the host makes
+each TCP connection the grant allows (qanot_host/egress.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from qanot_host import ConfigError, Host, PluginState
+from qanot_host.config import parse_config
+
+from .conftest import GREETER, plugin
+
+
+class Listener:
+    """A TCP server in the host's network namespace that answers "pong:<port>" and counts clients."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.requested_port = host, port
+        self.accepted = 0
+
+    async def __aenter__(self) -> "Listener":
+        async def serve(reader, writer):
+            self.accepted += 1
+            await reader.read(4)
+            writer.write(f"pong:{self.port}".encode())
+            await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(serve, self.host, self.requested_port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+
+def narrowed(write_config, hosts: list[str], launcher: str = "forkserver") -> str:
+    return write_config([plugin("net_client"), GREETER], host={"launcher": launcher, "plugins": {
+        "net_client": {"permissions": {"network": {"hosts": hosts}}}}})
+
+
+@pytest.mark.parametrize("launcher", ["forkserver", "spawn"])
+async def test_granted_host_is_reached_every_way_and_nothing_else(write_config, launcher):
+    async with Listener() as granted, Listener() as other:
+        config = narrowed(write_config, [f"127.0.0.1:{granted.port}"], launcher)
+        async with Host(config) as host:
+            assert "egress-filter" in host.plugins["net_client"].worker.info.sandbox_layers
+            address = {"host": "127.0.0.1", "port": granted.port}
+            for tool in ("net_blocking", "net_asyncio", "net_raw"):
+                assert await host.registry.execute(tool, address) == f"pong:{granted.port}", tool
+            # another port on the same host: the audit hook names the grant for Python sockets ...
+            denied = json.loads(await host.registry.execute(
+                "net_blocking", {"host": "127.0.0.1", "port": other.port}))["error"]
+            assert f"127.0.0.1:{other.port} is not among the 'network' hosts and ports granted" in denied
+            assert f"host.plugins.net_client.permissions.network: add \"127.0.0.1:{other.port}\"" in denied
+            # ... and the kernel and the host refuse a raw connect(2) the audit hook never sees
+            raw = await host.registry.execute("net_raw", {"host": "127.0.0.1", "port": other.port})
+            assert "Permission denied" in raw
+            gate = host.plugins["net_client"].worker.egress
+            assert gate.denied == 1 and gate.last_denied == f"127.0.0.1:{other.port}" and gate.allowed == 3
+            row = next(row for row in host.status() if row["plugin"] == "net_client")
+            assert row["egress"] == {"allowed": 3, "denied": 1, "last_denied": f"127.0.0.1:{other.port}",
+                                     "grant": f"127.0.0.1:{granted.port}"}
+            assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+        assert other.accepted == 0 and granted.accepted == 3
+
+
+async def test_a_granted_port_on_another_address_is_refused(write_config):
+    async with Listener("127.0.0.1") as granted, Listener("127.0.0.2", 0) as elsewhere:
+        config = narrowed(write_config, [f"127.0.0.1:{granted.port}", f"127.0.0.1:{elsewhere.port}"])
+        async with Host(config) as host:
+            # the same port as a grant, on an address the grant does not name
+            reply = await host.registry.execute("net_asyncio", {"host": "127.0.0.2", "port": elsewhere.port})
+            assert "Permission denied" in reply or "Errno 13" in reply, reply
+        assert elsewhere.accepted == 0
+
+
+async def test_host_names_are_matched_by_their_addresses(write_config, caplog):
+    async with Listener() as granted:
+        config = narrowed(write_config, [f"localhost:{granted.port}"])
+        async with Host(config) as host:
+            for tool in ("net_blocking", "net_asyncio"):
+                assert await host.registry.execute(tool, {"host": "localhost", "port": granted.port}) \
+                    == f"pong:{granted.port}"
+            # the address localhost has, by number, is the same destination
+            assert await host.registry.execute("net_raw", {"host": "127.0.0.1", "port": granted.port}) \
+                == f"pong:{granted.port}"
+            denied = await host.registry.execute("net_raw", {"host": "127.0.0.1", "port": granted.port + 1})
+            assert "Permission denied" in denied
+    assert any(f"connect to 127.0.0.1:{granted.port + 1} denied: not among its network grant "
+               f"(localhost:{granted.port})" in r.getMessage() and "host.plugins.net_client.permissions"
+               in r.getMessage() for r in caplog.records)
+
+
+async def test_a_host_made_socket_cannot_be_aimed_elsewhere(write_config):
+    async with Listener() as granted, Listener() as other:
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", other.port))
+        udp.setblocking(False)
+        config = narrowed(write_config, [f"127.0.0.1:{granted.port}"])
+        async with Host(config) as host:
+            outcome = json.loads(await host.registry.execute(
+                "net_reaim", {"host": "127.0.0.1", "port": granted.port, "other_port": other.port}))
+            assert host.plugins["net_client"].state == PluginState.READY
+        assert outcome["disconnect"] == "Permission denied"
+        assert outcome["fastopen"] == "Operation not permitted"
+        assert outcome["udp"] == "Network is unreachable"  # UDP stays in the worker's empty namespace
+        with pytest.raises(BlockingIOError):
+            udp.recvfrom(10)
+        udp.close()
+        assert other.accepted == 0
+
+
+def test_a_malformed_host_names_plugin_key_and_entry(tmp_path):
+    raw = json.dumps({"plugins": [{"name": "a"}, {"name": "b"}], "host": {"plugins": {
+        "a": {}, "b": {"permissions": {"network": {"hosts": ["api.example.com:443", "api.example.com"]}}}}}})
+    with pytest.raises(ConfigError, match=r"c.json: host.plugins.b.permissions.network: hosts\[1\]: "
+                                          r"'api.example.com' is not \"host:port\""):
+        parse_config(raw, str(tmp_path / "c.json"))
+    empty = json.dumps({"plugins": [{"name": "a"}], "host": {"plugins": {"a": {"permissions": {"network": {}}}}}})
+    with pytest.raises(ConfigError, match="host.plugins.a.permissions.network: grants nothing"):
+        parse_config(empty, str(tmp_path / "c.json"))
