@@ -124,3 +124,24 @@ def test_a_malformed_host_names_plugin_key_and_entry(tmp_path):
     empty = json.dumps({"plugins": [{"name": "a"}], "host": {"plugins": {"a": {"permissions": {"network": {}}}}}})
     with pytest.raises(ConfigError, match="host.plugins.a.permissions.network: grants nothing"):
         parse_config(empty, str(tmp_path / "c.json"))
+
+
+async def test_rewriting_the_address_during_connect_reaches_nothing_else(write_config):
+    """The host decides on its own copy of the address and connects that copy: a thread that
+    flips the port in the plugin's memory meanwhile never gets the other port."""
+    async with Listener() as granted, Listener() as other:
+        async with Host(narrowed(write_config, [f"127.0.0.1:{granted.port}"])) as host:
+            outcome = json.loads(await host.registry.execute(
+                "net_race", {"host": "127.0.0.1", "port": granted.port, "other_port": other.port}))
+            gate = host.plugins["net_client"].worker.egress
+            assert outcome["connected"] + outcome["refused"] == 200
+            assert outcome["connected"] == gate.allowed and outcome["refused"] == gate.denied
+            assert gate.allowed > 0
+        assert other.accepted == 0
+
+
+async def test_plugin_code_never_holds_the_connect_listener(write_config):
+    async with Host(narrowed(write_config, ["127.0.0.1:9"])) as host:
+        fds = json.loads(await host.registry.execute("net_fds", {}))
+    assert not [fd for fd in fds if "seccomp" in fd], fds
+    assert any("pipe" in fd for fd in fds)  # the listing is real

@@ -72,3 +72,39 @@ class QanotPlugin(Plugin):
             outcome["udp"] = exc.strerror
         udp.close()
         return json.dumps(outcome)
+
+    @tool(name="net_race", description="Connect to a granted address while another thread rewrites it.",
+          parameters={"type": "object", "required": ["host", "port", "other_port"], "properties": {
+              "host": {"type": "string"}, "port": {"type": "integer"}, "other_port": {"type": "integer"}}})
+    async def race(self, params: dict) -> str:
+        import threading
+        granted, other = (struct.pack("!H", params[key]) for key in ("port", "other_port"))
+        addr = ctypes.create_string_buffer(struct.pack("=H", socket.AF_INET) + granted +
+                                           socket.inet_aton(params["host"]) + bytes(8), 16)
+        stop = threading.Event()
+
+        def flip() -> None:  # the port bytes, back and forth, as fast as the GIL allows
+            while not stop.is_set():
+                ctypes.memmove(ctypes.addressof(addr) + 2, other, 2)
+                ctypes.memmove(ctypes.addressof(addr) + 2, granted, 2)
+
+        flipper = threading.Thread(target=flip)
+        flipper.start()
+        connected = refused = 0
+        try:
+            for _ in range(200):
+                fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+                if libc.connect(fd, addr, 16) == 0:
+                    connected += 1
+                else:
+                    refused += 1
+                os.close(fd)
+        finally:
+            stop.set()
+            flipper.join()
+        return json.dumps({"connected": connected, "refused": refused})
+
+    @tool(name="net_fds", description="What each open descriptor of this process is.")
+    async def fds(self, params: dict) -> str:
+        return json.dumps(sorted(os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                                 if os.path.exists(f"/proc/self/fd/{fd}")))
