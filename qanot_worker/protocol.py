@@ -26,7 +26,7 @@ from typing import Any, Union
 import msgspec
 
 __all__ = [
-    "PROTOCOL_VERSION", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter",
+    "PROTOCOL_VERSION", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter", "Outbox",
     "Hello", "Load", "Loaded", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
@@ -249,11 +249,7 @@ class FrameBuffer:
 
 
 class FrameWriter:
-    """Encodes a message straight behind its length prefix, so each frame is one write().
-
-    Frames are written as soon as they are made, never batched per loop turn: measured here,
-    batching put host and worker in lockstep and halved throughput at 64 calls in flight.
-    """
+    """Encodes a message straight behind its length prefix, in one buffer."""
 
     __slots__ = ("_encoder", "_max")
 
@@ -269,3 +265,47 @@ class FrameWriter:
             raise FrameTooLarge(f"message of {size} bytes exceeds the maximum frame of {self._max}")
         _PREFIX.pack_into(buf, 0, size)
         return buf
+
+
+class Outbox:
+    """Frames on their way into one pipe, up to COALESCE of them per write().
+
+    Measured here with 64 calls in flight: one write per frame spends a system call and a wake-up
+    on every call; coalescing everything made in a loop turn put host and worker in lockstep, each
+    idle while the other worked through the whole batch (throughput halved). Chunks of a few frames
+    keep both: the peer starts on the first chunk while this side makes the next.
+    """
+
+    __slots__ = ("transport", "_frames")
+    COALESCE = 16
+
+    def __init__(self) -> None:
+        self.transport: Any = None  # an asyncio WriteTransport, once the pipe is connected
+        self._frames: list[bytes | bytearray] = []
+
+    def add(self, frame: bytes | bytearray) -> None:
+        """Hold a frame; the caller flushes (a full chunk goes at once)."""
+        frames = self._frames
+        frames.append(frame)
+        if len(frames) >= self.COALESCE:
+            self.flush()
+
+    def send(self, frame: bytes | bytearray) -> None:
+        """Write a frame now, after any held ones."""
+        if self._frames:
+            self._frames.append(frame)
+            self.flush()
+        else:
+            self._write(frame)
+
+    def flush(self) -> None:
+        frames = self._frames
+        if frames:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            frames.clear()
+            self._write(data)
+
+    def _write(self, data: bytes | bytearray) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)

@@ -1,7 +1,9 @@
 """The worker's side of the protocol: one plugin, served over two pipes.
 
-Calls run as tasks keyed by request id, so a slow call never holds up the others and the host can
-cancel one by id. Nothing here trusts the plugin: every exception from its code becomes a Failure.
+A call's first step runs as soon as it is read (eager.py); one that has to wait goes on in a task
+keyed by request id, so a slow call never holds up the others and the host can cancel it by id.
+The replies to the calls in one read leave together, a few frames per write (protocol.Outbox).
+Nothing here trusts the plugin: every exception from its code becomes a Failure.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import logging
 import os
 import sys
 import traceback
+from types import CoroutineType
 
 import msgspec
 
 from . import protocol as p
+from .eager import EagerStarter
 from .loader import PluginLoadError, check_tools, load_plugin
 from .plugin_api import Plugin, ToolDef
 from .sandbox import SandboxOutcome
@@ -34,28 +38,34 @@ class WorkerServer(asyncio.Protocol):
         self._frames = p.FrameBuffer(max_frame)
         self._writer = p.FrameWriter(max_frame)
         self._decoder = msgspec.msgpack.Decoder(p.HostMessage)
-        self._out: asyncio.WriteTransport | None = None
+        self._outbox = p.Outbox()
+        self._reading = False  # inside data_received: replies are held and go out in chunks
         self._plugin: Plugin | None = None
         self._tools: dict[str, ToolDef] = {}
         self._calls: dict[int, asyncio.Task] = {}
         self._cancelled_by_host: set[int] = set()
         self._tasks: set[asyncio.Task] = set()
         self._loop = asyncio.get_running_loop()
+        self._eager = EagerStarter(self._loop)
         self.finished: asyncio.Future[int] = self._loop.create_future()
 
     def attach(self, out: asyncio.WriteTransport) -> None:
-        self._out = out
+        self._outbox.transport = out
         self._send(p.Hello(protocol=p.PROTOCOL_VERSION, pid=os.getpid(), egress_fd=self._sandbox.egress_fd))
 
     # ---- transport callbacks ---------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self._reading = True
         try:
             for frame in self._frames.feed(data):
                 self._dispatch(self._decoder.decode(frame))
         except (p.FrameTooLarge, msgspec.DecodeError) as exc:
             log.error("bad frame from the host: %s", exc)
             self._finish(70)
+        finally:
+            self._reading = False
+            self._outbox.flush()
 
     def eof_received(self) -> bool:
         # The host is gone (exited or killed): give the plugin a bounded chance to clean up.
@@ -69,13 +79,15 @@ class WorkerServer(asyncio.Protocol):
     # ---- requests --------------------------------------------------------------------------------
 
     def _dispatch(self, msg: p.HostMessage) -> None:
+        if type(msg) is p.Call:  # nearly every message: before the match
+            if msg.id in self._calls:
+                self._send(p.Failure(msg.id, p.FailureKind.PROTOCOL, "duplicate request id"))
+                return
+            task = self._eager.start(self._call(msg))
+            if task is not None:  # it waits: _calls holds its task until its finally pops it
+                self._calls[msg.id] = task
+            return
         match msg:
-            case p.Call():
-                if msg.id in self._calls:
-                    self._send(p.Failure(msg.id, p.FailureKind.PROTOCOL, "duplicate request id"))
-                    return
-                # _calls holds the task until it ends (its finally pops it): no second set needed.
-                self._calls[msg.id] = self._loop.create_task(self._call(msg))
             case p.Cancel():
                 task = self._calls.get(msg.id)
                 if task is not None:
@@ -138,7 +150,7 @@ class WorkerServer(asyncio.Protocol):
                 return
             try:
                 result = tool.handler(msg.params)
-                if type(result) is not str and inspect.isawaitable(result):
+                if type(result) is CoroutineType or (type(result) is not str and inspect.isawaitable(result)):
                     result = await result
             except asyncio.CancelledError:
                 # Only the host's Cancel is answered; a cancel from the loop shutting down (the
@@ -151,7 +163,7 @@ class WorkerServer(asyncio.Protocol):
                 await self._on_error(msg.tool, exc)
                 self._send(p.Failure(msg.id, p.FailureKind.TOOL, _describe(exc)))
                 return
-            if not isinstance(result, str):
+            if type(result) is not str and not isinstance(result, str):
                 self._send(p.Failure(msg.id, p.FailureKind.BAD_RESULT,
                                      f"returned {type(result).__name__}, expected str"))
                 return
@@ -203,8 +215,10 @@ class WorkerServer(asyncio.Protocol):
             frame = self._writer.frame(msg)
         except p.FrameTooLarge as exc:
             frame = self._writer.frame(p.Failure(msg.id, p.FailureKind.TOO_LARGE, str(exc)))
-        if self._out is not None and not self._out.is_closing():
-            self._out.write(frame)
+        if self._reading:
+            self._outbox.add(frame)
+        else:
+            self._outbox.send(frame)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

@@ -215,3 +215,21 @@ async def test_builtin_plugin_wins_over_plugins_dir(write_config, tmp_path):
         assert await host.registry.execute("echo", {"a": 1}) == '{"a": 1}'
         assert not host.plugins["only_here"].source.builtin
         assert await host.registry.execute("only_here", {}) == "impostor"
+
+
+async def test_handlers_see_one_task_their_timeouts_and_their_own_context(write_config):
+    """The worker runs each call's first step at once (qanot_worker/eager.py): what a handler
+    expects of its task must hold whether the call finishes at once or waits."""
+    async with Host(write_config([plugin("task_semantics")])) as host:
+        execute = host.registry.execute
+        assert await execute("ts_timeout", {}) == "timed out"
+        assert await execute("ts_same_task", {}) == "same"
+        # each call has its own context: a value set by one call is not seen by the next
+        results = await asyncio.gather(*(execute("ts_context", {"value": str(i)}) for i in range(20)))
+        assert results == [f"unset->{i}" for i in range(20)]
+        # a handler that cancels its own task and returns: its reply is the result, and the
+        # worker goes on serving (the lent task is not reused)
+        assert await execute("ts_cancel_self", {}) == "finished"
+        assert await asyncio.gather(*(execute("ts_quick", {}) for _ in range(50))) == ["quick"] * 50
+        assert await execute("ts_same_task", {}) == "same"
+        assert await execute("ts_timeout", {}) == "timed out"

@@ -40,3 +40,26 @@ def test_truncated_frame_stays_pending():
     buffer = p.FrameBuffer()
     assert buffer.feed(frame[:-1]) == []
     assert buffer.pending == len(frame) - 1
+
+
+def test_outbox_writes_chunks_in_order():
+    class Pipe:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data) -> None:
+            self.writes.append(bytes(data))
+
+        def is_closing(self) -> bool:
+            return False
+
+    outbox = p.Outbox()
+    outbox.transport = pipe = Pipe()
+    for i in range(p.Outbox.COALESCE + 3):
+        outbox.add(b"%d," % i)
+    assert len(pipe.writes) == 1  # a full chunk went at once; three are held
+    outbox.send(b"now,")  # written after the held ones, in one write
+    outbox.send(b"alone,")
+    outbox.flush()  # nothing held: no empty write
+    assert b"".join(pipe.writes) == b"".join(b"%d," % i for i in range(p.Outbox.COALESCE + 3)) + b"now,alone,"
+    assert len(pipe.writes) == 3
