@@ -17,6 +17,7 @@ import msgspec
 
 from qanot_worker import protocol as p
 
+from .deadlines import Deadlines
 from .errors import PluginError, ProtocolViolation, ToolFailed, WorkerTimeout
 
 __all__ = ["WorkerChannel", "RemoteFailure"]
@@ -31,6 +32,10 @@ class RemoteFailure(Exception):
         self.message = message
 
 
+class _CALL:
+    """The reply type a tool call expects: Result, settled as its value string."""
+
+
 class WorkerChannel(asyncio.Protocol):
     def __init__(self, plugin: str, max_frame: int, on_lost: Callable[[PluginError | None], None],
                  on_abandoned: Callable[[int, str], None] | None = None) -> None:
@@ -41,9 +46,13 @@ class WorkerChannel(asyncio.Protocol):
         self._writer = p.FrameWriter(max_frame)
         self._decoder = msgspec.msgpack.Decoder(p.WorkerMessage)
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future, type]] = {}
+        # id -> (future, the reply type expected, what was asked); a tool call expects _CALL
+        self._pending: dict[int, tuple[asyncio.Future, type, str]] = {}
+        self._deadlines = Deadlines(loop, self._pending, self._expire)
         self._abandoned: set[int] = set()
         self._out: asyncio.WriteTransport | None = None
+        self._outbox = p.Outbox()
+        self._turn_flush_pending = False
         self._in: asyncio.ReadTransport | None = None
         self._on_lost = on_lost
         self._on_abandoned = on_abandoned
@@ -60,6 +69,7 @@ class WorkerChannel(asyncio.Protocol):
         channel = cls(plugin, max_frame, on_lost, on_abandoned)
         channel._out, _ = await loop.connect_write_pipe(
             asyncio.Protocol, os.fdopen(to_worker, "wb", buffering=0))
+        channel._outbox.transport = channel._out
         channel._in, _ = await loop.connect_read_pipe(
             lambda: channel, os.fdopen(from_worker, "rb", buffering=0))
         return channel
@@ -82,20 +92,20 @@ class WorkerChannel(asyncio.Protocol):
         finally:
             timer.cancel()
 
-    async def call(self, tool: str, params: dict, timeout: float) -> str:
-        """request() specialised for the hot path: one tool call, its failure typed for the caller."""
+    def call(self, tool: str, params: dict, timeout: float) -> asyncio.Future[str]:
+        """request() specialised for the hot path: a future of the tool's result string, failed
+        with ToolFailed or WorkerTimeout. No coroutine and no timer of its own: the reply settles
+        the future directly, and the timeout is one entry among the channel's deadlines."""
         request_id = self._next_id()
         try:
-            future, timer = self._start(request_id, p.Call(request_id, tool, params), p.Result,
-                                        timeout, f"tool {tool}")
+            frame = self._writer.frame(p.Call(request_id, tool, params))
         except p.FrameTooLarge as exc:
             raise ToolFailed(self._plugin, tool, f"the request is too large: {exc}") from None
-        try:
-            return (await future).value
-        except RemoteFailure as exc:
-            raise ToolFailed(self._plugin, tool, exc.message) from None
-        finally:
-            timer.cancel()
+        future = self._loop.create_future()
+        self._pending[request_id] = (future, _CALL, tool)
+        self._write(frame)
+        self._deadlines.add(request_id, timeout, tool)
+        return future
 
     def _next_id(self) -> int:
         if self.closed is not None:
@@ -107,7 +117,7 @@ class WorkerChannel(asyncio.Protocol):
         """Frame and send one request, remember it, and arm its timeout (FrameTooLarge: nothing sent)."""
         frame = self._writer.frame(message)
         future = self._loop.create_future()
-        self._pending[request_id] = (future, expect)
+        self._pending[request_id] = (future, expect, what)
         self._write(frame)
         return future, self._loop.call_later(timeout, self._expire, request_id, timeout, what)
 
@@ -117,6 +127,8 @@ class WorkerChannel(asyncio.Protocol):
             return
         future = entry[0]
         self._abandoned.add(request_id)
+        if entry[1] is _CALL:
+            what = f"tool {what}"
         future.set_exception(WorkerTimeout(self._plugin, f"{what} timed out after {timeout:g} s"))
         self._write(self._writer.frame(p.Cancel(request_id)))
         if self._on_abandoned is not None:
@@ -127,11 +139,18 @@ class WorkerChannel(asyncio.Protocol):
         return request_id in self._abandoned
 
     def _write(self, frame: bytearray) -> None:
-        # Written at once, not coalesced: the worker starts on a request while the host prepares
-        # the next, so both processes work in parallel (batching here put them in lockstep).
-        out = self._out
-        if out is not None and not out.is_closing():
-            out.write(frame)
+        """The first frame of a loop turn goes at once (a lone call waits for nothing); the ones
+        after it in the same turn, from calls made together, are coalesced (protocol.Outbox)."""
+        if self._turn_flush_pending:
+            self._outbox.add(frame)
+        else:
+            self._outbox.send(frame)
+            self._turn_flush_pending = True
+            self._loop.call_soon(self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        self._turn_flush_pending = False
+        self._outbox.flush()
 
     # ---- replies ---------------------------------------------------------------------------------
 
@@ -158,13 +177,24 @@ class WorkerChannel(asyncio.Protocol):
                 return
             raise msgspec.DecodeError(f"a reply to request {msg.id}, which was never sent or was "
                                       "already answered")
-        future, expect = entry
-        if not isinstance(msg, (expect, p.Failure)):
-            raise msgspec.DecodeError(f"{type(msg).__name__} in reply to a request that expects "
+        future, expect, what = entry
+        kind = type(msg)
+        if expect is _CALL:
+            if future.done():  # the caller went away (cancelled): nobody to tell
+                return
+            if kind is p.Result:
+                future.set_result(msg.value)
+            elif kind is p.Failure:
+                future.set_exception(ToolFailed(self._plugin, what, msg.message))
+            else:
+                raise msgspec.DecodeError(f"{kind.__name__} in reply to a tool call")
+            return
+        if kind is not expect and kind is not p.Failure:
+            raise msgspec.DecodeError(f"{kind.__name__} in reply to a request that expects "
                                       f"{expect.__name__}")
         if future.done():
             return
-        if isinstance(msg, p.Failure):
+        if kind is p.Failure:
             future.set_exception(RemoteFailure(msg.kind, msg.message))
         else:
             future.set_result(msg)
@@ -194,8 +224,10 @@ class WorkerChannel(asyncio.Protocol):
     def fail_pending(self, error: PluginError) -> None:
         """End every request still waiting, at once, with `error`."""
         self.closed = error
-        pending, self._pending = self._pending, {}
-        for future, _ in pending.values():
+        pending = list(self._pending.values())
+        self._pending.clear()  # the same dict: the deadlines watch it
+        self._deadlines.clear()
+        for future, _, _ in pending:
             if not future.done():
                 future.set_exception(error)
         if not self.hello.done():

@@ -61,7 +61,10 @@ class ToolRegistry:
     async def execute(self, name: str, params: dict[str, Any]) -> str:
         """Run a tool and return its result string; any failure comes back as {"error": ...}."""
         try:
-            return await self.invoke(name, params)
+            tool = self._checked(name, params)
+            if tool.plugin is not None:  # invoke()'s hot path, without a coroutine layer between
+                return await tool.handler(params)
+            return await self._in_host(tool, params)
         except QanotHostError as exc:
             return _error(str(exc))
         except asyncio.TimeoutError:
@@ -81,17 +84,24 @@ class ToolRegistry:
 
     async def invoke(self, name: str, params: dict[str, Any]) -> str:
         """execute() with typed errors raised instead of returned."""
+        tool = self._checked(name, params)
+        if tool.plugin is not None:
+            return await tool.handler(params)  # the worker enforces its own per-call timeout
+        return await self._in_host(tool, params)
+
+    def _checked(self, name: str, params: dict[str, Any]) -> RegisteredTool:
         tool = self._tools.get(name)
         if tool is None:
             raise ToolNotFound(name)
         problems = tool.validate(params)
         if problems:
             raise InvalidParams(name, problems)
-        if tool.plugin is not None:
-            return await tool.handler(params)  # the worker enforces its own per-call timeout
+        return tool
+
+    async def _in_host(self, tool: RegisteredTool, params: dict[str, Any]) -> str:
         result = await asyncio.wait_for(tool.handler(params), self.timeout)
         if not isinstance(result, str):
-            raise QanotHostError(f"Tool {name} returned {type(result).__name__}, expected str")
+            raise QanotHostError(f"Tool {tool.name} returned {type(result).__name__}, expected str")
         return result
 
     def get(self, name: str) -> RegisteredTool | None:

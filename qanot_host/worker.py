@@ -186,7 +186,7 @@ class WorkerHandle:
     # ---- calls -----------------------------------------------------------------------------------
 
     def call(self, tool: str, params: dict[str, Any], timeout: float) -> Awaitable[str]:
-        """The call's awaitable, straight from the channel: no coroutine layer of its own."""
+        """The call's future, straight from the channel: no coroutine layer of its own."""
         channel = self._channel
         if channel is None or self._stopping:
             raise PluginUnavailable(self.plugin, "worker is stopping")
