@@ -96,7 +96,9 @@ class WorkerChannel(asyncio.Protocol):
         """request() specialised for the hot path: a future of the tool's result string, failed
         with ToolFailed or WorkerTimeout. No coroutine and no timer of its own: the reply settles
         the future directly, and the timeout is one entry among the channel's deadlines."""
-        request_id = self._next_id()
+        if self.closed is not None:
+            raise self.closed
+        request_id = next(self._ids)
         try:
             frame = self._writer.frame(p.Call(request_id, tool, params))
         except p.FrameTooLarge as exc:
@@ -145,6 +147,7 @@ class WorkerChannel(asyncio.Protocol):
             self._outbox.add(frame)
         else:
             self._outbox.send(frame)
+            self._outbox.chunk = len(self._pending) // p.CHUNK_DIVISOR + 1
             self._turn_flush_pending = True
             self._loop.call_soon(self._end_of_turn)
 

@@ -215,27 +215,30 @@ class FrameBuffer:
         self._buf = bytearray()
         self._max = max_frame
 
-    def feed(self, data: bytes) -> list[memoryview | bytes]:
+    def feed(self, data: bytes) -> list[memoryview]:
+        """The whole frames that `data` completes, as views (no copy of each frame); a partial
+        frame at the end is kept for the next read."""
         buf = self._buf
-        if not buf and len(data) >= HEADER:
-            # Fast path: the read holds exactly one frame, as it does for nearly every call.
-            size = int.from_bytes(data[:HEADER], "big")
-            self._check(size)
-            if size == len(data) - HEADER:
-                return [memoryview(data)[HEADER:]]
-        buf += data
+        if buf:  # a frame was split across reads: join once, into bytes the views can hold on to
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        view = memoryview(data)
+        end = len(data)
         start = 0
-        end = len(buf)
-        frames: list[memoryview | bytes] = []
+        frames: list[memoryview] = []
+        unpack = _PREFIX.unpack_from
         while end - start >= HEADER:
-            size = int.from_bytes(buf[start:start + HEADER], "big")
-            self._check(size)
+            size = unpack(data, start)[0]
+            if size > self._max:
+                self._check(size)
             if end - start - HEADER < size:
                 break
-            frames.append(bytes(buf[start + HEADER:start + HEADER + size]))
-            start += HEADER + size
-        if start:
-            del buf[:start]
+            start += HEADER
+            frames.append(view[start:start + size])
+            start += size
+        if start < end:
+            buf += view[start:]
         return frames
 
     def _check(self, size: int) -> None:
@@ -267,6 +270,9 @@ class FrameWriter:
         return buf
 
 
+CHUNK_DIVISOR = 4
+
+
 class Outbox:
     """Frames on their way into one pipe, up to COALESCE of them per write().
 
@@ -276,18 +282,18 @@ class Outbox:
     keep both: the peer starts on the first chunk while this side makes the next.
     """
 
-    __slots__ = ("transport", "_frames")
-    COALESCE = 16
+    __slots__ = ("transport", "chunk", "_frames")
 
     def __init__(self) -> None:
         self.transport: Any = None  # an asyncio WriteTransport, once the pipe is connected
+        self.chunk = 1  # frames per write: the owner sizes it to the calls in flight
         self._frames: list[bytes | bytearray] = []
 
     def add(self, frame: bytes | bytearray) -> None:
         """Hold a frame; the caller flushes (a full chunk goes at once)."""
         frames = self._frames
         frames.append(frame)
-        if len(frames) >= self.COALESCE:
+        if len(frames) >= self.chunk:
             self.flush()
 
     def send(self, frame: bytes | bytearray) -> None:

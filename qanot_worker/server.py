@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import traceback
+from functools import partial
 from types import CoroutineType
 
 import msgspec
@@ -58,7 +59,9 @@ class WorkerServer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reading = True
         try:
-            for frame in self._frames.feed(data):
+            frames = self._frames.feed(data)
+            self._outbox.chunk = len(frames) // p.CHUNK_DIVISOR + 1
+            for frame in frames:
                 self._dispatch(self._decoder.decode(frame))
         except (p.FrameTooLarge, msgspec.DecodeError) as exc:
             log.error("bad frame from the host: %s", exc)
@@ -84,8 +87,9 @@ class WorkerServer(asyncio.Protocol):
                 self._send(p.Failure(msg.id, p.FailureKind.PROTOCOL, "duplicate request id"))
                 return
             task = self._eager.start(self._call(msg))
-            if task is not None:  # it waits: _calls holds its task until its finally pops it
+            if task is not None:  # it waits: _calls holds its task until it ends
                 self._calls[msg.id] = task
+                task.add_done_callback(partial(self._call_ended, msg.id))
             return
         match msg:
             case p.Cancel():
@@ -143,34 +147,34 @@ class WorkerServer(asyncio.Protocol):
             p.ToolSpec(t.name, _text(t.description), t.parameters) for t in self._tools.values()]))
 
     async def _call(self, msg: p.Call) -> None:
+        tool = self._tools.get(msg.tool)
+        if tool is None:
+            self._send(p.Failure(msg.id, p.FailureKind.UNKNOWN_TOOL, f"no tool named {msg.tool!r}"))
+            return
         try:
-            tool = self._tools.get(msg.tool)
-            if tool is None:
-                self._send(p.Failure(msg.id, p.FailureKind.UNKNOWN_TOOL, f"no tool named {msg.tool!r}"))
-                return
-            try:
-                result = tool.handler(msg.params)
-                if type(result) is CoroutineType or (type(result) is not str and inspect.isawaitable(result)):
-                    result = await result
-            except asyncio.CancelledError:
-                # Only the host's Cancel is answered; a cancel from the loop shutting down (the
-                # worker is dying) must not look like one: the host reports the exit instead.
-                if msg.id in self._cancelled_by_host:
-                    self._send(p.Failure(msg.id, p.FailureKind.CANCELLED, "cancelled by the host"))
-                return
-            except Exception as exc:
-                log.error("tool %s raised:\n%s", msg.tool, traceback.format_exc())
-                await self._on_error(msg.tool, exc)
-                self._send(p.Failure(msg.id, p.FailureKind.TOOL, _describe(exc)))
-                return
-            if type(result) is not str and not isinstance(result, str):
-                self._send(p.Failure(msg.id, p.FailureKind.BAD_RESULT,
-                                     f"returned {type(result).__name__}, expected str"))
-                return
-            self._send(p.Result(msg.id, result))
-        finally:
-            self._calls.pop(msg.id, None)
-            self._cancelled_by_host.discard(msg.id)
+            result = tool.handler(msg.params)
+            if type(result) is CoroutineType or (type(result) is not str and inspect.isawaitable(result)):
+                result = await result
+        except asyncio.CancelledError:
+            # Only the host's Cancel is answered; a cancel from the loop shutting down (the
+            # worker is dying) must not look like one: the host reports the exit instead.
+            if msg.id in self._cancelled_by_host:
+                self._send(p.Failure(msg.id, p.FailureKind.CANCELLED, "cancelled by the host"))
+            return
+        except Exception as exc:
+            log.error("tool %s raised:\n%s", msg.tool, traceback.format_exc())
+            await self._on_error(msg.tool, exc)
+            self._send(p.Failure(msg.id, p.FailureKind.TOOL, _describe(exc)))
+            return
+        if type(result) is not str and not isinstance(result, str):
+            self._send(p.Failure(msg.id, p.FailureKind.BAD_RESULT,
+                                 f"returned {type(result).__name__}, expected str"))
+            return
+        self._send(p.Result(msg.id, result))
+
+    def _call_ended(self, request_id: int, task: asyncio.Task) -> None:
+        self._calls.pop(request_id, None)
+        self._cancelled_by_host.discard(request_id)
 
     async def _on_error(self, tool_name: str, exc: Exception) -> None:
         try:

@@ -15,10 +15,11 @@ def test_round_trip_through_frames_split_anywhere():
     decoder = msgspec.msgpack.Decoder(p.HostMessage)
     for cut in range(1, 12):
         buffer = p.FrameBuffer()
-        got = []
+        frames = []
         for i in range(0, len(stream), cut):
-            got += [decoder.decode(f) for f in buffer.feed(stream[i:i + cut])]
-        assert got == messages and buffer.pending == 0
+            frames += buffer.feed(stream[i:i + cut])
+        # decoded only after every read: a frame handed out stays valid whatever comes next
+        assert [decoder.decode(f) for f in frames] == messages and buffer.pending == 0
 
 
 def test_oversized_prefix_is_refused_before_buffering():
@@ -55,11 +56,12 @@ def test_outbox_writes_chunks_in_order():
 
     outbox = p.Outbox()
     outbox.transport = pipe = Pipe()
-    for i in range(p.Outbox.COALESCE + 3):
+    outbox.chunk = 16
+    for i in range(16 + 3):
         outbox.add(b"%d," % i)
     assert len(pipe.writes) == 1  # a full chunk went at once; three are held
     outbox.send(b"now,")  # written after the held ones, in one write
     outbox.send(b"alone,")
     outbox.flush()  # nothing held: no empty write
-    assert b"".join(pipe.writes) == b"".join(b"%d," % i for i in range(p.Outbox.COALESCE + 3)) + b"now,alone,"
+    assert b"".join(pipe.writes) == b"".join(b"%d," % i for i in range(16 + 3)) + b"now,alone,"
     assert len(pipe.writes) == 3
