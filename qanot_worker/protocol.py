@@ -219,8 +219,14 @@ class FrameBuffer:
         """The whole frames that `data` completes, as views (no copy of each frame); a partial
         frame at the end is kept for the next read."""
         buf = self._buf
-        if buf:  # a frame was split across reads: join once, into bytes the views can hold on to
+        if buf:  # a frame was split across reads
             buf += data
+            if len(buf) >= HEADER:
+                size = _PREFIX.unpack_from(buf)[0]
+                self._check(size)
+                if len(buf) < HEADER + size:
+                    return []  # still short of that frame: keep gathering, copy nothing yet
+            # join once, into bytes the views can hold on to
             data = bytes(buf)
             buf.clear()
         view = memoryview(data)
