@@ -277,16 +277,21 @@ async def latency(contender, n: int) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
-async def throughput(contender, concurrency: int, total: int) -> float:
-    counter = iter(range(total))
+async def throughput(contender, concurrency: int, total: int, trials: int = 3) -> float:
+    """Calls per second with `concurrency` calls in flight: the median of `trials` runs, since
+    one short run on this shared machine can land on a stall of someone else's."""
+    rates = []
+    for _ in range(trials):
+        counter = iter(range(total))
 
-    async def loop(k: int) -> None:
-        for i in counter:
-            await contender.call(i)
+        async def loop(k: int) -> None:
+            for i in counter:
+                await contender.call(i)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(loop(k) for k in range(concurrency)))
-    return total / (time.perf_counter() - started)
+        started = time.perf_counter()
+        await asyncio.gather(*(loop(k) for k in range(concurrency)))
+        rates.append(total / (time.perf_counter() - started))
+    return statistics.median(rates)
 
 
 def memory(pids: list[int]) -> tuple[float, float]:
@@ -374,7 +379,7 @@ async def blob_rate(contender) -> float:
 
 async def measure(quick: bool) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="qanot-bench-"))
-    n_lat, n_tp, reps = (200, 400, 3) if quick else (2000, 4000, 10)
+    n_lat, n_tp, reps = (200, 400, 3) if quick else (5000, 10000, 10)
     makers = {"a": InProcess, "b": BarePipe, "c1": MultiprocessingPool, "c2": ProcessPool, "d": Mcp,
               "e": lambda: QanotHost(scratch)}
     results: dict[str, dict] = {key: {} for key in makers}
@@ -390,7 +395,7 @@ async def measure(quick: bool) -> dict:
             await contender.start(1)
             r = results[key]
             r["label"] = contender.label
-            await throughput(contender, 16, n_tp // 40 if slow else n_tp // 4)  # warm-up, discarded
+            await throughput(contender, 16, n_tp // 40 if slow else n_tp // 4, trials=1)  # warm-up, discarded
             r["p50_us"], r["p99_us"] = await latency(contender, n_lat // 5 if slow else n_lat)
             for c in (1, 16, 64):
                 r[f"tp{c}"] = await throughput(contender, c, n_tp // 10 if slow else n_tp)

@@ -43,7 +43,6 @@ class WorkerChannel(asyncio.Protocol):
         self._loop = loop
         self._plugin = plugin
         self._frames = p.FrameBuffer(max_frame)
-        self._writer = p.FrameWriter(max_frame)
         self._decoder = msgspec.msgpack.Decoder(p.WorkerMessage)
         self._ids = itertools.count(1)
         # id -> (future, the reply type expected, what was asked); a tool call expects _CALL
@@ -51,8 +50,9 @@ class WorkerChannel(asyncio.Protocol):
         self._deadlines = Deadlines(loop, self._pending, self._expire)
         self._abandoned: set[int] = set()
         self._out: asyncio.WriteTransport | None = None
-        self._outbox = p.Outbox()
+        self._outbox = p.Outbox(max_frame)
         self._turn_flush_pending = False
+        self._posted = self._last_wave = 0  # messages posted in this loop turn, and in the last
         self._in: asyncio.ReadTransport | None = None
         self._on_lost = on_lost
         self._on_abandoned = on_abandoned
@@ -100,12 +100,11 @@ class WorkerChannel(asyncio.Protocol):
             raise self.closed
         request_id = next(self._ids)
         try:
-            frame = self._writer.frame(p.Call(request_id, tool, params))
+            self._post(p.Call(request_id, tool, params))
         except p.FrameTooLarge as exc:
             raise ToolFailed(self._plugin, tool, f"the request is too large: {exc}") from None
         future = self._loop.create_future()
         self._pending[request_id] = (future, _CALL, tool)
-        self._write(frame)
         self._deadlines.add(request_id, timeout, tool)
         return future
 
@@ -117,10 +116,9 @@ class WorkerChannel(asyncio.Protocol):
     def _start(self, request_id: int, message: msgspec.Struct, expect: type, timeout: float,
                what: str) -> tuple[asyncio.Future, asyncio.TimerHandle]:
         """Frame and send one request, remember it, and arm its timeout (FrameTooLarge: nothing sent)."""
-        frame = self._writer.frame(message)
+        self._post(message)
         future = self._loop.create_future()
         self._pending[request_id] = (future, expect, what)
-        self._write(frame)
         return future, self._loop.call_later(timeout, self._expire, request_id, timeout, what)
 
     def _expire(self, request_id: int, timeout: float, what: str) -> None:
@@ -132,7 +130,7 @@ class WorkerChannel(asyncio.Protocol):
         if entry[1] is _CALL:
             what = f"tool {what}"
         future.set_exception(WorkerTimeout(self._plugin, f"{what} timed out after {timeout:g} s"))
-        self._write(self._writer.frame(p.Cancel(request_id)))
+        self._post(p.Cancel(request_id))
         if self._on_abandoned is not None:
             self._on_abandoned(request_id, what)
 
@@ -140,19 +138,24 @@ class WorkerChannel(asyncio.Protocol):
         """True while a cancelled request has not been answered by the worker."""
         return request_id in self._abandoned
 
-    def _write(self, frame: bytearray) -> None:
-        """The first frame of a loop turn goes at once (a lone call waits for nothing); the ones
-        after it in the same turn, from calls made together, are coalesced (protocol.Outbox)."""
+    def _post(self, message: msgspec.Struct) -> None:
+        """The first message of a loop turn goes at once (a lone call waits for nothing); the ones
+        after it in the same turn, from calls made together, are coalesced (protocol.Outbox).
+        FrameTooLarge: nothing was sent."""
+        self._posted += 1
         if self._turn_flush_pending:
-            self._outbox.add(frame)
+            self._outbox.add(message)
         else:
-            self._outbox.send(frame)
-            self._outbox.chunk = len(self._pending) // p.CHUNK_DIVISOR + 1
+            self._outbox.send(message)
+            # Calls come in waves (the replies of one read wake their callers together): size
+            # this turn's chunks by the last turn's wave.
+            self._outbox.chunk = self._last_wave // p.CHUNK_DIVISOR + 1
             self._turn_flush_pending = True
             self._loop.call_soon(self._end_of_turn)
 
     def _end_of_turn(self) -> None:
         self._turn_flush_pending = False
+        self._last_wave, self._posted = self._posted, 0
         self._outbox.flush()
 
     # ---- replies ---------------------------------------------------------------------------------

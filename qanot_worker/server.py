@@ -37,9 +37,8 @@ class WorkerServer(asyncio.Protocol):
     def __init__(self, max_frame: int, sandbox: SandboxOutcome) -> None:
         self._sandbox = sandbox
         self._frames = p.FrameBuffer(max_frame)
-        self._writer = p.FrameWriter(max_frame)
         self._decoder = msgspec.msgpack.Decoder(p.HostMessage)
-        self._outbox = p.Outbox()
+        self._outbox = p.Outbox(max_frame)
         self._reading = False  # inside data_received: replies are held and go out in chunks
         self._plugin: Plugin | None = None
         self._tools: dict[str, ToolDef] = {}
@@ -215,14 +214,11 @@ class WorkerServer(asyncio.Protocol):
         return self._plugin
 
     def _send(self, msg: msgspec.Struct) -> None:
+        post = self._outbox.add if self._reading else self._outbox.send
         try:
-            frame = self._writer.frame(msg)
+            post(msg)
         except p.FrameTooLarge as exc:
-            frame = self._writer.frame(p.Failure(msg.id, p.FailureKind.TOO_LARGE, str(exc)))
-        if self._reading:
-            self._outbox.add(frame)
-        else:
-            self._outbox.send(frame)
+            post(p.Failure(msg.id, p.FailureKind.TOO_LARGE, str(exc)))
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

@@ -54,14 +54,18 @@ def test_outbox_writes_chunks_in_order():
         def is_closing(self) -> bool:
             return False
 
-    outbox = p.Outbox()
+    outbox = p.Outbox(max_frame=1024)
     outbox.transport = pipe = Pipe()
     outbox.chunk = 16
     for i in range(16 + 3):
-        outbox.add(b"%d," % i)
+        outbox.add(p.Ping(i))
     assert len(pipe.writes) == 1  # a full chunk went at once; three are held
-    outbox.send(b"now,")  # written after the held ones, in one write
-    outbox.send(b"alone,")
+    with pytest.raises(p.FrameTooLarge):
+        outbox.add(p.Result(99, "x" * 2000))
+    outbox.send(p.Ping(100))  # written after the held ones, in one write; the refused one is not there
+    outbox.send(p.Ping(101))
     outbox.flush()  # nothing held: no empty write
-    assert b"".join(pipe.writes) == b"".join(b"%d," % i for i in range(16 + 3)) + b"now,alone,"
     assert len(pipe.writes) == 3
+    buffer, decoder = p.FrameBuffer(), msgspec.msgpack.Decoder(p.HostMessage)
+    got = [decoder.decode(frame).id for frame in buffer.feed(b"".join(pipe.writes))]
+    assert got == [*range(19), 100, 101]
