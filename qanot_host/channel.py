@@ -186,12 +186,12 @@ class WorkerChannel(asyncio.Protocol):
         future, expect, what = entry
         kind = type(msg)
         if expect is _CALL:
-            if future.done():  # the caller went away (cancelled): nobody to tell
-                return
             if kind is p.Result:
-                future.set_result(msg.value)
+                if not future.done():  # done: the caller went away (cancelled), nobody to tell
+                    future.set_result(msg.value)
             elif kind is p.Failure:
-                future.set_exception(ToolFailed(self._plugin, what, msg.message))
+                if not future.done():
+                    future.set_exception(ToolFailed(self._plugin, what, msg.message))
             else:
                 raise msgspec.DecodeError(f"{kind.__name__} in reply to a tool call")
             return
