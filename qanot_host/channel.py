@@ -193,17 +193,22 @@ class WorkerChannel(asyncio.Protocol):
                 if not future.done():
                     future.set_exception(ToolFailed(self._plugin, what, msg.message))
             else:
-                raise msgspec.DecodeError(f"{kind.__name__} in reply to a tool call")
+                self._wrong_reply(future, f"{kind.__name__} in reply to a tool call")
             return
         if kind is not expect and kind is not p.Failure:
-            raise msgspec.DecodeError(f"{kind.__name__} in reply to a request that expects "
-                                      f"{expect.__name__}")
+            self._wrong_reply(future, f"{kind.__name__} in reply to a request that expects {expect.__name__}")
         if future.done():
             return
         if kind is p.Failure:
             future.set_exception(RemoteFailure(msg.kind, msg.message))
         else:
             future.set_result(msg)
+
+    def _wrong_reply(self, future: asyncio.Future, what: str) -> None:
+        """The request was answered, wrongly: its caller learns so now, then the channel ends."""
+        if not future.done():
+            future.set_exception(ProtocolViolation(self._plugin, f"bad reply from the worker: {what}"))
+        raise msgspec.DecodeError(what)
 
     def eof_received(self) -> bool:
         self.close(None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 import psutil
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from qanot_host import Host, PluginState
@@ -60,11 +60,17 @@ def reply_twice() -> bytes:
     return single * 2
 
 
+def pong_for_the_call() -> bytes:
+    # Pong(id) with the real id: a message a worker may send, but not in reply to a tool call
+    one = b"\x92" + msgspec.msgpack.encode("Pong") + ID
+    return (len(one) - len(ID) + 1).to_bytes(4, "big") + one
+
+
 payloads = st.one_of(
     st.binary(min_size=1, max_size=3000),
     st.binary(max_size=64).map(lambda tail: b"\xff\xff\xff\xff" + tail),  # a 4 GiB length prefix
     st.integers(1, len(unknown_id) - 1).map(lambda cut: unknown_id[:cut]),  # truncated frame
-    st.just(wrong_type), st.just(unknown_id), st.just(reply_twice()),
+    st.just(wrong_type), st.just(unknown_id), st.just(reply_twice()), st.just(pong_for_the_call()),
     st.binary(min_size=1, max_size=200).map(lambda junk: len(junk).to_bytes(4, "big") + junk),
 )
 
@@ -94,6 +100,7 @@ async def scenario(config: str, payload: bytes, then: str) -> None:
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=payloads, then=st.sampled_from(["sleep", "exit"]))
+@example(payload=pong_for_the_call(), then="sleep")  # the call it answers must not hang
 def test_hostile_worker_is_killed_and_replaced(tmp_path, payload, then):
     eventloop.run(scenario(config_for(tmp_path), payload, then))
 
