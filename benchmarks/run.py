@@ -277,7 +277,7 @@ async def latency(contender, n: int) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
-async def throughput(contender, concurrency: int, total: int, trials: int = 3) -> float:
+async def throughput(contender, concurrency: int, total: int, trials: int = 5) -> float:
     """Calls per second with `concurrency` calls in flight: the median of `trials` runs, since
     one short run on this shared machine can land on a stall of someone else's."""
     rates = []
@@ -469,8 +469,8 @@ def render(results: dict, quick: bool) -> str:
     e, d, c = results["e"], results["d"], results["c2"]
     lines += ["", "Ratios the targets name:",
               f"- sequential p50: e is {e['p50_us'] / results['b']['p50_us']:.2f}× b, "
-              f"{d['p50_us'] / e['p50_us']:.0f}× faster than d, "
-              f"{min(c['p50_us'], results['c1']['p50_us']) / e['p50_us']:.1f}× faster than c",
+              f"{d['p50_us'] / e['p50_us']:.1f}× faster than d, "
+              f"{min(c['p50_us'], results['c1']['p50_us']) / e['p50_us']:.2f}× faster than c (the faster c)",
               f"- throughput at 64 on one worker: e is {e['tp64'] / results['b']['tp64']:.2f}× b and "
               f"{e['tp64'] / d['tp64']:.0f}× d",
               f"- cold start: e is {d['cold_ms'] / e['cold_ms']:.1f}× faster than d"]

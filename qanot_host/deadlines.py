@@ -39,7 +39,8 @@ class Deadlines:
         queue.append((deadline, request_id, what))
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
-        elif len(queue) > COMPACT_SLACK and len(queue) > 4 * len(self._live):  # type: ignore[arg-type]
+        elif not request_id % COMPACT_SLACK and len(queue) > COMPACT_SLACK and \
+                len(queue) > 4 * len(self._live):  # type: ignore[arg-type]
             self._queues[timeout] = deque(entry for entry in queue if entry[1] in self._live)
 
     def clear(self) -> None:

@@ -207,7 +207,7 @@ class PluginSupervisor:
         if timeout is None:
             timeout = self._timeouts[tool] = self._config.call_timeout(self.name, tool)
         worker = self.worker
-        if self.state != PluginState.READY or worker is None or not worker.accepting_calls:
+        if self.state is not PluginState.READY or worker is None or not worker.accepting_calls:
             worker, timeout = await self._wait_for_worker(tool, timeout)
         self.calls += 1
         self.in_flight += 1
@@ -224,7 +224,8 @@ class PluginSupervisor:
             raise
         finally:
             self.in_flight -= 1
-            if self.limits.max_calls and self._calls_since_start >= self.limits.max_calls:
+            max_calls = self.limits.max_calls
+            if max_calls and self._calls_since_start >= max_calls:
                 self.recycle(f"served max_calls={self.limits.max_calls} calls", counts=False)
 
     async def _wait_for_worker(self, tool: str, timeout: float) -> tuple[WorkerHandle, float]:

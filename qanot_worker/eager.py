@@ -35,7 +35,7 @@ class EagerStarter:
     def start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task | None:
         """Run `coro` up to where it first waits. None: it finished; else the Task running the rest."""
         carrier = self._carrier
-        if carrier is None or carrier.task.done() or carrier.task.cancelling():
+        if carrier is None or carrier.task.cancelling():  # a dormant carrier ends only by cancel
             carrier = self._carrier = _Carrier(self._loop)
         context = contextvars.copy_context()
         try:

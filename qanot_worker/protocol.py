@@ -305,18 +305,19 @@ class Outbox:
         self._buf = bytearray()
         self._held = 0
 
-    def add(self, message: msgspec.Struct) -> None:
-        """Frame a message and hold it (a full chunk goes at once). FrameTooLarge: nothing held."""
+    def post(self, message: msgspec.Struct, hold: bool) -> None:
+        """Frame a message; hold it (a full chunk goes at once), or write it now after any held
+        ones. FrameTooLarge: nothing added."""
         self._writer.frame_into(message, self._buf)
         self._held += 1
-        if self._held >= self.chunk:
+        if not hold or self._held >= self.chunk:
             self.flush()
 
+    def add(self, message: msgspec.Struct) -> None:
+        self.post(message, True)
+
     def send(self, message: msgspec.Struct) -> None:
-        """Frame a message and write it now, after any held ones."""
-        self._writer.frame_into(message, self._buf)
-        self._held += 1
-        self.flush()
+        self.post(message, False)
 
     def flush(self) -> None:
         if self._held:

@@ -214,11 +214,10 @@ class WorkerServer(asyncio.Protocol):
         return self._plugin
 
     def _send(self, msg: msgspec.Struct) -> None:
-        post = self._outbox.add if self._reading else self._outbox.send
         try:
-            post(msg)
+            self._outbox.post(msg, self._reading)
         except p.FrameTooLarge as exc:
-            post(p.Failure(msg.id, p.FailureKind.TOO_LARGE, str(exc)))
+            self._outbox.post(p.Failure(msg.id, p.FailureKind.TOO_LARGE, str(exc)), self._reading)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
