@@ -61,12 +61,7 @@ class ToolRegistry:
     async def execute(self, name: str, params: dict[str, Any]) -> str:
         """Run a tool and return its result string; any failure comes back as {"error": ...}."""
         try:
-            tool = self._tools.get(name)
-            if tool is None:
-                raise ToolNotFound(name)
-            problems = tool.validate(params)
-            if problems:
-                raise InvalidParams(name, problems)
+            tool = self._checked(name, params)
             if tool.plugin is not None:  # invoke()'s hot path, without a coroutine layer between
                 return await tool.handler(params)
             return await self._in_host(tool, params)
