@@ -84,29 +84,20 @@ class WorkerChannel(asyncio.Protocol):
         """
         request_id = self._next_id()
         try:
-            future, timer = self._start(request_id, make(request_id), expect, timeout, what)
+            future = self._start(request_id, make(request_id), expect, timeout, what)
         except p.FrameTooLarge as exc:
             raise RemoteFailure(p.FailureKind.TOO_LARGE, f"the request is too large: {exc}") from None
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        return await future
 
     def call(self, tool: str, params: dict, timeout: float) -> asyncio.Future[str]:
         """request() specialised for the hot path: a future of the tool's result string, failed
         with ToolFailed or WorkerTimeout. No coroutine and no timer of its own: the reply settles
         the future directly, and the timeout is one entry among the channel's deadlines."""
-        if self.closed is not None:
-            raise self.closed
-        request_id = next(self._ids)
+        request_id = self._next_id()
         try:
-            self._post(p.Call(request_id, tool, params))
+            return self._start(request_id, p.Call(request_id, tool, params), _CALL, timeout, tool)
         except p.FrameTooLarge as exc:
             raise ToolFailed(self._plugin, tool, f"the request is too large: {exc}") from None
-        future = self._loop.create_future()
-        self._pending[request_id] = (future, _CALL, tool)
-        self._deadlines.add(request_id, timeout, tool)
-        return future
 
     def _next_id(self) -> int:
         if self.closed is not None:
@@ -114,22 +105,27 @@ class WorkerChannel(asyncio.Protocol):
         return next(self._ids)
 
     def _start(self, request_id: int, message: msgspec.Struct, expect: type, timeout: float,
-               what: str) -> tuple[asyncio.Future, asyncio.TimerHandle]:
-        """Frame and send one request, remember it, and arm its timeout (FrameTooLarge: nothing sent)."""
+               what: str) -> asyncio.Future:
+        """Frame and send one request, remember it, and enter its deadline (FrameTooLarge: nothing
+        sent). No timer of its own: the timeout is one entry among the channel's deadlines."""
         self._post(message)
         future = self._loop.create_future()
         self._pending[request_id] = (future, expect, what)
-        return future, self._loop.call_later(timeout, self._expire, request_id, timeout, what)
+        self._deadlines.add(request_id, timeout, what)
+        return future
 
     def _expire(self, request_id: int, timeout: float, what: str) -> None:
+        """A request's time is up. Whether or not its caller still waits (it may have been
+        cancelled), the worker is told to stop, and its late answer is expected, not a violation."""
         entry = self._pending.pop(request_id, None)
-        if entry is None or entry[0].done():
+        if entry is None:
             return
         future = entry[0]
         self._abandoned.add(request_id)
         if entry[1] is _CALL:
             what = f"tool {what}"
-        future.set_exception(WorkerTimeout(self._plugin, f"{what} timed out after {timeout:g} s"))
+        if not future.done():
+            future.set_exception(WorkerTimeout(self._plugin, f"{what} timed out after {timeout:g} s"))
         self._post(p.Cancel(request_id))
         if self._on_abandoned is not None:
             self._on_abandoned(request_id, what)
@@ -143,10 +139,8 @@ class WorkerChannel(asyncio.Protocol):
         after it in the same turn, from calls made together, are coalesced (protocol.Outbox).
         FrameTooLarge: nothing was sent."""
         self._posted += 1
-        if self._turn_flush_pending:
-            self._outbox.add(message)
-        else:
-            self._outbox.send(message)
+        self._outbox.post(message, hold=self._turn_flush_pending)
+        if not self._turn_flush_pending:
             # Calls come in waves (the replies of one read wake their callers together): size
             # this turn's chunks by the last turn's wave.
             self._outbox.chunk = self._last_wave // p.CHUNK_DIVISOR + 1

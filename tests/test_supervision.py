@@ -283,3 +283,17 @@ async def test_fds_leaked_by_a_plugin_stay_in_its_worker(write_config):
         sup.recycle("test", counts=False)
         await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != worker.pid, 10, "recycle")
         assert psutil.Process(sup.worker.pid).num_fds() == before
+
+
+async def test_a_call_whose_caller_gave_up_is_still_cancelled_at_its_timeout(write_config):
+    """The caller went away before the call's timeout; the worker is still told to stop at the
+    timeout, and its late answer is not mistaken for a reply to a request never sent."""
+    config = write_config([misbehave()], host={"plugins": {"misbehave": {"call_timeout": 0.2}}})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        pid = sup.worker.pid
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(host.registry.execute("mb_spin", {"seconds": 0.6}), 0.05)
+        await asyncio.sleep(1.0)  # past the timeout and past when the spin would have answered
+        assert sup.restarts == 0 and sup.worker.pid == pid and sup.worker.in_flight == 0
+        assert await host.registry.execute("mb_ok", {}) is not None
