@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Callable, Container
+from typing import Callable, Collection
 
 __all__ = ["Deadlines"]
 
@@ -20,7 +20,7 @@ COMPACT_SLACK = 4096  # entries of ended calls tolerated per queue before it is 
 
 
 class Deadlines:
-    def __init__(self, loop: asyncio.AbstractEventLoop, live: Container[int],
+    def __init__(self, loop: asyncio.AbstractEventLoop, live: Collection[int],
                  expire: Callable[[int, float, str], None]) -> None:
         """`live`: the ids still waiting (the channel's pending table); `expire(id, timeout, what)`
         is called for each one whose time is up."""
@@ -40,7 +40,7 @@ class Deadlines:
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
         elif not request_id % COMPACT_SLACK and len(queue) > COMPACT_SLACK and \
-                len(queue) > 4 * len(self._live):  # type: ignore[arg-type]
+                len(queue) > 4 * len(self._live):
             self._queues[timeout] = deque(entry for entry in queue if entry[1] in self._live)
 
     def clear(self) -> None:

@@ -131,6 +131,8 @@ class EgressGate:
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
         self._logged: set[tuple[str, int]] = set()
+        self._poller = select.poll()  # RECV would block on a wake-up that is only "the worker is gone"
+        self._poller.register(self._fd, select.POLLIN)
         self._loop.add_reader(self._fd, self._on_ready)
 
     def close(self) -> None:
@@ -150,10 +152,7 @@ class EgressGate:
     # ---- one notification ------------------------------------------------------------------------
 
     def _on_ready(self) -> None:
-        # RECV blocks until a notification arrives; readable can also mean "the worker is gone".
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        events = poller.poll(0)
+        events = self._poller.poll(0)
         if not events or not events[0][1] & select.POLLIN:
             if events and events[0][1] & (select.POLLHUP | select.POLLERR):
                 self.close()

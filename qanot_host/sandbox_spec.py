@@ -82,19 +82,16 @@ def _ports(grant: Permissions) -> list[int] | None:
     """None: any port. A bare `true` for either network or database means any port."""
     if grant.network is True or grant.database is True:
         return None
-    ports = []
-    for item in (grant.network, grant.database):
-        if isinstance(item, NetworkGrant):
-            ports += item.ports
-    return sorted(set(ports))
+    return sorted({port for item in _narrowed(grant) for port in item.ports})
 
 
 def _hosts(grant: Permissions) -> list[tuple[str, int]]:
-    pairs = []
-    for item in (grant.network, grant.database):
-        if isinstance(item, NetworkGrant):
-            pairs += item.pairs()
-    return sorted(set(pairs))
+    return sorted({pair for item in _narrowed(grant) for pair in item.pairs()})
+
+
+def _narrowed(grant: Permissions) -> list[NetworkGrant]:
+    """network and database grants given as lists rather than a bare true."""
+    return [item for item in (grant.network, grant.database) if isinstance(item, NetworkGrant)]
 
 
 def withheld_permissions(declared: list[str], grant: Permissions) -> list[str]:

@@ -226,7 +226,7 @@ class PluginSupervisor:
             self.in_flight -= 1
             max_calls = self.limits.max_calls
             if max_calls and self._calls_since_start >= max_calls:
-                self.recycle(f"served max_calls={self.limits.max_calls} calls", counts=False)
+                self.recycle(f"served max_calls={max_calls} calls", counts=False)
 
     async def _wait_for_worker(self, tool: str, timeout: float) -> tuple[WorkerHandle, float]:
         """Wait (within the call's timeout) for a worker that can take the call; returns it and the

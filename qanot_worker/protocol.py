@@ -236,8 +236,7 @@ class FrameBuffer:
         unpack = _PREFIX.unpack_from
         while end - start >= HEADER:
             size = unpack(data, start)[0]
-            if size > self._max:
-                self._check(size)
+            self._check(size)
             if end - start - HEADER < size:
                 break
             start += HEADER
@@ -312,12 +311,6 @@ class Outbox:
         self._held += 1
         if not hold or self._held >= self.chunk:
             self.flush()
-
-    def add(self, message: msgspec.Struct) -> None:
-        self.post(message, True)
-
-    def send(self, message: msgspec.Struct) -> None:
-        self.post(message, False)
 
     def flush(self) -> None:
         if self._held:

@@ -58,12 +58,12 @@ def test_outbox_writes_chunks_in_order():
     outbox.transport = pipe = Pipe()
     outbox.chunk = 16
     for i in range(16 + 3):
-        outbox.add(p.Ping(i))
+        outbox.post(p.Ping(i), hold=True)
     assert len(pipe.writes) == 1  # a full chunk went at once; three are held
     with pytest.raises(p.FrameTooLarge):
-        outbox.add(p.Result(99, "x" * 2000))
-    outbox.send(p.Ping(100))  # written after the held ones, in one write; the refused one is not there
-    outbox.send(p.Ping(101))
+        outbox.post(p.Result(99, "x" * 2000), hold=True)
+    outbox.post(p.Ping(100), hold=False)  # written after the held ones, in one write; not the refused one
+    outbox.post(p.Ping(101), hold=False)
     outbox.flush()  # nothing held: no empty write
     assert len(pipe.writes) == 3
     buffer, decoder = p.FrameBuffer(), msgspec.msgpack.Decoder(p.HostMessage)
