@@ -1,71 +1,275 @@
-"""A pids cgroup per plugin, so a fork bomb stops at pids_max (RLIMIT_NPROC does nothing for root).
+"""A cgroup per plugin, in every controller the kernel offers: the kernel-enforced ceilings.
 
-The host makes the group and sets its limit; the worker moves itself in before its plugin runs
-(qanot_worker/sandbox.py). Where no pids controller can be written (no cgroups, no privilege), the
-worker reports the layer as missing.
+- pids: at most pids_max processes and threads, so a fork bomb stops there (RLIMIT_NPROC does
+  nothing for root);
+- memory: a hard ceiling (page cache, tmpfs and SysV shared memory included); over it, the kernel's
+  OOM killer ends the worker and the host says so;
+- cpu: a weight (and optionally a quota), so a plugin spinning every core cannot starve the host or
+  its neighbours;
+- freezer (cgroup v1): to kill a plugin's processes all at once, daemons included.
+
+Groups live under a base named qanot-host-PID inside the host's own cgroup of each hierarchy, so an
+operator's limits on the host (a systemd unit's MemoryMax, say) still cover its plugins. The worker
+template puts each worker in its groups before any plugin code runs, and removes them if the host
+dies; a host at start removes what hosts that are gone left behind.
 """
 
 from __future__ import annotations
 
+import asyncio
+import glob
 import logging
 import os
+import re
+import signal
+import time
+from dataclasses import dataclass
 
-__all__ = ["PidsCgroups"]
+__all__ = ["Cgroups", "CgroupLimits", "sweep_stale_cgroups"]
 
 log = logging.getLogger("qanot_host.cgroups")
-V1_ROOT = "/sys/fs/cgroup/pids"
-V2_ROOT = "/sys/fs/cgroup"
+
+V1_CONTROLLERS = {"pids": "pids-cgroup", "memory": "memory-cgroup", "cpu": "cpu-cgroup", "freezer": ""}
+CGROUP_LAYERS = ("pids-cgroup", "memory-cgroup", "cpu-cgroup")
+V2_CONTROLLERS = ("pids", "memory", "cpu")
+BASE_PREFIX = "qanot-host-"
+KILL_SECONDS = 5.0
 
 
-class PidsCgroups:
-    def __init__(self) -> None:
-        self._base: str | None = None
+@dataclass(frozen=True)
+class CgroupLimits:
+    pids_max: int
+    memory_bytes: int | None  # None: no ceiling of ours
+    cpu_weight: int  # 1..10000, 100 is the default share (cgroup v2's scale)
+    cpu_max: float | None  # cores; None: no quota
+
+
+class Cgroups:
+    """The cgroups of one host process."""
+
+    def __init__(self, mounts: dict[str, str] | None = None) -> None:
+        self._hierarchies = _hierarchies() if mounts is None else mounts  # controller -> base parent dir
+        self._v2 = "" in self._hierarchies
+        self._base: dict[str, str] = {}  # controller (or "" on v2) -> the host's base group
         self._made: list[str] = []
+        self.problem = "" if self._hierarchies else "no writable cgroup hierarchy (not root, or no cgroups)"
 
-    def prepare(self, plugin: str, pids_max: int) -> str:
-        """The cgroup.procs file the plugin's worker should join, or "" where there is none."""
-        try:
-            base = self._base or self._make_base()
-            group = os.path.join(base, plugin)
-            if not os.path.isdir(group):
-                os.mkdir(group)
-            if group not in self._made:
-                self._made.append(group)
-            with open(os.path.join(group, "pids.max"), "w") as f:
-                f.write(str(pids_max))
-            return os.path.join(group, "cgroup.procs")
-        except OSError as exc:
-            log.debug("no pids cgroup for %s: %s", plugin, exc)
-            return ""
+    @property
+    def available(self) -> bool:
+        return bool(self._hierarchies)
 
-    def _make_base(self) -> str:
-        # Only ever mkdir inside a real cgroup filesystem: as root, makedirs elsewhere would make
-        # plain directories that merely look like a cgroup.
-        if os.path.isfile(os.path.join(V1_ROOT, "cgroup.procs")):
-            base = os.path.join(V1_ROOT, f"qanot-host-{os.getpid()}")
-            if not os.path.isdir(base):
-                os.mkdir(base)
-        elif "pids" in _read(os.path.join(V2_ROOT, "cgroup.controllers")).split():
-            base = os.path.join(V2_ROOT, f"qanot-host-{os.getpid()}")
-            if not os.path.isdir(base):
-                os.mkdir(base)
-            with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
-                f.write("+pids")
-        else:
-            raise OSError(f"no pids controller at {V1_ROOT} or {V2_ROOT}")
-        self._made.append(base)
-        self._base = base
-        return base
+    def prepare(self, plugin: str, limits: CgroupLimits) -> dict[str, str]:
+        """Make (or reset) the plugin's groups; returns layer name -> cgroup.procs to join, "" for a
+        layer that could not be had (the worker reports it missing)."""
+        groups = dict.fromkeys(CGROUP_LAYERS, "")
+        for controller in self._hierarchies:
+            try:
+                group = self._group(controller, plugin)
+                _apply(controller, group, limits)
+            except OSError as exc:
+                log.warning("plugin %s: no %s cgroup (%s)", plugin, controller or "v2", exc.strerror or exc)
+                continue
+            procs = os.path.join(group, "cgroup.procs")
+            if controller == "":
+                groups.update(dict.fromkeys(CGROUP_LAYERS, procs))
+            elif V1_CONTROLLERS.get(controller):
+                groups[V1_CONTROLLERS[controller]] = procs
+        return groups
+
+    def members(self, plugin: str) -> list[int]:
+        pids: set[int] = set()
+        for controller in self._base:
+            pids.update(_read_pids(os.path.join(self._base[controller], plugin)))
+        return sorted(pids)
+
+    def oom_kills(self, plugin: str) -> int:
+        """How often the kernel's OOM killer has ended a process of this plugin's group."""
+        base = self._base.get("memory") or self._base.get("")
+        if base is None:
+            return 0
+        group = os.path.join(base, plugin)
+        text = _read(os.path.join(group, "memory.events")) or _read(os.path.join(group, "memory.oom_control"))
+        match = re.search(r"^oom_kill (\d+)", text, re.M)
+        return int(match.group(1)) if match else 0
+
+    def memory_bytes(self, plugin: str) -> int | None:
+        base = self._base.get("memory") or self._base.get("")
+        if base is None:
+            return None
+        group = os.path.join(base, plugin)
+        text = _read(os.path.join(group, "memory.current")) or _read(os.path.join(group, "memory.usage_in_bytes"))
+        return int(text) if text.strip().isdigit() else None
+
+    async def kill(self, plugin: str) -> bool:
+        """Kill every process of the plugin's groups and wait until they are gone; False if some
+        survived KILL_SECONDS (the caller must not start another worker on the same disk then)."""
+        groups = [os.path.join(base, plugin) for base in self._base.values()]
+        deadline = time.monotonic() + KILL_SECONDS
+        while any(_read_pids(group) for group in groups):
+            if time.monotonic() > deadline:
+                return False
+            _kill_group(groups, self._base.get("freezer"), plugin)
+            await asyncio.sleep(0.005)
+        return True
+
+    def remove_plugin(self, plugin: str) -> None:
+        for base in self._base.values():
+            _rmdir(os.path.join(base, plugin))
 
     def remove(self) -> None:
         """rmdir every group made (children first); a group still holding a process stays."""
         for group in reversed(self._made):
-            try:
-                os.rmdir(group)
-            except OSError:
-                pass
+            _rmdir(group)
         self._made.clear()
-        self._base = None
+        self._base.clear()
+
+    def _group(self, controller: str, plugin: str) -> str:
+        base = self._base.get(controller)
+        if base is None:
+            base = os.path.join(self._hierarchies[controller], f"{BASE_PREFIX}{os.getpid()}")
+            _mkdir(base)
+            self._made.append(base)
+            if controller == "":
+                _enable_v2_controllers(base)
+            self._base[controller] = base
+        group = os.path.join(base, plugin)
+        if _mkdir(group):
+            self._made.insert(self._made.index(base) + 1, group)
+        return group
+
+
+def sweep_stale_cgroups() -> list[str]:
+    """Kill what is left in, and remove, the groups of qanot-host processes that no longer run."""
+    removed = []
+    for parent in set(_hierarchies(require_writable=True).values()):
+        for base in glob.glob(os.path.join(parent, f"{BASE_PREFIX}*")):
+            pid = re.match(r"\d+", os.path.basename(base)[len(BASE_PREFIX):])
+            if pid is None or os.path.exists(f"/proc/{pid.group()}") or not os.path.isdir(base):
+                continue
+            groups = [g for g in glob.glob(os.path.join(base, "*")) if os.path.isdir(g)]
+            deadline = time.monotonic() + KILL_SECONDS
+            while any(_read_pids(g) for g in groups) and time.monotonic() < deadline:
+                for group in groups:
+                    for member in _read_pids(group):
+                        _signal(member)
+                time.sleep(0.01)
+            for group in groups:
+                _rmdir(group)
+            if _rmdir(base):
+                removed.append(base)
+    return removed
+
+
+# ---- the kernel's files ------------------------------------------------------------------------
+
+def _hierarchies(require_writable: bool = True) -> dict[str, str]:
+    """controller -> the directory our base groups go in (the host's own cgroup there); "" is v2."""
+    own = _own_cgroups()
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, fstype_fields = left.split(), right.split()
+        if len(fields) < 5 or len(fstype_fields) < 3:
+            continue
+        mountpoint, fstype, options = fields[4], fstype_fields[0], fstype_fields[2].split(",")
+        if fstype == "cgroup":
+            for controller in V1_CONTROLLERS:
+                if controller in options and controller in own and controller not in found:
+                    found[controller] = mountpoint + own[controller].rstrip("/")
+        elif fstype == "cgroup2" and "" in own and _v2_has_controllers(mountpoint):
+            found.setdefault("", mountpoint + own[""].rstrip("/"))
+    if any(c in found for c in V1_CONTROLLERS):
+        found.pop("", None)  # hybrid: the v1 controllers are the ones that work
+    if require_writable:
+        found = {c: d for c, d in found.items() if os.access(d, os.W_OK)}
+    return found
+
+
+def _own_cgroups() -> dict[str, str]:
+    own: dict[str, str] = {}
+    for line in _read("/proc/self/cgroup").splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            own[controller] = path
+    return own
+
+
+def _v2_has_controllers(mountpoint: str) -> bool:
+    return bool(set(V2_CONTROLLERS) & set(_read(os.path.join(mountpoint, "cgroup.controllers")).split()))
+
+
+def _enable_v2_controllers(base: str) -> None:
+    parent = os.path.dirname(base)
+    wanted = [c for c in V2_CONTROLLERS if c in _read(os.path.join(parent, "cgroup.controllers")).split()]
+    for where in (parent, base):
+        try:
+            _write(os.path.join(where, "cgroup.subtree_control"), " ".join(f"+{c}" for c in wanted))
+        except OSError:
+            pass  # the host's own group has processes in it: the controllers stay as they are
+
+
+def _apply(controller: str, group: str, limits: CgroupLimits) -> None:
+    if controller == "pids":
+        _write(os.path.join(group, "pids.max"), str(limits.pids_max))
+    elif controller == "memory":
+        value = str(limits.memory_bytes) if limits.memory_bytes else "-1"
+        memory = os.path.join(group, "memory.limit_in_bytes")
+        swap = os.path.join(group, "memory.memsw.limit_in_bytes")  # memory and swap together
+        if not os.path.exists(swap):
+            _write(memory, value)
+            return
+        try:  # the kernel keeps memsw >= limit: lower the limit first, raise memsw first
+            _write(memory, value)
+            _write(swap, value)
+        except OSError:
+            _write(swap, value)
+            _write(memory, value)
+    elif controller == "cpu":
+        _write(os.path.join(group, "cpu.shares"), str(max(2, limits.cpu_weight * 1024 // 100)))
+        period = 100_000
+        _write(os.path.join(group, "cpu.cfs_period_us"), str(period))
+        _write(os.path.join(group, "cpu.cfs_quota_us"), str(int(limits.cpu_max * period)) if limits.cpu_max else "-1")
+    elif controller == "":
+        for name, value in (("pids.max", str(limits.pids_max)),
+                            ("memory.max", str(limits.memory_bytes) if limits.memory_bytes else "max"),
+                            ("memory.swap.max", "0" if limits.memory_bytes else "max"),
+                            ("cpu.weight", str(limits.cpu_weight)),
+                            ("cpu.max", f"{int(limits.cpu_max * 100_000)} 100000" if limits.cpu_max else "max 100000")):
+            if os.path.exists(os.path.join(group, name)):
+                _write(os.path.join(group, name), value)
+
+
+def _kill_group(groups: list[str], freezer_base: str | None, plugin: str) -> None:
+    """Freeze (so nothing forks meanwhile), SIGKILL every member, thaw (frozen tasks die on thaw)."""
+    kill_file = [os.path.join(g, "cgroup.kill") for g in groups if os.path.exists(os.path.join(g, "cgroup.kill"))]
+    if kill_file:
+        _write(kill_file[0], "1")
+        return
+    state = os.path.join(freezer_base, plugin, "freezer.state") if freezer_base else ""
+    frozen = _try_write(state, "FROZEN") if state else False
+    try:
+        for group in groups:
+            for member in _read_pids(group):
+                _signal(member)
+    finally:
+        if frozen:
+            _try_write(state, "THAWED")
+
+
+def _signal(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _read_pids(group: str) -> list[int]:
+    return [int(line) for line in _read(os.path.join(group, "cgroup.procs")).split()]
 
 
 def _read(path: str) -> str:
@@ -74,3 +278,32 @@ def _read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _try_write(path: str, value: str) -> bool:
+    try:
+        _write(path, value)
+        return True
+    except OSError:
+        return False
+
+
+def _mkdir(path: str) -> bool:
+    try:
+        os.mkdir(path)
+        return True
+    except FileExistsError:
+        return False
+
+
+def _rmdir(path: str) -> bool:
+    try:
+        os.rmdir(path)
+        return True
+    except OSError:
+        return False

@@ -17,7 +17,7 @@ from qanot_worker.plugin_api import validation_message
 
 from .errors import ConfigError
 
-__all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "RestartSettings", "Limits",
+__all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "RestartSettings", "Limits", "DEFAULT_LIMITS",
            "load_config", "parse_config"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -43,11 +43,33 @@ class RestartSettings(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True):
-    """Watched with psutil; a worker over a limit is recycled (teardown tried, then killed)."""
+    """Ceilings for a plugin. Each key left out takes the host's value, else the default below.
+
+    max_rss_mb, max_cpu_seconds and max_calls recycle a worker (watched with psutil); the others
+    are the kernel's to enforce, every worker under them from its first instruction: memory_mb
+    (memory cgroup; 0 turns it off), disk_mb (the data directory's file system), tmp_mb (/tmp and
+    /dev/shm, in memory), cpu_weight (its share of the CPU against other plugins, 100 by default)
+    and cpu_max (at most that many cores), and log_lines_per_second of its stdout and stderr in
+    the host's log (the rest counted, not logged).
+    """
 
     max_rss_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
     max_cpu_seconds: Seconds | None = None
     max_calls: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    memory_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    disk_mb: Annotated[int, msgspec.Meta(ge=16)] | None = None
+    tmp_mb: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    cpu_weight: Annotated[int, msgspec.Meta(ge=1, le=10000)] | None = None
+    cpu_max: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    log_lines_per_second: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+    def over(self, base: "Limits") -> "Limits":
+        """These limits, with what they leave out taken from `base`."""
+        return Limits(**{name: getattr(self, name) if getattr(self, name) is not None else getattr(base, name)
+                         for name in self.__struct_fields__})
+
+
+DEFAULT_LIMITS = Limits(memory_mb=1024, disk_mb=1024, tmp_mb=64, cpu_weight=100, log_lines_per_second=50)
 
 
 class NetworkGrant(msgspec.Struct, forbid_unknown_fields=True):
@@ -174,7 +196,9 @@ class Config(msgspec.Struct):
         return self.settings_for(plugin).restart or self.host.restart
 
     def limits_for(self, plugin: str) -> Limits:
-        return self.settings_for(plugin).limits or self.host.limits
+        """The plugin's own limits, then the host's, then DEFAULT_LIMITS."""
+        own = self.settings_for(plugin).limits or Limits()
+        return own.over(self.host.limits.over(DEFAULT_LIMITS))
 
 
 def load_config(path: str) -> Config:

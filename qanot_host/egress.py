@@ -71,14 +71,15 @@ class EgressPolicy:
         self.plugin = plugin
         self.ports = set(ports)
         self.hosts = hosts
-        wants_names = any(_literal(host) is None for host, _ in hosts)
+        # DNS (over TCP) when a name may need resolving: any host on a port, or a granted name
+        wants_names = bool(ports) or any(_literal(host) is None for host, _ in hosts)
         self._dns = {(_literal(ns), 53) for ns in (nameservers if nameservers is not None else _nameservers())
                      if _literal(ns) is not None} if wants_names else set()
         self._resolved: dict[str, tuple[float, set[str]]] = {}
 
     @classmethod
     def from_spec(cls, plugin: str, spec: p.SandboxSpec) -> "EgressPolicy":
-        return cls(plugin, list(spec.tcp_ports or ()), [tuple(pair) for pair in spec.tcp_hosts])
+        return cls(plugin, list(spec.tcp_ports), [tuple(pair) for pair in spec.tcp_hosts])
 
     def describe(self) -> str:
         parts = [f"{host}:{port}" for host, port in self.hosts] + [f"any host:{port}" for port in sorted(self.ports)]

@@ -5,7 +5,8 @@ interpreter needs to start and import the runtime.
 The template is the workers' parent, so it reaps them and reports their exit codes over the socket;
 the host still owns the protocol pipes and the workers' stdout and stderr, and signals each worker's
 process group directly. If the template dies, its workers die with it (parent-death signal); they
-are reported with an unknown exit status and the next launch starts a new template.
+are reported with an unknown exit status and the next launch starts a new template. If the host
+dies, the template kills what is left in the workers' cgroups and removes them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import sys
 import msgspec
 
 from qanot_worker import protocol as p
-from qanot_worker.main import COOKIE_KEY, COOKIE_VALUE
 
 from .errors import QanotHostError
 from .launcher import LaunchSpec, WorkerProcess, finish_worker_group, start_output_pumps
@@ -38,10 +38,6 @@ READY_TIMEOUT = 30.0
 
 
 class ForkServerLauncher:
-    # The template writes each child into its cgroup before answering Spawned (cheaper than the
-    # worker migrating itself, and overlapped with the worker's own start).
-    places_in_cgroup = True
-
     def __init__(self, import_root: str) -> None:
         self._import_root = import_root
         self._template: _Template | None = None
@@ -125,7 +121,7 @@ class _Template:
                 str(template_end.fileno()), str(os.getpid()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, pass_fds=(template_end.fileno(),),
-                env={"PATH": os.defpath, "LANG": "C.UTF-8", COOKIE_KEY: COOKIE_VALUE},
+                env={"PATH": os.defpath, "LANG": "C.UTF-8", p.COOKIE_KEY: p.COOKIE_VALUE},
                 start_new_session=True)
         finally:
             template_end.close()
@@ -148,8 +144,7 @@ class _Template:
         future = asyncio.get_running_loop().create_future()
         self._spawning[request_id] = future
         try:
-            message = self._encoder.encode(p.Spawn(request_id, spec.plugin, spec.env, spec.cwd, spec.max_frame,
-                                           spec.cgroup_procs))
+            message = self._encoder.encode(spec.request(request_id))
             fds = array.array("i", [spec.read_fd, spec.write_fd, out_w, err_w])
             self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         except OSError as exc:

@@ -15,17 +15,22 @@ import time
 from functools import partial
 from typing import Any
 
-from .cgroups import PidsCgroups
+from qanot_worker import protocol as p
+
+from .cgroups import CgroupLimits, Cgroups, sweep_stale_cgroups
 from .config import Config, load_config
+from .datadirs import DataDirs
 from .discovery import PluginSource, find_plugin, manifest_problems, searched_paths
+from .disks import DiskImages
 from .environments import EnvironmentBuilder
 from .errors import PluginError, PluginStartError
 from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .registry import RegisteredTool, ToolRegistry
 from .runtime import worker_import_root
-from .sandbox_spec import give_data_dir, sandbox_spec, withheld_permissions
+from .sandbox_spec import PluginPlaces, sandbox_spec, withheld_permissions
 from .supervisor import PluginState, PluginSupervisor
+from .uids import UidMap
 from .worker import WorkerHandle, WorkerOptions
 from .workspace import Workspace
 
@@ -49,7 +54,12 @@ class Host:
         self._stopping = False
         self._monitor: asyncio.Task | None = None
         self._registration_paused = False
-        self._cgroups = PidsCgroups()
+        self._cgroups = Cgroups()
+        self._disks = DiskImages(self.config.host.state_dir)
+        self._data = DataDirs(self.config.host.state_dir)
+        self._uids = UidMap(self.config.host.state_dir, self.config.host.sandbox.uid_base)
+        # As root, each worker gets namespaces (PID, mount, IPC, UTS) and a root of its own.
+        self._namespaces = self.config.host.sandbox.enabled and os.geteuid() == 0 and sys.platform.startswith("linux")
 
     async def __aenter__(self) -> "Host":
         await self.start()
@@ -69,6 +79,8 @@ class Host:
     async def start(self) -> None:
         """Start every enabled plugin; one that fails is reported and the rest run on."""
         os.makedirs(self.config.host.state_dir, exist_ok=True)
+        for stale in sweep_stale_cgroups():
+            log.info("removed %s, left behind by a qanot-host that is gone", stale)
         self._import_root = worker_import_root(self.config.host.state_dir)
         if self._launcher is None:
             self._launcher = self._default_launcher()
@@ -170,24 +182,35 @@ class Host:
         settings = self.config.host
         source = supervisor.source
         assert source is not None
-        data_dir = os.path.join(settings.state_dir, "data", supervisor.name)
-        os.makedirs(os.path.join(data_dir, ".tmp"), exist_ok=True)  # the plugin's HOME and TMPDIR
+        name = supervisor.name
+        if not await self._cgroups.kill(name):  # whatever the last worker left must be gone first
+            raise PluginStartError(name, "processes of its last worker survived SIGKILL; not starting another")
+        sandboxed = settings.sandbox.enabled
+        uid = self._plugin_uid(name)
+        data_dir = self._data.prepare(name, uid, tmp=not self._namespaces)
+        limits = self.config.limits_for(name)
+        disk, disk_problem = "", ""
+        if self._namespaces and limits.disk_mb:
+            disk, disk_problem = await self._disks.image(name, limits.disk_mb)
         options = WorkerOptions(
             import_root=self._import_root, data_dir=data_dir, max_frame=settings.max_frame_bytes,
             handshake_timeout=settings.handshake_timeout, setup_timeout=settings.setup_timeout,
             teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
             ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
-            cancel_grace=settings.cancel_grace, extra_env=self._granted_env(supervisor.name))
+            cancel_grace=settings.cancel_grace, extra_env=self._granted_env(name),
+            namespaces=self._namespaces, disk=disk)
+        if disk_problem:
+            options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         assert self._launcher is not None
-        worker = WorkerHandle(supervisor.name, self._launcher, options, supervisor.worker_exited)
+        worker = WorkerHandle(name, self._launcher, options, supervisor.worker_exited)
         config: dict[str, Any] = dict(supervisor.entry.config)
         config.setdefault("workspace_dir", self.config.workspace_dir)
-        sandbox_settings = self.config.host.sandbox
-        cgroup = self._cgroups.prepare(supervisor.name, sandbox_settings.pids_max) if sandbox_settings.enabled else ""
-        sandbox = sandbox_spec(self.config, supervisor.name, source.directory, supervisor.site_dirs,
-                               data_dir, self._import_root, cgroup)
-        if sandbox is not None and sandbox.uid >= 0:
-            give_data_dir(data_dir, sandbox.uid)
+        cgroups = self._cgroups.prepare(name, CgroupLimits(
+            settings.sandbox.pids_max, (limits.memory_mb or 0) * 2**20 or None, limits.cpu_weight or 100,
+            limits.cpu_max)) if sandboxed else {}
+        places = PluginPlaces(name, source.directory, supervisor.site_dirs, data_dir, self._import_root,
+                              self._data.root_dir)
+        sandbox = sandbox_spec(self.config, places, uid, cgroups, self._namespaces)
         try:
             await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config, sandbox)
         except BaseException:
@@ -197,8 +220,17 @@ class Host:
         if info is not None and info.sandbox_warnings and not supervisor.sandbox_warned:
             supervisor.sandbox_warned = True  # once per plugin, not at every restart
             for warning in info.sandbox_warnings:
-                log.warning("plugin %s: %s", supervisor.name, warning)
+                log.warning("plugin %s: %s", name, warning)
         return worker
+
+    def _plugin_uid(self, plugin: str) -> int:
+        sandbox = self.config.host.sandbox
+        if not (sandbox.enabled and sandbox.identity and os.geteuid() == 0):
+            return -1
+        try:
+            return self._uids.uid(plugin)
+        except OSError as exc:
+            raise PluginStartError(plugin, f"no uid of its own: {exc.strerror or exc}") from None
 
     def _granted_env(self, plugin: str) -> dict[str, str]:
         names = self.config.settings_for(plugin).permissions.env_vars
@@ -284,6 +316,8 @@ class Host:
         await asyncio.gather(*(s.stop() for s in self.plugins.values()), return_exceptions=True)
         for supervisor in self.plugins.values():
             self.registry.remove_plugin_tools(supervisor.name)
+        for supervisor in self.plugins.values():
+            await self._cgroups.kill(supervisor.name)
         if self._launcher is not None:
             await self._launcher.close()
         self._cgroups.remove()

@@ -1,8 +1,10 @@
-"""Starting a worker process, behind a small interface.
+"""Starting a worker process, behind a small interface: the seam between supervision and how a
+process comes to be.
 
-The rest of the host only needs a process it can wait for and signal; keeping the launch here means a
-fork-server launcher (a pre-started template that forks per plugin) can replace plain spawning later
-without touching supervision.
+The rest of the host only needs a process it can wait for and signal. Two launchers stand behind
+it: the fork server (forkserver.py, the default: a pre-started template forks each worker) and
+plain spawning (here: a fresh interpreter per worker, which forks its worker exactly as the
+template would). A remote launcher would be a third.
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+import msgspec
+
+from qanot_worker import protocol as p
 
 __all__ = ["LaunchSpec", "WorkerProcess", "Launcher", "SubprocessLauncher", "start_output_pumps",
            "finish_worker_group"]
@@ -25,8 +31,8 @@ OUTPUT_DRAIN_SECONDS = 2.0
 
 
 # How a spawned worker starts: isolated mode, no site, and only the import root on its path.
-BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from qanot_worker.main import main; "
-        "sys.exit(main(sys.argv[2:]))")
+BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from qanot_worker.forkserver import run_spawned; "
+        "sys.exit(run_spawned(*map(int, sys.argv[2:5])))")
 
 
 @dataclass
@@ -38,15 +44,18 @@ class LaunchSpec:
     max_frame: int
     env: dict[str, str]
     cwd: str
-    cgroup_procs: str = ""  # a launcher that can place the worker in its cgroup itself does so
+    cgroup_procs: list[str] = field(default_factory=list)  # put the worker here before its code runs
+    disk: str = ""  # the plugin's disk image, attached by the launcher
+    uid: int = -1  # the plugin's own uid (its disk's owner)
+    namespaces: bool = False  # a PID namespace of its own, with an init that reaps it
 
-    def argv(self) -> list[str]:
-        return [sys.executable, "-I", "-S", "-c", BOOT, self.import_root, str(self.read_fd),
-                str(self.write_fd), str(self.max_frame), str(os.getpid())]
+    def request(self, request_id: int = 0) -> p.Spawn:
+        return p.Spawn(request_id, self.plugin, self.env, self.cwd, self.max_frame, self.cgroup_procs, self.disk,
+                       self.uid, self.namespaces)
 
 
 class WorkerProcess(Protocol):
-    pid: int
+    pid: int  # the process the launcher started: signal its group to reach the worker
 
     @property
     def returncode(self) -> int | None: ...
@@ -58,10 +67,6 @@ class WorkerProcess(Protocol):
 
 
 class Launcher(Protocol):
-    # True if launch() itself puts the worker in spec.cgroup_procs before its plugin code can run;
-    # otherwise the worker joins its cgroup itself.
-    places_in_cgroup: bool
-
     async def launch(self, spec: LaunchSpec) -> WorkerProcess: ...
 
     def helper_pids(self) -> set[int]:
@@ -122,16 +127,22 @@ class _SpawnedWorker:
 class SubprocessLauncher:
     """One fresh interpreter per worker, in a session (and process group) of its own."""
 
-    places_in_cgroup = False
-
     def helper_pids(self) -> set[int]:
         return set()
 
+    def command(self, spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
+        """The interpreter's argv and environment: it forks the worker as the template would."""
+        env = {"PATH": os.defpath, "LANG": "C.UTF-8", p.COOKIE_KEY: p.COOKIE_VALUE,
+               p.SPAWN_KEY: msgspec.json.encode(spec.request()).decode()}
+        return [sys.executable, "-I", "-S", "-c", BOOT, spec.import_root, str(spec.read_fd), str(spec.write_fd),
+                str(os.getpid())], env
+
     async def launch(self, spec: LaunchSpec) -> WorkerProcess:
+        argv, env = self.command(spec)
         proc = await asyncio.create_subprocess_exec(
-            *spec.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=spec.env, cwd=spec.cwd,
-            pass_fds=(spec.read_fd, spec.write_fd), start_new_session=True)
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env, cwd="/", pass_fds=(spec.read_fd, spec.write_fd),
+            start_new_session=True)
         return _SpawnedWorker(proc, spec.plugin)
 
     async def close(self) -> None:

@@ -1,31 +1,130 @@
 """What a plugin's worker may touch, from the operator's grant: the host decides, the worker
-enforces (qanot_worker/sandbox.py) before it imports any plugin code."""
+enforces (qanot_worker/sandbox.py) before it imports any plugin code.
+
+The centre of it is the plan of the worker's own root (protocol.MountOp, in order): the system's
+programs and libraries, the interpreter's standard library and the worker runtime, read-only; the
+plugin's directory and environment, read-only; granted paths; its data directory, a private /tmp,
+/dev and /proc; a few files of /etc. The host's site-packages are laid over with an empty directory
+wherever a bind would bring them in. Anything not in the plan does not exist for the plugin.
+"""
 
 from __future__ import annotations
 
 import os
+import site
 import sys
 import sysconfig
-import zlib
 
 from qanot_worker import protocol as p
 
 from .config import Config, NetworkGrant, Permissions
 
-__all__ = ["sandbox_spec", "withheld_permissions", "plugin_uid", "give_data_dir", "probe_layers"]
+__all__ = ["sandbox_spec", "withheld_permissions", "PluginPlaces", "probe_layers"]
 
-# What any Python process needs to read: shared libraries, time zones, and its own /proc entry.
-# Never all of /proc: measured here, a root worker under Landlock could still read
-# /proc/<parent>/environ (the host's secrets) when /proc as a whole was readable.
-SYSTEM_READ = ["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache", "/usr/share/zoneinfo",
-               "/etc/localtime", "/proc/self", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat",
-               "/dev/urandom", "/dev/random", "/dev/zero"]
-SYSTEM_WRITE = ["/dev/null"]
+SYSTEM_TREES = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin"]
+SYSTEM_FILES = ["/etc/ld.so.cache", "/etc/localtime"]
 # What name resolution and TLS need, granted with network.
-NETWORK_READ = ["/etc/ssl", "/etc/ca-certificates", "/usr/share/ca-certificates", "/etc/resolv.conf",
-                "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf", "/etc/services",
-                "/etc/protocols"]
-EXEC_DIRS = ["/bin", "/usr/bin", "/usr/local/bin", "/sbin", "/usr/sbin"]
+NETWORK_FILES = ["/etc/ssl", "/etc/ca-certificates", "/etc/pki", "/etc/resolv.conf", "/etc/hosts",
+                 "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf", "/etc/services", "/etc/protocols"]
+DEVICE_WRITES = ["/dev/null", "/dev/zero", "/dev/full"]
+# Without a root of its own (no mount namespace), what any Python process needs to read. Never all
+# of /proc: measured here, a root worker under Landlock could still read /proc/<parent>/environ.
+UNSHARED_SYSTEM_READ = ["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache", "/usr/share/zoneinfo",
+                        "/etc/localtime", "/proc/self", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat",
+                        "/dev/urandom", "/dev/random", "/dev/zero"]
+
+
+class PluginPlaces:
+    """Where one plugin's things are, on the host (its worker sees them at the same paths)."""
+
+    def __init__(self, plugin: str, plugin_dir: str, site_dirs: list[str], data_dir: str, import_root: str,
+                 root_dir: str) -> None:
+        self.plugin = plugin
+        self.plugin_dir = plugin_dir
+        self.site_dirs = site_dirs
+        self.data_dir = data_dir
+        self.import_root = import_root
+        self.root_dir = root_dir  # an empty directory the worker mounts its new root on
+
+
+def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[str, str],
+                 namespaces: bool) -> p.SandboxSpec | None:
+    settings = config.host.sandbox
+    if not settings.enabled:
+        return None
+    grant: Permissions = config.settings_for(places.plugin).permissions
+    network = bool(grant.network or grant.database)
+    narrowed = [item for item in (grant.network, grant.database) if isinstance(item, NetworkGrant)]
+    anywhere = grant.network is True or grant.database is True
+    granted_reads = grant.filesystem.read if grant.filesystem is not None else []
+    granted_writes = grant.filesystem.write if grant.filesystem is not None else []
+    reads = [*_python_paths(places.import_root), places.plugin_dir, *places.site_dirs, *granted_reads]
+    if namespaces:
+        tmp_mb = config.limits_for(places.plugin).tmp_mb or 64
+        mounts = _root_plan(places, reads, granted_writes, network, grant.subprocess, uid, tmp_mb)
+        visible = [op.target for op in mounts if op.kind in ("ro", "symlink")]
+        reads = [*visible, "/etc/passwd", "/etc/group", "/proc", "/dev"]
+        writes = [places.data_dir, *granted_writes, "/tmp", "/dev/shm", *DEVICE_WRITES]
+    else:  # Landlock alone decides what of the host's file system the worker may touch
+        mounts, visible = [], []
+        reads = [*reads, *UNSHARED_SYSTEM_READ, *(NETWORK_FILES if network else [])]
+        writes = [places.data_dir, *granted_writes, *DEVICE_WRITES]
+    return p.SandboxSpec(
+        read_paths=sorted(set(reads)), write_paths=writes,
+        exec_paths=sorted({*visible, *reads} - {"/proc", "/dev"}) if grant.subprocess else [],
+        mounts=mounts, root_dir=places.root_dir, cwd=places.data_dir,
+        network=network,
+        tcp_ports=[] if anywhere else sorted({port for item in narrowed for port in item.ports}),
+        tcp_hosts=[] if anywhere else sorted({pair for item in narrowed for pair in item.pairs()}),
+        subprocess=grant.subprocess, rlimits=dict(settings.rlimits), cgroups=cgroups, strict=settings.strict,
+        uid=uid, gid=uid)
+
+
+def _root_plan(places: PluginPlaces, reads: list[str], writes: list[str], network: bool, subprocess: bool,
+               uid: int, tmp_mb: int) -> list[p.MountOp]:
+    ops: dict[str, p.MountOp] = {}
+
+    def add(op: p.MountOp) -> None:
+        ops.setdefault(op.target, op)
+
+    for path in SYSTEM_TREES:
+        if os.path.islink(path):
+            add(p.MountOp("symlink", path, text=os.readlink(path)))
+        elif os.path.isdir(path):
+            add(p.MountOp("ro", path, path))
+    for path in [*SYSTEM_FILES, *(NETWORK_FILES if network else [])]:
+        if os.path.exists(path):
+            add(p.MountOp("ro", path, os.path.realpath(path)))
+    hidden = [path for path in _host_site_dirs()]
+    if subprocess:
+        reads = [*reads, os.path.dirname(os.path.realpath(sys.executable))]
+    bound = [op.target for op in ops.values() if op.kind == "ro"]
+    for real in sorted({os.path.realpath(path) for path in reads if os.path.exists(path)}):
+        # Inside a tree bound already, a bind adds nothing, unless a hidden directory lies between.
+        if not any(_under(real, tree) and not any(_under(real, h) and _under(h, tree) for h in hidden)
+                   for tree in bound):
+            add(p.MountOp("ro", real, real))
+            bound.append(real)
+    for path in writes:
+        if os.path.isdir(path):
+            real = os.path.realpath(path)
+            add(p.MountOp("rw", real, real))
+    for path in hidden:
+        if any(_under(path, op.target) for op in ops.values() if op.kind == "ro"):
+            add(p.MountOp("hide", path))
+    add(p.MountOp("data", places.data_dir, places.data_dir))
+    add(p.MountOp("tmpfs", "/tmp", size=tmp_mb * 2**20))
+    add(p.MountOp("devices", "/dev", size=tmp_mb * 2**20))
+    add(p.MountOp("proc", "/proc"))
+    add(p.MountOp("file", "/etc/passwd", text=f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
+                                              f"qanot:x:{uid}:{uid}:qanot plugin:{places.data_dir}:/bin/sh\n"))
+    add(p.MountOp("file", "/etc/group", text=f"root:x:0:\nqanot:x:{uid}:\n"))
+    # Parents before children: a bind inside a tmpfs or another bind needs its mount point there.
+    return sorted(ops.values(), key=lambda op: [c for c in op.target.split("/") if c])
+
+
+def _under(path: str, tree: str) -> bool:
+    return path.startswith(tree.rstrip("/") + "/")
 
 
 def _python_paths(import_root: str) -> list[str]:
@@ -36,62 +135,11 @@ def _python_paths(import_root: str) -> list[str]:
     return sorted(paths)
 
 
-def sandbox_spec(config: Config, plugin: str, plugin_dir: str, site_dirs: list[str], data_dir: str,
-                 import_root: str, cgroup_procs: str = "") -> p.SandboxSpec | None:
-    settings = config.host.sandbox
-    if not settings.enabled:
-        return None
-    grant: Permissions = config.settings_for(plugin).permissions
-    network = bool(grant.network or grant.database)
-    ports, hosts = _ports(grant), _hosts(grant)
-    read = [*_python_paths(import_root), *SYSTEM_READ, plugin_dir, *site_dirs]
-    if network:
-        read += NETWORK_READ
-    write = [data_dir, *SYSTEM_WRITE]
-    if grant.filesystem is not None:
-        read += grant.filesystem.read
-        write += grant.filesystem.write
-    executable_dir = os.path.dirname(os.path.realpath(sys.executable))
-    uid = plugin_uid(settings.uid_base, plugin) if settings.identity and os.geteuid() == 0 else -1
-    return p.SandboxSpec(
-        read_paths=read, write_paths=write,
-        exec_paths=[*EXEC_DIRS, executable_dir] if grant.subprocess else [],
-        network=network, tcp_ports=ports, tcp_hosts=hosts if ports is not None else [],
-        subprocess=grant.subprocess,
-        rlimits=dict(settings.rlimits), cgroup_procs=cgroup_procs, strict=settings.strict,
-        uid=uid, gid=uid)
-
-
-def plugin_uid(base: int, plugin: str) -> int:
-    """A uid of the plugin's own, the same at every start (its data directory stays its own)."""
-    return base + zlib.crc32(plugin.encode()) % 4000
-
-
-def give_data_dir(data_dir: str, uid: int) -> None:
-    """Make the plugin's data directory (and what is in it) belong to its uid."""
-    for root, dirs, files in os.walk(data_dir):
-        for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-            try:
-                if os.lstat(name).st_uid != uid:
-                    os.lchown(name, uid, uid)
-            except OSError:
-                pass
-
-
-def _ports(grant: Permissions) -> list[int] | None:
-    """None: any port. A bare `true` for either network or database means any port."""
-    if grant.network is True or grant.database is True:
-        return None
-    return sorted({port for item in _narrowed(grant) for port in item.ports})
-
-
-def _hosts(grant: Permissions) -> list[tuple[str, int]]:
-    return sorted({pair for item in _narrowed(grant) for pair in item.pairs()})
-
-
-def _narrowed(grant: Permissions) -> list[NetworkGrant]:
-    """network and database grants given as lists rather than a bare true."""
-    return [item for item in (grant.network, grant.database) if isinstance(item, NetworkGrant)]
+def _host_site_dirs() -> list[str]:
+    """Every directory of the host's own installed packages: none is the plugin's to read."""
+    candidates = [*site.getsitepackages(), site.getusersitepackages(),
+                  *(path for path in sys.path if "site-packages" in path or "dist-packages" in path)]
+    return sorted({os.path.realpath(path) for path in candidates if os.path.isdir(path)})
 
 
 def withheld_permissions(declared: list[str], grant: Permissions) -> list[str]:
@@ -103,7 +151,7 @@ def withheld_permissions(declared: list[str], grant: Permissions) -> list[str]:
 def probe_layers() -> list[tuple[str, bool, str]]:
     """What this machine allows, layer by layer, found without starting a worker: (layer,
     available, detail). A forked child tries the layers that change the process itself."""
-    from qanot_worker.sandbox import landlock_abi
+    from qanot_worker.landlock import landlock_abi
     abi = landlock_abi()
     probes = [("environment", True, "scrubbed"), ("python-isolation", True, "python -I -S"),
               ("rlimits", True, ""), ("landlock", abi >= 1, f"ABI {abi}" if abi else "the kernel has no Landlock")]

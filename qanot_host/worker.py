@@ -18,7 +18,6 @@ from typing import Any, Awaitable, Callable
 import msgspec
 
 from qanot_worker import protocol as p
-from qanot_worker.main import COOKIE_KEY, COOKIE_VALUE, PLUGIN_KEY, SANDBOX_KEY
 
 from .channel import RemoteFailure, WorkerChannel
 from .egress import RESOLVER_ENV, EgressGate, EgressPolicy
@@ -48,6 +47,8 @@ class WorkerOptions:
     ping_timeout: float = 3.0
     cancel_grace: float = 3.0
     extra_env: dict[str, str] = field(default_factory=dict)  # env_vars the operator granted
+    namespaces: bool = False  # the worker gets a PID namespace and a root of its own
+    disk: str = ""  # the plugin's disk image, for its data directory
 
 
 class WorkerHandle:
@@ -62,7 +63,7 @@ class WorkerHandle:
         self._stopping = False
         self._stop_reason = ""
         self._sandbox: p.SandboxSpec | None = None
-        self._cgroup_procs = ""
+        self._plugin_pid: int | None = None  # the worker itself, below its namespace's init
         self._lost_reason: PluginError | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.info: p.Loaded | None = None
@@ -76,6 +77,9 @@ class WorkerHandle:
 
     @property
     def pid(self) -> int | None:
+        """The plugin's own process (with namespaces, the child of the init the launcher started)."""
+        if self._plugin_pid is not None:
+            return self._plugin_pid
         return self._process.pid if self._process is not None else None
 
     @property
@@ -94,13 +98,10 @@ class WorkerHandle:
                     config: dict[str, Any], sandbox: p.SandboxSpec | None = None) -> None:
         """Spawn, handshake, load, setup(config), get_tools(). Raises PluginStartError subtypes."""
         began = time.monotonic()
-        self._cgroup_procs = ""
-        if sandbox is not None and sandbox.cgroup_procs and self._launcher.places_in_cgroup:
-            self._cgroup_procs = sandbox.cgroup_procs
-            sandbox = msgspec.structs.replace(sandbox, cgroup_joined_by_parent=True)
         self._sandbox = sandbox
         await self._spawn()
         hello = await self._handshake()
+        self._plugin_pid = self._find_plugin_pid(hello.pid)
         if hello.egress_fd >= 0:
             self._take_egress_listener(hello.egress_fd)
         self.info = await self._ask(
@@ -118,10 +119,13 @@ class WorkerHandle:
         opts = self._options
         worker_reads, host_writes = os.pipe()
         host_reads, worker_writes = os.pipe()
+        sandbox = self._sandbox
         try:
             spec = LaunchSpec(plugin=self.plugin, import_root=opts.import_root, read_fd=worker_reads,
-                              write_fd=worker_writes, max_frame=opts.max_frame,
-                              env=self._environment(), cwd=opts.data_dir, cgroup_procs=self._cgroup_procs)
+                              write_fd=worker_writes, max_frame=opts.max_frame, env=self._environment(),
+                              cwd=opts.data_dir if not opts.namespaces else "/",
+                              cgroup_procs=sorted(set(filter(None, sandbox.cgroups.values()))) if sandbox else [],
+                              disk=opts.disk, uid=sandbox.uid if sandbox else -1, namespaces=opts.namespaces)
             self._process = await self._launcher.launch(spec)
         except BaseException:
             os.close(host_writes)
@@ -137,20 +141,29 @@ class WorkerHandle:
 
     def _environment(self) -> dict[str, str]:
         """Workers start with a scrubbed environment: no host secrets pass through."""
-        tmp = os.path.join(self._options.data_dir, ".tmp")  # made by the host with the data dir
-        env = {**self._options.extra_env, "PATH": os.defpath, "LANG": "C.UTF-8",
-               "HOME": self._options.data_dir, "TMPDIR": tmp, COOKIE_KEY: COOKIE_VALUE, PLUGIN_KEY: self.plugin}
+        opts = self._options
+        tmp = "/tmp" if opts.namespaces else os.path.join(opts.data_dir, ".tmp")  # a private tmpfs, or made by the host
+        env = {**opts.extra_env, "PATH": os.defpath, "LANG": "C.UTF-8", "HOME": opts.data_dir, "TMPDIR": tmp,
+               p.COOKIE_KEY: p.COOKIE_VALUE, p.PLUGIN_KEY: self.plugin}
         if self._sandbox is not None:
-            env[SANDBOX_KEY] = msgspec.json.encode(self._sandbox).decode()
-            if self._sandbox.tcp_hosts:
+            env[p.SANDBOX_KEY] = msgspec.json.encode(self._sandbox).decode()
+            if self._sandbox.egress_filtered:
                 env.update(RESOLVER_ENV)
         return env
+
+    def _find_plugin_pid(self, pid_in_its_namespace: int) -> int | None:
+        """The host's pid of the process that said Hello: the launched process itself, or, with a
+        PID namespace, the descendant whose pid in there is the one it gave."""
+        assert self._process is not None
+        if not self._options.namespaces:
+            return self._process.pid
+        return find_in_namespace(self._process.pid, pid_in_its_namespace)
 
     def _take_egress_listener(self, fd_in_worker: int) -> None:
         """Before Load: the worker closes its own copy on Load, so plugin code never holds it."""
         assert self._process is not None and self._sandbox is not None
         try:
-            self.egress = EgressGate(self.plugin, self._process.pid, fd_in_worker,
+            self.egress = EgressGate(self.plugin, self.pid or self._process.pid, fd_in_worker,
                                      EgressPolicy.from_spec(self.plugin, self._sandbox))
         except OSError as exc:
             raise PluginStartError(self.plugin, f"cannot take the worker's connect() listener ({exc.strerror}): "
@@ -297,3 +310,31 @@ class WorkerHandle:
                 continue
         log.error("plugin %s: worker pid %s survived SIGKILL for 5 s", self.plugin, self.pid)
         return None
+
+
+def find_in_namespace(root: int, nspid: int) -> int | None:
+    """The descendant of `root` (itself included) whose pid in its own, nested PID namespace is
+    `nspid`."""
+    queue = [root]
+    while queue:
+        pid = queue.pop(0)
+        ids = _nspids(pid)
+        if len(ids) >= 2 and ids[-1] == nspid:
+            return pid
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                queue.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return None
+
+
+def _nspids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(x) for x in line.split()[1:]]
+    except OSError:
+        pass
+    return []

@@ -2,10 +2,14 @@
 per request, so a worker starts in milliseconds and shares the runtime's pages with its siblings.
 
 It runs isolated exactly like a spawned worker (``python -I -S``, scrubbed environment, only the
-import root on its path) and imports no plugin code itself. Each child gets its own session, fds,
-working directory and environment before any plugin code runs, then serves exactly as a spawned
-worker does. The template reaps its children and tells the host their exit codes; it dies with
-the host (parent-death signal), and its workers die with it.
+import root on its path) and imports no plugin code itself. It forks each worker (with its init,
+in a PID namespace of its own: spawner.py), puts it in its cgroups before any plugin code can run,
+attaches each plugin's disk once and keeps it, reaps its children and tells the host their exit
+codes.
+
+It dies with the host: its parent-death signal is SIGTERM, on which it kills what is left in the
+cgroups it placed workers in and removes them, so even a SIGKILLed host leaves no process and no
+cgroup behind (each worker's init also dies with the template, and its namespace with it).
 """
 
 from __future__ import annotations
@@ -13,18 +17,23 @@ from __future__ import annotations
 import array
 import gc
 import os
+import resource
 import select
 import signal
 import socket
 import sys
-import traceback
+import time
 
 import msgspec
 
+from . import linux
 from . import protocol as p
-from .main import COOKIE_KEY, COOKIE_VALUE, _die_with_parent, main
+from .disk import DiskError, attach_disk
+from .seccomp import warm_up
+from .main import main
+from .spawner import Forker
 # Imported here, before any fork, so that every worker shares them instead of importing its own.
-from . import loader, plugin_api, server  # noqa: F401
+from . import loader, namespaces, plugin_api, sandbox, server  # noqa: F401
 import asyncio  # noqa: E402,F401
 import json  # noqa: E402,F401
 import logging  # noqa: E402,F401
@@ -34,39 +43,183 @@ try:
 except ImportError:
     pass
 
-__all__ = ["serve_template"]
+__all__ = ["serve_template", "run_spawned"]
 
 FDS_PER_SPAWN = 4
-PR_SET_NAME = 15
+CLEANUP_SECONDS = 2.0
+
+
+class Template:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(p.Spawn)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.forker = Forker()
+        self.disks: dict[str, int] = {}  # image -> detached mount, kept for the template's life
+        self.cgroups: set[str] = set()  # every cgroup a worker was put in: emptied when we go
+        self.host_gone = False
+
+    def serve(self) -> int:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_host_death)
+        self.sock.send(self.encoder.encode(p.TemplateReady(os.getpid())))
+        warm_up()
+        # Objects made so far are never collected again: forked children then do not dirty (copy)
+        # the pages that hold them when their own collector runs.
+        gc.freeze()
+        try:
+            while not self.host_gone:
+                readable, _, _ = select.select([self.sock, self.wake_r], [], [])
+                if self.wake_r in readable:
+                    _drain(self.wake_r)
+                    self._reap()
+                if self.sock in readable and not self._serve_one():
+                    return 0  # the host closed its end
+            return 0
+        finally:
+            self._clean_up()
+
+    def _on_host_death(self, *_: object) -> None:
+        self.host_gone = True
+
+    def _serve_one(self) -> bool:
+        message, fds = _receive(self.sock)
+        if message is None:
+            return False
+        if not message:
+            return True
+        request = self.decoder.decode(message)
+        pid, error = self._fork(request, fds)
+        self.sock.send(self.encoder.encode(p.Spawned(request.id, pid, error)))
+        return True
+
+    def _fork(self, request: p.Spawn, fds: list[int]) -> tuple[int, str]:
+        if len(fds) != FDS_PER_SPAWN:
+            for fd in fds:
+                os.close(fd)
+            return 0, f"expected {FDS_PER_SPAWN} fds, got {len(fds)}"
+        self.cgroups.update(os.path.dirname(procs) for procs in request.cgroup_procs)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = self.forker.fork(request, fds, self._disk(request), _run_worker)
+        except OSError as exc:
+            return 0, f"fork failed: {exc.strerror or exc}"
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return pid, ""
+
+    def _disk(self, request: p.Spawn) -> tuple[int, str]:
+        if not request.disk:
+            return -1, ""
+        fd = self.disks.get(request.disk)
+        if fd is None:
+            try:
+                fd = self.disks[request.disk] = attach_disk(request.disk, request.uid)
+            except DiskError as exc:
+                return -1, str(exc)
+        return fd, ""
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            try:
+                self.sock.send(self.encoder.encode(p.Exited(pid, self.forker.exit_code(pid, status))))
+            except OSError:
+                pass  # the host is gone; we are about to follow
+
+    def _clean_up(self) -> None:
+        """Kill what is left in the workers' cgroups and remove them; only after a host's death does
+        anything remain (a graceful host stops its workers and removes its cgroups first)."""
+        groups = sorted(self.cgroups, key=len, reverse=True)
+        deadline = time.monotonic() + CLEANUP_SECONDS
+        for group in groups:
+            while _kill_members(group) and time.monotonic() < deadline:
+                time.sleep(0.01)
+                self._reap()
+        if not self.host_gone:
+            return  # the host removes its own cgroups
+        for group in groups:
+            for directory in (group, os.path.dirname(group)):
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass
+
+
+def _run_worker(request: p.Spawn, fds: list[int], parent_pid: int) -> int:
+    read_fd, write_fd, go_fd = fds
+    return main([str(read_fd), str(write_fd), str(request.max_frame), str(parent_pid), str(go_fd)])
+
+
+def _kill_members(group: str) -> bool:
+    """SIGKILL every process in a cgroup; True if there were any."""
+    try:
+        with open(os.path.join(group, "cgroup.procs")) as f:
+            pids = [int(line) for line in f if line.strip()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return bool(pids)
 
 
 def serve_template(sock_fd: int, host_pid: int) -> int:
-    if os.environ.pop(COOKIE_KEY, None) != COOKIE_VALUE:
+    if os.environ.pop(p.COOKIE_KEY, None) != p.COOKIE_VALUE:
         sys.stderr.write("qanot_worker: this is the worker template of qanot-host; the host starts it\n")
         return 2
-    _die_with_parent(host_pid)
-    sock = socket.socket(fileno=sock_fd)
-    encoder = msgspec.msgpack.Encoder()
-    decoder = msgspec.msgpack.Decoder(p.Spawn)
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    sock.send(encoder.encode(p.TemplateReady(os.getpid())))
-    # Objects made so far are never collected again: forked children then do not dirty (copy) the
-    # pages that hold them when their own collector runs.
-    gc.freeze()
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)  # handled: see Template._clean_up
+    if os.getppid() != host_pid:
+        return 0  # the host died before the signal was armed
+    return Template(socket.socket(fileno=sock_fd)).serve()
+
+
+def run_spawned(read_fd: int, write_fd: int, host_pid: int) -> int:
+    """The "spawn" launcher's worker: a fresh interpreter that forks its one worker (and its init)
+    exactly as the template would, waits for it and exits as it did."""
+    if os.environ.get(p.COOKIE_KEY) != p.COOKIE_VALUE:
+        sys.stderr.write("qanot_worker: this is a plugin worker of qanot-host; the host starts it\n")
+        return 2
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != host_pid:
+        return 0
+    request = msgspec.json.decode(os.environ.pop(p.SPAWN_KEY), type=p.Spawn)
+    disk = (-1, "")
+    if request.disk:
+        try:
+            disk = (attach_disk(request.disk, request.uid), "")
+        except DiskError as exc:
+            disk = (-1, str(exc))
+    forker = Forker(new_session=False)
+    fds = [read_fd, write_fd, os.dup(1), os.dup(2)]
+    pid = forker.fork(request, fds, disk, _run_worker)
+    for fd in fds:
+        os.close(fd)
+    if disk[0] >= 0:
+        os.close(disk[0])  # the worker has its copy of the mount by the time it matters
     while True:
-        readable, _, _ = select.select([sock, wake_r], [], [])
-        if wake_r in readable:
-            _drain(wake_r)
-            _reap(sock, encoder)
-        if sock in readable:
-            message, fds = _receive(sock)
-            if message is None:
-                return 0  # the host closed its end: our workers die with us (parent-death signal)
-            request = decoder.decode(message)
-            pid, error = _fork_worker(request, fds, sock, (wake_r, wake_w))
-            sock.send(encoder.encode(p.Spawned(request.id, pid, error)))
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = forker.exit_code(pid, status)
+    if code < 0:  # die the same way, so the host reports the worker's own signal
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code & 0xFF
 
 
 def _receive(sock: socket.socket) -> tuple[bytes | None, list[int]]:
@@ -83,92 +236,9 @@ def _receive(sock: socket.socket) -> tuple[bytes | None, list[int]]:
     return message, list(fds)
 
 
-def _fork_worker(request: p.Spawn, fds: list[int], sock: socket.socket,
-                 wake: tuple[int, int]) -> tuple[int, str]:
-    if len(fds) != FDS_PER_SPAWN:
-        for fd in fds:
-            os.close(fd)
-        return 0, f"expected {FDS_PER_SPAWN} fds, got {len(fds)}"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        pid, error = 0, f"fork failed: {exc.strerror}"
-    else:
-        error = ""
-        if pid == 0:
-            _become_worker(request, fds, sock, wake)  # never returns
-    for fd in fds:
-        os.close(fd)
-    if pid and request.cgroup_procs:
-        # Before Spawned goes out: the host loads plugin code only after it, so the plugin never
-        # runs outside its pids cgroup; meanwhile the child gets on with its own start.
-        try:
-            with open(request.cgroup_procs, "w") as f:
-                f.write(str(pid))
-        except OSError as exc:
-            sys.stderr.write(f"could not put worker {pid} in {request.cgroup_procs}: {exc.strerror}\n")
-    return pid, error
-
-
-def _become_worker(request: p.Spawn, fds: list[int], sock: socket.socket, wake: tuple[int, int]) -> None:
-    code = 70
-    try:
-        read_fd, write_fd, out_fd, err_fd = fds
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        sock.close()
-        for fd in wake:
-            os.close(fd)
-        os.setsid()
-        os.dup2(out_fd, 1)
-        os.dup2(err_fd, 2)
-        os.close(out_fd)
-        os.close(err_fd)
-        os.chdir(request.cwd)
-        os.environ.clear()
-        os.environ.update(request.env)
-        import random
-        random.seed()  # a forked child would otherwise repeat its siblings' random numbers
-        gc.unfreeze()
-        _name_process(f"qanot:{request.plugin}")
-        code = main([str(read_fd), str(write_fd), str(request.max_frame), str(os.getppid())])
-    except SystemExit as exc:  # what `python -c` would turn into the exit status
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-
-def _name_process(name: str) -> None:
-    """Forked workers share the template's command line; give `ps` and `top` the plugin's name."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _drain(fd: int) -> None:
     try:
         while os.read(fd, 4096):
             pass
     except BlockingIOError:
         pass
-
-
-def _reap(sock: socket.socket, encoder: msgspec.msgpack.Encoder) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        sock.send(encoder.encode(p.Exited(pid, os.waitstatus_to_exitcode(status))))

@@ -26,14 +26,25 @@ from typing import Any, Union
 import msgspec
 
 __all__ = [
-    "PROTOCOL_VERSION", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter", "Outbox",
-    "Hello", "Load", "Loaded", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
+    "PROTOCOL_VERSION", "COOKIE_KEY", "COOKIE_VALUE", "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter", "Outbox",
+    "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HEADER = 4
+
+# How a launcher hands a worker what it needs before the first frame, in its environment.
+# The cookie is not a secret: it only stops someone from running a worker by hand and wondering
+# why it hangs.
+COOKIE_KEY = "QANOT_WORKER_COOKIE"
+COOKIE_VALUE = "d1b4a8a0f3c94e39a7e1"
+SANDBOX_KEY = "QANOT_WORKER_SANDBOX"  # the sandbox to enter: JSON of SandboxSpec
+PLUGIN_KEY = "QANOT_WORKER_PLUGIN"  # the plugin's name, for its messages
+SPAWN_KEY = "QANOT_WORKER_SPAWN"  # the "spawn" launcher's request: JSON of Spawn
+# "fd:N" (a detached mount to put at the data directory) or "error:why" (no disk; says why)
+DISK_KEY = "QANOT_WORKER_DISK"
 _PREFIX = struct.Struct(">I")
 # Big enough for a 10 MB tool result with room to spare, small enough that a hostile length prefix
 # cannot make either side reserve gigabytes.
@@ -106,25 +117,52 @@ class Done(msgspec.Struct, tag=True, array_like=True):
 
 # ---- host -> worker -------------------------------------------------------------------------------
 
+class MountOp(msgspec.Struct, array_like=True, frozen=True):
+    """One step in building a worker's root file system (qanot_worker/namespaces.py runs them in order).
+
+    kinds: "ro" and "rw" bind `source` at `target` (what may run is Landlock's to say); "tmpfs"
+    mounts an empty one of `size` bytes; "hide" lays a read-only empty tmpfs over `target`; "proc";
+    "devices" makes /dev (null, zero, full, random, urandom, a private /dev/shm of `size` bytes);
+    "file" writes `text` to `target`; "symlink" points `target` at `text`; "data" is the plugin's data
+    directory: its disk when the launcher attached one, else `source` bound read-write.
+    """
+
+    kind: str
+    target: str
+    source: str = ""
+    size: int = 0
+    text: str = ""
+
+
 class SandboxSpec(msgspec.Struct):
     """What the worker may touch; handed to the worker at start (JSON in its environment), which
     enters the sandbox before it creates its event loop, long before it imports the plugin."""
 
-    read_paths: list[str] = []
+    read_paths: list[str] = []  # Landlock rules, as the paths look from inside the worker's root
     write_paths: list[str] = []
     exec_paths: list[str] = []  # read and execute (only with the subprocess permission)
+    # The worker's own root, built from these steps on a tmpfs mounted at root_dir (an empty
+    # directory of the host's); [] where the host cannot give mount namespaces.
+    mounts: list[MountOp] = []
+    root_dir: str = ""
+    cwd: str = ""  # inside the new root: the data directory
     network: bool = False
-    tcp_ports: list[int] | None = None  # with network: connect only to these ports; None: any
-    # with network: also (or only) these (host, port) pairs. Non-empty, the worker stays in an empty
-    # network namespace and the host makes each TCP connection it allows (qanot_host/egress.py).
+    # with network: the host makes each TCP connection (qanot_host/egress.py) to these ports on any
+    # host and to these (host, port) pairs; the worker stays in an empty network namespace. Both
+    # empty with network: the host's network, unfiltered.
+    tcp_ports: list[int] = []
     tcp_hosts: list[tuple[str, int]] = []
     subprocess: bool = False
     rlimits: dict[str, int] = {}
-    cgroup_procs: str = ""  # a pids cgroup's cgroup.procs to join ("" where none could be made)
-    cgroup_joined_by_parent: bool = False  # the fork server put the worker there already: verify only
+    # the cgroups the launcher put the worker in: layer name (pids-cgroup, ...) -> its cgroup.procs
+    cgroups: dict[str, str] = {}
     uid: int = -1  # drop to this user and group (when started as root); -1: keep
     gid: int = -1
     strict: bool = False  # refuse to start rather than run with a layer missing
+
+    @property
+    def egress_filtered(self) -> bool:
+        return self.network and bool(self.tcp_ports or self.tcp_hosts)
 
 
 class Load(msgspec.Struct, tag=True, array_like=True):
@@ -176,7 +214,10 @@ class Spawn(msgspec.Struct, tag=True, array_like=True):
     env: dict[str, str]
     cwd: str
     max_frame: int
-    cgroup_procs: str = ""  # the template puts the child in this cgroup before it answers Spawned
+    cgroup_procs: list[str] = []  # the template puts the worker here before it answers Spawned
+    disk: str = ""  # the plugin's disk image, attached by the template and kept while it lives
+    uid: int = -1  # the plugin's uid: owner of its disk's root, and of the worker's init process
+    namespaces: bool = False  # a PID namespace of the worker's own, with an init that reaps it
 
 
 class Spawned(msgspec.Struct, tag=True, array_like=True):

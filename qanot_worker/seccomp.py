@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import platform
 import struct
 
-__all__ = ["install_seccomp", "install_connect_listener"]
+__all__ = ["install_seccomp", "install_connect_listener", "warm_up"]
 
 # x86_64 only for now; another architecture reports the layer as missing rather than guess numbers.
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -96,6 +97,15 @@ def _program(subprocess: bool) -> list[tuple[int, int, int, int]]:
     return prog
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def warm_up() -> None:
+    """Build both filters now (the template calls this before it forks)."""
+    _compiled(True)
+    _compiled(False)
+
+
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
@@ -106,16 +116,23 @@ def _fprog(prog: list[tuple[int, int, int, int]]) -> tuple[_SockFprog, ctypes.Ar
     return _SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p)), buf  # buf must outlive the call
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(subprocess: bool) -> tuple[bytes, int]:
+    """The filter as the kernel takes it, made once (in the worker template, before any fork)."""
+    prog = _program(subprocess)
+    return b"".join(struct.pack("=HBBI", *insn) for insn in prog), len(prog)
+
+
 def install_seccomp(subprocess: bool) -> tuple[bool, str]:
     """Load the filter into this process (no_new_privs must already be set)."""
     if platform.machine() != "x86_64":
         return False, f"no syscall table for {platform.machine()} yet"
-    prog = _program(subprocess)
-    fprog, _buf = _fprog(prog)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+    raw, count = _compiled(subprocess)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    fprog = _SockFprog(count, ctypes.cast(buf, ctypes.c_void_p))
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         return False, f"prctl(PR_SET_SECCOMP) failed: {errno.errorcode.get(ctypes.get_errno(), '?')}"
-    return True, f"{len(prog)} instructions"
+    return True, f"{count} instructions"
 
 
 def install_connect_listener() -> tuple[int, str]:
@@ -128,8 +145,7 @@ def install_connect_listener() -> tuple[int, str]:
             _op(LD_W_ABS, OFF_NR), _op(JEQ_K, CONNECT, 0, 1), _op(RET_K, RET_USER_NOTIF),
             _op(RET_K, RET_ALLOW)]
     fprog, _buf = _fprog(prog)
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(fprog))
+    fd = _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(fprog))
     if fd < 0:
         return -1, f"seccomp(NEW_LISTENER) failed: {errno.errorcode.get(ctypes.get_errno(), '?')}"
     return fd, ""

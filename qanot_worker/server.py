@@ -110,7 +110,7 @@ class WorkerServer(asyncio.Protocol):
     def _load(self, msg: p.Load) -> None:
         sandbox = self._sandbox
         sandbox.release_egress_listener()
-        sandbox.verify_cgroup()
+        sandbox.verify_cgroups()
         if sandbox.refused:  # strict, and a layer is missing: no plugin code may run
             self._send(p.Failure(msg.id, p.FailureKind.LOAD, sandbox.refused))
             return

@@ -77,7 +77,7 @@ async def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
 
 def worker_processes(root: int | None = None, include_template: bool = False):
     """Live (non-zombie) descendants of `root` (default: this process), without the worker
-    template unless asked."""
+    template and the workers' init processes (PID 1 of each worker's namespace) unless asked."""
     import psutil
     top = psutil.Process(root)
     templates = set()
@@ -90,7 +90,8 @@ def worker_processes(root: int | None = None, include_template: bool = False):
     found = []
     for proc in top.children(recursive=True):
         try:
-            if proc.status() == psutil.STATUS_ZOMBIE or (proc.pid in templates and not include_template):
+            helper = proc.pid in templates or proc.name().startswith("qanot:init:")
+            if proc.status() == psutil.STATUS_ZOMBIE or (helper and not include_template):
                 continue
         except psutil.NoSuchProcess:
             continue

@@ -186,7 +186,8 @@ async def test_both_launchers_give_the_same_isolated_worker(write_config, launch
         assert env["flags"] == [1, 1] and set(env["environ"]) == {"PATH", "LANG", "HOME", "TMPDIR", "QANOT_WORKER_PLUGIN"}
         assert env["cwd"].endswith(os.path.join("data", "greeter"))
         worker = psutil.Process(host.plugins["greeter"].worker.pid)
-        assert os.getsid(worker.pid) == worker.pid  # a session (and process group) of its own
+        # a session and process group of its own (led by its namespace's init), not the host's
+        assert os.getsid(worker.pid) == os.getpgid(worker.pid) != os.getsid(0)
         assert "pids-cgroup" in host.status()[0]["sandbox"]  # joined itself, or placed by the template
         sup = host.plugins["misbehave"]
         pid = sup.worker.pid

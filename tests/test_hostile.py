@@ -28,19 +28,13 @@ class HostileLauncher(SubprocessLauncher):
     def __init__(self, payload: bytes, then: str = "sleep", protocol: int | None = None) -> None:
         self.payload, self.then, self.protocol = payload, then, protocol
 
-    async def launch(self, spec: LaunchSpec):
-        fake = HostileSpec(**vars(spec))
-        fake.env = dict(spec.env, FAKE_PAYLOAD=self.payload.hex(), FAKE_THEN=self.then)
-        if self.protocol is not None:
-            fake.env["FAKE_PROTOCOL"] = str(self.protocol)
-        return await super().launch(fake)
-
-
-class HostileSpec(LaunchSpec):
-    def argv(self) -> list[str]:
-        boot = super().argv()
+    def command(self, spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
+        boot, _ = super().command(spec)
         at = boot.index("-c")
-        return boot[:at] + [FAKE] + boot[at + 2:]
+        env = dict(spec.env, FAKE_PAYLOAD=self.payload.hex(), FAKE_THEN=self.then)
+        if self.protocol is not None:
+            env["FAKE_PROTOCOL"] = str(self.protocol)
+        return boot[:at] + [FAKE] + boot[at + 2:], env
 
 
 def frame(msg) -> bytes:

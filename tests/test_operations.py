@@ -107,7 +107,7 @@ def test_a_second_host_on_the_same_state_dir_is_refused(write_config, running):
 def test_workers_exit_when_the_host_is_sigkilled(write_config, running):
     host = running(write_config([GREETER, plugin("init_style"), plugin("echo")]))
     workers = host.workers(include_template=True)
-    assert len(workers) == 4
+    assert len(workers) == 7  # the template, and each plugin's worker and its namespace's init
     host.proc.kill()
     host.proc.wait()
     deadline = time.monotonic() + 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,10 @@ from qanot_host.config import parse_config
 
 from .conftest import GREETER, plugin
 
-ALL_LAYERS = {"rlimits", "pids-cgroup", "network-namespace", "identity", "no-new-privileges", "landlock", "seccomp"}
+ALL_LAYERS = {"rlimits", "pid-namespace", "mount-namespace", "ipc-namespace", "uts-namespace", "network-namespace",
+              "disk-quota", "identity", "no-new-privileges", "landlock", "seccomp", "pids-cgroup", "memory-cgroup",
+              "cpu-cgroup"}
+REPO_README = str(Path(__file__).resolve().parent.parent / "README.md")
 
 
 async def test_every_layer_is_active_here_and_reported(write_config):
@@ -33,10 +37,13 @@ async def test_granted_env_vars_and_paths_reach_the_plugin(write_config, tmp_pat
     async with Host(config) as host:
         env = json.loads(await host.registry.execute("wants_env", {}))
         granted = await host.registry.execute("wants_read", {"path": str(secret)})
-        denied = json.loads(await host.registry.execute("wants_read", {"path": str(tmp_path / "other.txt")}))
+        absent = json.loads(await host.registry.execute("wants_read", {"path": str(tmp_path / "other.txt")}))
+        denied = json.loads(await host.registry.execute("wants_read", {"path": REPO_README}))
     assert "WEATHER_API_KEY" in env and "HOST_SECRET" not in env
     assert granted == "granted"
-    assert "reading" in denied["error"] and "needs the 'filesystem' permission" in denied["error"]
+    assert "No such file or directory" in absent["error"]  # not in the plugin's world at all
+    assert f"reading {REPO_README} needs the 'filesystem' permission (config.json: " \
+           "host.plugins.wants_everything.permissions)" in denied["error"]
 
 
 async def test_declared_but_not_granted_starts_and_is_logged(write_config, caplog):
@@ -61,8 +68,7 @@ def test_unknown_permission_name_in_config_is_a_config_error(tmp_path):
 
 async def test_strict_refuses_a_plugin_when_a_layer_is_missing(write_config, monkeypatch):
     import qanot_host.cgroups as cgroups
-    monkeypatch.setattr(cgroups, "V1_ROOT", "/nonexistent/pids")
-    monkeypatch.setattr(cgroups, "V2_ROOT", "/nonexistent")
+    monkeypatch.setattr(cgroups, "_hierarchies", lambda require_writable=True: {})
     async with Host(write_config([GREETER], host={"sandbox": {"strict": True}})) as host:
         assert host.plugins["greeter"].state == PluginState.FAILED
         assert "sandbox layer pids-cgroup is not active" in host.plugins["greeter"].error

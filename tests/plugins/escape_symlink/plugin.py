@@ -1,4 +1,4 @@
-"""Hostile fixture: read /etc/passwd through a symlink in its data directory
+"""Hostile fixture: read /etc/shadow through a symlink in its data directory
 Returns "ESCAPED ..." if the attack worked; otherwise raises (or returns) what stopped it."""
 
 import ctypes
@@ -17,9 +17,9 @@ class QanotPlugin(Plugin):
     async def setup(self, config: dict) -> None:
         self.config = config
 
-    @tool(name="escape_symlink", description="read /etc/passwd through a symlink in its data directory")
+    @tool(name="escape_symlink", description="read /etc/shadow through a symlink in its data directory")
     async def escape(self, params: dict) -> str:
-        os.symlink("/etc/passwd", "passwd-link")
+        os.symlink("/etc/shadow", "passwd-link")
         if libc.open(b"passwd-link", 0) >= 0:
             return "ESCAPED: raw open through the symlink"
         with open("passwd-link") as f:

@@ -1,0 +1,59 @@
+"""The plugins' data directories, made by a host that never follows a path a plugin can write.
+
+STATE_DIR/data is the host's (root's, mode 0711); each STATE_DIR/data/NAME in it is made by the host
+and given to the plugin's uid through a descriptor opened without following symlinks. The host never
+walks into one, never chowns what is inside and never opens a name in it: a plugin that swaps a
+directory for a symlink there (renameat2 RENAME_EXCHANGE, in a loop) finds the host doing nothing it
+could redirect. With namespaces (as root) the directory is only a mount point: the plugin's disk is
+mounted on it inside the worker's own root, never in the host's namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+__all__ = ["DataDirs"]
+
+
+class DataDirs:
+    def __init__(self, state_dir: str) -> None:
+        self._data = os.path.join(state_dir, "data")
+        self.root_dir = os.path.join(state_dir, "root")  # empty: where each worker mounts its own root
+
+    def prepare(self, plugin: str, uid: int, tmp: bool) -> str:
+        """Make the plugin's data directory (and, without namespaces, its TMPDIR in it); return it."""
+        for path, mode in ((self._data, 0o711), (self.root_dir, 0o700)):
+            os.makedirs(path, mode=mode, exist_ok=True)
+        parent = os.open(self._data, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            try:
+                os.mkdir(plugin, 0o700, dir_fd=parent)
+            except FileExistsError:
+                pass
+            fd = os.open(plugin, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        finally:
+            os.close(parent)
+        try:
+            if uid >= 0 and os.fstat(fd).st_uid != uid:
+                os.fchown(fd, uid, uid)
+            if tmp:
+                _make_tmp(fd)
+        finally:
+            os.close(fd)
+        return os.path.join(self._data, plugin)
+
+
+def _make_tmp(data_fd: int) -> None:
+    """TMPDIR for a worker without a private /tmp: made only if absent, never followed."""
+    try:
+        os.mkdir(".tmp", 0o700, dir_fd=data_fd)
+    except FileExistsError:
+        return
+    tmp = os.open(".tmp", os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=data_fd)
+    try:
+        st = os.fstat(data_fd)
+        if stat.S_ISDIR(os.fstat(tmp).st_mode):
+            os.fchown(tmp, st.st_uid, st.st_gid)
+    finally:
+        os.close(tmp)

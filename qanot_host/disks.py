@@ -1,0 +1,100 @@
+"""Each plugin's disk: an ext4 image of `limits.disk_mb` in STATE_DIR/disks, made by the host.
+
+The image is sparse (it takes the space its files take) and its file system's size is the plugin's
+disk ceiling. The host only makes and grows images; it never mounts them in its own namespace and
+never reads what a plugin wrote: the worker's launcher attaches the image (qanot_worker/disk.py).
+Where images cannot be made or attached (no mkfs.ext4, no loop devices, not root), the plugin's data
+directory is a plain directory and the disk-quota layer is reported missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import logging
+import os
+import shutil
+
+__all__ = ["DiskImages"]
+
+log = logging.getLogger("qanot_host.disks")
+
+MKFS_OPTIONS = ["-q", "-F", "-m", "0", "-J", "size=4", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]
+
+
+class DiskImages:
+    def __init__(self, state_dir: str) -> None:
+        self._dir = os.path.join(state_dir, "disks")
+        self._mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/sbin:/usr/sbin")
+        self._resize = shutil.which("resize2fs") or shutil.which("resize2fs", path="/sbin:/usr/sbin")
+        self.problem = ""
+        if self._mkfs is None:
+            self.problem = "mkfs.ext4 is not installed (e2fsprogs)"
+        elif os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+            self.problem = "attaching a disk image needs root and loop devices (/dev/loop-control)"
+
+    @property
+    def available(self) -> bool:
+        return not self.problem
+
+    async def image(self, plugin: str, size_mb: int) -> tuple[str, str]:
+        """(path of the plugin's image, "") made, or grown to size_mb while nothing has it attached;
+        ("", why not) if there is none."""
+        if not self.available:
+            return "", self.problem
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self._dir, f"{plugin}.img")
+        size = size_mb * 2**20
+        try:
+            if not os.path.exists(path):
+                await self._make(path, size)
+            elif os.path.getsize(path) < size and not _attached(path):
+                await self._grow(path, size)
+        except OSError as exc:
+            return "", f"cannot make {path}: {exc.strerror or exc}"
+        return path, ""
+
+    async def _make(self, path: str, size: int) -> None:
+        scratch = f"{path}.making-{os.getpid()}"
+        fd = os.open(scratch, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        try:
+            await _run([self._mkfs, *MKFS_OPTIONS, scratch])
+            os.rename(scratch, path)
+        finally:
+            if os.path.exists(scratch):
+                os.unlink(scratch)
+        log.info("made a disk of %d MB for the plugin at %s", size // 2**20, path)
+
+    async def _grow(self, path: str, size: int) -> None:
+        if self._resize is None:
+            log.warning("%s is smaller than its disk_mb and resize2fs is not installed: kept as it is", path)
+            return
+        os.truncate(path, size)
+        await _run([self._resize, "-f", path])
+        log.info("grew %s to %d MB", path, size // 2**20)
+
+
+def _attached(path: str) -> bool:
+    """Is a loop device (a launcher's, maybe a dying host's) backed by this image?"""
+    identity = os.stat(path)
+    for backing_file in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(backing_file) as f:
+                st = os.stat(f.read().strip().removesuffix(" (deleted)"))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (identity.st_dev, identity.st_ino):
+            return True
+    return False
+
+
+async def _run(argv: list[str]) -> None:
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise OSError(0, f"{os.path.basename(argv[0])} failed: {' '.join(output.decode(errors='replace').split())}")

@@ -1,0 +1,118 @@
+"""A plugin's disk: its ext4 image on a loop device, mounted once as a detached mount.
+
+The launcher (the worker template, or a spawned worker's parent) keeps the detached mount's
+descriptor for as long as it lives; each worker puts a copy of it at its data directory
+(namespaces.py). Nothing is mounted in the host's namespace, so nothing is left behind: when the
+launcher and its workers are gone, the last reference goes, the kernel unmounts the file system and
+the loop device, set to clear itself, detaches. The file system's size is the plugin's disk
+ceiling, kernel-enforced (ENOSPC), instead of a poll that a fast writer outruns.
+
+One image must never be mounted twice at once (two ext4 instances on one file corrupt it): before
+attaching, the launcher waits until no loop device is backed by the image any more.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import os
+import struct
+import time
+
+from . import linux
+
+__all__ = ["attach_disk", "DiskError"]
+
+LOOP_CTL_GET_FREE, LOOP_CONFIGURE = 0x4C82, 0x4C0A
+LO_FLAGS_AUTOCLEAR = 4
+LOOP_INFO64_SIZE = 232
+LO_FLAGS_OFFSET = 52  # in struct loop_info64, after five u64 and three u32
+SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 430, 431, 432
+FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 0, 1, 6
+FSMOUNT_CLOEXEC = 1
+MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 0x2, 0x4, 0x8
+AT_EMPTY_PATH = 0x1000
+BUSY_WAIT_SECONDS = 3.0
+
+
+class DiskError(Exception):
+    """The disk could not be attached; the message says why (the worker then runs without it)."""
+
+
+def attach_disk(image: str, uid: int) -> int:
+    """A detached mount of `image`, its root owned by `uid`; the caller keeps the descriptor."""
+    try:
+        _wait_until_free(image)
+        loop = _attach_loop(image)
+        try:
+            mount_fd = _mount_ext4(f"/dev/loop{loop[0]}")
+        finally:
+            os.close(loop[1])  # the mount holds the device now; autoclear detaches it after
+        if uid >= 0:
+            # The root directory only, through the mount itself: never a walk of what the plugin wrote.
+            _fchown_empty_path(mount_fd, uid)
+        return mount_fd
+    except OSError as exc:
+        raise DiskError(f"cannot attach {image}: {exc.strerror or exc}") from None
+
+
+def _wait_until_free(image: str) -> None:
+    identity = os.stat(image)
+    deadline = time.monotonic() + BUSY_WAIT_SECONDS
+    while _backing_loops(identity):
+        if time.monotonic() > deadline:
+            raise OSError(16, "still attached by a worker that has not ended (device busy)")
+        time.sleep(0.01)
+
+
+def _backing_loops(identity: os.stat_result) -> list[str]:
+    found = []
+    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(path) as f:
+                backing = f.read().strip().removesuffix(" (deleted)")
+            st = os.stat(backing)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (identity.st_dev, identity.st_ino):
+            found.append(path)
+    return found
+
+
+def _attach_loop(image: str) -> tuple[int, int]:
+    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+    finally:
+        os.close(control)
+    device = os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
+    backing = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        info = bytearray(LOOP_INFO64_SIZE)
+        struct.pack_into("=I", info, LO_FLAGS_OFFSET, LO_FLAGS_AUTOCLEAR)
+        fcntl.ioctl(device, LOOP_CONFIGURE, struct.pack("=II", backing, 0) + bytes(info) + bytes(64))
+    except BaseException:
+        os.close(device)
+        raise
+    finally:
+        os.close(backing)
+    return number, device
+
+
+def _mount_ext4(device: str) -> int:
+    fs = linux.check(linux.libc.syscall(SYS_FSOPEN, b"ext4", FSMOUNT_CLOEXEC), "fsopen ext4")
+    try:
+        linux.check(linux.libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, b"source", device.encode(), 0),
+                    "fsconfig source")
+        # No background zeroing of inode tables: the image stays as sparse as what was written.
+        linux.check(linux.libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_FLAG, b"noinit_itable", None, 0),
+                    "fsconfig noinit_itable")
+        linux.check(linux.libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
+        return linux.check(linux.libc.syscall(SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC,
+                                              MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC), "fsmount")
+    finally:
+        os.close(fs)
+
+
+def _fchown_empty_path(fd: int, uid: int) -> None:
+    linux.check(linux.libc.fchownat(fd, b"", uid, uid, AT_EMPTY_PATH), "chown of the disk's root")

@@ -1,0 +1,97 @@
+"""An audit hook that explains denials: when plugin code opens a path, connects or starts a process
+that its grant does not cover, the error names the permission to grant and the key to change,
+instead of a bare "Permission denied" or "No such file".
+
+It only explains. The kernel enforces (namespaces, Landlock, seccomp), also against ctypes and raw
+system calls, which no audit hook sees.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from typing import Any
+
+from . import protocol as p
+
+__all__ = ["explain_denials"]
+
+STARTS_A_PROCESS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+                    "os.forkpty")
+
+
+def explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
+    readable = tuple(os.path.join(os.path.realpath(x), "") for x in
+                     [*spec.read_paths, *spec.exec_paths, *spec.write_paths])
+    writable = tuple(os.path.join(os.path.realpath(x), "") for x in spec.write_paths)
+    grant = f"config.json: host.plugins.{plugin}.permissions"
+    reachable = _reachability(spec)
+
+    def covered(path: str, roots: tuple[str, ...]) -> bool:
+        return os.path.join(os.path.realpath(path), "").startswith(roots)
+
+    def denied(what: str) -> PermissionError:
+        return PermissionError(errno.EACCES, f"denied by the sandbox: {what}")
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event == "open" and isinstance(args[0], (str, bytes)):
+            path = os.fsdecode(args[0])
+            mode = args[1] or "r"
+            wants_write = any(c in str(mode) for c in "wax+") or (isinstance(args[2], int) and args[2] & 3)
+            if not covered(path, writable if wants_write else readable):
+                raise denied(f"{'writing' if wants_write else 'reading'} {path} needs the 'filesystem' "
+                             f"permission ({grant})")
+        elif event in ("os.listdir", "os.scandir") and isinstance(args[0], (str, bytes)):
+            path = os.fsdecode(args[0])
+            if not covered(path, readable):
+                raise denied(f"listing {path} needs the 'filesystem' permission ({grant})")
+        elif event in ("socket.connect", "socket.bind") and not spec.network and _is_inet(args[0]):
+            doing = "connecting to" if event == "socket.connect" else "binding"
+            raise denied(f"{doing} {args[1]} needs the 'network' permission ({grant})")
+        elif event in ("socket.connect", "socket.getaddrinfo") and spec.egress_filtered:
+            address = args[1] if event == "socket.connect" else args[:2]
+            if (event == "socket.getaddrinfo" or _is_inet(args[0])) and not reachable(address):
+                host, port = address[0], address[1]
+                raise denied(f"{host}:{port} is not among the 'network' hosts and ports granted ({grant}.network: "
+                             f"add \"{host}:{port}\" to its \"hosts\")")
+        elif event in STARTS_A_PROCESS and not spec.subprocess:
+            raise denied(f"starting a process needs the 'subprocess' permission ({grant})")
+
+    sys.addaudithook(hook)
+
+
+def _reachability(spec: p.SandboxSpec):
+    any_host_ports = set(spec.tcp_ports)
+    granted_pairs = {(host.lower(), port) for host, port in spec.tcp_hosts}
+    granted_ports = any_host_ports | {port for _, port in granted_pairs}
+
+    def reachable(address: object) -> bool:
+        """False only where the grant surely refuses: an IP literal may be a granted name's address,
+        which the host checks when it makes the connection."""
+        if not (isinstance(address, tuple) and len(address) >= 2 and isinstance(address[1], int)):
+            return True  # a service name, or no port: decided at connect time
+        host, port = address[0], address[1]
+        if port in any_host_ports or port == 0:
+            return True
+        if port not in granted_ports:
+            return False
+        name = os.fsdecode(host).lower() if isinstance(host, (str, bytes)) else ""
+        return not name or (name, port) in granted_pairs or _is_ip_literal(name)
+
+    return reachable
+
+
+def _is_inet(sock: object) -> bool:
+    return isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
+def _is_ip_literal(name: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, name.strip("[]").split("%")[0])
+            return True
+        except OSError:
+            pass
+    return False

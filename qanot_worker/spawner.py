@@ -1,0 +1,214 @@
+"""How a worker process comes to be, for both launchers: the worker template forks one per request,
+and a spawned worker's first process forks its one.
+
+With namespaces, the forked child is the init (PID 1) of a PID namespace of its own, and the
+worker is its only child. The init does nothing but reap: orphans a plugin leaves (a shell's
+background job, a double-forked daemon) are reparented to it, and when it dies the kernel kills
+every process in the namespace, setsid daemons included. It dies with its parent (the template, or
+the spawned first process, which die with the host): a parent-death signal that is never cleared,
+because the init never changes its credentials before arming it again. The worker is an ordinary
+process (PID 2), so signals, os.abort() and os.kill(os.getpid(), ...) behave as they do anywhere.
+The init reports the worker's exit status to its parent through a pipe, then exits.
+
+Why not the worker as PID 1: signals without a handler do not reach a namespace's init, not even
+from itself, and it would have to reap orphans without stealing the statuses its own subprocess
+calls wait for.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import signal
+import struct
+import sys
+import traceback
+from typing import Callable
+
+from . import linux
+from . import protocol as p
+
+__all__ = ["Forker"]
+
+STATUS = struct.Struct("=i")
+RunWorker = Callable[[p.Spawn, list[int], int], int]
+
+
+class Forker:
+    """Forks workers (and their inits) and reads back their exit statuses."""
+
+    def __init__(self, new_session: bool = True) -> None:
+        # The template's workers each lead a session of their own (the host signals the group); a
+        # spawned worker's first process leads one already, and its worker stays in it.
+        self._new_session = new_session
+        self._own_pid_ns = _open_or(f"/proc/{os.getpid()}/ns/pid")
+        self._self_pidfd = _pidfd_or(os.getpid())
+        self._status: dict[int, int] = {}  # pid of a namespace's init -> read end of its status pipe
+
+    def fork(self, request: p.Spawn, fds: list[int], disk: tuple[int, str], run_worker: RunWorker) -> int:
+        """Fork the worker for `request` (fds: its protocol read and write ends, stdout, stderr;
+        disk: a detached mount or -1, and why not); returns the pid to signal and wait for.
+        `run_worker(request, [read_fd, write_fd, go_fd], parent_pid)` is the worker's main. The
+        child keeps no descriptor of the parent's but these."""
+        if not request.namespaces or self._own_pid_ns < 0:
+            go_r, go_w = os.pipe2(os.O_CLOEXEC)
+            pid = os.fork()
+            if pid == 0:
+                _child(lambda: _become_worker(request, fds, disk, go_r, self._new_session, run_worker),
+                       keep=[*fds, disk[0], go_r])
+            os.close(go_r)
+            _place(pid, request.cgroup_procs, go_w)
+            return pid
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        linux.unshare(linux.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() != 1:
+                linux.setns(self._own_pid_ns, linux.CLONE_NEWPID)  # the next fork is ours again
+        if pid == 0:
+            _child(lambda: _init(request, fds, disk, status_w, self._self_pidfd, self._new_session, run_worker),
+                   keep=[*fds, disk[0], status_w, self._self_pidfd])
+        os.close(status_w)
+        self._status[pid] = status_r
+        return pid
+
+    def exit_code(self, pid: int, wait_status: int) -> int:
+        """The worker's exit code as subprocess reports it (negative: killed by that signal): the one
+        its init passed on, or the init's own if it died first."""
+        code = os.waitstatus_to_exitcode(wait_status)
+        fd = self._status.pop(pid, -1)
+        if fd >= 0:
+            try:
+                data = os.read(fd, STATUS.size)
+            finally:
+                os.close(fd)
+            if len(data) == STATUS.size:
+                code = STATUS.unpack(data)[0]
+        return code
+
+
+def _place(pid: int, cgroup_procs: list[str], go_w: int) -> None:
+    """Put a worker in its cgroups, then tell it to go on: it says Hello only after this, so the
+    host loads no plugin code outside them (the worker checks again on Load)."""
+    for procs in filter(None, cgroup_procs):
+        try:
+            with open(procs, "w") as f:
+                f.write(str(pid))
+        except OSError as exc:
+            sys.stderr.write(f"could not put worker {pid} in {procs}: {exc.strerror}\n")
+    os.write(go_w, b"g")
+    os.close(go_w)
+
+
+def _init(request: p.Spawn, fds: list[int], disk: tuple[int, str], status_w: int, parent_pidfd: int,
+          new_session: bool, run_worker: RunWorker) -> int:
+    """PID 1 of the worker's namespace: fork the worker, put it in its cgroups (moving a process
+    between cgroups waits for the kernel's RCU, milliseconds here: meanwhile the worker builds its
+    sandbox), then reap."""
+    _die_with(parent_pidfd)
+    _name_process(f"qanot:init:{request.plugin}")
+    if new_session:
+        os.setsid()  # the worker's session and process group: the host signals the group
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    worker = os.fork()
+    if worker == 0:
+        _child(lambda: _become_worker(request, fds, disk, go_r, False, run_worker), keep=[*fds, disk[0], go_r])
+    os.close(go_r)
+    _place(worker, request.cgroup_procs, go_w)
+    _close_all_but([status_w, parent_pidfd])
+    if request.uid >= 0:
+        os.setgroups([])
+        os.setresgid(request.uid, request.uid, request.uid)
+        os.setresuid(request.uid, request.uid, request.uid)
+    _die_with(parent_pidfd)  # a change of credentials cleared the parent-death signal
+    os.close(parent_pidfd)
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 0
+        if pid == worker:
+            os.write(status_w, STATUS.pack(os.waitstatus_to_exitcode(status)))
+            return 0  # the kernel now ends whatever else is left in the namespace
+
+
+def _become_worker(request: p.Spawn, fds: list[int], disk: tuple[int, str], go_r: int, new_session: bool,
+                   run_worker: RunWorker) -> int:
+    read_fd, write_fd, out_fd, err_fd = fds
+    if new_session:
+        os.setsid()  # no init above it: the worker leads its own session and process group
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    os.close(out_fd)
+    os.close(err_fd)
+    os.chdir(request.cwd)
+    os.environ.clear()
+    os.environ.update(request.env)
+    if request.disk:  # else the host has said (in env) why there is no disk
+        os.environ[p.DISK_KEY] = f"fd:{disk[0]}" if disk[0] >= 0 else f"error:{disk[1]}"
+    random.seed()  # a forked child would otherwise repeat its siblings' random numbers
+    gc.unfreeze()
+    _name_process(f"qanot:{request.plugin}")
+    return run_worker(request, [read_fd, write_fd, go_r], os.getppid())
+
+
+def _child(body: Callable[[], int], keep: list[int]) -> None:
+    """Run `body` in a freshly forked child and exit with its result; never returns."""
+    code = 70
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        _close_all_but(keep)
+        code = body()
+    except SystemExit as exc:  # what `python -c` would turn into the exit status
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _close_all_but(keep: list[int]) -> None:
+    """Close every descriptor above stderr but `keep`: nothing of the parent's (the template's
+    socket, other workers' pipes and disks) reaches the plugin."""
+    low = 3
+    for fd in sorted({fd for fd in keep if fd >= 3}):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def _die_with(parent_pidfd: int) -> None:
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if not linux.parent_alive(parent_pidfd):
+        os._exit(0)  # the parent died before the signal was armed: nobody will ever talk to us
+
+
+def _name_process(name: str) -> None:
+    """Forked workers share the template's command line; give `ps` and `top` the plugin's name."""
+    try:
+        linux.libc.prctl(linux.PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _open_or(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def _pidfd_or(pid: int) -> int:
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return -1
