@@ -10,7 +10,7 @@ from qanot_worker.plugin_api import ManifestError
 
 from .config import Config, PluginEntry
 from .discovery import find_plugin, manifest_problems, searched_paths
-from .environments import find_uv
+from .environments import find_uv, requirement_problem
 from .sandbox_spec import probe_layers, withheld_permissions
 
 __all__ = ["CheckReport", "check_config"]
@@ -58,9 +58,10 @@ def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report:
     for dep in source.manifest.plugin_deps:
         if dep not in enabled:
             problems.append(f"{label}: {manifest_path}: plugin_deps: {dep!r} is not an enabled plugin")
-    for req in source.manifest.dependencies:
-        if not req.strip() or req.lstrip().startswith("-"):
-            problems.append(f"{label}: {manifest_path}: dependencies: {req!r} is not a requirement")
+    for index, req in enumerate(source.manifest.dependencies):
+        problem = requirement_problem(req)
+        if problem:
+            problems.append(f"{label}: {manifest_path}: dependencies[{index}]: {problem}")
     if source.manifest.dependencies and find_uv() is None:
         problems.append(f"{label}: needs dependencies but uv is not installed")
     withheld = withheld_permissions(source.manifest.permissions, config.settings_for(entry.name).permissions)

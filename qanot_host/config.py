@@ -157,6 +157,7 @@ class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
     state_dir: str = ".qanot-host"
     builtin_plugins_dir: str | None = None
     wheel_dir: str | None = None
+    index_url: str | None = None  # the package index for plugins' dependencies (uv's default: PyPI)
     offline: bool = False
     call_timeout: Seconds = 30.0
     handshake_timeout: Seconds = 10.0

@@ -59,6 +59,9 @@ REFRESH_AFTER = 1.0  # an address that matches no cached name is looked up again
 COPIED_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY), (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
                   (socket.SOL_SOCKET, socket.SO_REUSEADDR)]
 MAX_LOGGED_DENIALS = 50  # distinct destinations logged per worker; the count goes on
+IPPROTO_MPTCP = 262
+CARRIED_PROTOCOLS = (0, socket.IPPROTO_TCP, IPPROTO_MPTCP)
+MIN_ADDRESS = {socket.AF_INET: 16, socket.AF_INET6: 24}  # sizeof sockaddr_in, SIN6_LEN_RFC2133
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -167,6 +170,13 @@ class EgressGate:
                 self.close()
             return
         notif_id, tid, _flags, nr, _arch, _ip, fd, addr_ptr, addr_len, *_ = NOTIF.unpack(buf)
+        try:
+            self._decide(notif_id, tid, nr, fd, addr_ptr, addr_len)
+        except Exception:  # a notification left unanswered would hang the plugin's thread for good
+            log.exception("plugin %s: egress: a connect() could not be decided; refused", self.plugin)
+            self._answer(notif_id, error=errno.EACCES)
+
+    def _decide(self, notif_id: int, tid: int, nr: int, fd: int, addr_ptr: int, addr_len: int) -> None:
         if nr != SYS_CONNECT:
             self._answer(notif_id, USER_NOTIF_FLAG_CONTINUE)
             return
@@ -181,8 +191,9 @@ class EgressGate:
             self._answer(notif_id, USER_NOTIF_FLAG_CONTINUE)  # unix and others: the kernel decides
             return
         target = self._target_socket(tid, fd)
-        if target is None or target.kind != socket.SOCK_STREAM:
-            # Not a socket (the kernel says so), or UDP/raw: it stays in the empty namespace.
+        if target is None or target.kind != socket.SOCK_STREAM or target.proto not in CARRIED_PROTOCOLS:
+            # Not a socket (the kernel says so), or UDP, SCTP, raw...: it stays in the empty
+            # namespace, where nothing answers.
             self._answer(notif_id, USER_NOTIF_FLAG_CONTINUE)
             return
         if family == AF_UNSPEC:  # a disconnect would free a host-made socket to be re-aimed
@@ -191,6 +202,9 @@ class EgressGate:
         if family != target.family:
             self._answer(notif_id, error=errno.EAFNOSUPPORT)
             return
+        if addr_len < MIN_ADDRESS[family] or len(raw) < MIN_ADDRESS[family]:
+            self._answer(notif_id, error=errno.EINVAL)  # what the kernel says to a short sockaddr
+            return
         address, port, sockaddr = _parse_sockaddr(family, raw)
         task = self._loop.create_task(self._connect(notif_id, fd, target, address, port, sockaddr))
         self._tasks.add(task)
@@ -198,10 +212,20 @@ class EgressGate:
 
     async def _connect(self, notif_id: int, fd: int, target: "_Target", address: str, port: int,
                        sockaddr: tuple) -> None:
+        try:
+            await self._make_connection(notif_id, fd, target, address, port, sockaddr)
+        except Exception:
+            log.exception("plugin %s: egress: connecting to %s:%s failed; refused", self.plugin, address, port)
+            self._answer(notif_id, error=errno.EACCES)
+
+    async def _make_connection(self, notif_id: int, fd: int, target: "_Target", address: str, port: int,
+                               sockaddr: tuple) -> None:
         if not await self.policy.allows(address, port):
             self._deny(notif_id, address, port)
             return
-        sock = socket.socket(target.family, target.kind, target.proto)
+        # Always plain TCP: an MPTCP socket would fall back to it anyway, and the host makes no
+        # connection of another protocol.
+        sock = socket.socket(target.family, socket.SOCK_STREAM, 0)
         try:
             sock.setblocking(False)
             for level, option, value in target.options:  # what the plugin set before connecting

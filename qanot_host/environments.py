@@ -17,11 +17,30 @@ import os
 import shutil
 import sys
 
+from packaging.requirements import InvalidRequirement, Requirement
+
 from .errors import DependencyError
 
-__all__ = ["EnvironmentBuilder", "find_uv"]
+__all__ = ["EnvironmentBuilder", "find_uv", "requirement_problem"]
 
 COMPLETE_MARK = ".qanot-host-env.json"
+
+
+def requirement_problem(entry: object) -> str | None:
+    """Why a plugin.json dependency is refused, or None: only a name with version constraints,
+    extras and markers is taken. A URL, a path, `file:`, `git+` or an option would have the host
+    fetch or run whatever the plugin names, from wherever it names."""
+    if not isinstance(entry, str) or not entry.strip():
+        return f"{entry!r} is not a requirement"
+    if entry.lstrip().startswith("-"):
+        return f"{entry!r}: options are not taken from plugin.json (the host decides where packages come from)"
+    try:
+        requirement = Requirement(entry)
+    except InvalidRequirement as exc:
+        return f"{entry!r} is not a plain requirement ({exc}); give a name and version constraints"
+    if requirement.url:
+        return f"{entry!r}: a direct reference (URL or path) is refused; give a name and version constraints"
+    return None
 
 
 def find_uv() -> str | None:
@@ -33,9 +52,11 @@ def find_uv() -> str | None:
 
 
 class EnvironmentBuilder:
-    def __init__(self, state_dir: str, wheel_dir: str | None, offline: bool, timeout: float) -> None:
+    def __init__(self, state_dir: str, wheel_dir: str | None, offline: bool, timeout: float,
+                 index_url: str | None = None) -> None:
         self._root = os.path.join(state_dir, "envs")
         self._wheel_dir = wheel_dir
+        self._index_url = index_url
         self._offline = offline
         self._timeout = timeout
         self._locks: dict[str, asyncio.Lock] = {}
@@ -44,9 +65,10 @@ class EnvironmentBuilder:
         """The site-packages directories the plugin's worker adds; [] for a plugin with no deps."""
         if not requirements:
             return []
-        for req in requirements:
-            if not isinstance(req, str) or not req.strip() or req.lstrip().startswith("-") or "\n" in req:
-                raise DependencyError(plugin, f"plugin.json: dependencies: {req!r} is not a requirement")
+        for index, req in enumerate(requirements):
+            problem = requirement_problem(req)
+            if problem:
+                raise DependencyError(plugin, f"plugin.json: dependencies[{index}]: {problem}")
         env_dir = os.path.join(self._root, f"{plugin}-{self._key(requirements)}")
         lock = self._locks.setdefault(env_dir, asyncio.Lock())
         async with lock:
@@ -56,7 +78,7 @@ class EnvironmentBuilder:
 
     def _key(self, requirements: list[str]) -> str:
         material = json.dumps([sys.version, sys.executable, sorted(requirements), self._wheel_dir,
-                               self._offline])
+                               self._offline, self._index_url])
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
     async def _build_locked(self, plugin: str, env_dir: str, requirements: list[str]) -> None:
@@ -93,6 +115,8 @@ class EnvironmentBuilder:
         args = ["--no-build"]  # wheels only: building an sdist runs its code in the host, unsandboxed
         if self._wheel_dir is not None:
             args += ["--no-index", "--find-links", self._wheel_dir]
+        elif self._index_url is not None:
+            args += ["--index-url", self._index_url]
         if self._offline:
             args.append("--offline")
         return args

@@ -25,7 +25,8 @@ import msgspec
 from qanot_worker import protocol as p
 
 from .errors import QanotHostError
-from .launcher import LaunchSpec, WorkerProcess, finish_worker_group, start_output_pumps
+from .launcher import LaunchSpec, WorkerProcess, finish_worker_group
+from .output import OutputLimit, start_output_pumps
 
 __all__ = ["ForkServerLauncher"]
 
@@ -66,12 +67,13 @@ class ForkServerLauncher:
 
 
 class _ForkedWorker:
-    def __init__(self, pid: int, plugin: str, stdout: tuple[asyncio.StreamReader, asyncio.BaseTransport],
+    def __init__(self, pid: int, spec: LaunchSpec, stdout: tuple[asyncio.StreamReader, asyncio.BaseTransport],
                  stderr: tuple[asyncio.StreamReader, asyncio.BaseTransport]) -> None:
         self.pid = pid
         self.exit: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._pipes = [stdout[1], stderr[1]]
-        self._pumps = start_output_pumps(plugin, stdout[0], stderr[0])
+        self.output = OutputLimit(spec.plugin, spec.log_lines_per_second)
+        self._pumps = start_output_pumps(spec.plugin, stdout[0], stderr[0], self.output)
 
     @property
     def returncode(self) -> int | None:
@@ -166,7 +168,7 @@ class _Template:
             os.close(err_r)
             raise QanotHostError(f"the worker template could not fork: {reply.error}")
         loop = asyncio.get_running_loop()
-        worker = _ForkedWorker(reply.pid, spec.plugin, await _reader(loop, out_r), await _reader(loop, err_r))
+        worker = _ForkedWorker(reply.pid, spec, await _reader(loop, out_r), await _reader(loop, err_r))
         if reply.pid in self._early_exits:  # it died before we even heard its pid
             worker.exit.set_result(self._early_exits.pop(reply.pid))
         else:

@@ -27,6 +27,7 @@ from .errors import PluginError, PluginStartError
 from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .registry import RegisteredTool, ToolRegistry
+from .schema import SchemaError
 from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, sandbox_spec, withheld_permissions
 from .supervisor import PluginState, PluginSupervisor
@@ -72,7 +73,7 @@ class Host:
     def _environment_builder(config: Config) -> EnvironmentBuilder:
         settings = config.host
         return EnvironmentBuilder(settings.state_dir, settings.wheel_dir, settings.offline,
-                                  settings.install_timeout)
+                                  settings.install_timeout, settings.index_url)
 
     # ---- start -----------------------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class Host:
             teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
             ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
             cancel_grace=settings.cancel_grace, extra_env=self._granted_env(name),
-            namespaces=self._namespaces, disk=disk)
+            namespaces=self._namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second)
         if disk_problem:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         assert self._launcher is not None
@@ -247,10 +248,15 @@ class Host:
             tool = self.registry.get(name)
             if tool is not None and tool.plugin == supervisor.name:
                 self.registry.remove_tool(name)
-        supervisor.tools, supervisor.conflicts = [], []
+        supervisor.tools, supervisor.conflicts, supervisor.refused = [], [], []
         for spec in worker.tools:
-            tool = RegisteredTool(spec.name, spec.description, spec.parameters,
-                                  partial(supervisor.call, spec.name), supervisor.name)
+            try:
+                tool = RegisteredTool(spec.name, spec.description, spec.parameters,
+                                      partial(supervisor.call, spec.name), supervisor.name)
+            except SchemaError as exc:
+                supervisor.refused.append(spec.name)
+                log.error("plugin %s: tool %s is not registered: its %s", supervisor.name, spec.name, exc)
+                continue
             holder = self.registry.add_plugin_tool(tool)
             if holder is None:
                 supervisor.tools.append(spec.name)

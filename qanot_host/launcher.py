@@ -10,7 +10,6 @@ template would). A remote launcher would be a third.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -21,11 +20,10 @@ import msgspec
 
 from qanot_worker import protocol as p
 
-__all__ = ["LaunchSpec", "WorkerProcess", "Launcher", "SubprocessLauncher", "start_output_pumps",
-           "finish_worker_group"]
+from .output import OutputLimit, start_output_pumps
 
-# A plugin that prints without newlines must not make the host buffer without bound.
-MAX_LOG_LINE = 4096
+__all__ = ["LaunchSpec", "WorkerProcess", "Launcher", "SubprocessLauncher", "finish_worker_group"]
+
 # After a worker exits and its process group is killed, how long its output may take to drain.
 OUTPUT_DRAIN_SECONDS = 2.0
 
@@ -48,6 +46,7 @@ class LaunchSpec:
     disk: str = ""  # the plugin's disk image, attached by the launcher
     uid: int = -1  # the plugin's own uid (its disk's owner)
     namespaces: bool = False  # a PID namespace of its own, with an init that reaps it
+    log_lines_per_second: float | None = None  # of its stdout and stderr into the host's log
 
     def request(self, request_id: int = 0) -> p.Spawn:
         return p.Spawn(request_id, self.plugin, self.env, self.cwd, self.max_frame, self.cgroup_procs, self.disk,
@@ -91,18 +90,12 @@ async def finish_worker_group(pgid: int, pumps: list[asyncio.Future], close_pipe
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-def start_output_pumps(plugin: str, stdout: asyncio.StreamReader | None,
-                       stderr: asyncio.StreamReader | None) -> list[asyncio.Future]:
-    log = logging.getLogger(f"qanot_host.plugin.{plugin}")
-    return [asyncio.ensure_future(_pump(stdout, log, plugin, "stdout")),
-            asyncio.ensure_future(_pump(stderr, log, plugin, "stderr"))]
-
-
 class _SpawnedWorker:
-    def __init__(self, proc: asyncio.subprocess.Process, plugin: str) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, spec: LaunchSpec) -> None:
         self._proc = proc
         self.pid = proc.pid
-        self._pumps = start_output_pumps(plugin, proc.stdout, proc.stderr)
+        self.output = OutputLimit(spec.plugin, spec.log_lines_per_second)
+        self._pumps = start_output_pumps(spec.plugin, proc.stdout, proc.stderr, self.output)
 
     @property
     def returncode(self) -> int | None:
@@ -143,33 +136,7 @@ class SubprocessLauncher:
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env, cwd="/", pass_fds=(spec.read_fd, spec.write_fd),
             start_new_session=True)
-        return _SpawnedWorker(proc, spec.plugin)
+        return _SpawnedWorker(proc, spec)
 
     async def close(self) -> None:
         pass
-
-
-async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, plugin: str, kind: str) -> None:
-    """Log what a worker writes, a line at a time, tagged with its plugin's name."""
-    if stream is None:
-        return
-    pending = b""
-    while True:
-        chunk = await stream.read(65536)
-        if not chunk:
-            break
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        if len(pending) > MAX_LOG_LINE:
-            lines.append(pending)
-            pending = b""
-        for line in lines:
-            _emit(log, plugin, kind, line)
-    if pending:
-        _emit(log, plugin, kind, pending)
-
-
-def _emit(log: logging.Logger, plugin: str, kind: str, line: bytes) -> None:
-    text = line[:MAX_LOG_LINE].decode("utf-8", errors="replace").rstrip()
-    if text:
-        log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", plugin, kind, text)

@@ -13,9 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from qanot_worker.plugin_api import compile_validator
-
 from .errors import InvalidParams, QanotHostError, ToolNotFound
+from .schema import SchemaError, check_schema, compile_validator, type_name
 
 __all__ = ["ToolRegistry", "RegisteredTool"]
 
@@ -37,6 +36,16 @@ class RegisteredTool:
     validate: Callable[[dict], list[str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        """A plugin's tool with a schema the host cannot use raises SchemaError (that tool is not
+        registered); an in-host tool's is the host program's own, taken as Qanot takes it."""
+        try:
+            check_schema(self.parameters)
+        except SchemaError as exc:
+            if self.plugin is not None:
+                raise
+            log.warning("tool %s: %s; its params are not checked", self.name, exc)
+            self.validate = _no_checks
+            return
         self.validate = compile_validator(self.parameters)
 
     def definition(self) -> dict[str, Any]:
@@ -93,6 +102,8 @@ class ToolRegistry:
         tool = self._tools.get(name)
         if tool is None:
             raise ToolNotFound(name)
+        if type(params) is not dict:
+            raise InvalidParams(name, [f"Parameters must be an object, got {type_name(params)}"])
         problems = tool.validate(params)
         if problems:
             raise InvalidParams(name, problems)
@@ -121,6 +132,10 @@ class ToolRegistry:
     def remove_plugin_tools(self, plugin: str) -> None:
         for name in [n for n, t in self._tools.items() if t.plugin == plugin]:
             del self._tools[name]
+
+
+def _no_checks(params: dict) -> list[str]:
+    return []
 
 
 def _error(message: str) -> str:

@@ -65,7 +65,8 @@ class PluginSupervisor:
         self.error = ""
         self.worker: WorkerHandle | None = None
         self.tools: list[str] = []
-        self.conflicts: list[str] = []
+        self.conflicts: list[str] = []  # tools another plugin holds the name of
+        self.refused: list[str] = []  # tools whose schema the host cannot use
         self.calls = self.errors = self.timeouts = self.restarts = 0
         self.last_exit = ""
         self.in_flight = 0
@@ -293,7 +294,7 @@ class PluginSupervisor:
             "restarts": self.restarts, "last_exit": self.last_exit,
             "rss_mb": round(usage[0], 1) if usage else None, "cpu_s": round(usage[1], 2) if usage else None,
             "calls": self.calls, "errors": self.errors, "timeouts": self.timeouts,
-            "tools": list(self.tools), "conflicts": list(self.conflicts),
+            "tools": list(self.tools), "conflicts": list(self.conflicts), "refused_tools": list(self.refused),
             "sandbox": list(worker.info.sandbox_layers) if running and worker.info else [],
             "egress": worker.egress.status() if running and worker.egress else None,
         }

@@ -49,6 +49,7 @@ class WorkerOptions:
     extra_env: dict[str, str] = field(default_factory=dict)  # env_vars the operator granted
     namespaces: bool = False  # the worker gets a PID namespace and a root of its own
     disk: str = ""  # the plugin's disk image, for its data directory
+    log_lines_per_second: float | None = None
 
 
 class WorkerHandle:
@@ -125,7 +126,8 @@ class WorkerHandle:
                               write_fd=worker_writes, max_frame=opts.max_frame, env=self._environment(),
                               cwd=opts.data_dir if not opts.namespaces else "/",
                               cgroup_procs=sorted(set(filter(None, sandbox.cgroups.values()))) if sandbox else [],
-                              disk=opts.disk, uid=sandbox.uid if sandbox else -1, namespaces=opts.namespaces)
+                              disk=opts.disk, uid=sandbox.uid if sandbox else -1, namespaces=opts.namespaces,
+                              log_lines_per_second=opts.log_lines_per_second)
             self._process = await self._launcher.launch(spec)
         except BaseException:
             os.close(host_writes)

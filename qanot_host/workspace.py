@@ -1,4 +1,18 @@
-"""Appends plugins' tools_md to TOOLS.md and soul_append to SOUL.md, as Qanot does, safely.
+"""Puts plugins' tools_md into TOOLS.md and soul_append into SOUL.md, as the Qanot document says, in
+blocks no plugin can forge or bloat.
+
+Each plugin owns one block in each file::
+
+    <!-- qanot-host:begin NAME -->
+    ...its text...
+    <!-- qanot-host:end NAME -->
+
+A block is replaced when the plugin's text changes and left alone when it does not; it is never
+appended twice. Plugin text cannot contain a marker: every "<!--" in it is written as "&lt;!--", so
+a plugin cannot end its block early, open another's or hide another's behind a fake one. Each block
+is capped at MAX_BLOCK bytes (the rest is cut, with a warning naming the plugin). What the user
+wrote outside the blocks is kept as it was. SOUL.md keeps Qanot's rule too: a soul_append whose
+first line is already in the user's text is not added.
 
 Only the host writes these files (never a worker), one writer at a time: an asyncio lock inside this
 host and an flock on a lock file against other hosts sharing the workspace. Each write goes to a
@@ -9,17 +23,22 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
+import re
 import tempfile
 
-__all__ = ["Workspace", "tools_marker"]
+__all__ = ["Workspace", "MAX_BLOCK"]
+
+log = logging.getLogger("qanot_host.workspace")
 
 LOCK_NAME = ".qanot-host.lock"
-
-
-def tools_marker(plugin: str) -> str:
-    """The line that says a plugin's tools_md is already in TOOLS.md (Qanot checks by plugin name)."""
-    return f"<!-- plugin: {plugin} -->"
+MAX_BLOCK = 64 * 1024
+_BEGIN = "<!-- qanot-host:begin {} -->"
+_END = "<!-- qanot-host:end {} -->"
+_BLOCK = re.compile(r"^<!-- qanot-host:begin (.+?) -->\n.*?^<!-- qanot-host:end \1 -->\n?", re.M | re.S)
+# The marker earlier qanot-host versions put before a plugin's tools_md (a block then ran to the next one)
+_LEGACY = re.compile(r"^<!-- plugin: (.+?) -->\n(?:(?!<!-- plugin: |<!-- qanot-host:begin ).*\n?)*", re.M)
 
 
 class Workspace:
@@ -28,44 +47,79 @@ class Workspace:
         self._lock = asyncio.Lock()
 
     async def add_plugin_docs(self, plugin: str, tools_md: str, soul_append: str) -> None:
-        if not tools_md.strip() and not soul_append.strip():
-            return
         async with self._lock:
-            await asyncio.to_thread(self._add_locked, plugin, tools_md, soul_append)
+            await asyncio.to_thread(self._update_locked, plugin, tools_md, soul_append)
 
-    def _add_locked(self, plugin: str, tools_md: str, soul_append: str) -> None:
+    def _update_locked(self, plugin: str, tools_md: str, soul_append: str) -> None:
+        if not tools_md.strip() and not soul_append.strip() and not os.path.isdir(self.directory):
+            return
         os.makedirs(self.directory, exist_ok=True)
         with open(os.path.join(self.directory, LOCK_NAME), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if tools_md.strip():
-                marker = tools_marker(plugin)
-                self._append_once("TOOLS.md", marker, f"{marker}\n{tools_md.strip()}\n")
-            if soul_append.strip():
-                # Qanot's rule: the first line of soul_append is its de-duplication marker.
-                first_line = soul_append.strip().splitlines()[0]
-                self._append_once("SOUL.md", first_line, soul_append.strip() + "\n")
+            self._put_block("TOOLS.md", plugin, _inert(plugin, "tools_md", tools_md))
+            soul = _inert(plugin, "soul_append", soul_append)
+            if soul and not _first_line_is_users(self._read("SOUL.md"), soul):
+                self._put_block("SOUL.md", plugin, soul)
 
-    def _append_once(self, filename: str, marker: str, block: str) -> None:
-        path = os.path.join(self.directory, filename)
+    def _put_block(self, filename: str, plugin: str, text: str) -> None:
+        current = self._read(filename)
+        block = f"{_BEGIN.format(plugin)}\n{text}\n{_END.format(plugin)}\n" if text else ""
+        found = [m for m in _BLOCK.finditer(current) if m.group(1) == plugin]
+        if found and found[0].group(0).rstrip("\n") == block.rstrip("\n") and len(found) == 1:
+            return  # unchanged
+        updated = current
+        for match in reversed(found):
+            updated = updated[:match.start()] + updated[match.end():]
+        updated = _LEGACY.sub(lambda m: "" if m.group(1) == plugin else m.group(0), updated)
+        if block:
+            if updated and not updated.endswith("\n"):
+                updated += "\n"
+            if updated and not updated.endswith("\n\n"):
+                updated += "\n"
+            updated += block
+        if updated != current:
+            self._write(filename, updated)
+
+    def _read(self, filename: str) -> str:
         try:
-            with open(path, encoding="utf-8") as f:
-                current = f.read()
+            with open(os.path.join(self.directory, filename), encoding="utf-8", errors="replace") as f:
+                return f.read()
         except FileNotFoundError:
-            current = ""
-        if any(line.strip() == marker.strip() for line in current.splitlines()):
-            return
-        separator = "" if not current or current.endswith("\n\n") else ("\n" if current.endswith("\n") else "\n\n")
+            return ""
+
+    def _write(self, filename: str, text: str) -> None:
+        path = os.path.join(self.directory, filename)
         fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=self.directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(current + separator + block)
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            if os.path.exists(path):
-                os.chmod(tmp, os.stat(path).st_mode & 0o777)
-            else:
-                os.chmod(tmp, 0o644)
+            try:
+                mode = os.stat(path).st_mode & 0o777
+            except FileNotFoundError:
+                mode = 0o644
+            os.chmod(tmp, mode)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
             raise
+
+
+def _inert(plugin: str, what: str, text: str) -> str:
+    """The plugin's text as it goes into a block: no markers, no more than MAX_BLOCK bytes."""
+    text = (text or "").strip().replace("<!--", "&lt;!--")
+    data = text.encode("utf-8", errors="replace")
+    if len(data) > MAX_BLOCK:
+        log.warning("plugin %s: its %s is %d bytes; only the first %d go into the workspace", plugin, what,
+                    len(data), MAX_BLOCK)
+        text = data[:MAX_BLOCK].decode("utf-8", errors="ignore")
+    return text
+
+
+def _first_line_is_users(current: str, soul: str) -> bool:
+    """Qanot's rule: the first line of soul_append marks it as present, if the user's own text
+    (outside every plugin's block) already has it."""
+    first = soul.splitlines()[0].strip()
+    users = _BLOCK.sub("", current)
+    return bool(first) and any(line.strip() == first for line in users.splitlines())

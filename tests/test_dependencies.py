@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from qanot_host import Host, PluginState
+from qanot_host.check import check_config
+from qanot_host.config import load_config
 
 from .conftest import GREETER, make_wheel, plugin
+
+
+def check_report(config_path: str) -> str:
+    """What `qanot-host check` finds, as one text."""
+    config = load_config(config_path)
+    raw = json.loads(Path(config_path).read_text())
+    return "\n".join(check_config(config, raw["plugins"]).errors)
 
 
 @pytest.fixture
@@ -59,13 +69,52 @@ async def test_unresolvable_requirement_fails_that_plugin_with_uvs_message(write
         assert host.plugins["greeter"].state == PluginState.READY
 
 
-async def test_requirement_that_looks_like_an_option_is_refused(write_config, tmp_path):
+@pytest.fixture
+def http_server():
+    """A server that records every request; a refused dependency must never reach it."""
+    import http.server
+    import threading
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("entry, why", [
+    ("--index-url={url}/simple", "options are not taken from plugin.json"),
+    ("evil @ {url}/evil-1.0-py3-none-any.whl", "a direct reference (URL or path) is refused"),
+    ("evil @ {url}/evil-1.0.tar.gz", "a direct reference (URL or path) is refused"),
+    ("evil @ file:///tmp/evil-1.0-py3-none-any.whl", "a direct reference (URL or path) is refused"),
+    ("git+{url}/evil.git", "is not a plain requirement"),
+    ("./evil", "is not a plain requirement"),
+    ("/tmp/evil-1.0-py3-none-any.whl", "is not a plain requirement"),
+    ("evil -i {url}/simple", "is not a plain requirement"),
+])
+async def test_dependencies_are_plain_requirements_only(write_config, tmp_path, http_server, entry, why):
+    url, hits = http_server
+    entry = entry.format(url=url)
     plugins = tmp_path / "extra"
     (plugins / "sneaky").mkdir(parents=True)
     (plugins / "sneaky" / "plugin.py").write_text("from qanot.plugins.base import Plugin\n"
                                                   "class QanotPlugin(Plugin):\n    pass\n")
-    (plugins / "sneaky" / "plugin.json").write_text(json.dumps(
-        {"dependencies": ["--index-url=http://127.0.0.1:1/simple"]}))
-    async with Host(write_config([plugin("sneaky")], plugins_dir=str(plugins))) as host:
-        assert "dependencies: '--index-url=http://127.0.0.1:1/simple' is not a requirement" in \
-            host.plugins["sneaky"].error
+    (plugins / "sneaky" / "plugin.json").write_text(json.dumps({"dependencies": ["msgspec>=0.18", entry]}))
+    async with Host(write_config([plugin("sneaky"), plugin("echo")], plugins_dir=str(plugins))) as host:
+        error = host.plugins["sneaky"].error
+        assert f"plugin.json: dependencies[1]: {entry!r}" in error and why in error, error
+        assert host.plugins["echo"].state == PluginState.READY
+    assert hits == []  # the host fetched nothing the plugin named
+    report = check_report(write_config([plugin("sneaky")], plugins_dir=str(plugins)))
+    assert f"dependencies[1]: {entry!r}" in report

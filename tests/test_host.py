@@ -93,7 +93,7 @@ async def test_params_are_validated_in_the_host(write_config):
         unknown = json.loads(await host.registry.execute("no_such_tool", {}))
         assert host.plugins["greeter"].calls == 0  # nothing crossed to the worker
     assert missing == {"error": "Invalid parameters for tool greet: Missing required parameter: name"}
-    assert wrong == {"error": "Invalid parameters for tool greet: Parameter 'times' expected integer, got bool"}
+    assert wrong == {"error": "Invalid parameters for tool greet: Parameter 'times' expected integer, got boolean"}
     assert unknown == {"error": "Unknown tool: no_such_tool"}
 
 

@@ -1,0 +1,109 @@
+"""A worker's stdout and stderr, into the host's log a line at a time, tagged with its plugin's name,
+and no faster than the plugin's log_lines_per_second.
+
+A plugin printing in a loop must not fill the host's disk or take its CPU: lines past the rate (a
+burst of BURST_SECONDS worth is let through first) are counted, not logged, and the count is logged
+once the plugin calms down or every REPORT_SECONDS. A chunk read while over the rate is counted
+without being split into lines. The pipes are always drained, so a chatty plugin never blocks on a
+full pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+__all__ = ["start_output_pumps", "OutputLimit", "MAX_LOG_LINE"]
+
+# A plugin that prints without newlines must not make the host buffer without bound.
+MAX_LOG_LINE = 4096
+BURST_SECONDS = 10.0
+REPORT_SECONDS = 10.0
+
+
+class OutputLimit:
+    """One token bucket per worker, shared by its stdout and stderr."""
+
+    def __init__(self, plugin: str, lines_per_second: float | None) -> None:
+        self.plugin = plugin
+        self.rate = lines_per_second
+        self.capacity = (lines_per_second or 0) * BURST_SECONDS
+        self._tokens = self.capacity
+        self._stamp = time.monotonic()
+        self.dropped = 0  # lines not logged, over the plugin's whole life
+        self._unreported = 0
+        self._reported_at = self._stamp
+        self._log = logging.getLogger(f"qanot_host.plugin.{plugin}")
+
+    def exhausted(self) -> bool:
+        """True while not one more line may be logged."""
+        return self.rate is not None and self._refill() < 1
+
+    def allow(self, lines: int) -> int:
+        """How many of `lines` may be logged now; the rest are counted as dropped."""
+        if self.rate is None:
+            return lines
+        self._refill()
+        now = self._stamp
+        allowed = min(lines, int(self._tokens))
+        self._tokens -= allowed
+        if allowed < lines:
+            self.dropped += lines - allowed
+            self._unreported += lines - allowed
+        if self._unreported and (allowed == lines or now - self._reported_at >= REPORT_SECONDS):
+            self.report(now)
+        return allowed
+
+    def _refill(self) -> float:
+        now = time.monotonic()
+        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * (self.rate or 0))
+        self._stamp = now
+        return self._tokens
+
+    def report(self, now: float | None = None) -> None:
+        if self._unreported:
+            self._log.warning("[%s] %d lines of output not logged: over log_lines_per_second=%g", self.plugin,
+                              self._unreported, self.rate)
+            self._unreported = 0
+        self._reported_at = now if now is not None else time.monotonic()
+
+
+def start_output_pumps(plugin: str, stdout: asyncio.StreamReader | None, stderr: asyncio.StreamReader | None,
+                       limit: OutputLimit | None = None) -> list[asyncio.Future]:
+    limit = limit or OutputLimit(plugin, None)
+    log = logging.getLogger(f"qanot_host.plugin.{plugin}")
+    return [asyncio.ensure_future(_pump(stdout, log, limit, "stdout")),
+            asyncio.ensure_future(_pump(stderr, log, limit, "stderr"))]
+
+
+async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit: OutputLimit, kind: str) -> None:
+    if stream is None:
+        return
+    pending = b""
+    try:
+        while True:
+            chunk = await stream.read(65536)
+            if not chunk:
+                break
+            if limit.exhausted():  # over the rate: count the lines, do not split them
+                limit.allow(chunk.count(b"\n") or 1)
+                pending = b""
+                continue
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            if len(pending) > MAX_LOG_LINE:
+                lines.append(pending)
+                pending = b""
+            for line in lines[:limit.allow(len(lines))]:
+                _emit(log, limit.plugin, kind, line)
+        if pending and limit.allow(1):
+            _emit(log, limit.plugin, kind, pending)
+    finally:
+        limit.report()
+
+
+def _emit(log: logging.Logger, plugin: str, kind: str, line: bytes) -> None:
+    text = line[:MAX_LOG_LINE].decode("utf-8", errors="replace").rstrip()
+    if text:
+        log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", plugin, kind, text)

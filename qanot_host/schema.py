@@ -1,0 +1,127 @@
+"""Tool schemas, checked in the host: a plugin's schema is untrusted input like anything else it sends.
+
+A schema that the host cannot use (not an object, `required` that is not a list of names,
+`properties` that is not an object of objects, nesting deeper than MAX_DEPTH, values JSON cannot
+hold) refuses that one tool, with a message naming the key; the host and every other tool go on.
+A schema that passes is one `json.dumps` takes, so `get_definitions()` never hands its caller
+something it cannot serialise.
+
+Params are checked against a schema the way Qanot's validate_tool_params does (required keys, then
+basic JSON types; unknown types and extra keys pass), with the schema's walk done once per tool.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+__all__ = ["SchemaError", "check_schema", "compile_validator", "json_problem", "MAX_DEPTH", "type_name"]
+
+MAX_DEPTH = 32  # a schema nested deeper than this is refused
+INT64 = 2**63
+
+_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    # bool is a subclass of int in Python, but JSON Schema keeps them apart.
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+    "null": lambda v: v is None,
+}
+
+
+class SchemaError(ValueError):
+    """A tool's parameters schema the host cannot use; the message names the key at fault."""
+
+
+def type_name(value: object) -> str:
+    """A value's JSON type, as a caller who wrote JSON would name it."""
+    if value is None:
+        return "null"
+    for name in ("boolean", "integer", "number", "string", "array", "object"):
+        if _JSON_TYPES[name](value):
+            return name
+    return type(value).__name__
+
+
+def json_problem(value: object, where: str = "", depth: int = 0, max_depth: int = MAX_DEPTH) -> str | None:
+    """Why `value` is not plain JSON (dict with str keys, list, str, int of 64 bits, finite float,
+    bool, None, nested at most max_depth), naming the path to the offending value; None if it is."""
+    if depth > max_depth:
+        return f"{where or '$'}: nested deeper than {max_depth} levels"
+    kind = type(value)
+    if value is None or kind in (bool, str):
+        return _surrogate_problem(value, where) if kind is str else None
+    if kind is int:
+        return None if -INT64 <= value < INT64 else f"{where or '$'}: integer {value} does not fit in 64 bits"
+    if kind is float:
+        return None if math.isfinite(value) else f"{where or '$'}: {value} is not a JSON number"
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return f"{where or '$'}: key {key!r} is not a string"
+            problem = _surrogate_problem(key, where) or json_problem(item, f"{where}.{key}", depth + 1, max_depth)
+            if problem:
+                return problem
+        return None
+    if kind is list:
+        for index, item in enumerate(value):
+            problem = json_problem(item, f"{where}[{index}]", depth + 1, max_depth)
+            if problem:
+                return problem
+        return None
+    return f"{where or '$'}: a {kind.__name__} is not JSON"
+
+
+def _surrogate_problem(text: str, where: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{where or '$'}: {text[:40]!r} holds a lone surrogate, which is not valid UTF-8"
+    return None
+
+
+def check_schema(schema: object) -> None:
+    """Raise SchemaError if the host cannot use `schema` (see the module's docstring)."""
+    if not isinstance(schema, dict):
+        raise SchemaError(f"parameters must be a JSON object, got {type_name(schema)}")
+    problem = json_problem(schema)
+    if problem:
+        raise SchemaError(f"parameters{problem.removeprefix('$')}")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(key, str) for key in required):
+        raise SchemaError(f"parameters.required must be a list of parameter names, got {required!r:.60}")
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        raise SchemaError(f"parameters.properties must be an object, got {type_name(properties)}")
+    for key, prop in properties.items():
+        if not isinstance(prop, dict):
+            raise SchemaError(f"parameters.properties.{key} must be an object, got {type_name(prop)}")
+        kind = prop.get("type")
+        if kind is not None and not isinstance(kind, str) and not (
+                isinstance(kind, list) and all(isinstance(k, str) for k in kind)):
+            raise SchemaError(f"parameters.properties.{key}.type must be a type name or a list of them")
+
+
+def compile_validator(schema: dict[str, Any]) -> Callable[[dict], list[str]]:
+    """A check of params against a schema that passed check_schema: [] if valid, else one message
+    per problem. Valid params (the common case) cost a few dict lookups."""
+    required = tuple(schema.get("required", ()))
+    checks = []
+    for key, prop in schema.get("properties", {}).items():
+        expected = prop.get("type")
+        names = expected if isinstance(expected, list) else [expected]
+        tests = tuple(_JSON_TYPES[n] for n in names if n in _JSON_TYPES)
+        if tests:
+            checks.append((key, " or ".join(names), tests))
+
+    def validate(params: dict) -> list[str]:
+        errors = [f"Missing required parameter: {key}" for key in required if key not in params]
+        for key, expected, tests in checks:
+            if key in params and not any(test(params[key]) for test in tests):
+                errors.append(f"Parameter '{key}' expected {expected}, got {type_name(params[key])}")
+        return errors
+
+    return validate
