@@ -6,7 +6,6 @@
   OOM killer ends the worker and the host says so;
 - cpu: a weight (and optionally a quota), so a plugin spinning every core cannot starve the host or
   its neighbours;
-- freezer (cgroup v1): to kill a plugin's processes all at once, daemons included.
 
 Groups live under a base named qanot-host-PID inside the host's own cgroup of each hierarchy, so an
 operator's limits on the host (a systemd unit's MemoryMax, say) still cover its plugins. The worker
@@ -29,7 +28,7 @@ __all__ = ["Cgroups", "CgroupLimits", "sweep_stale_cgroups"]
 
 log = logging.getLogger("qanot_host.cgroups")
 
-V1_CONTROLLERS = {"pids": "pids-cgroup", "memory": "memory-cgroup", "cpu": "cpu-cgroup", "freezer": ""}
+V1_CONTROLLERS = {"pids": "pids-cgroup", "memory": "memory-cgroup", "cpu": "cpu-cgroup"}
 CGROUP_LAYERS = ("pids-cgroup", "memory-cgroup", "cpu-cgroup")
 V2_CONTROLLERS = ("pids", "memory", "cpu")
 BASE_PREFIX = "qanot-host-"
@@ -72,7 +71,7 @@ class Cgroups:
             procs = os.path.join(group, "cgroup.procs")
             if controller == "":
                 groups.update(dict.fromkeys(CGROUP_LAYERS, procs))
-            elif V1_CONTROLLERS.get(controller):
+            else:
                 groups[V1_CONTROLLERS[controller]] = procs
         return groups
 
@@ -108,18 +107,19 @@ class Cgroups:
         while any(_read_pids(group) for group in groups):
             if time.monotonic() > deadline:
                 return False
-            _kill_group(groups, self._base.get("freezer"), plugin)
+            _kill_group(groups)
             await asyncio.sleep(0.005)
         return True
 
-    def remove_plugin(self, plugin: str) -> None:
-        for base in self._base.values():
-            _rmdir(os.path.join(base, plugin))
-
-    def remove(self) -> None:
-        """rmdir every group made (children first); a group still holding a process stays."""
+    async def remove(self) -> None:
+        """rmdir every group this host used (children first). The kernel refuses (EBUSY) while a
+        task that just exited still counts; such a group is tried again for up to KILL_SECONDS."""
+        deadline = time.monotonic() + KILL_SECONDS
         for group in reversed(self._made):
-            _rmdir(group)
+            while not _rmdir(group) and os.path.isdir(group) and time.monotonic() < deadline:
+                if _read_pids(group):
+                    _kill_group([group])
+                await asyncio.sleep(0.01)
         self._made.clear()
         self._base.clear()
 
@@ -128,12 +128,14 @@ class Cgroups:
         if base is None:
             base = os.path.join(self._hierarchies[controller], f"{BASE_PREFIX}{os.getpid()}")
             _mkdir(base)
-            self._made.append(base)
+            if base not in self._made:
+                self._made.append(base)
             if controller == "":
                 _enable_v2_controllers(base)
             self._base[controller] = base
         group = os.path.join(base, plugin)
-        if _mkdir(group):
+        _mkdir(group)
+        if group not in self._made:  # made now, or left by an earlier host of this process: ours to remove
             self._made.insert(self._made.index(base) + 1, group)
         return group
 
@@ -244,21 +246,16 @@ def _apply(controller: str, group: str, limits: CgroupLimits) -> None:
                 _write(os.path.join(group, name), value)
 
 
-def _kill_group(groups: list[str], freezer_base: str | None, plugin: str) -> None:
-    """Freeze (so nothing forks meanwhile), SIGKILL every member, thaw (frozen tasks die on thaw)."""
+def _kill_group(groups: list[str]) -> None:
+    """SIGKILL every member (cgroup v2's cgroup.kill does it at once). With a PID namespace per
+    worker, killing its init would end them all; this is for what is left when there is none."""
     kill_file = [os.path.join(g, "cgroup.kill") for g in groups if os.path.exists(os.path.join(g, "cgroup.kill"))]
     if kill_file:
         _write(kill_file[0], "1")
         return
-    state = os.path.join(freezer_base, plugin, "freezer.state") if freezer_base else ""
-    frozen = _try_write(state, "FROZEN") if state else False
-    try:
-        for group in groups:
-            for member in _read_pids(group):
-                _signal(member)
-    finally:
-        if frozen:
-            _try_write(state, "THAWED")
+    for group in groups:
+        for member in _read_pids(group):
+            _signal(member)
 
 
 def _signal(pid: int) -> None:
@@ -283,14 +280,6 @@ def _read(path: str) -> str:
 def _write(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
-
-
-def _try_write(path: str, value: str) -> bool:
-    try:
-        _write(path, value)
-        return True
-    except OSError:
-        return False
 
 
 def _mkdir(path: str) -> bool:

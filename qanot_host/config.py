@@ -47,7 +47,8 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
 
     max_rss_mb, max_cpu_seconds and max_calls recycle a worker (watched with psutil); the others
     are the kernel's to enforce, every worker under them from its first instruction: memory_mb
-    (memory cgroup; 0 turns it off), disk_mb (the data directory's file system), tmp_mb (/tmp and
+    (memory cgroup; 0 turns it off), disk_mb (the data directory's file system; 0: a plain
+    directory, no ceiling), tmp_mb (/tmp and
     /dev/shm, in memory), cpu_weight (its share of the CPU against other plugins, 100 by default)
     and cpu_max (at most that many cores), and log_lines_per_second of its stdout and stderr in
     the host's log (the rest counted, not logged).
@@ -57,7 +58,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     max_cpu_seconds: Seconds | None = None
     max_calls: Annotated[int, msgspec.Meta(gt=0)] | None = None
     memory_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    disk_mb: Annotated[int, msgspec.Meta(ge=16)] | None = None
+    disk_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
     tmp_mb: Annotated[int, msgspec.Meta(ge=1)] | None = None
     cpu_weight: Annotated[int, msgspec.Meta(ge=1, le=10000)] | None = None
     cpu_max: Annotated[float, msgspec.Meta(gt=0)] | None = None

@@ -199,9 +199,12 @@ class Host:
             teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
             ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
             cancel_grace=settings.cancel_grace, extra_env=self._granted_env(name),
-            namespaces=self._namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second)
+            namespaces=self._namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second,
+            oom_kills=partial(self._cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb)
         if disk_problem:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
+        elif self._namespaces and not limits.disk_mb:
+            options.extra_env[p.DISK_KEY] = "off"  # the operator's choice: a plain directory
         assert self._launcher is not None
         worker = WorkerHandle(name, self._launcher, options, supervisor.worker_exited)
         config: dict[str, Any] = dict(supervisor.entry.config)
@@ -326,7 +329,7 @@ class Host:
             await self._cgroups.kill(supervisor.name)
         if self._launcher is not None:
             await self._launcher.close()
-        self._cgroups.remove()
+        await self._cgroups.remove()
 
     def worker_pids(self) -> set[int]:
         """Every running worker's pid, and the worker template's (they all run plugin-reachable code)."""

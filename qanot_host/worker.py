@@ -50,6 +50,10 @@ class WorkerOptions:
     namespaces: bool = False  # the worker gets a PID namespace and a root of its own
     disk: str = ""  # the plugin's disk image, for its data directory
     log_lines_per_second: float | None = None
+    # How often the kernel's OOM killer has struck the plugin's memory cgroup (None: no cgroup),
+    # and its ceiling, so that an exit by SIGKILL can be told apart.
+    oom_kills: Callable[[], int] | None = None
+    memory_mb: int | None = None
 
 
 class WorkerHandle:
@@ -65,6 +69,7 @@ class WorkerHandle:
         self._stop_reason = ""
         self._sandbox: p.SandboxSpec | None = None
         self._plugin_pid: int | None = None  # the worker itself, below its namespace's init
+        self._oom_kills_at_start = 0
         self._lost_reason: PluginError | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.info: p.Loaded | None = None
@@ -100,6 +105,7 @@ class WorkerHandle:
         """Spawn, handshake, load, setup(config), get_tools(). Raises PluginStartError subtypes."""
         began = time.monotonic()
         self._sandbox = sandbox
+        self._oom_kills_at_start = self._options.oom_kills() if self._options.oom_kills else 0
         await self._spawn()
         hello = await self._handshake()
         self._plugin_pid = self._find_plugin_pid(hello.pid)
@@ -272,7 +278,7 @@ class WorkerHandle:
         if self._stopping:
             error: PluginError = PluginUnavailable(self.plugin, self._stop_reason)
         else:
-            error = self._lost_reason or WorkerCrashed(self.plugin, code)
+            error = self._lost_reason or self._crash(code)
         self.exit_error = error
         if self.egress is not None:
             self.egress.close()
@@ -285,6 +291,12 @@ class WorkerHandle:
             self.exited.set_result(code)
         if self._on_exit is not None:
             self._on_exit(self)
+
+    def _crash(self, code: int | None) -> WorkerCrashed:
+        oom = self._options.oom_kills
+        if code == -signal.SIGKILL and oom is not None and oom() > self._oom_kills_at_start:
+            return WorkerCrashed(self.plugin, code, f": out of memory, over its memory_mb={self._options.memory_mb}")
+        return WorkerCrashed(self.plugin, code)
 
     async def stop(self, teardown: bool = True, reason: str = "worker stopped") -> int | None:
         """Teardown, then SIGTERM, then SIGKILL; returns the exit code. Safe to call many times."""

@@ -50,8 +50,9 @@ CLEANUP_SECONDS = 2.0
 
 
 class Template:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, host_pid: int) -> None:
         self.sock = sock
+        self.host_pid = host_pid
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(p.Spawn)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -145,8 +146,8 @@ class Template:
             while _kill_members(group) and time.monotonic() < deadline:
                 time.sleep(0.01)
                 self._reap()
-        if not self.host_gone:
-            return  # the host removes its own cgroups
+        if not self.host_gone and os.getppid() == self.host_pid:
+            return  # the host closed its end and removes its own cgroups
         for group in groups:
             for directory in (group, os.path.dirname(group)):
                 try:
@@ -182,7 +183,7 @@ def serve_template(sock_fd: int, host_pid: int) -> int:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)  # handled: see Template._clean_up
     if os.getppid() != host_pid:
         return 0  # the host died before the signal was armed
-    return Template(socket.socket(fileno=sock_fd)).serve()
+    return Template(socket.socket(fileno=sock_fd), host_pid).serve()
 
 
 def run_spawned(read_fd: int, write_fd: int, host_pid: int) -> int:

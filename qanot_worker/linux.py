@@ -14,14 +14,14 @@ import select
 __all__ = [
     "libc", "check", "mount", "umount2", "unshare", "setns", "pivot_root", "prctl", "open_tree",
     "move_mount", "parent_alive", "CLONE_NEWNS", "CLONE_NEWIPC", "CLONE_NEWUTS", "CLONE_NEWNET",
-    "CLONE_NEWPID", "PR_SET_PDEATHSIG", "PR_SET_NO_NEW_PRIVS", "PR_SET_NAME",
+    "CLONE_NEWPID", "PR_SET_PDEATHSIG", "PR_SET_DUMPABLE", "PR_SET_NO_NEW_PRIVS", "PR_SET_NAME",
 ]
 
 libc = ctypes.CDLL(None, use_errno=True)
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-PR_SET_PDEATHSIG, PR_SET_NAME, PR_SET_NO_NEW_PRIVS = 1, 15, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_NO_NEW_PRIVS = 1, 4, 15, 38
 # The new mount API has one number on every architecture (the generic table, Linux 5.2).
 SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(os.uname().machine, 155)

@@ -126,7 +126,7 @@ def _enter_world(spec: p.SandboxSpec, disk: str, layer) -> None:
         layer(name, True)
     if private_network:
         layer("network-namespace", True)
-    if any(op.kind == "data" for op in spec.mounts):
+    if disk != "off" and any(op.kind == "data" for op in spec.mounts):
         layer("disk-quota", disk_fd >= 0, disk.removeprefix("error:") or "no disk for this plugin")
 
 

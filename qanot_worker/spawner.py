@@ -58,7 +58,8 @@ class Forker:
                 _child(lambda: _become_worker(request, fds, disk, go_r, self._new_session, run_worker),
                        keep=[*fds, disk[0], go_r])
             os.close(go_r)
-            _place(pid, request.cgroup_procs, go_w)
+            _place(pid, request.cgroup_procs)
+            _go(go_w)
             return pid
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         linux.unshare(linux.CLONE_NEWPID)
@@ -89,15 +90,19 @@ class Forker:
         return code
 
 
-def _place(pid: int, cgroup_procs: list[str], go_w: int) -> None:
-    """Put a worker in its cgroups, then tell it to go on: it says Hello only after this, so the
-    host loads no plugin code outside them (the worker checks again on Load)."""
+def _place(pid: int, cgroup_procs: list[str]) -> None:
+    """Put a worker in its cgroups (the worker checks on Load)."""
     for procs in filter(None, cgroup_procs):
         try:
             with open(procs, "w") as f:
                 f.write(str(pid))
         except OSError as exc:
             sys.stderr.write(f"could not put worker {pid} in {procs}: {exc.strerror}\n")
+
+
+def _go(go_w: int) -> None:
+    """Tell the worker to go on: it says Hello only after this, so no plugin code runs before its
+    launcher has placed it and (an init) given up root."""
     os.write(go_w, b"g")
     os.close(go_w)
 
@@ -116,15 +121,19 @@ def _init(request: p.Spawn, fds: list[int], disk: tuple[int, str], status_w: int
     if worker == 0:
         _child(lambda: _become_worker(request, fds, disk, go_r, False, run_worker), keep=[*fds, disk[0], go_r])
     os.close(go_r)
-    _place(worker, request.cgroup_procs, go_w)
-    _close_all_but([status_w, parent_pidfd])
+    _place(worker, request.cgroup_procs)
+    _close_all_but([status_w, parent_pidfd, go_w])
     if request.uid >= 0:
+        # The plugin's uid, and with the change no longer dumpable: a plugin cannot read or
+        # trace its init through /proc/1 (its root is the host's).
         os.setgroups([])
         os.setresgid(request.uid, request.uid, request.uid)
         os.setresuid(request.uid, request.uid, request.uid)
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)  # also as root (identity off): /proc/1 stays closed
     _die_with(parent_pidfd)  # a change of credentials cleared the parent-death signal
     os.close(parent_pidfd)
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    _go(go_w)
     while True:
         try:
             pid, status = os.waitpid(-1, 0)

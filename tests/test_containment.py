@@ -1,0 +1,393 @@
+"""The containment suite: every way out an independent attacker found in the first sandbox, and more
+against the layers that closed them, each run from a real sandboxed worker (tests/plugins/attacker)
+as root with default settings. A test fails if the attack works."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from qanot_host import Host, PluginState
+
+from .conftest import FIXTURE_PLUGINS, GREETER, plugin, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the namespaced sandbox needs root")
+pytestmark = needs_root
+
+
+async def attack(host: Host, attack_name: str, plugin_name: str = "attacker", /, **params) -> str:
+    sup = host.plugins[plugin_name]
+    assert sup.state == PluginState.READY, sup.error
+    try:
+        result = await sup.call(f"attack_{attack_name}", params)
+    except Exception as exc:  # a typed failure of the call is containment too; the test reads it
+        result = f"{type(exc).__name__}: {exc}"
+    assert "ESCAPED" not in result, result
+    return result
+
+
+def attackers(tmp_path: Path, *names: str) -> str:
+    """Copies of the attacker plugin under other names, for attacks between plugins."""
+    root = tmp_path / "attackers"
+    for name in names:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(FIXTURE_PLUGINS / "attacker" / "plugin.py", root / name / "plugin.py")
+    return str(root)
+
+
+async def restart(host: Host, name: str) -> None:
+    sup = host.plugins[name]
+    pid = sup.worker.pid
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != pid, 10, f"{name} restarted")
+
+
+# ---- 1. root never follows a path a plugin can write --------------------------------------------
+
+@pytest.mark.parametrize("disk_mb", [0, 64])
+async def test_swapping_a_directory_for_a_symlink_gains_nothing(write_config, tmp_path, disk_mb):
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir(mode=0o700)
+    secret = secret_dir / "shadow"
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    config = write_config([plugin("attacker", secret_dir=str(secret_dir))], host={
+        "restart": {"backoff_initial": 0, "max_restarts": 100}, "limits": {"disk_mb": disk_mb}})
+    async with Host(config) as host:
+        for _ in range(6):  # the race runs in a thread while the host starts the next worker
+            assert await attack(host, "swap_race") == "racing"
+            await restart(host, "attacker")
+    for path, mode in ((secret, 0o600), (secret_dir, 0o700)):
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, mode), path
+
+
+# ---- 2. one plugin's malformed schema ------------------------------------------------------------
+
+async def test_a_malformed_schema_refuses_that_tool_only(write_config, caplog):
+    async with Host(write_config([plugin("bad_schema"), GREETER])) as host:
+        assert host.plugins["bad_schema"].state == PluginState.READY
+        assert host.plugins["greeter"].state == PluginState.READY
+        assert await host.registry.execute("schema_fine", {"a": "x"}) == "fine"
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+        refused = host.status()[0]["refused_tools"]
+        assert sorted(refused) == ["schema_properties_list", "schema_property_str", "schema_required_int",
+                                   "schema_too_deep"]
+        json.dumps(host.registry.get_definitions())
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("tool schema_required_int is not registered: its parameters.required must be a list" in m
+               for m in messages)
+    assert any("schema_too_deep is not registered: its parameters" in m and "nested deeper than 32" in m
+               for m in messages)
+
+
+# ---- 3. unix sockets outside, and descriptors between plugins ------------------------------------
+
+async def test_unix_sockets_outside_do_not_exist_for_a_plugin(write_config, tmp_path):
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dgram.bind(str(tmp_path / "d.sock"))
+    dgram.setblocking(False)
+    stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream.bind(str(tmp_path / "s.sock"))
+    stream.listen()
+    stream.setblocking(False)
+    os.chmod(tmp_path / "d.sock", 0o777)
+    os.chmod(tmp_path / "s.sock", 0o777)
+    config = write_config([plugin("attacker", dgram_socket=str(tmp_path / "d.sock"),
+                                  stream_socket=str(tmp_path / "s.sock"))])
+    try:
+        async with Host(config) as host:
+            result = await attack(host, "unix_sendto")
+        assert "sendto: No such file or directory" in result and "connect: No such file or directory" in result
+        with pytest.raises(BlockingIOError):
+            dgram.recv(100)
+        with pytest.raises(BlockingIOError):
+            stream.accept()
+    finally:
+        dgram.close()
+        stream.close()
+
+
+@pytest.mark.parametrize("network", [False, True])
+async def test_no_descriptor_passes_between_two_plugins(write_config, tmp_path, network):
+    grant = {"permissions": {"network": True}} if network else {}
+    config = write_config([plugin("a1"), plugin("a2")], plugins_dir=attackers(tmp_path, "a1", "a2"),
+                          host={"plugins": {"a1": grant, "a2": grant}})
+    async with Host(config) as host:
+        listening = asyncio.ensure_future(attack(host, "fd_listen", "a1", name="qanot-pass", wait=2))
+        await asyncio.sleep(0.3)
+        sent = await attack(host, "fd_send", "a2", name="qanot-pass")
+        received = await listening
+    # each plugin has its own network namespace, or (with network) Landlock keeps abstract sockets apart
+    assert sent.startswith("contained: sendmsg: "), sent
+    assert received == "contained: nothing arrived"
+
+
+# ---- 4. SysV IPC ---------------------------------------------------------------------------------
+
+def host_sysv_keys() -> set[int]:
+    keys = set()
+    for kind in ("msg", "sem", "shm"):
+        for line in Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]:
+            keys.add(int(line.split()[0]))
+    return keys
+
+
+async def test_sysv_ipc_is_private_to_the_plugin_and_under_its_memory_ceiling(write_config):
+    config = write_config([plugin("attacker"), GREETER], host={
+        "plugins": {"attacker": {"limits": {"memory_mb": 200}}}, "restart": {"backoff_initial": 0}})
+    async with Host(config) as host:
+        made = await attack(host, "sysv", key=0x51A7)
+        assert "msgget -1" not in made and "shmget -1" not in made, made  # it may make them: in its own namespace
+        assert 0x51A7 not in host_sysv_keys()
+        result = await attack(host, "sysv", key=0x51A8, mb=2048)
+        assert "worker crashed (killed by SIGKILL): out of memory, over its memory_mb=200" in result, result
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+    assert not {0x51A7, 0x51A8, 0x51A9} & host_sysv_keys()
+
+
+# ---- 5. nothing outlives the host ------------------------------------------------------------------
+
+HOST_SCRIPT = textwrap.dedent("""
+    import asyncio, sys
+    sys.path.insert(0, {repo!r})
+    from qanot_host import Host
+
+    async def main():
+        host = Host({config!r})
+        await host.start()
+        for plugin in ("a1", "a2"):
+            sup = host.plugins[plugin]
+            print(await sup.call("attack_daemon", {{}}), flush=True)
+        print(await host.plugins["a1"].call("attack_block_loop", {{}}), flush=True)
+        print("ready", flush=True)
+        if {graceful!r}:
+            await asyncio.sleep(0.5)
+            await host.stop()
+            print("stopped", flush=True)
+            return
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+""")
+
+
+def qanot_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        if (proc.info["name"] or "").startswith(("qanot:", "qanot-daemon")):
+            found.append(proc)
+    return found
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("graceful", [False, True])
+async def test_nothing_started_by_a_plugin_outlives_its_host(write_config, tmp_path, graceful):
+    grant = {"permissions": {"subprocess": True}}
+    config = write_config([plugin("a1"), plugin("a2")], plugins_dir=attackers(tmp_path, "a1", "a2"),
+                          host={"plugins": {"a1": grant, "a2": grant}})
+    before = {p.pid for p in qanot_processes()}
+    script = HOST_SCRIPT.format(repo=str(REPO), config=config, graceful=graceful)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline().strip() for _ in range(4)]
+        assert lines == ["daemon started", "daemon started", "blocking soon", "ready"], lines
+        ours = [p for p in qanot_processes() if p.pid not in before]
+        names = sorted(p.info["name"] for p in ours)
+        ours += psutil.Process(proc.pid).children(recursive=True)  # the template too
+        assert names.count("qanot-daemon") == 2 and "qanot:a1" in names and "qanot:a2" in names, names
+        if graceful:
+            assert proc.stdout.readline().strip() == "stopped"
+        else:
+            await asyncio.sleep(0.3)  # the blocking handler is in time.sleep by now
+            proc.kill()
+        gone_at = time.monotonic() + 1.0
+        while time.monotonic() < gone_at and any(alive(p) for p in ours):
+            await asyncio.sleep(0.02)
+        assert not [p for p in ours if alive(p)], [(p.pid, p.info["name"]) for p in ours if alive(p)]
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    # and the cgroups go with them (the template removes them when the host dies)
+    pattern = f"qanot-host-{proc.pid}"
+    await wait_until(lambda: not [d for d in glob.glob("/sys/fs/cgroup/**/" + pattern, recursive=True)], 5,
+                     "the host's cgroups removed")
+
+
+async def test_a_host_at_start_removes_cgroups_left_by_hosts_that_are_gone(write_config):
+    stale = "/sys/fs/cgroup/pids/qanot-host-999999999"
+    os.makedirs(os.path.join(stale, "someplugin"), exist_ok=True)
+    async with Host(write_config([GREETER])):
+        assert not os.path.exists(stale)
+
+
+# ---- 6. a ports grant carries TCP to those ports, nothing else ---------------------------------------
+
+async def test_a_ports_grant_carries_tcp_to_its_ports_and_nothing_else(write_config):
+    granted = socket.socket()
+    granted.bind(("127.0.0.1", 0))
+    granted.listen()
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    other.setblocking(False)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    listen_port = free.getsockname()[1]
+    free.close()
+    port = granted.getsockname()[1]
+    config = write_config([plugin("attacker", granted_port=port, other_port=other.getsockname()[1],
+                                  udp_port=udp.getsockname()[1], listen_port=listen_port)],
+                          host={"plugins": {"attacker": {"permissions": {"network": {"ports": [port]}}}}})
+    try:
+        async with Host(config) as host:
+            assert "egress-filter" in host.status()[0]["sandbox"]
+            result = await attack(host, "net_around")
+            assert "granted port: connected" in result and "proto 262 connect" in result, result
+            conn, _ = granted.accept()
+            assert conn.recv(100) == b"hello granted\n"
+            conn.close()
+            with pytest.raises(BlockingIOError):
+                udp.recv(100)
+            with pytest.raises(BlockingIOError):
+                other.accept()
+            with pytest.raises(ConnectionRefusedError):  # its MPTCP listener is in its own network
+                socket.create_connection(("127.0.0.1", listen_port), timeout=2).close()
+            assert host.status()[0]["egress"]["denied"] >= 1, (result, host.status()[0]["egress"])
+    finally:
+        for s in (granted, other, udp):
+            s.close()
+
+
+# ---- 9 and 10. the host's files and other plugins' ----------------------------------------------------
+
+async def test_the_hosts_packages_cannot_be_imported_or_listed(write_config):
+    dirs = sorted({*site.getsitepackages(), str(REPO), str(Path(psutil.__file__).parent.parent)})
+    async with Host(write_config([plugin("attacker", host_site_dirs=dirs)])) as host:
+        result = await attack(host, "host_packages")
+        assert result.startswith("contained: no host package importable"), result
+        result = await attack(host, "hidden_neighbours")
+        assert result.startswith("contained: "), result
+
+
+async def test_other_plugins_files_cannot_be_seen_or_watched(write_config, tmp_path):
+    other = tmp_path / "state" / "data" / "greeter"
+    paths = [str(other), str(other / "notes.txt"), str(FIXTURE_PLUGINS / "greeter"), str(tmp_path / "config.json")]
+    async with Host(write_config([GREETER, plugin("attacker", other_paths=paths)])) as host:
+        assert other.is_dir()
+        result = await attack(host, "observe")
+    assert result.count("stat") == result.count("No such file or directory") == len(paths), result
+    assert result.count("inotify_add_watch: ENOENT") == len(paths), result
+
+
+# ---- 11. the egress listener cannot be wedged -------------------------------------------------------
+
+async def test_a_malformed_connect_gets_einval_and_the_next_works(write_config):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    config = write_config([plugin("attacker", granted_port=port)], host={
+        "plugins": {"attacker": {"permissions": {"network": {"hosts": [f"127.0.0.1:{port}"]}}}}})
+    try:
+        async with Host(config) as host:
+            result = await asyncio.wait_for(attack(host, "short_sockaddr"), 10)
+        assert result.startswith("contained: connect with 4 bytes: EINVAL after 0.0"), result
+    finally:
+        server.close()
+
+
+# ---- 12. default ceilings ------------------------------------------------------------------------------
+
+async def test_default_ceilings_hold_without_any_limits_configured(write_config, caplog):
+    config = write_config([plugin("attacker"), GREETER], host={"restart": {"backoff_initial": 0}})
+    async with Host(config) as host:
+        layers = host.status()[0]["sandbox"]
+        assert {"memory-cgroup", "cpu-cgroup", "pids-cgroup", "disk-quota"} <= set(layers)
+        assert 990 <= json.loads(await attack(host, "statvfs"))["total_mb"] <= 1024  # the default disk_mb
+        result = await attack(host, "eat_memory", mb=3072)
+        assert "out of memory, over its memory_mb=1024" in result, result
+        await wait_until(lambda: host.plugins["attacker"].state == PluginState.READY, 10, "restart")
+        assert await attack(host, "flood_stderr", lines=200_000) == "flooded"
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+    flood = [r for r in caplog.records if "flood xxx" in r.getMessage()]
+    assert len(flood) <= 50 * 10 + 100  # log_lines_per_second=50, a burst of 10 s
+    assert any("lines of output not logged: over log_lines_per_second=50" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_disk_ceiling_is_the_kernels(write_config):
+    config = write_config([plugin("attacker")], host={"limits": {"disk_mb": 64}})
+    async with Host(config) as host:
+        result = await attack(host, "fill_disk", mb=4096)
+    assert result.startswith("contained: No space left on device after"), result
+    assert int(result.split("after ")[1].split()[0]) <= 64
+
+
+# ---- further attacks, on the layers that closed the ones above --------------------------------------
+
+FURTHER = {
+    "init_proc": "/proc/1/root/etc/hostname: EACCES",  # its init's root is the host's: closed
+    "namespaces": "unshare(USER): EPERM",
+    "devices": "loop0: ENOENT",
+    "write_readonly": "EROFS",
+    "proc_sys": "/proc/sysrq-trigger: E",
+    "sockets": "unix: EPERM",
+    "tmpfs": "/tmp: No space left on device after 6",
+    "rename_data": "rename: Permission denied",
+    "trace_init": "ptrace(ATTACH, 1): EPERM",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FURTHER))
+async def test_further_attack_is_contained(write_config, name):
+    async with Host(write_config([plugin("attacker"), GREETER])) as host:
+        result = await attack(host, name)
+        assert result.startswith("contained: ") and FURTHER[name] in result, result
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+
+
+async def test_signals_reach_nothing_outside_the_plugins_namespace(write_config, tmp_path):
+    config = write_config([plugin("attacker", host_pids=[os.getpid(), 1]), GREETER],
+                          host={"plugins": {"attacker": {"permissions": {"subprocess": True}}}})
+    async with Host(config) as host:
+        template = next(iter(host._launcher.helper_pids()))
+        greeter = host.plugins["greeter"].worker.pid
+        result = await attack(host, "signals")
+        assert "kill(1, SIGKILL): " in result and "kill(-1, SIGKILL): " in result, result
+        assert psutil.pid_exists(template) and psutil.pid_exists(greeter)
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+
+
+async def test_the_worker_is_nobody_in_a_world_of_its_own(write_config):
+    async with Host(write_config([plugin("attacker"), GREETER])) as host:
+        me = json.loads(await attack(host, "identity"))
+        greeter_uid = psutil.Process(host.plugins["greeter"].worker.pid).uids().real
+    assert me["uid"] >= 61000 and me["uid"] != greeter_uid
+    assert me["CapEff"] == me["CapPrm"] == "0000000000000000"
+    assert (me["NoNewPrivs"], me["Seccomp"], me["pid"], me["procs"]) == ("1", "2", 2, [1, 2])
+    assert me["exists"] == ["/usr/bin/python3"], me["exists"]  # the system's programs, read-only; no more
