@@ -11,7 +11,8 @@ from qanot_worker.plugin_api import ManifestError
 from .config import Config, PluginEntry
 from .discovery import find_plugin, manifest_problems, searched_paths
 from .environments import find_uv, requirement_problem
-from .sandbox_spec import probe_layers, withheld_permissions
+from .probe import probe_layers
+from .sandbox_spec import withheld_permissions
 
 __all__ = ["CheckReport", "check_config"]
 
@@ -75,7 +76,7 @@ def _report_layers(config: Config, report: CheckReport) -> None:
     if not settings.enabled:
         report.warnings.append(f"{config.path}: host.sandbox.enabled is false: plugins run without a sandbox")
         return
-    for layer, available, why in probe_layers():
+    for layer, available, why in probe_layers(config.host.state_dir):
         if available:
             report.notes.append(f"sandbox layer {layer}: available{f' ({why})' if why else ''}")
         else:

@@ -134,6 +134,7 @@ class SandboxSettings(msgspec.Struct, forbid_unknown_fields=True):
 
     enabled: bool = True
     strict: bool = False  # refuse to start a plugin unless every layer is active
+    namespaces: bool = True  # as root: PID, mount, IPC and UTS namespaces and a root of its own
     pids_max: Annotated[int, msgspec.Meta(ge=1)] = 64  # processes and threads per plugin (pids cgroup)
     identity: bool = True  # when the host is root, each plugin's worker runs as a uid of its own
     uid_base: Annotated[int, msgspec.Meta(ge=1000)] = 61000  # plugin uids are uid_base + 0..3999

@@ -19,7 +19,7 @@ from qanot_worker import protocol as p
 
 from .config import Config, NetworkGrant, Permissions
 
-__all__ = ["sandbox_spec", "withheld_permissions", "PluginPlaces", "probe_layers"]
+__all__ = ["sandbox_spec", "withheld_permissions", "PluginPlaces"]
 
 SYSTEM_TREES = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin"]
 SYSTEM_FILES = ["/etc/ld.so.cache", "/etc/localtime"]
@@ -146,38 +146,3 @@ def withheld_permissions(declared: list[str], grant: Permissions) -> list[str]:
     """What plugin.json asks for that config.json does not grant."""
     granted = grant.granted()
     return [name for name in declared if name not in granted]
-
-
-def probe_layers() -> list[tuple[str, bool, str]]:
-    """What this machine allows, layer by layer, found without starting a worker: (layer,
-    available, detail). A forked child tries the layers that change the process itself."""
-    from qanot_worker.landlock import landlock_abi
-    abi = landlock_abi()
-    probes = [("environment", True, "scrubbed"), ("python-isolation", True, "python -I -S"),
-              ("rlimits", True, ""), ("landlock", abi >= 1, f"ABI {abi}" if abi else "the kernel has no Landlock")]
-    pid = os.fork()
-    if pid == 0:  # child: try what needs trying, report by exit status bits
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        bits = (libc.unshare(0x40000000) == 0) | ((libc.prctl(38, 1, 0, 0, 0) == 0) << 1)
-        from qanot_worker.seccomp import install_connect_listener
-        bits |= (install_connect_listener()[0] >= 0 and hasattr(os, "pidfd_open")) << 2
-        os._exit(bits)
-    bits = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    probes.append(("network-namespace", bool(bits & 1), "" if bits & 1 else "unshare(CLONE_NEWNET) refused "
-                   "(not root, no user namespaces): Landlock TCP rules still deny TCP"))
-    probes.append(("no-new-privileges", bool(bits & 2), "" if bits & 2 else "prctl refused"))
-    probes.append(("egress-filter", bool(bits & 4), "network narrowed to host:port pairs: the host makes each "
-                   "connection" if bits & 4 else "no seccomp listener (x86_64, Linux 5.14 or newer): a "
-                   "network grant with hosts holds for its ports, any host"))
-    import platform
-    probes.append(("seccomp", platform.machine() == "x86_64", "" if platform.machine() == "x86_64"
-                   else f"no syscall table for {platform.machine()} yet"))
-    cgroups = os.path.isdir("/sys/fs/cgroup/pids") or os.path.exists("/sys/fs/cgroup/cgroup.controllers")
-    writable = cgroups and os.access("/sys/fs/cgroup/pids" if os.path.isdir("/sys/fs/cgroup/pids")
-                                     else "/sys/fs/cgroup", os.W_OK)
-    probes.append(("pids-cgroup", bool(writable), "" if writable else "no writable pids cgroup controller"))
-    root = os.geteuid() == 0
-    probes.append(("identity", root, "a uid per plugin" if root else "the host is not root: workers already "
-                   "run as the host's unprivileged user"))
-    return probes

@@ -15,7 +15,7 @@ __all__ = ["landlock_abi", "restrict"]
 
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 LANDLOCK_CREATE_RULESET_VERSION = 1
-LANDLOCK_RULE_PATH_BENEATH = 1
+LANDLOCK_RULE_PATH_BENEATH, LANDLOCK_RULE_NET_PORT = 1, 2
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 FS_WRITE_ONLY = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make_*
 FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
@@ -41,16 +41,19 @@ def landlock_abi() -> int:
     return max(abi, 0)
 
 
-def restrict(spec: p.SandboxSpec) -> tuple[bool, str]:
-    """Restrict this process (and everything it starts) to spec's paths; (active, detail)."""
+class _NetPortAttr(ctypes.Structure):
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
+
+
+def restrict(spec: p.SandboxSpec, tcp_ports: list[int] | None) -> tuple[bool, str]:
+    """Restrict this process (and everything it starts) to spec's paths, and TCP connect to
+    `tcp_ports` (None: TCP is not Landlock's to decide); (active, detail)."""
     abi = landlock_abi()
     if abi < 1:
         return False, "the kernel has no Landlock"
     fs = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_READ_DIR | FS_WRITE_ONLY
     fs |= (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0) | (FS_IOCTL_DEV if abi >= 5 else 0)
-    # TCP: without the network permission, none at all (with it narrowed, the worker has no network
-    # of its own and the host makes each connection).
-    net = (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 and not spec.network else 0
+    net = (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 and tcp_ports is not None else 0
     scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0
     attr = _RulesetAttr(fs, net, scoped)
     ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
@@ -62,6 +65,9 @@ def restrict(spec: p.SandboxSpec) -> tuple[bool, str]:
                               (spec.write_paths, fs & ~FS_EXECUTE)):
             for path in paths:
                 _allow_path(ruleset, path, access)
+        for port in (tcp_ports or []) if net else []:
+            rule = _NetPortAttr(NET_CONNECT_TCP, port)
+            libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_NET_PORT, ctypes.byref(rule), 0)
         if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
             return False, f"landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}"
     finally:

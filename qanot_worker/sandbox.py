@@ -88,23 +88,29 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str, disk: str = "") -> SandboxOu
 
     _set_rlimits(spec.rlimits)
     layer("rlimits", True)
-    if spec.egress_filtered:
+    # TCP ports Landlock allows: None for any (network granted whole, or the host makes each
+    # connection), [] for none (no network).
+    tcp_ports: list[int] | None = None if spec.network else []
+    filtered = spec.egress_filtered
+    if filtered:
         linux.libc.prctl(linux.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # what an unprivileged filter needs
         outcome.egress_fd, why = install_connect_listener()
-        layer("egress-filter", outcome.egress_fd >= 0, f"{why}; the network grant is not narrowed here")
-    _enter_world(spec, disk, layer)
+        if outcome.egress_fd < 0:  # the next best thing: its ports, on any host, by Landlock
+            filtered = False
+            tcp_ports = sorted({*spec.tcp_ports, *(port for _, port in spec.tcp_hosts)})
+        layer("egress-filter", filtered, f"{why}; the grant holds for its ports only, on any host")
+    _enter_world(spec, disk, layer, private_network=not spec.network or filtered)
     if spec.uid >= 0:  # after everything that needs root, before no_new_privs
         layer("identity", *_drop_identity(spec.uid, spec.gid))
     layer("no-new-privileges", *_no_new_privs())
-    layer("landlock", *restrict(spec))
+    layer("landlock", *restrict(spec, tcp_ports))
     layer("seccomp", *install_seccomp(spec.subprocess))
     explain_denials(spec, plugin)
     return outcome
 
 
-def _enter_world(spec: p.SandboxSpec, disk: str, layer) -> None:
+def _enter_world(spec: p.SandboxSpec, disk: str, layer, private_network: bool) -> None:
     """Namespaces and the root; without a plan (no privilege for it), at least no network."""
-    private_network = not spec.network or spec.egress_filtered
     layer("pid-namespace", os.getpid() == 2, "the launcher could not give the worker a PID namespace")
     if not spec.mounts:
         layer("mount-namespace", False, "the host cannot make mount namespaces here (not root)")
