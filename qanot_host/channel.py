@@ -18,9 +18,13 @@ import msgspec
 from qanot_worker import protocol as p
 
 from .deadlines import Deadlines
-from .errors import PluginError, ProtocolViolation, ToolFailed, WorkerTimeout
+from .errors import InvalidParams, PluginError, ProtocolViolation, ToolFailed, WorkerTimeout
 
 __all__ = ["WorkerChannel", "RemoteFailure"]
+
+
+# What msgspec raises for a value it cannot encode (nothing is written then: protocol.FrameWriter).
+UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError)
 
 
 class RemoteFailure(Exception):
@@ -87,6 +91,8 @@ class WorkerChannel(asyncio.Protocol):
             future = self._start(request_id, make(request_id), expect, timeout, what)
         except p.FrameTooLarge as exc:
             raise RemoteFailure(p.FailureKind.TOO_LARGE, f"the request is too large: {exc}") from None
+        except UNENCODABLE as exc:
+            raise RemoteFailure(p.FailureKind.PROTOCOL, f"the request cannot be encoded: {exc}") from None
         return await future
 
     def call(self, tool: str, params: dict, timeout: float) -> asyncio.Future[str]:
@@ -97,7 +103,9 @@ class WorkerChannel(asyncio.Protocol):
         try:
             return self._start(request_id, p.Call(request_id, tool, params), _CALL, timeout, tool)
         except p.FrameTooLarge as exc:
-            raise ToolFailed(self._plugin, tool, f"the request is too large: {exc}") from None
+            raise InvalidParams(tool, [f"params are too large: {exc} (host.max_frame_bytes)"]) from None
+        except UNENCODABLE as exc:  # the registry checks params first; this is the last line
+            raise InvalidParams(tool, [f"params cannot be sent: {type(exc).__name__}: {exc}"]) from None
 
     def _next_id(self) -> int:
         if self.closed is not None:
@@ -163,6 +171,9 @@ class WorkerChannel(asyncio.Protocol):
                 self._deliver(self._decoder.decode(frame))
         except (p.FrameTooLarge, msgspec.DecodeError) as exc:
             self.close(ProtocolViolation(self._plugin, f"bad frame from the worker: {exc}"))
+        except RecursionError:
+            self.close(ProtocolViolation(self._plugin, "bad frame from the worker: nested deeper than the "
+                                                       "decoder accepts"))
 
     def _deliver(self, msg: p.WorkerMessage) -> None:
         if isinstance(msg, p.Hello):

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 
 from qanot_worker.plugin_api import ManifestError
 
-from .config import Config, PluginEntry
+from .config import Config, PluginEntry, directory_problems
 from .discovery import find_plugin, manifest_problems, searched_paths
 from .environments import find_uv, requirement_problem
 from .probe import probe_layers
 from .sandbox_spec import withheld_permissions
+from .static import code_problem, declared_tools
+from .uids import UidMap
 
 __all__ = ["CheckReport", "check_config"]
 
@@ -30,6 +32,7 @@ class CheckReport:
 def check_config(config: Config, raw_entries: list[object]) -> CheckReport:
     """raw_entries: config.json's "plugins" list as parsed JSON, to spot keys Qanot would ignore."""
     report = CheckReport()
+    report.errors.extend(directory_problems(config, create=False))
     _report_layers(config, report)
     if config.host.wheel_dir is not None and not os.path.isdir(config.host.wheel_dir):
         report.errors.append(f"{config.path}: host.wheel_dir: {config.host.wheel_dir} is not a directory")
@@ -69,6 +72,48 @@ def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report:
     if withheld:
         report.warnings.append(f"{label}: plugin.json asks for {', '.join(withheld)}, not granted in "
                                f"config.json (host.plugins.{entry.name}.permissions): withheld")
+    code = code_problem(source.entry_file)
+    if code:
+        problems.append(f"{label}: {code}")
+    _check_settings(config, entry.name, source.directory, source.entry_file, label, problems, report)
+
+
+def _check_settings(config: Config, name: str, plugin_dir: str, entry_file: str, label: str,
+                    problems: list[str], report: CheckReport) -> None:
+    """host.plugins.NAME: granted paths that are not there, or not writable by the plugin's uid, and
+    tool_timeouts naming no tool the plugin declares."""
+    settings = config.settings_for(name)
+    key = f"{config.path}: host.plugins.{name}"
+    grant = settings.permissions.filesystem
+    uid = UidMap(config.host.state_dir, config.host.sandbox.uid_base).peek(name) \
+        if config.host.sandbox.identity and os.geteuid() == 0 else os.geteuid()
+    for index, path in enumerate(grant.read if grant else []):
+        if not os.path.exists(path):
+            problems.append(f"{label}: {key}.permissions.filesystem.read[{index}]: {path} does not exist")
+    for index, path in enumerate(grant.write if grant else []):
+        where = f"{label}: {key}.permissions.filesystem.write[{index}]: {path}"
+        if not os.path.isdir(path):
+            problems.append(f"{where} is not a directory")
+        elif not _writable_by(path, uid):
+            problems.append(f"{where} is not writable by the plugin's uid {uid} (chown or chmod it)")
+    if settings.tool_timeouts:
+        declared = declared_tools(plugin_dir, entry_file)
+        unknown = sorted(set(settings.tool_timeouts) - declared) if declared is not None else []
+        if unknown:
+            report.warnings.append(f"{label}: {key}.tool_timeouts: {', '.join(unknown)}: no such tool in the "
+                                   f"plugin's code (it declares {', '.join(sorted(declared)) or 'none'})")
+
+
+def _writable_by(path: str, uid: int) -> bool:
+    """Would `uid` (not this process) be allowed to write in `path`? By its mode bits."""
+    st = os.stat(path)
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & 0o200)
+    if st.st_gid == uid:  # plugin uids have a group of the same number
+        return bool(st.st_mode & 0o020)
+    return bool(st.st_mode & 0o002)
 
 
 def _report_layers(config: Config, report: CheckReport) -> None:

@@ -17,9 +17,9 @@ from qanot_worker import eventloop
 
 from .chaos import run_chaos
 from .check import check_config
-from .config import load_config
+from .config import directory_problems, load_config
 from .control import ControlServer, control_request, socket_path
-from .errors import QanotHostError, ToolNotFound
+from .errors import ConfigError, QanotHostError, ToolNotFound
 from .host import Host, PluginState
 
 __all__ = ["main"]
@@ -32,13 +32,39 @@ def main(argv: list[str] | None = None) -> int:
     level = args.log_level or ("INFO" if args.command == "run" else "CRITICAL")
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = COMMANDS[args.command]
     try:
-        return eventloop.run(COMMANDS[args.command](args))
+        return eventloop.run(command(args) if args.command == "run" else _interruptible(command, args))
     except QanotHostError as exc:
         print(f"qanot-host: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+async def _interruptible(command, args: argparse.Namespace) -> int:
+    """SIGTERM or SIGINT cancel the command, so whatever it started is stopped properly (teardown,
+    workers, cgroups), then it exits as a signalled command does (128 + the signal's number)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def stop(sig: int) -> None:
+        received.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await command(args)
+    except asyncio.CancelledError:
+        if received:
+            return 128 + received[0]
+        raise
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,12 +104,16 @@ async def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = Host(args.config)
+    problems = directory_problems(host.config, create=True)
+    if problems:
+        raise ConfigError(problems[0])
     control = ControlServer(host)
     await control.start()
     reloads: set[asyncio.Task] = set()
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload_in_background(host, reloads))
-    logging.getLogger("qanot_host").info("starting %d plugins from %s",
-                                         sum(e.enabled for e in host.config.plugins), args.config)
+    count = sum(e.enabled for e in host.config.plugins)
+    logging.getLogger("qanot_host").info("starting %d plugin%s from %s", count, "" if count == 1 else "s",
+                                         args.config)
     try:
         starting = asyncio.ensure_future(host.start())
         await asyncio.wait([starting, asyncio.ensure_future(stop.wait())],
@@ -137,8 +167,9 @@ async def _call(args: argparse.Namespace) -> int:
         try:
             result = await host.registry.invoke(args.tool, params)
         except ToolNotFound as exc:
-            raise ToolNotFound(args.tool) if not _failed(host) else QanotHostError(
-                f"{exc} (plugins that failed to start: {_failed(host)})") from None
+            if "(" in str(exc) or not _failed(host):
+                raise  # the registry knew why (a disabled or failed plugin's tool)
+            raise QanotHostError(f"{exc} (plugins that failed to start: {_failed(host)})") from None
     sys.stdout.write(result if result.endswith("\n") else result + "\n")
     return EXIT_OK
 
@@ -148,6 +179,8 @@ def _parse_params(text: str) -> dict:
         params = json.loads(text)
     except ValueError as exc:
         raise QanotHostError(f"params: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise QanotHostError("params: nested too deeply") from None
     if not isinstance(params, dict):
         raise QanotHostError(f"params: must be a JSON object, got {type(params).__name__}")
     return params

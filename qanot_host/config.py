@@ -8,17 +8,20 @@ Relative paths are taken from the directory that holds config.json.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from qanot_worker.plugin_api import validation_message
-
 from .errors import ConfigError
+from .schema import json_problem
 
 __all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "RestartSettings", "Limits", "DEFAULT_LIMITS",
+           "directory_problems",
            "load_config", "parse_config"]
+
+log = logging.getLogger("qanot_host.config")
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -126,7 +129,22 @@ class Permissions(msgspec.Struct, forbid_unknown_fields=True):
         return names
 
 
-Rlimit = Annotated[int, msgspec.Meta(ge=0)]
+Rlimit = Annotated[int, msgspec.Meta(ge=0)] | None
+
+
+class Rlimits(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """host.sandbox.rlimits: soft and hard limit together (only ever lowered), per resource."""
+
+    nofile: Rlimit = 1024
+    fsize: Rlimit = 1 << 30
+    core: Rlimit = 0
+    data: Rlimit = None
+    nproc: Rlimit = None
+    cpu: Rlimit = None
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: value for name in self.__struct_fields__ if (value := getattr(self, name)) is not None}
+
 
 
 class SandboxSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -138,8 +156,7 @@ class SandboxSettings(msgspec.Struct, forbid_unknown_fields=True):
     pids_max: Annotated[int, msgspec.Meta(ge=1)] = 64  # processes and threads per plugin (pids cgroup)
     identity: bool = True  # when the host is root, each plugin's worker runs as a uid of its own
     uid_base: Annotated[int, msgspec.Meta(ge=1000)] = 61000  # plugin uids are uid_base + 0..3999
-    rlimits: dict[Literal["data", "nofile", "nproc", "fsize", "core", "cpu"], Rlimit] = msgspec.field(
-        default_factory=lambda: {"nofile": 1024, "fsize": 1 << 30, "core": 0})
+    rlimits: Rlimits = msgspec.field(default_factory=Rlimits)
 
 
 class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -218,9 +235,12 @@ def parse_config(raw: bytes | str, path: str) -> Config:
         data = json.loads(raw)
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a JSON object")
     data.pop("path", None)
+    _plugin_entries(data, path)
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
@@ -230,6 +250,24 @@ def parse_config(raw: bytes | str, path: str) -> Config:
     _resolve_paths(config)
     config.path = os.path.abspath(path)
     return config
+
+
+def _plugin_entries(data: dict, path: str) -> None:
+    """Qanot's "plugins" items: a name, or an object. What setup() would get must be plain JSON."""
+    entries = data.get("plugins")
+    if not isinstance(entries, list):
+        return
+    for index, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entries[index] = entry = {"name": entry}
+        if not isinstance(entry, dict):
+            continue
+        for key in sorted(set(entry) - {"name", "enabled", "config"}):
+            log.warning("%s: plugins[%d].%s: unknown key, ignored (a plugin entry has name, enabled, config)",
+                        path, index, key)
+        problem = json_problem(entry.get("config", {}), f"plugins[{index}].config")
+        if problem:
+            raise ConfigError(f"{path}: {problem}")
 
 
 def _name_the_plugin(data: dict, message: str) -> str:
@@ -277,3 +315,41 @@ def _resolve_paths(config: Config) -> None:
         if grant is not None:
             grant.read = [resolve(path) for path in grant.read]
             grant.write = [resolve(path) for path in grant.write]
+
+
+def directory_problems(config: Config, create: bool) -> list[str]:
+    """Why state_dir or workspace_dir cannot be used (one line each, naming the file and the key);
+    `create`: make them (the host at start) rather than only look (check)."""
+    problems = []
+    for key, path in (("host.state_dir", config.host.state_dir), ("workspace_dir", config.workspace_dir)):
+        problem = _directory_problem(path, create)
+        if problem:
+            problems.append(f"{config.path}: {key}: {path} {problem}")
+    return problems
+
+
+def _directory_problem(path: str, create: bool) -> str | None:
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return "is not a directory" if existing == path else f"cannot be made: {existing} is not a directory"
+    if create and existing != path:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            return f"cannot be made: {exc.strerror}"
+        existing = path
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" ({existing})"
+        return f"is not writable by this user (uid {os.geteuid()}){where}"
+    return None
+
+
+def validation_message(exc: msgspec.ValidationError) -> str:
+    """msgspec says 'Expected `array`, got `str` - at `$.dependencies`'; lead with the key instead."""
+    text = str(exc)
+    message, sep, where = text.rpartition(" - at `")
+    if not sep:
+        return text
+    return f"{where.rstrip('`').removeprefix('$.')}: {message}"

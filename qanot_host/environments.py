@@ -15,13 +15,14 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 
 from packaging.requirements import InvalidRequirement, Requirement
 
 from .errors import DependencyError
 
-__all__ = ["EnvironmentBuilder", "find_uv", "requirement_problem"]
+__all__ = ["EnvironmentBuilder", "find_uv", "requirement_problem", "sweep_partial_builds"]
 
 COMPLETE_MARK = ".qanot-host-env.json"
 
@@ -105,10 +106,10 @@ class EnvironmentBuilder:
                                     *self._index_args(), *requirements])
             with open(os.path.join(scratch, COMPLETE_MARK), "w") as f:
                 json.dump({"plugin": plugin, "requirements": requirements}, f)
-            shutil.rmtree(env_dir, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, env_dir, True)
             os.rename(scratch, env_dir)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        finally:  # also when the host stops meanwhile: no half environment is left behind
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, scratch, True))
         self._remove_stale(plugin, env_dir)
 
     def _index_args(self) -> list[str]:
@@ -124,13 +125,15 @@ class EnvironmentBuilder:
     async def _uv(self, plugin: str, argv: list[str]) -> None:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, cwd=self._root, env=_uv_environment())
+            stderr=asyncio.subprocess.STDOUT, cwd=self._root, env=_uv_environment(), start_new_session=True)
         try:
             output, _ = await asyncio.wait_for(proc.communicate(), self._timeout)
         except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+            await _end(proc)
             raise DependencyError(plugin, f"uv took longer than {self._timeout:g} s") from None
+        except BaseException:  # the host is stopping: uv and whatever it started go too
+            await asyncio.shield(_end(proc))
+            raise
         if proc.returncode != 0:
             text = " ".join(output.decode(errors="replace").split())
             raise DependencyError(plugin, f"installing dependencies failed: {text}")
@@ -144,6 +147,25 @@ class EnvironmentBuilder:
                     os.unlink(path + ".lock")
                 except FileNotFoundError:
                     pass
+
+
+async def _end(proc: asyncio.subprocess.Process) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    await proc.wait()
+
+
+def sweep_partial_builds(state_dir: str) -> list[str]:
+    """Scratch environments (NAME-KEY.building-PID) of hosts that are gone: removed."""
+    removed = []
+    for path in glob.glob(os.path.join(state_dir, "envs", "*.building-*")):
+        pid = path.rsplit("-", 1)[-1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _site_packages(env_dir: str) -> list[str]:

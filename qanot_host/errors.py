@@ -40,8 +40,8 @@ class ConfigError(QanotHostError):
 
 
 class ToolNotFound(QanotHostError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"Unknown tool: {name}")
+    def __init__(self, name: str, why: str = "") -> None:
+        super().__init__(f"Unknown tool: {name}" + (f" ({why})" if why else ""))
         self.tool = name
 
 

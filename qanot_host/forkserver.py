@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import itertools
 import logging
 import os
@@ -24,7 +25,7 @@ import msgspec
 
 from qanot_worker import protocol as p
 
-from .errors import QanotHostError
+from .errors import PluginStartError, QanotHostError
 from .launcher import LaunchSpec, WorkerProcess, finish_worker_group
 from .output import OutputLimit, start_output_pumps
 
@@ -45,8 +46,13 @@ class ForkServerLauncher:
         self._starting: asyncio.Lock | None = None
 
     async def launch(self, spec: LaunchSpec) -> WorkerProcess:
-        template = await self._running_template()
-        return await template.spawn(spec)
+        """A launch failure is that plugin's start failure (its restart policy decides what next); a
+        template that died is replaced at the next launch."""
+        try:
+            template = await self._running_template()
+            return await template.spawn(spec)
+        except QanotHostError as exc:
+            raise PluginStartError(spec.plugin, str(exc)) from None
 
     def helper_pids(self) -> set[int]:
         template = self._template
@@ -109,6 +115,7 @@ class _Template:
         self._spawning: dict[int, asyncio.Future[p.Spawned]] = {}
         self._workers: dict[int, _ForkedWorker] = {}
         self._early_exits: dict[int, int] = {}
+        self._sending = asyncio.Lock()
         self.ready: asyncio.Future[p.TemplateReady] = asyncio.get_running_loop().create_future()
         self.dead = False
         self.pid = proc.pid
@@ -148,7 +155,7 @@ class _Template:
         try:
             message = self._encoder.encode(spec.request(request_id))
             fds = array.array("i", [spec.read_fd, spec.write_fd, out_w, err_w])
-            self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            await self._send(message, fds)
         except OSError as exc:
             self._spawning.pop(request_id, None)
             for fd in (out_r, err_r):
@@ -174,6 +181,26 @@ class _Template:
         else:
             self._workers[reply.pid] = worker
         return worker
+
+    async def _send(self, message: bytes, fds: array.array) -> None:
+        """One request with its descriptors; when many plugins start at once the socket's buffer
+        fills, and the request waits for room instead of failing (EAGAIN)."""
+        loop = asyncio.get_running_loop()
+        async with self._sending:  # one waiter on the socket at a time (add_writer keeps one callback)
+            while True:
+                try:
+                    self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                    return
+                except BlockingIOError:
+                    if self.dead:
+                        raise OSError(errno.EPIPE, "the worker template exited") from None
+                    writable = loop.create_future()
+                    loop.add_writer(self._sock.fileno(), lambda: writable.done() or writable.set_result(None))
+                    try:
+                        await asyncio.wait_for(writable, READY_TIMEOUT)
+                    finally:
+                        if not self.dead:
+                            loop.remove_writer(self._sock.fileno())
 
     def _readable(self) -> None:
         while True:

@@ -18,16 +18,17 @@ from typing import Any
 from qanot_worker import protocol as p
 
 from .cgroups import CgroupLimits, Cgroups, sweep_stale_cgroups
-from .config import Config, load_config
+from .config import Config, directory_problems, load_config
 from .datadirs import DataDirs
 from .discovery import PluginSource, find_plugin, manifest_problems, searched_paths
 from .disks import DiskImages
-from .environments import EnvironmentBuilder
-from .errors import PluginError, PluginStartError
+from .environments import EnvironmentBuilder, sweep_partial_builds
+from .errors import ConfigError, PluginError, PluginStartError
 from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .registry import RegisteredTool, ToolRegistry
 from .schema import SchemaError
+from .static import declared_tools
 from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, sandbox_spec, withheld_permissions
 from .supervisor import PluginState, PluginSupervisor
@@ -55,6 +56,7 @@ class Host:
         self._stopping = False
         self._monitor: asyncio.Task | None = None
         self._registration_paused = False
+        self.registry.explain_missing = self._explain_missing
         self._cgroups = Cgroups()
         self._disks = DiskImages(self.config.host.state_dir)
         self._data = DataDirs(self.config.host.state_dir)
@@ -80,8 +82,10 @@ class Host:
 
     async def start(self) -> None:
         """Start every enabled plugin; one that fails is reported and the rest run on."""
-        os.makedirs(self.config.host.state_dir, exist_ok=True)
-        for stale in sweep_stale_cgroups():
+        problems = directory_problems(self.config, create=True)
+        if problems:
+            raise ConfigError(problems[0])
+        for stale in sweep_stale_cgroups() + sweep_partial_builds(self.config.host.state_dir):
             log.info("removed %s, left behind by a qanot-host that is gone", stale)
         self._import_root = worker_import_root(self.config.host.state_dir)
         if self._launcher is None:
@@ -138,8 +142,9 @@ class Host:
         source = supervisor.source
         if source is None:
             raise PluginStartError(supervisor.name, "not found: no " + searched_paths(supervisor.name, self.config))
-        for warning in source.warnings:
-            log.warning("plugin %s: %s", supervisor.name, warning)
+        if source.warnings:  # a plugin.json that exists but cannot be used: its dependencies would be lost
+            raise PluginStartError(supervisor.name, "; ".join(w.removesuffix("; using the default manifest")
+                                                              for w in source.warnings))
         problems = manifest_problems(source, supervisor.entry)
         if problems:
             raise PluginStartError(supervisor.name, "; ".join(problems))
@@ -237,6 +242,21 @@ class Host:
         except OSError as exc:
             raise PluginStartError(plugin, f"no uid of its own: {exc.strerror or exc}") from None
 
+    def _explain_missing(self, tool: str) -> str:
+        """Why a tool is not registered, when the config knows: its plugin is disabled or failed."""
+        for entry in self.config.plugins:
+            supervisor = self.plugins.get(entry.name)
+            if supervisor is not None and tool in supervisor.tools + supervisor.refused + supervisor.conflicts:
+                continue
+            if supervisor is not None and supervisor.state == PluginState.FAILED and supervisor.source and \
+                    tool in (declared_tools(supervisor.source.directory, supervisor.source.entry_file) or ()):
+                return f"its plugin {entry.name} failed to start: {supervisor.error}"
+            if not entry.enabled:
+                source = find_plugin(entry.name, self.config)
+                if source is not None and tool in (declared_tools(source.directory, source.entry_file) or ()):
+                    return f"its plugin {entry.name} is disabled in {self.config.path}"
+        return ""
+
     def _granted_env(self, plugin: str) -> dict[str, str]:
         names = self.config.settings_for(plugin).permissions.env_vars
         return {name: os.environ[name] for name in names if name in os.environ}
@@ -252,6 +272,12 @@ class Host:
             tool = self.registry.get(name)
             if tool is not None and tool.plugin == supervisor.name:
                 self.registry.remove_tool(name)
+        unknown = sorted(set(self.config.settings_for(supervisor.name).tool_timeouts) - offered)
+        if unknown:
+            log.warning("plugin %s: host.plugins.%s.tool_timeouts names %s, which the plugin does not offer "
+                        "(it offers %s)", supervisor.name, supervisor.name, ", ".join(unknown),
+                        ", ".join(sorted(offered)) or "none")
+        supervisor.unknown_timeouts = unknown
         supervisor.tools, supervisor.conflicts, supervisor.refused = [], [], []
         for spec in worker.tools:
             try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from .errors import InvalidParams, QanotHostError, ToolNotFound
-from .schema import SchemaError, check_schema, compile_validator, type_name
+from .schema import MAX_PARAMS_DEPTH, SchemaError, check_schema, compile_validator, json_problem, type_name
 
 __all__ = ["ToolRegistry", "RegisteredTool"]
 
@@ -56,6 +56,8 @@ class ToolRegistry:
     def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         self._tools: dict[str, RegisteredTool] = {}
         self.timeout = timeout
+        # Set by the host: why a name is not registered, when it knows (a disabled plugin's tool).
+        self.explain_missing: Callable[[str], str] = lambda name: ""
 
     # ---- Qanot's API -----------------------------------------------------------------------------
 
@@ -68,13 +70,16 @@ class ToolRegistry:
         self._tools[name] = RegisteredTool(name, description, parameters, handler)
 
     async def execute(self, name: str, params: dict[str, Any]) -> str:
-        """Run a tool and return its result string; any failure comes back as {"error": ...}."""
+        """Run a tool and return its result string; any failure comes back as {"error": ...}.
+        Like every call here, a checkpoint: it yields to the event loop at least once on every path,
+        so a caller retrying a failing tool in a loop cannot starve the host."""
         try:
             tool = self._checked(name, params)
             if tool.plugin is not None:  # invoke()'s hot path, without a coroutine layer between
                 return await tool.handler(params)
             return await self._in_host(tool, params)
         except QanotHostError as exc:
+            await asyncio.sleep(0)
             return _error(str(exc))
         except asyncio.TimeoutError:
             return _error(f"Tool {name} timed out after {self.timeout:g} s")
@@ -92,18 +97,26 @@ class ToolRegistry:
     # ---- qanot-host's additions ------------------------------------------------------------------
 
     async def invoke(self, name: str, params: dict[str, Any]) -> str:
-        """execute() with typed errors raised instead of returned."""
-        tool = self._checked(name, params)
-        if tool.plugin is not None:
-            return await tool.handler(params)  # the worker enforces its own per-call timeout
-        return await self._in_host(tool, params)
+        """execute() with typed errors raised instead of returned (a checkpoint too)."""
+        try:
+            tool = self._checked(name, params)
+            if tool.plugin is not None:
+                return await tool.handler(params)  # the worker enforces its own per-call timeout
+            return await self._in_host(tool, params)
+        except QanotHostError:
+            await asyncio.sleep(0)
+            raise
 
     def _checked(self, name: str, params: dict[str, Any]) -> RegisteredTool:
         tool = self._tools.get(name)
         if tool is None:
-            raise ToolNotFound(name)
+            raise ToolNotFound(name, self.explain_missing(name) if isinstance(name, str) else "")
         if type(params) is not dict:
             raise InvalidParams(name, [f"Parameters must be an object, got {type_name(params)}"])
+        # What cannot cross the wire is refused here, before anything is written to a worker.
+        problem = json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
+        if problem:
+            raise InvalidParams(name, [problem])
         problems = tool.validate(params)
         if problems:
             raise InvalidParams(name, problems)

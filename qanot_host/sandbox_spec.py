@@ -76,7 +76,7 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
         network=network,
         tcp_ports=[] if anywhere else sorted({port for item in narrowed for port in item.ports}),
         tcp_hosts=[] if anywhere else sorted({pair for item in narrowed for pair in item.pairs()}),
-        subprocess=grant.subprocess, rlimits=dict(settings.rlimits), cgroups=cgroups, strict=settings.strict,
+        subprocess=grant.subprocess, rlimits=settings.rlimits.as_dict(), cgroups=cgroups, strict=settings.strict,
         uid=uid, gid=uid)
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-__all__ = ["SchemaError", "check_schema", "compile_validator", "json_problem", "MAX_DEPTH", "type_name"]
+__all__ = ["SchemaError", "check_schema", "compile_validator", "json_problem", "MAX_DEPTH", "MAX_PARAMS_DEPTH",
+           "type_name"]
 
 MAX_DEPTH = 32  # a schema nested deeper than this is refused
+MAX_PARAMS_DEPTH = 64  # params nested deeper than this are refused (InvalidParams)
 INT64 = 2**63
 
 _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
@@ -66,7 +68,7 @@ def json_problem(value: object, where: str = "", depth: int = 0, max_depth: int 
             if problem:
                 return problem
         return None
-    if kind is list:
+    if kind is list or kind is tuple:
         for index, item in enumerate(value):
             problem = json_problem(item, f"{where}[{index}]", depth + 1, max_depth)
             if problem:
@@ -76,6 +78,8 @@ def json_problem(value: object, where: str = "", depth: int = 0, max_depth: int 
 
 
 def _surrogate_problem(text: str, where: str) -> str | None:
+    if text.isascii():
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -67,6 +67,7 @@ class PluginSupervisor:
         self.tools: list[str] = []
         self.conflicts: list[str] = []  # tools another plugin holds the name of
         self.refused: list[str] = []  # tools whose schema the host cannot use
+        self.unknown_timeouts: list[str] = []  # tool_timeouts keys naming no tool it offers
         self.calls = self.errors = self.timeouts = self.restarts = 0
         self.last_exit = ""
         self.in_flight = 0
@@ -204,6 +205,9 @@ class PluginSupervisor:
     async def call(self, tool: str, params: dict[str, Any]) -> str:
         if self._closing:
             raise PluginUnavailable(self.name, "the host is shutting down")
+        if self.state in (PluginState.FAILED, PluginState.EXITED, PluginState.STOPPED):
+            # At once, and without arming a timer: a caller retrying in a loop must leave nothing behind.
+            raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
         timeout = self._timeouts.get(tool)
         if timeout is None:
             timeout = self._timeouts[tool] = self._config.call_timeout(self.name, tool)
@@ -295,6 +299,7 @@ class PluginSupervisor:
             "rss_mb": round(usage[0], 1) if usage else None, "cpu_s": round(usage[1], 2) if usage else None,
             "calls": self.calls, "errors": self.errors, "timeouts": self.timeouts,
             "tools": list(self.tools), "conflicts": list(self.conflicts), "refused_tools": list(self.refused),
+            "unknown_tool_timeouts": list(self.unknown_timeouts),
             "sandbox": list(worker.info.sandbox_layers) if running and worker.info else [],
             "egress": worker.egress.status() if running and worker.egress else None,
         }

@@ -31,22 +31,35 @@ class UidMap:
             uid = self._cache[plugin] = self._allocate(plugin)
         return uid
 
+    def peek(self, plugin: str) -> int:
+        """The uid the plugin has, or would get now, without writing anything (for `check`)."""
+        table = self._read()
+        uid = table.get(plugin)
+        return uid if self._valid(uid) else (self._first_free(plugin, table) or -1)
+
     def _allocate(self, plugin: str) -> int:
         os.makedirs(os.path.dirname(self._path), exist_ok=True)
         with open(self._path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             table = self._read()
             uid = table.get(plugin)
-            if not isinstance(uid, int) or not self._base <= uid < self._base + UID_RANGE:
-                taken = {v for k, v in table.items() if k != plugin}
-                start = zlib.crc32(plugin.encode()) % UID_RANGE
-                uid = next((self._base + (start + i) % UID_RANGE for i in range(UID_RANGE)
-                            if self._base + (start + i) % UID_RANGE not in taken), None)
+            if not self._valid(uid):
+                uid = self._first_free(plugin, table)
                 if uid is None:
                     raise OSError(0, f"all {UID_RANGE} plugin uids from {self._base} are taken ({self._path})")
                 table[plugin] = uid
                 self._write(table)
             return uid
+
+    def _valid(self, uid: object) -> bool:
+        return isinstance(uid, int) and self._base <= uid < self._base + UID_RANGE
+
+    def _first_free(self, plugin: str, table: dict[str, int]) -> int | None:
+        """The uid the plugin's name hashes to, else the next one no other plugin has."""
+        taken = {v for k, v in table.items() if k != plugin}
+        start = zlib.crc32(plugin.encode()) % UID_RANGE
+        return next((self._base + (start + i) % UID_RANGE for i in range(UID_RANGE)
+                     if self._base + (start + i) % UID_RANGE not in taken), None)
 
     def _read(self) -> dict[str, int]:
         try:

@@ -312,10 +312,15 @@ class FrameWriter:
         return buf
 
     def frame_into(self, message: msgspec.Struct, buf: bytearray) -> None:
-        """Append the message's frame to `buf`; on FrameTooLarge, `buf` is left as it was."""
+        """Append the message's frame to `buf`. If it cannot be framed (FrameTooLarge, or what msgspec
+        raises for a value it cannot encode), `buf` is left exactly as it was: no partial frame."""
         start = len(buf)
         buf += _EMPTY_HEADER
-        self._encoder.encode_into(message, buf, -1)
+        try:
+            self._encoder.encode_into(message, buf, -1)
+        except BaseException:
+            del buf[start:]
+            raise
         size = len(buf) - start - HEADER
         if size > self._max:
             del buf[start:]

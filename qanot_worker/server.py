@@ -62,8 +62,8 @@ class WorkerServer(asyncio.Protocol):
             self._outbox.chunk = len(frames) // p.CHUNK_DIVISOR + 1
             for frame in frames:
                 self._dispatch(self._decoder.decode(frame))
-        except (p.FrameTooLarge, msgspec.DecodeError) as exc:
-            log.error("bad frame from the host: %s", exc)
+        except (p.FrameTooLarge, msgspec.DecodeError, RecursionError) as exc:
+            log.error("bad frame from the host: %s", exc or type(exc).__name__)
             self._finish(70)
         finally:
             self._reading = False
@@ -218,6 +218,11 @@ class WorkerServer(asyncio.Protocol):
             self._outbox.post(msg, self._reading)
         except p.FrameTooLarge as exc:
             self._outbox.post(p.Failure(msg.id, p.FailureKind.TOO_LARGE, str(exc)), self._reading)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            # Something of the plugin's that msgpack cannot carry (a string with a lone surrogate,
+            # say): that one reply fails, the channel stays whole.
+            self._outbox.post(p.Failure(msg.id, p.FailureKind.BAD_RESULT, f"cannot be sent to the host: "
+                                        f"{type(exc).__name__}: {exc}"), self._reading)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

@@ -35,6 +35,13 @@ while True:
             send(p.Loaded(msg.id, "fake", "", "0", "", ""))
         elif isinstance(msg, (p.Setup, p.Teardown)):
             send(p.Done(msg.id))
+        elif isinstance(msg, p.GetTools) and os.environ.get("FAKE_DEEP_TOOLS"):
+            # a ToolList whose schema is nested deeper than any decoder will follow
+            depth = int(os.environ["FAKE_DEEP_TOOLS"])
+            body = (b"\x93" + msgspec.msgpack.encode("ToolList") + msgspec.msgpack.encode(msg.id) + b"\x91"
+                    + b"\x93" + msgspec.msgpack.encode("fake_tool") + msgspec.msgpack.encode("deep")
+                    + b"\x81\xa1x" * depth + b"\xc0")
+            os.write(write_fd, len(body).to_bytes(4, "big") + body)
         elif isinstance(msg, p.GetTools):
             send(p.ToolList(msg.id, [p.ToolSpec("fake_tool", "hostile", {"type": "object", "properties": {}})]))
         elif isinstance(msg, p.Ping):

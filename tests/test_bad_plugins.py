@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from qanot_host import Host, PluginState
 
-from .conftest import GREETER, plugin, worker_processes
+from .conftest import FIXTURE_PLUGINS, GREETER, plugin, worker_processes
 
 BROKEN = [
     ("missing_plugin", "not found: no "),
@@ -42,13 +43,25 @@ async def test_a_failed_plugin_leaves_no_process(write_config):
         assert {c.pid for c in worker_processes()} == before
 
 
-async def test_broken_plugin_json_falls_back_with_a_warning(write_config, caplog):
-    async with Host(write_config([plugin("broken_manifest")])) as host:
-        assert host.plugins["broken_manifest"].state == PluginState.READY
-        assert await host.registry.execute("broken_manifest_ping", {}) == "pong from broken_manifest"
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("broken_manifest/plugin.json: is not valid JSON" in w and "default manifest" in w
-               for w in warnings)
+async def test_a_broken_plugin_json_refuses_the_plugin_with_its_reason(write_config, tmp_path):
+    """Falling back to the default manifest would start it without its dependencies, to fail later
+    with a ModuleNotFoundError whose real cause nobody sees."""
+    extra = tmp_path / "extra"
+    (extra / "string_deps").mkdir(parents=True)
+    (extra / "string_deps" / "plugin.py").write_text("from qanot.plugins.base import Plugin\n"
+                                                     "class QanotPlugin(Plugin):\n    pass\n")
+    (extra / "string_deps" / "plugin.json").write_text('{"dependencies": "sympy"}')
+    for source in ("broken_manifest", "greeter"):
+        shutil.copytree(FIXTURE_PLUGINS / source, extra / source)
+    config = write_config([plugin("broken_manifest"), plugin("string_deps"), GREETER], plugins_dir=str(extra))
+    async with Host(config) as host:
+        broken = host.plugins["broken_manifest"]
+        assert broken.state == PluginState.FAILED
+        assert "broken_manifest/plugin.json: is not valid JSON" in broken.error
+        assert "string_deps/plugin.json: dependencies: Expected `array`, got `str`" in \
+            host.plugins["string_deps"].error
+        assert host.plugins["greeter"].state == PluginState.READY
+        assert "broken_manifest_ping" not in host.registry.tool_names
 
 
 async def test_plugin_deps_start_order_and_failed_dependency(write_config):

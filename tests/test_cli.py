@@ -106,7 +106,7 @@ def test_run_exits_zero_on_signal_during_start(write_config, sig):
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         # Signal handlers are in place once this line is logged; the workers are still starting.
-        while "starting 1 plugins" not in (line := proc.stderr.readline()):
+        while "starting 1 plugin from" not in (line := proc.stderr.readline()):
             assert line, "run exited before starting"
         proc.send_signal(sig)
         assert proc.wait(timeout=15) == 0
@@ -123,11 +123,21 @@ def test_check_reports_every_problem_without_running_plugin_code(write_config, t
         plugin("needs_config"), plugin("needs_newer"), plugin("orphan_dep"), plugin("missing_one"),
         plugin("broken_manifest"), plugin("missing_disabled", enabled=False),
         {"name": "greeter", "enabled": True, "config": {"greeting_style": "x"}, "enabeld": False},
-    ])
+        plugin("syntax_error"), plugin("no_class"),
+    ], host={"plugins": {"greeter": {"tool_timeouts": {"greet": 5, "no_such_tool": 5}, "permissions": {
+        "filesystem": {"read": [str(tmp_path / "absent")], "write": [str(tmp_path / "locked")]}}}}})
+    (tmp_path / "locked").mkdir(mode=0o755)  # root's, not writable by the plugin's uid
     proc = qanot_host("check", "--config", config)
     assert proc.returncode == 1
     out = proc.stdout
-    assert "import_error" not in out
+    assert "import-time failure" not in out  # read, never run
+    assert "error: plugin import_error: " in out and "import_error/plugin.py defines no Plugin subclass" in out
+    assert "error: plugin syntax_error: syntax error in " in out and "syntax_error/plugin.py line " in out
+    assert "error: plugin no_class: " in out and "no_class/plugin.py defines no Plugin subclass" in out
+    assert "warning: plugin greeter: " in out and "host.plugins.greeter.tool_timeouts: no_such_tool: no such " \
+        "tool in the plugin's code" in out
+    assert f"permissions.filesystem.read[0]: {tmp_path / 'absent'} does not exist" in out
+    assert f"permissions.filesystem.write[0]: {tmp_path / 'locked'} is not writable by the plugin's uid" in out
     assert "error: plugin needs_config: " in out and "required_config: missing from the plugin's config in config.json: api_key, region" in out
     assert "needs Qanot plugin API 99.0.0, this host implements 2.0.0" in out
     assert "plugin_deps: 'not_configured' is not an enabled plugin" in out
@@ -135,7 +145,7 @@ def test_check_reports_every_problem_without_running_plugin_code(write_config, t
     assert "error: plugin broken_manifest: " in out and "broken_manifest/plugin.json: is not valid JSON" in out
     assert "warning: plugin missing_disabled (disabled): not found" in out
     assert "warning: " in out and "plugins[7].enabeld: unknown key, ignored" in out
-    assert out.strip().splitlines()[-1].endswith("8 plugins checked, 5 errors, 2 warnings")
+    assert out.strip().splitlines()[-1].endswith("10 plugins checked, 10 errors, 3 warnings")
 
 
 def test_check_passes_on_the_example_config():

@@ -29,6 +29,9 @@ class QanotPlugin(Plugin):
             await asyncio.sleep(config["slow_start"])
 
     async def teardown(self) -> None:
+        if self.config.get("teardown_marker"):
+            with open(self.config["teardown_marker"], "w") as f:
+                f.write("teardown ran")
         if self.config.get("die_in_teardown"):
             os._exit(9)
         if self.config.get("hang_in_teardown"):
@@ -90,6 +93,10 @@ class QanotPlugin(Plugin):
     async def leak_fds(self, params: dict) -> str:
         self.hoard.extend(open(os.devnull) for _ in range(params.get("n", 100)))
         return f"leaked {params.get('n', 100)}"
+
+    @tool(name="mb_bad_string", description="Returns a string msgpack cannot carry.", parameters=ANY)
+    async def bad_string(self, params: dict) -> str:
+        return "half a surrogate pair: \ud800"
 
     @tool(name="mb_garbage", description="Writes random bytes to stdout and stderr.", parameters=ANY)
     async def garbage(self, params: dict) -> str:

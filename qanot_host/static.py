@@ -1,0 +1,82 @@
+"""What can be learnt of a plugin's code without running it: it is compiled and its syntax tree read,
+never executed (the host imports no plugin code, ever).
+
+- a syntax error, with file and line;
+- whether it defines (or imports) a Plugin subclass at all;
+- the tool names it declares as literals (`@tool(name="...")`, `ToolDef("...", ...)`), which lets
+  `check` spot a tool_timeouts entry naming no tool, and a call to a disabled plugin's tool say so.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+__all__ = ["code_problem", "declared_tools"]
+
+
+def _tree(entry_file: str) -> ast.Module:
+    with open(entry_file, "rb") as f:
+        source = f.read()
+    return ast.parse(source, filename=entry_file)
+
+
+def code_problem(entry_file: str) -> str | None:
+    """Why the plugin surely cannot load (a syntax error, no Plugin subclass), or None."""
+    try:
+        tree = _tree(entry_file)
+        compile(tree, entry_file, "exec")
+    except SyntaxError as exc:
+        return f"syntax error in {exc.filename or entry_file} line {exc.lineno}: {exc.msg}"
+    except (OSError, ValueError) as exc:
+        return f"{entry_file} cannot be read: {exc}"
+    if _has_plugin_class(tree):
+        return None
+    return f"{entry_file} defines no Plugin subclass (expected class QanotPlugin(Plugin))"
+
+
+def _has_plugin_class(tree: ast.Module) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and (node.name == "QanotPlugin" or any(
+                _name(base).endswith("Plugin") for base in node.bases)):
+            return True
+        if isinstance(node, ast.ImportFrom) and any(alias.name.endswith("Plugin") and alias.name != "Plugin"
+                                                    for alias in node.names):
+            return True  # a package's __init__.py that imports its plugin class from a module of its own
+    return False
+
+
+def declared_tools(plugin_dir: str, entry_file: str) -> set[str] | None:
+    """Tool names written as literals in the plugin's modules; None where some tool name is not a
+    literal (computed), so that the set cannot be taken as complete."""
+    names: set[str] = set()
+    complete = True
+    files = [entry_file] + sorted(os.path.join(plugin_dir, f) for f in os.listdir(plugin_dir)
+                                  if f.endswith(".py") and os.path.join(plugin_dir, f) != entry_file)
+    for path in files:
+        try:
+            tree = _tree(path)
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            callee = _name(node.func)
+            if callee not in ("tool", "ToolDef"):
+                continue
+            value = next((k.value for k in node.keywords if k.arg == "name"), None)
+            if value is None and node.args:
+                value = node.args[0]
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                names.add(value.value)
+            elif value is not None:
+                complete = False
+    return names if complete else None
+
+
+def _name(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return ""

@@ -1,0 +1,320 @@
+"""Whatever a caller gets wrong is one clear error, decided in the host, and nothing else breaks: no
+call by anyone makes a healthy worker restart, and a caller's retry loop cannot starve the host."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qanot_host import Host, InvalidParams, PluginState, ToolFailed
+from qanot_host.schema import MAX_PARAMS_DEPTH
+
+from .conftest import GREETER, plugin, wait_until
+from .test_hostile import HostileLauncher
+
+
+def nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"x": value}
+    return value
+
+
+BAD_PARAMS = [
+    ({"o": object()}, "params.o: a object is not JSON"),
+    ({"n": 2**70}, "params.n: integer 1180591620717411303424 does not fit in 64 bits"),
+    ({"s": "\ud800"}, "params.s: '\\ud800' holds a lone surrogate, which is not valid UTF-8"),
+    ({1: "a"}, "params: key 1 is not a string"),
+    ({"f": math.nan}, "params.f: nan is not a JSON number"),
+    ({"b": b"bytes"}, "params.b: a bytes is not JSON"),
+    ({"deep": nested(3000)}, f"nested deeper than {MAX_PARAMS_DEPTH} levels"),
+    (None, "Parameters must be an object, got null"),
+    (["a"], "Parameters must be an object, got array"),
+]
+
+
+@pytest.fixture
+async def echo_host(write_config):
+    async with Host(write_config([plugin("echo"), plugin("misbehave")], host={"max_frame_bytes": 1 << 16})) as host:
+        yield host
+
+
+def unchanged(host: Host, name: str, pid: int) -> bool:
+    sup = host.plugins[name]
+    return sup.state == PluginState.READY and sup.worker.pid == pid and sup.restarts == 0
+
+
+@pytest.mark.parametrize("params, message", BAD_PARAMS, ids=[m[:30] for _, m in BAD_PARAMS])
+async def test_params_that_cannot_cross_the_wire_are_invalid_params(echo_host, params, message):
+    host = echo_host
+    pid = host.plugins["echo"].worker.pid
+    result = json.loads(await host.registry.execute("echo", params))
+    assert result["error"].startswith("Invalid parameters for tool echo: ") and message in result["error"], result
+    with pytest.raises(InvalidParams, match="tool echo"):
+        await host.registry.invoke("echo", params)
+    assert await host.registry.execute("echo", {"ok": 1}) == '{"ok": 1}'
+    assert unchanged(host, "echo", pid)
+
+
+async def test_params_over_max_frame_bytes_are_invalid_params(echo_host):
+    host = echo_host
+    pid = host.plugins["echo"].worker.pid
+    result = json.loads(await host.registry.execute("echo", {"big": "x" * 100_000}))
+    assert "Invalid parameters for tool echo: params are too large" in result["error"]
+    assert "host.max_frame_bytes" in result["error"]
+    assert await host.registry.execute("echo", {"ok": 1}) == '{"ok": 1}'
+    assert unchanged(host, "echo", pid)
+
+
+async def test_a_result_that_cannot_be_sent_fails_that_call_only(echo_host):
+    host = echo_host
+    pid = host.plugins["misbehave"].worker.pid
+    with pytest.raises(ToolFailed, match="cannot be sent to the host: UnicodeEncodeError"):
+        await host.registry.invoke("mb_bad_string", {})
+    assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
+    assert unchanged(host, "misbehave", pid)
+
+
+async def test_a_frame_nested_deeper_than_the_decoder_accepts_is_a_protocol_violation(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"plugins": [{"name": "echo"}], "workspace_dir": str(tmp_path / "ws"),
+                                  "host": {"state_dir": str(tmp_path / "state"), "restart": {"policy": "never"}}}))
+    class DeepLauncher(HostileLauncher):
+        def command(self, spec):
+            argv, env = super().command(spec)
+            return argv, dict(env, FAKE_DEEP_TOOLS="200000")
+
+    began = time.monotonic()
+    async with Host(str(config), launcher=DeepLauncher(b"")) as host:
+        assert host.plugins["echo"].state == PluginState.FAILED
+        assert "bad frame from the worker: nested deeper than the decoder accepts" in host.plugins["echo"].error
+    assert time.monotonic() - began < 5  # refused at once, not after a ping timeout
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text() | st.binary(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
+    | st.dictionaries(st.text(max_size=6) | st.integers(0, 3), children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(params=st.dictionaries(st.text(max_size=8), json_values, max_size=5) | json_values)
+async def test_any_python_value_as_params_is_a_result_or_invalid_params(echo_host, params):
+    host = echo_host
+    pid = host.plugins["echo"].worker.pid
+    try:
+        result = await host.registry.invoke("echo", params)
+        assert isinstance(result, str)
+    except InvalidParams:
+        pass
+    outcome = await host.registry.execute("echo", params)
+    assert not outcome.startswith('{"error"') or "Invalid parameters for tool echo" in outcome, outcome
+    assert unchanged(host, "echo", pid)
+
+
+async def test_a_retry_loop_on_a_failed_plugin_neither_starves_nor_grows_the_host(write_config):
+    config = write_config([plugin("misbehave"), GREETER], host={"restart": {"max_restarts": 0}})
+    async with Host(config) as host:
+        await host.registry.execute("mb_crash", {"how": "exit"})  # no restart left: failed, tools kept
+        await wait_until(lambda: host.plugins["misbehave"].state == PluginState.FAILED, 10, "failed")
+        loop = asyncio.get_running_loop()
+        beats: list[float] = []
+
+        async def heartbeat() -> None:
+            while True:
+                assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+                beats.append(loop.time())
+                await asyncio.sleep(0.05)
+
+        async def retry_forever() -> None:
+            while True:  # no sleep of its own: execute() must be the checkpoint
+                assert "plugin misbehave" in await host.registry.execute("mb_ok", {})
+
+        beating = asyncio.ensure_future(heartbeat())
+        rss_before = psutil.Process().memory_info().rss
+        retrying = asyncio.ensure_future(retry_forever())
+        await asyncio.sleep(3)
+        assert not retrying.done(), retrying.exception()
+        retrying.cancel()
+        beating.cancel()
+        await asyncio.gather(retrying, beating, return_exceptions=True)
+        grown = (psutil.Process().memory_info().rss - rss_before) / 2**20
+    assert len(beats) >= 20, f"the other plugin answered only {len(beats)} times in 3 s"
+    gaps = [b - a for a, b in zip(beats, beats[1:])]
+    assert max(gaps) < 1.0, max(gaps)
+    assert grown < 30, f"the host grew {grown:.0f} MB"
+
+
+# ---- the CLI and configuration: one line naming the file and the key ------------------------------
+
+from .test_cli import REPO, assert_one_line_error, qanot_host  # noqa: E402
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ('{"x": 100000000000000000000000}', "params.x: integer 100000000000000000000000 does not fit in 64 bits"),
+    ('{"x": "\\ud800"}', "params.x: '\\ud800' holds a lone surrogate"),
+    ('{"x": ' * 100 + "1" + "}" * 100, "nested deeper than 64 levels"),
+    ('[' * 30_000 + ']' * 30_000, "params: nested too deeply"),
+], ids=["big-int", "surrogate", "100-deep", "30000-deep"])
+def test_call_with_params_that_cannot_cross_the_wire_is_one_line(write_config, params, fragment):
+    proc = qanot_host("call", "--config", write_config([plugin("echo")]), "echo", params)
+    assert_one_line_error(proc, fragment)
+
+
+def test_a_tool_of_a_disabled_plugin_says_so(write_config):
+    config = write_config([plugin("echo"), plugin("misbehave", enabled=False)])
+    assert_one_line_error(qanot_host("call", "--config", config, "mb_ok", "{}"),
+                          "Unknown tool: mb_ok (its plugin misbehave is disabled in ")
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"plugins": [{"name": "echo", "config": {"k": "\ud800"}}]}, "plugins[0].config.k: '\\ud800' holds a lone surrogate"),
+    ({"host": {"sandbox": {"rlimits": {"nofile": -1}}}}, "host.sandbox.rlimits.nofile: Expected `int` >= 0"),
+    ({"host": {"state_dir": "/proc/version"}}, "host.state_dir: /proc/version is not a directory"),
+    ({"workspace_dir": "/proc/version/ws"}, "workspace_dir: /proc/version/ws cannot be made: /proc/version is not a "
+                                           "directory"),
+])
+def test_configuration_surprises_are_one_line_naming_the_key(tmp_path, raw, fragment):
+    path = tmp_path / "config.json"
+    data = {"plugins": [{"name": "echo"}], "workspace_dir": str(tmp_path / "ws"),
+            "host": {"state_dir": str(tmp_path / "state")}}
+    data.update({k: v for k, v in raw.items() if k != "host"})
+    data["host"].update(raw.get("host", {}))
+    path.write_text(json.dumps(data))
+    for command in ("run", "call", "check"):
+        args = [command, "--config", str(path)] + (["echo", "{}"] if command == "call" else [])
+        proc = qanot_host(*args)
+        if command == "check" and proc.returncode == 1 and proc.stdout:
+            assert fragment in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+            continue
+        assert_one_line_error(proc, str(path), fragment)
+
+
+def test_a_config_nested_thousands_deep_is_one_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"x": ' * 5000 + "1" + "}" * 5000)
+    assert_one_line_error(qanot_host("check", "--config", str(path)), "nested too deeply")
+
+
+def test_call_stopped_by_sigterm_tears_down_and_leaves_nothing(write_config, tmp_path):
+    marker = tmp_path / "teardown.txt"
+    config = write_config([plugin("misbehave", teardown_marker=str(marker))], host={
+        "plugins": {"misbehave": {"permissions": {"filesystem": {"write": [str(tmp_path)]}}}}})
+    os.chmod(tmp_path, 0o777)
+    proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "call", "--config", config, "mb_hang_async", "{}"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not glob.glob(f"/sys/fs/cgroup/pids/qanot-host-{proc.pid}/misbehave") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # the call is in flight
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 143
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert marker.read_text() == "teardown ran"
+    assert not glob.glob(f"/sys/fs/cgroup/*/qanot-host-{proc.pid}")
+
+
+# ---- failures the host absorbs ------------------------------------------------------------------------
+
+async def test_a_killed_worker_template_is_replaced_and_its_plugins_restart(write_config):
+    async with Host(write_config([GREETER, plugin("echo")], host={"restart": {"backoff_initial": 0}})) as host:
+        template = next(iter(host._launcher.helper_pids()))
+        pids = {name: sup.worker.pid for name, sup in host.plugins.items()}
+        os.kill(template, signal.SIGKILL)
+        await wait_until(lambda: all(s.state == PluginState.READY and s.worker.pid != pids[n]
+                                     for n, s in host.plugins.items()), 15, "both plugins back")
+        assert next(iter(host._launcher.helper_pids())) != template
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+
+
+async def test_a_template_that_cannot_start_fails_each_plugin_not_the_host(write_config, monkeypatch):
+    import qanot_host.forkserver as forkserver
+    monkeypatch.setattr(forkserver, "TEMPLATE_BOOT", "import sys; sys.exit(3)")
+    async with Host(write_config([GREETER, plugin("echo")], host={"restart": {"max_restarts": 0}})) as host:
+        for sup in host.plugins.values():
+            assert sup.state == PluginState.FAILED
+            assert "the worker template did not start" in sup.error
+        monkeypatch.undo()
+        await host.reload()  # an operator's reload tries again, with a template that starts
+        assert all(s.state == PluginState.READY for s in host.plugins.values())
+
+
+@pytest.fixture
+def silent_index():
+    """A package index that accepts connections and never answers: an install that never ends."""
+    import socket
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    held = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/simple"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+async def test_stopping_during_an_install_ends_uv_and_leaves_no_partial_environment(write_config, tmp_path,
+                                                                                     silent_index):
+    extra = tmp_path / "extra"
+    (extra / "slow_deps").mkdir(parents=True)
+    (extra / "slow_deps" / "plugin.py").write_text("from qanot.plugins.base import Plugin\n"
+                                                   "class QanotPlugin(Plugin):\n    pass\n")
+    (extra / "slow_deps" / "plugin.json").write_text(json.dumps({"dependencies": ["qhtest-never-there"]}))
+    stale = tmp_path / "state" / "envs" / "old-0123456789abcdef.building-999999999"
+    stale.mkdir(parents=True)
+    config = write_config([plugin("slow_deps")], plugins_dir=str(extra), host={"index_url": silent_index})
+    host = Host(config)
+    starting = asyncio.ensure_future(host.start())
+    await wait_until(lambda: [p for p in psutil.Process().children(recursive=True) if p.name() == "uv"], 20,
+                     "uv running")
+    assert not stale.exists()  # a partial build of a host that is gone, removed at start
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    await host.stop()
+    await wait_until(lambda: not [p for p in psutil.Process().children(recursive=True)
+                                  if p.name() == "uv" and p.status() != psutil.STATUS_ZOMBIE], 5, "uv gone")
+    assert not glob.glob(str(tmp_path / "state" / "envs" / "*.building-*"))
+
+
+async def test_run_warns_of_an_unknown_key_in_a_plugin_entry_and_of_timeouts_for_no_tool(write_config, caplog):
+    config = write_config([{"name": "greeter", "config": {"greeting_style": "x"}, "enabeld": False}],
+                          host={"plugins": {"greeter": {"tool_timeouts": {"no_such_tool": 5}}}})
+    async with Host(config) as host:
+        assert host.plugins["greeter"].state == PluginState.READY  # "enabeld" is not "enabled"
+        assert host.status()[0]["unknown_tool_timeouts"] == ["no_such_tool"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("plugins[0].enabeld: unknown key, ignored" in m for m in messages)
+    assert any("tool_timeouts names no_such_tool, which the plugin does not offer" in m for m in messages)
