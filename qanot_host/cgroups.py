@@ -28,7 +28,8 @@ __all__ = ["Cgroups", "CgroupLimits", "sweep_stale_cgroups"]
 
 log = logging.getLogger("qanot_host.cgroups")
 
-V1_CONTROLLERS = {"pids": "pids-cgroup", "memory": "memory-cgroup", "cpu": "cpu-cgroup"}
+# controller -> the sandbox layer it is (cpuacct only counts: the plugin's CPU time, children included)
+V1_CONTROLLERS = {"pids": "pids-cgroup", "memory": "memory-cgroup", "cpu": "cpu-cgroup", "cpuacct": "cpu-accounting"}
 CGROUP_LAYERS = ("pids-cgroup", "memory-cgroup", "cpu-cgroup")
 V2_CONTROLLERS = ("pids", "memory", "cpu")
 BASE_PREFIX = "qanot-host-"
@@ -74,6 +75,26 @@ class Cgroups:
             else:
                 groups[V1_CONTROLLERS[controller]] = procs
         return groups
+
+    def usage(self, plugin: str) -> tuple[float | None, float | None]:
+        """(anonymous and shared memory in MB, CPU seconds) of the plugin's whole group, its children
+        and memfds included; None for what this machine's cgroups do not count."""
+        memory = cpu = None
+        base = self._base.get("memory") or self._base.get("")
+        if base is not None:
+            stat = _read(os.path.join(base, plugin, "memory.stat"))
+            fields = dict(line.split() for line in stat.splitlines() if len(line.split()) == 2)
+            keys = ("total_rss", "total_shmem") if "total_rss" in fields else ("anon", "shmem")
+            if all(k in fields for k in keys):
+                memory = sum(int(fields[k]) for k in keys) / 2**20
+        if "cpuacct" in self._base:
+            text = _read(os.path.join(self._base["cpuacct"], plugin, "cpuacct.usage")).strip()
+            cpu = int(text) / 1e9 if text.isdigit() else None
+        elif "" in self._base:
+            stat = _read(os.path.join(self._base[""], plugin, "cpu.stat"))
+            usec = next((line.split()[1] for line in stat.splitlines() if line.startswith("usage_usec ")), None)
+            cpu = int(usec) / 1e6 if usec else None
+        return memory, cpu
 
     def members(self, plugin: str) -> list[int]:
         pids: set[int] = set()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from qanot_worker.plugin_api import ManifestError
-
 from .config import Config, PluginEntry, directory_problems
 from .discovery import find_plugin, manifest_problems, searched_paths
 from .environments import find_uv, requirement_problem
@@ -49,13 +47,12 @@ def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report:
     report.checked += 1
     problems = report.errors if entry.enabled else report.warnings
     label = f"plugin {entry.name}" + ("" if entry.enabled else " (disabled)")
-    try:
-        source = find_plugin(entry.name, config, strict_manifest=True)
-    except ManifestError as exc:
-        problems.append(f"{label}: {exc}")
-        return
+    source = find_plugin(entry.name, config)
     if source is None:
         problems.append(f"{label}: not found: no {searched_paths(entry.name, config)}")
+        return
+    if source.problem:
+        problems.append(f"{label}: {source.problem}")
         return
     problems.extend(f"{label}: {problem}" for problem in manifest_problems(source, entry))
     manifest_path = os.path.join(source.directory, "plugin.json")

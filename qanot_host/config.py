@@ -249,6 +249,7 @@ def parse_config(raw: bytes | str, path: str) -> Config:
     _check_plugins(config)
     _resolve_paths(config)
     config.path = os.path.abspath(path)
+    _check_grants(config)
     return config
 
 
@@ -295,6 +296,39 @@ def _check_plugins(config: Config) -> None:
     for name in config.host.plugins:
         if name not in seen:
             raise ConfigError(f"{config.path}: host.plugins.{name}: no plugin {name!r} in plugins")
+
+
+def _check_grants(config: Config) -> None:
+    """Refuse filesystem grants a plugin could turn against the host or another plugin.
+
+    A granted path inside a directory some plugin may write is not the operator's any more: that
+    plugin can rename one of its components and put a symlink there, and the next worker would get
+    whatever the link points at (the worker refuses links, but the plan is wrong to begin with).
+    A grant covering state_dir would hand out every plugin's data and the host's own files."""
+    writes = [(name, i, path) for name, settings in config.host.plugins.items()
+              for i, path in enumerate(settings.permissions.filesystem.write if settings.permissions.filesystem else [])]
+    protected = {"host.state_dir": config.host.state_dir}
+    for name, settings in config.host.plugins.items():
+        grant = settings.permissions.filesystem
+        if grant is None:
+            continue
+        for kind, paths in (("read", grant.read), ("write", grant.write)):
+            for index, path in enumerate(paths):
+                key = f"{config.path}: host.plugins.{name}.permissions.filesystem.{kind}[{index}]"
+                for what, place in protected.items():
+                    if _within(place, path) or _within(path, place):
+                        raise ConfigError(f"{key}: {path} and {what} ({place}) overlap: a plugin may not be "
+                                          "granted the host's own files")
+                for owner, w_index, written in writes:
+                    if _within(path, written) and path != written:
+                        raise ConfigError(
+                            f"{key}: {path} is inside {written}, which plugin {owner} may write (host.plugins."
+                            f"{owner}.permissions.filesystem.write[{w_index}]): it could turn part of the path "
+                            "into a symlink to anywhere. Grant the outer directory, or one outside it")
+
+
+def _within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _resolve_paths(config: Config) -> None:

@@ -7,11 +7,10 @@ plugin.py is the entry point; __init__.py is accepted when plugin.py is missing.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from qanot_worker.plugin_api import (PERMISSIONS, QANOT_API_VERSION, PluginManifest, load_manifest,
-                                     parse_version)
+from .manifest import PERMISSIONS, QANOT_API_VERSION, Manifest, ManifestError, parse_version, read_manifest
 
 from .config import Config, PluginEntry
 
@@ -26,8 +25,8 @@ class PluginSource:
     directory: str
     entry_file: str
     builtin: bool
-    manifest: PluginManifest
-    warnings: list[str] = field(default_factory=list)
+    manifest: Manifest
+    problem: str = ""  # a plugin.json that exists but cannot be used: the plugin does not start
 
 
 def builtin_plugins_dir(config: Config) -> str:
@@ -36,15 +35,17 @@ def builtin_plugins_dir(config: Config) -> str:
     return str(Path(__file__).resolve().parent.parent / "plugins")
 
 
-def find_plugin(name: str, config: Config, strict_manifest: bool = False) -> PluginSource | None:
+def find_plugin(name: str, config: Config) -> PluginSource | None:
     """The first of builtin/NAME and plugins_dir/NAME that has an entry file, or None."""
     for root, builtin in ((builtin_plugins_dir(config), True), (config.plugins_dir, False)):
         directory = os.path.join(root, name)
         for entry in ENTRY_FILES:
             entry_file = os.path.join(directory, entry)
             if os.path.isfile(entry_file):
-                manifest, warnings = load_manifest(directory, strict=strict_manifest)
-                return PluginSource(name, directory, entry_file, builtin, manifest, warnings)
+                try:
+                    return PluginSource(name, directory, entry_file, builtin, read_manifest(directory))
+                except ManifestError as exc:
+                    return PluginSource(name, directory, entry_file, builtin, Manifest(name=name), str(exc))
     return None
 
 

@@ -15,8 +15,9 @@ has. Name resolution in the worker goes to the system's nameservers over TCP (RE
 set by the host), port 53 only: DNS queries are the one channel left open, as in any DNS-based
 allowlist.
 
-UDP and every non-TCP socket are let through to the kernel untouched: they stay in the worker's
-empty namespace, where nothing answers.
+Nothing is ever handed back to the kernel to decide (that would let the plugin change the
+descriptor or the address between the host's look and the kernel's): UDP and other sockets are
+answered ENETUNREACH, as the worker's empty namespace would, and unix sockets EACCES.
 """
 
 from __future__ import annotations
@@ -89,11 +90,20 @@ class EgressPolicy:
         return ", ".join(parts)
 
     async def allows(self, address: str, port: int) -> bool:
-        if port in self.ports or (address, port) in self._dns:
+        """Loopback, link-local (cloud metadata) and unspecified addresses are reached only when the
+        grant names them: as an IP literal, or as "localhost". A `ports` grant (any host) and a
+        name whose DNS its owner controls do not reach them."""
+        if (address, port) in self._dns:
+            return True
+        internal = _internal(address)
+        if port in self.ports and not internal:
             return True
         for refresh in (False, True):
             for host, granted_port in self.hosts:
-                if granted_port == port and address in await self._addresses(host, refresh):
+                if granted_port != port:
+                    continue
+                named = _literal(host) is None and host not in LOCAL_NAMES
+                if address in await self._addresses(host, refresh) and not (internal and named):
                     return True
         return False
 
@@ -186,18 +196,24 @@ class EgressGate:
         except OSError:
             self._answer(notif_id, error=errno.EFAULT)
             return
+        # Never CONTINUE: the kernel would read the descriptor and the address again, and the plugin
+        # can change either in between (swap a host-made socket in by dup2, flip the family in
+        # memory). Every connect() is decided here, on the host's own copies.
         family = struct.unpack_from("=H", raw)[0] if len(raw) >= 2 else -1
-        if family not in (socket.AF_INET, socket.AF_INET6, AF_UNSPEC):
-            self._answer(notif_id, USER_NOTIF_FLAG_CONTINUE)  # unix and others: the kernel decides
-            return
-        target = self._target_socket(tid, fd)
-        if target is None or target.kind != socket.SOCK_STREAM or target.proto not in CARRIED_PROTOCOLS:
-            # Not a socket (the kernel says so), or UDP, SCTP, raw...: it stays in the empty
-            # namespace, where nothing answers.
-            self._answer(notif_id, USER_NOTIF_FLAG_CONTINUE)
-            return
         if family == AF_UNSPEC:  # a disconnect would free a host-made socket to be re-aimed
             self._answer(notif_id, error=errno.EACCES)
+            return
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            # unix sockets and the rest: with a narrowed network there is nothing to reach
+            self._answer(notif_id, error=errno.EACCES if family == socket.AF_UNIX else errno.EAFNOSUPPORT)
+            return
+        target = self._target_socket(tid, fd)
+        if target is None:
+            self._answer(notif_id, error=errno.ENOTSOCK)
+            return
+        if target.kind != socket.SOCK_STREAM or target.proto not in CARRIED_PROTOCOLS:
+            # UDP, SCTP, raw...: what the worker's empty network namespace would answer
+            self._answer(notif_id, error=errno.ENETUNREACH)
             return
         if family != target.family:
             self._answer(notif_id, error=errno.EAFNOSUPPORT)
@@ -364,6 +380,19 @@ def _parse_sockaddr(family: int, raw: bytes) -> tuple[str, int, tuple]:
     text = socket.inet_ntop(socket.AF_INET6, raw[8:24])
     scope, = struct.unpack_from("=I", raw, 24) if len(raw) >= 28 else (0,)
     return _literal(text) or text, port, (text, port, flowinfo, scope)
+
+
+LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+def _internal(address: str) -> bool:
+    """The host itself, link-local (169.254.169.254 is where clouds keep instance credentials) or
+    no address at all: never reached by a grant that does not name it."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return True
+    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
 
 
 def _literal(host: str) -> str | None:

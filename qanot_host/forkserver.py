@@ -149,12 +149,13 @@ class _Template:
     async def spawn(self, spec: LaunchSpec) -> WorkerProcess:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        env_fd = spec.environment_fd()
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._spawning[request_id] = future
         try:
             message = self._encoder.encode(spec.request(request_id))
-            fds = array.array("i", [spec.read_fd, spec.write_fd, out_w, err_w])
+            fds = array.array("i", [spec.read_fd, spec.write_fd, out_w, err_w, env_fd])
             await self._send(message, fds)
         except OSError as exc:
             self._spawning.pop(request_id, None)
@@ -164,6 +165,7 @@ class _Template:
         finally:
             os.close(out_w)
             os.close(err_w)
+            os.close(env_fd)
         try:
             reply = await future
         except BaseException:

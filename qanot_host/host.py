@@ -85,6 +85,13 @@ class Host:
         problems = directory_problems(self.config, create=True)
         if problems:
             raise ConfigError(problems[0])
+        try:
+            await self._start()
+        except BaseException:
+            await asyncio.shield(self.stop())  # a host that fails on its way up leaves nothing behind
+            raise
+
+    async def _start(self) -> None:
         for stale in sweep_stale_cgroups() + sweep_partial_builds(self.config.host.state_dir):
             log.info("removed %s, left behind by a qanot-host that is gone", stale)
         self._import_root = worker_import_root(self.config.host.state_dir)
@@ -107,6 +114,7 @@ class Host:
         for name in names:
             supervisor = PluginSupervisor(entries[name], self.config, self._spawn_worker,
                                           self._register_tools)
+            supervisor.group_usage = partial(self._cgroups.usage, name) if self._cgroups.available else None
             # Every source is located before any starts, so plugin_deps can be followed at once.
             supervisor.source = find_plugin(name, self.config)
             self.plugins[name] = supervisor
@@ -142,9 +150,8 @@ class Host:
         source = supervisor.source
         if source is None:
             raise PluginStartError(supervisor.name, "not found: no " + searched_paths(supervisor.name, self.config))
-        if source.warnings:  # a plugin.json that exists but cannot be used: its dependencies would be lost
-            raise PluginStartError(supervisor.name, "; ".join(w.removesuffix("; using the default manifest")
-                                                              for w in source.warnings))
+        if source.problem:  # a plugin.json that exists but cannot be used: its dependencies would be lost
+            raise PluginStartError(supervisor.name, source.problem)
         problems = manifest_problems(source, supervisor.entry)
         if problems:
             raise PluginStartError(supervisor.name, "; ".join(problems))
@@ -281,11 +288,13 @@ class Host:
         supervisor.tools, supervisor.conflicts, supervisor.refused = [], [], []
         for spec in worker.tools:
             try:
+                if spec.problem:
+                    raise SchemaError(spec.problem)
                 tool = RegisteredTool(spec.name, spec.description, spec.parameters,
                                       partial(supervisor.call, spec.name), supervisor.name)
             except SchemaError as exc:
                 supervisor.refused.append(spec.name)
-                log.error("plugin %s: tool %s is not registered: its %s", supervisor.name, spec.name, exc)
+                log.error("plugin %s: tool %r is not registered: its %s", supervisor.name, spec.name, exc)
                 continue
             holder = self.registry.add_plugin_tool(tool)
             if holder is None:

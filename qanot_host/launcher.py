@@ -10,6 +10,7 @@ template would). A remote launcher would be a third.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import sys
@@ -24,13 +25,15 @@ from .output import OutputLimit, start_output_pumps
 
 __all__ = ["LaunchSpec", "WorkerProcess", "Launcher", "SubprocessLauncher", "finish_worker_group"]
 
+F_SEAL_ALL = 0x0001 | 0x0002 | 0x0004 | 0x0008  # seal, shrink, grow, write
+
 # After a worker exits and its process group is killed, how long its output may take to drain.
 OUTPUT_DRAIN_SECONDS = 2.0
 
 
 # How a spawned worker starts: isolated mode, no site, and only the import root on its path.
 BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from qanot_worker.forkserver import run_spawned; "
-        "sys.exit(run_spawned(*map(int, sys.argv[2:5])))")
+        "sys.exit(run_spawned(*map(int, sys.argv[2:6])))")
 
 
 @dataclass
@@ -49,8 +52,20 @@ class LaunchSpec:
     log_lines_per_second: float | None = None  # of its stdout and stderr into the host's log
 
     def request(self, request_id: int = 0) -> p.Spawn:
-        return p.Spawn(request_id, self.plugin, self.env, self.cwd, self.max_frame, self.cgroup_procs, self.disk,
+        return p.Spawn(request_id, self.plugin, self.cwd, self.max_frame, self.cgroup_procs, self.disk,
                        self.uid, self.namespaces)
+
+    def environment_fd(self) -> int:
+        """The worker's environment in a sealed memfd: it reaches the worker through the launcher
+        without the launcher reading it (the caller closes the fd once handed over)."""
+        fd = os.memfd_create(f"qanot-env-{self.plugin}"[:200], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.write(fd, msgspec.json.encode(self.env))
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_ALL)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
 
 class WorkerProcess(Protocol):
@@ -123,19 +138,23 @@ class SubprocessLauncher:
     def helper_pids(self) -> set[int]:
         return set()
 
-    def command(self, spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
+    def command(self, spec: LaunchSpec, env_fd: int) -> tuple[list[str], dict[str, str]]:
         """The interpreter's argv and environment: it forks the worker as the template would."""
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", p.COOKIE_KEY: p.COOKIE_VALUE,
                p.SPAWN_KEY: msgspec.json.encode(spec.request()).decode()}
         return [sys.executable, "-I", "-S", "-c", BOOT, spec.import_root, str(spec.read_fd), str(spec.write_fd),
-                str(os.getpid())], env
+                str(env_fd), str(os.getpid())], env
 
     async def launch(self, spec: LaunchSpec) -> WorkerProcess:
-        argv, env = self.command(spec)
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env, cwd="/", pass_fds=(spec.read_fd, spec.write_fd),
-            start_new_session=True)
+        env_fd = spec.environment_fd()
+        try:
+            argv, env = self.command(spec, env_fd)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env, cwd="/", pass_fds=(spec.read_fd, spec.write_fd, env_fd),
+                start_new_session=True)
+        finally:
+            os.close(env_fd)
         return _SpawnedWorker(proc, spec)
 
     async def close(self) -> None:

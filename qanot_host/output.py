@@ -3,9 +3,8 @@ and no faster than the plugin's log_lines_per_second.
 
 A plugin printing in a loop must not fill the host's disk or take its CPU: lines past the rate (a
 burst of BURST_SECONDS worth is let through first) are counted, not logged, and the count is logged
-once the plugin calms down or every REPORT_SECONDS. A chunk read while over the rate is counted
-without being split into lines. The pipes are always drained, so a chatty plugin never blocks on a
-full pipe.
+once the plugin calms down or every REPORT_SECONDS. While over the rate, the host reads only as
+fast as lines may be logged: the pipe fills and the plugin waits on its own writes.
 """
 
 from __future__ import annotations
@@ -39,6 +38,10 @@ class OutputLimit:
     def exhausted(self) -> bool:
         """True while not one more line may be logged."""
         return self.rate is not None and self._refill() < 1
+
+    def until_next(self) -> float:
+        """Seconds until one more line may be logged."""
+        return max(0.01, (1 - self._tokens) / self.rate) if self.rate else 0.0
 
     def allow(self, lines: int) -> int:
         """How many of `lines` may be logged now; the rest are counted as dropped."""
@@ -83,10 +86,14 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
     pending = b""
     try:
         while True:
+            if limit.exhausted():
+                # Backpressure: while over the rate the pipe is left to fill, and the plugin waits on
+                # its writes instead of the host spending its CPU on lines it will not log.
+                await asyncio.sleep(limit.until_next())
             chunk = await stream.read(65536)
             if not chunk:
                 break
-            if limit.exhausted():  # over the rate: count the lines, do not split them
+            if limit.exhausted():  # still over: count the lines, do not split them
                 limit.allow(chunk.count(b"\n") or 1)
                 pending = b""
                 continue
@@ -103,7 +110,12 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
         limit.report()
 
 
+# Control characters are written as escapes: a plugin must not be able to move the cursor, clear a
+# line or start a new one in the host's log and forge what seems to be the host's own line.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
+
+
 def _emit(log: logging.Logger, plugin: str, kind: str, line: bytes) -> None:
-    text = line[:MAX_LOG_LINE].decode("utf-8", errors="replace").rstrip()
+    text = line[:MAX_LOG_LINE].decode("utf-8", errors="replace").rstrip().translate(_CONTROLS)
     if text:
         log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", plugin, kind, text)

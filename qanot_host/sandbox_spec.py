@@ -58,10 +58,11 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
     anywhere = grant.network is True or grant.database is True
     granted_reads = grant.filesystem.read if grant.filesystem is not None else []
     granted_writes = grant.filesystem.write if grant.filesystem is not None else []
-    reads = [*_python_paths(places.import_root), places.plugin_dir, *places.site_dirs, *granted_reads]
+    own = [*_python_paths(places.import_root), places.plugin_dir, *places.site_dirs]  # the host's and operator's
+    reads = [*own, *granted_reads]
     if namespaces:
         tmp_mb = config.limits_for(places.plugin).tmp_mb or 64
-        mounts = _root_plan(places, reads, granted_writes, network, grant.subprocess, uid, tmp_mb)
+        mounts = _root_plan(places, own, granted_reads, granted_writes, network, grant.subprocess, uid, tmp_mb)
         visible = [op.target for op in mounts if op.kind in ("ro", "symlink")]
         reads = [*visible, "/etc/passwd", "/etc/group", "/proc", "/dev"]
         writes = [places.data_dir, *granted_writes, "/tmp", "/dev/shm", *DEVICE_WRITES]
@@ -80,8 +81,11 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
         uid=uid, gid=uid)
 
 
-def _root_plan(places: PluginPlaces, reads: list[str], writes: list[str], network: bool, subprocess: bool,
-               uid: int, tmp_mb: int) -> list[p.MountOp]:
+def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str], granted_writes: list[str],
+               network: bool, subprocess: bool, uid: int, tmp_mb: int) -> list[p.MountOp]:
+    """`reads` are the host's own paths (resolved here); granted paths go as the operator wrote them:
+    resolving them here would follow whatever links a plugin that can write there has made, and
+    the worker opens them without following any (a grant through a link is refused there)."""
     ops: dict[str, p.MountOp] = {}
 
     def add(op: p.MountOp) -> None:
@@ -105,10 +109,10 @@ def _root_plan(places: PluginPlaces, reads: list[str], writes: list[str], networ
                    for tree in bound):
             add(p.MountOp("ro", real, real))
             bound.append(real)
-    for path in writes:
-        if os.path.isdir(path):
-            real = os.path.realpath(path)
-            add(p.MountOp("rw", real, real))
+    for path in granted_reads:
+        add(p.MountOp("ro", path, path))
+    for path in granted_writes:
+        add(p.MountOp("rw", path, path))
     for path in hidden:
         if any(_under(path, op.target) for op in ops.values() if op.kind == "ro"):
             add(p.MountOp("hide", path))

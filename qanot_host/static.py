@@ -12,13 +12,13 @@ from __future__ import annotations
 import ast
 import os
 
+from .manifest import MAX_SOURCE, read_plugin_file
+
 __all__ = ["code_problem", "declared_tools"]
 
 
 def _tree(entry_file: str) -> ast.Module:
-    with open(entry_file, "rb") as f:
-        source = f.read()
-    return ast.parse(source, filename=entry_file)
+    return ast.parse(read_plugin_file(entry_file, MAX_SOURCE), filename=entry_file)
 
 
 def code_problem(entry_file: str) -> str | None:

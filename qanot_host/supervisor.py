@@ -80,6 +80,9 @@ class PluginSupervisor:
         self._restart_task: asyncio.Task | None = None
         self._exit_seen_at = 0.0
         self._proc: psutil.Process | None = None
+        # The plugin cgroup's (memory MB, CPU s), set by the host where it has cgroups
+        self.group_usage: Callable[[], tuple[float | None, float | None]] | None = None
+        self._cpu_at_start = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -94,6 +97,7 @@ class PluginSupervisor:
         self.settled.set()
 
     def _became_ready(self) -> None:
+        self._cpu_at_start = (self.group_usage()[1] or 0.0) if self.group_usage else 0.0
         self.state = PluginState.READY
         self.error = ""
         self._calls_since_start = 0
@@ -268,24 +272,31 @@ class PluginSupervisor:
             return
         rss_mb, cpu = usage
         if limits.max_rss_mb and rss_mb > limits.max_rss_mb:
-            self.recycle(f"RSS {rss_mb:.0f} MB is over max_rss_mb={limits.max_rss_mb:g}", counts=True)
+            self.recycle(f"memory {rss_mb:.0f} MB is over max_rss_mb={limits.max_rss_mb:g}", counts=True)
         elif limits.max_cpu_seconds and cpu > limits.max_cpu_seconds:
             self.recycle(f"CPU time {cpu:.1f} s is over max_cpu_seconds={limits.max_cpu_seconds:g}",
                          counts=True)
 
     def usage(self) -> tuple[float, float] | None:
-        """(RSS in MB, CPU seconds) of the current worker, or None if it is not running."""
+        """(memory in MB, CPU seconds) of the current worker, or None if it is not running: of its
+        whole cgroup where the host has one (children and memfds count), else of its process."""
         worker = self.worker
         if worker is None or worker.pid is None or worker.exited.done():
             return None
+        memory, cpu = self.group_usage() if self.group_usage else (None, None)
+        if cpu is not None:
+            cpu -= self._cpu_at_start  # the group outlives its workers: count this one's time only
+        if memory is not None and cpu is not None:
+            return memory, cpu
         try:
             if self._proc is None or self._proc.pid != worker.pid:
                 self._proc = psutil.Process(worker.pid)
             with self._proc.oneshot():
-                cpu = self._proc.cpu_times()
-                return self._proc.memory_info().rss / 2**20, cpu.user + cpu.system
+                times = self._proc.cpu_times()
+                rss = self._proc.memory_info().rss / 2**20
         except psutil.Error:
             return None
+        return (memory if memory is not None else rss), (cpu if cpu is not None else times.user + times.system)
 
     def status(self) -> dict[str, Any]:
         worker = self.worker

@@ -25,13 +25,43 @@ from .errors import (PluginError, PluginStartError, PluginUnavailable, ProtocolM
                      WorkerCrashed, WorkerTimeout, describe_exit)
 from .launcher import Launcher, LaunchSpec, WorkerProcess
 
-__all__ = ["WorkerHandle", "WorkerOptions"]
+__all__ = ["WorkerHandle", "WorkerOptions", "OfferedTool", "offered_tools"]
 
 log = logging.getLogger("qanot_host.worker")
 
 # How long a worker may live on after closing its end of the protocol pipe.
 EOF_GRACE = 0.25
 
+
+
+@dataclass
+class OfferedTool:
+    """A tool as the worker offered it; `problem` says why its schema cannot be used (then it is
+    not registered)."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    problem: str = ""
+
+
+def offered_tools(plugin: str, reply: p.ToolList) -> list[OfferedTool]:
+    """The worker's tool list, each schema decoded only once its size is known to be sane."""
+    if len(reply.tools) > p.MAX_TOOLS:
+        raise PluginStartError(plugin, f"get_tools() offered {len(reply.tools)} tools; at most {p.MAX_TOOLS} are taken")
+    tools = []
+    for spec in reply.tools:
+        parameters: dict[str, Any] = {}
+        problem = ""
+        if len(spec.parameters) > p.MAX_SCHEMA_BYTES:
+            problem = f"parameters schema is {len(spec.parameters)} bytes encoded, over {p.MAX_SCHEMA_BYTES}"
+        else:
+            try:
+                parameters = msgspec.msgpack.decode(spec.parameters, type=dict[str, Any])
+            except (msgspec.DecodeError, RecursionError) as exc:
+                problem = f"parameters must be a JSON object ({exc or 'nested too deeply'})"
+        tools.append(OfferedTool(spec.name, spec.description, parameters, problem))
+    return tools
 
 
 @dataclass
@@ -73,7 +103,7 @@ class WorkerHandle:
         self._lost_reason: PluginError | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.info: p.Loaded | None = None
-        self.tools: list[p.ToolSpec] = []
+        self.tools: list[OfferedTool] = []
         self.started_at = 0.0
         self.start_seconds = 0.0
         self.stop_path: list[str] = []  # how the last stop went, for logs and tests
@@ -116,7 +146,7 @@ class WorkerHandle:
             self._options.handshake_timeout, "loading the plugin")
         await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
         reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
-        self.tools = reply.tools
+        self.tools = offered_tools(self.plugin, reply)
         self.started_at = time.monotonic()
         self.start_seconds = self.started_at - began  # spawn to tools listed
         # Pings start only now: a setup() that blocks its loop is bounded by setup_timeout instead.

@@ -26,6 +26,7 @@ import fcntl
 import logging
 import os
 import re
+import stat
 import tempfile
 
 __all__ = ["Workspace", "MAX_BLOCK"]
@@ -34,11 +35,16 @@ log = logging.getLogger("qanot_host.workspace")
 
 LOCK_NAME = ".qanot-host.lock"
 MAX_BLOCK = 64 * 1024
+MAX_FILE = 16 * 1024 * 1024  # a TOOLS.md or SOUL.md larger than this is not edited
 _BEGIN = "<!-- qanot-host:begin {} -->"
 _END = "<!-- qanot-host:end {} -->"
 _BLOCK = re.compile(r"^<!-- qanot-host:begin (.+?) -->\n.*?^<!-- qanot-host:end \1 -->\n?", re.M | re.S)
 # The marker earlier qanot-host versions put before a plugin's tools_md (a block then ran to the next one)
 _LEGACY = re.compile(r"^<!-- plugin: (.+?) -->\n(?:(?!<!-- plugin: |<!-- qanot-host:begin ).*\n?)*", re.M)
+
+
+class WorkspaceFileError(OSError):
+    """A workspace file the host will not touch (a symlink, not a regular file, too large)."""
 
 
 class Workspace:
@@ -54,12 +60,25 @@ class Workspace:
         if not tools_md.strip() and not soul_append.strip() and not os.path.isdir(self.directory):
             return
         os.makedirs(self.directory, exist_ok=True)
-        with open(os.path.join(self.directory, LOCK_NAME), "a") as lock:
+        # A plugin granted write on the workspace may have put symlinks where these files go: none
+        # is ever followed (O_NOFOLLOW), and only regular files are read, up to MAX_FILE bytes.
+        try:
+            lock = os.open(os.path.join(self.directory, LOCK_NAME),
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.error("plugin %s: TOOLS.md and SOUL.md not updated: %s/%s: %s", plugin, self.directory, LOCK_NAME,
+                      exc.strerror)
+            return
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._put_block("TOOLS.md", plugin, _inert(plugin, "tools_md", tools_md))
             soul = _inert(plugin, "soul_append", soul_append)
             if soul and not _first_line_is_users(self._read("SOUL.md"), soul):
                 self._put_block("SOUL.md", plugin, soul)
+        except WorkspaceFileError as exc:
+            log.error("plugin %s: %s", plugin, exc)
+        finally:
+            os.close(lock)
 
     def _put_block(self, filename: str, plugin: str, text: str) -> None:
         current = self._read(filename)
@@ -81,11 +100,20 @@ class Workspace:
             self._write(filename, updated)
 
     def _read(self, filename: str) -> str:
+        path = os.path.join(self.directory, filename)
         try:
-            with open(os.path.join(self.directory, filename), encoding="utf-8", errors="replace") as f:
-                return f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return ""
+        except OSError as exc:
+            raise WorkspaceFileError(f"{path} is left alone: {exc.strerror} (a symlink is never followed)") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE:
+                raise WorkspaceFileError(f"{path} is left alone: not a regular file of at most {MAX_FILE} bytes")
+            return os.read(fd, MAX_FILE + 1).decode("utf-8", errors="replace")
+        finally:
+            os.close(fd)
 
     def _write(self, filename: str, text: str) -> None:
         path = os.path.join(self.directory, filename)
@@ -96,7 +124,7 @@ class Workspace:
                 f.flush()
                 os.fsync(f.fileno())
             try:
-                mode = os.stat(path).st_mode & 0o777
+                mode = os.lstat(path).st_mode & 0o777
             except FileNotFoundError:
                 mode = 0o644
             os.chmod(tmp, mode)

@@ -45,7 +45,7 @@ except ImportError:
 
 __all__ = ["serve_template", "run_spawned"]
 
-FDS_PER_SPAWN = 4
+FDS_PER_SPAWN = 5  # protocol read, protocol write, stdout, stderr, environment
 CLEANUP_SECONDS = 2.0
 
 
@@ -138,17 +138,15 @@ class Template:
                 pass  # the host is gone; we are about to follow
 
     def _clean_up(self) -> None:
-        """Kill what is left in the workers' cgroups and remove them; only after a host's death does
-        anything remain (a graceful host stops its workers and removes its cgroups first)."""
+        """Kill what is left in the workers' cgroups and remove them: after a host's death, or a host
+        that failed on its way up, nobody else will."""
         groups = sorted(self.cgroups, key=len, reverse=True)
         deadline = time.monotonic() + CLEANUP_SECONDS
         for group in groups:
             while _kill_members(group) and time.monotonic() < deadline:
                 time.sleep(0.01)
                 self._reap()
-        if not self.host_gone and os.getppid() == self.host_pid:
-            return  # the host closed its end and removes its own cgroups
-        for group in groups:
+        for group in groups:  # the host removes them too; whoever comes first, nothing is left
             for directory in (group, os.path.dirname(group)):
                 try:
                     os.rmdir(directory)
@@ -186,7 +184,7 @@ def serve_template(sock_fd: int, host_pid: int) -> int:
     return Template(socket.socket(fileno=sock_fd), host_pid).serve()
 
 
-def run_spawned(read_fd: int, write_fd: int, host_pid: int) -> int:
+def run_spawned(read_fd: int, write_fd: int, env_fd: int, host_pid: int) -> int:
     """The "spawn" launcher's worker: a fresh interpreter that forks its one worker (and its init)
     exactly as the template would, waits for it and exits as it did."""
     if os.environ.get(p.COOKIE_KEY) != p.COOKIE_VALUE:
@@ -203,7 +201,7 @@ def run_spawned(read_fd: int, write_fd: int, host_pid: int) -> int:
         except DiskError as exc:
             disk = (-1, str(exc))
     forker = Forker(new_session=False)
-    fds = [read_fd, write_fd, os.dup(1), os.dup(2)]
+    fds = [read_fd, write_fd, os.dup(1), os.dup(2), env_fd]
     pid = forker.fork(request, fds, disk, _run_worker)
     for fd in fds:
         os.close(fd)

@@ -25,7 +25,7 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_NO_NEW_PRIVS = 1, 4, 15, 
 # The new mount API has one number on every architecture (the generic table, Linux 5.2).
 SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(os.uname().machine, 155)
-OPEN_TREE_CLONE, AT_EMPTY_PATH, MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 0x4
+OPEN_TREE_CLONE, AT_EMPTY_PATH, MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH = 1, 0x1000, 0x4, 0x40
 AT_FDCWD = -100
 
 
@@ -71,9 +71,10 @@ def open_tree(fd: int) -> int:
                  "open_tree")
 
 
-def move_mount(fd: int, target: str) -> None:
-    check(libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, _c(target), MOVE_MOUNT_F_EMPTY_PATH),
-          f"move_mount to {target}")
+def move_mount(fd: int, target_fd: int) -> None:
+    """Attach the detached mount `fd` on the directory `target_fd` refers to."""
+    check(libc.syscall(SYS_MOVE_MOUNT, fd, b"", target_fd, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+          "move_mount")
 
 
 def parent_alive(pidfd: int) -> bool:

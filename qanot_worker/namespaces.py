@@ -8,9 +8,12 @@ its own PID namespace. Other plugins' files, the host's site-packages and every 
 outside simply do not exist for it, so stat(), inotify and sendto() on them find nothing; its SysV
 IPC objects live and die with its IPC namespace.
 
-Sources are opened one path component at a time without following symlinks, and bound through
-that descriptor: a component swapped for a symlink (by a plugin that can write a granted
-directory, say) makes the step fail instead of binding whatever the link points at.
+No step follows a symlink, since any directory a plugin can write may hold one by the time the
+next worker is built: sources are opened with openat2(RESOLVE_NO_SYMLINKS) and bound through that
+descriptor; mount points and files inside the new root are reached from the root's own descriptor
+(RESOLVE_BENEATH, no symlinks), and the files the plan writes (/etc/passwd) must land on the
+root's own tmpfs, never on something bound there. A step that cannot be carried out fails the
+whole root: a worker never runs in a half-built one.
 """
 
 from __future__ import annotations
@@ -31,10 +34,27 @@ MNT_DETACH = 2
 DEVICES = ("null", "zero", "full", "random", "urandom")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2"}
+SYS_OPENAT2 = 437  # the generic table: one number everywhere (Linux 5.6)
+RESOLVE_NO_XDEV, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x01, 0x04, 0x08
 
 
 class NamespaceError(Exception):
     """A namespace could not be entered or a step of the root failed; says which and why."""
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = linux.libc.syscall(SYS_OPENAT2, dirfd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        code = ctypes.get_errno()
+        why = "it goes through a symbolic link: the sandbox binds real paths only" if code == errno.ELOOP else \
+            os.strerror(code)
+        raise OSError(code, f"{path}: {why}")
+    return fd
 
 
 def enter_namespaces(network: bool) -> None:
@@ -50,53 +70,149 @@ def enter_namespaces(network: bool) -> None:
         raise NamespaceError(str(exc)) from None
 
 
-def build_root(spec: p.SandboxSpec, disk_fd: int = -1) -> None:
-    """Carry out spec.mounts on a tmpfs at spec.root_dir, then make it the root and go to spec.cwd."""
-    root = spec.root_dir
+def build_root(spec: p.SandboxSpec, disk_fd: int = -1) -> list[str]:
+    """Carry out spec.mounts on a tmpfs at spec.root_dir, then make it the root and go to spec.cwd.
+    Returns warnings (a granted path that is not there); raises NamespaceError for anything else."""
     try:
-        linux.mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-        for op in spec.mounts:
-            _STEPS[op.kind](root, op, disk_fd)
-        # Last, what was left writable for mount points to be made in: the root, and the empty
-        # directories laid over the host's packages.
-        for op in spec.mounts:
-            if op.kind == "hide" and os.path.ismount(root + op.target):
-                linux.mount(None, root + op.target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        linux.mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        os.chdir(root)
+        linux.mount("tmpfs", spec.root_dir, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+        root = _Root(spec.root_dir)
+        try:
+            for op in spec.mounts:
+                _STEPS[op.kind](root, op, disk_fd)
+            # Last, what was left writable for mount points to be made in: the root, and the empty
+            # directories laid over the host's packages.
+            for target in root.hidden:
+                linux.mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        finally:
+            root.close()
+        linux.mount(None, spec.root_dir, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.chdir(spec.root_dir)
         linux.pivot_root(".", ".")  # the old root is stacked on the new one: detach it
         linux.umount2(".", MNT_DETACH)
         os.chdir(spec.cwd or "/")
     except OSError as exc:
         raise NamespaceError(str(exc)) from None
+    return root.warnings
+
+
+class _Root:
+    """The new root while it is built: every path in it is reached from its descriptor."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.hidden: list[str] = []
+        self.warnings: list[str] = []
+        self._fds: list[int] = []
+
+    def close(self) -> None:
+        for fd in (*self._fds, self.fd):
+            os.close(fd)
+
+    def point(self, target: str, is_dir: bool) -> str:
+        """Make `target` exist inside the new root (on its tmpfs, or already inside a bind above)
+        without following any symlink; returns a path naming exactly it, for mount(2)."""
+        return f"/proc/self/fd/{self.point_fd(target, is_dir)}"
+
+    def point_fd(self, target: str, is_dir: bool) -> int:
+        """point(), as a descriptor (kept open until the root is built)."""
+        relative = target.lstrip("/")
+        parent, _, name = relative.rpartition("/")
+        parent_fd = self._directory(parent)
+        try:
+            try:
+                if is_dir:
+                    os.mkdir(name, 0o755, dir_fd=parent_fd)
+                else:
+                    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644,
+                                     dir_fd=parent_fd))
+            except FileExistsError:
+                pass
+            fd = _openat2(parent_fd, name, os.O_PATH, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+        finally:
+            os.close(parent_fd)
+        self._fds.append(fd)
+        return fd
+
+    def exists(self, target: str) -> bool:
+        try:
+            os.close(_openat2(self.fd, target.lstrip("/"), os.O_PATH | os.O_DIRECTORY,
+                              RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS))
+            return True
+        except OSError:
+            return False
+
+    def write_file(self, target: str, text: str) -> None:
+        """On the root's own tmpfs only (RESOLVE_NO_XDEV): never into something bound there."""
+        relative = target.lstrip("/")
+        parent, _, name = relative.rpartition("/")
+        parent_fd = self._directory(parent)
+        try:
+            fd = _openat2(parent_fd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                          RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV, 0o644)
+        finally:
+            os.close(parent_fd)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def symlink(self, target: str, points_to: str) -> None:
+        parent, _, name = target.lstrip("/").rpartition("/")
+        parent_fd = self._directory(parent)
+        try:
+            os.symlink(points_to, name, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+
+    def _directory(self, relative: str) -> int:
+        """An O_PATH descriptor of a directory under the root, made (0755) where missing."""
+        fd = os.dup(self.fd)
+        try:
+            for part in filter(None, relative.split("/")):
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                child = _openat2(fd, part, os.O_PATH | os.O_DIRECTORY, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
 
 # ---- the steps ---------------------------------------------------------------------------------
 
-def _bind(root: str, op: p.MountOp, flags: int) -> None:
-    fd = _open_without_symlinks(op.source)
+def _bind(root: _Root, op: p.MountOp, flags: int) -> None:
+    try:
+        fd = _openat2(linux.AT_FDCWD, op.source, os.O_PATH, RESOLVE_NO_SYMLINKS)
+    except FileNotFoundError:
+        root.warnings.append(f"{op.source} is granted but does not exist: not in the plugin's root")
+        return
     try:
         is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
-        target = _mountpoint(root, op.target, is_dir)
-        linux.mount(f"/proc/self/fd/{fd}", target, None, MS_BIND)
+        linux.mount(f"/proc/self/fd/{fd}", root.point(op.target, is_dir), None, MS_BIND)
+        # looked up again: the path now leads to the root of the new mount, which is what a remount takes
+        linux.mount(None, root.point(op.target, is_dir), None, MS_REMOUNT | MS_BIND | flags)
     finally:
         os.close(fd)
-    linux.mount(None, target, None, MS_REMOUNT | MS_BIND | flags)
 
 
-def _ro(root: str, op: p.MountOp, disk_fd: int) -> None:
+def _ro(root: _Root, op: p.MountOp, disk_fd: int) -> None:
     _bind(root, op, MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def _rw(root: str, op: p.MountOp, disk_fd: int) -> None:
+def _rw(root: _Root, op: p.MountOp, disk_fd: int) -> None:
     _bind(root, op, MS_NOSUID | MS_NODEV)
 
 
-def _data(root: str, op: p.MountOp, disk_fd: int) -> None:
+def _data(root: _Root, op: p.MountOp, disk_fd: int) -> None:
     if disk_fd < 0:
         _bind(root, op, MS_NOSUID | MS_NODEV | MS_NOEXEC)
         return
-    target = _mountpoint(root, op.target, True)
+    target = root.point_fd(op.target, True)
     clone = linux.open_tree(disk_fd)  # the launcher keeps the disk; each worker gets a copy of it
     try:
         linux.move_mount(clone, target)
@@ -104,112 +220,43 @@ def _data(root: str, op: p.MountOp, disk_fd: int) -> None:
         os.close(clone)
 
 
-def _tmpfs(root: str, op: p.MountOp, disk_fd: int) -> None:
-    target = _mountpoint(root, op.target, True)
-    linux.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={op.size},mode=1777")
+def _tmpfs(root: _Root, op: p.MountOp, disk_fd: int) -> None:
+    linux.mount("tmpfs", root.point(op.target, True), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                f"size={op.size},mode=1777")
 
 
-def _hide(root: str, op: p.MountOp, disk_fd: int) -> None:
-    target = root + op.target
-    if os.path.isdir(target):  # only where a bind above brought it in; made read-only at the end
-        linux.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755")
+def _hide(root: _Root, op: p.MountOp, disk_fd: int) -> None:
+    if root.exists(op.target):  # only where a bind above brought it in; made read-only at the end
+        linux.mount("tmpfs", root.point(op.target, True), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                    "size=64k,mode=0755")
+        root.hidden.append(root.point(op.target, True))  # the tmpfs now at that path
 
 
-def _proc(root: str, op: p.MountOp, disk_fd: int) -> None:
+def _proc(root: _Root, op: p.MountOp, disk_fd: int) -> None:
     # Mounted from inside the worker's PID namespace, it lists the plugin's own processes only.
-    linux.mount("proc", _mountpoint(root, op.target, True), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    linux.mount("proc", root.point(op.target, True), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
-def _devices(root: str, op: p.MountOp, disk_fd: int) -> None:
-    dev = _mountpoint(root, op.target, True)
-    linux.mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
+def _devices(root: _Root, op: p.MountOp, disk_fd: int) -> None:
+    linux.mount("tmpfs", root.point(op.target, True), "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
+    dev = op.target.rstrip("/")
     for name in DEVICES:
-        node = os.path.join(dev, name)
-        os.close(os.open(node, os.O_CREAT | os.O_WRONLY, 0o666))
-        linux.mount(f"/dev/{name}", node, None, MS_BIND)
-        linux.mount(None, node, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
-    for name, target in DEV_LINKS.items():
-        os.symlink(target, os.path.join(dev, name))
-    shm = os.path.join(dev, "shm")
-    os.mkdir(shm)
-    linux.mount("tmpfs", shm, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={op.size},mode=1777")
-    linux.mount(None, dev, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+        linux.mount(f"/dev/{name}", root.point(f"{dev}/{name}", False), None, MS_BIND)
+        linux.mount(None, root.point(f"{dev}/{name}", False), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
+    for name, points_to in DEV_LINKS.items():
+        root.symlink(f"{dev}/{name}", points_to)
+    linux.mount("tmpfs", root.point(f"{dev}/shm", True), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                f"size={op.size},mode=1777")
+    linux.mount(None, root.point(dev, True), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
 
 
-def _file(root: str, op: p.MountOp, disk_fd: int) -> None:
-    fd = os.open(_mountpoint(root, op.target, False), os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-    try:
-        os.write(fd, op.text.encode())
-    finally:
-        os.close(fd)
+def _file(root: _Root, op: p.MountOp, disk_fd: int) -> None:
+    root.write_file(op.target, op.text)
 
 
-def _symlink(root: str, op: p.MountOp, disk_fd: int) -> None:
-    os.symlink(op.text, root + op.target)
+def _symlink(root: _Root, op: p.MountOp, disk_fd: int) -> None:
+    root.symlink(op.target, op.text)
 
 
-_STEPS = {"ro": _ro, "rw": _rw, "data": _data, "tmpfs": _tmpfs, "hide": _hide,
-          "proc": _proc, "devices": _devices, "file": _file, "symlink": _symlink}
-
-
-# ---- helpers -----------------------------------------------------------------------------------
-
-def _mountpoint(root: str, target: str, is_dir: bool) -> str:
-    """Make `target` exist inside the new root (on its tmpfs, or already inside a bind above)."""
-    path = root + target
-    try:
-        if is_dir:
-            os.mkdir(path, 0o755)
-        else:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644))
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        return _mountpoint(root, target, is_dir)
-    return path
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-SYS_OPENAT2 = 437  # the generic table: one number everywhere (Linux 5.6)
-RESOLVE_NO_SYMLINKS = 0x04
-_openat2_works = True
-
-
-def _open_without_symlinks(path: str) -> int:
-    """An O_PATH descriptor for `path`, refusing if any component of it is a symlink."""
-    global _openat2_works
-    if _openat2_works:
-        how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
-        fd = linux.libc.syscall(SYS_OPENAT2, linux.AT_FDCWD, os.fsencode(path), ctypes.byref(how),
-                                ctypes.sizeof(how))
-        if fd >= 0:
-            return fd
-        code = ctypes.get_errno()
-        if code == errno.ELOOP:
-            raise OSError(code, f"{path}: goes through a symbolic link; the sandbox binds real paths only")
-        if code != errno.ENOSYS:
-            raise OSError(code, f"{path}: {os.strerror(code)}")
-        _openat2_works = False
-    return _walk_without_symlinks(path)
-
-
-def _walk_without_symlinks(path: str) -> int:
-    """openat2's RESOLVE_NO_SYMLINKS by hand, a component at a time (kernels before 5.6)."""
-    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in [c for c in path.split("/") if c]:
-            if part == "..":
-                raise OSError(errno.EINVAL, f"{path}: '..' in a sandbox path")
-            child = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = child
-            if stat.S_ISLNK(os.fstat(fd).st_mode):
-                raise OSError(errno.ELOOP, f"{path}: {part} is a symbolic link; the sandbox binds real paths only")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+_STEPS = {"ro": _ro, "rw": _rw, "data": _data, "tmpfs": _tmpfs, "hide": _hide, "proc": _proc,
+          "devices": _devices, "file": _file, "symlink": _symlink}

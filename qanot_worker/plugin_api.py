@@ -22,7 +22,7 @@ __all__ = [
 
 # The version of Qanot's plugin API this package implements; plugin.json's min_qanot_version is
 # compared with it.
-QANOT_API_VERSION = "2.0.0"
+QANOT_API_VERSION = "2.0.4"
 
 DEFAULT_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 

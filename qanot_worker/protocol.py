@@ -26,7 +26,7 @@ from typing import Any, Union
 import msgspec
 
 __all__ = [
-    "PROTOCOL_VERSION", "COOKIE_KEY", "COOKIE_VALUE", "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter", "Outbox",
+    "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE", "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter", "Outbox",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
@@ -49,6 +49,8 @@ _PREFIX = struct.Struct(">I")
 # Big enough for a 10 MB tool result with room to spare, small enough that a hostile length prefix
 # cannot make either side reserve gigabytes.
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+MAX_SCHEMA_BYTES = 64 * 1024  # one tool's parameters schema, encoded
+MAX_TOOLS = 1024  # tools one plugin may offer
 
 
 class FailureKind:
@@ -88,7 +90,13 @@ class Loaded(msgspec.Struct, tag=True, array_like=True):
 class ToolSpec(msgspec.Struct, array_like=True):
     name: str
     description: str
-    parameters: dict[str, Any]
+    # Left encoded: the host looks at its size before it decodes a byte of it (one byte of msgpack
+    # can become a whole Python list: a small frame must not become gigabytes in the host).
+    parameters: msgspec.Raw
+
+    @staticmethod
+    def encode_parameters(parameters: dict[str, Any]) -> msgspec.Raw:
+        return msgspec.Raw(msgspec.msgpack.encode(parameters))
 
 
 class ToolList(msgspec.Struct, tag=True, array_like=True):
@@ -207,11 +215,12 @@ WorkerMessage = Union[Hello, Loaded, ToolList, Result, Failure, Pong, Done]
 # ---- fork server (one SOCK_SEQPACKET message each; Spawn carries four fds by SCM_RIGHTS) ---------
 
 class Spawn(msgspec.Struct, tag=True, array_like=True):
-    """host -> template: fork a worker with these fds (protocol read, protocol write, stdout, stderr)."""
+    """host -> template: fork a worker with these fds (protocol read, protocol write, stdout, stderr,
+    and its environment: a sealed memfd of JSON that only the worker reads; the template never sees
+    a plugin's granted secrets, so no other worker can find them in memory it forked from)."""
 
     id: int
     plugin: str
-    env: dict[str, str]
     cwd: str
     max_frame: int
     cgroup_procs: list[str] = []  # the template puts the worker here before it answers Spawned

@@ -60,6 +60,8 @@ class SandboxOutcome:
         """On Load: the launcher has answered by now, so the worker must be in its groups."""
         groups, self.cgroups_to_verify = self.cgroups_to_verify, {}
         for name, path in groups.items():
+            if not name.endswith("-cgroup"):
+                continue  # only counts (cpu-accounting): no ceiling of its own to report
             if path and in_cgroup(path):
                 self.layers.append(name)
                 continue
@@ -88,9 +90,10 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str, disk: str = "") -> SandboxOu
 
     _set_rlimits(spec.rlimits)
     layer("rlimits", True)
-    # TCP ports Landlock allows: None for any (network granted whole, or the host makes each
-    # connection), [] for none (no network).
-    tcp_ports: list[int] | None = None if spec.network else []
+    # TCP ports Landlock allows: None for any (the network granted whole), [] for none (no network,
+    # or narrowed: the host makes each connection, so the worker itself may neither connect nor
+    # bind a TCP socket, not even one the host made).
+    tcp_ports: list[int] | None = None if spec.network and not spec.egress_filtered else []
     filtered = spec.egress_filtered
     if filtered:
         linux.libc.prctl(linux.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # what an unprivileged filter needs
@@ -99,7 +102,7 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str, disk: str = "") -> SandboxOu
             filtered = False
             tcp_ports = sorted({*spec.tcp_ports, *(port for _, port in spec.tcp_hosts)})
         layer("egress-filter", filtered, f"{why}; the grant holds for its ports only, on any host")
-    _enter_world(spec, disk, layer, private_network=not spec.network or filtered)
+    outcome.warnings += _enter_world(spec, disk, layer, private_network=not spec.network or filtered)
     if spec.uid >= 0:  # after everything that needs root, before no_new_privs
         layer("identity", *_drop_identity(spec.uid, spec.gid))
     layer("no-new-privileges", *_no_new_privs())
@@ -109,22 +112,24 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str, disk: str = "") -> SandboxOu
     return outcome
 
 
-def _enter_world(spec: p.SandboxSpec, disk: str, layer, private_network: bool) -> None:
-    """Namespaces and the root; without a plan (no privilege for it), at least no network."""
+def _enter_world(spec: p.SandboxSpec, disk: str, layer, private_network: bool) -> list[str]:
+    """Namespaces and the root; without a plan (no privilege for it), at least no network. A root
+    that cannot be built is fatal, strict or not: the worker is half in its namespaces by then, and
+    the rest of its sandbox was planned for the root it did not get."""
     layer("pid-namespace", os.getpid() == 2, "the launcher could not give the worker a PID namespace")
     if not spec.mounts:
         layer("mount-namespace", False, "the host cannot make mount namespaces here (not root)")
         if private_network:
             ok = linux.libc.unshare(linux.CLONE_NEWNET) == 0
             layer("network-namespace", ok, f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())}")
-        return
+        return []
     disk_fd = int(disk[3:]) if disk.startswith("fd:") else -1
     try:
         enter_namespaces(network=not private_network)
-        build_root(spec, disk_fd)
+        warnings = build_root(spec, disk_fd)
     except NamespaceError as exc:
-        layer("mount-namespace", False, str(exc))
-        return
+        raise SandboxRefused(f"the plugin's root could not be built: {exc} (host.sandbox.namespaces: false "
+                             "runs workers without one)") from None
     finally:
         if disk_fd >= 0:
             os.close(disk_fd)
@@ -134,6 +139,7 @@ def _enter_world(spec: p.SandboxSpec, disk: str, layer, private_network: bool) -
         layer("network-namespace", True)
     if disk != "off" and any(op.kind == "data" for op in spec.mounts):
         layer("disk-quota", disk_fd >= 0, disk.removeprefix("error:") or "no disk for this plugin")
+    return warnings
 
 
 def _set_rlimits(limits: dict[str, int]) -> None:

@@ -143,7 +143,8 @@ class WorkerServer(asyncio.Protocol):
             self._send(p.Failure(msg.id, p.FailureKind.BAD_TOOLS, _describe(exc, bare_type=True)))
             return
         self._send(p.ToolList(msg.id, [
-            p.ToolSpec(t.name, _text(t.description), t.parameters) for t in self._tools.values()]))
+            p.ToolSpec(t.name, _text(t.description), p.ToolSpec.encode_parameters(t.parameters))
+            for t in self._tools.values()]))
 
     async def _call(self, msg: p.Call) -> None:
         tool = self._tools.get(msg.tool)

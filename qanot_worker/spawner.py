@@ -26,6 +26,8 @@ import sys
 import traceback
 from typing import Callable
 
+import msgspec
+
 from . import linux
 from . import protocol as p
 
@@ -146,7 +148,7 @@ def _init(request: p.Spawn, fds: list[int], disk: tuple[int, str], status_w: int
 
 def _become_worker(request: p.Spawn, fds: list[int], disk: tuple[int, str], go_r: int, new_session: bool,
                    run_worker: RunWorker) -> int:
-    read_fd, write_fd, out_fd, err_fd = fds
+    read_fd, write_fd, out_fd, err_fd, env_fd = fds
     if new_session:
         os.setsid()  # no init above it: the worker leads its own session and process group
     os.dup2(out_fd, 1)
@@ -155,13 +157,21 @@ def _become_worker(request: p.Spawn, fds: list[int], disk: tuple[int, str], go_r
     os.close(err_fd)
     os.chdir(request.cwd)
     os.environ.clear()
-    os.environ.update(request.env)
+    os.environ.update(_read_environment(env_fd))
     if request.disk:  # else the host has said (in env) why there is no disk
         os.environ[p.DISK_KEY] = f"fd:{disk[0]}" if disk[0] >= 0 else f"error:{disk[1]}"
     random.seed()  # a forked child would otherwise repeat its siblings' random numbers
     gc.unfreeze()
     _name_process(f"qanot:{request.plugin}")
     return run_worker(request, [read_fd, write_fd, go_r], os.getppid())
+
+
+def _read_environment(fd: int) -> dict[str, str]:
+    try:
+        size = os.fstat(fd).st_size
+        return msgspec.json.decode(os.pread(fd, size, 0), type=dict[str, str])
+    finally:
+        os.close(fd)
 
 
 def _child(body: Callable[[], int], keep: list[int]) -> None:

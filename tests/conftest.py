@@ -105,3 +105,20 @@ def grant_write(plugin_name: str, path) -> dict:
     import os
     os.chmod(path, 0o777)
     return {"plugins": {plugin_name: {"permissions": {"filesystem": {"write": [str(path)]}}}}}
+
+
+def machine_address() -> str:
+    """An address of this machine that is not loopback (a `ports` grant never reaches loopback)."""
+    import socket
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks a route
+        address = probe.getsockname()[0]
+    except OSError:
+        address = "127.0.0.1"
+    finally:
+        probe.close()
+    if address.startswith("127."):
+        import pytest
+        pytest.skip("this machine has no address but loopback")
+    return address

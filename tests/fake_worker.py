@@ -43,7 +43,8 @@ while True:
                     + b"\x81\xa1x" * depth + b"\xc0")
             os.write(write_fd, len(body).to_bytes(4, "big") + body)
         elif isinstance(msg, p.GetTools):
-            send(p.ToolList(msg.id, [p.ToolSpec("fake_tool", "hostile", {"type": "object", "properties": {}})]))
+            send(p.ToolList(msg.id, [p.ToolSpec("fake_tool", "hostile",
+                                                p.ToolSpec.encode_parameters({"type": "object", "properties": {}}))]))
         elif isinstance(msg, p.Ping):
             send(p.Pong(msg.id))
         elif isinstance(msg, p.Call):

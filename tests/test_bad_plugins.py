@@ -19,7 +19,7 @@ BROKEN = [
     ("bad_tools_dict", "get_tools() failed: get_tools() returned dict, expected a list of ToolDef"),
     ("bad_tools_items", "get_tools() failed: get_tools()[0] is str, expected ToolDef"),
     ("no_class", "defines no Plugin subclass"),
-    ("needs_newer", "min_qanot_version: needs Qanot plugin API 99.0.0, this host implements 2.0.0"),
+    ("needs_newer", "min_qanot_version: needs Qanot plugin API 99.0.0, this host implements 2.0.4"),
     ("needs_config", "required_config: missing from the plugin's config in config.json: api_key, region"),
     ("orphan_dep", "plugin_deps: 'not_configured' is not an enabled plugin in config.json"),
 ]

@@ -75,9 +75,10 @@ def test_tools_lists_name_plugin_description(write_config):
 
 
 def test_run_serves_until_sigterm_then_tears_down(write_config, tmp_path):
-    marker = tmp_path / "teardown.txt"
+    (tmp_path / "out").mkdir()
+    marker = tmp_path / "out" / "teardown.txt"
     config = write_config([plugin("greeter", greeting_style="x", teardown_marker=str(marker))],
-                          host=grant_write("greeter", tmp_path))
+                          host=grant_write("greeter", tmp_path / "out"))
     proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config],
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -139,7 +140,7 @@ def test_check_reports_every_problem_without_running_plugin_code(write_config, t
     assert f"permissions.filesystem.read[0]: {tmp_path / 'absent'} does not exist" in out
     assert f"permissions.filesystem.write[0]: {tmp_path / 'locked'} is not writable by the plugin's uid" in out
     assert "error: plugin needs_config: " in out and "required_config: missing from the plugin's config in config.json: api_key, region" in out
-    assert "needs Qanot plugin API 99.0.0, this host implements 2.0.0" in out
+    assert "needs Qanot plugin API 99.0.0, this host implements 2.0.4" in out
     assert "plugin_deps: 'not_configured' is not an enabled plugin" in out
     assert "error: plugin missing_one: not found: no " in out
     assert "error: plugin broken_manifest: " in out and "broken_manifest/plugin.json: is not valid JSON" in out

@@ -23,7 +23,7 @@ import pytest
 
 from qanot_host import Host, PluginState
 
-from .conftest import FIXTURE_PLUGINS, GREETER, plugin, wait_until
+from .conftest import FIXTURE_PLUGINS, GREETER, grant_write, machine_address, plugin, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the namespaced sandbox needs root")
@@ -90,9 +90,9 @@ async def test_a_malformed_schema_refuses_that_tool_only(write_config, caplog):
                                    "schema_too_deep"]
         json.dumps(host.registry.get_definitions())
     messages = [r.getMessage() for r in caplog.records]
-    assert any("tool schema_required_int is not registered: its parameters.required must be a list" in m
+    assert any("tool 'schema_required_int' is not registered: its parameters.required must be a list" in m
                for m in messages)
-    assert any("schema_too_deep is not registered: its parameters" in m and "nested deeper than 32" in m
+    assert any("'schema_too_deep' is not registered: its parameters" in m and "nested deeper than 32" in m
                for m in messages)
 
 
@@ -246,8 +246,9 @@ async def test_a_host_at_start_removes_cgroups_left_by_hosts_that_are_gone(write
 # ---- 6. a ports grant carries TCP to those ports, nothing else ---------------------------------------
 
 async def test_a_ports_grant_carries_tcp_to_its_ports_and_nothing_else(write_config):
+    address = machine_address()
     granted = socket.socket()
-    granted.bind(("127.0.0.1", 0))
+    granted.bind(("0.0.0.0", 0))
     granted.listen()
     other = socket.socket()
     other.bind(("127.0.0.1", 0))
@@ -262,7 +263,7 @@ async def test_a_ports_grant_carries_tcp_to_its_ports_and_nothing_else(write_con
     free.close()
     port = granted.getsockname()[1]
     config = write_config([plugin("attacker", granted_port=port, other_port=other.getsockname()[1],
-                                  udp_port=udp.getsockname()[1], listen_port=listen_port)],
+                                  udp_port=udp.getsockname()[1], listen_port=listen_port, address=address)],
                           host={"plugins": {"attacker": {"permissions": {"network": {"ports": [port]}}}}})
     try:
         async with Host(config) as host:
@@ -333,10 +334,12 @@ async def test_default_ceilings_hold_without_any_limits_configured(write_config,
         result = await attack(host, "eat_memory", mb=3072)
         assert "out of memory, over its memory_mb=1024" in result, result
         await wait_until(lambda: host.plugins["attacker"].state == PluginState.READY, 10, "restart")
-        assert await attack(host, "flood_stderr", lines=200_000) == "flooded"
+        began = time.monotonic()
+        assert await attack(host, "flood_stderr", lines=100_000) == "flooded"
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+        elapsed = time.monotonic() - began
     flood = [r for r in caplog.records if "flood xxx" in r.getMessage()]
-    assert len(flood) <= 50 * 10 + 100  # log_lines_per_second=50, a burst of 10 s
+    assert len(flood) <= 50 * 10 + 50 * (elapsed + 1)  # log_lines_per_second=50 after a burst of 10 s
     assert any("lines of output not logged: over log_lines_per_second=50" in r.getMessage() for r in caplog.records)
 
 
@@ -391,3 +394,166 @@ async def test_the_worker_is_nobody_in_a_world_of_its_own(write_config):
     assert me["CapEff"] == me["CapPrm"] == "0000000000000000"
     assert (me["NoNewPrivs"], me["Seccomp"], me["pid"], me["procs"]) == ("1", "2", 2, [1, 2])
     assert me["exists"] == ["/usr/bin/python3"], me["exists"]  # the system's programs, read-only; no more
+
+
+# ---- the second independent pass: what got through the namespaced sandbox ------------------------
+
+@pytest.fixture
+def two_servers():
+    """A granted service and a secret one, both on loopback."""
+    servers = []
+    for _ in range(2):
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        server.setblocking(False)
+        servers.append(server)
+    yield [s.getsockname()[1] for s in servers], servers
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize("attack_name", ["egress_swap", "family_flip"])
+async def test_the_egress_gate_never_hands_a_decision_back_to_the_kernel(write_config, two_servers, attack_name):
+    (granted, secret), servers = two_servers
+    config = write_config([plugin("attacker", granted_port=granted, secret_port=secret)], host={
+        "plugins": {"attacker": {"permissions": {"network": {"hosts": [f"127.0.0.1:{granted}"]}}}}})
+    async with Host(config) as host:
+        result = await attack(host, attack_name, attempts=2000)
+        assert result.startswith("contained: 2000 "), result
+        if attack_name == "egress_swap":
+            assert "bind: Permission denied" in result  # Landlock: no TCP bind when the host connects
+    with pytest.raises(BlockingIOError):
+        servers[1].accept()  # the secret service saw nothing
+
+
+def test_a_grant_inside_a_directory_a_plugin_may_write_is_refused(tmp_path):
+    from qanot_host import ConfigError
+    from qanot_host.config import parse_config
+    share = str(tmp_path / "share")
+    for plugins, fragment in [
+        ({"a": {"write": [share], "read": [share + "/models/v1"]}},
+         f"host.plugins.a.permissions.filesystem.read[0]: {share}/models/v1 is inside {share}, which plugin a may write"),
+        ({"a": {"write": [share]}, "b": {"read": [share + "/inbox"]}},
+         f"host.plugins.b.permissions.filesystem.read[0]: {share}/inbox is inside {share}, which plugin a may write"),
+        ({"a": {"read": [str(tmp_path)]}}, "overlap: a plugin may not be granted the host's own files"),
+    ]:
+        raw = {"plugins": [{"name": n} for n in plugins], "host": {"state_dir": str(tmp_path / "state"), "plugins": {
+            n: {"permissions": {"filesystem": g}} for n, g in plugins.items()}}}
+        with pytest.raises(ConfigError) as caught:
+            parse_config(json.dumps(raw), str(tmp_path / "config.json"))
+        assert fragment in str(caught.value), caught.value
+
+
+async def test_a_grant_through_a_symlink_refuses_the_plugin_never_binds_the_target(write_config, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    config = write_config([plugin("attacker"), GREETER], host={
+        "plugins": {"attacker": {"permissions": {"filesystem": {"read": [str(tmp_path / "link")]}}}}})
+    async with Host(config) as host:
+        sup = host.plugins["attacker"]
+        assert sup.state == PluginState.FAILED
+        assert "the plugin's root could not be built" in sup.error
+        assert "goes through a symbolic link" in sup.error
+        assert host.plugins["greeter"].state == PluginState.READY
+
+
+async def test_a_schema_that_would_decode_to_gigabytes_is_refused_before_decoding(write_config):
+    rss_before = psutil.Process().memory_info().rss
+    began = time.monotonic()
+    async with Host(write_config([plugin("attacker", schema_bomb=4_000_000), GREETER])) as host:
+        took = time.monotonic() - began
+        assert "attack_schema_bomb" in host.status()[0]["refused_tools"]
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+    grown = (psutil.Process().memory_info().rss - rss_before) / 2**20
+    assert grown < 100 and took < 10, (grown, took)
+
+
+async def test_a_granted_secret_never_reaches_another_plugins_memory(write_config, tmp_path, monkeypatch):
+    secret = "sk-live-" + "7f3a" * 170  # 688 characters: above pymalloc's sizes, like a PEM key
+    monkeypatch.setenv("VICTIM_API_KEY", secret)
+    config = write_config([plugin("victim"), plugin("snoop")], plugins_dir=attackers(tmp_path, "victim", "snoop"),
+                          host={"plugins": {"victim": {"permissions": {"env_vars": ["VICTIM_API_KEY"]}}},
+                                "restart": {"backoff_initial": 0}})
+    async with Host(config) as host:
+        pattern = "sk-live-(?:7f3a){25}"  # does not match itself: a search finds the secret or nothing
+        own = await host.plugins["victim"].call("attack_scan_memory", {"pattern": pattern})
+        assert own.startswith("ESCAPED: found"), own  # the victim has it, of course
+        await restart(host, "snoop")  # forked after the victim's start
+        result = await attack(host, "scan_memory", "snoop", pattern=pattern)
+    assert result == "contained: not in its memory"
+
+
+async def test_the_host_follows_no_link_a_plugin_puts_in_the_workspace(write_config, tmp_path):
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("db_password=hunter2")
+    secret.chmod(0o600)
+    created = tmp_path / "created-by-root"
+    config = write_config([plugin("attacker", workspace_dir=str(workspace), secret_file=str(secret),
+                                  created=str(created)), GREETER],
+                          host=grant_write("attacker", workspace))
+    async with Host(config) as host:
+        assert await attack(host, "plant_links") == "planted"
+    async with Host(config) as host:  # the next start writes TOOLS.md and SOUL.md again
+        assert "hunter2" not in await attack(host, "read_workspace")
+        assert host.plugins["greeter"].state == PluginState.READY
+    assert not created.exists()
+    assert os.path.islink(workspace / "TOOLS.md")  # left alone, not followed
+    assert secret.read_text() == "db_password=hunter2"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+async def test_a_hostile_plugin_json_neither_hangs_nor_fills_the_host(write_config, tmp_path, kind):
+    extra = tmp_path / "extra"
+    (extra / "odd").mkdir(parents=True)
+    (extra / "odd" / "plugin.py").write_text("from qanot.plugins.base import Plugin\nclass QanotPlugin(Plugin):\n"
+                                             "    pass\n")
+    if kind == "fifo":
+        os.mkfifo(extra / "odd" / "plugin.json")
+    else:
+        (extra / "odd" / "plugin.json").symlink_to("/dev/zero")
+    config = write_config([plugin("odd"), plugin("echo")], plugins_dir=str(extra))
+    async with Host(config) as host:
+        assert host.plugins["odd"].state == PluginState.FAILED
+        assert "plugin.json" in host.plugins["odd"].error
+        assert host.plugins["echo"].state == PluginState.READY
+    proc = subprocess.run([sys.executable, "-m", "qanot_host", "check", "--config", config], capture_output=True,
+                          text=True, timeout=30, cwd=REPO)
+    assert proc.returncode == 1 and "odd/plugin.json" in proc.stdout
+
+
+async def test_a_host_that_fails_on_its_way_up_leaves_no_cgroup(write_config, monkeypatch):
+    import qanot_host.host as host_module
+    original = host_module.Host._start_plugins
+
+    async def start_then_fail(self, names):
+        await original(self, names)
+        raise RuntimeError("failing on the way up")
+
+    monkeypatch.setattr(host_module.Host, "_start_plugins", start_then_fail)
+    host = Host(write_config([GREETER]))
+    with pytest.raises(RuntimeError):
+        await host.start()
+    assert not glob.glob(f"/sys/fs/cgroup/**/qanot-host-{os.getpid()}", recursive=True)
+    assert not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_plugin_output_cannot_forge_a_host_log_line(write_config, caplog):
+    async with Host(write_config([plugin("attacker")])) as host:
+        assert await attack(host, "forge_log") == "printed"
+        await wait_until(lambda: any("bank ready" in r.getMessage() for r in caplog.records), 5, "the line")
+    line = next(r.getMessage() for r in caplog.records if "bank ready" in r.getMessage())
+    assert "\r" not in line and "\x1b" not in line and "\\x0d2026-11-26" in line
+
+
+async def test_max_rss_mb_counts_what_the_worker_hides_outside_its_own_rss(write_config):
+    config = write_config([plugin("attacker")], host={"limits_interval": 0.2, "plugins": {
+        "attacker": {"limits": {"max_rss_mb": 100}}}, "restart": {"backoff_initial": 0}})
+    async with Host(config) as host:
+        sup = host.plugins["attacker"]
+        pid = sup.worker.pid
+        assert await attack(host, "hide_memory", mb=300) == "300 MB in a memfd"
+        await wait_until(lambda: sup.worker.pid != pid and sup.state == PluginState.READY, 10, "recycled")
+        assert "recycled: memory" in sup.last_exit and "over max_rss_mb=100" in sup.last_exit

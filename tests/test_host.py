@@ -137,9 +137,10 @@ async def test_worker_output_is_logged_with_the_plugin_name(write_config, caplog
 
 
 async def test_teardown_runs_at_shutdown_and_workers_exit(write_config, tmp_path):
-    marker = tmp_path / "teardown.txt"
+    (tmp_path / "out").mkdir()
+    marker = tmp_path / "out" / "teardown.txt"
     host = Host(write_config([plugin("greeter", greeting_style="x", teardown_marker=str(marker))],
-                             host=grant_write("greeter", tmp_path)))
+                             host=grant_write("greeter", tmp_path / "out")))
     await host.start()
     worker = host.plugins["greeter"].worker
     pid = worker.pid

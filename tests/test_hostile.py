@@ -28,8 +28,8 @@ class HostileLauncher(SubprocessLauncher):
     def __init__(self, payload: bytes, then: str = "sleep", protocol: int | None = None) -> None:
         self.payload, self.then, self.protocol = payload, then, protocol
 
-    def command(self, spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
-        boot, _ = super().command(spec)
+    def command(self, spec: LaunchSpec, env_fd: int) -> tuple[list[str], dict[str, str]]:
+        boot, _ = super().command(spec, env_fd)
         at = boot.index("-c")
         env = dict(spec.env, FAKE_PAYLOAD=self.payload.hex(), FAKE_THEN=self.then)
         if self.protocol is not None:

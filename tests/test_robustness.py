@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from qanot_host import Host, InvalidParams, PluginState, ToolFailed
 from qanot_host.schema import MAX_PARAMS_DEPTH
 
-from .conftest import GREETER, plugin, wait_until
+from .conftest import GREETER, grant_write, plugin, wait_until
 from .test_hostile import HostileLauncher
 
 
@@ -92,8 +92,8 @@ async def test_a_frame_nested_deeper_than_the_decoder_accepts_is_a_protocol_viol
     config.write_text(json.dumps({"plugins": [{"name": "echo"}], "workspace_dir": str(tmp_path / "ws"),
                                   "host": {"state_dir": str(tmp_path / "state"), "restart": {"policy": "never"}}}))
     class DeepLauncher(HostileLauncher):
-        def command(self, spec):
-            argv, env = super().command(spec)
+        def command(self, spec, env_fd):
+            argv, env = super().command(spec, env_fd)
             return argv, dict(env, FAKE_DEEP_TOOLS="200000")
 
     began = time.monotonic()
@@ -211,10 +211,10 @@ def test_a_config_nested_thousands_deep_is_one_line(tmp_path):
 
 
 def test_call_stopped_by_sigterm_tears_down_and_leaves_nothing(write_config, tmp_path):
-    marker = tmp_path / "teardown.txt"
-    config = write_config([plugin("misbehave", teardown_marker=str(marker))], host={
-        "plugins": {"misbehave": {"permissions": {"filesystem": {"write": [str(tmp_path)]}}}}})
-    os.chmod(tmp_path, 0o777)
+    (tmp_path / "out").mkdir()
+    marker = tmp_path / "out" / "teardown.txt"
+    config = write_config([plugin("misbehave", teardown_marker=str(marker))],
+                          host=grant_write("misbehave", tmp_path / "out"))
     proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "call", "--config", config, "mb_hang_async", "{}"],
                             cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:

@@ -178,7 +178,7 @@ async def test_memory_limit_recycles_and_intensity_ends_it(write_config, caplog)
             await host.registry.execute("mb_eat_memory", {"mb": 150})
             await wait_until(lambda: sup.worker.pid != pid and sup.state == PluginState.READY, 10, "recycle")
             assert sup.restarts == expected_restarts
-            assert sup.last_exit.startswith("recycled: RSS") and "over max_rss_mb=80" in sup.last_exit
+            assert sup.last_exit.startswith("recycled: memory") and "over max_rss_mb=80" in sup.last_exit
         await host.registry.execute("mb_eat_memory", {"mb": 150})
         await wait_until(lambda: sup.state == PluginState.FAILED, 10, "give up")
     assert any("recycling worker pid" in r.getMessage() for r in caplog.records)

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from qanot_host import Host, PluginState
 
-from .conftest import plugin
+from .conftest import machine_address, plugin
 
 
 @pytest.mark.parametrize("grant", ["ports", "hosts"])
@@ -28,12 +28,13 @@ async def test_weather_get_against_a_local_server(write_config, grant):
     app.router.add_get("/current", current)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    address = machine_address()  # a ports grant (any host) never reaches loopback
+    site = web.TCPSite(runner, "0.0.0.0", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     try:
         # narrowed to the port, or to the one host and port (by name: the host resolves it too)
-        network, base_url = {"ports": ({"ports": [port]}, f"http://127.0.0.1:{port}"),
+        network, base_url = {"ports": ({"ports": [port]}, f"http://{address}:{port}"),
                              "hosts": ({"hosts": [f"localhost:{port}"]}, f"http://localhost:{port}")}[grant]
         config = write_config([plugin("weather", api_key="k-123", base_url=base_url)],
                               host={"install_timeout": 300, "plugins": {"weather": {
