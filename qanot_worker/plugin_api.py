@@ -1,34 +1,33 @@
-"""Qanot's plugin API (`qanot.plugins.base`), reimplemented so Qanot plugins run here unedited.
+"""Qanot's plugin API (`qanot.plugins.base` of Qanot 2.0.4), written anew so that Qanot plugins run
+here unedited: the same names, the same defaults, the same messages.
 
-Workers see this module as `qanot.plugins.base` through a small shim package that only the worker's
-sys.path contains; the host imports it directly for `validate_tool_params` and `PluginManifest`. It must
-stay free of host and worker internals, because plugin code imports it.
+Workers see it as `qanot.plugins.base` through a shim package that only a worker's sys.path holds
+(`_shim/qanot`). The host never imports it: it validates params and reads plugin.json with code of
+its own. Where Qanot raises on a malformed schema (a list as a property's type), this does not.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-import msgspec
+__all__ = ["QANOT_VERSION", "Plugin", "ToolDef", "tool", "validate_tool_params", "PluginManifest", "HOOKS",
+           "EXTENSIONS", "overridden_hooks", "logger"]
 
-__all__ = [
-    "QANOT_API_VERSION", "Plugin", "ToolDef", "tool", "validate_tool_params", "PluginManifest",
-    "ManifestError", "load_manifest", "parse_version",
-]
+# The Qanot release whose plugin API this is (plugin.json's min_qanot_version is compared with it).
+QANOT_VERSION = "2.0.4"
 
-# The version of Qanot's plugin API this package implements; plugin.json's min_qanot_version is
-# compared with it.
-QANOT_API_VERSION = "2.0.4"
+logger = logging.getLogger("qanot.plugins.base")
 
-DEFAULT_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
-
-logger = logging.getLogger("qanot.plugins")
-
-Handler = Callable[[dict], Awaitable[str]]
+# The hooks a plugin may override (Qanot's HookRegistry.register_plugin looks at these), and the
+# extension points it may fill (read once, at load).
+HOOKS = ("on_pre_turn", "on_post_turn", "on_tool_use", "on_error", "on_startup", "on_shutdown", "on_compaction")
+EXTENSIONS = ("get_wal_patterns", "get_prompt_sections", "get_template_dir", "get_cron_jobs", "get_commands",
+              "get_template_vars")
 
 
 @dataclass
@@ -37,26 +36,75 @@ class ToolDef:
 
     name: str
     description: str
-    parameters: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PARAMETERS))
-    handler: Handler | None = None
+    parameters: dict
+    handler: Callable[[dict], Awaitable[str]]
 
 
-def tool(name: str, description: str, parameters: dict[str, Any] | None = None):
-    """Mark a Plugin method as a tool; `Plugin._collect_tools()` finds it later."""
+@dataclass
+class PluginManifest:
+    """plugin.json. `permissions` is qanot-host's: what the plugin asks for (the operator grants)."""
+
+    name: str
+    version: str = "0.1.0"
+    description: str = ""
+    author: str = ""
+    dependencies: list[str] = field(default_factory=list)
+    plugin_deps: list[str] = field(default_factory=list)
+    required_config: list[str] = field(default_factory=list)
+    min_qanot_version: str = ""
+    homepage: str = ""
+    license: str = "MIT"
+    permissions: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "PluginManifest":
+        """Read plugin.json; whatever cannot be used falls back to the defaults, with a warning."""
+        path = Path(path)
+        fallback = path.parent.name
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                logger.warning("plugin.json at %s is not a JSON object", path)
+                return cls(name=fallback)
+            texts = {key: _text(raw.get(key), default) for key, default in (
+                ("name", fallback), ("version", "0.1.0"), ("description", ""), ("author", ""),
+                ("min_qanot_version", ""), ("homepage", ""), ("license", "MIT"))}
+            lists = {key: _names(raw.get(key, []), key, path) for key in (
+                "dependencies", "plugin_deps", "required_config", "permissions")}
+            return cls(**texts, **lists)
+        except Exception as exc:
+            logger.warning("Failed to parse plugin.json at %s: %s", path, exc)
+            return cls(name=fallback)
+
+    @classmethod
+    def default(cls, name: str) -> "PluginManifest":
+        return cls(name=name)
+
+
+def _text(value: Any, default: str) -> str:
+    return default if value is None else str(value)
+
+
+def _names(value: Any, key: str, path: Path) -> list[str]:
+    if not isinstance(value, list):
+        logger.warning("plugin.json at %s: '%s' should be a list, got %s", path, key, type(value).__name__)
+        return []
+    return [str(item) for item in value]
+
+
+def tool(name: str, description: str, parameters: dict | None = None):
+    """Mark a method as a tool; `Plugin._collect_tools()` finds it."""
 
     def mark(func):
-        func._qanot_tool = {
-            "name": name,
-            "description": description,
-            "parameters": parameters if parameters is not None else dict(DEFAULT_PARAMETERS),
-        }
+        func._tool_def = {"name": name, "description": description,
+                          "parameters": parameters if parameters is not None else {"type": "object", "properties": {}}}
         return func
 
     return mark
 
 
-class Plugin:
-    """Base class of every Qanot plugin. Subclasses override what they need."""
+class Plugin(ABC):
+    """Base class of every Qanot plugin."""
 
     name: str = ""
     description: str = ""
@@ -65,182 +113,120 @@ class Plugin:
     soul_append: str = ""
 
     async def setup(self, config: dict) -> None:
-        """Called once when the plugin loads, with its `config` dict from config.json."""
+        """Called once when the plugin loads, with its `config` from config.json."""
 
     async def teardown(self) -> None:
         """Called once at shutdown."""
 
-    async def on_error(self, tool_name: str, error: Exception) -> None:
-        """Called when one of this plugin's tools raises."""
-        logger.error("Tool %s failed: %s", tool_name, error)
-
+    @abstractmethod
     def get_tools(self) -> list[ToolDef]:
-        return self._collect_tools()
+        """The plugin's tools; most plugins return self._collect_tools()."""
+
+    async def on_error(self, tool_name: str, error: Exception) -> None:
+        """Called when one of this plugin's tools raises (Qanot's own does nothing)."""
 
     def _collect_tools(self) -> list[ToolDef]:
+        """Every callable attribute (methods, and instance attributes too) that @tool marked, in
+        the order of dir(self): by attribute name."""
         tools = []
-        for attr in dir(type(self)):
-            meta = getattr(getattr(type(self), attr, None), "_qanot_tool", None)
-            if meta is not None:
-                tools.append(ToolDef(handler=getattr(self, attr), **meta))
+        for attr in dir(self):
+            try:
+                value = getattr(self, attr)
+            except Exception:
+                continue
+            if callable(value) and hasattr(value, "_tool_def"):
+                tools.append(ToolDef(**value._tool_def, handler=value))
         return tools
 
+    # ---- extension points: read once at load --------------------------------------------------
 
-_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    # bool is a subclass of int in Python, but JSON Schema keeps them apart.
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "array": lambda v: isinstance(v, (list, tuple)),
-    "object": lambda v: isinstance(v, dict),
-    "null": lambda v: v is None,
+    def get_wal_patterns(self) -> list[tuple[str, str, bool]]:
+        return []
+
+    def get_prompt_sections(self) -> list[dict]:
+        return []
+
+    def get_template_dir(self) -> str | None:
+        return None
+
+    def get_cron_jobs(self) -> list[dict]:
+        return []
+
+    def get_commands(self) -> list[dict]:
+        return []
+
+    def get_template_vars(self) -> dict[str, str]:
+        return {}
+
+    # ---- hooks: called by the agent ----------------------------------------------------------
+
+    async def on_pre_turn(self, user_id: str, message: str) -> str | None:
+        return None
+
+    async def on_post_turn(self, user_id: str, message: str, response: str) -> str | None:
+        return None
+
+    async def on_tool_use(self, user_id: str, tool_name: str, tool_input: dict, result: str) -> None:
+        return None
+
+    async def on_startup(self) -> None:
+        return None
+
+    async def on_shutdown(self) -> None:
+        return None
+
+    async def on_compaction(self, user_id: str, before_tokens: int, after_tokens: int) -> None:
+        return None
+
+
+def overridden_hooks(plugin: Plugin) -> list[str]:
+    """The hooks a plugin overrides, as Qanot's HookRegistry tells them apart: a bound method whose
+    function is not Plugin's own."""
+    found = []
+    for name in HOOKS:
+        method = getattr(plugin, name, None)
+        function = getattr(method, "__func__", None)
+        if function is not None and function is not getattr(Plugin, name):
+            found.append(name)
+    return found
+
+
+_JSON_SCHEMA_TYPE_MAP: dict[str, type | tuple[type, ...]] = {
+    "string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict,
 }
 
 
+def _check_type(value: Any, expected: Any) -> bool:
+    if isinstance(expected, list):  # Qanot raises here; a type may be a list of types in JSON Schema
+        return not expected or any(value is None if one == "null" else _check_type(value, one) for one in expected)
+    if not isinstance(expected, str):
+        return True
+    if isinstance(value, bool):
+        return expected == "boolean" or expected not in _JSON_SCHEMA_TYPE_MAP
+    kind = _JSON_SCHEMA_TYPE_MAP.get(expected)
+    return kind is None or isinstance(value, kind)
+
+
 def validate_tool_params(params: dict, schema: dict) -> list[str]:
-    """Check required keys and basic JSON types; return one message per problem, none if valid."""
+    """Required keys and basic types, as Qanot checks them: one message per problem, none if valid.
+    Extra keys, unknown types and nested schemas are not checked; a malformed schema never raises."""
     if not isinstance(params, dict):
-        return [f"Parameters must be an object, got {type(params).__name__}"]
-    errors = [
-        f"Missing required parameter: {key}"
-        for key in schema.get("required", ()) if key not in params
-    ]
-    properties = schema.get("properties") or {}
+        return [f"Parameters must be a dict, got {type(params).__name__}"]
+    if not isinstance(schema, dict):
+        return [f"Schema must be a dict, got {type(schema).__name__}"]
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        properties = {}
+    required = schema.get("required", [])
+    if not isinstance(required, list):
+        required = []
+    errors = [f"Missing required parameter: {key}" for key in required if isinstance(key, str) and key not in params]
     for key, value in params.items():
-        expected = (properties.get(key) or {}).get("type")
-        if expected is None:
+        prop = properties.get(key) if isinstance(key, str) else None
+        if not isinstance(prop, dict):
             continue
-        names = expected if isinstance(expected, list) else [expected]
-        checks = [_JSON_TYPES[n] for n in names if n in _JSON_TYPES]
-        if checks and not any(check(value) for check in checks):
-            errors.append(
-                f"Parameter '{key}' expected {' or '.join(names)}, got {type(value).__name__}"
-            )
+        expected = prop.get("type")
+        if expected and not _check_type(value, expected):
+            names = " or ".join(expected) if isinstance(expected, list) else expected
+            errors.append(f"Parameter '{key}' expected {names}, got {type(value).__name__}")
     return errors
-
-
-def compile_validator(schema: dict) -> Callable[[dict], list[str]]:
-    """validate_tool_params for one schema, with the schema's walk done once instead of per call.
-
-    Valid params (the common case) cost a few dict lookups; invalid ones get the same messages as
-    validate_tool_params, which produces them.
-    """
-    required = tuple(schema.get("required", ()))
-    checks = []
-    for key, prop in (schema.get("properties") or {}).items():
-        expected = (prop or {}).get("type") if isinstance(prop, dict) else None
-        names = expected if isinstance(expected, list) else [expected]
-        tests = tuple(_JSON_TYPES[n] for n in names if n in _JSON_TYPES)
-        if tests:
-            checks.append((key, tests))
-
-    def validate(params: dict) -> list[str]:
-        if type(params) is not dict:
-            return validate_tool_params(params, schema)
-        for key in required:
-            if key not in params:
-                return validate_tool_params(params, schema)
-        for key, tests in checks:
-            if key in params:
-                value = params[key]
-                if not any(test(value) for test in tests):
-                    return validate_tool_params(params, schema)
-        return []
-
-    return validate
-
-
-class PluginManifest(msgspec.Struct, kw_only=True):
-    """plugin.json, with the defaults Qanot gives a plugin that has none."""
-
-    name: str = ""
-    version: str = "0.1.0"
-    description: str = ""
-    author: str = ""
-    dependencies: list[str] = []
-    plugin_deps: list[str] = []
-    required_config: list[str] = []
-    min_qanot_version: str = ""
-    homepage: str = ""
-    license: str = "MIT"
-    permissions: list[str] = []
-
-
-# The names plugin.json's "permissions" may use (Qanot's list).
-PERMISSIONS = ("network", "filesystem", "subprocess", "env_vars", "database")
-
-
-class ManifestError(ValueError):
-    """plugin.json exists but cannot be used; the message names the file and the key."""
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """'2.0.0' -> (2, 0, 0); a pre-release or build suffix on the last part is ignored."""
-    parts = []
-    for piece in text.strip().lstrip("vV").split("."):
-        digits = ""
-        for char in piece:
-            if not char.isdigit():
-                break
-            digits += char
-        if not digits:
-            raise ValueError(f"not a version: {text!r}")
-        parts.append(int(digits))
-    return tuple(parts)
-
-
-def load_manifest(plugin_dir: str, strict: bool = False) -> tuple[PluginManifest, list[str]]:
-    """Read plugin_dir/plugin.json.
-
-    Qanot falls back to a default manifest when the file is missing or broken; so do we, returning a
-    warning that names the file. With strict=True a broken file raises ManifestError instead.
-    """
-    default_name = os.path.basename(os.path.normpath(plugin_dir))
-    path = os.path.join(plugin_dir, "plugin.json")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return PluginManifest(name=default_name), []
-    except OSError as exc:
-        return _broken(path, f"cannot be read: {exc.strerror}", default_name, strict)
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        return _broken(path, f"is not valid JSON: {exc}", default_name, strict)
-    if not isinstance(data, dict):
-        return _broken(path, "must hold a JSON object", default_name, strict)
-    try:
-        manifest = msgspec.convert(data, PluginManifest)
-    except msgspec.ValidationError as exc:
-        return _broken(path, validation_message(exc), default_name, strict)
-    if manifest.min_qanot_version:
-        try:
-            parse_version(manifest.min_qanot_version)
-        except ValueError:
-            return _broken(path, f"min_qanot_version: not a version: {manifest.min_qanot_version!r}",
-                           default_name, strict)
-    if not manifest.name:
-        manifest.name = default_name
-    return manifest, []
-
-
-def validation_message(exc: msgspec.ValidationError) -> str:
-    """msgspec says 'Expected `array`, got `str` - at `$.dependencies`'; lead with the key instead.
-
-    Also used by the host for config.json, so both files' errors read the same way.
-    """
-    text = str(exc)
-    message, sep, where = text.rpartition(" - at `")
-    if not sep:
-        return text
-    return f"{where.rstrip('`').removeprefix('$.')}: {message}"
-
-
-def _broken(path: str, why: str, name: str, strict: bool) -> tuple[PluginManifest, list[str]]:
-    message = f"{path}: {why}"
-    if strict:
-        raise ManifestError(message)
-    return PluginManifest(name=name), [f"{message}; using the default manifest"]
-

@@ -1,110 +1,193 @@
-"""Qanot's plugin API as the document describes it (pure functions: no worker needed)."""
+"""The worker's `qanot.plugins.base` against Qanot 2.0.4's own (installed from PyPI for the tests):
+each expectation runs against both, so a difference shows up as a failure naming the one that differs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
-from qanot_worker.plugin_api import (QANOT_API_VERSION, ManifestError, Plugin, PluginManifest, ToolDef,
-                                     load_manifest, parse_version, tool, validate_tool_params)
+import qanot_worker
+import qanot_worker.plugin_api as ours
+from qanot_host.schema import compile_validator
+
+real = pytest.importorskip("qanot.plugins.base", reason="the test extra installs qanot==2.0.4")
+SHIM = Path(qanot_worker.__file__).parent / "_shim" / "qanot"
 
 
-def test_document_examples_of_validate_tool_params():
+@pytest.fixture(params=["qanot-host", "qanot-2.0.4"])
+def api(request):
+    return ours if request.param == "qanot-host" else real
+
+
+def test_document_examples_of_validate_tool_params(api):
     schema = {"type": "object", "required": ["city"],
               "properties": {"city": {"type": "string"}, "units": {"type": "string"}}}
-    assert validate_tool_params({"city": "Tashkent", "units": 42}, schema) == [
+    assert api.validate_tool_params({"city": "Tashkent", "units": 42}, schema) == [
         "Parameter 'units' expected string, got int"]
-    assert validate_tool_params({}, schema) == ["Missing required parameter: city"]
-    assert validate_tool_params({"city": "Samarkand"}, schema) == []
+    assert api.validate_tool_params({}, schema) == ["Missing required parameter: city"]
+    assert api.validate_tool_params({"city": "Samarkand"}, schema) == []
 
 
 @pytest.mark.parametrize("kind, good, bad", [
     ("integer", 3, True), ("integer", 3, 2.5), ("number", 2.5, False), ("boolean", True, 1),
-    ("array", [1], {"a": 1}), ("object", {}, []), ("string", "", None),
+    ("array", [1], {"a": 1}), ("object", {}, []), ("string", "", None), ("array", [], (1,)),
 ])
-def test_basic_type_matching(kind, good, bad):
+def test_basic_type_matching(api, kind, good, bad):
     schema = {"properties": {"x": {"type": kind}}}
-    assert validate_tool_params({"x": good}, schema) == []
-    assert validate_tool_params({"x": bad}, schema) == [
+    assert api.validate_tool_params({"x": good}, schema) == []
+    assert api.validate_tool_params({"x": bad}, schema) == [
         f"Parameter 'x' expected {kind}, got {type(bad).__name__}"]
 
 
-def test_plugin_defaults_and_collect_tools():
-    class Weather(Plugin):
-        name = "weather"
-
-        @tool(name="weather_get", description="now", parameters={"type": "object", "properties": {"c": {}}})
-        async def get(self, params):
-            return "sunny"
-
-        @tool(name="weather_default", description="default params")
-        async def default(self, params):
-            return "x"
-
-    plugin = Weather()
-    assert (plugin.version, plugin.tools_md, plugin.soul_append, plugin.description) == ("0.1.0", "", "", "")
-    tools = {t.name: t for t in plugin.get_tools()}
-    assert set(tools) == {"weather_get", "weather_default"}
-    assert isinstance(tools["weather_get"], ToolDef)
-    assert tools["weather_default"].parameters == {"type": "object", "properties": {}}
-    assert tools["weather_get"].handler.__self__ is plugin
-
-
-def test_manifest_defaults_from_the_directory_name(tmp_path):
-    directory = tmp_path / "weather"
-    directory.mkdir()
-    manifest, warnings = load_manifest(str(directory))
-    assert warnings == []
-    assert manifest == PluginManifest(name="weather", version="0.1.0", license="MIT")
-
-
-def test_manifest_fields_as_documented(tmp_path):
-    directory = tmp_path / "w"
-    directory.mkdir()
-    data = {"name": "weather", "version": "1.0.0", "description": "d", "author": "a",
-            "dependencies": ["aiohttp>=3.9"], "plugin_deps": ["cloud_reporter"], "required_config": ["api_key"],
-            "min_qanot_version": "2.0.0", "homepage": "https://example.com", "license": "Apache-2.0"}
-    (directory / "plugin.json").write_text(json.dumps(data))
-    manifest, warnings = load_manifest(str(directory))
-    assert warnings == []
-    for key, value in data.items():
-        assert getattr(manifest, key) == value
-
-
-@pytest.mark.parametrize("content, why", [
-    ("{not json", "is not valid JSON"),
-    ("[]", "must hold a JSON object"),
-    ('{"dependencies": "aiohttp"}', "dependencies: Expected `array`, got `str`"),
-    ('{"min_qanot_version": "soon"}', "min_qanot_version: not a version"),
+@pytest.mark.parametrize("params, schema, errors", [
+    ([], {}, ["Parameters must be a dict, got list"]),
+    ({}, "schema", ["Schema must be a dict, got str"]),
+    ({"a": 1}, {"properties": ["a"]}, []),
+    ({}, {"required": "a"}, []),
+    ({}, {"required": ["a", 5, None, "b", "a"]},
+     ["Missing required parameter: a", "Missing required parameter: b", "Missing required parameter: a"]),
+    ({"a": None}, {"required": ["a"]}, []),
+    ({"a": 1, "b": "x"}, {"properties": {"a": "integer", "b": {"type": ""}}}, []),
+    ({"a": 1, "extra": 2}, {"properties": {"a": {"type": "null"}}, "additionalProperties": False}, []),
+    ({"b": 1, "a": "x"}, {"required": ["c"], "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}},
+     ["Missing required parameter: c", "Parameter 'b' expected string, got int",
+      "Parameter 'a' expected integer, got str"]),
 ])
-def test_broken_manifest_falls_back_with_a_warning_naming_the_file(tmp_path, content, why):
-    directory = tmp_path / "weather"
-    directory.mkdir()
-    (directory / "plugin.json").write_text(content)
-    manifest, warnings = load_manifest(str(directory))
-    assert manifest == PluginManifest(name="weather")
-    [warning] = warnings
-    assert warning.startswith(str(directory / "plugin.json") + ": ") and why in warning
-    with pytest.raises(ManifestError, match="plugin.json: "):
-        load_manifest(str(directory), strict=True)
+def test_malformed_schemas_and_odd_params_as_qanot(api, params, schema, errors):
+    assert api.validate_tool_params(params, schema) == errors
 
 
-def test_versions_compare_numerically():
-    assert parse_version("2.10.0") > parse_version("2.9.1")
-    assert parse_version("v2.0.0rc1") == (2, 0, 0)
-    assert parse_version(QANOT_API_VERSION) >= parse_version("2.0.0")
-    with pytest.raises(ValueError):
-        parse_version("two")
+def test_a_list_of_types_is_where_qanot_raises_and_the_worker_checks():
+    schema = {"properties": {"x": {"type": ["integer", "null"]}}}
+    with pytest.raises(TypeError):
+        real.validate_tool_params({"x": 1}, schema)
+    assert ours.validate_tool_params({"x": 1}, schema) == []
+    assert ours.validate_tool_params({"x": "a"}, schema) == ["Parameter 'x' expected integer or null, got str"]
 
 
 @pytest.mark.parametrize("params", [
     {"city": "Tashkent", "units": 42}, {}, {"city": "x"}, {"city": None, "days": True}, {"days": 3, "city": "y"},
-    [], {"city": "x", "tags": ["a"], "extra": object()},
+    [], {"city": "x", "tags": ["a"], "extra": object()}, {"city": 1.5, "n": False},
 ])
-def test_compiled_validator_agrees_with_validate_tool_params(params):
-    from qanot_worker.plugin_api import compile_validator
+def test_host_validator_agrees_with_qanot(params):
     schema = {"type": "object", "required": ["city"], "properties": {
-        "city": {"type": "string"}, "units": {"type": "string"}, "days": {"type": ["integer", "null"]},
+        "city": {"type": "string"}, "units": {"type": "string"}, "n": {"type": "number"},
         "tags": {"type": "array"}, "any": {}}}
-    assert compile_validator(schema)(params) == validate_tool_params(params, schema)
+    assert compile_validator(schema)(params) == real.validate_tool_params(params, schema)
+
+
+def test_tool_decorator_and_tooldef_fields(api):
+    @api.tool("t", "d")
+    async def handler(params):
+        return "x"
+
+    assert handler._tool_def == {"name": "t", "description": "d",
+                                 "parameters": {"type": "object", "properties": {}}}
+    assert api.tool("t", "d", {})(lambda p: p)._tool_def["parameters"] == {}
+    definition = api.ToolDef("t", "d", {}, handler)  # positional, as Qanot's plugins build them
+    assert (definition.name, definition.handler) == ("t", handler)
+    with pytest.raises(TypeError):
+        api.ToolDef(name="t", description="d", parameters={})
+
+
+def test_plugin_is_abstract_with_qanot_defaults(api):
+    with pytest.raises(TypeError, match="abstract"):
+        api.Plugin()
+
+    class Bare(api.Plugin):
+        def get_tools(self):
+            return []
+
+    plugin = Bare()
+    assert (plugin.name, plugin.description, plugin.version, plugin.tools_md, plugin.soul_append) == (
+        "", "", "0.1.0", "", "")
+    assert (plugin.get_wal_patterns(), plugin.get_prompt_sections(), plugin.get_template_dir(),
+            plugin.get_cron_jobs(), plugin.get_commands(), plugin.get_template_vars()) == ([], [], None, [], [], {})
+    import asyncio
+    run = asyncio.run
+    assert run(plugin.setup({})) is None and run(plugin.teardown()) is None
+    assert run(plugin.on_pre_turn("u", "m")) is None and run(plugin.on_post_turn("u", "m", "r")) is None
+    assert run(plugin.on_tool_use("u", "t", {}, "r")) is None and run(plugin.on_error("t", ValueError())) is None
+    assert run(plugin.on_startup()) is None and run(plugin.on_shutdown()) is None
+    assert run(plugin.on_compaction("u", 10, 5)) is None
+
+
+def test_collect_tools_finds_what_qanots_finds(api):
+    class Marked:
+        _tool_def = {"name": "callable_object", "description": "", "parameters": {}}
+
+        def __call__(self, params):
+            return "x"
+
+    class Tools(api.Plugin):
+        def __init__(self):
+            @api.tool("instance_attribute", "on the instance")
+            async def loose(params):
+                return "x"
+            self.loose = loose
+            self.obj = Marked()
+            self.not_callable = type("N", (), {"_tool_def": {}})()
+
+        def get_tools(self):
+            return self._collect_tools()
+
+        @property
+        def broken(self):
+            raise RuntimeError("a raising property does no harm")
+
+        @api.tool("zeta_tool", "named last, found first")
+        async def aaa(self, params):
+            return "a"
+
+        @staticmethod
+        @api.tool("static_tool", "a staticmethod")
+        async def static(params):
+            return "s"
+
+        @api.tool("alpha_tool", "named first, found last")
+        async def zzz(self, params):
+            return "z"
+
+    names = [t.name for t in Tools().get_tools()]
+    assert names == ["zeta_tool", "instance_attribute", "callable_object", "static_tool", "alpha_tool"]
+
+
+def test_manifest_is_qanots_dataclass_with_permissions_as_extra(api, tmp_path):
+    assert [f for f in api.PluginManifest.__dataclass_fields__][:10] == [
+        "name", "version", "description", "author", "dependencies", "plugin_deps", "required_config",
+        "min_qanot_version", "homepage", "license"]
+    assert api.PluginManifest("w", "1.0").version == "1.0"
+    assert api.PluginManifest.default("w") == api.PluginManifest(name="w")
+    directory = tmp_path / "weather"
+    directory.mkdir()
+    path = directory / "plugin.json"
+    data = {"name": "weather", "version": 2, "description": "d", "author": None, "dependencies": ["aiohttp>=3.9"],
+            "plugin_deps": "x", "required_config": [1, None], "min_qanot_version": "2.0.0", "license": "Apache-2.0"}
+    path.write_text(json.dumps(data))
+    manifest = api.PluginManifest.from_file(path)
+    assert (manifest.name, manifest.version, manifest.author, manifest.dependencies, manifest.plugin_deps,
+            manifest.required_config, manifest.license) == (
+        "weather", "2", "", ["aiohttp>=3.9"], [], ["1", "None"], "Apache-2.0")
+    for broken in ("{not json", "[]", '{"name": null}'):
+        path.write_text(broken)
+        assert api.PluginManifest.from_file(path).name == "weather"
+    if api is ours:
+        path.write_text(json.dumps({"permissions": ["network"]}))
+        assert api.PluginManifest.from_file(path).permissions == ["network"]
+
+
+def _public_names(path: Path) -> set[str]:
+    spec = importlib.util.spec_from_file_location("star_import_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not hasattr(module, "__all__")
+    return {name for name in vars(module) if not name.startswith("_")}
+
+
+def test_star_import_gives_qanots_names_and_version():
+    import qanot
+    assert _public_names(SHIM / "plugins" / "base.py") == {n for n in vars(real) if not n.startswith("_")}
+    assert ours.QANOT_VERSION == qanot.__version__ == "2.0.4"

@@ -6,6 +6,9 @@ from qanot.plugins.base import Plugin, tool
 
 
 class QanotPlugin(Plugin):
+    def get_tools(self):
+        return self._collect_tools()
+
     name = "bench"
 
     @tool(name="bench_echo", description="Return the params as a JSON string.")

@@ -9,6 +9,9 @@ from qanot.plugins.base import Plugin, tool
 
 
 class QanotPlugin(Plugin):
+    def get_tools(self):
+        return self._collect_tools()
+
     name = "spinner"
 
     async def setup(self, config: dict) -> None:

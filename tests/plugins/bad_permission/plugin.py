@@ -7,6 +7,9 @@ from qanot.plugins.base import Plugin, tool
 
 
 class QanotPlugin(Plugin):
+    def get_tools(self):
+        return self._collect_tools()
+
     @tool(name="badperm_env", description="The environment variables it sees.")
     async def env(self, params: dict) -> str:
         return json.dumps(sorted(os.environ))

@@ -15,6 +15,9 @@ def errno_text() -> str:
 
 
 class QanotPlugin(Plugin):
+    def get_tools(self):
+        return self._collect_tools()
+
     async def setup(self, config: dict) -> None:
         self.config = config
 

@@ -4,6 +4,9 @@ from qanot.plugins.base import Plugin, tool
 
 
 class QanotPlugin(Plugin):
+    def get_tools(self):
+        return self._collect_tools()
+
     @tool(name="try_import", description="Try to import a module by name.",
           parameters={"type": "object", "required": ["module"], "properties": {"module": {"type": "string"}}})
     async def try_import(self, params: dict) -> str:

@@ -18,6 +18,9 @@ ANY = {"type": "object", "properties": {"how": {"type": "string"}, "mb": {"type"
 
 
 class QanotPlugin(Plugin):
+    def get_tools(self):
+        return self._collect_tools()
+
     name = "misbehave"
 
     async def setup(self, config: dict) -> None:

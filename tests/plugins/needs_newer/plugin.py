@@ -2,6 +2,9 @@ from qanot.plugins.base import Plugin, tool
 
 
 class QanotPlugin(Plugin):
+    def get_tools(self):
+        return self._collect_tools()
+
     @tool(name="needs_newer_ping", description="pong")
     async def ping(self, params: dict) -> str:
         return "pong from needs_newer"

@@ -27,6 +27,9 @@ def _raw_connect(host: str, port: int) -> int:
 
 
 class QanotPlugin(Plugin):
+    def get_tools(self):
+        return self._collect_tools()
+
     @tool(name="net_blocking", description="socket.create_connection, send ping, read the reply.", parameters=ADDRESS)
     async def blocking(self, params: dict) -> str:
         with socket.create_connection((params["host"], params["port"]), timeout=5) as sock:

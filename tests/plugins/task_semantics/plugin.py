@@ -11,6 +11,9 @@ SEEN = contextvars.ContextVar("seen", default="unset")
 
 
 class QanotPlugin(Plugin):
+    def get_tools(self):
+        return self._collect_tools()
+
     @tool(name="ts_timeout", description="asyncio.timeout() around a wait longer than the timeout.")
     async def timeout(self, params: dict) -> str:
         try:
