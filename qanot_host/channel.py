@@ -53,6 +53,8 @@ class WorkerChannel(asyncio.Protocol):
         self._pending: dict[int, tuple[asyncio.Future, type, str]] = {}
         self._deadlines = Deadlines(loop, self._pending, self._expire)
         self._abandoned: set[int] = set()
+        # Takes the plugin's resolved secrets out of the error messages its worker sends.
+        self.redact: Callable[[str], str] | None = None
         self._out: asyncio.WriteTransport | None = None
         self._outbox = p.Outbox(max_frame)
         self._turn_flush_pending = False
@@ -196,7 +198,8 @@ class WorkerChannel(asyncio.Protocol):
                     future.set_result(msg.value)
             elif kind is p.Failure:
                 if not future.done():
-                    future.set_exception(ToolFailed(self._plugin, what, msg.message))
+                    message = msg.message if self.redact is None else self.redact(msg.message)
+                    future.set_exception(ToolFailed(self._plugin, what, message))
             else:
                 self._wrong_reply(future, f"{kind.__name__} in reply to a tool call")
             return
@@ -205,7 +208,8 @@ class WorkerChannel(asyncio.Protocol):
         if future.done():
             return
         if kind is p.Failure:
-            future.set_exception(RemoteFailure(msg.kind, msg.message))
+            message = msg.message if self.redact is None else self.redact(msg.message)
+            future.set_exception(RemoteFailure(msg.kind, message))
         else:
             future.set_result(msg)
 

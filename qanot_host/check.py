@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from .config import Config, PluginEntry, directory_problems
-from .discovery import find_plugin, manifest_problems, searched_paths
+from .discovery import find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import find_uv, requirement_problem
 from .probe import probe_layers
 from .sandbox_spec import withheld_permissions
@@ -54,7 +54,8 @@ def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report:
     if source.problem:
         problems.append(f"{label}: {source.problem}")
         return
-    problems.extend(f"{label}: {problem}" for problem in manifest_problems(source, entry))
+    problems.extend(f"{label}: {problem}" for problem in manifest_problems(source, entry, config))
+    report.warnings.extend(f"{label}: {warning}" for warning in manifest_warnings(source, entry, config))
     manifest_path = os.path.join(source.directory, "plugin.json")
     for dep in source.manifest.plugin_deps:
         if dep not in enabled:

@@ -167,6 +167,9 @@ class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
     tool_timeouts: dict[str, Seconds] = {}
     restart: RestartSettings | None = None
     limits: Limits | None = None
+    # workspace_dir/NAME, made by the host and writable by the plugin (Qanot plugins keep their
+    # files under workspace_dir); false: the plugin gets no place in the workspace.
+    workspace: bool = True
 
 
 class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -175,6 +178,14 @@ class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
     launcher: Literal["forkserver", "spawn"] = "forkserver"
     state_dir: str = ".qanot-host"
     builtin_plugins_dir: str | None = None
+    # Where plugins are looked for, in order (default: the built-in plugins, then plugins_dir).
+    search_path: list[str] | None = None
+    # A plugin whose required_config keys are missing: by default, as in Qanot, it starts (with a
+    # warning) and decides itself what it can do; true refuses it.
+    strict_required_config: bool = False
+    # Put plugins' tools_md and soul_append into the workspace's TOOLS.md and SOUL.md (false: the
+    # Qanot drop-in lets Qanot's own loader code do that, Qanot's way).
+    workspace_docs: bool = True
     wheel_dir: str | None = None
     index_url: str | None = None  # the package index for plugins' dependencies (uv's default: PyPI)
     offline: bool = False
@@ -308,6 +319,16 @@ def _check_grants(config: Config) -> None:
     writes = [(name, i, path) for name, settings in config.host.plugins.items()
               for i, path in enumerate(settings.permissions.filesystem.write if settings.permissions.filesystem else [])]
     protected = {"host.state_dir": config.host.state_dir}
+    own = [(entry.name, own_workspace(config, entry.name)) for entry in config.plugins
+           if config.settings_for(entry.name).workspace]
+    for owner, w_index, written in writes:
+        for name, path in own:
+            if name != owner and _within(path, written):
+                raise ConfigError(
+                    f"{config.path}: host.plugins.{owner}.permissions.filesystem.write[{w_index}]: {written} holds "
+                    f"{path}, plugin {name}'s own place in the workspace: {owner} could swap it for a directory "
+                    f"of its own. Set host.plugins.{name}.workspace to false, or grant {owner} less")
+    writes += [(name, None, path) for name, path in own]
     for name, settings in config.host.plugins.items():
         grant = settings.permissions.filesystem
         if grant is None:
@@ -321,10 +342,17 @@ def _check_grants(config: Config) -> None:
                                           "granted the host's own files")
                 for owner, w_index, written in writes:
                     if _within(path, written) and path != written:
+                        how = f"host.plugins.{owner}.permissions.filesystem.write[{w_index}]" \
+                            if w_index is not None else "its own place in the workspace"
                         raise ConfigError(
-                            f"{key}: {path} is inside {written}, which plugin {owner} may write (host.plugins."
-                            f"{owner}.permissions.filesystem.write[{w_index}]): it could turn part of the path "
-                            "into a symlink to anywhere. Grant the outer directory, or one outside it")
+                            f"{key}: {path} is inside {written}, which plugin {owner} may write ({how}): it could "
+                            "turn part of the path into a symlink to anywhere. Grant the outer directory, or one "
+                            "outside it")
+
+
+def own_workspace(config: Config, plugin: str) -> str:
+    """workspace_dir/NAME: the plugin's own place in the workspace."""
+    return os.path.join(config.workspace_dir, plugin)
 
 
 def _within(path: str, directory: str) -> bool:
@@ -344,6 +372,8 @@ def _resolve_paths(config: Config) -> None:
         config.host.wheel_dir = resolve(config.host.wheel_dir)
     if config.host.builtin_plugins_dir is not None:
         config.host.builtin_plugins_dir = resolve(config.host.builtin_plugins_dir)
+    if config.host.search_path is not None:
+        config.host.search_path = [resolve(path) for path in config.host.search_path]
     for settings in config.host.plugins.values():
         grant = settings.permissions.filesystem
         if grant is not None:

@@ -25,23 +25,41 @@ class DataDirs:
         """Make the plugin's data directory (and, without namespaces, its TMPDIR in it); return it."""
         for path, mode in ((self._data, 0o711), (self.root_dir, 0o700)):
             os.makedirs(path, mode=mode, exist_ok=True)
-        parent = os.open(self._data, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = _own_directory(self._data, plugin, uid, 0o700)
         try:
-            try:
-                os.mkdir(plugin, 0o700, dir_fd=parent)
-            except FileExistsError:
-                pass
-            fd = os.open(plugin, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        finally:
-            os.close(parent)
-        try:
-            if uid >= 0 and os.fstat(fd).st_uid != uid:
-                os.fchown(fd, uid, uid)
             if tmp:
                 _make_tmp(fd)
         finally:
             os.close(fd)
         return os.path.join(self._data, plugin)
+
+    @staticmethod
+    def prepare_workspace(workspace_dir: str, plugin: str, uid: int) -> str:
+        """Make workspace_dir/NAME, the plugin's own place in the workspace (readable by the agent,
+        writable by the plugin); return its real path. OSError if NAME there is not a directory
+        (a symlink is never followed)."""
+        os.close(_own_directory(workspace_dir, plugin, uid, 0o755))
+        return os.path.join(os.path.realpath(workspace_dir), plugin)
+
+
+def _own_directory(parent_path: str, name: str, uid: int, mode: int) -> int:
+    """parent/name made if absent and opened without following a link; given to uid (if >= 0)."""
+    parent = os.open(parent_path, os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.mkdir(name, mode, dir_fd=parent)
+        except FileExistsError:
+            pass
+        fd = os.open(name, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    finally:
+        os.close(parent)
+    try:
+        if uid >= 0 and os.fstat(fd).st_uid != uid:
+            os.fchown(fd, uid, uid)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _make_tmp(data_fd: int) -> None:

@@ -1,20 +1,21 @@
 """Find a plugin's directory and read its plugin.json, without running any of its code.
 
-Qanot's order: the built-in plugins/ directory at the package root first, then plugins_dir.
+The order is the brief's: the built-in plugins/ directory at the package root first, then
+plugins_dir; `host.search_path` replaces it (the Qanot drop-in sets Qanot's own order there).
 plugin.py is the entry point; __init__.py is accepted when plugin.py is missing.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import Config, PluginEntry
 from .manifest import PERMISSIONS, QANOT_API_VERSION, Manifest, ManifestError, parse_version, read_manifest
 
-from .config import Config, PluginEntry
-
-__all__ = ["PluginSource", "builtin_plugins_dir", "find_plugin", "searched_paths", "manifest_problems"]
+__all__ = ["PluginSource", "builtin_plugins_dir", "find_plugin", "search_path", "searched_paths",
+           "manifest_problems", "manifest_warnings"]
 
 ENTRY_FILES = ("plugin.py", "__init__.py")
 
@@ -27,41 +28,57 @@ class PluginSource:
     builtin: bool
     manifest: Manifest
     problem: str = ""  # a plugin.json that exists but cannot be used: the plugin does not start
+    warnings: list[str] = field(default_factory=list)  # what was read leniently, as Qanot reads it
 
 
 def builtin_plugins_dir(config: Config) -> str:
     if config.host.builtin_plugins_dir is not None:
         return config.host.builtin_plugins_dir
-    return str(Path(__file__).resolve().parent.parent / "plugins")
+    return str(Path(__file__).resolve().parent / "builtin_plugins")
+
+
+def search_path(config: Config) -> list[tuple[str, bool]]:
+    """(directory, is_builtin) in the order plugins are looked for."""
+    if config.host.search_path is not None:
+        builtin = builtin_plugins_dir(config)
+        return [(root, root == builtin) for root in config.host.search_path]
+    return [(builtin_plugins_dir(config), True), (config.plugins_dir, False)]
 
 
 def find_plugin(name: str, config: Config) -> PluginSource | None:
-    """The first of builtin/NAME and plugins_dir/NAME that has an entry file, or None."""
-    for root, builtin in ((builtin_plugins_dir(config), True), (config.plugins_dir, False)):
+    """The first directory NAME on the search path that has an entry file, or None."""
+    for root, builtin in search_path(config):
         directory = os.path.join(root, name)
         for entry in ENTRY_FILES:
             entry_file = os.path.join(directory, entry)
             if os.path.isfile(entry_file):
+                # The worker is shown the real path: its root holds the directory there, not the links
+                directory, entry_file = os.path.realpath(directory), os.path.realpath(entry_file)
                 try:
-                    return PluginSource(name, directory, entry_file, builtin, read_manifest(directory))
+                    manifest, warnings = read_manifest(directory)
                 except ManifestError as exc:
                     return PluginSource(name, directory, entry_file, builtin, Manifest(name=name), str(exc))
+                return PluginSource(name, directory, entry_file, builtin, manifest, warnings=warnings)
     return None
 
 
 def searched_paths(name: str, config: Config) -> str:
-    return " or ".join(os.path.join(root, name, "plugin.py")
-                       for root in (builtin_plugins_dir(config), config.plugins_dir))
+    return " or ".join(os.path.join(root, name, "plugin.py") for root, _ in search_path(config))
 
 
-def manifest_problems(source: PluginSource, entry: PluginEntry) -> list[str]:
-    """What plugin.json asks for that this host or this config cannot give (required keys, version)."""
+def _missing_required(source: PluginSource, entry: PluginEntry) -> list[str]:
+    # Qanot's test: a key whose value is falsy ("", 0, null, {}) counts as missing too.
+    return [key for key in source.manifest.required_config if not entry.config.get(key)]
+
+
+def manifest_problems(source: PluginSource, entry: PluginEntry, config: Config) -> list[str]:
+    """What plugin.json asks for that this host or this config cannot give: the plugin does not start."""
     problems = []
     path = os.path.join(source.directory, "plugin.json")
-    missing = [key for key in source.manifest.required_config if key not in entry.config]
-    if missing:
+    missing = _missing_required(source, entry)
+    if missing and config.host.strict_required_config:
         problems.append(f"{path}: required_config: missing from the plugin's config in config.json: "
-                        + ", ".join(missing))
+                        f"{', '.join(missing)} (host.strict_required_config refuses it)")
     unknown = [name for name in source.manifest.permissions if name not in PERMISSIONS]
     if unknown:
         problems.append(f"{path}: permissions: unknown {', '.join(map(repr, unknown))} "
@@ -71,3 +88,14 @@ def manifest_problems(source: PluginSource, entry: PluginEntry) -> list[str]:
         problems.append(f"{path}: min_qanot_version: needs Qanot plugin API {wanted}, "
                         f"this host implements {QANOT_API_VERSION}")
     return problems
+
+
+def manifest_warnings(source: PluginSource, entry: PluginEntry, config: Config) -> list[str]:
+    """What is odd but, as in Qanot, does not stop the plugin: missing required_config keys (the
+    plugin decides what it can do without them) and leniently read plugin.json fields."""
+    warnings = list(source.warnings)
+    missing = _missing_required(source, entry)
+    if missing and not config.host.strict_required_config:
+        warnings.append(f"{os.path.join(source.directory, 'plugin.json')}: required_config: missing from the "
+                        f"plugin's config in config.json: {', '.join(missing)} — it may not work correctly")
+    return warnings

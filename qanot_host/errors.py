@@ -94,6 +94,7 @@ class ToolFailed(PluginError):
     def __init__(self, plugin: str, tool: str, message: str) -> None:
         super().__init__(plugin, f"tool {tool} failed: {message}")
         self.tool = tool
+        self.message = message
 
 
 def describe_exit(returncode: int | None) -> str:

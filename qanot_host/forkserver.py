@@ -79,6 +79,7 @@ class _ForkedWorker:
         self.exit: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._pipes = [stdout[1], stderr[1]]
         self.output = OutputLimit(spec.plugin, spec.log_lines_per_second)
+        self.output.redact = spec.redact
         self._pumps = start_output_pumps(spec.plugin, stdout[0], stderr[0], self.output)
 
     @property

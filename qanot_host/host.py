@@ -18,9 +18,9 @@ from typing import Any
 from qanot_worker import protocol as p
 
 from .cgroups import CgroupLimits, Cgroups, sweep_stale_cgroups
-from .config import Config, directory_problems, load_config
+from .config import Config, directory_problems, load_config, own_workspace
 from .datadirs import DataDirs
-from .discovery import PluginSource, find_plugin, manifest_problems, searched_paths
+from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .disks import DiskImages
 from .environments import EnvironmentBuilder, sweep_partial_builds
 from .errors import ConfigError, PluginError, PluginStartError
@@ -28,6 +28,7 @@ from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .registry import RegisteredTool, ToolRegistry
 from .schema import SchemaError
+from .secrets import resolve_config_secrets
 from .static import declared_tools
 from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, sandbox_spec, withheld_permissions
@@ -47,7 +48,8 @@ class Host:
     def __init__(self, config: Config | str, *, launcher: Launcher | None = None,
                  registry: ToolRegistry | None = None) -> None:
         self.config = load_config(config) if isinstance(config, str) else config
-        self.registry = registry if registry is not None else ToolRegistry(self.config.host.call_timeout)
+        self.registry = registry if registry is not None else ToolRegistry()
+        self.registry.timeout = self.config.host.call_timeout
         self.plugins: dict[str, PluginSupervisor] = {}
         self.workspace = Workspace(self.config.workspace_dir)
         self._launcher = launcher
@@ -127,7 +129,7 @@ class Host:
             self._registration_paused = False
         for supervisor in fresh:
             self._register_tools(supervisor)
-        for supervisor in fresh:
+        for supervisor in fresh if self.config.host.workspace_docs else ():
             worker = supervisor.worker
             if supervisor.state == PluginState.READY and worker is not None and worker.info is not None:
                 await self.workspace.add_plugin_docs(supervisor.name, worker.info.tools_md,
@@ -152,9 +154,11 @@ class Host:
             raise PluginStartError(supervisor.name, "not found: no " + searched_paths(supervisor.name, self.config))
         if source.problem:  # a plugin.json that exists but cannot be used: its dependencies would be lost
             raise PluginStartError(supervisor.name, source.problem)
-        problems = manifest_problems(source, supervisor.entry)
+        problems = manifest_problems(source, supervisor.entry, self.config)
         if problems:
             raise PluginStartError(supervisor.name, "; ".join(problems))
+        for warning in manifest_warnings(source, supervisor.entry, self.config):
+            log.warning("plugin %s: %s", supervisor.name, warning)
         withheld = withheld_permissions(source.manifest.permissions,
                                         self.config.settings_for(supervisor.name).permissions)
         if withheld:
@@ -218,15 +222,21 @@ class Host:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         elif self._namespaces and not limits.disk_mb:
             options.extra_env[p.DISK_KEY] = "off"  # the operator's choice: a plain directory
+        index = next(i for i, entry in enumerate(self.config.plugins) if entry.name == name)
+        try:
+            config, redact = resolve_config_secrets(supervisor.entry.config,
+                                                    f"{self.config.path}: plugins[{index}].config")
+        except ValueError as exc:
+            raise PluginStartError(name, str(exc)) from None
+        options.redact = redact or None
+        config.setdefault("workspace_dir", self.config.workspace_dir)
         assert self._launcher is not None
         worker = WorkerHandle(name, self._launcher, options, supervisor.worker_exited)
-        config: dict[str, Any] = dict(supervisor.entry.config)
-        config.setdefault("workspace_dir", self.config.workspace_dir)
         cgroups = self._cgroups.prepare(name, CgroupLimits(
             settings.sandbox.pids_max, (limits.memory_mb or 0) * 2**20 or None, limits.cpu_weight or 100,
             limits.cpu_max)) if sandboxed else {}
         places = PluginPlaces(name, source.directory, supervisor.site_dirs, data_dir, self._import_root,
-                              self._data.root_dir)
+                              self._data.root_dir, self._own_workspace(name, uid))
         sandbox = sandbox_spec(self.config, places, uid, cgroups, self._namespaces)
         try:
             await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config, sandbox)
@@ -239,6 +249,18 @@ class Host:
             for warning in info.sandbox_warnings:
                 log.warning("plugin %s: %s", name, warning)
         return worker
+
+    def _own_workspace(self, plugin: str, uid: int) -> tuple[str, str] | None:
+        """workspace_dir/NAME for the plugin to write: (as its config names it, its real path)."""
+        if not self.config.settings_for(plugin).workspace:
+            return None
+        try:
+            real = self._data.prepare_workspace(self.config.workspace_dir, plugin, uid)
+        except OSError as exc:
+            raise PluginStartError(plugin, f"its place in the workspace, {own_workspace(self.config, plugin)}: "
+                                   f"{exc.strerror or exc} (set host.plugins.{plugin}.workspace to false to start "
+                                   "it without one)") from None
+        return own_workspace(self.config, plugin), real
 
     def _plugin_uid(self, plugin: str) -> int:
         sandbox = self.config.host.sandbox

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import msgspec
 
@@ -50,6 +50,7 @@ class LaunchSpec:
     uid: int = -1  # the plugin's own uid (its disk's owner)
     namespaces: bool = False  # a PID namespace of its own, with an init that reaps it
     log_lines_per_second: float | None = None  # of its stdout and stderr into the host's log
+    redact: Callable[[str], str] | None = None  # takes the plugin's secrets out of those lines
 
     def request(self, request_id: int = 0) -> p.Spawn:
         return p.Spawn(request_id, self.plugin, self.cwd, self.max_frame, self.cgroup_procs, self.disk,
@@ -110,6 +111,7 @@ class _SpawnedWorker:
         self._proc = proc
         self.pid = proc.pid
         self.output = OutputLimit(spec.plugin, spec.log_lines_per_second)
+        self.output.redact = spec.redact
         self._pumps = start_output_pumps(spec.plugin, proc.stdout, proc.stderr, self.output)
 
     @property

@@ -60,15 +60,21 @@ def read_plugin_file(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
-def read_manifest(plugin_dir: str) -> Manifest:
-    """The plugin's manifest: the default one if there is no plugin.json; ManifestError (naming the
-    file and the key) if there is one that cannot be used."""
+def read_manifest(plugin_dir: str) -> tuple[Manifest, list[str]]:
+    """The plugin's manifest (the default one if there is no plugin.json) and warnings, each naming
+    the file and the key.
+
+    Read as leniently as Qanot reads it where that loses nothing: a null is the default, a number
+    where text belongs becomes text, a required_config, plugin_deps or permissions that is not a
+    list is ignored, an unreadable min_qanot_version is ignored; each with a warning. A plugin.json
+    that is not a JSON object, or whose `dependencies` is not a list, is a ManifestError: starting
+    the plugin without its dependencies would end in an ImportError whose real cause nobody sees."""
     default_name = os.path.basename(os.path.normpath(plugin_dir))
     path = os.path.join(plugin_dir, "plugin.json")
     try:
         raw = read_plugin_file(path, MAX_MANIFEST)
     except FileNotFoundError:
-        return Manifest(name=default_name)
+        return Manifest(name=default_name), []
     except OSError as exc:
         why = "is a symbolic link (plugin.json must be a file of its own)" if exc.errno == 40 else \
             f"cannot be read: {exc.strerror or exc}"
@@ -81,21 +87,56 @@ def read_manifest(plugin_dir: str) -> Manifest:
         raise ManifestError(f"{path}: is nested too deeply") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: must hold a JSON object")
-    try:
-        manifest = msgspec.convert(data, Manifest)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        message, sep, where = text.rpartition(" - at `")
-        raise ManifestError(f"{path}: {where.rstrip('`').removeprefix('$.')}: {message}" if sep else
-                            f"{path}: {text}") from None
+    warnings: list[str] = []
+    fields: dict[str, object] = {}
+    for key, default in _TEXT_FIELDS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            if isinstance(value, (dict, list)):
+                warnings.append(f"{path}: {key}: expected text, got {_json_type(value)}; ignored")
+                continue
+            warnings.append(f"{path}: {key}: expected text, got {_json_type(value)}; read as {str(value)!r}")
+        fields[key] = str(value)
+    for key in _LIST_FIELDS:
+        value = data.get(key, [])
+        if not isinstance(value, list):
+            if key == "dependencies":
+                raise ManifestError(f"{path}: dependencies: expected a list of requirements, got {_json_type(value)}")
+            warnings.append(f"{path}: {key}: expected a list, got {_json_type(value)}; ignored")
+            continue
+        items = []
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                if key == "dependencies" or isinstance(item, (dict, list)):
+                    raise ManifestError(f"{path}: {key}[{index}]: expected text, got {_json_type(item)}")
+                warnings.append(f"{path}: {key}[{index}]: expected text, got {_json_type(item)}; "
+                                f"read as {str(item)!r}")
+            items.append(str(item))
+        fields[key] = items
+    manifest = Manifest(**fields)  # type: ignore[arg-type]
     if manifest.min_qanot_version:
         try:
             parse_version(manifest.min_qanot_version)
         except ValueError:
-            raise ManifestError(f"{path}: min_qanot_version: not a version: {manifest.min_qanot_version!r}") from None
+            warnings.append(f"{path}: min_qanot_version: not a version: {manifest.min_qanot_version!r}; ignored")
+            manifest.min_qanot_version = ""
     if not manifest.name:
         manifest.name = default_name
-    return manifest
+    return manifest, warnings
+
+
+_TEXT_FIELDS = {"name": "", "version": "0.1.0", "description": "", "author": "", "min_qanot_version": "",
+                "homepage": "", "license": "MIT"}
+_LIST_FIELDS = ("dependencies", "plugin_deps", "required_config", "permissions")
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "text", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def parse_version(text: str) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 __all__ = ["start_output_pumps", "OutputLimit", "MAX_LOG_LINE"]
 
@@ -34,6 +35,7 @@ class OutputLimit:
         self._unreported = 0
         self._reported_at = self._stamp
         self._log = logging.getLogger(f"qanot_host.plugin.{plugin}")
+        self.redact: Callable[[str], str] | None = None  # the plugin's secrets out of its lines
 
     def exhausted(self) -> bool:
         """True while not one more line may be logged."""
@@ -103,9 +105,9 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
                 lines.append(pending)
                 pending = b""
             for line in lines[:limit.allow(len(lines))]:
-                _emit(log, limit.plugin, kind, line)
+                _emit(log, limit, kind, line)
         if pending and limit.allow(1):
-            _emit(log, limit.plugin, kind, pending)
+            _emit(log, limit, kind, pending)
     finally:
         limit.report()
 
@@ -115,7 +117,10 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
 
 
-def _emit(log: logging.Logger, plugin: str, kind: str, line: bytes) -> None:
-    text = line[:MAX_LOG_LINE].decode("utf-8", errors="replace").rstrip().translate(_CONTROLS)
+def _emit(log: logging.Logger, limit: OutputLimit, kind: str, line: bytes) -> None:
+    text = line[:MAX_LOG_LINE].decode("utf-8", errors="replace").rstrip()
+    if limit.redact is not None:
+        text = limit.redact(text)
+    text = text.translate(_CONTROLS)
     if text:
-        log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", plugin, kind, text)
+        log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", limit.plugin, kind, text)

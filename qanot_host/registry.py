@@ -1,8 +1,15 @@
-"""A ToolRegistry with Qanot's API, where a tool may live in the host or in a plugin's worker.
+"""A ToolRegistry with Qanot 2.0.4's contract, where a tool may live in the host or in a worker.
 
-`execute()` is the edge where typed errors become Qanot's ``{"error": "..."}`` string; `invoke()`
-is the same call with the errors left as exceptions, for callers (the CLI) that must tell a tool's
-own JSON from a failure.
+What Qanot's agent relies on holds here: `register(name, description, parameters, handler,
+category="core")`, `get_definitions()` entries of `name`/`description`/`input_schema` (one cached
+list until the next change), `get_lazy_definitions()`, `get_handler()`, `tool_names`, and
+`execute(name, input_data, timeout=...)` returning a string with Qanot's checks in Qanot's order
+(the name, the input, the tool, the params), Qanot's error strings, a result cut to 8000
+characters as Qanot cuts it, and an exception's text sanitised as Qanot sanitises it.
+
+`execute()` is the edge where typed errors become that ``{"error": "..."}`` string; `invoke()` is
+the same call with errors left as exceptions and the result whole, for callers (the CLI, MCP) that
+must tell a tool's own JSON from a failure.
 """
 
 from __future__ import annotations
@@ -10,20 +17,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from .errors import InvalidParams, QanotHostError, ToolNotFound
-from .schema import MAX_PARAMS_DEPTH, SchemaError, check_schema, compile_validator, json_problem, type_name
+from .errors import InvalidParams, QanotHostError, ToolFailed, ToolNotFound
+from .schema import MAX_PARAMS_DEPTH, SchemaError, check_schema, compile_validator, json_problem
 
-__all__ = ["ToolRegistry", "RegisteredTool"]
+__all__ = ["ToolRegistry", "RegisteredTool", "TOOL_TIMEOUT", "MAX_TOOL_RESULT_CHARS", "tool_name_problem",
+           "truncate_tool_result", "sanitize_error"]
 
 log = logging.getLogger("qanot_host.registry")
 
-Handler = Callable[[dict], Awaitable[str]]
+Handler = Callable[[dict], Awaitable[Any]]
 
-# Qanot's own registry gives an in-process handler 30 seconds.
-DEFAULT_TIMEOUT = 30.0
+TOOL_TIMEOUT = 30  # Qanot's default for execute()
+MAX_TOOL_RESULT_CHARS = 8000  # what Qanot's agent lets one result put in the context
+MAX_TOOL_NAME = 64
+BAD_NAME = "Invalid tool name: must be alphanumeric/underscore, max 64 chars"
+_PATHS = re.compile(r"(/[\w./\-]+){3,}")
+_CREDENTIALS = re.compile(r"(?:key|token|secret|password|auth)[=:]\s*\S+", re.IGNORECASE)
 
 
 @dataclass
@@ -33,11 +46,16 @@ class RegisteredTool:
     parameters: dict[str, Any]
     handler: Handler
     plugin: str | None = None  # None: an in-host tool registered with register()
-    validate: Callable[[dict], list[str]] = field(init=False, repr=False)
+    category: str = "core"
+    validate: Callable[[Any], list[str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         """A plugin's tool with a schema the host cannot use raises SchemaError (that tool is not
         registered); an in-host tool's is the host program's own, taken as Qanot takes it."""
+        if self.plugin is not None:
+            problem = tool_name_problem(self.name)
+            if problem:
+                raise SchemaError(problem)
         try:
             check_schema(self.parameters)
         except SchemaError as exc:
@@ -46,87 +64,127 @@ class RegisteredTool:
             log.warning("tool %s: %s; its params are not checked", self.name, exc)
             self.validate = _no_checks
             return
-        self.validate = compile_validator(self.parameters)
+        # Qanot skips validation for an empty schema, and so does this.
+        self.validate = compile_validator(self.parameters) if self.parameters else _no_checks
 
     def definition(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+        return {"name": self.name, "description": self.description, "input_schema": self.parameters}
 
 
 class ToolRegistry:
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+    CORE_CATEGORY = "core"
+
+    def __init__(self) -> None:
         self._tools: dict[str, RegisteredTool] = {}
-        self.timeout = timeout
+        self._definitions: list[dict[str, Any]] | None = None
+        self.timeout: float = TOOL_TIMEOUT  # an in-host tool's, when execute() is given none
         # Set by the host: why a name is not registered, when it knows (a disabled plugin's tool).
         self.explain_missing: Callable[[str], str] = lambda name: ""
 
     # ---- Qanot's API -----------------------------------------------------------------------------
 
-    def register(self, name: str, description: str, parameters: dict[str, Any], handler: Handler) -> None:
-        """Register an in-host tool (Qanot's manual registration). It replaces a tool of that name."""
+    def register(self, name: str, description: str, parameters: dict[str, Any], handler: Handler,
+                 category: str = "core") -> None:
+        """Register an in-host tool (Qanot's manual registration); it replaces a tool of that name,
+        in that tool's place."""
         old = self._tools.get(name)
         if old is not None:
-            log.warning("tool %s: replaced (was registered by %s)", name,
-                        f"plugin {old.plugin}" if old.plugin else "the host")
-        self._tools[name] = RegisteredTool(name, description, parameters, handler)
-
-    async def execute(self, name: str, params: dict[str, Any]) -> str:
-        """Run a tool and return its result string; any failure comes back as {"error": ...}.
-        Like every call here, a checkpoint: it yields to the event loop at least once on every path,
-        so a caller retrying a failing tool in a loop cannot starve the host."""
-        try:
-            tool = self._checked(name, params)
-            if tool.plugin is not None:  # invoke()'s hot path, without a coroutine layer between
-                return await tool.handler(params)
-            return await self._in_host(tool, params)
-        except QanotHostError as exc:
-            await asyncio.sleep(0)
-            return _error(str(exc))
-        except asyncio.TimeoutError:
-            return _error(f"Tool {name} timed out after {self.timeout:g} s")
-        except Exception as exc:  # an in-host handler's own bug
-            log.exception("tool %s raised", name)
-            return _error(f"Tool {name} failed: {type(exc).__name__}: {exc}")
+            log.warning("Tool '%s' already registered — overriding%s", name,
+                        f" (it was plugin {old.plugin}'s)" if old.plugin else "")
+        self._put(RegisteredTool(name, description, parameters, handler, category=category))
 
     def get_definitions(self) -> list[dict[str, Any]]:
-        return [tool.definition() for tool in self._tools.values()]
+        if self._definitions is None:
+            self._definitions = [tool.definition() for tool in self._tools.values()]
+        return self._definitions
+
+    def get_lazy_definitions(self, user_message: str = "") -> list[dict[str, Any]]:
+        return self.get_definitions()
+
+    def get_handler(self, name: str) -> Handler | None:
+        tool = self._tools.get(name)
+        return tool.handler if tool is not None else None
 
     @property
     def tool_names(self) -> list[str]:
         return list(self._tools)
 
+    async def execute(self, name: str, input_data: dict[str, Any], timeout: float | None = None) -> str:
+        """Run a tool and return its result as Qanot's agent takes it: at most 8000 characters, and
+        any failure as {"error": ...}. `timeout` (seconds) defaults to the tool's configured one
+        (30 s, Qanot's, for an in-host tool); a plugin's call stops at whichever comes first.
+        Like every call here, a checkpoint: it yields to the event loop at least once on every
+        path, so a caller retrying a failing tool in a loop cannot starve the host."""
+        try:
+            if not isinstance(name, str) or not name.strip():
+                raise _Refused("Invalid tool name")
+            name = name.strip()
+            if tool_name_problem(name):
+                log.warning("Rejected invalid tool name: %r", name[:80])
+                raise _Refused(BAD_NAME)
+            if type(input_data) is not dict:
+                log.warning("Tool %s received non-dict input: %.200r", name, input_data)
+                raise _Refused("Tool input must be a JSON object")
+            tool = self._checked(name, input_data)
+            if tool.plugin is not None:
+                result = await tool.handler(input_data, timeout) if timeout is not None else \
+                    await tool.handler(input_data)
+            else:
+                result = await asyncio.wait_for(tool.handler(input_data), self.timeout if timeout is None else timeout)
+            return truncate_tool_result(result)
+        except _Refused as exc:
+            await asyncio.sleep(0)
+            return _error(str(exc))
+        except InvalidParams as exc:
+            await asyncio.sleep(0)
+            log.warning("Tool %s param validation: %s", name, exc.problems)
+            return _error("Invalid parameters: " + "; ".join(exc.problems))
+        except ToolNotFound as exc:
+            await asyncio.sleep(0)
+            return _error(str(exc))
+        except ToolFailed as exc:  # the text is the plugin's own (its exception): sanitised as Qanot does
+            return _error(f"plugin {exc.plugin}: tool {exc.tool} failed: {sanitize_error(exc.message)}")
+        except QanotHostError as exc:  # the host's own words, naming the plugin
+            await asyncio.sleep(0)
+            return _error(str(exc))
+        except asyncio.TimeoutError:
+            timeout = self.timeout if timeout is None else timeout
+            log.error("Tool %s timed out after %ds", name, timeout)
+            return _error(f"Tool timed out after {timeout}s")
+        except Exception as exc:  # an in-host handler's own bug
+            log.error("Tool %s failed: %s", name, exc, exc_info=True)
+            return _error(sanitize_error(str(exc)))
+
     # ---- qanot-host's additions ------------------------------------------------------------------
 
-    async def invoke(self, name: str, params: dict[str, Any]) -> str:
-        """execute() with typed errors raised instead of returned (a checkpoint too)."""
+    async def invoke(self, name: str, params: dict[str, Any], timeout: float | None = None) -> Any:
+        """execute() with typed errors raised instead of returned, and the result whole (a checkpoint too)."""
         try:
             tool = self._checked(name, params)
             if tool.plugin is not None:
-                return await tool.handler(params)  # the worker enforces its own per-call timeout
-            return await self._in_host(tool, params)
+                if timeout is None:
+                    return await tool.handler(params)  # the hot path: no coroutine layer between
+                return await tool.handler(params, timeout)
+            return await asyncio.wait_for(tool.handler(params), self.timeout if timeout is None else timeout)
         except QanotHostError:
             await asyncio.sleep(0)
             raise
 
     def _checked(self, name: str, params: dict[str, Any]) -> RegisteredTool:
-        tool = self._tools.get(name)
+        tool = self._tools.get(name) if isinstance(name, str) else None
         if tool is None:
             raise ToolNotFound(name, self.explain_missing(name) if isinstance(name, str) else "")
         if type(params) is not dict:
-            raise InvalidParams(name, [f"Parameters must be an object, got {type_name(params)}"])
+            raise InvalidParams(name, [f"Parameters must be a dict, got {type(params).__name__}"])
         # What cannot cross the wire is refused here, before anything is written to a worker.
-        problem = json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
-        if problem:
-            raise InvalidParams(name, [problem])
+        if tool.plugin is not None:
+            problem = json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
+            if problem:
+                raise InvalidParams(name, [problem])
         problems = tool.validate(params)
         if problems:
             raise InvalidParams(name, problems)
         return tool
-
-    async def _in_host(self, tool: RegisteredTool, params: dict[str, Any]) -> str:
-        result = await asyncio.wait_for(tool.handler(params), self.timeout)
-        if not isinstance(result, str):
-            raise QanotHostError(f"Tool {tool.name} returned {type(result).__name__}, expected str")
-        return result
 
     def get(self, name: str) -> RegisteredTool | None:
         return self._tools.get(name)
@@ -136,20 +194,56 @@ class ToolRegistry:
         holder = self._tools.get(tool.name)
         if holder is not None and holder.plugin != tool.plugin:
             return holder
-        self._tools[tool.name] = tool
+        self._put(tool)
         return None
 
     def remove_tool(self, name: str) -> None:
-        self._tools.pop(name, None)
+        if self._tools.pop(name, None) is not None:
+            self._definitions = None
 
     def remove_plugin_tools(self, plugin: str) -> None:
         for name in [n for n, t in self._tools.items() if t.plugin == plugin]:
-            del self._tools[name]
+            self.remove_tool(name)
+
+    def _put(self, tool: RegisteredTool) -> None:
+        self._tools[tool.name] = tool
+        self._definitions = None
 
 
-def _no_checks(params: dict) -> list[str]:
+class _Refused(Exception):
+    """execute() refused the call before looking the tool up; the message is Qanot's."""
+
+
+def tool_name_problem(name: str) -> str | None:
+    """Qanot's rule for a name execute() accepts: 1 to 64 characters, each alphanumeric or '_'."""
+    if not name or len(name) > MAX_TOOL_NAME or not all(c.isalnum() or c == "_" for c in name):
+        return f"name {name[:80]!r} is not one Qanot can call (alphanumeric/underscore, 1 to 64 characters)"
+    return None
+
+
+def truncate_tool_result(result: Any, max_chars: int = MAX_TOOL_RESULT_CHARS) -> Any:
+    """Qanot's cut: a result over max_chars keeps 70% of its budget from the head and 20% from the
+    tail, with a marker saying how much went; a shorter one is returned as it is."""
+    if len(result) <= max_chars:
+        return result
+    marker = "\n\n... [truncated {removed} chars] ...\n\n"
+    budget = max_chars - len(marker.format(removed=len(result)))
+    head, tail = int(budget * 0.70), int(budget * 0.20)
+    return result[:head] + marker.format(removed=len(result) - head - tail) + result[len(result) - tail:]
+
+
+def sanitize_error(message: str) -> str:
+    """An exception's text as Qanot lets the model see it: at most 500 characters, long paths and
+    key=value credentials redacted."""
+    if len(message) > 500:
+        message = message[:500] + "... [truncated]"
+    message = _PATHS.sub("[path redacted]", message)
+    return _CREDENTIALS.sub("[credential redacted]", message)
+
+
+def _no_checks(params: Any) -> list[str]:
     return []
 
 
 def _error(message: str) -> str:
-    return json.dumps({"error": message}, ensure_ascii=False)
+    return json.dumps({"error": message})

@@ -38,13 +38,15 @@ class PluginPlaces:
     """Where one plugin's things are, on the host (its worker sees them at the same paths)."""
 
     def __init__(self, plugin: str, plugin_dir: str, site_dirs: list[str], data_dir: str, import_root: str,
-                 root_dir: str) -> None:
+                 root_dir: str, workspace: tuple[str, str] | None = None) -> None:
         self.plugin = plugin
         self.plugin_dir = plugin_dir
         self.site_dirs = site_dirs
         self.data_dir = data_dir
         self.import_root = import_root
         self.root_dir = root_dir  # an empty directory the worker mounts its new root on
+        # workspace_dir/NAME, writable: (the path the plugin is told, the directory's real path)
+        self.workspace = workspace
 
 
 def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[str, str],
@@ -65,11 +67,12 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
         mounts = _root_plan(places, own, granted_reads, granted_writes, network, grant.subprocess, uid, tmp_mb)
         visible = [op.target for op in mounts if op.kind in ("ro", "symlink")]
         reads = [*visible, "/etc/passwd", "/etc/group", "/proc", "/dev"]
-        writes = [places.data_dir, *granted_writes, "/tmp", "/dev/shm", *DEVICE_WRITES]
+        writes = [places.data_dir, *granted_writes, "/tmp", "/dev/shm", *DEVICE_WRITES,
+                  *(places.workspace[:1] if places.workspace else [])]
     else:  # Landlock alone decides what of the host's file system the worker may touch
         mounts, visible = [], []
         reads = [*reads, *UNSHARED_SYSTEM_READ, *(NETWORK_FILES if network else [])]
-        writes = [places.data_dir, *granted_writes, *DEVICE_WRITES]
+        writes = [places.data_dir, *granted_writes, *DEVICE_WRITES, *(places.workspace[1:] if places.workspace else [])]
     return p.SandboxSpec(
         read_paths=sorted(set(reads)), write_paths=writes,
         exec_paths=sorted({*visible, *reads} - {"/proc", "/dev"}) if grant.subprocess else [],
@@ -113,6 +116,8 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
         add(p.MountOp("ro", path, path))
     for path in granted_writes:
         add(p.MountOp("rw", path, path))
+    if places.workspace:
+        add(p.MountOp("rw", *places.workspace))
     for path in hidden:
         if any(_under(path, op.target) for op in ops.values() if op.kind == "ro"):
             add(p.MountOp("hide", path))

@@ -33,6 +33,8 @@ _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "null": lambda v: v is None,
 }
 
+_QANOT_TYPES = {name: test for name, test in _JSON_TYPES.items() if name != "null"}
+
 
 class SchemaError(ValueError):
     """A tool's parameters schema the host cannot use; the message names the key at fault."""
@@ -110,22 +112,29 @@ def check_schema(schema: object) -> None:
 
 
 def compile_validator(schema: dict[str, Any]) -> Callable[[dict], list[str]]:
-    """A check of params against a schema that passed check_schema: [] if valid, else one message
-    per problem. Valid params (the common case) cost a few dict lookups."""
+    """A check of params against a schema that passed check_schema, with Qanot's messages in
+    Qanot's order: [] if valid, else the missing keys, then each param of the wrong type in the
+    params' own order (named by its Python type, as Qanot names it). Valid params (the common
+    case) cost a dict lookup per param."""
     required = tuple(schema.get("required", ()))
-    checks = []
+    checks = {}
     for key, prop in schema.get("properties", {}).items():
         expected = prop.get("type")
-        names = expected if isinstance(expected, list) else [expected]
-        tests = tuple(_JSON_TYPES[n] for n in names if n in _JSON_TYPES)
-        if tests:
-            checks.append((key, " or ".join(names), tests))
+        # A single type is Qanot's check ("null" and unknown names pass anything); a list of types,
+        # which Qanot cannot take, is checked as JSON Schema says.
+        names, known = (expected, _JSON_TYPES) if isinstance(expected, list) else ([expected], _QANOT_TYPES)
+        tests = tuple(known[n] for n in names if n in known)
+        if tests and len(tests) == len(names):  # an unknown type name in the list lets anything pass
+            checks[key] = (" or ".join(names), tests)
 
     def validate(params: dict) -> list[str]:
+        if type(params) is not dict:
+            return [f"Parameters must be a dict, got {type(params).__name__}"]
         errors = [f"Missing required parameter: {key}" for key in required if key not in params]
-        for key, expected, tests in checks:
-            if key in params and not any(test(params[key]) for test in tests):
-                errors.append(f"Parameter '{key}' expected {expected}, got {type_name(params[key])}")
+        for key, value in params.items():
+            check = checks.get(key)
+            if check is not None and not any(test(value) for test in check[1]):
+                errors.append(f"Parameter '{key}' expected {check[0]}, got {type(value).__name__}")
         return errors
 
     return validate

@@ -17,6 +17,8 @@ from typing import Any, Awaitable, Callable
 
 import psutil
 
+from qanot_worker import protocol as p
+
 from .config import Config, PluginEntry
 from .discovery import PluginSource
 from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
@@ -206,18 +208,20 @@ class PluginSupervisor:
 
     # ---- calls -----------------------------------------------------------------------------------
 
-    async def call(self, tool: str, params: dict[str, Any]) -> str:
+    async def call(self, tool: str, params: dict[str, Any], timeout: float | None = None) -> str:
+        """Call one tool; it stops at its configured timeout, or at the caller's if that is sooner."""
         if self._closing:
             raise PluginUnavailable(self.name, "the host is shutting down")
         if self.state in (PluginState.FAILED, PluginState.EXITED, PluginState.STOPPED):
             # At once, and without arming a timer: a caller retrying in a loop must leave nothing behind.
             raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
-        timeout = self._timeouts.get(tool)
-        if timeout is None:
-            timeout = self._timeouts[tool] = self._config.call_timeout(self.name, tool)
+        configured = self._timeouts.get(tool)
+        if configured is None:
+            configured = self._timeouts[tool] = self._config.call_timeout(self.name, tool)
+        timeout = configured if timeout is None or timeout >= configured else max(timeout, 0.001)
         worker = self.worker
         if self.state is not PluginState.READY or worker is None or not worker.accepting_calls:
-            worker, timeout = await self._wait_for_worker(tool, timeout)
+            worker, timeout = await self._wait_for_worker(f"tool {tool}", timeout)
         self.calls += 1
         self.in_flight += 1
         self._calls_since_start += 1
@@ -237,7 +241,26 @@ class PluginSupervisor:
             if max_calls and self._calls_since_start >= max_calls:
                 self.recycle(f"served max_calls={max_calls} calls", counts=False)
 
-    async def _wait_for_worker(self, tool: str, timeout: float) -> tuple[WorkerHandle, float]:
+    async def hook(self, name: str, kwargs: dict[str, Any]) -> Any:
+        """Run one of the plugin's hooks in its worker (the Qanot drop-in forwards them); its value."""
+        return await self._ask(lambda i: p.Hook(i, name, kwargs), f"hook {name}")
+
+    async def run_command(self, index: int, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Call the handler of the plugin's get_commands()[index] in its worker; its value."""
+        return await self._ask(lambda i: p.RunCommand(i, index, args, kwargs), f"command {index}")
+
+    async def _ask(self, make, what: str) -> Any:
+        if self._closing:
+            raise PluginUnavailable(self.name, "the host is shutting down")
+        if self.state in (PluginState.FAILED, PluginState.EXITED, PluginState.STOPPED):
+            raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
+        timeout = self._config.settings_for(self.name).call_timeout or self._config.host.call_timeout
+        worker = self.worker
+        if self.state is not PluginState.READY or worker is None or not worker.accepting_calls:
+            worker, timeout = await self._wait_for_worker(what, timeout)
+        return await worker.ask(make, timeout, what)
+
+    async def _wait_for_worker(self, what: str, timeout: float) -> tuple[WorkerHandle, float]:
         """Wait (within the call's timeout) for a worker that can take the call; returns it and the
         time left. A worker whose pipe just closed is about to be reaped and replaced: wait for that
         rather than fail the call."""
@@ -257,7 +280,7 @@ class PluginSupervisor:
                         return self.worker, max(deadline - time.monotonic(), 0.001)
         except TimeoutError:
             self.timeouts += 1
-            raise WorkerTimeout(self.name, f"tool {tool} timed out after {timeout:g} s waiting for "
+            raise WorkerTimeout(self.name, f"{what} timed out after {timeout:g} s waiting for "
                                 f"the plugin's worker to restart") from None
 
     # ---- limits and status -----------------------------------------------------------------------

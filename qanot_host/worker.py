@@ -84,6 +84,7 @@ class WorkerOptions:
     # and its ceiling, so that an exit by SIGKILL can be told apart.
     oom_kills: Callable[[], int] | None = None
     memory_mb: int | None = None
+    redact: Callable[[str], str] | None = None  # the plugin's resolved secrets out of what is logged
 
 
 class WorkerHandle:
@@ -104,6 +105,7 @@ class WorkerHandle:
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.info: p.Loaded | None = None
         self.tools: list[OfferedTool] = []
+        self.extensions = p.Extensions()  # what the plugin's extension points returned at load
         self.started_at = 0.0
         self.start_seconds = 0.0
         self.stop_path: list[str] = []  # how the last stop went, for logs and tests
@@ -147,6 +149,7 @@ class WorkerHandle:
         await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
         reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
         self.tools = offered_tools(self.plugin, reply)
+        self.extensions = reply.extensions
         self.started_at = time.monotonic()
         self.start_seconds = self.started_at - began  # spawn to tools listed
         # Pings start only now: a setup() that blocks its loop is bounded by setup_timeout instead.
@@ -163,7 +166,7 @@ class WorkerHandle:
                               cwd=opts.data_dir if not opts.namespaces else "/",
                               cgroup_procs=sorted(set(filter(None, sandbox.cgroups.values()))) if sandbox else [],
                               disk=opts.disk, uid=sandbox.uid if sandbox else -1, namespaces=opts.namespaces,
-                              log_lines_per_second=opts.log_lines_per_second)
+                              log_lines_per_second=opts.log_lines_per_second, redact=opts.redact)
             self._process = await self._launcher.launch(spec)
         except BaseException:
             os.close(host_writes)
@@ -174,6 +177,7 @@ class WorkerHandle:
             os.close(worker_writes)
         self._channel = await WorkerChannel.open(self.plugin, opts.max_frame, host_writes, host_reads,
                                                  self._channel_lost, self._call_abandoned)
+        self._channel.redact = opts.redact
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_exit())]
 
@@ -242,6 +246,17 @@ class WorkerHandle:
         if channel is None or self._stopping:
             raise PluginUnavailable(self.plugin, "worker is stopping")
         return channel.call(tool, params, timeout)
+
+    async def ask(self, make: Callable[[int], p.HostMessage], timeout: float, what: str) -> Any:
+        """A hook or a command: its return value; PluginError (naming `what`) if it raised."""
+        channel = self._channel
+        if channel is None or self._stopping:
+            raise PluginUnavailable(self.plugin, "worker is stopping")
+        try:
+            reply = await channel.request(make, p.HookResult, timeout, what)
+        except RemoteFailure as exc:
+            raise PluginError(self.plugin, f"{what} failed: {exc.message}") from None
+        return reply.value
 
     # ---- health ----------------------------------------------------------------------------------
 

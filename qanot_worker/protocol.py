@@ -29,10 +29,11 @@ __all__ = [
     "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE", "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter", "Outbox",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
-    "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
+    "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage", "Extensions", "CommandSpec",
+    "Hook", "HookResult", "RunCommand",
 ]
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 HEADER = 4
 
 # How a launcher hands a worker what it needs before the first frame, in its environment.
@@ -64,6 +65,7 @@ class FailureKind:
     UNKNOWN_TOOL = "unknown_tool"
     CANCELLED = "cancelled"
     TOO_LARGE = "too_large"  # the reply would exceed the maximum frame size
+    HOOK = "hook"  # a hook or a command handler raised, or returned what JSON cannot hold
     PROTOCOL = "protocol"  # the request made no sense at this point
 
 
@@ -85,6 +87,7 @@ class Loaded(msgspec.Struct, tag=True, array_like=True):
     sandbox_layers: list[str] = []  # the layers the worker put itself in
     sandbox_warnings: list[str] = []  # ...and the ones it could not
     sandbox_ms: float = 0.0  # what entering the sandbox cost the worker
+    hooks: list[str] = []  # the hooks the plugin overrides (Qanot's HookRegistry registers only those)
 
 
 class ToolSpec(msgspec.Struct, array_like=True):
@@ -99,9 +102,36 @@ class ToolSpec(msgspec.Struct, array_like=True):
         return msgspec.Raw(msgspec.msgpack.encode(parameters))
 
 
+class CommandSpec(msgspec.Struct, array_like=True):
+    """One of get_commands(): its handler stays in the worker (RunCommand calls it by index)."""
+
+    command: str
+    description: str = ""
+
+
+class Extensions(msgspec.Struct, array_like=True):
+    """What the plugin's extension points returned, read once after get_tools() as Qanot reads them."""
+
+    wal_patterns: list[tuple[str, str, bool]] = []
+    prompt_sections: list[dict[str, Any]] = []
+    template_dir: str | None = None
+    cron_jobs: list[dict[str, Any]] = []
+    commands: list[CommandSpec] = []
+    template_vars: dict[str, str] = {}
+    problems: list[str] = []  # what could not be carried: an extension point raised, or returned odd values
+
+
 class ToolList(msgspec.Struct, tag=True, array_like=True):
     id: int
     tools: list[ToolSpec]
+    extensions: Extensions = msgspec.field(default_factory=Extensions)
+
+
+class HookResult(msgspec.Struct, tag=True, array_like=True):
+    """A hook's or a command's return value (None, or what JSON can hold)."""
+
+    id: int
+    value: Any = None
 
 
 class Result(msgspec.Struct, tag=True, array_like=True):
@@ -200,6 +230,23 @@ class Cancel(msgspec.Struct, tag=True, array_like=True):
     id: int
 
 
+class Hook(msgspec.Struct, tag=True, array_like=True):
+    """Run one of the plugin's hooks (plugin_api.HOOKS) with these keyword arguments."""
+
+    id: int
+    name: str
+    kwargs: dict[str, Any]
+
+
+class RunCommand(msgspec.Struct, tag=True, array_like=True):
+    """Call the handler of get_commands()[index]."""
+
+    id: int
+    index: int
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
 class Ping(msgspec.Struct, tag=True, array_like=True):
     id: int
 
@@ -208,8 +255,8 @@ class Teardown(msgspec.Struct, tag=True, array_like=True):
     id: int
 
 
-HostMessage = Union[Load, Setup, GetTools, Call, Cancel, Ping, Teardown]
-WorkerMessage = Union[Hello, Loaded, ToolList, Result, Failure, Pong, Done]
+HostMessage = Union[Load, Setup, GetTools, Call, Cancel, Ping, Teardown, Hook, RunCommand]
+WorkerMessage = Union[Hello, Loaded, ToolList, Result, Failure, Pong, Done, HookResult]
 
 
 # ---- fork server (one SOCK_SEQPACKET message each; Spawn carries four fds by SCM_RIGHTS) ---------

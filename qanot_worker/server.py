@@ -21,8 +21,9 @@ import msgspec
 
 from . import protocol as p
 from .eager import EagerStarter
+from .extensions import read_extensions, run_command, run_hook
 from .loader import PluginLoadError, check_tools, load_plugin
-from .plugin_api import Plugin, ToolDef
+from .plugin_api import Plugin, ToolDef, overridden_hooks
 from .sandbox import SandboxOutcome
 
 __all__ = ["serve"]
@@ -41,6 +42,8 @@ class WorkerServer(asyncio.Protocol):
         self._outbox = p.Outbox(max_frame)
         self._reading = False  # inside data_received: replies are held and go out in chunks
         self._plugin: Plugin | None = None
+        self._plugin_name = ""
+        self._command_handlers: list = []
         self._tools: dict[str, ToolDef] = {}
         self._calls: dict[int, asyncio.Task] = {}
         self._cancelled_by_host: set[int] = set()
@@ -106,6 +109,12 @@ class WorkerServer(asyncio.Protocol):
                 self._get_tools(msg)
             case p.Teardown():
                 self._spawn(self._teardown(msg))
+            case p.Hook():
+                self._spawn(self._answer(msg.id, lambda: run_hook(self._require_plugin(), msg.name, msg.kwargs),
+                                         f"hook {msg.name}"))
+            case p.RunCommand():
+                self._spawn(self._answer(msg.id, lambda: run_command(self._command_handlers, msg.index, msg.args,
+                                                                     msg.kwargs), f"command {msg.index}"))
 
     def _load(self, msg: p.Load) -> None:
         sandbox = self._sandbox
@@ -121,10 +130,11 @@ class WorkerServer(asyncio.Protocol):
             self._send(p.Failure(msg.id, p.FailureKind.LOAD, str(exc)))
             return
         self._plugin = plugin
+        self._plugin_name = msg.plugin_name
         self._send(p.Loaded(
             msg.id, _text(plugin.name), _text(plugin.description), _text(plugin.version),
             _text(plugin.tools_md), _text(plugin.soul_append), sandbox.layers, sandbox.warnings,
-            sandbox.milliseconds))
+            sandbox.milliseconds, overridden_hooks(plugin)))
 
     async def _setup(self, msg: p.Setup) -> None:
         try:
@@ -137,14 +147,25 @@ class WorkerServer(asyncio.Protocol):
 
     def _get_tools(self, msg: p.GetTools) -> None:
         try:
-            self._tools = check_tools(self._require_plugin().get_tools())
+            self._tools = check_tools(self._require_plugin().get_tools(), self._plugin_name)
         except Exception as exc:
             log.error("get_tools() failed: %s", exc)
             self._send(p.Failure(msg.id, p.FailureKind.BAD_TOOLS, _describe(exc, bare_type=True)))
             return
+        extensions, self._command_handlers = read_extensions(self._require_plugin())
         self._send(p.ToolList(msg.id, [
             p.ToolSpec(t.name, _text(t.description), p.ToolSpec.encode_parameters(t.parameters))
-            for t in self._tools.values()]))
+            for t in self._tools.values()], extensions))
+
+    async def _answer(self, request_id: int, work, what: str) -> None:
+        """A hook's or a command's reply: its value, or a Failure saying what went wrong."""
+        try:
+            value = await work()
+        except Exception as exc:
+            log.error("%s raised:\n%s", what, traceback.format_exc())
+            self._send(p.Failure(request_id, p.FailureKind.HOOK, _describe(exc)))
+            return
+        self._send(p.HookResult(request_id, value))
 
     async def _call(self, msg: p.Call) -> None:
         tool = self._tools.get(msg.tool)

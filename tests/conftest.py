@@ -41,6 +41,16 @@ def write_config(tmp_path: Path):
 GREETER = plugin("greeter", greeting_style="warm")
 
 
+def check_report(config_path: str, warnings: bool = False) -> str:
+    """What `qanot-host check` finds (its errors, and its warnings if asked), as one text."""
+    from qanot_host.check import check_config
+    from qanot_host.config import load_config
+    config = load_config(config_path)
+    raw = json.loads(Path(config_path).read_text())
+    report = check_config(config, raw["plugins"])
+    return "\n".join(report.errors + (report.warnings if warnings else []))
+
+
 def make_wheel(directory: Path, name: str, version: str, body: str = "") -> Path:
     """A minimal, valid pure-Python wheel, so dependency tests need no network."""
     module = name.replace("-", "_")

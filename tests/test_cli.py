@@ -71,7 +71,7 @@ def test_tools_lists_name_plugin_description(write_config):
     assert any(line.split()[:3] == ["init_style_ping", "init_style", "pong"] for line in lines)
     as_json = json.loads(qanot_host("tools", "--json", "--config", write_config([GREETER])).stdout)
     assert {"name": "greet_sync", "description": "A plain function as handler.",
-            "parameters": {"type": "object", "properties": {}}, "plugin": "greeter"} in as_json
+            "input_schema": {"type": "object", "properties": {}}, "plugin": "greeter"} in as_json
 
 
 def test_run_serves_until_sigterm_then_tears_down(write_config, tmp_path):
@@ -139,14 +139,16 @@ def test_check_reports_every_problem_without_running_plugin_code(write_config, t
         "tool in the plugin's code" in out
     assert f"permissions.filesystem.read[0]: {tmp_path / 'absent'} does not exist" in out
     assert f"permissions.filesystem.write[0]: {tmp_path / 'locked'} is not writable by the plugin's uid" in out
-    assert "error: plugin needs_config: " in out and "required_config: missing from the plugin's config in config.json: api_key, region" in out
+    # Qanot loads a plugin without its required_config (with a warning), and so does the host
+    assert "warning: plugin needs_config: " in out and \
+        "required_config: missing from the plugin's config in config.json: api_key, region" in out
     assert "needs Qanot plugin API 99.0.0, this host implements 2.0.4" in out
     assert "plugin_deps: 'not_configured' is not an enabled plugin" in out
     assert "error: plugin missing_one: not found: no " in out
     assert "error: plugin broken_manifest: " in out and "broken_manifest/plugin.json: is not valid JSON" in out
     assert "warning: plugin missing_disabled (disabled): not found" in out
     assert "warning: " in out and "plugins[7].enabeld: unknown key, ignored" in out
-    assert out.strip().splitlines()[-1].endswith("10 plugins checked, 10 errors, 3 warnings")
+    assert out.strip().splitlines()[-1].endswith("10 plugins checked, 9 errors, 4 warnings")
 
 
 def test_check_passes_on_the_example_config():

@@ -491,9 +491,10 @@ async def test_the_host_follows_no_link_a_plugin_puts_in_the_workspace(write_con
     secret.write_text("db_password=hunter2")
     secret.chmod(0o600)
     created = tmp_path / "created-by-root"
+    settings = grant_write("attacker", workspace)
+    settings["plugins"]["greeter"] = {"workspace": False}  # the attacker may write the whole workspace
     config = write_config([plugin("attacker", workspace_dir=str(workspace), secret_file=str(secret),
-                                  created=str(created)), GREETER],
-                          host=grant_write("attacker", workspace))
+                                  created=str(created)), GREETER], host=settings)
     async with Host(config) as host:
         assert await attack(host, "plant_links") == "planted"
     async with Host(config) as host:  # the next start writes TOOLS.md and SOUL.md again

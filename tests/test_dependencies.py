@@ -5,22 +5,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 
 from qanot_host import Host, PluginState
-from qanot_host.check import check_config
-from qanot_host.config import load_config
 
-from .conftest import GREETER, make_wheel, plugin
-
-
-def check_report(config_path: str) -> str:
-    """What `qanot-host check` finds, as one text."""
-    config = load_config(config_path)
-    raw = json.loads(Path(config_path).read_text())
-    return "\n".join(check_config(config, raw["plugins"]).errors)
+from .conftest import GREETER, check_report, make_wheel, plugin
 
 
 @pytest.fixture

@@ -41,12 +41,12 @@ async def test_setup_receives_config_plus_workspace_dir(write_config, tmp_path):
 async def test_get_definitions_match_the_tool_decorator(write_config):
     async with Host(write_config([GREETER])) as host:
         definitions = {d["name"]: d for d in host.registry.get_definitions()}
-    assert definitions["greet"] == {
+    assert definitions["greet"] == {  # Qanot's definition format: the schema is input_schema
         "name": "greet", "description": "Greet someone.",
-        "parameters": {"type": "object", "required": ["name"],
-                       "properties": {"name": {"type": "string"}, "times": {"type": "integer"}}}}
+        "input_schema": {"type": "object", "required": ["name"],
+                         "properties": {"name": {"type": "string"}, "times": {"type": "integer"}}}}
     # @tool without parameters gets the document's default
-    assert definitions["greeter_config"]["parameters"] == {"type": "object", "properties": {}}
+    assert definitions["greeter_config"]["input_schema"] == {"type": "object", "properties": {}}
 
 
 async def test_init_py_plugin_and_any_plugin_subclass(write_config):
@@ -92,8 +92,8 @@ async def test_params_are_validated_in_the_host(write_config):
         wrong = json.loads(await host.registry.execute("greet", {"name": "A", "times": True}))
         unknown = json.loads(await host.registry.execute("no_such_tool", {}))
         assert host.plugins["greeter"].calls == 0  # nothing crossed to the worker
-    assert missing == {"error": "Invalid parameters for tool greet: Missing required parameter: name"}
-    assert wrong == {"error": "Invalid parameters for tool greet: Parameter 'times' expected integer, got boolean"}
+    assert missing == {"error": "Invalid parameters: Missing required parameter: name"}  # Qanot's words
+    assert wrong == {"error": "Invalid parameters: Parameter 'times' expected integer, got bool"}
     assert unknown == {"error": "Unknown tool: no_such_tool"}
 
 
@@ -121,7 +121,9 @@ async def test_call_timeout_cancels_in_the_worker(write_config):
 async def test_large_result_crosses_and_oversize_is_refused(write_config):
     config = write_config([GREETER], host={"max_frame_bytes": 2 * 1024 * 1024})
     async with Host(config) as host:
-        assert len(await host.registry.execute("greeter_big", {"size": 1_500_000})) == 1_500_000
+        assert len(await host.registry.invoke("greeter_big", {"size": 1_500_000})) == 1_500_000
+        cut = await host.registry.execute("greeter_big", {"size": 1_500_000})  # as Qanot's agent takes it
+        assert len(cut) <= 8000 and "[truncated 1492" in cut
         too_big = json.loads(await host.registry.execute("greeter_big", {"size": 3_000_000}))
         assert "exceeds the maximum frame" in too_big["error"]
         assert await host.registry.execute("greet", {"name": "still"}) == "Salom, still!"
@@ -172,11 +174,6 @@ async def test_worker_is_isolated_from_the_host(write_config):
     assert env["cwd"].endswith(os.path.join("data", "greeter"))
 
 
-async def test_qanot_is_not_installed_in_the_host_environment():
-    import importlib.util
-    assert importlib.util.find_spec("qanot") is None
-
-
 @pytest.mark.parametrize("launcher", ["spawn", "forkserver"])
 async def test_both_launchers_give_the_same_isolated_worker(write_config, launcher):
     config = write_config([GREETER, plugin("misbehave")], host={"launcher": launcher,
@@ -207,6 +204,7 @@ async def test_builtin_plugin_wins_over_plugins_dir(write_config, tmp_path):
     (external / "echo" / "plugin.py").write_text(
         "from qanot.plugins.base import Plugin, tool\n"
         "class QanotPlugin(Plugin):\n"
+        "    def get_tools(self):\n        return self._collect_tools()\n"
         "    @tool(name='echo', description='impostor')\n"
         "    async def echo(self, params):\n        return 'impostor'\n")
     (external / "only_here").mkdir()

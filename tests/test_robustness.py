@@ -40,8 +40,8 @@ BAD_PARAMS = [
     ({"f": math.nan}, "params.f: nan is not a JSON number"),
     ({"b": b"bytes"}, "params.b: a bytes is not JSON"),
     ({"deep": nested(3000)}, f"nested deeper than {MAX_PARAMS_DEPTH} levels"),
-    (None, "Parameters must be an object, got null"),
-    (["a"], "Parameters must be an object, got array"),
+    (None, "Parameters must be a dict, got NoneType"),
+    (["a"], "Parameters must be a dict, got list"),
 ]
 
 
@@ -61,9 +61,13 @@ async def test_params_that_cannot_cross_the_wire_are_invalid_params(echo_host, p
     host = echo_host
     pid = host.plugins["echo"].worker.pid
     result = json.loads(await host.registry.execute("echo", params))
-    assert result["error"].startswith("Invalid parameters for tool echo: ") and message in result["error"], result
-    with pytest.raises(InvalidParams, match="tool echo"):
+    if isinstance(params, dict):  # Qanot's execute() words
+        assert result["error"].startswith("Invalid parameters: ") and message in result["error"], result
+    else:
+        assert result == {"error": "Tool input must be a JSON object"}
+    with pytest.raises(InvalidParams, match="tool echo") as raised:
         await host.registry.invoke("echo", params)
+    assert message in str(raised.value)
     assert await host.registry.execute("echo", {"ok": 1}) == '{"ok": 1}'
     assert unchanged(host, "echo", pid)
 
@@ -72,7 +76,7 @@ async def test_params_over_max_frame_bytes_are_invalid_params(echo_host):
     host = echo_host
     pid = host.plugins["echo"].worker.pid
     result = json.loads(await host.registry.execute("echo", {"big": "x" * 100_000}))
-    assert "Invalid parameters for tool echo: params are too large" in result["error"]
+    assert "Invalid parameters: params are too large" in result["error"]
     assert "host.max_frame_bytes" in result["error"]
     assert await host.registry.execute("echo", {"ok": 1}) == '{"ok": 1}'
     assert unchanged(host, "echo", pid)
@@ -122,7 +126,8 @@ async def test_any_python_value_as_params_is_a_result_or_invalid_params(echo_hos
     except InvalidParams:
         pass
     outcome = await host.registry.execute("echo", params)
-    assert not outcome.startswith('{"error"') or "Invalid parameters for tool echo" in outcome, outcome
+    assert not outcome.startswith('{"error"') or outcome.startswith(
+        ('{"error": "Invalid parameters: ', '{"error": "Tool input must be a JSON object"}')), outcome
     assert unchanged(host, "echo", pid)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from qanot_host import ConfigError, Host, PluginState
 from qanot_host.config import parse_config
+from qanot_host.errors import ToolFailed
 
 from .conftest import GREETER, plugin
 
@@ -39,11 +40,15 @@ async def test_granted_env_vars_and_paths_reach_the_plugin(write_config, tmp_pat
         granted = await host.registry.execute("wants_read", {"path": str(secret)})
         absent = json.loads(await host.registry.execute("wants_read", {"path": str(tmp_path / "other.txt")}))
         denied = json.loads(await host.registry.execute("wants_read", {"path": REPO_README}))
+        with pytest.raises(ToolFailed) as raised:  # whole: execute() redacts paths as Qanot's does
+            await host.registry.invoke("wants_read", {"path": REPO_README})
     assert "WEATHER_API_KEY" in env and "HOST_SECRET" not in env
     assert granted == "granted"
     assert "No such file or directory" in absent["error"]  # not in the plugin's world at all
+    assert "needs the 'filesystem' permission (config.json: host.plugins.wants_everything.permissions)" \
+        in denied["error"] and REPO_README not in denied["error"]
     assert f"reading {REPO_README} needs the 'filesystem' permission (config.json: " \
-           "host.plugins.wants_everything.permissions)" in denied["error"]
+           "host.plugins.wants_everything.permissions)" in str(raised.value)
 
 
 async def test_declared_but_not_granted_starts_and_is_logged(write_config, caplog):

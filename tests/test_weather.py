@@ -58,8 +58,15 @@ async def test_weather_without_the_network_grant_is_told_what_to_grant(write_con
     assert "needs the 'network' permission (config.json: host.plugins.weather.permissions)" in error
 
 
-async def test_weather_without_api_key_is_refused_by_required_config(write_config):
+async def test_weather_without_api_key_starts_with_a_warning_or_is_refused_if_strict(write_config, caplog):
+    """Qanot loads a plugin whose required_config is missing, and warns; so does the host, unless
+    host.strict_required_config says otherwise."""
     async with Host(write_config([plugin("weather", base_url="http://127.0.0.1:9")])) as host:
+        assert host.plugins["weather"].state == PluginState.READY
+    assert any("required_config: missing from the plugin's config in config.json: api_key" in r.getMessage()
+               and r.levelname == "WARNING" for r in caplog.records)
+    strict = write_config([plugin("weather", base_url="http://127.0.0.1:9")], host={"strict_required_config": True})
+    async with Host(strict) as host:
         assert host.plugins["weather"].state == PluginState.FAILED
         assert "required_config: missing from the plugin's config in config.json: api_key" in \
             host.plugins["weather"].error

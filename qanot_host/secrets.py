@@ -1,0 +1,77 @@
+"""SecretRefs in a plugin's config, resolved by the host, and kept out of everything it prints.
+
+A top-level value of a plugin's `config` may say where a secret lives instead of holding it, as
+Qanot's own config.json does for its keys: `{"env": "VAR"}` (the host's environment) or
+`{"file": "/run/secrets/x"}` (a file the host reads, with Qanot's rules: no symlink, a regular
+file, at most 64 KiB, stripped). The host resolves them before each start, so setup() gets plain
+strings and the worker needs neither an env_vars grant nor a file grant; nothing else sees them.
+
+A SecretRef that cannot be resolved (an unset variable, a missing file) fails that plugin's start
+with an error naming the config key and the variable or file, never the value. Every resolved
+value is then redacted from what the host prints about the plugin: its stdout and stderr lines
+and the error messages its worker sends back (a plugin that puts its password in an exception
+does not put it in the host's log).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from qanot_worker.secret_refs import read_secret_file
+
+__all__ = ["Redactor", "resolve_config_secrets", "is_secret_ref"]
+
+MIN_REDACTED = 4  # shorter values would blank out ordinary words; they are not redacted
+
+
+def is_secret_ref(value: Any) -> bool:
+    """{"env": NAME} or {"file": PATH}, exactly: a config that happens to have an "env" key among
+    others is the plugin's own data."""
+    return isinstance(value, dict) and len(value) == 1 and (
+        isinstance(value.get("env"), str) or isinstance(value.get("file"), str))
+
+
+class Redactor:
+    """Replaces each secret value in a text with a placeholder naming its config key."""
+
+    def __init__(self, secrets: dict[str, str] | None = None) -> None:
+        # Longest first, so a secret that contains another is replaced whole.
+        self._secrets = sorted(((value, key) for key, value in (secrets or {}).items() if len(value) >= MIN_REDACTED),
+                               key=lambda pair: -len(pair[0]))
+
+    def __bool__(self) -> bool:
+        return bool(self._secrets)
+
+    def __call__(self, text: str) -> str:
+        for value, key in self._secrets:
+            if value in text:
+                text = text.replace(value, f"[secret config.{key}]")
+        return text
+
+
+def resolve_config_secrets(config: dict[str, Any], where: str) -> tuple[dict[str, Any], Redactor]:
+    """The config with its top-level SecretRefs resolved, and a Redactor for their values. `where`
+    names the config in errors ("config.json: plugins[2].config"). ValueError if one cannot be."""
+    resolved = dict(config)
+    secrets: dict[str, str] = {}
+    for key, value in config.items():
+        if not is_secret_ref(value):
+            continue
+        if "env" in value:
+            name = value["env"]
+            found = os.environ.get(name, "") if name.strip() else ""
+            if not found:
+                raise ValueError(f"{where}.{key}: the environment variable {name!r} it names is not set "
+                                 "(or empty) in the host's environment")
+        else:
+            path = value["file"]
+            try:
+                found = read_secret_file(path)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                why = exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)
+                raise ValueError(f"{where}.{key}: {why}") from None
+            if not found:
+                raise ValueError(f"{where}.{key}: the secret file {path} is empty")
+        resolved[key] = secrets[key] = found
+    return resolved, Redactor(secrets)

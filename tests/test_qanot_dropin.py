@@ -1,0 +1,113 @@
+"""A Qanot deployment switched to qanot-host with one import, tested with the real qanot==2.0.4
+(installed by the test extra): its Config, its ToolRegistry, its HookRegistry, its loader's own
+file deployment, against plugins that run in sandboxed workers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import psutil
+import pytest
+
+qanot_config = pytest.importorskip("qanot.config", reason="the test extra installs qanot==2.0.4")
+from qanot.hooks import HookRegistry  # noqa: E402
+from qanot.registry import ToolRegistry  # noqa: E402
+
+from qanot_host import qanot_loader  # noqa: E402
+
+from .conftest import FIXTURE_PLUGINS, worker_processes  # noqa: E402
+
+
+@pytest.fixture
+def qanot_setup(tmp_path, monkeypatch):
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / "SOUL.md").write_text("# Soul\n")
+    settings = tmp_path / "host.json"
+    settings.write_text(json.dumps({"state_dir": str(tmp_path / "state")}))
+    monkeypatch.setenv(qanot_loader.SETTINGS_ENV, str(settings))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~/.qanot/plugins: empty
+
+    def config(*plugins):
+        return qanot_config.Config(workspace_dir=str(workspace), plugins_dir=str(FIXTURE_PLUGINS),
+                                   plugins=[qanot_config.PluginConfig(**p) for p in plugins])
+
+    return config, workspace
+
+
+async def test_qanot_loads_runs_hooks_and_shuts_down_plugins_through_qanot_host(qanot_setup):
+    make_config, workspace = qanot_setup
+    config = make_config({"name": "greeter", "config": {"greeting_style": "warm"}},
+                         {"name": "qanot_style", "config": {"token": "t", "region": "uz"}},
+                         {"name": "echo", "enabled": False})
+    registry = ToolRegistry()
+    await qanot_loader.load_plugins(config, registry)
+    try:
+        manager = qanot_loader.get_plugin_manager()
+        loaded = manager.loaded_plugins
+        assert set(loaded) == {"greeter", "qanot_style"}
+        host = manager.host
+        pids = host.worker_pids()  # the workers, and the template they are forked from
+        assert {host.plugins[n].worker.pid for n in loaded} <= pids and os.getpid() not in pids
+
+        # Qanot's own execute() reaches the sandboxed worker, with Qanot's own checks in front
+        assert await registry.execute("greet", {"name": "Ali"}) == "Salom, Ali!"
+        assert json.loads(await registry.execute("greet", {})) == {
+            "error": "Invalid parameters: Missing required parameter: name"}
+        assert await registry.execute("qs_twice", {}) == "second"
+        assert registry.get_definitions()[0]["input_schema"]
+        assert "echo" not in registry.tool_names
+
+        # Qanot's HookRegistry registers the hooks the plugin overrides, and only those
+        from qanot.plugins.base import Plugin
+        style = loaded["qanot_style"]
+        assert isinstance(style, Plugin) and style.name == "qanot_style"
+        hooks = HookRegistry()
+        for plugin in loaded.values():
+            hooks.register_plugin(plugin)
+        # qanot_style's three, and greeter's on_error
+        assert hooks.summary == {"on_pre_turn": 1, "on_post_turn": 1, "on_startup": 1, "on_error": 1}
+        changed = await hooks.fire("on_pre_turn", user_id="u1", message="hello")
+        assert changed == "hello [qanot_style saw u1]"
+        assert await hooks.fire("on_post_turn", user_id="u1", message="hello", response="hi") is None
+        assert await hooks.fire("on_startup") is None
+        seen = json.loads(await registry.execute("qs_info", {}))["seen"]
+        assert seen == [["pre", "u1", "hello"], ["post", "u1", "hello", "hi"], ["startup"]]
+
+        # extension points: what the worker's plugin returned, through Qanot's own collection
+        assert style.get_wal_patterns() == [(r"qanot style (\w+)", "qs_fact", True)]
+        from qanot import memory, prompt
+        assert any(category == "qs_fact" for _, category in memory.WAL_PATTERNS)
+        assert {"name": "Qanot style", "content": "Speak plainly."} in prompt._plugin_prompt_sections
+        assert prompt._plugin_template_vars["{{QS_REGION}}"] == "uz"
+        assert style._pending_cron_jobs[0]["name"] == "qs_daily"
+        [command] = style.get_commands()
+        assert command["command"] == "qs" and await command["handler"]("now") == "qs got now"
+
+        # Qanot's own loader code deployed the files, Qanot's way
+        assert "qs_info tells what the plugin sees" in (workspace / "qanot_style_TOOLS.md").read_text()
+        assert "## Qanot style" in (workspace / "SOUL.md").read_text()
+        assert (workspace / "greeter_TOOLS.md").exists()
+    finally:
+        await qanot_loader.shutdown_plugins()
+    assert qanot_loader.get_plugin_manager().loaded_plugins == {}
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in pids)
+    assert worker_processes() == []
+
+
+async def test_a_plugin_qanot_cannot_load_is_logged_and_the_rest_load(qanot_setup, caplog):
+    make_config, _ = qanot_setup
+    config = make_config({"name": "setup_fails"}, {"name": "missing_entirely"},
+                         {"name": "greeter", "config": {"greeting_style": "warm"}})
+    registry = ToolRegistry()
+    await qanot_loader.load_plugins(config, registry)
+    try:
+        assert set(qanot_loader.get_plugin_manager().loaded_plugins) == {"greeter"}
+        assert await registry.execute("greet", {"name": "B"}) == "Salom, B!"
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "qanot.plugins.loader"]
+        assert any("Failed to load plugin 'setup_fails'" in e and "refused the connection" in e for e in errors)
+        assert any("Failed to load plugin 'missing_entirely'" in e and "not found" in e for e in errors)
+    finally:
+        await qanot_loader.shutdown_plugins()
