@@ -333,7 +333,7 @@ async def worker_cold_start(scratch: Path, reps: int) -> tuple[float, float, flo
             names = ["bench"] + [f"bench{j}" for j in range(1, i + 1)]
             await host.reload(load_config(write_config(scratch, names)))
             samples.append(host.plugins[f"bench{i}"].worker.start_seconds)
-            sandbox_costs.append(host.plugins[f"bench{i}"].worker.info.sandbox_ms)
+            sandbox_costs.append(host.plugins[f"bench{i}"].worker.report.sandbox_ms)
     return (statistics.median(samples) * 1000, statistics.median(host_starts) * 1000,
             statistics.median(sandbox_costs))
 
@@ -348,7 +348,7 @@ async def egress_sandbox_cost(scratch: Path, reps: int) -> float:
     costs = []
     for _ in range(reps):
         async with Host(path) as host:
-            info = host.plugins["bench"].worker.info
+            info = host.plugins["bench"].worker.report
             assert "egress-filter" in info.sandbox_layers, info.sandbox_warnings
             costs.append(info.sandbox_ms)
     return statistics.median(costs)

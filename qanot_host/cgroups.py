@@ -241,6 +241,10 @@ def _apply(controller: str, group: str, limits: CgroupLimits) -> None:
         _write(os.path.join(group, "pids.max"), str(limits.pids_max))
     elif controller == "memory":
         value = str(limits.memory_bytes) if limits.memory_bytes else "-1"
+        try:  # v1 counts socket buffers only once a TCP limit is set (v2 always counts them)
+            _write(os.path.join(group, "memory.kmem.tcp.limit_in_bytes"), value)
+        except OSError:
+            pass
         memory = os.path.join(group, "memory.limit_in_bytes")
         swap = os.path.join(group, "memory.memsw.limit_in_bytes")  # memory and swap together
         if not os.path.exists(swap):

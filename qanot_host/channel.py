@@ -19,6 +19,7 @@ from qanot_worker import protocol as p
 
 from .deadlines import Deadlines
 from .errors import InvalidParams, PluginError, ProtocolViolation, ToolFailed, WorkerTimeout
+from .output import printable
 
 __all__ = ["WorkerChannel", "RemoteFailure"]
 
@@ -198,8 +199,7 @@ class WorkerChannel(asyncio.Protocol):
                     future.set_result(msg.value)
             elif kind is p.Failure:
                 if not future.done():
-                    message = msg.message if self.redact is None else self.redact(msg.message)
-                    future.set_exception(ToolFailed(self._plugin, what, message))
+                    future.set_exception(ToolFailed(self._plugin, what, self._message(msg.message)))
             else:
                 self._wrong_reply(future, f"{kind.__name__} in reply to a tool call")
             return
@@ -208,10 +208,13 @@ class WorkerChannel(asyncio.Protocol):
         if future.done():
             return
         if kind is p.Failure:
-            message = msg.message if self.redact is None else self.redact(msg.message)
-            future.set_exception(RemoteFailure(msg.kind, message))
+            future.set_exception(RemoteFailure(msg.kind, self._message(msg.message)))
         else:
             future.set_result(msg)
+
+    def _message(self, text: str) -> str:
+        """A worker's error message as the host passes it on: secrets out, printable, bounded."""
+        return printable(text if self.redact is None else self.redact(text))
 
     def _wrong_reply(self, future: asyncio.Future, what: str) -> None:
         """The request was answered, wrongly: its caller learns so now, then the channel ends."""

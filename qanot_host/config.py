@@ -155,7 +155,9 @@ class SandboxSettings(msgspec.Struct, forbid_unknown_fields=True):
     namespaces: bool = True  # as root: PID, mount, IPC and UTS namespaces and a root of its own
     pids_max: Annotated[int, msgspec.Meta(ge=1)] = 64  # processes and threads per plugin (pids cgroup)
     identity: bool = True  # when the host is root, each plugin's worker runs as a uid of its own
-    uid_base: Annotated[int, msgspec.Meta(ge=1000)] = 61000  # plugin uids are uid_base + 0..3999
+    # plugin uids are uid_base + 0..3999: far from the system's and users' (and from systemd's
+    # dynamic users, 61184-65519, and the usual subordinate ranges of containers, 100000 up)
+    uid_base: Annotated[int, msgspec.Meta(ge=1000, le=2**31 - 5000)] = 2_000_000_000
     rlimits: Rlimits = msgspec.field(default_factory=Rlimits)
 
 
@@ -319,6 +321,23 @@ def _check_grants(config: Config) -> None:
     writes = [(name, i, path) for name, settings in config.host.plugins.items()
               for i, path in enumerate(settings.permissions.filesystem.write if settings.permissions.filesystem else [])]
     protected = {"host.state_dir": config.host.state_dir}
+    # Where the host writes (workspace_dir) or finds code it runs (plugins, wheels): a plugin that
+    # may write one of these, or a directory that holds one, could swap it for a link to anywhere,
+    # or change another plugin's code. A grant inside workspace_dir is fine (its own subdirectory).
+    builtin = config.host.builtin_plugins_dir or os.path.realpath(os.path.join(os.path.dirname(__file__),
+                                                                                 "builtin_plugins"))
+    code = {"plugins_dir": config.plugins_dir, "host.builtin_plugins_dir": builtin,
+            "host.wheel_dir": config.host.wheel_dir,
+            **{f"host.search_path[{i}]": path for i, path in enumerate(config.host.search_path or [])}}
+    for owner, w_index, written in writes:
+        key = f"{config.path}: host.plugins.{owner}.permissions.filesystem.write[{w_index}]"
+        if _within(config.workspace_dir, written):
+            raise ConfigError(f"{key}: {written} holds workspace_dir ({config.workspace_dir}), where the host "
+                              "writes TOOLS.md and SOUL.md: grant a directory inside it instead")
+        for what, place in code.items():
+            if place is not None and (_within(place, written) or _within(written, place)):
+                raise ConfigError(f"{key}: {written} and {what} ({place}) overlap: a plugin may not write "
+                                  "plugins' code")
     own = [(entry.name, own_workspace(config, entry.name)) for entry in config.plugins
            if config.settings_for(entry.name).workspace]
     for owner, w_index, written in writes:

@@ -23,9 +23,11 @@ answered ENETUNREACH, as the worker's empty namespace would, and unix sockets EA
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import errno
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
@@ -33,7 +35,10 @@ import select
 import socket
 import struct
 import time
+from functools import partial
 from typing import NamedTuple
+
+import psutil
 
 from qanot_worker import protocol as p
 
@@ -60,6 +65,19 @@ REFRESH_AFTER = 1.0  # an address that matches no cached name is looked up again
 COPIED_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY), (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
                   (socket.SOL_SOCKET, socket.SO_REUSEADDR)]
 MAX_LOGGED_DENIALS = 50  # distinct destinations logged per worker; the count goes on
+MAX_LOGGED_FAILURES = 20  # unexpected failures logged per worker (with a traceback); the rest counted
+# Connections being made for one worker at once: more are answered EAGAIN. Each holds a host socket
+# (a descriptor of the host's) until it connects, fails, or its connect() call goes away.
+MAX_PENDING_CONNECTS = 64
+STILL_WAITING_EVERY = 0.5  # how often a pending connection checks that its connect() still waits
+# Notifications decided per second for one worker (a bucket of twice that): beyond, EAGAIN at once,
+# so that a plugin looping on connect() cannot spend the host's CPU many times its own cpu_max.
+DECISIONS_PER_SECOND = 500.0
+# A host-made socket's buffers, each way (the kernel doubles the figure): its memory is the host's,
+# outside the plugin's memory cgroup, so it is kept small; the plugin cannot raise it (seccomp).
+SOCKET_BUFFER = 128 * 1024
+DNS_TIMEOUT = 5.0  # a granted name that takes longer to resolve does not resolve, this time
+DNS_THREADS = 4  # name look-ups for every plugin's egress, apart from the host's other threads
 IPPROTO_MPTCP = 262
 CARRIED_PROTOCOLS = (0, socket.IPPROTO_TCP, IPPROTO_MPTCP)
 MIN_ADDRESS = {socket.AF_INET: 16, socket.AF_INET6: 24}  # sizeof sockaddr_in, SIN6_LEN_RFC2133
@@ -80,6 +98,7 @@ class EgressPolicy:
         self._dns = {(_literal(ns), 53) for ns in (nameservers if nameservers is not None else _nameservers())
                      if _literal(ns) is not None} if wants_names else set()
         self._resolved: dict[str, tuple[float, set[str]]] = {}
+        self._resolving: dict[str, asyncio.Future] = {}  # one look-up of a name at a time
 
     @classmethod
     def from_spec(cls, plugin: str, spec: p.SandboxSpec) -> "EgressPolicy":
@@ -90,9 +109,10 @@ class EgressPolicy:
         return ", ".join(parts)
 
     async def allows(self, address: str, port: int) -> bool:
-        """Loopback, link-local (cloud metadata) and unspecified addresses are reached only when the
-        grant names them: as an IP literal, or as "localhost". A `ports` grant (any host) and a
-        name whose DNS its owner controls do not reach them."""
+        """The host's own addresses (loopback, and every address of its interfaces), link-local and
+        the other cloud metadata addresses, and unspecified ones are reached only when the grant
+        names them: as an IP literal, or as "localhost". A `ports` grant (any host) and a name
+        whose DNS its owner controls do not reach them."""
         if (address, port) in self._dns:
             return True
         internal = _internal(address)
@@ -115,14 +135,24 @@ class EgressPolicy:
         cached = self._resolved.get(host)
         if cached is not None and now - cached[0] < (REFRESH_AFTER if refresh else RESOLVE_TTL):
             return cached[1]
+        pending = self._resolving.get(host)
+        if pending is None:  # every connect that needs this name meanwhile waits for this one look-up
+            pending = self._resolving[host] = asyncio.ensure_future(self._resolve(host))
+            pending.add_done_callback(lambda _: self._resolving.pop(host, None))
+        return await asyncio.shield(pending)
+
+    async def _resolve(self, host: str) -> set[str]:
+        loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            log.warning("plugin %s: granted host %s does not resolve: %s", self.plugin, host, exc)
+            infos = await asyncio.wait_for(loop.run_in_executor(
+                _dns_executor(), partial(socket.getaddrinfo, host, None, type=socket.SOCK_STREAM)), DNS_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("plugin %s: granted host %s does not resolve: %s", self.plugin, host,
+                        exc if isinstance(exc, OSError) else f"no answer within {DNS_TIMEOUT:g} s")
             addresses: set[str] = set()
         else:
             addresses = {_literal(info[4][0]) or info[4][0] for info in infos}
-        self._resolved[host] = (now, addresses)
+        self._resolved[host] = (time.monotonic(), addresses)
         return addresses
 
 
@@ -145,6 +175,9 @@ class EgressGate:
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
         self._logged: set[tuple[str, int]] = set()
+        self._failures = 0
+        self._tokens = 2 * DECISIONS_PER_SECOND
+        self._stamp = time.monotonic()
         self._poller = select.poll()  # RECV would block on a wake-up that is only "the worker is gone"
         self._poller.register(self._fd, select.POLLIN)
         self._loop.add_reader(self._fd, self._on_ready)
@@ -180,11 +213,31 @@ class EgressGate:
                 self.close()
             return
         notif_id, tid, _flags, nr, _arch, _ip, fd, addr_ptr, addr_len, *_ = NOTIF.unpack(buf)
+        if not self._take_token() or len(self._tasks) >= MAX_PENDING_CONNECTS:
+            self._answer(notif_id, error=errno.EAGAIN)  # as a kernel short of resources would
+            return
         try:
             self._decide(notif_id, tid, nr, fd, addr_ptr, addr_len)
         except Exception:  # a notification left unanswered would hang the plugin's thread for good
-            log.exception("plugin %s: egress: a connect() could not be decided; refused", self.plugin)
+            self._failed("a connect() could not be decided; refused")
             self._answer(notif_id, error=errno.EACCES)
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(2 * DECISIONS_PER_SECOND, self._tokens + (now - self._stamp) * DECISIONS_PER_SECOND)
+        self._stamp = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _failed(self, what: str) -> None:
+        """Something unexpected, logged with its traceback: only the first few per worker, so a plugin
+        that provokes it in a loop cannot flood the host's log."""
+        self._failures += 1
+        if self._failures <= MAX_LOGGED_FAILURES:
+            log.exception("plugin %s: egress: %s%s", self.plugin, what,
+                          " (later ones are counted, not logged)" if self._failures == MAX_LOGGED_FAILURES else "")
 
     def _decide(self, notif_id: int, tid: int, nr: int, fd: int, addr_ptr: int, addr_len: int) -> None:
         if nr != SYS_CONNECT:
@@ -193,7 +246,7 @@ class EgressGate:
         try:
             raw = _read_memory(tid, addr_ptr, min(addr_len, 128))
             fcntl.ioctl(self._fd, IOCTL_ID_VALID, struct.pack("=Q", notif_id))  # tid was not reused
-        except OSError:
+        except (OSError, OverflowError, ValueError):  # a pointer past the address space, too
             self._answer(notif_id, error=errno.EFAULT)
             return
         # Never CONTINUE: the kernel would read the descriptor and the address again, and the plugin
@@ -230,8 +283,10 @@ class EgressGate:
                        sockaddr: tuple) -> None:
         try:
             await self._make_connection(notif_id, fd, target, address, port, sockaddr)
+        except (OverflowError, ValueError):  # a sockaddr the host's socket module refuses (flowinfo...)
+            self._answer(notif_id, error=errno.EINVAL)
         except Exception:
-            log.exception("plugin %s: egress: connecting to %s:%s failed; refused", self.plugin, address, port)
+            self._failed(f"connecting to {address}:{port} failed; refused")
             self._answer(notif_id, error=errno.EACCES)
 
     async def _make_connection(self, notif_id: int, fd: int, target: "_Target", address: str, port: int,
@@ -244,6 +299,8 @@ class EgressGate:
         sock = socket.socket(target.family, socket.SOCK_STREAM, 0)
         try:
             sock.setblocking(False)
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
             for level, option, value in target.options:  # what the plugin set before connecting
                 sock.setsockopt(level, option, value)
             if target.nonblocking:  # the plugin polls for the result itself, as with its own socket
@@ -252,16 +309,13 @@ class EgressGate:
                     self._answer(notif_id, error=error)
                     return
             else:
-                try:
-                    await asyncio.wait_for(self._loop.sock_connect(sock, sockaddr), CONNECT_TIMEOUT)
-                except asyncio.TimeoutError:
-                    self._answer(notif_id, error=errno.ETIMEDOUT)
+                error = await self._connect_while_waited_for(notif_id, sock, sockaddr)
+                if error is None:  # the plugin's connect() went away (a signal): nothing to install
                     return
-                except OSError as exc:
-                    self._answer(notif_id, error=exc.errno or errno.ECONNREFUSED)
+                if error:
+                    self._answer(notif_id, error=error)
                     return
                 sock.setblocking(True)
-                error = 0
             try:
                 fcntl.ioctl(self._fd, IOCTL_ADDFD, ADDFD.pack(notif_id, ADDFD_FLAG_SETFD, sock.fileno(), fd,
                                                               target.fd_flags))
@@ -273,6 +327,35 @@ class EgressGate:
             self._answer(notif_id, error=error)
         finally:
             sock.close()
+
+    async def _connect_while_waited_for(self, notif_id: int, sock: socket.socket, sockaddr: tuple) -> int | None:
+        """Connect the host's socket, within CONNECT_TIMEOUT: 0, an errno, or None once the plugin's
+        connect() call no longer waits (interrupted by a signal, its thread gone), so a plugin
+        cannot leave the host holding sockets for calls it abandoned."""
+        connecting = asyncio.ensure_future(self._loop.sock_connect(sock, sockaddr))
+        deadline = self._loop.time() + CONNECT_TIMEOUT
+        try:
+            while True:
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    return errno.ETIMEDOUT
+                done, _ = await asyncio.wait({connecting}, timeout=min(STILL_WAITING_EVERY, left))
+                if done:
+                    exc = connecting.exception()
+                    if exc is None:
+                        return 0
+                    return getattr(exc, "errno", None) or errno.ECONNREFUSED
+                if not self._still_waiting(notif_id):
+                    return None
+        finally:
+            connecting.cancel()
+
+    def _still_waiting(self, notif_id: int) -> bool:
+        try:
+            fcntl.ioctl(self._fd, IOCTL_ID_VALID, struct.pack("=Q", notif_id))
+        except OSError:
+            return False
+        return True
 
     def _deny(self, notif_id: int, address: str, port: int) -> None:
         self.denied += 1
@@ -385,14 +468,49 @@ def _parse_sockaddr(family: int, raw: bytes) -> tuple[str, int, tuple]:
 LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 
+# Cloud metadata services outside link-local: AWS's over IPv6 (fd00:ec2::254), Alibaba Cloud's,
+# and Azure's wire server. (169.254.169.254, where most keep instance credentials, is link-local.)
+METADATA_NETWORKS = [ipaddress.ip_network(n) for n in ("fd00:ec2::/32", "100.100.100.200/32", "168.63.129.16/32")]
+OWN_ADDRESSES_TTL = 10.0
+_own_addresses: tuple[float, frozenset[str]] = (-OWN_ADDRESSES_TTL, frozenset())
+
+
 def _internal(address: str) -> bool:
-    """The host itself, link-local (169.254.169.254 is where clouds keep instance credentials) or
-    no address at all: never reached by a grant that does not name it."""
+    """The host itself (loopback, and any address of its own interfaces: a service listening on all
+    of them is the host's), link-local, cloud metadata, or no address at all: never reached by a
+    grant that does not name it."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return True
-    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+    if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
+        return True
+    if any(ip in network for network in METADATA_NETWORKS if network.version == ip.version):
+        return True
+    return str(ip) in host_addresses()
+
+
+def host_addresses() -> frozenset[str]:
+    """The addresses of this machine's interfaces (in the host's network namespace), refreshed
+    every OWN_ADDRESSES_TTL seconds."""
+    global _own_addresses
+    stamp, addresses = _own_addresses
+    now = time.monotonic()
+    if now - stamp >= OWN_ADDRESSES_TTL:
+        found = set()
+        for entries in psutil.net_if_addrs().values():
+            for entry in entries:
+                if entry.family in (socket.AF_INET, socket.AF_INET6):
+                    literal = _literal(entry.address)
+                    if literal is not None:
+                        found.add(literal)
+        _own_addresses = (now, addresses := frozenset(found))
+    return addresses
+
+
+@functools.lru_cache(maxsize=1)
+def _dns_executor() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="qanot-egress-dns")
 
 
 def _literal(host: str) -> str | None:

@@ -27,11 +27,12 @@ from .errors import ConfigError, PluginError, PluginStartError
 from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .registry import RegisteredTool, ToolRegistry
+from .output import printable
 from .schema import SchemaError
-from .secrets import resolve_config_secrets
+from .plugin_secrets import resolve_config_secrets
 from .static import declared_tools
 from .runtime import worker_import_root
-from .sandbox_spec import PluginPlaces, sandbox_spec, withheld_permissions
+from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable, withheld_permissions
 from .supervisor import PluginState, PluginSupervisor
 from .uids import UidMap
 from .worker import WorkerHandle, WorkerOptions
@@ -40,6 +41,8 @@ from .workspace import Workspace
 __all__ = ["Host", "PluginState"]
 
 log = logging.getLogger("qanot_host")
+
+INDEX_TIMEOUT = 10.0  # the declared-tools index, made in a thread at start, waited for this long
 
 
 class Host:
@@ -58,6 +61,7 @@ class Host:
         self._stopping = False
         self._monitor: asyncio.Task | None = None
         self._registration_paused = False
+        self._declared: dict[str, set[str] | None] = {}  # plugin -> the tools its code declares
         self.registry.explain_missing = self._explain_missing
         self._cgroups = Cgroups()
         self._disks = DiskImages(self.config.host.state_dir)
@@ -99,7 +103,9 @@ class Host:
         self._import_root = worker_import_root(self.config.host.state_dir)
         if self._launcher is None:
             self._launcher = self._default_launcher()
+        indexing = asyncio.ensure_future(self._index_tools())  # alongside the plugins' start
         await self._start_plugins([e.name for e in self.config.plugins if e.enabled])
+        await indexing
         self._monitor = asyncio.get_running_loop().create_task(self._watch_limits())
         ready = [s for s in self.plugins.values() if s.state == PluginState.READY]
         log.info("ready: %d of %d plugins, %d tools", len(ready), len(self.plugins),
@@ -238,15 +244,21 @@ class Host:
         places = PluginPlaces(name, source.directory, supervisor.site_dirs, data_dir, self._import_root,
                               self._data.root_dir, self._own_workspace(name, uid))
         sandbox = sandbox_spec(self.config, places, uid, cgroups, self._namespaces)
+        if uid >= 0:
+            interpreter = [] if self._namespaces else python_paths()  # with its own root, bound for it
+            problem = unreachable([self._import_root, source.directory, *supervisor.site_dirs, *interpreter], uid,
+                                  whole_path=not self._namespaces)
+            if problem:
+                raise PluginStartError(name, problem)
         try:
             await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config, sandbox)
         except BaseException:
             await worker.stop(teardown=False)
             raise
-        info = worker.info
-        if info is not None and info.sandbox_warnings and not supervisor.sandbox_warned:
+        report = worker.report
+        if report.sandbox_warnings and not supervisor.sandbox_warned:
             supervisor.sandbox_warned = True  # once per plugin, not at every restart
-            for warning in info.sandbox_warnings:
+            for warning in report.sandbox_warnings:
                 log.warning("plugin %s: %s", name, warning)
         return worker
 
@@ -272,19 +284,36 @@ class Host:
             raise PluginStartError(plugin, f"no uid of its own: {exc.strerror or exc}") from None
 
     def _explain_missing(self, tool: str) -> str:
-        """Why a tool is not registered, when the config knows: its plugin is disabled or failed."""
+        """Why a tool is not registered, when the config knows: its plugin is disabled or failed.
+        Only from the index of declared tools made at start (never a parse here, in the event loop:
+        a caller naming unknown tools must not make the host read plugin code each time)."""
         for entry in self.config.plugins:
             supervisor = self.plugins.get(entry.name)
             if supervisor is not None and tool in supervisor.tools + supervisor.refused + supervisor.conflicts:
                 continue
-            if supervisor is not None and supervisor.state == PluginState.FAILED and supervisor.source and \
-                    tool in (declared_tools(supervisor.source.directory, supervisor.source.entry_file) or ()):
+            if tool not in (self._declared.get(entry.name) or ()):
+                continue
+            if supervisor is not None and supervisor.state == PluginState.FAILED:
                 return f"its plugin {entry.name} failed to start: {supervisor.error}"
             if not entry.enabled:
-                source = find_plugin(entry.name, self.config)
-                if source is not None and tool in (declared_tools(source.directory, source.entry_file) or ()):
-                    return f"its plugin {entry.name} is disabled in {self.config.path}"
+                return f"its plugin {entry.name} is disabled in {self.config.path}"
         return ""
+
+    def _index_declared_tools(self) -> dict[str, set[str] | None]:
+        """Each configured plugin's tools, as its code declares them (static.py); in a thread."""
+        index: dict[str, set[str] | None] = {}
+        for entry in self.config.plugins:
+            source = find_plugin(entry.name, self.config)
+            index[entry.name] = declared_tools(source.directory, source.entry_file) if source else None
+        return index
+
+    async def _index_tools(self) -> None:
+        try:
+            self._declared = await asyncio.wait_for(asyncio.to_thread(self._index_declared_tools),
+                                                    INDEX_TIMEOUT)
+        except (asyncio.TimeoutError, OSError) as exc:
+            log.warning("the index of plugins' declared tools is not ready (%s): an unknown tool's error "
+                        "will not say which plugin declares it", exc or f"over {INDEX_TIMEOUT:g} s")
 
     def _granted_env(self, plugin: str) -> dict[str, str]:
         names = self.config.settings_for(plugin).permissions.env_vars
@@ -316,7 +345,8 @@ class Host:
                                       partial(supervisor.call, spec.name), supervisor.name)
             except SchemaError as exc:
                 supervisor.refused.append(spec.name)
-                log.error("plugin %s: tool %r is not registered: its %s", supervisor.name, spec.name, exc)
+                log.error("plugin %s: tool %s is not registered: its %s", supervisor.name,
+                          printable(repr(spec.name), 100), printable(str(exc), 500))
                 continue
             holder = self.registry.add_plugin_tool(tool)
             if holder is None:
@@ -354,7 +384,9 @@ class Host:
         self._envs = self._environment_builder(new)
         for supervisor in self.plugins.values():
             supervisor.rebind(new)
+        indexing = asyncio.ensure_future(self._index_tools())
         await self._start_plugins([name for name in wanted if name in changed or name in added])
+        await indexing
         self.plugins = {name: self.plugins[name] for name in wanted}
         summary = {"added": added, "removed": removed, "restarted": changed,
                    "unchanged": [n for n in wanted if n not in changed and n not in added]}

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Callable
 
-__all__ = ["start_output_pumps", "OutputLimit", "MAX_LOG_LINE"]
+__all__ = ["start_output_pumps", "OutputLimit", "MAX_LOG_LINE", "printable", "MAX_MESSAGE"]
 
 # A plugin that prints without newlines must not make the host buffer without bound.
 MAX_LOG_LINE = 4096
@@ -115,6 +115,17 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
 # Control characters are written as escapes: a plugin must not be able to move the cursor, clear a
 # line or start a new one in the host's log and forge what seems to be the host's own line.
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
+
+
+MAX_MESSAGE = 8 * 1024  # a worker's error message, as the host keeps, logs and returns it
+
+
+def printable(text: str, limit: int = MAX_MESSAGE) -> str:
+    """A worker's text made safe for the host's log and a caller: control characters escaped (no
+    forged line can start), at most `limit` characters."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... [{len(text) - limit} more characters]"
+    return text.translate(_CONTROLS)
 
 
 def _emit(log: logging.Logger, limit: OutputLimit, kind: str, line: bytes) -> None:

@@ -19,7 +19,7 @@ from qanot_worker import protocol as p
 
 from .config import Config, NetworkGrant, Permissions
 
-__all__ = ["sandbox_spec", "withheld_permissions", "PluginPlaces"]
+__all__ = ["sandbox_spec", "withheld_permissions", "PluginPlaces", "unreachable", "python_paths"]
 
 SYSTEM_TREES = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin"]
 SYSTEM_FILES = ["/etc/ld.so.cache", "/etc/localtime"]
@@ -72,6 +72,9 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
     else:  # Landlock alone decides what of the host's file system the worker may touch
         mounts, visible = [], []
         reads = [*reads, *UNSHARED_SYSTEM_READ, *(NETWORK_FILES if network else [])]
+        if grant.subprocess:  # the programs it may run, their loader and libraries, and the interpreter
+            reads += [path for path in SYSTEM_TREES if os.path.exists(path)]
+            reads.append(os.path.dirname(os.path.realpath(sys.executable)))
         writes = [places.data_dir, *granted_writes, *DEVICE_WRITES, *(places.workspace[1:] if places.workspace else [])]
     return p.SandboxSpec(
         read_paths=sorted(set(reads)), write_paths=writes,
@@ -149,6 +152,46 @@ def _host_site_dirs() -> list[str]:
     candidates = [*site.getsitepackages(), site.getusersitepackages(),
                   *(path for path in sys.path if "site-packages" in path or "dist-packages" in path)]
     return sorted({os.path.realpath(path) for path in candidates if os.path.isdir(path)})
+
+
+def python_paths() -> list[str]:
+    """The interpreter and its standard library, which a worker reads as it imports."""
+    return sorted({os.path.realpath(sys.executable), sysconfig.get_paths()["stdlib"]})
+
+
+def unreachable(paths: list[str], uid: int, whole_path: bool) -> str | None:
+    """Why a process of `uid` (neither owner nor group of the host's files) cannot get at one of
+    `paths` by the mode bits: a directory on the way it may not search, or the place itself it may
+    not read. `whole_path`: without a root of its own the worker walks the host's own directories
+    (with one, only the last is the host's). None if every one is within reach."""
+    for path in paths:
+        parts = os.path.realpath(path).split("/")
+        walk = ["/".join(parts[:i]) or "/" for i in range(1, len(parts))] if whole_path else []
+        for directory in walk:
+            if not _allows(directory, uid, 0o1):
+                return f"{directory} is not searchable by others (mode {_mode(directory)}), and the plugin " \
+                       f"runs as a uid of its own ({uid}); it cannot reach {path}"
+        if os.path.exists(path) and not _allows(path, uid, 0o4 | (0o1 if os.path.isdir(path) else 0)):
+            return f"{path} is not readable by others (mode {_mode(path)}), and the plugin runs as a uid of " \
+                   f"its own ({uid})"
+    return None
+
+
+def _allows(path: str, uid: int, bits: int) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True  # not there: what follows says so better
+    if st.st_uid == uid:
+        return st.st_mode & (bits << 6) == bits << 6
+    return st.st_mode & bits == bits
+
+
+def _mode(path: str) -> str:
+    try:
+        return oct(os.stat(path).st_mode & 0o7777)
+    except OSError:
+        return "?"
 
 
 def withheld_permissions(declared: list[str], grant: Permissions) -> list[str]:

@@ -14,7 +14,12 @@ import os
 
 from .manifest import MAX_SOURCE, read_plugin_file
 
-__all__ = ["code_problem", "declared_tools"]
+__all__ = ["code_problem", "declared_tools", "MAX_SCANNED_FILES", "MAX_SCANNED_BYTES"]
+
+# What declared_tools reads at most: a plugin's code is the plugin's, and its syntax tree takes the
+# host's memory (about 100 times the source), so a plugin that ships megabytes of it gets no scan.
+MAX_SCANNED_FILES = 32
+MAX_SCANNED_BYTES = 2 * 1024 * 1024
 
 
 def _tree(entry_file: str) -> ast.Module:
@@ -30,6 +35,8 @@ def code_problem(entry_file: str) -> str | None:
         return f"syntax error in {exc.filename or entry_file} line {exc.lineno}: {exc.msg}"
     except (OSError, ValueError) as exc:
         return f"{entry_file} cannot be read: {exc}"
+    except (RecursionError, MemoryError):
+        return f"{entry_file} is nested too deeply (or is too large) to be read without running it"
     if _has_plugin_class(tree):
         return None
     return f"{entry_file} defines no Plugin subclass (expected class QanotPlugin(Plugin))"
@@ -48,16 +55,33 @@ def _has_plugin_class(tree: ast.Module) -> bool:
 
 def declared_tools(plugin_dir: str, entry_file: str) -> set[str] | None:
     """Tool names written as literals in the plugin's modules; None where some tool name is not a
-    literal (computed), so that the set cannot be taken as complete."""
+    literal (computed), or the code is more than MAX_SCANNED_FILES files or MAX_SCANNED_BYTES, so
+    that the set cannot be taken as complete. Slow on large code: call it off the event loop."""
     names: set[str] = set()
     complete = True
-    files = [entry_file] + sorted(os.path.join(plugin_dir, f) for f in os.listdir(plugin_dir)
-                                  if f.endswith(".py") and os.path.join(plugin_dir, f) != entry_file)
+    try:
+        siblings = sorted(f for f in os.listdir(plugin_dir) if f.endswith(".py"))
+    except OSError:
+        return None
+    files = [entry_file] + [os.path.join(plugin_dir, f) for f in siblings if os.path.join(plugin_dir, f) != entry_file]
+    if len(files) > MAX_SCANNED_FILES:
+        return None
+    budget = MAX_SCANNED_BYTES
     for path in files:
         try:
-            tree = _tree(path)
-        except (OSError, SyntaxError, ValueError):
+            source = read_plugin_file(path, budget)
+            budget -= len(source)
+            if budget <= 0:
+                return None
+            tree = ast.parse(source, filename=path)
+        except OSError as exc:
+            if exc.errno == 0:  # over what is left of the budget, or not a regular file
+                return None
             continue
+        except (SyntaxError, ValueError):
+            continue
+        except (RecursionError, MemoryError):
+            return None
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue

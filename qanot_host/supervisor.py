@@ -152,16 +152,16 @@ class PluginSupervisor:
             self.fail(exc.detail)
             log.error("plugin %s: %s; not restarting", self.name, exc.detail)
             return
-        except PluginError as exc:
-            self.last_exit = f"restart failed: {exc.detail}"
+        except Exception as exc:  # PluginError, or the host short of something (EMFILE from a pipe)
+            detail = exc.detail if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+            self.last_exit = f"restart failed: {detail}"
             decision = self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
             if decision.restart and not self._closing:
-                log.error("plugin %s: restart failed (%s); retrying in %.2f s", self.name, exc.detail,
-                          decision.delay)
+                log.error("plugin %s: restart failed (%s); retrying in %.2f s", self.name, detail, decision.delay)
                 self._schedule_restart(decision.delay)
             else:
                 self.fail(f"{decision.reason}; last exit: {self.last_exit}")
-                log.error("plugin %s: restart failed (%s); giving up", self.name, exc.detail)
+                log.error("plugin %s: restart failed (%s); giving up", self.name, detail)
             return
         self.restarts += 1
         self.recoveries.append(time.monotonic() - self._exit_seen_at)
@@ -334,6 +334,6 @@ class PluginSupervisor:
             "calls": self.calls, "errors": self.errors, "timeouts": self.timeouts,
             "tools": list(self.tools), "conflicts": list(self.conflicts), "refused_tools": list(self.refused),
             "unknown_tool_timeouts": list(self.unknown_timeouts),
-            "sandbox": list(worker.info.sandbox_layers) if running and worker.info else [],
+            "sandbox": list(worker.report.sandbox_layers) if running else [],
             "egress": worker.egress.status() if running and worker.egress else None,
         }

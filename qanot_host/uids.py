@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pwd
 import tempfile
 import zlib
 
@@ -58,8 +59,8 @@ class UidMap:
         """The uid the plugin's name hashes to, else the next one no other plugin has."""
         taken = {v for k, v in table.items() if k != plugin}
         start = zlib.crc32(plugin.encode()) % UID_RANGE
-        return next((self._base + (start + i) % UID_RANGE for i in range(UID_RANGE)
-                     if self._base + (start + i) % UID_RANGE not in taken), None)
+        return next((uid for uid in (self._base + (start + i) % UID_RANGE for i in range(UID_RANGE))
+                     if uid not in taken and not _has_user(uid)), None)
 
     def _read(self) -> dict[str, int]:
         try:
@@ -74,3 +75,12 @@ class UidMap:
         with os.fdopen(fd, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         os.replace(tmp, self._path)
+
+
+def _has_user(uid: int) -> bool:
+    """A user of the system's has this uid (as the system's name service knows it): not a plugin's."""
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True

@@ -50,18 +50,34 @@ def offered_tools(plugin: str, reply: p.ToolList) -> list[OfferedTool]:
     if len(reply.tools) > p.MAX_TOOLS:
         raise PluginStartError(plugin, f"get_tools() offered {len(reply.tools)} tools; at most {p.MAX_TOOLS} are taken")
     tools = []
+    budget = p.MAX_SCHEMAS_TOTAL  # one byte of msgpack can become a Python list: the sum is bounded too
     for spec in reply.tools:
         parameters: dict[str, Any] = {}
         problem = ""
+        budget -= len(spec.parameters)
         if len(spec.parameters) > p.MAX_SCHEMA_BYTES:
             problem = f"parameters schema is {len(spec.parameters)} bytes encoded, over {p.MAX_SCHEMA_BYTES}"
+        elif budget < 0:
+            problem = f"parameters schema is past the {p.MAX_SCHEMAS_TOTAL} bytes all of a plugin's schemas may take"
         else:
             try:
                 parameters = msgspec.msgpack.decode(spec.parameters, type=dict[str, Any])
             except (msgspec.DecodeError, RecursionError) as exc:
                 problem = f"parameters must be a JSON object ({exc or 'nested too deeply'})"
-        tools.append(OfferedTool(spec.name, spec.description, parameters, problem))
+        tools.append(OfferedTool(spec.name, _description(spec.description), parameters, problem))
     return tools
+
+
+def _description(text: str) -> str:
+    """What the model is shown of a tool: at most MAX_DESCRIPTION characters, no control characters
+    but newlines and tabs."""
+    if len(text) > MAX_DESCRIPTION:
+        text = text[:MAX_DESCRIPTION] + " [cut]"
+    return text.translate(_CONTROLS)
+
+
+MAX_DESCRIPTION = 16 * 1024
+_CONTROLS = {c: None for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)}
 
 
 @dataclass
@@ -104,6 +120,7 @@ class WorkerHandle:
         self._lost_reason: PluginError | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.info: p.Loaded | None = None
+        self.report = p.Hello(0, 0)  # the worker's sandbox report, from before any plugin code ran
         self.tools: list[OfferedTool] = []
         self.extensions = p.Extensions()  # what the plugin's extension points returned at load
         self.started_at = 0.0
@@ -140,6 +157,7 @@ class WorkerHandle:
         self._oom_kills_at_start = self._options.oom_kills() if self._options.oom_kills else 0
         await self._spawn()
         hello = await self._handshake()
+        self.report = hello
         self._plugin_pid = self._find_plugin_pid(hello.pid)
         if hello.egress_fd >= 0:
             self._take_egress_listener(hello.egress_fd)

@@ -26,14 +26,17 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import stat
-import tempfile
+import time
 
 __all__ = ["Workspace", "MAX_BLOCK"]
 
 log = logging.getLogger("qanot_host.workspace")
 
 LOCK_NAME = ".qanot-host.lock"
+LOCK_TIMEOUT = 5.0  # another host editing the files holds the lock for milliseconds
+FILE_MODE = 0o644
 MAX_BLOCK = 64 * 1024
 MAX_FILE = 16 * 1024 * 1024  # a TOOLS.md or SOUL.md larger than this is not edited
 _BEGIN = "<!-- qanot-host:begin {} -->"
@@ -53,35 +56,37 @@ class Workspace:
         self._lock = asyncio.Lock()
 
     async def add_plugin_docs(self, plugin: str, tools_md: str, soul_append: str) -> None:
+        """Never raises: a workspace the host cannot edit is logged, and the plugin runs on."""
         async with self._lock:
-            await asyncio.to_thread(self._update_locked, plugin, tools_md, soul_append)
+            try:
+                await asyncio.to_thread(self._update_locked, plugin, tools_md, soul_append)
+            except (OSError, WorkspaceFileError) as exc:
+                log.error("plugin %s: TOOLS.md and SOUL.md not updated: %s", plugin, exc)
 
     def _update_locked(self, plugin: str, tools_md: str, soul_append: str) -> None:
         if not tools_md.strip() and not soul_append.strip() and not os.path.isdir(self.directory):
             return
         os.makedirs(self.directory, exist_ok=True)
-        # A plugin granted write on the workspace may have put symlinks where these files go: none
-        # is ever followed (O_NOFOLLOW), and only regular files are read, up to MAX_FILE bytes.
+        # Everything below is relative to the directory's descriptor, and no name in it is ever
+        # followed if it is a symlink: whoever else writes there (another program, a plugin granted
+        # it) cannot turn a write, a chmod or a read of the host's elsewhere.
+        directory = os.open(self.directory, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            lock = os.open(os.path.join(self.directory, LOCK_NAME),
-                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            log.error("plugin %s: TOOLS.md and SOUL.md not updated: %s/%s: %s", plugin, self.directory, LOCK_NAME,
-                      exc.strerror)
-            return
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._put_block("TOOLS.md", plugin, _inert(plugin, "tools_md", tools_md))
-            soul = _inert(plugin, "soul_append", soul_append)
-            if soul and not _first_line_is_users(self._read("SOUL.md"), soul):
-                self._put_block("SOUL.md", plugin, soul)
-        except WorkspaceFileError as exc:
-            log.error("plugin %s: %s", plugin, exc)
+            lock = os.open(LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                           dir_fd=directory)
+            try:
+                _lock_within(lock, LOCK_TIMEOUT, os.path.join(self.directory, LOCK_NAME))
+                self._put_block(directory, "TOOLS.md", plugin, _inert(plugin, "tools_md", tools_md))
+                soul = _inert(plugin, "soul_append", soul_append)
+                if soul and not _first_line_is_users(self._read(directory, "SOUL.md"), soul):
+                    self._put_block(directory, "SOUL.md", plugin, soul)
+            finally:
+                os.close(lock)
         finally:
-            os.close(lock)
+            os.close(directory)
 
-    def _put_block(self, filename: str, plugin: str, text: str) -> None:
-        current = self._read(filename)
+    def _put_block(self, directory: int, filename: str, plugin: str, text: str) -> None:
+        current = self._read(directory, filename)
         block = f"{_BEGIN.format(plugin)}\n{text}\n{_END.format(plugin)}\n" if text else ""
         found = [m for m in _BLOCK.finditer(current) if m.group(1) == plugin]
         if found and found[0].group(0).rstrip("\n") == block.rstrip("\n") and len(found) == 1:
@@ -97,12 +102,12 @@ class Workspace:
                 updated += "\n"
             updated += block
         if updated != current:
-            self._write(filename, updated)
+            self._write(directory, filename, updated)
 
-    def _read(self, filename: str) -> str:
+    def _read(self, directory: int, filename: str) -> str:
         path = os.path.join(self.directory, filename)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(filename, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
         except FileNotFoundError:
             return ""
         except OSError as exc:
@@ -115,23 +120,38 @@ class Workspace:
         finally:
             os.close(fd)
 
-    def _write(self, filename: str, text: str) -> None:
-        path = os.path.join(self.directory, filename)
-        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=self.directory)
+    def _write(self, directory: int, filename: str, text: str) -> None:
+        """A new file, made here (O_EXCL: never one someone put in the way), given mode 0644 through
+        its descriptor, then renamed over the old one, all relative to the directory."""
+        scratch = f".{filename}.{secrets.token_hex(8)}"
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
+                os.fchmod(f.fileno(), FILE_MODE)
                 os.fsync(f.fileno())
-            try:
-                mode = os.lstat(path).st_mode & 0o777
-            except FileNotFoundError:
-                mode = 0o644
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
+            os.rename(scratch, filename, src_dir_fd=directory, dst_dir_fd=directory)
         except BaseException:
-            os.unlink(tmp)
+            try:
+                os.unlink(scratch, dir_fd=directory)
+            except OSError:
+                pass
             raise
+
+
+def _lock_within(fd: int, timeout: float, path: str) -> None:
+    """flock, but never waiting on it for good: whoever holds the lock longer is in the wrong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise WorkspaceFileError(f"{path} has been locked by someone else for over {timeout:g} s") from None
+            time.sleep(0.05)
 
 
 def _inert(plugin: str, what: str, text: str) -> str:

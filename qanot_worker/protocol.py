@@ -26,7 +26,7 @@ from typing import Any, Union
 import msgspec
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE", "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter", "Outbox",
+    "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_SCHEMAS_TOTAL", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE", "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter", "Outbox",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage", "Extensions", "CommandSpec",
@@ -51,7 +51,8 @@ _PREFIX = struct.Struct(">I")
 # cannot make either side reserve gigabytes.
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_SCHEMA_BYTES = 64 * 1024  # one tool's parameters schema, encoded
-MAX_TOOLS = 1024  # tools one plugin may offer
+MAX_SCHEMAS_TOTAL = 1024 * 1024  # all of one plugin's schemas, encoded (Qanot's largest plugin: ~40 KiB)
+MAX_TOOLS = 256  # tools one plugin may offer (Qanot's largest plugin has 34)
 
 
 class FailureKind:
@@ -72,9 +73,15 @@ class FailureKind:
 # ---- worker -> host -------------------------------------------------------------------------------
 
 class Hello(msgspec.Struct, tag=True, array_like=True):
+    """The worker's first frame, and its sandbox report: sent before any plugin code is imported, so
+    nothing a plugin does can change what it says."""
+
     protocol: int
     pid: int
     egress_fd: int = -1  # the worker's seccomp listener for connect(): the host takes it before Load
+    sandbox_layers: list[str] = []  # the layers the worker put itself in
+    sandbox_warnings: list[str] = []  # ...and the ones it could not
+    sandbox_ms: float = 0.0  # what entering the sandbox cost the worker
 
 
 class Loaded(msgspec.Struct, tag=True, array_like=True):
@@ -84,9 +91,6 @@ class Loaded(msgspec.Struct, tag=True, array_like=True):
     version: str
     tools_md: str
     soul_append: str
-    sandbox_layers: list[str] = []  # the layers the worker put itself in
-    sandbox_warnings: list[str] = []  # ...and the ones it could not
-    sandbox_ms: float = 0.0  # what entering the sandbox cost the worker
     hooks: list[str] = []  # the hooks the plugin overrides (Qanot's HookRegistry registers only those)
 
 

@@ -46,7 +46,7 @@ class SandboxOutcome:
     warnings: list[str] = field(default_factory=list)
     refused: str = ""  # strict and a layer missing: the plugin must not be loaded
     milliseconds: float = 0.0  # what entering the sandbox cost
-    cgroups_to_verify: dict[str, str] = field(default_factory=dict)  # placed by the launcher: checked on Load
+    cgroups_to_verify: dict[str, str] = field(default_factory=dict)  # placed by the launcher: checked at Hello
     strict: bool = False
     egress_fd: int = -1  # the connect() listener, held until the host has taken its own copy
 
@@ -57,7 +57,7 @@ class SandboxOutcome:
             os.close(fd)
 
     def verify_cgroups(self) -> None:
-        """On Load: the launcher has answered by now, so the worker must be in its groups."""
+        """Before Hello: the launcher let the worker go on only once it was in its groups."""
         groups, self.cgroups_to_verify = self.cgroups_to_verify, {}
         for name, path in groups.items():
             if not name.endswith("-cgroup"):

@@ -9,8 +9,9 @@ clone3 answers ENOSYS so glibc falls back to clone, where flags can be checked, 
 sends (a connect hidden in sendto/sendmsg, which the egress listener would not see). Without the
 subprocess permission, execve and every clone that is not a thread are denied too.
 
-A second, one-rule filter hands every connect() to a listener (SECCOMP_RET_USER_NOTIF) when the
-plugin's network is narrowed to host:port pairs: the host answers for the kernel (qanot_host/egress.py).
+A second filter, when the plugin's network is narrowed to host:port pairs, hands every connect() to
+a listener (SECCOMP_RET_USER_NOTIF): the host answers for the kernel (qanot_host/egress.py). It
+also refuses listen() and accept(), and keeps socket buffer sizes as the host set them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ DENY = {
 DENY_WITHOUT_SUBPROCESS = {"execve": 59, "execveat": 322, "fork": 57, "vfork": 58}
 CLONE, CLONE3, SOCKET, IOCTL, CONNECT = 56, 435, 41, 16, 42
 SENDTO, SENDMSG, SENDMMSG = 44, 46, 307  # flags are arg 3, 2 and 3
+LISTEN, ACCEPT, ACCEPT4, SETSOCKOPT = 50, 43, 288, 54
+SOL_SOCKET = 1
+BUFFER_OPTIONS = (7, 8, 32, 33)  # SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE
 MSG_FASTOPEN = 0x20000000
 CLONE_THREAD = 0x00010000
 CLONE_NEW_ANY = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x00000080
@@ -135,16 +139,33 @@ def install_seccomp(subprocess: bool) -> tuple[bool, str]:
     return True, f"{count} instructions"
 
 
+def _narrowed_network_program() -> list[tuple[int, int, int, int]]:
+    """connect() goes to the listener; listen() and accept() are refused (a socket the host made,
+    disconnected while still connecting, would otherwise listen in the host's namespace); and the
+    buffer sizes of a socket stay the host's (setting them answers 0 and does nothing), so a host
+    socket's memory, which no cgroup of the plugin's counts, stays small."""
+    eperm = _errno(errno.EPERM)
+    sockopt = [_op(LD_W_ABS, _arg(1)), _op(JEQ_K, SOL_SOCKET, 0, 1 + 2 * len(BUFFER_OPTIONS)),
+               _op(LD_W_ABS, _arg(2))]
+    for option in BUFFER_OPTIONS:
+        sockopt += [_op(JEQ_K, option, 0, 1), _op(RET_K, _errno(0))]
+    sockopt.append(_op(RET_K, RET_ALLOW))
+    prog = [_op(LD_W_ABS, OFF_ARCH), _op(JEQ_K, AUDIT_ARCH_X86_64, 1, 0), _op(RET_K, RET_KILL),
+            _op(LD_W_ABS, OFF_NR), _op(JEQ_K, CONNECT, 0, 1), _op(RET_K, RET_USER_NOTIF)]
+    for number in (LISTEN, ACCEPT, ACCEPT4):
+        prog += [_op(JEQ_K, number, 0, 1), _op(RET_K, eperm)]
+    prog += [_op(JEQ_K, SETSOCKOPT, 0, len(sockopt))] + sockopt
+    prog.append(_op(RET_K, RET_ALLOW))
+    return prog
+
+
 def install_connect_listener() -> tuple[int, str]:
     """Send every connect() of this process (and its threads and children) to a listener; returns
     (listener fd, "") or (-1, why not). Until someone answers, a connect waits; once nobody holds
     the listener, every connect fails with ENOSYS: closed, never open."""
     if platform.machine() != "x86_64":
         return -1, f"no syscall table for {platform.machine()} yet"
-    prog = [_op(LD_W_ABS, OFF_ARCH), _op(JEQ_K, AUDIT_ARCH_X86_64, 1, 0), _op(RET_K, RET_KILL),
-            _op(LD_W_ABS, OFF_NR), _op(JEQ_K, CONNECT, 0, 1), _op(RET_K, RET_USER_NOTIF),
-            _op(RET_K, RET_ALLOW)]
-    fprog, _buf = _fprog(prog)
+    fprog, _buf = _fprog(_narrowed_network_program())
     fd = _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(fprog))
     if fd < 0:
         return -1, f"seccomp(NEW_LISTENER) failed: {errno.errorcode.get(ctypes.get_errno(), '?')}"

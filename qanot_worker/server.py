@@ -54,7 +54,10 @@ class WorkerServer(asyncio.Protocol):
 
     def attach(self, out: asyncio.WriteTransport) -> None:
         self._outbox.transport = out
-        self._send(p.Hello(protocol=p.PROTOCOL_VERSION, pid=os.getpid(), egress_fd=self._sandbox.egress_fd))
+        sandbox = self._sandbox
+        sandbox.verify_cgroups()  # the launcher put us in our cgroups before we were let go on
+        self._send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), sandbox.egress_fd, sandbox.layers, sandbox.warnings,
+                           sandbox.milliseconds))
 
     # ---- transport callbacks ---------------------------------------------------------------------
 
@@ -119,7 +122,6 @@ class WorkerServer(asyncio.Protocol):
     def _load(self, msg: p.Load) -> None:
         sandbox = self._sandbox
         sandbox.release_egress_listener()
-        sandbox.verify_cgroups()
         if sandbox.refused:  # strict, and a layer is missing: no plugin code may run
             self._send(p.Failure(msg.id, p.FailureKind.LOAD, sandbox.refused))
             return
@@ -133,8 +135,7 @@ class WorkerServer(asyncio.Protocol):
         self._plugin_name = msg.plugin_name
         self._send(p.Loaded(
             msg.id, _text(plugin.name), _text(plugin.description), _text(plugin.version),
-            _text(plugin.tools_md), _text(plugin.soul_append), sandbox.layers, sandbox.warnings,
-            sandbox.milliseconds, overridden_hooks(plugin)))
+            _text(plugin.tools_md), _text(plugin.soul_append), overridden_hooks(plugin)))
 
     async def _setup(self, msg: p.Setup) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def grant_write(plugin_name: str, path) -> dict:
 
 
 def machine_address() -> str:
-    """An address of this machine that is not loopback (a `ports` grant never reaches loopback)."""
+    """An address of this machine's own that is not loopback (a `ports` grant reaches neither)."""
     import socket
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -132,3 +133,69 @@ def machine_address() -> str:
         import pytest
         pytest.skip("this machine has no address but loopback")
     return address
+
+
+class OutsideHost:
+    """A machine of its own for network tests: a network namespace joined to the host's by a veth
+    pair, at an address that is not the host's. What listens there is "any host" to a plugin's
+    `ports` grant, which never reaches the host's own addresses."""
+
+    def __init__(self) -> None:
+        import subprocess
+        tag = os.getpid() % 10000
+        self.name = f"qhtest{tag}"
+        subnet = f"198.18.{tag % 250}"
+        self.address, self._host_side = f"{subnet}.2", f"{subnet}.1"
+        inside, outside = f"qhi{tag}", f"qho{tag}"
+        commands = [["ip", "netns", "add", self.name],
+                    ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside, "netns", self.name],
+                    ["ip", "addr", "add", f"{self._host_side}/24", "dev", outside], ["ip", "link", "set", outside, "up"],
+                    ["ip", "-n", self.name, "addr", "add", f"{self.address}/24", "dev", inside],
+                    ["ip", "-n", self.name, "link", "set", inside, "up"], ["ip", "-n", self.name, "link", "set", "lo", "up"]]
+        for command in commands:
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                self.close()
+                raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
+
+    def listen(self, kind: int | None = None):
+        """A listening TCP socket (or a bound one of `kind`) at this host's address, any port."""
+        import ctypes
+        import socket
+        import threading
+        made: list = []
+
+        def inside() -> None:  # a network namespace is a thread's own: only this thread moves
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/run/netns/{self.name}") as ns:
+                if libc.setns(ns.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+                    made.append(OSError(ctypes.get_errno(), "setns"))
+                    return
+            sock = socket.socket(socket.AF_INET, kind or socket.SOCK_STREAM)
+            sock.bind((self.address, 0))
+            if kind is None:
+                sock.listen()
+            made.append(sock)
+
+        thread = threading.Thread(target=inside)
+        thread.start()
+        thread.join()
+        if isinstance(made[0], Exception):
+            raise made[0]
+        return made[0]
+
+    def close(self) -> None:
+        import subprocess
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+@pytest.fixture
+def outside_host():
+    import shutil
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("an outside host needs root and iproute2 (ip)")
+    host = OutsideHost()
+    try:
+        yield host
+    finally:
+        host.close()

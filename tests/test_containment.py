@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -21,7 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qanot_host import Host, PluginState
+from qanot_host import ConfigError, Host, PluginState
+from qanot_host.config import load_config
 
 from .conftest import FIXTURE_PLUGINS, GREETER, grant_write, machine_address, plugin, wait_until
 
@@ -155,6 +158,9 @@ async def test_sysv_ipc_is_private_to_the_plugin_and_under_its_memory_ceiling(wr
         made = await attack(host, "sysv", key=0x51A7)
         assert "msgget -1" not in made and "shmget -1" not in made, made  # it may make them: in its own namespace
         assert 0x51A7 not in host_sysv_keys()
+        tcp = os.path.join(host._cgroups._group("memory", "attacker"), "memory.kmem.tcp.limit_in_bytes")
+        if os.path.exists(tcp):  # cgroup v1: its sockets' buffers are counted, and capped, too
+            assert int(Path(tcp).read_text()) == 200 * 2**20
         result = await attack(host, "sysv", key=0x51A8, mb=2048)
         assert "worker crashed (killed by SIGKILL): out of memory, over its memory_mb=200" in result, result
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
@@ -245,11 +251,13 @@ async def test_a_host_at_start_removes_cgroups_left_by_hosts_that_are_gone(write
 
 # ---- 6. a ports grant carries TCP to those ports, nothing else ---------------------------------------
 
-async def test_a_ports_grant_carries_tcp_to_its_ports_and_nothing_else(write_config):
-    address = machine_address()
-    granted = socket.socket()
-    granted.bind(("0.0.0.0", 0))
-    granted.listen()
+async def test_a_ports_grant_carries_tcp_to_its_ports_and_nothing_else(write_config, outside_host):
+    granted = outside_host.listen()  # another machine: what a ports grant (any host) is for
+    port = granted.getsockname()[1]
+    own = socket.socket()  # a service of the host's own, on all its addresses
+    own.bind(("0.0.0.0", 0))
+    own.listen()
+    own.setblocking(False)
     other = socket.socket()
     other.bind(("127.0.0.1", 0))
     other.listen()
@@ -261,27 +269,37 @@ async def test_a_ports_grant_carries_tcp_to_its_ports_and_nothing_else(write_con
     free.bind(("127.0.0.1", 0))
     listen_port = free.getsockname()[1]
     free.close()
-    port = granted.getsockname()[1]
     config = write_config([plugin("attacker", granted_port=port, other_port=other.getsockname()[1],
-                                  udp_port=udp.getsockname()[1], listen_port=listen_port, address=address)],
-                          host={"plugins": {"attacker": {"permissions": {"network": {"ports": [port]}}}}})
+                                  udp_port=udp.getsockname()[1], listen_port=listen_port,
+                                  address=outside_host.address, own_address=machine_address(),
+                                  own_port=own.getsockname()[1])],
+                          host={"plugins": {"attacker": {"permissions": {"network": {
+                              "ports": [port, own.getsockname()[1]]}}}}})
     try:
         async with Host(config) as host:
             assert "egress-filter" in host.status()[0]["sandbox"]
             result = await attack(host, "net_around")
             assert "granted port: connected" in result and "proto 262 connect" in result, result
-            conn, _ = granted.accept()
-            assert conn.recv(100) == b"hello granted\n"
-            conn.close()
+            assert "granted port on the host's own address: " in result, result
+            assert "listen on a host-made socket: Operation not permitted" in result, result
+            assert "sndbuf after asking for 64 MiB: " in result and "67108864" not in result, result
+            granted.settimeout(5)
+            received = []
+            for _ in range(2):  # the hijack attempt's connection, then the real one
+                conn, _ = granted.accept()
+                received.append(conn.recv(100))
+                conn.close()
+            assert b"hello granted\n" in received, received
             with pytest.raises(BlockingIOError):
                 udp.recv(100)
-            with pytest.raises(BlockingIOError):
-                other.accept()
+            for listener in (other, own):
+                with pytest.raises(BlockingIOError):
+                    listener.accept()
             with pytest.raises(ConnectionRefusedError):  # its MPTCP listener is in its own network
                 socket.create_connection(("127.0.0.1", listen_port), timeout=2).close()
-            assert host.status()[0]["egress"]["denied"] >= 1, (result, host.status()[0]["egress"])
+            assert host.status()[0]["egress"]["denied"] >= 2, (result, host.status()[0]["egress"])
     finally:
-        for s in (granted, other, udp):
+        for s in (granted, other, udp, own):
             s.close()
 
 
@@ -390,7 +408,7 @@ async def test_the_worker_is_nobody_in_a_world_of_its_own(write_config):
     async with Host(write_config([plugin("attacker"), GREETER])) as host:
         me = json.loads(await attack(host, "identity"))
         greeter_uid = psutil.Process(host.plugins["greeter"].worker.pid).uids().real
-    assert me["uid"] >= 61000 and me["uid"] != greeter_uid
+    assert me["uid"] >= 2_000_000_000 and me["uid"] != greeter_uid
     assert me["CapEff"] == me["CapPrm"] == "0000000000000000"
     assert (me["NoNewPrivs"], me["Seccomp"], me["pid"], me["procs"]) == ("1", "2", 2, [1, 2])
     assert me["exists"] == ["/usr/bin/python3"], me["exists"]  # the system's programs, read-only; no more
@@ -469,6 +487,86 @@ async def test_a_schema_that_would_decode_to_gigabytes_is_refused_before_decodin
     assert grown < 100 and took < 10, (grown, took)
 
 
+async def test_schemas_under_the_per_tool_cap_are_bounded_in_total(write_config):
+    rss_before = psutil.Process().memory_info().rss
+    async with Host(write_config([plugin("attacker", schema_spread=[200, 60_000]), GREETER])) as host:
+        refused = host.status()[0]["refused_tools"]
+        assert 150 < len(refused) < 200, len(refused)  # those past the 1 MiB total
+        assert await host.registry.execute("spread_0", {}) == "spread"
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+    assert (psutil.Process().memory_info().rss - rss_before) / 2**20 < 400
+
+
+async def test_a_sandbox_report_forged_by_plugin_code_is_not_what_the_host_shows(write_config, caplog):
+    async with Host(write_config([plugin("forger"), GREETER])) as host:
+        status = {row["plugin"]: row for row in host.status()}
+        assert status["forger"]["state"] == "ready"
+        assert "FORGED-layer-quantum-shield" not in status["forger"]["sandbox"]
+        assert status["forger"]["sandbox"] == status["greeter"]["sandbox"]
+    assert not any("\x1b" in r.getMessage() or "plugin bank ready" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_unknown_tool_never_makes_the_host_parse_plugin_code(write_config, tmp_path):
+    extra = tmp_path / "extra"
+    (extra / "astbomb").mkdir(parents=True)
+    (extra / "astbomb" / "plugin.py").write_text(
+        "from qanot.plugins.base import Plugin, tool\n"
+        "class QanotPlugin(Plugin):\n"
+        "    def get_tools(self):\n        return self._collect_tools()\n"
+        "    async def setup(self, config):\n        raise RuntimeError('failing on purpose')\n"
+        "    @tool(name='bomb_tool', description='x')\n"
+        "    async def bomb(self, params):\n        return 'x'\n")
+    for i in range(3):  # megabytes of code whose syntax tree is gigabytes
+        (extra / "astbomb" / f"filler{i}.py").write_text("x = (" + "a," * 1_500_000 + ")\n")
+    shutil.copytree(FIXTURE_PLUGINS / "greeter", extra / "greeter")
+    async with Host(write_config([plugin("astbomb"), GREETER], plugins_dir=str(extra))) as host:
+        assert host.plugins["astbomb"].state == PluginState.FAILED
+        rss = psutil.Process().memory_info().rss
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for _ in range(20):
+            assert "Unknown tool" in await host.registry.execute("web_search", {})
+        assert loop.time() - began < 2  # no parse in the event loop (a parse of these takes minutes)
+        assert (psutil.Process().memory_info().rss - rss) / 2**20 < 50
+    report = subprocess.run([sys.executable, "-m", "qanot_host", "check", "--config",
+                             write_config([plugin("astbomb")], plugins_dir=str(extra))],
+                            capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in report.stderr, report.stderr
+
+
+async def test_interrupted_connects_leave_no_host_sockets_behind(write_config, outside_host):
+    silent = outside_host.address.rsplit(".", 1)[0] + ".3"  # on the link, nobody there: connect() hangs
+    config = write_config([plugin("attacker"), GREETER], host={"plugins": {"attacker": {"permissions": {
+        "network": {"hosts": [f"{silent}:80"]}}}}})
+    async with Host(config) as host:
+        me = psutil.Process()
+        before = me.num_fds()
+        result = await attack(host, "interrupted_connects", address=silent, port=80, seconds=3)
+        assert result.startswith("contained: "), result
+        assert me.num_fds() - before < 100, (me.num_fds(), before)  # not thousands
+        await wait_until(lambda: me.num_fds() - before < 10, timeout=5, what="abandoned connects closed")
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+
+
+async def test_a_bad_address_pointer_is_efault_and_no_traceback_flood(write_config, caplog):
+    config = write_config([plugin("attacker")], host={"plugins": {"attacker": {"permissions": {
+        "network": {"hosts": ["192.0.2.200:80"]}}}}})
+    async with Host(config) as host:
+        result = await attack(host, "bad_pointer", times=300)
+    assert result == f"contained: errnos [{errno.EFAULT}]", result
+    assert sum("Traceback" in (r.exc_text or "") or r.exc_info is not None for r in caplog.records) <= 20
+
+
+def test_cloud_metadata_and_the_hosts_own_addresses_need_a_literal_grant():
+    from qanot_host.egress import EgressPolicy
+    policy = EgressPolicy("p", ports=[80], hosts=[("100.100.100.200", 80)], nameservers=[])
+    allows = lambda address: asyncio.run(policy.allows(address, 80))  # noqa: E731
+    assert allows("100.100.100.200")  # named as a literal: the operator meant it
+    for address in ("fd00:ec2::254", "168.63.129.16", "169.254.169.254", "127.0.0.1", machine_address()):
+        assert not allows(address), address
+    assert allows("198.51.100.7")  # any other host: what a ports grant is for
+
+
 async def test_a_granted_secret_never_reaches_another_plugins_memory(write_config, tmp_path, monkeypatch):
     secret = "sk-live-" + "7f3a" * 170  # 688 characters: above pymalloc's sizes, like a PEM key
     monkeypatch.setenv("VICTIM_API_KEY", secret)
@@ -484,25 +582,50 @@ async def test_a_granted_secret_never_reaches_another_plugins_memory(write_confi
     assert result == "contained: not in its memory"
 
 
-async def test_the_host_follows_no_link_a_plugin_puts_in_the_workspace(write_config, tmp_path):
+async def test_no_plugin_may_be_granted_the_workspace_or_plugins_code(write_config, tmp_path):
+    """The host writes in workspace_dir, and runs what is in plugins_dir: a plugin that could write
+    either (or a directory holding one) could swap it for a link, or change another plugin's code."""
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "workspace" / "shared").mkdir(parents=True)
+    for grant, what in ((tmp_path / "workspace", "holds workspace_dir"), (tmp_path, "holds workspace_dir"),
+                        (tmp_path / "extra", "plugins_dir")):
+        config = write_config([plugin("attacker")], plugins_dir=str(tmp_path / "extra"),
+                              host=grant_write("attacker", grant))
+        with pytest.raises(ConfigError, match=what):
+            load_config(config)
+    # inside it is fine: only that directory
+    load_config(write_config([plugin("attacker")], host=grant_write("attacker", tmp_path / "workspace" / "shared")))
+
+
+async def test_the_host_follows_no_link_in_the_workspace_and_waits_on_no_lock(write_config, tmp_path, caplog):
+    """Whoever else writes in the workspace (another program; no plugin may) plants links where the
+    host's files go and holds the host's lock: nothing is followed, and the host starts anyway."""
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     secret = tmp_path / "secret.txt"
     secret.write_text("db_password=hunter2")
     secret.chmod(0o600)
     created = tmp_path / "created-by-root"
-    settings = grant_write("attacker", workspace)
-    settings["plugins"]["greeter"] = {"workspace": False}  # the attacker may write the whole workspace
-    config = write_config([plugin("attacker", workspace_dir=str(workspace), secret_file=str(secret),
-                                  created=str(created)), GREETER], host=settings)
-    async with Host(config) as host:
-        assert await attack(host, "plant_links") == "planted"
-    async with Host(config) as host:  # the next start writes TOOLS.md and SOUL.md again
-        assert "hunter2" not in await attack(host, "read_workspace")
+    for name, target in (("TOOLS.md", secret), (".qanot-host.lock", created), ("SOUL.md", "/dev/zero")):
+        (workspace / name).symlink_to(target)
+    async with Host(write_config([GREETER])) as host:
         assert host.plugins["greeter"].state == PluginState.READY
-    assert not created.exists()
-    assert os.path.islink(workspace / "TOOLS.md")  # left alone, not followed
-    assert secret.read_text() == "db_password=hunter2"
+    assert not created.exists() and os.path.islink(workspace / "TOOLS.md")  # left alone, not followed
+    assert secret.read_text() == "db_password=hunter2" and oct(secret.stat().st_mode & 0o777) == "0o600"
+    assert any("is left alone" in r.getMessage() or "Too many levels of symbolic links" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    for name in (".qanot-host.lock", "TOOLS.md", "SOUL.md"):
+        (workspace / name).unlink()
+    lock = os.open(workspace / ".qanot-host.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held, and never let go while the host starts
+    try:
+        began = time.monotonic()
+        async with Host(write_config([GREETER])) as host:
+            assert host.plugins["greeter"].state == PluginState.READY
+        assert time.monotonic() - began < 30
+        assert any("locked by someone else" in r.getMessage() for r in caplog.records)
+    finally:
+        os.close(lock)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "zero"])

@@ -48,7 +48,7 @@ async def test_granted_host_is_reached_every_way_and_nothing_else(write_config, 
     async with Listener() as granted, Listener() as other:
         config = narrowed(write_config, [f"127.0.0.1:{granted.port}"], launcher)
         async with Host(config) as host:
-            assert "egress-filter" in host.plugins["net_client"].worker.info.sandbox_layers
+            assert "egress-filter" in host.plugins["net_client"].worker.report.sandbox_layers
             address = {"host": "127.0.0.1", "port": granted.port}
             for tool in ("net_blocking", "net_asyncio", "net_raw"):
                 assert await host.registry.execute(tool, address) == f"pong:{granted.port}", tool
@@ -145,3 +145,38 @@ async def test_plugin_code_never_holds_the_connect_listener(write_config):
         fds = json.loads(await host.registry.execute("net_fds", {}))
     assert not [fd for fd in fds if "seccomp" in fd], fds
     assert any("pipe" in fd for fd in fds)  # the listing is real
+
+
+async def test_a_slow_granted_name_is_looked_up_once_and_starves_nobody(monkeypatch):
+    """A plugin whose granted name never answers (its owner runs that name's DNS) and that connects
+    in a loop gets one look-up at a time, bounded, on threads of egress's own."""
+    import socket
+    import threading
+    import time
+
+    from qanot_host import egress
+    calls: list[str] = []
+    release = threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        calls.append(host)
+        if host == "slow.example":
+            release.wait(10)
+            raise socket.gaierror("no answer")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("198.51.100.9", 0))]
+
+    monkeypatch.setattr(egress.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(egress, "DNS_TIMEOUT", 1.0)
+    slow = egress.EgressPolicy("slowpoke", [], [("slow.example", 443)], nameservers=[])
+    other = egress.EgressPolicy("innocent", [], [("fine.example", 443)], nameservers=[])
+    try:
+        pending = [asyncio.ensure_future(slow.allows("203.0.113.9", 443)) for _ in range(200)]
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        assert await other.allows("198.51.100.9", 443)  # not behind the slow one
+        assert time.monotonic() - began < 1
+        assert await asyncio.to_thread(lambda: "free") == "free"  # the host's own threads are free
+        assert not any(await asyncio.gather(*pending))
+        assert calls.count("slow.example") <= 2  # one look-up (and one refresh), not 200
+    finally:
+        release.set()

@@ -159,8 +159,9 @@ async def test_workspace_false_gives_no_place_and_a_grant_over_another_plugins_p
     assert not (tmp_path / "workspace" / STYLE).exists()
     from qanot_host.config import load_config
     from qanot_host.errors import ConfigError
+    (tmp_path / "workspace" / STYLE).mkdir()
     greedy = write_config([style(), GREETER], host={"plugins": {"greeter": {"permissions": {
-        "filesystem": {"write": [str(tmp_path / "workspace")]}}}}})
+        "filesystem": {"write": [str(tmp_path / "workspace" / STYLE)]}}}}})
     with pytest.raises(ConfigError, match="plugin qanot_style's own place in the workspace"):
         load_config(greedy)
 

@@ -13,11 +13,11 @@ from aiohttp import web
 
 from qanot_host import Host, PluginState
 
-from .conftest import machine_address, plugin
+from .conftest import plugin
 
 
 @pytest.mark.parametrize("grant", ["ports", "hosts"])
-async def test_weather_get_against_a_local_server(write_config, grant):
+async def test_weather_get_against_a_local_server(write_config, grant, request):
     seen = []
 
     async def current(request: web.Request) -> web.Response:
@@ -28,14 +28,20 @@ async def test_weather_get_against_a_local_server(write_config, grant):
     app.router.add_get("/current", current)
     runner = web.AppRunner(app)
     await runner.setup()
-    address = machine_address()  # a ports grant (any host) never reaches loopback
-    site = web.TCPSite(runner, "0.0.0.0", 0)
+    if grant == "ports":  # any host, but never the host itself: the server is on another machine
+        outside = request.getfixturevalue("outside_host")
+        sock = outside.listen()
+        address, port = outside.address, sock.getsockname()[1]
+        site = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    if grant == "hosts":
+        port = site._server.sockets[0].getsockname()[1]
     try:
         # narrowed to the port, or to the one host and port (by name: the host resolves it too)
-        network, base_url = {"ports": ({"ports": [port]}, f"http://{address}:{port}"),
-                             "hosts": ({"hosts": [f"localhost:{port}"]}, f"http://localhost:{port}")}[grant]
+        network, base_url = ({"ports": [port]}, f"http://{address}:{port}") if grant == "ports" else \
+            ({"hosts": [f"localhost:{port}"]}, f"http://localhost:{port}")
         config = write_config([plugin("weather", api_key="k-123", base_url=base_url)],
                               host={"install_timeout": 300, "plugins": {"weather": {
                                   "permissions": {"network": network}}}})

@@ -199,6 +199,32 @@ class QanotPlugin(Plugin):
             results.append("ESCAPED: a ports grant reached loopback")
         except OSError as exc:
             results.append(f"granted port on loopback: {exc.strerror or exc}")
+        try:  # ...nor the machine's own addresses, where a service listening on all of them answers
+            socket.create_connection((self.config["own_address"], self.config["own_port"]), timeout=3).close()
+            results.append("ESCAPED: a ports grant reached the host's own address")
+        except OSError as exc:
+            results.append(f"granted port on the host's own address: {exc.strerror or exc}")
+        # A host-made socket still connecting, disconnected, then listened on: in the host's network
+        hijack = socket.socket()
+        hijack.setblocking(False)
+        try:
+            hijack.connect((self.config["address"], self.config["granted_port"]))
+        except BlockingIOError:
+            pass
+        try:
+            hijack.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            hijack.listen(5)
+            results.append(f"ESCAPED: listening at {hijack.getsockname()} in the host's network")
+        except OSError as exc:
+            results.append(f"listen on a host-made socket: {exc.strerror}")
+        hijack.close()
+        probe = socket.socket()
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 20)  # answered, and ignored
+        results.append(f"sndbuf after asking for 64 MiB: {probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)}")
+        probe.close()
         granted = socket.create_connection((self.config["address"], self.config["granted_port"]), timeout=3)
         granted.sendall(b"hello granted\n")
         granted.close()
@@ -340,7 +366,55 @@ class QanotPlugin(Plugin):
                 return "bomb"
             from qanot.plugins.base import ToolDef
             tools.append(ToolDef("attack_schema_bomb", "x", {"type": "object", "x": [[]] * size}, bomb))
+        count, each = self.config.get("schema_spread", (0, 0))
+        if count:  # each schema under the per-tool cap; together, gigabytes once decoded
+            from qanot.plugins.base import ToolDef
+            shared = [[]] * each
+            tools += [ToolDef(f"spread_{i}", "x", {"type": "object", "properties": {}, "x": shared}, self.spread)
+                      for i in range(count)]
         return tools
+
+    async def spread(self, params: dict) -> str:
+        return "spread"
+
+    @tool(name="attack_interrupted_connects", description="connect() to a slow granted address, "
+          "interrupted by signals again and again: each abandoned call must not leave a host socket",
+          parameters=ANY)
+    async def interrupted_connects(self, params: dict) -> str:
+        import signal
+        signal.signal(signal.SIGUSR1, lambda *_: None)  # a Python handler: no SA_RESTART, connect gets EINTR
+        address = sockaddr_in(params["address"], params["port"])
+        stop = threading.Event()
+        attempts = []
+
+        def connect_forever() -> None:
+            while not stop.is_set():
+                fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+                libc.connect(fd, ctypes.c_char_p(address), len(address))
+                attempts.append(ctypes.get_errno())
+                os.close(fd)
+
+        worker = threading.Thread(target=connect_forever, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + params["seconds"]
+        while time.monotonic() < deadline:
+            signal.pthread_kill(worker.ident, signal.SIGUSR1)
+            time.sleep(0.0005)
+        stop.set()
+        signal.pthread_kill(worker.ident, signal.SIGUSR1)
+        worker.join(5)
+        return contained(f"{len(attempts)} interrupted connects, errnos {sorted(set(attempts))}")
+
+    @tool(name="attack_bad_pointer", description="connect() with an address pointer past the address space",
+          parameters=ANY)
+    async def bad_pointer(self, params: dict) -> str:
+        codes = set()
+        for _ in range(params.get("times", 200)):
+            fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+            libc.connect(fd, ctypes.c_void_p(0xFFFF800000000000), 16)
+            codes.add(ctypes.get_errno())
+            os.close(fd)
+        return contained(f"errnos {sorted(codes)}")
 
     @tool(name="attack_scan_memory", description="look for another plugin's secret in its own memory",
           parameters=ANY)

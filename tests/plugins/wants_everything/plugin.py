@@ -19,3 +19,15 @@ class QanotPlugin(Plugin):
     async def read(self, params: dict) -> str:
         with open(params["path"]) as f:
             return f.read()
+
+    @tool(name="wants_run", description="Run a program; its output, or why it could not run.",
+          parameters={"type": "object", "required": ["argv"], "properties": {"argv": {"type": "array"}}})
+    async def run(self, params: dict) -> str:
+        import subprocess
+        import sys
+        argv = [{"PYTHON": sys.executable, "HERE": __file__}.get(arg, arg) for arg in params["argv"]]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc.strerror}"
+        return f"rc={done.returncode} out={done.stdout.strip()} err={done.stderr.strip()[-300:]}"
