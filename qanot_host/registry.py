@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from .errors import InvalidParams, QanotHostError, ToolFailed, ToolNotFound
-from .schema import MAX_PARAMS_DEPTH, SchemaError, check_schema, compile_validator, json_problem
+from .schema import MAX_PARAMS_DEPTH, SchemaError, check_schema, compile_validator, json_problem, type_name
 
 __all__ = ["ToolRegistry", "RegisteredTool", "TOOL_TIMEOUT", "MAX_TOOL_RESULT_CHARS", "tool_name_problem",
            "truncate_tool_result", "sanitize_error"]
@@ -175,7 +175,8 @@ class ToolRegistry:
         if tool is None:
             raise ToolNotFound(name, self.explain_missing(name) if isinstance(name, str) else "")
         if type(params) is not dict:
-            raise InvalidParams(name, [f"Parameters must be a dict, got {type(params).__name__}"])
+            # JSON's names here (the CLI's caller wrote JSON); execute() answers Qanot's words first
+            raise InvalidParams(name, [f"Parameters must be an object, got {type_name(params)}"])
         # What cannot cross the wire is refused here, before anything is written to a worker.
         if tool.plugin is not None:
             problem = json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)

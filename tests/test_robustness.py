@@ -40,8 +40,8 @@ BAD_PARAMS = [
     ({"f": math.nan}, "params.f: nan is not a JSON number"),
     ({"b": b"bytes"}, "params.b: a bytes is not JSON"),
     ({"deep": nested(3000)}, f"nested deeper than {MAX_PARAMS_DEPTH} levels"),
-    (None, "Parameters must be a dict, got NoneType"),
-    (["a"], "Parameters must be a dict, got list"),
+    (None, "Parameters must be an object, got null"),
+    (["a"], "Parameters must be an object, got array"),
 ]
 
 
