@@ -1,0 +1,122 @@
+"""Qanot's own bundled plugins (the `plugins/` of the qanot==2.0.4 wheel, installed by the test extra,
+never copied here), run unchanged in qanot-host, each listing exactly the tools Qanot's own loader
+lists with the same config: the test runs both. Plugins that log in at setup() meet a small fake
+API on 127.0.0.1 (granted to them literally)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from qanot_host import Host
+
+qanot_loader = pytest.importorskip("qanot.plugins.loader", reason="the test extra installs qanot==2.0.4")
+BUNDLED = Path(qanot_loader.BUILTIN_PLUGINS_DIR)
+# The first test builds the plugins' environments (aiohttp, aiomysql) from the package index.
+pytestmark = pytest.mark.timeout(600)
+NAMES = ["absmarket", "absvision", "amocrm", "bito", "bitrix24", "cloud_reporter", "eskiz", "ibox", "moysklad",
+         "mysql_query", "onec"]
+
+REFERENCE = """
+import asyncio, importlib.util, json, logging, sys
+from qanot.config import Config, PluginConfig
+from qanot.plugins.loader import get_plugin_manager, load_plugins, shutdown_plugins
+from qanot.registry import ToolRegistry
+name, config, workspace, plugins_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+async def main():
+    registry = ToolRegistry()
+    await load_plugins(Config(workspace_dir=workspace, plugins_dir=plugins_dir,
+                              plugins=[PluginConfig(name=name, config=config)]), registry)
+    loaded = name in get_plugin_manager().loaded_plugins
+    await shutdown_plugins()
+    print(json.dumps({"loaded": loaded, "tools": registry.tool_names}))
+asyncio.run(main())
+"""
+
+
+def qanot_lists(name: str, config: dict, scratch: Path) -> dict:
+    """What Qanot's own loader makes of the plugin, in a fresh process (its registries are global)."""
+    (scratch / "workspace").mkdir(parents=True, exist_ok=True)
+    (scratch / "empty").mkdir(exist_ok=True)
+    env = {**os.environ, "HOME": str(scratch)}  # ~/.qanot/plugins: empty
+    done = subprocess.run([sys.executable, "-c", REFERENCE, name, json.dumps(config), str(scratch / "workspace"),
+                           str(scratch / "empty")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+async def host_lists(configs: dict[str, dict], grants: dict[str, dict], tmp: Path, state: Path) -> dict[str, dict]:
+    data = {"plugins": [{"name": name, "config": config} for name, config in configs.items()],
+            "plugins_dir": str(tmp / "empty"), "workspace_dir": str(tmp / "workspace"),
+            "host": {"state_dir": str(state), "search_path": [str(BUNDLED)], "install_timeout": 300,
+                     "plugins": {name: {"permissions": grant} for name, grant in grants.items()}}}
+    (tmp / "empty").mkdir(exist_ok=True)
+    path = tmp / "config.json"
+    path.write_text(json.dumps(data))
+    async with Host(str(path)) as host:
+        return {name: {"loaded": sup.state == "ready", "tools": list(sup.tools), "error": sup.error}
+                for name, sup in host.plugins.items()}
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    """One state directory for the module: the plugins' environments (aiohttp, aiomysql) are built once."""
+    return tmp_path_factory.mktemp("qanot-plugins-state")
+
+
+async def test_every_bundled_plugin_with_an_empty_config_lists_what_qanot_lists(tmp_path, state):
+    ours = await host_lists({name: {} for name in NAMES}, {}, tmp_path, state)
+    for name in NAMES:
+        theirs = qanot_lists(name, {}, tmp_path / "ref" / name)
+        assert ours[name]["loaded"] == theirs["loaded"], (name, ours[name], theirs)
+        assert ours[name]["tools"] == theirs["tools"], (name, ours[name], theirs)
+    assert ours["cloud_reporter"]["tools"] == ["report_usage"]
+    if sys.version_info < (3, 12):  # its plugin.py is a SyntaxError before 3.12, in Qanot too
+        assert "syntax error" in ours["bito"]["error"]
+
+
+@pytest.fixture
+async def fake_api():
+    """absmarket's and absvision's login endpoints (what their setup() calls)."""
+    def answer(body: dict):
+        async def handler(request: web.Request) -> web.Response:
+            return web.json_response(body)
+        return handler
+
+    app = web.Application()
+    app.router.add_post("/api/v2/auth/login", answer({"data": {"token": "t-abs"}}))
+    app.router.add_post("/api/v1/auth/login", answer({"data": {"access_token": "t-vis", "refresh_token": "r"}}))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    await runner.cleanup()
+
+
+async def test_configured_bundled_plugins_list_exactly_what_qanot_lists(tmp_path, state, fake_api):
+    address = fake_api.removeprefix("http://")
+    configs = {
+        "absmarket": {"api_url": fake_api, "email": "a@b.c", "password": "p"},
+        "absvision": {"api_url": fake_api, "phone": "998", "password": "p"},
+        "amocrm": {"subdomain": "demo", "client_id": "c", "client_secret": "s", "access_token": "a",
+                   "refresh_token": "r", "redirect_uri": "https://example.invalid/cb"},
+        "bitrix24": {"domain": "demo.bitrix24.invalid", "user_id": "1", "webhook_code": "w"},
+        "onec": {"base_url": "https://onec.invalid", "username": "u", "password": "p"},
+        "cloud_reporter": {},
+    }
+    grants = {"absmarket": {"network": {"hosts": [address]}}, "absvision": {"network": {"hosts": [address]}}}
+    ours = await host_lists(configs, grants, tmp_path, state)
+    expected = {"absmarket": 31, "absvision": 28, "amocrm": 34, "bitrix24": 30, "onec": 18, "cloud_reporter": 1}
+    for name, config in configs.items():
+        # in a thread: the fake API answers from this event loop
+        theirs = await asyncio.to_thread(qanot_lists, name, config, tmp_path / "ref" / name)
+        assert ours[name]["tools"] == theirs["tools"], (name, ours[name], theirs)
+        assert len(theirs["tools"]) == expected[name], (name, theirs)
