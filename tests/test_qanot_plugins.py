@@ -120,3 +120,4 @@ async def test_configured_bundled_plugins_list_exactly_what_qanot_lists(tmp_path
         theirs = await asyncio.to_thread(qanot_lists, name, config, tmp_path / "ref" / name)
         assert ours[name]["tools"] == theirs["tools"], (name, ours[name], theirs)
         assert len(theirs["tools"]) == expected[name], (name, theirs)
+
