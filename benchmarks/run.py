@@ -238,7 +238,8 @@ class QanotHost:
         return await self.host.registry.execute(self.tools[i % len(self.tools)], PARAMS)
 
     async def blob(self) -> str:
-        return await self.host.registry.execute("bench_blob", {"size": BLOB})
+        # invoke(): the result whole (execute() cuts it to 8000 characters, as Qanot's agent does)
+        return await self.host.registry.invoke("bench_blob", {"size": BLOB})
 
     async def stop(self) -> None:
         await self.host.stop()
