@@ -48,8 +48,10 @@ class RegisteredTool:
     plugin: str | None = None  # None: an in-host tool registered with register()
     category: str = "core"
     validate: Callable[[Any], list[str]] = field(init=False, repr=False)
+    callable_name: bool = field(init=False, repr=False)  # one Qanot's execute() accepts
 
     def __post_init__(self) -> None:
+        self.callable_name = isinstance(self.name, str) and tool_name_problem(self.name) is None
         """A plugin's tool with a schema the host cannot use raises SchemaError (that tool is not
         registered); an in-host tool's is the host program's own, taken as Qanot takes it."""
         if self.plugin is not None:
@@ -116,15 +118,18 @@ class ToolRegistry:
         Like every call here, a checkpoint: it yields to the event loop at least once on every
         path, so a caller retrying a failing tool in a loop cannot starve the host."""
         try:
-            if not isinstance(name, str) or not name.strip():
-                raise _Refused("Invalid tool name")
-            name = name.strip()
-            if tool_name_problem(name):
-                log.warning("Rejected invalid tool name: %r", name[:80])
-                raise _Refused(BAD_NAME)
-            if type(input_data) is not dict:
-                log.warning("Tool %s received non-dict input: %.200r", name, input_data)
-                raise _Refused("Tool input must be a JSON object")
+            known = self._tools.get(name) if type(name) is str else None
+            if known is None or not known.callable_name or type(input_data) is not dict:
+                # Qanot's checks, in Qanot's order; a registered, valid name with a dict skips them
+                if not isinstance(name, str) or not name.strip():
+                    raise _Refused("Invalid tool name")
+                name = name.strip()
+                if tool_name_problem(name):
+                    log.warning("Rejected invalid tool name: %r", name[:80])
+                    raise _Refused(BAD_NAME)
+                if type(input_data) is not dict:
+                    log.warning("Tool %s received non-dict input: %.200r", name, input_data)
+                    raise _Refused("Tool input must be a JSON object")
             tool = self._checked(name, input_data)
             if tool.plugin is not None:
                 result = await tool.handler(input_data, timeout) if timeout is not None else \

@@ -233,3 +233,24 @@ async def test_handlers_see_one_task_their_timeouts_and_their_own_context(write_
         assert await asyncio.gather(*(execute("ts_quick", {}) for _ in range(50))) == ["quick"] * 50
         assert await execute("ts_same_task", {}) == "same"
         assert await execute("ts_timeout", {}) == "timed out"
+
+
+async def test_execute_checks_names_and_input_as_qanot_does_before_anything_else():
+    registry = ToolRegistry()
+
+    async def handler(params: dict) -> str:
+        return "ran"
+
+    registry.register(name="list-dir", description="Qanot registers it, and never runs it",
+                      parameters={"type": "object", "properties": {}}, handler=handler)
+    registry.register(name="ok_tool", description="x", parameters={}, handler=handler)
+    error = lambda text: json.dumps({"error": text})  # noqa: E731
+    assert await registry.execute("list-dir", {}) == error(
+        "Invalid tool name: must be alphanumeric/underscore, max 64 chars")
+    assert await registry.execute("   ", {}) == error("Invalid tool name")
+    assert await registry.execute(None, {}) == error("Invalid tool name")
+    assert await registry.execute("ok_tool", None) == error("Tool input must be a JSON object")
+    assert await registry.execute(" ok_tool ", {}) == "ran"  # stripped, as Qanot strips it
+    assert await registry.execute("ok_tool", {"anything": 1}) == "ran"  # an empty schema checks nothing
+    assert await registry.execute("x" * 65, {}) == error(
+        "Invalid tool name: must be alphanumeric/underscore, max 64 chars")
