@@ -51,13 +51,13 @@ class RegisteredTool:
     callable_name: bool = field(init=False, repr=False)  # one Qanot's execute() accepts
 
     def __post_init__(self) -> None:
-        self.callable_name = isinstance(self.name, str) and tool_name_problem(self.name) is None
-        """A plugin's tool with a schema the host cannot use raises SchemaError (that tool is not
-        registered); an in-host tool's is the host program's own, taken as Qanot takes it."""
-        if self.plugin is not None:
-            problem = tool_name_problem(self.name)
-            if problem:
-                raise SchemaError(problem)
+        """A plugin's tool with a name Qanot cannot call or a schema the host cannot use raises
+        SchemaError (that tool is not registered); an in-host tool's is the host program's own,
+        taken as Qanot takes it."""
+        problem = tool_name_problem(self.name) if isinstance(self.name, str) else "its name is not text"
+        self.callable_name = problem is None
+        if problem and self.plugin is not None:
+            raise SchemaError(problem)
         try:
             check_schema(self.parameters)
         except SchemaError as exc:

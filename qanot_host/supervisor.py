@@ -210,11 +210,7 @@ class PluginSupervisor:
 
     async def call(self, tool: str, params: dict[str, Any], timeout: float | None = None) -> str:
         """Call one tool; it stops at its configured timeout, or at the caller's if that is sooner."""
-        if self._closing:
-            raise PluginUnavailable(self.name, "the host is shutting down")
-        if self.state in (PluginState.FAILED, PluginState.EXITED, PluginState.STOPPED):
-            # At once, and without arming a timer: a caller retrying in a loop must leave nothing behind.
-            raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
+        self._refuse_if_unavailable()
         configured = self._timeouts.get(tool)
         if configured is None:
             configured = self._timeouts[tool] = self._config.call_timeout(self.name, tool)
@@ -250,15 +246,19 @@ class PluginSupervisor:
         return await self._ask(lambda i: p.RunCommand(i, index, args, kwargs), f"command {index}")
 
     async def _ask(self, make, what: str) -> Any:
-        if self._closing:
-            raise PluginUnavailable(self.name, "the host is shutting down")
-        if self.state in (PluginState.FAILED, PluginState.EXITED, PluginState.STOPPED):
-            raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
+        self._refuse_if_unavailable()
         timeout = self._config.settings_for(self.name).call_timeout or self._config.host.call_timeout
         worker = self.worker
         if self.state is not PluginState.READY or worker is None or not worker.accepting_calls:
             worker, timeout = await self._wait_for_worker(what, timeout)
         return await worker.ask(make, timeout, what)
+
+    def _refuse_if_unavailable(self) -> None:
+        """At once, and without arming a timer: a caller retrying in a loop must leave nothing behind."""
+        if self._closing:
+            raise PluginUnavailable(self.name, "the host is shutting down")
+        if self.state in (PluginState.FAILED, PluginState.EXITED, PluginState.STOPPED):
+            raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
 
     async def _wait_for_worker(self, what: str, timeout: float) -> tuple[WorkerHandle, float]:
         """Wait (within the call's timeout) for a worker that can take the call; returns it and the
