@@ -30,24 +30,27 @@ from qanot.config import Config, PluginConfig
 from qanot.plugins.loader import get_plugin_manager, load_plugins, shutdown_plugins
 from qanot.registry import ToolRegistry
 name, config, workspace, plugins_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+calls = json.loads(sys.argv[5]) if len(sys.argv) > 5 else []
 async def main():
     registry = ToolRegistry()
     await load_plugins(Config(workspace_dir=workspace, plugins_dir=plugins_dir,
                               plugins=[PluginConfig(name=name, config=config)]), registry)
     loaded = name in get_plugin_manager().loaded_plugins
+    answers = [await registry.execute(tool, params) for tool, params in calls]
     await shutdown_plugins()
-    print(json.dumps({"loaded": loaded, "tools": registry.tool_names}))
+    print(json.dumps({"loaded": loaded, "tools": registry.tool_names, "answers": answers}))
 asyncio.run(main())
 """
 
 
-def qanot_lists(name: str, config: dict, scratch: Path) -> dict:
-    """What Qanot's own loader makes of the plugin, in a fresh process (its registries are global)."""
+def qanot_lists(name: str, config: dict, scratch: Path, calls: list | None = None) -> dict:
+    """What Qanot's own loader makes of the plugin, and what its registry answers to `calls` ((tool, params)
+    pairs), in a fresh process (its registries are global)."""
     (scratch / "workspace").mkdir(parents=True, exist_ok=True)
     (scratch / "empty").mkdir(exist_ok=True)
     env = {**os.environ, "HOME": str(scratch)}  # ~/.qanot/plugins: empty
     done = subprocess.run([sys.executable, "-c", REFERENCE, name, json.dumps(config), str(scratch / "workspace"),
-                           str(scratch / "empty")], capture_output=True, text=True, env=env, timeout=120)
+                           str(scratch / "empty"), json.dumps(calls or [])], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -121,3 +124,71 @@ async def test_configured_bundled_plugins_list_exactly_what_qanot_lists(tmp_path
         assert ours[name]["tools"] == theirs["tools"], (name, ours[name], theirs)
         assert len(theirs["tools"]) == expected[name], (name, theirs)
 
+
+
+MARIADB = ("127.0.0.1", 3306)
+DB = {"db_host": MARIADB[0], "db_port": MARIADB[1], "db_user": "qanot", "db_password": "qanot-test-pw",
+      "db_name": "qanot_test"}
+
+
+def mariadb_table() -> None:
+    """A small table of known rows; blocking pymysql (aiomysql's own driver) in a thread of its own."""
+    import pymysql
+
+    with pymysql.connect(host=DB["db_host"], port=DB["db_port"], user=DB["db_user"], password=DB["db_password"],
+                         database=DB["db_name"], connect_timeout=5) as conn, conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS fruit")
+        cur.execute("CREATE TABLE fruit (id INT PRIMARY KEY, name VARCHAR(20))")
+        cur.executemany("INSERT INTO fruit VALUES (%s, %s)", [(1, "olma"), (2, "nok"), (3, "uzum")])
+        conn.commit()
+
+
+@pytest.fixture
+async def mariadb():
+    """The MariaDB .ci/run starts on 127.0.0.1:3306 (user qanot, database qanot_test). Elsewhere the test is
+    skipped, unless QANOT_HOST_REQUIRE_MARIADB=1 says the machine must have it (CI)."""
+    try:
+        await asyncio.to_thread(mariadb_table)
+    except Exception as exc:  # noqa: BLE001 - any failure means "no database here"
+        if os.environ.get("QANOT_HOST_REQUIRE_MARIADB") == "1":
+            raise
+        pytest.skip(f"no MariaDB for the test on 127.0.0.1:3306 ({exc})")
+    return DB
+
+
+async def test_database_plugins_query_a_real_mariadb_through_a_database_grant(tmp_path, state, mariadb, fake_api):
+    """Both plugins start each query with MySQL's `SET SESSION MAX_EXECUTION_TIME`, which MariaDB answers with
+    error 1193: an answer only a server that accepted the plugin's login gives, the same Qanot gets."""
+    grant = {"database": {"hosts": [f"{MARIADB[0]}:{MARIADB[1]}"]}}
+    absmarket = {**mariadb, "api_url": fake_api, "email": "a@b.c", "password": "p"}
+    data = {"plugins": [{"name": "mysql_query", "config": mariadb},
+                        {"name": "absmarket", "config": absmarket}],
+            "plugins_dir": str(tmp_path / "empty"), "workspace_dir": str(tmp_path / "workspace"),
+            "host": {"state_dir": str(state), "search_path": [str(BUNDLED)], "install_timeout": 300,
+                     "plugins": {"mysql_query": {"permissions": grant}, "absmarket": {"permissions": {
+                         **grant, "network": {"hosts": [fake_api.removeprefix("http://")]}}}}}}
+    (tmp_path / "empty").mkdir()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    select = ("mysql_query", {"query": "SELECT id, name FROM fruit ORDER BY id"})
+    refused = ("mysql_query", {"query": "DELETE FROM fruit"})
+    async with Host(str(path)) as host:
+        assert host.plugins["mysql_query"].tools == ["mysql_query"], host.plugins["mysql_query"].error
+        ours = [await host.registry.execute(*call) for call in (select, refused)]
+        tools = list(host.plugins["absmarket"].tools)
+        assert len(tools) == 32 and "absmarket_query" in tools, tools
+        count = ("absmarket_query", {"query": "SELECT COUNT(*) FROM fruit"})
+        abs_answer = await host.registry.execute(*count)
+    theirs = await asyncio.to_thread(qanot_lists, "mysql_query", mariadb, tmp_path / "ref", [select, refused])
+    assert ours == theirs["answers"], (ours, theirs)
+    theirs = await asyncio.to_thread(qanot_lists, "absmarket", absmarket, tmp_path / "ref-abs", [count])
+    assert theirs["tools"] == tools and theirs["answers"] == [abs_answer], (theirs, abs_answer)
+    assert "1193" in ours[0] and "MAX_EXECUTION_TIME" in ours[0], ours[0]
+    assert "SELECT" in json.loads(ours[1])["error"]
+    assert "1193" in abs_answer, abs_answer
+    # Without the grant the plugin reaches nothing: its pool fails and it lists no tools, as in Qanot.
+    data["host"]["plugins"] = {}
+    data["plugins"] = data["plugins"][:1]
+    path.write_text(json.dumps(data))
+    async with Host(str(path)) as host:
+        assert host.plugins["mysql_query"].tools == []
