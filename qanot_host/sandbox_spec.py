@@ -97,15 +97,18 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
     def add(op: p.MountOp) -> None:
         ops.setdefault(op.target, op)
 
+    hidden = [path for path in _host_site_dirs()]
+    mount_points = _mount_points()
     for path in SYSTEM_TREES:
         if os.path.islink(path):
             add(p.MountOp("symlink", path, text=os.readlink(path)))
         elif os.path.isdir(path):
             add(p.MountOp("ro", path, path))
+            _add_mounts_beneath(add, path, path, mount_points, hidden)
     for path in [*SYSTEM_FILES, *(NETWORK_FILES if network else [])]:
         if os.path.exists(path):
             add(p.MountOp("ro", path, os.path.realpath(path)))
-    hidden = [path for path in _host_site_dirs()]
+            _add_mounts_beneath(add, path, os.path.realpath(path), mount_points, hidden)
     if subprocess:
         reads = [*reads, os.path.dirname(os.path.realpath(sys.executable))]
     bound = [op.target for op in ops.values() if op.kind == "ro"]
@@ -133,6 +136,34 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
     add(p.MountOp("file", "/etc/group", text=f"root:x:0:\nqanot:x:{uid}:\n"))
     # Parents before children: a bind inside a tmpfs or another bind needs its mount point there.
     return sorted(ops.values(), key=lambda op: [c for c in op.target.split("/") if c])
+
+
+def _mount_points() -> list[str]:
+    """Where the host's mount namespace has something mounted (/proc/self/mountinfo's fifth field)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+            fields = [line.split(" ") for line in info]
+    except OSError:
+        return []
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    return [_unescape(parts[4]) for parts in fields if len(parts) > 4]
+
+
+def _unescape(field: str) -> str:
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def _add_mounts_beneath(add, target: str, source: str, mount_points: list[str], hidden: list[str]) -> None:
+    """A bind is not recursive (a recursive one would carry the mounts beneath with their own, maybe
+    writable, flags), so what the host has mounted inside a system tree or file it shares (a CA bundle
+    or /etc/hosts mounted over, as containers and Kubernetes do) is bound again, read-only, on top:
+    the plugin sees the files the host sees."""
+    for point in sorted(mount_points):
+        if point != source and _under(point, source) and not any(_under(point, h) for h in hidden):
+            if os.path.isdir(point) or os.path.isfile(point):
+                add(p.MountOp("ro", target + point[len(source):], point))
 
 
 def _under(path: str, tree: str) -> bool:

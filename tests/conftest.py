@@ -158,8 +158,8 @@ class OutsideHost:
                 self.close()
                 raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
 
-    def listen(self, kind: int | None = None):
-        """A listening TCP socket (or a bound one of `kind`) at this host's address, any port."""
+    def listen(self, kind: int | None = None, port: int = 0):
+        """A listening TCP socket (or a bound one of `kind`) at this host's address, on `port` (0: any)."""
         import ctypes
         import socket
         import threading
@@ -172,7 +172,7 @@ class OutsideHost:
                     made.append(OSError(ctypes.get_errno(), "setns"))
                     return
             sock = socket.socket(socket.AF_INET, kind or socket.SOCK_STREAM)
-            sock.bind((self.address, 0))
+            sock.bind((self.address, port))
             if kind is None:
                 sock.listen()
             made.append(sock)

@@ -192,3 +192,91 @@ async def test_database_plugins_query_a_real_mariadb_through_a_database_grant(tm
     path.write_text(json.dumps(data))
     async with Host(str(path)) as host:
         assert host.plugins["mysql_query"].tools == []
+
+
+# eskiz, ibox and moysklad call hard-coded https:// names. Both loaders run in a mount namespace of their own
+# where /etc/hosts points those names at an outside host (its own network namespace) and the system's CA
+# bundle is a test CA's, so the plugins' unchanged code logs in to the fake API there over real TLS.
+NAMED = {"eskiz": ("notify.eskiz.uz", {"email": "a@b.c", "password": "p"}),
+         "ibox": ("demo.ibox.io", {"tenant": "demo", "login": "l", "password": "p"}),
+         "moysklad": ("api.moysklad.ru", {"login": "l", "password": "p"})}
+
+OURS = """
+import asyncio, json, sys
+from qanot_host import Host
+async def main():
+    async with Host(sys.argv[1]) as host:
+        print(json.dumps({name: {"tools": list(sup.tools), "error": sup.error} for name, sup in host.plugins.items()}))
+asyncio.run(main())
+"""
+
+
+def make_test_ca(tmp: Path) -> tuple[Path, Path, Path]:
+    """A CA (as the bundle the loaders trust) and a certificate for the hard-coded names, signed by it."""
+    names = ",".join(f"DNS:{host}" for host, _ in NAMED.values())
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=qanot-host test CA",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=fake-api", "-keyout", "api.key", "-out", "api.csr")
+    (tmp / "san.cnf").write_text(f"subjectAltName={names}\n")
+    run("x509", "-req", "-in", "api.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-extfile", "san.cnf", "-out", "api.pem")
+    return tmp / "ca.pem", tmp / "api.pem", tmp / "api.key"
+
+
+def in_mount_namespace(tmp: Path, hosts: Path, ca: Path, *command: str) -> dict:
+    """The last JSON line `command` prints (and its stderr), run where /etc/hosts and the CA bundle are the test's."""
+    script = tmp / "enter.sh"
+    script.write_text(f'set -e\nmount --bind "{hosts}" /etc/hosts\n'
+                      f'mount --bind "{ca}" /etc/ssl/certs/ca-certificates.crt\nexec "$@"\n')
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", str(script), *command],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HOME": str(tmp)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "_stderr": done.stderr}
+
+
+async def test_plugins_with_hard_coded_https_names_list_what_qanot_lists(tmp_path, state, outside_host):
+    import ssl
+    ca, cert, key = await asyncio.to_thread(make_test_ca, tmp_path)
+    seen: list[str] = []
+
+    def answer(body: dict):
+        async def handler(request: web.Request) -> web.Response:
+            seen.append(f"{request.host.split(':')[0]} {request.method} {request.path}")
+            return web.json_response(body)
+        return handler
+
+    app = web.Application()
+    app.router.add_post("/api/auth/login", answer({"data": {"token": "t-eskiz"}}))
+    app.router.add_post("/api/user/login", answer({"token": "t-ibox", "filials": [{"id": 1}]}))
+    app.router.add_get("/api/remap/1.2/entity/employee", answer({"rows": []}))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.SockSite(runner, outside_host.listen(port=443), ssl_context=tls).start()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{outside_host.address} {host}\n" for host, _ in NAMED.values()))
+    try:
+        data = {"plugins": [{"name": name, "config": config} for name, (_, config) in NAMED.items()],
+                "plugins_dir": str(tmp_path / "empty"), "workspace_dir": str(tmp_path / "workspace"),
+                "host": {"state_dir": str(state), "search_path": [str(BUNDLED)], "install_timeout": 300,
+                         "plugins": {name: {"permissions": {"network": {"hosts": [f"{host}:443"]}}}
+                                     for name, (host, _) in NAMED.items()}}}
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "config.json").write_text(json.dumps(data))
+        ours = await asyncio.to_thread(in_mount_namespace, tmp_path, hosts, ca, sys.executable, "-c", OURS,
+                                       str(tmp_path / "config.json"))
+        log = ours.pop("_stderr")[-3000:]
+        expected = {"eskiz": 14, "ibox": 27, "moysklad": 30}
+        for name, (_, config) in NAMED.items():
+            (tmp_path / "ref" / name / "workspace").mkdir(parents=True)
+            (tmp_path / "ref" / name / "empty").mkdir()
+            theirs = await asyncio.to_thread(in_mount_namespace, tmp_path, hosts, ca, sys.executable, "-c", REFERENCE,
+                                             name, json.dumps(config), str(tmp_path / "ref" / name / "workspace"),
+                                             str(tmp_path / "ref" / name / "empty"))
+            assert ours[name]["tools"] == theirs["tools"], (name, ours[name], theirs, seen, log)
+            assert len(theirs["tools"]) == expected[name], (name, theirs, seen)
+        assert {line.split()[0] for line in seen} == {host for host, _ in NAMED.values()}, seen
+    finally:
+        await runner.cleanup()
