@@ -192,22 +192,22 @@ class WorkerChannel(asyncio.Protocol):
             raise msgspec.DecodeError(f"a reply to request {msg.id}, which was never sent or was "
                                       "already answered")
         future, expect, what = entry
-        kind = type(msg)
         if expect is _CALL:
-            if kind is p.Result:
+            if isinstance(msg, p.Result):
                 if not future.done():  # done: the caller went away (cancelled), nobody to tell
                     future.set_result(msg.value)
-            elif kind is p.Failure:
+            elif isinstance(msg, p.Failure):
                 if not future.done():
                     future.set_exception(ToolFailed(self._plugin, what, self._message(msg.message)))
             else:
-                self._wrong_reply(future, f"{kind.__name__} in reply to a tool call")
+                self._wrong_reply(future, f"{type(msg).__name__} in reply to a tool call")
             return
-        if kind is not expect and kind is not p.Failure:
-            self._wrong_reply(future, f"{kind.__name__} in reply to a request that expects {expect.__name__}")
+        failed = isinstance(msg, p.Failure)
+        if type(msg) is not expect and not failed:
+            self._wrong_reply(future, f"{type(msg).__name__} in reply to a request that expects {expect.__name__}")
         if future.done():
             return
-        if kind is p.Failure:
+        if isinstance(msg, p.Failure):
             future.set_exception(RemoteFailure(msg.kind, self._message(msg.message)))
         else:
             future.set_result(msg)

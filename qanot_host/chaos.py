@@ -100,7 +100,7 @@ async def run_chaos(config_path: str, duration: float, kill_every: float, concur
         # Measured with every worker up, and compared with the same state after the chaos: the
         # event loop keeps a few descriptors of its own from the first spawn on.
         fds_before = me.num_fds()
-        names = [n for n in host.registry.tool_names if host.registry.get(n).plugin] if tools is None else tools
+        names = [n for n in host.registry.tool_names if _plugin_of(host, n)] if tools is None else tools
         if not names:
             raise QanotHostError("chaos: no plugin tools are registered")
         deadline = started + duration
@@ -116,11 +116,18 @@ async def run_chaos(config_path: str, duration: float, kill_every: float, concur
     return report
 
 
+def _plugin_of(host: Host, name: str) -> str | None:
+    tool = host.registry.get(name)
+    return tool.plugin if tool is not None else None
+
+
 async def _caller(host: Host, names: list[str], deadline: float, budget: list, report: ChaosReport) -> None:
     while time.monotonic() < deadline and budget[0] > 0:
         budget[0] -= 1
         name = random.choice(names)
         tool = host.registry.get(name)
+        if tool is None or tool.plugin is None:
+            raise QanotHostError(f"chaos: {name} is not a plugin's tool")
         limit = host.config.call_timeout(tool.plugin, name) + HANG_MARGIN
         report.calls += 1
         try:

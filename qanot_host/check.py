@@ -97,7 +97,7 @@ def _check_settings(config: Config, name: str, plugin_dir: str, entry_file: str,
     if settings.tool_timeouts:
         declared = declared_tools(plugin_dir, entry_file)
         unknown = sorted(set(settings.tool_timeouts) - declared) if declared is not None else []
-        if unknown:
+        if unknown and declared is not None:
             report.warnings.append(f"{label}: {key}.tool_timeouts: {', '.join(unknown)}: no such tool in the "
                                    f"plugin's code (it declares {', '.join(sorted(declared)) or 'none'})")
 

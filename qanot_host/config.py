@@ -318,7 +318,7 @@ def _check_grants(config: Config) -> None:
     plugin can rename one of its components and put a symlink there, and the next worker would get
     whatever the link points at (the worker refuses links, but the plan is wrong to begin with).
     A grant covering state_dir would hand out every plugin's data and the host's own files."""
-    writes = [(name, i, path) for name, settings in config.host.plugins.items()
+    writes: list[tuple[str, int | None, str]] = [(name, i, path) for name, settings in config.host.plugins.items()
               for i, path in enumerate(settings.permissions.filesystem.write if settings.permissions.filesystem else [])]
     protected = {"host.state_dir": config.host.state_dir}
     # Where the host writes (workspace_dir) or finds code it runs (plugins, wheels): a plugin that

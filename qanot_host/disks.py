@@ -25,7 +25,7 @@ MKFS_OPTIONS = ["-q", "-F", "-m", "0", "-J", "size=4", "-E", "nodiscard,lazy_ita
 class DiskImages:
     def __init__(self, state_dir: str) -> None:
         self._dir = os.path.join(state_dir, "disks")
-        self._mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/sbin:/usr/sbin")
+        self._mkfs: str | None = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/sbin:/usr/sbin")
         self._resize = shutil.which("resize2fs") or shutil.which("resize2fs", path="/sbin:/usr/sbin")
         self.problem = ""
         if self._mkfs is None:
@@ -62,7 +62,7 @@ class DiskImages:
         finally:
             os.close(fd)
         try:
-            await _run([self._mkfs, *MKFS_OPTIONS, scratch])
+            await _run([self._mkfs or "mkfs.ext4", *MKFS_OPTIONS, scratch])
             os.rename(scratch, path)
         finally:
             if os.path.exists(scratch):

@@ -80,7 +80,7 @@ DNS_TIMEOUT = 5.0  # a granted name that takes longer to resolve does not resolv
 DNS_THREADS = 4  # name look-ups for every plugin's egress, apart from the host's other threads
 IPPROTO_MPTCP = 262
 CARRIED_PROTOCOLS = (0, socket.IPPROTO_TCP, IPPROTO_MPTCP)
-MIN_ADDRESS = {socket.AF_INET: 16, socket.AF_INET6: 24}  # sizeof sockaddr_in, SIN6_LEN_RFC2133
+MIN_ADDRESS: dict[int, int] = {socket.AF_INET: 16, socket.AF_INET6: 24}  # sizeof sockaddr_in, SIN6_LEN_RFC2133
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -102,7 +102,7 @@ class EgressPolicy:
 
     @classmethod
     def from_spec(cls, plugin: str, spec: p.SandboxSpec) -> "EgressPolicy":
-        return cls(plugin, list(spec.tcp_ports), [tuple(pair) for pair in spec.tcp_hosts])
+        return cls(plugin, list(spec.tcp_ports), [(str(host), int(port)) for host, port in spec.tcp_hosts])
 
     def describe(self) -> str:
         parts = [f"{host}:{port}" for host, port in self.hosts] + [f"any host:{port}" for port in sorted(self.ports)]
@@ -151,7 +151,7 @@ class EgressPolicy:
                         exc if isinstance(exc, OSError) else f"no answer within {DNS_TIMEOUT:g} s")
             addresses: set[str] = set()
         else:
-            addresses = {_literal(info[4][0]) or info[4][0] for info in infos}
+            addresses = {_literal(str(info[4][0])) or str(info[4][0]) for info in infos}
         self._resolved[host] = (time.monotonic(), addresses)
         return addresses
 
@@ -271,7 +271,7 @@ class EgressGate:
         if family != target.family:
             self._answer(notif_id, error=errno.EAFNOSUPPORT)
             return
-        if addr_len < MIN_ADDRESS[family] or len(raw) < MIN_ADDRESS[family]:
+        if addr_len < MIN_ADDRESS[target.family] or len(raw) < MIN_ADDRESS[target.family]:
             self._answer(notif_id, error=errno.EINVAL)  # what the kernel says to a short sockaddr
             return
         address, port, sockaddr = _parse_sockaddr(family, raw)
@@ -309,9 +309,10 @@ class EgressGate:
                     self._answer(notif_id, error=error)
                     return
             else:
-                error = await self._connect_while_waited_for(notif_id, sock, sockaddr)
-                if error is None:  # the plugin's connect() went away (a signal): nothing to install
+                waited = await self._connect_while_waited_for(notif_id, sock, sockaddr)
+                if waited is None:  # the plugin's connect() went away (a signal): nothing to install
                     return
+                error = waited
                 if error:
                     self._answer(notif_id, error=error)
                     return

@@ -44,6 +44,7 @@ class ForkServerLauncher:
         self._import_root = import_root
         self._template: _Template | None = None
         self._starting: asyncio.Lock | None = None
+        self._closed = False
 
     async def launch(self, spec: LaunchSpec) -> WorkerProcess:
         """A launch failure is that plugin's start failure (its restart policy decides what next); a
@@ -59,17 +60,25 @@ class ForkServerLauncher:
         return {template.pid} if template is not None and not template.dead else set()
 
     async def close(self) -> None:
-        if self._template is not None:
-            await self._template.close()
-            self._template = None
+        """Also when a launch (a restart) is starting the template right now: that start is waited
+        for, and its template closed too, never left running beside a stopped host."""
+        self._closed = True
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._template is not None:
+                await self._template.close()
+                self._template = None
 
     async def _running_template(self) -> "_Template":
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:
+            if self._closed:
+                raise QanotHostError("the host is stopping")
             if self._template is None or self._template.dead:
                 self._template = await _Template.start(self._import_root)
-        return self._template
+            return self._template
 
 
 class _ForkedWorker:
@@ -86,7 +95,7 @@ class _ForkedWorker:
     def returncode(self) -> int | None:
         return self.exit.result() if self.exit.done() else None
 
-    async def wait(self) -> int:
+    async def wait(self) -> int | None:
         code = await self.exit
         await finish_worker_group(self.pid, self._pumps, self._close_pipes)
         return code
@@ -158,11 +167,13 @@ class _Template:
             message = self._encoder.encode(spec.request(request_id))
             fds = array.array("i", [spec.read_fd, spec.write_fd, out_w, err_w, env_fd])
             await self._send(message, fds)
-        except OSError as exc:
+        except BaseException as exc:  # an OSError, or the host stopping (cancelled) meanwhile
             self._spawning.pop(request_id, None)
             for fd in (out_r, err_r):
                 os.close(fd)
-            raise QanotHostError(f"the worker template is gone: {exc}") from None
+            if isinstance(exc, OSError):
+                raise QanotHostError(f"the worker template is gone: {exc}") from None
+            raise
         finally:
             os.close(out_w)
             os.close(err_w)
@@ -178,7 +189,19 @@ class _Template:
             os.close(err_r)
             raise QanotHostError(f"the worker template could not fork: {reply.error}")
         loop = asyncio.get_running_loop()
-        worker = _ForkedWorker(reply.pid, spec, await _reader(loop, out_r), await _reader(loop, err_r))
+        try:
+            stdout = await _reader(loop, out_r)
+        except BaseException:
+            os.close(err_r)
+            _kill_group(reply.pid)
+            raise
+        try:
+            stderr = await _reader(loop, err_r)
+        except BaseException:
+            stdout[1].close()
+            _kill_group(reply.pid)
+            raise
+        worker = _ForkedWorker(reply.pid, spec, stdout, stderr)
         if reply.pid in self._early_exits:  # it died before we even heard its pid
             worker.exit.set_result(self._early_exits.pop(reply.pid))
         else:
@@ -198,7 +221,7 @@ class _Template:
                     if self.dead:
                         raise OSError(errno.EPIPE, "the worker template exited") from None
                     writable = loop.create_future()
-                    loop.add_writer(self._sock.fileno(), lambda: writable.done() or writable.set_result(None))
+                    loop.add_writer(self._sock.fileno(), _settle, writable)
                     try:
                         await asyncio.wait_for(writable, READY_TIMEOUT)
                     finally:
@@ -270,6 +293,19 @@ class _Template:
         self._died()
         await self._proc.wait()
         await asyncio.gather(*self._pumps, return_exceptions=True)
+
+
+def _kill_group(pid: int) -> None:
+    """A worker forked for a launch that then failed (the host stopping): nobody will ever talk to it."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _PipeReaderProtocol(asyncio.StreamReaderProtocol):

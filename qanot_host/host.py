@@ -151,8 +151,9 @@ class Host:
             supervisor.fail(exc.detail)
             log.error("plugin %s failed to start: %s", supervisor.name, exc.detail)
             return
-        log.info("plugin %s ready (pid %s, %d tools)", supervisor.name, supervisor.worker.pid,
-                 len(supervisor.worker.tools))
+        worker = supervisor.worker
+        assert worker is not None  # start() returned: it has one
+        log.info("plugin %s ready (pid %s, %d tools)", supervisor.name, worker.pid, len(worker.tools))
 
     def _locate(self, supervisor: PluginSupervisor) -> PluginSource:
         source = supervisor.source

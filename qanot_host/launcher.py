@@ -75,7 +75,7 @@ class WorkerProcess(Protocol):
     @property
     def returncode(self) -> int | None: ...
 
-    async def wait(self) -> int: ...
+    async def wait(self) -> int | None: ...
 
     def signal_group(self, sig: int) -> None:
         """Signal the worker and every process it started (its own process group)."""
@@ -120,7 +120,7 @@ class _SpawnedWorker:
 
     async def wait(self) -> int:
         code = await self._proc.wait()
-        await finish_worker_group(self.pid, self._pumps, self._proc._transport.close)
+        await finish_worker_group(self.pid, self._pumps, self._proc._transport.close)  # type: ignore[attr-defined]
         return code
 
     def signal_group(self, sig: int) -> None:

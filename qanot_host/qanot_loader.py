@@ -143,6 +143,9 @@ def _entries(config: Any) -> list[dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for index, item in enumerate(getattr(config, "plugins", []) or []):
         name = getattr(item, "name", None)
+        if not isinstance(name, str) or not name:
+            log.error("Failed to load plugins[%d]: its name is %r, not a string", index, name)
+            continue
         plugin_config = getattr(item, "config", None) or {}
         problem = json_problem(plugin_config, f"plugins[{index}].config")
         if problem:
@@ -311,7 +314,7 @@ def _deploy(config: Any, proxy: Any) -> None:
                     "TOOLS.md, SOUL.md and extension points are not installed", proxy.qanot_host_plugin)
         return
     _deploy_plugin_files(config.workspace_dir, proxy)
-    collect(None, proxy)
+    collect(None, proxy)  # type: ignore[arg-type]
 
 
 _manager = PluginManager()

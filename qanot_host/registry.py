@@ -29,7 +29,8 @@ __all__ = ["ToolRegistry", "RegisteredTool", "TOOL_TIMEOUT", "MAX_TOOL_RESULT_CH
 
 log = logging.getLogger("qanot_host.registry")
 
-Handler = Callable[[dict], Awaitable[Any]]
+# A plugin's tool handler also takes a timeout (supervisor.call); an in-host one takes the params only.
+Handler = Callable[..., Awaitable[Any]]
 
 TOOL_TIMEOUT = 30  # Qanot's default for execute()
 MAX_TOOL_RESULT_CHARS = 8000  # what Qanot's agent lets one result put in the context

@@ -18,11 +18,14 @@ RUNTIME_PACKAGES = ("msgspec", "uvloop")
 
 
 def _package_dirs() -> dict[str, str]:
-    worker_pkg = Path(importlib.util.find_spec("qanot_worker").origin).parent
+    worker_spec = importlib.util.find_spec("qanot_worker")  # found, not imported
+    if worker_spec is None or worker_spec.origin is None:
+        raise ImportError("the qanot_worker package is not installed beside qanot_host")
+    worker_pkg = Path(worker_spec.origin).parent
     dirs = {"qanot_worker": str(worker_pkg), "qanot": str(worker_pkg / "_shim" / "qanot")}
     for name in RUNTIME_PACKAGES:
         spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations:
+        if spec is not None and spec.submodule_search_locations and spec.origin:
             dirs[name] = str(Path(spec.origin).parent)
     return dirs
 

@@ -13,7 +13,7 @@ basic JSON types; unknown types and extra keys pass), with the schema's walk don
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 __all__ = ["SchemaError", "check_schema", "compile_validator", "json_problem", "MAX_DEPTH", "MAX_PARAMS_DEPTH",
            "type_name"]
@@ -55,15 +55,18 @@ def json_problem(value: object, where: str = "", depth: int = 0, max_depth: int 
     bool, None, nested at most max_depth), naming the path to the offending value; None if it is."""
     if depth > max_depth:
         return f"{where or '$'}: nested deeper than {max_depth} levels"
-    kind = type(value)
-    if value is None or kind in (bool, str):
-        return _surrogate_problem(value, where) if kind is str else None
+    kind = type(value)  # exact types: a bool is not an int here, nor a str subclass a str
+    if value is None or kind is bool:
+        return None
+    if kind is str:
+        return _surrogate_problem(cast(str, value), where)
     if kind is int:
-        return None if -INT64 <= value < INT64 else f"{where or '$'}: integer {value} does not fit in 64 bits"
+        number = cast(int, value)
+        return None if -INT64 <= number < INT64 else f"{where or '$'}: integer {number} does not fit in 64 bits"
     if kind is float:
-        return None if math.isfinite(value) else f"{where or '$'}: {value} is not a JSON number"
+        return None if math.isfinite(cast(float, value)) else f"{where or '$'}: {value} is not a JSON number"
     if kind is dict:
-        for key, item in value.items():
+        for key, item in cast(dict, value).items():
             if type(key) is not str:
                 return f"{where or '$'}: key {key!r} is not a string"
             problem = _surrogate_problem(key, where) or json_problem(item, f"{where}.{key}", depth + 1, max_depth)
@@ -71,7 +74,7 @@ def json_problem(value: object, where: str = "", depth: int = 0, max_depth: int 
                 return problem
         return None
     if kind is list or kind is tuple:
-        for index, item in enumerate(value):
+        for index, item in enumerate(cast(list, value)):
             problem = json_problem(item, f"{where}[{index}]", depth + 1, max_depth)
             if problem:
                 return problem

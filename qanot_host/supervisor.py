@@ -322,18 +322,17 @@ class PluginSupervisor:
         return (memory if memory is not None else rss), (cpu if cpu is not None else times.user + times.system)
 
     def status(self) -> dict[str, Any]:
-        worker = self.worker
-        running = worker is not None and not worker.exited.done()
-        usage = self.usage() if running else None
+        live = self.worker if self.worker is not None and not self.worker.exited.done() else None
+        usage = self.usage() if live else None
         return {
             "plugin": self.name, "state": self.state, "error": self.error,
-            "pid": worker.pid if running else None,
-            "uptime": round(time.monotonic() - worker.started_at, 3) if running and worker.started_at else 0.0,
+            "pid": live.pid if live else None,
+            "uptime": round(time.monotonic() - live.started_at, 3) if live and live.started_at else 0.0,
             "restarts": self.restarts, "last_exit": self.last_exit,
             "rss_mb": round(usage[0], 1) if usage else None, "cpu_s": round(usage[1], 2) if usage else None,
             "calls": self.calls, "errors": self.errors, "timeouts": self.timeouts,
             "tools": list(self.tools), "conflicts": list(self.conflicts), "refused_tools": list(self.refused),
             "unknown_tool_timeouts": list(self.unknown_timeouts),
-            "sandbox": list(worker.report.sandbox_layers) if running else [],
-            "egress": worker.egress.status() if running and worker.egress else None,
+            "sandbox": list(live.report.sandbox_layers) if live else [],
+            "egress": live.egress.status() if live and live.egress else None,
         }

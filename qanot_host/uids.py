@@ -36,7 +36,9 @@ class UidMap:
         """The uid the plugin has, or would get now, without writing anything (for `check`)."""
         table = self._read()
         uid = table.get(plugin)
-        return uid if self._valid(uid) else (self._first_free(plugin, table) or -1)
+        if uid is not None and self._valid(uid):
+            return uid
+        return self._first_free(plugin, table) or -1
 
     def _allocate(self, plugin: str) -> int:
         os.makedirs(os.path.dirname(self._path), exist_ok=True)
@@ -44,12 +46,13 @@ class UidMap:
             fcntl.flock(lock, fcntl.LOCK_EX)
             table = self._read()
             uid = table.get(plugin)
-            if not self._valid(uid):
-                uid = self._first_free(plugin, table)
-                if uid is None:
-                    raise OSError(0, f"all {UID_RANGE} plugin uids from {self._base} are taken ({self._path})")
-                table[plugin] = uid
-                self._write(table)
+            if uid is not None and self._valid(uid):
+                return uid
+            uid = self._first_free(plugin, table)
+            if uid is None:
+                raise OSError(0, f"all {UID_RANGE} plugin uids from {self._base} are taken ({self._path})")
+            table[plugin] = uid
+            self._write(table)
             return uid
 
     def _valid(self, uid: object) -> bool:

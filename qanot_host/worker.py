@@ -118,7 +118,7 @@ class WorkerHandle:
         self._plugin_pid: int | None = None  # the worker itself, below its namespace's init
         self._oom_kills_at_start = 0
         self._lost_reason: PluginError | None = None
-        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self.info: p.Loaded | None = None
         self.report = p.Hello(0, 0)  # the worker's sandbox report, from before any plugin code ran
         self.tools: list[OfferedTool] = []

@@ -7,6 +7,7 @@ from typing import Any, Coroutine
 
 __all__ = ["run", "loop_name"]
 
+uvloop: Any
 try:
     import uvloop
 except ImportError:  # uvloop does not exist on every platform; asyncio's loop is a fine fallback.

@@ -27,7 +27,7 @@ class RemoteError(Exception):
     """An exception from the agent's side (on_error's `error`), rebuilt from its text."""
 
 
-def read_extensions(plugin: Plugin) -> tuple[p.Extensions, list[Callable]]:
+def read_extensions(plugin: Plugin) -> tuple[p.Extensions, list[Callable | None]]:
     """The plugin's extension points, and the command handlers that stay in this process."""
     problems: list[str] = []
 
@@ -42,7 +42,7 @@ def read_extensions(plugin: Plugin) -> tuple[p.Extensions, list[Callable]]:
         if not isinstance(items, (list, tuple)):
             problems.append(f"{method}() returned {type(items).__name__}, expected a list")
             return []
-        kept = []
+        kept: list = []
         for index, item in enumerate(items):
             try:
                 kept.append(msgspec.convert(_json(item), kind))
@@ -57,7 +57,8 @@ def read_extensions(plugin: Plugin) -> tuple[p.Extensions, list[Callable]]:
         problems.append(f"get_template_dir() returned {type(template_dir).__name__}, expected str or None")
         template_dir = None
     cron = plain("get_cron_jobs", ask("get_cron_jobs", []), dict[str, Any])
-    commands, handlers = [], []
+    commands: list[p.CommandSpec] = []
+    handlers: list[Any] = []
     raw_commands = ask("get_commands", [])
     for index, item in enumerate(raw_commands if isinstance(raw_commands, (list, tuple)) else []):
         if not isinstance(item, dict) or not isinstance(item.get("command"), str):

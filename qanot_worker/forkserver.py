@@ -72,11 +72,11 @@ class Template:
         gc.freeze()
         try:
             while not self.host_gone:
-                readable, _, _ = select.select([self.sock, self.wake_r], [], [])
+                readable, _, _ = select.select([self.sock.fileno(), self.wake_r], [], [])
                 if self.wake_r in readable:
                     _drain(self.wake_r)
                     self._reap()
-                if self.sock in readable and not self._serve_one():
+                if self.sock.fileno() in readable and not self._serve_one():
                     return 0  # the host closed its end
             return 0
         finally:

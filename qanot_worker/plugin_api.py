@@ -66,10 +66,10 @@ class PluginManifest:
             if not isinstance(raw, dict):
                 logger.warning("plugin.json at %s is not a JSON object", path)
                 return cls(name=fallback)
-            texts = {key: _text(raw.get(key), default) for key, default in (
+            texts: dict[str, Any] = {key: _text(raw.get(key), default) for key, default in (
                 ("name", fallback), ("version", "0.1.0"), ("description", ""), ("author", ""),
                 ("min_qanot_version", ""), ("homepage", ""), ("license", "MIT"))}
-            lists = {key: _names(raw.get(key, []), key, path) for key in (
+            lists: dict[str, Any] = {key: _names(raw.get(key, []), key, path) for key in (
                 "dependencies", "plugin_deps", "required_config", "permissions")}
             return cls(**texts, **lists)
         except Exception as exc:

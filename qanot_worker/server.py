@@ -16,6 +16,7 @@ import sys
 import traceback
 from functools import partial
 from types import CoroutineType
+from typing import Any
 
 import msgspec
 
@@ -174,7 +175,7 @@ class WorkerServer(asyncio.Protocol):
             self._send(p.Failure(msg.id, p.FailureKind.UNKNOWN_TOOL, f"no tool named {msg.tool!r}"))
             return
         try:
-            result = tool.handler(msg.params)
+            result: Any = tool.handler(msg.params)
             if type(result) is CoroutineType or (type(result) is not str and inspect.isawaitable(result)):
                 result = await result
         except asyncio.CancelledError:
@@ -237,14 +238,15 @@ class WorkerServer(asyncio.Protocol):
         return self._plugin
 
     def _send(self, msg: msgspec.Struct) -> None:
+        request_id = getattr(msg, "id", 0)  # every reply has one; Hello (never too large) has none
         try:
             self._outbox.post(msg, self._reading)
         except p.FrameTooLarge as exc:
-            self._outbox.post(p.Failure(msg.id, p.FailureKind.TOO_LARGE, str(exc)), self._reading)
+            self._outbox.post(p.Failure(request_id, p.FailureKind.TOO_LARGE, str(exc)), self._reading)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             # Something of the plugin's that msgpack cannot carry (a string with a lone surrogate,
             # say): that one reply fails, the channel stays whole.
-            self._outbox.post(p.Failure(msg.id, p.FailureKind.BAD_RESULT, f"cannot be sent to the host: "
+            self._outbox.post(p.Failure(request_id, p.FailureKind.BAD_RESULT, f"cannot be sent to the host: "
                                         f"{type(exc).__name__}: {exc}"), self._reading)
 
     def _spawn(self, coro) -> asyncio.Task:
