@@ -113,8 +113,12 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
 
 
 # Control characters are written as escapes: a plugin must not be able to move the cursor, clear a
-# line or start a new one in the host's log and forge what seems to be the host's own line.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
+# line or start a new one in the host's log and forge what seems to be the host's own line. Beyond
+# ASCII's: the C1 controls (U+0085 NEL breaks a line for Python and many viewers, U+009B is an 8-bit
+# CSI), the Unicode line and paragraph separators, and the bidi controls that reorder what is shown.
+UNSAFE_CODEPOINTS = (*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
+                     *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_CONTROLS = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in UNSAFE_CODEPOINTS if c != 0x09}
 
 
 MAX_MESSAGE = 8 * 1024  # a worker's error message, as the host keeps, logs and returns it

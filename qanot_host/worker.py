@@ -24,6 +24,7 @@ from .egress import RESOLVER_ENV, EgressGate, EgressPolicy
 from .errors import (PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
 from .launcher import Launcher, LaunchSpec, WorkerProcess
+from .output import UNSAFE_CODEPOINTS
 
 __all__ = ["WorkerHandle", "WorkerOptions", "OfferedTool", "offered_tools"]
 
@@ -77,7 +78,7 @@ def _description(text: str) -> str:
 
 
 MAX_DESCRIPTION = 16 * 1024
-_CONTROLS = {c: None for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)}
+_CONTROLS = {c: None for c in UNSAFE_CODEPOINTS if c not in (0x09, 0x0A)}
 
 
 @dataclass
@@ -274,7 +275,10 @@ class WorkerHandle:
             reply = await channel.request(make, p.HookResult, timeout, what)
         except RemoteFailure as exc:
             raise PluginError(self.plugin, f"{what} failed: {exc.message}") from None
-        return reply.value
+        try:
+            return p.decode_hook_value(reply.value)
+        except (ValueError, msgspec.DecodeError, RecursionError) as exc:  # a worker that lies about its value
+            raise PluginError(self.plugin, f"{what} failed: {exc}") from None
 
     # ---- health ----------------------------------------------------------------------------------
 

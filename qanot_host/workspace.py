@@ -30,6 +30,8 @@ import secrets
 import stat
 import time
 
+from .output import UNSAFE_CODEPOINTS
+
 __all__ = ["Workspace", "MAX_BLOCK"]
 
 log = logging.getLogger("qanot_host.workspace")
@@ -44,6 +46,9 @@ _END = "<!-- qanot-host:end {} -->"
 _BLOCK = re.compile(r"^<!-- qanot-host:begin (.+?) -->\n.*?^<!-- qanot-host:end \1 -->\n?", re.M | re.S)
 # The marker earlier qanot-host versions put before a plugin's tools_md (a block then ran to the next one)
 _LEGACY = re.compile(r"^<!-- plugin: (.+?) -->\n(?:(?!<!-- plugin: |<!-- qanot-host:begin ).*\n?)*", re.M)
+
+
+_CONTROLS = {c: None for c in UNSAFE_CODEPOINTS if c not in (0x09, 0x0A)}
 
 
 class WorkspaceFileError(OSError):
@@ -155,8 +160,9 @@ def _lock_within(fd: int, timeout: float, path: str) -> None:
 
 
 def _inert(plugin: str, what: str, text: str) -> str:
-    """The plugin's text as it goes into a block: no markers, no more than MAX_BLOCK bytes."""
-    text = (text or "").strip().replace("<!--", "&lt;!--")
+    """The plugin's text as it goes into a block: no markers, no control characters but newlines and
+    tabs (no terminal escapes for whoever cats the file), no more than MAX_BLOCK bytes."""
+    text = (text or "").translate(_CONTROLS).strip().replace("<!--", "&lt;!--")
     data = text.encode("utf-8", errors="replace")
     if len(data) > MAX_BLOCK:
         log.warning("plugin %s: its %s is %d bytes; only the first %d go into the workspace", plugin, what,

@@ -44,6 +44,9 @@ def read_extensions(plugin: Plugin) -> tuple[p.Extensions, list[Callable | None]
             return []
         kept: list = []
         for index, item in enumerate(items):
+            if len(kept) == p.MAX_ITEMS:
+                problems.append(f"{method}() returned {len(items)} items; the first {p.MAX_ITEMS} are taken")
+                break
             try:
                 kept.append(msgspec.convert(_json(item), kind))
             except (msgspec.ValidationError, TypeError, ValueError) as exc:
@@ -51,16 +54,20 @@ def read_extensions(plugin: Plugin) -> tuple[p.Extensions, list[Callable | None]
         return kept
 
     wal = plain("get_wal_patterns", ask("get_wal_patterns", []), tuple[str, str, bool])
-    sections = plain("get_prompt_sections", ask("get_prompt_sections", []), dict[str, Any])
+    # Qanot's sections and cron jobs are flat dicts of strings (name, content, schedule, prompt...)
+    sections = plain("get_prompt_sections", ask("get_prompt_sections", []), p.Fields)
     template_dir = ask("get_template_dir", None)
     if template_dir is not None and not isinstance(template_dir, str):
         problems.append(f"get_template_dir() returned {type(template_dir).__name__}, expected str or None")
         template_dir = None
-    cron = plain("get_cron_jobs", ask("get_cron_jobs", []), dict[str, Any])
+    cron = plain("get_cron_jobs", ask("get_cron_jobs", []), p.Fields)
     commands: list[p.CommandSpec] = []
     handlers: list[Any] = []
     raw_commands = ask("get_commands", [])
     for index, item in enumerate(raw_commands if isinstance(raw_commands, (list, tuple)) else []):
+        if len(commands) == p.MAX_ITEMS:
+            problems.append(f"get_commands() returned {len(raw_commands)} commands; the first {p.MAX_ITEMS} are taken")
+            break
         if not isinstance(item, dict) or not isinstance(item.get("command"), str):
             problems.append(f"get_commands()[{index}]: expected a dict with a 'command' string; left out")
             continue
@@ -70,7 +77,12 @@ def read_extensions(plugin: Plugin) -> tuple[p.Extensions, list[Callable | None]
     if not isinstance(variables, dict):
         problems.append(f"get_template_vars() returned {type(variables).__name__}, expected a dict")
         variables = {}
-    variables = {str(key): str(value) for key, value in variables.items()}
+    if len(variables) > p.MAX_TEMPLATE_VARS:
+        problems.append(f"get_template_vars() returned {len(variables)} variables; the first "
+                        f"{p.MAX_TEMPLATE_VARS} are taken")
+    variables = {str(key): str(value) for key, value in list(variables.items())[:p.MAX_TEMPLATE_VARS]}
+    if len(problems) > p.MAX_ITEMS:
+        problems[p.MAX_ITEMS - 1:] = [f"... and {len(problems) - p.MAX_ITEMS + 1} more problems"]
     return p.Extensions(wal, sections, template_dir, cron, commands, variables, problems), handlers
 
 

@@ -21,7 +21,7 @@ Any request may be answered with Failure(id, kind, message) instead.
 from __future__ import annotations
 
 import struct
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
 
@@ -30,10 +30,11 @@ __all__ = [
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage", "Extensions", "CommandSpec",
-    "Hook", "HookResult", "RunCommand",
+    "Hook", "HookResult", "RunCommand", "decode_hook_value", "MAX_ITEMS", "MAX_KEYS", "MAX_TEMPLATE_VARS",
+    "MAX_HOOK_VALUE", "Scalar", "Fields",
 ]
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 HEADER = 4
 
 # How a launcher hands a worker what it needs before the first frame, in its environment.
@@ -53,6 +54,26 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_SCHEMA_BYTES = 64 * 1024  # one tool's parameters schema, encoded
 MAX_SCHEMAS_TOTAL = 1024 * 1024  # all of one plugin's schemas, encoded (Qanot's largest plugin: ~40 KiB)
 MAX_TOOLS = 256  # tools one plugin may offer (Qanot's largest plugin has 34)
+# What a worker's messages may hold. A worker is not trusted, and one byte of msgpack can become a
+# whole Python object in the host (an empty list, ~70 bytes): a 60 MB frame of nested lists once
+# took the host to 4 GB. So nothing a worker sends is decoded as Any: every list and map is
+# bounded (msgspec checks a length at its header, before one element is read), values are typed
+# scalars, and what must stay free-form (a schema, a hook's value) stays encoded (msgspec.Raw)
+# until the host has looked at its size.
+MAX_ITEMS = 64  # sandbox layers, warnings, hooks, WAL patterns, prompt sections, cron jobs, commands, problems
+MAX_KEYS = 32  # keys of one prompt section or cron job
+MAX_TEMPLATE_VARS = 256
+MAX_HOOK_VALUE = 64 * 1024  # a hook's or command's value that is a list or a dict, encoded (a string may be longer)
+
+Scalar = Union[str, int, float, bool, None]
+
+
+def _at_most(n: int) -> msgspec.Meta:
+    return msgspec.Meta(max_length=n)
+
+
+Items = Annotated[list[str], _at_most(MAX_ITEMS)]
+Fields = Annotated[dict[str, Scalar], _at_most(MAX_KEYS)]
 
 
 class FailureKind:
@@ -79,8 +100,8 @@ class Hello(msgspec.Struct, tag=True, array_like=True):
     protocol: int
     pid: int
     egress_fd: int = -1  # the worker's seccomp listener for connect(): the host takes it before Load
-    sandbox_layers: list[str] = []  # the layers the worker put itself in
-    sandbox_warnings: list[str] = []  # ...and the ones it could not
+    sandbox_layers: Items = []  # the layers the worker put itself in
+    sandbox_warnings: Items = []  # ...and the ones it could not
     sandbox_ms: float = 0.0  # what entering the sandbox cost the worker
 
 
@@ -91,7 +112,7 @@ class Loaded(msgspec.Struct, tag=True, array_like=True):
     version: str
     tools_md: str
     soul_append: str
-    hooks: list[str] = []  # the hooks the plugin overrides (Qanot's HookRegistry registers only those)
+    hooks: Items = []  # the hooks the plugin overrides (Qanot's HookRegistry registers only those)
 
 
 class ToolSpec(msgspec.Struct, array_like=True):
@@ -116,26 +137,32 @@ class CommandSpec(msgspec.Struct, array_like=True):
 class Extensions(msgspec.Struct, array_like=True):
     """What the plugin's extension points returned, read once after get_tools() as Qanot reads them."""
 
-    wal_patterns: list[tuple[str, str, bool]] = []
-    prompt_sections: list[dict[str, Any]] = []
+    wal_patterns: Annotated[list[tuple[str, str, bool]], _at_most(MAX_ITEMS)] = []
+    prompt_sections: Annotated[list[Fields], _at_most(MAX_ITEMS)] = []
     template_dir: str | None = None
-    cron_jobs: list[dict[str, Any]] = []
-    commands: list[CommandSpec] = []
-    template_vars: dict[str, str] = {}
-    problems: list[str] = []  # what could not be carried: an extension point raised, or returned odd values
+    cron_jobs: Annotated[list[Fields], _at_most(MAX_ITEMS)] = []
+    commands: Annotated[list[CommandSpec], _at_most(MAX_ITEMS)] = []
+    template_vars: Annotated[dict[str, str], _at_most(MAX_TEMPLATE_VARS)] = {}
+    problems: Items = []  # what could not be carried: an extension point raised, or returned odd values
 
 
 class ToolList(msgspec.Struct, tag=True, array_like=True):
     id: int
-    tools: list[ToolSpec]
+    tools: Annotated[list[ToolSpec], _at_most(MAX_TOOLS)]
     extensions: Extensions = msgspec.field(default_factory=Extensions)
 
 
 class HookResult(msgspec.Struct, tag=True, array_like=True):
-    """A hook's or a command's return value (None, or what JSON can hold)."""
+    """A hook's or a command's return value (None, or what JSON can hold), left encoded: the host
+    decodes a list or a dict only up to MAX_HOOK_VALUE bytes (see decode_hook_value)."""
 
     id: int
-    value: Any = None
+    value: msgspec.Raw = msgspec.Raw(b"\xc0")  # msgpack nil
+
+    @staticmethod
+    def encode_value(value: Any) -> msgspec.Raw:
+        return msgspec.Raw(msgspec.msgpack.encode(value))
+
 
 
 class Result(msgspec.Struct, tag=True, array_like=True):
@@ -424,3 +451,19 @@ class Outbox:
             transport = self.transport  # a fresh buffer each time: the transport may keep this one
             if transport is not None and not transport.is_closing():
                 transport.write(data)
+
+
+_SCALAR = msgspec.msgpack.Decoder(Scalar)
+
+
+def decode_hook_value(raw: msgspec.Raw | bytes) -> Any:
+    """A HookResult's value. A scalar (a string of any length) costs what it weighs; a list or a
+    dict is decoded only up to MAX_HOOK_VALUE encoded bytes. Raises ValueError beyond."""
+    try:
+        return _SCALAR.decode(raw)
+    except msgspec.ValidationError:
+        pass  # a list or a dict
+    if len(raw) > MAX_HOOK_VALUE:
+        raise ValueError(f"a list or dict returned by a hook or command is {len(raw)} bytes encoded; "
+                         f"at most {MAX_HOOK_VALUE} are taken (a string may be longer)")
+    return msgspec.msgpack.decode(raw)

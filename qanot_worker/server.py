@@ -57,8 +57,11 @@ class WorkerServer(asyncio.Protocol):
         self._outbox.transport = out
         sandbox = self._sandbox
         sandbox.verify_cgroups()  # the launcher put us in our cgroups before we were let go on
-        self._send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), sandbox.egress_fd, sandbox.layers, sandbox.warnings,
-                           sandbox.milliseconds))
+        warnings = sandbox.warnings
+        if len(warnings) > p.MAX_ITEMS:
+            warnings = [*warnings[:p.MAX_ITEMS - 1], f"... and {len(warnings) - p.MAX_ITEMS + 1} more"]
+        self._send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), sandbox.egress_fd, sandbox.layers[:p.MAX_ITEMS],
+                           warnings, sandbox.milliseconds))
 
     # ---- transport callbacks ---------------------------------------------------------------------
 
@@ -149,7 +152,10 @@ class WorkerServer(asyncio.Protocol):
 
     def _get_tools(self, msg: p.GetTools) -> None:
         try:
-            self._tools = check_tools(self._require_plugin().get_tools(), self._plugin_name)
+            tools = self._require_plugin().get_tools()
+            if isinstance(tools, (list, tuple)) and len(tools) > p.MAX_TOOLS:
+                raise ValueError(f"get_tools() offered {len(tools)} tools; at most {p.MAX_TOOLS} are taken")
+            self._tools = check_tools(tools, self._plugin_name)
         except Exception as exc:
             log.error("get_tools() failed: %s", exc)
             self._send(p.Failure(msg.id, p.FailureKind.BAD_TOOLS, _describe(exc, bare_type=True)))
@@ -167,7 +173,17 @@ class WorkerServer(asyncio.Protocol):
             log.error("%s raised:\n%s", what, traceback.format_exc())
             self._send(p.Failure(request_id, p.FailureKind.HOOK, _describe(exc)))
             return
-        self._send(p.HookResult(request_id, value))
+        try:
+            encoded = p.HookResult.encode_value(value)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            self._send(p.Failure(request_id, p.FailureKind.BAD_RESULT, f"{what} returned what cannot be sent to "
+                                 f"the host: {type(exc).__name__}: {exc}"))
+            return
+        if len(encoded) > p.MAX_HOOK_VALUE and not isinstance(value, str):
+            self._send(p.Failure(request_id, p.FailureKind.BAD_RESULT, f"{what} returned a {type(value).__name__} "
+                                 f"of {len(encoded)} bytes encoded; at most {p.MAX_HOOK_VALUE} are taken"))
+            return
+        self._send(p.HookResult(request_id, encoded))
 
     async def _call(self, msg: p.Call) -> None:
         tool = self._tools.get(msg.tool)

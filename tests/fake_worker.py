@@ -1,4 +1,5 @@
-"""A hostile worker: speaks the protocol until the first Call, then sends FAKE_PAYLOAD (hex) raw.
+"""A hostile worker: speaks the protocol until the first Call, then sends FAKE_PAYLOAD (hex) or the
+bytes of FAKE_PAYLOAD_FILE raw.
 
 Started by tests in place of the real worker (same argv), so it imports the protocol from the
 worker's import root.
@@ -15,6 +16,9 @@ from qanot_worker import protocol as p  # noqa: E402
 
 read_fd, write_fd = int(sys.argv[2]), int(sys.argv[3])
 payload = bytes.fromhex(os.environ.get("FAKE_PAYLOAD", ""))
+if os.environ.get("FAKE_PAYLOAD_FILE"):  # too large for the environment
+    with open(os.environ["FAKE_PAYLOAD_FILE"], "rb") as f:
+        payload = f.read()
 writer = p.FrameWriter()
 decoder = msgspec.msgpack.Decoder(p.HostMessage)
 frames = p.FrameBuffer()

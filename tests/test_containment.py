@@ -668,8 +668,20 @@ async def test_plugin_output_cannot_forge_a_host_log_line(write_config, caplog):
     async with Host(write_config([plugin("attacker")])) as host:
         assert await attack(host, "forge_log") == "printed"
         await wait_until(lambda: any("bank ready" in r.getMessage() for r in caplog.records), 5, "the line")
+        error = await host.registry.execute("attack_forge_error", {})
+        workspace = host.config.workspace_dir
     line = next(r.getMessage() for r in caplog.records if "bank ready" in r.getMessage())
     assert "\r" not in line and "\x1b" not in line and "\\x0d2026-11-26" in line
+    # the third attacker's F4: C1 controls, Unicode line separators and bidi overrides went through
+    line = next(r.getMessage() for r in caplog.records if "vault ready" in r.getMessage())
+    raw = ("\u0085", "\u009b", "\u2028", "\u202e")
+    assert not any(c in line for c in raw) and "\\x852026-11-26" in line and "\\u2028" in line, line
+    assert "safe ready" in error and not any(c in error for c in raw), error
+    assert not any(c in r.getMessage() for r in caplog.records for c in raw)
+    # ...and TOOLS.md got terminal escapes as they were (F5): none now, newlines and tabs kept
+    tools_md = (Path(workspace) / "TOOLS.md").read_text()
+    assert "red" in tools_md and "evil\ttab" in tools_md
+    assert not any(c in tools_md for c in ("\x1b", *raw)), repr(tools_md)
 
 
 async def test_max_rss_mb_counts_what_the_worker_hides_outside_its_own_rss(write_config):

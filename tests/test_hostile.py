@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 import psutil
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -31,10 +32,20 @@ class HostileLauncher(SubprocessLauncher):
     def command(self, spec: LaunchSpec, env_fd: int) -> tuple[list[str], dict[str, str]]:
         boot, _ = super().command(spec, env_fd)
         at = boot.index("-c")
-        env = dict(spec.env, FAKE_PAYLOAD=self.payload.hex(), FAKE_THEN=self.then)
+        env = dict(spec.env, FAKE_THEN=self.then)
+        if len(self.payload) > 64 * 1024:  # too large for the environment
+            env["FAKE_PAYLOAD_FILE"] = self.payload_file(spec)
+        else:
+            env["FAKE_PAYLOAD"] = self.payload.hex()
         if self.protocol is not None:
             env["FAKE_PROTOCOL"] = str(self.protocol)
         return boot[:at] + [FAKE] + boot[at + 2:], env
+
+    def payload_file(self, spec: LaunchSpec) -> str:
+        path = Path(spec.import_root).parent / "fake-payload"
+        if not path.exists():
+            path.write_bytes(self.payload)
+        return str(path)
 
 
 def frame(msg) -> bytes:
@@ -112,3 +123,52 @@ async def test_another_protocol_version_is_fatal_not_restarted(tmp_path):
         sup = host.plugins["echo"]
         assert sup.state == PluginState.FAILED and sup.restarts == 0
         assert sup.error == f"worker speaks protocol 99, the host speaks {p.PROTOCOL_VERSION}"
+
+
+def _array32(count: int, element: bytes) -> bytes:
+    return b"\xdd" + count.to_bytes(4, "big") + element * count
+
+
+def _message(tag: str, *fields: bytes) -> bytes:
+    body = bytes([0x90 + 1 + len(fields)]) + msgspec.msgpack.encode(tag) + b"".join(fields)
+    return len(body).to_bytes(4, "big") + body
+
+
+UNSENT = msgspec.msgpack.encode(987654)  # an id the host never used: the frame is refused, after decoding
+# One byte of msgpack each: an empty list (~70 bytes as a Python list), an empty map, an empty string.
+AMPLIFIERS = {
+    "a hook's value of 40M empty lists": _message("HookResult", UNSENT, _array32(40_000_000, b"\x90")),
+    "20M prompt sections": _message("ToolList", UNSENT, b"\x90", b"\x92\x90" + _array32(20_000_000, b"\x80")),
+    "40M tools": _message("ToolList", UNSENT, _array32(40_000_000, b"\x90")),
+    "40M hooks": _message("Loaded", UNSENT, *(msgspec.msgpack.encode(s) for s in "nvdts"), _array32(40_000_000, b"\xa0")),
+    "40M sandbox layers": _message("Hello", msgspec.msgpack.encode(p.PROTOCOL_VERSION), UNSENT, b"\xff",
+                                   _array32(40_000_000, b"\xa0")),
+}
+
+
+def _peak_rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident size
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+@pytest.mark.parametrize("shape", list(AMPLIFIERS))
+def test_a_frame_of_tiny_containers_does_not_become_gigabytes_in_the_host(tmp_path, shape):
+    """The third attacker's F1: one 40 MB frame of empty lists took the host to 4.2 GB and held its
+    loop for 22 s while msgspec built them. Every container a worker sends is bounded at its header,
+    and free-form values stay encoded."""
+    path = Path(config_for(tmp_path))
+    config = json.loads(path.read_text())
+    config["host"]["max_frame_bytes"] = 64 * 2**20
+    path.write_text(json.dumps(config))
+    payload = AMPLIFIERS[shape]
+    _peak_rss_reset()
+    before = psutil.Process().memory_info().rss
+    eventloop.run(scenario(str(path), payload, "sleep"))
+    growth = _peak_rss() - before
+    # the frame itself is buffered (40 MB, maybe twice while it is cut out); what it decodes to is not
+    assert growth < 200 * 2**20, f"{shape}: host peak RSS grew {growth / 2**20:.0f} MB"

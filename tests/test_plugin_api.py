@@ -191,3 +191,52 @@ def test_star_import_gives_qanots_names_and_version():
     import qanot
     assert _public_names(SHIM / "plugins" / "base.py") == {n for n in vars(real) if not n.startswith("_")}
     assert ours.QANOT_VERSION == qanot.__version__ == "2.0.4"
+
+
+def test_extension_points_are_bounded_before_they_cross_the_wire():
+    """What a plugin's extension points return is cut to what the host decodes without risk (the third
+    attacker's F1: free-form values once let one frame become gigabytes in the host), each cut said."""
+    import msgspec
+
+    from qanot_worker import protocol as p
+    from qanot_worker.extensions import read_extensions
+
+    class Greedy(ours.Plugin):
+        def get_tools(self):
+            return []
+
+        def get_prompt_sections(self):
+            return [{"name": "nested", "content": {"a": [[]]}}, *({"name": f"s{i}", "content": "x"} for i in range(99))]
+
+        def get_cron_jobs(self):
+            return [{f"k{i}": "v" for i in range(p.MAX_KEYS + 1)}, {"name": "ok", "schedule": "* * * * *"}]
+
+        def get_template_vars(self):
+            return {f"{{v{i}}}": str(i) for i in range(p.MAX_TEMPLATE_VARS + 10)}
+
+        def get_commands(self):
+            return [{"command": f"c{i}", "handler": print} for i in range(p.MAX_ITEMS + 1)]
+
+    extensions, handlers = read_extensions(Greedy())
+    assert len(extensions.prompt_sections) == p.MAX_ITEMS and extensions.prompt_sections[0]["name"] == "s0"
+    assert extensions.cron_jobs == [{"name": "ok", "schedule": "* * * * *"}]
+    assert len(extensions.template_vars) == p.MAX_TEMPLATE_VARS
+    assert len(extensions.commands) == len(handlers) == p.MAX_ITEMS
+    said = "\n".join(extensions.problems)
+    assert "get_prompt_sections()[0]" in said and f"the first {p.MAX_ITEMS} are taken" in said
+    assert "get_cron_jobs()[0]" in said and "get_template_vars() returned" in said and "get_commands() returned" in said
+    # and the host decodes it as it came
+    wire = msgspec.msgpack.encode(p.ToolList(1, [], extensions))
+    assert msgspec.msgpack.decode(wire, type=p.WorkerMessage).extensions == extensions
+
+
+def test_a_hooks_value_is_decoded_by_the_host_only_within_bounds():
+    import msgspec
+
+    from qanot_worker import protocol as p
+
+    long_text = "x" * (4 * p.MAX_HOOK_VALUE)  # a string costs what it weighs: any length
+    assert p.decode_hook_value(p.HookResult.encode_value(long_text)) == long_text
+    assert p.decode_hook_value(p.HookResult.encode_value({"a": [1, None]})) == {"a": [1, None]}
+    with pytest.raises(ValueError, match="at most"):
+        p.decode_hook_value(msgspec.Raw(b"\xdd" + (10**6).to_bytes(4, "big") + b"\x90" * 10**6))
