@@ -56,6 +56,36 @@ HOOK_PARAMETERS = {
 TEXT_HOOKS = ("on_pre_turn", "on_post_turn")  # a non-None return replaces the agent's text
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 MAX_PATTERN = 1000  # a WAL pattern Qanot compiles and runs on every message
+WAL_SEARCH_SECONDS = 0.05  # what one plugin pattern may take on one message
+# re's flags that the regex module reads the same way (IGNORECASE, MULTILINE, DOTALL, VERBOSE, UNICODE, ASCII)
+_SHARED_FLAGS = re.IGNORECASE | re.MULTILINE | re.DOTALL | re.VERBOSE | re.UNICODE | re.ASCII
+
+
+class TimedPattern:
+    """A plugin's WAL pattern as Qanot's `wal_scan` uses it (`.search()` on every user message, in the
+    agent's own process), run by the `regex` engine under a time limit. With `re`, a 12-character
+    pattern with nested repetition (`^(\\w+\\s?)*$`) held the agent's event loop for minutes on one
+    ordinary message; `re` cannot be interrupted, `regex` takes a timeout. A search that runs out of
+    time finds nothing, and says so in the log once."""
+
+    def __init__(self, plugin: str, compiled: re.Pattern) -> None:
+        import regex  # only the drop-in loader needs it
+
+        self.plugin = plugin
+        self.pattern = compiled.pattern
+        self.flags = compiled.flags
+        self._compiled = regex.compile(compiled.pattern, (compiled.flags & _SHARED_FLAGS) | regex.V0)
+        self._warned = False
+
+    def search(self, text: str, *args: Any) -> Any:
+        try:
+            return self._compiled.search(text, *args, timeout=WAL_SEARCH_SECONDS)
+        except TimeoutError:
+            if not self._warned:
+                self._warned = True
+                log.warning("Plugin %s: WAL pattern %.60r took over %g s on a message and matched nothing "
+                            "(and will each time it does)", self.plugin, self.pattern, WAL_SEARCH_SECONDS)
+            return None
 
 
 class PluginManager:
@@ -314,7 +344,26 @@ def _deploy(config: Any, proxy: Any) -> None:
                     "TOOLS.md, SOUL.md and extension points are not installed", proxy.qanot_host_plugin)
         return
     _deploy_plugin_files(config.workspace_dir, proxy)
+    try:
+        from qanot import memory
+        patterns: list | None = memory.WAL_PATTERNS
+    except (ImportError, AttributeError):
+        patterns = None
+    first = len(patterns) if patterns is not None else 0
     collect(None, proxy)  # type: ignore[arg-type]
+    if patterns is not None:
+        _time_wal_patterns(proxy.qanot_host_plugin, patterns, first)
+
+
+def _time_wal_patterns(plugin: str, patterns: list, first: int) -> None:
+    """The plugin's patterns that Qanot has just compiled (from `first` on) run under a time limit."""
+    kept = []
+    for compiled, category in patterns[first:]:
+        try:
+            kept.append((TimedPattern(plugin, compiled), category))
+        except Exception as exc:  # noqa: BLE001 - a pattern re takes and regex does not
+            log.warning("Plugin %s: WAL pattern %.60r left out: %s", plugin, compiled.pattern, exc)
+    patterns[first:] = kept
 
 
 _manager = PluginManager()

@@ -4,6 +4,7 @@ file deployment, against plugins that run in sandboxed workers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -76,9 +77,14 @@ async def test_qanot_loads_runs_hooks_and_shuts_down_plugins_through_qanot_host(
         assert seen == [["pre", "u1", "hello"], ["post", "u1", "hello", "hi"], ["startup"]]
 
         # extension points: what the worker's plugin returned, through Qanot's own collection
-        assert style.get_wal_patterns() == [(r"qanot style (\w+)", "qs_fact", True)]
+        assert style.get_wal_patterns() == [(r"qanot style (\w+)", "qs_fact", True), (r"^(\w+\s?)*$", "qs_words", False)]
         from qanot import memory, prompt
         assert any(category == "qs_fact" for _, category in memory.WAL_PATTERNS)
+        assert {"qs_fact", "qs_words"} <= {e.category for e in memory.wal_scan("I like qanot style tea")}
+        # The third attacker's F2: under re, this ordinary message held the agent for hours. Run in a
+        # thread so that a regression fails here instead of hanging the suite.
+        scan = asyncio.get_running_loop().run_in_executor(None, memory.wal_scan, " ".join(["word"] * 30) + "!")
+        assert "qs_words" not in {e.category for e in await asyncio.wait_for(scan, 20)}
         assert {"name": "Qanot style", "content": "Speak plainly."} in prompt._plugin_prompt_sections
         assert prompt._plugin_template_vars["{{QS_REGION}}"] == "uz"
         assert style._pending_cron_jobs[0]["name"] == "qs_daily"

@@ -106,7 +106,8 @@ class QanotStylePlugin(Plugin):
     # ---- extension points -------------------------------------------------------------------------
 
     def get_wal_patterns(self) -> list[tuple[str, str, bool]]:
-        return [(r"qanot style (\w+)", "qs_fact", True)]
+        # the second backtracks catastrophically under re on a message that ends in punctuation
+        return [(r"qanot style (\w+)", "qs_fact", True), (r"^(\w+\s?)*$", "qs_words", False)]
 
     def get_prompt_sections(self) -> list[dict]:
         return [{"name": "Qanot style", "content": "Speak plainly."}]
