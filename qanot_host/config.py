@@ -48,7 +48,8 @@ class RestartSettings(msgspec.Struct, forbid_unknown_fields=True):
 class Limits(msgspec.Struct, forbid_unknown_fields=True):
     """Ceilings for a plugin. Each key left out takes the host's value, else the default below.
 
-    max_rss_mb, max_cpu_seconds and max_calls recycle a worker (watched with psutil); the others
+    max_rss_mb, max_cpu_seconds and max_calls recycle a worker (watched with psutil), and so does
+    workspace_mb (its place in the workspace, measured by the host: it is on the host's disk); the others
     are the kernel's to enforce, every worker under them from its first instruction: memory_mb
     (memory cgroup; 0 turns it off), disk_mb (the data directory's file system; 0: a plain
     directory, no ceiling), tmp_mb (/tmp and
@@ -62,6 +63,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     max_calls: Annotated[int, msgspec.Meta(gt=0)] | None = None
     memory_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
     disk_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    workspace_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
     tmp_mb: Annotated[int, msgspec.Meta(ge=1)] | None = None
     cpu_weight: Annotated[int, msgspec.Meta(ge=1, le=10000)] | None = None
     cpu_max: Annotated[float, msgspec.Meta(gt=0)] | None = None
@@ -73,7 +75,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
                          for name in self.__struct_fields__})
 
 
-DEFAULT_LIMITS = Limits(memory_mb=1024, disk_mb=1024, tmp_mb=64, cpu_weight=100, log_lines_per_second=50)
+DEFAULT_LIMITS = Limits(memory_mb=1024, disk_mb=1024, workspace_mb=256, tmp_mb=64, cpu_weight=100, log_lines_per_second=50)
 
 
 class NetworkGrant(msgspec.Struct, forbid_unknown_fields=True):

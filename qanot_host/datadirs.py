@@ -75,3 +75,57 @@ def _make_tmp(data_fd: int) -> None:
             os.fchown(tmp, st.st_uid, st.st_gid)
     finally:
         os.close(tmp)
+
+
+MAX_WORKSPACE_ENTRIES = 100_000  # files and directories in a plugin's place in the workspace
+
+
+def workspace_problem(path: str, limit_mb: int) -> str | None:
+    """Why the plugin's place in the workspace is over its ceiling (workspace_mb, or more than
+    MAX_WORKSPACE_ENTRIES entries), or None. The workspace is on the host's own disk (the agent reads
+    it), so the host measures it; 0 turns the check off."""
+    if not limit_mb:
+        return None
+    try:
+        used, entries = disk_usage(path, MAX_WORKSPACE_ENTRIES)
+    except OSError:
+        return None  # gone, or not a directory: prepare_workspace says so at the next start
+    if entries >= MAX_WORKSPACE_ENTRIES:
+        return f"{path} holds more than {MAX_WORKSPACE_ENTRIES} files and directories"
+    if used > limit_mb * 2**20:
+        return f"{path} takes {used / 2**20:.0f} MB, over its workspace_mb={limit_mb}"
+    return None
+
+
+def disk_usage(path: str, max_entries: int) -> tuple[int, int]:
+    """(bytes on disk, entries) beneath path, counting no further than max_entries. Directories are
+    opened by descriptor, each relative to its parent and never through a link: the plugin owns this
+    tree and may swap a directory for a link while it is walked."""
+    used = entries = 0
+    stack = [os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)]
+    try:
+        while stack and entries < max_entries:
+            fd = stack.pop()
+            try:
+                with os.scandir(fd) as listing:
+                    for entry in listing:
+                        entries += 1
+                        if entries >= max_entries:
+                            break
+                        try:
+                            info = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        used += info.st_blocks * 512
+                        if stat.S_ISDIR(info.st_mode):
+                            try:
+                                stack.append(os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                                     | os.O_CLOEXEC, dir_fd=fd))
+                            except OSError:
+                                continue  # swapped meanwhile, or gone
+            finally:
+                os.close(fd)
+    finally:
+        for fd in stack:
+            os.close(fd)
+    return used, entries

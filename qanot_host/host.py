@@ -19,7 +19,7 @@ from qanot_worker import protocol as p
 
 from .cgroups import CgroupLimits, Cgroups, sweep_stale_cgroups
 from .config import Config, directory_problems, load_config, own_workspace
-from .datadirs import DataDirs
+from .datadirs import DataDirs, workspace_problem
 from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .disks import DiskImages
 from .environments import EnvironmentBuilder, sweep_partial_builds
@@ -54,6 +54,7 @@ class Host:
         self.registry = registry if registry is not None else ToolRegistry()
         self.registry.timeout = self.config.host.call_timeout
         self.plugins: dict[str, PluginSupervisor] = {}
+        self._workspaces: dict[str, str] = {}  # plugin -> the real path of its place in the workspace
         self.workspace = Workspace(self.config.workspace_dir)
         self._launcher = launcher
         self._envs = self._environment_builder(self.config)
@@ -273,6 +274,11 @@ class Host:
             raise PluginStartError(plugin, f"its place in the workspace, {own_workspace(self.config, plugin)}: "
                                    f"{exc.strerror or exc} (set host.plugins.{plugin}.workspace to false to start "
                                    "it without one)") from None
+        problem = workspace_problem(real, self.config.limits_for(plugin).workspace_mb or 0)
+        if problem:
+            raise PluginStartError(plugin, f"its place in the workspace is full: {problem} (remove files from "
+                                   f"it, or raise host.plugins.{plugin}.limits.workspace_mb)")
+        self._workspaces[plugin] = real
         return own_workspace(self.config, plugin), real
 
     def _plugin_uid(self, plugin: str) -> int:
@@ -365,6 +371,12 @@ class Host:
             await asyncio.sleep(self.config.host.limits_interval)
             for supervisor in list(self.plugins.values()):
                 supervisor.check_limits()
+                place = self._workspaces.get(supervisor.name)
+                limit = supervisor.limits.workspace_mb
+                if place and limit and supervisor.state == PluginState.READY:
+                    problem = await asyncio.to_thread(workspace_problem, place, limit)
+                    if problem:
+                        supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True)
 
     async def reload(self, config: Config | None = None) -> dict[str, list[str]]:
         """Read config.json again: start new plugins, stop removed ones, restart changed ones (and

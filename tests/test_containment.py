@@ -693,3 +693,26 @@ async def test_max_rss_mb_counts_what_the_worker_hides_outside_its_own_rss(write
         assert await attack(host, "hide_memory", mb=300) == "300 MB in a memfd"
         await wait_until(lambda: sup.worker.pid != pid and sup.state == PluginState.READY, 10, "recycled")
         assert "recycled: memory" in sup.last_exit and "over max_rss_mb=100" in sup.last_exit
+
+
+async def test_the_workspace_has_a_ceiling_too(write_config):
+    """The third attacker's F3: workspace_dir/NAME is on the host's own disk, outside the plugin's disk
+    image, and took 1.2 GB under disk_mb=1024. The host measures it; over workspace_mb the worker goes,
+    and the plugin does not start again until the operator makes room."""
+    config = write_config([plugin("attacker"), GREETER], host={
+        "limits_interval": 0.2, "restart": {"backoff_initial": 0, "max_restarts": 1},
+        "plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
+    async with Host(config) as host:
+        place = Path(host.config.workspace_dir) / "attacker"
+        # the writes themselves go through (the host measures, the kernel does not stop them)...
+        wrote = await host.registry.execute("attack_fill_disk", {"where": str(place), "mb": 60})
+        assert "wrote 60 MB" in wrote, wrote
+        sup = host.plugins["attacker"]
+        await wait_until(lambda: sup.state == PluginState.FAILED, 15, "the plugin to fail")
+        assert "over its workspace_mb=20" in sup.error and "remove files" in sup.error, sup.error
+        assert "over its workspace_mb=20" in await host.registry.execute("attack_statvfs", {})
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+        for path in place.glob("fill-*"):
+            path.unlink()
+        await host.reload()  # a failed plugin is started again by a reload
+        assert host.plugins["attacker"].state == PluginState.READY, host.plugins["attacker"].error
