@@ -74,11 +74,19 @@ class WorkerChannel(asyncio.Protocol):
         """Wrap the host's ends of the two pipes (the fds are owned by the channel from here on)."""
         loop = asyncio.get_running_loop()
         channel = cls(plugin, max_frame, on_lost, on_abandoned)
-        channel._out, _ = await loop.connect_write_pipe(
-            asyncio.Protocol, os.fdopen(to_worker, "wb", buffering=0))
+        try:
+            channel._out, _ = await loop.connect_write_pipe(
+                asyncio.Protocol, os.fdopen(to_worker, "wb", buffering=0))
+        except BaseException:
+            os.close(from_worker)
+            raise
         channel._outbox.transport = channel._out
-        channel._in, _ = await loop.connect_read_pipe(
-            lambda: channel, os.fdopen(from_worker, "rb", buffering=0))
+        try:
+            channel._in, _ = await loop.connect_read_pipe(
+                lambda: channel, os.fdopen(from_worker, "rb", buffering=0))
+        except BaseException:
+            channel._out.close()
+            raise
         return channel
 
     # ---- requests --------------------------------------------------------------------------------
@@ -232,16 +240,19 @@ class WorkerChannel(asyncio.Protocol):
     # ---- end -------------------------------------------------------------------------------------
 
     def close(self, error: PluginError | None) -> None:
-        """End the channel once; pending requests are failed by the owner through on_lost."""
+        """End the channel once; pending requests are failed by the owner through on_lost. The pipes
+        are closed here whatever ended it first (fail_pending too): a transport left to the garbage
+        collector closes its descriptor late, and under uvloop its file object then closes the same
+        number again, which by then may be another pipe's (uvloop#763)."""
+        for transport in (self._in, self._out):
+            if transport is not None and not transport.is_closing():
+                transport.close()
         if self.closed is not None:
             return
         if error is None and self._frames.pending:
             error = ProtocolViolation(self._plugin, f"the worker closed its pipe in the middle of a "
                                                     f"frame ({self._frames.pending} bytes)")
         self.closed = error or PluginError(self._plugin, "the worker closed its pipe")
-        for transport in (self._in, self._out):
-            if transport is not None:
-                transport.close()
         self._on_lost(error)
 
     def fail_pending(self, error: PluginError) -> None:

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 
-from qanot_worker import eventloop
+from .loop import run as run_event_loop
 
 from .chaos import run_chaos
 from .check import check_config
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = COMMANDS[args.command]
     try:
-        return eventloop.run(command(args) if args.command == "run" else _interruptible(command, args))
+        return run_event_loop(command(args) if args.command == "run" else _interruptible(command, args))
     except QanotHostError as exc:
         print(f"qanot-host: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

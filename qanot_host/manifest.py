@@ -8,13 +8,15 @@ host never imports that code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import stat
 
 import msgspec
 
-__all__ = ["Manifest", "ManifestError", "read_manifest", "read_plugin_file", "parse_version",
+from .safe_files import read_regular_file
+
+__all__ = ["Manifest", "ManifestError", "read_manifest", "parse_version",
            "PERMISSIONS", "QANOT_API_VERSION", "MAX_MANIFEST"]
 
 # The version of Qanot's plugin API the worker implements: plugin.json's min_qanot_version is
@@ -46,20 +48,6 @@ class Manifest(msgspec.Struct, kw_only=True):
     permissions: list[str] = []
 
 
-def read_plugin_file(path: str, limit: int) -> bytes:
-    """A file of a plugin's, safely: no symlink at the end, regular, at most `limit` bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(0, "not a regular file")
-        if st.st_size > limit:
-            raise OSError(0, f"{st.st_size} bytes, over the {limit} read")
-        return os.read(fd, limit + 1)[:limit]
-    finally:
-        os.close(fd)
-
-
 def read_manifest(plugin_dir: str) -> tuple[Manifest, list[str]]:
     """The plugin's manifest (the default one if there is no plugin.json) and warnings, each naming
     the file and the key.
@@ -72,11 +60,11 @@ def read_manifest(plugin_dir: str) -> tuple[Manifest, list[str]]:
     default_name = os.path.basename(os.path.normpath(plugin_dir))
     path = os.path.join(plugin_dir, "plugin.json")
     try:
-        raw = read_plugin_file(path, MAX_MANIFEST)
+        raw = read_regular_file(path, MAX_MANIFEST)
     except FileNotFoundError:
         return Manifest(name=default_name), []
     except OSError as exc:
-        why = "is a symbolic link (plugin.json must be a file of its own)" if exc.errno == 40 else \
+        why = "is a symbolic link (plugin.json must be a file of its own)" if exc.errno == errno.ELOOP else \
             f"cannot be read: {exc.strerror or exc}"
         raise ManifestError(f"{path}: {why}") from None
     try:

@@ -15,14 +15,36 @@ does not put it in the host's log).
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import stat
 from typing import Any
 
-from qanot_worker.secret_refs import read_secret_file
+from .safe_files import read_regular_file
 
-__all__ = ["Redactor", "resolve_config_secrets", "is_secret_ref"]
+__all__ = ["Redactor", "resolve_config_secrets", "is_secret_ref", "read_secret_file"]
 
+log = logging.getLogger("qanot_host")
 MIN_REDACTED = 4  # shorter values would blank out ordinary words; they are not redacted
+MAX_SECRET_FILE = 64 * 1024  # Qanot's own limit
+# What went wrong reading a secret file, in Qanot's words (qanot/secrets.py)
+_WHY = {errno.ENOENT: "Secret file not found: {path}", errno.ELOOP: "Secret file is a symlink (security risk): {path}",
+        errno.EINVAL: "Secret path is not a regular file: {path}",
+        errno.EFBIG: f"Secret file {{path}} is too large; maximum allowed is {MAX_SECRET_FILE} bytes"}
+
+
+def read_secret_file(path: str) -> str:
+    """The file's text, stripped, by Qanot's rules; ValueError saying why not, in Qanot's words."""
+    try:
+        data = read_regular_file(path, MAX_SECRET_FILE)
+        if os.stat(path, follow_symlinks=False).st_mode & stat.S_IROTH:
+            log.warning("Secret file %s is world-readable (chmod 600 recommended)", path)
+        return data.decode("utf-8").strip()
+    except OSError as exc:
+        known = _WHY.get(exc.errno or 0)
+        why = known.format(path=path) if known else f"Secret file {path} cannot be read: {exc.strerror or exc}"
+        raise ValueError(why) from None
 
 
 def is_secret_ref(value: Any) -> bool:

@@ -10,9 +10,11 @@ never executed (the host imports no plugin code, ever).
 from __future__ import annotations
 
 import ast
+import errno
 import os
 
-from .manifest import MAX_SOURCE, read_plugin_file
+from .manifest import MAX_SOURCE
+from .safe_files import read_regular_file
 
 __all__ = ["code_problem", "declared_tools", "MAX_SCANNED_FILES", "MAX_SCANNED_BYTES"]
 
@@ -23,7 +25,7 @@ MAX_SCANNED_BYTES = 2 * 1024 * 1024
 
 
 def _tree(entry_file: str) -> ast.Module:
-    return ast.parse(read_plugin_file(entry_file, MAX_SOURCE), filename=entry_file)
+    return ast.parse(read_regular_file(entry_file, MAX_SOURCE), filename=entry_file)
 
 
 def code_problem(entry_file: str) -> str | None:
@@ -69,13 +71,13 @@ def declared_tools(plugin_dir: str, entry_file: str) -> set[str] | None:
     budget = MAX_SCANNED_BYTES
     for path in files:
         try:
-            source = read_plugin_file(path, budget)
+            source = read_regular_file(path, budget)
             budget -= len(source)
             if budget <= 0:
                 return None
             tree = ast.parse(source, filename=path)
         except OSError as exc:
-            if exc.errno == 0:  # over what is left of the budget, or not a regular file
+            if exc.errno in (errno.EFBIG, errno.EINVAL):  # over what is left of the budget, or not a regular file
                 return None
             continue
         except (SyntaxError, ValueError):

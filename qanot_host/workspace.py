@@ -27,10 +27,10 @@ import logging
 import os
 import re
 import secrets
-import stat
 import time
 
 from .output import UNSAFE_CODEPOINTS
+from .safe_files import read_regular_file
 
 __all__ = ["Workspace", "MAX_BLOCK"]
 
@@ -112,18 +112,12 @@ class Workspace:
     def _read(self, directory: int, filename: str) -> str:
         path = os.path.join(self.directory, filename)
         try:
-            fd = os.open(filename, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+            return read_regular_file(filename, MAX_FILE, dir_fd=directory).decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
         except OSError as exc:
-            raise WorkspaceFileError(f"{path} is left alone: {exc.strerror} (a symlink is never followed)") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE:
-                raise WorkspaceFileError(f"{path} is left alone: not a regular file of at most {MAX_FILE} bytes")
-            return os.read(fd, MAX_FILE + 1).decode("utf-8", errors="replace")
-        finally:
-            os.close(fd)
+            raise WorkspaceFileError(f"{path} is left alone: {exc.strerror} (a symlink is never followed; "
+                                     f"a regular file of at most {MAX_FILE} bytes is edited)") from None
 
     def _write(self, directory: int, filename: str, text: str) -> None:
         """A new file, made here (O_EXCL: never one someone put in the way), given mode 0644 through

@@ -45,3 +45,14 @@ def test_host_never_imports_plugin_code():
     assert not any(name.split(".")[0] in ("qanot", "plugins")
                    for name in imported_modules("qanot_host", leave_out=("qanot_loader.py",)))
     assert not any(name.endswith("qanot_loader") for name in imported_modules("qanot_host"))
+
+
+def test_the_host_imports_nothing_of_the_worker_but_the_protocol():
+    """One seam: the wire protocol is the only module both sides import (a remote launcher, or MCP
+    servers as workers, need nothing else of the worker's in the host)."""
+    import subprocess
+    import sys
+    code = ("import sys, qanot_host, qanot_host.cli, qanot_host.qanot_loader, qanot_host.check, qanot_host.chaos; "
+            "print(sorted(m for m in sys.modules if m.startswith('qanot_worker')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['qanot_worker', 'qanot_worker.protocol']", done.stdout
