@@ -422,9 +422,11 @@ class Host:
             self._monitor.cancel()
         for supervisor in self.plugins.values():
             supervisor.close_to_calls()
-        deadline = time.monotonic() + self.config.host.shutdown_deadline
-        while any(s.in_flight for s in self.plugins.values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.idle.wait() for s in self.plugins.values())),
+                                   self.config.host.shutdown_deadline)
+        except asyncio.TimeoutError:
+            pass  # what is still in flight ends with the workers
         await asyncio.gather(*(s.stop() for s in self.plugins.values()), return_exceptions=True)
         for supervisor in self.plugins.values():
             self.registry.remove_plugin_tools(supervisor.name)

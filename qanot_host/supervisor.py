@@ -73,6 +73,8 @@ class PluginSupervisor:
         self.calls = self.errors = self.timeouts = self.restarts = 0
         self.last_exit = ""
         self.in_flight = 0
+        self.idle = asyncio.Event()  # set while no call is in flight: drains wait on it, never poll
+        self.idle.set()
         self.settled = asyncio.Event()  # set whenever the plugin is not starting or restarting
         self.recoveries: collections.deque[float] = collections.deque(maxlen=10000)
         self.sandbox_warned = False
@@ -181,11 +183,18 @@ class PluginSupervisor:
         asyncio.get_running_loop().create_task(self._recycle(worker, reason, drain=not counts))
 
     async def _recycle(self, worker: WorkerHandle, reason: str, drain: bool) -> None:
-        if drain:  # a planned recycle lets calls in flight finish first
-            deadline = time.monotonic() + self._config.host.call_timeout
-            while self.in_flight and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+        if drain:  # a planned recycle lets calls in flight finish first, as long as the plugin's calls may take
+            try:
+                await asyncio.wait_for(self.idle.wait(), self.longest_call_timeout())
+            except asyncio.TimeoutError:
+                pass
         await worker.stop(reason=f"worker recycled: {reason}")
+
+    def longest_call_timeout(self) -> float:
+        """The longest any call to this plugin may take: its own timeout, or a tool's if longer."""
+        settings = self._config.settings_for(self.name)
+        own = settings.call_timeout or self._config.host.call_timeout
+        return max([own, *(settings.tool_timeouts or {}).values()])
 
     async def stop(self) -> None:
         self._closing = True
@@ -220,6 +229,8 @@ class PluginSupervisor:
             worker, timeout = await self._wait_for_worker(f"tool {tool}", timeout)
         self.calls += 1
         self.in_flight += 1
+        if self.in_flight == 1:
+            self.idle.clear()
         self._calls_since_start += 1
         try:
             return await worker.call(tool, params, timeout)
@@ -233,6 +244,8 @@ class PluginSupervisor:
             raise
         finally:
             self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
             max_calls = self.limits.max_calls
             if max_calls and self._calls_since_start >= max_calls:
                 self.recycle(f"served max_calls={max_calls} calls", counts=False)
