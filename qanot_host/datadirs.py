@@ -10,6 +10,7 @@ mounted on it inside the worker's own root, never in the host's namespace.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -78,54 +79,96 @@ def _make_tmp(data_fd: int) -> None:
 
 
 MAX_WORKSPACE_ENTRIES = 100_000  # files and directories in a plugin's place in the workspace
+MAX_WORKSPACE_DEPTH = 64  # directories within directories there
 
 
-def workspace_problem(path: str, limit_mb: int) -> str | None:
+def workspace_problem(path: str, limit_mb: int, pids: list[int] | None = None) -> str | None:
     """Why the plugin's place in the workspace is over its ceiling (workspace_mb, or more than
-    MAX_WORKSPACE_ENTRIES entries), or None. The workspace is on the host's own disk (the agent reads
-    it), so the host measures it; 0 turns the check off."""
+    MAX_WORKSPACE_ENTRIES entries, or nested deeper than MAX_WORKSPACE_DEPTH), or None. The workspace
+    is on the host's own disk (the agent reads it), so the host measures it: what is in the tree, and
+    what the plugin's processes (`pids`) still hold open there after unlinking it. 0 turns it off."""
     if not limit_mb:
         return None
     try:
         used, entries = disk_usage(path, MAX_WORKSPACE_ENTRIES)
+        device = os.stat(path, follow_symlinks=False).st_dev
     except OSError:
         return None  # gone, or not a directory: prepare_workspace says so at the next start
     if entries >= MAX_WORKSPACE_ENTRIES:
-        return f"{path} holds more than {MAX_WORKSPACE_ENTRIES} files and directories"
+        return (f"{path} holds more than {MAX_WORKSPACE_ENTRIES} files and directories, or directories "
+                f"nested deeper than {MAX_WORKSPACE_DEPTH}")
+    used += held_unlinked(pids or [], device)
     if used > limit_mb * 2**20:
         return f"{path} takes {used / 2**20:.0f} MB, over its workspace_mb={limit_mb}"
     return None
 
 
 def disk_usage(path: str, max_entries: int) -> tuple[int, int]:
-    """(bytes on disk, entries) beneath path, counting no further than max_entries. Directories are
-    opened by descriptor, each relative to its parent and never through a link: the plugin owns this
-    tree and may swap a directory for a link while it is walked."""
-    used = entries = 0
-    stack = [os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)]
+    """(bytes on disk, entries) beneath path, counting no further than max_entries (a tree deeper than
+    MAX_WORKSPACE_DEPTH counts as max_entries). Each directory is opened relative to its parent,
+    never through a link (the plugin owns this tree and may swap a directory for a link while it is
+    walked), and only one descriptor per level is open at a time: a plugin's thousands of directories
+    must not run the host out of descriptors."""
+    totals = [0, 0]
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        while stack and entries < max_entries:
-            fd = stack.pop()
-            try:
-                with os.scandir(fd) as listing:
-                    for entry in listing:
-                        entries += 1
-                        if entries >= max_entries:
-                            break
-                        try:
-                            info = entry.stat(follow_symlinks=False)
-                        except OSError:
-                            continue
-                        used += info.st_blocks * 512
-                        if stat.S_ISDIR(info.st_mode):
-                            try:
-                                stack.append(os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                                     | os.O_CLOEXEC, dir_fd=fd))
-                            except OSError:
-                                continue  # swapped meanwhile, or gone
-            finally:
-                os.close(fd)
+        _walk(fd, totals, max_entries, MAX_WORKSPACE_DEPTH)
     finally:
-        for fd in stack:
-            os.close(fd)
-    return used, entries
+        os.close(fd)
+    return totals[0], totals[1]
+
+
+def _walk(fd: int, totals: list[int], max_entries: int, depth: int) -> None:
+    subdirectories = []
+    with os.scandir(fd) as listing:
+        for entry in listing:
+            totals[1] += 1
+            if totals[1] >= max_entries:
+                return
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            totals[0] += info.st_blocks * 512
+            if stat.S_ISDIR(info.st_mode):
+                subdirectories.append(entry.name)
+    for name in subdirectories:  # the listing is closed by now
+        if depth == 0:
+            totals[1] = max_entries
+            return
+        try:
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except (FileNotFoundError, NotADirectoryError, OSError) as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                continue  # swapped meanwhile, or gone
+            raise
+        try:
+            _walk(child, totals, max_entries, depth - 1)
+        finally:
+            os.close(child)
+        if totals[1] >= max_entries:
+            return
+
+
+def held_unlinked(pids: list[int], device: int) -> int:
+    """Bytes of files on `device` that no name points to any more but the processes hold open or
+    mapped: space a plugin keeps after unlinking what it wrote."""
+    seen: set[tuple[int, int]] = set()
+    used = 0
+    for pid in pids:
+        for kind in ("fd", "map_files"):
+            base = f"/proc/{pid}/{kind}"
+            try:
+                names = os.listdir(base)
+            except OSError:
+                continue
+            for name in names:
+                try:
+                    info = os.stat(f"{base}/{name}")
+                except OSError:
+                    continue
+                key = (info.st_dev, info.st_ino)
+                if info.st_dev == device and info.st_nlink == 0 and key not in seen and stat.S_ISREG(info.st_mode):
+                    seen.add(key)
+                    used += info.st_blocks * 512
+    return used

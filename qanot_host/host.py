@@ -11,9 +11,10 @@ import asyncio
 import logging
 import os
 import sys
-import time
 from functools import partial
 from typing import Any
+
+import psutil
 
 from qanot_worker import protocol as p
 
@@ -341,7 +342,7 @@ class Host:
         if unknown:
             log.warning("plugin %s: host.plugins.%s.tool_timeouts names %s, which the plugin does not offer "
                         "(it offers %s)", supervisor.name, supervisor.name, ", ".join(unknown),
-                        ", ".join(sorted(offered)) or "none")
+                        printable(", ".join(sorted(offered)) or "none", 2000))  # the worker's names
         supervisor.unknown_timeouts = unknown
         supervisor.tools, supervisor.conflicts, supervisor.refused = [], [], []
         for spec in worker.tools:
@@ -374,7 +375,7 @@ class Host:
                 place = self._workspaces.get(supervisor.name)
                 limit = supervisor.limits.workspace_mb
                 if place and limit and supervisor.state == PluginState.READY:
-                    problem = await asyncio.to_thread(workspace_problem, place, limit)
+                    problem = await asyncio.to_thread(workspace_problem, place, limit, self._plugin_pids(supervisor))
                     if problem:
                         supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True)
 
@@ -435,6 +436,19 @@ class Host:
         if self._launcher is not None:
             await self._launcher.close()
         await self._cgroups.remove()
+
+    def _plugin_pids(self, supervisor: PluginSupervisor) -> list[int]:
+        """The plugin's processes: its cgroup's members where it has one, else its worker's tree."""
+        if self._cgroups.available:
+            return self._cgroups.members(supervisor.name)
+        worker = supervisor.worker
+        if worker is None or not worker.pid:
+            return []
+        try:
+            root = psutil.Process(worker.pid)
+            return [root.pid, *(child.pid for child in root.children(recursive=True))]
+        except psutil.Error:
+            return []
 
     def worker_pids(self) -> set[int]:
         """Every running worker's pid, and the worker template's (they all run plugin-reachable code)."""

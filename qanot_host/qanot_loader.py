@@ -39,7 +39,8 @@ from .errors import ConfigError, PluginError
 from .host import Host
 from .schema import json_problem
 from .supervisor import PluginState, PluginSupervisor
-from .workspace import MAX_BLOCK
+from . import qanot_extensions as extension_points
+from .output import printable
 
 __all__ = ["PluginManager", "load_plugins", "shutdown_plugins", "get_plugin_manager", "SETTINGS_ENV"]
 
@@ -55,39 +56,6 @@ HOOK_PARAMETERS = {
 }
 TEXT_HOOKS = ("on_pre_turn", "on_post_turn")  # a non-None return replaces the agent's text
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-MAX_PATTERN = 1000  # a WAL pattern Qanot compiles and runs on every message
-WAL_SEARCH_SECONDS = 0.05  # what one plugin pattern may take on one message
-# re's flags that the regex module reads the same way (IGNORECASE, MULTILINE, DOTALL, VERBOSE, UNICODE, ASCII)
-_SHARED_FLAGS = re.IGNORECASE | re.MULTILINE | re.DOTALL | re.VERBOSE | re.UNICODE | re.ASCII
-
-
-class TimedPattern:
-    """A plugin's WAL pattern as Qanot's `wal_scan` uses it (`.search()` on every user message, in the
-    agent's own process), run by the `regex` engine under a time limit. With `re`, a 12-character
-    pattern with nested repetition (`^(\\w+\\s?)*$`) held the agent's event loop for minutes on one
-    ordinary message; `re` cannot be interrupted, `regex` takes a timeout. A search that runs out of
-    time finds nothing, and says so in the log once."""
-
-    def __init__(self, plugin: str, compiled: re.Pattern) -> None:
-        import regex  # only the drop-in loader needs it
-
-        self.plugin = plugin
-        self.pattern = compiled.pattern
-        self.flags = compiled.flags
-        self._compiled = regex.compile(compiled.pattern, (compiled.flags & _SHARED_FLAGS) | regex.V0)
-        self._warned = False
-
-    def search(self, text: str, *args: Any) -> Any:
-        try:
-            return self._compiled.search(text, *args, timeout=WAL_SEARCH_SECONDS)
-        except TimeoutError:
-            if not self._warned:
-                self._warned = True
-                log.warning("Plugin %s: WAL pattern %.60r took over %g s on a message and matched nothing "
-                            "(and will each time it does)", self.plugin, self.pattern, WAL_SEARCH_SECONDS)
-            return None
-
-
 class PluginManager:
     """Qanot's PluginManager, each plugin in a qanot-host worker."""
 
@@ -165,6 +133,7 @@ class PluginManager:
                         log.info("Plugin %s shut down", name)
         self._plugins.clear()
         self._manifests.clear()
+        extension_points.forget_template_vars()
 
 
 def _entries(config: Any) -> list[dict[str, Any]]:
@@ -243,29 +212,33 @@ def _proxy(supervisor: PluginSupervisor) -> Any:
         log.warning("Plugin %s names itself %r, which Qanot would use in a file name; it is called %s here",
                     supervisor.name, name[:80], supervisor.name)
         name = supervisor.name
+    # what the host registered itself: a name Qanot cannot call, or a schema the host cannot use, is
+    # not registered here either (the host has logged why)
     tools = [ToolDef(tool.name, tool.description, tool.parameters, partial(supervisor.call, tool.name))
-             for tool in worker.tools if not tool.problem]
+             for tool in worker.tools if not tool.problem and tool.name not in supervisor.refused]
     for tool in worker.tools:
         if tool.problem:
             log.error("Plugin %s: tool %r is not registered: its %s", supervisor.name, tool.name, tool.problem)
     for problem in extensions.problems:
-        log.warning("Plugin %s: %s", supervisor.name, problem)
+        log.warning("Plugin %s: %s", supervisor.name, printable(problem, 500))
+    ext = extension_points
     namespace: dict[str, Any] = {
         "__module__": __name__,
         "__doc__": f"Stands for plugin {supervisor.name}, which runs in a qanot-host worker.",
-        "name": name, "description": info.description, "version": info.version,
-        "tools_md": _capped(supervisor.name, "tools_md", info.tools_md),
-        "soul_append": _capped(supervisor.name, "soul_append", info.soul_append),
+        "name": name, "description": ext.text(info.description), "version": ext.one_line(info.version),
+        "tools_md": ext.capped(supervisor.name, "tools_md", info.tools_md),
+        "soul_append": ext.capped(supervisor.name, "soul_append", info.soul_append),
         "get_tools": lambda self: list(tools),
-        "get_wal_patterns": lambda self: _wal_patterns(supervisor.name, extensions.wal_patterns),
-        "get_prompt_sections": lambda self: [dict(section) for section in extensions.prompt_sections],
+        "get_wal_patterns": lambda self: ext.wal_patterns(supervisor.name, extensions.wal_patterns),
+        "get_prompt_sections": lambda self: ext.flat_dicts(supervisor.name, "prompt sections",
+                                                           extensions.prompt_sections),
         "get_template_dir": lambda self: _template_dir(supervisor, extensions.template_dir),
-        "get_cron_jobs": lambda self: [dict(job) for job in extensions.cron_jobs],
+        "get_cron_jobs": lambda self: ext.flat_dicts(supervisor.name, "cron jobs", extensions.cron_jobs),
         "get_commands": lambda self: [
-            {"command": spec.command, "description": spec.description,
+            {"command": ext.one_line(spec.command), "description": ext.one_line(spec.description),
              "handler": _command_forwarder(supervisor, index)}
             for index, spec in enumerate(extensions.commands)],
-        "get_template_vars": lambda self: dict(extensions.template_vars),
+        "get_template_vars": lambda self: ext.template_vars(supervisor.name, extensions.template_vars),
         "qanot_host_plugin": supervisor.name,
     }
     for hook in info.hooks:
@@ -297,27 +270,6 @@ def _command_forwarder(supervisor: PluginSupervisor, index: int):
         return await supervisor.run_command(index, list(args), kwargs)
 
     return command
-
-
-def _capped(plugin: str, what: str, text: str) -> str:
-    if len(text.encode()) <= MAX_BLOCK:
-        return text
-    log.warning("Plugin %s: %s is over %d bytes; the rest is left out", plugin, what, MAX_BLOCK)
-    return text.encode()[:MAX_BLOCK].decode(errors="ignore")
-
-
-def _wal_patterns(plugin: str, patterns: list[tuple[str, str, bool]]) -> list[tuple[str, str, bool]]:
-    kept = []
-    for pattern, category, durable in patterns:
-        try:
-            if len(pattern) > MAX_PATTERN:
-                raise ValueError(f"longer than {MAX_PATTERN} characters")
-            re.compile(pattern)
-        except (re.error, ValueError) as exc:
-            log.warning("Plugin %s: WAL pattern %.60r left out: %s", plugin, pattern, exc)
-            continue
-        kept.append((pattern, category, durable))
-    return kept
 
 
 def _template_dir(supervisor: PluginSupervisor, directory: str | None) -> str | None:
@@ -352,18 +304,7 @@ def _deploy(config: Any, proxy: Any) -> None:
     first = len(patterns) if patterns is not None else 0
     collect(None, proxy)  # type: ignore[arg-type]
     if patterns is not None:
-        _time_wal_patterns(proxy.qanot_host_plugin, patterns, first)
-
-
-def _time_wal_patterns(plugin: str, patterns: list, first: int) -> None:
-    """The plugin's patterns that Qanot has just compiled (from `first` on) run under a time limit."""
-    kept = []
-    for compiled, category in patterns[first:]:
-        try:
-            kept.append((TimedPattern(plugin, compiled), category))
-        except Exception as exc:  # noqa: BLE001 - a pattern re takes and regex does not
-            log.warning("Plugin %s: WAL pattern %.60r left out: %s", plugin, compiled.pattern, exc)
-    patterns[first:] = kept
+        extension_points.time_wal_patterns(proxy.qanot_host_plugin, patterns, first)
 
 
 _manager = PluginManager()

@@ -78,6 +78,15 @@ def _description(text: str) -> str:
 
 
 MAX_DESCRIPTION = 16 * 1024
+MAX_DOC = 64 * 1024  # characters of tools_md and soul_append the host keeps (the workspace takes 64 KiB)
+
+
+def _kept(info: p.Loaded) -> p.Loaded:
+    """What the host keeps of the plugin's own words for as long as the worker lives: a 60 MB
+    tools_md would otherwise stay in the host's memory, once per plugin."""
+    return msgspec.structs.replace(info, name=info.name[:200], description=_description(info.description),
+                                   version=info.version[:100], tools_md=info.tools_md[:MAX_DOC],
+                                   soul_append=info.soul_append[:MAX_DOC])
 _CONTROLS = {c: None for c in UNSAFE_CODEPOINTS if c not in (0x09, 0x0A)}
 
 
@@ -162,9 +171,9 @@ class WorkerHandle:
         self._plugin_pid = self._find_plugin_pid(hello.pid)
         if hello.egress_fd >= 0:
             self._take_egress_listener(hello.egress_fd)
-        self.info = await self._ask(
+        self.info = _kept(await self._ask(
             lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs), p.Loaded,
-            self._options.handshake_timeout, "loading the plugin")
+            self._options.handshake_timeout, "loading the plugin"))
         await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
         reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
         self.tools = offered_tools(self.plugin, reply)

@@ -52,7 +52,9 @@ _PREFIX = struct.Struct(">I")
 # cannot make either side reserve gigabytes.
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_SCHEMA_BYTES = 64 * 1024  # one tool's parameters schema, encoded
-MAX_SCHEMAS_TOTAL = 1024 * 1024  # all of one plugin's schemas, encoded (Qanot's largest plugin: ~40 KiB)
+# all of one plugin's schemas, encoded (Qanot's largest plugin: ~40 KiB); decoded, 256 KiB of tiny
+# containers can still take ~18 MB of the host's memory while the worker lives
+MAX_SCHEMAS_TOTAL = 256 * 1024
 MAX_TOOLS = 256  # tools one plugin may offer (Qanot's largest plugin has 34)
 # What a worker's messages may hold. A worker is not trusted, and one byte of msgpack can become a
 # whole Python object in the host (an empty list, ~70 bytes): a 60 MB frame of nested lists once

@@ -491,10 +491,10 @@ async def test_schemas_under_the_per_tool_cap_are_bounded_in_total(write_config)
     rss_before = psutil.Process().memory_info().rss
     async with Host(write_config([plugin("attacker", schema_spread=[200, 60_000]), GREETER])) as host:
         refused = host.status()[0]["refused_tools"]
-        assert 150 < len(refused) < 200, len(refused)  # those past the 1 MiB total
+        assert 190 < len(refused) < 200, len(refused)  # those past the 256 KiB total
         assert await host.registry.execute("spread_0", {}) == "spread"
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
-    assert (psutil.Process().memory_info().rss - rss_before) / 2**20 < 400
+    assert (psutil.Process().memory_info().rss - rss_before) / 2**20 < 100
 
 
 async def test_a_sandbox_report_forged_by_plugin_code_is_not_what_the_host_shows(write_config, caplog):
@@ -716,3 +716,42 @@ async def test_the_workspace_has_a_ceiling_too(write_config):
             path.unlink()
         await host.reload()  # a failed plugin is started again by a reload
         assert host.plugins["attacker"].state == PluginState.READY, host.plugins["attacker"].error
+
+
+async def test_unlinked_files_a_plugin_holds_open_count_against_its_workspace(write_config):
+    """The fourth attacker's F6: files opened in the workspace, unlinked at once and written while held
+    open took 815 MB under workspace_mb=10 (the tree itself stays empty)."""
+    config = write_config([plugin("attacker")], host={
+        "limits_interval": 0.2, "restart": {"backoff_initial": 0},
+        "plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
+    async with Host(config) as host:
+        place = Path(host.config.workspace_dir) / "attacker"
+        sup = host.plugins["attacker"]
+        first = sup.worker.pid
+        held = await host.registry.execute("attack_hold_unlinked", {"where": str(place), "files": 3, "mb": 20})
+        assert held == "holding 3 unlinked files" and not list(place.iterdir())
+        await wait_until(lambda: sup.worker.pid != first and sup.state == PluginState.READY, 15, "a recycle")
+        assert "over its workspace_mb=20" in sup.last_exit, sup.last_exit  # the space went with the worker
+
+
+def test_measuring_a_workspace_holds_one_descriptor_per_level(tmp_path):
+    """The fourth attacker's F7: the walk opened every subdirectory before closing any, so 1500
+    directories ran a host with 1024 descriptors out of them, and what lay in the rest went uncounted.
+    Measured here in a process allowed 64 descriptors; and a tree deeper than the walk goes counts as full."""
+    import subprocess
+    import sys
+    wide = tmp_path / "wide"
+    for index in range(1500):
+        (wide / f"d{index}").mkdir(parents=True)
+    for index in range(1470, 1500):
+        (wide / f"d{index}" / "blob").write_bytes(b"\1" * 2**20)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+            "from qanot_host.datadirs import disk_usage; print(disk_usage(sys.argv[1], 100000))")
+    done = subprocess.run([sys.executable, "-c", code, str(wide)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    used, entries = eval(done.stdout)  # a tuple of two ints, printed by the line above
+    assert entries == 1530 and used >= 30 * 2**20, (used, entries)
+    deep = tmp_path / "deep"
+    (deep / "/".join(["d"] * 70)).mkdir(parents=True)
+    from qanot_host.datadirs import MAX_WORKSPACE_ENTRIES, workspace_problem
+    assert f"more than {MAX_WORKSPACE_ENTRIES}" in workspace_problem(str(deep), 100)

@@ -117,3 +117,39 @@ async def test_a_plugin_qanot_cannot_load_is_logged_and_the_rest_load(qanot_setu
         assert any("Failed to load plugin 'missing_entirely'" in e and "not found" in e for e in errors)
     finally:
         await qanot_loader.shutdown_plugins()
+
+
+async def test_what_a_plugin_returns_cannot_hang_bloat_or_forge_the_agent(qanot_setup, caplog):
+    """The fourth attacker's findings against the drop-in loader: raw control characters through
+    Qanot's own log and files, a tool name the host refuses registered anyway, 64 WAL patterns each
+    timing out (3.35 s on every message), and template variables that grew the prompt to MemoryError."""
+    import time
+
+    from qanot import memory, prompt
+
+    make_config, workspace = qanot_setup
+    registry = ToolRegistry()
+    caplog.set_level("INFO")
+    await qanot_loader.load_plugins(make_config({"name": "extension_abuse"}), registry)
+    try:
+        assert registry.tool_names == ["abuse_ok"]  # the forged name is refused, as the host refuses it
+        raw = ("\x1b", "\x85", "\x9b", "\u2028", "\u202e")
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        lines = [line for r in caplog.records for line in r.getMessage().splitlines()]  # \x85, \u2028 split too
+        assert not [line for line in lines if line.startswith("INFO qanot.plugins.loader: fake line")]
+        assert not any(c in logged for c in raw), [line for line in logged.splitlines() if any(c in line for c in raw)]
+        for name in ("extension_abuse_TOOLS.md", "SOUL.md"):
+            content = (workspace / name).read_text()
+            assert "FORGED" in content and not any(c in content for c in raw), (name, content)
+        # the plugin's patterns share one budget per message
+        message = "Hi, actually I meant " + "tea, " * 40
+        began = time.monotonic()
+        scan = asyncio.get_running_loop().run_in_executor(None, memory.wal_scan, message)
+        await asyncio.wait_for(scan, 20)
+        assert time.monotonic() - began < 2.0  # 40 patterns x 50 ms each was the attack
+        assert {e.category for e in memory.wal_scan("about abuse detection")} >= {"abuse_fact"}
+        # only variables that cannot expand again reach Qanot's prompt
+        given = {k: v for k, v in prompt._plugin_template_vars.items() if "e}" in k or "ABUSE" in k}
+        assert given == {"{ABUSE_REGION}": "uz"}, list(given)[:5]
+    finally:
+        await qanot_loader.shutdown_plugins()

@@ -480,6 +480,20 @@ class QanotPlugin(Plugin):
 
     # ---- item 12: default ceilings ---------------------------------------------------------------
 
+    @tool(name="attack_hold_unlinked", description="write files, unlink them, keep them open", parameters=ANY)
+    async def hold_unlinked(self, params: dict) -> str:
+        self.held = getattr(self, "held", [])
+        chunk = b"\1" * 2**20
+        for index in range(int(params.get("files", 4))):
+            path = os.path.join(params["where"], f"held-{index}")
+            f = open(path, "wb")
+            os.unlink(path)
+            for _ in range(int(params.get("mb", 20))):
+                f.write(chunk)
+            f.flush()
+            self.held.append(f)
+        return f"holding {len(self.held)} unlinked files"
+
     @tool(name="attack_fill_disk", description="write files until the disk is full", parameters=ANY)
     async def fill_disk(self, params: dict) -> str:
         where = params.get("where", ".")
