@@ -201,7 +201,8 @@ class Mcp:
         self.sessions = []
         for _ in range(workers):
             params = StdioServerParameters(command=sys.executable, args=[str(HERE / "mcp_echo_server.py")])
-            read, write = await self.stack.enter_async_context(stdio_client(params, errlog=open(os.devnull, "w")))
+            errlog = self.stack.enter_context(open(os.devnull, "w"))  # noqa: ASYNC230 - /dev/null never blocks
+            read, write = await self.stack.enter_async_context(stdio_client(params, errlog=errlog))
             session = await self.stack.enter_async_context(ClientSession(read, write))
             await session.initialize()
             await session.list_tools()
@@ -288,7 +289,7 @@ async def throughput(contender, concurrency: int, total: int, trials: int = 5) -
     for _ in range(trials):
         counter = iter(range(total))
 
-        async def loop(k: int) -> None:
+        async def loop(k: int, counter=counter) -> None:
             for i in counter:
                 await contender.call(i)
 

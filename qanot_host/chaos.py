@@ -166,9 +166,10 @@ async def _kill_and_time(supervisor: PluginSupervisor, report: ChaosReport) -> N
 
 
 async def _settle(host: Host, report: ChaosReport, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and any(s.state != PluginState.READY for s in host.plugins.values()):
-        await asyncio.sleep(0.05)
+    try:  # settled: neither starting nor restarting (ready, or failed for good)
+        await asyncio.wait_for(asyncio.gather(*(s.settled.wait() for s in host.plugins.values())), timeout)
+    except asyncio.TimeoutError:
+        pass
     report.unhealthy = [f"{s.name} ({s.state})" for s in host.plugins.values() if s.state != PluginState.READY]
 
 

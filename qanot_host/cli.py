@@ -12,8 +12,8 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from .loop import run as run_event_loop
 
 from .chaos import run_chaos
 from .check import check_config
@@ -21,6 +21,7 @@ from .config import directory_problems, load_config
 from .control import ControlServer, control_request, socket_path
 from .errors import ConfigError, QanotHostError, ToolNotFound
 from .host import Host, PluginState
+from .loop import run as run_event_loop
 
 __all__ = ["main"]
 
@@ -216,8 +217,7 @@ def _tools_of(host: Host):
 
 async def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    with open(args.config, "rb") as f:
-        raw_entries = json.loads(f.read()).get("plugins", [])
+    raw_entries = json.loads(await asyncio.to_thread(Path(args.config).read_bytes)).get("plugins", [])
     report = check_config(config, raw_entries)
     for line in report.errors:
         print(f"error: {line}")
@@ -238,9 +238,9 @@ async def _status(args: argparse.Namespace) -> int:
     rows = [[_cell(",".join(row["sandbox"]) if c == "sandbox" else row.get(c)) for c in columns]
             for row in reply["plugins"]]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return EXIT_OK
 
 

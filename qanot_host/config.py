@@ -75,7 +75,8 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
                          for name in self.__struct_fields__})
 
 
-DEFAULT_LIMITS = Limits(memory_mb=1024, disk_mb=1024, workspace_mb=256, tmp_mb=64, cpu_weight=100, log_lines_per_second=50)
+DEFAULT_LIMITS = Limits(memory_mb=1024, disk_mb=1024, workspace_mb=256, tmp_mb=64, cpu_weight=100,
+                        log_lines_per_second=50)
 
 
 class NetworkGrant(msgspec.Struct, forbid_unknown_fields=True):
@@ -320,8 +321,9 @@ def _check_grants(config: Config) -> None:
     plugin can rename one of its components and put a symlink there, and the next worker would get
     whatever the link points at (the worker refuses links, but the plan is wrong to begin with).
     A grant covering state_dir would hand out every plugin's data and the host's own files."""
-    writes: list[tuple[str, int | None, str]] = [(name, i, path) for name, settings in config.host.plugins.items()
-              for i, path in enumerate(settings.permissions.filesystem.write if settings.permissions.filesystem else [])]
+    writes: list[tuple[str, int | None, str]] = [
+        (name, i, path) for name, settings in config.host.plugins.items()
+        for i, path in enumerate(settings.permissions.filesystem.write if settings.permissions.filesystem else [])]
     protected = {"host.state_dir": config.host.state_dir}
     # Where the host writes (workspace_dir) or finds code it runs (plugins, wheels): a plugin that
     # may write one of these, or a directory that holds one, could swap it for a link to anywhere,

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 
@@ -84,7 +85,7 @@ class EnvironmentBuilder:
 
     async def _build_locked(self, plugin: str, env_dir: str, requirements: list[str]) -> None:
         os.makedirs(self._root, exist_ok=True)
-        lock_file = open(env_dir + ".lock", "w")
+        lock_file = await asyncio.to_thread(open, env_dir + ".lock", "w")
         try:
             # Another host process may be building the same environment: wait for it.
             await asyncio.to_thread(fcntl.flock, lock_file, fcntl.LOCK_EX)
@@ -104,8 +105,8 @@ class EnvironmentBuilder:
             await self._uv(plugin, [uv, "pip", "install", "--quiet", "--python",
                                     os.path.join(scratch, "bin", "python"), "--link-mode", "copy",
                                     *self._index_args(), *requirements])
-            with open(os.path.join(scratch, COMPLETE_MARK), "w") as f:
-                json.dump({"plugin": plugin, "requirements": requirements}, f)
+            mark = json.dumps({"plugin": plugin, "requirements": requirements})
+            await asyncio.to_thread(Path(scratch, COMPLETE_MARK).write_text, mark)
             await asyncio.to_thread(shutil.rmtree, env_dir, True)
             os.rename(scratch, env_dir)
         finally:  # also when the host stops meanwhile: no half environment is left behind

@@ -130,6 +130,7 @@ class _Template:
         self.dead = False
         self.pid = proc.pid
         self._pumps = start_output_pumps("forkserver", proc.stdout, proc.stderr)
+        self._watcher: asyncio.Future | None = None  # _watch(), once started
 
     @classmethod
     async def start(cls, import_root: str) -> "_Template":
@@ -147,7 +148,7 @@ class _Template:
         host_end.setblocking(False)
         template = cls(proc, host_end)
         asyncio.get_running_loop().add_reader(host_end.fileno(), template._readable)
-        asyncio.ensure_future(template._watch())
+        template._watcher = asyncio.ensure_future(template._watch())
         try:
             await asyncio.wait_for(asyncio.shield(template.ready), READY_TIMEOUT)
         except (asyncio.TimeoutError, QanotHostError) as exc:

@@ -71,7 +71,8 @@ class Host:
         self._uids = UidMap(self.config.host.state_dir, self.config.host.sandbox.uid_base)
         # As root, each worker gets namespaces (PID, mount, IPC, UTS) and a root of its own.
         sandbox = self.config.host.sandbox
-        self._namespaces = sandbox.enabled and sandbox.namespaces and os.geteuid() == 0 and sys.platform.startswith("linux")
+        self._namespaces = (sandbox.enabled and sandbox.namespaces and os.geteuid() == 0
+                            and sys.platform.startswith("linux"))
 
     async def __aenter__(self) -> "Host":
         await self.start()

@@ -77,7 +77,7 @@ def read_manifest(plugin_dir: str) -> tuple[Manifest, list[str]]:
         raise ManifestError(f"{path}: must hold a JSON object")
     warnings: list[str] = []
     fields: dict[str, object] = {}
-    for key, default in _TEXT_FIELDS.items():
+    for key in _TEXT_FIELDS:
         value = data.get(key)
         if value is None:
             continue

@@ -252,7 +252,7 @@ def _hook_forwarder(supervisor: PluginSupervisor, hook: str):
     names = HOOK_PARAMETERS[hook]
 
     async def forward(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs.update(zip(names, args))
+        kwargs.update(zip(names, args, strict=False))  # Qanot passes them by keyword, mostly
         error = kwargs.get("error")
         if isinstance(error, BaseException):
             kwargs["error"] = f"{type(error).__name__}: {error}"

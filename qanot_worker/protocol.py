@@ -26,7 +26,9 @@ from typing import Annotated, Any, Union
 import msgspec
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_SCHEMAS_TOTAL", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE", "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge", "FrameBuffer", "FrameWriter", "Outbox",
+    "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_SCHEMAS_TOTAL", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE",
+    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge",
+    "FrameBuffer", "FrameWriter", "Outbox",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage", "Extensions", "CommandSpec",

@@ -176,7 +176,7 @@ async def test_memory_limit_recycles_and_intensity_ends_it(write_config, caplog)
         for expected_restarts in (1, 2):
             pid = sup.worker.pid
             await host.registry.execute("mb_eat_memory", {"mb": 150})
-            await wait_until(lambda: sup.worker.pid != pid and sup.state == PluginState.READY, 10, "recycle")
+            await wait_until(lambda pid=pid: sup.worker.pid != pid and sup.state == PluginState.READY, 10, "recycle")
             assert sup.restarts == expected_restarts
             assert sup.last_exit.startswith("recycled: memory") and "over max_rss_mb=80" in sup.last_exit
         await host.registry.execute("mb_eat_memory", {"mb": 150})
@@ -263,7 +263,8 @@ async def test_hundreds_of_restarts_leak_nothing(write_config):
         for i in range(200):
             pid = sup.worker.pid
             os.kill(pid, signal.SIGKILL)
-            await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != pid, 10, f"restart {i}")
+            await wait_until(lambda pid=pid: sup.state == PluginState.READY and sup.worker.pid != pid, 10,
+                             f"restart {i}")
         await asyncio.sleep(0.2)
         assert sup.restarts == 200
         assert me.num_fds() == fds and me.num_threads() == threads
