@@ -18,7 +18,8 @@ import msgspec
 from qanot_worker import protocol as p
 
 from .deadlines import Deadlines
-from .errors import InvalidParams, PluginError, ProtocolViolation, ToolFailed, WorkerTimeout
+from .errors import (ClosedMidFrame, InvalidParams, PluginError, ProtocolViolation, RemoteFailure, ToolFailed,
+                     WorkerTimeout)
 from .output import printable
 
 __all__ = ["WorkerChannel", "RemoteFailure"]
@@ -26,15 +27,6 @@ __all__ = ["WorkerChannel", "RemoteFailure"]
 
 # What msgspec raises for a value it cannot encode (nothing is written then: protocol.FrameWriter).
 UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError)
-
-
-class RemoteFailure(Exception):
-    """The worker answered a request with Failure; the caller knows what it asked and says so."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 class _CALL:
@@ -250,8 +242,8 @@ class WorkerChannel(asyncio.Protocol):
         if self.closed is not None:
             return
         if error is None and self._frames.pending:
-            error = ProtocolViolation(self._plugin, f"the worker closed its pipe in the middle of a "
-                                                    f"frame ({self._frames.pending} bytes)")
+            error = ClosedMidFrame(self._plugin, f"the worker closed its pipe in the middle of a "
+                                                 f"frame ({self._frames.pending} bytes)")
         self.closed = error or PluginError(self._plugin, "the worker closed its pipe")
         self._on_lost(error)
 

@@ -8,15 +8,16 @@ from dataclasses import dataclass, field
 
 from .config import Config, PluginEntry, directory_problems
 from .discovery import find_plugin, manifest_problems, manifest_warnings, searched_paths
-from .environments import find_uv, requirement_problem
+from .environments import MAX_REQUIREMENTS, find_uv, requirement_problem
 from .probe import probe_layers
 from .sandbox_spec import withheld_permissions
-from .static import code_problem, declared_tools
+from .static import SCAN_MEMORY, scan_plugins
 from .uids import UidMap
 
 __all__ = ["CheckReport", "check_config"]
 
 KNOWN_ENTRY_KEYS = {"name", "enabled", "config"}
+SCAN_TIMEOUT = 30.0  # reading one plugin's code (in a child process of bounded memory)
 
 
 @dataclass
@@ -60,7 +61,10 @@ def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report:
     for dep in source.manifest.plugin_deps:
         if dep not in enabled:
             problems.append(f"{label}: {manifest_path}: plugin_deps: {dep!r} is not an enabled plugin")
-    for index, req in enumerate(source.manifest.dependencies):
+    if len(source.manifest.dependencies) > MAX_REQUIREMENTS:
+        problems.append(f"{label}: {manifest_path}: dependencies: {len(source.manifest.dependencies)} given; "
+                        f"at most {MAX_REQUIREMENTS} are taken")
+    for index, req in enumerate(source.manifest.dependencies[:MAX_REQUIREMENTS]):
         problem = requirement_problem(req)
         if problem:
             problems.append(f"{label}: {manifest_path}: dependencies[{index}]: {problem}")
@@ -70,13 +74,17 @@ def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report:
     if withheld:
         report.warnings.append(f"{label}: plugin.json asks for {', '.join(withheld)}, not granted in "
                                f"config.json (host.plugins.{entry.name}.permissions): withheld")
-    code = code_problem(source.entry_file)
-    if code:
-        problems.append(f"{label}: {code}")
-    _check_settings(config, entry.name, source.directory, source.entry_file, label, problems, report)
+    scanned = scan_plugins({entry.name: (source.directory, source.entry_file)}, SCAN_TIMEOUT).get(entry.name)
+    if scanned is None:
+        report.warnings.append(f"{label}: {source.entry_file}: its code is too large or too complex to read "
+                               f"without running it (in {SCAN_TIMEOUT:g} s and {SCAN_MEMORY >> 20} MB): not checked")
+    elif scanned["problem"]:
+        problems.append(f"{label}: {scanned['problem']}")
+    declared = set(scanned["tools"]) if scanned and scanned["tools"] is not None else None
+    _check_settings(config, entry.name, declared, label, problems, report)
 
 
-def _check_settings(config: Config, name: str, plugin_dir: str, entry_file: str, label: str,
+def _check_settings(config: Config, name: str, declared: set[str] | None, label: str,
                     problems: list[str], report: CheckReport) -> None:
     """host.plugins.NAME: granted paths that are not there, or not writable by the plugin's uid, and
     tool_timeouts naming no tool the plugin declares."""
@@ -95,7 +103,6 @@ def _check_settings(config: Config, name: str, plugin_dir: str, entry_file: str,
         elif not _writable_by(path, uid):
             problems.append(f"{where} is not writable by the plugin's uid {uid} (chown or chmod it)")
     if settings.tool_timeouts:
-        declared = declared_tools(plugin_dir, entry_file)
         unknown = sorted(set(settings.tool_timeouts) - declared) if declared is not None else []
         if unknown and declared is not None:
             report.warnings.append(f"{label}: {key}.tool_timeouts: {', '.join(unknown)}: no such tool in the "

@@ -78,7 +78,7 @@ def _make_tmp(data_fd: int) -> None:
         os.close(tmp)
 
 
-MAX_WORKSPACE_ENTRIES = 100_000  # files and directories in a plugin's place in the workspace
+MAX_WORKSPACE_ENTRIES = 20_000  # files and directories in a plugin's place in the workspace
 MAX_WORKSPACE_DEPTH = 64  # directories within directories there
 
 

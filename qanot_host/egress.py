@@ -9,11 +9,9 @@ plugin thread writes there in between counts; and every other socket the plugin 
 namespace with no way out. A connected socket cannot be re-aimed: a disconnect (AF_UNSPEC) of a TCP
 socket is refused here, and TCP Fast Open sends are refused by the worker's seccomp filter.
 
-Host names are matched by address: the host resolves the granted names itself (cached for
-RESOLVE_TTL, resolved again when an address does not match) and allows an address that one of them
-has. Name resolution in the worker goes to the system's nameservers over TCP (RES_OPTIONS=use-vc,
-set by the host), port 53 only: DNS queries are the one channel left open, as in any DNS-based
-allowlist.
+Which addresses a grant reaches is egress_policy.py's to say; this module is the mechanism. Name
+resolution in the worker goes to the system's nameservers over TCP (RES_OPTIONS=use-vc, set by the
+host), port 53 only: DNS queries are the one channel left open, as in any DNS-based allowlist.
 
 Nothing is ever handed back to the kernel to decide (that would let the plugin change the
 descriptor or the address between the host's look and the kernel's): UDP and other sockets are
@@ -23,24 +21,20 @@ answered ENETUNREACH, as the worker's empty namespace would, and unix sockets EA
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ctypes
 import errno
 import fcntl
-import functools
-import ipaddress
 import logging
 import os
 import select
 import socket
 import struct
 import time
-from functools import partial
 from typing import NamedTuple
 
-import psutil
 
-from qanot_worker import protocol as p
+
+from .egress_policy import EgressPolicy, literal_address
 
 __all__ = ["EgressGate", "EgressPolicy", "RESOLVER_ENV"]
 
@@ -59,8 +53,6 @@ SYS_PIDFD_GETFD = 438
 SYS_CONNECT = 42
 AF_UNSPEC = 0
 CONNECT_TIMEOUT = 30.0
-RESOLVE_TTL = 30.0
-REFRESH_AFTER = 1.0  # an address that matches no cached name is looked up again after this long
 # Set on the plugin's socket before connect(): carried over to the one the host makes.
 COPIED_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY), (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
                   (socket.SOL_SOCKET, socket.SO_REUSEADDR)]
@@ -76,84 +68,11 @@ DECISIONS_PER_SECOND = 500.0
 # A host-made socket's buffers, each way (the kernel doubles the figure): its memory is the host's,
 # outside the plugin's memory cgroup, so it is kept small; the plugin cannot raise it (seccomp).
 SOCKET_BUFFER = 128 * 1024
-DNS_TIMEOUT = 5.0  # a granted name that takes longer to resolve does not resolve, this time
-DNS_THREADS = 4  # name look-ups for every plugin's egress, apart from the host's other threads
 IPPROTO_MPTCP = 262
 CARRIED_PROTOCOLS = (0, socket.IPPROTO_TCP, IPPROTO_MPTCP)
 MIN_ADDRESS: dict[int, int] = {socket.AF_INET: 16, socket.AF_INET6: 24}  # sizeof sockaddr_in, SIN6_LEN_RFC2133
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-class EgressPolicy:
-    """Which (address, port) a plugin may connect to: any host on `ports`, or the `hosts` pairs."""
-
-    def __init__(self, plugin: str, ports: list[int], hosts: list[tuple[str, int]],
-                 nameservers: list[str] | None = None) -> None:
-        self.plugin = plugin
-        self.ports = set(ports)
-        self.hosts = hosts
-        # DNS (over TCP) when a name may need resolving: any host on a port, or a granted name
-        wants_names = bool(ports) or any(_literal(host) is None for host, _ in hosts)
-        self._dns = {(_literal(ns), 53) for ns in (nameservers if nameservers is not None else _nameservers())
-                     if _literal(ns) is not None} if wants_names else set()
-        self._resolved: dict[str, tuple[float, set[str]]] = {}
-        self._resolving: dict[str, asyncio.Future] = {}  # one look-up of a name at a time
-
-    @classmethod
-    def from_spec(cls, plugin: str, spec: p.SandboxSpec) -> "EgressPolicy":
-        return cls(plugin, list(spec.tcp_ports), [(str(host), int(port)) for host, port in spec.tcp_hosts])
-
-    def describe(self) -> str:
-        parts = [f"{host}:{port}" for host, port in self.hosts] + [f"any host:{port}" for port in sorted(self.ports)]
-        return ", ".join(parts)
-
-    async def allows(self, address: str, port: int) -> bool:
-        """The host's own addresses (loopback, and every address of its interfaces), link-local and
-        the other cloud metadata addresses, and unspecified ones are reached only when the grant
-        names them: as an IP literal, or as "localhost". A `ports` grant (any host) and a name
-        whose DNS its owner controls do not reach them."""
-        if (address, port) in self._dns:
-            return True
-        internal = _internal(address)
-        if port in self.ports and not internal:
-            return True
-        for refresh in (False, True):
-            for host, granted_port in self.hosts:
-                if granted_port != port:
-                    continue
-                named = _literal(host) is None and host not in LOCAL_NAMES
-                if address in await self._addresses(host, refresh) and not (internal and named):
-                    return True
-        return False
-
-    async def _addresses(self, host: str, refresh: bool) -> set[str]:
-        literal = _literal(host)
-        if literal is not None:
-            return {literal}
-        now = time.monotonic()
-        cached = self._resolved.get(host)
-        if cached is not None and now - cached[0] < (REFRESH_AFTER if refresh else RESOLVE_TTL):
-            return cached[1]
-        pending = self._resolving.get(host)
-        if pending is None:  # every connect that needs this name meanwhile waits for this one look-up
-            pending = self._resolving[host] = asyncio.ensure_future(self._resolve(host))
-            pending.add_done_callback(lambda _: self._resolving.pop(host, None))
-        return await asyncio.shield(pending)
-
-    async def _resolve(self, host: str) -> set[str]:
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await asyncio.wait_for(loop.run_in_executor(
-                _dns_executor(), partial(socket.getaddrinfo, host, None, type=socket.SOCK_STREAM)), DNS_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("plugin %s: granted host %s does not resolve: %s", self.plugin, host,
-                        exc if isinstance(exc, OSError) else f"no answer within {DNS_TIMEOUT:g} s")
-            addresses: set[str] = set()
-        else:
-            addresses = {_literal(str(info[4][0])) or str(info[4][0]) for info in infos}
-        self._resolved[host] = (time.monotonic(), addresses)
-        return addresses
 
 
 class EgressGate:
@@ -463,71 +382,4 @@ def _parse_sockaddr(family: int, raw: bytes) -> tuple[str, int, tuple]:
     flowinfo, = struct.unpack_from("!I", raw, 4)
     text = socket.inet_ntop(socket.AF_INET6, raw[8:24])
     scope, = struct.unpack_from("=I", raw, 24) if len(raw) >= 28 else (0,)
-    return _literal(text) or text, port, (text, port, flowinfo, scope)
-
-
-LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
-
-
-# Cloud metadata services outside link-local: AWS's over IPv6 (fd00:ec2::254), Alibaba Cloud's,
-# and Azure's wire server. (169.254.169.254, where most keep instance credentials, is link-local.)
-METADATA_NETWORKS = [ipaddress.ip_network(n) for n in ("fd00:ec2::/32", "100.100.100.200/32", "168.63.129.16/32")]
-OWN_ADDRESSES_TTL = 10.0
-_own_addresses: tuple[float, frozenset[str]] = (-OWN_ADDRESSES_TTL, frozenset())
-
-
-def _internal(address: str) -> bool:
-    """The host itself (loopback, and any address of its own interfaces: a service listening on all
-    of them is the host's), link-local, cloud metadata, or no address at all: never reached by a
-    grant that does not name it."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return True
-    if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
-        return True
-    if any(ip in network for network in METADATA_NETWORKS if network.version == ip.version):
-        return True
-    return str(ip) in host_addresses()
-
-
-def host_addresses() -> frozenset[str]:
-    """The addresses of this machine's interfaces (in the host's network namespace), refreshed
-    every OWN_ADDRESSES_TTL seconds."""
-    global _own_addresses
-    stamp, addresses = _own_addresses
-    now = time.monotonic()
-    if now - stamp >= OWN_ADDRESSES_TTL:
-        found = set()
-        for entries in psutil.net_if_addrs().values():
-            for entry in entries:
-                if entry.family in (socket.AF_INET, socket.AF_INET6):
-                    literal = _literal(entry.address)
-                    if literal is not None:
-                        found.add(literal)
-        _own_addresses = (now, addresses := frozenset(found))
-    return addresses
-
-
-@functools.lru_cache(maxsize=1)
-def _dns_executor() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="qanot-egress-dns")
-
-
-def _literal(host: str) -> str | None:
-    """The canonical text of an IP address (an IPv4-mapped IPv6 address as IPv4), None for a name."""
-    try:
-        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
-
-
-def _nameservers(path: str = "/etc/resolv.conf") -> list[str]:
-    try:
-        with open(path) as f:
-            return [line.split()[1] for line in f if line.startswith("nameserver") and len(line.split()) > 1]
-    except OSError:
-        return []
+    return literal_address(text) or text, port, (text, port, flowinfo, scope)

@@ -23,9 +23,11 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 from .errors import DependencyError
 
-__all__ = ["EnvironmentBuilder", "find_uv", "requirement_problem", "sweep_partial_builds"]
+__all__ = ["EnvironmentBuilder", "find_uv", "requirement_problem", "sweep_partial_builds", "MAX_REQUIREMENTS"]
 
 COMPLETE_MARK = ".qanot-host-env.json"
+MAX_REQUIREMENT = 500  # characters of one plugin.json dependency (name, extras, versions, markers)
+MAX_REQUIREMENTS = 100  # dependencies of one plugin
 
 
 def requirement_problem(entry: object) -> str | None:
@@ -34,6 +36,8 @@ def requirement_problem(entry: object) -> str | None:
     fetch or run whatever the plugin names, from wherever it names."""
     if not isinstance(entry, str) or not entry.strip():
         return f"{entry!r} is not a requirement"
+    if len(entry) > MAX_REQUIREMENT:
+        return f"{entry[:40]!r}... is {len(entry)} characters long; a requirement takes at most {MAX_REQUIREMENT}"
     if entry.lstrip().startswith("-"):
         return f"{entry!r}: options are not taken from plugin.json (the host decides where packages come from)"
     try:
@@ -67,6 +71,9 @@ class EnvironmentBuilder:
         """The site-packages directories the plugin's worker adds; [] for a plugin with no deps."""
         if not requirements:
             return []
+        if len(requirements) > MAX_REQUIREMENTS:
+            raise DependencyError(plugin, f"plugin.json: dependencies: {len(requirements)} given; at most "
+                                          f"{MAX_REQUIREMENTS} are taken")
         for index, req in enumerate(requirements):
             problem = requirement_problem(req)
             if problem:
@@ -124,9 +131,12 @@ class EnvironmentBuilder:
         return args
 
     async def _uv(self, plugin: str, argv: list[str]) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, cwd=self._root, env=_uv_environment(), start_new_session=True)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, cwd=self._root, env=_uv_environment(), start_new_session=True)
+        except OSError as exc:
+            raise DependencyError(plugin, f"uv could not be started: {exc.strerror or exc}") from None
         try:
             output, _ = await asyncio.wait_for(proc.communicate(), self._timeout)
         except asyncio.TimeoutError:
@@ -141,7 +151,7 @@ class EnvironmentBuilder:
 
     def _remove_stale(self, plugin: str, keep: str) -> None:
         """Environments of older requirement lists of this plugin are dead weight."""
-        for path in glob.glob(os.path.join(self._root, f"{plugin}-" + "?" * 16)):
+        for path in glob.glob(os.path.join(self._root, glob.escape(plugin) + "-" + "?" * 16)):
             if path != keep:
                 shutil.rmtree(path, ignore_errors=True)
                 try:
@@ -170,7 +180,7 @@ def sweep_partial_builds(state_dir: str) -> list[str]:
 
 
 def _site_packages(env_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(env_dir, "lib", "python*", "site-packages")))
+    return sorted(glob.glob(os.path.join(glob.escape(env_dir), "lib", "python*", "site-packages")))
 
 
 def _uv_environment() -> dict[str, str]:

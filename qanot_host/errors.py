@@ -6,6 +6,7 @@
     ├── ConfigError                 config.json or a plugin.json is unusable (names file and key)
     ├── ToolNotFound                no tool of that name is registered
     ├── InvalidParams               params failed the tool's JSON Schema, checked in the host
+    ├── RemoteFailure               a worker's Failure reply, inside the host only (becomes one below)
     └── PluginError                 something went wrong with one plugin (carries .plugin)
         ├── PluginUnavailable       the plugin is not running (failed to start, stopped, failed)
         ├── PluginStartError        spawn, handshake, import, setup() or get_tools() failed
@@ -14,6 +15,7 @@
         ├── WorkerCrashed           the worker process died (carries exit code or signal)
         ├── WorkerTimeout           a call, setup() or teardown() ran past its deadline
         ├── ProtocolViolation       the worker sent a frame the host cannot accept
+        │   └── ClosedMidFrame      ...or closed its pipe inside one, and lived on
         └── ToolFailed              the tool's handler raised or returned a non-string
 
 Inside the host these are raised; `ToolRegistry.execute()` turns them into Qanot's
@@ -27,7 +29,7 @@ import signal
 __all__ = [
     "QanotHostError", "ConfigError", "ToolNotFound", "InvalidParams", "PluginError",
     "PluginUnavailable", "PluginStartError", "DependencyError", "ProtocolMismatch", "WorkerCrashed",
-    "WorkerTimeout", "ProtocolViolation", "ToolFailed", "describe_exit",
+    "WorkerTimeout", "ProtocolViolation", "ToolFailed", "RemoteFailure", "ClosedMidFrame", "describe_exit",
 ]
 
 
@@ -90,6 +92,11 @@ class ProtocolViolation(PluginError):
     pass
 
 
+class ClosedMidFrame(ProtocolViolation):
+    """The worker's pipe ended inside a frame. A worker killed while writing does that too, so it
+    counts as a violation only if the worker lives on without its pipe."""
+
+
 class ToolFailed(PluginError):
     def __init__(self, plugin: str, tool: str, message: str) -> None:
         super().__init__(plugin, f"tool {tool} failed: {message}")
@@ -107,3 +114,13 @@ def describe_exit(returncode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exit code {returncode}"
+
+
+class RemoteFailure(QanotHostError):
+    """The worker answered a request with Failure; the caller knows what it asked (and which plugin)
+    and turns it into one of the errors above, saying so."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message

@@ -31,7 +31,7 @@ from .registry import RegisteredTool, ToolRegistry
 from .output import printable
 from .schema import SchemaError
 from .plugin_secrets import resolve_config_secrets
-from .static import declared_tools
+from .static import SCAN_MEMORY, scan_plugins_async
 from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable, withheld_permissions
 from .supervisor import PluginState, PluginSupervisor
@@ -43,6 +43,7 @@ __all__ = ["Host", "PluginState"]
 
 log = logging.getLogger("qanot_host")
 
+WORKSPACE_WALK_SPACING = 20  # a workspace walk is followed by 20 times its length without one
 INDEX_TIMEOUT = 10.0  # the declared-tools index, made in a thread at start, waited for this long
 
 
@@ -56,6 +57,7 @@ class Host:
         self.registry.timeout = self.config.host.call_timeout
         self.plugins: dict[str, PluginSupervisor] = {}
         self._workspaces: dict[str, str] = {}  # plugin -> the real path of its place in the workspace
+        self._next_walk: dict[str, float] = {}  # plugin -> when its workspace may be walked again
         self.workspace = Workspace(self.config.workspace_dir)
         self._launcher = launcher
         self._envs = self._environment_builder(self.config)
@@ -107,12 +109,22 @@ class Host:
         if self._launcher is None:
             self._launcher = self._default_launcher()
         indexing = asyncio.ensure_future(self._index_tools())  # alongside the plugins' start
-        await self._start_plugins([e.name for e in self.config.plugins if e.enabled])
-        await indexing
+        await self._start_plugins_beside([e.name for e in self.config.plugins if e.enabled], indexing)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_limits())
         ready = [s for s in self.plugins.values() if s.state == PluginState.READY]
         log.info("ready: %d of %d plugins, %d tools", len(ready), len(self.plugins),
                  len(self.registry.tool_names))
+
+    async def _start_plugins_beside(self, names: list[str], indexing: asyncio.Future) -> None:
+        """Start plugins while the index of declared tools is made; if the start fails, the index's
+        child process is stopped with it."""
+        try:
+            await self._start_plugins(names)
+        except BaseException:
+            indexing.cancel()
+            await asyncio.gather(indexing, return_exceptions=True)
+            raise
+        await indexing
 
     def _default_launcher(self) -> Launcher:
         if self.config.host.launcher == "forkserver" and sys.platform.startswith("linux"):
@@ -153,6 +165,12 @@ class Host:
         except PluginError as exc:
             supervisor.fail(exc.detail)
             log.error("plugin %s failed to start: %s", supervisor.name, exc.detail)
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever one plugin's start hits, the others start
+            detail = f"{type(exc).__name__}: {exc}"
+            supervisor.fail(detail)
+            log.error("plugin %s failed to start: %s", supervisor.name, detail)
+            log.debug("plugin %s: the start failed here", supervisor.name, exc_info=True)
             return
         worker = supervisor.worker
         assert worker is not None  # start() returned: it has one
@@ -308,21 +326,21 @@ class Host:
                 return f"its plugin {entry.name} is disabled in {self.config.path}"
         return ""
 
-    def _index_declared_tools(self) -> dict[str, set[str] | None]:
-        """Each configured plugin's tools, as its code declares them (static.py); in a thread."""
-        index: dict[str, set[str] | None] = {}
+    async def _index_tools(self) -> None:
+        """Each configured plugin's tools, as its code declares them (static.py, read in a child
+        process of bounded memory and time: never the host's)."""
+        jobs = {}
         for entry in self.config.plugins:
             source = find_plugin(entry.name, self.config)
-            index[entry.name] = declared_tools(source.directory, source.entry_file) if source else None
-        return index
-
-    async def _index_tools(self) -> None:
-        try:
-            self._declared = await asyncio.wait_for(asyncio.to_thread(self._index_declared_tools),
-                                                    INDEX_TIMEOUT)
-        except (asyncio.TimeoutError, OSError) as exc:
-            log.warning("the index of plugins' declared tools is not ready (%s): an unknown tool's error "
-                        "will not say which plugin declares it", exc or f"over {INDEX_TIMEOUT:g} s")
+            if source is not None:
+                jobs[entry.name] = (source.directory, source.entry_file)
+        scanned = await scan_plugins_async(jobs, INDEX_TIMEOUT)
+        self._declared = {name: set(found["tools"]) if found.get("tools") is not None else None
+                          for name, found in scanned.items()}
+        if len(scanned) < len(jobs):
+            log.info("the code of %s could not be read in %g s and %d MB: an unknown tool's error will not "
+                     "say which of them declares it", ", ".join(sorted(set(jobs) - set(scanned))), INDEX_TIMEOUT,
+                     SCAN_MEMORY >> 20)
 
     def _granted_env(self, plugin: str) -> dict[str, str]:
         names = self.config.settings_for(plugin).permissions.env_vars
@@ -373,12 +391,23 @@ class Host:
             await asyncio.sleep(self.config.host.limits_interval)
             for supervisor in list(self.plugins.values()):
                 supervisor.check_limits()
-                place = self._workspaces.get(supervisor.name)
-                limit = supervisor.limits.workspace_mb
-                if place and limit and supervisor.state == PluginState.READY:
-                    problem = await asyncio.to_thread(workspace_problem, place, limit, self._plugin_pids(supervisor))
-                    if problem:
-                        supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True)
+                await self._check_workspace(supervisor)
+
+    async def _check_workspace(self, supervisor: PluginSupervisor) -> None:
+        """workspace_mb. A walk costs the host CPU in proportion to what the plugin put there (100 000
+        empty files: a third of a core, walked every second), so a plugin's next walk waits at least
+        WORKSPACE_WALK_SPACING times as long as its last one took: at most ~5% of a core each."""
+        place = self._workspaces.get(supervisor.name)
+        limit = supervisor.limits.workspace_mb
+        loop = asyncio.get_running_loop()
+        if not (place and limit and supervisor.state == PluginState.READY) or \
+                loop.time() < self._next_walk.get(supervisor.name, 0.0):
+            return
+        began = loop.time()
+        problem = await asyncio.to_thread(workspace_problem, place, limit, self._plugin_pids(supervisor))
+        self._next_walk[supervisor.name] = loop.time() + WORKSPACE_WALK_SPACING * (loop.time() - began)
+        if problem:
+            supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True)
 
     async def reload(self, config: Config | None = None) -> dict[str, list[str]]:
         """Read config.json again: start new plugins, stop removed ones, restart changed ones (and
@@ -400,8 +429,7 @@ class Host:
         for supervisor in self.plugins.values():
             supervisor.rebind(new)
         indexing = asyncio.ensure_future(self._index_tools())
-        await self._start_plugins([name for name in wanted if name in changed or name in added])
-        await indexing
+        await self._start_plugins_beside([name for name in wanted if name in changed or name in added], indexing)
         self.plugins = {name: self.plugins[name] for name in wanted}
         summary = {"added": added, "removed": removed, "restarted": changed,
                    "unchanged": [n for n in wanted if n not in changed and n not in added]}

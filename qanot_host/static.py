@@ -10,16 +10,22 @@ never executed (the host imports no plugin code, ever).
 from __future__ import annotations
 
 import ast
+import asyncio
 import errno
+import json
 import os
+import subprocess
+import sys
+from typing import Any
 
 from .manifest import MAX_SOURCE
 from .safe_files import read_regular_file
 
-__all__ = ["code_problem", "declared_tools", "MAX_SCANNED_FILES", "MAX_SCANNED_BYTES"]
+__all__ = ["code_problem", "declared_tools", "scan_plugins", "scan_plugins_async", "MAX_SCANNED_FILES",
+           "MAX_SCANNED_BYTES"]
 
-# What declared_tools reads at most: a plugin's code is the plugin's, and its syntax tree takes the
-# host's memory (about 100 times the source), so a plugin that ships megabytes of it gets no scan.
+# What declared_tools reads at most: a plugin's code is the plugin's, and a plugin that ships
+# megabytes of it gets no scan.
 MAX_SCANNED_FILES = 32
 MAX_SCANNED_BYTES = 2 * 1024 * 1024
 
@@ -106,3 +112,80 @@ def _name(node: ast.AST) -> str:
     if isinstance(node, ast.Attribute):
         return node.attr
     return ""
+
+
+# The scan runs in a child process: a syntax tree takes several hundred times its source in memory
+# (an attacker's 2 MB of `x=a,a,a,...` took the host to 1.2 GB, and 10 s), which must not be the
+# host's. The child has SCAN_MEMORY of address space and `timeout` seconds; what it cannot finish
+# is simply not known.
+SCAN_MEMORY = 1024 * 1024 * 1024
+_SCANNER = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), int(sys.argv[2])))
+sys.path.insert(0, sys.argv[1])
+from qanot_host.static import scan_here
+print(json.dumps(scan_here(json.loads(sys.stdin.read()))))
+"""
+
+
+def scan_plugins(jobs: dict[str, tuple[str, str]], timeout: float) -> dict[str, dict[str, Any]]:
+    """For each plugin name, (its directory, its entry file): {"problem": code_problem(...), "tools":
+    sorted declared_tools(...) or None}, computed in a child process. A plugin missing from the
+    answer could not be scanned within the child's memory or time."""
+    if not jobs:
+        return {}
+    try:
+        done = subprocess.run(_scanner_argv(), input=json.dumps(jobs), capture_output=True, text=True,
+                              timeout=timeout)
+    except (subprocess.TimeoutExpired, OSError):
+        return {}
+    return _answer(done.returncode, done.stdout)
+
+
+async def scan_plugins_async(jobs: dict[str, tuple[str, str]], timeout: float) -> dict[str, dict[str, Any]]:
+    """scan_plugins for the host's event loop: cancelled (the host stopping), the child goes too."""
+    if not jobs:
+        return {}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *_scanner_argv(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+    except OSError:
+        return {}
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(json.dumps(jobs).encode()), timeout)
+    except BaseException as exc:  # out of time, or cancelled (the host stopping)
+        if proc.returncode is None:
+            proc.kill()
+        await asyncio.shield(proc.wait())
+        if isinstance(exc, asyncio.TimeoutError):
+            return {}
+        raise
+    return _answer(proc.returncode or 0, out.decode(errors="replace"))
+
+
+def _scanner_argv() -> list[str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [sys.executable, "-I", "-c", _SCANNER, root, str(SCAN_MEMORY)]
+
+
+def _answer(returncode: int, stdout: str) -> dict[str, dict[str, Any]]:
+    if returncode != 0:
+        return {}
+    try:
+        answer = json.loads(stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def scan_here(jobs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """scan_plugins' work, in the child: one plugin's MemoryError or RecursionError is its own."""
+    answer: dict[str, dict[str, Any]] = {}
+    for name, (plugin_dir, entry_file) in jobs.items():
+        try:
+            tools = declared_tools(plugin_dir, entry_file)
+            answer[name] = {"problem": code_problem(entry_file), "tools": sorted(tools) if tools is not None else None}
+        except (MemoryError, RecursionError):
+            continue
+    return answer

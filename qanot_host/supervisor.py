@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import logging
 import time
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ __all__ = ["PluginSupervisor", "PluginState"]
 log = logging.getLogger("qanot_host.supervisor")
 
 
-class PluginState:
+class PluginState(enum.StrEnum):
+    """A StrEnum: it compares, prints and serialises as its value ("ready"), as status shows it."""
+
     STARTING = "starting"
     READY = "ready"
     RESTARTING = "restarting"

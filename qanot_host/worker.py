@@ -21,7 +21,7 @@ from qanot_worker import protocol as p
 
 from .channel import RemoteFailure, WorkerChannel
 from .egress import RESOLVER_ENV, EgressGate, EgressPolicy
-from .errors import (PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
+from .errors import (ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
 from .launcher import Launcher, LaunchSpec, WorkerProcess
 from .output import UNSAFE_CODEPOINTS
@@ -336,16 +336,20 @@ class WorkerHandle:
 
     def _channel_lost(self, reason: PluginError | None) -> None:
         """The pipe closed or the worker broke the protocol: it must not outlive its channel."""
-        if reason is not None:
+        if reason is not None and not isinstance(reason, ClosedMidFrame):
             log.error("%s (pid %s); killing the worker", reason, self.pid)
             self._lost_reason = self._lost_reason or reason
         if not self._stopping and self._process is not None and self._process.returncode is None:
             # A dying worker closes its pipes a moment before it exits: give it that moment, so its
-            # own exit code is what gets reported; one that lives on without its pipes is killed.
-            asyncio.get_running_loop().call_later(EOF_GRACE, self._kill_if_alive)
+            # own exit code is what gets reported (a worker killed while writing a frame crashed, it
+            # did not lie); one that lives on without its pipes is killed.
+            asyncio.get_running_loop().call_later(EOF_GRACE, self._kill_if_alive, reason)
 
-    def _kill_if_alive(self) -> None:
+    def _kill_if_alive(self, reason: PluginError | None = None) -> None:
         if self._process is not None and not self.exited.done():
+            if isinstance(reason, ClosedMidFrame):
+                log.error("%s (pid %s); killing the worker", reason, self.pid)
+                self._lost_reason = self._lost_reason or reason
             self._process.signal_group(signal.SIGKILL)
 
     async def _watch_exit(self) -> None:

@@ -4,8 +4,9 @@ Most handlers finish without ever waiting (an echo, a computation, a cache hit).
 Task each, such a call costs a Task (about 1 µs here), a trip through the loop's ready queue, and
 its reply goes out one loop turn later, alone. Run at once, in the transport callback that read
 it, its reply is ready before the next frame is looked at, and the replies to all the calls in
-one read can leave in one write. Python 3.12 has eager tasks for this; 3.11, which workers run on
-here, does not.
+one read can leave in one write. Python 3.12 has eager tasks for this (`Task(eager_start=True)`),
+used there; 3.11 does not, and gets what follows, built on asyncio's private `_enter_task` and
+`_leave_task` (tests/test_exports.py runs it under every Python installed).
 
 The first step must still run inside a real Task: `asyncio.timeout()`, aiohttp and anyio take
 `current_task()` and cancel it later. So a dormant Task, the carrier, lends its name: it is the
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 import types
 from asyncio.tasks import _enter_task, _leave_task
 from typing import Any, Coroutine
 
-__all__ = ["EagerStarter"]
+__all__ = ["EagerStarter", "NATIVE"]
+
+NATIVE = sys.version_info >= (3, 12)  # asyncio's own eager tasks
 
 
 class EagerStarter:
@@ -34,6 +38,12 @@ class EagerStarter:
 
     def start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task | None:
         """Run `coro` up to where it first waits. None: it finished; else the Task running the rest."""
+        if NATIVE:
+            task = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
+            if task.done():
+                task.result()  # an exception out of the first step is the caller's, as below
+                return None
+            return task
         carrier = self._carrier
         if carrier is None or carrier.task.cancelling():  # a dormant carrier ends only by cancel
             carrier = self._carrier = _Carrier(self._loop)

@@ -55,4 +55,6 @@ while True:
             os.write(write_fd, payload.replace(b"@ID@", msgspec.msgpack.encode(msg.id)))
             if os.environ.get("FAKE_THEN") == "exit":
                 os._exit(0)
+            if os.environ.get("FAKE_THEN") == "close":  # ends its pipe, and lives on
+                os.close(write_fd)
             time.sleep(30)

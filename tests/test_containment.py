@@ -755,3 +755,25 @@ def test_measuring_a_workspace_holds_one_descriptor_per_level(tmp_path):
     (deep / "/".join(["d"] * 70)).mkdir(parents=True)
     from qanot_host.datadirs import MAX_WORKSPACE_ENTRIES, workspace_problem
     assert f"more than {MAX_WORKSPACE_ENTRIES}" in workspace_problem(str(deep), 100)
+
+
+async def test_reading_a_plugins_code_costs_the_host_nothing(write_config, tmp_path):
+    """The fifth attacker's F2: 2 MB of `x=a,a,a,...` beside a plugin took the host to 1.2 GB (2.4 GB
+    on a reload) and 10 s at every start, parsing it for the index of declared tools. The parse runs in
+    a child process of bounded memory now."""
+    extra = tmp_path / "extra"
+    shutil.copytree(FIXTURE_PLUGINS / "greeter", extra / "greeter")
+    (extra / "greeter" / "junk.py").write_text("x = " + "a," * 600_000 + "a\n")
+    config = write_config([GREETER], plugins_dir=str(extra))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size
+    before = psutil.Process().memory_info().rss
+    async with Host(config) as host:
+        await host.reload()
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    assert (peak - before) / 2**20 < 150, f"the host's peak grew {(peak - before) / 2**20:.0f} MB"
+    report = subprocess.run([sys.executable, "-m", "qanot_host", "check", "--config", config],
+                            capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in report.stderr and "1 plugins checked" in report.stdout, report.stdout + report.stderr

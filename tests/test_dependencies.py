@@ -108,3 +108,22 @@ async def test_dependencies_are_plain_requirements_only(write_config, tmp_path, 
     assert hits == []  # the host fetched nothing the plugin named
     report = check_report(write_config([plugin("sneaky")], plugins_dir=str(plugins)))
     assert f"dependencies[1]: {entry!r}" in report
+
+
+@pytest.mark.parametrize("dependencies, why", [
+    (["a" * 200_000], "characters long; a requirement takes at most 500"),
+    ([f"pkg{i}" for i in range(150)], "dependencies: 150 given; at most 100 are taken"),
+])
+async def test_an_outsized_dependency_list_fails_its_plugin_only(write_config, tmp_path, dependencies, why):
+    """The fifth attacker's F1: one 200 000-character requirement made launching uv fail with E2BIG,
+    outside any handler, and took the whole host's start down with a traceback."""
+    plugins = tmp_path / "extra"
+    (plugins / "bigdep").mkdir(parents=True)
+    (plugins / "bigdep" / "plugin.py").write_text("from qanot.plugins.base import Plugin\n"
+                                                  "class QanotPlugin(Plugin):\n    pass\n")
+    (plugins / "bigdep" / "plugin.json").write_text(json.dumps({"dependencies": dependencies}))
+    async with Host(write_config([plugin("bigdep"), plugin("echo")], plugins_dir=str(plugins))) as host:
+        assert host.plugins["bigdep"].state == PluginState.FAILED
+        assert why in host.plugins["bigdep"].error, host.plugins["bigdep"].error
+        assert host.plugins["echo"].state == PluginState.READY
+    assert why in check_report(write_config([plugin("bigdep")], plugins_dir=str(plugins)))

@@ -154,7 +154,7 @@ async def test_a_slow_granted_name_is_looked_up_once_and_starves_nobody(monkeypa
     import threading
     import time
 
-    from qanot_host import egress
+    from qanot_host import egress_policy as egress
     calls: list[str] = []
     release = threading.Event()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import ast
 from pathlib import Path
 
@@ -56,3 +59,71 @@ def test_the_host_imports_nothing_of_the_worker_but_the_protocol():
             "print(sorted(m for m in sys.modules if m.startswith('qanot_worker')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "['qanot_worker', 'qanot_worker.protocol']", done.stdout
+
+
+EAGER_CHECK = r"""
+import asyncio, contextvars, importlib.util, sys
+# the module alone (the package needs msgspec, which another Python may not have)
+spec = importlib.util.spec_from_file_location("eager", sys.argv[1] + "/qanot_worker/eager.py")
+eager = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eager)
+EagerStarter, NATIVE = eager.EagerStarter, eager.NATIVE
+var = contextvars.ContextVar("var", default="unset")
+log = []
+
+async def quick():
+    log.append(("quick", var.get()))
+    var.set("quick-set")
+
+async def waits():
+    first = asyncio.current_task()
+    var.set("waits-set")
+    async with asyncio.timeout(0.05):
+        try:
+            await asyncio.sleep(1)
+        except asyncio.CancelledError:
+            log.append(("timed out", asyncio.current_task() is first, var.get()))
+            raise
+
+async def from_a_callback(coro):
+    # as the worker does it: from the transport's callback, where no task is running
+    loop = asyncio.get_running_loop()
+    started = loop.create_future()
+    loop.call_soon(lambda: started.set_result(starter.start(coro)))
+    return await started
+
+async def main():
+    global starter
+    starter = EagerStarter(asyncio.get_running_loop())
+    assert await from_a_callback(quick()) is None and log == [("quick", "unset")], log  # ran at once
+    task = await from_a_callback(waits())
+    assert isinstance(task, asyncio.Task), task
+    try:
+        await task
+    except TimeoutError:
+        pass
+    assert log[-1] == ("timed out", True, "waits-set"), log
+    assert await from_a_callback(quick()) is None and log[-1] == ("quick", "unset"), log  # its own context
+    print("native" if NATIVE else "lent task")
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("python", ["python3.11", "python3.12", "python3.13"])
+def test_eager_first_steps_keep_task_semantics_on_every_python(python):
+    """eager.py lends a task through asyncio's private _enter_task on 3.11 and uses Task(eager_start=True)
+    from 3.12: both must give a handler its one task, its timeouts and its own context."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    import glob
+    found = [shutil.which(python), *sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/*/bin/{python}")))]
+    usable = [path for path in found if path and subprocess.run([path, "-c", "pass"], capture_output=True).returncode == 0]
+    if not usable:
+        pytest.skip(f"{python} is not installed here")
+    interpreter = usable[0]
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([interpreter, "-I", "-c", EAGER_CHECK, root], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("lent task" if python == "python3.11" else "native")

@@ -172,3 +172,19 @@ def test_a_frame_of_tiny_containers_does_not_become_gigabytes_in_the_host(tmp_pa
     growth = _peak_rss() - before
     # the frame itself is buffered (40 MB, maybe twice while it is cut out); what it decodes to is not
     assert growth < 200 * 2**20, f"{shape}: host peak RSS grew {growth / 2**20:.0f} MB"
+
+
+async def test_a_pipe_closed_inside_a_frame_is_a_violation_only_if_the_worker_lives_on(tmp_path):
+    """A worker SIGKILLed while writing leaves half a frame too: that is a crash (chaos saw it so).
+    One that closes its pipe inside a frame and stays alive is a liar, killed and reported as such."""
+    half = unknown_id[:-2]
+    async with Host(config_for(tmp_path), launcher=HostileLauncher(half, then="close")) as host:
+        sup = host.plugins["echo"]
+        first = sup.worker.pid
+        result = await asyncio.wait_for(host.registry.execute("fake_tool", {}), 5)
+        assert "closed its pipe in the middle of a frame" in result, result
+        deadline = asyncio.get_running_loop().time() + 5
+        while sup.worker.pid == first:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        assert "middle of a frame" in sup.last_exit, sup.last_exit
