@@ -168,9 +168,12 @@ async def _call(args: argparse.Namespace) -> int:
         try:
             result = await host.registry.invoke(args.tool, params)
         except ToolNotFound as exc:
-            if "(" in str(exc) or not _failed(host):
-                raise  # the registry knew why (a disabled or failed plugin's tool)
-            raise QanotHostError(f"{exc} (plugins that failed to start: {_failed(host)})") from None
+            missing = exc
+            if await host.tool_index_ready():  # made in the background: it may say why now
+                missing = ToolNotFound(args.tool, host.registry.explain_missing(args.tool))
+            if "(" in str(missing) or not _failed(host):
+                raise missing from None  # the registry knew why (a disabled or failed plugin's tool)
+            raise QanotHostError(f"{missing} (plugins that failed to start: {_failed(host)})") from None
     sys.stdout.write(result if result.endswith("\n") else result + "\n")
     return EXIT_OK
 

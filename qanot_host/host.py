@@ -57,6 +57,7 @@ class Host:
         self.registry.timeout = self.config.host.call_timeout
         self.plugins: dict[str, PluginSupervisor] = {}
         self._workspaces: dict[str, str] = {}  # plugin -> the real path of its place in the workspace
+        self._indexing: asyncio.Future | None = None
         self._next_walk: dict[str, float] = {}  # plugin -> when its workspace may be walked again
         self.workspace = Workspace(self.config.workspace_dir)
         self._launcher = launcher
@@ -108,23 +109,27 @@ class Host:
         self._import_root = worker_import_root(self.config.host.state_dir)
         if self._launcher is None:
             self._launcher = self._default_launcher()
-        indexing = asyncio.ensure_future(self._index_tools())  # alongside the plugins' start
-        await self._start_plugins_beside([e.name for e in self.config.plugins if e.enabled], indexing)
+        self._reindex()
+        await self._start_plugins([e.name for e in self.config.plugins if e.enabled])
         self._monitor = asyncio.get_running_loop().create_task(self._watch_limits())
         ready = [s for s in self.plugins.values() if s.state == PluginState.READY]
         log.info("ready: %d of %d plugins, %d tools", len(ready), len(self.plugins),
                  len(self.registry.tool_names))
 
-    async def _start_plugins_beside(self, names: list[str], indexing: asyncio.Future) -> None:
-        """Start plugins while the index of declared tools is made; if the start fails, the index's
-        child process is stopped with it."""
-        try:
-            await self._start_plugins(names)
-        except BaseException:
-            indexing.cancel()
-            await asyncio.gather(indexing, return_exceptions=True)
-            raise
-        await indexing
+    async def tool_index_ready(self, timeout: float = INDEX_TIMEOUT) -> bool:
+        """Wait (up to `timeout`) for the index of declared tools; whether it was still being made."""
+        indexing = self._indexing
+        if indexing is None or indexing.done():
+            return False
+        await asyncio.wait([indexing], timeout=timeout)
+        return True
+
+    def _reindex(self) -> None:
+        """The index of declared tools is made in the background, beside the plugins' start (it only
+        improves an unknown tool's error): nothing waits for it, and stop() ends it."""
+        if self._indexing is not None:
+            self._indexing.cancel()
+        self._indexing = asyncio.ensure_future(self._index_tools())
 
     def _default_launcher(self) -> Launcher:
         if self.config.host.launcher == "forkserver" and sys.platform.startswith("linux"):
@@ -428,8 +433,8 @@ class Host:
         self._envs = self._environment_builder(new)
         for supervisor in self.plugins.values():
             supervisor.rebind(new)
-        indexing = asyncio.ensure_future(self._index_tools())
-        await self._start_plugins_beside([name for name in wanted if name in changed or name in added], indexing)
+        self._reindex()
+        await self._start_plugins([name for name in wanted if name in changed or name in added])
         self.plugins = {name: self.plugins[name] for name in wanted}
         summary = {"added": added, "removed": removed, "restarted": changed,
                    "unchanged": [n for n in wanted if n not in changed and n not in added]}
@@ -450,6 +455,9 @@ class Host:
         self._stopping = True
         if self._monitor is not None:
             self._monitor.cancel()
+        if self._indexing is not None:
+            self._indexing.cancel()
+            await asyncio.gather(self._indexing, return_exceptions=True)
         for supervisor in self.plugins.values():
             supervisor.close_to_calls()
         try:
