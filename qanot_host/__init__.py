@@ -3,16 +3,23 @@
 The public surface is what this module exports; everything else is internal and may change.
 """
 
-from .config import Config, load_config
-from .errors import (ConfigError, DependencyError, InvalidParams, PluginError, PluginStartError,
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("qanot-host")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+from .config import Config, load_config  # noqa: E402
+from .errors import (ConfigError, DependencyError, InvalidParams, PluginError, PluginStartError,  # noqa: E402
                      PluginUnavailable, ProtocolMismatch, ProtocolViolation, QanotHostError, ToolFailed,
                      ToolNotFound, WorkerCrashed, WorkerTimeout)
-from .host import Host, PluginState
-from .registry import ToolRegistry
+from .host import Host, PluginState  # noqa: E402
+from .registry import ToolRegistry  # noqa: E402
 
 __all__ = [
     "Host", "PluginState", "ToolRegistry", "Config", "load_config", "QanotHostError", "ConfigError",
     "ToolNotFound", "InvalidParams", "PluginError", "PluginUnavailable", "PluginStartError",
     "DependencyError", "ProtocolMismatch", "WorkerCrashed", "WorkerTimeout", "ProtocolViolation",
-    "ToolFailed",
+    "ToolFailed", "__version__",
 ]

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 
+from . import __version__
 from .chaos import run_chaos
 from .check import check_config
 from .config import directory_problems, load_config
@@ -22,6 +23,7 @@ from .control import ControlServer, control_request, socket_path
 from .errors import ConfigError, QanotHostError, ToolNotFound
 from .host import Host, PluginState
 from .loop import run as run_event_loop
+from .safe_files import read_regular_file
 
 __all__ = ["main"]
 
@@ -71,6 +73,7 @@ async def _interruptible(command, args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qanot-host", description="Run Qanot plugins, each in its "
                                      "own sandboxed worker process.")
+    parser.add_argument("--version", action="version", version=f"qanot-host {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -83,11 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     command("run", "start every enabled plugin and serve until SIGTERM or SIGINT")
     call = command("call", "start the host, call one tool, print its result, stop")
     call.add_argument("tool")
-    call.add_argument("params", nargs="?", default="{}", help="a JSON object (default {})")
+    call.add_argument("params", nargs="?", default="{}",
+                      help="a JSON object (default {}); @FILE reads it from FILE, - from stdin")
     tools = command("tools", "list every tool: name, plugin, description")
     tools.add_argument("--json", action="store_true", help="print the definitions as JSON")
-    command("check", "validate config.json and every plugin.json without running plugin code")
-    command("status", "show each plugin of a running host: state, pid, restarts, RSS, CPU, calls")
+    check = command("check", "validate config.json and every plugin.json without running plugin code")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    status = command("status", "show each plugin of a running host: state, pid, restarts, RSS, CPU, calls")
+    status.add_argument("--json", action="store_true", help="print every plugin's status as JSON")
     command("reload", "make a running host read config.json again (as SIGHUP does)")
     chaos = command("chaos", "drive concurrent calls while SIGKILLing random workers; report")
     chaos.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
@@ -163,7 +169,7 @@ def _print_ready(host: Host) -> None:
 
 
 async def _call(args: argparse.Namespace) -> int:
-    params = _parse_params(args.params)
+    params = _parse_params(await asyncio.to_thread(_params_text, args.params))
     async with Host(args.config) as host:
         try:
             result = await host.registry.invoke(args.tool, params)
@@ -176,6 +182,23 @@ async def _call(args: argparse.Namespace) -> int:
             raise QanotHostError(f"{missing} (plugins that failed to start: {_failed(host)})") from None
     sys.stdout.write(result if result.endswith("\n") else result + "\n")
     return EXIT_OK
+
+
+MAX_PARAMS_FILE = 64 * 1024 * 1024  # as much as one frame to a worker can carry
+
+
+def _params_text(argument: str) -> str:
+    """The params as given: inline, `@FILE` or `-` (stdin): 200 KB inline is over the kernel's limit
+    for one argument."""
+    if argument == "-":
+        return sys.stdin.read(MAX_PARAMS_FILE + 1)
+    if argument.startswith("@"):
+        try:
+            data = read_regular_file(argument[1:], MAX_PARAMS_FILE)
+        except OSError as exc:
+            raise QanotHostError(f"params: {argument[1:]}: {exc.strerror or exc}") from None
+        return data.decode("utf-8", errors="replace")
+    return argument
 
 
 def _parse_params(text: str) -> dict:
@@ -222,6 +245,10 @@ async def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     raw_entries = json.loads(await asyncio.to_thread(Path(args.config).read_bytes)).get("plugins", [])
     report = check_config(config, raw_entries)
+    if args.json:
+        print(json.dumps({"config": config.path, "checked": report.checked, "errors": report.errors,
+                          "warnings": report.warnings, "notes": report.notes}, ensure_ascii=False, indent=2))
+        return EXIT_ERROR if report.errors else EXIT_OK
     for line in report.errors:
         print(f"error: {line}")
     for line in report.warnings:
@@ -236,6 +263,9 @@ async def _check(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     reply = await control_request(socket_path(config.host.state_dir), "status")
+    if args.json:
+        print(json.dumps(reply["plugins"], ensure_ascii=False, indent=2))
+        return EXIT_OK
     columns = ("plugin", "state", "pid", "uptime", "restarts", "rss_mb", "cpu_s", "calls", "errors",
                "timeouts", "sandbox", "last_exit")
     rows = [[_cell(",".join(row["sandbox"]) if c == "sandbox" else row.get(c)) for c in columns]

@@ -155,3 +155,21 @@ def test_check_passes_on_the_example_config():
     proc = qanot_host("check", "--config", str(REPO / "examples" / "config.json"))
     assert proc.returncode == 0, proc.stdout
     assert "0 errors" in proc.stdout
+
+
+def test_version_params_from_a_file_or_stdin_and_check_as_json(tmp_path):
+    import qanot_host as package
+    version = qanot_host("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"qanot-host {package.__version__}"
+    # 200 KB of params: over the kernel's limit for one argument, fine from a file or stdin
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"text": "x" * 200_000}))
+    proc = qanot_host("call", "--config", "examples/config.json", "echo", f"@{params}")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"text": "x" * 200_000}, proc.stderr
+    piped = subprocess.run([sys.executable, "-m", "qanot_host", "call", "--config", "examples/config.json", "echo",
+                            "-"], input='{"a": 1}', capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert piped.returncode == 0 and json.loads(piped.stdout) == {"a": 1}, piped.stderr
+    assert_one_line_error(qanot_host("call", "--config", "examples/config.json", "echo", "@/nonexistent/params"),
+                          "params: /nonexistent/params: No such file or directory")
+    report = json.loads(qanot_host("check", "--config", "examples/config.json", "--json").stdout)
+    assert report["checked"] == 3 and report["errors"] == []

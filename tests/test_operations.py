@@ -67,6 +67,9 @@ def test_status_and_reload_against_a_running_host(write_config, running):
     assert [r.split()[:2] for r in rows] == [["greeter", "ready"], ["init_style", "ready"]]
     pids = {p.pid for p in host.workers()}
     assert {int(r.split()[2]) for r in rows} == pids
+    as_json = json.loads(qanot_host("status", "--config", config, "--json").stdout)
+    assert [(row["plugin"], row["state"]) for row in as_json] == [("greeter", "ready"), ("init_style", "ready")]
+    assert {row["pid"] for row in as_json} == pids
 
     data = json.loads(Path(config).read_text())
     data["plugins"] = [GREETER, plugin("echo")]
