@@ -174,8 +174,9 @@ async def _call(args: argparse.Namespace) -> int:
         try:
             result = await host.registry.invoke(args.tool, params)
         except ToolNotFound as exc:
+            await host.tool_index_ready()  # made in the background: it may say why by now
             missing = exc
-            if await host.tool_index_ready():  # made in the background: it may say why now
+            if exc.tool == args.tool:
                 missing = ToolNotFound(args.tool, host.registry.explain_missing(args.tool))
             if "(" in str(missing) or not _failed(host):
                 raise missing from None  # the registry knew why (a disabled or failed plugin's tool)

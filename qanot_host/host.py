@@ -116,13 +116,11 @@ class Host:
         log.info("ready: %d of %d plugins, %d tools", len(ready), len(self.plugins),
                  len(self.registry.tool_names))
 
-    async def tool_index_ready(self, timeout: float = INDEX_TIMEOUT) -> bool:
-        """Wait (up to `timeout`) for the index of declared tools; whether it was still being made."""
+    async def tool_index_ready(self, timeout: float = INDEX_TIMEOUT) -> None:
+        """Wait (up to `timeout`) for the index of declared tools, if it is still being made."""
         indexing = self._indexing
-        if indexing is None or indexing.done():
-            return False
-        await asyncio.wait([indexing], timeout=timeout)
-        return True
+        if indexing is not None and not indexing.done():
+            await asyncio.wait([indexing], timeout=timeout)
 
     def _reindex(self) -> None:
         """The index of declared tools is made in the background, beside the plugins' start (it only

@@ -74,7 +74,7 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
         reads = [*reads, *UNSHARED_SYSTEM_READ, *(NETWORK_FILES if network else [])]
         if grant.subprocess:  # the programs it may run, their loader and libraries, and the interpreter
             reads += [path for path in SYSTEM_TREES if os.path.exists(path)]
-            reads.append(os.path.dirname(os.path.realpath(sys.executable)))
+            reads += _interpreter_paths()
         writes = [places.data_dir, *granted_writes, *DEVICE_WRITES, *(places.workspace[1:] if places.workspace else [])]
     return p.SandboxSpec(
         read_paths=sorted(set(reads)), write_paths=writes,
@@ -111,6 +111,8 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
             _add_mounts_beneath(add, path, os.path.realpath(path), mount_points, hidden)
     if subprocess:
         reads = [*reads, os.path.dirname(os.path.realpath(sys.executable))]
+        for path in _venv_paths():  # at the same paths: the venv's python is a link, and reads pyvenv.cfg
+            add(p.MountOp("ro", path, path))
     bound = [op.target for op in ops.values() if op.kind == "ro"]
     for real in sorted({os.path.realpath(path) for path in reads if os.path.exists(path)}):
         # Inside a tree bound already, a bind adds nothing, unless a hidden directory lies between.
@@ -136,6 +138,19 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
     add(p.MountOp("file", "/etc/group", text=f"root:x:0:\nqanot:x:{uid}:\n"))
     # Parents before children: a bind inside a tmpfs or another bind needs its mount point there.
     return sorted(ops.values(), key=lambda op: [c for c in op.target.split("/") if c])
+
+
+def _interpreter_paths() -> list[str]:
+    """What running the host's interpreter takes: its directory, and in a virtual environment the
+    environment's bin (where sys.executable is a link) and its pyvenv.cfg."""
+    return [os.path.dirname(os.path.realpath(sys.executable)), *_venv_paths()]
+
+
+def _venv_paths() -> list[str]:
+    if sys.prefix == sys.base_prefix:
+        return []
+    paths = [os.path.dirname(os.path.abspath(sys.executable)), os.path.join(sys.prefix, "pyvenv.cfg")]
+    return [path for path in paths if os.path.exists(path)]
 
 
 def _mount_points() -> list[str]:

@@ -203,8 +203,13 @@ class WorkerHandle:
         finally:
             os.close(worker_reads)
             os.close(worker_writes)
-        self._channel = await WorkerChannel.open(self.plugin, opts.max_frame, host_writes, host_reads,
-                                                 self._channel_lost, self._call_abandoned)
+        try:
+            self._channel = await WorkerChannel.open(self.plugin, opts.max_frame, host_writes, host_reads,
+                                                     self._channel_lost, self._call_abandoned)
+        except BaseException:  # the host stopping meanwhile: the worker goes, and its output pipes with it
+            self._process.signal_group(signal.SIGKILL)
+            await asyncio.shield(self._process.wait())
+            raise
         self._channel.redact = opts.redact
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_exit())]

@@ -18,6 +18,7 @@ allow is reported, never silently skipped; with `strict` a missing layer refuses
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import resource
 import signal
@@ -105,6 +106,10 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str, disk: str = "") -> SandboxOu
     outcome.warnings += _enter_world(spec, disk, layer, private_network=not spec.network or filtered)
     if spec.uid >= 0:  # after everything that needs root, before no_new_privs
         layer("identity", *_drop_identity(spec.uid, spec.gid))
+    elif os.geteuid() == 0:  # host.sandbox.identity false, as root: no uid of its own, and no privilege either
+        layer("capabilities-dropped", *_drop_capabilities())
+        layer("identity", False, "host.sandbox.identity is false: the worker keeps uid 0, the host's own uid "
+                                 "(its capabilities are dropped, but files and processes of uid 0 are its own)")
     layer("no-new-privileges", *_no_new_privs())
     layer("landlock", *restrict(spec, tcp_ports))
     layer("seccomp", *install_seccomp(spec.subprocess))
@@ -167,6 +172,26 @@ def _drop_identity(uid: int, gid: int) -> tuple[bool, str]:
         if os.getppid() == 1:
             os._exit(0)
     return True, f"uid {uid}"
+
+
+def _drop_capabilities() -> tuple[bool, str]:
+    """Root without a uid of its own: every capability goes (bounding set, ambient, then capset to
+    none), so fanotify, raw sockets, chown, syslog and the like are refused as for any user."""
+    for cap in range(64):
+        if linux.libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
+            break  # past the kernel's last capability
+    linux.libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable, twice: all none
+    if linux.libc.syscall(SYS_CAPSET, header, data) != 0:
+        return False, f"capset failed: {os.strerror(ctypes.get_errno())}"
+    if os.getpid() != 2:
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # as after a change of credentials
+    return True, "none left"
+
+
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_LINUX_CAPABILITY_VERSION_3, SYS_CAPSET = 0x20080522, 126
 
 
 def _no_new_privs() -> tuple[bool, str]:

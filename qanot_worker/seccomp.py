@@ -37,7 +37,15 @@ DENY = {
     "io_uring_enter": 426, "io_uring_register": 427, "open_by_handle_at": 304, "iopl": 172,
     "ioperm": 173, "swapon": 167, "swapoff": 168, "settimeofday": 164, "clock_settime": 227,
     "adjtimex": 159, "clock_adjtime": 305, "mknod": 133, "mknodat": 259,
+    # what no plugin needs and a privileged one could misuse: watching the host's whole file
+    # system (and holding its opens), the kernel log, process accounting, the host's names
+    "fanotify_init": 300, "fanotify_mark": 301, "syslog": 103, "acct": 163, "sethostname": 170,
+    "setdomainname": 171,
 }
+# Calls that may aim at another process by its pid: only at itself (0) here. A worker shares its uid
+# with nobody, unless identity is off: then it would share the host's, and could lower the host's
+# limits (RLIMIT_CPU: the kernel kills the host) or its priority.
+SELF_ONLY = {"prlimit64": (302, 0), "setpriority": (141, 1), "ioprio_set": (251, 1)}
 DENY_WITHOUT_SUBPROCESS = {"execve": 59, "execveat": 322, "fork": 57, "vfork": 58}
 CLONE, CLONE3, SOCKET, IOCTL, CONNECT = 56, 435, 41, 16, 42
 SENDTO, SENDMSG, SENDMMSG = 44, 46, 307  # flags are arg 3, 2 and 3
@@ -91,6 +99,10 @@ def _program(subprocess: bool) -> list[tuple[int, int, int, int]]:
         sock += [_op(JEQ_K, family, 0, 1), _op(RET_K, eperm)]
     sock.append(_op(RET_K, RET_ALLOW))
     prog += [_op(JEQ_K, SOCKET, 0, len(sock))] + sock
+    for number, pid_arg in SELF_ONLY.values():
+        self_only = [_op(LD_W_ABS, _arg(pid_arg)), _op(JEQ_K, 0, 0, 1), _op(RET_K, RET_ALLOW), _op(RET_K, eperm)]
+        prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, number, 0, len(self_only))] + self_only
+    prog.append(_op(LD_W_ABS, OFF_NR))
     ioctl = [_op(LD_W_ABS, OFF_ARG1), _op(JEQ_K, TIOCSTI, 0, 1), _op(RET_K, eperm), _op(RET_K, RET_ALLOW)]
     prog += [_op(JEQ_K, IOCTL, 0, len(ioctl))] + ioctl
     for number, flags_arg in ((SENDTO, 3), (SENDMSG, 2), (SENDMMSG, 3)):

@@ -88,7 +88,8 @@ async def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
 
 def worker_processes(root: int | None = None, include_template: bool = False):
     """Live (non-zombie) descendants of `root` (default: this process), without the worker
-    template and the workers' init processes (PID 1 of each worker's namespace) unless asked."""
+    template and the workers' init processes (PID 1 of each worker's namespace) unless asked, and
+    never the short-lived reader of plugins' code (static.py's scanner, a child of the host)."""
     import psutil
     top = psutil.Process(root)
     templates = set()
@@ -101,6 +102,8 @@ def worker_processes(root: int | None = None, include_template: bool = False):
     found = []
     for proc in top.children(recursive=True):
         try:
+            if "scan_here" in " ".join(proc.cmdline()):
+                continue
             helper = proc.pid in templates or proc.name().startswith("qanot:init:")
             if proc.status() == psutil.STATUS_ZOMBIE or (helper and not include_template):
                 continue

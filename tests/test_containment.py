@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import shutil
+import resource
 import signal
 import site
 import socket
@@ -777,3 +778,25 @@ async def test_reading_a_plugins_code_costs_the_host_nothing(write_config, tmp_p
     report = subprocess.run([sys.executable, "-m", "qanot_host", "check", "--config", config],
                             capture_output=True, text=True, timeout=120)
     assert "Traceback" not in report.stderr and "1 plugins checked" in report.stdout, report.stdout + report.stderr
+
+
+@pytest.mark.parametrize("namespaces", [True, False])
+async def test_without_identity_a_root_worker_has_no_privilege_and_strict_refuses_it(write_config, namespaces):
+    """The sixth attacker: with identity false the worker kept uid 0 with every capability (fanotify
+    froze the host's loop, raw sockets sniffed loopback, prlimit(host, RLIMIT_CPU) had the kernel kill the
+    host), no warning said so, and strict did not refuse it."""
+    sandbox = {"identity": False, "namespaces": namespaces}
+    async with Host(write_config([plugin("root_probe")], host={"sandbox": sandbox})) as host:
+        sup = host.plugins["root_probe"]
+        assert sup.state == PluginState.READY and "capabilities-dropped" in sup.status()["sandbox"]
+        assert "identity" not in sup.status()["sandbox"]
+        seen = json.loads(await host.registry.execute("root_probe", {"pid": os.getpid()}))
+        assert seen["uid"] == 0 and seen["caps"] == "0000000000000000", seen
+        assert [seen[k].split(":")[0] for k in ("fanotify", "raw_socket", "prlimit_other", "setpriority_other")] \
+            == ["denied"] * 4, seen
+        assert seen["prlimit_self"].startswith("ALLOWED"), seen
+    assert resource.getrlimit(resource.RLIMIT_CPU)[0] == resource.RLIM_INFINITY  # the host's own, untouched
+    async with Host(write_config([plugin("root_probe")], host={"sandbox": {**sandbox, "strict": True}})) as host:
+        assert host.plugins["root_probe"].state == PluginState.FAILED
+        error = host.plugins["root_probe"].error  # (without namespaces, their layers are refused first)
+        assert ("identity is false" if namespaces else "pid-namespace is not active") in error, error

@@ -259,6 +259,7 @@ async def test_hundreds_of_restarts_leak_nothing(write_config):
     me = psutil.Process()
     async with Host(write_config([misbehave()], host={"restart": {"max_restarts": 1000, "backoff_initial": 0}})) as host:
         sup = host.plugins["misbehave"]
+        await host.tool_index_ready()  # its reader's pipes are not the host's to count
         fds, threads = me.num_fds(), me.num_threads()
         for i in range(200):
             pid = sup.worker.pid
@@ -275,6 +276,7 @@ async def test_hundreds_of_restarts_leak_nothing(write_config):
 async def test_fds_leaked_by_a_plugin_stay_in_its_worker(write_config):
     me = psutil.Process()
     async with Host(write_config([misbehave()], host=FAST)) as host:
+        await host.tool_index_ready()
         fds = me.num_fds()
         sup = host.plugins["misbehave"]
         worker = psutil.Process(sup.worker.pid)
