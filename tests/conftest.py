@@ -102,7 +102,7 @@ def worker_processes(root: int | None = None, include_template: bool = False):
     found = []
     for proc in top.children(recursive=True):
         try:
-            if "scan_here" in " ".join(proc.cmdline()):
+            if proc.name() == "qanot:scan":
                 continue
             helper = proc.pid in templates or proc.name().startswith("qanot:init:")
             if proc.status() == psutil.STATUS_ZOMBIE or (helper and not include_template):
