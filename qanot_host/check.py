@@ -126,7 +126,18 @@ def _report_layers(config: Config, report: CheckReport) -> None:
     if not settings.enabled:
         report.warnings.append(f"{config.path}: host.sandbox.enabled is false: plugins run without a sandbox")
         return
+    switched_off = {"identity": "host.sandbox.identity is false: workers keep uid 0, the host's own (their "
+                                "capabilities are dropped); for testing only",
+                    **{name: "host.sandbox.namespaces is false: Landlock alone decides which host paths workers "
+                             "may touch" for name in ("pid-namespace", "mount-namespace", "ipc-namespace",
+                                                      "uts-namespace", "disk-quota")}}
     for layer, available, why in probe_layers(config.host.state_dir):
+        off = not settings.identity if layer == "identity" else layer in switched_off and not settings.namespaces
+        if off:
+            (report.errors if settings.strict else report.warnings).append(
+                f"sandbox layer {layer}: off: {switched_off[layer]}"
+                + (" (host.sandbox.strict refuses every plugin)" if settings.strict else ""))
+            continue
         if available:
             report.notes.append(f"sandbox layer {layer}: available{f' ({why})' if why else ''}")
         else:

@@ -173,3 +173,13 @@ def test_version_params_from_a_file_or_stdin_and_check_as_json(tmp_path):
                           "params: /nonexistent/params: No such file or directory")
     report = json.loads(qanot_host("check", "--config", "examples/config.json", "--json").stdout)
     assert report["checked"] == 3 and report["errors"] == []
+
+
+def test_check_says_which_layers_the_config_turns_off(write_config):
+    """identity false keeps workers at uid 0 (the sixth attacker's way in): check says so, strict makes it an error."""
+    config = write_config([plugin("echo")], host={"sandbox": {"identity": False}})
+    report = qanot_host("check", "--config", config).stdout
+    assert "warning: sandbox layer identity: off: host.sandbox.identity is false" in report, report
+    strict = write_config([plugin("echo")], host={"sandbox": {"identity": False, "strict": True}})
+    proc = qanot_host("check", "--config", strict)
+    assert proc.returncode != 0 and "error: sandbox layer identity: off" in proc.stdout, proc.stdout
