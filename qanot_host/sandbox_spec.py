@@ -76,8 +76,10 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
             reads += [path for path in SYSTEM_TREES if os.path.exists(path)]
             reads += _interpreter_paths()
         writes = [places.data_dir, *granted_writes, *DEVICE_WRITES, *(places.workspace[1:] if places.workspace else [])]
+    # the agent reads the workspace place: no links there (granted directories are the operator's call)
+    shared = (list(places.workspace[:1]) if namespaces else list(places.workspace[1:])) if places.workspace else []
     return p.SandboxSpec(
-        read_paths=sorted(set(reads)), write_paths=writes,
+        read_paths=sorted(set(reads)), write_paths=writes, link_free_paths=shared,
         exec_paths=sorted({*visible, *reads} - {"/proc", "/dev"}) if grant.subprocess else [],
         mounts=mounts, root_dir=places.root_dir, cwd=places.data_dir,
         network=network,

@@ -19,6 +19,7 @@ LANDLOCK_RULE_PATH_BENEATH, LANDLOCK_RULE_NET_PORT = 1, 2
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 FS_WRITE_ONLY = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make_*
 FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+FS_MAKE_SYM = 1 << 12
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 FILE_ONLY = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
@@ -61,10 +62,11 @@ def restrict(spec: p.SandboxSpec, tcp_ports: list[int] | None) -> tuple[bool, st
         return False, f"landlock_create_ruleset failed: {os.strerror(ctypes.get_errno())}"
     try:
         read = FS_READ_FILE | FS_READ_DIR
+        link_free = set(spec.link_free_paths)
         for paths, access in ((spec.read_paths, read), (spec.exec_paths, read | FS_EXECUTE),
                               (spec.write_paths, fs & ~FS_EXECUTE)):
             for path in paths:
-                _allow_path(ruleset, path, access)
+                _allow_path(ruleset, path, access & ~(FS_MAKE_SYM | FS_REFER) if path in link_free else access)
         for port in (tcp_ports or []) if net else []:
             rule = _NetPortAttr(NET_CONNECT_TCP, port)
             libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_NET_PORT, ctypes.byref(rule), 0)

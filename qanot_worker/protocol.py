@@ -213,6 +213,10 @@ class SandboxSpec(msgspec.Struct):
 
     read_paths: list[str] = []  # Landlock rules, as the paths look from inside the worker's root
     write_paths: list[str] = []
+    # Of write_paths, those others read too (the workspace place): no symlink may be made there, nor
+    # anything renamed or linked in from elsewhere (the agent, as root, would follow a link the
+    # plugin left, to /etc/shadow say).
+    link_free_paths: list[str] = []
     exec_paths: list[str] = []  # read and execute (only with the subprocess permission)
     # The worker's own root, built from these steps on a tmpfs mounted at root_dir (an empty
     # directory of the host's); [] where the host cannot give mount namespaces.

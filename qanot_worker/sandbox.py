@@ -112,7 +112,7 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str, disk: str = "") -> SandboxOu
                                  "(its capabilities are dropped, but files and processes of uid 0 are its own)")
     layer("no-new-privileges", *_no_new_privs())
     layer("landlock", *restrict(spec, tcp_ports))
-    layer("seccomp", *install_seccomp(spec.subprocess))
+    layer("seccomp", *install_seccomp(spec.subprocess, shares_uid=spec.uid < 0 and os.geteuid() == 0))
     explain_denials(spec, plugin)
     return outcome
 

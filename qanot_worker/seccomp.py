@@ -42,10 +42,20 @@ DENY = {
     "fanotify_init": 300, "fanotify_mark": 301, "syslog": 103, "acct": 163, "sethostname": 170,
     "setdomainname": 171,
 }
-# Calls that may aim at another process by its pid: only at itself (0) here. A worker shares its uid
-# with nobody, unless identity is off: then it would share the host's, and could lower the host's
-# limits (RLIMIT_CPU: the kernel kills the host) or its priority.
-SELF_ONLY = {"prlimit64": (302, 0), "setpriority": (141, 1), "ioprio_set": (251, 1)}
+# Calls that may aim at other processes: only at the worker itself here, (argument, value) pairs that
+# must all hold. A worker shares its uid with nobody, unless identity is off: then it shares the
+# host's, and could lower the host's limits (RLIMIT_CPU: the kernel kills the host), its priority
+# (PRIO_USER reaches every process of the uid), or, with SHARED_UID_SELF_ONLY, its CPUs and policy.
+SELF_ONLY = {"prlimit64": (302, [(0, 0)]), "setpriority": (141, [(0, 0), (1, 0)]),  # PRIO_PROCESS, itself
+             "ioprio_set": (251, [(0, 1), (1, 0)])}  # IOPRIO_WHO_PROCESS, itself
+SHARED_UID_SELF_ONLY = {"sched_setparam": (142, [(0, 0)]), "sched_setscheduler": (144, [(0, 0)]),
+                        "sched_setaffinity": (203, [(0, 0)]), "sched_setattr": (314, [(0, 0)])}
+# A file mode with setuid or setgid (S_ISUID | S_ISGID) is refused: a worker that keeps uid 0 would
+# otherwise leave root shells in its workspace or grants for anyone on the host. (syscall, mode arg)
+MODE_SETTERS = {"open": (2, 2), "creat": (85, 1), "chmod": (90, 1), "fchmod": (91, 1), "openat": (257, 3),
+                "fchmodat": (268, 2), "fchmodat2": (452, 2)}
+SET_ID_BITS = 0o6000
+OPENAT2 = 437  # its mode is in a struct the filter cannot read: ENOSYS, as an old kernel says
 DENY_WITHOUT_SUBPROCESS = {"execve": 59, "execveat": 322, "fork": 57, "vfork": 58}
 CLONE, CLONE3, SOCKET, IOCTL, CONNECT = 56, 435, 41, 16, 42
 SENDTO, SENDMSG, SENDMMSG = 44, 46, 307  # flags are arg 3, 2 and 3
@@ -80,7 +90,7 @@ def _op(code: int, k: int, jt: int = 0, jf: int = 0) -> tuple[int, int, int, int
     return (code, jt, jf, k)
 
 
-def _program(subprocess: bool) -> list[tuple[int, int, int, int]]:
+def _program(subprocess: bool, shares_uid: bool = False) -> list[tuple[int, int, int, int]]:
     eperm = _errno(errno.EPERM)
     prog = [_op(LD_W_ABS, OFF_ARCH), _op(JEQ_K, AUDIT_ARCH_X86_64, 1, 0), _op(RET_K, RET_KILL),
             _op(LD_W_ABS, OFF_NR), _op(JGE_K, X32_SYSCALL_BIT, 0, 1), _op(RET_K, eperm)]
@@ -90,6 +100,7 @@ def _program(subprocess: bool) -> list[tuple[int, int, int, int]]:
     for number in sorted(set(denied.values())):
         prog += [_op(JEQ_K, number, 0, 1), _op(RET_K, eperm)]
     prog += [_op(JEQ_K, CLONE3, 0, 1), _op(RET_K, _errno(errno.ENOSYS))]
+    prog += [_op(JEQ_K, OPENAT2, 0, 1), _op(RET_K, _errno(errno.ENOSYS))]
     clone = [_op(LD_W_ABS, OFF_ARG0), _op(JSET_K, CLONE_NEW_ANY, 0, 1), _op(RET_K, eperm)]
     clone += [_op(RET_K, RET_ALLOW)] if subprocess else [
         _op(JSET_K, CLONE_THREAD, 0, 1), _op(RET_K, RET_ALLOW), _op(RET_K, eperm)]
@@ -99,9 +110,17 @@ def _program(subprocess: bool) -> list[tuple[int, int, int, int]]:
         sock += [_op(JEQ_K, family, 0, 1), _op(RET_K, eperm)]
     sock.append(_op(RET_K, RET_ALLOW))
     prog += [_op(JEQ_K, SOCKET, 0, len(sock))] + sock
-    for number, pid_arg in SELF_ONLY.values():
-        self_only = [_op(LD_W_ABS, _arg(pid_arg)), _op(JEQ_K, 0, 0, 1), _op(RET_K, RET_ALLOW), _op(RET_K, eperm)]
-        prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, number, 0, len(self_only))] + self_only
+    aimed = {**SELF_ONLY, **(SHARED_UID_SELF_ONLY if shares_uid else {})}
+    for number, required in aimed.values():
+        checks = []
+        for index, value in required:  # any argument that differs: EPERM
+            checks += [_op(LD_W_ABS, _arg(index)), _op(JEQ_K, value, 1, 0), _op(RET_K, eperm)]
+        checks.append(_op(RET_K, RET_ALLOW))
+        prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, number, 0, len(checks))] + checks
+    for number, mode_arg in MODE_SETTERS.values():
+        mode = [_op(LD_W_ABS, _arg(mode_arg)), _op(JSET_K, SET_ID_BITS, 0, 1), _op(RET_K, eperm),
+                _op(RET_K, RET_ALLOW)]
+        prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, number, 0, len(mode))] + mode
     prog.append(_op(LD_W_ABS, OFF_NR))
     ioctl = [_op(LD_W_ABS, OFF_ARG1), _op(JEQ_K, TIOCSTI, 0, 1), _op(RET_K, eperm), _op(RET_K, RET_ALLOW)]
     prog += [_op(JEQ_K, IOCTL, 0, len(ioctl))] + ioctl
@@ -117,9 +136,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def warm_up() -> None:
-    """Build both filters now (the template calls this before it forks)."""
-    _compiled(True)
-    _compiled(False)
+    """Build the filters now (the template calls this before it forks)."""
+    for subprocess in (True, False):
+        for shares_uid in (True, False):
+            _compiled(subprocess, shares_uid)
 
 
 class _SockFprog(ctypes.Structure):
@@ -133,17 +153,18 @@ def _fprog(prog: list[tuple[int, int, int, int]]) -> tuple[_SockFprog, ctypes.Ar
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(subprocess: bool) -> tuple[bytes, int]:
+def _compiled(subprocess: bool, shares_uid: bool = False) -> tuple[bytes, int]:
     """The filter as the kernel takes it, made once (in the worker template, before any fork)."""
-    prog = _program(subprocess)
+    prog = _program(subprocess, shares_uid)
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog), len(prog)
 
 
-def install_seccomp(subprocess: bool) -> tuple[bool, str]:
-    """Load the filter into this process (no_new_privs must already be set)."""
+def install_seccomp(subprocess: bool, shares_uid: bool = False) -> tuple[bool, str]:
+    """Load the filter into this process (no_new_privs must already be set). `shares_uid`: the worker
+    kept the host's uid (identity off), so calls aimed at other processes are narrowed further."""
     if platform.machine() != "x86_64":
         return False, f"no syscall table for {platform.machine()} yet"
-    raw, count = _compiled(subprocess)
+    raw, count = _compiled(subprocess, shares_uid)
     buf = ctypes.create_string_buffer(raw, len(raw))
     fprog = _SockFprog(count, ctypes.cast(buf, ctypes.c_void_p))
     if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:

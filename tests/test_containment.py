@@ -795,11 +795,26 @@ async def test_without_identity_a_root_worker_has_no_privilege_and_strict_refuse
         assert "identity" not in sup.status()["sandbox"]
         seen = json.loads(await host.registry.execute("root_probe", {"pid": os.getpid()}))
         assert seen["uid"] == 0 and seen["caps"] == "0000000000000000", seen
-        assert [seen[k].split(":")[0] for k in ("fanotify", "raw_socket", "prlimit_other", "setpriority_other")] \
-            == ["denied"] * 4, seen
-        assert seen["prlimit_self"].startswith("ALLOWED"), seen
+        denied = ("fanotify", "raw_socket", "prlimit_other", "setpriority_other", "setpriority_uid", "affinity_other",
+                  "setuid_chmod", "setuid_create")  # the last four: the seventh attacker's
+        assert {k: seen[k].split(":")[0] for k in denied} == dict.fromkeys(denied, "denied"), seen
+        assert seen["prlimit_self"].startswith("ALLOWED") and seen["nice_self"].startswith("ALLOWED"), seen
     assert resource.getrlimit(resource.RLIMIT_CPU)[0] == resource.RLIM_INFINITY  # the host's own, untouched
     async with Host(write_config([plugin("root_probe")], host={"sandbox": {**sandbox, "strict": True}})) as host:
         assert host.plugins["root_probe"].state == PluginState.FAILED
         error = host.plugins["root_probe"].error  # (without namespaces, their layers are refused first)
         assert ("identity is false" if namespaces else "pid-namespace is not active") in error, error
+
+
+async def test_no_link_can_be_left_where_the_agent_reads(write_config):
+    """The seventh attacker left `workspace_dir/NAME/sl -> /etc/shadow`: the agent, as root, reads that
+    place. A plugin may make links in its own data directory, none in its workspace place. (A workspace
+    outside /tmp, as in production: under /tmp it would lie in the worker's own private /tmp.)"""
+    import tempfile
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as workspace:
+        async with Host(write_config([plugin("attacker")], workspace_dir=workspace)) as host:
+            place = str(Path(host.config.workspace_dir) / "attacker")
+            said = await host.registry.execute("attack_workspace_link", {"where": place})
+        links = [os.path.lexists(os.path.join(place, name)) for name in ("sl", "moved")]
+    assert said.startswith("symlink in workspace: EACCES; symlink in data dir: made; rename link in: E"), said
+    assert links == [False, False]

@@ -480,6 +480,20 @@ class QanotPlugin(Plugin):
 
     # ---- item 12: default ceilings ---------------------------------------------------------------
 
+    @tool(name="attack_workspace_link", description="leave a link to /etc/shadow where the agent reads",
+          parameters=ANY)
+    async def workspace_link(self, params: dict) -> str:
+        place, said = params["where"], []
+        for name, make in (("symlink in workspace", lambda: os.symlink("/etc/shadow", os.path.join(place, "sl"))),
+                           ("symlink in data dir", lambda: os.symlink("/etc/shadow", "own-link")),
+                           ("rename link in", lambda: os.rename("own-link", os.path.join(place, "moved")))):
+            try:
+                make()
+                said.append(f"{name}: made")
+            except OSError as exc:
+                said.append(f"{name}: {errno.errorcode.get(exc.errno, exc.errno)}")
+        return "; ".join(said)
+
     @tool(name="attack_hold_unlinked", description="write files, unlink them, keep them open", parameters=ANY)
     async def hold_unlinked(self, params: dict) -> str:
         self.held = getattr(self, "held", [])

@@ -37,6 +37,17 @@ class QanotPlugin(Plugin):
             return fd
 
         target = int(params.get("pid", 1))
+        with open("plain", "w") as f:  # in its data directory (its working directory)
+            f.write("#!/bin/sh\n")
+
+        def setuid_file():
+            os.chmod("plain", 0o4755)
+            return oct(os.stat("plain").st_mode)
+
+        def setuid_create():
+            os.close(os.open("created", os.O_CREAT | os.O_WRONLY, 0o4755))
+            return oct(os.stat("created").st_mode)
+
         return json.dumps({
             "uid": os.getuid(), "caps": caps,
             "fanotify": outcome(fanotify),
@@ -44,4 +55,8 @@ class QanotPlugin(Plugin):
             "prlimit_other": outcome(lambda: resource.prlimit(target, resource.RLIMIT_CPU, (1, 1))),
             "prlimit_self": outcome(lambda: resource.prlimit(0, resource.RLIMIT_CORE)),
             "setpriority_other": outcome(lambda: os.setpriority(os.PRIO_PROCESS, target, 19)),
+            "setpriority_uid": outcome(lambda: os.setpriority(os.PRIO_USER, 0, 19)),
+            "affinity_other": outcome(lambda: os.sched_setaffinity(target, {0})),
+            "setuid_chmod": outcome(setuid_file), "setuid_create": outcome(setuid_create),
+            "nice_self": outcome(lambda: os.nice(1)),
         })
