@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Callable
 
-__all__ = ["start_output_pumps", "OutputLimit", "MAX_LOG_LINE", "printable", "MAX_MESSAGE"]
+__all__ = ["start_output_pumps", "OutputLimit", "MAX_LOG_LINE", "printable", "plain_text", "one_line", "MAX_MESSAGE"]
 
 # A plugin that prints without newlines must not make the host buffer without bound.
 MAX_LOG_LINE = 4096
@@ -119,6 +119,19 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
 UNSAFE_CODEPOINTS = (*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
                      *range(0x202A, 0x202F), *range(0x2066, 0x206A))
 _CONTROLS = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in UNSAFE_CODEPOINTS if c != 0x09}
+_NOT_IN_TEXT = {c: None for c in UNSAFE_CODEPOINTS if c not in (0x09, 0x0A)}
+_NOT_IN_LINE = {c: None for c in UNSAFE_CODEPOINTS}
+
+
+def plain_text(text: str) -> str:
+    """A plugin's text for a file, a tool description or the agent's prompt: newlines and tabs kept,
+    every other control character and bidi override taken out."""
+    return text.translate(_NOT_IN_TEXT)
+
+
+def one_line(text: str) -> str:
+    """A plugin's name, category or command: no control characters, no line breaks of any kind."""
+    return text.translate(_NOT_IN_LINE)
 
 
 MAX_MESSAGE = 8 * 1024  # a worker's error message, as the host keeps, logs and returns it

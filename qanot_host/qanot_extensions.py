@@ -18,10 +18,10 @@ import re
 import time
 from typing import Any
 
-from .output import UNSAFE_CODEPOINTS
+from .output import one_line, plain_text
 from .workspace import MAX_BLOCK
 
-__all__ = ["one_line", "text", "capped", "wal_patterns", "time_wal_patterns", "template_vars", "flat_dicts",
+__all__ = ["one_line", "plain_text", "capped", "wal_patterns", "time_wal_patterns", "template_vars", "flat_dicts",
            "forget_template_vars"]
 
 log = logging.getLogger("qanot_host.qanot_loader")
@@ -34,24 +34,12 @@ MAX_TEMPLATE_KEY, MIN_TEMPLATE_KEY, MAX_TEMPLATE_VALUE = 100, 3, 256
 MAX_SECTION_TEXT = 64 * 1024  # characters of all of one plugin's prompt sections (or cron jobs)
 # re's flags that the regex module reads the same way (IGNORECASE, MULTILINE, DOTALL, VERBOSE, UNICODE, ASCII)
 _SHARED_FLAGS = re.IGNORECASE | re.MULTILINE | re.DOTALL | re.VERBOSE | re.UNICODE | re.ASCII
-_NOT_IN_TEXT = {c: None for c in UNSAFE_CODEPOINTS if c not in (0x09, 0x0A)}
-_NOT_IN_LINE = {c: None for c in UNSAFE_CODEPOINTS}
 # every template variable the loader has given Qanot, across plugins: Qanot replaces them all in one prompt
 _given_vars: dict[str, str] = {}
 
 
-def one_line(value: str) -> str:
-    """A name, a category, a command: no control characters, no line breaks of any kind."""
-    return value.translate(_NOT_IN_LINE)
-
-
-def text(value: str) -> str:
-    """Text for a file or the prompt: newlines and tabs kept, other controls and bidi overrides not."""
-    return value.translate(_NOT_IN_TEXT)
-
-
 def capped(plugin: str, what: str, value: str) -> str:
-    value = text(value)
+    value = plain_text(value)
     if len(value.encode()) <= MAX_BLOCK:
         return value
     log.warning("Plugin %s: %s is over %d bytes; the rest is left out", plugin, what, MAX_BLOCK)
@@ -143,7 +131,7 @@ def template_vars(plugin: str, variables: dict[str, str]) -> dict[str, str]:
     holding any key, no key inside a value given before."""
     kept: dict[str, str] = {}
     for key, value in variables.items():
-        key, value = one_line(key), text(value)
+        key, value = one_line(key), plain_text(value)
         known = {**_given_vars, **kept, key: value}
         if not MIN_TEMPLATE_KEY <= len(key) <= MAX_TEMPLATE_KEY or len(value) > MAX_TEMPLATE_VALUE:
             why = f"a key of {MIN_TEMPLATE_KEY} to {MAX_TEMPLATE_KEY} characters and a value of at most " \
@@ -174,6 +162,6 @@ def flat_dicts(plugin: str, what: str, items: list[dict[str, Any]]) -> list[dict
             log.warning("Plugin %s: %s past %d characters in all are left out", plugin, what, MAX_SECTION_TEXT)
             break
         left -= size
-        kept.append({one_line(k): (one_line(v) if k == "name" else text(v)) if isinstance(v, str) else v
+        kept.append({one_line(k): (one_line(v) if k == "name" else plain_text(v)) if isinstance(v, str) else v
                      for k, v in item.items()})
     return kept

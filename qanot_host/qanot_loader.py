@@ -225,7 +225,7 @@ def _proxy(supervisor: PluginSupervisor) -> Any:
     namespace: dict[str, Any] = {
         "__module__": __name__,
         "__doc__": f"Stands for plugin {supervisor.name}, which runs in a qanot-host worker.",
-        "name": name, "description": ext.text(info.description), "version": ext.one_line(info.version),
+        "name": name, "description": ext.plain_text(info.description), "version": ext.one_line(info.version),
         "tools_md": ext.capped(supervisor.name, "tools_md", info.tools_md),
         "soul_append": ext.capped(supervisor.name, "soul_append", info.soul_append),
         "get_tools": lambda self: list(tools),

@@ -24,7 +24,7 @@ from .egress import RESOLVER_ENV, EgressGate, EgressPolicy
 from .errors import (ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
 from .launcher import Launcher, LaunchSpec, WorkerProcess
-from .output import UNSAFE_CODEPOINTS
+from .output import plain_text
 
 __all__ = ["WorkerHandle", "WorkerOptions", "OfferedTool", "offered_tools"]
 
@@ -74,7 +74,7 @@ def _description(text: str) -> str:
     but newlines and tabs."""
     if len(text) > MAX_DESCRIPTION:
         text = text[:MAX_DESCRIPTION] + " [cut]"
-    return text.translate(_CONTROLS)
+    return plain_text(text)
 
 
 MAX_DESCRIPTION = 16 * 1024
@@ -87,7 +87,6 @@ def _kept(info: p.Loaded) -> p.Loaded:
     return msgspec.structs.replace(info, name=info.name[:200], description=_description(info.description),
                                    version=info.version[:100], tools_md=info.tools_md[:MAX_DOC],
                                    soul_append=info.soul_append[:MAX_DOC])
-_CONTROLS = {c: None for c in UNSAFE_CODEPOINTS if c not in (0x09, 0x0A)}
 
 
 @dataclass

@@ -29,7 +29,7 @@ import re
 import secrets
 import time
 
-from .output import UNSAFE_CODEPOINTS
+from .output import plain_text
 from .safe_files import read_regular_file
 
 __all__ = ["Workspace", "MAX_BLOCK"]
@@ -46,9 +46,6 @@ _END = "<!-- qanot-host:end {} -->"
 _BLOCK = re.compile(r"^<!-- qanot-host:begin (.+?) -->\n.*?^<!-- qanot-host:end \1 -->\n?", re.M | re.S)
 # The marker earlier qanot-host versions put before a plugin's tools_md (a block then ran to the next one)
 _LEGACY = re.compile(r"^<!-- plugin: (.+?) -->\n(?:(?!<!-- plugin: |<!-- qanot-host:begin ).*\n?)*", re.M)
-
-
-_CONTROLS = {c: None for c in UNSAFE_CODEPOINTS if c not in (0x09, 0x0A)}
 
 
 class WorkspaceFileError(OSError):
@@ -156,7 +153,7 @@ def _lock_within(fd: int, timeout: float, path: str) -> None:
 def _inert(plugin: str, what: str, text: str) -> str:
     """The plugin's text as it goes into a block: no markers, no control characters but newlines and
     tabs (no terminal escapes for whoever cats the file), no more than MAX_BLOCK bytes."""
-    text = (text or "").translate(_CONTROLS).strip().replace("<!--", "&lt;!--")
+    text = plain_text(text or "").strip().replace("<!--", "&lt;!--")
     data = text.encode("utf-8", errors="replace")
     if len(data) > MAX_BLOCK:
         log.warning("plugin %s: its %s is %d bytes; only the first %d go into the workspace", plugin, what,
