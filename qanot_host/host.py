@@ -44,7 +44,7 @@ __all__ = ["Host", "PluginState"]
 log = logging.getLogger("qanot_host")
 
 WORKSPACE_WALK_SPACING = 20  # a workspace walk is followed by 20 times its length without one
-INDEX_TIMEOUT = 10.0  # the declared-tools index, made in a thread at start, waited for this long
+INDEX_TIMEOUT = 10.0  # the declared-tools index: what its reader (a child process) may take
 
 
 class Host:
@@ -329,14 +329,20 @@ class Host:
                 return f"its plugin {entry.name} is disabled in {self.config.path}"
         return ""
 
-    async def _index_tools(self) -> None:
-        """Each configured plugin's tools, as its code declares them (static.py, read in a child
-        process of bounded memory and time: never the host's)."""
+    def _scan_jobs(self) -> dict[str, tuple[str, str]]:
+        """Every configured plugin's (directory, entry file), disabled ones too (their tools are named
+        in an unknown tool's error)."""
         jobs = {}
         for entry in self.config.plugins:
             source = find_plugin(entry.name, self.config)
             if source is not None:
                 jobs[entry.name] = (source.directory, source.entry_file)
+        return jobs
+
+    async def _index_tools(self) -> None:
+        """Each configured plugin's tools, as its code declares them (static.py, read in a child
+        process of bounded memory and time: never the host's)."""
+        jobs = await asyncio.to_thread(self._scan_jobs)  # finding plugins reads their plugin.json: not on the loop
         scanned = await scan_plugins_async(jobs, INDEX_TIMEOUT)
         self._declared = {name: set(found["tools"]) if found.get("tools") is not None else None
                           for name, found in scanned.items()}

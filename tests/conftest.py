@@ -102,7 +102,8 @@ def worker_processes(root: int | None = None, include_template: bool = False):
     found = []
     for proc in top.children(recursive=True):
         try:
-            if proc.name() == "qanot:scan":
+            # by its name once it has set it, by its command line before (and not once exiting)
+            if proc.name() == "qanot:scan" or "scan_here" in " ".join(proc.cmdline()):
                 continue
             helper = proc.pid in templates or proc.name().startswith("qanot:init:")
             if proc.status() == psutil.STATUS_ZOMBIE or (helper and not include_template):
