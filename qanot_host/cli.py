@@ -175,9 +175,7 @@ async def _call(args: argparse.Namespace) -> int:
             result = await host.registry.invoke(args.tool, params)
         except ToolNotFound as exc:
             await host.tool_index_ready()  # made in the background: it may say why by now
-            missing = exc
-            if exc.tool == args.tool:
-                missing = ToolNotFound(args.tool, host.registry.explain_missing(args.tool))
+            missing = ToolNotFound(exc.tool, host.registry.explain_missing(exc.tool))
             if "(" in str(missing) or not _failed(host):
                 raise missing from None  # the registry knew why (a disabled or failed plugin's tool)
             raise QanotHostError(f"{missing} (plugins that failed to start: {_failed(host)})") from None

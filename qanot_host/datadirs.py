@@ -138,7 +138,7 @@ def _walk(fd: int, totals: list[int], max_entries: int, depth: int) -> None:
             return
         try:
             child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-        except (FileNotFoundError, NotADirectoryError, OSError) as exc:
+        except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 continue  # swapped meanwhile, or gone
             raise

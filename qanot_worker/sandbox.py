@@ -104,15 +104,16 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str, disk: str = "") -> SandboxOu
             tcp_ports = sorted({*spec.tcp_ports, *(port for _, port in spec.tcp_hosts)})
         layer("egress-filter", filtered, f"{why}; the grant holds for its ports only, on any host")
     outcome.warnings += _enter_world(spec, disk, layer, private_network=not spec.network or filtered)
+    keeps_root = spec.uid < 0 and os.geteuid() == 0  # host.sandbox.identity false, as root
     if spec.uid >= 0:  # after everything that needs root, before no_new_privs
         layer("identity", *_drop_identity(spec.uid, spec.gid))
-    elif os.geteuid() == 0:  # host.sandbox.identity false, as root: no uid of its own, and no privilege either
+    elif keeps_root:  # no uid of its own, and no privilege either
         layer("capabilities-dropped", *_drop_capabilities())
         layer("identity", False, "host.sandbox.identity is false: the worker keeps uid 0, the host's own uid "
                                  "(its capabilities are dropped, but files and processes of uid 0 are its own)")
     layer("no-new-privileges", *_no_new_privs())
     layer("landlock", *restrict(spec, tcp_ports))
-    layer("seccomp", *install_seccomp(spec.subprocess, shares_uid=spec.uid < 0 and os.geteuid() == 0))
+    layer("seccomp", *install_seccomp(spec.subprocess, shares_uid=keeps_root))
     explain_denials(spec, plugin)
     return outcome
 
