@@ -10,15 +10,16 @@ try:
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-from .config import Config, load_config  # noqa: E402
+from .config import load_config  # noqa: E402
 from .errors import (ConfigError, DependencyError, InvalidParams, PluginError, PluginStartError,  # noqa: E402
                      PluginUnavailable, ProtocolMismatch, ProtocolViolation, QanotHostError, ToolFailed,
                      ToolNotFound, WorkerCrashed, WorkerTimeout)
-from .host import Host, PluginState  # noqa: E402
+from .host import Host, PluginState, PluginSupervisor  # noqa: E402
 from .registry import ToolRegistry  # noqa: E402
+from .settings import Config  # noqa: E402
 
 __all__ = [
-    "Host", "PluginState", "ToolRegistry", "Config", "load_config", "QanotHostError", "ConfigError",
+    "Host", "PluginState", "PluginSupervisor", "ToolRegistry", "Config", "load_config", "QanotHostError", "ConfigError",
     "ToolNotFound", "InvalidParams", "PluginError", "PluginUnavailable", "PluginStartError",
     "DependencyError", "ProtocolMismatch", "WorkerCrashed", "WorkerTimeout", "ProtocolViolation",
     "ToolFailed", "__version__",

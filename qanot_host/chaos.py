@@ -19,9 +19,10 @@ from typing import Any
 
 import psutil
 
-from .config import RestartSettings, load_config
+from .config import load_config
 from .errors import QanotHostError
 from .host import Host
+from .settings import RestartSettings
 from .supervisor import PluginState, PluginSupervisor
 
 __all__ = ["ChaosReport", "run_chaos", "sample_params"]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .config import Config, PluginEntry, directory_problems
+from .config import directory_problems
 from .discovery import find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import MAX_REQUIREMENTS, find_uv, requirement_problem
 from .probe import probe_layers
 from .sandbox_spec import withheld_permissions
+from .settings import Config, PluginEntry
 from .static import SCAN_MEMORY, scan_plugins
 from .uids import UidMap
 

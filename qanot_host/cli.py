@@ -14,7 +14,6 @@ import signal
 import sys
 from pathlib import Path
 
-
 from . import __version__
 from .chaos import run_chaos
 from .check import check_config
@@ -22,6 +21,7 @@ from .config import directory_problems, load_config
 from .control import ControlServer, control_request, socket_path
 from .errors import ConfigError, QanotHostError, ToolNotFound
 from .host import Host, PluginState
+from .json_objects import parse_json_object
 from .loop import run as run_event_loop
 from .safe_files import read_regular_file
 
@@ -202,14 +202,9 @@ def _params_text(argument: str) -> str:
 
 def _parse_params(text: str) -> dict:
     try:
-        params = json.loads(text)
+        return parse_json_object(text, "params")
     except ValueError as exc:
-        raise QanotHostError(f"params: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise QanotHostError("params: nested too deeply") from None
-    if not isinstance(params, dict):
-        raise QanotHostError(f"params: must be a JSON object, got {type(params).__name__}")
-    return params
+        raise QanotHostError(str(exc)) from None
 
 
 def _failed(host: Host) -> str:

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, PluginEntry
 from .manifest import PERMISSIONS, QANOT_API_VERSION, Manifest, ManifestError, parse_version, read_manifest
+from .settings import Config, PluginEntry
 
 __all__ = ["PluginSource", "builtin_plugins_dir", "find_plugin", "search_path", "searched_paths",
            "manifest_problems", "manifest_warnings"]

@@ -32,8 +32,6 @@ import struct
 import time
 from typing import NamedTuple
 
-
-
 from .egress_policy import EgressPolicy, literal_address
 
 __all__ = ["EgressGate", "EgressPolicy", "RESOLVER_ENV"]

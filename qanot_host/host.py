@@ -9,42 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
 from functools import partial
 from typing import Any
 
 import psutil
 
-from qanot_worker import protocol as p
-
-from .cgroups import CgroupLimits, Cgroups, sweep_stale_cgroups
-from .config import Config, directory_problems, load_config, own_workspace
-from .datadirs import DataDirs, workspace_problem
+from .cgroups import sweep_stale_cgroups
+from .config import directory_problems, load_config
+from .datadirs import workspace_problem
 from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
-from .disks import DiskImages
 from .environments import EnvironmentBuilder, sweep_partial_builds
 from .errors import ConfigError, PluginError, PluginStartError
-from .forkserver import ForkServerLauncher
-from .launcher import Launcher, SubprocessLauncher
-from .registry import RegisteredTool, ToolRegistry
+from .launcher import Launcher
 from .output import printable
+from .registry import RegisteredTool, ToolRegistry
+from .sandbox_spec import withheld_permissions
 from .schema import SchemaError
-from .plugin_secrets import resolve_config_secrets
-from .static import SCAN_MEMORY, scan_plugins_async
-from .runtime import worker_import_root
-from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable, withheld_permissions
+from .settings import Config
 from .supervisor import PluginState, PluginSupervisor
-from .uids import UidMap
-from .worker import WorkerHandle, WorkerOptions
+from .tool_index import INDEX_TIMEOUT, ToolIndex
+from .worker_factory import WorkerFactory
 from .workspace import Workspace
 
-__all__ = ["Host", "PluginState"]
+__all__ = ["Host", "PluginState", "PluginSupervisor"]
 
 log = logging.getLogger("qanot_host")
 
 WORKSPACE_WALK_SPACING = 20  # a workspace walk is followed by 20 times its length without one
-INDEX_TIMEOUT = 10.0  # the declared-tools index: what its reader (a child process) may take
 
 
 class Host:
@@ -56,26 +47,15 @@ class Host:
         self.registry = registry if registry is not None else ToolRegistry()
         self.registry.timeout = self.config.host.call_timeout
         self.plugins: dict[str, PluginSupervisor] = {}
-        self._workspaces: dict[str, str] = {}  # plugin -> the real path of its place in the workspace
-        self._indexing: asyncio.Future | None = None
+        self._index = ToolIndex()
         self._next_walk: dict[str, float] = {}  # plugin -> when its workspace may be walked again
         self.workspace = Workspace(self.config.workspace_dir)
-        self._launcher = launcher
+        self._factory = WorkerFactory(self.config, launcher)
         self._envs = self._environment_builder(self.config)
-        self._import_root = ""
         self._stopping = False
         self._monitor: asyncio.Task | None = None
         self._registration_paused = False
-        self._declared: dict[str, set[str] | None] = {}  # plugin -> the tools its code declares
-        self.registry.explain_missing = self._explain_missing
-        self._cgroups = Cgroups()
-        self._disks = DiskImages(self.config.host.state_dir)
-        self._data = DataDirs(self.config.host.state_dir)
-        self._uids = UidMap(self.config.host.state_dir, self.config.host.sandbox.uid_base)
-        # As root, each worker gets namespaces (PID, mount, IPC, UTS) and a root of its own.
-        sandbox = self.config.host.sandbox
-        self._namespaces = (sandbox.enabled and sandbox.namespaces and os.geteuid() == 0
-                            and sys.platform.startswith("linux"))
+        self.registry.explain_missing = lambda tool: self._index.explain_missing(tool, self.config, self.plugins)
 
     async def __aenter__(self) -> "Host":
         await self.start()
@@ -106,10 +86,8 @@ class Host:
     async def _start(self) -> None:
         for stale in sweep_stale_cgroups() + sweep_partial_builds(self.config.host.state_dir):
             log.info("removed %s, left behind by a qanot-host that is gone", stale)
-        self._import_root = worker_import_root(self.config.host.state_dir)
-        if self._launcher is None:
-            self._launcher = self._default_launcher()
-        self._reindex()
+        self._factory.open()
+        self._index.rebuild(self.config)
         await self._start_plugins([e.name for e in self.config.plugins if e.enabled])
         self._monitor = asyncio.get_running_loop().create_task(self._watch_limits())
         ready = [s for s in self.plugins.values() if s.state == PluginState.READY]
@@ -117,32 +95,17 @@ class Host:
                  len(self.registry.tool_names))
 
     async def tool_index_ready(self, timeout: float = INDEX_TIMEOUT) -> None:
-        """Wait (up to `timeout`) for the index of declared tools, if it is still being made."""
-        indexing = self._indexing
-        if indexing is not None and not indexing.done():
-            await asyncio.wait([indexing], timeout=timeout)
-
-    def _reindex(self) -> None:
-        """The index of declared tools is made in the background, beside the plugins' start (it only
-        improves an unknown tool's error): nothing waits for it, and stop() ends it."""
-        if self._indexing is not None:
-            self._indexing.cancel()
-        self._indexing = asyncio.ensure_future(self._index_tools())
-
-    def _default_launcher(self) -> Launcher:
-        if self.config.host.launcher == "forkserver" and sys.platform.startswith("linux"):
-            return ForkServerLauncher(self._import_root)
-        return SubprocessLauncher()
+        """Wait (up to `timeout`) for the index of declared tools (it only improves an unknown
+        tool's error, so nothing else waits for it)."""
+        await self._index.ready(timeout)
 
     async def _start_plugins(self, names: list[str]) -> None:
         entries = {e.name: e for e in self.config.plugins}
         fresh = []
         for name in names:
-            supervisor = PluginSupervisor(entries[name], self.config, self._spawn_worker,
-                                          self._register_tools)
-            supervisor.group_usage = partial(self._cgroups.usage, name) if self._cgroups.available else None
             # Every source is located before any starts, so plugin_deps can be followed at once.
-            supervisor.source = find_plugin(name, self.config)
+            supervisor = PluginSupervisor(entries[name], self.config, find_plugin(name, self.config),
+                                          self._factory, self._register_tools)
             self.plugins[name] = supervisor
             fresh.append(supervisor)
         # config.json order decides tool-name conflicts: hold registration until all have started
@@ -163,8 +126,7 @@ class Host:
         try:
             source = self._locate(supervisor)
             await self._await_deps(supervisor, source)
-            supervisor.site_dirs = await self._envs.site_dirs(supervisor.name, source.manifest.dependencies)
-            await supervisor.start()
+            await supervisor.start(await self._envs.site_dirs(supervisor.name, source.manifest.dependencies))
         except PluginError as exc:
             supervisor.fail(exc.detail)
             log.error("plugin %s failed to start: %s", supervisor.name, exc.detail)
@@ -226,135 +188,6 @@ class Host:
             stack.extend(supervisor.source.manifest.plugin_deps)
         return False
 
-    async def _spawn_worker(self, supervisor: PluginSupervisor) -> WorkerHandle:
-        """Start a worker for `supervisor` (first start and every restart)."""
-        settings = self.config.host
-        source = supervisor.source
-        assert source is not None
-        name = supervisor.name
-        if not await self._cgroups.kill(name):  # whatever the last worker left must be gone first
-            raise PluginStartError(name, "processes of its last worker survived SIGKILL; not starting another")
-        sandboxed = settings.sandbox.enabled
-        uid = self._plugin_uid(name)
-        data_dir = self._data.prepare(name, uid, tmp=not self._namespaces)
-        limits = self.config.limits_for(name)
-        disk, disk_problem = "", ""
-        if self._namespaces and limits.disk_mb:
-            disk, disk_problem = await self._disks.image(name, limits.disk_mb)
-        options = WorkerOptions(
-            import_root=self._import_root, data_dir=data_dir, max_frame=settings.max_frame_bytes,
-            handshake_timeout=settings.handshake_timeout, setup_timeout=settings.setup_timeout,
-            teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
-            ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
-            cancel_grace=settings.cancel_grace, extra_env=self._granted_env(name),
-            namespaces=self._namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second,
-            oom_kills=partial(self._cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb)
-        if disk_problem:
-            options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
-        elif self._namespaces and not limits.disk_mb:
-            options.extra_env[p.DISK_KEY] = "off"  # the operator's choice: a plain directory
-        index = next(i for i, entry in enumerate(self.config.plugins) if entry.name == name)
-        try:
-            config, redact = resolve_config_secrets(supervisor.entry.config,
-                                                    f"{self.config.path}: plugins[{index}].config")
-        except ValueError as exc:
-            raise PluginStartError(name, str(exc)) from None
-        options.redact = redact or None
-        config.setdefault("workspace_dir", self.config.workspace_dir)
-        assert self._launcher is not None
-        worker = WorkerHandle(name, self._launcher, options, supervisor.worker_exited)
-        cgroups = self._cgroups.prepare(name, CgroupLimits(
-            settings.sandbox.pids_max, (limits.memory_mb or 0) * 2**20 or None, limits.cpu_weight or 100,
-            limits.cpu_max)) if sandboxed else {}
-        places = PluginPlaces(name, source.directory, supervisor.site_dirs, data_dir, self._import_root,
-                              self._data.root_dir, self._own_workspace(name, uid))
-        sandbox = sandbox_spec(self.config, places, uid, cgroups, self._namespaces)
-        if uid >= 0:
-            interpreter = [] if self._namespaces else python_paths()  # with its own root, bound for it
-            problem = unreachable([self._import_root, source.directory, *supervisor.site_dirs, *interpreter], uid,
-                                  whole_path=not self._namespaces)
-            if problem:
-                raise PluginStartError(name, problem)
-        try:
-            await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config, sandbox)
-        except BaseException:
-            await worker.stop(teardown=False)
-            raise
-        report = worker.report
-        if report.sandbox_warnings and not supervisor.sandbox_warned:
-            supervisor.sandbox_warned = True  # once per plugin, not at every restart
-            for warning in report.sandbox_warnings:
-                log.warning("plugin %s: %s", name, warning)
-        return worker
-
-    def _own_workspace(self, plugin: str, uid: int) -> tuple[str, str] | None:
-        """workspace_dir/NAME for the plugin to write: (as its config names it, its real path)."""
-        if not self.config.settings_for(plugin).workspace:
-            return None
-        try:
-            real = self._data.prepare_workspace(self.config.workspace_dir, plugin, uid)
-        except OSError as exc:
-            raise PluginStartError(plugin, f"its place in the workspace, {own_workspace(self.config, plugin)}: "
-                                   f"{exc.strerror or exc} (set host.plugins.{plugin}.workspace to false to start "
-                                   "it without one)") from None
-        problem = workspace_problem(real, self.config.limits_for(plugin).workspace_mb or 0)
-        if problem:
-            raise PluginStartError(plugin, f"its place in the workspace is full: {problem} (remove files from "
-                                   f"it, or raise host.plugins.{plugin}.limits.workspace_mb)")
-        self._workspaces[plugin] = real
-        return own_workspace(self.config, plugin), real
-
-    def _plugin_uid(self, plugin: str) -> int:
-        sandbox = self.config.host.sandbox
-        if not (sandbox.enabled and sandbox.identity and os.geteuid() == 0):
-            return -1
-        try:
-            return self._uids.uid(plugin)
-        except OSError as exc:
-            raise PluginStartError(plugin, f"no uid of its own: {exc.strerror or exc}") from None
-
-    def _explain_missing(self, tool: str) -> str:
-        """Why a tool is not registered, when the config knows: its plugin is disabled or failed.
-        Only from the index of declared tools made at start (never a parse here, in the event loop:
-        a caller naming unknown tools must not make the host read plugin code each time)."""
-        for entry in self.config.plugins:
-            supervisor = self.plugins.get(entry.name)
-            if supervisor is not None and tool in supervisor.tools + supervisor.refused + supervisor.conflicts:
-                continue
-            if tool not in (self._declared.get(entry.name) or ()):
-                continue
-            if supervisor is not None and supervisor.state == PluginState.FAILED:
-                return f"its plugin {entry.name} failed to start: {supervisor.error}"
-            if not entry.enabled:
-                return f"its plugin {entry.name} is disabled in {self.config.path}"
-        return ""
-
-    def _scan_jobs(self) -> dict[str, tuple[str, str]]:
-        """Every configured plugin's (directory, entry file), disabled ones too (their tools are named
-        in an unknown tool's error)."""
-        jobs = {}
-        for entry in self.config.plugins:
-            source = find_plugin(entry.name, self.config)
-            if source is not None:
-                jobs[entry.name] = (source.directory, source.entry_file)
-        return jobs
-
-    async def _index_tools(self) -> None:
-        """Each configured plugin's tools, as its code declares them (static.py, read in a child
-        process of bounded memory and time: never the host's)."""
-        jobs = await asyncio.to_thread(self._scan_jobs)  # finding plugins reads their plugin.json: not on the loop
-        scanned = await scan_plugins_async(jobs, INDEX_TIMEOUT)
-        self._declared = {name: set(found["tools"]) if found.get("tools") is not None else None
-                          for name, found in scanned.items()}
-        if len(scanned) < len(jobs):
-            log.info("the code of %s could not be read in %g s and %d MB: an unknown tool's error will not "
-                     "say which of them declares it", ", ".join(sorted(set(jobs) - set(scanned))), INDEX_TIMEOUT,
-                     SCAN_MEMORY >> 20)
-
-    def _granted_env(self, plugin: str) -> dict[str, str]:
-        names = self.config.settings_for(plugin).permissions.env_vars
-        return {name: os.environ[name] for name in names if name in os.environ}
-
     def _register_tools(self, supervisor: PluginSupervisor) -> None:
         """(Re-)register a ready plugin's tools; names another plugin holds stay with that plugin."""
         if self._registration_paused or supervisor.state != PluginState.READY:
@@ -371,8 +204,9 @@ class Host:
             log.warning("plugin %s: host.plugins.%s.tool_timeouts names %s, which the plugin does not offer "
                         "(it offers %s)", supervisor.name, supervisor.name, ", ".join(unknown),
                         printable(", ".join(sorted(offered)) or "none", 2000))  # the worker's names
-        supervisor.unknown_timeouts = unknown
-        supervisor.tools, supervisor.conflicts, supervisor.refused = [], [], []
+        tools: list[str] = []
+        conflicts: list[str] = []
+        refused: list[str] = []
         for spec in worker.tools:
             try:
                 if spec.problem:
@@ -380,18 +214,19 @@ class Host:
                 tool = RegisteredTool(spec.name, spec.description, spec.parameters,
                                       partial(supervisor.call, spec.name), supervisor.name)
             except SchemaError as exc:
-                supervisor.refused.append(spec.name)
+                refused.append(spec.name)
                 log.error("plugin %s: tool %s is not registered: its %s", supervisor.name,
                           printable(repr(spec.name), 100), printable(str(exc), 500))
                 continue
             holder = self.registry.add_plugin_tool(tool)
             if holder is None:
-                supervisor.tools.append(spec.name)
+                tools.append(spec.name)
                 continue
             owner = f"plugin {holder.plugin}" if holder.plugin else "the host"
-            supervisor.conflicts.append(spec.name)
+            conflicts.append(spec.name)
             log.error("plugin %s: tool %s is not registered: %s already provides it (the plugin "
                       "listed first in config.json keeps a tool name)", supervisor.name, spec.name, owner)
+        supervisor.set_tools(tools, conflicts, refused, unknown)
 
     # ---- running ---------------------------------------------------------------------------------
 
@@ -406,7 +241,7 @@ class Host:
         """workspace_mb. A walk costs the host CPU in proportion to what the plugin put there (100 000
         empty files: a third of a core, walked every second), so a plugin's next walk waits at least
         WORKSPACE_WALK_SPACING times as long as its last one took: at most ~5% of a core each."""
-        place = self._workspaces.get(supervisor.name)
+        place = self._factory.workspaces.get(supervisor.name)
         limit = supervisor.limits.workspace_mb
         loop = asyncio.get_running_loop()
         if not (place and limit and supervisor.state == PluginState.READY) or \
@@ -435,9 +270,10 @@ class Host:
         self.registry.timeout = new.host.call_timeout
         self.workspace = Workspace(new.workspace_dir)
         self._envs = self._environment_builder(new)
+        self._factory.config = new
         for supervisor in self.plugins.values():
             supervisor.rebind(new)
-        self._reindex()
+        self._index.rebuild(new)
         await self._start_plugins([name for name in wanted if name in changed or name in added])
         self.plugins = {name: self.plugins[name] for name in wanted}
         summary = {"added": added, "removed": removed, "restarted": changed,
@@ -459,9 +295,7 @@ class Host:
         self._stopping = True
         if self._monitor is not None:
             self._monitor.cancel()
-        if self._indexing is not None:
-            self._indexing.cancel()
-            await asyncio.gather(self._indexing, return_exceptions=True)
+        await self._index.close()
         for supervisor in self.plugins.values():
             supervisor.close_to_calls()
         try:
@@ -473,15 +307,13 @@ class Host:
         for supervisor in self.plugins.values():
             self.registry.remove_plugin_tools(supervisor.name)
         for supervisor in self.plugins.values():
-            await self._cgroups.kill(supervisor.name)
-        if self._launcher is not None:
-            await self._launcher.close()
-        await self._cgroups.remove()
+            await self._factory.cgroups.kill(supervisor.name)
+        await self._factory.close()
 
     def _plugin_pids(self, supervisor: PluginSupervisor) -> list[int]:
         """The plugin's processes: its cgroup's members where it has one, else its worker's tree."""
-        if self._cgroups.available:
-            return self._cgroups.members(supervisor.name)
+        if self._factory.cgroups.available:
+            return self._factory.cgroups.members(supervisor.name)
         worker = supervisor.worker
         if worker is None or not worker.pid:
             return []
@@ -494,7 +326,8 @@ class Host:
     def worker_pids(self) -> set[int]:
         """Every running worker's pid, and the worker template's (they all run plugin-reachable code)."""
         pids = {s.worker.pid for s in self.plugins.values() if s.worker and s.worker.pid}
-        return pids | (self._launcher.helper_pids() if self._launcher is not None else set())
+        launcher = self._factory.launcher
+        return pids | (launcher.helper_pids() if launcher is not None else set())
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]

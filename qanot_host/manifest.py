@@ -9,11 +9,11 @@ host never imports that code.
 from __future__ import annotations
 
 import errno
-import json
 import os
 
 import msgspec
 
+from .json_objects import parse_json_object
 from .safe_files import read_regular_file
 
 __all__ = ["Manifest", "ManifestError", "read_manifest", "parse_version",
@@ -68,13 +68,9 @@ def read_manifest(plugin_dir: str) -> tuple[Manifest, list[str]]:
             f"cannot be read: {exc.strerror or exc}"
         raise ManifestError(f"{path}: {why}") from None
     try:
-        data = json.loads(raw)
+        data = parse_json_object(raw, path)
     except ValueError as exc:
-        raise ManifestError(f"{path}: is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ManifestError(f"{path}: is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: must hold a JSON object")
+        raise ManifestError(str(exc)) from None
     warnings: list[str] = []
     fields: dict[str, object] = {}
     for key in _TEXT_FIELDS:

@@ -34,13 +34,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .config import Config, parse_config
+from . import qanot_extensions as extension_points
+from .config import parse_config
 from .errors import ConfigError, PluginError
 from .host import Host
-from .schema import json_problem
-from .supervisor import PluginState, PluginSupervisor
-from . import qanot_extensions as extension_points
 from .output import printable
+from .schema import json_problem
+from .settings import Config
+from .supervisor import PluginState, PluginSupervisor
 
 __all__ = ["PluginManager", "load_plugins", "shutdown_plugins", "get_plugin_manager", "SETTINGS_ENV"]
 

@@ -131,12 +131,7 @@ class ToolRegistry:
                 if type(input_data) is not dict:
                     log.warning("Tool %s received non-dict input: %.200r", name, input_data)
                     raise _Refused("Tool input must be a JSON object")
-            tool = self._checked(name, input_data)
-            if tool.plugin is not None:
-                result = await tool.handler(input_data, timeout) if timeout is not None else \
-                    await tool.handler(input_data)
-            else:
-                result = await asyncio.wait_for(tool.handler(input_data), self.timeout if timeout is None else timeout)
+            result = await self._dispatch(self._checked(name, input_data), input_data, timeout)
             return truncate_tool_result(result)
         except _Refused as exc:
             await asyncio.sleep(0)
@@ -166,15 +161,18 @@ class ToolRegistry:
     async def invoke(self, name: str, params: dict[str, Any], timeout: float | None = None) -> Any:
         """execute() with typed errors raised instead of returned, and the result whole (a checkpoint too)."""
         try:
-            tool = self._checked(name, params)
-            if tool.plugin is not None:
-                if timeout is None:
-                    return await tool.handler(params)  # the hot path: no coroutine layer between
-                return await tool.handler(params, timeout)
-            return await asyncio.wait_for(tool.handler(params), self.timeout if timeout is None else timeout)
+            return await self._dispatch(self._checked(name, params), params, timeout)
         except QanotHostError:
             await asyncio.sleep(0)
             raise
+
+    def _dispatch(self, tool: RegisteredTool, params: dict[str, Any], timeout: float | None) -> Awaitable[Any]:
+        """The one way execute() and invoke() reach a checked tool's handler. A plugin's tool goes
+        to its supervisor, which resolves the call's timeout (a caller's may only shorten it); an
+        in-host tool runs under the registry's. No coroutine layer of its own: this is the hot path."""
+        if tool.plugin is not None:
+            return tool.handler(params) if timeout is None else tool.handler(params, timeout)
+        return asyncio.wait_for(tool.handler(params), self.timeout if timeout is None else timeout)
 
     def _checked(self, name: str, params: dict[str, Any]) -> RegisteredTool:
         tool = self._tools.get(name) if isinstance(name, str) else None

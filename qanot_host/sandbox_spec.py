@@ -17,7 +17,7 @@ import sysconfig
 
 from qanot_worker import protocol as p
 
-from .config import Config, NetworkGrant, Permissions
+from .settings import Config, NetworkGrant, Permissions
 
 __all__ = ["sandbox_spec", "withheld_permissions", "PluginPlaces", "unreachable", "python_paths"]
 

@@ -14,17 +14,20 @@ import enum
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import psutil
 
 from qanot_worker import protocol as p
 
-from .config import Config, PluginEntry
 from .discovery import PluginSource
 from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
 from .restarter import RestartPolicy
+from .settings import Config, PluginEntry
 from .worker import WorkerHandle
+
+if TYPE_CHECKING:
+    from .worker_factory import WorkerFactory
 
 __all__ = ["PluginSupervisor", "PluginState"]
 
@@ -48,23 +51,24 @@ class _Recycle:
     counts: bool  # toward the restart intensity (a limit breach does; max_calls does not)
 
 
-Spawner = Callable[["PluginSupervisor"], Awaitable[WorkerHandle]]
-
-
 class PluginSupervisor:
-    def __init__(self, entry: PluginEntry, config: Config, spawn: Spawner,
+    """Owns one plugin's worker for its whole life: asks `factory` for it at every (re)start,
+    decides alone whether it can take a call, and tells the host (`on_ready`) when it may register
+    the worker's tools. The host reads it; it never writes its fields."""
+
+    def __init__(self, entry: PluginEntry, config: Config, source: PluginSource | None, factory: WorkerFactory,
                  on_ready: Callable[["PluginSupervisor"], None]) -> None:
         self.entry = entry
         self.name = entry.name
-        self.source: PluginSource | None = None
-        self.site_dirs: list[str] = []
+        self.source = source  # None: no plugin of that name was found (start() fails)
+        self.site_dirs: list[str] = []  # its dependencies' environment
         restart = config.restart_for(entry.name)
         self.policy = RestartPolicy(restart.policy, restart.max_restarts, restart.window,
                                     restart.backoff_initial, restart.backoff_max, restart.stable_after)
         self.limits = config.limits_for(entry.name)
         self._config = config
-        self._timeouts: dict[str, float] = {}  # per tool, from config (cleared by rebind)
-        self._spawn = spawn
+        self._timeouts: dict[str | None, float] = {}  # per tool (None: hooks, commands), resolved once
+        self._factory = factory
         self._on_ready = on_ready
         self.state = PluginState.STARTING
         self.error = ""
@@ -87,16 +91,24 @@ class PluginSupervisor:
         self._restart_task: asyncio.Task | None = None
         self._exit_seen_at = 0.0
         self._proc: psutil.Process | None = None
-        # The plugin cgroup's (memory MB, CPU s), set by the host where it has cgroups
-        self.group_usage: Callable[[], tuple[float | None, float | None]] | None = None
         self._cpu_at_start = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """First start; raises PluginError (the host records it with fail())."""
-        self.worker = await self._spawn(self)
+    async def start(self, site_dirs: list[str]) -> None:
+        """First start, in the environment `site_dirs` make; raises PluginError (the host records it
+        with fail())."""
+        self.site_dirs = site_dirs
+        self.worker = await self._spawn()
         self._became_ready()
+
+    async def _spawn(self) -> WorkerHandle:
+        worker = await self._factory.spawn(self)
+        if worker.report.sandbox_warnings and not self.sandbox_warned:
+            self.sandbox_warned = True  # once per plugin, not at every restart
+            for warning in worker.report.sandbox_warnings:
+                log.warning("plugin %s: %s", self.name, warning)
+        return worker
 
     def fail(self, message: str) -> None:
         self.state = PluginState.FAILED
@@ -104,7 +116,7 @@ class PluginSupervisor:
         self.settled.set()
 
     def _became_ready(self) -> None:
-        self._cpu_at_start = (self.group_usage()[1] or 0.0) if self.group_usage else 0.0
+        self._cpu_at_start = self._factory.group_usage(self.name)[1] or 0.0
         self.state = PluginState.READY
         self.error = ""
         self._calls_since_start = 0
@@ -151,7 +163,7 @@ class PluginSupervisor:
             return
         old_pid = self.worker.pid if self.worker else None
         try:
-            self.worker = await self._spawn(self)
+            self.worker = await self._spawn()
         except ProtocolMismatch as exc:  # restarting cannot fix a worker of another version
             self.last_exit = f"restart failed: {exc.detail}"
             self.fail(exc.detail)
@@ -195,9 +207,8 @@ class PluginSupervisor:
 
     def longest_call_timeout(self) -> float:
         """The longest any call to this plugin may take: its own timeout, or a tool's if longer."""
-        settings = self._config.settings_for(self.name)
-        own = settings.call_timeout or self._config.host.call_timeout
-        return max([own, *(settings.tool_timeouts or {}).values()])
+        tools = self._config.settings_for(self.name).tool_timeouts or {}
+        return max([self._call_timeout(None), *(self._call_timeout(tool) for tool in tools)])
 
     async def stop(self) -> None:
         self._closing = True
@@ -220,15 +231,35 @@ class PluginSupervisor:
 
     # ---- calls -----------------------------------------------------------------------------------
 
+    def set_tools(self, tools: list[str], conflicts: list[str], refused: list[str],
+                  unknown_timeouts: list[str]) -> None:
+        """What the registry made of the worker's tools: registered, held by another plugin, refused,
+        and tool_timeouts keys naming none of them."""
+        self.tools, self.conflicts, self.refused, self.unknown_timeouts = tools, conflicts, refused, unknown_timeouts
+
+    def _call_timeout(self, tool: str | None) -> float:
+        """The one place a call's timeout is resolved (the tool's, else the plugin's, else the
+        host's; None: a hook or command, the plugin's), once per tool until a reload."""
+        timeout = self._timeouts.get(tool)
+        if timeout is None:
+            timeout = self._timeouts[tool] = self._config.call_timeout(self.name, tool)
+        return timeout
+
+    def _serving(self) -> WorkerHandle | None:
+        """The one answer to "can this take a call now?": the worker of a ready plugin, while it
+        accepts calls."""
+        worker = self.worker
+        if self.state is PluginState.READY and worker is not None and worker.accepting_calls:
+            return worker
+        return None
+
     async def call(self, tool: str, params: dict[str, Any], timeout: float | None = None) -> str:
         """Call one tool; it stops at its configured timeout, or at the caller's if that is sooner."""
         self._refuse_if_unavailable()
-        configured = self._timeouts.get(tool)
-        if configured is None:
-            configured = self._timeouts[tool] = self._config.call_timeout(self.name, tool)
+        configured = self._call_timeout(tool)
         timeout = configured if timeout is None or timeout >= configured else max(timeout, 0.001)
-        worker = self.worker
-        if self.state is not PluginState.READY or worker is None or not worker.accepting_calls:
+        worker = self._serving()
+        if worker is None:
             worker, timeout = await self._wait_for_worker(f"tool {tool}", timeout)
         self.calls += 1
         self.in_flight += 1
@@ -263,9 +294,9 @@ class PluginSupervisor:
 
     async def _ask(self, make, what: str) -> Any:
         self._refuse_if_unavailable()
-        timeout = self._config.settings_for(self.name).call_timeout or self._config.host.call_timeout
-        worker = self.worker
-        if self.state is not PluginState.READY or worker is None or not worker.accepting_calls:
+        timeout = self._call_timeout(None)
+        worker = self._serving()
+        if worker is None:
             worker, timeout = await self._wait_for_worker(what, timeout)
         return await worker.ask(make, timeout, what)
 
@@ -290,10 +321,11 @@ class PluginSupervisor:
                         await asyncio.sleep(0)  # let the exit callback move the state on
                         continue
                     await self.settled.wait()
+                    serving = self._serving()
+                    if serving is not None:
+                        return serving, max(deadline - time.monotonic(), 0.001)
                     if self.state != PluginState.READY or self.worker is None:
                         raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
-                    if self.worker.accepting_calls:
-                        return self.worker, max(deadline - time.monotonic(), 0.001)
         except TimeoutError:
             self.timeouts += 1
             raise WorkerTimeout(self.name, f"{what} timed out after {timeout:g} s waiting for "
@@ -322,7 +354,7 @@ class PluginSupervisor:
         worker = self.worker
         if worker is None or worker.pid is None or worker.exited.done():
             return None
-        memory, cpu = self.group_usage() if self.group_usage else (None, None)
+        memory, cpu = self._factory.group_usage(self.name)
         if cpu is not None:
             cpu -= self._cpu_at_start  # the group outlives its workers: count this one's time only
         if memory is not None and cpu is not None:

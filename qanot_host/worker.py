@@ -24,69 +24,15 @@ from .egress import RESOLVER_ENV, EgressGate, EgressPolicy
 from .errors import (ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
 from .launcher import Launcher, LaunchSpec, WorkerProcess
-from .output import plain_text
+from .offered import OfferedTool, kept_info, offered_tools
+from .pid_namespaces import find_in_namespace
 
-__all__ = ["WorkerHandle", "WorkerOptions", "OfferedTool", "offered_tools"]
+__all__ = ["WorkerHandle", "WorkerOptions"]
 
 log = logging.getLogger("qanot_host.worker")
 
 # How long a worker may live on after closing its end of the protocol pipe.
 EOF_GRACE = 0.25
-
-
-
-@dataclass
-class OfferedTool:
-    """A tool as the worker offered it; `problem` says why its schema cannot be used (then it is
-    not registered)."""
-
-    name: str
-    description: str
-    parameters: dict[str, Any]
-    problem: str = ""
-
-
-def offered_tools(plugin: str, reply: p.ToolList) -> list[OfferedTool]:
-    """The worker's tool list, each schema decoded only once its size is known to be sane."""
-    if len(reply.tools) > p.MAX_TOOLS:
-        raise PluginStartError(plugin, f"get_tools() offered {len(reply.tools)} tools; at most {p.MAX_TOOLS} are taken")
-    tools = []
-    budget = p.MAX_SCHEMAS_TOTAL  # one byte of msgpack can become a Python list: the sum is bounded too
-    for spec in reply.tools:
-        parameters: dict[str, Any] = {}
-        problem = ""
-        budget -= len(spec.parameters)
-        if len(spec.parameters) > p.MAX_SCHEMA_BYTES:
-            problem = f"parameters schema is {len(spec.parameters)} bytes encoded, over {p.MAX_SCHEMA_BYTES}"
-        elif budget < 0:
-            problem = f"parameters schema is past the {p.MAX_SCHEMAS_TOTAL} bytes all of a plugin's schemas may take"
-        else:
-            try:
-                parameters = msgspec.msgpack.decode(spec.parameters, type=dict[str, Any])
-            except (msgspec.DecodeError, RecursionError) as exc:
-                problem = f"parameters must be a JSON object ({exc or 'nested too deeply'})"
-        tools.append(OfferedTool(spec.name, _description(spec.description), parameters, problem))
-    return tools
-
-
-def _description(text: str) -> str:
-    """What the model is shown of a tool: at most MAX_DESCRIPTION characters, no control characters
-    but newlines and tabs."""
-    if len(text) > MAX_DESCRIPTION:
-        text = text[:MAX_DESCRIPTION] + " [cut]"
-    return plain_text(text)
-
-
-MAX_DESCRIPTION = 16 * 1024
-MAX_DOC = 64 * 1024  # characters of tools_md and soul_append the host keeps (the workspace takes 64 KiB)
-
-
-def _kept(info: p.Loaded) -> p.Loaded:
-    """What the host keeps of the plugin's own words for as long as the worker lives: a 60 MB
-    tools_md would otherwise stay in the host's memory, once per plugin."""
-    return msgspec.structs.replace(info, name=info.name[:200], description=_description(info.description),
-                                   version=info.version[:100], tools_md=info.tools_md[:MAX_DOC],
-                                   soul_append=info.soul_append[:MAX_DOC])
 
 
 @dataclass
@@ -170,7 +116,7 @@ class WorkerHandle:
         self._plugin_pid = self._find_plugin_pid(hello.pid)
         if hello.egress_fd >= 0:
             self._take_egress_listener(hello.egress_fd)
-        self.info = _kept(await self._ask(
+        self.info = kept_info(await self._ask(
             lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs), p.Loaded,
             self._options.handshake_timeout, "loading the plugin"))
         await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
@@ -273,7 +219,8 @@ class WorkerHandle:
     # ---- calls -----------------------------------------------------------------------------------
 
     def call(self, tool: str, params: dict[str, Any], timeout: float) -> Awaitable[str]:
-        """The call's future, straight from the channel: no coroutine layer of its own."""
+        """The call's future, straight from the channel: no coroutine layer of its own. The
+        supervisor asked accepting_calls first; this only keeps a stopped worker from a write."""
         channel = self._channel
         if channel is None or self._stopping:
             raise PluginUnavailable(self.plugin, "worker is stopping")
@@ -408,31 +355,3 @@ class WorkerHandle:
                 continue
         log.error("plugin %s: worker pid %s survived SIGKILL for 5 s", self.plugin, self.pid)
         return None
-
-
-def find_in_namespace(root: int, nspid: int) -> int | None:
-    """The descendant of `root` (itself included) whose pid in its own, nested PID namespace is
-    `nspid`."""
-    queue = [root]
-    while queue:
-        pid = queue.pop(0)
-        ids = _nspids(pid)
-        if len(ids) >= 2 and ids[-1] == nspid:
-            return pid
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                queue.extend(int(child) for child in f.read().split())
-        except OSError:
-            pass
-    return None
-
-
-def _nspids(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return [int(x) for x in line.split()[1:]]
-    except OSError:
-        pass
-    return []

@@ -56,7 +56,7 @@ async def test_a_broken_plugin_json_refuses_the_plugin_with_its_reason(write_con
     async with Host(config) as host:
         broken = host.plugins["broken_manifest"]
         assert broken.state == PluginState.FAILED
-        assert "broken_manifest/plugin.json: is not valid JSON" in broken.error
+        assert "broken_manifest/plugin.json: not valid JSON" in broken.error
         assert "string_deps/plugin.json: dependencies: expected a list of requirements, got text" in \
             host.plugins["string_deps"].error
         assert host.plugins["greeter"].state == PluginState.READY

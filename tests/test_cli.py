@@ -49,7 +49,7 @@ def test_call_errors_are_one_line(write_config):
     assert_one_line_error(qanot_host("call", "--config", config, "greet", "{bad json"),
                           "params: not valid JSON")
     assert_one_line_error(qanot_host("call", "--config", config, "greet", "[1]"),
-                          "params: must be a JSON object")
+                          "params: must hold a JSON object, not an array")
 
 
 def test_bad_config_is_one_line(tmp_path):
@@ -145,7 +145,7 @@ def test_check_reports_every_problem_without_running_plugin_code(write_config, t
     assert "needs Qanot plugin API 99.0.0, this host implements 2.0.4" in out
     assert "plugin_deps: 'not_configured' is not an enabled plugin" in out
     assert "error: plugin missing_one: not found: no " in out
-    assert "error: plugin broken_manifest: " in out and "broken_manifest/plugin.json: is not valid JSON" in out
+    assert "error: plugin broken_manifest: " in out and "broken_manifest/plugin.json: not valid JSON" in out
     assert "warning: plugin missing_disabled (disabled): not found" in out
     assert "warning: " in out and "plugins[7].enabeld: unknown key, ignored" in out
     assert out.strip().splitlines()[-1].endswith("10 plugins checked, 9 errors, 4 warnings")

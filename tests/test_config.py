@@ -10,7 +10,7 @@ from qanot_host.config import parse_config
 
 @pytest.mark.parametrize("raw, message", [
     ("{", "c.json: not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-    ("[]", "c.json: must hold a JSON object"),
+    ("[]", "c.json: must hold a JSON object, not an array"),
     ('{"plugins": {}}', "c.json: plugins: Expected `array`, got `object`"),
     ('{"plugins": [{"enabled": true}]}', "c.json: plugins[0]: Object missing required field `name`"),
     ('{"plugins": [{"name": "a", "config": []}]}', "c.json: plugins[0].config: Expected `object`, got `array`"),

@@ -159,7 +159,7 @@ async def test_sysv_ipc_is_private_to_the_plugin_and_under_its_memory_ceiling(wr
         made = await attack(host, "sysv", key=0x51A7)
         assert "msgget -1" not in made and "shmget -1" not in made, made  # it may make them: in its own namespace
         assert 0x51A7 not in host_sysv_keys()
-        tcp = os.path.join(host._cgroups._group("memory", "attacker"), "memory.kmem.tcp.limit_in_bytes")
+        tcp = os.path.join(host._factory.cgroups._group("memory", "attacker"), "memory.kmem.tcp.limit_in_bytes")
         if os.path.exists(tcp):  # cgroup v1: its sockets' buffers are counted, and capped, too
             assert int(Path(tcp).read_text()) == 200 * 2**20
         result = await attack(host, "sysv", key=0x51A8, mb=2048)
@@ -397,7 +397,7 @@ async def test_signals_reach_nothing_outside_the_plugins_namespace(write_config,
     config = write_config([plugin("attacker", host_pids=[os.getpid(), 1]), GREETER],
                           host={"plugins": {"attacker": {"permissions": {"subprocess": True}}}})
     async with Host(config) as host:
-        template = next(iter(host._launcher.helper_pids()))
+        template = next(iter(host._factory.launcher.helper_pids()))
         greeter = host.plugins["greeter"].worker.pid
         result = await attack(host, "signals")
         assert "kill(1, SIGKILL): " in result and "kill(-1, SIGKILL): " in result, result

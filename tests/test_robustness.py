@@ -241,12 +241,12 @@ def test_call_stopped_by_sigterm_tears_down_and_leaves_nothing(write_config, tmp
 
 async def test_a_killed_worker_template_is_replaced_and_its_plugins_restart(write_config):
     async with Host(write_config([GREETER, plugin("echo")], host={"restart": {"backoff_initial": 0}})) as host:
-        template = next(iter(host._launcher.helper_pids()))
+        template = next(iter(host._factory.launcher.helper_pids()))
         pids = {name: sup.worker.pid for name, sup in host.plugins.items()}
         os.kill(template, signal.SIGKILL)
         await wait_until(lambda: all(s.state == PluginState.READY and s.worker.pid != pids[n]
                                      for n, s in host.plugins.items()), 15, "both plugins back")
-        assert next(iter(host._launcher.helper_pids())) != template
+        assert next(iter(host._factory.launcher.helper_pids())) != template
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
 
 

@@ -1,44 +1,26 @@
-"""The wire protocol between the supervisor and a worker, written down once.
+"""Every message of the wire protocol, as tagged msgspec Structs, and the limits they carry.
 
-Both sides import this module; neither defines a message of its own. A frame is a 4-byte big-endian
-length followed by that many bytes of msgpack. Every message is a tagged msgspec Struct, so a frame of
-the wrong shape fails in msgspec's decoder with an error that says what was expected.
-
-Conversation::
-
-    worker -> host   Hello(protocol, pid)              first frame, before any plugin code runs
-    host -> worker   Load(id, ...)       -> Loaded      import plugin.py, find the Plugin class
-    host -> worker   Setup(id, config)   -> Done        plugin.setup(config)
-    host -> worker   GetTools(id)        -> ToolList    plugin.get_tools()
-    host -> worker   Call(id, tool, params) -> Result | Failure   many in flight at once
-    host -> worker   Cancel(id)                         the host gave up on call `id`
-    host -> worker   Ping(id)            -> Pong        liveness of the worker's event loop
-    host -> worker   Teardown(id)        -> Done        plugin.teardown(), then the worker exits
-
-Any request may be answered with Failure(id, kind, message) instead.
+A frame of the wrong shape fails in msgspec's decoder with an error that says what was expected;
+a list or map longer than its bound fails at its header, before one element is read.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import Annotated, Any, Union
 
 import msgspec
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_SCHEMAS_TOTAL", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE",
-    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "DEFAULT_MAX_FRAME", "HEADER", "FrameTooLarge",
-    "FrameBuffer", "FrameWriter", "Outbox",
+    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage", "Extensions", "CommandSpec",
     "Hook", "HookResult", "RunCommand", "decode_hook_value", "MAX_ITEMS", "MAX_KEYS", "MAX_TEMPLATE_VARS",
-    "MAX_HOOK_VALUE", "Scalar", "Fields",
+    "MAX_HOOK_VALUE", "Scalar", "Fields", "Items",
 ]
 
 PROTOCOL_VERSION = 5
-HEADER = 4
-
 # How a launcher hands a worker what it needs before the first frame, in its environment.
 # The cookie is not a secret: it only stops someone from running a worker by hand and wondering
 # why it hangs.
@@ -49,10 +31,6 @@ PLUGIN_KEY = "QANOT_WORKER_PLUGIN"  # the plugin's name, for its messages
 SPAWN_KEY = "QANOT_WORKER_SPAWN"  # the "spawn" launcher's request: JSON of Spawn
 # "fd:N" (a detached mount to put at the data directory) or "error:why" (no disk; says why)
 DISK_KEY = "QANOT_WORKER_DISK"
-_PREFIX = struct.Struct(">I")
-# Big enough for a 10 MB tool result with room to spare, small enough that a hostile length prefix
-# cannot make either side reserve gigabytes.
-DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_SCHEMA_BYTES = 64 * 1024  # one tool's parameters schema, encoded
 # all of one plugin's schemas, encoded (Qanot's largest plugin: ~40 KiB); decoded, 256 KiB of tiny
 # containers can still take ~18 MB of the host's memory while the worker lives
@@ -333,132 +311,6 @@ class TemplateReady(msgspec.Struct, tag=True, array_like=True):
 
 
 TemplateMessage = Union[Spawned, Exited, TemplateReady]
-
-
-class FrameTooLarge(ValueError):
-    """A length prefix above the agreed maximum: the peer is broken or hostile."""
-
-
-class FrameBuffer:
-    """Splits a byte stream into frames, refusing an oversized frame as soon as its prefix arrives.
-
-    Checking the prefix first means a peer that announces 4 GiB never makes us buffer it.
-    """
-
-    __slots__ = ("_buf", "_max")
-
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self._buf = bytearray()
-        self._max = max_frame
-
-    def feed(self, data: bytes) -> list[memoryview]:
-        """The whole frames that `data` completes, as views (no copy of each frame); a partial
-        frame at the end is kept for the next read."""
-        buf = self._buf
-        if buf:  # a frame was split across reads
-            buf += data
-            if len(buf) >= HEADER:
-                size = _PREFIX.unpack_from(buf)[0]
-                self._check(size)
-                if len(buf) < HEADER + size:
-                    return []  # still short of that frame: keep gathering, copy nothing yet
-            # join once, into bytes the views can hold on to
-            data = bytes(buf)
-            buf.clear()
-        view = memoryview(data)
-        end = len(data)
-        start = 0
-        frames: list[memoryview] = []
-        unpack = _PREFIX.unpack_from
-        while end - start >= HEADER:
-            size = unpack(data, start)[0]
-            self._check(size)
-            if end - start - HEADER < size:
-                break
-            start += HEADER
-            frames.append(view[start:start + size])
-            start += size
-        if start < end:
-            buf += view[start:]
-        return frames
-
-    def _check(self, size: int) -> None:
-        if size > self._max:
-            raise FrameTooLarge(f"frame of {size} bytes exceeds the maximum of {self._max}")
-
-    @property
-    def pending(self) -> int:
-        """Bytes received that do not yet make a whole frame (a truncated frame at EOF)."""
-        return len(self._buf)
-
-
-class FrameWriter:
-    """Encodes a message straight behind its length prefix, in one buffer."""
-
-    __slots__ = ("_encoder", "_max")
-
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self._encoder = msgspec.msgpack.Encoder()
-        self._max = max_frame
-
-    def frame(self, message: msgspec.Struct) -> bytearray:
-        buf = bytearray()
-        self.frame_into(message, buf)
-        return buf
-
-    def frame_into(self, message: msgspec.Struct, buf: bytearray) -> None:
-        """Append the message's frame to `buf`. If it cannot be framed (FrameTooLarge, or what msgspec
-        raises for a value it cannot encode), `buf` is left exactly as it was: no partial frame."""
-        start = len(buf)
-        buf += _EMPTY_HEADER
-        try:
-            self._encoder.encode_into(message, buf, -1)
-        except BaseException:
-            del buf[start:]
-            raise
-        size = len(buf) - start - HEADER
-        if size > self._max:
-            del buf[start:]
-            raise FrameTooLarge(f"message of {size} bytes exceeds the maximum frame of {self._max}")
-        _PREFIX.pack_into(buf, start, size)
-
-
-_EMPTY_HEADER = bytes(HEADER)
-CHUNK_DIVISOR = 4
-
-
-class Outbox:
-    """Messages on their way into one pipe, framed into one buffer, up to `chunk` frames per write().
-
-    Measured here with 64 calls in flight: one write per frame spends a system call and a wake-up
-    on every call; coalescing everything made in a loop turn put host and worker in lockstep, each
-    idle while the other worked through the whole batch (throughput halved). Chunks of a quarter of
-    the calls in flight keep both: the peer starts on the first chunk while this side makes the next.
-    """
-
-    __slots__ = ("transport", "chunk", "_writer", "_buf", "_held")
-
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self.transport: Any = None  # an asyncio WriteTransport, once the pipe is connected
-        self.chunk = 1  # frames per write: the owner sizes it to the calls in flight
-        self._writer = FrameWriter(max_frame)
-        self._buf = bytearray()
-        self._held = 0
-
-    def post(self, message: msgspec.Struct, hold: bool) -> None:
-        """Frame a message; hold it (a full chunk goes at once), or write it now after any held
-        ones. FrameTooLarge: nothing added."""
-        self._writer.frame_into(message, self._buf)
-        self._held += 1
-        if not hold or self._held >= self.chunk:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._held:
-            data, self._buf, self._held = self._buf, bytearray(), 0
-            transport = self.transport  # a fresh buffer each time: the transport may keep this one
-            if transport is not None and not transport.is_closing():
-                transport.write(data)
 
 
 _SCALAR = msgspec.msgpack.Decoder(Scalar)

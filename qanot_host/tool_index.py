@@ -1,0 +1,87 @@
+"""Which configured plugin declares which tool, read from their code: only to say why a tool is
+missing ("its plugin X is disabled", "failed to start: ...").
+
+The code is read in a child process of bounded memory and time (static.py), never in the host, and
+in the background, beside the plugins' start: nothing waits for it, and an unknown tool's error is
+only less helpful until it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from .discovery import find_plugin
+from .settings import Config
+from .static import SCAN_MEMORY, scan_plugins_async
+from .supervisor import PluginState
+
+if TYPE_CHECKING:
+    from .supervisor import PluginSupervisor
+
+__all__ = ["ToolIndex", "INDEX_TIMEOUT"]
+
+log = logging.getLogger("qanot_host")
+
+INDEX_TIMEOUT = 10.0  # what the index's reader (a child process) may take
+
+
+class ToolIndex:
+    def __init__(self) -> None:
+        self._declared: dict[str, set[str] | None] = {}  # plugin -> the tools its code declares
+        self._indexing: asyncio.Future | None = None
+
+    def rebuild(self, config: Config) -> None:
+        """Start (again) reading every configured plugin's code; a read under way is dropped."""
+        if self._indexing is not None:
+            self._indexing.cancel()
+        self._indexing = asyncio.ensure_future(self._index(config))
+
+    async def ready(self, timeout: float = INDEX_TIMEOUT) -> None:
+        """Wait (up to `timeout`) for the index, if it is still being made."""
+        indexing = self._indexing
+        if indexing is not None and not indexing.done():
+            await asyncio.wait([indexing], timeout=timeout)
+
+    async def close(self) -> None:
+        if self._indexing is not None:
+            self._indexing.cancel()
+            await asyncio.gather(self._indexing, return_exceptions=True)
+
+    def explain_missing(self, tool: str, config: Config, plugins: dict[str, PluginSupervisor]) -> str:
+        """Why a tool is not registered, when the config knows: its plugin is disabled or failed.
+        Only from the index (never a parse here, in the event loop: a caller naming unknown tools
+        must not make the host read plugin code each time)."""
+        for entry in config.plugins:
+            supervisor = plugins.get(entry.name)
+            if supervisor is not None and tool in supervisor.tools + supervisor.refused + supervisor.conflicts:
+                continue
+            if tool not in (self._declared.get(entry.name) or ()):
+                continue
+            if supervisor is not None and supervisor.state is PluginState.FAILED:
+                return f"its plugin {entry.name} failed to start: {supervisor.error}"
+            if not entry.enabled:
+                return f"its plugin {entry.name} is disabled in {config.path}"
+        return ""
+
+    async def _index(self, config: Config) -> None:
+        jobs = await asyncio.to_thread(_scan_jobs, config)  # finding plugins reads their plugin.json: not on the loop
+        scanned = await scan_plugins_async(jobs, INDEX_TIMEOUT)
+        self._declared = {name: set(found["tools"]) if found.get("tools") is not None else None
+                          for name, found in scanned.items()}
+        if len(scanned) < len(jobs):
+            log.info("the code of %s could not be read in %g s and %d MB: an unknown tool's error will not "
+                     "say which of them declares it", ", ".join(sorted(set(jobs) - set(scanned))), INDEX_TIMEOUT,
+                     SCAN_MEMORY >> 20)
+
+
+def _scan_jobs(config: Config) -> dict[str, tuple[str, str]]:
+    """Every configured plugin's (directory, entry file), disabled ones too (their tools are named
+    in an unknown tool's error)."""
+    jobs = {}
+    for entry in config.plugins:
+        source = find_plugin(entry.name, config)
+        if source is not None:
+            jobs[entry.name] = (source.directory, source.entry_file)
+    return jobs

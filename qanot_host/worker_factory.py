@@ -1,0 +1,159 @@
+"""Everything a plugin's worker is made from, in one place: its uid, data directory, disk, cgroup,
+place in the workspace, sandbox plan, resolved secrets and launch.
+
+A supervisor asks its factory for a worker at its first start and at every restart; the factory
+owns the machine-wide pieces (cgroups, uids, disk images, the launcher) that every worker shares, so
+the supervisor owns one worker's life and nothing else, and the host only wires the two together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from functools import partial
+from typing import TYPE_CHECKING
+
+from qanot_worker import protocol as p
+
+from .cgroups import CgroupLimits, Cgroups
+from .config import own_workspace
+from .datadirs import DataDirs, workspace_problem
+from .disks import DiskImages
+from .errors import PluginStartError
+from .forkserver import ForkServerLauncher
+from .launcher import Launcher, SubprocessLauncher
+from .plugin_secrets import resolve_config_secrets
+from .runtime import worker_import_root
+from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable
+from .settings import Config
+from .uids import UidMap
+from .worker import WorkerHandle, WorkerOptions
+
+if TYPE_CHECKING:
+    from .supervisor import PluginSupervisor
+
+__all__ = ["WorkerFactory"]
+
+log = logging.getLogger("qanot_host")
+
+
+class WorkerFactory:
+    def __init__(self, config: Config, launcher: Launcher | None = None) -> None:
+        self.config = config  # the host's current one: a reload hands the factory the new config
+        self.launcher = launcher
+        self.cgroups = Cgroups()
+        self.import_root = ""
+        self.workspaces: dict[str, str] = {}  # plugin -> the real path of its place in the workspace
+        state_dir = config.host.state_dir
+        self._disks = DiskImages(state_dir)
+        self._data = DataDirs(state_dir)
+        self._uids = UidMap(state_dir, config.host.sandbox.uid_base)
+        # As root, each worker gets namespaces (PID, mount, IPC, UTS) and a root of its own.
+        sandbox = config.host.sandbox
+        self.namespaces = (sandbox.enabled and sandbox.namespaces and os.geteuid() == 0
+                           and sys.platform.startswith("linux"))
+
+    def open(self) -> None:
+        """At the host's start: the workers' import root, and the launcher if none was given."""
+        self.import_root = worker_import_root(self.config.host.state_dir)
+        if self.launcher is None:
+            if self.config.host.launcher == "forkserver" and sys.platform.startswith("linux"):
+                self.launcher = ForkServerLauncher(self.import_root)
+            else:
+                self.launcher = SubprocessLauncher()
+
+    async def close(self) -> None:
+        """After every supervisor stopped: whatever their workers left, and the launcher."""
+        if self.launcher is not None:
+            await self.launcher.close()
+        await self.cgroups.remove()
+
+    async def spawn(self, supervisor: PluginSupervisor) -> WorkerHandle:
+        """A started worker for `supervisor` (first start and every restart); PluginStartError if not."""
+        settings = self.config.host
+        source = supervisor.source
+        assert source is not None and self.launcher is not None
+        name = supervisor.name
+        if not await self.cgroups.kill(name):  # whatever the last worker left must be gone first
+            raise PluginStartError(name, "processes of its last worker survived SIGKILL; not starting another")
+        sandboxed = settings.sandbox.enabled
+        uid = self._plugin_uid(name)
+        data_dir = self._data.prepare(name, uid, tmp=not self.namespaces)
+        limits = self.config.limits_for(name)
+        disk, disk_problem = "", ""
+        if self.namespaces and limits.disk_mb:
+            disk, disk_problem = await self._disks.image(name, limits.disk_mb)
+        options = WorkerOptions(
+            import_root=self.import_root, data_dir=data_dir, max_frame=settings.max_frame_bytes,
+            handshake_timeout=settings.handshake_timeout, setup_timeout=settings.setup_timeout,
+            teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
+            ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
+            cancel_grace=settings.cancel_grace, extra_env=self._granted_env(name),
+            namespaces=self.namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second,
+            oom_kills=partial(self.cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb)
+        if disk_problem:
+            options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
+        elif self.namespaces and not limits.disk_mb:
+            options.extra_env[p.DISK_KEY] = "off"  # the operator's choice: a plain directory
+        index = next(i for i, entry in enumerate(self.config.plugins) if entry.name == name)
+        try:
+            config, redact = resolve_config_secrets(supervisor.entry.config,
+                                                    f"{self.config.path}: plugins[{index}].config")
+        except ValueError as exc:
+            raise PluginStartError(name, str(exc)) from None
+        options.redact = redact or None
+        config.setdefault("workspace_dir", self.config.workspace_dir)
+        worker = WorkerHandle(name, self.launcher, options, supervisor.worker_exited)
+        cgroups = self.cgroups.prepare(name, CgroupLimits(
+            settings.sandbox.pids_max, (limits.memory_mb or 0) * 2**20 or None, limits.cpu_weight or 100,
+            limits.cpu_max)) if sandboxed else {}
+        places = PluginPlaces(name, source.directory, supervisor.site_dirs, data_dir, self.import_root,
+                              self._data.root_dir, self._own_workspace(name, uid))
+        sandbox = sandbox_spec(self.config, places, uid, cgroups, self.namespaces)
+        if uid >= 0:
+            interpreter = [] if self.namespaces else python_paths()  # with its own root, bound for it
+            problem = unreachable([self.import_root, source.directory, *supervisor.site_dirs, *interpreter], uid,
+                                  whole_path=not self.namespaces)
+            if problem:
+                raise PluginStartError(name, problem)
+        try:
+            await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config, sandbox)
+        except BaseException:
+            await worker.stop(teardown=False)
+            raise
+        return worker
+
+    def group_usage(self, plugin: str) -> tuple[float | None, float | None]:
+        """The plugin cgroup's (memory MB, CPU s); (None, None) where the host has no cgroups."""
+        return self.cgroups.usage(plugin) if self.cgroups.available else (None, None)
+
+    def _own_workspace(self, plugin: str, uid: int) -> tuple[str, str] | None:
+        """workspace_dir/NAME for the plugin to write: (as its config names it, its real path)."""
+        if not self.config.settings_for(plugin).workspace:
+            return None
+        try:
+            real = self._data.prepare_workspace(self.config.workspace_dir, plugin, uid)
+        except OSError as exc:
+            raise PluginStartError(plugin, f"its place in the workspace, {own_workspace(self.config, plugin)}: "
+                                   f"{exc.strerror or exc} (set host.plugins.{plugin}.workspace to false to start "
+                                   "it without one)") from None
+        problem = workspace_problem(real, self.config.limits_for(plugin).workspace_mb or 0)
+        if problem:
+            raise PluginStartError(plugin, f"its place in the workspace is full: {problem} (remove files from "
+                                   f"it, or raise host.plugins.{plugin}.limits.workspace_mb)")
+        self.workspaces[plugin] = real
+        return own_workspace(self.config, plugin), real
+
+    def _plugin_uid(self, plugin: str) -> int:
+        sandbox = self.config.host.sandbox
+        if not (sandbox.enabled and sandbox.identity and os.geteuid() == 0):
+            return -1
+        try:
+            return self._uids.uid(plugin)
+        except OSError as exc:
+            raise PluginStartError(plugin, f"no uid of its own: {exc.strerror or exc}") from None
+
+    def _granted_env(self, plugin: str) -> dict[str, str]:
+        names = self.config.settings_for(plugin).permissions.env_vars
+        return {name: os.environ[name] for name in names if name in os.environ}
