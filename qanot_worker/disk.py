@@ -13,6 +13,7 @@ attaching, the launcher waits until no loop device is backed by the image any mo
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import os
@@ -25,6 +26,7 @@ __all__ = ["attach_disk", "DiskError"]
 
 LOOP_CTL_GET_FREE, LOOP_CONFIGURE = 0x4C82, 0x4C0A
 LO_FLAGS_AUTOCLEAR = 4
+LOOP_ATTEMPTS = 20  # free devices taken by someone else between asking and configuring
 LOOP_INFO64_SIZE = 232
 LO_FLAGS_OFFSET = 52  # in struct loop_info64, after five u64 and three u32
 SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 430, 431, 432
@@ -80,23 +82,37 @@ def _backing_loops(identity: os.stat_result) -> list[str]:
 
 
 def _attach_loop(image: str) -> tuple[int, int]:
+    """A loop device backed by `image`. LOOP_CTL_GET_FREE hands the same free device to everyone who
+    asks at that moment (two workers starting at once, on this host or another): whoever configures
+    it second gets EBUSY, and asks again, as losetup does."""
+    backing = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        for attempt in range(LOOP_ATTEMPTS):
+            number, device = _free_loop()
+            try:
+                info = bytearray(LOOP_INFO64_SIZE)
+                struct.pack_into("=I", info, LO_FLAGS_OFFSET, LO_FLAGS_AUTOCLEAR)
+                fcntl.ioctl(device, LOOP_CONFIGURE, struct.pack("=II", backing, 0) + bytes(info) + bytes(64))
+                return number, device
+            except OSError as exc:
+                os.close(device)
+                if exc.errno != errno.EBUSY or attempt == LOOP_ATTEMPTS - 1:
+                    raise
+            except BaseException:
+                os.close(device)
+                raise
+        raise AssertionError("unreachable")
+    finally:
+        os.close(backing)
+
+
+def _free_loop() -> tuple[int, int]:
     control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
         number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
     finally:
         os.close(control)
-    device = os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
-    backing = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        info = bytearray(LOOP_INFO64_SIZE)
-        struct.pack_into("=I", info, LO_FLAGS_OFFSET, LO_FLAGS_AUTOCLEAR)
-        fcntl.ioctl(device, LOOP_CONFIGURE, struct.pack("=II", backing, 0) + bytes(info) + bytes(64))
-    except BaseException:
-        os.close(device)
-        raise
-    finally:
-        os.close(backing)
-    return number, device
+    return number, os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
 
 
 def _mount_ext4(device: str) -> int:

@@ -142,3 +142,54 @@ async def test_a_plugin_uid_that_cannot_reach_its_code_is_refused_with_the_reaso
     async with Host(config) as host:
         error = host.plugins["greeter"].error
     assert "is not searchable by others (mode 0o700), and the plugin runs as a uid of its own" in error, error
+
+
+ATTACH_AT_ONCE = r"""
+import multiprocessing, os, sys
+sys.path.insert(0, sys.argv[1])
+from qanot_worker.disk import _attach_loop
+
+def attach(image, barrier, held, answers):
+    barrier.wait()
+    try:
+        number, device = _attach_loop(image)
+        answers.put(("ok", number))
+    except OSError as exc:
+        answers.put(("failed", str(exc)))
+        device = None
+    held.wait()  # every device stays attached until all have answered
+    if device is not None:
+        os.close(device)  # autoclear: unmounted, the device detaches
+
+images = sys.argv[2:]
+barrier, held = multiprocessing.Barrier(len(images)), multiprocessing.Barrier(len(images))
+answers = multiprocessing.Queue()
+procs = [multiprocessing.Process(target=attach, args=(image, barrier, held, answers)) for image in images]
+for proc in procs:
+    proc.start()
+print([answers.get(timeout=30) for _ in procs])
+for proc in procs:
+    proc.join()
+"""
+
+
+def test_disks_attach_when_many_workers_start_at_once(tmp_path):
+    """Found by running the tests four at a time: LOOP_CTL_GET_FREE gives two workers starting at once
+    the same free loop device, and the second to configure it failed with EBUSY (its plugin lost its
+    disk). Each now asks for another device, as losetup does."""
+    import subprocess
+    import sys
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("attaching loop devices needs root and /dev/loop-control")
+    images = []
+    for i in range(12):
+        image = tmp_path / f"disk{i}.img"
+        image.write_bytes(b"\0" * (1 << 20))
+        images.append(str(image))
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", ATTACH_AT_ONCE, str(Path(__file__).parent.parent), *images],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        answers = eval(done.stdout)  # noqa: S307 - our own child's repr of a list of tuples
+        assert [kind for kind, _ in answers] == ["ok"] * len(images), answers
+        assert len({number for _, number in answers}) == len(images)  # each its own device
