@@ -148,16 +148,24 @@ class WorkerHandle:
         finally:
             os.close(worker_reads)
             os.close(worker_writes)
+        loop = asyncio.get_running_loop()
+        # From the launch on, the exit is watched: whatever happens next, stop() ends (a worker whose
+        # start was cancelled here once "survived SIGKILL" for 5 s: nothing was watching its exit).
+        self._tasks = [loop.create_task(self._watch_exit())]
+        opening = loop.create_task(WorkerChannel.open(self.plugin, opts.max_frame, host_writes, host_reads,
+                                                      self._channel_lost, self._call_abandoned))
         try:
-            self._channel = await WorkerChannel.open(self.plugin, opts.max_frame, host_writes, host_reads,
-                                                     self._channel_lost, self._call_abandoned)
+            self._channel = await asyncio.shield(opening)
         except BaseException:  # the host stopping meanwhile: the worker goes, and its output pipes with it
             self._process.signal_group(signal.SIGKILL)
-            await asyncio.shield(self._process.wait())
+            # The open itself runs to its end (a loop turn or two) and its pipes are closed once, by their
+            # transports: a connect_write_pipe cancelled under uvloop closes the descriptor but leaves its
+            # file object to close the same number again when collected, by then maybe another pipe's.
+            opened = (await asyncio.gather(opening, return_exceptions=True))[0]
+            if isinstance(opened, WorkerChannel):
+                opened.close(None)
             raise
         self._channel.redact = opts.redact
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._watch_exit())]
 
     def _environment(self) -> dict[str, str]:
         """Workers start with a scrubbed environment: no host secrets pass through."""
@@ -304,7 +312,7 @@ class WorkerHandle:
             self._process.signal_group(signal.SIGKILL)
 
     async def _watch_exit(self) -> None:
-        assert self._process is not None and self._channel is not None
+        assert self._process is not None
         code = await self._process.wait()
         if self._stopping:
             error: PluginError = PluginUnavailable(self.plugin, self._stop_reason)
@@ -313,8 +321,9 @@ class WorkerHandle:
         self.exit_error = error
         if self.egress is not None:
             self.egress.close()
-        self._channel.fail_pending(error)
-        self._channel.close(None)
+        if self._channel is not None:  # None: the start ended before its pipes were open
+            self._channel.fail_pending(error)
+            self._channel.close(None)
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
@@ -354,4 +363,7 @@ class WorkerHandle:
             except asyncio.TimeoutError:
                 continue
         log.error("plugin %s: worker pid %s survived SIGKILL for 5 s", self.plugin, self.pid)
+        if self._channel is not None:  # what it left of the host's is closed now, not when it ends
+            self._channel.fail_pending(PluginUnavailable(self.plugin, reason))
+            self._channel.close(None)
         return None

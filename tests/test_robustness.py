@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from qanot_host import Host, InvalidParams, PluginState, ToolFailed
 from qanot_host.schema import MAX_PARAMS_DEPTH
 
-from .conftest import GREETER, grant_write, plugin, wait_until
+from .conftest import GREETER, grant_write, plugin, wait_until, worker_processes
 from .test_hostile import HostileLauncher
 
 
@@ -217,16 +217,16 @@ def test_a_config_nested_thousands_deep_is_one_line(tmp_path):
 
 def test_call_stopped_by_sigterm_tears_down_and_leaves_nothing(write_config, tmp_path):
     (tmp_path / "out").mkdir()
-    marker = tmp_path / "out" / "teardown.txt"
-    config = write_config([plugin("misbehave", teardown_marker=str(marker))],
+    marker, in_flight = tmp_path / "out" / "teardown.txt", tmp_path / "out" / "call.txt"
+    config = write_config([plugin("misbehave", teardown_marker=str(marker), call_marker=str(in_flight))],
                           host=grant_write("misbehave", tmp_path / "out"))
     proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "call", "--config", config, "mb_hang_async", "{}"],
                             cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while not glob.glob(f"/sys/fs/cgroup/pids/qanot-host-{proc.pid}/misbehave") and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while not in_flight.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the call never started"
             time.sleep(0.02)
-        time.sleep(0.5)  # the call is in flight
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 143
     finally:
@@ -323,3 +323,26 @@ async def test_run_warns_of_an_unknown_key_in_a_plugin_entry_and_of_timeouts_for
     messages = [r.getMessage() for r in caplog.records]
     assert any("plugins[0].enabeld: unknown key, ignored" in m for m in messages)
     assert any("tool_timeouts names no_such_tool, which the plugin does not offer" in m for m in messages)
+
+
+async def test_a_start_cancelled_while_its_pipes_open_still_ends_its_worker(write_config, monkeypatch, caplog):
+    """Found running the tests four at a time: a host stopped while a restart was opening the new
+    worker's pipes waited 7 s on that worker and logged that it "survived SIGKILL": nothing watched its
+    exit yet. Its pipes' file objects were also left to the garbage collector."""
+    import qanot_host.worker as worker_module
+    real_open = worker_module.WorkerChannel.open
+    opening = asyncio.Event()
+
+    async def slow_open(*args, **kwargs):
+        opening.set()
+        await asyncio.sleep(0.5)  # the window, made wide
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module.WorkerChannel, "open", slow_open)
+    host = Host(write_config([GREETER]))
+    starting = asyncio.ensure_future(host.start())
+    await asyncio.wait_for(opening.wait(), 30)
+    starting.cancel()
+    await asyncio.wait_for(asyncio.gather(starting, return_exceptions=True), 30)
+    assert "survived SIGKILL" not in caplog.text
+    await wait_until(lambda: not worker_processes(include_template=True), 10, "no worker left")
