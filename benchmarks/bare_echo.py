@@ -9,7 +9,7 @@ import msgspec
 import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contenders import blob, echo  # noqa: E402
+from workload import blob, echo  # noqa: E402
 
 
 class Echo(asyncio.Protocol):

@@ -6,7 +6,7 @@ import sys
 from mcp.server import MCPServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contenders import blob, echo  # noqa: E402
+from workload import blob, echo  # noqa: E402
 
 server = MCPServer("bench", log_level="WARNING")
 

@@ -87,16 +87,18 @@ class Host:
         for stale in sweep_stale_cgroups() + sweep_partial_builds(self.config.host.state_dir):
             log.info("removed %s, left behind by a qanot-host that is gone", stale)
         self._factory.open()
-        self._index.rebuild(self.config)
+        self._index.build_if_useful(self.config, self.plugins)  # a disabled plugin: read beside the start
         await self._start_plugins([e.name for e in self.config.plugins if e.enabled])
+        self._index.build_if_useful(self.config, self.plugins)  # some failed to start
         self._monitor = asyncio.get_running_loop().create_task(self._watch_limits())
         ready = [s for s in self.plugins.values() if s.state == PluginState.READY]
         log.info("ready: %d of %d plugins, %d tools", len(ready), len(self.plugins),
                  len(self.registry.tool_names))
 
     async def tool_index_ready(self, timeout: float = INDEX_TIMEOUT) -> None:
-        """Wait (up to `timeout`) for the index of declared tools (it only improves an unknown
-        tool's error, so nothing else waits for it)."""
+        """Wait (up to `timeout`) for the index of declared tools, where it is of use (it only
+        improves an unknown tool's error, so nothing else waits for it)."""
+        self._index.build_if_useful(self.config, self.plugins)
         await self._index.ready(timeout)
 
     async def _start_plugins(self, names: list[str]) -> None:
@@ -273,9 +275,10 @@ class Host:
         self._factory.config = new
         for supervisor in self.plugins.values():
             supervisor.rebind(new)
-        self._index.rebuild(new)
+        self._index.forget()
         await self._start_plugins([name for name in wanted if name in changed or name in added])
         self.plugins = {name: self.plugins[name] for name in wanted}
+        self._index.build_if_useful(new, self.plugins)
         summary = {"added": added, "removed": removed, "restarted": changed,
                    "unchanged": [n for n in wanted if n not in changed and n not in added]}
         log.info("reloaded %s: %s", new.path, summary)

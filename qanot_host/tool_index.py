@@ -2,8 +2,9 @@
 missing ("its plugin X is disabled", "failed to start: ...").
 
 The code is read in a child process of bounded memory and time (static.py), never in the host, and
-in the background, beside the plugins' start: nothing waits for it, and an unknown tool's error is
-only less helpful until it is done.
+in the background: nothing waits for it, and an unknown tool's error is only less helpful until it
+is done. It is read only once some plugin is disabled or has failed: until then no tool can be
+missing for a reason it could tell, and a host whose plugins all run pays nothing for it.
 """
 
 from __future__ import annotations
@@ -31,11 +32,26 @@ class ToolIndex:
     def __init__(self) -> None:
         self._declared: dict[str, set[str] | None] = {}  # plugin -> the tools its code declares
         self._indexing: asyncio.Future | None = None
+        self._built_for: Config | None = None
 
-    def rebuild(self, config: Config) -> None:
-        """Start (again) reading every configured plugin's code; a read under way is dropped."""
+    def forget(self) -> None:
+        """The config changed: what was read is stale (and a read under way is dropped)."""
         if self._indexing is not None:
             self._indexing.cancel()
+        self._indexing = None
+        self._built_for = None
+        self._declared = {}
+
+    def build_if_useful(self, config: Config, plugins: dict[str, PluginSupervisor]) -> None:
+        """Start reading the plugins' code, once per config, as soon as some plugin is disabled or
+        failed (only then can the index explain a missing tool)."""
+        if self._built_for is config:
+            return
+        if all(entry.enabled for entry in config.plugins) and \
+                all(s.state is not PluginState.FAILED for s in plugins.values()):
+            return
+        self.forget()
+        self._built_for = config
         self._indexing = asyncio.ensure_future(self._index(config))
 
     async def ready(self, timeout: float = INDEX_TIMEOUT) -> None:
@@ -52,7 +68,9 @@ class ToolIndex:
     def explain_missing(self, tool: str, config: Config, plugins: dict[str, PluginSupervisor]) -> str:
         """Why a tool is not registered, when the config knows: its plugin is disabled or failed.
         Only from the index (never a parse here, in the event loop: a caller naming unknown tools
-        must not make the host read plugin code each time)."""
+        must not make the host read plugin code each time); a plugin that failed since the last
+        look starts the index, for the next caller."""
+        self.build_if_useful(config, plugins)
         for entry in config.plugins:
             supervisor = plugins.get(entry.name)
             if supervisor is not None and tool in supervisor.tools + supervisor.refused + supervisor.conflicts:

@@ -37,8 +37,11 @@ while True:
         msg = decoder.decode(frame)
         if isinstance(msg, p.Load):
             send(p.Loaded(msg.id, "fake", "", "0", "", ""))
-        elif isinstance(msg, (p.Setup, p.Teardown)):
+        elif isinstance(msg, p.Setup):
             send(p.Done(msg.id))
+        elif isinstance(msg, p.Teardown):  # as the real worker: answer, then exit at once
+            send(p.Done(msg.id))
+            sys.exit(0)
         elif isinstance(msg, p.GetTools) and os.environ.get("FAKE_DEEP_TOOLS"):
             # a ToolList whose schema is nested deeper than any decoder will follow
             depth = int(os.environ["FAKE_DEEP_TOOLS"])

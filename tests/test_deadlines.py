@@ -23,9 +23,10 @@ async def test_each_call_expires_at_its_own_deadline_and_ended_calls_never_do():
     assert [(i, t, what) for i, t, what, _ in expired] == [
         (2, 0.1, "tool t2"), (4, 0.2, "tool t4"), (1, 0.3, "tool t1")]
     for (_, timeout, _, at) in expired:
-        assert timeout - 0.01 <= at < timeout + 0.25  # on time (the clock ticks in ms), give or take
-    await asyncio.sleep(0.1)
-    assert len(expired) == 3 and deadlines._timer is None  # nothing left: no timer either
+        # never early (the clock ticks in ms); late only by what a loaded machine's loop may lag
+        assert timeout - 0.01 <= at < timeout + 2.0
+    await wait_until(lambda: deadlines._timer is None, timeout=5, what="no timer left")
+    assert len(expired) == 3  # nothing left to expire: no timer either
 
 
 async def test_memory_follows_calls_in_flight_not_calls_made():

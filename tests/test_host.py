@@ -11,7 +11,7 @@ import pytest
 
 from qanot_host import Host, PluginState, ToolRegistry
 
-from .conftest import GREETER, grant_write, plugin
+from .conftest import GREETER, grant_write, plugin, wait_until
 
 
 async def test_plugin_tools_are_registered_and_called(write_config):
@@ -191,10 +191,7 @@ async def test_both_launchers_give_the_same_isolated_worker(write_config, launch
         pid = sup.worker.pid
         crash = json.loads(await host.registry.execute("mb_crash", {"how": "segfault"}))
         assert crash == {"error": "plugin misbehave: worker crashed (killed by SIGSEGV)"}
-        for _ in range(500):
-            if sup.state == PluginState.READY and sup.worker.pid != pid:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != pid, 10, "the restart")
         assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
 
 

@@ -113,7 +113,7 @@ def test_workers_exit_when_the_host_is_sigkilled(write_config, running):
     assert len(workers) == 7  # the template, and each plugin's worker and its namespace's init
     host.proc.kill()
     host.proc.wait()
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 5.0  # they go at once (PDEATHSIG); a loaded machine may take a moment
     while time.monotonic() < deadline and any(_running(w) for w in workers):
         time.sleep(0.01)
     # Exited workers may linger as zombies of whoever adopted them; none may still run.
@@ -131,7 +131,8 @@ def test_chaos_command_reports_and_passes(write_config):
     config = write_config([GREETER, plugin("echo"), plugin("calc"), plugin("init_style")])
     proc = qanot_host("chaos", "--config", config, "--duration", "3", "--kill-every", "0.1", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = dict(line.split(None, 1) for line in proc.stdout.splitlines()[:-1] if not line.startswith("recovery"))
-    assert report["hung"] == "0" and report["leaked"] is not None
-    assert proc.stdout.splitlines()[-1] == "PASS"
-    assert int(report["workers"].split()[-1]) >= 10
+    lines = proc.stdout.splitlines()
+    report = dict(line.rsplit(None, 1) for line in lines[:-1] if not line.startswith("recovery"))
+    assert report["hung"] == "0" and report["leaked processes"] == "0" and report["leaked fds"] == "0", report
+    assert lines[-1] == "PASS"
+    assert int(report["workers killed"]) >= 10

@@ -43,16 +43,57 @@ asyncio.run(main())
 """
 
 
-def qanot_lists(name: str, config: dict, scratch: Path, calls: list | None = None) -> dict:
-    """What Qanot's own loader makes of the plugin, and what its registry answers to `calls` ((tool, params)
-    pairs), in a fresh process (its registries are global)."""
+# Qanot's loader, many plugins in turn: what they all import is imported once, then each plugin is loaded
+# in a fork of its own (Qanot's registries are global), which costs its own code only, not ~1 s of imports.
+REFERENCE_MANY = """
+import asyncio, json, os, sys
+import aiohttp, aiomysql  # noqa: F401 - what the plugins import
+from qanot.config import Config, PluginConfig
+from qanot.plugins.loader import get_plugin_manager, load_plugins, shutdown_plugins
+from qanot.registry import ToolRegistry
+async def one(name, config, workspace, plugins_dir, calls):
+    registry = ToolRegistry()
+    await load_plugins(Config(workspace_dir=workspace, plugins_dir=plugins_dir,
+                              plugins=[PluginConfig(name=name, config=config)]), registry)
+    loaded = name in get_plugin_manager().loaded_plugins
+    answers = [await registry.execute(tool, params) for tool, params in calls]
+    await shutdown_plugins()
+    return {"loaded": loaded, "tools": registry.tool_names, "answers": answers}
+answers = []
+for job in json.loads(sys.stdin.read()):
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        with os.fdopen(write_end, "w") as out:
+            json.dump(asyncio.run(one(*job)), out)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as got:
+        text = got.read()
+    _, status = os.waitpid(pid, 0)
+    answers.append(json.loads(text) if status == 0 else {"failed": status})
+print(json.dumps(answers))
+"""
+
+
+def qanot_lists_many(jobs: list[tuple[str, dict, list]], scratch: Path) -> list[dict]:
+    """What Qanot's own loader makes of each plugin (name, config, calls), and what its registry answers
+    to the calls ((tool, params) pairs): each plugin loaded alone, in a process of its own."""
     (scratch / "workspace").mkdir(parents=True, exist_ok=True)
     (scratch / "empty").mkdir(exist_ok=True)
     env = {**os.environ, "HOME": str(scratch)}  # ~/.qanot/plugins: empty
-    done = subprocess.run([sys.executable, "-c", REFERENCE, name, json.dumps(config), str(scratch / "workspace"),
-                           str(scratch / "empty"), json.dumps(calls or [])], capture_output=True, text=True, env=env, timeout=120)
+    request = [[name, config, str(scratch / "workspace"), str(scratch / "empty"), calls] for name, config, calls in jobs]
+    done = subprocess.run([sys.executable, "-c", REFERENCE_MANY], input=json.dumps(request), capture_output=True,
+                          text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not [a for a in answers if "failed" in a], (answers, done.stderr)
+    return answers
+
+
+def qanot_lists(name: str, config: dict, scratch: Path, calls: list | None = None) -> dict:
+    return qanot_lists_many([(name, config, calls or [])], scratch)[0]
 
 
 async def host_lists(configs: dict[str, dict], grants: dict[str, dict], tmp: Path, state: Path) -> dict[str, dict]:
@@ -76,8 +117,8 @@ def state(tmp_path_factory):
 
 async def test_every_bundled_plugin_with_an_empty_config_lists_what_qanot_lists(tmp_path, state):
     ours = await host_lists({name: {} for name in NAMES}, {}, tmp_path, state)
-    for name in NAMES:
-        theirs = qanot_lists(name, {}, tmp_path / "ref" / name)
+    references = await asyncio.to_thread(qanot_lists_many, [(name, {}, []) for name in NAMES], tmp_path / "ref")
+    for name, theirs in zip(NAMES, references, strict=True):
         assert ours[name]["loaded"] == theirs["loaded"], (name, ours[name], theirs)
         assert ours[name]["tools"] == theirs["tools"], (name, ours[name], theirs)
     assert ours["cloud_reporter"]["tools"] == ["report_usage"]
@@ -118,9 +159,10 @@ async def test_configured_bundled_plugins_list_exactly_what_qanot_lists(tmp_path
     grants = {"absmarket": {"network": {"hosts": [address]}}, "absvision": {"network": {"hosts": [address]}}}
     ours = await host_lists(configs, grants, tmp_path, state)
     expected = {"absmarket": 31, "absvision": 28, "amocrm": 34, "bitrix24": 30, "onec": 18, "cloud_reporter": 1}
-    for name, config in configs.items():
-        # in a thread: the fake API answers from this event loop
-        theirs = await asyncio.to_thread(qanot_lists, name, config, tmp_path / "ref" / name)
+    # in a thread: the fake API answers from this event loop
+    references = await asyncio.to_thread(qanot_lists_many, [(name, config, []) for name, config in configs.items()],
+                                         tmp_path / "ref")
+    for name, theirs in zip(configs, references, strict=True):
         assert ours[name]["tools"] == theirs["tools"], (name, ours[name], theirs)
         assert len(theirs["tools"]) == expected[name], (name, theirs)
 

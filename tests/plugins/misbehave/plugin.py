@@ -66,6 +66,9 @@ class QanotPlugin(Plugin):
 
     @tool(name="mb_hang_async", description="Awaits forever (cancellable).", parameters=ANY)
     async def hang_async(self, params: dict) -> str:
+        if self.config.get("call_marker"):  # for a test that must act while the call is in flight
+            with open(self.config["call_marker"], "w") as f:
+                f.write("in flight")
         await asyncio.sleep(3600)
         return "woke"
 
