@@ -60,8 +60,3 @@ class RestartPolicy:
             delay *= 1 + random.uniform(-self.jitter, self.jitter)
         self._consecutive += 1
         return RestartDecision(True, delay=delay)
-
-    def reset(self) -> None:
-        """An operator acted (reload): forget the history."""
-        self._recent.clear()
-        self._consecutive = 0
