@@ -228,16 +228,17 @@ class WorkerHandle:
 
     def call(self, tool: str, params: dict[str, Any], timeout: float) -> Awaitable[str]:
         """The call's future, straight from the channel: no coroutine layer of its own. The
-        supervisor asked accepting_calls first; this only keeps a stopped worker from a write."""
+        supervisor asked accepting_calls first (in the same step); this only keeps a write from a
+        worker that is not there."""
         channel = self._channel
-        if channel is None or self._stopping:
+        if channel is None or not self.accepting_calls:
             raise PluginUnavailable(self.plugin, "worker is stopping")
         return channel.call(tool, params, timeout)
 
     async def ask(self, make: Callable[[int], p.HostMessage], timeout: float, what: str) -> Any:
         """A hook or a command: its return value; PluginError (naming `what`) if it raised."""
         channel = self._channel
-        if channel is None or self._stopping:
+        if channel is None or not self.accepting_calls:
             raise PluginUnavailable(self.plugin, "worker is stopping")
         try:
             reply = await channel.request(make, p.HookResult, timeout, what)
