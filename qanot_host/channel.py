@@ -34,6 +34,10 @@ class _CALL:
 
 
 class WorkerChannel(asyncio.Protocol):
+    # Frames through every channel of this process (the metrics read them): a sum, not a per-channel figure.
+    frames_sent = 0
+    frames_received = 0
+
     def __init__(self, plugin: str, max_frame: int, on_lost: Callable[[PluginError | None], None],
                  on_abandoned: Callable[[int, str], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -151,6 +155,7 @@ class WorkerChannel(asyncio.Protocol):
         FrameTooLarge: nothing was sent."""
         self._posted += 1
         self._outbox.post(message, hold=self._turn_flush_pending)
+        WorkerChannel.frames_sent += 1
         if not self._turn_flush_pending:
             # Calls come in waves (the replies of one read wake their callers together): size
             # this turn's chunks by the last turn's wave.
@@ -171,6 +176,7 @@ class WorkerChannel(asyncio.Protocol):
         self.last_heard = self._loop.time()
         try:
             for frame in self._frames.feed(data):
+                WorkerChannel.frames_received += 1
                 self._deliver(self._decoder.decode(frame))
         except (p.FrameTooLarge, msgspec.DecodeError) as exc:
             self.close(ProtocolViolation(self._plugin, f"bad frame from the worker: {exc}"))

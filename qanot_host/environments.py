@@ -13,15 +13,19 @@ import fcntl
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 
 from .errors import DependencyError
+
+log = logging.getLogger("qanot_host.environments")
 
 __all__ = ["EnvironmentBuilder", "find_uv", "requirement_problem", "sweep_partial_builds", "MAX_REQUIREMENTS"]
 
@@ -66,6 +70,7 @@ class EnvironmentBuilder:
         self._offline = offline
         self._timeout = timeout
         self._locks: dict[str, asyncio.Lock] = {}
+        self.install_seconds: dict[str, float] = {}  # plugin -> time its environments took to build, in all
 
     async def site_dirs(self, plugin: str, requirements: list[str]) -> list[str]:
         """The site-packages directories the plugin's worker adds; [] for a plugin with no deps."""
@@ -107,9 +112,14 @@ class EnvironmentBuilder:
             raise DependencyError(plugin, "needs dependencies but uv is not installed (pip install uv)")
         scratch = f"{env_dir}.building-{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
+        # A long install is never silent: a line when it starts, one when it ends, uv's own at DEBUG.
+        log.info("plugin %s: installing %d dependenc%s with uv", plugin, len(requirements),
+                 "y" if len(requirements) == 1 else "ies")
+        began = time.monotonic()
+        verbosity = "--verbose" if log.isEnabledFor(logging.DEBUG) else "--quiet"
         try:
             await self._uv(plugin, [uv, "venv", "--quiet", "--python", sys.executable, scratch])
-            await self._uv(plugin, [uv, "pip", "install", "--quiet", "--python",
+            await self._uv(plugin, [uv, "pip", "install", verbosity, "--python",
                                     os.path.join(scratch, "bin", "python"), "--link-mode", "copy",
                                     *self._index_args(), *requirements])
             mark = json.dumps({"plugin": plugin, "requirements": requirements})
@@ -118,6 +128,10 @@ class EnvironmentBuilder:
             os.rename(scratch, env_dir)
         finally:  # also when the host stops meanwhile: no half environment is left behind
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, scratch, True))
+        seconds = time.monotonic() - began
+        self.install_seconds[plugin] = self.install_seconds.get(plugin, 0.0) + seconds
+        size = await asyncio.to_thread(_tree_bytes, env_dir)
+        log.info("plugin %s: dependencies installed in %.1f s (%.1f MB)", plugin, seconds, size / 2**20)
         self._remove_stale(plugin, env_dir)
 
     def _index_args(self) -> list[str]:
@@ -145,9 +159,12 @@ class EnvironmentBuilder:
         except BaseException:  # the host is stopping: uv and whatever it started go too
             await asyncio.shield(_end(proc))
             raise
+        if log.isEnabledFor(logging.DEBUG):
+            for line in output.decode(errors="replace").splitlines():
+                log.debug("plugin %s: uv: %s", plugin, line)
         if proc.returncode != 0:
             text = " ".join(output.decode(errors="replace").split())
-            raise DependencyError(plugin, f"installing dependencies failed: {text}")
+            raise DependencyError(plugin, f"installing dependencies failed: {text[-4000:]}")
 
     def _remove_stale(self, plugin: str, keep: str) -> None:
         """Environments of older requirement lists of this plugin are dead weight."""
@@ -158,6 +175,22 @@ class EnvironmentBuilder:
                     os.unlink(path + ".lock")
                 except FileNotFoundError:
                     pass
+
+
+def _tree_bytes(path: str) -> int:
+    """Disk space the files under `path` take (each hard-linked file once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
 
 
 async def _end(proc: asyncio.subprocess.Process) -> None:

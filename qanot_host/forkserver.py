@@ -45,6 +45,7 @@ class ForkServerLauncher:
         self._template: _Template | None = None
         self._starting: asyncio.Lock | None = None
         self._closed = False
+        self.template_starts = 0  # the first, and each replacement of a template that died
 
     async def launch(self, spec: LaunchSpec) -> WorkerProcess:
         """A launch failure is that plugin's start failure (its restart policy decides what next); a
@@ -77,6 +78,7 @@ class ForkServerLauncher:
             if self._closed:
                 raise QanotHostError("the host is stopping")
             if self._template is None or self._template.dead:
+                self.template_starts += 1
                 self._template = await _Template.start(self._import_root)
             return self._template
 

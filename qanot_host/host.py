@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -20,6 +20,7 @@ from .datadirs import workspace_problem
 from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import EnvironmentBuilder, sweep_partial_builds
 from .errors import ConfigError, PluginError, PluginStartError
+from .channel import WorkerChannel
 from .launcher import Launcher
 from .output import printable
 from .registry import RegisteredTool, ToolRegistry
@@ -30,6 +31,9 @@ from .supervisor import PluginState, PluginSupervisor
 from .tool_index import INDEX_TIMEOUT, ToolIndex
 from .worker_factory import WorkerFactory
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .metrics import HostMetrics
 
 __all__ = ["Host", "PluginState", "PluginSupervisor"]
 
@@ -55,6 +59,7 @@ class Host:
         self._stopping = False
         self._monitor: asyncio.Task | None = None
         self._registration_paused = False
+        self.metrics: HostMetrics | None = None  # host.metrics: Prometheus, /healthz, /readyz
         self.registry.explain_missing = lambda tool: self._index.explain_missing(tool, self.config, self.plugins)
 
     async def __aenter__(self) -> "Host":
@@ -77,6 +82,11 @@ class Host:
         problems = directory_problems(self.config, create=True)
         if problems:
             raise ConfigError(problems[0])
+        if self.config.host.metrics:  # first: /healthz answers, and /readyz says not yet, while plugins start
+            from .metrics import HostMetrics  # prometheus_client, only for a host that serves metrics
+            self.metrics = HostMetrics(self)
+            self.metrics.serve(self.config.host.metrics)
+            self.registry.observer = self.metrics.observe_call
         try:
             await self._start()
         except BaseException:
@@ -271,7 +281,9 @@ class Host:
         self.config = new
         self.registry.timeout = new.host.call_timeout
         self.workspace = Workspace(new.workspace_dir)
+        installed = self._envs.install_seconds
         self._envs = self._environment_builder(new)
+        self._envs.install_seconds = installed
         self._factory.config = new
         for supervisor in self.plugins.values():
             supervisor.rebind(new)
@@ -312,6 +324,8 @@ class Host:
         for supervisor in self.plugins.values():
             await self._factory.cgroups.kill(supervisor.name)
         await self._factory.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _plugin_pids(self, supervisor: PluginSupervisor) -> list[int]:
         """The plugin's processes: its cgroup's members where it has one, else its worker's tree."""
@@ -331,6 +345,22 @@ class Host:
         pids = {s.worker.pid for s in self.plugins.values() if s.worker and s.worker.pid}
         launcher = self._factory.launcher
         return pids | (launcher.helper_pids() if launcher is not None else set())
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def install_seconds(self) -> dict[str, float]:
+        """Per plugin, the time its dependency environments took to build, since the host started."""
+        return dict(self._envs.install_seconds)
+
+    @staticmethod
+    def frame_counts() -> tuple[int, int]:
+        """Protocol frames (sent, received) through every worker channel of this process."""
+        return WorkerChannel.frames_sent, WorkerChannel.frames_received
+
+    def template_starts(self) -> int:
+        return getattr(self._factory.launcher, "template_starts", 0)
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]

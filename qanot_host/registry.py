@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -83,6 +84,8 @@ class ToolRegistry:
         self.timeout: float = TOOL_TIMEOUT  # an in-host tool's, when execute() is given none
         # Set by the host: why a name is not registered, when it knows (a disabled plugin's tool).
         self.explain_missing: Callable[[str], str] = lambda name: ""
+        # Set by the host that serves metrics: told of every call's end (plugin, tool, error, seconds).
+        self.observer: Callable[[str | None, str, BaseException | None, float], None] | None = None
 
     # ---- Qanot's API -----------------------------------------------------------------------------
 
@@ -131,7 +134,10 @@ class ToolRegistry:
                 if type(input_data) is not dict:
                     log.warning("Tool %s received non-dict input: %.200r", name, input_data)
                     raise _Refused("Tool input must be a JSON object")
-            result = await self._dispatch(self._checked(name, input_data), input_data, timeout)
+            if self.observer is None:
+                result = await self._dispatch(self._checked(name, input_data), input_data, timeout)
+            else:
+                result = await self._observed(name, input_data, timeout)
             return truncate_tool_result(result)
         except _Refused as exc:
             await asyncio.sleep(0)
@@ -161,10 +167,26 @@ class ToolRegistry:
     async def invoke(self, name: str, params: dict[str, Any], timeout: float | None = None) -> Any:
         """execute() with typed errors raised instead of returned, and the result whole (a checkpoint too)."""
         try:
-            return await self._dispatch(self._checked(name, params), params, timeout)
+            if self.observer is None:
+                return await self._dispatch(self._checked(name, params), params, timeout)
+            return await self._observed(name, params, timeout)
         except QanotHostError:
             await asyncio.sleep(0)
             raise
+
+    async def _observed(self, name: str, params: dict[str, Any], timeout: float | None) -> Any:
+        """A call, timed and told to the observer however it ends."""
+        began = time.perf_counter()
+        known = self._tools.get(name) if isinstance(name, str) else None
+        try:
+            result = await self._dispatch(self._checked(name, params), params, timeout)
+        except BaseException as exc:
+            if self.observer is not None:
+                self.observer(known.plugin if known else None, name, exc, time.perf_counter() - began)
+            raise
+        if self.observer is not None:
+            self.observer(known.plugin if known else None, name, None, time.perf_counter() - began)
+        return result
 
     def _dispatch(self, tool: RegisteredTool, params: dict[str, Any], timeout: float | None) -> Awaitable[Any]:
         """The one way execute() and invoke() reach a checked tool's handler. A plugin's tool goes

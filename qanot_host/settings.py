@@ -201,6 +201,10 @@ class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     sandbox: SandboxSettings = msgspec.field(default_factory=SandboxSettings)
     plugins: dict[str, PluginSettings] = {}
+    # "127.0.0.1:9464": Prometheus metrics, /healthz and /readyz there (off when absent)
+    metrics: str | None = None
+    # /readyz answers 200 once this many enabled plugins are ready (absent: all of them)
+    ready_quorum: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class Config(msgspec.Struct):

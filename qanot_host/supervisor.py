@@ -21,7 +21,7 @@ import psutil
 from qanot_worker import protocol as p
 
 from .discovery import PluginSource
-from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
+from .errors import PluginError, PluginUnavailable, ProtocolMismatch, ProtocolViolation, WorkerTimeout
 from .restarter import RestartPolicy
 from .settings import Config, PluginEntry
 from .worker import WorkerHandle
@@ -84,6 +84,7 @@ class PluginSupervisor:
         self.idle.set()
         self.settled = asyncio.Event()  # set whenever the plugin is not starting or restarting
         self.recoveries: collections.deque[float] = collections.deque(maxlen=10000)
+        self.restart_reasons: collections.Counter[str] = collections.Counter()  # what the metrics count
         self.sandbox_warned = False
         self._closing = False
         self._recycling: _Recycle | None = None
@@ -137,10 +138,12 @@ class PluginSupervisor:
             self.last_exit = f"recycled: {recycle.reason}"
         uptime = now - worker.started_at if worker.started_at else 0.0
         if recycle is not None and not recycle.counts:
+            self.restart_reasons["recycled"] += 1
             self._schedule_restart(0.0)
             return
         decision = self.policy.decide(abnormal=recycle is not None or code != 0, uptime=uptime, now=now)
         if decision.restart:
+            self.restart_reasons[_exit_reason(worker, recycle, code)] += 1
             log.warning("plugin %s: worker pid %s ended (%s); restarting in %.2f s", self.name, worker.pid,
                         self.last_exit, decision.delay)
             self._schedule_restart(decision.delay)
@@ -384,3 +387,14 @@ class PluginSupervisor:
             "sandbox": list(live.report.sandbox_layers) if live else [],
             "egress": live.egress.status() if live and live.egress else None,
         }
+
+
+def _exit_reason(worker: WorkerHandle, recycle: _Recycle | None, code: int | None) -> str:
+    """Why a worker that is being restarted ended, as the metrics' `reason` label says it."""
+    if recycle is not None:
+        return "limit"  # over memory, CPU or workspace: recycled, and counted
+    if isinstance(worker.exit_error, WorkerTimeout):
+        return "unresponsive"
+    if isinstance(worker.exit_error, ProtocolViolation):
+        return "protocol_violation"
+    return "exited" if code == 0 else "crashed"

@@ -1,0 +1,144 @@
+"""host.metrics: Prometheus metrics and the health probes, scraped as Prometheus would and read with
+prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from qanot_host import ConfigError, Host, PluginState
+
+from .conftest import GREETER, plugin, wait_until
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def fetch(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample: (name, sorted labels) -> value; and (family name, ()) -> 0 for every family."""
+    status, text = await asyncio.to_thread(fetch, port, "/metrics")
+    assert status == 200, text
+    families = list(text_string_to_metric_families(text))
+    return {**{(family.name, ()): 0.0 for family in families},
+            **{(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in families for sample in family.samples}}
+
+
+def dashboard_series() -> set[str]:
+    dashboard = json.loads((Path(__file__).parent.parent / "examples" / "grafana-dashboard.json").read_text())
+    return {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"qanot_host_\w+", target["expr"])}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_counters_histograms_and_gauges_after_a_mix_of_calls(write_config):
+    port = free_port()
+    config = write_config([plugin("echo"), GREETER, plugin("misbehave")], host={
+        "metrics": f"127.0.0.1:{port}", "restart": {"backoff_initial": 0},
+        "plugins": {"misbehave": {"call_timeout": 0.3}}})
+    async with Host(config) as host:
+        registry = host.registry
+        for text in ("a", "b", "c"):
+            assert json.loads(await registry.execute("echo", {"text": text})) == {"text": text}
+        assert "Missing required parameter" in await registry.execute("greet", {})
+        assert "cannot greet today" in await registry.execute("greeter_fail", {})
+        assert "timed out" in await registry.execute("mb_hang_async", {})
+        misbehave = host.plugins["misbehave"]
+        crashed_pid = misbehave.worker.pid
+        assert "crashed" in await registry.execute("mb_crash", {"how": "exit"})
+        await wait_until(lambda: misbehave.state == PluginState.READY and misbehave.worker.pid != crashed_pid, 10,
+                         "the restart")
+        assert "Unknown tool" in await registry.execute("no_such_tool", {})
+        samples = await scrape(port)
+    calls = "qanot_host_calls_total"
+    assert value(samples, calls, plugin="echo", tool="echo", outcome="ok") == 3
+    assert value(samples, calls, plugin="greeter", tool="greet", outcome="invalid_params") == 1
+    assert value(samples, calls, plugin="greeter", tool="greeter_fail", outcome="tool_error") == 1
+    assert value(samples, calls, plugin="misbehave", tool="mb_hang_async", outcome="timeout") == 1
+    assert value(samples, calls, plugin="misbehave", tool="mb_crash", outcome="crashed") == 1
+    assert value(samples, "qanot_host_unknown_tool_calls_total") == 1
+    assert value(samples, "qanot_host_call_duration_seconds_count", plugin="echo", tool="echo") == 3
+    hung = value(samples, "qanot_host_call_duration_seconds_sum", plugin="misbehave", tool="mb_hang_async")
+    assert 0.3 <= hung < 5, hung  # its timeout, as the caller saw it
+    assert value(samples, "qanot_host_restarts_total", plugin="misbehave", reason="crashed") == 1
+    for name in ("echo", "greeter", "misbehave"):
+        assert value(samples, "qanot_host_plugin_state", plugin=name, state="ready") == 1
+        assert value(samples, "qanot_host_calls_in_flight", plugin=name) == 0
+        assert value(samples, "qanot_host_worker_memory_bytes", plugin=name) > 1e6
+        assert (("qanot_host_worker_cpu_seconds_total", (("plugin", name),)) in samples)
+    assert value(samples, "qanot_host_workers") == 3
+    assert value(samples, "qanot_host_uptime_seconds") > 0
+    assert value(samples, "qanot_host_frames_total", direction="sent") >= 8  # 8 calls, and the starts
+    assert value(samples, "qanot_host_frames_total", direction="received") >= 6
+    assert value(samples, "qanot_host_template_starts_total") == 1
+    # examples/grafana-dashboard.json asks only for series this host serves
+    families = {name for name, labels in samples}
+    assert not {name for name in dashboard_series()
+                if name not in families and re.sub(r"_(total|bucket)$", "", name) not in families}
+
+
+async def test_healthz_and_readyz_with_a_quorum(write_config):
+    port = free_port()
+    config = write_config([plugin("echo"), plugin("setup_fails")], host={"metrics": f"127.0.0.1:{port}"})
+    async with Host(config):
+        assert await asyncio.to_thread(fetch, port, "/healthz") == (200, '{"ok": true}')
+        status, body = await asyncio.to_thread(fetch, port, "/readyz")
+        assert status == 503 and json.loads(body)["not_ready"] == ["setup_fails"], body
+        assert (await asyncio.to_thread(fetch, port, "/nope"))[0] == 404
+    port = free_port()
+    config = write_config([plugin("echo"), plugin("setup_fails")], host={"metrics": f"127.0.0.1:{port}",
+                                                                           "ready_quorum": 1})
+    async with Host(config):
+        status, body = await asyncio.to_thread(fetch, port, "/readyz")
+        assert status == 200 and json.loads(body)["ready"] == 1, body
+    with pytest.raises(OSError):  # the port is closed with the host
+        await asyncio.to_thread(fetch, port, "/healthz")
+
+
+async def test_healthz_fails_when_the_event_loop_is_stuck(write_config):
+    port = free_port()
+    async with Host(write_config([plugin("echo")], host={"metrics": f"127.0.0.1:{port}"})):
+        answers: list = []
+        asking = threading.Thread(target=lambda: (time.sleep(0.2), answers.append(fetch(port, "/healthz"))))
+        asking.start()
+        time.sleep(3)  # the loop itself blocked: the probe, asked meanwhile, must say so, not hang
+        await asyncio.to_thread(asking.join, 10)
+        assert answers and answers[0][0] == 503, answers
+        assert await asyncio.to_thread(fetch, port, "/healthz") == (200, '{"ok": true}')  # and recovers
+
+
+async def test_a_taken_metrics_port_is_a_config_error_naming_the_key(write_config):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        host = Host(write_config([plugin("echo")], host={"metrics": f"127.0.0.1:{port}"}))
+        with pytest.raises(ConfigError, match=r"host\.metrics: cannot listen on 127\.0\.0\.1:\d+"):
+            await host.start()
+    assert not host.plugins  # nothing started
+
+
