@@ -1,4 +1,4 @@
-"""The `qanot-host` command: run, call, tools, check.
+"""The `qanot-host` command: run, call, tools, check, status, reload, restart, logs, chaos, completion.
 
 A user's mistake ends in one line on stderr and a non-zero exit, never a traceback.
 """
@@ -10,18 +10,22 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
 from .chaos import run_chaos
 from .check import check_config
 from .config import directory_problems, load_config
-from .control import ControlServer, control_request, socket_path
+from .control import ControlServer, control_request, follow_logs, socket_path
 from .errors import ConfigError, QanotHostError, ToolNotFound
 from .host import Host, PluginState
 from .json_objects import parse_json_object
+from .completion import completion_script
+from .log_setup import configure_logging
 from .loop import run as run_event_loop
 from .safe_files import read_regular_file
 
@@ -32,9 +36,15 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "completion":
+        print(completion_script(_parser(), args.shell))
+        return EXIT_OK
     level = args.log_level or ("INFO" if args.command == "run" else "CRITICAL")
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configure_logging(level, args.log_format, args.log_file)
+    except OSError as exc:
+        print(f"qanot-host: error: --log-file {args.log_file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
     command = COMMANDS[args.command]
     try:
         return run_event_loop(command(args) if args.command == "run" else _interruptible(command, args))
@@ -81,13 +91,19 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", default="config.json", help="path to config.json")
         cmd.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                          type=str.upper, help="log to stderr at this level")
+        cmd.add_argument("--log-format", choices=["text", "json"], default="text",
+                         help="text (default), or one JSON object a line: time, level, logger, plugin, pid, event")
+        cmd.add_argument("--log-file", help="log to this file as well, rotated at 10 MB (5 kept)")
         return cmd
 
     command("run", "start every enabled plugin and serve until SIGTERM or SIGINT")
-    call = command("call", "start the host, call one tool, print its result, stop")
+    call = command("call", "call one tool through the running host of that config, or a host of its own; "
+                           "print its result")
     call.add_argument("tool")
     call.add_argument("params", nargs="?", default="{}",
                       help="a JSON object (default {}); @FILE reads it from FILE, - from stdin")
+    call.add_argument("--standalone", action="store_true",
+                      help="start a host of its own even when one runs for this config")
     tools = command("tools", "list every tool: name, plugin, description")
     tools.add_argument("--json", action="store_true", help="print the definitions as JSON")
     check = command("check", "validate config.json and every plugin.json without running plugin code")
@@ -95,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     status = command("status", "show each plugin of a running host: state, pid, restarts, RSS, CPU, calls")
     status.add_argument("--json", action="store_true", help="print every plugin's status as JSON")
     command("reload", "make a running host read config.json again (as SIGHUP does)")
+    restart = command("restart", "restart one plugin of a running host (its calls in flight finish first)")
+    restart.add_argument("plugin")
+    logs = command("logs", "a plugin's recent output, from the running host")
+    logs.add_argument("plugin")
+    logs.add_argument("-f", "--follow", action="store_true", help="then each new line, until interrupted")
+    logs.add_argument("-n", "--lines", type=int, default=100, help="how many recent lines (default 100)")
+    completion = sub.add_parser("completion", help="print a shell completion script: "
+                                "eval \"$(qanot-host completion bash)\"")
+    completion.add_argument("shell", choices=["bash", "zsh"])
     chaos = command("chaos", "drive concurrent calls while SIGKILLing random workers; report")
     chaos.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
     chaos.add_argument("--kill-every", type=float, default=0.1, help="seconds between kills (default 0.1)")
@@ -162,14 +187,21 @@ def _reload_in_background(host: Host, tasks: set) -> None:
 def _print_ready(host: Host) -> None:
     log = logging.getLogger("qanot_host")
     for row in host.status():
+        about = {"plugin": row["plugin"]}  # --log-format json names it
         if row["state"] == PluginState.READY:
-            log.info("plugin %s: pid %s, tools: %s", row["plugin"], row["pid"], ", ".join(row["tools"]))
+            log.info("plugin %s: pid %s, tools: %s", row["plugin"], row["pid"], ", ".join(row["tools"]), extra=about)
         else:
-            log.error("plugin %s: %s: %s", row["plugin"], row["state"], row["error"])
+            log.error("plugin %s: %s: %s", row["plugin"], row["state"], row["error"], extra=about)
 
 
 async def _call(args: argparse.Namespace) -> int:
     params = _parse_params(await asyncio.to_thread(_params_text, args.params))
+    running = None if args.standalone else await _running_host(args.config)
+    if running is not None:  # counted there, and no start-up here
+        reply = await control_request(running, "call", timeout=None, tool=args.tool, params=params)
+        result = reply["result"]
+        sys.stdout.write(result if result.endswith("\n") else result + "\n")
+        return EXIT_OK
     async with Host(args.config) as host:
         try:
             result = await host.registry.invoke(args.tool, params)
@@ -184,6 +216,22 @@ async def _call(args: argparse.Namespace) -> int:
 
 
 MAX_PARAMS_FILE = 64 * 1024 * 1024  # as much as one frame to a worker can carry
+
+
+async def _running_host(config_path: str) -> str | None:
+    """The control socket of a host running with this very config.json, if one answers."""
+    try:
+        config = load_config(config_path)
+    except ConfigError:
+        return None  # the standalone host says what is wrong with it
+    path = socket_path(config.host.state_dir)
+    if not os.path.exists(path):
+        return None
+    try:
+        reply = await control_request(path, "ping", timeout=5)
+    except QanotHostError:
+        return None
+    return path if reply.get("config") == config.path else None
 
 
 def _params_text(argument: str) -> str:
@@ -261,14 +309,21 @@ async def _status(args: argparse.Namespace) -> int:
         print(json.dumps(reply["plugins"], ensure_ascii=False, indent=2))
         return EXIT_OK
     columns = ("plugin", "state", "pid", "uptime", "restarts", "rss_mb", "cpu_s", "calls", "errors",
-               "timeouts", "sandbox", "last_exit")
-    rows = [[_cell(",".join(row["sandbox"]) if c == "sandbox" else row.get(c)) for c in columns]
-            for row in reply["plugins"]]
+               "timeouts", "egress", "sandbox", "last_exit")
+    rows = [[_cell(_status_cell(row, c)) for c in columns] for row in reply["plugins"]]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return EXIT_OK
+
+
+def _status_cell(row: dict, column: str) -> object:
+    if column == "sandbox":
+        return ",".join(row["sandbox"])
+    if column == "egress":  # connections allowed/denied, where the network is narrowed to hosts
+        return f"{row['egress']['allowed']}/{row['egress']['denied']}" if row.get("egress") else None
+    return row.get(column)
 
 
 def _cell(value: object) -> str:
@@ -283,6 +338,33 @@ async def _reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _restart(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    reply = await control_request(socket_path(config.host.state_dir), "restart", timeout=None, plugin=args.plugin)
+    status = reply["status"]
+    print(f"{status['plugin']}: {status['state']}" + (f", pid {status['pid']}" if status["pid"] else "")
+          + (f": {status['error']}" if status["error"] else ""))
+    return EXIT_OK if status["state"] == PluginState.READY else EXIT_ERROR
+
+
+async def _logs(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    path = socket_path(config.host.state_dir)
+    if args.follow:
+        async for line in follow_logs(path, args.plugin, args.lines):
+            _print_log_line(line)
+        return EXIT_OK
+    for line in (await control_request(path, "logs", plugin=args.plugin, lines=args.lines))["lines"]:
+        _print_log_line(line)
+    return EXIT_OK
+
+
+def _print_log_line(line: list) -> None:
+    when, stream, text = line
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+    print(f"{stamp} {stream} {text}", flush=True)
+
+
 async def _chaos(args: argparse.Namespace) -> int:
     report = await run_chaos(args.config, args.duration, args.kill_every, args.concurrency, args.calls,
                              args.keep_restart_policy)
@@ -291,4 +373,4 @@ async def _chaos(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _run, "call": _call, "tools": _tools, "check": _check, "status": _status,
-            "reload": _reload, "chaos": _chaos}
+            "reload": _reload, "restart": _restart, "logs": _logs, "chaos": _chaos}

@@ -1,7 +1,9 @@
-"""A unix socket in state_dir through which `qanot-host status` and `reload` reach a running host.
+"""A unix socket in state_dir through which `qanot-host status`, `reload`, `restart`, `call` and
+`logs` reach a running host.
 
-One JSON request line in, one JSON reply line out. The socket is created mode 0600: whoever can
-use it can restart plugins.
+One JSON request line in, one JSON reply line out (`logs --follow`: a line for each line the plugin
+writes, until the client goes). The socket is created mode 0600: whoever can use it can call tools
+and restart plugins.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .errors import QanotHostError
+from .errors import PluginUnavailable, QanotHostError
 
 if TYPE_CHECKING:
     from .host import Host
 
-__all__ = ["ControlServer", "control_request", "socket_path"]
+__all__ = ["ControlServer", "control_request", "follow_logs", "socket_path", "NoRunningHost"]
 
 log = logging.getLogger("qanot_host.control")
-MAX_REQUEST = 65536
+MAX_REQUEST = 64 * 2**20  # a call's params may be large (a file's content); the socket is the owner's only
 
 
 def socket_path(state_dir: str) -> str:
@@ -77,15 +79,25 @@ class ControlServer:
             writer.close()
             return
         try:
-            request = json.loads(await asyncio.wait_for(reader.readline(), 5))
-            reply = await self._answer(request.get("command"))
-        except (ValueError, AttributeError, asyncio.TimeoutError) as exc:
+            request = json.loads(await asyncio.wait_for(reader.readline(), 30))
+            if not isinstance(request, dict):
+                raise ValueError("not a JSON object")
+            if request.get("command") == "logs" and request.get("follow"):
+                await self._follow(request, writer)
+                return
+            reply = await self._answer(request.get("command"), request)
+        except (ValueError, AttributeError, TypeError, asyncio.TimeoutError) as exc:
             reply = {"ok": False, "error": f"bad control request: {exc}"}
         except QanotHostError as exc:
-            reply = {"ok": False, "error": str(exc)}
+            reply = {"ok": False, "error": str(exc), "type": type(exc).__name__}
+        except (ConnectionError, asyncio.IncompleteReadError):
+            writer.close()
+            return
         try:
-            writer.write(json.dumps(reply).encode() + b"\n")
+            writer.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
             await writer.drain()
+        except ConnectionError:
+            pass  # the client went away: its answer goes nowhere
         finally:
             writer.close()
 
@@ -100,15 +112,44 @@ class ControlServer:
             return True
         return bool(lineage & self._host.worker_pids())
 
-    async def _answer(self, command: Any) -> dict[str, Any]:
+    async def _answer(self, command: Any, request: dict[str, Any]) -> dict[str, Any]:
+        host = self._host
         match command:
             case "ping":
-                return {"ok": True}
+                return {"ok": True, "config": host.config.path}
             case "status":
-                return {"ok": True, "pid": os.getpid(), "plugins": self._host.status()}
+                return {"ok": True, "pid": os.getpid(), "plugins": host.status()}
             case "reload":
-                return {"ok": True, "reload": await self._host.reload()}
+                return {"ok": True, "reload": await host.reload()}
+            case "restart":
+                return {"ok": True, "status": await host.restart_plugin(str(request.get("plugin")))}
+            case "call":
+                timeout = request.get("timeout")
+                if timeout is not None and (type(timeout) not in (int, float) or not 0 < timeout < 1e9):
+                    raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+                result = await host.registry.invoke(str(request.get("tool")), request.get("params", {}), timeout)
+                return {"ok": True, "result": result}
+            case "logs":
+                plugin = str(request.get("plugin"))
+                ring = host.logs(plugin)
+                return {"ok": True, "lines": [list(line) for line in ring.recent(int(request.get("lines") or 100))]}
         return {"ok": False, "error": f"unknown command {command!r}"}
+
+    async def _follow(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        """`logs --follow`: the last lines, then each new one, until the client closes or the host stops."""
+        ring = self._host.logs(str(request.get("plugin")))
+        seen = ring.total - min(len(ring.lines), int(request.get("lines") or 100))
+        try:
+            while True:
+                for line in ring.since(seen):
+                    writer.write(json.dumps({"ok": True, "line": list(line)}, ensure_ascii=False).encode() + b"\n")
+                seen = ring.total
+                await writer.drain()
+                await ring.changed()
+        except (ConnectionError, PluginUnavailable):
+            pass
+        finally:
+            writer.close()
 
 
 def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
@@ -120,15 +161,24 @@ def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
     return struct.unpack("3i", creds)[0]
 
 
-async def control_request(path: str, command: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Send one command to a running host; QanotHostError if none answers."""
+class NoRunningHost(QanotHostError):
+    """Nothing answers at the control socket (no host runs with that state_dir)."""
+
+
+async def _connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 5)
+        return await asyncio.wait_for(asyncio.open_unix_connection(path, limit=MAX_REQUEST), 5)
     except (OSError, asyncio.TimeoutError) as exc:
-        raise QanotHostError(f"no running qanot-host answers at {path}: "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        raise NoRunningHost(f"no running qanot-host answers at {path}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
+async def control_request(path: str, command: str, timeout: float | None = 60.0, **fields: Any) -> dict[str, Any]:
+    """Send one command to a running host; NoRunningHost if none answers, QanotHostError with the
+    host's own words if it refuses."""
+    reader, writer = await _connect(path)
     try:
-        writer.write(json.dumps({"command": command}).encode() + b"\n")
+        writer.write(json.dumps({"command": command, **fields}, ensure_ascii=False).encode() + b"\n")
         line = await asyncio.wait_for(reader.readline(), timeout)
     finally:
         writer.close()
@@ -136,3 +186,18 @@ async def control_request(path: str, command: str, timeout: float = 60.0) -> dic
     if not reply.get("ok"):
         raise QanotHostError(reply.get("error", "the host closed the control connection"))
     return reply
+
+
+async def follow_logs(path: str, plugin: str, lines: int):
+    """`logs --follow`: yields each line (time, stream, text) as the running host sends it."""
+    reader, writer = await _connect(path)
+    try:
+        writer.write(json.dumps({"command": "logs", "plugin": plugin, "lines": lines, "follow": True}).encode()
+                     + b"\n")
+        while line := await reader.readline():
+            reply = json.loads(line)
+            if not reply.get("ok"):
+                raise QanotHostError(reply.get("error", "the host refused"))
+            yield reply["line"]
+    finally:
+        writer.close()

@@ -91,6 +91,8 @@ class _ForkedWorker:
         self._pipes = [stdout[1], stderr[1]]
         self.output = OutputLimit(spec.plugin, spec.log_lines_per_second)
         self.output.redact = spec.redact
+        self.output.ring = spec.ring
+        self.output.pid = pid
         self._pumps = start_output_pumps(spec.plugin, stdout[0], stderr[0], self.output)
 
     @property

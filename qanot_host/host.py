@@ -19,9 +19,11 @@ from .config import directory_problems, load_config
 from .datadirs import workspace_problem
 from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import EnvironmentBuilder, sweep_partial_builds
-from .errors import ConfigError, PluginError, PluginStartError
+from .errors import ConfigError, PluginError, PluginStartError, PluginUnavailable
+from .fingerprint import plugin_fingerprint
 from .channel import WorkerChannel
 from .launcher import Launcher
+from .log_ring import LogRing
 from .output import printable
 from .registry import RegisteredTool, ToolRegistry
 from .sandbox_spec import withheld_permissions
@@ -60,6 +62,7 @@ class Host:
         self._monitor: asyncio.Task | None = None
         self._registration_paused = False
         self.metrics: HostMetrics | None = None  # host.metrics: Prometheus, /healthz, /readyz
+        self._fingerprints: dict[str, str] = {}  # plugin -> its directory's, when its worker started
         self.registry.explain_missing = lambda tool: self._index.explain_missing(tool, self.config, self.plugins)
 
     async def __aenter__(self) -> "Host":
@@ -138,6 +141,7 @@ class Host:
         try:
             source = self._locate(supervisor)
             await self._await_deps(supervisor, source)
+            self._fingerprints[supervisor.name] = await asyncio.to_thread(_fingerprint, source)
             await supervisor.start(await self._envs.site_dirs(supervisor.name, source.manifest.dependencies))
         except PluginError as exc:
             supervisor.fail(exc.detail)
@@ -276,6 +280,11 @@ class Host:
             old.settings_for(name) != new.settings_for(name)
             or self.plugins[name].entry != next(e for e in new.plugins if e.name == name)
             or self.plugins[name].state in (PluginState.FAILED, PluginState.EXITED))]
+        # ...and those whose code or plugin.json changed (or that are now found elsewhere)
+        for name in [n for n in wanted if n in self.plugins and n not in changed]:
+            source = await asyncio.to_thread(find_plugin, name, new)
+            if source is None or await asyncio.to_thread(_fingerprint, source) != self._fingerprints.get(name):
+                changed.append(name)
         added = [name for name in wanted if name not in self.plugins]
         await self._stop_plugins(removed + changed)
         self.config = new
@@ -346,6 +355,33 @@ class Host:
         launcher = self._factory.launcher
         return pids | (launcher.helper_pids() if launcher is not None else set())
 
+    def logs(self, plugin: str) -> LogRing:
+        """The plugin's recent output lines (PluginUnavailable naming it if it is not configured)."""
+        ring = self._factory.rings.get(plugin)
+        if ring is None:
+            if plugin not in self.plugins:
+                raise PluginUnavailable(plugin, f"no plugin {plugin!r} in {self.config.path}")
+            ring = self._factory.rings.setdefault(plugin, LogRing())
+        return ring
+
+    async def restart_plugin(self, plugin: str) -> dict[str, Any]:
+        """Restart one plugin: a running worker finishes its calls in flight first (up to its longest
+        call timeout), then is replaced; a failed or exited plugin is started anew. Its status after."""
+        supervisor = self.plugins.get(plugin)
+        if supervisor is None:
+            raise PluginUnavailable(plugin, f"no enabled plugin {plugin!r} in {self.config.path}")
+        if supervisor.state == PluginState.READY:
+            supervisor.recycle("restarted by the operator", counts=False)  # drains, then replaces it
+            await supervisor.settled.wait()
+        else:
+            await supervisor.settled.wait()  # a restart under way ends first
+            await self._stop_plugins([plugin])
+            await self._start_plugins([plugin])
+            self.plugins = {name: self.plugins[name] for name in (e.name for e in self.config.plugins)
+                            if name in self.plugins}
+        log.info("plugin %s restarted by the operator", plugin)
+        return self.plugins[plugin].status()
+
     @property
     def stopping(self) -> bool:
         return self._stopping
@@ -364,3 +400,8 @@ class Host:
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]
+
+
+def _fingerprint(source: PluginSource) -> str:
+    """Where the plugin is, and what its directory holds: a change of either restarts it at reload."""
+    return f"{source.directory}:{plugin_fingerprint(source.directory)}"

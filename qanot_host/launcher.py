@@ -21,6 +21,7 @@ import msgspec
 
 from qanot_worker import protocol as p
 
+from .log_ring import LogRing
 from .output import OutputLimit, start_output_pumps
 
 __all__ = ["LaunchSpec", "WorkerProcess", "Launcher", "SubprocessLauncher", "finish_worker_group"]
@@ -51,6 +52,7 @@ class LaunchSpec:
     namespaces: bool = False  # a PID namespace of its own, with an init that reaps it
     log_lines_per_second: float | None = None  # of its stdout and stderr into the host's log
     redact: Callable[[str], str] | None = None  # takes the plugin's secrets out of those lines
+    ring: LogRing | None = None  # where those lines are also kept, for `qanot-host logs`
 
     def request(self, request_id: int = 0) -> p.Spawn:
         return p.Spawn(request_id, self.plugin, self.cwd, self.max_frame, self.cgroup_procs, self.disk,
@@ -112,6 +114,8 @@ class _SpawnedWorker:
         self.pid = proc.pid
         self.output = OutputLimit(spec.plugin, spec.log_lines_per_second)
         self.output.redact = spec.redact
+        self.output.ring = spec.ring
+        self.output.pid = proc.pid
         self._pumps = start_output_pumps(spec.plugin, proc.stdout, proc.stderr, self.output)
 
     @property

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .log_ring import LogRing
 
 __all__ = ["start_output_pumps", "OutputLimit", "MAX_LOG_LINE", "printable", "plain_text", "one_line", "MAX_MESSAGE"]
 
@@ -36,6 +39,8 @@ class OutputLimit:
         self._reported_at = self._stamp
         self._log = logging.getLogger(f"qanot_host.plugin.{plugin}")
         self.redact: Callable[[str], str] | None = None  # the plugin's secrets out of its lines
+        self.ring: LogRing | None = None  # the plugin's recent lines, for `qanot-host logs`
+        self.pid: int | None = None  # the worker's, for the log records (--log-format json)
 
     def exhausted(self) -> bool:
         """True while not one more line may be logged."""
@@ -151,4 +156,7 @@ def _emit(log: logging.Logger, limit: OutputLimit, kind: str, line: bytes) -> No
         text = limit.redact(text)
     text = text.translate(_CONTROLS)
     if text:
-        log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", limit.plugin, kind, text)
+        if limit.ring is not None:
+            limit.ring.append(kind, text)
+        log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", limit.plugin, kind, text,
+                extra={"plugin": limit.plugin, "pid": limit.pid, "stream": kind})

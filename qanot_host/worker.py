@@ -24,6 +24,7 @@ from .egress import RESOLVER_ENV, EgressGate, EgressPolicy
 from .errors import (ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
 from .launcher import Launcher, LaunchSpec, WorkerProcess
+from .log_ring import LogRing
 from .offered import OfferedTool, kept_info, offered_tools
 from .pid_namespaces import find_in_namespace
 
@@ -56,6 +57,7 @@ class WorkerOptions:
     oom_kills: Callable[[], int] | None = None
     memory_mb: int | None = None
     redact: Callable[[str], str] | None = None  # the plugin's resolved secrets out of what is logged
+    ring: LogRing | None = None  # the plugin's recent output lines, kept for `qanot-host logs`
 
 
 class WorkerHandle:
@@ -139,7 +141,7 @@ class WorkerHandle:
                               cwd=opts.data_dir if not opts.namespaces else "/",
                               cgroup_procs=sorted(set(filter(None, sandbox.cgroups.values()))) if sandbox else [],
                               disk=opts.disk, uid=sandbox.uid if sandbox else -1, namespaces=opts.namespaces,
-                              log_lines_per_second=opts.log_lines_per_second, redact=opts.redact)
+                              log_lines_per_second=opts.log_lines_per_second, redact=opts.redact, ring=opts.ring)
             self._process = await self._launcher.launch(spec)
         except BaseException:
             os.close(host_writes)

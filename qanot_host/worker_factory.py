@@ -23,6 +23,7 @@ from .disks import DiskImages
 from .errors import PluginStartError
 from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
+from .log_ring import LogRing
 from .plugin_secrets import resolve_config_secrets
 from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable
@@ -45,6 +46,7 @@ class WorkerFactory:
         self.cgroups = Cgroups()
         self.import_root = ""
         self.workspaces: dict[str, str] = {}  # plugin -> the real path of its place in the workspace
+        self.rings: dict[str, LogRing] = {}  # plugin -> its recent output, across its workers
         state_dir = config.host.state_dir
         self._disks = DiskImages(state_dir)
         self._data = DataDirs(state_dir)
@@ -103,6 +105,7 @@ class WorkerFactory:
         except ValueError as exc:
             raise PluginStartError(name, str(exc)) from None
         options.redact = redact or None
+        options.ring = self.rings.setdefault(name, LogRing())
         config.setdefault("workspace_dir", self.config.workspace_dir)
         worker = WorkerHandle(name, self.launcher, options, supervisor.worker_exited)
         cgroups = self.cgroups.prepare(name, CgroupLimits(

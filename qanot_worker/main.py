@@ -30,6 +30,9 @@ def main(argv: list[str]) -> int:
         return 2
     read_fd, write_fd, max_frame, parent_pid, go_fd = (int(arg) for arg in argv[:5])
     _die_with_parent(parent_pid)
+    # A plugin's print() reaches the host's log (and `qanot-host logs`) when it is made, not when 8 KiB
+    # have gathered or the worker ends: stdout is a pipe, which Python would fill block by block.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     # The sandbox goes up before the event loop exists: libuv sets up an io_uring at loop creation

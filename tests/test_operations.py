@@ -136,3 +136,127 @@ def test_chaos_command_reports_and_passes(write_config):
     assert report["hung"] == "0" and report["leaked processes"] == "0" and report["leaked fds"] == "0", report
     assert lines[-1] == "PASS"
     assert int(report["workers killed"]) >= 10
+
+
+# ---- the operator's commands against a running host ------------------------------------------------
+
+def calls_of(config: str, plugin_name: str) -> int:
+    rows = json.loads(qanot_host("status", "--config", config, "--json").stdout)
+    return next(row["calls"] for row in rows if row["plugin"] == plugin_name)
+
+
+def test_call_goes_through_the_running_host_unless_standalone(write_config, running):
+    config = write_config([GREETER, plugin("echo")])
+    running(config)
+    done = qanot_host("call", "--config", config, "greet", '{"name": "x"}')
+    assert (done.returncode, done.stdout) == (0, "Salom, x!\n"), done.stderr
+    assert calls_of(config, "greeter") == 1  # counted there: it was that host's call
+    big = {"text": "y" * 200_000}  # more than one argv entry may hold: from stdin, through the socket
+    done = subprocess.run([sys.executable, "-m", "qanot_host", "call", "--config", config, "echo", "-"],
+                          input=json.dumps(big), capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout) == big, done.stderr[-500:]
+    assert_one_line_error(qanot_host("call", "--config", config, "greet", "{}"), "Missing required parameter: name")
+    assert_one_line_error(qanot_host("call", "--config", config, "nope"), "Unknown tool: nope")
+    done = qanot_host("call", "--config", config, "--standalone", "greet", '{"name": "y"}')
+    assert (done.returncode, done.stdout) == (0, "Salom, y!\n"), done.stderr
+    assert calls_of(config, "greeter") == 1  # the standalone host's call is not the running one's
+
+
+def test_restart_one_plugin_lets_its_calls_finish_and_leaves_the_others(write_config, running):
+    config = write_config([plugin("misbehave"), GREETER])
+    running(config)
+    before = {row["plugin"]: row["pid"] for row in json.loads(qanot_host("status", "--config", config, "--json").stdout)}
+    slow = subprocess.Popen([sys.executable, "-m", "qanot_host", "call", "--config", config, "mb_sleep",
+                             '{"seconds": 1.5}'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 20
+    while calls_of(config, "misbehave") < 1:  # the slow call is in flight
+        assert time.monotonic() < deadline, "the slow call never started"
+        time.sleep(0.05)
+    done = qanot_host("restart", "--config", config, "misbehave")
+    assert done.returncode == 0, done.stderr
+    out, err = slow.communicate(timeout=30)
+    assert (slow.returncode, out) == (0, "slept\n"), err  # drained, not cut
+    after = {row["plugin"]: row["pid"] for row in json.loads(qanot_host("status", "--config", config, "--json").stdout)}
+    assert done.stdout.strip() == f"misbehave: ready, pid {after['misbehave']}"
+    assert after["misbehave"] != before["misbehave"] and after["greeter"] == before["greeter"]
+    assert_one_line_error(qanot_host("restart", "--config", config, "nope"), "no enabled plugin 'nope'")
+
+
+def test_logs_of_one_plugin_and_following_them(write_config, running):
+    config = write_config([GREETER, plugin("echo")])
+    running(config)
+    assert qanot_host("call", "--config", config, "greeter_print", "{}").returncode == 0
+    done = qanot_host("logs", "--config", config, "greeter")
+    assert done.returncode == 0, done.stderr
+    assert [line.split(" ", 3)[2:] for line in done.stdout.splitlines()] == [
+        ["stdout", "hello from the plugin's stdout"], ["stderr", "hello from the plugin's stderr"]]
+    assert qanot_host("logs", "--config", config, "echo").stdout == ""
+    follower = subprocess.Popen([sys.executable, "-m", "qanot_host", "logs", "--config", config, "greeter", "-f",
+                                 "-n", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        time.sleep(0.5)  # following (a line written before it listens is in the ring either way)
+        assert qanot_host("call", "--config", config, "greeter_print", "{}").returncode == 0
+        assert follower.stdout.readline().split(" ", 3)[2:] == ["stdout", "hello from the plugin's stdout\n"]
+        assert follower.stdout.readline().split(" ", 3)[2:] == ["stderr", "hello from the plugin's stderr\n"]
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(timeout=10)
+        follower.stdout.close()
+        follower.stderr.close()
+    assert_one_line_error(qanot_host("logs", "--config", config, "nope"), "no plugin 'nope'")
+
+
+def test_json_logs_name_the_plugin_and_a_log_file_gets_them_too(write_config, tmp_path):
+    config = write_config([GREETER])
+    log_file = tmp_path / "host.log"
+    proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config, "--log-format", "json",
+                             "--log-file", str(log_file)], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(json.loads(line))  # every line is one JSON object
+            if "ready:" in lines[-1]["event"]:
+                break
+        assert qanot_host("call", "--config", config, "greeter_print", "{}").returncode == 0
+        output = json.loads(proc.stderr.readline())
+        while "stream" not in output:  # the host's own lines about the start come first
+            output = json.loads(proc.stderr.readline())
+        assert output["plugin"] == "greeter" and output["stream"] in ("stdout", "stderr"), output
+        assert output["pid"] != proc.pid and output["level"] in ("INFO", "WARNING") and output["time"], output
+        assert {"time", "level", "logger", "plugin", "pid", "event"} <= set(lines[0])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    written = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert any(entry.get("plugin") == "greeter" and entry.get("stream") for entry in written)
+    assert written[-1]["event"].startswith("stopp") or any("stopping" in e["event"] for e in written)
+
+
+def test_reload_restarts_a_plugin_whose_code_changed(write_config, running, tmp_path):
+    import shutil
+    plugins = tmp_path / "plugins"
+    shutil.copytree(Path(__file__).parent / "plugins" / "greeter", plugins / "greeter")
+    shutil.copytree(Path(__file__).parent / "plugins" / "misbehave", plugins / "misbehave")
+    config = write_config([GREETER, plugin("misbehave")], plugins_dir=str(plugins))
+    running(config)
+    assert qanot_host("reload", "--config", config).stdout.splitlines()[2] == "restarted: -"
+    code = plugins / "greeter" / "helpers.py"  # a module of the plugin's, not its plugin.py
+    code.write_text(code.read_text().replace("Salom", "Assalomu alaykum"))
+    assert qanot_host("reload", "--config", config).stdout.splitlines()[2:] == ["restarted: greeter",
+                                                                               "unchanged: misbehave"]
+    assert qanot_host("call", "--config", config, "greet", '{"name": "x"}').stdout.startswith("Assalomu alaykum")
+    (plugins / "misbehave" / "plugin.json").write_text('{"name": "misbehave", "version": "9.9"}')
+    assert qanot_host("reload", "--config", config).stdout.splitlines()[2] == "restarted: misbehave"
+
+
+def test_completion_scripts_offer_the_commands_and_options(tmp_path):
+    done = qanot_host("completion", "bash")
+    assert done.returncode == 0
+    script = tmp_path / "complete.sh"
+    script.write_text(done.stdout + '\nCOMP_WORDS=(qanot-host re); COMP_CWORD=1; _qanot_host; echo "${COMPREPLY[@]}"'
+                      '\nCOMP_WORDS=(qanot-host logs --fo); COMP_CWORD=2; _qanot_host; echo "${COMPREPLY[@]}"'
+                      '\nCOMP_WORDS=(qanot-host run --log-format ""); COMP_CWORD=3; _qanot_host; echo "${COMPREPLY[@]}"\n')
+    shown = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
+    assert shown.stdout.splitlines() == ["reload restart", "--follow", "text json"], shown.stderr
+    assert qanot_host("completion", "zsh").stdout.startswith("autoload -U +X bashcompinit && bashcompinit\n")

@@ -72,6 +72,11 @@ class QanotPlugin(Plugin):
         await asyncio.sleep(3600)
         return "woke"
 
+    @tool(name="mb_sleep", description="Answers after `seconds` (the loop stays free).", parameters=ANY)
+    async def sleep(self, params: dict) -> str:
+        await asyncio.sleep(params.get("seconds", 1.0))
+        return "slept"
+
     @tool(name="mb_hang_blocking", description="Blocks the event loop.", parameters=ANY)
     async def hang_blocking(self, params: dict) -> str:
         time.sleep(params.get("seconds", 3600))
