@@ -29,6 +29,7 @@ __all__ = ["ChaosReport", "run_chaos", "sample_params"]
 
 # What "hung" means: a call still running this long after its own timeout.
 HANG_MARGIN = 1.0
+FD_SETTLE_SECONDS = 5.0  # what the last workers' pipes may take to close before they count as leaked
 SAMPLE_VALUES = {"string": "x", "integer": 1, "number": 1.0, "boolean": True, "array": [], "object": {}}
 
 
@@ -110,7 +111,12 @@ async def run_chaos(config_path: str, duration: float, kill_every: float, concur
             *(_caller(host, names, deadline, budget, report) for _ in range(concurrency)),
             _killer(host, deadline, budget, kill_every, report))
         await _settle(host, report)
-        await asyncio.sleep(0.2)  # output pumps of the last killed workers finish
+        # Every killed worker's exit was awaited; the loop closes their pipes' transports a few turns
+        # later, and nothing signals that: the count is read until it is back, for FD_SETTLE_SECONDS.
+        for _ in range(int(FD_SETTLE_SECONDS / 0.05)):
+            if me.num_fds() <= fds_before:
+                break
+            await asyncio.sleep(0.05)
         report.leaked_fds = max(0, me.num_fds() - fds_before)
     report.seconds = time.monotonic() - started
     report.leaked_processes = len([c for c in me.children(recursive=True) if _alive(c)])

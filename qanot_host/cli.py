@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
-import logging
 import os
 import signal
 import sys
@@ -19,8 +17,8 @@ from pathlib import Path
 from . import __version__
 from .chaos import run_chaos
 from .check import check_config
-from .config import directory_problems, load_config
-from .control import ControlServer, control_request, follow_logs, socket_path
+from .config import load_config
+from .control import control_request, follow_logs, socket_path
 from .errors import ConfigError, QanotHostError, ToolNotFound
 from .host import Host, PluginState
 from .json_objects import parse_json_object
@@ -28,6 +26,7 @@ from .completion import completion_script
 from .log_setup import configure_logging
 from .loop import run as run_event_loop
 from .safe_files import read_regular_file
+from .serve import serve
 
 __all__ = ["main"]
 
@@ -128,70 +127,6 @@ def _parser() -> argparse.ArgumentParser:
     chaos.add_argument("--keep-restart-policy", action="store_true",
                        help="use config.json's restart intensity instead of lifting it")
     return parser
-
-
-async def _run(args: argparse.Namespace) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    host = Host(args.config)
-    problems = directory_problems(host.config, create=True)
-    if problems:
-        raise ConfigError(problems[0])
-    control = ControlServer(host)
-    await control.start()
-    reloads: set[asyncio.Task] = set()
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_in_background(host, reloads))
-    count = sum(e.enabled for e in host.config.plugins)
-    logging.getLogger("qanot_host").info("starting %d plugin%s from %s", count, "" if count == 1 else "s",
-                                         args.config)
-    try:
-        starting = asyncio.ensure_future(host.start())
-        await asyncio.wait([starting, asyncio.ensure_future(stop.wait())],
-                           return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            starting.result()
-            _print_ready(host)
-            # A long-lived process: what start-up made (modules, config, the registry) lives as
-            # long as the host, so the collector stops rescanning it (a full collection of a
-            # large heap stalled calls for tens of ms in the benchmarks).
-            gc.collect()
-            gc.freeze()
-            await stop.wait()
-        else:
-            starting.cancel()
-            # Let each half-started worker be stopped by its own start path before we go on.
-            await asyncio.gather(starting, return_exceptions=True)
-        logging.getLogger("qanot_host").info("stopping")
-    finally:
-        loop.remove_signal_handler(signal.SIGHUP)
-        await control.close()
-        await asyncio.gather(*reloads, return_exceptions=True)
-        await host.stop()
-    return EXIT_OK
-
-
-def _reload_in_background(host: Host, tasks: set) -> None:
-    async def reload() -> None:
-        try:
-            await host.reload()
-        except QanotHostError as exc:  # a broken config.json must not stop a running host
-            logging.getLogger("qanot_host").error("reload refused, keeping the running config: %s", exc)
-
-    task = asyncio.ensure_future(reload())
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
-
-
-def _print_ready(host: Host) -> None:
-    log = logging.getLogger("qanot_host")
-    for row in host.status():
-        about = {"plugin": row["plugin"]}  # --log-format json names it
-        if row["state"] == PluginState.READY:
-            log.info("plugin %s: pid %s, tools: %s", row["plugin"], row["pid"], ", ".join(row["tools"]), extra=about)
-        else:
-            log.error("plugin %s: %s: %s", row["plugin"], row["state"], row["error"], extra=about)
 
 
 async def _call(args: argparse.Namespace) -> int:
@@ -372,5 +307,5 @@ async def _chaos(args: argparse.Namespace) -> int:
     return EXIT_OK if report.passed() else EXIT_ERROR
 
 
-COMMANDS = {"run": _run, "call": _call, "tools": _tools, "check": _check, "status": _status,
+COMMANDS = {"run": lambda args: serve(args.config), "call": _call, "tools": _tools, "check": _check, "status": _status,
             "reload": _reload, "restart": _restart, "logs": _logs, "chaos": _chaos}

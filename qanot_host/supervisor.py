@@ -301,7 +301,15 @@ class PluginSupervisor:
         worker = self._serving()
         if worker is None:
             worker, timeout = await self._wait_for_worker(what, timeout)
-        return await worker.ask(make, timeout, what)
+        self.in_flight += 1  # a drain (a planned recycle, the host's stop) waits for it as for a call
+        if self.in_flight == 1:
+            self.idle.clear()
+        try:
+            return await worker.ask(make, timeout, what)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
 
     def _refuse_if_unavailable(self) -> None:
         """At once, and without arming a timer: a caller retrying in a loop must leave nothing behind."""

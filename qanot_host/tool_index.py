@@ -33,6 +33,7 @@ class ToolIndex:
         self._declared: dict[str, set[str] | None] = {}  # plugin -> the tools its code declares
         self._indexing: asyncio.Future | None = None
         self._built_for: Config | None = None
+        self._closed = False  # the host stopped: nothing starts a reader any more
 
     def forget(self) -> None:
         """The config changed: what was read is stale (and a read under way is dropped)."""
@@ -45,7 +46,7 @@ class ToolIndex:
     def build_if_useful(self, config: Config, plugins: dict[str, PluginSupervisor]) -> None:
         """Start reading the plugins' code, once per config, as soon as some plugin is disabled or
         failed (only then can the index explain a missing tool)."""
-        if self._built_for is config:
+        if self._built_for is config or self._closed:
             return
         if all(entry.enabled for entry in config.plugins) and \
                 all(s.state is not PluginState.FAILED for s in plugins.values()):
@@ -61,6 +62,7 @@ class ToolIndex:
             await asyncio.wait([indexing], timeout=timeout)
 
     async def close(self) -> None:
+        self._closed = True
         if self._indexing is not None:
             self._indexing.cancel()
             await asyncio.gather(self._indexing, return_exceptions=True)

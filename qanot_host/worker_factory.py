@@ -73,6 +73,13 @@ class WorkerFactory:
 
     async def spawn(self, supervisor: PluginSupervisor) -> WorkerHandle:
         """A started worker for `supervisor` (first start and every restart); PluginStartError if not."""
+        try:
+            return await self._spawn(supervisor)
+        except OSError as exc:  # the host short of something (a pipe, a directory): this plugin's start failed
+            raise PluginStartError(supervisor.name, f"its worker could not be started: "
+                                   f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}") from None
+
+    async def _spawn(self, supervisor: PluginSupervisor) -> WorkerHandle:
         settings = self.config.host
         source = supervisor.source
         assert source is not None and self.launcher is not None

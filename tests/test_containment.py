@@ -234,7 +234,7 @@ async def test_nothing_started_by_a_plugin_outlives_its_host(write_config, tmp_p
         else:
             await asyncio.sleep(0.3)  # the blocking handler is in time.sleep by now
             proc.kill()
-        gone_at = time.monotonic() + 1.0
+        gone_at = time.monotonic() + 5.0  # at once (PDEATHSIG, the cgroup); a loaded machine may lag
         while time.monotonic() < gone_at and any(alive(p) for p in ours):
             await asyncio.sleep(0.02)
         assert not [p for p in ours if alive(p)], [(p.pid, p.info["name"]) for p in ours if alive(p)]
@@ -443,7 +443,9 @@ def two_servers():
 @pytest.mark.parametrize("attack_name", ["egress_swap", "family_flip"])
 async def test_the_egress_gate_never_hands_a_decision_back_to_the_kernel(write_config, two_servers, attack_name):
     (granted, secret), servers = two_servers
+    # the attack's 2000 connects block the worker's loop: on a loaded machine, longer than a ping may wait
     config = write_config([plugin("attacker", granted_port=granted, secret_port=secret)], host={
+        "ping_interval": 300, "call_timeout": 120,
         "plugins": {"attacker": {"permissions": {"network": {"hosts": [f"127.0.0.1:{granted}"]}}}}})
     async with Host(config) as host:
         result = await attack(host, attack_name, attempts=2000)
@@ -535,7 +537,7 @@ async def test_an_unknown_tool_never_makes_the_host_parse_plugin_code(write_conf
         began = loop.time()
         for _ in range(20):
             assert "Unknown tool" in await host.registry.execute("web_search", {})
-        assert loop.time() - began < 2  # no parse in the event loop (a parse of these takes minutes)
+        assert loop.time() - began < 20  # no parse in the event loop (a parse of these takes minutes)
         assert (psutil.Process().memory_info().rss - rss) / 2**20 < 50
     report = subprocess.run([sys.executable, "-m", "qanot_host", "check", "--config",
                              write_config([plugin("astbomb")], plugins_dir=str(extra))],

@@ -142,3 +142,15 @@ def test_eager_first_steps_keep_task_semantics_on_every_python(python):
     done = subprocess.run([interpreter, "-I", "-c", EAGER_CHECK, root], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("lent task" if python == "python3.11" else "native")
+
+
+def test_the_readme_stands_alone():
+    """Every repository path the README names exists in a clone, and it links nothing outside it."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    named = {path.split(":")[0] for path in re.findall(r"`((?:qanot_host|qanot_worker|examples|benchmarks|tests|"
+                                                       r"plugins|\.ci)/[^` ]*)`", text)}
+    missing = [path for path in named if not re.search(r"[A-Z]{3,}", path) and not (ROOT / path).exists()]
+    assert named and not missing, missing
+    assert not re.search(r"\]\((?!https?://)[^)]*\.\./", text) and "../shared" not in text
+    assert (ROOT / "LICENSE").exists() and (ROOT / "CHANGELOG.md").exists()

@@ -100,7 +100,8 @@ async def test_params_are_validated_in_the_host(write_config):
 async def test_many_calls_in_flight_and_a_slow_one_blocks_none(write_config):
     async with Host(write_config([GREETER])) as host:
         slow = asyncio.ensure_future(host.registry.execute("greeter_sleep", {"seconds": 5}))
-        await asyncio.sleep(0.05)
+        sup = host.plugins["greeter"]
+        await wait_until(lambda: sup.in_flight == 1, 5, "the slow call in flight")
         fast = await asyncio.wait_for(
             asyncio.gather(*(host.registry.execute("greet", {"name": str(i)}) for i in range(200))), 4)
         assert fast == [f"Salom, {i}!" for i in range(200)]

@@ -260,3 +260,56 @@ def test_completion_scripts_offer_the_commands_and_options(tmp_path):
     shown = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
     assert shown.stdout.splitlines() == ["reload restart", "--follow", "text json"], shown.stderr
     assert qanot_host("completion", "zsh").stdout.startswith("autoload -U +X bashcompinit && bashcompinit\n")
+
+
+def test_systemd_notifications_ready_reloading_watchdog_stopping(write_config, tmp_path):
+    """`Type=notify` with WatchdogSec: what systemd would receive on NOTIFY_SOCKET."""
+    import os
+    import socket as socket_module
+    path = str(tmp_path / "notify.sock")
+    listener = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(30)
+    config = write_config([GREETER])
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config],
+                            stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    received: list[str] = []
+
+    def until(field: str) -> None:
+        while not any(field in message for message in received):
+            received.append(listener.recv(4096).decode())
+
+    try:
+        until("READY=1")
+        assert "STATUS=1 of 1 plugins ready, 10 tools" in received[-1], received
+        before = len(received)
+        until("WATCHDOG=1")
+        while sum("WATCHDOG=1" in m for m in received[before:]) < 3:  # every 0.2 s, from the loop
+            received.append(listener.recv(4096).decode())
+        proc.send_signal(signal.SIGHUP)
+        before = len(received)
+        while not any("RELOADING=1" in m for m in received[before:]):
+            received.append(listener.recv(4096).decode())
+        assert "MONOTONIC_USEC=" in next(m for m in received[before:] if "RELOADING=1" in m)
+        while not any("READY=1" in m for m in received[before:]):
+            received.append(listener.recv(4096).decode())
+        proc.send_signal(signal.SIGTERM)
+        until("STOPPING=1")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        listener.close()
+
+
+def test_the_example_service_unit_is_valid_for_systemd():
+    import shutil
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("no systemd-analyze here")
+    unit = Path(__file__).parent.parent / "examples" / "qanot-host.service"
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    # the unit names /usr/local/bin/qanot-host, which may not be installed there on this machine
+    problems = [line for line in done.stderr.splitlines() if "qanot-host.service" in line
+                and "/usr/local/bin/qanot-host" not in line and "is not executable" not in line]
+    assert not problems, done.stderr

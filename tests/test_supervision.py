@@ -39,7 +39,7 @@ async def test_crash_ends_calls_in_flight_at_once_and_restarts(write_config, how
         sup = host.plugins["misbehave"]
         first_pid = sup.worker.pid
         hanging = [asyncio.ensure_future(host.registry.execute("mb_hang_async", {})) for _ in range(5)]
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: sup.in_flight == 5, 5, "five calls in flight")
         started = time.monotonic()
         crash = await asyncio.wait_for(host.registry.execute("mb_crash", {"how": how}), 5)
         others = await asyncio.wait_for(asyncio.gather(*hanging), 5)
@@ -206,7 +206,7 @@ async def test_graceful_shutdown_finishes_calls_in_flight(write_config):
     host = Host(write_config([GREETER]))
     await host.start()
     slow = asyncio.ensure_future(host.registry.execute("greeter_sleep", {"seconds": 0.5}))
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: host.plugins["greeter"].in_flight == 1, 5, "the slow call in flight")
     stopping = asyncio.ensure_future(host.stop())
     await asyncio.sleep(0.05)
     late = await host.registry.execute("greet", {"name": "late"})
@@ -259,7 +259,7 @@ async def test_a_hundred_restarts_leak_nothing(write_config):
     me = psutil.Process()
     async with Host(write_config([misbehave()], host={"restart": {"max_restarts": 1000, "backoff_initial": 0}})) as host:
         sup = host.plugins["misbehave"]
-        await host.tool_index_ready()  # its reader's pipes are not the host's to count
+        await host.tool_index_ready()  # (none is made: every plugin runs) its reader's pipes are not the host's
         fds, threads = me.num_fds(), me.num_threads()
         for i in range(100):
             pid = sup.worker.pid
@@ -301,3 +301,25 @@ async def test_a_call_whose_caller_gave_up_is_still_cancelled_at_its_timeout(wri
         await asyncio.sleep(1.0)  # past the timeout and past when the spin would have answered
         assert sup.restarts == 0 and sup.worker.pid == pid and sup.worker.in_flight == 0
         assert await host.registry.execute("mb_ok", {}) is not None
+
+
+async def test_a_stop_waits_for_hooks_in_flight_as_for_calls(write_config):
+    """The reviewer's finding: drains counted tool calls only, so a stop (or a planned recycle) cut a
+    hook that was still running."""
+    host = Host(write_config([misbehave()]))
+    await host.start()
+    sup = host.plugins["misbehave"]
+    hook = asyncio.ensure_future(sup.hook("on_pre_turn", {"user_id": "u", "message": "sleep:0.5"}))
+    await wait_until(lambda: sup.in_flight == 1, 5, "the hook in flight")
+    await asyncio.wait_for(host.stop(), 15)
+    assert await hook == "sleep:0.5 [seen]"
+
+
+async def test_no_reader_of_plugin_code_starts_after_the_host_stopped(write_config):
+    """The reviewer's finding: an unknown tool's explanation could start the index (a child process)
+    after stop(), which nothing would end."""
+    host = Host(write_config([GREETER, plugin("echo", enabled=False)]))
+    await host.start()
+    await host.stop()
+    assert host.registry.explain_missing("echo") in ("", "its plugin echo is disabled in " + host.config.path)
+    assert not [t for t in asyncio.all_tasks() if "ToolIndex._index" in t.get_coro().__qualname__]

@@ -72,6 +72,12 @@ class QanotPlugin(Plugin):
         await asyncio.sleep(3600)
         return "woke"
 
+    async def on_pre_turn(self, user_id: str, message: str) -> str | None:
+        """A hook that takes its time when asked ("sleep:SECONDS"): drains must wait for it too."""
+        if message.startswith("sleep:"):
+            await asyncio.sleep(float(message[6:]))
+        return f"{message} [seen]"
+
     @tool(name="mb_sleep", description="Answers after `seconds` (the loop stays free).", parameters=ANY)
     async def sleep(self, params: dict) -> str:
         await asyncio.sleep(params.get("seconds", 1.0))
