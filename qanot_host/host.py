@@ -334,7 +334,7 @@ class Host:
             await self._factory.cgroups.kill(supervisor.name)
         await self._factory.close()
         if self.metrics is not None:
-            self.metrics.close()
+            await self.metrics.close()
 
     def _plugin_pids(self, supervisor: PluginSupervisor) -> list[int]:
         """The plugin's processes: its cgroup's members where it has one, else its worker's tree."""

@@ -43,6 +43,12 @@ LOOP_DEADLINE = 2.0  # what /healthz gives the event loop to answer
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0)
 IN_HOST = "(host)"  # the plugin label of a tool registered in the host itself
+# Tool names are the plugin's to choose, and a worker that restarts may choose new ones each time:
+# past this many tools with series of their own, a plugin's further tools share the tool label OTHER.
+MAX_TOOL_SERIES = 256
+OTHER = "(other)"
+MAX_CONNECTIONS = 16  # scrapes and probes served at once; more wait in the listen backlog
+IDLE_SECONDS = 10  # a connection that sends nothing for this long is closed
 
 
 def call_outcome(exc: BaseException | None) -> str:
@@ -80,6 +86,7 @@ class HostMetrics:
                                 "not a label: callers choose it)", registry=self.registry)
         self._started = time.time()
         self._cache: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._tools_of: dict[str, set[str]] = {}  # plugin -> the tools with series of their own
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,14 +101,15 @@ class HostMetrics:
         key = (plugin or IN_HOST, tool)
         children = self._cache.get(key)
         if children is None:
-            children = self._cache[key] = (self._latency.labels(*key), key)
+            labelled = self._tools_of.setdefault(key[0], set())
+            if len(labelled) >= MAX_TOOL_SERIES:
+                key = (key[0], OTHER)
+            else:
+                labelled.add(tool)
+            children = self._cache[(plugin or IN_HOST, tool)] = (self._latency.labels(*key), key)
+        key = children[1]
         children[0].observe(seconds)
         self._calls.labels(*key, call_outcome(exc)).inc()
-
-    def forget_plugin(self, plugin: str) -> None:
-        """A plugin gone from the config: its per-tool cache entries go (its counters stay, as counters do)."""
-        for key in [k for k in self._cache if k[0] == plugin]:
-            del self._cache[key]
 
     # ---- serving (a thread of its own) -----------------------------------------------------------
 
@@ -126,11 +134,12 @@ class HostMetrics:
     def port(self) -> int:
         return self._server.server_address[1] if self._server is not None else 0
 
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+    async def close(self) -> None:
+        """Off the event loop: shutdown() waits for the serving thread to notice (up to half a second)."""
+        server, self._server = self._server, None
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
 
     def _app(self, metrics_app: Callable) -> Callable:
         def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -243,10 +252,33 @@ class _HostCollector(Collector):
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once: whoever reaches the port cannot
+    make the host start threads without end."""
+
     daemon_threads = True
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = IDLE_SECONDS
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         pass  # a scrape every 15 s is not news
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
 
 import pytest
@@ -34,10 +36,15 @@ async def test_conflicting_versions_each_in_its_own_environment(write_config, wh
     assert importlib.util.find_spec("qhtest_dep") is None  # never installed into the host
 
 
-async def test_environment_is_reused_while_requirements_are_unchanged(write_config, wheels, tmp_path):
+async def test_environment_is_reused_while_requirements_are_unchanged(write_config, wheels, tmp_path, caplog):
     config = write_config([plugin("dep_v1")], host={"wheel_dir": wheels})
-    async with Host(config):
-        pass
+    caplog.set_level(logging.INFO, logger="qanot_host.environments")
+    async with Host(config) as host:
+        assert host.install_seconds()["dep_v1"] > 0
+    # an install is never silent: a line when it starts, one when it ends (time, size)
+    assert "plugin dep_v1: installing 1 dependency with uv" in caplog.text
+    assert re.search(r"plugin dep_v1: dependencies installed in \d+\.\d s \(\d+\.\d MB\)", caplog.text), caplog.text
+    caplog.clear()
     envs = tmp_path / "state" / "envs"
     [env] = [p for p in envs.iterdir() if p.is_dir()]
     built = env.stat().st_mtime_ns
@@ -45,7 +52,8 @@ async def test_environment_is_reused_while_requirements_are_unchanged(write_conf
     async with Host(config) as host:
         assert host.plugins["dep_v1"].state == PluginState.READY
     assert env.stat().st_mtime_ns == built
-    assert time.monotonic() - started < 10  # no rebuild happened (a bound, not a benchmark)
+    assert "installing" not in caplog.text  # no rebuild happened
+    assert time.monotonic() - started < 10  # (a bound, not a benchmark)
 
 
 async def test_unresolvable_requirement_fails_that_plugin_with_uvs_message(write_config, wheels):

@@ -142,3 +142,33 @@ async def test_a_taken_metrics_port_is_a_config_error_naming_the_key(write_confi
     assert not host.plugins  # nothing started
 
 
+
+
+async def test_series_stay_bounded_when_a_plugin_invents_tool_names(write_config):
+    """Tool names are the plugin's: a worker restarting with new names each time must not grow the
+    host's series without end. Past MAX_TOOL_SERIES per plugin they share the tool label "(other)"."""
+    from qanot_host.metrics import MAX_TOOL_SERIES, HostMetrics
+    host = Host(write_config([plugin("echo")]))
+    metrics = HostMetrics(host)
+    for i in range(MAX_TOOL_SERIES + 200):
+        metrics.observe_call("shapeshifter", f"tool_{i}", None, 0.001)
+    tools = {sample.labels["tool"] for family in metrics.registry.collect() if family.name == "qanot_host_calls"
+             for sample in family.samples if sample.labels.get("plugin") == "shapeshifter"}
+    assert len(tools) == MAX_TOOL_SERIES + 1 and "(other)" in tools
+
+
+async def test_idle_connections_to_the_metrics_port_take_no_more_than_their_share(write_config):
+    from qanot_host.metrics import MAX_CONNECTIONS
+    import psutil
+    port = free_port()
+    async with Host(write_config([plugin("echo")], host={"metrics": f"127.0.0.1:{port}"})):
+        threads = psutil.Process().num_threads()
+        # past the limit, connections wait in the listen backlog (5 deep), not in threads of their own
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS + 4)]
+        try:
+            await asyncio.sleep(0.5)  # whatever the server would start for them, it has started
+            assert psutil.Process().num_threads() <= threads + MAX_CONNECTIONS
+        finally:
+            for sock in idle:
+                sock.close()
+        assert await asyncio.to_thread(fetch, port, "/healthz") == (200, '{"ok": true}')

@@ -63,7 +63,7 @@ def test_status_and_reload_against_a_running_host(write_config, running):
     proc = qanot_host("status", "--config", config)
     assert proc.returncode == 0, proc.stderr
     header, *rows = proc.stdout.splitlines()
-    assert header.split()[:5] == ["PLUGIN", "STATE", "PID", "UPTIME", "RESTARTS"]
+    assert header.split()[:5] == ["PLUGIN", "STATE", "PID", "UPTIME", "RESTARTS"] and "EGRESS" in header.split()
     assert [r.split()[:2] for r in rows] == [["greeter", "ready"], ["init_style", "ready"]]
     pids = {p.pid for p in host.workers()}
     assert {int(r.split()[2]) for r in rows} == pids
