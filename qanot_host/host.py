@@ -12,17 +12,16 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import psutil
 
 from .cgroups import sweep_stale_cgroups
 from .config import directory_problems, load_config
-from .datadirs import workspace_problem
 from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import EnvironmentBuilder, sweep_partial_builds
 from .errors import ConfigError, PluginError, PluginStartError, PluginUnavailable
 from .fingerprint import plugin_fingerprint
 from .channel import WorkerChannel
 from .launcher import Launcher
+from .limits_watch import LimitsWatch
 from .log_ring import LogRing
 from .output import printable
 from .registry import RegisteredTool, ToolRegistry
@@ -41,7 +40,6 @@ __all__ = ["Host", "PluginState", "PluginSupervisor"]
 
 log = logging.getLogger("qanot_host")
 
-WORKSPACE_WALK_SPACING = 20  # a workspace walk is followed by 20 times its length without one
 
 
 class Host:
@@ -54,7 +52,6 @@ class Host:
         self.registry.timeout = self.config.host.call_timeout
         self.plugins: dict[str, PluginSupervisor] = {}
         self._index = ToolIndex()
-        self._next_walk: dict[str, float] = {}  # plugin -> when its workspace may be walked again
         self.workspace = Workspace(self.config.workspace_dir)
         self._factory = WorkerFactory(self.config, launcher)
         self._envs = self._environment_builder(self.config)
@@ -103,7 +100,9 @@ class Host:
         self._index.build_if_useful(self.config, self.plugins)  # a disabled plugin: read beside the start
         await self._start_plugins([e.name for e in self.config.plugins if e.enabled])
         self._index.build_if_useful(self.config, self.plugins)  # some failed to start
-        self._monitor = asyncio.get_running_loop().create_task(self._watch_limits())
+        watch = LimitsWatch(self._factory)
+        self._monitor = asyncio.get_running_loop().create_task(
+            watch.run(lambda: list(self.plugins.values()), lambda: self.config.host.limits_interval))
         ready = [s for s in self.plugins.values() if s.state == PluginState.READY]
         log.info("ready: %d of %d plugins, %d tools", len(ready), len(self.plugins),
                  len(self.registry.tool_names))
@@ -246,29 +245,6 @@ class Host:
 
     # ---- running ---------------------------------------------------------------------------------
 
-    async def _watch_limits(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(self.config.host.limits_interval)
-            for supervisor in list(self.plugins.values()):
-                supervisor.check_limits()
-                await self._check_workspace(supervisor)
-
-    async def _check_workspace(self, supervisor: PluginSupervisor) -> None:
-        """workspace_mb. A walk costs the host CPU in proportion to what the plugin put there (100 000
-        empty files: a third of a core, walked every second), so a plugin's next walk waits at least
-        WORKSPACE_WALK_SPACING times as long as its last one took: at most ~5% of a core each."""
-        place = self._factory.workspaces.get(supervisor.name)
-        limit = supervisor.limits.workspace_mb
-        loop = asyncio.get_running_loop()
-        if not (place and limit and supervisor.state == PluginState.READY) or \
-                loop.time() < self._next_walk.get(supervisor.name, 0.0):
-            return
-        began = loop.time()
-        problem = await asyncio.to_thread(workspace_problem, place, limit, self._plugin_pids(supervisor))
-        self._next_walk[supervisor.name] = loop.time() + WORKSPACE_WALK_SPACING * (loop.time() - began)
-        if problem:
-            supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True)
-
     async def reload(self, config: Config | None = None) -> dict[str, list[str]]:
         """Read config.json again: start new plugins, stop removed ones, restart changed ones (and
         failed ones: a reload is how an operator acts). Untouched plugins keep serving."""
@@ -335,19 +311,6 @@ class Host:
         await self._factory.close()
         if self.metrics is not None:
             await self.metrics.close()
-
-    def _plugin_pids(self, supervisor: PluginSupervisor) -> list[int]:
-        """The plugin's processes: its cgroup's members where it has one, else its worker's tree."""
-        if self._factory.cgroups.available:
-            return self._factory.cgroups.members(supervisor.name)
-        worker = supervisor.worker
-        if worker is None or not worker.pid:
-            return []
-        try:
-            root = psutil.Process(worker.pid)
-            return [root.pid, *(child.pid for child in root.children(recursive=True))]
-        except psutil.Error:
-            return []
 
     def worker_pids(self) -> set[int]:
         """Every running worker's pid, and the worker template's (they all run plugin-reachable code)."""

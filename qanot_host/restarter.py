@@ -16,7 +16,9 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["RestartPolicy", "RestartDecision"]
+from .errors import ProtocolViolation, WorkerTimeout
+
+__all__ = ["RestartPolicy", "RestartDecision", "exit_reason"]
 
 
 @dataclass
@@ -60,3 +62,14 @@ class RestartPolicy:
             delay *= 1 + random.uniform(-self.jitter, self.jitter)
         self._consecutive += 1
         return RestartDecision(True, delay=delay)
+
+
+def exit_reason(exit_error: Exception | None, recycled: bool, code: int | None) -> str:
+    """Why a worker that is being restarted ended, as the metrics' `reason` label says it."""
+    if recycled:
+        return "limit"  # over memory, CPU or workspace: recycled, and counted
+    if isinstance(exit_error, WorkerTimeout):
+        return "unresponsive"
+    if isinstance(exit_error, ProtocolViolation):
+        return "protocol_violation"
+    return "exited" if code == 0 else "crashed"

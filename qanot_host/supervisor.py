@@ -21,8 +21,8 @@ import psutil
 from qanot_worker import protocol as p
 
 from .discovery import PluginSource
-from .errors import PluginError, PluginUnavailable, ProtocolMismatch, ProtocolViolation, WorkerTimeout
-from .restarter import RestartPolicy
+from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
+from .restarter import RestartPolicy, exit_reason
 from .settings import Config, PluginEntry
 from .worker import WorkerHandle
 
@@ -143,7 +143,7 @@ class PluginSupervisor:
             return
         decision = self.policy.decide(abnormal=recycle is not None or code != 0, uptime=uptime, now=now)
         if decision.restart:
-            self.restart_reasons[_exit_reason(worker, recycle, code)] += 1
+            self.restart_reasons[exit_reason(worker.exit_error, recycle is not None, code)] += 1
             log.warning("plugin %s: worker pid %s ended (%s); restarting in %.2f s", self.name, worker.pid,
                         self.last_exit, decision.delay)
             self._schedule_restart(decision.delay)
@@ -395,14 +395,3 @@ class PluginSupervisor:
             "sandbox": list(live.report.sandbox_layers) if live else [],
             "egress": live.egress.status() if live and live.egress else None,
         }
-
-
-def _exit_reason(worker: WorkerHandle, recycle: _Recycle | None, code: int | None) -> str:
-    """Why a worker that is being restarted ended, as the metrics' `reason` label says it."""
-    if recycle is not None:
-        return "limit"  # over memory, CPU or workspace: recycled, and counted
-    if isinstance(worker.exit_error, WorkerTimeout):
-        return "unresponsive"
-    if isinstance(worker.exit_error, ProtocolViolation):
-        return "protocol_violation"
-    return "exited" if code == 0 else "crashed"
