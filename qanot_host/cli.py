@@ -103,8 +103,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="a JSON object (default {}); @FILE reads it from FILE, - from stdin")
     call.add_argument("--standalone", action="store_true",
                       help="start a host of its own even when one runs for this config")
-    tools = command("tools", "list every tool: name, plugin, description")
+    tools = command("tools", "list every tool: name, plugin, description (of the running host of that config, "
+                             "if one runs)")
     tools.add_argument("--json", action="store_true", help="print the definitions as JSON")
+    tools.add_argument("--standalone", action="store_true",
+                       help="start a host of its own even when one runs for this config")
     check = command("check", "validate config.json and every plugin.json without running plugin code")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     status = command("status", "show each plugin of a running host: state, pid, restarts, RSS, CPU, calls")
@@ -196,18 +199,22 @@ def _failed(host: Host) -> str:
 
 
 async def _tools(args: argparse.Namespace) -> int:
-    async with Host(args.config) as host:
-        failed = _failed(host)
-        if args.json:
-            print(json.dumps([dict(t.definition(), plugin=t.plugin) for t in _tools_of(host)],
-                             ensure_ascii=False, indent=2))
-        else:
-            rows = [(t.name, t.plugin or "-", (t.description.strip().splitlines() or [""])[0])
-                    for t in _tools_of(host)]
-            widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("TOOL", "PLUGIN"))]
-            print(f"{'TOOL':<{widths[0]}}  {'PLUGIN':<{widths[1]}}  DESCRIPTION")
-            for name, plugin, description in rows:
-                print(f"{name:<{widths[0]}}  {plugin:<{widths[1]}}  {description}")
+    running = None if args.standalone else await _running_host(args.config)
+    if running is not None:  # the running host's tools, as they are now; nothing starts here
+        reply = await control_request(running, "tools")
+        tools, failed = reply["tools"], reply["failed"]
+    else:
+        async with Host(args.config) as host:
+            tools = [dict(t.definition(), plugin=t.plugin) for t in _tools_of(host)]
+            failed = _failed(host)
+    if args.json:
+        print(json.dumps(tools, ensure_ascii=False, indent=2))
+    else:
+        rows = [(t["name"], t["plugin"] or "-", (t["description"].strip().splitlines() or [""])[0]) for t in tools]
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("TOOL", "PLUGIN"))]
+        print(f"{'TOOL':<{widths[0]}}  {'PLUGIN':<{widths[1]}}  DESCRIPTION")
+        for name, plugin, description in rows:
+            print(f"{name:<{widths[0]}}  {plugin:<{widths[1]}}  {description}")
     if failed:
         print(f"qanot-host: error: plugins that failed to start: {failed}", file=sys.stderr)
         return EXIT_ERROR

@@ -38,6 +38,7 @@ class ControlServer:
         self._host = host
         self._server: asyncio.AbstractServer | None = None
         self.path = socket_path(host.config.host.state_dir)
+        self._followers: set[asyncio.Task] = set()  # `logs --follow` connections, ended at close()
 
     async def start(self) -> None:
         """Listen on state_dir/control.sock; without it the host still runs, minus status/reload."""
@@ -60,6 +61,9 @@ class ControlServer:
             os.umask(old_umask)
 
     async def close(self) -> None:
+        for task in list(self._followers):
+            task.cancel()
+        await asyncio.gather(*self._followers, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -83,10 +87,18 @@ class ControlServer:
             if not isinstance(request, dict):
                 raise ValueError("not a JSON object")
             if request.get("command") == "logs" and request.get("follow"):
-                await self._follow(request, writer)
+                task = asyncio.current_task()
+                assert task is not None
+                self._followers.add(task)
+                try:
+                    await self._follow(request, reader, writer)
+                except asyncio.CancelledError:
+                    writer.close()  # the host is stopping: the follower's connection ends with it
+                finally:
+                    self._followers.discard(task)
                 return
             reply = await self._answer(request.get("command"), request)
-        except (ValueError, AttributeError, TypeError, asyncio.TimeoutError) as exc:
+        except (ValueError, AttributeError, TypeError, OverflowError, RecursionError, asyncio.TimeoutError) as exc:
             reply = {"ok": False, "error": f"bad control request: {exc}"}
         except QanotHostError as exc:
             reply = {"ok": False, "error": str(exc), "type": type(exc).__name__}
@@ -94,7 +106,13 @@ class ControlServer:
             writer.close()
             return
         try:
-            writer.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
+            # a large tool result is encoded off the loop (60 MB of escapes took it 2.7 s), and one
+            # over what a reply may carry is refused in words, not cut
+            encoded = await asyncio.to_thread(_encode, reply) if _large(reply) else _encode(reply)
+            if len(encoded) > MAX_REQUEST:
+                encoded = _encode({"ok": False, "error": f"the answer is {len(encoded)} bytes encoded, over the "
+                                   f"control socket's {MAX_REQUEST}: use `qanot-host call --standalone`"})
+            writer.write(encoded)
             await writer.drain()
         except ConnectionError:
             pass  # the client went away: its answer goes nowhere
@@ -102,7 +120,8 @@ class ControlServer:
             writer.close()
 
     def _from_worker(self, writer: asyncio.StreamWriter) -> bool:
-        """True if the peer is one of our workers or any process they started."""
+        """True if the peer is one of our workers or any process they started: by its ancestry, or
+        by its cgroup (a double-forked daemon leaves the ancestry, not its plugin's cgroup)."""
         pid = _peer_pid(writer)
         if pid is None:
             return True
@@ -110,7 +129,13 @@ class ControlServer:
             lineage = {pid, *(parent.pid for parent in psutil.Process(pid).parents())}
         except psutil.Error:
             return True
-        return bool(lineage & self._host.worker_pids())
+        if lineage & self._host.worker_pids():
+            return True
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                return f"/qanot-host-{os.getpid()}/" in f.read()
+        except OSError:
+            return True
 
     async def _answer(self, command: Any, request: dict[str, Any]) -> dict[str, Any]:
         host = self._host
@@ -132,24 +157,46 @@ class ControlServer:
             case "logs":
                 plugin = str(request.get("plugin"))
                 ring = host.logs(plugin)
-                return {"ok": True, "lines": [list(line) for line in ring.recent(int(request.get("lines") or 100))]}
+                return {"ok": True, "lines": [list(line) for line in ring.recent(int(request.get("lines", 100)))]}
+            case "tools":
+                tools = [host.registry.get(name) for name in host.registry.tool_names]
+                return {"ok": True, "tools": [dict(t.definition(), plugin=t.plugin) for t in tools if t is not None],
+                        "failed": "; ".join(f"{r['plugin']}: {r['error']}" for r in host.status()
+                                            if r["state"] != "ready")}
         return {"ok": False, "error": f"unknown command {command!r}"}
 
-    async def _follow(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
-        """`logs --follow`: the last lines, then each new one, until the client closes or the host stops."""
-        ring = self._host.logs(str(request.get("plugin")))
-        seen = ring.total - min(len(ring.lines), int(request.get("lines") or 100))
+    async def _follow(self, request: dict[str, Any], reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        """`logs --follow`: the last lines, then each new one, until the client goes (its end of the
+        socket closes: seen at once, not at the next line) or the host stops."""
+        gone = asyncio.ensure_future(reader.read())
         try:
-            while True:
+            ring = self._host.logs(str(request.get("plugin")))
+            seen = ring.total - min(len(ring.lines), int(request.get("lines", 100)))
+            while not gone.done():
                 for line in ring.since(seen):
                     writer.write(json.dumps({"ok": True, "line": list(line)}, ensure_ascii=False).encode() + b"\n")
                 seen = ring.total
                 await writer.drain()
-                await ring.changed()
-        except (ConnectionError, PluginUnavailable):
+                changed = asyncio.ensure_future(ring.changed())
+                await asyncio.wait([changed, gone], return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+        except PluginUnavailable as exc:
+            writer.write(json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n")
+        except (ConnectionError, ValueError, OverflowError, TypeError):
             pass
         finally:
+            gone.cancel()
             writer.close()
+
+
+def _large(reply: dict[str, Any]) -> bool:
+    result = reply.get("result")
+    return isinstance(result, str) and len(result) > 2**20
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply, ensure_ascii=False).encode() + b"\n"
 
 
 def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
@@ -180,6 +227,10 @@ async def control_request(path: str, command: str, timeout: float | None = 60.0,
     try:
         writer.write(json.dumps({"command": command, **fields}, ensure_ascii=False).encode() + b"\n")
         line = await asyncio.wait_for(reader.readline(), timeout)
+    except ValueError:  # a line over the limit: the host refuses those itself, so this is not ours
+        raise QanotHostError(f"the answer at {path} is over {MAX_REQUEST} bytes") from None
+    except ConnectionError as exc:
+        raise QanotHostError(f"the host at {path} closed the connection: {exc}") from None
     finally:
         writer.close()
     reply = json.loads(line or b"{}")

@@ -60,6 +60,7 @@ class Host:
         self._registration_paused = False
         self.metrics: HostMetrics | None = None  # host.metrics: Prometheus, /healthz, /readyz
         self._fingerprints: dict[str, str] = {}  # plugin -> its directory's, when its worker started
+        self._operating = asyncio.Lock()  # reload and restart_plugin: one at a time
         self.registry.explain_missing = lambda tool: self._index.explain_missing(tool, self.config, self.plugins)
 
     async def __aenter__(self) -> "Host":
@@ -247,7 +248,12 @@ class Host:
 
     async def reload(self, config: Config | None = None) -> dict[str, list[str]]:
         """Read config.json again: start new plugins, stop removed ones, restart changed ones (and
-        failed ones: a reload is how an operator acts). Untouched plugins keep serving."""
+        failed ones: a reload is how an operator acts). Untouched plugins keep serving. Reloads and
+        restarts run one at a time (two at once once started a plugin twice, one of them unseen)."""
+        async with self._operating:
+            return await self._reload(config)
+
+    async def _reload(self, config: Config | None) -> dict[str, list[str]]:
         new = config or load_config(self.config.path)
         old = self.config
         wanted = [e.name for e in new.plugins if e.enabled]
@@ -330,18 +336,19 @@ class Host:
     async def restart_plugin(self, plugin: str) -> dict[str, Any]:
         """Restart one plugin: a running worker finishes its calls in flight first (up to its longest
         call timeout), then is replaced; a failed or exited plugin is started anew. Its status after."""
-        supervisor = self.plugins.get(plugin)
-        if supervisor is None:
-            raise PluginUnavailable(plugin, f"no enabled plugin {plugin!r} in {self.config.path}")
-        if supervisor.state == PluginState.READY:
-            supervisor.recycle("restarted by the operator", counts=False)  # drains, then replaces it
-            await supervisor.settled.wait()
-        else:
-            await supervisor.settled.wait()  # a restart under way ends first
-            await self._stop_plugins([plugin])
-            await self._start_plugins([plugin])
-            self.plugins = {name: self.plugins[name] for name in (e.name for e in self.config.plugins)
-                            if name in self.plugins}
+        async with self._operating:
+            supervisor = self.plugins.get(plugin)
+            if supervisor is None:
+                raise PluginUnavailable(plugin, f"no enabled plugin {plugin!r} in {self.config.path}")
+            if supervisor.state == PluginState.READY:
+                supervisor.recycle("restarted by the operator", counts=False, label="operator")  # drains first
+                await supervisor.settled.wait()
+            else:
+                await supervisor.settled.wait()  # a restart under way ends first
+                await self._stop_plugins([plugin])
+                await self._start_plugins([plugin])
+                self.plugins = {name: self.plugins[name] for name in (e.name for e in self.config.plugins)
+                                if name in self.plugins}
         log.info("plugin %s restarted by the operator", plugin)
         return self.plugins[plugin].status()
 

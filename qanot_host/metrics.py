@@ -47,8 +47,8 @@ IN_HOST = "(host)"  # the plugin label of a tool registered in the host itself
 # past this many tools with series of their own, a plugin's further tools share the tool label OTHER.
 MAX_TOOL_SERIES = 256
 OTHER = "(other)"
-MAX_CONNECTIONS = 16  # scrapes and probes served at once; more wait in the listen backlog
-IDLE_SECONDS = 10  # a connection that sends nothing for this long is closed
+MAX_CONNECTIONS = 16  # scrapes and probes served at once; more are answered 503 at once
+CONNECTION_SECONDS = 10  # what one connection may take in all (a client trickling a header included)
 
 
 def call_outcome(exc: BaseException | None) -> str:
@@ -102,11 +102,13 @@ class HostMetrics:
         children = self._cache.get(key)
         if children is None:
             labelled = self._tools_of.setdefault(key[0], set())
-            if len(labelled) >= MAX_TOOL_SERIES:
-                key = (key[0], OTHER)
-            else:
+            if len(labelled) < MAX_TOOL_SERIES:
                 labelled.add(tool)
-            children = self._cache[(plugin or IN_HOST, tool)] = (self._latency.labels(*key), key)
+            else:  # shared, and not remembered by name: what a plugin invents costs nothing here
+                key = (key[0], OTHER)
+            children = self._cache.get(key)
+            if children is None:
+                children = self._cache[key] = (self._latency.labels(*key), key)
         key = children[1]
         children[0].observe(seconds)
         self._calls.labels(*key, call_outcome(exc)).inc()
@@ -259,25 +261,64 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
     def server_activate(self) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._deadlines: dict[Any, float] = {}  # connection -> when it is cut
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
         super().server_activate()
+        threading.Thread(target=self._cut_late, name="qanot-metrics-deadlines", daemon=True).start()
+
+    def server_close(self) -> None:
+        closing = getattr(self, "_closing", None)  # none when the bind failed, before activation
+        if closing is not None:
+            closing.set()
+        super().server_close()
+
+    def _cut_late(self) -> None:
+        """One thread for every connection's deadline (not a timer thread each)."""
+        while not self._closing.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                late = [conn for conn, deadline in self._deadlines.items() if deadline < now]
+            for conn in late:
+                try:
+                    conn.shutdown(2)  # SHUT_RDWR: the handler's read or write ends at once
+                except OSError:
+                    pass
+
+    block_on_close = False  # closing never waits on a client
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        self._slots.acquire()
+        """Never blocks the accepting thread (so close() always ends): past MAX_CONNECTIONS a client
+        gets 503 at once; each connection is cut after CONNECTION_SECONDS, however it trickles."""
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._lock:
+            self._deadlines[request] = time.monotonic() + CONNECTION_SECONDS
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._done(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._done(request)
+
+    def _done(self, request: Any) -> None:
+        with self._lock:
+            self._deadlines.pop(request, None)
+        self._slots.release()
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = IDLE_SECONDS
+    timeout = CONNECTION_SECONDS
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         pass  # a scrape every 15 s is not news

@@ -65,6 +65,25 @@ class OutputLimit:
             self.report(now)
         return allowed
 
+    def take(self, line_bytes: int) -> bool:
+        """May one line of `line_bytes` be logged now? Each KiB of a line counts as one line more
+        (log_lines_per_second counts lines: without this, 4 KiB lines, escaped to 20 KiB, filled a
+        rotated log file's whole history in a minute)."""
+        if self.rate is None:
+            return True
+        cost = 1 + line_bytes // 1024
+        self._refill()
+        if self._tokens >= cost:
+            self._tokens -= cost
+            if self._unreported:  # lines flow again: say how many were not logged
+                self.report(self._stamp)
+            return True
+        self.dropped += 1
+        self._unreported += 1
+        if self._stamp - self._reported_at >= REPORT_SECONDS:
+            self.report(self._stamp)
+        return False
+
     def _refill(self) -> float:
         now = time.monotonic()
         self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * (self.rate or 0))
@@ -109,9 +128,10 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
             if len(pending) > MAX_LOG_LINE:
                 lines.append(pending)
                 pending = b""
-            for line in lines[:limit.allow(len(lines))]:
-                _emit(log, limit, kind, line)
-        if pending and limit.allow(1):
+            for line in lines:
+                if limit.take(len(line)):
+                    _emit(log, limit, kind, line)
+        if pending and limit.take(len(pending)):
             _emit(log, limit, kind, pending)
     finally:
         limit.report()
@@ -151,9 +171,10 @@ def printable(text: str, limit: int = MAX_MESSAGE) -> str:
 
 
 def _emit(log: logging.Logger, limit: OutputLimit, kind: str, line: bytes) -> None:
-    text = line[:MAX_LOG_LINE].decode("utf-8", errors="replace").rstrip()
-    if limit.redact is not None:
+    text = line.decode("utf-8", errors="replace").rstrip()
+    if limit.redact is not None:  # before the cut: a secret across it would leak its start
         text = limit.redact(text)
+    text = text[:MAX_LOG_LINE]
     text = text.translate(_CONTROLS)
     if text:
         if limit.ring is not None:

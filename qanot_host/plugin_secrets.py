@@ -15,6 +15,7 @@ does not put it in the host's log).
 
 from __future__ import annotations
 
+import json
 import errno
 import logging
 import os
@@ -58,9 +59,17 @@ class Redactor:
     """Replaces each secret value in a text with a placeholder naming its config key."""
 
     def __init__(self, secrets: dict[str, str] | None = None) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
-        self._secrets = sorted(((value, key) for key, value in (secrets or {}).items() if len(value) >= MIN_REDACTED),
-                               key=lambda pair: -len(pair[0]))
+        # Each secret as a plugin may print it by accident: as it is, escaped as repr() and JSON escape
+        # it (print(config), json.dumps(config)), and, for a secret of several lines, each line (output
+        # is logged line by line). Longest first, so a secret that contains another is replaced whole.
+        forms: dict[str, str] = {}
+        for key, value in (secrets or {}).items():
+            variants = {value, repr(value)[1:-1], json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+            variants |= {line for line in value.splitlines() if len(line.strip()) >= MIN_REDACTED}
+            for variant in variants:
+                if len(variant) >= MIN_REDACTED:
+                    forms.setdefault(variant, key)
+        self._secrets = sorted(forms.items(), key=lambda pair: -len(pair[0]))
 
     def __bool__(self) -> bool:
         return bool(self._secrets)

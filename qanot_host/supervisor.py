@@ -49,6 +49,7 @@ class PluginState(enum.StrEnum):
 class _Recycle:
     reason: str
     counts: bool  # toward the restart intensity (a limit breach does; max_calls does not)
+    label: str = "recycled"  # the metrics' restart reason when it does not count ("operator": restart PLUGIN)
 
 
 class PluginSupervisor:
@@ -138,7 +139,7 @@ class PluginSupervisor:
             self.last_exit = f"recycled: {recycle.reason}"
         uptime = now - worker.started_at if worker.started_at else 0.0
         if recycle is not None and not recycle.counts:
-            self.restart_reasons["recycled"] += 1
+            self.restart_reasons[recycle.label] += 1
             self._schedule_restart(0.0)
             return
         decision = self.policy.decide(abnormal=recycle is not None or code != 0, uptime=uptime, now=now)
@@ -189,13 +190,13 @@ class PluginSupervisor:
                     self.worker.pid, old_pid, 1000 * self.recoveries[-1])
         self._became_ready()
 
-    def recycle(self, reason: str, counts: bool) -> None:
+    def recycle(self, reason: str, counts: bool, label: str = "recycled") -> None:
         """Replace a running worker on purpose: teardown() is tried, then the worker is killed."""
         worker = self.worker
         if self.state != PluginState.READY or worker is None or self._recycling is not None:
             return
         log.warning("plugin %s: recycling worker pid %s: %s", self.name, worker.pid, reason)
-        self._recycling = _Recycle(reason, counts)
+        self._recycling = _Recycle(reason, counts, label)
         self.state = PluginState.RESTARTING
         self.settled.clear()
         asyncio.get_running_loop().create_task(self._recycle(worker, reason, drain=not counts))

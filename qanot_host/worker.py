@@ -116,6 +116,9 @@ class WorkerHandle:
         hello = await self._handshake()
         self.report = hello
         self._plugin_pid = self._find_plugin_pid(hello.pid)
+        output = getattr(self._process, "output", None)
+        if output is not None and self._plugin_pid:
+            output.pid = self._plugin_pid  # its lines name the worker, not its namespace's init
         if hello.egress_fd >= 0:
             self._take_egress_listener(hello.egress_fd)
         self.info = kept_info(await self._ask(

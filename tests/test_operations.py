@@ -222,7 +222,8 @@ def test_json_logs_name_the_plugin_and_a_log_file_gets_them_too(write_config, tm
         while "stream" not in output:  # the host's own lines about the start come first
             output = json.loads(proc.stderr.readline())
         assert output["plugin"] == "greeter" and output["stream"] in ("stdout", "stderr"), output
-        assert output["pid"] != proc.pid and output["level"] in ("INFO", "WARNING") and output["time"], output
+        worker_pid = json.loads(qanot_host("status", "--config", config, "--json").stdout)[0]["pid"]
+        assert output["pid"] == worker_pid and output["level"] in ("INFO", "WARNING") and output["time"], output
         assert {"time", "level", "logger", "plugin", "pid", "event"} <= set(lines[0])
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -78,6 +78,11 @@ class QanotPlugin(Plugin):
             await asyncio.sleep(float(message[6:]))
         return f"{message} [seen]"
 
+    @tool(name="mb_print", description="Prints `text` to stdout as it is.", parameters=ANY)
+    async def print_text(self, params: dict) -> str:
+        print(params["text"])
+        return "printed"
+
     @tool(name="mb_sleep", description="Answers after `seconds` (the loop stays free).", parameters=ANY)
     async def sleep(self, params: dict) -> str:
         await asyncio.sleep(params.get("seconds", 1.0))

@@ -1,0 +1,152 @@
+"""The operator's surface under hostile use, as the eighth attacker and a newcomer found it: the metrics
+port against slow clients, the control socket's followers and large answers, concurrent reloads,
+secrets in a plugin's output, and output that floods in bytes rather than lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+
+import pytest
+
+from qanot_host import Host, PluginState
+from qanot_host.control import ControlServer, control_request, follow_logs
+from qanot_host.output import OutputLimit
+
+from .conftest import GREETER, plugin, wait_until, worker_processes
+from .test_metrics import fetch, free_port
+
+
+async def test_slow_clients_neither_freeze_the_metrics_port_nor_hang_the_stop(write_config, monkeypatch):
+    import qanot_host.metrics as metrics
+    monkeypatch.setattr(metrics, "CONNECTION_SECONDS", 1.0)
+    port = free_port()
+    host = Host(write_config([plugin("echo")], host={"metrics": f"127.0.0.1:{port}"}))
+    await host.start()
+    stop_trickling = threading.Event()
+
+    def trickle() -> None:  # a header line every 0.2 s, never finishing the request
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+                while not stop_trickling.wait(0.2):
+                    sock.sendall(b"X-Slow: 1\r\n")
+        except OSError:
+            pass  # cut by the host: as it should be
+
+    clients = [threading.Thread(target=trickle) for _ in range(2 * metrics.MAX_CONNECTIONS)]
+    try:
+        for client in clients:
+            client.start()
+        await asyncio.sleep(0.3)
+        status, _ = await asyncio.to_thread(fetch, port, "/healthz")  # every slot may be taken: 503 at once
+        assert status in (200, 503)
+        await asyncio.sleep(1.5)  # past CONNECTION_SECONDS, the trickling ones are cut
+        assert await asyncio.to_thread(fetch, port, "/healthz") == (200, '{"ok": true}')
+    finally:
+        await asyncio.wait_for(host.stop(), 10)  # while clients still trickle
+        stop_trickling.set()
+        for client in clients:
+            await asyncio.to_thread(client.join, 10)
+
+
+async def test_concurrent_reloads_and_restarts_never_start_a_plugin_twice(write_config):
+    config = write_config([GREETER, plugin("echo")])
+    async with Host(config) as host:
+        results = await asyncio.gather(host.reload(), host.reload(), host.restart_plugin("greeter"),
+                                       host.reload(), host.restart_plugin("greeter"), return_exceptions=True)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert all(r["added"] == [] for r in results if isinstance(r, dict) and "added" in r), results
+        await wait_until(lambda: all(s.state == PluginState.READY for s in host.plugins.values()), 10, "ready")
+        assert sorted(p.pid for p in worker_processes()) == sorted(s.worker.pid for s in host.plugins.values())
+
+
+async def test_secrets_are_redacted_in_the_forms_a_plugin_prints_them(write_config, monkeypatch):
+    secret = 'p"a\\ss\nword-SECRET-42'
+    monkeypatch.setenv("QH_OPERATOR_SECRET", secret)
+    config = write_config([plugin("misbehave", token={"env": "QH_OPERATOR_SECRET"})])
+    async with Host(config) as host:
+        printed = [repr({"token": secret}), json.dumps({"token": secret}), secret, "x" * 4090 + secret]
+        for text in printed:
+            assert await host.registry.execute("mb_print", {"text": text}) == "printed"
+        ring = host.logs("misbehave")
+        await wait_until(lambda: ring.total >= 6, 10, "the printed lines")
+        logged = "\n".join(text for _, _, text in ring.recent(100))
+    for form in ("SECRET-42", "word-SECRET", 'p"a', "p\\\"a"):
+        assert form not in logged, logged[:2000]
+    assert "[secret config.token]" in logged
+
+
+async def test_followers_end_when_their_client_goes_and_when_the_host_stops(write_config):
+    host = Host(write_config([plugin("misbehave")]))
+    await host.start()
+    control = ControlServer(host)
+    await control.start()
+    try:
+        lines = follow_logs(control.path, "misbehave", 0)
+        reading = asyncio.ensure_future(lines.__anext__())
+        await wait_until(lambda: len(control._followers) == 1, 10, "a follower")
+        assert await host.registry.execute("mb_print", {"text": "hello"}) == "printed"
+        assert (await asyncio.wait_for(reading, 10))[1:] == ["stdout", "hello"]
+        await lines.aclose()  # the client goes: seen at once, with no line written to it
+        await wait_until(lambda: not control._followers, 10, "the follower gone")
+        still = follow_logs(control.path, "misbehave", 0)
+        waiting = asyncio.ensure_future(still.__anext__())
+        await wait_until(lambda: len(control._followers) == 1, 10, "another follower")
+    finally:
+        await asyncio.wait_for(control.close(), 10)  # ends the live follower; no traceback, no hang
+        await host.stop()
+    with pytest.raises((StopAsyncIteration, Exception)):
+        await asyncio.wait_for(waiting, 10)
+
+
+async def test_an_answer_too_large_for_the_control_socket_is_refused_in_words(write_config, monkeypatch):
+    import qanot_host.control as control_module
+    monkeypatch.setattr(control_module, "MAX_REQUEST", 1 << 20)
+    host = Host(write_config([GREETER]))
+    await host.start()
+    control = ControlServer(host)
+    await control.start()
+    try:
+        small = await control_request(control.path, "call", tool="greeter_big", params={"size": 1000})
+        assert small["result"] == "x" * 1000
+        with pytest.raises(Exception, match="over the control socket's 1048576: use `qanot-host call --standalone`"):
+            await control_request(control.path, "call", tool="greeter_big", params={"size": 2 << 20})
+        for request in ('{"command": "logs", "plugin": "greeter", "lines": Infinity}', "[[[[" * 5000, "7"):
+            reader, writer = await asyncio.open_unix_connection(control.path)
+            writer.write(request.encode() + b"\n")
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 10))
+            writer.close()
+            assert reply["ok"] is False and "bad control request" in reply["error"], reply
+    finally:
+        await control.close()
+        await host.stop()
+
+
+def test_output_is_limited_by_its_bytes_not_only_its_lines(caplog):
+    limit = OutputLimit("flood", lines_per_second=10)
+    long_lines = sum(limit.take(4096) for _ in range(100))  # each costs 5 lines
+    short = OutputLimit("calm", lines_per_second=10)
+    short_lines = sum(short.take(10) for _ in range(100))
+    assert long_lines * 4 <= short_lines, (long_lines, short_lines)
+    assert limit.dropped == 100 - long_lines
+
+
+def test_log_file_is_private_and_json_lines_name_the_worker(tmp_path):
+    import os
+    from qanot_host.log_setup import configure_logging
+    path = tmp_path / "host.log"
+    path.write_text("")
+    os.chmod(path, 0o644)
+    try:
+        configure_logging("INFO", "json", str(path))
+        logging.getLogger("qanot_host.plugin.x").info("[x stdout] hi", extra={"plugin": "x", "pid": 4242,
+                                                                               "stream": "stdout"})
+    finally:
+        logging.basicConfig(force=True, handlers=[logging.NullHandler()])
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    entry = json.loads(path.read_text().splitlines()[-1])
+    assert (entry["plugin"], entry["pid"], entry["stream"]) == ("x", 4242, "stdout")
