@@ -3,12 +3,20 @@
 The public surface is what this module exports; everything else is internal and may change.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-try:
-    __version__ = version("qanot-host")
-except PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> Any:
+    """`__version__`, read from the installed package's metadata when asked (importlib.metadata is 35
+    ms of every command's start otherwise)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'qanot_host' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("qanot-host")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
 
 from .config import load_config  # noqa: E402
 from .errors import (ConfigError, DependencyError, InvalidParams, PluginError, PluginStartError,  # noqa: E402

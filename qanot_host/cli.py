@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
 from .chaos import run_chaos
 from .check import check_config
 from .config import load_config
@@ -79,10 +78,20 @@ async def _interruptible(command, args: argparse.Namespace) -> int:
             loop.remove_signal_handler(sig)
 
 
+class _Version(argparse.Action):
+    """--version, read from the package's metadata only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from . import __version__
+        print(f"qanot-host {__version__}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qanot-host", description="Run Qanot plugins, each in its "
                                      "own sandboxed worker process.")
-    parser.add_argument("--version", action="version", version=f"qanot-host {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -774,7 +774,7 @@ async def test_reading_a_plugins_code_costs_the_host_nothing(write_config, tmp_p
     a child process of bounded memory now."""
     extra = tmp_path / "extra"
     shutil.copytree(FIXTURE_PLUGINS / "greeter", extra / "greeter")
-    (extra / "greeter" / "junk.py").write_text("x = " + "a," * 400_000 + "a\n")  # ~500 MB parsed in the host
+    (extra / "greeter" / "junk.py").write_text("x = " + "a," * 300_000 + "a\n")  # ~360 MB parsed in the host
     # a disabled plugin: the index of declared tools is of use, and is made at start and at reload
     config = write_config([GREETER, plugin("echo", enabled=False)], plugins_dir=str(extra))
     with open("/proc/self/clear_refs", "w") as f:

@@ -104,7 +104,7 @@ async def scenario(config: str, payload: bytes, then: str) -> None:
         assert sup.restarts == 1
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=payloads, then=st.sampled_from(["sleep", "exit"]))
 @example(payload=pong_for_the_call(), then="sleep")  # the call it answers must not hang
 def test_hostile_worker_is_killed_and_replaced(tmp_path, payload, then):
