@@ -129,7 +129,7 @@ def _running(process: psutil.Process) -> bool:
 
 def test_chaos_command_reports_and_passes(write_config):
     config = write_config([GREETER, plugin("echo"), plugin("calc"), plugin("init_style")])
-    proc = qanot_host("chaos", "--config", config, "--duration", "3", "--kill-every", "0.1", timeout=120)
+    proc = qanot_host("chaos", "--config", config, "--duration", "2", "--kill-every", "0.1", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     report = dict(line.rsplit(None, 1) for line in lines[:-1] if not line.startswith("recovery"))
@@ -314,3 +314,24 @@ def test_the_example_service_unit_is_valid_for_systemd():
     problems = [line for line in done.stderr.splitlines() if "qanot-host.service" in line
                 and "/usr/local/bin/qanot-host" not in line and "is not executable" not in line]
     assert not problems, done.stderr
+
+
+def test_the_container_recipe_runs_what_it_says(tmp_path):
+    """examples/Dockerfile, as far as a machine without a Docker engine can check it: the config.json it
+    writes is one the host takes, its CMD is one the command parses, and its HEALTHCHECK asks /healthz
+    on the port that config serves metrics on."""
+    import re
+    import shlex
+    from qanot_host.cli import _parser
+    from qanot_host.config import parse_config
+    recipe = (Path(__file__).parent.parent / "examples" / "Dockerfile").read_text()
+    written = re.search(r"printf '%s\\n' (.*?) > /etc/qanot-host/config.json", recipe, re.S).group(1)
+    text = "\n".join(shlex.split(written.replace("\\\n", " ")))
+    config = parse_config(text, str(tmp_path / "config.json"))
+    assert [e.name for e in config.plugins] == ["echo", "calc"] and config.host.metrics == "0.0.0.0:9464"
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.*)$", recipe, re.M).group(1))
+    command = json.loads(re.search(r"^CMD (.*)$", recipe, re.M).group(1))
+    assert entrypoint == ["qanot-host"]
+    args = _parser().parse_args(command)
+    assert (args.command, args.config, args.log_format) == ("run", "/etc/qanot-host/config.json", "json")
+    assert "http://127.0.0.1:9464/healthz" in re.search(r"^HEALTHCHECK .*$", recipe, re.M).group(0)
