@@ -155,7 +155,8 @@ class Host:
             return
         worker = supervisor.worker
         assert worker is not None  # start() returned: it has one
-        log.info("plugin %s ready (pid %s, %d tools)", supervisor.name, worker.pid, len(worker.tools))
+        log.info("plugin %s ready (pid %s, %d tools)", supervisor.name, worker.pid, len(worker.tools),
+                 extra={"plugin": supervisor.name})
 
     def _locate(self, supervisor: PluginSupervisor) -> PluginSource:
         source = supervisor.source
@@ -284,7 +285,8 @@ class Host:
         self._index.build_if_useful(new, self.plugins)
         summary = {"added": added, "removed": removed, "restarted": changed,
                    "unchanged": [n for n in wanted if n not in changed and n not in added]}
-        log.info("reloaded %s: %s", new.path, summary)
+        log.info("reloaded %s: %s", new.path,
+                 "; ".join(f"{key} {', '.join(names) or '-'}" for key, names in summary.items()))
         return summary
 
     async def _stop_plugins(self, names: list[str]) -> None:

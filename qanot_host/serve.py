@@ -61,6 +61,7 @@ async def serve(config_path: str) -> int:
         await asyncio.gather(*reloads, return_exceptions=True)
         await host.stop()
         await systemd.close()
+    log.info("stopped")
     return 0
 
 
