@@ -33,11 +33,21 @@ class _CALL:
     """The reply type a tool call expects: Result, settled as its value string."""
 
 
-class WorkerChannel(asyncio.Protocol):
-    # Frames through every channel of this process (the metrics read them): a sum, not a per-channel figure.
-    frames_sent = 0
-    frames_received = 0
+class FrameCount:
+    """Frames through every channel of this process (the metrics read them). An instance, not class
+    attributes of the channel: writing a class attribute at every frame invalidated the interpreter's
+    attribute caches for every channel, and cost a fifth of the throughput at 64 calls in flight."""
 
+    __slots__ = ("sent", "received")
+
+    def __init__(self) -> None:
+        self.sent = self.received = 0
+
+
+FRAMES = FrameCount()
+
+
+class WorkerChannel(asyncio.Protocol):
     def __init__(self, plugin: str, max_frame: int, on_lost: Callable[[PluginError | None], None],
                  on_abandoned: Callable[[int, str], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -155,7 +165,7 @@ class WorkerChannel(asyncio.Protocol):
         FrameTooLarge: nothing was sent."""
         self._posted += 1
         self._outbox.post(message, hold=self._turn_flush_pending)
-        WorkerChannel.frames_sent += 1
+        FRAMES.sent += 1
         if not self._turn_flush_pending:
             # Calls come in waves (the replies of one read wake their callers together): size
             # this turn's chunks by the last turn's wave.
@@ -176,7 +186,7 @@ class WorkerChannel(asyncio.Protocol):
         self.last_heard = self._loop.time()
         try:
             for frame in self._frames.feed(data):
-                WorkerChannel.frames_received += 1
+                FRAMES.received += 1
                 self._deliver(self._decoder.decode(frame))
         except (p.FrameTooLarge, msgspec.DecodeError) as exc:
             self.close(ProtocolViolation(self._plugin, f"bad frame from the worker: {exc}"))

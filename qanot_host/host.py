@@ -19,7 +19,7 @@ from .discovery import PluginSource, find_plugin, manifest_problems, manifest_wa
 from .environments import EnvironmentBuilder, sweep_partial_builds
 from .errors import ConfigError, PluginError, PluginStartError, PluginUnavailable
 from .fingerprint import plugin_fingerprint
-from .channel import WorkerChannel
+from .channel import FRAMES
 from .launcher import Launcher
 from .limits_watch import LimitsWatch
 from .log_ring import LogRing
@@ -365,7 +365,7 @@ class Host:
     @staticmethod
     def frame_counts() -> tuple[int, int]:
         """Protocol frames (sent, received) through every worker channel of this process."""
-        return WorkerChannel.frames_sent, WorkerChannel.frames_received
+        return FRAMES.sent, FRAMES.received
 
     def template_starts(self) -> int:
         return getattr(self._factory.launcher, "template_starts", 0)
