@@ -174,10 +174,13 @@ class ControlServer:
             ring = self._host.logs(str(request.get("plugin")))
             seen = ring.total - min(len(ring.lines), int(request.get("lines", 100)))
             while not gone.done():
-                for line in ring.since(seen):
+                upto, batch = ring.total, ring.since(seen)
+                for line in batch:  # a line at a time: a client that does not read holds one, not the ring
                     writer.write(json.dumps({"ok": True, "line": list(line)}, ensure_ascii=False).encode() + b"\n")
-                seen = ring.total
-                await writer.drain()
+                    await writer.drain()
+                seen = upto
+                if ring.total > seen:
+                    continue  # lines came while it wrote
                 changed = asyncio.ensure_future(ring.changed())
                 await asyncio.wait([changed, gone], return_when=asyncio.FIRST_COMPLETED)
                 changed.cancel()

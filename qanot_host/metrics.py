@@ -311,6 +311,11 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
         finally:
             self._done(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client cut at its deadline, or gone: not worth a traceback on the host's stderr (which
+        anyone reaching the port could otherwise fill, past --log-format json)."""
+        log.debug("metrics: a connection from %s ended badly", client_address, exc_info=True)
+
     def _done(self, request: Any) -> None:
         with self._lock:
             self._deadlines.pop(request, None)

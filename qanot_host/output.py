@@ -41,14 +41,15 @@ class OutputLimit:
         self.redact: Callable[[str], str] | None = None  # the plugin's secrets out of its lines
         self.ring: LogRing | None = None  # the plugin's recent lines, for `qanot-host logs`
         self.pid: int | None = None  # the worker's, for the log records (--log-format json)
+        self._need = 1.0  # tokens the reader waits for: the cost of the last line refused
 
     def exhausted(self) -> bool:
-        """True while not one more line may be logged."""
-        return self.rate is not None and self._refill() < 1
+        """True while not one more line may be logged (one as long as the last refused one)."""
+        return self.rate is not None and self._refill() < self._need
 
     def until_next(self) -> float:
-        """Seconds until one more line may be logged."""
-        return max(0.01, (1 - self._tokens) / self.rate) if self.rate else 0.0
+        """Seconds until one more line may be logged (one as long as the last refused one)."""
+        return max(0.01, (self._need - self._tokens) / self.rate) if self.rate else 0.0
 
     def allow(self, lines: int) -> int:
         """How many of `lines` may be logged now; the rest are counted as dropped."""
@@ -75,9 +76,11 @@ class OutputLimit:
         self._refill()
         if self._tokens >= cost:
             self._tokens -= cost
+            self._need = 1.0
             if self._unreported:  # lines flow again: say how many were not logged
                 self.report(self._stamp)
             return True
+        self._need = min(cost, self.capacity)  # the reader waits for this much before reading on
         self.dropped += 1
         self._unreported += 1
         if self._stamp - self._reported_at >= REPORT_SECONDS:
@@ -106,10 +109,17 @@ def start_output_pumps(plugin: str, stdout: asyncio.StreamReader | None, stderr:
             asyncio.ensure_future(_pump(stderr, log, limit, "stderr"))]
 
 
+# What of a line longer than MAX_LOG_LINE is kept to redact before the cut: a secret that starts
+# before the cut ends within it (redacted whole), and nothing after the cut is ever logged, so no tail of
+# a secret is either.
+REDACT_MARGIN = 64 * 1024
+
+
 async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit: OutputLimit, kind: str) -> None:
     if stream is None:
         return
     pending = b""
+    skipping = False  # inside a line that was cut or dropped: nothing more of it is logged
     try:
         while True:
             if limit.exhausted():
@@ -119,20 +129,28 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
             chunk = await stream.read(65536)
             if not chunk:
                 break
-            if limit.exhausted():  # still over: count the lines, do not split them
-                limit.allow(chunk.count(b"\n") or 1)
-                pending = b""
+            if skipping:  # the rest of a line already cut or dropped
+                end = chunk.find(b"\n")
+                if end < 0:
+                    continue
+                chunk, skipping = chunk[end + 1:], False
+            if limit.exhausted():  # still over: count the lines, do not split them; and a part of a
+                limit.allow(chunk.count(b"\n") or 1)  # line is never logged (it could start mid-secret)
+                pending, skipping = b"", not chunk.endswith(b"\n")
                 continue
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
-            if len(pending) > MAX_LOG_LINE:
-                lines.append(pending)
-                pending = b""
+            if len(pending) > MAX_LOG_LINE + REDACT_MARGIN:
+                lines.append(pending)  # logged as its head; the rest of the line is skipped
+                pending, skipping = b"", True
             for line in lines:
-                if limit.take(len(line)):
-                    _emit(log, limit, kind, line)
-        if pending and limit.take(len(pending)):
-            _emit(log, limit, kind, pending)
+                text = _prepare(limit, line)
+                if text and limit.take(len(text)):
+                    _log(log, limit, kind, text)
+        if pending:
+            text = _prepare(limit, pending)
+            if text and limit.take(len(text)):
+                _log(log, limit, kind, text)
     finally:
         limit.report()
 
@@ -170,14 +188,17 @@ def printable(text: str, limit: int = MAX_MESSAGE) -> str:
     return text.translate(_CONTROLS)
 
 
-def _emit(log: logging.Logger, limit: OutputLimit, kind: str, line: bytes) -> None:
+def _prepare(limit: OutputLimit, line: bytes) -> str:
+    """A line as it is logged: secrets out (before the cut: a secret across it would leak its start),
+    at most MAX_LOG_LINE characters, control characters escaped."""
     text = line.decode("utf-8", errors="replace").rstrip()
-    if limit.redact is not None:  # before the cut: a secret across it would leak its start
+    if limit.redact is not None:
         text = limit.redact(text)
-    text = text[:MAX_LOG_LINE]
-    text = text.translate(_CONTROLS)
-    if text:
-        if limit.ring is not None:
-            limit.ring.append(kind, text)
-        log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", limit.plugin, kind, text,
-                extra={"plugin": limit.plugin, "pid": limit.pid, "stream": kind})
+    return text[:MAX_LOG_LINE].translate(_CONTROLS)
+
+
+def _log(log: logging.Logger, limit: OutputLimit, kind: str, text: str) -> None:
+    if limit.ring is not None:
+        limit.ring.append(kind, text)
+    log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", limit.plugin, kind, text,
+            extra={"plugin": limit.plugin, "pid": limit.pid, "stream": kind})

@@ -16,6 +16,7 @@ does not put it in the host's log).
 from __future__ import annotations
 
 import json
+from urllib.parse import quote, quote_plus
 import errno
 import logging
 import os
@@ -59,12 +60,16 @@ class Redactor:
     """Replaces each secret value in a text with a placeholder naming its config key."""
 
     def __init__(self, secrets: dict[str, str] | None = None) -> None:
-        # Each secret as a plugin may print it by accident: as it is, escaped as repr() and JSON escape
-        # it (print(config), json.dumps(config)), and, for a secret of several lines, each line (output
-        # is logged line by line). Longest first, so a secret that contains another is replaced whole.
+        # Each secret as a plugin may print it by accident: as it is; escaped as repr(), ascii(), a
+        # bytes repr and JSON escape it (print(config), json.dumps(config), JSON inside JSON); quoted
+        # as in a URL (a database DSN); and, for a secret of several lines, each line (output is
+        # logged line by line). Longest first, so a secret that contains another is replaced whole.
         forms: dict[str, str] = {}
         for key, value in (secrets or {}).items():
-            variants = {value, repr(value)[1:-1], json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+            once = json.dumps(value)[1:-1]
+            variants = {value, repr(value)[1:-1], ascii(value)[1:-1], repr(value.encode())[2:-1], once,
+                        json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(once)[1:-1],
+                        quote(value, safe=""), quote_plus(value), quote(value)}
             variants |= {line for line in value.splitlines() if len(line.strip()) >= MIN_REDACTED}
             for variant in variants:
                 if len(variant) >= MIN_REDACTED:

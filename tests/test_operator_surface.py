@@ -150,3 +150,34 @@ def test_log_file_is_private_and_json_lines_name_the_worker(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o600
     entry = json.loads(path.read_text().splitlines()[-1])
     assert (entry["plugin"], entry["pid"], entry["stream"]) == ("x", 4242, "stdout")
+
+
+async def test_a_flood_never_logs_part_of_a_line_and_waits_for_what_a_long_line_costs(write_config, monkeypatch):
+    """The ninth attacker: a plugin printing its config in a loop, over its rate, leaked secret tails
+    (a dropped chunk left the next "line" starting mid-line), as did a secret across a 64 KiB read of a
+    long line; and 4 KiB lines were read and dropped at full speed (no backpressure)."""
+    secret = "Z" * 20 + "-SECRET-TAIL-0123456789"
+    monkeypatch.setenv("QH_FLOOD_SECRET", secret)
+    config = write_config([plugin("misbehave", token={"env": "QH_FLOOD_SECRET"})],
+                          host={"limits": {"log_lines_per_second": 20}})
+    async with Host(config) as host:
+        line = "tokens: " + " ".join([secret] * 70)  # wherever a chunk is cut, it is inside a secret
+        assert await host.registry.execute("mb_print", {"text": "\n".join([line] * 400)}) == "printed"
+        long_line = " ".join([secret] * 6000)  # 260 KB: every 64 KiB read ends inside a secret
+        assert await host.registry.execute("mb_print", {"text": long_line}) == "printed"
+        ring = host.logs("misbehave")
+        await asyncio.sleep(1.0)
+        logged = "\n".join(text for _, _, text in ring.recent(1000))
+    pieces = {secret[k:k + 6] for k in range(len(secret) - 5)}  # any six characters of it in a row
+    leaked = [t[:120] for t in logged.splitlines() if any(piece in t for piece in pieces)]
+    assert not leaked and "[secret config.token]" in logged, leaked[:3]
+
+
+def test_secrets_in_the_escaped_forms_plugins_print(monkeypatch):
+    import urllib.parse
+    from qanot_host.plugin_secrets import Redactor
+    secret = 'pä"ss/w:rd@1\\x'
+    redact = Redactor({"password": secret})
+    for printed in (ascii(secret), repr(secret.encode()), json.dumps(json.dumps({"p": secret})),
+                    "mysql://u:" + urllib.parse.quote(secret, safe="") + "@db/x", urllib.parse.quote_plus(secret)):
+        assert "[secret config.password]" in redact(printed) and "rd@1" not in redact(printed), printed
