@@ -292,7 +292,9 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
         gets 503 at once; each connection is cut after CONNECTION_SECONDS, however it trickles."""
         if not self._slots.acquire(blocking=False):
             try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: 53\r\n\r\n"
+                                b'{"ok": false, "error": "too many connections (16)"}\r\n')
             except OSError:
                 pass
             self.shutdown_request(request)
