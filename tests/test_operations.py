@@ -155,8 +155,7 @@ def test_call_goes_through_the_running_host_unless_standalone(write_config, runn
     done = subprocess.run([sys.executable, "-m", "qanot_host", "call", "--config", config, "echo", "-"],
                           input=json.dumps(big), capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0 and json.loads(done.stdout) == big, done.stderr[-500:]
-    assert_one_line_error(qanot_host("call", "--config", config, "greet", "{}"), "Missing required parameter: name")
-    assert_one_line_error(qanot_host("call", "--config", config, "nope"), "Unknown tool: nope")
+    assert_one_line_error(qanot_host("call", "--config", config, "nope"), "Unknown tool: nope")  # the host's words
     done = qanot_host("call", "--config", config, "--standalone", "greet", '{"name": "y"}')
     assert (done.returncode, done.stdout) == (0, "Salom, y!\n"), done.stderr
     assert calls_of(config, "greeter") == 1  # the standalone host's call is not the running one's

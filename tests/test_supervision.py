@@ -255,18 +255,18 @@ async def test_reload_starts_stops_restarts_and_keeps_untouched_serving(write_co
         assert list(host.plugins) == ["greeter", "echo", "calc"]
 
 
-async def test_a_hundred_restarts_leak_nothing(write_config):
+async def test_sixty_restarts_leak_nothing(write_config):
     me = psutil.Process()
     async with Host(write_config([misbehave()], host={"restart": {"max_restarts": 1000, "backoff_initial": 0}})) as host:
         sup = host.plugins["misbehave"]
         await host.tool_index_ready()  # (none is made: every plugin runs) its reader's pipes are not the host's
         fds, threads = me.num_fds(), me.num_threads()
-        for i in range(100):
+        for i in range(60):  # a leak of one descriptor or thread a restart shows at any count
             pid = sup.worker.pid
             os.kill(pid, signal.SIGKILL)
             await wait_until(lambda pid=pid: sup.state == PluginState.READY and sup.worker.pid != pid, 10,
                              f"restart {i}")
-        assert sup.restarts == 100
+        assert sup.restarts == 60
         # the last worker's output pipes close a moment after its exit: wait for that, then count exactly
         await wait_until(lambda: me.num_fds() == fds and me.num_threads() == threads, 5,
                          f"the host back to {fds} fds and {threads} threads")
