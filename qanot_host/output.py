@@ -51,21 +51,6 @@ class OutputLimit:
         """Seconds until one more line may be logged (one as long as the last refused one)."""
         return max(0.01, (self._need - self._tokens) / self.rate) if self.rate else 0.0
 
-    def allow(self, lines: int) -> int:
-        """How many of `lines` may be logged now; the rest are counted as dropped."""
-        if self.rate is None:
-            return lines
-        self._refill()
-        now = self._stamp
-        allowed = min(lines, int(self._tokens))
-        self._tokens -= allowed
-        if allowed < lines:
-            self.dropped += lines - allowed
-            self._unreported += lines - allowed
-        if self._unreported and (allowed == lines or now - self._reported_at >= REPORT_SECONDS):
-            self.report(now)
-        return allowed
-
     def take(self, line_bytes: int) -> bool:
         """May one line of `line_bytes` be logged now? Each KiB of a line counts as one line more
         (log_lines_per_second counts lines: without this, 4 KiB lines, escaped to 20 KiB, filled a
@@ -81,11 +66,15 @@ class OutputLimit:
                 self.report(self._stamp)
             return True
         self._need = min(cost, self.capacity)  # the reader waits for this much before reading on
-        self.dropped += 1
-        self._unreported += 1
+        self.drop(1)
+        return False
+
+    def drop(self, lines: int) -> None:
+        """`lines` not logged: counted, and said every REPORT_SECONDS while it goes on."""
+        self.dropped += lines
+        self._unreported += lines
         if self._stamp - self._reported_at >= REPORT_SECONDS:
             self.report(self._stamp)
-        return False
 
     def _refill(self) -> float:
         now = time.monotonic()
@@ -135,7 +124,7 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
                     continue
                 chunk, skipping = chunk[end + 1:], False
             if limit.exhausted():  # still over: count the lines, do not split them; and a part of a
-                limit.allow(chunk.count(b"\n") or 1)  # line is never logged (it could start mid-secret)
+                limit.drop(chunk.count(b"\n") or 1)  # line is never logged (it could start mid-secret)
                 pending, skipping = b"", not chunk.endswith(b"\n")
                 continue
             lines = (pending + chunk).split(b"\n")
