@@ -155,9 +155,9 @@ async def _call(args: argparse.Namespace) -> int:
         except ToolNotFound as exc:
             await host.tool_index_ready()  # made in the background: it may say why by now
             missing = ToolNotFound(exc.tool, host.registry.explain_missing(exc.tool))
-            if "(" in str(missing) or not _failed(host):
+            if "(" in str(missing) or not host.not_ready():
                 raise missing from None  # the registry knew why (a disabled or failed plugin's tool)
-            raise QanotHostError(f"{missing} (plugins that failed to start: {_failed(host)})") from None
+            raise QanotHostError(f"{missing} (plugins that failed to start: {host.not_ready()})") from None
     sys.stdout.write(result if result.endswith("\n") else result + "\n")
     return EXIT_OK
 
@@ -202,11 +202,6 @@ def _parse_params(text: str) -> dict:
         raise QanotHostError(str(exc)) from None
 
 
-def _failed(host: Host) -> str:
-    return "; ".join(f"{r['plugin']}: {r['error']}" for r in host.status()
-                     if r["state"] != PluginState.READY)
-
-
 async def _tools(args: argparse.Namespace) -> int:
     running = None if args.standalone else await _running_host(args.config)
     if running is not None:  # the running host's tools, as they are now; nothing starts here
@@ -214,8 +209,8 @@ async def _tools(args: argparse.Namespace) -> int:
         tools, failed = reply["tools"], reply["failed"]
     else:
         async with Host(args.config) as host:
-            tools = [dict(t.definition(), plugin=t.plugin) for t in _tools_of(host)]
-            failed = _failed(host)
+            tools = host.tool_definitions()
+            failed = host.not_ready()
     if args.json:
         print(json.dumps(tools, ensure_ascii=False, indent=2))
     else:
@@ -228,10 +223,6 @@ async def _tools(args: argparse.Namespace) -> int:
         print(f"qanot-host: error: plugins that failed to start: {failed}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
-
-
-def _tools_of(host: Host):
-    return [host.registry.get(name) for name in host.registry.tool_names]
 
 
 async def _check(args: argparse.Namespace) -> int:

@@ -159,10 +159,7 @@ class ControlServer:
                 ring = host.logs(plugin)
                 return {"ok": True, "lines": [list(line) for line in ring.recent(int(request.get("lines", 100)))]}
             case "tools":
-                tools = [host.registry.get(name) for name in host.registry.tool_names]
-                return {"ok": True, "tools": [dict(t.definition(), plugin=t.plugin) for t in tools if t is not None],
-                        "failed": "; ".join(f"{r['plugin']}: {r['error']}" for r in host.status()
-                                            if r["state"] != "ready")}
+                return {"ok": True, "tools": host.tool_definitions(), "failed": host.not_ready()}
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     async def _follow(self, request: dict[str, Any], reader: asyncio.StreamReader,
@@ -176,7 +173,7 @@ class ControlServer:
             while not gone.done():
                 upto, batch = ring.total, ring.since(seen)
                 for line in batch:  # a line at a time: a client that does not read holds one, not the ring
-                    writer.write(json.dumps({"ok": True, "line": list(line)}, ensure_ascii=False).encode() + b"\n")
+                    writer.write(_encode({"ok": True, "line": list(line)}))
                     await writer.drain()
                 seen = upto
                 if ring.total > seen:
@@ -185,7 +182,7 @@ class ControlServer:
                 await asyncio.wait([changed, gone], return_when=asyncio.FIRST_COMPLETED)
                 changed.cancel()
         except PluginUnavailable as exc:
-            writer.write(json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n")
+            writer.write(_encode({"ok": False, "error": str(exc)}))
         except (ConnectionError, ValueError, OverflowError, TypeError):
             pass
         finally:

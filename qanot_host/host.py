@@ -370,6 +370,16 @@ class Host:
     def template_starts(self) -> int:
         return getattr(self._factory.launcher, "template_starts", 0)
 
+    def tool_definitions(self) -> list[dict[str, Any]]:
+        """Every registered tool as Qanot defines it, with the plugin that offers it (None: the host's)."""
+        tools = (self.registry.get(name) for name in self.registry.tool_names)
+        return [dict(tool.definition(), plugin=tool.plugin) for tool in tools if tool is not None]
+
+    def not_ready(self) -> str:
+        """"NAME: why; ..." for each plugin that is not ready ("" when all are)."""
+        return "; ".join(f"{row['plugin']}: {row['error']}" for row in self.status()
+                         if row["state"] != PluginState.READY)
+
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]
 
