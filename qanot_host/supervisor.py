@@ -266,9 +266,7 @@ class PluginSupervisor:
         if worker is None:
             worker, timeout = await self._wait_for_worker(f"tool {tool}", timeout)
         self.calls += 1
-        self.in_flight += 1
-        if self.in_flight == 1:
-            self.idle.clear()
+        self._began()
         self._calls_since_start += 1
         try:
             return await worker.call(tool, params, timeout)
@@ -281,9 +279,7 @@ class PluginSupervisor:
             self.errors += 1
             raise
         finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self.idle.set()
+            self._ended()
             max_calls = self.limits.max_calls
             if max_calls and self._calls_since_start >= max_calls:
                 self.recycle(f"served max_calls={max_calls} calls", counts=False)
@@ -302,15 +298,22 @@ class PluginSupervisor:
         worker = self._serving()
         if worker is None:
             worker, timeout = await self._wait_for_worker(what, timeout)
-        self.in_flight += 1  # a drain (a planned recycle, the host's stop) waits for it as for a call
-        if self.in_flight == 1:
-            self.idle.clear()
+        self._began()  # a drain (a planned recycle, the host's stop) waits for it as for a call
         try:
             return await worker.ask(make, timeout, what)
         finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self.idle.set()
+            self._ended()
+
+    def _began(self) -> None:
+        """One more call, hook or command in flight: `idle`, which drains wait on, is clear."""
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self.idle.clear()
+
+    def _ended(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.idle.set()
 
     def _refuse_if_unavailable(self) -> None:
         """At once, and without arming a timer: a caller retrying in a loop must leave nothing behind."""
