@@ -123,6 +123,8 @@ class Host:
                                           self._factory, self._register_tools)
             self.plugins[name] = supervisor
             fresh.append(supervisor)
+        # in config.json's order, as status lists them (a plugin started anew takes its own place)
+        self.plugins = {e.name: self.plugins[e.name] for e in self.config.plugins if e.name in self.plugins}
         # config.json order decides tool-name conflicts: hold registration until all have started
         self._registration_paused = True
         try:
@@ -265,8 +267,8 @@ class Host:
             or self.plugins[name].state in (PluginState.FAILED, PluginState.EXITED))]
         # ...and those whose code or plugin.json changed (or that are now found elsewhere)
         for name in [n for n in wanted if n in self.plugins and n not in changed]:
-            source = await asyncio.to_thread(find_plugin, name, new)
-            if source is None or await asyncio.to_thread(_fingerprint, source) != self._fingerprints.get(name):
+            now = await asyncio.to_thread(_current_fingerprint, name, new)
+            if now is None or now != self._fingerprints.get(name):
                 changed.append(name)
         added = [name for name in wanted if name not in self.plugins]
         await self._stop_plugins(removed + changed)
@@ -281,7 +283,6 @@ class Host:
             supervisor.rebind(new)
         self._index.forget()
         await self._start_plugins([name for name in wanted if name in changed or name in added])
-        self.plugins = {name: self.plugins[name] for name in wanted}
         self._index.build_if_useful(new, self.plugins)
         summary = {"added": added, "removed": removed, "restarted": changed,
                    "unchanged": [n for n in wanted if n not in changed and n not in added]}
@@ -349,8 +350,6 @@ class Host:
                 await supervisor.settled.wait()  # a restart under way ends first
                 await self._stop_plugins([plugin])
                 await self._start_plugins([plugin])
-                self.plugins = {name: self.plugins[name] for name in (e.name for e in self.config.plugins)
-                                if name in self.plugins}
         log.info("plugin %s restarted by the operator", plugin)
         return self.plugins[plugin].status()
 
@@ -387,3 +386,9 @@ class Host:
 def _fingerprint(source: PluginSource) -> str:
     """Where the plugin is, and what its directory holds: a change of either restarts it at reload."""
     return f"{source.directory}:{plugin_fingerprint(source.directory)}"
+
+
+def _current_fingerprint(plugin: str, config: Config) -> str | None:
+    """The plugin's fingerprint as it is found now under `config` (None: it is not found)."""
+    source = find_plugin(plugin, config)
+    return _fingerprint(source) if source is not None else None
