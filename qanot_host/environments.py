@@ -63,14 +63,15 @@ def find_uv() -> str | None:
 
 class EnvironmentBuilder:
     def __init__(self, state_dir: str, wheel_dir: str | None, offline: bool, timeout: float,
-                 index_url: str | None = None) -> None:
+                 index_url: str | None = None, install_seconds: dict[str, float] | None = None) -> None:
         self._root = os.path.join(state_dir, "envs")
         self._wheel_dir = wheel_dir
         self._index_url = index_url
         self._offline = offline
         self._timeout = timeout
         self._locks: dict[str, asyncio.Lock] = {}
-        self.install_seconds: dict[str, float] = {}  # plugin -> time its environments took to build, in all
+        # plugin -> time its environments took to build, in all (the caller's dict, kept across builders)
+        self.install_seconds: dict[str, float] = install_seconds if install_seconds is not None else {}
 
     async def site_dirs(self, plugin: str, requirements: list[str]) -> list[str]:
         """The site-packages directories the plugin's worker adds; [] for a plugin with no deps."""

@@ -54,6 +54,7 @@ class Host:
         self._index = ToolIndex()
         self.workspace = Workspace(self.config.workspace_dir)
         self._factory = WorkerFactory(self.config, launcher)
+        self._install_seconds: dict[str, float] = {}  # plugin -> its environments' build time, across reloads
         self._envs = self._environment_builder(self.config)
         self._stopping = False
         self._monitor: asyncio.Task | None = None
@@ -70,11 +71,10 @@ class Host:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    @staticmethod
-    def _environment_builder(config: Config) -> EnvironmentBuilder:
+    def _environment_builder(self, config: Config) -> EnvironmentBuilder:
         settings = config.host
         return EnvironmentBuilder(settings.state_dir, settings.wheel_dir, settings.offline,
-                                  settings.install_timeout, settings.index_url)
+                                  settings.install_timeout, settings.index_url, self._install_seconds)
 
     # ---- start -----------------------------------------------------------------------------------
 
@@ -275,9 +275,7 @@ class Host:
         self.config = new
         self.registry.timeout = new.host.call_timeout
         self.workspace = Workspace(new.workspace_dir)
-        installed = self._envs.install_seconds
         self._envs = self._environment_builder(new)
-        self._envs.install_seconds = installed
         self._factory.config = new
         for supervisor in self.plugins.values():
             supervisor.rebind(new)
@@ -359,7 +357,7 @@ class Host:
 
     def install_seconds(self) -> dict[str, float]:
         """Per plugin, the time its dependency environments took to build, since the host started."""
-        return dict(self._envs.install_seconds)
+        return dict(self._install_seconds)
 
     @staticmethod
     def frame_counts() -> tuple[int, int]:

@@ -176,16 +176,17 @@ class ToolRegistry:
 
     async def _observed(self, name: str, params: dict[str, Any], timeout: float | None) -> Any:
         """A call, timed and told to the observer however it ends."""
+        observer = self.observer
+        assert observer is not None  # only called with one
         began = time.perf_counter()
         known = self._tools.get(name) if isinstance(name, str) else None
+        plugin = known.plugin if known else None
         try:
             result = await self._dispatch(self._checked(name, params), params, timeout)
         except BaseException as exc:
-            if self.observer is not None:
-                self.observer(known.plugin if known else None, name, exc, time.perf_counter() - began)
+            observer(plugin, name, exc, time.perf_counter() - began)
             raise
-        if self.observer is not None:
-            self.observer(known.plugin if known else None, name, None, time.perf_counter() - began)
+        observer(plugin, name, None, time.perf_counter() - began)
         return result
 
     def _dispatch(self, tool: RegisteredTool, params: dict[str, Any], timeout: float | None) -> Awaitable[Any]:
