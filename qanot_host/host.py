@@ -348,8 +348,9 @@ class Host:
                 await supervisor.settled.wait()  # a restart under way ends first
                 await self._stop_plugins([plugin])
                 await self._start_plugins([plugin])
-        log.info("plugin %s restarted by the operator", plugin)
-        return self.plugins[plugin].status()
+        status = self.plugins[plugin].status()
+        log.info("plugin %s restarted by the operator: %s", plugin, status["state"])
+        return status
 
     @property
     def stopping(self) -> bool:
