@@ -15,13 +15,18 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import DependencyError
+
+if TYPE_CHECKING:
+    from .source_builds import SourceBuilds
 
 log = logging.getLogger("qanot_host.environments")
 
@@ -30,6 +35,15 @@ __all__ = ["EnvironmentBuilder", "find_uv", "requirement_problem", "sweep_partia
 COMPLETE_MARK = ".qanot-host-env.json"
 MAX_REQUIREMENT = 500  # characters of one plugin.json dependency (name, extras, versions, markers)
 MAX_REQUIREMENTS = 100  # dependencies of one plugin
+MAX_SOURCE_BUILDS = 10  # projects one environment may need built from source
+# uv's word for a project it found no wheel of (with --no-build)
+NEEDS_BUILD = re.compile(r"Wheels are required for `([^`]+)` because building from source is disabled")
+
+
+class UvFailed(DependencyError):
+    def __init__(self, plugin: str, detail: str, output: str) -> None:
+        super().__init__(plugin, detail)
+        self.output = output
 
 
 def requirement_problem(entry: object) -> str | None:
@@ -72,9 +86,14 @@ class EnvironmentBuilder:
         self._locks: dict[str, asyncio.Lock] = {}
         # plugin -> time its environments took to build, in all (the caller's dict, kept across builders)
         self.install_seconds: dict[str, float] = install_seconds if install_seconds is not None else {}
+        # builds an sdist-only dependency in a sandboxed build job; None: such a dependency fails
+        self.source_builds: SourceBuilds | None = None
+        self._state_dir = state_dir
 
-    async def site_dirs(self, plugin: str, requirements: list[str]) -> list[str]:
-        """The site-packages directories the plugin's worker adds; [] for a plugin with no deps."""
+    async def site_dirs(self, plugin: str, requirements: list[str], from_source: bool = True) -> list[str]:
+        """The site-packages directories the plugin's worker adds; [] for a plugin with no deps.
+        `from_source`: a dependency with no wheel is built from its sdist in the sandbox (never for
+        a build job's own requirements: no build within a build)."""
         if not requirements:
             return []
         if len(requirements) > MAX_REQUIREMENTS:
@@ -88,7 +107,7 @@ class EnvironmentBuilder:
         lock = self._locks.setdefault(env_dir, asyncio.Lock())
         async with lock:
             if not os.path.exists(os.path.join(env_dir, COMPLETE_MARK)):
-                await self._build_locked(plugin, env_dir, requirements)
+                await self._build_locked(plugin, env_dir, requirements, from_source)
         return _site_packages(env_dir)
 
     def _key(self, requirements: list[str]) -> str:
@@ -96,18 +115,18 @@ class EnvironmentBuilder:
                                self._offline, self._index_url])
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
-    async def _build_locked(self, plugin: str, env_dir: str, requirements: list[str]) -> None:
+    async def _build_locked(self, plugin: str, env_dir: str, requirements: list[str], from_source: bool) -> None:
         os.makedirs(self._root, exist_ok=True)
         lock_file = await asyncio.to_thread(open, env_dir + ".lock", "w")
         try:
             # Another host process may be building the same environment: wait for it.
             await asyncio.to_thread(fcntl.flock, lock_file, fcntl.LOCK_EX)
             if not os.path.exists(os.path.join(env_dir, COMPLETE_MARK)):
-                await self._build(plugin, env_dir, requirements)
+                await self._build(plugin, env_dir, requirements, from_source)
         finally:
             lock_file.close()
 
-    async def _build(self, plugin: str, env_dir: str, requirements: list[str]) -> None:
+    async def _build(self, plugin: str, env_dir: str, requirements: list[str], from_source: bool) -> None:
         uv = find_uv()
         if uv is None:
             raise DependencyError(plugin, "needs dependencies but uv is not installed (pip install uv)")
@@ -120,9 +139,9 @@ class EnvironmentBuilder:
         verbosity = "--verbose" if log.isEnabledFor(logging.DEBUG) else "--quiet"
         try:
             await self._uv(plugin, [uv, "venv", "--quiet", "--python", sys.executable, scratch])
-            await self._uv(plugin, [uv, "pip", "install", verbosity, "--python",
-                                    os.path.join(scratch, "bin", "python"), "--link-mode", "copy",
-                                    *self._index_args(), *requirements])
+            await self._install(plugin, [uv, "pip", "install", verbosity, "--python",
+                                         os.path.join(scratch, "bin", "python"), "--link-mode", "copy"],
+                                requirements, from_source)
             mark = json.dumps({"plugin": plugin, "requirements": requirements})
             await asyncio.to_thread(Path(scratch, COMPLETE_MARK).write_text, mark)
             await asyncio.to_thread(shutil.rmtree, env_dir, True)
@@ -134,6 +153,45 @@ class EnvironmentBuilder:
         size = await asyncio.to_thread(_tree_bytes, env_dir)
         log.info("plugin %s: dependencies installed in %.1f s (%.1f MB)", plugin, seconds, size / 2**20)
         self._remove_stale(plugin, env_dir)
+
+    async def _install(self, plugin: str, install: list[str], requirements: list[str], from_source: bool) -> None:
+        """uv, wheels only; each project uv finds no wheel of is built from source in the sandbox
+        (source_builds.py) and uv tries again with that wheel."""
+        built_dir = os.path.join(self._state_dir, "built-wheels", plugin)
+        built: set[str] = set()
+        while True:
+            extra = ["--find-links", built_dir] if os.path.isdir(built_dir) else []
+            try:
+                await self._uv(plugin, [*install, *self._index_args(), *extra, *requirements])
+                return
+            except UvFailed as exc:
+                match = NEEDS_BUILD.search(exc.output)
+                if match is None or not from_source or self.source_builds is None:
+                    raise
+                project = match.group(1)
+                if project in built:  # built, and uv still wants another: the built one does not fit
+                    raise
+                if len(built) >= MAX_SOURCE_BUILDS:
+                    raise DependencyError(plugin, f"more than {MAX_SOURCE_BUILDS} dependencies need building "
+                                                  f"from source; {project} is one too many") from None
+            built.add(project)
+            await self._build_from_source(plugin, project, requirements, built_dir)
+
+    async def _build_from_source(self, plugin: str, project: str, requirements: list[str], built_dir: str) -> None:
+        from .sdists import SdistNotFound, find_sdist, wanted_versions
+        assert self.source_builds is not None
+        sdist_dir = os.path.join(self._state_dir, "sdists", plugin)
+        await asyncio.to_thread(_fresh_directory, sdist_dir)
+        try:
+            sdist = await asyncio.to_thread(
+                find_sdist, project, wanted_versions(project, requirements), sdist_dir, wheel_dir=self._wheel_dir,
+                index_url=self._index_url, offline=self._offline, timeout=min(self._timeout, 60.0))
+        except SdistNotFound as exc:
+            raise DependencyError(plugin, str(exc)) from None
+        try:
+            await self.source_builds.wheel(plugin, sdist, built_dir)
+        finally:
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, sdist_dir, True))
 
     def _index_args(self) -> list[str]:
         args = ["--no-build"]  # wheels only: building an sdist runs its code in the host, unsandboxed
@@ -165,7 +223,7 @@ class EnvironmentBuilder:
                 log.debug("plugin %s: uv: %s", plugin, line)
         if proc.returncode != 0:
             text = " ".join(output.decode(errors="replace").split())
-            raise DependencyError(plugin, f"installing dependencies failed: {text[-4000:]}")
+            raise UvFailed(plugin, f"installing dependencies failed: {text[-4000:]}", output.decode(errors="replace"))
 
     def _remove_stale(self, plugin: str, keep: str) -> None:
         """Environments of older requirement lists of this plugin are dead weight."""
@@ -176,6 +234,13 @@ class EnvironmentBuilder:
                     os.unlink(path + ".lock")
                 except FileNotFoundError:
                     pass
+
+
+def _fresh_directory(path: str) -> None:
+    """An empty directory only the host writes, that a build job's uid may read."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, mode=0o755)
+    os.chmod(path, 0o755)
 
 
 def _tree_bytes(path: str) -> int:

@@ -28,6 +28,7 @@ from .registry import RegisteredTool, ToolRegistry
 from .sandbox_spec import withheld_permissions
 from .schema import SchemaError
 from .settings import Config
+from .source_builds import SourceBuilds
 from .supervisor import PluginState, PluginSupervisor
 from .tool_index import INDEX_TIMEOUT, ToolIndex
 from .worker_factory import WorkerFactory
@@ -73,8 +74,10 @@ class Host:
 
     def _environment_builder(self, config: Config) -> EnvironmentBuilder:
         settings = config.host
-        return EnvironmentBuilder(settings.state_dir, settings.wheel_dir, settings.offline,
+        envs = EnvironmentBuilder(settings.state_dir, settings.wheel_dir, settings.offline,
                                   settings.install_timeout, settings.index_url, self._install_seconds)
+        envs.source_builds = SourceBuilds(self._factory, config, envs)
+        return envs
 
     # ---- start -----------------------------------------------------------------------------------
 

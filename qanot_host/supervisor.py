@@ -225,6 +225,11 @@ class PluginSupervisor:
             self.state = PluginState.STOPPED
         self.settled.set()
 
+    @property
+    def config(self) -> Config:
+        """The config its workers are made from: the host's (a build job's adds the job itself)."""
+        return self._config
+
     def rebind(self, config: Config) -> None:
         """A reload left this plugin untouched: later calls use the new config's host defaults."""
         self._config = config

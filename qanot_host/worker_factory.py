@@ -80,7 +80,8 @@ class WorkerFactory:
                                    f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}") from None
 
     async def _spawn(self, supervisor: PluginSupervisor) -> WorkerHandle:
-        settings = self.config.host
+        config = supervisor.config  # the host's, or a build job's (the host's plus itself)
+        settings = config.host
         source = supervisor.source
         assert source is not None and self.launcher is not None
         name = supervisor.name
@@ -89,7 +90,7 @@ class WorkerFactory:
         sandboxed = settings.sandbox.enabled
         uid = self._plugin_uid(name)
         data_dir = self._data.prepare(name, uid, tmp=not self.namespaces)
-        limits = self.config.limits_for(name)
+        limits = config.limits_for(name)
         disk, disk_problem = "", ""
         if self.namespaces and limits.disk_mb:
             disk, disk_problem = await self._disks.image(name, limits.disk_mb)
@@ -98,29 +99,29 @@ class WorkerFactory:
             handshake_timeout=settings.handshake_timeout, setup_timeout=settings.setup_timeout,
             teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
             ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
-            cancel_grace=settings.cancel_grace, extra_env=self._granted_env(name),
+            cancel_grace=settings.cancel_grace, extra_env=self._granted_env(config, name),
             namespaces=self.namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second,
             oom_kills=partial(self.cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb)
         if disk_problem:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         elif self.namespaces and not limits.disk_mb:
             options.extra_env[p.DISK_KEY] = "off"  # the operator's choice: a plain directory
-        index = next(i for i, entry in enumerate(self.config.plugins) if entry.name == name)
+        index = next(i for i, entry in enumerate(config.plugins) if entry.name == name)
         try:
-            config, redact = resolve_config_secrets(supervisor.entry.config,
-                                                    f"{self.config.path}: plugins[{index}].config")
+            plugin_config, redact = resolve_config_secrets(supervisor.entry.config,
+                                                           f"{config.path}: plugins[{index}].config")
         except ValueError as exc:
             raise PluginStartError(name, str(exc)) from None
         options.redact = redact or None
         options.ring = self.rings.setdefault(name, LogRing())
-        config.setdefault("workspace_dir", self.config.workspace_dir)
+        plugin_config.setdefault("workspace_dir", config.workspace_dir)
         worker = WorkerHandle(name, self.launcher, options, supervisor.worker_exited)
         cgroups = self.cgroups.prepare(name, CgroupLimits(
             settings.sandbox.pids_max, (limits.memory_mb or 0) * 2**20 or None, limits.cpu_weight or 100,
             limits.cpu_max)) if sandboxed else {}
         places = PluginPlaces(name, source.directory, supervisor.site_dirs, data_dir, self.import_root,
-                              self._data.root_dir, self._own_workspace(name, uid))
-        sandbox = sandbox_spec(self.config, places, uid, cgroups, self.namespaces)
+                              self._data.root_dir, self._own_workspace(config, name, uid))
+        sandbox = sandbox_spec(config, places, uid, cgroups, self.namespaces)
         if uid >= 0:
             interpreter = [] if self.namespaces else python_paths()  # with its own root, bound for it
             problem = unreachable([self.import_root, source.directory, *supervisor.site_dirs, *interpreter], uid,
@@ -128,7 +129,7 @@ class WorkerFactory:
             if problem:
                 raise PluginStartError(name, problem)
         try:
-            await worker.start(source.entry_file, source.directory, supervisor.site_dirs, config, sandbox)
+            await worker.start(source.entry_file, source.directory, supervisor.site_dirs, plugin_config, sandbox)
         except BaseException:
             await worker.stop(teardown=False)
             raise
@@ -138,22 +139,22 @@ class WorkerFactory:
         """The plugin cgroup's (memory MB, CPU s); (None, None) where the host has no cgroups."""
         return self.cgroups.usage(plugin) if self.cgroups.available else (None, None)
 
-    def _own_workspace(self, plugin: str, uid: int) -> tuple[str, str] | None:
+    def _own_workspace(self, config: Config, plugin: str, uid: int) -> tuple[str, str] | None:
         """workspace_dir/NAME for the plugin to write: (as its config names it, its real path)."""
-        if not self.config.settings_for(plugin).workspace:
+        if not config.settings_for(plugin).workspace:
             return None
         try:
-            real = self._data.prepare_workspace(self.config.workspace_dir, plugin, uid)
+            real = self._data.prepare_workspace(config.workspace_dir, plugin, uid)
         except OSError as exc:
-            raise PluginStartError(plugin, f"its place in the workspace, {own_workspace(self.config, plugin)}: "
+            raise PluginStartError(plugin, f"its place in the workspace, {own_workspace(config, plugin)}: "
                                    f"{exc.strerror or exc} (set host.plugins.{plugin}.workspace to false to start "
                                    "it without one)") from None
-        problem = workspace_problem(real, self.config.limits_for(plugin).workspace_mb or 0)
+        problem = workspace_problem(real, config.limits_for(plugin).workspace_mb or 0)
         if problem:
             raise PluginStartError(plugin, f"its place in the workspace is full: {problem} (remove files from "
                                    f"it, or raise host.plugins.{plugin}.limits.workspace_mb)")
         self.workspaces[plugin] = real
-        return own_workspace(self.config, plugin), real
+        return own_workspace(config, plugin), real
 
     def _plugin_uid(self, plugin: str) -> int:
         sandbox = self.config.host.sandbox
@@ -164,6 +165,7 @@ class WorkerFactory:
         except OSError as exc:
             raise PluginStartError(plugin, f"no uid of its own: {exc.strerror or exc}") from None
 
-    def _granted_env(self, plugin: str) -> dict[str, str]:
-        names = self.config.settings_for(plugin).permissions.env_vars
+    @staticmethod
+    def _granted_env(config: Config, plugin: str) -> dict[str, str]:
+        names = config.settings_for(plugin).permissions.env_vars
         return {name: os.environ[name] for name in names if name in os.environ}
