@@ -79,7 +79,7 @@ class Cgroups:
     def usage(self, plugin: str) -> tuple[float | None, float | None]:
         """(anonymous and shared memory in MB, CPU seconds) of the plugin's whole group, its children
         and memfds included; None for what this machine's cgroups do not count."""
-        memory = cpu = None
+        memory = None
         base = self._base.get("memory") or self._base.get("")
         if base is not None:
             stat = _read(os.path.join(base, plugin, "memory.stat"))
@@ -87,14 +87,18 @@ class Cgroups:
             keys = ("total_rss", "total_shmem") if "total_rss" in fields else ("anon", "shmem")
             if all(k in fields for k in keys):
                 memory = sum(int(fields[k]) for k in keys) / 2**20
+        return memory, self.cpu_seconds(plugin)
+
+    def cpu_seconds(self, plugin: str) -> float | None:
+        """CPU time the plugin's group has used, its children included (one small file read)."""
         if "cpuacct" in self._base:
             text = _read(os.path.join(self._base["cpuacct"], plugin, "cpuacct.usage")).strip()
-            cpu = int(text) / 1e9 if text.isdigit() else None
-        elif "" in self._base:
+            return int(text) / 1e9 if text.isdigit() else None
+        if "" in self._base:
             stat = _read(os.path.join(self._base[""], plugin, "cpu.stat"))
             usec = next((line.split()[1] for line in stat.splitlines() if line.startswith("usage_usec ")), None)
-            cpu = int(usec) / 1e6 if usec else None
-        return memory, cpu
+            return int(usec) / 1e6 if usec else None
+        return None
 
     def members(self, plugin: str) -> list[int]:
         pids: set[int] = set()
