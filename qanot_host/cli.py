@@ -286,7 +286,7 @@ async def _restart(args: argparse.Namespace) -> int:
     status = reply["status"]
     print(f"{status['plugin']}: {status['state']}" + (f", pid {status['pid']}" if status["pid"] else "")
           + (f": {status['error']}" if status["error"] else ""))
-    return EXIT_OK if status["state"] == PluginState.READY else EXIT_ERROR
+    return EXIT_OK if status["state"] in (PluginState.READY, PluginState.IDLE) else EXIT_ERROR
 
 
 async def _logs(args: argparse.Namespace) -> int:

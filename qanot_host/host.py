@@ -18,6 +18,7 @@ from .config import directory_problems, load_config
 from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import EnvironmentBuilder, sweep_partial_builds
 from .errors import ConfigError, PluginError, PluginStartError, PluginUnavailable
+from .fd_limit import raise_open_files_limit
 from .fingerprint import plugin_fingerprint
 from .channel import FRAMES
 from .launcher import Launcher
@@ -30,6 +31,7 @@ from .schema import SchemaError
 from .settings import Config
 from .source_builds import SourceBuilds
 from .supervisor import PluginState, PluginSupervisor
+from .tool_cache import offer_key
 from .tool_index import INDEX_TIMEOUT, ToolIndex
 from .worker_factory import WorkerFactory
 from .workspace import Workspace
@@ -100,6 +102,7 @@ class Host:
     async def _start(self) -> None:
         for stale in sweep_stale_cgroups() + sweep_partial_builds(self.config.host.state_dir):
             log.info("removed %s, left behind by a qanot-host that is gone", stale)
+        raise_open_files_limit()
         self._factory.open()
         self._index.build_if_useful(self.config, self.plugins)  # a disabled plugin: read beside the start
         await self._start_plugins([e.name for e in self.config.plugins if e.enabled])
@@ -107,7 +110,7 @@ class Host:
         watch = LimitsWatch(self._factory)
         self._monitor = asyncio.get_running_loop().create_task(
             watch.run(lambda: list(self.plugins.values()), lambda: self.config.host.limits_interval))
-        ready = [s for s in self.plugins.values() if s.state == PluginState.READY]
+        ready = [s for s in self.plugins.values() if s.serving]
         log.info("ready: %d of %d plugins, %d tools", len(ready), len(self.plugins),
                  len(self.registry.tool_names))
 
@@ -137,17 +140,20 @@ class Host:
         for supervisor in fresh:
             self._register_tools(supervisor)
         for supervisor in fresh if self.config.host.workspace_docs else ():
-            worker = supervisor.worker
-            if supervisor.state == PluginState.READY and worker is not None and worker.info is not None:
-                await self.workspace.add_plugin_docs(supervisor.name, worker.info.tools_md,
-                                                     worker.info.soul_append)
+            offer = supervisor.offer
+            if supervisor.serving and offer is not None:
+                await self.workspace.add_plugin_docs(supervisor.name, offer.info.tools_md, offer.info.soul_append)
 
     async def _start_plugin(self, supervisor: PluginSupervisor) -> None:
         try:
             source = self._locate(supervisor)
             await self._await_deps(supervisor, source)
             self._fingerprints[supervisor.name] = await asyncio.to_thread(_fingerprint, source)
-            await supervisor.start(await self._envs.site_dirs(supervisor.name, source.manifest.dependencies))
+            fingerprint = self._fingerprints[supervisor.name]
+            site_dirs = await self._envs.site_dirs(supervisor.name, source.manifest.dependencies)
+            supervisor.offer_key = offer_key(fingerprint, supervisor.entry,
+                                             self.config.settings_for(supervisor.name), site_dirs)
+            await supervisor.start(site_dirs)
         except PluginError as exc:
             supervisor.fail(exc.detail)
             log.error("plugin %s failed to start: %s", supervisor.name, exc.detail)
@@ -159,8 +165,11 @@ class Host:
             log.debug("plugin %s: the start failed here", supervisor.name, exc_info=True)
             return
         worker = supervisor.worker
-        assert worker is not None  # start() returned: it has one
-        log.info("plugin %s ready (pid %s, %d tools)", supervisor.name, worker.pid, len(worker.tools),
+        if worker is None:  # lazy: its tools from the cache, or listed by a worker already stopped
+            log.info("plugin %s ready, idle (%d tools; its first call starts its worker)", supervisor.name,
+                     len(supervisor.offered_tools), extra={"plugin": supervisor.name})
+            return
+        log.info("plugin %s ready (pid %s, %d tools)", supervisor.name, worker.pid, len(supervisor.offered_tools),
                  extra={"plugin": supervisor.name})
 
     def _locate(self, supervisor: PluginSupervisor) -> PluginSource:
@@ -192,7 +201,7 @@ class Host:
                 raise PluginStartError(supervisor.name, f"plugin_deps: {dep!r} depends back on "
                                        f"{supervisor.name!r} (a cycle)")
             await other.settled.wait()
-            if other.state != PluginState.READY:
+            if not other.serving:
                 raise PluginStartError(supervisor.name, f"plugin_deps: {dep!r} failed to start")
 
     def _depends_on(self, plugin: str, target: str) -> bool:
@@ -212,11 +221,9 @@ class Host:
 
     def _register_tools(self, supervisor: PluginSupervisor) -> None:
         """(Re-)register a ready plugin's tools; names another plugin holds stay with that plugin."""
-        if self._registration_paused or supervisor.state != PluginState.READY:
+        if self._registration_paused or not supervisor.serving:
             return
-        worker = supervisor.worker
-        assert worker is not None
-        offered = {spec.name for spec in worker.tools}
+        offered = {spec.name for spec in supervisor.offered_tools}
         for name in set(supervisor.tools) - offered:  # a restarted worker may offer fewer tools
             tool = self.registry.get(name)
             if tool is not None and tool.plugin == supervisor.name:
@@ -229,7 +236,7 @@ class Host:
         tools: list[str] = []
         conflicts: list[str] = []
         refused: list[str] = []
-        for spec in worker.tools:
+        for spec in supervisor.offered_tools:
             try:
                 if spec.problem:
                     raise SchemaError(spec.problem)
@@ -379,7 +386,7 @@ class Host:
     def not_ready(self) -> str:
         """"NAME: why; ..." for each plugin that is not ready ("" when all are)."""
         return "; ".join(f"{row['plugin']}: {row['error']}" for row in self.status()
-                         if row["state"] != PluginState.READY)
+                         if row["state"] not in (PluginState.READY, PluginState.IDLE))
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]

@@ -1,5 +1,6 @@
-"""The periodic look at every running plugin's limits: memory and CPU (the supervisor's own check),
-and its place in the workspace (a walk of what it wrote there, spaced by what the last one cost).
+"""The periodic look at every running plugin: idle time (the supervisor's own check), limits on memory
+and CPU (likewise), and its place in the workspace (a walk of what it wrote there, spaced by what the
+last one cost). One timer for all plugins, however many there are.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class LimitsWatch:
         while True:
             await asyncio.sleep(interval())
             due = []
+            now = time.monotonic()
             for supervisor in plugins():
+                supervisor.stop_if_idle(now)
                 supervisor.check_limits()
                 if self._walk_due(supervisor):
                     due.append(supervisor)

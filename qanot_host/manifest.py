@@ -46,6 +46,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     homepage: str = ""
     license: str = "MIT"
     permissions: list[str] = []
+    # qanot-host's own key: true keeps the plugin's worker running (never started lazily, never
+    # stopped when idle), for a plugin that holds state in memory or runs background tasks.
+    keep_running: bool = False
 
 
 def read_manifest(plugin_dir: str) -> tuple[Manifest, list[str]]:
@@ -99,6 +102,11 @@ def read_manifest(plugin_dir: str) -> tuple[Manifest, list[str]]:
                                 f"read as {str(item)!r}")
             items.append(str(item))
         fields[key] = items
+    keep_running = data.get("keep_running", False)
+    if isinstance(keep_running, bool):
+        fields["keep_running"] = keep_running
+    elif keep_running is not None:
+        warnings.append(f"{path}: keep_running: expected true or false, got {_json_type(keep_running)}; ignored")
     manifest = Manifest(**fields)  # type: ignore[arg-type]
     if manifest.min_qanot_version:
         try:

@@ -182,7 +182,7 @@ class HostMetrics:
     def _readiness(self) -> dict[str, Any]:
         host = self._host
         enabled = [e.name for e in host.config.plugins if e.enabled]
-        ready = [name for name in enabled if name in host.plugins and host.plugins[name].state == "ready"]
+        ready = [name for name in enabled if name in host.plugins and host.plugins[name].serving]
         quorum = host.config.host.ready_quorum
         needed = len(enabled) if quorum is None else min(len(enabled), max(0, int(quorum)))
         return {"ok": len(ready) >= needed and not host.stopping, "ready": len(ready), "enabled": len(enabled),
@@ -238,6 +238,14 @@ class _HostCollector(Collector):
             for reason, count in sorted(reasons.items()):
                 restarts.add_metric([name, reason], count)
         yield restarts
+        activations = CounterMetricFamily("qanot_host_activations", "Workers started by a call to an idle (lazy "
+                                          "or idle-stopped) plugin", labels=["plugin"])
+        idle_stops = CounterMetricFamily("qanot_host_idle_stops", "Workers stopped for want of calls "
+                                         "(idle_timeout, or a lazy plugin listed)", labels=["plugin"])
+        for name, _, status, _, _ in rows:
+            activations.add_metric([name], status["activations"])
+            idle_stops.add_metric([name], status["idle_stops"])
+        yield from (activations, idle_stops)
         installs = CounterMetricFamily("qanot_host_dependency_install_seconds", "Time spent building each "
                                        "plugin's dependency environments", labels=["plugin"])
         for name, seconds in sorted(host.install_seconds().items()):

@@ -102,8 +102,7 @@ class PluginManager:
         log.info("Loading plugin: %s", name)
         assert self.host is not None
         supervisor = self.host.plugins[name]
-        worker = supervisor.worker
-        if supervisor.state is not PluginState.READY or worker is None or worker.info is None:
+        if not supervisor.serving or supervisor.offer is None:
             log.error("Failed to load plugin '%s': %s", name, supervisor.error or f"it is {supervisor.state}")
             return
         manifest = _manifest(supervisor)
@@ -205,9 +204,9 @@ def _manifest(supervisor: PluginSupervisor) -> Any:
 def _proxy(supervisor: PluginSupervisor) -> Any:
     """An instance of a subclass of Qanot's Plugin standing for the worker's plugin."""
     from qanot.plugins.base import Plugin, ToolDef
-    worker = supervisor.worker
-    assert worker is not None and worker.info is not None
-    info, extensions = worker.info, worker.extensions
+    offer = supervisor.offer  # a lazy plugin's from the tool cache: its worker starts at its first call
+    assert offer is not None
+    info, extensions = offer.info, offer.extensions
     name = info.name
     if name and not SAFE_NAME.match(name):
         log.warning("Plugin %s names itself %r, which Qanot would use in a file name; it is called %s here",
@@ -216,8 +215,8 @@ def _proxy(supervisor: PluginSupervisor) -> Any:
     # what the host registered itself: a name Qanot cannot call, or a schema the host cannot use, is
     # not registered here either (the host has logged why)
     tools = [ToolDef(tool.name, tool.description, tool.parameters, partial(supervisor.call, tool.name))
-             for tool in worker.tools if not tool.problem and tool.name not in supervisor.refused]
-    for tool in worker.tools:
+             for tool in offer.tools if not tool.problem and tool.name not in supervisor.refused]
+    for tool in offer.tools:
         if tool.problem:
             log.error("Plugin %s: tool %r is not registered: its %s", supervisor.name, tool.name, tool.problem)
     for problem in extensions.problems:

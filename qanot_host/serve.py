@@ -80,7 +80,7 @@ def _reload_in_background(host: Host, tasks: set, systemd: Notifier) -> None:
 
 
 def _summary(host: Host) -> str:
-    ready = sum(s.state == PluginState.READY for s in host.plugins.values())
+    ready = sum(s.serving for s in host.plugins.values())
     return f"{ready} of {len(host.plugins)} plugins ready, {len(host.registry.tool_names)} tools"
 
 
@@ -89,5 +89,8 @@ def _print_ready(host: Host) -> None:
         about = {"plugin": row["plugin"]}  # --log-format json names it
         if row["state"] == PluginState.READY:
             log.info("plugin %s: pid %s, tools: %s", row["plugin"], row["pid"], ", ".join(row["tools"]), extra=about)
+        elif row["state"] == PluginState.IDLE:
+            log.info("plugin %s: idle (its first call starts it), tools: %s", row["plugin"], ", ".join(row["tools"]),
+                     extra=about)
         else:
             log.error("plugin %s: %s: %s", row["plugin"], row["state"], row["error"], extra=about)

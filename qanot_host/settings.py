@@ -155,6 +155,11 @@ class SandboxSettings(msgspec.Struct, forbid_unknown_fields=True):
     rlimits: Rlimits = msgspec.field(default_factory=Rlimits)
 
 
+# "eager": a worker from the host's start. "lazy": its tools registered from the cached tool list of
+# its last start, its worker started by its first call.
+Activation = Literal["eager", "lazy"]
+
+
 class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
     """host.plugins.NAME: how qanot-host runs one plugin (Qanot has no such key)."""
 
@@ -166,6 +171,9 @@ class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
     # workspace_dir/NAME, made by the host and writable by the plugin (Qanot plugins keep their
     # files under workspace_dir); false: the plugin gets no place in the workspace.
     workspace: bool = True
+    # None: the host's (host.activation, host.idle_timeout)
+    activation: Activation | None = None
+    idle_timeout: Seconds | None = None
 
 
 class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -205,6 +213,10 @@ class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
     metrics: str | None = None
     # /readyz answers 200 once this many enabled plugins are ready (absent: all of them)
     ready_quorum: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    # Every plugin's, unless host.plugins.NAME says otherwise; idle_timeout: a worker without a
+    # call for that long is stopped (teardown() first) until the next call (absent: never).
+    activation: Activation = "eager"
+    idle_timeout: Seconds | None = None
 
 
 class Config(msgspec.Struct):
@@ -227,6 +239,12 @@ class Config(msgspec.Struct):
 
     def restart_for(self, plugin: str) -> RestartSettings:
         return self.settings_for(plugin).restart or self.host.restart
+
+    def activation_for(self, plugin: str) -> Activation:
+        return self.settings_for(plugin).activation or self.host.activation
+
+    def idle_timeout_for(self, plugin: str) -> float | None:
+        return self.settings_for(plugin).idle_timeout or self.host.idle_timeout
 
     def limits_for(self, plugin: str) -> Limits:
         """The plugin's own limits, then the host's, then DEFAULT_LIMITS."""

@@ -4,6 +4,10 @@ A worker that exits without being asked to is replaced according to the plugin's
 Calls that arrive while a replacement starts wait for it (within their own timeout) instead of
 failing, so a crash costs callers milliseconds; calls that were in flight on the dead worker end at
 once with its exit reason.
+
+A lazy plugin, or one idle for its idle_timeout, has no worker (state IDLE) and still has its tools
+registered (from the tool cache, or from its last worker): its next call starts a worker and waits
+for it within the call's own timeout. Stopping an idle worker is no crash: no restart is counted.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from qanot_worker import protocol as p
 
 from .discovery import PluginSource
 from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
+from .offered import OfferedTool
 from .restarter import RestartPolicy, exit_reason
 from .settings import Config, PluginEntry
+from .tool_cache import CachedOffer
 from .worker import WorkerHandle
 
 if TYPE_CHECKING:
@@ -39,6 +45,7 @@ class PluginState(enum.StrEnum):
 
     STARTING = "starting"
     READY = "ready"
+    IDLE = "idle"  # no worker (lazy, or stopped when idle), tools registered: a call starts one
     RESTARTING = "restarting"
     FAILED = "failed"  # did not start, or gave up restarting: `error` says why; reload retries
     EXITED = "exited"  # ended normally and its restart policy says not to restart
@@ -94,15 +101,33 @@ class PluginSupervisor:
         self._exit_seen_at = 0.0
         self._proc: psutil.Process | None = None
         self._cpu_at_start = 0.0
+        keep = source is not None and source.manifest.keep_running  # plugin.json opts out of lazy and idle
+        self.lazy = config.activation_for(entry.name) == "lazy" and not keep
+        self.idle_timeout = None if keep else config.idle_timeout_for(entry.name)
+        self.offer_key = ""  # what its tool list is cached under (set by the host before start)
+        self._offer: CachedOffer | None = None  # what its last worker offered, or the cache did
+        self._last_active = 0.0  # when its last call ended (monotonic)
+        self._activation: asyncio.Task | None = None
+        self._idle_stop: asyncio.Task | None = None  # the idle worker's teardown, still under way
+        self.activations = 0  # workers started by a call to an idle plugin
+        self.idle_stops = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, site_dirs: list[str]) -> None:
         """First start, in the environment `site_dirs` make; raises PluginError (the host records it
-        with fail())."""
+        with fail()). A lazy plugin with a valid cached tool list starts no worker; one without is
+        started once to list its tools, then stopped."""
         self.site_dirs = site_dirs
+        if self.lazy and self.offer_key:
+            self._offer = self._factory.tool_cache.load(self.name, self.offer_key)
+            if self._offer is not None:
+                self._became_idle()
+                return
         self.worker = await self._spawn()
         self._became_ready()
+        if self.lazy:
+            self._stop_idle_worker("lazy: started only to list its tools")
 
     async def _spawn(self) -> WorkerHandle:
         worker = await self._factory.spawn(self)
@@ -110,7 +135,26 @@ class PluginSupervisor:
             self.sandbox_warned = True  # once per plugin, not at every restart
             for warning in worker.report.sandbox_warnings:
                 log.warning("plugin %s: %s", self.name, warning)
+        assert worker.info is not None  # a started worker has said what it offers
+        self._offer = CachedOffer(self.offer_key, worker.info, worker.tools, worker.extensions)
+        if self.offer_key and (self.lazy or self.idle_timeout):
+            self._factory.tool_cache.store(self.name, self._offer)
         return worker
+
+    @property
+    def offered_tools(self) -> list[OfferedTool]:
+        """The tools its worker offers (or its last worker, or the cache, while it has none)."""
+        return self._offer.tools if self._offer is not None else []
+
+    @property
+    def offer(self) -> CachedOffer | None:
+        """What it offers: tools, docs (info) and extension points; None before it ever started."""
+        return self._offer
+
+    @property
+    def serving(self) -> bool:
+        """Its tools are registered and a call reaches it (starting its worker if it is idle)."""
+        return self.state in (PluginState.READY, PluginState.IDLE)
 
     def fail(self, message: str) -> None:
         self.state = PluginState.FAILED
@@ -123,8 +167,66 @@ class PluginSupervisor:
         self.error = ""
         self._calls_since_start = 0
         self._proc = None
+        self._last_active = time.monotonic()
         self.settled.set()
         self._on_ready(self)
+
+    def _became_idle(self) -> None:
+        self.state = PluginState.IDLE
+        self.settled.set()
+        self._on_ready(self)
+
+    # ---- idle and lazy ---------------------------------------------------------------------------
+
+    def stop_if_idle(self, now: float) -> None:
+        """Called periodically by the host: a worker without a call for idle_timeout is stopped."""
+        if self.idle_timeout is None or self.state != PluginState.READY or self.in_flight or \
+                now - self._last_active < self.idle_timeout or self._recycling is not None:
+            return
+        self._stop_idle_worker(f"no call for {self.idle_timeout:g} s")
+
+    def _stop_idle_worker(self, why: str) -> None:
+        """The worker goes (teardown() first); the plugin stays, IDLE, its tools registered."""
+        worker = self.worker
+        if worker is None:
+            return
+        self.worker = None  # its exit is no crash: worker_exited ignores a worker that is not current
+        self.idle_stops += 1
+        self.state = PluginState.IDLE
+        log.info("plugin %s: worker pid %s stopped (%s); its next call starts one", self.name, worker.pid, why)
+        self._idle_stop = asyncio.get_running_loop().create_task(worker.stop(reason=f"idle: {why}"))
+
+    def _activate(self) -> None:
+        """An idle plugin's first call: start a worker (once, however many calls wait for it)."""
+        if self._activation is None or self._activation.done():
+            self.state = PluginState.STARTING
+            self.settled.clear()
+            self._activation = asyncio.get_running_loop().create_task(self._start_on_call())
+
+    async def _start_on_call(self) -> None:
+        if self._idle_stop is not None:  # the last worker's teardown ends first (its disk, its cgroup)
+            await asyncio.gather(self._idle_stop, return_exceptions=True)
+        if self._closing:
+            return
+        try:
+            self.worker = await self._spawn()
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the waiting calls are told, the host runs on
+            detail = exc.detail if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+            self.last_exit = f"start on a call failed: {detail}"
+            decision = self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
+            if decision.restart:
+                log.error("plugin %s: its worker did not start for a call: %s", self.name, detail)
+                self.error = detail
+                self.state = PluginState.IDLE
+                self.settled.set()
+            else:
+                log.error("plugin %s: its worker did not start for a call (%s); giving up", self.name, detail)
+                self.fail(f"{decision.reason}; last exit: {self.last_exit}")
+            return
+        self.activations += 1
+        log.info("plugin %s: worker started for a call (pid %s, %.1f ms)", self.name, self.worker.pid,
+                 1000 * self.worker.start_seconds)
+        self._became_ready()
 
     def worker_exited(self, worker: WorkerHandle) -> None:
         """WorkerHandle's on_exit: decide between restart and giving up."""
@@ -216,9 +318,12 @@ class PluginSupervisor:
 
     async def stop(self) -> None:
         self._closing = True
-        if self._restart_task is not None:
-            self._restart_task.cancel()
-            await asyncio.gather(self._restart_task, return_exceptions=True)
+        for task in (self._restart_task, self._activation):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._idle_stop is not None:
+            await asyncio.gather(self._idle_stop, return_exceptions=True)
         if self.worker is not None:
             await self.worker.stop()
         if self.state != PluginState.FAILED:
@@ -319,6 +424,8 @@ class PluginSupervisor:
         self.in_flight -= 1
         if not self.in_flight:
             self.idle.set()
+            if self.idle_timeout is not None:
+                self._last_active = time.monotonic()
 
     def _refuse_if_unavailable(self) -> None:
         """At once, and without arming a timer: a caller retrying in a loop must leave nothing behind."""
@@ -332,6 +439,7 @@ class PluginSupervisor:
         time left. A worker whose pipe just closed is about to be reaped and replaced: wait for that
         rather than fail the call."""
         deadline = time.monotonic() + timeout
+        activated = False
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -340,16 +448,24 @@ class PluginSupervisor:
                         await asyncio.shield(worker.exited)
                         await asyncio.sleep(0)  # let the exit callback move the state on
                         continue
+                    if self.state == PluginState.IDLE:
+                        if activated:  # this call's start failed: say why rather than try again
+                            raise PluginUnavailable(self.name, f"its worker did not start: {self.error}")
+                        self._activate()
+                        activated = True
                     await self.settled.wait()
                     serving = self._serving()
                     if serving is not None:
                         return serving, max(deadline - time.monotonic(), 0.001)
+                    if self.state == PluginState.IDLE and self.worker is None:
+                        continue
                     if self.state != PluginState.READY or self.worker is None:
                         raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
         except TimeoutError:
             self.timeouts += 1
+            waited = "start" if activated else "restart"
             raise WorkerTimeout(self.name, f"{what} timed out after {timeout:g} s waiting for "
-                                f"the plugin's worker to restart") from None
+                                f"the plugin's worker to {waited}") from None
 
     # ---- limits and status -----------------------------------------------------------------------
 
@@ -403,4 +519,6 @@ class PluginSupervisor:
             "unknown_tool_timeouts": list(self.unknown_timeouts),
             "sandbox": list(live.report.sandbox_layers) if live else [],
             "egress": live.egress.status() if live and live.egress else None,
+            "activation": "lazy" if self.lazy else "eager", "idle_timeout": self.idle_timeout,
+            "activations": self.activations, "idle_stops": self.idle_stops,
         }

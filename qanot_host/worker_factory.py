@@ -28,6 +28,7 @@ from .plugin_secrets import resolve_config_secrets
 from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable
 from .settings import Config
+from .tool_cache import ToolCache
 from .uids import UidMap
 from .worker import WorkerHandle, WorkerOptions
 
@@ -51,6 +52,7 @@ class WorkerFactory:
         self._disks = DiskImages(state_dir)
         self._data = DataDirs(state_dir)
         self._uids = UidMap(state_dir, config.host.sandbox.uid_base)
+        self.tool_cache = ToolCache(state_dir)  # what lazy plugins offer, without starting them
         # As root, each worker gets namespaces (PID, mount, IPC, UTS) and a root of its own.
         sandbox = config.host.sandbox
         self.namespaces = (sandbox.enabled and sandbox.namespaces and os.geteuid() == 0

@@ -1,0 +1,175 @@
+"""Lazy activation and idle stop: plugins that cost nothing while idle, with real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+
+from qanot_host import Host, PluginState
+from qanot_host.errors import PluginUnavailable
+
+from .conftest import FIXTURE_PLUGINS, GREETER, plugin, wait_until
+
+
+def events(tmp_path) -> list[str]:
+    path = tmp_path / "workspace" / "lazy_probe" / "events"
+    return path.read_text().split() if path.exists() else []
+
+
+def lazy_host(**extra) -> dict:
+    return {"activation": "lazy", "limits_interval": 0.1, **extra}
+
+
+async def test_a_lazy_plugin_lists_its_tools_once_then_costs_no_worker(write_config, tmp_path):
+    config = write_config([plugin("lazy_probe"), GREETER], host=lazy_host())
+    async with Host(config) as host:
+        probe = host.plugins["lazy_probe"]
+        # no cached tool list yet: started once to list its tools, then stopped (teardown() ran)
+        assert probe.state == PluginState.IDLE and probe.worker is None
+        assert "lazy_probe_pid" in host.registry.tool_names
+        await wait_until(lambda: events(tmp_path)[-2:-1] == ["teardown"], what="the listing worker's teardown")
+        status = probe.status()
+        assert status["state"] == "idle" and status["pid"] is None and status["idle_stops"] == 1
+        # the first call starts a worker and is answered by it
+        pid = json.loads(await host.registry.execute("lazy_probe_pid", {}))["pid"]
+        assert probe.state == PluginState.READY and probe.worker is not None and probe.activations == 1
+        assert json.loads(await host.registry.execute("lazy_probe_pid", {}))["pid"] == pid
+        assert probe.restarts == 0 and not probe.restart_reasons
+    assert (tmp_path / "state" / "tool-cache" / "lazy_probe.msgpack").exists()
+
+
+async def test_a_warm_tool_cache_starts_no_worker_at_all(write_config, tmp_path):
+    config = write_config([plugin("lazy_probe")], host=lazy_host())
+    async with Host(config):
+        pass
+    before = len(events(tmp_path))
+    async with Host(config) as host:
+        probe = host.plugins["lazy_probe"]
+        assert probe.state == PluginState.IDLE and probe.idle_stops == 0  # listed from the cache
+        assert "lazy_probe_pid" in host.registry.tool_names
+        assert len(events(tmp_path)) == before  # no setup() ran
+        await host.registry.execute("lazy_probe_pid", {})
+        assert events(tmp_path)[before] == "setup" and probe.activations == 1
+
+
+async def test_a_changed_config_entry_or_plugin_code_lists_the_tools_again(write_config, tmp_path):
+    plugins_dir = tmp_path / "plugins"
+    shutil.copytree(FIXTURE_PLUGINS / "lazy_probe", plugins_dir / "lazy_probe")
+    config = write_config([plugin("lazy_probe")], host=lazy_host(), plugins_dir=str(plugins_dir))
+    async with Host(config):
+        pass
+    config = write_config([plugin("lazy_probe", style="other")], host=lazy_host(), plugins_dir=str(plugins_dir))
+    async with Host(config) as host:
+        assert host.plugins["lazy_probe"].idle_stops == 1  # the cache did not fit: listed anew
+    code = plugins_dir / "lazy_probe" / "plugin.py"
+    code.write_text(code.read_text().replace('name="lazy_probe_pid"', 'name="lazy_probe_pid2"'))
+    async with Host(config) as host:
+        assert host.plugins["lazy_probe"].idle_stops == 1
+        assert "lazy_probe_pid2" in host.registry.tool_names and "lazy_probe_pid" not in host.registry.tool_names
+
+
+async def test_an_idle_worker_is_stopped_with_teardown_and_restarted_by_the_next_call(write_config, tmp_path):
+    config = write_config([plugin("lazy_probe")], host={"idle_timeout": 0.5, "limits_interval": 0.1})
+    async with Host(config) as host:
+        probe = host.plugins["lazy_probe"]
+        assert probe.state == PluginState.READY  # eager: a worker from the start
+        first = json.loads(await host.registry.execute("lazy_probe_pid", {}))["pid"]
+        await wait_until(lambda: probe.state == PluginState.IDLE, what="the idle stop")
+        await wait_until(lambda: events(tmp_path)[-2:] == ["teardown", str(first)], what="teardown")
+        second = json.loads(await host.registry.execute("lazy_probe_pid", {}))["pid"]
+        assert second != first and probe.activations == 1 and probe.idle_stops == 1
+        assert probe.restarts == 0 and not probe.restart_reasons  # not a crash, nothing counted
+
+
+async def test_calls_kept_coming_keep_the_worker(write_config, tmp_path):
+    config = write_config([plugin("lazy_probe")], host={"idle_timeout": 0.6, "limits_interval": 0.1})
+    async with Host(config) as host:
+        pids = set()
+        for _ in range(10):
+            pids.add(json.loads(await host.registry.execute("lazy_probe_pid", {}))["pid"])
+            await asyncio.sleep(0.2)
+        assert len(pids) == 1 and host.plugins["lazy_probe"].idle_stops == 0
+
+
+async def test_concurrent_first_calls_start_one_worker(write_config, tmp_path):
+    config = write_config([plugin("lazy_probe")], host=lazy_host())
+    async with Host(config) as host:
+        answers = await asyncio.gather(*(host.registry.execute("lazy_probe_pid", {}) for _ in range(8)))
+        assert len({json.loads(a)["pid"] for a in answers}) == 1
+        assert host.plugins["lazy_probe"].activations == 1
+
+
+async def test_a_worker_that_fails_to_start_for_a_call_fails_that_call_only(write_config, tmp_path, monkeypatch):
+    settings = {"lazy_probe": {"permissions": {"env_vars": ["QH_LAZY_FAIL"]}}}
+    config = write_config([plugin("lazy_probe"), GREETER], host=lazy_host(plugins=settings))
+    async with Host(config):
+        pass  # the tool list is cached
+    monkeypatch.setenv("QH_LAZY_FAIL", "1")
+    async with Host(config) as host:
+        probe = host.plugins["lazy_probe"]
+        assert probe.state == PluginState.IDLE
+        with pytest.raises(PluginUnavailable, match="QH_LAZY_FAIL is set"):
+            await host.registry.invoke("lazy_probe_pid", {})
+        answer = await host.registry.execute("lazy_probe_pid", {})
+        assert "QH_LAZY_FAIL is set" in answer  # execute() says it as Qanot's registry would
+        assert "x" in await host.registry.invoke("greet", {"name": "x"})  # the others serve on
+        assert host.plugins["greeter"].state == PluginState.READY
+        monkeypatch.delenv("QH_LAZY_FAIL")
+    # the restart policy bounds the retries: after max_restarts failures in its window, it gives up
+    monkeypatch.setenv("QH_LAZY_FAIL", "1")
+    config = write_config([plugin("lazy_probe")], host=lazy_host(
+        plugins=settings, restart={"max_restarts": 2, "backoff_initial": 0}))
+    async with Host(config) as host:
+        for _ in range(3):
+            with pytest.raises(PluginUnavailable):
+                await host.registry.invoke("lazy_probe_pid", {})
+        assert host.plugins["lazy_probe"].state == PluginState.FAILED
+
+
+async def test_plugin_json_keep_running_opts_out_of_lazy_and_idle(write_config, tmp_path):
+    config = write_config([plugin("keeps_running"), plugin("lazy_probe")],
+                          host=lazy_host(idle_timeout=0.3))
+    async with Host(config) as host:
+        keeper = host.plugins["keeps_running"]
+        assert keeper.state == PluginState.READY and keeper.worker is not None
+        pid = await host.registry.execute("keeps_running_pid", {})
+        await asyncio.sleep(1.0)  # three idle timeouts
+        assert keeper.state == PluginState.READY and await host.registry.execute("keeps_running_pid", {}) == pid
+        assert keeper.status()["activation"] == "eager" and host.plugins["lazy_probe"].status()["activation"] == "lazy"
+
+
+async def test_per_plugin_settings_override_the_hosts(write_config, tmp_path):
+    settings = {"greeter": {"activation": "lazy"}, "lazy_probe": {"activation": "eager"}}
+    config = write_config([GREETER, plugin("lazy_probe")], host={"plugins": settings})
+    async with Host(config) as host:
+        assert host.plugins["greeter"].state == PluginState.IDLE
+        assert host.plugins["lazy_probe"].state == PluginState.READY
+
+
+async def test_stopping_the_host_while_an_idle_plugin_starts_leaves_nothing(write_config, tmp_path):
+    config = write_config([plugin("lazy_probe")], host=lazy_host())
+    host = Host(config)
+    await host.start()
+    call = asyncio.ensure_future(host.registry.invoke("lazy_probe_pid", {}))
+    await asyncio.sleep(0.01)
+    await host.stop()
+    await asyncio.gather(call, return_exceptions=True)
+    probe = host.plugins["lazy_probe"]
+    assert probe.worker is None or probe.worker.exited.done()
+    assert probe.state == PluginState.STOPPED
+
+
+def test_the_host_raises_its_open_files_limit_and_says_how_many_workers_fit():
+    import subprocess
+    import sys
+    code = ("import logging, resource, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)); "
+            "from qanot_host.fd_limit import raise_open_files_limit; raise_open_files_limit(); "
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = done.stdout.split("\n")
+    assert int(lines[-2]) >= 4096  # at least the hard limit (as root, maybe the kernel's ceiling)
+    assert "room for about" in done.stdout and "workers" in done.stdout
