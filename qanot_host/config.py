@@ -89,6 +89,9 @@ def _check_plugins(config: Config) -> None:
         where = f"{config.path}: plugins[{index}].name"
         if not entry.name or entry.name in (".", "..") or "/" in entry.name or "\0" in entry.name:
             raise ConfigError(f"{where}: {entry.name!r} is not a plugin directory name")
+        if ":" in entry.name:  # the host's own jobs are named NAME:PLUGIN (uid, data, disk, cgroup)
+            raise ConfigError(f"{where}: {entry.name!r}: ':' is reserved for the host's own jobs "
+                              "(such as sdist-build:PLUGIN); rename the plugin's directory")
         if entry.name in seen:
             raise ConfigError(f"{where}: plugin {entry.name!r} is listed twice")
         seen.add(entry.name)

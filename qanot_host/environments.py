@@ -185,7 +185,7 @@ class EnvironmentBuilder:
         try:
             sdist = await asyncio.to_thread(
                 find_sdist, project, wanted_versions(project, requirements), sdist_dir, wheel_dir=self._wheel_dir,
-                index_url=self._index_url, offline=self._offline, timeout=min(self._timeout, 60.0))
+                index_url=self._index_url, offline=self._offline, timeout=min(self._timeout, 300.0))
         except SdistNotFound as exc:
             raise DependencyError(plugin, str(exc)) from None
         try:

@@ -10,10 +10,12 @@ wherever a bind would bring them in. Anything not in the plan does not exist for
 
 from __future__ import annotations
 
+import functools
 import os
 import site
 import sys
 import sysconfig
+import time
 
 from qanot_worker import protocol as p
 
@@ -148,6 +150,7 @@ def _interpreter_paths() -> list[str]:
     return [os.path.dirname(os.path.realpath(sys.executable)), *_venv_paths()]
 
 
+@functools.cache
 def _venv_paths() -> list[str]:
     if sys.prefix == sys.base_prefix:
         return []
@@ -156,7 +159,19 @@ def _venv_paths() -> list[str]:
 
 
 def _mount_points() -> list[str]:
-    """Where the host's mount namespace has something mounted (/proc/self/mountinfo's fifth field)."""
+    """Where the host's mount namespace has something mounted (/proc/self/mountinfo's fifth field),
+    read again at most every MOUNTS_FRESH seconds: hundreds of plugins start within that."""
+    now = time.monotonic()
+    if now - _mounts_read[0] > MOUNTS_FRESH:
+        _mounts_read[:] = [now, _read_mount_points()]
+    return _mounts_read[1]
+
+
+MOUNTS_FRESH = 2.0
+_mounts_read: list = [-MOUNTS_FRESH - 1.0, []]
+
+
+def _read_mount_points() -> list[str]:
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
             fields = [line.split(" ") for line in info]
@@ -187,6 +202,7 @@ def _under(path: str, tree: str) -> bool:
     return path.startswith(tree.rstrip("/") + "/")
 
 
+@functools.cache  # the host's interpreter and runtime: the same for every plugin, for the host's life
 def _python_paths(import_root: str) -> list[str]:
     paths = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"],
              os.path.join(sys.base_prefix, "lib"), import_root}
@@ -195,6 +211,7 @@ def _python_paths(import_root: str) -> list[str]:
     return sorted(paths)
 
 
+@functools.cache
 def _host_site_dirs() -> list[str]:
     """Every directory of the host's own installed packages: none is the plugin's to read."""
     candidates = [*site.getsitepackages(), site.getusersitepackages(),
@@ -202,6 +219,7 @@ def _host_site_dirs() -> list[str]:
     return sorted({os.path.realpath(path) for path in candidates if os.path.isdir(path)})
 
 
+@functools.cache
 def python_paths() -> list[str]:
     """The interpreter and its standard library, which a worker reads as it imports."""
     return sorted({os.path.realpath(sys.executable), sysconfig.get_paths()["stdlib"]})

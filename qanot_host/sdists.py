@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import html.parser
+import ipaddress
 import json
 import os
+import socket
+import stat
+import time
 import urllib.parse
 import urllib.request
+from typing import Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.utils import InvalidSdistFilename, canonicalize_name, parse_sdist_filename
@@ -46,7 +51,9 @@ def wanted_versions(project: str, requirements: list[str]) -> SpecifierSet:
 def find_sdist(project: str, spec: SpecifierSet, dest_dir: str, *, wheel_dir: str | None,
                index_url: str | None, offline: bool, timeout: float) -> str:
     """The newest fitting sdist of `project`, as a file in dest_dir (copied from wheel_dir, or
-    downloaded from the index and checked against its sha256). SdistNotFound if there is none."""
+    downloaded from the index and checked against its sha256), all within `timeout` seconds.
+    SdistNotFound if there is none."""
+    deadline = time.monotonic() + timeout
     if wheel_dir is not None:
         candidates = [(name, os.path.join(wheel_dir, name), "") for name in sorted(os.listdir(wheel_dir))]
         where = wheel_dir
@@ -56,7 +63,7 @@ def find_sdist(project: str, spec: SpecifierSet, dest_dir: str, *, wheel_dir: st
     else:
         index = index_url or os.environ.get("UV_DEFAULT_INDEX") or os.environ.get("UV_INDEX_URL") or PYPI_SIMPLE
         page = f"{index.rstrip('/')}/{canonicalize_name(project)}/"
-        candidates = _index_files(page, timeout)
+        candidates = [c for c in _index_files(page, deadline) if _allowed_url(c[1], page)]
         where = page
     best: tuple[Version, str, str, str] | None = None
     for filename, url, sha256 in candidates:
@@ -74,11 +81,11 @@ def find_sdist(project: str, spec: SpecifierSet, dest_dir: str, *, wheel_dir: st
                             f"in {where}")
     _, filename, url, sha256 = best
     target = os.path.join(dest_dir, filename)
-    _fetch(url, target, sha256, timeout)
+    _fetch(url, target, sha256, deadline)
     return target
 
 
-def _index_files(page: str, timeout: float) -> list[tuple[str, str, str]]:
+def _index_files(page: str, deadline: float) -> list[tuple[str, str, str]]:
     """(filename, url, sha256 or "") of every file a PEP 691 (JSON) or PEP 503 (HTML) project page
     lists, yanked ones left out."""
     parsed = urllib.parse.urlparse(page)
@@ -86,14 +93,20 @@ def _index_files(page: str, timeout: float) -> list[tuple[str, str, str]]:
         page += "index.html"
     request = urllib.request.Request(page, headers={"Accept": f"{JSON_TYPE}, text/html;q=0.1"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - the operator's index
-            body = response.read(MAX_INDEX_PAGE_BYTES + 1)
+        with urllib.request.urlopen(request, timeout=_op_timeout(deadline)) as response:  # noqa: S310 - the operator's
+            body = bytearray()
+            while chunk := response.read1(1 << 20):  # at most one receive: a trickle meets the deadline
+                body += chunk
+                if len(body) > MAX_INDEX_PAGE_BYTES or time.monotonic() > deadline:
+                    break
             content_type = response.headers.get("Content-Type", "") if hasattr(response, "headers") else ""
             base = response.geturl()
     except OSError as exc:
         raise SdistNotFound(f"the package index could not be read at {page}: {exc}") from None
     if len(body) > MAX_INDEX_PAGE_BYTES:
         raise SdistNotFound(f"{page}: the index page is larger than {MAX_INDEX_PAGE_BYTES} bytes")
+    if time.monotonic() > deadline:
+        raise SdistNotFound(f"{page}: reading the index page took longer than its deadline")
     if JSON_TYPE in content_type:
         try:
             files = json.loads(body)["files"]
@@ -136,18 +149,22 @@ class _Links(html.parser.HTMLParser):
             self._open = None
 
 
-def _fetch(url: str, target: str, sha256: str, timeout: float) -> None:
-    """Copy or download `url` to `target`: at most MAX_SDIST_BYTES, and matching `sha256` if given."""
+def _fetch(url: str, target: str, sha256: str, deadline: float) -> None:
+    """Copy or download `url` to `target`: at most MAX_SDIST_BYTES, before `deadline`, and matching
+    `sha256` if given. A local file must be a regular file (not reached through a link) that any
+    user may read: the host hands it to the build job's uid, so it never publishes a file only root
+    could read."""
     digest = hashlib.sha256()
     size = 0
     partial = target + ".part"
-    source = url if "://" in url else "file://" + urllib.request.pathname2url(os.path.abspath(url))
     try:
-        with urllib.request.urlopen(source, timeout=timeout) as response, open(partial, "wb") as out:  # noqa: S310
-            while chunk := response.read(1 << 20):
+        with _open_source(url, deadline) as source, open(partial, "wb") as out:
+            while chunk := source.read1(1 << 20):  # at most one receive: a trickle meets the deadline
                 size += len(chunk)
                 if size > MAX_SDIST_BYTES:
                     raise SdistNotFound(f"{url} is larger than {MAX_SDIST_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise SdistNotFound(f"{url}: fetching it took longer than its deadline")
                 digest.update(chunk)
                 out.write(chunk)
         if sha256 and digest.hexdigest() != sha256.lower():
@@ -155,7 +172,52 @@ def _fetch(url: str, target: str, sha256: str, timeout: float) -> None:
         os.chmod(partial, 0o644)  # the build job runs as a uid of its own: it must read it
         os.replace(partial, target)
     except OSError as exc:
-        raise SdistNotFound(f"{url} could not be fetched: {exc}") from None
+        raise SdistNotFound(f"{url} could not be fetched: {exc.strerror or exc}") from None
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+
+
+def _open_source(url: str, deadline: float) -> Any:
+    parsed = urllib.parse.urlparse(url)
+    if "://" not in url or parsed.scheme == "file":
+        path = urllib.request.url2pathname(parsed.path) if "://" in url else url
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not hang us
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or not info.st_mode & 0o004:
+            os.close(fd)
+            raise SdistNotFound(f"{path} is not a regular file that every user may read; it is not fetched")
+        return os.fdopen(fd, "rb")
+    return urllib.request.urlopen(url, timeout=_op_timeout(deadline))  # noqa: S310 - checked by _allowed_url
+
+
+def _op_timeout(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise SdistNotFound("the deadline to fetch the source distribution passed")
+    return min(left, 30.0)
+
+
+def _allowed_url(url: str, page: str) -> bool:
+    """Where an index page may send the host: http(s) only, to the index's own host, or to a host
+    that is not this machine nor link-local (PyPI's files are on another host; the cloud's metadata
+    service and a service listening on 127.0.0.1 are not sdists). Never a file from a remote index."""
+    target, index = urllib.parse.urlparse(url), urllib.parse.urlparse(page)
+    if index.scheme == "file":
+        return target.scheme == "file"  # a local index (the operator's directory) links local files
+    if target.scheme not in ("http", "https") or not target.hostname:
+        return False
+    if target.hostname == index.hostname:
+        return True
+    try:
+        addresses = {str(info[4][0]).split("%")[0] for info in socket.getaddrinfo(target.hostname, target.port or 443)}
+    except OSError:
+        return False
+    return bool(addresses) and not any(_internal(ipaddress.ip_address(a)) for a in addresses)
+
+
+def _internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    return address.is_loopback or address.is_link_local or address.is_unspecified or address.is_multicast

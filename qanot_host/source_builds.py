@@ -25,6 +25,7 @@ import msgspec
 from .discovery import PluginSource
 from .errors import DependencyError, PluginError
 from .manifest import Manifest
+from .output import printable
 from .settings import Config, FilesystemGrant, Permissions, PluginEntry, PluginSettings, RestartSettings
 from .supervisor import PluginSupervisor
 
@@ -37,13 +38,15 @@ __all__ = ["SourceBuilds", "build_job_name"]
 log = logging.getLogger("qanot_host.environments")
 
 MAX_WHEEL_BYTES = 40 * 2**20  # what a build may hand back (base64 in one frame)
+WHEEL_FILENAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+!-]{0,250}\.whl")
 # A PEP 517 backend is an importable object path: module(.module)*(:attr(.attr)*)
 BACKEND = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?")
 
 
 def build_job_name(plugin: str) -> str:
     """The build job's own name (its uid, data directory, disk and cgroup): one per plugin, so no
-    plugin's build touches another's."""
+    plugin's build touches another's, and never a plugin's name (config.json refuses ':' in one:
+    a plugin named so would be the job, and could rewrite the source while it is built)."""
     return f"sdist-build:{plugin}"
 
 
@@ -109,10 +112,11 @@ def _build_system(plugin: str, sdist_name: str, answer: str) -> tuple[list[str],
         raise DependencyError(plugin, f"{where}.requires: a list of at most {MAX_REQUIREMENTS} requirements")
     for index, requirement in enumerate(requires):
         problem = requirement_problem(requirement)
-        if problem:
-            raise DependencyError(plugin, f"{where}.requires[{index}]: {problem}")
+        if problem:  # the archive's words: no forged log line
+            raise DependencyError(plugin, f"{where}.requires[{index}]: {printable(problem, 500)}")
     if not isinstance(backend, str) or not BACKEND.fullmatch(backend):
-        raise DependencyError(plugin, f"{where}.build-backend: {str(backend)[:100]!r} is not an object path")
+        raise DependencyError(plugin, f"{where}.build-backend: {printable(str(backend), 100)!r} is not an "
+                                      "object path")
     if not isinstance(backend_path, list) or not all(
             isinstance(p, str) and p and not os.path.isabs(p) and ".." not in p.split("/") for p in backend_path):
         raise DependencyError(plugin, f"{where}.backend-path: relative paths inside the archive only")
@@ -126,6 +130,8 @@ def _keep_wheel(plugin: str, sdist_name: str, answer: str, wheel_dir: str) -> st
     try:
         reply = json.loads(answer)
         filename, data = str(reply["filename"]), base64.b64decode(reply["wheel"], validate=True)
+        if not WHEEL_FILENAME.fullmatch(filename):
+            raise ValueError(f"{printable(filename, 200)!r} is not a wheel's file name")
         wheel_name, wheel_version, _, _ = parse_wheel_filename(filename)
     except (ValueError, KeyError, TypeError, binascii.Error, InvalidWheelFilename) as exc:
         raise DependencyError(plugin, f"building {sdist_name}: the build job's answer is not a wheel ({exc})") from None
@@ -133,7 +139,7 @@ def _keep_wheel(plugin: str, sdist_name: str, answer: str, wheel_dir: str) -> st
         raise DependencyError(plugin, f"building {sdist_name} gave a wheel of {len(data)} bytes; at most "
                                       f"{MAX_WHEEL_BYTES} are taken")
     project, version = parse_sdist_filename(sdist_name)
-    if (wheel_name, wheel_version) != (project, version) or "/" in filename or filename.startswith("."):
+    if (wheel_name, wheel_version) != (project, version):
         raise DependencyError(plugin, f"building {sdist_name} gave {filename!r}, a wheel of another project "
                                       "or version")
     os.makedirs(wheel_dir, exist_ok=True)

@@ -173,3 +173,90 @@ async def test_pyaes_from_pypi_which_ships_no_wheel(write_config, tmp_path):
         answer = json.loads(await host.registry.execute("aes_vector", {}))
     assert answer["ciphertext"] == "69c4e0d86a7b0430d8cdb78070b4c55a"
     assert answer["file"].startswith(str(tmp_path / "state" / "envs"))
+
+
+def test_a_plugin_cannot_take_a_build_jobs_name(write_config):
+    from qanot_host.errors import ConfigError
+    config = write_config([plugin("sdist-build:dep_source")])
+    with pytest.raises(ConfigError, match=r"plugins\[0\]\.name: 'sdist-build:dep_source': ':' is reserved"):
+        Host(config)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "private", "fifo"])
+async def test_wheel_dir_gives_only_plain_files_anyone_may_read(write_config, tmp_path, kind):
+    """The host copies the sdist where the build job's uid reads it: never a file only root could."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    secret = tmp_path / "root-only"
+    secret.write_text("secret")
+    secret.chmod(0o600)
+    name = wheels / "qhtest_source-1.0.tar.gz"
+    if kind == "symlink":
+        name.symlink_to(secret)
+    elif kind == "private":
+        make_sdist(wheels, "from setuptools import setup\nsetup()\n").chmod(0o600)
+    else:
+        os.mkfifo(name)
+    config = write_config([plugin("dep_source")], host={"wheel_dir": str(wheels)})
+    async with Host(config) as host:
+        error = host.plugins["dep_source"].error
+    assert "qhtest_source-1.0.tar.gz" in error and ("every user may read" in error or "could not be fetched" in error)
+    assert not any((tmp_path / "state" / "sdists").rglob("*.tar.gz"))
+
+
+def test_an_index_page_cannot_send_the_host_to_files_or_this_machine():
+    from qanot_host.sdists import _allowed_url
+    page = "https://pypi.org/simple/x/"
+    assert _allowed_url("https://pypi.org/packages/x-1.0.tar.gz", page)
+    for url in ("file:///etc/shadow", "http://127.0.0.1:8080/x-1.0.tar.gz", "http://[::1]/x-1.0.tar.gz",
+                "http://169.254.169.254/latest/meta-data/x-1.0.tar.gz", "ftp://pypi.org/x-1.0.tar.gz",
+                "http://localhost/x-1.0.tar.gz", "http://[::ffff:127.0.0.1]/x-1.0.tar.gz"):
+        assert not _allowed_url(url, page), url
+    assert _allowed_url("http://127.0.0.1:3141/files/x-1.0.tar.gz", "http://127.0.0.1:3141/simple/x/")
+
+
+def test_a_trickling_index_meets_the_deadline(tmp_path):
+    """An index that sends a byte every half second cannot hold a plugin's start past its deadline."""
+    import time
+
+    from qanot_host.sdists import SdistNotFound, find_sdist
+    from packaging.specifiers import SpecifierSet
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 100000\r\n\r\n")
+        while not stop.is_set():
+            try:
+                conn.sendall(b"<")
+            except OSError:
+                return
+            time.sleep(0.5)
+        conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    began = time.monotonic()
+    try:
+        with pytest.raises(SdistNotFound, match="deadline"):
+            find_sdist("x", SpecifierSet(), str(tmp_path), wheel_dir=None, offline=False, timeout=2.0,
+                       index_url=f"http://127.0.0.1:{server.getsockname()[1]}/simple")
+    finally:
+        stop.set()
+        server.close()
+    assert time.monotonic() - began < 5
+
+
+def test_a_build_jobs_words_forge_no_log_line():
+    from qanot_host.errors import DependencyError
+    from qanot_host.source_builds import _build_system, _keep_wheel
+    answer = json.dumps({"requires": ["x ; \nINFO qanot_host: forged"], "backend": "setuptools.build_meta",
+                         "backend_path": []})
+    with pytest.raises(DependencyError) as caught:
+        _build_system("p", "x-1.0.tar.gz", answer)
+    assert "\n" not in caught.value.detail
+    answer = json.dumps({"filename": "x-1.0-py3-none-any.whl\nINFO forged", "wheel": ""})
+    with pytest.raises(DependencyError) as caught:
+        _keep_wheel("p", "x-1.0.tar.gz", answer, "/nonexistent")
+    assert "\n" not in caught.value.detail and "not a wheel" in caught.value.detail
