@@ -58,6 +58,10 @@ class WorkerOptions:
     memory_mb: int | None = None
     redact: Callable[[str], str] | None = None  # the plugin's resolved secrets out of what is logged
     ring: LogRing | None = None  # the plugin's recent output lines, kept for `qanot-host logs`
+    # Shared by every worker of the host: how many may be between launch and loaded at once (the
+    # sandbox, the interpreter and the plugin's imports are CPU work; five hundred at once on two
+    # cores took 8.6 s each, close to handshake_timeout). setup() runs outside it.
+    start_gate: asyncio.Semaphore | None = None
 
 
 class WorkerHandle:
@@ -109,7 +113,26 @@ class WorkerHandle:
     async def start(self, entry_file: str, plugin_dir: str, site_dirs: list[str],
                     config: dict[str, Any], sandbox: p.SandboxSpec | None = None) -> None:
         """Spawn, handshake, load, setup(config), get_tools(). Raises PluginStartError subtypes."""
+        gate = self._options.start_gate
+        if gate is not None:
+            await gate.acquire()
         began = time.monotonic()
+        try:
+            await self._launch_and_load(entry_file, plugin_dir, site_dirs, sandbox)
+        finally:
+            if gate is not None:
+                gate.release()
+        await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
+        reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
+        self.tools = offered_tools(self.plugin, reply)
+        self.extensions = reply.extensions
+        self.started_at = time.monotonic()
+        self.start_seconds = self.started_at - began  # spawn to tools listed
+        # Pings start only now: a setup() that blocks its loop is bounded by setup_timeout instead.
+        self._tasks.append(asyncio.get_running_loop().create_task(self._heartbeat()))
+
+    async def _launch_and_load(self, entry_file: str, plugin_dir: str, site_dirs: list[str],
+                               sandbox: p.SandboxSpec | None) -> None:
         self._sandbox = sandbox
         self._oom_kills_at_start = self._options.oom_kills() if self._options.oom_kills else 0
         await self._spawn()
@@ -124,14 +147,6 @@ class WorkerHandle:
         self.info = kept_info(await self._ask(
             lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs), p.Loaded,
             self._options.handshake_timeout, "loading the plugin"))
-        await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
-        reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
-        self.tools = offered_tools(self.plugin, reply)
-        self.extensions = reply.extensions
-        self.started_at = time.monotonic()
-        self.start_seconds = self.started_at - began  # spawn to tools listed
-        # Pings start only now: a setup() that blocks its loop is bounded by setup_timeout instead.
-        self._tasks.append(asyncio.get_running_loop().create_task(self._heartbeat()))
 
     async def _spawn(self) -> None:
         opts = self._options

@@ -8,6 +8,7 @@ the supervisor owns one worker's life and nothing else, and the host only wires 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -39,6 +40,10 @@ __all__ = ["WorkerFactory"]
 
 log = logging.getLogger("qanot_host")
 
+# Workers starting at once (launch to loaded): enough to keep every core busy while others wait on a
+# pipe, few enough that hundreds starting together each start in a fraction of handshake_timeout.
+START_CONCURRENCY = 4 * (os.cpu_count() or 1)
+
 
 class WorkerFactory:
     def __init__(self, config: Config, launcher: Launcher | None = None) -> None:
@@ -53,6 +58,7 @@ class WorkerFactory:
         self._data = DataDirs(state_dir)
         self._uids = UidMap(state_dir, config.host.sandbox.uid_base)
         self.tool_cache = ToolCache(state_dir)  # what lazy plugins offer, without starting them
+        self.start_gate = asyncio.Semaphore(START_CONCURRENCY)  # workers between launch and loaded
         # As root, each worker gets namespaces (PID, mount, IPC, UTS) and a root of its own.
         sandbox = config.host.sandbox
         self.namespaces = (sandbox.enabled and sandbox.namespaces and os.geteuid() == 0
@@ -103,7 +109,8 @@ class WorkerFactory:
             ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
             cancel_grace=settings.cancel_grace, extra_env=self._granted_env(config, name),
             namespaces=self.namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second,
-            oom_kills=partial(self.cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb)
+            oom_kills=partial(self.cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb,
+            start_gate=self.start_gate)
         if disk_problem:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         elif self.namespaces and not limits.disk_mb:
