@@ -155,6 +155,19 @@ class WorkerChannel(asyncio.Protocol):
         if self._on_abandoned is not None:
             self._on_abandoned(request_id, what)
 
+    def caller_cancelled(self, future: object) -> None:
+        """A call whose caller was cancelled: found among the pending (a scan, on this rare path
+        only: the hot path keeps no map from futures to ids) and cancelled in the worker."""
+        request_id = next((key for key, entry in self._pending.items() if entry[0] is future), None)
+        if request_id is None:
+            return  # answered meanwhile, or the worker is gone
+        entry = self._pending.pop(request_id)
+        self._abandoned.add(request_id)
+        if self.closed is None:
+            self._post(p.Cancel(request_id))
+            if self._on_abandoned is not None:
+                self._on_abandoned(request_id, f"tool {entry[2]}")
+
     def is_abandoned(self, request_id: int) -> bool:
         """True while a cancelled request has not been answered by the worker."""
         return request_id in self._abandoned

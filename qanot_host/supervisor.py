@@ -378,8 +378,12 @@ class PluginSupervisor:
         self.calls += 1
         self._began()
         self._calls_since_start += 1
+        reply = worker.call(tool, params, timeout)
         try:
-            return await worker.call(tool, params, timeout)
+            return await reply
+        except asyncio.CancelledError:  # the caller went away (an MCP client's cancel): so does the call
+            worker.call_cancelled(reply)
+            raise
         except WorkerTimeout as exc:
             self.timeouts += 1
             self.errors += 1

@@ -255,6 +255,12 @@ class WorkerHandle:
             raise PluginUnavailable(self.plugin, "worker is stopping")
         return channel.call(tool, params, timeout)
 
+    def call_cancelled(self, reply: Awaitable[str]) -> None:
+        """The caller of call() was cancelled: the worker is told to cancel the handler (and killed if
+        it cannot within cancel_grace), as at a timeout."""
+        if self._channel is not None:
+            self._channel.caller_cancelled(reply)
+
     async def ask(self, make: Callable[[int], p.HostMessage], timeout: float, what: str) -> Any:
         """A hook or a command: its return value; PluginError (naming `what`) if it raised."""
         channel = self._channel
@@ -292,14 +298,15 @@ class WorkerHandle:
                 return
 
     def _call_abandoned(self, request_id: int, what: str) -> None:
-        """A call timed out and was cancelled; a worker that cannot even answer the cancel is stuck."""
+        """A call timed out, or its caller was cancelled, and the worker was told to cancel it; a worker
+        that cannot even answer the cancel is stuck."""
         grace = self._options.cancel_grace
 
         def check() -> None:
             channel = self._channel
             if channel is not None and channel.closed is None and channel.is_abandoned(request_id):
-                self.kill(WorkerTimeout(self.plugin, f"{what} did not stop within {grace:g} s of its "
-                                        "timeout (a handler blocking the event loop?); killed"))
+                self.kill(WorkerTimeout(self.plugin, f"{what} did not stop within {grace:g} s of being "
+                                        "cancelled (a handler blocking the event loop?); killed"))
 
         asyncio.get_running_loop().call_later(grace, check)
 

@@ -15,7 +15,7 @@ import pytest
 from qanot_host import Host, PluginState
 from qanot_host.restarter import RestartPolicy
 
-from .conftest import GREETER, plugin, wait_until, worker_processes
+from .conftest import GREETER, grant_write, plugin, wait_until, worker_processes
 
 FAST = {"restart": {"backoff_initial": 0.0}}
 
@@ -119,7 +119,7 @@ async def test_blocking_handler_times_out_then_worker_is_killed_and_restarted(wr
         assert result == {"error": "plugin misbehave: tool mb_hang_blocking timed out after 0.3 s"}
         assert time.monotonic() - started < 3.0  # the timeout (0.3 s), not the kill after it
         await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != pid, 10, "restart")
-        assert "did not stop within 0.3 s of its timeout" in sup.last_exit
+        assert "did not stop within 0.3 s of being cancelled" in sup.last_exit
         assert sup.timeouts == 1
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -131,6 +131,27 @@ async def test_async_hang_is_cancelled_without_a_restart(write_config):
         assert "timed out after 0.2 s" in await host.registry.execute("mb_hang_async", {})
         await asyncio.sleep(0.5)
         assert sup.restarts == 0 and sup.worker.in_flight == 0
+
+
+async def test_a_cancelled_caller_cancels_the_call_in_the_worker(write_config, tmp_path):
+    """An MCP client's cancel, or any caller's task cancelled: the handler is cancelled in the worker
+    at once, not left running until the call's timeout; the worker serves on."""
+    place = tmp_path / "markers"
+    place.mkdir()
+    marker = place / "marker"
+    config = write_config([misbehave(call_marker=str(marker))], host={"call_timeout": 60,
+                                                                      **grant_write("misbehave", place)})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        pid = sup.worker.pid
+        call = asyncio.ensure_future(host.registry.invoke("mb_hang_async", {}))
+        await wait_until(marker.exists, 10, "the call in flight")
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+        await wait_until(lambda: (place / "marker.cancelled").exists(), 5, "the handler cancelled")
+        await wait_until(lambda: sup.worker.in_flight == 0, 5, "the cancel answered")
+        assert await host.registry.execute("mb_sleep", {"seconds": 0}) == "slept"
+        assert sup.worker.pid == pid and sup.restarts == 0 and sup.in_flight == 0
 
 
 async def test_blocked_event_loop_is_found_by_the_heartbeat(write_config):

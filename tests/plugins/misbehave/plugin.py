@@ -66,10 +66,17 @@ class QanotPlugin(Plugin):
 
     @tool(name="mb_hang_async", description="Awaits forever (cancellable).", parameters=ANY)
     async def hang_async(self, params: dict) -> str:
-        if self.config.get("call_marker"):  # for a test that must act while the call is in flight
-            with open(self.config["call_marker"], "w") as f:
+        marker = self.config.get("call_marker")
+        if marker:  # for a test that must act while the call is in flight
+            with open(marker, "w") as f:
                 f.write("in flight")
-        await asyncio.sleep(3600)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if marker:
+                with open(marker + ".cancelled", "w") as f:
+                    f.write("cancelled")
+            raise
         return "woke"
 
     async def on_pre_turn(self, user_id: str, message: str) -> str | None:
