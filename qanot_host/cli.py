@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "completion":
         print(completion_script(_parser(), args.shell))
         return EXIT_OK
-    level = args.log_level or ("INFO" if args.command == "run" else "CRITICAL")
+    level = args.log_level or ("INFO" if args.command in ("run", "mcp") else "CRITICAL")
     try:
         configure_logging(level, args.log_format, args.log_file)
     except OSError as exc:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     command = COMMANDS[args.command]
     try:
-        return run_event_loop(command(args) if args.command == "run" else _interruptible(command, args))
+        return run_event_loop(command(args) if args.command in ("run", "mcp") else _interruptible(command, args))
     except QanotHostError as exc:
         print(f"qanot-host: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -105,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
         return cmd
 
     command("run", "start every enabled plugin and serve until SIGTERM or SIGINT")
+    mcp = command("mcp", "serve every plugin's tools to MCP clients (stdio by default), until the client "
+                         "leaves or SIGTERM")
+    mcp.add_argument("--http", metavar="HOST:PORT", help="streamable HTTP at http://HOST:PORT/mcp instead of stdio")
+    mcp.add_argument("--token-env", metavar="VAR", help="with --http: require `Authorization: Bearer` this "
+                                                       "variable's value")
+    mcp.add_argument("--token-file", metavar="PATH", help="with --http: require `Authorization: Bearer` this "
+                                                         "file's content")
     call = command("call", "call one tool through the running host of that config, or a host of its own; "
                            "print its result")
     call.add_argument("tool")
@@ -314,5 +321,41 @@ async def _chaos(args: argparse.Namespace) -> int:
     return EXIT_OK if report.passed() else EXIT_ERROR
 
 
-COMMANDS = {"run": lambda args: serve(args.config), "call": _call, "tools": _tools, "check": _check, "status": _status,
-            "reload": _reload, "restart": _restart, "logs": _logs, "chaos": _chaos}
+async def _mcp(args: argparse.Namespace) -> int:
+    try:
+        from .mcp_server import McpFront, parse_listen
+    except ImportError as exc:
+        raise QanotHostError(f"qanot-host mcp needs the MCP SDK ({exc.name} is missing): "
+                             "pip install 'qanot-host[mcp]'") from None
+    if args.http is None:
+        if args.token_env or args.token_file:
+            raise QanotHostError("--token-env and --token-file go with --http (stdio has no tokens)")
+        return await serve(args.config, McpFront, lambda front: front.serve_stdio())
+    try:
+        listen = parse_listen(args.http)
+    except ValueError as exc:
+        raise QanotHostError(str(exc)) from None
+    token = _token(args)
+    return await serve(args.config, McpFront, lambda front: front.serve_http(*listen, token))
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_env:
+        value = os.environ.get(args.token_env, "")
+        if not value:
+            raise QanotHostError(f"--token-env {args.token_env}: the variable is not set, or empty")
+        return value
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError as exc:
+            raise QanotHostError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+        if not value:
+            raise QanotHostError(f"--token-file {args.token_file}: the file is empty")
+        return value
+    return None
+
+
+COMMANDS = {"run": lambda args: serve(args.config), "mcp": _mcp, "call": _call, "tools": _tools, "check": _check,
+            "status": _status, "reload": _reload, "restart": _restart, "logs": _logs, "chaos": _chaos}

@@ -137,15 +137,21 @@ class EnvironmentBuilder:
                  "y" if len(requirements) == 1 else "ies")
         began = time.monotonic()
         verbosity = "--verbose" if log.isEnabledFor(logging.DEBUG) else "--quiet"
+        deadline = time.monotonic() + self._timeout
         try:
-            await self._uv(plugin, [uv, "venv", "--quiet", "--python", sys.executable, scratch])
-            await self._install(plugin, [uv, "pip", "install", verbosity, "--python",
-                                         os.path.join(scratch, "bin", "python"), "--link-mode", "copy"],
-                                requirements, from_source)
+            # install_timeout bounds the whole environment: uv, and each source build it needs
+            async with asyncio.timeout(self._timeout):
+                await self._uv(plugin, [uv, "venv", "--quiet", "--python", sys.executable, scratch])
+                await self._install(plugin, [uv, "pip", "install", verbosity, "--python",
+                                             os.path.join(scratch, "bin", "python"), "--link-mode", "copy"],
+                                    requirements, from_source, deadline)
             mark = json.dumps({"plugin": plugin, "requirements": requirements})
             await asyncio.to_thread(Path(scratch, COMPLETE_MARK).write_text, mark)
             await asyncio.to_thread(shutil.rmtree, env_dir, True)
             os.rename(scratch, env_dir)
+        except TimeoutError:
+            raise DependencyError(plugin, f"installing its dependencies took longer than install_timeout="
+                                          f"{self._timeout:g} s") from None
         finally:  # also when the host stops meanwhile: no half environment is left behind
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, scratch, True))
         seconds = time.monotonic() - began
@@ -154,13 +160,17 @@ class EnvironmentBuilder:
         log.info("plugin %s: dependencies installed in %.1f s (%.1f MB)", plugin, seconds, size / 2**20)
         self._remove_stale(plugin, env_dir)
 
-    async def _install(self, plugin: str, install: list[str], requirements: list[str], from_source: bool) -> None:
+    async def _install(self, plugin: str, install: list[str], requirements: list[str], from_source: bool,
+                       deadline: float) -> None:
         """uv, wheels only; each project uv finds no wheel of is built from source in the sandbox
-        (source_builds.py) and uv tries again with that wheel."""
+        (source_builds.py) and uv tries again with that wheel. Wheels built for this plugin before are
+        offered to uv only once it finds no other: a wheel the operator puts in wheel_dir (or the
+        index gains) later wins over an old build."""
         built_dir = os.path.join(self._state_dir, "built-wheels", plugin)
         built: set[str] = set()
+        use_built = False
         while True:
-            extra = ["--find-links", built_dir] if os.path.isdir(built_dir) else []
+            extra = ["--find-links", built_dir] if use_built and os.path.isdir(built_dir) else []
             try:
                 await self._uv(plugin, [*install, *self._index_args(), *extra, *requirements])
                 return
@@ -169,15 +179,20 @@ class EnvironmentBuilder:
                 if match is None or not from_source or self.source_builds is None:
                     raise
                 project = match.group(1)
+                if not use_built and _has_wheel(built_dir, project):
+                    use_built = True  # built before: offered now, and built again only if it does not fit
+                    continue
                 if project in built:  # built, and uv still wants another: the built one does not fit
                     raise
                 if len(built) >= MAX_SOURCE_BUILDS:
                     raise DependencyError(plugin, f"more than {MAX_SOURCE_BUILDS} dependencies need building "
                                                   f"from source; {project} is one too many") from None
             built.add(project)
-            await self._build_from_source(plugin, project, requirements, built_dir)
+            use_built = True
+            await self._build_from_source(plugin, project, requirements, built_dir, deadline)
 
-    async def _build_from_source(self, plugin: str, project: str, requirements: list[str], built_dir: str) -> None:
+    async def _build_from_source(self, plugin: str, project: str, requirements: list[str], built_dir: str,
+                                 deadline: float) -> None:
         from .sdists import SdistNotFound, find_sdist, wanted_versions
         assert self.source_builds is not None
         sdist_dir = os.path.join(self._state_dir, "sdists", plugin)
@@ -185,7 +200,8 @@ class EnvironmentBuilder:
         try:
             sdist = await asyncio.to_thread(
                 find_sdist, project, wanted_versions(project, requirements), sdist_dir, wheel_dir=self._wheel_dir,
-                index_url=self._index_url, offline=self._offline, timeout=min(self._timeout, 300.0))
+                index_url=self._index_url, offline=self._offline,
+                timeout=max(0.001, min(deadline - time.monotonic(), 300.0)))
         except SdistNotFound as exc:
             raise DependencyError(plugin, str(exc)) from None
         try:
@@ -234,6 +250,15 @@ class EnvironmentBuilder:
                     os.unlink(path + ".lock")
                 except FileNotFoundError:
                     pass
+
+
+def _has_wheel(directory: str, project: str) -> bool:
+    from packaging.utils import canonicalize_name
+    prefix = canonicalize_name(project).replace("-", "_") + "-"
+    try:
+        return any(name.lower().startswith(prefix) and name.endswith(".whl") for name in os.listdir(directory))
+    except OSError:
+        return False
 
 
 def _fresh_directory(path: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 
 from .cgroups import sweep_stale_cgroups
@@ -65,6 +65,8 @@ class Host:
         self.metrics: HostMetrics | None = None  # host.metrics: Prometheus, /healthz, /readyz
         self._fingerprints: dict[str, str] = {}  # plugin -> its directory's, when its worker started
         self._operating = asyncio.Lock()  # reload and restart_plugin: one at a time
+        # awaited after each reload and restart_plugin (the MCP front tells its clients of new tools)
+        self.after_reload: Callable[[], Awaitable[None]] | None = None
         self.registry.explain_missing = lambda tool: self._index.explain_missing(tool, self.config, self.plugins)
 
     async def __aenter__(self) -> "Host":
@@ -94,7 +96,8 @@ class Host:
             self.metrics.serve(self.config.host.metrics)
             self.registry.observer = self.metrics.observe_call
         try:
-            await self._start()
+            async with self._operating:  # a reload asked for meanwhile waits: one start of each plugin
+                await self._start()
         except BaseException:
             await asyncio.shield(self.stop())  # a host that fails on its way up leaves nothing behind
             raise
@@ -264,7 +267,10 @@ class Host:
         failed ones: a reload is how an operator acts). Untouched plugins keep serving. Reloads and
         restarts run one at a time (two at once once started a plugin twice, one of them unseen)."""
         async with self._operating:
-            return await self._reload(config)
+            changes = await self._reload(config)
+        if self.after_reload is not None:
+            await self.after_reload()
+        return changes
 
     async def _reload(self, config: Config | None) -> dict[str, list[str]]:
         new = config or load_config(self.config.path)
@@ -358,6 +364,8 @@ class Host:
                 await supervisor.settled.wait()  # a restart under way ends first
                 await self._stop_plugins([plugin])
                 await self._start_plugins([plugin])
+        if self.after_reload is not None:
+            await self.after_reload()
         status = self.plugins[plugin].status()
         log.info("plugin %s restarted by the operator: %s", plugin, status["state"])
         return status

@@ -63,7 +63,7 @@ def find_sdist(project: str, spec: SpecifierSet, dest_dir: str, *, wheel_dir: st
     else:
         index = index_url or os.environ.get("UV_DEFAULT_INDEX") or os.environ.get("UV_INDEX_URL") or PYPI_SIMPLE
         page = f"{index.rstrip('/')}/{canonicalize_name(project)}/"
-        candidates = [c for c in _index_files(page, deadline) if _allowed_url(c[1], page)]
+        candidates = _index_files(page, deadline)
         where = page
     best: tuple[Version, str, str, str] | None = None
     for filename, url, sha256 in candidates:
@@ -80,6 +80,9 @@ def find_sdist(project: str, spec: SpecifierSet, dest_dir: str, *, wheel_dir: st
         raise SdistNotFound(f"{project} ships no wheel, and no source distribution of it{wanted} was found "
                             f"in {where}")
     _, filename, url, sha256 = best
+    if where != wheel_dir and not _allowed_url(url, where):  # looked up for this one link only
+        raise SdistNotFound(f"{project}: the index sends the host to {url}, which it does not fetch from "
+                            "(http(s) only, never this machine or a link-local address)")
     target = os.path.join(dest_dir, filename)
     _fetch(url, target, sha256, deadline)
     return target
@@ -188,7 +191,21 @@ def _open_source(url: str, deadline: float) -> Any:
             os.close(fd)
             raise SdistNotFound(f"{path} is not a regular file that every user may read; it is not fetched")
         return os.fdopen(fd, "rb")
-    return urllib.request.urlopen(url, timeout=_op_timeout(deadline))  # noqa: S310 - checked by _allowed_url
+    opener = urllib.request.build_opener(_CheckedRedirects(url))  # each redirect checked as the link was
+    return opener.open(url, timeout=_op_timeout(deadline))
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, first: str) -> None:
+        self._first = first
+        self._hops = 0
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self._hops += 1
+        if self._hops > 5 or not _allowed_url(newurl, self._first):
+            fp.close()
+            raise SdistNotFound(f"{self._first} redirects to {newurl}, which the host does not fetch from")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _op_timeout(deadline: float) -> float:
@@ -207,7 +224,7 @@ def _allowed_url(url: str, page: str) -> bool:
         return target.scheme == "file"  # a local index (the operator's directory) links local files
     if target.scheme not in ("http", "https") or not target.hostname:
         return False
-    if target.hostname == index.hostname:
+    if target.hostname == index.hostname and (target.port or 0) == (index.port or 0):
         return True
     try:
         addresses = {str(info[4][0]).split("%")[0] for info in socket.getaddrinfo(target.hostname, target.port or 443)}
@@ -220,4 +237,12 @@ def _internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     mapped = getattr(address, "ipv4_mapped", None)
     if mapped is not None:
         address = mapped
-    return address.is_loopback or address.is_link_local or address.is_unspecified or address.is_multicast
+    return (address.is_loopback or address.is_link_local or address.is_unspecified or address.is_multicast
+            or str(address) in _own_addresses())
+
+
+def _own_addresses() -> set[str]:
+    """Every address of this machine's interfaces (a service bound to one is this machine's too)."""
+    import psutil
+    return {item.address.split("%")[0] for items in psutil.net_if_addrs().values() for item in items
+            if item.family in (socket.AF_INET, socket.AF_INET6)}

@@ -1,5 +1,7 @@
-"""`qanot-host run`: the long-lived host process. Signals (SIGTERM and SIGINT stop it, SIGHUP reloads),
-the control socket, systemd's notifications, and a clean stop whatever ends it.
+"""`qanot-host run` and `qanot-host mcp`: the long-lived host process. Signals (SIGTERM and SIGINT stop
+it, SIGHUP reloads), the control socket, systemd's notifications, and a clean stop whatever ends it.
+With a front (the MCP server), the host serves through it too, and stops when it ends (an MCP
+client closing stdin).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ import asyncio
 import gc
 import logging
 import signal
+from typing import Any, Awaitable, Callable
 
 from .config import directory_problems
 from .control import ControlServer
@@ -20,7 +23,10 @@ __all__ = ["serve"]
 log = logging.getLogger("qanot_host")
 
 
-async def serve(config_path: str) -> int:
+async def serve(config_path: str, front: Callable[[Host], Any] | None = None,
+                serve_front: Callable[[Any], Awaitable[None]] | None = None) -> int:
+    """`front(host)` makes the front (McpFront) once the host exists; `serve_front(front)` serves
+    through it once every plugin has started."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -32,8 +38,11 @@ async def serve(config_path: str) -> int:
         raise ConfigError(problems[0])
     control = ControlServer(host)
     await control.start()
+    made = front(host) if front is not None else None
+    host.after_reload = getattr(made, "tools_changed", None)
     reloads: set[asyncio.Task] = set()
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload_in_background(host, reloads, systemd))
+    serving: asyncio.Future | None = None
     count = sum(e.enabled for e in host.config.plugins)
     log.info("starting %d plugin%s from %s", count, "" if count == 1 else "s", config_path)
     try:
@@ -48,13 +57,22 @@ async def serve(config_path: str) -> int:
             # large heap stalled calls for tens of ms in the benchmarks).
             gc.collect()
             gc.freeze()
-            await stop.wait()
+            waits = [asyncio.ensure_future(stop.wait())]
+            if made is not None and serve_front is not None:
+                serving = asyncio.ensure_future(serve_front(made))
+                waits.append(serving)
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if serving is not None and serving in done and serving.exception() is not None:
+                log.error("the MCP front ended: %s", serving.exception())
         else:
             starting.cancel()
             # Let each half-started worker be stopped by its own start path before we go on.
             await asyncio.gather(starting, return_exceptions=True)
         log.info("stopping")
     finally:
+        if serving is not None and not serving.done():
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
         systemd.stopping()
         loop.remove_signal_handler(signal.SIGHUP)
         await control.close()

@@ -92,7 +92,8 @@ class SourceBuilds:
         config = self._config
         settings = PluginSettings(
             permissions=Permissions(filesystem=FilesystemGrant(read=[os.path.dirname(sdist)]), subprocess=True),
-            call_timeout=config.host.install_timeout, restart=RestartSettings(policy="never"), workspace=False)
+            call_timeout=config.host.install_timeout, restart=RestartSettings(policy="never"), workspace=False,
+            activation="eager")  # never lazy (it would start twice), never idle-stopped
         entry = PluginEntry(name, True, {"sdist": sdist, "max_wheel_bytes": MAX_WHEEL_BYTES})
         host = msgspec.structs.replace(config.host, plugins={**config.host.plugins, name: settings})
         return msgspec.structs.replace(config, plugins=[*config.plugins, entry], host=host)

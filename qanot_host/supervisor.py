@@ -104,6 +104,9 @@ class PluginSupervisor:
         keep = source is not None and source.manifest.keep_running  # plugin.json opts out of lazy and idle
         self.lazy = config.activation_for(entry.name) == "lazy" and not keep
         self.idle_timeout = None if keep else config.idle_timeout_for(entry.name)
+        if keep and (config.activation_for(entry.name) == "lazy" or config.idle_timeout_for(entry.name)):
+            log.warning("plugin %s: its plugin.json says keep_running: it starts with the host and is never "
+                        "stopped when idle, whatever activation and idle_timeout say", entry.name)
         self.offer_key = ""  # what its tool list is cached under (set by the host before start)
         self._offer: CachedOffer | None = None  # what its last worker offered, or the cache did
         self._last_active = 0.0  # when its last call ended (monotonic)
@@ -204,8 +207,8 @@ class PluginSupervisor:
             self._activation = asyncio.get_running_loop().create_task(self._start_on_call())
 
     async def _start_on_call(self) -> None:
-        if self._idle_stop is not None:  # the last worker's teardown ends first (its disk, its cgroup)
-            await asyncio.gather(self._idle_stop, return_exceptions=True)
+        if self._idle_stop is not None:  # the last worker's teardown ends first (its disk, its cgroup);
+            await asyncio.wait([self._idle_stop])  # cancelling this start must not cancel that teardown
         if self._closing:
             return
         try:

@@ -129,10 +129,11 @@ async def test_a_worker_that_fails_to_start_for_a_call_fails_that_call_only(writ
         assert host.plugins["lazy_probe"].state == PluginState.FAILED
 
 
-async def test_plugin_json_keep_running_opts_out_of_lazy_and_idle(write_config, tmp_path):
+async def test_plugin_json_keep_running_opts_out_of_lazy_and_idle(write_config, tmp_path, caplog):
     config = write_config([plugin("keeps_running"), plugin("lazy_probe")],
                           host=lazy_host(idle_timeout=0.3))
     async with Host(config) as host:
+        assert "plugin keeps_running: its plugin.json says keep_running" in caplog.text  # the operator is told
         keeper = host.plugins["keeps_running"]
         assert keeper.state == PluginState.READY and keeper.worker is not None
         pid = await host.registry.execute("keeps_running_pid", {})
@@ -173,3 +174,20 @@ def test_the_host_raises_its_open_files_limit_and_says_how_many_workers_fit():
     lines = done.stdout.split("\n")
     assert int(lines[-2]) >= 4096  # at least the hard limit (as root, maybe the kernel's ceiling)
     assert "room for about" in done.stdout and "workers" in done.stdout
+
+
+async def test_a_reload_asked_for_during_the_start_waits_for_it(write_config):
+    """Else a plugin still starting was started a second time beside the first (two workers, one
+    of them unsupervised and without its disk)."""
+    config = write_config([plugin("misbehave", slow_start=1.5)])
+    host = Host(config)
+    starting = asyncio.ensure_future(host.start())
+    try:
+        await wait_until(lambda: "misbehave" in host.plugins, 10, "the start under way")
+        write_config([plugin("misbehave", slow_start=0.1)])  # changed: the reload restarts it
+        changes = await host.reload()
+        assert starting.done() and changes["restarted"] == ["misbehave"]
+        assert host.plugins["misbehave"].state == PluginState.READY
+    finally:
+        await asyncio.gather(starting, return_exceptions=True)
+        await host.stop()

@@ -3,6 +3,7 @@ never by the host itself, and cached per plugin."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -260,3 +261,93 @@ def test_a_build_jobs_words_forge_no_log_line():
     with pytest.raises(DependencyError) as caught:
         _keep_wheel("p", "x-1.0.tar.gz", answer, "/nonexistent")
     assert "\n" not in caught.value.detail and "not a wheel" in caught.value.detail
+
+
+async def test_a_wheel_the_operator_adds_later_wins_over_an_old_build(write_config, source_only, tmp_path):
+    from .conftest import make_wheel
+    wheels, _ = source_only
+    config = write_config([plugin("dep_source")], host={"wheel_dir": str(wheels)})
+    async with Host(config) as host:
+        assert json.loads(await host.registry.execute("dep_source_build", {}))["build"]["uid"] != "operator"
+    make_wheel(wheels, "qhtest_source", "1.0", body="BUILD = {'uid': 'operator'}\n")
+    for env in (tmp_path / "state" / "envs").glob("dep_source-*"):
+        subprocess.run(["rm", "-rf", str(env)], check=True)
+    async with Host(config) as host:
+        assert json.loads(await host.registry.execute("dep_source_build", {}))["build"]["uid"] == "operator"
+
+
+async def test_install_timeout_bounds_the_whole_environment_builds_included(write_config, tmp_path, setuptools_wheel):
+    """Two builds of 2 s each under install_timeout 3: each fits, both do not."""
+    import time
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    os.link(setuptools_wheel, wheels / setuptools_wheel.name)
+    for name in ("qhslow_a", "qhslow_b"):
+        make_sdist(wheels, f"import time\ntime.sleep(2)\nfrom setuptools import setup\nsetup(name={name!r}, "
+                           "version='1.0')\n", name=name)
+    plugins_dir = tmp_path / "plugins"
+    (plugins_dir / "slow").mkdir(parents=True)
+    (plugins_dir / "slow" / "plugin.json").write_text(json.dumps({"dependencies": ["qhslow-a", "qhslow-b"]}))
+    (plugins_dir / "slow" / "plugin.py").write_text((Path(__file__).parent / "plugins" / "greeter" / "plugin.py")
+                                                    .read_text())
+    config = write_config([plugin("slow")], host={"wheel_dir": str(wheels), "install_timeout": 3},
+                          plugins_dir=str(plugins_dir))
+    began = time.monotonic()
+    async with Host(config) as host:
+        error = host.plugins["slow"].error
+    assert "took longer than install_timeout=3 s" in error or "timed out after" in error, error
+    assert time.monotonic() - began < 15
+
+
+async def test_an_index_cannot_redirect_the_host_to_this_machine(tmp_path):
+    """The index (on 127.0.0.1, so its own links are fetched) answers the file with a redirect to
+    another service of this machine: refused, that service never asked."""
+    import http.server
+
+    from packaging.specifiers import SpecifierSet
+
+    from qanot_host.sdists import SdistNotFound, find_sdist
+    hits = []
+
+    class Victim(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"internal")
+
+        def log_message(self, *args):
+            pass
+
+    victim = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Victim)
+    target = f"http://127.0.0.1:{victim.server_address[1]}/secret.tar.gz"
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/simple/"):
+                body = b'<a href="/files/x-1.0.tar.gz">x-1.0.tar.gz</a>'
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    index = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    for server in (victim, index):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SdistNotFound, match="redirects to"):
+            await asyncio.to_thread(find_sdist, "x", SpecifierSet(), str(tmp_path), wheel_dir=None, offline=False,
+                                    timeout=10, index_url=f"http://127.0.0.1:{index.server_address[1]}/simple")
+    finally:
+        for server in (victim, index):
+            server.shutdown()
+            server.server_close()
+    assert hits == []

@@ -1,0 +1,141 @@
+"""`qanot-host mcp`: every tool the host registers, served to any MCP client, with the official MCP
+Python SDK (its low-level Server: the tool list is the registry's, which changes at reload).
+
+A call goes through the registry like any other (validation, timeouts, restarts, the sandbox). A
+tool's failure, whatever it is (bad params, a timeout, a crashed worker, an unknown tool), is a tool
+result with isError and the message: a protocol error would end the client's turn for nothing. A
+client's cancel cancels the handler, which cancels the call in the worker. After a reload that
+changes the tool set, each client that listed the tools gets notifications/tools/list_changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .host import Host
+
+__all__ = ["McpFront", "parse_listen"]
+
+log = logging.getLogger("qanot_host.mcp")
+
+MAX_SESSIONS = 1000
+
+
+class McpFront:
+    """The MCP side of a running host: one SDK Server, over stdio or streamable HTTP."""
+
+    def __init__(self, host: Host) -> None:
+        import mcp_types as types
+        from mcp.server.lowlevel.server import NotificationOptions, Server
+
+        self._host = host
+        self._types = types
+        # clients that listed the tools (each session object is kept while the client lives; the SDK
+        # hands a handler the connection's session), the newest MAX_SESSIONS of them
+        self._sessions: dict[int, Any] = {}
+        self._listed: frozenset[str] = frozenset()
+        self.server = Server("qanot-host", version=_version(), on_list_tools=self._list_tools,
+                             on_call_tool=self._call_tool,
+                             instructions="Tools of Qanot plugins, each run in a sandboxed worker by qanot-host.")
+        self.options = self.server.create_initialization_options(NotificationOptions(tools_changed=True))
+
+    async def _list_tools(self, ctx: Any, params: Any) -> Any:
+        types = self._types
+        self._sessions.pop(id(ctx.session), None)
+        self._sessions[id(ctx.session)] = ctx.session
+        while len(self._sessions) > MAX_SESSIONS:
+            del self._sessions[next(iter(self._sessions))]
+        definitions = self._host.tool_definitions()
+        self._listed = frozenset(d["name"] for d in definitions)
+        return types.ListToolsResult(tools=[
+            types.Tool(name=d["name"], description=d["description"], input_schema=d["input_schema"])
+            for d in definitions])
+
+    async def _call_tool(self, ctx: Any, params: Any) -> Any:
+        from .errors import QanotHostError
+        types = self._types
+        try:
+            text = await self._host.registry.invoke(params.name, dict(params.arguments or {}))
+        except QanotHostError as exc:
+            return types.CallToolResult(content=[types.TextContent(type="text", text=str(exc))], is_error=True)
+        except Exception as exc:  # noqa: BLE001 - a tool's failure is the client's to read, the session lives on
+            log.exception("tool %s: unexpected error", params.name)
+            return types.CallToolResult(content=[types.TextContent(type="text", text=f"{type(exc).__name__}: {exc}")],
+                                        is_error=True)
+        return types.CallToolResult(content=[types.TextContent(type="text", text=str(text))])
+
+    async def tools_changed(self) -> None:
+        """After a reload: clients whose tool list is stale are told so."""
+        now = frozenset(self._host.registry.tool_names)
+        if now == self._listed:
+            return
+        for key, session in list(self._sessions.items()):
+            try:
+                await asyncio.wait_for(session.send_tool_list_changed(), 5)
+            except Exception as exc:  # noqa: BLE001 - a client gone is no reason to fail the reload
+                log.debug("tools/list_changed not delivered: %s", exc)
+                self._sessions.pop(key, None)
+
+    async def serve_stdio(self) -> None:
+        """Until the client closes stdin. stdout carries MCP only (the SDK points fd 1 at stderr
+        meanwhile, so nothing else can write to the wire)."""
+        from mcp.server.stdio import stdio_server
+        async with stdio_server() as (read, write):
+            await self.server.run(read, write, self.options)
+
+    async def serve_http(self, host: str, port: int, token: str | None) -> None:
+        """Streamable HTTP at http://HOST:PORT/mcp until cancelled; with `token`, every request must
+        carry `Authorization: Bearer TOKEN`."""
+        import uvicorn
+        app: Any = self.server.streamable_http_app(host=host)
+        if token is not None:
+            app = _BearerOnly(app, token)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        server = uvicorn.Server(config)
+        # SIGTERM and SIGINT are the host's (it stops everything, this included): uvicorn's own signal
+        # handling, which replaces them while it serves, is left out
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+        try:
+            await server.serve()
+        except asyncio.CancelledError:
+            server.should_exit = True
+            raise
+
+
+class _BearerOnly:
+    """ASGI: refuse (401) any HTTP request without the bearer token; compared in constant time."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self._app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": b'{"error": "a bearer token is required"}'})
+                return
+        await self._app(scope, receive, send)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """"127.0.0.1:8765" -> ("127.0.0.1", 8765); ValueError naming what is wrong."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--http {text!r}: give HOST:PORT, such as 127.0.0.1:8765")
+    return host.strip("[]"), int(port)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("qanot-host")
+    except PackageNotFoundError:
+        return "0"

@@ -1,0 +1,176 @@
+"""`qanot-host mcp`: the plugins' tools through the official MCP SDK's own client, over stdio and
+streamable HTTP, with real workers behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from .conftest import GREETER, grant_write, plugin, wait_until
+
+pytest.importorskip("mcp")
+
+from mcp.client.session import ClientSession  # noqa: E402
+from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def text(result) -> str:
+    return "".join(part.text for part in result.content)
+
+
+@asynccontextmanager
+async def stdio_session(config: str, notifications: list | None = None):
+    params = StdioServerParameters(command=sys.executable, cwd=str(REPO),
+                                   args=["-m", "qanot_host", "mcp", "--config", config, "--log-level", "WARNING"])
+
+    async def on_message(message) -> None:
+        if notifications is not None:
+            notifications.append(message)
+
+    async with stdio_client(params) as (read, write):
+        async with ClientSession(read, write, message_handler=on_message) as session:
+            await session.initialize()
+            yield session
+
+
+@pytest.fixture
+def markers(tmp_path):
+    place = tmp_path / "markers"
+    place.mkdir()
+    return place
+
+
+def mcp_config(write_config, markers, **host) -> str:
+    settings = grant_write("misbehave", markers)
+    settings["plugins"]["misbehave"]["tool_timeouts"] = {"mb_sleep": 0.5}
+    return write_config([plugin("echo"), GREETER, plugin("misbehave", call_marker=str(markers / "call"))],
+                        host={**settings, "restart": {"backoff_initial": 0}, **host})
+
+
+async def test_list_and_call_and_every_failure_is_a_tool_result(write_config, markers):
+    config = mcp_config(write_config, markers)
+    async with stdio_session(config) as session:
+        listed = {tool.name: tool for tool in (await session.list_tools()).tools}
+        assert {"echo", "greet", "mb_crash", "mb_sleep"} <= set(listed)
+        assert listed["greet"].input_schema["required"] == ["name"]
+        assert listed["greet"].description == "Greet someone."
+        answer = await session.call_tool("echo", {"x": [1, "two"]})
+        assert not answer.is_error and json.loads(text(answer)) == {"x": [1, "two"]}
+        for name, arguments, expected in (
+                ("no_such_tool", {}, "Unknown tool: no_such_tool"),
+                ("greet", {"times": 2}, "name"),  # required parameter missing
+                ("mb_sleep", {"seconds": 5}, "timed out after 0.5 s"),
+                ("mb_crash", {"how": "exit"}, "worker crashed")):
+            result = await session.call_tool(name, arguments)
+            assert result.is_error, (name, text(result))
+            assert expected in text(result), (name, text(result))
+        # the session and the plugins live on: the crashed worker was replaced
+        assert not (await session.call_tool("mb_sleep", {"seconds": 0})).is_error
+        assert text(await session.call_tool("greet", {"name": "Ann"})).count("Ann") == 1
+
+
+async def test_a_worker_killed_mid_call_is_an_error_result_and_the_next_call_works(write_config, markers):
+    config = mcp_config(write_config, markers)
+    async with stdio_session(config) as session:
+        hanging = asyncio.ensure_future(session.call_tool("mb_hang_async", {}))
+        await wait_until((markers / "call").exists, 15, "the call in flight")
+        crash = await session.call_tool("mb_crash", {"how": "signal"})  # SIGKILL, with the other call in it
+        assert crash.is_error and "killed by SIGKILL" in text(crash)
+        lost = await asyncio.wait_for(hanging, 10)
+        assert lost.is_error and "killed by SIGKILL" in text(lost)
+        assert text(await session.call_tool("mb_sleep", {"seconds": 0})) == "slept"
+
+
+async def test_a_clients_cancel_cancels_the_call_in_the_worker(write_config, markers):
+    config = mcp_config(write_config, markers)
+    async with stdio_session(config) as session:
+        call = asyncio.ensure_future(session.call_tool("mb_hang_async", {}))
+        await wait_until((markers / "call").exists, 15, "the call in flight")
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+        await wait_until((markers / "call.cancelled").exists, 10, "the handler cancelled in the worker")
+        assert text(await session.call_tool("mb_sleep", {"seconds": 0})) == "slept"
+
+
+async def test_reload_tells_clients_the_tool_list_changed(write_config, markers, tmp_path):
+    config = mcp_config(write_config, markers)
+    seen: list = []
+    async with stdio_session(config, seen) as session:
+        before = {tool.name for tool in (await session.list_tools()).tools}
+        assert "calc_eval" not in before
+        data = json.loads(Path(config).read_text())
+        data["plugins"].append({"name": "calc"})
+        Path(config).write_text(json.dumps(data))
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "qanot_host", "reload", "--config",
+                                                        config], capture_output=True, text=True, cwd=str(REPO))
+        assert done.returncode == 0, done.stderr
+        await wait_until(lambda: any("tools/list_changed" in repr(m) or "ToolListChanged" in type(m).__name__
+                                     or "ToolListChanged" in repr(m) for m in seen), 10, "tools/list_changed")
+        after = {tool.name for tool in (await session.list_tools()).tools}
+        assert after == before | {"calc_eval"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def http_host(write_config, markers):
+    port = free_port()
+    config = mcp_config(write_config, markers)
+    env = {**os.environ, "QH_MCP_TOKEN": "s3cret-token"}
+    proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "mcp", "--config", config, "--http",
+                             f"127.0.0.1:{port}", "--token-env", "QH_MCP_TOKEN", "--log-level", "WARNING"],
+                            cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}/mcp"
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err.decode()
+
+
+async def test_streamable_http_with_a_bearer_token(http_host):
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+    request = urllib.request.Request(http_host, data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
+    async with httpx2.AsyncClient(headers={"Authorization": "Bearer s3cret-token"}, timeout=30) as client:
+        async with streamable_http_client(http_host, http_client=client) as streams:
+            read, write = streams[0], streams[1]
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                assert "echo" in {tool.name for tool in (await session.list_tools()).tools}
+                answer = await session.call_tool("echo", {"over": "http"})
+                assert json.loads(text(answer)) == {"over": "http"}
+                failed = await session.call_tool("mb_sleep", {"seconds": 5})
+                assert failed.is_error and "timed out" in text(failed)
