@@ -14,8 +14,13 @@ from pathlib import Path
 import msgspec
 import psutil
 
+from typing import TYPE_CHECKING
+
 from workload import blob, echo
 from qanot_host import Host
+
+if TYPE_CHECKING:
+    from mcp.client.stdio import StdioServerParameters
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -165,18 +170,22 @@ class Mcp:
         from contextlib import AsyncExitStack
 
         from mcp.client.session import ClientSession
-        from mcp.client.stdio import StdioServerParameters, stdio_client
+        from mcp.client.stdio import stdio_client
         self.stack = AsyncExitStack()
         await self.stack.__aenter__()
         self.sessions = []
         for _ in range(workers):
-            params = StdioServerParameters(command=sys.executable, args=[str(HERE / "mcp_echo_server.py")])
+            params = self.server()
             errlog = self.stack.enter_context(open(os.devnull, "w"))  # noqa: ASYNC230 - /dev/null never blocks
             read, write = await self.stack.enter_async_context(stdio_client(params, errlog=errlog))
             session = await self.stack.enter_async_context(ClientSession(read, write))
             await session.initialize()
             await session.list_tools()
             self.sessions.append(session)
+
+    def server(self) -> StdioServerParameters:
+        from mcp.client.stdio import StdioServerParameters
+        return StdioServerParameters(command=sys.executable, args=[str(HERE / "mcp_echo_server.py")])
 
     async def call(self, i: int = 0) -> str:
         result = await self.sessions[i % len(self.sessions)].call_tool("bench_echo", PARAMS)
@@ -191,6 +200,29 @@ class Mcp:
 
     def pids(self) -> list[int]:
         return [c.pid for c in psutil.Process().children() if "mcp_echo_server" in " ".join(c.cmdline())]
+
+
+class McpHost(Mcp):
+    """(f) qanot-host's own MCP front (`qanot-host mcp`, stdio) before the bench plugin's sandboxed
+    worker: what supervision and the sandbox add to an MCP call, beside d."""
+
+    label = "f qanot-host mcp"
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch / "mcp"
+
+    def server(self) -> StdioServerParameters:
+        """A host of its own per session: two hosts never share a state_dir."""
+        import tempfile
+
+        from mcp.client.stdio import StdioServerParameters
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        config = write_config(Path(tempfile.mkdtemp(dir=self.scratch)), ["bench"])
+        return StdioServerParameters(command=sys.executable, args=["-m", "qanot_host", "mcp", "--config", config,
+                                                                   "--log-level", "ERROR"], cwd=str(HERE.parent))
+
+    def pids(self) -> list[int]:
+        return [c.pid for c in psutil.Process().children() if "qanot_host mcp" in " ".join(c.cmdline())]
 
 
 class QanotHost:

@@ -56,6 +56,11 @@ def render(results: dict, quick: bool) -> str:
               f"- throughput at 64 on one worker: e is {e['tp64'] / results['b']['tp64']:.2f}× b and "
               f"{e['tp64'] / d['tp64']:.0f}× d",
               f"- cold start: e is {d['cold_ms'] / e['cold_ms']:.1f}× faster than d"]
+    f = results.get("f")
+    if f:
+        lines.append(f"- through MCP (stdio, the SDK's client): f (qanot-host mcp, sandboxed worker) p50 is "
+                     f"{f['p50_us'] / d['p50_us']:.2f}× d (the bare SDK server), throughput at 16 "
+                     f"{f['tp16'] / d['tp16']:.2f}× d; target: at most 1.10× d's p50")
     machine = (f"{platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Linux {platform.release()}, "
                f"Python {platform.python_version()}, event loop {eventloop.loop_name()}")

@@ -174,3 +174,22 @@ async def test_streamable_http_with_a_bearer_token(http_host):
                 assert json.loads(text(answer)) == {"over": "http"}
                 failed = await session.call_tool("mb_sleep", {"seconds": 5})
                 assert failed.is_error and "timed out" in text(failed)
+
+
+async def test_an_unchanged_qanot_uses_the_plugins_through_its_mcp_servers_entry(write_config, markers):
+    """The README's mcp_servers entry, read by Qanot's own MCP client (qanot==2.0.4) into Qanot's own
+    registry: a call through Qanot's execute() reaches a sandboxed worker."""
+    from qanot.mcp_client import MCPManager
+    from qanot.registry import ToolRegistry
+    config = mcp_config(write_config, markers)
+    entry = {"name": "qanot-host", "transport": "stdio", "command": sys.executable,
+             "args": ["-m", "qanot_host", "mcp", "--config", config, "--log-level", "WARNING"]}
+    manager = MCPManager()
+    try:
+        assert await manager.connect_servers([entry]) == 1
+        registry = ToolRegistry()
+        assert manager.register_tools(registry) >= 4
+        assert json.loads(await registry.execute("echo", {"via": "qanot"})) == {"via": "qanot"}
+        assert "timed out after 0.5 s" in await registry.execute("mb_sleep", {"seconds": 5})
+    finally:
+        await manager.disconnect_all()
