@@ -172,3 +172,19 @@ async def test_idle_connections_to_the_metrics_port_take_no_more_than_their_shar
             for sock in idle:
                 sock.close()
         assert await asyncio.to_thread(fetch, port, "/healthz") == (200, '{"ok": true}')
+
+
+async def test_idle_plugins_and_their_activations_are_counted_and_ready(write_config):
+    port = free_port()
+    config = write_config([plugin("echo"), GREETER], host={
+        "metrics": f"127.0.0.1:{port}", "activation": "lazy", "plugins": {"echo": {"activation": "eager"}}})
+    async with Host(config) as host:
+        status, body = await asyncio.to_thread(fetch, port, "/readyz")
+        assert status == 200, body  # an idle plugin is ready: a call reaches it
+        samples = await scrape(port)
+        assert value(samples, "qanot_host_plugin_state", plugin="greeter", state="idle") == 1
+        assert value(samples, "qanot_host_idle_stops_total", plugin="greeter") == 1  # listed, then stopped
+        await host.registry.execute("greet", {"name": "x"})
+        samples = await scrape(port)
+        assert value(samples, "qanot_host_activations_total", plugin="greeter") == 1
+        assert value(samples, "qanot_host_plugin_state", plugin="greeter", state="ready") == 1
