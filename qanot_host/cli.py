@@ -323,7 +323,7 @@ async def _chaos(args: argparse.Namespace) -> int:
 
 async def _mcp(args: argparse.Namespace) -> int:
     try:
-        from .mcp_server import McpFront, parse_listen
+        from .mcp_server import McpFront, listen
     except ImportError as exc:
         raise QanotHostError(f"qanot-host mcp needs the MCP SDK ({exc.name} is missing): "
                              "pip install 'qanot-host[mcp]'") from None
@@ -331,12 +331,15 @@ async def _mcp(args: argparse.Namespace) -> int:
         if args.token_env or args.token_file:
             raise QanotHostError("--token-env and --token-file go with --http (stdio has no tokens)")
         return await serve(args.config, McpFront, lambda front: front.serve_stdio())
+    token = _token(args)
     try:
-        listen = parse_listen(args.http)
+        listener = listen(args.http)  # before any plugin starts: a taken port is this command's error
     except ValueError as exc:
         raise QanotHostError(str(exc)) from None
-    token = _token(args)
-    return await serve(args.config, McpFront, lambda front: front.serve_http(*listen, token))
+    try:
+        return await serve(args.config, McpFront, lambda front: front.serve_http(listener, token))
+    finally:
+        listener.close()
 
 
 def _token(args: argparse.Namespace) -> str | None:

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
+import ipaddress
 import logging
+import socket
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .host import Host
 
-__all__ = ["McpFront", "parse_listen"]
+__all__ = ["McpFront", "listen"]
 
 log = logging.getLogger("qanot_host.mcp")
 
@@ -42,7 +45,11 @@ class McpFront:
         self.server = Server("qanot-host", version=_version(), on_list_tools=self._list_tools,
                              on_call_tool=self._call_tool,
                              instructions="Tools of Qanot plugins, each run in a sandboxed worker by qanot-host.")
-        self.options = self.server.create_initialization_options(NotificationOptions(tools_changed=True))
+        notifications = NotificationOptions(tools_changed=True)
+        self.options = self.server.create_initialization_options(notifications)
+        # the streamable HTTP manager asks the server itself: the same listChanged there
+        self.server.create_initialization_options = functools.partial(  # type: ignore[method-assign]
+            self.server.create_initialization_options, notifications)
 
     async def _list_tools(self, ctx: Any, params: Any) -> Any:
         types = self._types
@@ -88,22 +95,31 @@ class McpFront:
         async with stdio_server() as (read, write):
             await self.server.run(read, write, self.options)
 
-    async def serve_http(self, host: str, port: int, token: str | None) -> None:
-        """Streamable HTTP at http://HOST:PORT/mcp until cancelled; with `token`, every request must
-        carry `Authorization: Bearer TOKEN`."""
+    async def serve_http(self, listener: socket.socket, token: str | None) -> None:
+        """Streamable HTTP at http://HOST:PORT/mcp on `listener` (bound before any plugin started, so
+        a taken port is the command's error, not the end of a started host) until cancelled; with
+        `token`, every request must carry `Authorization: Bearer TOKEN`."""
         import uvicorn
+        host, port = listener.getsockname()[:2]
         app: Any = self.server.streamable_http_app(host=host)
         if token is not None:
             app = _BearerOnly(app, token)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+            log.info("MCP: streamable HTTP at http://%s:%s/mcp (a bearer token is required)", host, port)
+        else:
+            log.warning("MCP: streamable HTTP at http://%s:%s/mcp with no token: whoever reaches the port can "
+                        "call every tool%s", host, port,
+                        "" if ipaddress.ip_address(host).is_loopback else " (and it is not bound to loopback)")
+        config = uvicorn.Config(app, log_level="warning", lifespan="on")
         server = uvicorn.Server(config)
         # SIGTERM and SIGINT are the host's (it stops everything, this included): uvicorn's own signal
         # handling, which replaces them while it serves, is left out
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+        serving = asyncio.ensure_future(server.serve(sockets=[listener]))
         try:
-            await server.serve()
-        except asyncio.CancelledError:
+            await asyncio.shield(serving)
+        except asyncio.CancelledError:  # the host stops: uvicorn ends its sessions and lifespan itself
             server.should_exit = True
+            await asyncio.wait([serving], timeout=10)
             raise
 
 
@@ -125,12 +141,27 @@ class _BearerOnly:
         await self._app(scope, receive, send)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """"127.0.0.1:8765" -> ("127.0.0.1", 8765); ValueError naming what is wrong."""
+def listen(text: str) -> socket.socket:
+    """A listening socket for "127.0.0.1:8765" (an IP address and a port); ValueError naming what is
+    wrong (the form, or the address taken)."""
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--http {text!r}: give HOST:PORT, such as 127.0.0.1:8765")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    try:
+        family: socket.AddressFamily | None = (socket.AF_INET6 if ipaddress.ip_address(host).version == 6
+                                               else socket.AF_INET)
+    except ValueError:
+        family = None
+    if family is None or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--http {text!r}: give an IP address and a port, such as 127.0.0.1:8765")
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, int(port)))
+        listener.listen(128)
+    except OSError as exc:
+        listener.close()
+        raise ValueError(f"--http {text}: {exc.strerror or exc}") from None
+    return listener
 
 
 def _version() -> str:

@@ -168,7 +168,8 @@ async def test_streamable_http_with_a_bearer_token(http_host):
         async with streamable_http_client(http_host, http_client=client) as streams:
             read, write = streams[0], streams[1]
             async with ClientSession(read, write) as session:
-                await session.initialize()
+                init = await session.initialize()
+                assert init.capabilities.tools.list_changed  # as over stdio: it is sent at reload
                 assert "echo" in {tool.name for tool in (await session.list_tools()).tools}
                 answer = await session.call_tool("echo", {"over": "http"})
                 assert json.loads(text(answer)) == {"over": "http"}
@@ -193,3 +194,18 @@ async def test_an_unchanged_qanot_uses_the_plugins_through_its_mcp_servers_entry
         assert "timed out after 0.5 s" in await registry.execute("mb_sleep", {"seconds": 5})
     finally:
         await manager.disconnect_all()
+
+
+def test_a_taken_http_port_is_the_commands_error_before_any_plugin_starts(write_config, markers):
+    config = mcp_config(write_config, markers)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "qanot_host", "mcp", "--config", config, "--http",
+                               f"127.0.0.1:{port}"], capture_output=True, text=True, cwd=str(REPO), timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == f"qanot-host: error: --http 127.0.0.1:{port}: Address already in use"
+    assert "plugin echo ready" not in done.stderr and time.monotonic() - began < 15
+    bad = subprocess.run([sys.executable, "-m", "qanot_host", "mcp", "--config", config, "--http", "localhost"],
+                         capture_output=True, text=True, cwd=str(REPO), timeout=60)
+    assert bad.returncode == 1 and "give an IP address and a port" in bad.stderr
