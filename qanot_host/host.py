@@ -67,6 +67,7 @@ class Host:
         self._operating = asyncio.Lock()  # reload and restart_plugin: one at a time
         # awaited after each reload and restart_plugin (the MCP front tells its clients of new tools)
         self.after_reload: Callable[[], Awaitable[None]] | None = None
+        self.on_tools_changed: Callable[[], None] | None = None  # after every registration of a plugin's tools
         self.registry.explain_missing = lambda tool: self._index.explain_missing(tool, self.config, self.plugins)
 
     async def __aenter__(self) -> "Host":
@@ -259,6 +260,8 @@ class Host:
             log.error("plugin %s: tool %s is not registered: %s already provides it (the plugin "
                       "listed first in config.json keeps a tool name)", supervisor.name, spec.name, owner)
         supervisor.set_tools(tools, conflicts, refused, unknown)
+        if self.on_tools_changed is not None:
+            self.on_tools_changed()
 
     # ---- running ---------------------------------------------------------------------------------
 

@@ -7,14 +7,16 @@ Plugin output lines carry the plugin's name either way: in text as `[NAME stdout
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import logging.handlers
 import os
+import queue
 import sys
 from datetime import datetime, timezone
 
-__all__ = ["configure_logging", "JsonFormatter", "LOG_FILE_BYTES", "LOG_FILES_KEPT"]
+__all__ = ["configure_logging", "flush_logs", "JsonFormatter", "LOG_FILE_BYTES", "LOG_FILES_KEPT"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FILE_BYTES = 10 * 2**20
@@ -53,7 +55,13 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
 def configure_logging(level: str, log_format: str = "text", log_file: str | None = None) -> None:
     """stderr at `level`, and `log_file` (rotated at LOG_FILE_BYTES, LOG_FILES_KEPT kept) too.
-    OSError if the file cannot be opened."""
+    OSError if the file cannot be opened.
+
+    Records are written by a thread of their own, never by the caller: a stderr nobody reads (an MCP
+    client that keeps the pipe and never drains it) once froze the host's event loop on a full pipe,
+    every plugin with it. When the writer falls QUEUED records behind, records are dropped and counted
+    (said in the log once it is read again)."""
+    global _listener
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
@@ -61,4 +69,76 @@ def configure_logging(level: str, log_format: str = "text", log_file: str | None
                                                    encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(formatter)
-    logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
+    if _listener is not None:
+        _listener.stop()
+    records: queue.Queue[logging.LogRecord] = queue.Queue(QUEUED)
+    _listener = _Writer(records, *handlers)
+    _listener.start()
+    logging.basicConfig(level=level.upper(), handlers=[_Enqueue(records)], force=True)
+
+
+QUEUED = 10_000  # records waiting for the writer thread, at most
+_listener: "_Writer | None" = None
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hands the record to the writer thread as it is (its exception kept for the JSON formatter),
+    never waiting: a full queue drops it, and the writer says how many went."""
+
+    def __init__(self, records: queue.Queue) -> None:
+        super().__init__(records)
+        self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg, record.args = record.getMessage(), None  # its arguments may change once it is queued
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+            if _listener is not None:
+                _listener.dropped += 1
+
+
+class _Writer(logging.handlers.QueueListener):
+    def __init__(self, records: queue.Queue, *handlers: logging.Handler) -> None:
+        super().__init__(records, *handlers, respect_handler_level=True)
+        self.dropped = 0
+        self._told = 0
+
+    def handle(self, record: logging.LogRecord) -> None:
+        if self.dropped != self._told:
+            missed, self._told = self.dropped - self._told, self.dropped
+            super().handle(logging.makeLogRecord({
+                "name": "qanot_host", "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"{missed} log records were dropped: the log's reader fell {QUEUED} records behind"}))
+        super().handle(record)
+
+    def stop(self) -> None:
+        """What is queued is written, for at most STOP_SECONDS (a reader that never reads must not
+        keep the process from ending)."""
+        if self._thread is None:
+            return
+        try:
+            self.queue.put_nowait(None)  # QueueListener's sentinel
+        except queue.Full:
+            pass
+        self._thread.join(STOP_SECONDS)
+        if self._thread.is_alive():  # stuck writing to a reader that is not there: leave it behind
+            for handler in self.handlers:
+                handler.createLock()  # logging's own shutdown would wait on the stuck thread's
+                if isinstance(handler, logging.StreamHandler):
+                    handler.stream = open(os.devnull, "w")  # noqa: SIM115 - closed by logging at exit
+        self._thread = None
+
+
+STOP_SECONDS = 2.0
+
+
+@atexit.register
+def flush_logs() -> None:
+    """What is queued is written (for at most STOP_SECONDS); at exit, and before an os._exit."""
+    if _listener is not None:
+        _listener.stop()

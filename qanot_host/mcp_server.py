@@ -19,6 +19,8 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
+from .output import printable
+
 if TYPE_CHECKING:
     from .host import Host
 
@@ -26,7 +28,12 @@ __all__ = ["McpFront", "listen"]
 
 log = logging.getLogger("qanot_host.mcp")
 
-MAX_SESSIONS = 1000
+MAX_SESSIONS = 100  # clients told of tool changes (the newest); a forgotten one can still list the tools
+# Characters of one result (Qanot's cut: head and tail kept, a marker between). Over JSON a character
+# can take six bytes; the SDK's own HTTP client refuses an answer over 1 MiB.
+MAX_RESULT_CHARS = 100_000
+MAX_HTTP_CONNECTIONS = 64  # at once; more are closed at once (no client can hold the host's descriptors)
+IDLE_CONNECTION_SECONDS = 5
 
 
 class McpFront:
@@ -41,7 +48,8 @@ class McpFront:
         # clients that listed the tools (each session object is kept while the client lives; the SDK
         # hands a handler the connection's session), the newest MAX_SESSIONS of them
         self._sessions: dict[int, Any] = {}
-        self._listed: frozenset[str] = frozenset()
+        self._listed = ""  # a digest of the tool definitions the clients were last shown
+        self._telling: asyncio.Task | None = None
         self.server = Server("qanot-host", version=_version(), on_list_tools=self._list_tools,
                              on_call_tool=self._call_tool,
                              instructions="Tools of Qanot plugins, each run in a sandboxed worker by qanot-host.")
@@ -58,29 +66,47 @@ class McpFront:
         while len(self._sessions) > MAX_SESSIONS:
             del self._sessions[next(iter(self._sessions))]
         definitions = self._host.tool_definitions()
-        self._listed = frozenset(d["name"] for d in definitions)
+        self._listed = _digest(definitions)
         return types.ListToolsResult(tools=[
             types.Tool(name=d["name"], description=d["description"], input_schema=d["input_schema"])
             for d in definitions])
 
     async def _call_tool(self, ctx: Any, params: Any) -> Any:
+        """As the registry's execute() answers Qanot: a result cut to MAX_RESULT_CHARS, an error's
+        text sanitised (500 characters, long paths and key=value credentials out)."""
         from .errors import QanotHostError
+        from .registry import sanitize_error, truncate_tool_result
         types = self._types
         try:
             text = await self._host.registry.invoke(params.name, dict(params.arguments or {}))
         except QanotHostError as exc:
-            return types.CallToolResult(content=[types.TextContent(type="text", text=str(exc))], is_error=True)
+            return self._error(sanitize_error(str(exc)))
         except Exception as exc:  # noqa: BLE001 - a tool's failure is the client's to read, the session lives on
-            log.exception("tool %s: unexpected error", params.name)
-            return types.CallToolResult(content=[types.TextContent(type="text", text=f"{type(exc).__name__}: {exc}")],
-                                        is_error=True)
-        return types.CallToolResult(content=[types.TextContent(type="text", text=str(text))])
+            log.exception("tool %s: unexpected error", printable(str(params.name), 100))
+            return self._error(sanitize_error(f"{type(exc).__name__}: {exc}"))
+        return types.CallToolResult(content=[types.TextContent(
+            type="text", text=truncate_tool_result(str(text), MAX_RESULT_CHARS))])
+
+    def _error(self, message: str) -> Any:
+        types = self._types
+        return types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True)
+
+    def registry_changed(self) -> None:
+        """The host registered or removed tools (a reload, a restart, a lazy plugin's first start):
+        the clients are told once the change has settled (one notification for a burst)."""
+        if self._telling is None or self._telling.done():
+            self._telling = asyncio.get_running_loop().create_task(self._tell_soon())
+
+    async def _tell_soon(self) -> None:
+        await asyncio.sleep(0.2)
+        await self.tools_changed()
 
     async def tools_changed(self) -> None:
-        """After a reload: clients whose tool list is stale are told so."""
-        now = frozenset(self._host.registry.tool_names)
+        """Clients whose tool list is stale (names, descriptions or schemas) are told so, once."""
+        now = _digest(self._host.tool_definitions())
         if now == self._listed:
             return
+        self._listed = now
         for key, session in list(self._sessions.items()):
             try:
                 await asyncio.wait_for(session.send_tool_list_changed(), 5)
@@ -109,7 +135,8 @@ class McpFront:
             log.warning("MCP: streamable HTTP at http://%s:%s/mcp with no token: whoever reaches the port can "
                         "call every tool%s", host, port,
                         "" if ipaddress.ip_address(host).is_loopback else " (and it is not bound to loopback)")
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", http=_guarded_protocol(),
+                                timeout_keep_alive=IDLE_CONNECTION_SECONDS)
         server = uvicorn.Server(config)
         # SIGTERM and SIGINT are the host's (it stops everything, this included): uvicorn's own signal
         # handling, which replaces them while it serves, is left out
@@ -123,22 +150,48 @@ class McpFront:
             raise
 
 
+def _guarded_protocol() -> type:
+    """uvicorn's HTTP/1.1 protocol, guarded: past MAX_HTTP_CONNECTIONS a connection is closed at
+    once, and one that sends nothing is closed after IDLE_CONNECTION_SECONDS (uvicorn only times out
+    a connection after a response): idle connections once took 20 000 of the host's descriptors, and
+    a crashed plugin could not restart meanwhile."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Guarded(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > MAX_HTTP_CONNECTIONS:
+                transport.close()
+                return
+            self.timeout_keep_alive_task = self.loop.call_later(IDLE_CONNECTION_SECONDS,
+                                                                self.timeout_keep_alive_handler)
+
+    return Guarded
+
+
 class _BearerOnly:
     """ASGI: refuse (401) any HTTP request without the bearer token; compared in constant time."""
 
     def __init__(self, app: Any, token: str) -> None:
         self._app = app
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
+            scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+            # the scheme's case is the client's (RFC 9110); the token is compared in constant time
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._expected):
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
                 await send({"type": "http.response.body", "body": b'{"error": "a bearer token is required"}'})
                 return
         await self._app(scope, receive, send)
+
+
+def _digest(definitions: list[dict]) -> str:
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(definitions, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def listen(text: str) -> socket.socket:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from typing import Any, Awaitable, Callable
 
@@ -16,11 +17,14 @@ from .config import directory_problems
 from .control import ControlServer
 from .errors import ConfigError, QanotHostError
 from .host import Host, PluginState
+from .log_setup import flush_logs
 from .systemd import Notifier
 
 __all__ = ["serve"]
 
 log = logging.getLogger("qanot_host")
+
+FRONT_STOP_SECONDS = 5.0
 
 
 async def serve(config_path: str, front: Callable[[Host], Any] | None = None,
@@ -40,6 +44,7 @@ async def serve(config_path: str, front: Callable[[Host], Any] | None = None,
     await control.start()
     made = front(host) if front is not None else None
     host.after_reload = getattr(made, "tools_changed", None)
+    host.on_tools_changed = getattr(made, "registry_changed", None)
     reloads: set[asyncio.Task] = set()
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload_in_background(host, reloads, systemd))
     serving: asyncio.Future | None = None
@@ -71,8 +76,8 @@ async def serve(config_path: str, front: Callable[[Host], Any] | None = None,
         log.info("stopping")
     finally:
         if serving is not None and not serving.done():
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
+            serving.cancel()  # bounded: a client that no longer reads leaves the SDK's writer stuck
+            await asyncio.wait([serving], timeout=FRONT_STOP_SECONDS)
         systemd.stopping()
         loop.remove_signal_handler(signal.SIGHUP)
         await control.close()
@@ -80,6 +85,12 @@ async def serve(config_path: str, front: Callable[[Host], Any] | None = None,
         await host.stop()
         await systemd.close()
     log.info("stopped")
+    if serving is not None and not serving.done():
+        # The MCP client stopped reading: the SDK's writer thread is stuck on the full pipe, and the
+        # interpreter would wait for it at exit. Everything of the host's is stopped by now.
+        log.warning("the MCP client no longer reads its answers; exiting without them")
+        flush_logs()
+        os._exit(0)
     return 0
 
 

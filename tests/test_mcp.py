@@ -69,6 +69,8 @@ async def test_list_and_call_and_every_failure_is_a_tool_result(write_config, ma
         assert listed["greet"].description == "Greet someone."
         answer = await session.call_tool("echo", {"x": [1, "two"]})
         assert not answer.is_error and json.loads(text(answer)) == {"x": [1, "two"]}
+        huge = text(await session.call_tool("echo", {"x": "\u0000" * 300_000}))  # 1.8 MB as JSON
+        assert len(huge) < 101_000 and "truncated" in huge  # Qanot's cut, at 100 000 characters
         for name, arguments, expected in (
                 ("no_such_tool", {}, "Unknown tool: no_such_tool"),
                 ("greet", {"times": 2}, "name"),  # required parameter missing
@@ -145,7 +147,7 @@ def http_host(write_config, markers):
         except OSError:
             assert proc.poll() is None, proc.communicate()[1].decode()
             time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/mcp"
+    yield f"http://127.0.0.1:{port}/mcp", proc.pid
     proc.terminate()
     try:
         _, err = proc.communicate(timeout=20)
@@ -156,14 +158,38 @@ def http_host(write_config, markers):
     assert proc.returncode == 0, err.decode()
 
 
+async def test_idle_connections_cannot_take_the_hosts_descriptors(http_host):
+    import psutil
+    url, pid = http_host
+    port = int(url.split(":")[2].split("/")[0])
+    before = psutil.Process(pid).num_fds()
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(300)]
+    try:
+        await asyncio.sleep(1.0)
+        assert psutil.Process(pid).num_fds() < before + 100  # at most 64 at once; the rest answered 503
+    finally:
+        for conn in held:
+            conn.close()
+
+
 async def test_streamable_http_with_a_bearer_token(http_host):
     import httpx2
     from mcp.client.streamable_http import streamable_http_client
+    http_host, _ = http_host
     request = urllib.request.Request(http_host, data=b"{}", method="POST",
                                      headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 401
+    for header in ("Bearer wrong-token", "Basic s3cret-token", "s3cret-token"):
+        request.headers["Authorization"] = header
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401, header
+    request.headers["Authorization"] = "bearer s3cret-token"  # the scheme's case is the client's
+    with pytest.raises(urllib.error.HTTPError) as answered:
+        urllib.request.urlopen(request, timeout=10)  # {} is no MCP request: refused, but past the token
+    assert answered.value.code != 401
     async with httpx2.AsyncClient(headers={"Authorization": "Bearer s3cret-token"}, timeout=30) as client:
         async with streamable_http_client(http_host, http_client=client) as streams:
             read, write = streams[0], streams[1]
@@ -209,3 +235,36 @@ def test_a_taken_http_port_is_the_commands_error_before_any_plugin_starts(write_
     bad = subprocess.run([sys.executable, "-m", "qanot_host", "mcp", "--config", config, "--http", "localhost"],
                          capture_output=True, text=True, cwd=str(REPO), timeout=60)
     assert bad.returncode == 1 and "give an IP address and a port" in bad.stderr
+
+
+def test_sigterm_stops_the_host_even_when_its_client_reads_nothing(write_config, markers):
+    """A client that stops reading stdout: the SDK's writer blocks on the full pipe. SIGTERM still
+    stops the host (teardown in every worker), within the front's bounded stop."""
+    import signal
+    config = mcp_config(write_config, markers)
+    log = open(markers / "host.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "mcp", "--config", config],
+                            cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    try:
+        messages = [{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
+            {"jsonrpc": "2.0", "method": "notifications/initialized"}]
+        messages += [{"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                      "params": {"name": "echo", "arguments": {"x": "y" * 50_000}}} for i in range(1, 40)]
+        proc.stdin.write(b"".join(json.dumps(m).encode() + b"\\n" for m in messages))
+        proc.stdin.flush()
+        time.sleep(8)  # the host starts, answers, and fills the pipe nobody reads
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            err = (markers / "host.log").read_text()
+        assert "stopped" in err, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            stream.close()
+        log.close()

@@ -137,7 +137,7 @@ def test_output_is_limited_by_its_bytes_not_only_its_lines(caplog):
 
 def test_log_file_is_private_and_json_lines_name_the_worker(tmp_path):
     import os
-    from qanot_host.log_setup import configure_logging
+    from qanot_host.log_setup import configure_logging, flush_logs
     path = tmp_path / "host.log"
     path.write_text("")
     os.chmod(path, 0o644)
@@ -145,6 +145,7 @@ def test_log_file_is_private_and_json_lines_name_the_worker(tmp_path):
         configure_logging("INFO", "json", str(path))
         logging.getLogger("qanot_host.plugin.x").info("[x stdout] hi", extra={"plugin": "x", "pid": 4242,
                                                                                "stream": "stdout"})
+        flush_logs()  # records are written by a thread of their own
     finally:
         logging.basicConfig(force=True, handlers=[logging.NullHandler()])
     assert os.stat(path).st_mode & 0o777 == 0o600
@@ -181,3 +182,23 @@ def test_secrets_in_the_escaped_forms_plugins_print(monkeypatch):
     for printed in (ascii(secret), repr(secret.encode()), json.dumps(json.dumps({"p": secret})),
                     "mysql://u:" + urllib.parse.quote(secret, safe="") + "@db/x", urllib.parse.quote_plus(secret)):
         assert "[secret config.password]" in redact(printed) and "rd@1" not in redact(printed), printed
+
+
+def test_a_stderr_nobody_reads_never_blocks_whoever_logs():
+    """An MCP client that keeps the host's stderr and never reads it: a full pipe once froze the
+    host's event loop (and every plugin with it) at the next log line. Logging returns at once; what
+    could not be written is counted."""
+    import subprocess
+    import sys
+    code = ("import logging, os, time\n"
+            "r, w = os.pipe()\n"
+            "os.dup2(w, 2)\n"
+            "from qanot_host.log_setup import configure_logging\n"
+            "configure_logging('INFO')\n"
+            "began = time.monotonic()\n"
+            "for _ in range(20000):\n"
+            "    logging.getLogger('x').error('y' * 10000)\n"
+            "print(f'{time.monotonic() - began:.2f}', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) < 20  # 200 MB into a pipe nobody reads: not one wait on it
