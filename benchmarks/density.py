@@ -149,7 +149,52 @@ async def lazy(scratch: Path, n: int, first_calls: int) -> dict:
     return figures
 
 
-def render(e: dict, z: dict, quick: bool) -> str:
+async def deps(scratch: Path, n: int) -> dict:
+    """n plugins needing aiohttp: environments built from uv's warm cache, offline (the first host,
+    online, warms it); each one's start and the disk each environment adds (files not shared with
+    uv's cache or another environment)."""
+    figures: dict = {"n": n}
+    plugins_dir = scratch / "deps" / "plugins"
+    names = [f"dep{i}" for i in range(n)]
+    code = (HERE / "plugins" / "bench" / "plugin.py").read_text()
+    for name in names:
+        (plugins_dir / name).mkdir(parents=True, exist_ok=True)
+        (plugins_dir / name / "plugin.json").write_text(json.dumps({"dependencies": ["aiohttp"]}))
+        (plugins_dir / name / "plugin.py").write_text(code.replace('"bench_', f'"{name}_').replace(
+            'name = "bench"', f'name = "{name}"'))
+    base = {"plugins": [{"name": names[0]}], "plugins_dir": str(plugins_dir),
+            "workspace_dir": str(scratch / "deps" / "workspace"), "host": {"state_dir": str(scratch / "deps" / "warm")}}
+    warm = scratch / "deps" / "warm.json"
+    warm.write_text(json.dumps(base))
+    async with Host(str(warm)) as host:  # online: uv's cache gets aiohttp and what it needs
+        if host.plugins[names[0]].state != "ready":
+            return {"n": n, "error": host.plugins[names[0]].error[:200]}
+    config = scratch / "deps" / "config.json"
+    config.write_text(json.dumps({**base, "plugins": [{"name": name} for name in names],
+                                  "host": {"state_dir": str(scratch / "deps" / "state"), "offline": True}}))
+    async with Host(str(config)) as host:
+        ready = [s for s in host.plugins.values() if s.state == "ready"]
+        figures["ready"] = len(ready)
+        installs = host.install_seconds()
+        figures["first_start_ms"] = statistics.median(
+            1000 * (installs.get(s.name, 0.0) + s.worker.start_seconds) for s in ready if s.worker)
+    envs = [env for env in (scratch / "deps" / "state" / "envs").glob("dep*-*") if env.is_dir()]
+    figures["own_mb"] = statistics.median(_own_bytes(env) for env in envs) / 2**20
+    return figures
+
+
+def _own_bytes(env: Path) -> int:
+    """Blocks of the files only this environment has (a file hard-linked from uv's cache is shared)."""
+    total = 0
+    for root, _, files in os.walk(env):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if st.st_nlink == 1:
+                total += st.st_blocks * 512
+    return total
+
+
+def render(e: dict, z: dict, quick: bool, d: dict | None = None) -> str:
     room = (e["fd_limit"] - RESERVED_FDS) // FDS_PER_WORKER
     lines = [
         f"# Density ({'quick' if quick else 'full'} run, {time.strftime('%Y-%m-%d %H:%M')}, "
@@ -172,17 +217,25 @@ def render(e: dict, z: dict, quick: bool) -> str:
         f"{z['first_call_ms']:.1f} ms (its worker's start, setup() included: {z['worker_start_ms']:.1f} ms) | "
         "<= 30 ms over setup() |",
     ]
+    if d and "error" in d:
+        lines.append(f"| plugins needing aiohttp (uv's warm cache, offline) | | not measured: {d['error']} | |")
+    elif d:
+        lines.append(f"| plugins needing aiohttp (uv's warm cache, offline) | | {d['ready']} of {d['n']} ready; first "
+                     f"start p50 {d['first_start_ms']:.0f} ms (environment and worker); each environment's own "
+                     f"files {d['own_mb']:.1f} MB | <= 300 ms; <= 5 MB each |")
     return "\n".join(lines) + "\n"
 
 
-async def measure(quick: bool) -> tuple[dict, dict]:
+async def measure(quick: bool) -> tuple[dict, dict, dict]:
     scratch = Path(tempfile.mkdtemp(prefix="qanot-density-"))
     try:
         e = await eager(scratch, 60 if quick else 500, 300 if quick else 2000, 3.0 if quick else 10.0)
         print("  measured eager", file=sys.stderr)
         z = await lazy(scratch, 200 if quick else 2000, 10 if quick else 50)
         print("  measured lazy", file=sys.stderr)
-        return e, z
+        d = await deps(scratch, 5 if quick else 50)
+        print("  measured dependencies", file=sys.stderr)
+        return e, z, d
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -193,8 +246,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for density.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    e, z = eventloop.run(measure(args.quick))
-    text = render(e, z, args.quick)
+    e, z, d = eventloop.run(measure(args.quick))
+    text = render(e, z, args.quick, d)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ("density-quick.md" if args.quick else "density.md")).write_text(text)
