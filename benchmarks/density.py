@@ -90,6 +90,14 @@ async def idle_cpu(seconds: float) -> float:
     return 100 * ((after.user + after.system) - (before.user + before.system)) / (time.perf_counter() - began)
 
 
+async def started(config: str) -> tuple[Host, float]:
+    """A host of `config`, started (the caller stops it), and the seconds its start took."""
+    host = Host(config)
+    began = time.perf_counter()
+    await host.start()
+    return host, time.perf_counter() - began
+
+
 async def eager(scratch: Path, n: int, calls: int, idle_seconds: float) -> dict:
     figures: dict = {"n": n}
     config = configure(scratch / "one", 1)
@@ -99,11 +107,7 @@ async def eager(scratch: Path, n: int, calls: int, idle_seconds: float) -> dict:
         figures["one_p50_us"] = await call_p50(host, calls)
         figures["one_mb"] = psutil.Process().memory_info().rss / 2**20 + worker_memory(host)
         figures["one_idle_cpu"] = await idle_cpu(idle_seconds)
-    config = configure(scratch / "many", n)
-    host = Host(config)
-    began = time.perf_counter()
-    await host.start()
-    figures["ready_s"] = time.perf_counter() - began
+    host, figures["ready_s"] = await started(configure(scratch / "many", n))
     try:
         figures["ready"] = sum(s.state == "ready" for s in host.plugins.values())
         figures["host_mb"] = psutil.Process().memory_info().rss / 2**20
@@ -126,10 +130,7 @@ async def lazy(scratch: Path, n: int, first_calls: int) -> dict:
     async with Host(config):  # no cached tool lists yet: each plugin is started once to list its tools
         figures["cold_s"] = time.perf_counter() - began
     rss_before = psutil.Process().memory_info().rss
-    host = Host(config)
-    began = time.perf_counter()
-    await host.start()
-    figures["warm_s"] = time.perf_counter() - began
+    host, figures["warm_s"] = await started(config)
     try:
         figures["idle"] = sum(s.state == "idle" for s in host.plugins.values())
         figures["host_mb"] = psutil.Process().memory_info().rss / 2**20

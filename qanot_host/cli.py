@@ -19,7 +19,8 @@ from .check import check_config
 from .config import load_config
 from .control import control_request, follow_logs, socket_path
 from .errors import ConfigError, QanotHostError, ToolNotFound
-from .host import Host, PluginState
+from .host import Host
+from .supervisor import SERVING_STATES
 from .json_objects import parse_json_object
 from .completion import completion_script
 from .log_setup import configure_logging
@@ -293,7 +294,7 @@ async def _restart(args: argparse.Namespace) -> int:
     status = reply["status"]
     print(f"{status['plugin']}: {status['state']}" + (f", pid {status['pid']}" if status["pid"] else "")
           + (f": {status['error']}" if status["error"] else ""))
-    return EXIT_OK if status["state"] in (PluginState.READY, PluginState.IDLE) else EXIT_ERROR
+    return EXIT_OK if status["state"] in SERVING_STATES else EXIT_ERROR
 
 
 async def _logs(args: argparse.Namespace) -> int:

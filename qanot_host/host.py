@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 
 from .cgroups import sweep_stale_cgroups
@@ -30,7 +30,7 @@ from .sandbox_spec import withheld_permissions
 from .schema import SchemaError
 from .settings import Config
 from .source_builds import SourceBuilds
-from .supervisor import PluginState, PluginSupervisor
+from .supervisor import SERVING_STATES, PluginState, PluginSupervisor
 from .tool_cache import offer_key
 from .tool_index import INDEX_TIMEOUT, ToolIndex
 from .worker_factory import WorkerFactory
@@ -65,9 +65,6 @@ class Host:
         self.metrics: HostMetrics | None = None  # host.metrics: Prometheus, /healthz, /readyz
         self._fingerprints: dict[str, str] = {}  # plugin -> its directory's, when its worker started
         self._operating = asyncio.Lock()  # reload and restart_plugin: one at a time
-        # awaited after each reload and restart_plugin (the MCP front tells its clients of new tools)
-        self.after_reload: Callable[[], Awaitable[None]] | None = None
-        self.on_tools_changed: Callable[[], None] | None = None  # after every registration of a plugin's tools
         self.registry.explain_missing = lambda tool: self._index.explain_missing(tool, self.config, self.plugins)
 
     async def __aenter__(self) -> "Host":
@@ -152,8 +149,7 @@ class Host:
         try:
             source = self._locate(supervisor)
             await self._await_deps(supervisor, source)
-            self._fingerprints[supervisor.name] = await asyncio.to_thread(_fingerprint, source)
-            fingerprint = self._fingerprints[supervisor.name]
+            fingerprint = self._fingerprints[supervisor.name] = await asyncio.to_thread(_fingerprint, source)
             site_dirs = await self._envs.site_dirs(supervisor.name, source.manifest.dependencies)
             supervisor.offer_key = offer_key(fingerprint, supervisor.entry,
                                              self.config.settings_for(supervisor.name), site_dirs)
@@ -260,8 +256,6 @@ class Host:
             log.error("plugin %s: tool %s is not registered: %s already provides it (the plugin "
                       "listed first in config.json keeps a tool name)", supervisor.name, spec.name, owner)
         supervisor.set_tools(tools, conflicts, refused, unknown)
-        if self.on_tools_changed is not None:
-            self.on_tools_changed()
 
     # ---- running ---------------------------------------------------------------------------------
 
@@ -270,10 +264,7 @@ class Host:
         failed ones: a reload is how an operator acts). Untouched plugins keep serving. Reloads and
         restarts run one at a time (two at once once started a plugin twice, one of them unseen)."""
         async with self._operating:
-            changes = await self._reload(config)
-        if self.after_reload is not None:
-            await self.after_reload()
-        return changes
+            return await self._reload(config)
 
     async def _reload(self, config: Config | None) -> dict[str, list[str]]:
         new = config or load_config(self.config.path)
@@ -367,8 +358,6 @@ class Host:
                 await supervisor.settled.wait()  # a restart under way ends first
                 await self._stop_plugins([plugin])
                 await self._start_plugins([plugin])
-        if self.after_reload is not None:
-            await self.after_reload()
         status = self.plugins[plugin].status()
         log.info("plugin %s restarted by the operator: %s", plugin, status["state"])
         return status
@@ -397,7 +386,7 @@ class Host:
     def not_ready(self) -> str:
         """"NAME: why; ..." for each plugin that is not ready ("" when all are)."""
         return "; ".join(f"{row['plugin']}: {row['error']}" for row in self.status()
-                         if row["state"] not in (PluginState.READY, PluginState.IDLE))
+                         if row["state"] not in SERVING_STATES)
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]

@@ -33,41 +33,41 @@ class LimitsWatch:
         workspace walks that are due, all in one thread hop."""
         while True:
             await asyncio.sleep(interval())
-            due = []
+            due: list[tuple[PluginSupervisor, float | None]] = []
             now = time.monotonic()
             for supervisor in plugins():
                 supervisor.stop_if_idle(now)
                 supervisor.check_limits()
-                if self._walk_due(supervisor):
-                    due.append(supervisor)
+                walk, cpu = self._walk_due(supervisor)
+                if walk:
+                    due.append((supervisor, cpu))
             if due:
                 await self._check_workspaces(due)
 
-    def _walk_due(self, supervisor: PluginSupervisor) -> bool:
+    def _walk_due(self, supervisor: PluginSupervisor) -> tuple[bool, float | None]:
         """workspace_mb. A walk costs the host CPU in proportion to what the plugin put there (100 000
         empty files: a third of a core, walked every second), so a plugin's next walk waits at least
         WORKSPACE_WALK_SPACING times as long as its last one took: at most ~5% of a core each. And a
         plugin that has not run since its place was last found within its ceiling cannot have written
         there (its cgroup counts every process of it): no walk. An idle plugin still runs at each ping
         (ping_interval), so its place is measured that often at the least; hundreds of idle plugins
-        cost the host next to nothing (measured: 200 plugins, 37% of a core walked every second)."""
+        cost the host next to nothing (measured: 200 plugins, 37% of a core walked every second).
+        Returns whether to walk, and the group's CPU time read for that (None: no cgroups)."""
         name = supervisor.name
         if not (self._factory.workspaces.get(name) and supervisor.limits.workspace_mb
                 and supervisor.state == PluginState.READY):
-            return False
+            return False, None
         if asyncio.get_running_loop().time() < self._next_walk.get(name, 0.0):
-            return False
+            return False, None
         cpu = self._factory.cgroups.cpu_seconds(name) if self._factory.cgroups.available else None
-        return cpu is None or cpu != self._cpu_at_walk.get(name)
+        return cpu is None or cpu != self._cpu_at_walk.get(name), cpu
 
-    async def _check_workspaces(self, due: list[PluginSupervisor]) -> None:
-        measure = [(s.name, self._factory.workspaces[s.name], s.limits.workspace_mb or 0,
-                    self._factory.cgroups.cpu_seconds(s.name) if self._factory.cgroups.available else None)
-                   for s in due]
-        pids = {s.name: plugin_pids(self._factory, s) for s in due}
+    async def _check_workspaces(self, due: list[tuple[PluginSupervisor, float | None]]) -> None:
+        measure = [(s.name, self._factory.workspaces[s.name], s.limits.workspace_mb or 0) for s, _ in due]
+        pids = {s.name: plugin_pids(self._factory, s) for s, _ in due}
         found = await asyncio.to_thread(_measure_all, measure, pids)
         now = asyncio.get_running_loop().time()
-        for supervisor, (problem, seconds, cpu) in zip(due, found, strict=True):
+        for (supervisor, cpu), (problem, seconds) in zip(due, found, strict=True):
             self._next_walk[supervisor.name] = now + WORKSPACE_WALK_SPACING * seconds
             if problem:
                 self._cpu_at_walk.pop(supervisor.name, None)
@@ -76,14 +76,13 @@ class LimitsWatch:
                 self._cpu_at_walk[supervisor.name] = cpu
 
 
-def _measure_all(measure: list[tuple[str, str, int, float | None]],
-                 pids: dict[str, list[int]]) -> list[tuple[str | None, float, float | None]]:
-    """(problem, seconds the walk took, the group's CPU time read before it) for each plugin."""
+def _measure_all(measure: list[tuple[str, str, int]], pids: dict[str, list[int]]) -> list[tuple[str | None, float]]:
+    """(problem, seconds the walk took) for each plugin."""
     found = []
-    for name, place, limit, cpu in measure:
+    for name, place, limit in measure:
         began = time.monotonic()
         problem = workspace_problem(place, limit, pids[name])
-        found.append((problem, time.monotonic() - began, cpu))
+        found.append((problem, time.monotonic() - began))
     return found
 
 

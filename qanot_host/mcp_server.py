@@ -50,9 +50,11 @@ class McpFront:
         self._sessions: dict[int, Any] = {}
         self._listed = ""  # a digest of the tool definitions the clients were last shown
         self._telling: asyncio.Task | None = None
+        self._stale = False  # the registry changed since the clients were last told
         self.server = Server("qanot-host", version=_version(), on_list_tools=self._list_tools,
                              on_call_tool=self._call_tool,
                              instructions="Tools of Qanot plugins, each run in a sandboxed worker by qanot-host.")
+        host.registry.on_change = self.registry_changed
         notifications = NotificationOptions(tools_changed=True)
         self.options = self.server.create_initialization_options(notifications)
         # the streamable HTTP manager asks the server itself: the same listChanged there
@@ -92,16 +94,20 @@ class McpFront:
         return types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True)
 
     def registry_changed(self) -> None:
-        """The host registered or removed tools (a reload, a restart, a lazy plugin's first start):
-        the clients are told once the change has settled (one notification for a burst)."""
+        """The registry's on_change (a reload, a restart, a lazy plugin's first start): the clients
+        are told once the change has settled (one notification for a burst, and another for a change
+        made while they were being told)."""
+        self._stale = True
         if self._telling is None or self._telling.done():
             self._telling = asyncio.get_running_loop().create_task(self._tell_soon())
 
     async def _tell_soon(self) -> None:
-        await asyncio.sleep(0.2)
-        await self.tools_changed()
+        while self._stale:
+            self._stale = False
+            await asyncio.sleep(0.2)
+            await self._tell()
 
-    async def tools_changed(self) -> None:
+    async def _tell(self) -> None:
         """Clients whose tool list is stale (names, descriptions or schemas) are told so, once."""
         now = _digest(self._host.tool_definitions())
         if now == self._listed:

@@ -86,6 +86,8 @@ class ToolRegistry:
         self.explain_missing: Callable[[str], str] = lambda name: ""
         # Set by the host that serves metrics: told of every call's end (plugin, tool, error, seconds).
         self.observer: Callable[[str | None, str, BaseException | None, float], None] | None = None
+        # Set by whoever shows the tool list elsewhere (the MCP front): told of every change to it.
+        self.on_change: Callable[[], None] | None = None
 
     # ---- Qanot's API -----------------------------------------------------------------------------
 
@@ -227,7 +229,7 @@ class ToolRegistry:
 
     def remove_tool(self, name: str) -> None:
         if self._tools.pop(name, None) is not None:
-            self._definitions = None
+            self._changed()
 
     def remove_plugin_tools(self, plugin: str) -> None:
         for name in [n for n, t in self._tools.items() if t.plugin == plugin]:
@@ -235,7 +237,12 @@ class ToolRegistry:
 
     def _put(self, tool: RegisteredTool) -> None:
         self._tools[tool.name] = tool
+        self._changed()
+
+    def _changed(self) -> None:
         self._definitions = None
+        if self.on_change is not None:
+            self.on_change()
 
 
 class _Refused(Exception):

@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import socket
-import stat
 import time
 import urllib.parse
 import urllib.request
@@ -23,6 +22,8 @@ from typing import Any
 from packaging.specifiers import SpecifierSet
 from packaging.utils import InvalidSdistFilename, canonicalize_name, parse_sdist_filename
 from packaging.version import Version
+
+from .safe_files import open_regular_file
 
 __all__ = ["SdistNotFound", "wanted_versions", "find_sdist", "PYPI_SIMPLE"]
 
@@ -185,9 +186,8 @@ def _open_source(url: str, deadline: float) -> Any:
     parsed = urllib.parse.urlparse(url)
     if "://" not in url or parsed.scheme == "file":
         path = urllib.request.url2pathname(parsed.path) if "://" in url else url
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not hang us
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or not info.st_mode & 0o004:
+        fd, info = open_regular_file(path)  # no link followed, a FIFO never waited on
+        if not info.st_mode & 0o004:
             os.close(fd)
             raise SdistNotFound(f"{path} is not a regular file that every user may read; it is not fetched")
         return os.fdopen(fd, "rb")

@@ -43,8 +43,6 @@ async def serve(config_path: str, front: Callable[[Host], Any] | None = None,
     control = ControlServer(host)
     await control.start()
     made = front(host) if front is not None else None
-    host.after_reload = getattr(made, "tools_changed", None)
-    host.on_tools_changed = getattr(made, "registry_changed", None)
     reloads: set[asyncio.Task] = set()
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload_in_background(host, reloads, systemd))
     serving: asyncio.Future | None = None

@@ -27,7 +27,7 @@ from qanot_worker import protocol as p
 from .discovery import PluginSource
 from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
 from .offered import OfferedTool
-from .restarter import RestartPolicy, exit_reason
+from .restarter import RestartDecision, RestartPolicy, exit_reason
 from .settings import Config, PluginEntry
 from .tool_cache import CachedOffer
 from .worker import WorkerHandle
@@ -35,7 +35,7 @@ from .worker import WorkerHandle
 if TYPE_CHECKING:
     from .worker_factory import WorkerFactory
 
-__all__ = ["PluginSupervisor", "PluginState"]
+__all__ = ["PluginSupervisor", "PluginState", "SERVING_STATES"]
 
 log = logging.getLogger("qanot_host.supervisor")
 
@@ -50,6 +50,10 @@ class PluginState(enum.StrEnum):
     FAILED = "failed"  # did not start, or gave up restarting: `error` says why; reload retries
     EXITED = "exited"  # ended normally and its restart policy says not to restart
     STOPPED = "stopped"
+
+
+# The states in which a plugin's tools are registered and a call reaches it (an idle one starts its worker)
+SERVING_STATES = (PluginState.READY, PluginState.IDLE)
 
 
 @dataclass
@@ -102,9 +106,10 @@ class PluginSupervisor:
         self._proc: psutil.Process | None = None
         self._cpu_at_start = 0.0
         keep = source is not None and source.manifest.keep_running  # plugin.json opts out of lazy and idle
-        self.lazy = config.activation_for(entry.name) == "lazy" and not keep
-        self.idle_timeout = None if keep else config.idle_timeout_for(entry.name)
-        if keep and (config.activation_for(entry.name) == "lazy" or config.idle_timeout_for(entry.name)):
+        lazy, idle_timeout = config.activation_for(entry.name) == "lazy", config.idle_timeout_for(entry.name)
+        self.lazy = lazy and not keep
+        self.idle_timeout = None if keep else idle_timeout
+        if keep and (lazy or idle_timeout):
             log.warning("plugin %s: its plugin.json says keep_running: it starts with the host and is never "
                         "stopped when idle, whatever activation and idle_timeout say", entry.name)
         self.offer_key = ""  # what its tool list is cached under (set by the host before start)
@@ -157,7 +162,7 @@ class PluginSupervisor:
     @property
     def serving(self) -> bool:
         """Its tools are registered and a call reaches it (starting its worker if it is idle)."""
-        return self.state in (PluginState.READY, PluginState.IDLE)
+        return self.state in SERVING_STATES
 
     def fail(self, message: str) -> None:
         self.state = PluginState.FAILED
@@ -214,9 +219,7 @@ class PluginSupervisor:
         try:
             self.worker = await self._spawn()
         except Exception as exc:  # noqa: BLE001 - whatever it was, the waiting calls are told, the host runs on
-            detail = exc.detail if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
-            self.last_exit = f"start on a call failed: {detail}"
-            decision = self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
+            detail, decision = self._spawn_failed(exc, "start on a call")
             if decision.restart:
                 log.error("plugin %s: its worker did not start for a call: %s", self.name, detail)
                 self.error = detail
@@ -279,9 +282,7 @@ class PluginSupervisor:
             log.error("plugin %s: %s; not restarting", self.name, exc.detail)
             return
         except Exception as exc:  # PluginError, or the host short of something (EMFILE from a pipe)
-            detail = exc.detail if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
-            self.last_exit = f"restart failed: {detail}"
-            decision = self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
+            detail, decision = self._spawn_failed(exc, "restart")
             if decision.restart and not self._closing:
                 log.error("plugin %s: restart failed (%s); retrying in %.2f s", self.name, detail, decision.delay)
                 self._schedule_restart(decision.delay)
@@ -294,6 +295,13 @@ class PluginSupervisor:
         log.warning("plugin %s: restarted (pid %s replaces %s, %.1f ms after the exit)", self.name,
                     self.worker.pid, old_pid, 1000 * self.recoveries[-1])
         self._became_ready()
+
+    def _spawn_failed(self, exc: Exception, what: str) -> tuple[str, RestartDecision]:
+        """A worker that did not start (a restart, or a start for a call): why, recorded as the last
+        exit, and whether the restart policy allows another try."""
+        detail = exc.detail if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+        self.last_exit = f"{what} failed: {detail}"
+        return detail, self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
 
     def recycle(self, reason: str, counts: bool, label: str = "recycled") -> None:
         """Replace a running worker on purpose: teardown() is tried, then the worker is killed."""

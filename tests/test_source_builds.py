@@ -51,6 +51,15 @@ def setuptools_wheel(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def wheels(tmp_path, setuptools_wheel) -> Path:
+    """A wheel_dir holding setuptools' wheel, the build backend's one requirement."""
+    directory = tmp_path / "wheels"
+    directory.mkdir()
+    os.link(setuptools_wheel, directory / setuptools_wheel.name)
+    return directory
+
+
+@pytest.fixture
 def listener():
     """A TCP port on 127.0.0.1 that counts connections (a build must not reach it)."""
     server = socket.create_server(("127.0.0.1", 0))
@@ -70,12 +79,9 @@ def listener():
 
 
 @pytest.fixture
-def source_only(tmp_path, setuptools_wheel, listener):
+def source_only(tmp_path, wheels, listener):
     """A wheel_dir holding setuptools' wheel and qhtest-source as an sdist only, whose setup.py
     tries to write outside, read a root-only file and connect to `listener`."""
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    os.link(setuptools_wheel, wheels / setuptools_wheel.name)
     secret = tmp_path / "secret"
     secret.write_text("root only")
     secret.chmod(0o600)
@@ -120,10 +126,7 @@ async def test_a_built_wheel_is_reused_by_the_next_environment(write_config, sou
     assert "from source" not in caplog.text
 
 
-async def test_a_failing_build_fails_that_plugin_only_and_says_why(write_config, tmp_path, setuptools_wheel):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    os.link(setuptools_wheel, wheels / setuptools_wheel.name)
+async def test_a_failing_build_fails_that_plugin_only_and_says_why(write_config, wheels):
     make_sdist(wheels, "raise SystemExit('this package cannot be built here')\n")
     config = write_config([plugin("dep_source"), plugin("greeter")], host={"wheel_dir": str(wheels)})
     async with Host(config) as host:
@@ -134,10 +137,7 @@ async def test_a_failing_build_fails_that_plugin_only_and_says_why(write_config,
         assert host.plugins["greeter"].state == PluginState.READY
 
 
-async def test_build_requirements_come_as_wheels_and_are_checked(write_config, tmp_path, setuptools_wheel):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    os.link(setuptools_wheel, wheels / setuptools_wheel.name)
+async def test_build_requirements_come_as_wheels_and_are_checked(write_config, wheels):
     make_sdist(wheels, "from setuptools import setup\nsetup()\n",
                pyproject='[build-system]\nrequires = ["setuptools", "https://example.invalid/x.whl"]\n')
     config = write_config([plugin("dep_source")], host={"wheel_dir": str(wheels)})
@@ -276,12 +276,9 @@ async def test_a_wheel_the_operator_adds_later_wins_over_an_old_build(write_conf
         assert json.loads(await host.registry.execute("dep_source_build", {}))["build"]["uid"] == "operator"
 
 
-async def test_install_timeout_bounds_the_whole_environment_builds_included(write_config, tmp_path, setuptools_wheel):
+async def test_install_timeout_bounds_the_whole_environment_builds_included(write_config, tmp_path, wheels):
     """Two builds of 2 s each under install_timeout 3: each fits, both do not."""
     import time
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    os.link(setuptools_wheel, wheels / setuptools_wheel.name)
     for name in ("qhslow_a", "qhslow_b"):
         make_sdist(wheels, f"import time\ntime.sleep(2)\nfrom setuptools import setup\nsetup(name={name!r}, "
                            "version='1.0')\n", name=name)
