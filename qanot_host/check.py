@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from .config import directory_problems
 from .discovery import find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import MAX_REQUIREMENTS, find_uv, requirement_problem
+from .mcp_servers import bridge_config, mcp_server
 from .probe import probe_layers
 from .sandbox_spec import withheld_permissions
 from .settings import Config, PluginEntry
@@ -48,6 +49,9 @@ def check_config(config: Config, raw_entries: list[object]) -> CheckReport:
 def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report: CheckReport) -> None:
     report.checked += 1
     problems = report.errors if entry.enabled else report.warnings
+    if mcp_server(config, entry.name) is not None:
+        _check_mcp_server(config, entry, problems, report)
+        return
     label = f"plugin {entry.name}" + ("" if entry.enabled else " (disabled)")
     source = find_plugin(entry.name, config)
     if source is None:
@@ -83,6 +87,30 @@ def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report:
         problems.append(f"{label}: {scanned['problem']}")
     declared = set(scanned["tools"]) if scanned and scanned["tools"] is not None else None
     _check_settings(config, entry.name, declared, label, problems, report)
+
+
+def _check_mcp_server(config: Config, entry: PluginEntry, problems: list[str], report: CheckReport) -> None:
+    """What the server's worker would be given, resolved now: its command and the programs it may
+    execute (a stdio server), or the one address it may reach (a remote one, itself unsandboxed)."""
+    index, server = mcp_server(config, entry.name)  # type: ignore[misc]
+    label = f"MCP server {entry.name}" + ("" if entry.enabled else " (disabled)")
+    if find_uv() is None:
+        problems.append(f"{label}: its worker needs the MCP SDK in an environment of its own, and uv is not "
+                        "installed")
+    try:
+        _, _, programs = bridge_config(config, entry.name)
+    except ValueError as exc:
+        problems.append(f"{label}: {exc}")
+        return
+    if programs is not None:
+        runs = "any program of its root (permissions.subprocess)" \
+            if config.settings_for(entry.name).permissions.subprocess else ", ".join(programs.executable)
+        report.notes.append(f"{label}: runs {programs.command} {' '.join(server.args)}".rstrip()
+                            + f" in its worker's sandbox; it may execute {runs}")
+    else:
+        report.warnings.append(f"{label}: {server.transport} at {server.url}: a remote server, which no sandbox of "
+                               "this host covers; its worker may reach that address only")
+    _check_settings(config, entry.name, None, label, problems, report)
 
 
 def _check_settings(config: Config, name: str, declared: set[str] | None, label: str,

@@ -16,6 +16,7 @@ import msgspec
 
 from .errors import ConfigError
 from .json_objects import parse_json_object
+from .mcp_servers import add_mcp_servers, read_mcp_servers
 from .schema import json_problem
 from .settings import Config, PluginSettings
 
@@ -40,11 +41,13 @@ def parse_config(raw: bytes | str, path: str) -> Config:
         raise ConfigError(str(exc)) from None
     data.pop("path", None)
     _plugin_entries(data, path)
+    read_mcp_servers(data, path)
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {_name_the_plugin(data, validation_message(exc))}") from None
     config.path = path
+    add_mcp_servers(config)  # each server one more plugin, after the plugins
     _check_plugins(config)
     _resolve_paths(config)
     config.path = os.path.abspath(path)

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .manifest import PERMISSIONS, QANOT_API_VERSION, Manifest, ManifestError, parse_version, read_manifest
+from .mcp_servers import BRIDGE_REQUIREMENT, mcp_server
 from .settings import Config, PluginEntry
 
-__all__ = ["PluginSource", "builtin_plugins_dir", "find_plugin", "search_path", "searched_paths",
+__all__ = ["PluginSource", "builtin_plugins_dir", "find_plugin", "bridge_source", "search_path", "searched_paths",
            "manifest_problems", "manifest_warnings"]
 
 ENTRY_FILES = ("plugin.py", "__init__.py")
@@ -46,7 +47,11 @@ def search_path(config: Config) -> list[tuple[str, bool]]:
 
 
 def find_plugin(name: str, config: Config) -> PluginSource | None:
-    """The first directory NAME on the search path that has an entry file, or None."""
+    """The first directory NAME on the search path that has an entry file, or None; for an MCP
+    server of config.json, the bridge that runs it."""
+    bridge = bridge_source(config, name)
+    if bridge is not None:
+        return bridge
     for root, builtin in search_path(config):
         directory = os.path.join(root, name)
         for entry in ENTRY_FILES:
@@ -60,6 +65,16 @@ def find_plugin(name: str, config: Config) -> PluginSource | None:
                     return PluginSource(name, directory, entry_file, builtin, Manifest(name=name), str(exc))
                 return PluginSource(name, directory, entry_file, builtin, manifest, warnings=warnings)
     return None
+
+
+def bridge_source(config: Config, name: str) -> PluginSource | None:
+    """The bridge, as the source of server NAME's worker (None: NAME is no MCP server)."""
+    if mcp_server(config, name) is None:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bridge = os.path.realpath(os.path.join(root, "qanot_worker", "mcp_bridge"))
+    manifest = Manifest(name=name, description=f"MCP server {name}", dependencies=[BRIDGE_REQUIREMENT])
+    return PluginSource(name, bridge, os.path.join(bridge, "plugin.py"), True, manifest)
 
 
 def searched_paths(name: str, config: Config) -> str:

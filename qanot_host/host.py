@@ -24,6 +24,7 @@ from .channel import FRAMES
 from .launcher import Launcher
 from .limits_watch import LimitsWatch
 from .log_ring import LogRing
+from .mcp_servers import mcp_server
 from .output import printable
 from .registry import RegisteredTool, ToolRegistry
 from .sandbox_spec import withheld_permissions
@@ -224,7 +225,9 @@ class Host:
         if self._registration_paused or not supervisor.serving:
             return
         offered = {spec.name for spec in supervisor.offered_tools}
-        for name in set(supervisor.tools) - offered:  # a restarted worker may offer fewer tools
+        server = mcp_server(self.config, supervisor.name) is not None
+        kept = offered | {_mcp_tool_name(supervisor.name, name) for name in offered} if server else offered
+        for name in set(supervisor.tools) - kept:  # a restarted worker may offer fewer tools
             tool = self.registry.get(name)
             if tool is not None and tool.plugin == supervisor.name:
                 self.registry.remove_tool(name)
@@ -241,20 +244,24 @@ class Host:
                 if spec.problem:
                     raise SchemaError(spec.problem)
                 tool = RegisteredTool(spec.name, spec.description, spec.parameters,
-                                      partial(supervisor.call, spec.name), supervisor.name)
+                                      partial(supervisor.call, spec.name), supervisor.name, "mcp" if server else "core")
             except SchemaError as exc:
                 refused.append(spec.name)
                 log.error("plugin %s: tool %s is not registered: its %s", supervisor.name,
                           printable(repr(spec.name), 100), printable(str(exc), 500))
                 continue
             holder = self.registry.add_plugin_tool(tool)
+            if holder is not None and server:  # as Qanot names an MCP tool whose name is taken
+                tool = RegisteredTool(_mcp_tool_name(supervisor.name, spec.name), tool.description, tool.parameters,
+                                      tool.handler, tool.plugin, tool.category)
+                holder = self.registry.add_plugin_tool(tool)
             if holder is None:
-                tools.append(spec.name)
+                tools.append(tool.name)
                 continue
             owner = f"plugin {holder.plugin}" if holder.plugin else "the host"
-            conflicts.append(spec.name)
+            conflicts.append(tool.name)
             log.error("plugin %s: tool %s is not registered: %s already provides it (the plugin "
-                      "listed first in config.json keeps a tool name)", supervisor.name, spec.name, owner)
+                      "listed first in config.json keeps a tool name)", supervisor.name, tool.name, owner)
         supervisor.set_tools(tools, conflicts, refused, unknown)
 
     # ---- running ---------------------------------------------------------------------------------
@@ -390,6 +397,11 @@ class Host:
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]
+
+
+def _mcp_tool_name(server: str, tool: str) -> str:
+    """Qanot's name for an MCP tool whose own name is taken (qanot/mcp_client.py)."""
+    return f"mcp_{server}_{tool}"
 
 
 def _fingerprint(source: PluginSource) -> str:

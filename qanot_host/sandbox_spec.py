@@ -19,12 +19,16 @@ import time
 
 from qanot_worker import protocol as p
 
+from .mcp_servers import Programs
 from .settings import Config, NetworkGrant, Permissions
 
 __all__ = ["sandbox_spec", "withheld_permissions", "PluginPlaces", "unreachable", "python_paths"]
 
 SYSTEM_TREES = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin"]
 SYSTEM_FILES = ["/etc/ld.so.cache", "/etc/localtime"]
+# Where programs are kept (emptied in an MCP server's root but for its own: see _only_its_programs)
+PROGRAM_DIRS = ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/usr/libexec", "/usr/games", "/bin",
+                "/sbin"]
 # What name resolution and TLS need, granted with network.
 NETWORK_FILES = ["/etc/ssl", "/etc/ca-certificates", "/etc/pki", "/etc/resolv.conf", "/etc/hosts",
                  "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf", "/etc/services", "/etc/protocols"]
@@ -40,7 +44,7 @@ class PluginPlaces:
     """Where one plugin's things are, on the host (its worker sees them at the same paths)."""
 
     def __init__(self, plugin: str, plugin_dir: str, site_dirs: list[str], data_dir: str, import_root: str,
-                 root_dir: str, workspace: tuple[str, str] | None = None) -> None:
+                 root_dir: str, workspace: tuple[str, str] | None = None, programs: Programs | None = None) -> None:
         self.plugin = plugin
         self.plugin_dir = plugin_dir
         self.site_dirs = site_dirs
@@ -49,6 +53,8 @@ class PluginPlaces:
         self.root_dir = root_dir  # an empty directory the worker mounts its new root on
         # workspace_dir/NAME, writable: (the path the plugin is told, the directory's real path)
         self.workspace = workspace
+        # An MCP server's command: the programs it may execute (nothing else, unless subprocess is granted)
+        self.programs = programs
 
 
 def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[str, str],
@@ -63,6 +69,10 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
     granted_reads = grant.filesystem.read if grant.filesystem is not None else []
     granted_writes = grant.filesystem.write if grant.filesystem is not None else []
     own = [*_python_paths(places.import_root), places.plugin_dir, *places.site_dirs]  # the host's and operator's
+    programs = places.programs
+    runs = grant.subprocess or programs is not None  # fork and execve (seccomp)
+    if programs is not None:
+        own += [*programs.readable, *programs.executable]
     reads = [*own, *granted_reads]
     if namespaces:
         tmp_mb = config.limits_for(places.plugin).tmp_mb or 64
@@ -80,14 +90,17 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
         writes = [places.data_dir, *granted_writes, *DEVICE_WRITES, *(places.workspace[1:] if places.workspace else [])]
     # the agent reads the workspace place: no links there (granted directories are the operator's call)
     shared = (list(places.workspace[:1]) if namespaces else list(places.workspace[1:])) if places.workspace else []
+    if grant.subprocess:  # any program of its root
+        exec_paths = sorted({*visible, *reads} - {"/proc", "/dev"})
+    else:  # an MCP server's own, or none
+        exec_paths = sorted(programs.executable) if programs is not None else []
     return p.SandboxSpec(
-        read_paths=sorted(set(reads)), write_paths=writes, link_free_paths=shared,
-        exec_paths=sorted({*visible, *reads} - {"/proc", "/dev"}) if grant.subprocess else [],
+        read_paths=sorted(set(reads)), write_paths=writes, link_free_paths=shared, exec_paths=exec_paths,
         mounts=mounts, root_dir=places.root_dir, cwd=places.data_dir,
         network=network,
         tcp_ports=[] if anywhere else sorted({port for item in narrowed for port in item.ports}),
         tcp_hosts=[] if anywhere else sorted({pair for item in narrowed for pair in item.pairs()}),
-        subprocess=grant.subprocess, rlimits=settings.rlimits.as_dict(), cgroups=cgroups, strict=settings.strict,
+        subprocess=runs, rlimits=settings.rlimits.as_dict(), cgroups=cgroups, strict=settings.strict,
         uid=uid, gid=uid)
 
 
@@ -113,6 +126,8 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
         if os.path.exists(path):
             add(p.MountOp("ro", path, os.path.realpath(path)))
             _add_mounts_beneath(add, path, os.path.realpath(path), mount_points, hidden)
+    if places.programs is not None and not subprocess:
+        _only_its_programs(ops, places.programs)
     if subprocess:
         reads = [*reads, os.path.dirname(os.path.realpath(sys.executable))]
         for path in _venv_paths():  # at the same paths: the venv's python is a link, and reads pyvenv.cfg
@@ -142,6 +157,23 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
     add(p.MountOp("file", "/etc/group", text=f"root:x:0:\nqanot:x:{uid}:\n"))
     # Parents before children: a bind inside a tmpfs or another bind needs its mount point there.
     return sorted(ops.values(), key=lambda op: [c for c in op.target.split("/") if c])
+
+
+def _only_its_programs(ops: dict[str, p.MountOp], programs: Programs) -> None:
+    """An MCP server may execute its own programs only (Landlock), but the ELF loader it needs can
+    start any program it can read (`ld.so /bin/sh`): so the directories of programs are empty in its
+    root, save its own (and the links on the way to them). Its writable places are noexec mounts,
+    which the loader cannot map code from either."""
+    for path in PROGRAM_DIRS:
+        if os.path.isdir(path) and not os.path.islink(path):  # /bin -> usr/bin: emptied there
+            ops[path] = p.MountOp("hide", path)
+    emptied = {os.path.realpath(path) for path in PROGRAM_DIRS}
+    for hop in programs.hops:
+        directory = os.path.realpath(os.path.dirname(hop))
+        if directory in emptied:  # /bin/x is put back as /usr/bin/x where /bin is a link
+            target = os.path.join(directory, os.path.basename(hop))
+            ops[target] = p.MountOp("symlink", target, text=os.readlink(hop)) if os.path.islink(hop) \
+                else p.MountOp("ro", target, hop)
 
 
 def _interpreter_paths() -> list[str]:

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 __all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "RestartSettings", "Limits", "DEFAULT_LIMITS",
-           "SandboxSettings", "Permissions", "NetworkGrant", "FilesystemGrant", "Rlimits", "split_host_port"]
+           "SandboxSettings", "Permissions", "McpServer", "NetworkGrant", "FilesystemGrant", "Rlimits",
+           "split_host_port"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -219,11 +220,33 @@ class HostSettings(msgspec.Struct, forbid_unknown_fields=True):
     idle_timeout: Seconds | None = None
 
 
+Transport = Literal["stdio", "sse", "http", "streamable-http"]
+
+
+class McpServer(msgspec.Struct):
+    """One item of Qanot's "mcp_servers" list (Qanot reads name, command, args, env)."""
+
+    name: str
+    command: str = ""
+    args: list[str] = []
+    env: dict[str, Any] = {}  # each value a string (with ${VAR}s) or a SecretRef
+    transport: Transport = "stdio"
+    url: str = ""
+    headers: dict[str, Any] = {}  # remote: sent with every request; values as env's
+    enabled: bool = True
+
+    @property
+    def remote(self) -> bool:
+        return self.transport != "stdio"
+
+
 class Config(msgspec.Struct):
     plugins: list[PluginEntry] = []
     plugins_dir: str = "/data/plugins"
     workspace_dir: str = "/data/workspace"
     host: HostSettings = msgspec.field(default_factory=HostSettings)
+    # Qanot's MCP servers; each also in `plugins` (after the plugins), as a plugin of its name
+    mcp_servers: list[McpServer] = []
     # Where this config came from; not a config.json key.
     path: str = ""
 

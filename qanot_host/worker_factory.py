@@ -25,6 +25,7 @@ from .errors import PluginStartError
 from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .log_ring import LogRing
+from .mcp_servers import bridge_config, mcp_server
 from .plugin_secrets import resolve_config_secrets
 from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable
@@ -115,10 +116,14 @@ class WorkerFactory:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         elif self.namespaces and not limits.disk_mb:
             options.extra_env[p.DISK_KEY] = "off"  # the operator's choice: a plain directory
-        index = next(i for i, entry in enumerate(config.plugins) if entry.name == name)
+        programs = None
         try:
-            plugin_config, redact = resolve_config_secrets(supervisor.entry.config,
-                                                           f"{config.path}: plugins[{index}].config")
+            if mcp_server(config, name) is not None:  # the bridge's config is the server's entry
+                plugin_config, redact, programs = bridge_config(config, name)
+            else:
+                index = next(i for i, entry in enumerate(config.plugins) if entry.name == name)
+                plugin_config, redact = resolve_config_secrets(supervisor.entry.config,
+                                                               f"{config.path}: plugins[{index}].config")
         except ValueError as exc:
             raise PluginStartError(name, str(exc)) from None
         options.redact = redact or None
@@ -129,11 +134,12 @@ class WorkerFactory:
             settings.sandbox.pids_max, (limits.memory_mb or 0) * 2**20 or None, limits.cpu_weight or 100,
             limits.cpu_max)) if sandboxed else {}
         places = PluginPlaces(name, source.directory, supervisor.site_dirs, data_dir, self.import_root,
-                              self._data.root_dir, self._own_workspace(config, name, uid))
+                              self._data.root_dir, self._own_workspace(config, name, uid), programs)
         sandbox = sandbox_spec(config, places, uid, cgroups, self.namespaces)
         if uid >= 0:
             interpreter = [] if self.namespaces else python_paths()  # with its own root, bound for it
-            problem = unreachable([self.import_root, source.directory, *supervisor.site_dirs, *interpreter], uid,
+            run = [*programs.readable, *programs.executable] if programs is not None else []
+            problem = unreachable([self.import_root, source.directory, *supervisor.site_dirs, *interpreter, *run], uid,
                                   whole_path=not self.namespaces)
             if problem:
                 raise PluginStartError(name, problem)

@@ -20,11 +20,16 @@ import msgspec
 from . import protocol as p
 from .plugin_api import HOOKS, Plugin
 
-__all__ = ["read_extensions", "run_hook", "run_command", "RemoteError"]
+__all__ = ["read_extensions", "run_hook", "run_command", "RemoteError", "ToolFailed"]
 
 
 class RemoteError(Exception):
     """An exception from the agent's side (on_error's `error`), rebuilt from its text."""
+
+
+class ToolFailed(Exception):
+    """A failure a built-in tool reports as its answer (an MCP server's isError result): its message
+    is the whole story, so the caller gets it as it is and no traceback is logged."""
 
 
 def read_extensions(plugin: Plugin) -> tuple[p.Extensions, list[Callable | None]]:

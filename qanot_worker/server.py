@@ -22,7 +22,7 @@ import msgspec
 
 from . import protocol as p
 from .eager import EagerStarter
-from .extensions import read_extensions, run_command, run_hook
+from .extensions import ToolFailed, read_extensions, run_command, run_hook
 from .loader import PluginLoadError, check_tools, load_plugin
 from .plugin_api import Plugin, ToolDef, overridden_hooks
 from .sandbox import SandboxOutcome
@@ -199,6 +199,9 @@ class WorkerServer(asyncio.Protocol):
             # worker is dying) must not look like one: the host reports the exit instead.
             if msg.id in self._cancelled_by_host:
                 self._send(p.Failure(msg.id, p.FailureKind.CANCELLED, "cancelled by the host"))
+            return
+        except ToolFailed as exc:
+            self._send(p.Failure(msg.id, p.FailureKind.TOOL, str(exc)))
             return
         except Exception as exc:
             log.error("tool %s raised:\n%s", msg.tool, traceback.format_exc())

@@ -1,0 +1,313 @@
+"""Qanot's `mcp_servers` entries, run as plugins: each server a worker of its own name.
+
+Qanot connects to each MCP server in its own process (qanot/mcp_client.py): a crashed server is
+never restarted, a hung one hangs its calls, and a stdio server runs with the agent's full rights.
+Here each entry becomes one more plugin, whose code is the built-in bridge (qanot_worker/mcp_bridge)
+and whose config is the entry: the same supervision, limits and sandbox as any plugin, with
+`host.plugins.NAME` (NAME being the server's name) for its grants and settings. A stdio server is
+the bridge's child, inside the worker's sandbox, and may execute its command (and the interpreter
+that command names) and nothing else; a remote one (`sse`, `http`) is reached from a worker granted
+that one address, and is itself beyond any sandbox.
+
+This module reads the entries (config.py calls it), and at each start resolves what the bridge is
+given: the command's path, the programs it may run, the environment with its `${VAR}`s and
+SecretRefs filled in (and a Redactor for those values).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from .errors import ConfigError
+from .plugin_secrets import Redactor, is_secret_ref, resolve_config_secrets
+from .settings import Config, McpServer, NetworkGrant, PluginEntry, PluginSettings
+
+__all__ = ["read_mcp_servers", "add_mcp_servers", "mcp_server", "bridge_config", "Programs", "program_plan",
+           "BRIDGE_REQUIREMENT"]
+
+log = logging.getLogger("qanot_host.config")
+
+ENTRY_KEYS = {"name", "transport", "type", "command", "args", "env", "url", "headers", "enabled", "cwd"}
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _bridge_requirement() -> str:
+    """The SDK the bridge runs on, in the server's own environment: the host's own version when it
+    has one (so uv's cache most likely holds it), else the series the bridge is written for."""
+    try:
+        version = metadata.version("mcp")
+    except metadata.PackageNotFoundError:
+        return "mcp>=2.3,<3"
+    return f"mcp=={version}" if version.split(".")[0] == "2" else "mcp>=2.3,<3"
+
+
+BRIDGE_REQUIREMENT = _bridge_requirement()
+
+
+def read_mcp_servers(data: dict, path: str) -> None:
+    """Check config.json's "mcp_servers" (before it is converted): each a JSON object with a usable
+    name; unknown keys are warned about and dropped, as a plugin entry's are."""
+    servers = data.get("mcp_servers")
+    if servers is None:
+        return
+    if not isinstance(servers, list):
+        raise ConfigError(f"{path}: mcp_servers: a list of servers, not {type(servers).__name__}")
+    for index, server in enumerate(servers):
+        where = f"{path}: mcp_servers[{index}]"
+        if not isinstance(server, dict):
+            raise ConfigError(f"{where}: an object with name and command (or url), not {type(server).__name__}")
+        if "type" in server and "transport" not in server:  # as Claude's and VS Code's configs write it
+            server["transport"] = server.pop("type")
+        for key in sorted(set(server) - ENTRY_KEYS):
+            log.warning("%s.%s: unknown key, ignored (an MCP server has name, transport, command, args, env, "
+                        "url, headers, enabled)", where, key)
+            server.pop(key)
+        if server.get("transport") == "streamable_http":
+            server["transport"] = "http"
+
+
+def add_mcp_servers(config: Config) -> None:
+    """Each enabled server as a plugin entry of its name (after the plugins: as in Qanot, a plugin's
+    tool keeps its name and the server's takes mcp_{server}_{tool}); remote servers granted their
+    one address. ConfigError naming the entry and key for anything unusable."""
+    taken = {entry.name for entry in config.plugins}
+    for index, server in enumerate(config.mcp_servers):
+        where = f"{config.path}: mcp_servers[{index}]"
+        if not SERVER_NAME.fullmatch(server.name):
+            raise ConfigError(f"{where}.name: {server.name!r}: letters, digits, '_', '.' and '-' (at most 64, not "
+                              "starting with a symbol): it names the server's worker, its data and its tools")
+        if server.name in taken:
+            raise ConfigError(f"{where}.name: {server.name!r} is already the name of a plugin or of another "
+                              "MCP server")
+        taken.add(server.name)
+        if server.remote:
+            _check_remote(server, where)
+            config.host.plugins[server.name] = _grant_address(config.settings_for(server.name), server.url)
+        elif not server.command.strip():
+            raise ConfigError(f"{where}.command: a stdio server needs the command that starts it")
+        for key, table in (("env", server.env), ("headers", server.headers)):
+            for name, value in table.items():
+                if not isinstance(value, str) and not is_secret_ref(value):
+                    raise ConfigError(f'{where}.{key}.{name}: a string (may hold ${{VAR}}) or a SecretRef '
+                                      '({"env": "VAR"} or {"file": "/path"})')
+        # the entry as the plugin's config: a change to it restarts the server at reload, and keys its tool cache
+        config.plugins.append(PluginEntry(server.name, server.enabled, msgspec.to_builtins(server)))
+
+
+def _check_remote(server: McpServer, where: str) -> None:
+    parts = urlsplit(server.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}.url: a {server.transport} server needs an http:// or https:// URL, "
+                          f"not {server.url!r}")
+    if server.command:
+        raise ConfigError(f"{where}.command: a {server.transport} server is reached at its url; a command "
+                          "belongs to a stdio server")
+
+
+def _address(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _grant_address(settings: PluginSettings, url: str) -> PluginSettings:
+    """The remote server's host:port added to whatever network the operator granted."""
+    grant = settings.permissions
+    if grant.network is True:
+        return settings
+    network = grant.network if isinstance(grant.network, NetworkGrant) else None
+    hosts = [*(network.hosts if network else []), _address(url)]
+    widened = NetworkGrant(ports=list(network.ports) if network else [], hosts=hosts)
+    return msgspec.structs.replace(settings, permissions=msgspec.structs.replace(grant, network=widened))
+
+
+def mcp_server(config: Config, name: str) -> tuple[int, McpServer] | None:
+    for index, server in enumerate(config.mcp_servers):
+        if server.name == name:
+            return index, server
+    return None
+
+
+# ---- at each start -------------------------------------------------------------------------------
+
+@dataclass
+class Programs:
+    """What a stdio server's worker may execute (Landlock's execute right: its command, the
+    interpreter a script names, their ELF loader) and must see to run them (their installations)."""
+
+    command: str  # the absolute path the bridge runs
+    executable: list[str]
+    readable: list[str]
+    hops: list[str]  # every path on the way to each program, links included (a root of its own needs them)
+
+
+def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, Programs | None]:
+    """What the bridge's setup() is given for server NAME, with every ${VAR} and SecretRef in env and
+    headers resolved; a Redactor for those values; the stdio server's programs. ValueError (naming
+    the entry and key) if something cannot be resolved."""
+    index, server = mcp_server(config, name)  # type: ignore[misc]
+    where = f"{config.path}: mcp_servers[{index}]"
+    env, redact_env = _resolve_table(server.env, f"{where}.env")
+    headers, redact_headers = _resolve_table(server.headers, f"{where}.headers")
+    settings = config.host
+    bridged: dict[str, Any] = {
+        "server": name, "transport": server.transport, "args": list(server.args), "url": server.url,
+        "headers": headers, "ping_interval": settings.ping_interval, "ping_timeout": settings.ping_timeout,
+        "connect_timeout": settings.setup_timeout, "close_timeout": settings.teardown_timeout}
+    programs = None
+    if not server.remote:
+        search = env.get("PATH") or DEFAULT_PATH
+        programs = program_plan(server.command, search, os.path.dirname(config.path), f"{where}.command")
+        command_dir = os.path.dirname(programs.command)
+        env = {"PATH": f"{command_dir}:{search}" if command_dir not in search.split(":") else search,
+               "LANG": "C.UTF-8", **env}
+        bridged["command"] = programs.command
+    bridged["env"] = env
+    secrets = {f"mcp_servers[{index}].{table}.{key}": value
+               for table, found in (("env", redact_env), ("headers", redact_headers)) for key, value in found.items()}
+    return bridged, Redactor(secrets), programs
+
+
+def _resolve_table(table: dict[str, Any], where: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(the table with ${VAR}s and SecretRefs resolved from the host's environment and files, the
+    resolved secret values by key). An unset variable fails the start, naming the key."""
+    refs = {key: value for key, value in table.items() if is_secret_ref(value)}
+    resolved, _ = resolve_config_secrets(refs, where)
+    secrets = dict(resolved)
+    out: dict[str, str] = {}
+    for key, value in table.items():
+        if key in resolved:
+            out[key] = resolved[key]
+            continue
+        text = str(value)
+        names = PLACEHOLDER.findall(text)
+        for var in names:
+            if not os.environ.get(var):
+                raise ValueError(f"{where}.{key}: the environment variable {var!r} it names (${{{var}}}) is not "
+                                 "set (or empty) in the host's environment")
+        out[key] = PLACEHOLDER.sub(lambda m: os.environ[m.group(1)], text)
+        if names:
+            secrets[key] = out[key]
+    return out, secrets
+
+
+def program_plan(command: str, search: str, base: str, where: str) -> Programs:
+    """The command found as a shell would (on the server's PATH, or a path taken from config.json's
+    directory), and everything its exec needs: for a script, the interpreter on its #! line (through
+    /usr/bin/env too), and for each binary the ELF loader it names."""
+    found = _which(command, search, base)
+    if found is None:
+        raise ValueError(f"{where}: {command!r} is not an executable file" + (
+            f" on the server's PATH ({search})" if "/" not in command else ""))
+    executable: list[str] = []
+    chain = [found]
+    while chain and len(executable) < 8:
+        path = chain.pop(0)
+        real = os.path.realpath(path)
+        if real in executable:
+            continue
+        executable.append(real)
+        interpreter = _shebang(real)
+        if interpreter:
+            program, argument = interpreter
+            chain.append(program)
+            if os.path.basename(program) == "env" and argument:
+                target = _which(argument, search, base)
+                if target is None:
+                    raise ValueError(f"{where}: {found} runs {argument!r} (its #! line), which is not on the "
+                                     f"server's PATH ({search})")
+                chain.append(target)
+        loader = _elf_interpreter(real)
+        if loader:
+            chain.append(loader)
+    hops = [hop for path in [found, *executable] for hop in _link_hops(path)]
+    readable = sorted({root for path in hops for root in _installation(path)})
+    return Programs(found, executable, readable, sorted(set(hops)))
+
+
+def _link_hops(path: str) -> list[str]:
+    """The path and each symlink it goes through to the file (a venv's python -> the base's python ->
+    python3.11): the worker's root needs every hop where it is, not only the last."""
+    hops = [path]
+    while os.path.islink(path) and len(hops) < 16:
+        path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+        hops.append(path)
+    return hops
+
+
+def _which(command: str, search: str, base: str) -> str | None:
+    if "/" in command:
+        path = os.path.normpath(os.path.join(base, os.path.expanduser(command)))
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+    found = shutil.which(command, path=search)
+    return os.path.abspath(found) if found else None
+
+
+def _shebang(path: str) -> tuple[str, str] | None:
+    """(interpreter, its one argument) of a #! line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").split()
+    if not words:
+        return None
+    argument = next((w for w in words[1:] if not w.startswith("-")), "")
+    return words[0], argument
+
+
+def _elf_interpreter(path: str) -> str | None:
+    """PT_INTERP of a 64-bit little-endian ELF file (the dynamic loader the kernel opens to run it)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+                return None
+            phoff, = struct.unpack_from("<Q", header, 32)
+            phentsize, phnum = struct.unpack_from("<HH", header, 54)
+            f.seek(phoff)
+            table = f.read(phentsize * min(phnum, 64))
+            for i in range(min(phnum, 64)):
+                kind, _, offset, _, _, size = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+                if kind == 3:  # PT_INTERP
+                    f.seek(offset)
+                    return f.read(min(size, 4096)).rstrip(b"\0").decode("utf-8", "replace")
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def _installation(path: str) -> list[str]:
+    """Where a program lives, as far as running it goes: a Python environment (pyvenv.cfg beside its
+    bin) whole; a Node package's node_modules whole; a Python installation's lib beside its bin; else
+    the program's own file. System trees are the worker's root already."""
+    if any(path == tree or path.startswith(tree + "/") for tree in ("/usr", "/bin", "/sbin", "/lib", "/lib64")):
+        return []
+    parts = path.split("/")
+    for depth in range(len(parts) - 1, 0, -1):
+        head = "/".join(parts[:depth]) or "/"
+        if parts[depth - 1] == "node_modules":
+            return [head]
+        if os.path.isfile(os.path.join(head, "pyvenv.cfg")):
+            return [head]
+    directory = os.path.dirname(path)
+    if os.path.basename(directory) == "bin":  # a link there may name its neighbour (python -> python3.11)
+        lib = os.path.join(os.path.dirname(directory), "lib")
+        return [directory, lib] if os.path.isdir(lib) else [directory]
+    return [path]

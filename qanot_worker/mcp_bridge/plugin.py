@@ -1,0 +1,224 @@
+"""One MCP server as a plugin: its tools offered through the worker protocol like any plugin's.
+
+The host runs this plugin, in a worker of the server's own name, for each `mcp_servers` entry of
+config.json. For a stdio entry the server is this worker's child: it inherits every layer of the
+worker's sandbox (uid, root, namespaces, cgroup, seccomp, Landlock, with its command the one
+program it may execute), and it dies with the worker's PID namespace, so it can never outlive the
+host. For a remote entry (`sse`, `http`) this worker is the client, granted that one address.
+
+The worker's life is the connection's: if the server exits, stops answering MCP pings or the
+connection drops, the worker exits, and the host's supervisor restarts it (policy, backoff,
+intensity) as it would a crashed plugin. Everything MCP is the official SDK's (client session,
+transports, cancellation); nothing here speaks JSON-RPC.
+"""
+
+import asyncio
+import json
+import os
+import select
+import sys
+from contextlib import asynccontextmanager
+
+from qanot.plugins.base import Plugin, ToolDef
+from qanot_worker.extensions import ToolFailed
+
+from mcp import ClientSession, MCPError, StdioServerParameters, types
+from mcp.client.stdio import stdio_client
+
+EXIT_CONNECTION_LOST = 3  # the worker's exit code when the server is gone: a crash to the host
+
+
+class QanotPlugin(Plugin):
+    name = "mcp-bridge"
+    description = "One MCP server's tools"
+
+    def __init__(self) -> None:
+        self.config: dict = {}
+        self.session: ClientSession | None = None
+        self.listed: list[types.Tool] = []
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._connection: asyncio.Task | None = None
+        self._pidfd: int | None = None  # the stdio server's
+
+    async def setup(self, config: dict) -> None:
+        self.config = config
+        self.name = config["server"]
+        ready = asyncio.get_running_loop().create_future()
+        self._connection = asyncio.create_task(self._connect(ready))
+        await ready  # the connection's own error, if it fails before the tools are listed
+
+    def get_tools(self) -> list[ToolDef]:
+        return [ToolDef(name=tool.name, description=f"[MCP:{self.name}] {tool.description or ''}",
+                        parameters=dict(tool.input_schema or {"type": "object", "properties": {}}),
+                        handler=self._handler(tool.name)) for tool in self.listed]
+
+    async def teardown(self) -> None:
+        self._stopping = True
+        self._stop.set()
+        if self._connection is not None:
+            await asyncio.wait({self._connection}, timeout=self.config.get("close_timeout", 2.0))
+
+    # ---- the connection ------------------------------------------------------------------------
+
+    async def _connect(self, ready: asyncio.Future) -> None:
+        """Holds the transport and the session for the worker's life (the SDK's contexts must be
+        entered and left in one task). Ends the worker if the connection ends unasked."""
+        why = "the connection closed"
+        try:
+            async with self._transport() as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                self.listed = await _all_tools(session)
+                self.session = session
+                ready.set_result(None)
+                pinging = asyncio.create_task(self._ping(session))
+                try:
+                    await self._stop.wait()
+                finally:
+                    pinging.cancel()
+        except BaseException as exc:  # noqa: BLE001 - whatever ends the connection is reported once
+            why = _describe(exc)
+            if not ready.done():
+                ready.set_exception(ConnectionError(f"MCP server {self.name}: {why}"))
+                return
+            if isinstance(exc, asyncio.CancelledError) and self._stopping:
+                raise
+        if not self._stopping:
+            self._lost(why)
+
+    @asynccontextmanager
+    async def _transport(self):
+        transport = self.config.get("transport", "stdio")
+        if transport == "stdio":
+            env = {"HOME": os.getcwd(), **self.config["env"]}  # the worker's data directory, its own
+            params = StdioServerParameters(command=self.config["command"], args=self.config["args"], env=env,
+                                           cwd=os.getcwd())
+            async with stdio_client(params, errlog=sys.stderr) as streams:
+                self._watch_child()
+                yield streams[0], streams[1]
+        elif transport == "sse":
+            from mcp.client.sse import sse_client
+            async with sse_client(self.config["url"], headers=self.config["headers"],
+                                  timeout=self.config["connect_timeout"]) as streams:
+                yield streams[0], streams[1]
+        else:
+            import httpx2
+            from mcp.client.streamable_http import streamable_http_client
+            timeout = httpx2.Timeout(self.config["connect_timeout"], read=None)
+            async with httpx2.AsyncClient(headers=self.config["headers"], timeout=timeout) as client, \
+                    streamable_http_client(self.config["url"], http_client=client) as streams:
+                yield streams[0], streams[1]
+
+    def _check_alive(self) -> None:
+        """After a failed call: if the server is gone, the worker goes now, before it answers, so
+        the host sees the crash (and restarts) rather than a tool error from a worker about to die."""
+        if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0] and not self._stopping:
+            self._lost("the server process exited during a call")
+
+    def _watch_child(self) -> None:
+        """The server process is this worker's only child: its exit is seen at once (a pidfd), not
+        at the next ping, so calls meanwhile are not lost to a dead server."""
+        children = _children()
+        if len(children) != 1:
+            return  # the pings still find out
+        try:
+            pidfd = self._pidfd = os.pidfd_open(children[0])
+        except OSError:
+            return
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            loop.remove_reader(pidfd)
+            if not self._stopping:
+                self._lost("the server process exited")
+        loop.add_reader(pidfd, exited)
+
+    async def _ping(self, session: ClientSession) -> None:
+        """MCP ping as the heartbeat: a server that stops answering (hung, or its loop blocked) is
+        replaced, as a worker that stops answering the host's pings is."""
+        interval, timeout = self.config["ping_interval"], self.config["ping_timeout"]
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(session.send_ping(), timeout)
+            except asyncio.TimeoutError:
+                self._lost(f"no answer to an MCP ping within {timeout:g} s")
+            except Exception as exc:  # noqa: BLE001
+                self._lost(f"an MCP ping failed: {_describe(exc)}")
+
+    def _lost(self, why: str) -> None:
+        """The worker ends with the connection: the host restarts it, with its backoff. Said on
+        stderr first, which the host logs under the server's name."""
+        print(f"MCP server {self.name}: {why}; the worker exits so that the host restarts it",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_CONNECTION_LOST)
+
+    # ---- calls ---------------------------------------------------------------------------------
+
+    def _handler(self, tool: str):
+        async def call(params: dict) -> str:
+            session = self.session
+            if session is None:
+                raise ConnectionError(f"MCP server {self.name} is not connected")
+            try:
+                result = await session.call_tool(tool, params)
+            except MCPError as exc:  # a JSON-RPC error: the server refused the call
+                self._check_alive()
+                raise ToolFailed(f"MCP server {self.name}: {exc}") from None
+            except Exception:
+                self._check_alive()
+                raise
+            if not isinstance(result, types.CallToolResult):
+                raise ToolFailed(f"MCP server {self.name} answered {tool} with a {type(result).__name__}, "
+                                 "not a tool result")
+            text = _text(result)
+            if result.is_error:
+                raise ToolFailed(text or f"MCP server {self.name}: {tool} failed")
+            return text
+        return call
+
+
+async def _all_tools(session: ClientSession) -> list:
+    """Every page of tools/list."""
+    tools, cursor = [], None
+    while True:
+        page = await session.list_tools(params=types.PaginatedRequestParams(cursor=cursor) if cursor else None)
+        tools.extend(page.tools)
+        cursor = page.next_cursor
+        if not cursor:
+            return tools
+
+
+def _text(result) -> str:
+    """What Qanot's MCP client makes of a result: the text parts joined, binary data as its size."""
+    parts = []
+    for content in result.content:
+        if getattr(content, "text", None) is not None:
+            parts.append(content.text)
+        elif getattr(content, "data", None) is not None:
+            parts.append(f"[binary data: {len(content.data)} bytes]")
+        else:
+            parts.append(str(content))
+    if parts:
+        return "\n".join(parts)
+    structured = getattr(result, "structured_content", None)
+    return json.dumps(structured) if structured is not None else json.dumps({"result": "ok"})
+
+
+def _children() -> list[int]:
+    pids: list[int] = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.extend(int(pid) for pid in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception group (anyio's task groups raise them) as its first leaf."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

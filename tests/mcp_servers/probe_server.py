@@ -1,0 +1,117 @@
+"""An MCP server for the tests, on the official SDK: what a third-party server may do, well or badly.
+
+Run as `python probe_server.py TOKEN [--http PORT]` (TOKEN marks its command line, so a test can
+find it among all processes). Marks (a cancelled call) go to $PROBE_MARKS, a directory the test grants.
+"""
+
+import asyncio
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+server = MCPServer("probe")
+
+
+@server.tool()
+def echo(text: str) -> str:
+    """Return the text."""
+    return text
+
+
+@server.tool()
+def env_value(name: str) -> str:
+    """The server's environment variable NAME ('' if unset)."""
+    return os.environ.get(name, "")
+
+
+@server.tool()
+def whoami() -> str:
+    """uid, and the process's cwd."""
+    return f"uid={os.getuid()} cwd={os.getcwd()}"
+
+
+@server.tool()
+async def slow(seconds: float, tag: str = "") -> str:
+    """Sleep; a cancelled sleep leaves a mark named TAG."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        if tag and os.environ.get("PROBE_MARKS"):
+            with open(os.path.join(os.environ["PROBE_MARKS"], tag + ".cancelled"), "w") as f:
+                f.write("cancelled")
+        raise
+    return "slept"
+
+
+@server.tool()
+async def freeze(seconds: float) -> str:
+    """Block the server's whole event loop (a hung server: no pings answered either; a plain def
+    would run in a thread of its own)."""
+    time.sleep(seconds)
+    return "thawed"
+
+
+@server.tool()
+def crash() -> str:
+    """Die mid-call."""
+    os._exit(9)
+
+
+@server.tool()
+def fail(message: str) -> str:
+    """A tool error (an isError result)."""
+    raise ToolError(message)
+
+
+@server.tool()
+def run(program: str, via_loader: bool = False, copy_first: bool = False) -> str:
+    """Execute another program: directly, or through the ELF loader (which maps a program it only
+    has to read), or a copy of it made in the server's own writable directory first."""
+    if copy_first:
+        target = os.path.join(os.getcwd(), "copied-program")
+        shutil.copyfile(program, target)
+        os.chmod(target, 0o755)
+        program = target
+    command = [program, "--version"]
+    if via_loader:
+        loaders = glob.glob("/lib64/ld-linux-*.so*") + glob.glob("/usr/lib/*-linux-gnu/ld-linux-*.so*")
+        command = [loaders[0], *command]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    except OSError as exc:
+        return f"refused: {type(exc).__name__}: {exc}"
+    return f"ran: exit {done.returncode}: {done.stdout.strip()[:200]} {done.stderr.strip()[:200]}"
+
+
+@server.tool()
+def read(path: str) -> str:
+    """Read a file."""
+    try:
+        with open(path) as f:
+            return "read: " + f.read()
+    except OSError as exc:
+        return f"refused: {type(exc).__name__}: {exc}"
+
+
+@server.tool()
+def connect(host: str, port: int) -> str:
+    """Open a TCP connection."""
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return f"refused: {type(exc).__name__}: {exc}"
+    return "connected"
+
+
+if __name__ == "__main__":
+    if "--http" in sys.argv:
+        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[sys.argv.index("--http") + 1]))
+    else:
+        server.run()

@@ -1,0 +1,350 @@
+"""Qanot's `mcp_servers` as supervised, sandboxed workers: real third-party servers (mcp-server-time
+from PyPI, the filesystem server from npm) and a probe server on the official SDK that misbehaves on
+request, each run by the host as a plugin of the server's name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from qanot_host.config import parse_config
+from qanot_host.errors import ConfigError
+from qanot_host.host import Host
+
+from .conftest import check_report, plugin, wait_until
+from .third_party import filesystem_server, probe_script, python_servers
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def server_venv() -> Path:
+    return python_servers()
+
+
+@pytest.fixture
+def token() -> str:
+    """Marks one test's server processes (their command lines), so they can be found among all."""
+    return f"probe-{uuid.uuid4().hex[:12]}"
+
+
+def probe(venv: Path, token: str, name: str = "probe", **extra) -> dict:
+    return {"name": name, "command": str(venv / "bin" / "python"), "args": [probe_script(), token], **extra}
+
+
+def probe_grants(name: str = "probe", **settings) -> dict:
+    read = {"filesystem": {"read": [os.path.dirname(probe_script())]}}
+    return {"plugins": {name: {"permissions": read, **settings}}}
+
+
+def server_processes(token: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if token in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def the_server(token: str) -> psutil.Process:
+    servers = server_processes(token)
+    assert len(servers) == 1, servers
+    return servers[0]
+
+
+# ---- real third-party servers ---------------------------------------------------------------------
+
+async def test_time_server_from_pypi_runs_sandboxed_with_qanots_tool_names(write_config, server_venv):
+    config = write_config([plugin("echo")], mcp_servers=[
+        {"name": "time", "transport": "stdio", "command": str(server_venv / "bin" / "mcp-server-time"),
+         "args": ["--local-timezone", "UTC"]}])
+    async with Host(config) as host:
+        status = {row["plugin"]: row for row in host.status()}
+        assert status["time"]["state"] == "ready", status["time"]
+        tools = {tool["name"]: tool for tool in host.tool_definitions()}
+        assert {"get_current_time", "convert_time"} <= set(tools)
+        assert tools["get_current_time"]["description"].startswith("[MCP:time] ")
+        assert tools["get_current_time"]["plugin"] == "time"
+        assert "timezone" in tools["get_current_time"]["input_schema"]["properties"]
+        answer = json.loads(await host.registry.execute("get_current_time", {"timezone": "Asia/Tashkent"}))
+        assert answer["timezone"] == "Asia/Tashkent" and answer["datetime"].endswith("+05:00")
+        converted = json.loads(await host.registry.execute(
+            "convert_time", {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}))
+        assert converted["target"]["datetime"].startswith(converted["source"]["datetime"][:10])
+        bad = json.loads(await host.registry.execute("get_current_time", {"timezone": "Mars/Olympus"}))
+        assert "Mars/Olympus" in bad["error"]
+
+
+async def test_filesystem_server_from_npm_is_confined_by_the_kernel(write_config, tmp_path):
+    command = filesystem_server()
+    granted = tmp_path / "granted"
+    granted.mkdir()
+    (granted / "note.txt").write_text("hello from the granted directory")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the host's secret")
+    for path in (tmp_path, granted):
+        os.chmod(path, 0o755)
+    for path in (granted / "note.txt", secret):
+        os.chmod(path, 0o644)  # readable by any uid: only the sandbox stands in the way
+    # The server is told it may serve "/" (its own checks allow every path): only the kernel confines it.
+    config = write_config([], host={"plugins": {"files": {"permissions": {"filesystem": {"read": [str(granted)]}}}}},
+                          mcp_servers=[{"name": "files", "command": str(command), "args": ["/"]}])
+    async with Host(config) as host:
+        assert host.plugins["files"].state.value == "ready", host.status()
+        assert "read_text_file" in host.registry.tool_names
+        allowed = await host.registry.execute("list_allowed_directories", {})
+        assert allowed.splitlines()[-1] == "/"
+        assert await host.registry.execute("read_text_file", {"path": str(granted / "note.txt")}) \
+            == "hello from the granted directory"
+        for path in (secret, "/etc/shadow", "/proc/1/environ"):
+            answer = await host.registry.execute("read_text_file", {"path": str(path)})
+            assert "error" in json.loads(answer), answer
+            assert "secret" not in answer.replace("secret.txt", "")
+        written = await host.registry.execute("write_file", {"path": str(granted / "new.txt"), "content": "x"})
+        assert "error" in json.loads(written) and not (granted / "new.txt").exists()
+
+
+# ---- the probe server: supervision ----------------------------------------------------------------
+
+async def test_a_server_killed_mid_call_fails_that_call_and_is_restarted(write_config, server_venv, token):
+    config = write_config([], host={**probe_grants(), "restart": {"backoff_initial": 0}},
+                          mcp_servers=[probe(server_venv, token)])
+    async with Host(config) as host:
+        first = the_server(token)
+        call = asyncio.ensure_future(host.registry.execute("slow", {"seconds": 30}))
+        await asyncio.sleep(0.5)
+        first.kill()
+        answer = json.loads(await asyncio.wait_for(call, 20))
+        assert "error" in answer
+        await wait_until(lambda: host.plugins["probe"].state.value == "ready" and server_processes(token)
+                         and server_processes(token)[0].pid != first.pid, 30, "a new server")
+        assert await host.registry.execute("echo", {"text": "back"}) == "back"
+        assert host.plugins["probe"].status()["restarts"] >= 1
+        # and a server that dies by its own hand, mid-call
+        second = the_server(token)
+        answer = json.loads(await host.registry.execute("crash", {}))
+        assert "error" in answer
+        await wait_until(lambda: host.plugins["probe"].state.value == "ready" and server_processes(token)
+                         and server_processes(token)[0].pid != second.pid, 30, "a third server")
+        assert await host.registry.execute("echo", {"text": "again"}) == "again"
+
+
+async def test_the_worker_killed_mid_call_takes_its_server_along(write_config, server_venv, token):
+    config = write_config([], host={**probe_grants(), "restart": {"backoff_initial": 0}},
+                          mcp_servers=[probe(server_venv, token)])
+    async with Host(config) as host:
+        first = the_server(token)
+        call = asyncio.ensure_future(host.registry.execute("slow", {"seconds": 30}))
+        await asyncio.sleep(0.5)
+        os.kill(host.plugins["probe"].worker.pid, signal.SIGKILL)
+        assert "error" in json.loads(await asyncio.wait_for(call, 20))
+        await wait_until(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 10,
+                         "the old server gone")
+        await wait_until(lambda: host.plugins["probe"].state.value == "ready" and server_processes(token)
+                         and server_processes(token)[0].pid != first.pid, 30, "a new worker")
+        assert await host.registry.execute("echo", {"text": "ok"}) == "ok"
+
+
+async def test_a_hung_server_is_cancelled_and_replaced(write_config, server_venv, token, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    settings = probe_grants(tool_timeouts={"freeze": 1, "slow": 1}, restart={"backoff_initial": 0})
+    settings["plugins"]["probe"]["permissions"]["filesystem"]["write"] = [str(marks)]
+    os.chmod(marks, 0o777)
+    config = write_config([], host={**settings, "ping_interval": 0.5, "ping_timeout": 1},
+                          mcp_servers=[probe(server_venv, token, env={"PROBE_MARKS": str(marks)})])
+    async with Host(config) as host:
+        # A call that outlives its timeout is cancelled in the server too (the SDK's notifications/cancelled)
+        answer = json.loads(await host.registry.execute("slow", {"seconds": 60, "tag": "one"}))
+        assert "timed out" in answer["error"] or "timeout" in answer["error"].lower(), answer
+        await wait_until(lambda: (marks / "one.cancelled").exists(), 10, "the server's own cancel")
+        first = the_server(token)
+        # A server whose loop is blocked answers neither the call nor the pings: it is replaced
+        answer = json.loads(await host.registry.execute("freeze", {"seconds": 600}))
+        assert "error" in answer
+        await wait_until(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 20,
+                         "the hung server gone")
+        await wait_until(lambda: host.plugins["probe"].state.value == "ready" and server_processes(token)
+                         and server_processes(token)[0].pid != first.pid, 30, "a new server")
+        assert await host.registry.execute("echo", {"text": "alive"}) == "alive"
+        assert "no answer to an MCP ping" in "\n".join(text for _, _, text in host.logs("probe").recent(1000))
+
+
+def test_no_server_outlives_the_hosts_sigkill(write_config, server_venv, token, tmp_path):
+    config = write_config([plugin("echo")], host=probe_grants(),
+                          mcp_servers=[probe(server_venv, token), probe(server_venv, token, name="other")])
+    config_data = json.loads(Path(config).read_text())
+    config_data["host"]["plugins"]["other"] = config_data["host"]["plugins"]["probe"]
+    Path(config).write_text(json.dumps(config_data))
+    log = tmp_path / "host.log"
+    with open(log, "wb") as out:
+        host = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        deadline = time.monotonic() + 60
+        while len(server_processes(token)) < 2:
+            assert host.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        host.kill()
+        host.wait()
+        deadline = time.monotonic() + 10
+        while server_processes(token) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server_processes(token) == []
+    finally:
+        host.kill()
+        host.wait()
+        for proc in server_processes(token):
+            proc.kill()
+
+
+# ---- the probe server: sandbox, names, config -----------------------------------------------------
+
+async def test_the_server_runs_in_the_workers_sandbox(write_config, server_venv, token, tmp_path, monkeypatch):
+    listener = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setenv("QH_PROBE_PLACEHOLDER", "from-a-placeholder-value")
+    secret_file = tmp_path / "api_key"
+    secret_file.write_text("key-from-a-secret-file\n")
+    os.chmod(secret_file, 0o600)
+    env = {"PLAIN": "plain", "PLACED": "x-${QH_PROBE_PLACEHOLDER}-y", "FROM_FILE": {"file": str(secret_file)}}
+    config = write_config([], host=probe_grants(), mcp_servers=[probe(server_venv, token, env=env)])
+    try:
+        async with Host(config) as host:
+            uid, cwd = (await host.registry.execute("whoami", {})).split()
+            assert uid != "uid=0"
+            assert await host.registry.execute("env_value", {"name": "PLAIN"}) == "plain"
+            assert await host.registry.execute("env_value", {"name": "PLACED"}) == "x-from-a-placeholder-value-y"
+            assert await host.registry.execute("env_value", {"name": "FROM_FILE"}) == "key-from-a-secret-file"
+            assert await host.registry.execute("env_value", {"name": "QH_PROBE_PLACEHOLDER"}) == ""
+            # its command (and the interpreter) is the one program it may execute
+            assert (await host.registry.execute("run", {"program": "/bin/sh"})).startswith("refused")
+            assert (await host.registry.execute("run", {"program": "/usr/bin/env"})).startswith("refused")
+            # the ELF loader (which it needs) runs what it can read: no program of the system is there to read,
+            # and a copy in its own writable place cannot be mapped (noexec)
+            for program in ("/bin/sh", "/usr/bin/perl", "/usr/sbin/ldconfig", "/usr/bin/env"):
+                answer = await host.registry.execute("run", {"program": program, "via_loader": True})
+                assert not answer.startswith("ran: exit 0"), (program, answer)
+            python = os.path.realpath(server_venv / "bin" / "python")
+            answer = await host.registry.execute("run", {"program": python, "via_loader": True, "copy_first": True})
+            assert not answer.startswith("ran: exit 0"), answer
+            answer = await host.registry.execute("run", {"program": python, "copy_first": True})
+            assert not answer.startswith("ran: exit 0"), answer
+            assert (await host.registry.execute("read", {"path": "/etc/shadow"})).startswith("refused")
+            assert (await host.registry.execute("read", {"path": str(secret_file)})).startswith("refused")
+            port = listener.getsockname()[1]
+            assert (await host.registry.execute("connect", {"host": "127.0.0.1", "port": port})).startswith("refused")
+            failed = json.loads(await host.registry.execute("fail", {"message": "bad input, said the tool"}))
+            assert "bad input, said the tool" in failed["error"]
+            assert "Traceback" not in "\n".join(text for _, _, text in host.logs("probe").recent(1000))
+    finally:
+        listener.close()
+
+
+async def test_a_taken_tool_name_becomes_mcp_server_tool_as_in_qanot(write_config, server_venv, token):
+    config = write_config([plugin("echo")], host=probe_grants(), mcp_servers=[probe(server_venv, token)])
+    async with Host(config) as host:
+        assert host.registry.get("echo").plugin == "echo"
+        assert host.registry.get("mcp_probe_echo").plugin == "probe"
+        assert host.registry.get("mcp_probe_echo").description.startswith("[MCP:probe] ")
+        assert await host.registry.execute("mcp_probe_echo", {"text": "from the server"}) == "from the server"
+        assert host.registry.get("whoami").plugin == "probe"  # a free name stays the tool's own
+
+
+async def test_remote_http_server_reconnects_after_it_comes_back(write_config, server_venv, token):
+    port = _free_port()
+    remote = _start_remote(server_venv, token, port)
+    config = write_config([], host={"restart": {"backoff_initial": 0.2, "max_restarts": 50}, "ping_interval": 0.5,
+                                    "ping_timeout": 1},
+                          mcp_servers=[{"name": "remote", "transport": "http", "url": f"http://127.0.0.1:{port}/mcp"}])
+    assert "a remote server, which no sandbox of this host covers" in check_report(config, warnings=True)
+    try:
+        async with Host(config) as host:
+            assert host.plugins["remote"].state.value == "ready", host.status()
+            assert await host.registry.execute("echo", {"text": "over http"}) == "over http"
+            # its worker may reach that address and no other
+            assert (await host.registry.execute("connect", {"host": "127.0.0.1", "port": port})) == "connected"
+            remote.kill()
+            remote.wait()
+            await wait_until(lambda: host.plugins["remote"].state.value != "ready", 20, "the loss noticed")
+            remote = _start_remote(server_venv, token, port)
+            await wait_until(lambda: host.plugins["remote"].state.value == "ready", 40, "reconnected")
+            assert await host.registry.execute("echo", {"text": "again"}) == "again"
+    finally:
+        remote.kill()
+        remote.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_remote(venv: Path, token: str, port: int) -> subprocess.Popen:
+    server = subprocess.Popen([str(venv / "bin" / "python"), probe_script(), token, "--http", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "the remote server did not start"
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("servers, message", [
+    ([{"name": "x"}], "mcp_servers[0].command: a stdio server needs the command"),
+    ([{"name": "x", "command": "y", "transport": "websocket"}], "mcp_servers[0].transport"),
+    ([{"name": "x", "transport": "http", "url": "ftp://a/b"}], "mcp_servers[0].url"),
+    ([{"name": "x", "transport": "http", "url": "http://a/b", "command": "c"}], "mcp_servers[0].command"),
+    ([{"name": "echo", "command": "y"}], "mcp_servers[0].name: 'echo' is already the name of a plugin"),
+    ([{"name": "a/b", "command": "y"}], "mcp_servers[0].name"),
+    ([{"name": "x", "command": "y", "env": {"K": 5}}], "mcp_servers[0].env.K"),
+    ([{"name": "x", "command": "y", "args": "z"}], "mcp_servers[0].args"),
+    ({"name": "x"}, "mcp_servers: a list"),
+])
+def test_unusable_mcp_server_entries_are_refused_by_name(servers, message):
+    raw = json.dumps({"plugins": [{"name": "echo"}], "mcp_servers": servers}).encode()
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, "/etc/qanot/config.json")
+    assert "/etc/qanot/config.json" in str(caught.value) and message in str(caught.value)
+
+
+async def test_a_server_that_cannot_start_fails_alone_naming_the_key(write_config, server_venv, token):
+    config = write_config([plugin("echo")], host=probe_grants(), mcp_servers=[
+        {"name": "missing", "command": "no-such-mcp-server-anywhere"},
+        {"name": "unset", "command": "true", "env": {"K": "${QH_SURELY_NOT_SET_ANYWHERE}"}},
+        probe(server_venv, token)])
+    async with Host(config) as host:
+        status = {row["plugin"]: row for row in host.status()}
+        assert status["missing"]["state"] == "failed"
+        assert "mcp_servers[0].command" in status["missing"]["error"]
+        assert "no-such-mcp-server-anywhere" in status["missing"]["error"]
+        assert status["unset"]["state"] == "failed"
+        assert "mcp_servers[1].env.K" in status["unset"]["error"]
+        assert "QH_SURELY_NOT_SET_ANYWHERE" in status["unset"]["error"]
+        assert status["probe"]["state"] == "ready" and status["echo"]["state"] == "ready"
+    report = check_report(config)
+    assert "MCP server missing" in report and "mcp_servers[0].command" in report
+
+
+def test_cli_call_reaches_a_server_tool(write_config, server_venv, token):
+    config = write_config([], host=probe_grants(), mcp_servers=[probe(server_venv, token)])
+    done = subprocess.run([sys.executable, "-m", "qanot_host", "call", "--config", config, "echo",
+                           '{"text": "through the CLI"}'], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "through the CLI"
