@@ -254,6 +254,59 @@ class QanotHost:
         return [pid for pid in plugin_pids(self.host) if pid not in self.pids()]
 
 
+class McpServerHost(QanotHost):
+    """(g) d's own server, run by qanot-host as an `mcp_servers` entry (a sandboxed, supervised child
+    of the bridge worker) and called through ToolRegistry.execute(): what the host adds to calling
+    that server directly with the SDK's client (d)."""
+
+    label = "g MCP server via qanot-host"
+
+    async def start(self, workers: int = 1) -> None:
+        python = server_python(self.scratch)
+        names = [f"mcpbench{i}" for i in range(workers)]
+        place = self.scratch / "mcp-servers"
+        place.mkdir(parents=True, exist_ok=True)
+        for directory in (self.scratch, place):
+            os.chmod(directory, 0o755)
+        for name in ("mcp_echo_server.py", "workload.py"):  # where the servers' uids may read them
+            (place / name).write_text((HERE / name).read_text())
+            os.chmod(place / name, 0o644)
+        config = self.scratch / f"mcp-config-{workers}.json"
+        config.write_text(json.dumps({
+            "plugins": [], "plugins_dir": str(self.scratch / "plugins"),
+            "workspace_dir": str(self.scratch / "workspace"),
+            "mcp_servers": [{"name": n, "command": python, "args": [str(place / "mcp_echo_server.py")]} for n in names],
+            "host": {"state_dir": str(self.scratch / "mcp-state"),
+                     "plugins": {n: {"permissions": {"filesystem": {"read": [str(place)]}}} for n in names}}}))
+        self.host = Host(str(config))
+        await self.host.start()
+        # the first server keeps the tool's name; the others' are mcp_{server}_{tool}, as in Qanot
+        self.tools = ["bench_echo"] + [f"mcp_{n}_bench_echo" for n in names[1:]]
+
+    def pids(self) -> list[int]:
+        return [s.worker.pid for s in self.host.plugins.values()] + [
+            c.pid for s in self.host.plugins.values() for c in psutil.Process(s.worker.pid).children(recursive=True)]
+
+    def init_pids(self) -> list[int]:
+        return []
+
+
+def server_python(scratch: Path) -> str:
+    """A virtual environment with the host's MCP SDK (the server's interpreter: the host's own
+    packages are not in a worker's root), built once per run by uv from its cache."""
+    import shutil
+    import subprocess
+    from importlib.metadata import version
+    venv = scratch / "mcp-venv"
+    if not (venv / "bin" / "python").exists():
+        uv = shutil.which("uv") or "uv"
+        subprocess.run([uv, "venv", "-q", str(venv)], check=True)
+        subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                        f"mcp=={version('mcp')}"], check=True)
+        subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True)
+    return str(venv / "bin" / "python")
+
+
 def write_config(scratch: Path, names: list[str]) -> str:
     """Plugins named in `names`: 'bench' itself, the others copies with their own tool names."""
     plugins_dir = scratch / "plugins"

@@ -61,6 +61,11 @@ def render(results: dict, quick: bool) -> str:
         lines.append(f"- through MCP (stdio, the SDK's client): f (qanot-host mcp, sandboxed worker) p50 is "
                      f"{f['p50_us'] / d['p50_us']:.2f}× d (the bare SDK server), throughput at 16 "
                      f"{f['tp16'] / d['tp16']:.2f}× d; target: at most 1.10× d's p50")
+    g = results.get("g")
+    if g:
+        lines.append(f"- an MCP server supervised and sandboxed: g (d's server as an mcp_servers entry, called through "
+                     f"execute()) p50 is {g['p50_us'] / d['p50_us']:.2f}× d (the same server called directly by the "
+                     f"SDK's client), throughput at 16 {g['tp16'] / d['tp16']:.2f}× d; target: at most 1.10× d's p50")
     machine = (f"{platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Linux {platform.release()}, "
                f"Python {platform.python_version()}, event loop {eventloop.loop_name()}")

@@ -10,6 +10,7 @@ Contenders (contenders.py), all running the same echo (workload.py / plugins/ben
   d  a stdio tool server built with the official MCP Python SDK
   e  qanot-host, through ToolRegistry.execute()
   f  qanot-host's MCP front (`qanot-host mcp`, stdio) with the SDK's client: the same call as d
+  g  d's server run by qanot-host as an mcp_servers entry (sandboxed, supervised), through execute()
 
 Writes benchmarks/results/latest.md and latest.png. Figures are printed, never asserted: this is
 not a test, and it fails only if it cannot run.
@@ -32,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from qanot_worker import eventloop  # noqa: E402
 
-from contenders import (BarePipe, InProcess, Mcp, McpHost, MultiprocessingPool, ProcessPool,  # noqa: E402
-                        QanotHost)
+from contenders import (BarePipe, InProcess, Mcp, McpHost, McpServerHost, MultiprocessingPool,  # noqa: E402
+                        ProcessPool, QanotHost)
 from measurements import (blob_rate, cold_start, cpu_share, egress_sandbox_cost, fifty_plugins, latency,  # noqa: E402
                           memory, restart_to_ready, throughput, worker_cold_start)
 from report import chart, render  # noqa: E402
@@ -43,11 +44,11 @@ async def measure(quick: bool) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="qanot-bench-"))
     n_lat, n_tp, reps = (200, 400, 3) if quick else (5000, 10000, 10)
     makers = {"a": InProcess, "b": BarePipe, "c1": MultiprocessingPool, "c2": ProcessPool, "d": Mcp,
-              "e": lambda: QanotHost(scratch), "f": lambda: McpHost(scratch)}
+              "e": lambda: QanotHost(scratch), "f": lambda: McpHost(scratch), "g": lambda: McpServerHost(scratch)}
     results: dict[str, dict] = {key: {} for key in makers}
     try:
         for key, make in makers.items():
-            slow = key in ("d", "f")  # MCP is orders of magnitude slower: fewer calls, same figures
+            slow = key in ("d", "f", "g")  # MCP is orders of magnitude slower: fewer calls, same figures
             # What earlier contenders left in this process (MCP's and pydantic's modules, ...) is
             # frozen out of the collector: measured, a full collection of it took 47 ms in the
             # middle of a later contender's run. Each contender pays for its own heap only.

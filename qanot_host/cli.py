@@ -259,7 +259,7 @@ async def _status(args: argparse.Namespace) -> int:
         print(json.dumps(reply["plugins"], ensure_ascii=False, indent=2))
         return EXIT_OK
     columns = ("plugin", "state", "pid", "uptime", "restarts", "rss_mb", "cpu_s", "calls", "errors",
-               "timeouts", "egress", "sandbox", "last_exit")
+               "timeouts", "egress", "sandbox", "last_exit", "kind")
     rows = [[_cell(_status_cell(row, c)) for c in columns] for row in reply["plugins"]]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())

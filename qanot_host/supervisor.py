@@ -26,6 +26,7 @@ from qanot_worker import protocol as p
 
 from .discovery import PluginSource
 from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
+from .mcp_servers import mcp_server
 from .offered import OfferedTool
 from .restarter import RestartDecision, RestartPolicy, exit_reason
 from .settings import Config, PluginEntry
@@ -523,8 +524,10 @@ class PluginSupervisor:
     def status(self) -> dict[str, Any]:
         live = self.worker if self.worker is not None and not self.worker.exited.done() else None
         usage = self.usage() if live else None
+        server = mcp_server(self._config, self.name)
         return {
-            "plugin": self.name, "state": self.state, "error": self.error,
+            "plugin": self.name, "kind": f"mcp {server[1].transport}" if server else "plugin",
+            "state": self.state, "error": self.error,
             "pid": live.pid if live else None,
             "uptime": round(time.monotonic() - live.started_at, 3) if live and live.started_at else 0.0,
             "restarts": self.restarts, "last_exit": self.last_exit,

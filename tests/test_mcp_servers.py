@@ -348,3 +348,47 @@ def test_cli_call_reaches_a_server_tool(write_config, server_venv, token):
                            '{"text": "through the CLI"}'], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "through the CLI"
+
+
+async def test_qanot_host_mcp_serves_a_supervised_servers_tools(write_config, server_venv, token):
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    from .test_mcp import text
+    config = write_config([plugin("echo")], host=probe_grants(), mcp_servers=[probe(server_venv, token)])
+    # the whole environment: the server's worker needs the SDK from the index, as this machine reaches it
+    params = StdioServerParameters(command=sys.executable, cwd=str(REPO), env=dict(os.environ),
+                                   args=["-m", "qanot_host", "mcp", "--config", config, "--log-level", "WARNING"])
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+        assert tools["mcp_probe_echo"].description.startswith("[MCP:probe] ") and "echo" in tools
+        result = await session.call_tool("mcp_probe_echo", {"text": "through two MCP hops"})
+        assert not result.is_error and text(result) == "through two MCP hops"
+        failed = await session.call_tool("fail", {"message": "the server says no"})
+        assert failed.is_error and "the server says no" in text(failed)
+
+
+def test_status_shows_a_server_as_a_plugin_of_its_kind(write_config, server_venv, token):
+    config = write_config([plugin("echo")], host=probe_grants(), mcp_servers=[probe(server_venv, token)])
+    host = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            done = subprocess.run([sys.executable, "-m", "qanot_host", "status", "--config", config, "--json"],
+                                  cwd=REPO, capture_output=True, text=True)
+            rows = {row["plugin"]: row for row in json.loads(done.stdout)} if done.returncode == 0 else {}
+            if rows.get("probe", {}).get("state") == "ready":
+                break
+            assert time.monotonic() < deadline and host.poll() is None, done.stderr
+            time.sleep(0.2)
+        assert rows["probe"]["kind"] == "mcp stdio" and rows["echo"]["kind"] == "plugin"
+        assert "whoami" in rows["probe"]["tools"] and rows["probe"]["pid"]
+        assert rows["probe"]["rss_mb"] > 20  # the whole cgroup: the bridge and its server
+        table = subprocess.run([sys.executable, "-m", "qanot_host", "status", "--config", config], cwd=REPO,
+                               capture_output=True, text=True).stdout
+        assert any(line.split()[:2] == ["probe", "ready"] and line.endswith("mcp stdio") for line in table.splitlines())
+    finally:
+        host.terminate()
+        host.wait(30)

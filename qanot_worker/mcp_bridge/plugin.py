@@ -40,6 +40,7 @@ class QanotPlugin(Plugin):
         self._stopping = False
         self._connection: asyncio.Task | None = None
         self._pidfd: int | None = None  # the stdio server's
+        self._in_flight = 0  # calls the server has not answered yet
 
     async def setup(self, config: dict) -> None:
         self.config = config
@@ -134,15 +135,19 @@ class QanotPlugin(Plugin):
         loop.add_reader(pidfd, exited)
 
     async def _ping(self, session: ClientSession) -> None:
-        """MCP ping as the heartbeat: a server that stops answering (hung, or its loop blocked) is
-        replaced, as a worker that stops answering the host's pings is."""
+        """MCP ping as the heartbeat, while no call is in flight (a call has its own timeout, and a
+        ping waiting behind a large answer is no sign of a hang): a server that stops answering
+        (hung, its loop blocked) is replaced, as a worker that stops answering the host's pings is."""
         interval, timeout = self.config["ping_interval"], self.config["ping_timeout"]
         while True:
             await asyncio.sleep(interval)
+            if self._in_flight:  # calls have their own timeouts; a ping behind a 10 MB answer is no sign
+                continue
             try:
                 await asyncio.wait_for(session.send_ping(), timeout)
             except asyncio.TimeoutError:
-                self._lost(f"no answer to an MCP ping within {timeout:g} s")
+                if not self._in_flight:  # a call begun meanwhile may hold the answer up
+                    self._lost(f"no answer to an MCP ping within {timeout:g} s")
             except Exception as exc:  # noqa: BLE001
                 self._lost(f"an MCP ping failed: {_describe(exc)}")
 
@@ -160,6 +165,7 @@ class QanotPlugin(Plugin):
             session = self.session
             if session is None:
                 raise ConnectionError(f"MCP server {self.name} is not connected")
+            self._in_flight += 1
             try:
                 result = await session.call_tool(tool, params)
             except MCPError as exc:  # a JSON-RPC error: the server refused the call
@@ -168,6 +174,8 @@ class QanotPlugin(Plugin):
             except Exception:
                 self._check_alive()
                 raise
+            finally:
+                self._in_flight -= 1
             if not isinstance(result, types.CallToolResult):
                 raise ToolFailed(f"MCP server {self.name} answered {tool} with a {type(result).__name__}, "
                                  "not a tool result")
