@@ -117,6 +117,98 @@ async def test_filesystem_server_from_npm_is_confined_by_the_kernel(write_config
         assert "error" in json.loads(written) and not (granted / "new.txt").exists()
 
 
+def processes_with_env(token: str) -> list[psutil.Process]:
+    """Live processes whose environment holds QH_TEST_TOKEN=token (a real server's command line
+    cannot carry a mark)."""
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.environ().get("QH_TEST_TOKEN") == token:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def real_servers(server_venv: Path, token: str, granted: Path) -> tuple[list[dict], dict]:
+    servers = [{"name": "time", "command": str(server_venv / "bin" / "mcp-server-time"),
+                "args": ["--local-timezone", "UTC"], "env": {"QH_TEST_TOKEN": token}},
+               {"name": "files", "command": str(filesystem_server()), "args": [str(granted)],
+                "env": {"QH_TEST_TOKEN": token}}]
+    os.chmod(granted, 0o755)
+    grants = {"files": {"permissions": {"filesystem": {"read": [str(granted)]}}, "tool_timeouts": {"list_directory": 2}}}
+    return servers, grants
+
+
+async def test_real_servers_killed_or_stopped_are_replaced(write_config, server_venv, token, tmp_path):
+    granted = tmp_path / "granted"
+    granted.mkdir()
+    (granted / "a.txt").write_text("a")
+    servers, grants = real_servers(server_venv, token, granted)
+    config = write_config([], host={"plugins": grants, "restart": {"backoff_initial": 0}, "ping_interval": 0.5,
+                                    "ping_timeout": 1}, mcp_servers=servers)
+    async with Host(config) as host:
+        assert {"get_current_time", "list_directory"} <= set(host.registry.tool_names)
+
+        def server_of(name: str) -> psutil.Process | None:
+            worker = host.plugins[name].worker
+            try:
+                children = psutil.Process(worker.pid).children(recursive=True) if worker and worker.pid else []
+            except psutil.NoSuchProcess:
+                return None
+            return next((p for p in processes_with_env(token) if p in children), None)
+
+        def replaced(name: str, old: psutil.Process) -> bool:
+            new = server_of(name)
+            return host.plugins[name].state.value == "ready" and new is not None and new.pid != old.pid
+
+        # SIGKILL: the bridge sees its child go at once; the next call reaches a new server
+        node = server_of("files")
+        assert node is not None and node.name() == "node"
+        node.kill()
+        await wait_until(lambda: replaced("files", node), 30, "a new filesystem server")
+        assert "a.txt" in await host.registry.execute("list_directory", {"path": str(granted)})
+        # SIGSTOP: a hung server; its call times out, its pings go unanswered, it is replaced
+        python, node = server_of("time"), server_of("files")
+        assert python is not None and node is not None
+        node.suspend()
+        answer = json.loads(await host.registry.execute("list_directory", {"path": str(granted)}))
+        assert "timed out" in answer["error"], answer
+        await wait_until(lambda: replaced("files", node), 30, "the hung server replaced")
+        assert not node.is_running() or node.status() == psutil.STATUS_ZOMBIE
+        assert "a.txt" in await host.registry.execute("list_directory", {"path": str(granted)})
+        assert server_of("time") == python  # the other server untouched
+        assert "Asia/Tokyo" in await host.registry.execute("get_current_time", {"timezone": "Asia/Tokyo"})
+
+
+def test_no_real_server_outlives_the_hosts_sigkill(write_config, server_venv, token, tmp_path):
+    granted = tmp_path / "granted"
+    granted.mkdir()
+    servers, grants = real_servers(server_venv, token, granted)
+    config = write_config([plugin("echo")], host={"plugins": grants}, mcp_servers=servers)
+    log = tmp_path / "host.log"
+    with open(log, "wb") as out:
+        host = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        deadline = time.monotonic() + 90
+        while len(processes_with_env(token)) < 2:
+            assert host.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        assert {p.name() for p in processes_with_env(token)} >= {"node"}
+        host.kill()
+        host.wait()
+        deadline = time.monotonic() + 10
+        while processes_with_env(token) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_with_env(token) == []
+    finally:
+        host.kill()
+        host.wait()
+        for proc in processes_with_env(token):
+            proc.kill()
+
+
 # ---- the probe server: supervision ----------------------------------------------------------------
 
 async def test_a_server_killed_mid_call_fails_that_call_and_is_restarted(write_config, server_venv, token):
@@ -392,3 +484,25 @@ def test_status_shows_a_server_as_a_plugin_of_its_kind(write_config, server_venv
     finally:
         host.terminate()
         host.wait(30)
+
+
+async def test_reload_restarts_a_changed_server_and_keeps_the_others(write_config, server_venv, token):
+    config = write_config([], host={**probe_grants(), "plugins": {**probe_grants()["plugins"],
+                                                                  **probe_grants("other")["plugins"]}},
+                          mcp_servers=[probe(server_venv, token, env={"WHICH": "first"}),
+                                       probe(server_venv, token, name="other")])
+    async with Host(config) as host:
+        assert await host.registry.execute("env_value", {"name": "WHICH"}) == "first"
+        other = host.plugins["other"].worker.pid
+        data = json.loads(Path(config).read_text())
+        data["mcp_servers"][0]["env"]["WHICH"] = "second"
+        Path(config).write_text(json.dumps(data))
+        summary = await host.reload()
+        assert summary["restarted"] == ["probe"] and summary["unchanged"] == ["other"]
+        assert await host.registry.execute("env_value", {"name": "WHICH"}) == "second"
+        assert host.plugins["other"].worker.pid == other
+        data["mcp_servers"].pop()
+        del data["host"]["plugins"]["other"]
+        Path(config).write_text(json.dumps(data))
+        assert (await host.reload())["removed"] == ["other"]
+        assert host.registry.get("mcp_other_echo") is None and host.registry.get("echo").plugin == "probe"
