@@ -30,6 +30,7 @@ import msgspec
 
 from .errors import ConfigError
 from .plugin_secrets import Redactor, is_secret_ref, resolve_config_secrets
+from .safe_files import open_regular_file
 from .settings import Config, McpServer, NetworkGrant, PluginEntry, PluginSettings
 
 __all__ = ["read_mcp_servers", "add_mcp_servers", "mcp_server", "bridge_config", "Programs", "program_plan",
@@ -171,6 +172,7 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
     if not server.remote:
         search = env.get("PATH") or DEFAULT_PATH
         programs = program_plan(server.command, search, os.path.dirname(config.path), f"{where}.command")
+        _refuse_writable_programs(config, programs, f"{where}.command")
         command_dir = os.path.dirname(programs.command)
         env = {"PATH": f"{command_dir}:{search}" if command_dir not in search.split(":") else search,
                "LANG": "C.UTF-8", **env}
@@ -179,6 +181,20 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
     secrets = {f"mcp_servers[{index}].{table}.{key}": value
                for table, found in (("env", redact_env), ("headers", redact_headers)) for key, value in found.items()}
     return bridged, Redactor(secrets), programs
+
+
+def _refuse_writable_programs(config: Config, programs: Programs, where: str) -> None:
+    """A server's programs must not lie where a plugin (or another server) may write: that one
+    could change the code that runs with this server's grants."""
+    writable = [(f"host.plugins.{name}.permissions.filesystem.write", path)
+                for name, settings in config.host.plugins.items() if settings.permissions.filesystem
+                for path in settings.permissions.filesystem.write]
+    writable += [("workspace_dir", config.workspace_dir), ("host.state_dir", config.host.state_dir)]
+    for path in [*programs.hops, *programs.executable, *programs.readable]:
+        for key, place in writable:
+            if path == place or path.startswith(place.rstrip("/") + "/"):
+                raise ValueError(f"{where}: {path} lies in {place} ({key}), where plugins may write: a plugin "
+                                 "could change what this server runs. Install the server elsewhere")
 
 
 def _resolve_table(table: dict[str, Any], where: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -213,9 +229,11 @@ def program_plan(command: str, search: str, base: str, where: str) -> Programs:
         raise ValueError(f"{where}: {command!r} is not an executable file" + (
             f" on the server's PATH ({search})" if "/" not in command else ""))
     executable: list[str] = []
+    named: list[str] = []  # each program as it is named (by config.json, a #! line, an ELF header)
     chain = [found]
     while chain and len(executable) < 8:
         path = chain.pop(0)
+        named.append(path)
         real = os.path.realpath(path)
         if real in executable:
             continue
@@ -233,7 +251,7 @@ def program_plan(command: str, search: str, base: str, where: str) -> Programs:
         loader = _elf_interpreter(real)
         if loader:
             chain.append(loader)
-    hops = [hop for path in [found, *executable] for hop in _link_hops(path)]
+    hops = [hop for path in named for hop in _link_hops(path)]
     readable = sorted({root for path in hops for root in _installation(path)})
     return Programs(found, executable, readable, sorted(set(hops)))
 
@@ -256,13 +274,24 @@ def _which(command: str, search: str, base: str) -> str | None:
     return os.path.abspath(found) if found else None
 
 
+def _head(path: str, size: int, offset: int = 0) -> bytes:
+    """Bytes of a regular file, never following a link or waiting on a FIFO (a command may lie
+    where someone else can swap it); b"" if it cannot be read so."""
+    try:
+        fd, _ = open_regular_file(path)
+    except OSError:
+        return b""
+    try:
+        return os.pread(fd, size, offset)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
 def _shebang(path: str) -> tuple[str, str] | None:
     """(interpreter, its one argument) of a #! line."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(256)
-    except OSError:
-        return None
+    head = _head(path, 256)
     if not head.startswith(b"#!"):
         return None
     words = head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").split()
@@ -274,21 +303,19 @@ def _shebang(path: str) -> tuple[str, str] | None:
 
 def _elf_interpreter(path: str) -> str | None:
     """PT_INTERP of a 64-bit little-endian ELF file (the dynamic loader the kernel opens to run it)."""
+    header = _head(path, 64)
+    if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+        return None
     try:
-        with open(path, "rb") as f:
-            header = f.read(64)
-            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
-                return None
-            phoff, = struct.unpack_from("<Q", header, 32)
-            phentsize, phnum = struct.unpack_from("<HH", header, 54)
-            f.seek(phoff)
-            table = f.read(phentsize * min(phnum, 64))
-            for i in range(min(phnum, 64)):
-                kind, _, offset, _, _, size = struct.unpack_from("<IIQQQQ", table, i * phentsize)
-                if kind == 3:  # PT_INTERP
-                    f.seek(offset)
-                    return f.read(min(size, 4096)).rstrip(b"\0").decode("utf-8", "replace")
-    except (OSError, struct.error):
+        phoff, = struct.unpack_from("<Q", header, 32)
+        phentsize, phnum = struct.unpack_from("<HH", header, 54)
+        count = min(phnum, 64)
+        table = _head(path, phentsize * count, phoff)
+        for i in range(count):
+            kind, _, offset, _, _, size = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+            if kind == 3:  # PT_INTERP
+                return _head(path, min(size, 4096), offset).rstrip(b"\0").decode("utf-8", "replace") or None
+    except struct.error:
         return None
     return None
 

@@ -22,7 +22,7 @@ from qanot_host.config import parse_config
 from qanot_host.errors import ConfigError
 from qanot_host.host import Host
 
-from .conftest import check_report, plugin, wait_until
+from .conftest import check_report, grant_write, plugin, wait_until
 from .third_party import filesystem_server, probe_script, python_servers
 
 REPO = Path(__file__).resolve().parent.parent
@@ -506,3 +506,18 @@ async def test_reload_restarts_a_changed_server_and_keeps_the_others(write_confi
         Path(config).write_text(json.dumps(data))
         assert (await host.reload())["removed"] == ["other"]
         assert host.registry.get("mcp_other_echo") is None and host.registry.get("echo").plugin == "probe"
+
+
+async def test_a_server_whose_program_a_plugin_may_write_is_refused(write_config, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    program = shared / "server.sh"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    host = grant_write("echo", shared)
+    config = write_config([plugin("echo")], host=host, mcp_servers=[{"name": "swappable", "command": str(program)}])
+    async with Host(config) as running:
+        status = {row["plugin"]: row for row in running.status()}
+        assert status["swappable"]["state"] == "failed" and status["echo"]["state"] == "ready"
+        assert "mcp_servers[0].command" in status["swappable"]["error"]
+        assert "host.plugins.echo.permissions.filesystem.write" in status["swappable"]["error"]
