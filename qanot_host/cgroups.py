@@ -52,6 +52,7 @@ class Cgroups:
         self._v2 = "" in self._hierarchies
         self._base: dict[str, str] = {}  # controller (or "" on v2) -> the host's base group
         self._made: list[str] = []
+        self._open_files: dict[str, int] = {}  # plugin -> its cpuacct.usage, kept open (cpu_seconds)
         self.problem = "" if self._hierarchies else "no writable cgroup hierarchy (not root, or no cgroups)"
 
     @property
@@ -90,15 +91,31 @@ class Cgroups:
         return memory, self.cpu_seconds(plugin)
 
     def cpu_seconds(self, plugin: str) -> float | None:
-        """CPU time the plugin's group has used, its children included (one small file read)."""
+        """CPU time the plugin's group has used, its children included. Read every second for every
+        plugin (limits_watch.py), so from a descriptor kept open: a pread costs 1 µs here, an
+        open/read/close 30 µs (500 plugins: 1.5% of a core, for this alone)."""
         if "cpuacct" in self._base:
-            text = _read(os.path.join(self._base["cpuacct"], plugin, "cpuacct.usage")).strip()
+            text = self._pread(plugin, os.path.join(self._base["cpuacct"], plugin, "cpuacct.usage")).strip()
             return int(text) / 1e9 if text.isdigit() else None
         if "" in self._base:
             stat = _read(os.path.join(self._base[""], plugin, "cpu.stat"))
             usec = next((line.split()[1] for line in stat.splitlines() if line.startswith("usage_usec ")), None)
             return int(usec) / 1e6 if usec else None
         return None
+
+    def _pread(self, plugin: str, path: str) -> str:
+        for _ in range(2):
+            fd = self._open_files.get(plugin)
+            if fd is None:
+                try:
+                    fd = self._open_files[plugin] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return ""
+            try:
+                return os.pread(fd, 64, 0).decode()
+            except OSError:  # the group was removed (and maybe made again): open it anew
+                os.close(self._open_files.pop(plugin))
+        return ""
 
     def members(self, plugin: str) -> list[int]:
         pids: set[int] = set()
@@ -147,6 +164,9 @@ class Cgroups:
                 await asyncio.sleep(0.01)
         self._made.clear()
         self._base.clear()
+        for fd in self._open_files.values():
+            os.close(fd)
+        self._open_files.clear()
 
     def _group(self, controller: str, plugin: str) -> str:
         base = self._base.get(controller)

@@ -729,6 +729,22 @@ async def test_the_workspace_has_a_ceiling_too(write_config):
         assert host.plugins["attacker"].state == PluginState.READY, host.plugins["attacker"].error
 
 
+async def test_space_taken_with_next_to_no_cpu_is_still_found(write_config):
+    """A walk waits for the plugin to have used 2 ms of CPU since the last (pings alone set one off
+    for every idle plugin at every ping), or for 6 ping intervals: 60 MB taken by one fallocate()
+    is still found."""
+    config = write_config([plugin("attacker")], host={
+        "limits_interval": 0.2, "ping_interval": 0.5, "restart": {"backoff_initial": 0, "max_restarts": 1},
+        "plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
+    async with Host(config) as host:
+        place = Path(host.config.workspace_dir) / "attacker"
+        await asyncio.sleep(1)  # its place measured once, empty
+        assert await host.registry.execute("attack_fallocate", {"where": str(place), "mb": 60}) == "allocated 60 MB"
+        sup = host.plugins["attacker"]
+        await wait_until(lambda: sup.state == PluginState.FAILED, 15, "the plugin to fail")
+        assert "over its workspace_mb=20" in sup.error, sup.error
+
+
 async def test_unlinked_files_a_plugin_holds_open_count_against_its_workspace(write_config):
     """The fourth attacker's F6: files opened in the workspace, unlinked at once and written while held
     open took 815 MB under workspace_mb=10 (the tree itself stays empty)."""

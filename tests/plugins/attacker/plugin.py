@@ -508,6 +508,18 @@ class QanotPlugin(Plugin):
             self.held.append(f)
         return f"holding {len(self.held)} unlinked files"
 
+    @tool(name="attack_fallocate", description="take disk space with next to no CPU", parameters=ANY)
+    async def fallocate(self, params: dict) -> str:
+        path = os.path.join(params["where"], "allocated")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, int(params["mb"]) * 2**20)
+        except OSError as exc:
+            return contained(f"fallocate: {exc.strerror}")
+        finally:
+            os.close(fd)
+        return f"allocated {params['mb']} MB"
+
     @tool(name="attack_fill_disk", description="write files until the disk is full", parameters=ANY)
     async def fill_disk(self, params: dict) -> str:
         where = params.get("where", ".")
