@@ -69,6 +69,11 @@ class PluginStartError(PluginError):
     pass
 
 
+class StartRefused(PluginStartError):
+    """The host would not start it as configured (an unset variable, a command not found): trying
+    again cannot help until the configuration changes."""
+
+
 class DependencyError(PluginStartError):
     pass
 

@@ -17,7 +17,8 @@ from .cgroups import sweep_stale_cgroups
 from .config import directory_problems, load_config
 from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import EnvironmentBuilder, sweep_partial_builds
-from .errors import ConfigError, PluginError, PluginStartError, PluginUnavailable
+from .errors import (ConfigError, DependencyError, PluginError, PluginStartError, PluginUnavailable,
+                     ProtocolMismatch, StartRefused)
 from .fd_limit import raise_open_files_limit
 from .fingerprint import plugin_fingerprint
 from .channel import FRAMES
@@ -156,6 +157,9 @@ class Host:
                                              self.config.settings_for(supervisor.name), site_dirs)
             await supervisor.start(site_dirs)
         except PluginError as exc:
+            # an MCP server's worker may fail for a while (a remote server not up yet): its restart policy
+            if _may_retry(exc) and mcp_server(self.config, supervisor.name) and supervisor.retry_start(exc.detail):
+                return
             supervisor.fail(exc.detail)
             log.error("plugin %s failed to start: %s", supervisor.name, exc.detail)
             return
@@ -239,10 +243,15 @@ class Host:
         tools: list[str] = []
         conflicts: list[str] = []
         refused: list[str] = []
+        reserved = tuple(_mcp_tool_name(other.name, "") for other in self.config.mcp_servers
+                         if other.name != supervisor.name)
         for spec in supervisor.offered_tools:
             try:
                 if spec.problem:
                     raise SchemaError(spec.problem)
+                if spec.name.startswith(reserved):  # where another server's tools go when their names are taken
+                    raise SchemaError(f"name {spec.name!r} is kept for another MCP server's tools "
+                                      "(mcp_{server}_{tool})")
                 tool = RegisteredTool(spec.name, spec.description, spec.parameters,
                                       partial(supervisor.call, spec.name), supervisor.name, "mcp" if server else "core")
             except SchemaError as exc:
@@ -397,6 +406,12 @@ class Host:
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]
+
+
+def _may_retry(exc: PluginError) -> bool:
+    """A start that failed in the worker (its setup(), a crash), not one the host refused as
+    configured, nor an environment or protocol that another try would not change."""
+    return isinstance(exc, PluginStartError) and not isinstance(exc, (StartRefused, DependencyError, ProtocolMismatch))
 
 
 def _mcp_tool_name(server: str, tool: str) -> str:

@@ -38,7 +38,8 @@ __all__ = ["read_mcp_servers", "add_mcp_servers", "mcp_server", "bridge_config",
 
 log = logging.getLogger("qanot_host.config")
 
-ENTRY_KEYS = {"name", "transport", "type", "command", "args", "env", "url", "headers", "enabled", "cwd"}
+ENTRY_KEYS = {"name", "transport", "type", "command", "args", "env", "url", "headers", "enabled"}
+STDIO_ONLY, REMOTE_ONLY = ("args", "env"), ("url", "headers")  # a command on a remote entry is an error
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -69,14 +70,21 @@ def read_mcp_servers(data: dict, path: str) -> None:
         where = f"{path}: mcp_servers[{index}]"
         if not isinstance(server, dict):
             raise ConfigError(f"{where}: an object with name and command (or url), not {type(server).__name__}")
-        if "type" in server and "transport" not in server:  # as Claude's and VS Code's configs write it
-            server["transport"] = server.pop("type")
+        if "type" in server:  # as Claude's and VS Code's configs write it
+            kind = server.pop("type")
+            if "transport" in server and server["transport"] != kind:
+                raise ConfigError(f"{where}: transport {server['transport']!r} and type {kind!r} disagree")
+            server["transport"] = kind
         for key in sorted(set(server) - ENTRY_KEYS):
             log.warning("%s.%s: unknown key, ignored (an MCP server has name, transport, command, args, env, "
-                        "url, headers, enabled)", where, key)
+                        "url, headers, enabled; a stdio server runs in its own data directory)", where, key)
             server.pop(key)
         if server.get("transport") == "streamable_http":
             server["transport"] = "http"
+        stdio = server.get("transport", "stdio") == "stdio"
+        for key in sorted(set(server) & set(REMOTE_ONLY if stdio else STDIO_ONLY)):
+            log.warning("%s.%s: ignored: a %s server has no %s", where, key,
+                        "stdio" if stdio else str(server.get("transport")), key)
 
 
 def add_mcp_servers(config: Config) -> None:
@@ -170,12 +178,14 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
         "connect_timeout": settings.setup_timeout, "close_timeout": settings.teardown_timeout}
     programs = None
     if not server.remote:
-        search = env.get("PATH") or DEFAULT_PATH
+        writable = _writable_places(config)
+        search = _search_path(env.get("PATH") or DEFAULT_PATH, writable, f"{where}.env.PATH")
         programs = program_plan(server.command, search, os.path.dirname(config.path), f"{where}.command")
-        _refuse_writable_programs(config, programs, f"{where}.command")
+        for path in [*programs.hops, *programs.executable, *programs.readable]:
+            _refuse_writable(path, writable, f"{where}.command")
         command_dir = os.path.dirname(programs.command)
-        env = {"PATH": f"{command_dir}:{search}" if command_dir not in search.split(":") else search,
-               "LANG": "C.UTF-8", **env}
+        env = {"LANG": "C.UTF-8", **env,  # the PATH it was looked for on (as checked), its own directory first
+               "PATH": f"{command_dir}:{search}" if command_dir not in search.split(":") else search}
         bridged["command"] = programs.command
     bridged["env"] = env
     secrets = {f"mcp_servers[{index}].{table}.{key}": value
@@ -183,18 +193,31 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
     return bridged, Redactor(secrets), programs
 
 
-def _refuse_writable_programs(config: Config, programs: Programs, where: str) -> None:
-    """A server's programs must not lie where a plugin (or another server) may write: that one
-    could change the code that runs with this server's grants."""
-    writable = [(f"host.plugins.{name}.permissions.filesystem.write", path)
-                for name, settings in config.host.plugins.items() if settings.permissions.filesystem
-                for path in settings.permissions.filesystem.write]
-    writable += [("workspace_dir", config.workspace_dir), ("host.state_dir", config.host.state_dir)]
-    for path in [*programs.hops, *programs.executable, *programs.readable]:
-        for key, place in writable:
-            if path == place or path.startswith(place.rstrip("/") + "/"):
-                raise ValueError(f"{where}: {path} lies in {place} ({key}), where plugins may write: a plugin "
-                                 "could change what this server runs. Install the server elsewhere")
+def _writable_places(config: Config) -> list[tuple[str, str]]:
+    """(config key, path) of every place a plugin (or a server) may write."""
+    places = [(f"host.plugins.{name}.permissions.filesystem.write", path)
+              for name, settings in config.host.plugins.items() if settings.permissions.filesystem
+              for path in settings.permissions.filesystem.write]
+    return places + [("workspace_dir", config.workspace_dir), ("host.state_dir", config.host.state_dir)]
+
+
+def _refuse_writable(path: str, writable: list[tuple[str, str]], where: str) -> None:
+    """A server's programs (and where they are looked for) must not lie where a plugin, or a server,
+    may write: that one could change the code that runs with this server's grants, or plant a
+    program whose #! line has the host bind what it names."""
+    for key, place in writable:
+        if path == place or path.startswith(place.rstrip("/") + "/"):
+            raise ValueError(f"{where}: {path} lies in {place} ({key}), where plugins may write: a plugin "
+                             "could change what this server runs. Install the server elsewhere")
+
+
+def _search_path(path: str, writable: list[tuple[str, str]], where: str) -> str:
+    """The PATH a command is looked for on: absolute entries only (an empty one would be the host's
+    own working directory), none where a plugin may write."""
+    entries = [entry for entry in path.split(":") if entry.startswith("/")]
+    for entry in entries:
+        _refuse_writable(os.path.normpath(entry), writable, where)
+    return ":".join(entries)
 
 
 def _resolve_table(table: dict[str, Any], where: str) -> tuple[dict[str, str], dict[str, str]]:

@@ -165,6 +165,19 @@ class PluginSupervisor:
         """Its tools are registered and a call reaches it (starting its worker if it is idle)."""
         return self.state in SERVING_STATES
 
+    def retry_start(self, detail: str) -> bool:
+        """A first start that failed where a later one may not (an MCP server not up yet, or one that
+        exited while starting): the restart policy decides, as after a crash. False: it gives up."""
+        self.last_exit = f"start failed: {detail}"
+        decision = self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
+        if not decision.restart or self._closing:
+            return False
+        self.error = detail
+        self._exit_seen_at = time.monotonic()
+        log.warning("plugin %s: its start failed (%s); trying again in %.2f s", self.name, detail, decision.delay)
+        self._schedule_restart(decision.delay)
+        return True
+
     def fail(self, message: str) -> None:
         self.state = PluginState.FAILED
         self.error = message

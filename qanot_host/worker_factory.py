@@ -21,7 +21,7 @@ from .cgroups import CgroupLimits, Cgroups
 from .config import own_workspace
 from .datadirs import DataDirs, workspace_problem
 from .disks import DiskImages
-from .errors import PluginStartError
+from .errors import PluginStartError, StartRefused
 from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .log_ring import LogRing
@@ -125,7 +125,7 @@ class WorkerFactory:
                 plugin_config, redact = resolve_config_secrets(supervisor.entry.config,
                                                                f"{config.path}: plugins[{index}].config")
         except ValueError as exc:
-            raise PluginStartError(name, str(exc)) from None
+            raise StartRefused(name, str(exc)) from None
         options.redact = redact or None
         options.ring = self.rings.setdefault(name, LogRing())
         plugin_config.setdefault("workspace_dir", config.workspace_dir)

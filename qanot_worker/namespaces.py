@@ -205,7 +205,8 @@ def _ro(root: _Root, op: p.MountOp, disk_fd: int) -> None:
 
 
 def _rw(root: _Root, op: p.MountOp, disk_fd: int) -> None:
-    _bind(root, op, MS_NOSUID | MS_NODEV)
+    # noexec: nothing a plugin writes runs, not even through the ELF loader (which maps, not execs)
+    _bind(root, op, MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def _data(root: _Root, op: p.MountOp, disk_fd: int) -> None:

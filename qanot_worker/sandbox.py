@@ -118,11 +118,22 @@ def apply_sandbox(spec: p.SandboxSpec, plugin: str, disk: str = "") -> SandboxOu
     return outcome
 
 
+def _memfd_noexec() -> tuple[bool, str]:
+    try:
+        with open("/proc/sys/vm/memfd_noexec") as f:
+            value = f.read().strip()
+    except OSError:
+        return False, "this kernel has no vm.memfd_noexec (Linux 6.3 or later): a memfd it writes can be executed"
+    return value == "2", f"vm.memfd_noexec is {value} in its PID namespace: a memfd it writes can be executed"
+
+
 def _enter_world(spec: p.SandboxSpec, disk: str, layer, private_network: bool) -> list[str]:
     """Namespaces and the root; without a plan (no privilege for it), at least no network. A root
     that cannot be built is fatal, strict or not: the worker is half in its namespaces by then, and
     the rest of its sandbox was planned for the root it did not get."""
     layer("pid-namespace", os.getpid() == 2, "the launcher could not give the worker a PID namespace")
+    if spec.subprocess:  # it may execve: what it writes into a memfd must not be a program
+        layer("memfd-noexec", *_memfd_noexec())
     if not spec.mounts:
         layer("mount-namespace", False, "the host cannot make mount namespaces here (not root)")
         if private_network:

@@ -125,6 +125,7 @@ def _init(request: p.Spawn, fds: list[int], disk: tuple[int, str], status_w: int
     os.close(go_r)
     _place(worker, request.cgroup_procs)
     _close_all_but([status_w, parent_pidfd, go_w])
+    _memfd_noexec()
     if request.uid >= 0:
         # The plugin's uid, and with the change no longer dumpable: a plugin cannot read or
         # trace its init through /proc/1 (its root is the host's).
@@ -144,6 +145,18 @@ def _init(request: p.Spawn, fds: list[int], disk: tuple[int, str], status_w: int
         if pid == worker:
             os.write(status_w, STATUS.pack(os.waitstatus_to_exitcode(status)))
             return 0  # the kernel now ends whatever else is left in the namespace
+
+
+def _memfd_noexec() -> None:
+    """No memfd of this PID namespace can be executed (vm.memfd_noexec=2, per PID namespace since
+    Linux 6.3; set while still root): Landlock has no say over memfds, so a process allowed execve
+    (an MCP server, a plugin granted subprocess) could otherwise run any bytes it wrote into one.
+    The worker reports whether it took (the memfd-noexec layer)."""
+    try:
+        with open("/proc/sys/vm/memfd_noexec", "w") as f:
+            f.write("2")
+    except OSError:
+        pass
 
 
 def _become_worker(request: p.Spawn, fds: list[int], disk: tuple[int, str], go_r: int, new_session: bool,

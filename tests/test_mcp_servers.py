@@ -334,6 +334,15 @@ async def test_the_server_runs_in_the_workers_sandbox(write_config, server_venv,
             assert not answer.startswith("ran: exit 0"), answer
             answer = await host.registry.execute("run", {"program": python, "copy_first": True})
             assert not answer.startswith("ran: exit 0"), answer
+            # nor one copied into its place in the workspace (every writable place is noexec)
+            place = os.path.join(host.config.workspace_dir, "probe")
+            answer = await host.registry.execute("run", {"program": python, "via_loader": True, "copy_first": True,
+                                                         "into": place})
+            assert not answer.startswith("ran: exit 0"), answer
+            # nor its bytes in a memfd (vm.memfd_noexec=2 in its PID namespace: Landlock has no say there)
+            answer = await host.registry.execute("run", {"program": python, "memfd": True})
+            assert answer.startswith("refused: PermissionError"), answer
+            assert "memfd-noexec" in host.plugins["probe"].status()["sandbox"]
             assert (await host.registry.execute("read", {"path": "/etc/shadow"})).startswith("refused")
             assert (await host.registry.execute("read", {"path": str(secret_file)})).startswith("refused")
             port = listener.getsockname()[1]
@@ -521,3 +530,65 @@ async def test_a_server_whose_program_a_plugin_may_write_is_refused(write_config
         assert status["swappable"]["state"] == "failed" and status["echo"]["state"] == "ready"
         assert "mcp_servers[0].command" in status["swappable"]["error"]
         assert "host.plugins.echo.permissions.filesystem.write" in status["swappable"]["error"]
+
+
+async def test_a_path_where_plugins_write_is_refused_and_squatted_names_too(write_config, server_venv, token,
+                                                                              tmp_path):
+    """Attack pass 13: a server's own place on its PATH let it plant a script whose #! line the host
+    followed as root at the next start; a server's tool named mcp_{other}_{tool} took the name meant
+    for another server's tool."""
+    workspace = tmp_path / "workspace"
+    planted = {"name": "planted", "command": "python", "args": ["x"],
+               "env": {"PATH": f"{workspace}/planted:{server_venv / 'bin'}"}}
+    config = write_config([], host={**probe_grants()},
+                          mcp_servers=[planted, probe(server_venv, token, env={"PROBE_EXTRA_TOOL": "mcp_second_echo"}),
+                                       probe(server_venv, token, name="second")])
+    data = json.loads(Path(config).read_text())
+    data["host"]["plugins"]["second"] = data["host"]["plugins"]["probe"]
+    Path(config).write_text(json.dumps(data))
+    async with Host(config) as host:
+        status = {row["plugin"]: row for row in host.status()}
+        assert status["planted"]["state"] == "failed"
+        assert "mcp_servers[0].env.PATH" in status["planted"]["error"] and "workspace_dir" in status["planted"]["error"]
+        # probe's tool named mcp_second_echo is refused: that is where second's echo goes, probe holding echo
+        assert host.registry.get("mcp_second_echo").plugin == "second"
+        assert "mcp_second_echo" in host.plugins["probe"].status()["refused_tools"]
+
+
+async def test_a_script_naming_a_venvs_python_outside_it_starts(write_config, server_venv, token, tmp_path):
+    """Attack pass 13: a #! line naming a venv's python (a link) from outside the venv failed with a
+    bare FileNotFoundError: the venv was not in the server's root."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    script = scripts / "probe-server"
+    script.write_text(f"#!{server_venv / 'bin' / 'python'}\nimport runpy, sys\n"
+                      f"sys.argv = [{probe_script()!r}, {token!r}]\nrunpy.run_path({probe_script()!r}, run_name='__main__')\n")
+    script.chmod(0o755)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(scripts, 0o755)
+    config = write_config([], host=probe_grants("scripted"), mcp_servers=[{"name": "scripted", "command": str(script)}])
+    async with Host(config) as host:
+        assert host.plugins["scripted"].state.value == "ready", host.status()
+        assert await host.registry.execute("echo", {"text": "by a script"}) == "by a script"
+
+
+async def test_a_remote_server_down_at_start_is_tried_again(write_config, server_venv, token):
+    """Attack pass 13: a remote server not up when the host started stayed failed for good."""
+    port = _free_port()
+    config = write_config([], host={"restart": {"backoff_initial": 0.5, "backoff_max": 1, "max_restarts": 30}},
+                          mcp_servers=[{"name": "later", "type": "http", "url": f"http://127.0.0.1:{port}/mcp"}])
+    async with Host(config) as host:
+        assert host.plugins["later"].state.value in ("restarting", "starting"), host.status()
+        remote = _start_remote(server_venv, token, port)
+        try:
+            await wait_until(lambda: host.plugins["later"].state.value == "ready", 40, "the remote server reached")
+            assert await host.registry.execute("echo", {"text": "late but there"}) == "late but there"
+        finally:
+            remote.kill()
+            remote.wait()
+
+
+def test_type_and_transport_that_disagree_are_refused():
+    raw = json.dumps({"mcp_servers": [{"name": "x", "type": "http", "transport": "stdio", "command": "y"}]})
+    with pytest.raises(ConfigError, match=r"mcp_servers\[0\]: transport 'stdio' and type 'http' disagree"):
+        parse_config(raw.encode(), "config.json")

@@ -71,11 +71,23 @@ def fail(message: str) -> str:
 
 
 @server.tool()
-def run(program: str, via_loader: bool = False, copy_first: bool = False) -> str:
+def run(program: str, via_loader: bool = False, copy_first: bool = False, into: str = "",
+        memfd: bool = False) -> str:
     """Execute another program: directly, or through the ELF loader (which maps a program it only
-    has to read), or a copy of it made in the server's own writable directory first."""
+    has to read), or a copy of it made first in a writable directory (INTO, else its own data
+    directory), or its bytes written into a memfd and run from there."""
+    if memfd:
+        fd = os.memfd_create("program", 0)
+        with open(program, "rb") as f:
+            os.write(fd, f.read())
+        try:
+            done = subprocess.run([f"/proc/self/fd/{fd}", "--version"], pass_fds=(fd,), capture_output=True,
+                                  text=True, timeout=10)
+        except OSError as exc:
+            return f"refused: {type(exc).__name__}: {exc}"
+        return f"ran: exit {done.returncode}: {done.stdout.strip()[:200]}"
     if copy_first:
-        target = os.path.join(os.getcwd(), "copied-program")
+        target = os.path.join(into or os.getcwd(), "copied-program")
         shutil.copyfile(program, target)
         os.chmod(target, 0o755)
         program = target
@@ -108,6 +120,10 @@ def connect(host: str, port: int) -> str:
     except OSError as exc:
         return f"refused: {type(exc).__name__}: {exc}"
     return "connected"
+
+
+if os.environ.get("PROBE_EXTRA_TOOL"):  # a tool of any name, another echo
+    server.tool(name=os.environ["PROBE_EXTRA_TOOL"])(echo)
 
 
 if __name__ == "__main__":
