@@ -118,6 +118,7 @@ def _init(request: p.Spawn, fds: list[int], disk: tuple[int, str], status_w: int
     _name_process(f"qanot:init:{request.plugin}")
     if new_session:
         os.setsid()  # the worker's session and process group: the host signals the group
+    _memfd_noexec()  # before the worker exists: it builds its sandbox (and looks) while this init goes on
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     worker = os.fork()
     if worker == 0:
@@ -125,7 +126,6 @@ def _init(request: p.Spawn, fds: list[int], disk: tuple[int, str], status_w: int
     os.close(go_r)
     _place(worker, request.cgroup_procs)
     _close_all_but([status_w, parent_pidfd, go_w])
-    _memfd_noexec()
     if request.uid >= 0:
         # The plugin's uid, and with the change no longer dumpable: a plugin cannot read or
         # trace its init through /proc/1 (its root is the host's).
