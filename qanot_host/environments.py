@@ -144,7 +144,7 @@ class EnvironmentBuilder:
         try:
             # install_timeout bounds the whole environment: uv, and each source build it needs
             async with asyncio.timeout(self._timeout):
-                await self._uv(plugin, [uv, "venv", "--quiet", "--python", sys.executable, scratch])
+                await asyncio.to_thread(_make_environment, scratch)
                 await self._install(plugin, [uv, "pip", "install", verbosity, "--python",
                                              os.path.join(scratch, "bin", "python"), "--link-mode", "hardlink"],
                                     requirements, from_source, deadline)
@@ -304,6 +304,20 @@ def sweep_partial_builds(state_dir: str) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def _make_environment(path: str) -> None:
+    """An empty virtual environment of the host's interpreter for uv to install into: a pyvenv.cfg,
+    bin/python and site-packages, all a worker (which only adds site-packages) and uv need. `uv venv`
+    took 120 ms here to make it, a third of a plugin's first start from uv's warm cache."""
+    base = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    version = sys.version_info
+    os.makedirs(os.path.join(path, "lib", f"python{version.major}.{version.minor}", "site-packages"))
+    os.makedirs(os.path.join(path, "bin"))
+    os.symlink(base, os.path.join(path, "bin", "python"))
+    with open(os.path.join(path, "pyvenv.cfg"), "w") as f:
+        f.write(f"home = {os.path.dirname(base)}\ninclude-system-site-packages = false\n"
+                f"version = {version.major}.{version.minor}.{version.micro}\n")
 
 
 def _site_packages(env_dir: str) -> list[str]:

@@ -2,9 +2,10 @@
 
 The host runs this plugin, in a worker of the server's own name, for each `mcp_servers` entry of
 config.json. For a stdio entry the server is this worker's child: it inherits every layer of the
-worker's sandbox (uid, root, namespaces, cgroup, seccomp, Landlock, with its command the one
-program it may execute), and it dies with the worker's PID namespace, so it can never outlive the
-host. For a remote entry (`sse`, `http`) this worker is the client, granted that one address.
+worker's sandbox (uid, root, namespaces, cgroup, seccomp, Landlock: its command, the interpreter it
+names and their loader are all it may execute by name), and it dies with the worker's PID
+namespace, so it can never outlive the host. For a remote entry (`sse`, `http`) this worker is the
+client, granted that one address.
 
 The worker's life is the connection's: if the server exits, stops answering MCP pings or the
 connection drops, the worker exits, and the host's supervisor restarts it (policy, backoff,
@@ -80,12 +81,25 @@ class QanotPlugin(Plugin):
         except BaseException as exc:  # noqa: BLE001 - whatever ends the connection is reported once
             why = _describe(exc)
             if not ready.done():
-                ready.set_exception(ConnectionError(f"MCP server {self.name}: {why}"))
+                ready.set_exception(ConnectionError(f"MCP server {self.name}: {self._starting_failed(exc, why)}"))
                 return
             if isinstance(exc, asyncio.CancelledError) and self._stopping:
                 raise
         if not self._stopping:
             self._lost(why)
+
+    def _starting_failed(self, exc: BaseException, why: str) -> str:
+        """Why the server did not get as far as its tool list, with what the SDK's words leave out:
+        the program that could not be run, or that the server exited (its stderr is logged above)."""
+        if self.config.get("transport", "stdio") != "stdio":
+            return f"{self.config['url']}: {why}"
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        if isinstance(exc, OSError) and not exc.filename:
+            return f"{self.config['command']} could not be started: {why}"
+        if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
+            return f"{why} (the server exited before it answered: its stderr, logged above, may say why)"
+        return why
 
     @asynccontextmanager
     async def _transport(self):
