@@ -53,6 +53,7 @@ class Cgroups:
         self._base: dict[str, str] = {}  # controller (or "" on v2) -> the host's base group
         self._made: list[str] = []
         self._open_files: dict[str, int] = {}  # plugin -> its cpuacct.usage, kept open (cpu_seconds)
+        self._applied: dict[str, CgroupLimits] = {}  # group -> the limits last written there
         self.problem = "" if self._hierarchies else "no writable cgroup hierarchy (not root, or no cgroups)"
 
     @property
@@ -66,7 +67,9 @@ class Cgroups:
         for controller in self._hierarchies:
             try:
                 group = self._group(controller, plugin)
-                _apply(controller, group, limits)
+                if self._applied.get(group) != limits:  # only root writes these files: what was set stays set
+                    _apply(controller, group, limits)
+                    self._applied[group] = limits
             except OSError as exc:
                 log.warning("plugin %s: no %s cgroup (%s)", plugin, controller or "v2", exc.strerror or exc)
                 continue
@@ -164,6 +167,7 @@ class Cgroups:
                 await asyncio.sleep(0.01)
         self._made.clear()
         self._base.clear()
+        self._applied.clear()
         for fd in self._open_files.values():
             os.close(fd)
         self._open_files.clear()
@@ -179,7 +183,8 @@ class Cgroups:
                 _enable_v2_controllers(base)
             self._base[controller] = base
         group = os.path.join(base, plugin)
-        _mkdir(group)
+        if _mkdir(group):
+            self._applied.pop(group, None)  # a new group has the kernel's defaults
         if group not in self._made:  # made now, or left by an earlier host of this process: ours to remove
             self._made.insert(self._made.index(base) + 1, group)
         return group

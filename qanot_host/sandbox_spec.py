@@ -115,17 +115,8 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
         ops.setdefault(op.target, op)
 
     hidden = [path for path in _host_site_dirs()]
-    mount_points = _mount_points()
-    for path in SYSTEM_TREES:
-        if os.path.islink(path):
-            add(p.MountOp("symlink", path, text=os.readlink(path)))
-        elif os.path.isdir(path):
-            add(p.MountOp("ro", path, path))
-            _add_mounts_beneath(add, path, path, mount_points, hidden)
-    for path in [*SYSTEM_FILES, *(NETWORK_FILES if network else [])]:
-        if os.path.exists(path):
-            add(p.MountOp("ro", path, os.path.realpath(path)))
-            _add_mounts_beneath(add, path, os.path.realpath(path), mount_points, hidden)
+    for op in _system_ops(network, tuple(_mount_points()), tuple(hidden)):
+        add(op)
     if places.programs is not None and not subprocess:
         _only_its_programs(ops, places.programs)
     if subprocess:
@@ -133,7 +124,10 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
         for path in _venv_paths():  # at the same paths: the venv's python is a link, and reads pyvenv.cfg
             add(p.MountOp("ro", path, path))
     bound = [op.target for op in ops.values() if op.kind == "ro"]
-    for real in sorted({os.path.realpath(path) for path in reads if os.path.exists(path)}):
+    static = _real_python_paths(places.import_root)  # the host's own: resolved once
+    reals = {*static.values(),
+             *(os.path.realpath(path) for path in reads if path not in static and os.path.exists(path))}
+    for real in sorted(reals):
         # Inside a tree bound already, a bind adds nothing, unless a hidden directory lies between.
         if not any(_under(real, tree) and not any(_under(real, h) and _under(h, tree) for h in hidden)
                    for tree in bound):
@@ -157,6 +151,34 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
     add(p.MountOp("file", "/etc/group", text=f"root:x:0:\nqanot:x:{uid}:\n"))
     # Parents before children: a bind inside a tmpfs or another bind needs its mount point there.
     return sorted(ops.values(), key=lambda op: [c for c in op.target.split("/") if c])
+
+
+@functools.lru_cache(maxsize=8)
+def _system_ops(network: bool, mount_points: tuple[str, ...], hidden: tuple[str, ...]) -> list[p.MountOp]:
+    """The system's programs, libraries and few files every root holds, read-only: the same for
+    every plugin while the host's mounts stay as they are (hundreds of starts a second read them once)."""
+    ops: dict[str, p.MountOp] = {}
+
+    def add(op: p.MountOp) -> None:
+        ops.setdefault(op.target, op)
+
+    for path in SYSTEM_TREES:
+        if os.path.islink(path):
+            add(p.MountOp("symlink", path, text=os.readlink(path)))
+        elif os.path.isdir(path):
+            add(p.MountOp("ro", path, path))
+            _add_mounts_beneath(add, path, path, list(mount_points), list(hidden))
+    for path in [*SYSTEM_FILES, *(NETWORK_FILES if network else [])]:
+        if os.path.exists(path):
+            add(p.MountOp("ro", path, os.path.realpath(path)))
+            _add_mounts_beneath(add, path, os.path.realpath(path), list(mount_points), list(hidden))
+    return list(ops.values())
+
+
+@functools.cache
+def _real_python_paths(import_root: str) -> dict[str, str]:
+    """The interpreter's and the runtime's paths (the host's, for its life), each with its real path."""
+    return {path: os.path.realpath(path) for path in _python_paths(import_root) if os.path.exists(path)}
 
 
 def _only_its_programs(ops: dict[str, p.MountOp], programs: Programs) -> None:

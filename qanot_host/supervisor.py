@@ -145,9 +145,10 @@ class PluginSupervisor:
             for warning in worker.report.sandbox_warnings:
                 log.warning("plugin %s: %s", self.name, warning)
         assert worker.info is not None  # a started worker has said what it offers
-        self._offer = CachedOffer(self.offer_key, worker.info, worker.tools, worker.extensions)
-        if self.offer_key and (self.lazy or self.idle_timeout):
-            self._factory.tool_cache.store(self.name, self._offer)
+        offer = CachedOffer(self.offer_key, worker.info, worker.tools, worker.extensions)
+        if self.offer_key and (self.lazy or self.idle_timeout) and offer != self._offer:  # a lazy start mostly
+            self._factory.tool_cache.store(self.name, offer)  # offers what the cache said it would
+        self._offer = offer
         return worker
 
     @property
@@ -184,7 +185,7 @@ class PluginSupervisor:
         self.settled.set()
 
     def _became_ready(self) -> None:
-        self._cpu_at_start = self._factory.group_usage(self.name)[1] or 0.0
+        self._cpu_at_start = self._factory.group_cpu(self.name) or 0.0
         self.state = PluginState.READY
         self.error = ""
         self._calls_since_start = 0

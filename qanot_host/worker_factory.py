@@ -150,6 +150,10 @@ class WorkerFactory:
             raise
         return worker
 
+    def group_cpu(self, plugin: str) -> float | None:
+        """The plugin cgroup's CPU seconds (None where the host has no cgroups): one pread."""
+        return self.cgroups.cpu_seconds(plugin) if self.cgroups.available else None
+
     def group_usage(self, plugin: str) -> tuple[float | None, float | None]:
         """The plugin cgroup's (memory MB, CPU s); (None, None) where the host has no cgroups."""
         return self.cgroups.usage(plugin) if self.cgroups.available else (None, None)
