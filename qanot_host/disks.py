@@ -10,6 +10,7 @@ directory is a plain directory and the disk-quota layer is reported missing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import glob
 import logging
 import os
@@ -27,6 +28,7 @@ class DiskImages:
         self._dir = os.path.join(state_dir, "disks")
         self._mkfs: str | None = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/sbin:/usr/sbin")
         self._resize = shutil.which("resize2fs") or shutil.which("resize2fs", path="/sbin:/usr/sbin")
+        self._making: dict[int, asyncio.Lock] = {}  # size -> its template is being made
         self.problem = ""
         if self._mkfs is None:
             self.problem = "mkfs.ext4 is not installed (e2fsprogs)"
@@ -55,19 +57,38 @@ class DiskImages:
         return path, ""
 
     async def _make(self, path: str, size: int) -> None:
+        """A copy of an empty file system of that size, made by mkfs.ext4 once per size: a sparse copy
+        of its few hundred KB of metadata costs a millisecond, a run of mkfs.ext4 15 ms of CPU (500
+        plugins on a fresh state_dir: 8 s of two cores)."""
+        template = await self._template(size)
         scratch = f"{path}.making-{os.getpid()}"
-        fd = os.open(scratch, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
-        try:
-            await _run([self._mkfs or "mkfs.ext4", *MKFS_OPTIONS, scratch])
+            await asyncio.to_thread(_sparse_copy, template, scratch, size)
             os.rename(scratch, path)
         finally:
             if os.path.exists(scratch):
                 os.unlink(scratch)
         log.info("made a disk of %d MB for the plugin at %s", size // 2**20, path)
+
+    async def _template(self, size: int) -> str:
+        # in a directory of its own: no plugin's image (NAME.img beside it) can be one
+        template = os.path.join(self._dir, "templates", f"empty-{size}.img")
+        async with self._making.setdefault(size, asyncio.Lock()):
+            if not os.path.exists(template):
+                os.makedirs(os.path.dirname(template), mode=0o700, exist_ok=True)
+                scratch = f"{template}.making-{os.getpid()}"
+                fd = os.open(scratch, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+                try:
+                    await _run([self._mkfs or "mkfs.ext4", *MKFS_OPTIONS, scratch])
+                    os.rename(scratch, template)
+                finally:
+                    if os.path.exists(scratch):
+                        os.unlink(scratch)
+        return template
 
     async def _grow(self, path: str, size: int) -> None:
         if self._resize is None:
@@ -76,6 +97,29 @@ class DiskImages:
         os.truncate(path, size)
         await _run([self._resize, "-f", path])
         log.info("grew %s to %d MB", path, size // 2**20)
+
+
+def _sparse_copy(source: str, target: str, size: int) -> None:
+    """`source`'s data extents into a new sparse file of `size` bytes (holes stay holes)."""
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        os.fchmod(dst.fileno(), 0o600)
+        os.ftruncate(dst.fileno(), size)
+        end_of_file = os.fstat(src.fileno()).st_size
+        offset = 0
+        while offset < end_of_file:
+            try:
+                start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after offset
+                    break
+                raise
+            stop = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            while start < stop:
+                copied = os.copy_file_range(src.fileno(), dst.fileno(), stop - start, start, start)
+                if copied <= 0:
+                    raise OSError(errno.EIO, f"copying {source} stopped at {start}")
+                start += copied
+            offset = stop
 
 
 def _attached(path: str) -> bool:

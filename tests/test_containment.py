@@ -375,6 +375,20 @@ async def test_the_disk_ceiling_is_the_kernels(write_config):
     assert int(result.split("after ")[1].split()[0]) <= 64
 
 
+async def test_each_disk_is_a_copy_of_its_own_and_the_empty_one_stays_empty(write_config):
+    """New disks are sparse copies of one empty file system per size (mkfs.ext4 runs once): what
+    one plugin writes is in its copy only, and the next plugin's disk starts empty."""
+    config = write_config([plugin("attacker"), GREETER], host={"limits": {"disk_mb": 64}})
+    async with Host(config) as host:
+        disks = Path(host.config.host.state_dir) / "disks"
+        template = disks / "templates" / f"empty-{64 * 2**20}.img"
+        empty = template.read_bytes()
+        result = await attack(host, "fill_disk", mb=4096)
+        assert result.startswith("contained: No space left on device after"), result
+        assert template.read_bytes() == empty
+        assert (disks / "attacker.img").stat().st_blocks > 20 * (disks / "greeter.img").stat().st_blocks
+
+
 # ---- further attacks, on the layers that closed the ones above --------------------------------------
 
 FURTHER = {
