@@ -592,3 +592,20 @@ def test_type_and_transport_that_disagree_are_refused():
     raw = json.dumps({"mcp_servers": [{"name": "x", "type": "http", "transport": "stdio", "command": "y"}]})
     with pytest.raises(ConfigError, match=r"mcp_servers\[0\]: transport 'stdio' and type 'http' disagree"):
         parse_config(raw.encode(), "config.json")
+
+
+async def test_a_lazy_server_starts_on_its_first_call_and_stops_when_idle(write_config, server_venv, token):
+    settings = probe_grants(activation="lazy", idle_timeout=1)
+    config = write_config([], host={**settings, "limits_interval": 0.2}, mcp_servers=[probe(server_venv, token)])
+    async with Host(config):  # no cached tool list yet: started once to list its tools, then stopped
+        pass
+    async with Host(config) as host:
+        supervisor = host.plugins["probe"]
+        assert supervisor.state.value == "idle" and supervisor.worker is None and server_processes(token) == []
+        assert host.registry.get("whoami").description.startswith("[MCP:probe] ")
+        assert await host.registry.execute("echo", {"text": "woken"}) == "woken"
+        assert supervisor.activations == 1 and len(server_processes(token)) == 1
+        await wait_until(lambda: supervisor.state.value == "idle" and not server_processes(token), 15,
+                         "the idle server stopped")
+        assert await host.registry.execute("echo", {"text": "again"}) == "again"
+        assert supervisor.activations == 2 and supervisor.status()["restarts"] == 0
