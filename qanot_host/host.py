@@ -18,14 +18,14 @@ from .config import directory_problems, load_config
 from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import EnvironmentBuilder, sweep_partial_builds
 from .errors import (ConfigError, DependencyError, PluginError, PluginStartError, PluginUnavailable,
-                     ProtocolMismatch, StartRefused)
+                     ProtocolMismatch, StartRefused, WorkerTimeout)
 from .fd_limit import raise_open_files_limit
 from .fingerprint import plugin_fingerprint
 from .channel import FRAMES
 from .launcher import Launcher
 from .limits_watch import LimitsWatch
 from .log_ring import LogRing
-from .mcp_servers import mcp_server
+from .mcp_servers import install_stamp, mcp_server
 from .output import printable
 from .registry import RegisteredTool, ToolRegistry
 from .sandbox_spec import withheld_permissions
@@ -151,7 +151,8 @@ class Host:
         try:
             source = self._locate(supervisor)
             await self._await_deps(supervisor, source)
-            fingerprint = self._fingerprints[supervisor.name] = await asyncio.to_thread(_fingerprint, source)
+            fingerprint = self._fingerprints[supervisor.name] = await asyncio.to_thread(_fingerprint, source,
+                                                                                          self.config)
             site_dirs = await self._envs.site_dirs(supervisor.name, source.manifest.dependencies)
             supervisor.offer_key = offer_key(fingerprint, supervisor.entry,
                                              self.config.settings_for(supervisor.name), site_dirs)
@@ -243,13 +244,18 @@ class Host:
         tools: list[str] = []
         conflicts: list[str] = []
         refused: list[str] = []
-        reserved = tuple(_mcp_tool_name(other.name, "") for other in self.config.mcp_servers
-                         if other.name != supervisor.name)
+        # mcp_{server}_... names are where each server's tools go when their own names are taken: a name
+        # there is the server's whose name matches longest (s_calc's, not s's, for mcp_s_calc_eval)
+        prefixes = sorted((_mcp_tool_name(other.name, ""), other.name) for other in self.config.mcp_servers)
+
+        def kept_for_another(name: str) -> bool:
+            owners = [owner for prefix, owner in prefixes if name.startswith(prefix)]
+            return bool(owners) and max(owners, key=len) != supervisor.name
         for spec in supervisor.offered_tools:
             try:
                 if spec.problem:
                     raise SchemaError(spec.problem)
-                if spec.name.startswith(reserved):  # where another server's tools go when their names are taken
+                if kept_for_another(spec.name):
                     raise SchemaError(f"name {spec.name!r} is kept for another MCP server's tools "
                                       "(mcp_{server}_{tool})")
                 tool = RegisteredTool(spec.name, spec.description, spec.parameters,
@@ -260,9 +266,12 @@ class Host:
                           printable(repr(spec.name), 100), printable(str(exc), 500))
                 continue
             holder = self.registry.add_plugin_tool(tool)
-            if holder is not None and server:  # as Qanot names an MCP tool whose name is taken
-                tool = RegisteredTool(_mcp_tool_name(supervisor.name, spec.name), tool.description, tool.parameters,
-                                      tool.handler, tool.plugin, tool.category)
+            fallback = _mcp_tool_name(supervisor.name, spec.name)
+            # as Qanot names an MCP tool whose name is taken; never a name another server's fallbacks take
+            # (servers s and s_calc: s's calc_eval would be mcp_s_calc_eval, s_calc's eval's place)
+            if holder is not None and server and not kept_for_another(fallback):
+                tool = RegisteredTool(fallback, tool.description, tool.parameters, tool.handler, tool.plugin,
+                                      tool.category)
                 holder = self.registry.add_plugin_tool(tool)
             if holder is None:
                 tools.append(tool.name)
@@ -409,9 +418,10 @@ class Host:
 
 
 def _may_retry(exc: PluginError) -> bool:
-    """A start that failed in the worker (its setup(), a crash), not one the host refused as
-    configured, nor an environment or protocol that another try would not change."""
-    return isinstance(exc, PluginStartError) and not isinstance(exc, (StartRefused, DependencyError, ProtocolMismatch))
+    """A start that failed in the worker (its setup() raised or timed out, it crashed), not one the
+    host refused as configured, nor an environment or protocol that another try would not change."""
+    return isinstance(exc, (PluginStartError, WorkerTimeout)) and \
+        not isinstance(exc, (StartRefused, DependencyError, ProtocolMismatch))
 
 
 def _mcp_tool_name(server: str, tool: str) -> str:
@@ -419,12 +429,14 @@ def _mcp_tool_name(server: str, tool: str) -> str:
     return f"mcp_{server}_{tool}"
 
 
-def _fingerprint(source: PluginSource) -> str:
-    """Where the plugin is, and what its directory holds: a change of either restarts it at reload."""
-    return f"{source.directory}:{plugin_fingerprint(source.directory)}"
+def _fingerprint(source: PluginSource, config: Config) -> str:
+    """Where the plugin is, and what its directory holds (for an MCP server, also its installation):
+    a change restarts it at reload, and keys its cached tool list anew."""
+    own = f"{source.directory}:{plugin_fingerprint(source.directory)}"
+    return own + (f":{install_stamp(config, source.name)}" if mcp_server(config, source.name) else "")
 
 
 def _current_fingerprint(plugin: str, config: Config) -> str | None:
     """The plugin's fingerprint as it is found now under `config` (None: it is not found)."""
     source = find_plugin(plugin, config)
-    return _fingerprint(source) if source is not None else None
+    return _fingerprint(source, config) if source is not None else None

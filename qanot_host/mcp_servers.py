@@ -16,6 +16,8 @@ SecretRefs filled in (and a Redactor for those values).
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import logging
 import os
 import re
@@ -116,7 +118,11 @@ def add_mcp_servers(config: Config) -> None:
 
 
 def _check_remote(server: McpServer, where: str) -> None:
-    parts = urlsplit(server.url)
+    try:
+        parts = urlsplit(server.url)
+        parts.port  # noqa: B018 - raises on a port that is no port
+    except ValueError as exc:
+        raise ConfigError(f"{where}.url: {server.url!r} is not a usable URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}.url: a {server.transport} server needs an http:// or https:// URL, "
                           f"not {server.url!r}")
@@ -193,20 +199,59 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
     return bridged, Redactor(secrets), programs
 
 
+def install_stamp(config: Config, name: str) -> str:
+    """What a stdio server's installation looks like now (its programs, the files its args name,
+    the directories it is installed in and what they hold one level down, a virtual environment's
+    site-packages): an upgrade in place changes it, so a lazy server's cached tool list is not
+    taken for the new one's. "" for a remote server, or one whose command cannot be resolved."""
+    found = mcp_server(config, name)
+    if found is None or found[1].remote:
+        return ""
+    try:
+        _, _, programs = bridge_config(config, name)
+    except ValueError:
+        return ""
+    assert programs is not None
+    paths = [*programs.executable, *(arg for arg in found[1].args if os.path.isabs(arg) and os.path.isfile(arg))]
+    for root in programs.readable:
+        paths.append(root)
+        if os.path.isdir(root):
+            try:
+                paths += sorted(entry.path for entry in os.scandir(root))
+            except OSError:
+                pass
+            paths += glob.glob(os.path.join(glob.escape(root), "lib", "python*", "site-packages"))
+    stamps = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        stamps.append(f"{path}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16]
+
+
 def _writable_places(config: Config) -> list[tuple[str, str]]:
     """(config key, path) of every place a plugin (or a server) may write."""
     places = [(f"host.plugins.{name}.permissions.filesystem.write", path)
               for name, settings in config.host.plugins.items() if settings.permissions.filesystem
               for path in settings.permissions.filesystem.write]
-    return places + [("workspace_dir", config.workspace_dir), ("host.state_dir", config.host.state_dir)]
+    places += [("workspace_dir", config.workspace_dir), ("host.state_dir", config.host.state_dir)]
+    return [(key, os.path.realpath(path)) for key, path in places]  # compared as the kernel finds them
 
 
 def _refuse_writable(path: str, writable: list[tuple[str, str]], where: str) -> None:
     """A server's programs (and where they are looked for) must not lie where a plugin, or a server,
     may write: that one could change the code that runs with this server's grants, or plant a
     program whose #! line has the host bind what it names."""
+    # where it leads, and where it is (a link in a writable place could be changed to lead elsewhere)
+    for real in {os.path.realpath(path), os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))}:
+        _refuse_place(path, real, writable, where)
+
+
+def _refuse_place(path: str, real: str, writable: list[tuple[str, str]], where: str) -> None:
     for key, place in writable:
-        if path == place or path.startswith(place.rstrip("/") + "/"):
+        if real == place or real.startswith(place.rstrip("/") + "/"):
             raise ValueError(f"{where}: {path} lies in {place} ({key}), where plugins may write: a plugin "
                              "could change what this server runs. Install the server elsewhere")
 
@@ -216,7 +261,7 @@ def _search_path(path: str, writable: list[tuple[str, str]], where: str) -> str:
     own working directory), none where a plugin may write."""
     entries = [entry for entry in path.split(":") if entry.startswith("/")]
     for entry in entries:
-        _refuse_writable(os.path.normpath(entry), writable, where)
+        _refuse_writable(entry, writable, where)
     return ":".join(entries)
 
 
@@ -238,8 +283,9 @@ def _resolve_table(table: dict[str, Any], where: str) -> tuple[dict[str, str], d
                 raise ValueError(f"{where}.{key}: the environment variable {var!r} it names (${{{var}}}) is not "
                                  "set (or empty) in the host's environment")
         out[key] = PLACEHOLDER.sub(lambda m: os.environ[m.group(1)], text)
-        if names:
+        if names:  # the whole value, and each variable's on its own (a token, a DSN's password)
             secrets[key] = out[key]
+            secrets.update({f"{key} ${{{var}}}": os.environ[var] for var in names})
     return out, secrets
 
 

@@ -57,6 +57,10 @@ MODE_SETTERS = {"open": (2, 2), "creat": (85, 1), "chmod": (90, 1), "fchmod": (9
 SET_ID_BITS = 0o6000
 OPENAT2 = 437  # its mode is in a struct the filter cannot read: ENOSYS, as an old kernel says
 DENY_WITHOUT_SUBPROCESS = {"execve": 59, "execveat": 322, "fork": 57, "vfork": 58}
+# A worker that may execve (subprocess, an MCP server) gets no memfd: vm.memfd_noexec stops an
+# execve of one, but the ELF loader it may run maps code from any file it can open, a memfd's
+# /proc/self/fd/N included (noexec mounts are what stop that for the files it writes).
+DENY_WITH_SUBPROCESS = {"memfd_create": 319}
 CLONE, CLONE3, SOCKET, IOCTL, CONNECT = 56, 435, 41, 16, 42
 SENDTO, SENDMSG, SENDMMSG = 44, 46, 307  # flags are arg 3, 2 and 3
 LISTEN, ACCEPT, ACCEPT4, SETSOCKOPT = 50, 43, 288, 54
@@ -95,8 +99,7 @@ def _program(subprocess: bool, shares_uid: bool = False) -> list[tuple[int, int,
     prog = [_op(LD_W_ABS, OFF_ARCH), _op(JEQ_K, AUDIT_ARCH_X86_64, 1, 0), _op(RET_K, RET_KILL),
             _op(LD_W_ABS, OFF_NR), _op(JGE_K, X32_SYSCALL_BIT, 0, 1), _op(RET_K, eperm)]
     denied = dict(DENY)
-    if not subprocess:
-        denied.update(DENY_WITHOUT_SUBPROCESS)
+    denied.update(DENY_WITH_SUBPROCESS if subprocess else DENY_WITHOUT_SUBPROCESS)
     for number in sorted(set(denied.values())):
         prog += [_op(JEQ_K, number, 0, 1), _op(RET_K, eperm)]
     prog += [_op(JEQ_K, CLONE3, 0, 1), _op(RET_K, _errno(errno.ENOSYS))]

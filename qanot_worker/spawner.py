@@ -105,7 +105,10 @@ def _place(pid: int, cgroup_procs: list[str]) -> None:
 def _go(go_w: int) -> None:
     """Tell the worker to go on: it says Hello only after this, so no plugin code runs before its
     launcher has placed it and (an init) given up root."""
-    os.write(go_w, b"g")
+    try:
+        os.write(go_w, b"g")
+    except BrokenPipeError:
+        pass  # the worker is gone already (the host is stopping): its exit is reported as any other
     os.close(go_w)
 
 

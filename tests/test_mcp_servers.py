@@ -339,9 +339,12 @@ async def test_the_server_runs_in_the_workers_sandbox(write_config, server_venv,
             answer = await host.registry.execute("run", {"program": python, "via_loader": True, "copy_first": True,
                                                          "into": place})
             assert not answer.startswith("ran: exit 0"), answer
-            # nor its bytes in a memfd (vm.memfd_noexec=2 in its PID namespace: Landlock has no say there)
-            answer = await host.registry.execute("run", {"program": python, "memfd": True})
-            assert answer.startswith("refused: PermissionError"), answer
+            # nor its bytes in a memfd (vm.memfd_noexec=2 in its PID namespace: Landlock has no say there;
+            # and no memfd at all, which the loader would map from /proc/self/fd/N: attack pass 14)
+            for via_loader in (False, True):
+                answer = await host.registry.execute("run", {"program": python, "memfd": True,
+                                                             "via_loader": via_loader})
+                assert answer.startswith("refused: PermissionError"), answer
             assert "memfd-noexec" in host.plugins["probe"].status()["sandbox"]
             assert (await host.registry.execute("read", {"path": "/etc/shadow"})).startswith("refused")
             assert (await host.registry.execute("read", {"path": str(secret_file)})).startswith("refused")
@@ -416,6 +419,8 @@ def _start_remote(venv: Path, token: str, port: int) -> subprocess.Popen:
     ([{"name": "a/b", "command": "y"}], "mcp_servers[0].name"),
     ([{"name": "x", "command": "y", "env": {"K": 5}}], "mcp_servers[0].env.K"),
     ([{"name": "x", "command": "y", "args": "z"}], "mcp_servers[0].args"),
+    ([{"name": "x", "transport": "http", "url": "http://a:99999/m"}], "mcp_servers[0].url"),
+    ([{"name": "x", "transport": "http", "url": "http://[::1/m"}], "mcp_servers[0].url"),
     ({"name": "x"}, "mcp_servers: a list"),
 ])
 def test_unusable_mcp_server_entries_are_refused_by_name(servers, message):
@@ -601,7 +606,8 @@ async def test_a_lazy_server_starts_on_its_first_call_and_stops_when_idle(write_
         pass
     async with Host(config) as host:
         supervisor = host.plugins["probe"]
-        assert supervisor.state.value == "idle" and supervisor.worker is None and server_processes(token) == []
+        assert supervisor.state.value == "idle" and supervisor.worker is None
+        await wait_until(lambda: not server_processes(token), 10, "the listing host's server gone")
         assert host.registry.get("whoami").description.startswith("[MCP:probe] ")
         assert await host.registry.execute("echo", {"text": "woken"}) == "woken"
         assert supervisor.activations == 1 and len(server_processes(token)) == 1
@@ -609,3 +615,93 @@ async def test_a_lazy_server_starts_on_its_first_call_and_stops_when_idle(write_
                          "the idle server stopped")
         assert await host.registry.execute("echo", {"text": "again"}) == "again"
         assert supervisor.activations == 2 and supervisor.status()["restarts"] == 0
+
+
+async def test_nested_server_names_keep_their_fallback_names_apart(write_config, server_venv, token):
+    """Attack pass 14: with servers s and s_calc, s's calc_eval (taken by plugin calc) fell back to
+    mcp_s_calc_eval, the place of s_calc's eval (taken by s): calls meant for s_calc reached s."""
+    config = write_config([plugin("calc")], host={**probe_grants("s"), "plugins": {
+        **probe_grants("s")["plugins"], **probe_grants("s_calc")["plugins"]}}, mcp_servers=[
+        probe(server_venv, token, name="s", env={"PROBE_EXTRA_TOOL": "calc_eval,eval"}),
+        probe(server_venv, token, name="s_calc", env={"PROBE_EXTRA_TOOL": "eval"})])
+    async with Host(config) as host:
+        assert host.registry.get("calc_eval").plugin == "calc" and host.registry.get("eval").plugin == "s"
+        assert host.registry.get("mcp_s_calc_eval").plugin == "s_calc"
+        assert "calc_eval" in host.plugins["s"].status()["conflicts"]  # no name left for it
+
+
+async def test_each_variable_in_a_value_is_redacted_on_its_own(write_config, server_venv, token, monkeypatch):
+    """Attack pass 14: "postgres://app:${PASS}@db/app" was redacted only whole; the password alone
+    went to the log in clear."""
+    monkeypatch.setenv("QH_PROBE_DB_PASSWORD", "hunter2-db-password-777")
+    config = write_config([], host=probe_grants(), mcp_servers=[probe(
+        server_venv, token, env={"DSN": "postgres://app:${QH_PROBE_DB_PASSWORD}@db.internal/app"})])
+    async with Host(config) as host:
+        dsn = await host.registry.execute("env_value", {"name": "DSN"})
+        password = dsn.split(":")[2].split("@")[0]
+        await host.registry.execute("say", {"text": f"connecting with {password} and {dsn}"})
+        logged = "\n".join(text for _, _, text in host.logs("probe").recent(1000))
+        assert "connecting with [secret" in logged and "hunter2" not in logged
+
+
+async def test_a_remote_server_whose_start_hangs_is_tried_again(write_config, server_venv, token):
+    """Attack pass 14: a remote server that accepts connections and never answers timed out in
+    setup() and stayed failed."""
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
+    port = listener.getsockname()[1]
+    config = write_config([], host={"setup_timeout": 2, "restart": {"backoff_initial": 0.5, "backoff_max": 1,
+                                                                      "max_restarts": 50}},
+                          mcp_servers=[{"name": "slow", "type": "http", "url": f"http://127.0.0.1:{port}/mcp"}])
+    remote = None
+    try:
+        async with Host(config) as host:
+            supervisor = host.plugins["slow"]
+            assert supervisor.state.value in ("restarting", "starting"), host.status()
+            assert "timed out" in supervisor.last_exit
+            listener.close()
+            remote = _start_remote(server_venv, token, port)
+            await wait_until(lambda: supervisor.state.value == "ready", 60, "the remote server reached")
+            assert await host.registry.execute("echo", {"text": "answered at last"}) == "answered at last"
+    finally:
+        listener.close()
+        if remote is not None:
+            remote.kill()
+            remote.wait()
+
+
+async def test_a_lazy_servers_cached_tools_follow_its_installation(write_config, server_venv, token, tmp_path):
+    """Attack pass 14: a lazy server upgraded in place kept offering its old tool list."""
+    place = tmp_path / "server"
+    place.mkdir()
+    script = place / "probe_server.py"
+    script.write_text(Path(probe_script()).read_text())
+    for path in (tmp_path, place):
+        os.chmod(path, 0o755)
+    os.chmod(script, 0o644)
+    entry = {"name": "probe", "command": str(server_venv / "bin" / "python"), "args": [str(script), token]}
+    settings = {"plugins": {"probe": {"permissions": {"filesystem": {"read": [str(place)]}}, "activation": "lazy"}}}
+    config = write_config([], host=settings, mcp_servers=[entry])
+    async with Host(config) as host:
+        assert "shout" not in host.registry.tool_names
+    script.write_text(script.read_text().replace('if __name__ == "__main__":', """@server.tool()
+def shout(text: str) -> str:
+    return text.upper()
+
+
+if __name__ == "__main__":"""))
+    async with Host(config) as host:
+        assert host.plugins["probe"].state.value == "idle"
+        assert await host.registry.execute("shout", {"text": "new tool"}) == "NEW TOOL"
+
+
+async def test_places_plugins_write_are_compared_as_the_kernel_finds_them(write_config, server_venv, tmp_path):
+    """Attack pass 14: a workspace_dir reached through a symlink, named by its real path on PATH,
+    passed the check (string prefixes)."""
+    real = tmp_path / "real-workspace"
+    real.mkdir()
+    (tmp_path / "workspace").symlink_to(real)  # write_config's workspace_dir
+    entry = {"name": "sneaky", "command": "python", "env": {"PATH": f"{real}/sneaky:{server_venv / 'bin'}"}}
+    config = write_config([], mcp_servers=[entry])
+    async with Host(config) as host:
+        status = host.plugins["sneaky"].status()
+        assert status["state"] == "failed" and "mcp_servers[0].env.PATH" in status["error"], status

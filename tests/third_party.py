@@ -74,6 +74,8 @@ def probe_script() -> str:
     os.chmod(CACHE, 0o755)
     os.chmod(place, 0o755)
     target = place / "probe_server.py"
+    if target.exists() and target.read_bytes() == PROBE_SERVER.read_bytes():
+        return str(target)  # unchanged: a server's installation stamp (and its cached tools) stays as it was
     scratch = place / f"probe_server.py.{os.getpid()}"
     shutil.copyfile(PROBE_SERVER, scratch)
     os.chmod(scratch, 0o644)

@@ -51,9 +51,13 @@ class QanotPlugin(Plugin):
         await ready  # the connection's own error, if it fails before the tools are listed
 
     def get_tools(self) -> list[ToolDef]:
+        # a tool without a name cannot be called (and would fail the whole list): left out, said once
+        nameless = sum(1 for tool in self.listed if not tool.name)
+        if nameless:
+            print(f"MCP server {self.name}: {nameless} tool(s) without a name left out", file=sys.stderr, flush=True)
         return [ToolDef(name=tool.name, description=f"[MCP:{self.name}] {tool.description or ''}",
                         parameters=dict(tool.input_schema or {"type": "object", "properties": {}}),
-                        handler=self._handler(tool.name)) for tool in self.listed]
+                        handler=self._handler(tool.name)) for tool in self.listed if tool.name]
 
     async def teardown(self) -> None:
         self._stopping = True

@@ -77,12 +77,14 @@ def run(program: str, via_loader: bool = False, copy_first: bool = False, into: 
     has to read), or a copy of it made first in a writable directory (INTO, else its own data
     directory), or its bytes written into a memfd and run from there."""
     if memfd:
-        fd = os.memfd_create("program", 0)
-        with open(program, "rb") as f:
-            os.write(fd, f.read())
         try:
-            done = subprocess.run([f"/proc/self/fd/{fd}", "--version"], pass_fds=(fd,), capture_output=True,
-                                  text=True, timeout=10)
+            fd = os.memfd_create("program", 0)
+            with open(program, "rb") as f:
+                os.write(fd, f.read())
+            command = [f"/proc/self/fd/{fd}", "--version"]
+            if via_loader:
+                command = [_loader(), *command]
+            done = subprocess.run(command, pass_fds=(fd,), capture_output=True, text=True, timeout=10)
         except OSError as exc:
             return f"refused: {type(exc).__name__}: {exc}"
         return f"ran: exit {done.returncode}: {done.stdout.strip()[:200]}"
@@ -93,13 +95,23 @@ def run(program: str, via_loader: bool = False, copy_first: bool = False, into: 
         program = target
     command = [program, "--version"]
     if via_loader:
-        loaders = glob.glob("/lib64/ld-linux-*.so*") + glob.glob("/usr/lib/*-linux-gnu/ld-linux-*.so*")
-        command = [loaders[0], *command]
+        command = [_loader(), *command]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except OSError as exc:
         return f"refused: {type(exc).__name__}: {exc}"
     return f"ran: exit {done.returncode}: {done.stdout.strip()[:200]} {done.stderr.strip()[:200]}"
+
+
+def _loader() -> str:
+    return (glob.glob("/lib64/ld-linux-*.so*") + glob.glob("/usr/lib/*-linux-gnu/ld-linux-*.so*"))[0]
+
+
+@server.tool()
+def say(text: str) -> str:
+    """Print the text on stderr (the host's log)."""
+    print(text, file=sys.stderr, flush=True)
+    return "said"
 
 
 @server.tool()
@@ -122,8 +134,8 @@ def connect(host: str, port: int) -> str:
     return "connected"
 
 
-if os.environ.get("PROBE_EXTRA_TOOL"):  # a tool of any name, another echo
-    server.tool(name=os.environ["PROBE_EXTRA_TOOL"])(echo)
+for extra in filter(None, os.environ.get("PROBE_EXTRA_TOOL", "").split(",")):  # tools of any name, more echoes
+    server.tool(name=extra)(echo)
 
 
 if __name__ == "__main__":
