@@ -9,6 +9,7 @@ Nothing here trusts the plugin: every exception from its code becomes a Failure.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import os
@@ -148,6 +149,9 @@ class WorkerServer(asyncio.Protocol):
             log.error("setup() raised:\n%s", traceback.format_exc())
             self._send(p.Failure(msg.id, p.FailureKind.SETUP, _describe(exc)))
             return
+        # What the plugin imported and set up lives as long as the worker: out of the collector's
+        # sight, so its full collections stay short (an MCP SDK's heap made them pause calls).
+        gc.freeze()
         self._send(p.Done(msg.id))
 
     def _get_tools(self, msg: p.GetTools) -> None:

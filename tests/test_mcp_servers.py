@@ -640,8 +640,11 @@ async def test_each_variable_in_a_value_is_redacted_on_its_own(write_config, ser
         dsn = await host.registry.execute("env_value", {"name": "DSN"})
         password = dsn.split(":")[2].split("@")[0]
         await host.registry.execute("say", {"text": f"connecting with {password} and {dsn}"})
-        logged = "\n".join(text for _, _, text in host.logs("probe").recent(1000))
-        assert "connecting with [secret" in logged and "hunter2" not in logged
+
+        def logged() -> str:
+            return "\n".join(text for _, _, text in host.logs("probe").recent(1000))
+        await wait_until(lambda: "connecting with" in logged(), 10, "the line in the log")  # stderr comes apart
+        assert "connecting with [secret" in logged() and "hunter2" not in logged()
 
 
 async def test_a_remote_server_whose_start_hangs_is_tried_again(write_config, server_venv, token):
