@@ -27,6 +27,20 @@ async def latency(contender, n: int) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
+async def interleaved_p50(contenders: dict, rounds: int, block: int = 100) -> dict[str, float]:
+    """Each contender's sequential p50 (µs), measured in alternating blocks of `block` calls so
+    that all of them see the same moments of this shared machine: a ratio between two contenders
+    measured minutes apart moved by 0.6 between runs here, one measured this way does not."""
+    samples: dict[str, list[float]] = {key: [] for key in contenders}
+    for _ in range(rounds):
+        for key, contender in contenders.items():
+            for _ in range(block):
+                started = time.perf_counter()
+                await contender.call()
+                samples[key].append(time.perf_counter() - started)
+    return {key: statistics.median(values) * 1e6 for key, values in samples.items()}
+
+
 async def throughput(contender, concurrency: int, total: int, trials: int = 5) -> float:
     """Calls per second with `concurrency` calls in flight: the median of `trials` runs, since
     one short run on this shared machine can land on a stall of someone else's."""

@@ -40,6 +40,7 @@ ROWS = [
 
 
 def render(results: dict, quick: bool) -> str:
+    side = results.pop("mcp", None)
     keys = list(results)
     header = "| figure | " + " | ".join(results[k]["label"] for k in keys) + " | e ÷ b | target |"
     lines = [header, "|" + " --- |" * (len(keys) + 3)]
@@ -66,6 +67,11 @@ def render(results: dict, quick: bool) -> str:
         lines.append(f"- an MCP server supervised and sandboxed: g (d's server as an mcp_servers entry, called through "
                      f"execute()) p50 is {g['p50_us'] / d['p50_us']:.2f}× d (the same server called directly by the "
                      f"SDK's client), throughput at 16 {g['tp16'] / d['tp16']:.2f}× d; target: at most 1.10× d's p50")
+    if side:
+        lines.append(f"- d, f and g side by side (running at once, called in alternating blocks of 100, the same "
+                     f"moments of the machine for each): p50 d {side['d']:.0f} µs, f {side['f']:.0f} µs "
+                     f"({side['f'] / side['d']:.2f}× d), g {side['g']:.0f} µs ({side['g'] / side['d']:.2f}× d); "
+                     "target: f and g at most 1.10× d")
     machine = (f"{platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Linux {platform.release()}, "
                f"Python {platform.python_version()}, event loop {eventloop.loop_name()}")

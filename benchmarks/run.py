@@ -35,8 +35,8 @@ from qanot_worker import eventloop  # noqa: E402
 
 from contenders import (BarePipe, InProcess, Mcp, McpHost, McpServerHost, MultiprocessingPool,  # noqa: E402
                         ProcessPool, QanotHost)
-from measurements import (blob_rate, cold_start, cpu_share, egress_sandbox_cost, fifty_plugins, latency,  # noqa: E402
-                          memory, restart_to_ready, throughput, worker_cold_start)
+from measurements import (blob_rate, cold_start, cpu_share, egress_sandbox_cost, fifty_plugins,  # noqa: E402
+                          interleaved_p50, latency, memory, restart_to_ready, throughput, worker_cold_start)
 from report import chart, render  # noqa: E402
 
 
@@ -77,6 +77,7 @@ async def measure(quick: bool) -> dict:
                 if key != "e":
                     r["cold_ms"] = await cold_start(make, 2 if slow or quick else reps)
             print(f"  measured {r['label']}", file=sys.stderr)
+        results["mcp"] = await mcp_side_by_side(scratch, 3 if quick else 10)
         e = results["e"]
         e["cold_ms"], e["host_start_ms"], e["sandbox_ms"] = await worker_cold_start(scratch, reps)
         results["e"]["restart_ms"] = await restart_to_ready(scratch, reps)
@@ -87,6 +88,21 @@ async def measure(quick: bool) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return results
+
+
+async def mcp_side_by_side(scratch: Path, rounds: int) -> dict:
+    """d, f and g running at once, called in turns (interleaved_p50): the ratios #12's targets name."""
+    running = {"d": Mcp(), "f": McpHost(scratch / "side"), "g": McpServerHost(scratch)}
+    for contender in running.values():
+        await contender.start(1)
+    try:
+        for contender in running.values():  # warm each (the first calls of a session are slower)
+            for _ in range(100):
+                await contender.call()
+        return await interleaved_p50(running, rounds)
+    finally:
+        for contender in reversed(running.values()):  # the SDK's scopes end in the order opposite to their start
+            await contender.stop()
 
 
 def main() -> None:
