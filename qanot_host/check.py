@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from .config import directory_problems
 from .discovery import find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import MAX_REQUIREMENTS, find_uv, requirement_problem
-from .mcp_servers import bridge_config, mcp_server
+from .mcp_servers import bridge_config, mcp_server, ungranted_args
 from .probe import probe_layers
 from .sandbox_spec import withheld_permissions
 from .settings import Config, PluginEntry
@@ -103,6 +103,7 @@ def _check_mcp_server(config: Config, entry: PluginEntry, problems: list[str], r
         problems.append(f"{label}: {exc}")
         return
     if programs is not None:
+        report.warnings.extend(f"{label}: {problem}" for problem in ungranted_args(config, entry.name, programs))
         runs = "any program of its root (permissions.subprocess)" \
             if config.settings_for(entry.name).permissions.subprocess else ", ".join(programs.executable)
         report.notes.append(f"{label}: runs {programs.command} {' '.join(server.args)}".rstrip()

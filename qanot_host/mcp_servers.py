@@ -35,7 +35,8 @@ from .plugin_secrets import Redactor, is_secret_ref, resolve_config_secrets
 from .safe_files import open_regular_file
 from .settings import Config, McpServer, NetworkGrant, PluginEntry, PluginSettings
 
-__all__ = ["read_mcp_servers", "add_mcp_servers", "mcp_server", "bridge_config", "Programs", "program_plan",
+__all__ = ["read_mcp_servers", "add_mcp_servers", "mcp_server", "bridge_config", "ungranted_args", "Programs",
+           "program_plan", "install_stamp",
            "BRIDGE_REQUIREMENT"]
 
 log = logging.getLogger("qanot_host.config")
@@ -197,6 +198,29 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
     secrets = {f"mcp_servers[{index}].{table}.{key}": value
                for table, found in (("env", redact_env), ("headers", redact_headers)) for key, value in found.items()}
     return bridged, Redactor(secrets), programs
+
+
+def ungranted_args(config: Config, name: str, programs: Programs) -> list[str]:
+    """The server's arguments that name a path of this machine its sandbox does not hold (the
+    filesystem server's directory without a grant): one line each, saying what to grant. A server
+    that cannot see its directory says only EACCES or ENOENT, and restarts."""
+    found = mcp_server(config, name)
+    if found is None:
+        return []
+    index, server = found
+    grant = config.settings_for(name).permissions
+    held = [*(grant.filesystem.read + grant.filesystem.write if grant.filesystem else []),
+            *programs.readable, *(os.path.dirname(hop) for hop in programs.hops),
+            "/usr", "/lib", "/lib64", "/etc/ssl", "/dev", "/proc"]  # its /tmp is its own, not this one
+    problems = []
+    for position, arg in enumerate(server.args):
+        if not arg.startswith("/") or not os.path.exists(arg) or grant.subprocess and arg.startswith("/usr/"):
+            continue
+        real = os.path.realpath(arg)
+        if not any(real == place or real.startswith(place.rstrip("/") + "/") for place in map(os.path.realpath, held)):
+            problems.append(f"{config.path}: mcp_servers[{index}].args[{position}]: {arg} is not in the server's "
+                            f"sandbox: grant it in host.plugins.{name}.permissions.filesystem.read (or write)")
+    return problems
 
 
 def install_stamp(config: Config, name: str) -> str:

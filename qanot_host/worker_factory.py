@@ -25,7 +25,7 @@ from .errors import PluginStartError, StartRefused
 from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .log_ring import LogRing
-from .mcp_servers import bridge_config, mcp_server
+from .mcp_servers import bridge_config, mcp_server, ungranted_args
 from .plugin_secrets import resolve_config_secrets
 from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable
@@ -120,6 +120,9 @@ class WorkerFactory:
         try:
             if mcp_server(config, name) is not None:  # the bridge's config is the server's entry
                 plugin_config, redact, programs = bridge_config(config, name)
+                if programs is not None and not supervisor.sandbox_warned:
+                    for ungranted in ungranted_args(config, name, programs):
+                        log.warning("plugin %s: %s", name, ungranted)
             else:
                 index = next(i for i, entry in enumerate(config.plugins) if entry.name == name)
                 plugin_config, redact = resolve_config_secrets(supervisor.entry.config,

@@ -708,3 +708,15 @@ async def test_places_plugins_write_are_compared_as_the_kernel_finds_them(write_
     async with Host(config) as host:
         status = host.plugins["sneaky"].status()
         assert status["state"] == "failed" and "mcp_servers[0].env.PATH" in status["error"], status
+
+
+def test_check_says_what_to_grant_for_a_directory_a_server_is_given(write_config, tmp_path):
+    """Newcomer pass: the filesystem server given a directory it was not granted only said EACCES and
+    restarted; check found nothing wrong."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    entry = {"name": "files", "command": str(filesystem_server()), "args": [str(shared)]}
+    report = check_report(write_config([], mcp_servers=[entry]), warnings=True)
+    assert "mcp_servers[0].args[0]" in report and "host.plugins.files.permissions.filesystem.read" in report
+    granted = {"plugins": {"files": {"permissions": {"filesystem": {"read": [str(shared)]}}}}}
+    assert "args[0]" not in check_report(write_config([], host=granted, mcp_servers=[entry]), warnings=True)

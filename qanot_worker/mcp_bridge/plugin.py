@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import select
+import signal
 import sys
 from contextlib import asynccontextmanager
 
@@ -60,9 +61,19 @@ class QanotPlugin(Plugin):
                         handler=self._handler(tool.name)) for tool in self.listed if tool.name]
 
     async def teardown(self) -> None:
+        """MCP's own shutdown (stdin closed), with a short wait: a server still there after half a
+        second gets SIGTERM, as the spec's next step, rather than the SDK's seconds of patience (a
+        restart of mcp-server-time waited 5 s for it); its PID namespace ends whatever is left."""
         self._stopping = True
         self._stop.set()
-        if self._connection is not None:
+        if self._connection is None:
+            return
+        done, _ = await asyncio.wait({self._connection}, timeout=0.5)
+        if not done and self._pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
+            except OSError:
+                pass
             await asyncio.wait({self._connection}, timeout=self.config.get("close_timeout", 2.0))
 
     # ---- the connection ------------------------------------------------------------------------
