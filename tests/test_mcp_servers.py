@@ -59,6 +59,32 @@ def server_processes(token: str) -> list[psutil.Process]:
     return found
 
 
+def sigkill_the_host_once_servers_run(config: str, log: Path, servers, count: int = 2) -> list[str]:
+    """`qanot-host run` until `servers()` finds `count` processes, then SIGKILL the host: none of them
+    may be left 10 s later. The names of the processes found."""
+    with open(log, "wb") as out:
+        host = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        deadline = time.monotonic() + 90
+        while len(servers()) < count:
+            assert host.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        names = [proc.name() for proc in servers()]
+        host.kill()
+        host.wait()
+        deadline = time.monotonic() + 10
+        while servers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert servers() == []
+        return names
+    finally:
+        host.kill()
+        host.wait()
+        for proc in servers():
+            proc.kill()
+
+
 def the_server(token: str) -> psutil.Process:
     servers = server_processes(token)
     assert len(servers) == 1, servers
@@ -186,27 +212,8 @@ def test_no_real_server_outlives_the_hosts_sigkill(write_config, server_venv, to
     granted.mkdir()
     servers, grants = real_servers(server_venv, token, granted)
     config = write_config([plugin("echo")], host={"plugins": grants}, mcp_servers=servers)
-    log = tmp_path / "host.log"
-    with open(log, "wb") as out:
-        host = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=out)
-    try:
-        deadline = time.monotonic() + 90
-        while len(processes_with_env(token)) < 2:
-            assert host.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
-        assert {p.name() for p in processes_with_env(token)} >= {"node"}
-        host.kill()
-        host.wait()
-        deadline = time.monotonic() + 10
-        while processes_with_env(token) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert processes_with_env(token) == []
-    finally:
-        host.kill()
-        host.wait()
-        for proc in processes_with_env(token):
-            proc.kill()
+    servers = sigkill_the_host_once_servers_run(config, tmp_path / "host.log", lambda: processes_with_env(token))
+    assert "node" in servers
 
 
 # ---- the probe server: supervision ----------------------------------------------------------------
@@ -281,26 +288,7 @@ def test_no_server_outlives_the_hosts_sigkill(write_config, server_venv, token, 
     config_data = json.loads(Path(config).read_text())
     config_data["host"]["plugins"]["other"] = config_data["host"]["plugins"]["probe"]
     Path(config).write_text(json.dumps(config_data))
-    log = tmp_path / "host.log"
-    with open(log, "wb") as out:
-        host = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=out)
-    try:
-        deadline = time.monotonic() + 60
-        while len(server_processes(token)) < 2:
-            assert host.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
-        host.kill()
-        host.wait()
-        deadline = time.monotonic() + 10
-        while server_processes(token) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server_processes(token) == []
-    finally:
-        host.kill()
-        host.wait()
-        for proc in server_processes(token):
-            proc.kill()
+    sigkill_the_host_once_servers_run(config, tmp_path / "host.log", lambda: server_processes(token))
 
 
 # ---- the probe server: sandbox, names, config -----------------------------------------------------
