@@ -20,7 +20,7 @@ from .mcp_servers import add_mcp_servers, read_mcp_servers
 from .schema import json_problem
 from .settings import Config, PluginSettings
 
-__all__ = ["load_config", "parse_config", "directory_problems", "own_workspace", "validation_message"]
+__all__ = ["load_config", "parse_config", "directory_problems", "own_workspace", "validation_message", "within"]
 
 log = logging.getLogger("qanot_host.config")
 
@@ -124,18 +124,18 @@ def _check_grants(config: Config) -> None:
             **{f"host.search_path[{i}]": path for i, path in enumerate(config.host.search_path or [])}}
     for owner, w_index, written in writes:
         key = f"{config.path}: host.plugins.{owner}.permissions.filesystem.write[{w_index}]"
-        if _within(config.workspace_dir, written):
+        if within(config.workspace_dir, written):
             raise ConfigError(f"{key}: {written} holds workspace_dir ({config.workspace_dir}), where the host "
                               "writes TOOLS.md and SOUL.md: grant a directory inside it instead")
         for what, place in code.items():
-            if place is not None and (_within(place, written) or _within(written, place)):
+            if place is not None and (within(place, written) or within(written, place)):
                 raise ConfigError(f"{key}: {written} and {what} ({place}) overlap: a plugin may not write "
                                   "plugins' code")
     own = [(entry.name, own_workspace(config, entry.name)) for entry in config.plugins
            if config.settings_for(entry.name).workspace]
     for owner, w_index, written in writes:
         for name, path in own:
-            if name != owner and _within(path, written):
+            if name != owner and within(path, written):
                 raise ConfigError(
                     f"{config.path}: host.plugins.{owner}.permissions.filesystem.write[{w_index}]: {written} holds "
                     f"{path}, plugin {name}'s own place in the workspace: {owner} could swap it for a directory "
@@ -149,11 +149,11 @@ def _check_grants(config: Config) -> None:
             for index, path in enumerate(paths):
                 key = f"{config.path}: host.plugins.{name}.permissions.filesystem.{kind}[{index}]"
                 for what, place in protected.items():
-                    if _within(place, path) or _within(path, place):
+                    if within(place, path) or within(path, place):
                         raise ConfigError(f"{key}: {path} and {what} ({place}) overlap: a plugin may not be "
                                           "granted the host's own files")
                 for owner, w_index, written in writes:
-                    if _within(path, written) and path != written:
+                    if within(path, written) and path != written:
                         how = f"host.plugins.{owner}.permissions.filesystem.write[{w_index}]" \
                             if w_index is not None else "its own place in the workspace"
                         raise ConfigError(
@@ -167,7 +167,8 @@ def own_workspace(config: Config, plugin: str) -> str:
     return os.path.join(config.workspace_dir, plugin)
 
 
-def _within(path: str, directory: str) -> bool:
+def within(path: str, directory: str) -> bool:
+    """`path` is `directory` or lies beneath it (compared as written: callers resolve what they must)."""
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 

@@ -32,8 +32,8 @@ class LimitsWatch:
     def __init__(self, factory: WorkerFactory) -> None:
         self._factory = factory
         self._next_walk: dict[str, float] = {}  # plugin -> when its workspace may be walked again
-        self._cpu_at_walk: dict[str, float] = {}  # plugin -> its group's CPU time when last found within
-        self._walked_at: dict[str, float] = {}  # plugin -> when it was last found within
+        # plugin -> (its group's CPU time, the loop's time) when its place was last found within
+        self._last_within: dict[str, tuple[float, float]] = {}
 
     async def run(self, plugins: Callable[[], list[PluginSupervisor]], interval: Callable[[], float]) -> None:
         """Until cancelled (the host's stop): every `interval()` seconds, each plugin in turn; the
@@ -68,12 +68,12 @@ class LimitsWatch:
         if now < self._next_walk.get(name, 0.0):
             return False, None
         cpu = self._factory.cgroups.cpu_seconds(name) if self._factory.cgroups.available else None
-        last = self._cpu_at_walk.get(name)
+        last = self._last_within.get(name)
         if cpu is None or last is None:
             return True, cpu
-        used = cpu - last
+        used = cpu - last[0]
         every = WALK_AT_LEAST_PINGS * supervisor.config.host.ping_interval
-        return used >= WALK_CPU or (used > 0 and now - self._walked_at.get(name, 0.0) >= every), cpu
+        return used >= WALK_CPU or (used > 0 and now - last[1] >= every), cpu
 
     async def _check_workspaces(self, due: list[tuple[PluginSupervisor, float | None]]) -> None:
         measure = [(s.name, self._factory.workspaces[s.name], s.limits.workspace_mb or 0) for s, _ in due]
@@ -83,11 +83,10 @@ class LimitsWatch:
         for (supervisor, cpu), (problem, seconds) in zip(due, found, strict=True):
             self._next_walk[supervisor.name] = now + WORKSPACE_WALK_SPACING * seconds
             if problem:
-                self._cpu_at_walk.pop(supervisor.name, None)
+                self._last_within.pop(supervisor.name, None)
                 supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True)
             elif cpu is not None:
-                self._cpu_at_walk[supervisor.name] = cpu
-                self._walked_at[supervisor.name] = now
+                self._last_within[supervisor.name] = (cpu, now)
 
 
 def _measure_all(measure: list[tuple[str, str, int]], pids: dict[str, list[int]]) -> list[tuple[str | None, float]]:

@@ -185,11 +185,7 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
         "connect_timeout": settings.setup_timeout, "close_timeout": settings.teardown_timeout}
     programs = None
     if not server.remote:
-        writable = _writable_places(config)
-        search = _search_path(env.get("PATH") or DEFAULT_PATH, writable, f"{where}.env.PATH")
-        programs = program_plan(server.command, search, os.path.dirname(config.path), f"{where}.command")
-        for path in [*programs.hops, *programs.executable, *programs.readable]:
-            _refuse_writable(path, writable, f"{where}.command")
+        search, programs = _stdio_programs(config, where, server.command, env.get("PATH"))
         command_dir = os.path.dirname(programs.command)
         env = {"LANG": "C.UTF-8", **env,  # the PATH it was looked for on (as checked), its own directory first
                "PATH": f"{command_dir}:{search}" if command_dir not in search.split(":") else search}
@@ -198,6 +194,16 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
     secrets = {f"mcp_servers[{index}].{table}.{key}": value
                for table, found in (("env", redact_env), ("headers", redact_headers)) for key, value in found.items()}
     return bridged, Redactor(secrets), programs
+
+
+def _stdio_programs(config: Config, where: str, command: str, path: str | None) -> tuple[str, Programs]:
+    """(the PATH the command is looked for on, its programs), none of them where a plugin may write."""
+    writable = _writable_places(config)
+    search = _search_path(path or DEFAULT_PATH, writable, f"{where}.env.PATH")
+    programs = program_plan(command, search, os.path.dirname(config.path), f"{where}.command")
+    for place in [*programs.hops, *programs.executable, *programs.readable]:
+        _refuse_writable(place, writable, f"{where}.command")
+    return search, programs
 
 
 def ungranted_args(config: Config, name: str, programs: Programs) -> list[str]:
@@ -209,15 +215,17 @@ def ungranted_args(config: Config, name: str, programs: Programs) -> list[str]:
         return []
     index, server = found
     grant = config.settings_for(name).permissions
-    held = [*(grant.filesystem.read + grant.filesystem.write if grant.filesystem else []),
-            *programs.readable, *(os.path.dirname(hop) for hop in programs.hops),
-            "/usr", "/lib", "/lib64", "/etc/ssl", "/dev", "/proc"]  # its /tmp is its own, not this one
+    from .config import within  # config.py reads mcp_servers through this module
+    held = [os.path.realpath(place) for place in [
+        *(grant.filesystem.read + grant.filesystem.write if grant.filesystem else []),
+        *programs.readable, *(os.path.dirname(hop) for hop in programs.hops),
+        "/usr", "/lib", "/lib64", "/etc/ssl", "/dev", "/proc"]]  # its /tmp is its own, not this one
     problems = []
     for position, arg in enumerate(server.args):
         if not arg.startswith("/") or not os.path.exists(arg) or grant.subprocess and arg.startswith("/usr/"):
             continue
         real = os.path.realpath(arg)
-        if not any(real == place or real.startswith(place.rstrip("/") + "/") for place in map(os.path.realpath, held)):
+        if not any(within(real, place) for place in held):
             problems.append(f"{config.path}: mcp_servers[{index}].args[{position}]: {arg} is not in the server's "
                             f"sandbox: grant it in host.plugins.{name}.permissions.filesystem.read (or write)")
     return problems
@@ -231,12 +239,14 @@ def install_stamp(config: Config, name: str) -> str:
     found = mcp_server(config, name)
     if found is None or found[1].remote:
         return ""
-    try:
-        _, _, programs = bridge_config(config, name)
+    index, server = found
+    where = f"{config.path}: mcp_servers[{index}]"
+    try:  # its PATH only: the other values (secrets among them) are the start's to resolve
+        env, _ = _resolve_table({key: value for key, value in server.env.items() if key == "PATH"}, f"{where}.env")
+        _, programs = _stdio_programs(config, where, server.command, env.get("PATH"))
     except ValueError:
         return ""
-    assert programs is not None
-    paths = [*programs.executable, *(arg for arg in found[1].args if os.path.isabs(arg) and os.path.isfile(arg))]
+    paths = [*programs.executable, *(arg for arg in server.args if os.path.isabs(arg) and os.path.isfile(arg))]
     for root in programs.readable:
         paths.append(root)
         if os.path.isdir(root):
@@ -274,8 +284,9 @@ def _refuse_writable(path: str, writable: list[tuple[str, str]], where: str) -> 
 
 
 def _refuse_place(path: str, real: str, writable: list[tuple[str, str]], where: str) -> None:
+    from .config import within  # config.py reads mcp_servers through this module
     for key, place in writable:
-        if real == place or real.startswith(place.rstrip("/") + "/"):
+        if within(real, place):
             raise ValueError(f"{where}: {path} lies in {place} ({key}), where plugins may write: a plugin "
                              "could change what this server runs. Install the server elsewhere")
 

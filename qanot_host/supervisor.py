@@ -169,8 +169,7 @@ class PluginSupervisor:
     def retry_start(self, detail: str) -> bool:
         """A first start that failed where a later one may not (an MCP server not up yet, or one that
         exited while starting): the restart policy decides, as after a crash. False: it gives up."""
-        self.last_exit = f"start failed: {detail}"
-        decision = self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
+        decision = self._start_failed(detail, "start")
         if not decision.restart or self._closing:
             return False
         self.error = detail
@@ -312,11 +311,15 @@ class PluginSupervisor:
         self._became_ready()
 
     def _spawn_failed(self, exc: Exception, what: str) -> tuple[str, RestartDecision]:
-        """A worker that did not start (a restart, or a start for a call): why, recorded as the last
-        exit, and whether the restart policy allows another try."""
+        """A worker that did not start (a restart, or a start for a call): why, and _start_failed's
+        decision."""
         detail = exc.detail if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+        return detail, self._start_failed(detail, what)
+
+    def _start_failed(self, detail: str, what: str) -> RestartDecision:
+        """A start that failed, recorded as the last exit; whether the restart policy allows another try."""
         self.last_exit = f"{what} failed: {detail}"
-        return detail, self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
+        return self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
 
     def recycle(self, reason: str, counts: bool, label: str = "recycled") -> None:
         """Replace a running worker on purpose: teardown() is tried, then the worker is killed."""

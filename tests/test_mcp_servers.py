@@ -218,13 +218,23 @@ def test_no_real_server_outlives_the_hosts_sigkill(write_config, server_venv, to
 
 # ---- the probe server: supervision ----------------------------------------------------------------
 
+def restarting_probe(write_config, server_venv: Path, token: str) -> str:
+    """A config of the probe server alone, restarted at once when it goes."""
+    return write_config([], host={**probe_grants(), "restart": {"backoff_initial": 0}},
+                        mcp_servers=[probe(server_venv, token)])
+
+
+async def slow_call_in_flight(host: Host) -> asyncio.Future:
+    """A call the probe server is busy with (for 30 s) when this returns."""
+    call = asyncio.ensure_future(host.registry.execute("slow", {"seconds": 30}))
+    await asyncio.sleep(0.5)
+    return call
+
+
 async def test_a_server_killed_mid_call_fails_that_call_and_is_restarted(write_config, server_venv, token):
-    config = write_config([], host={**probe_grants(), "restart": {"backoff_initial": 0}},
-                          mcp_servers=[probe(server_venv, token)])
-    async with Host(config) as host:
+    async with Host(restarting_probe(write_config, server_venv, token)) as host:
         first = the_server(token)
-        call = asyncio.ensure_future(host.registry.execute("slow", {"seconds": 30}))
-        await asyncio.sleep(0.5)
+        call = await slow_call_in_flight(host)
         first.kill()
         answer = json.loads(await asyncio.wait_for(call, 20))
         assert "error" in answer
@@ -242,12 +252,9 @@ async def test_a_server_killed_mid_call_fails_that_call_and_is_restarted(write_c
 
 
 async def test_the_worker_killed_mid_call_takes_its_server_along(write_config, server_venv, token):
-    config = write_config([], host={**probe_grants(), "restart": {"backoff_initial": 0}},
-                          mcp_servers=[probe(server_venv, token)])
-    async with Host(config) as host:
+    async with Host(restarting_probe(write_config, server_venv, token)) as host:
         first = the_server(token)
-        call = asyncio.ensure_future(host.registry.execute("slow", {"seconds": 30}))
-        await asyncio.sleep(0.5)
+        call = await slow_call_in_flight(host)
         os.kill(host.plugins["probe"].worker.pid, signal.SIGKILL)
         assert "error" in json.loads(await asyncio.wait_for(call, 20))
         await wait_until(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 10,
