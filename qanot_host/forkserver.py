@@ -45,6 +45,7 @@ class ForkServerLauncher:
         self._template: _Template | None = None
         self._starting: asyncio.Lock | None = None
         self._closed = False
+        self._early: asyncio.Task | None = None  # prepare()'s start of the template
         self.template_starts = 0  # the first, and each replacement of a template that died
 
     async def launch(self, spec: LaunchSpec) -> WorkerProcess:
@@ -56,6 +57,20 @@ class ForkServerLauncher:
         except QanotHostError as exc:
             raise PluginStartError(spec.plugin, str(exc)) from None
 
+    def prepare(self) -> None:
+        """Boot the template now, in the background: the interpreter's start and imports (~150 ms
+        here) then overlap what the host does before its first launch, such as a plugin's
+        environment that uv builds, instead of following it."""
+        if self._closed or self._early is not None:
+            return
+        self._early = asyncio.get_running_loop().create_task(self._start_early())
+
+    async def _start_early(self) -> None:
+        try:
+            await self._running_template()
+        except QanotHostError as exc:  # the first launch starts it again, and that plugin's start reports why
+            log.debug("the worker template did not start ahead of the first worker: %s", exc)
+
     def helper_pids(self) -> set[int]:
         template = self._template
         return {template.pid} if template is not None and not template.dead else set()
@@ -64,6 +79,8 @@ class ForkServerLauncher:
         """Also when a launch (a restart) is starting the template right now: that start is waited
         for, and its template closed too, never left running beside a stopped host."""
         self._closed = True
+        if self._early is not None:
+            await asyncio.gather(self._early, return_exceptions=True)
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:

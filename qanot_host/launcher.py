@@ -86,6 +86,10 @@ class WorkerProcess(Protocol):
 class Launcher(Protocol):
     async def launch(self, spec: LaunchSpec) -> WorkerProcess: ...
 
+    def prepare(self) -> None:
+        """A worker will be wanted soon: get ready for it in the background (a fork server boots
+        its template), so that the wait overlaps the host's other start work."""
+
     def helper_pids(self) -> set[int]:
         """Processes of the launcher's own that plugin code could reach (a fork server's template)."""
 
@@ -143,6 +147,9 @@ class SubprocessLauncher:
 
     def helper_pids(self) -> set[int]:
         return set()
+
+    def prepare(self) -> None:
+        pass  # nothing shared to start: each worker is an interpreter of its own
 
     def command(self, spec: LaunchSpec, env_fd: int) -> tuple[list[str], dict[str, str]]:
         """The interpreter's argv and environment: it forks the worker as the template would."""

@@ -74,6 +74,11 @@ class WorkerFactory:
             else:
                 self.launcher = SubprocessLauncher()
 
+    def prepare(self) -> None:
+        """Workers will be wanted soon: the launcher gets ready in the background meanwhile."""
+        if self.launcher is not None:
+            self.launcher.prepare()
+
     async def close(self) -> None:
         """After every supervisor stopped: whatever their workers left, and the launcher."""
         if self.launcher is not None:

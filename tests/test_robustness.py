@@ -314,6 +314,27 @@ async def test_stopping_during_an_install_ends_uv_and_leaves_no_partial_environm
     assert not glob.glob(str(tmp_path / "state" / "envs" / "*.building-*"))
 
 
+async def test_the_worker_template_boots_while_uv_still_installs(write_config, silent_index, tmp_path):
+    """An eager plugin's environment and the template its worker forks from are made at once (the
+    template's boot no longer follows uv's install), and a host stopped meanwhile leaves neither."""
+    extra = tmp_path / "extra"
+    (extra / "slow_deps").mkdir(parents=True)
+    (extra / "slow_deps" / "plugin.py").write_text("from qanot.plugins.base import Plugin\n"
+                                                   "class QanotPlugin(Plugin):\n    pass\n")
+    (extra / "slow_deps" / "plugin.json").write_text(json.dumps({"dependencies": ["qhtest-never-there"]}))
+    host = Host(write_config([plugin("slow_deps")], plugins_dir=str(extra), host={"index_url": silent_index}))
+    starting = asyncio.ensure_future(host.start())
+    await wait_until(lambda: host._factory.launcher is not None and host._factory.launcher.helper_pids(), 20,
+                     "the template running")
+    assert [p for p in psutil.Process().children(recursive=True) if p.name() == "uv"]  # still installing
+    assert host.plugins["slow_deps"].state == PluginState.STARTING
+    [template] = host._factory.launcher.helper_pids()
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    await host.stop()
+    assert not psutil.pid_exists(template) or psutil.Process(template).status() == psutil.STATUS_ZOMBIE
+
+
 async def test_run_warns_of_an_unknown_key_in_a_plugin_entry_and_of_timeouts_for_no_tool(write_config, caplog):
     config = write_config([{"name": "greeter", "config": {"greeting_style": "x"}, "enabeld": False}],
                           host={"plugins": {"greeter": {"tool_timeouts": {"no_such_tool": 5}}}})
