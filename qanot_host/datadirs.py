@@ -154,7 +154,7 @@ def held_unlinked(pids: list[int], device: int) -> int:
     """Bytes of files on `device` that no name points to any more but the processes hold open or
     mapped: space a plugin keeps after unlinking what it wrote. Only what the kernel already calls
     "(deleted)" is looked at (a worker maps and opens a hundred files that are not): its open files
-    by their links, its mappings by one read of /proc/PID/maps."""
+    by their links, its mappings by a read of /proc/PID/maps, each file once."""
     seen: set[tuple[int, int]] = set()
     used = 0
     for pid in pids:
@@ -187,11 +187,20 @@ def _deleted_fds(pid: int) -> list[str]:
 
 
 def _deleted_mappings(pid: int) -> list[str]:
-    """/proc/PID/map_files/START-END of each mapping of a deleted file."""
+    """/proc/PID/map_files/START-END of one mapping of each deleted file. The plugin decides how
+    long its maps file is (tens of thousands of mappings of a file with a 4 KB path made it 270 MB):
+    it is read a line at a time, never whole, and a file mapped many times is looked at once (by the
+    device and inode the line names; which device is the workspace's is left to stat(), as some
+    filesystems name another one here)."""
+    found: dict[tuple[bytes, bytes], str] = {}
     try:
         with open(f"/proc/{pid}/maps", "rb") as f:
-            text = f.read()
+            for line in f:  # "START-END PERMS OFFSET MAJOR:MINOR INODE PATH", the path at most PATH_MAX
+                if not line.endswith(b" (deleted)\n"):
+                    continue
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and (fields[3], fields[4]) not in found:
+                    found[fields[3], fields[4]] = f"/proc/{pid}/map_files/{fields[0].decode()}"
     except OSError:
-        return []
-    return [f"/proc/{pid}/map_files/{line.split(maxsplit=1)[0].decode()}"
-            for line in text.splitlines() if line.endswith(b" (deleted)")]
+        pass
+    return list(found.values())

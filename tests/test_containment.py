@@ -775,6 +775,50 @@ async def test_unlinked_files_a_plugin_holds_open_count_against_its_workspace(wr
         assert "over its workspace_mb=20" in sup.last_exit, sup.last_exit  # the space went with the worker
 
 
+def test_a_plugins_maps_file_is_read_a_line_at_a_time_and_each_deleted_file_once(tmp_path):
+    """The fifteenth attacker's F2: the plugin decides how long /proc/PID/maps is (65,000 mappings of
+    a deleted file under a 4 KB path: 270 MB), and the workspace walk read it whole, then split it:
+    the host's memory went from 36 to 353 MB. Here 3000 such mappings (12 MB of maps) in this
+    process: counted once, and read in far less memory than the file's size."""
+    import mmap
+    import tracemalloc
+    from qanot_host.datadirs import held_unlinked
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    for level in range(14):  # a path of ~3.6 KB: each mapping's line in maps is that long
+        name = f"d{level:02d}" + "x" * 250
+        os.mkdir(name, dir_fd=directory)
+        inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=directory)
+        os.close(directory)
+        directory = inner
+    fd = os.open("f" * 200, os.O_RDWR | os.O_CREAT, 0o600, dir_fd=directory)
+    os.unlink("f" * 200, dir_fd=directory)
+    os.close(directory)
+    maps = []
+    try:
+        os.ftruncate(fd, 2 * 3000 * mmap.PAGESIZE)
+        os.pwrite(fd, b"\1" * mmap.PAGESIZE, 0)
+        maps = [mmap.mmap(fd, mmap.PAGESIZE, offset=2 * i * mmap.PAGESIZE, prot=mmap.PROT_READ)
+                for i in range(3000)]  # every other page: no two mappings merge
+        os.close(fd)
+        fd = -1
+        with open(f"/proc/{os.getpid()}/maps", "rb") as maps_file:
+            size = sum(len(line) for line in maps_file)
+        assert size > 10 * 2**20
+        tracemalloc.start()
+        try:
+            held = held_unlinked([os.getpid()], os.stat(tmp_path).st_dev)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert held == mmap.PAGESIZE  # the one page written, once, however often it is mapped
+        assert peak < size / 10, (peak, size)
+    finally:
+        for mapping in maps:
+            mapping.close()
+        if fd >= 0:
+            os.close(fd)
+
+
 def test_measuring_a_workspace_holds_one_descriptor_per_level(tmp_path):
     """The fourth attacker's F7: the walk opened every subdirectory before closing any, so 1500
     directories ran a host with 1024 descriptors out of them, and what lay in the rest went uncounted.
