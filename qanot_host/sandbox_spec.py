@@ -11,6 +11,7 @@ wherever a bind would bring them in. Anything not in the plan does not exist for
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import site
 import sys
@@ -267,9 +268,16 @@ def _python_paths(import_root: str) -> list[str]:
 
 @functools.cache
 def _host_site_dirs() -> list[str]:
-    """Every directory of the host's own installed packages: none is the plugin's to read."""
-    candidates = [*site.getsitepackages(), site.getusersitepackages(),
+    """Every directory of the host's own installed packages: none is the plugin's to read. A host
+    in a virtual environment names only the environment's, but the base interpreter's lie in the
+    library tree the workers are given (its lib/pythonX.Y/site-packages, Debian's dist-packages):
+    the base's are covered too."""
+    bases = sorted({sys.base_prefix, sys.base_exec_prefix})
+    candidates = [*site.getsitepackages(), *site.getsitepackages(bases), site.getusersitepackages(),
                   *(path for path in sys.path if "site-packages" in path or "dist-packages" in path)]
+    for base in bases:
+        for pattern in ("python*/site-packages", "python*/dist-packages"):
+            candidates += glob.glob(os.path.join(glob.escape(base), "lib*", pattern))
     return sorted({os.path.realpath(path) for path in candidates if os.path.isdir(path)})
 
 

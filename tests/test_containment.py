@@ -320,6 +320,25 @@ async def test_the_hosts_packages_cannot_be_imported_or_listed(write_config):
         assert result.startswith("contained: "), result
 
 
+def test_a_host_in_a_virtual_environment_hides_its_base_interpreters_packages_too(tmp_path, monkeypatch):
+    """The fifteenth attacker's F3: a host run from a venv laid an empty directory over the venv's
+    site-packages only; the base interpreter's lib (bound whole, it holds the standard library) still
+    held its site-packages, so a plugin imported flask and boto3 from there."""
+    import sysconfig
+    from qanot_host import sandbox_spec
+    venv = tmp_path / "venv"
+    (venv / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "exec_prefix", str(venv))
+    monkeypatch.setattr(site, "PREFIXES", [str(venv), str(venv)])
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "-packages" not in p])
+    hidden = sandbox_spec._host_site_dirs.__wrapped__()
+    base = os.path.realpath(sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+                            ["purelib"])
+    assert os.path.isdir(base) and base in hidden, hidden
+    assert str(venv / "lib" / "python3.11" / "site-packages") in hidden
+
+
 async def test_other_plugins_files_cannot_be_seen_or_watched(write_config, tmp_path):
     other = tmp_path / "state" / "data" / "greeter"
     paths = [str(other), str(other / "notes.txt"), str(FIXTURE_PLUGINS / "greeter"), str(tmp_path / "config.json")]
