@@ -620,6 +620,8 @@ async def test_nested_server_names_keep_their_fallback_names_apart(write_config,
         probe(server_venv, token, name="s", env={"PROBE_EXTRA_TOOL": "calc_eval,eval"}),
         probe(server_venv, token, name="s_calc", env={"PROBE_EXTRA_TOOL": "eval"})])
     async with Host(config) as host:
+        # on a loaded machine a server's first start may time out and be retried: its tools come then
+        await wait_until(lambda: all(host.plugins[n].state == "ready" for n in ("s", "s_calc")), 60, "both servers")
         assert host.registry.get("calc_eval").plugin == "calc" and host.registry.get("eval").plugin == "s"
         assert host.registry.get("mcp_s_calc_eval").plugin == "s_calc"
         assert "calc_eval" in host.plugins["s"].status()["conflicts"]  # no name left for it
