@@ -8,11 +8,13 @@ Plugin output lines carry the plugin's name either way: in text as `[NAME stdout
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import logging
 import logging.handlers
 import os
 import queue
+import stat
 import sys
 from datetime import datetime, timezone
 
@@ -48,8 +50,30 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """Rotated log files only their owner can read (mode 0600): plugins' output is in them."""
 
     def _open(self):
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)  # a file that was there before keeps no wider mode
+        """The file is the host's own, or refused: a log file in a place others may write (/tmp) may
+        have been planted there, as a symlink or a hard link to a file of root's (that took a
+        chmod and the host's log), or as a file its planter keeps reading."""
+        try:
+            fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "a symlink: refused") from None
+            if exc.errno == errno.ENXIO:  # a FIFO with no reader (with one, fstat tells)
+                raise OSError(errno.ENXIO, "not a regular file: refused") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            problem = ("not a regular file" if not stat.S_ISREG(info.st_mode)
+                       else f"owned by uid {info.st_uid}, not by this host's user" if info.st_uid != os.geteuid()
+                       else "it has other names (hard links)" if info.st_nlink > 1 else "")
+            if problem:
+                raise OSError(errno.EPERM, f"{problem}: refused")
+            os.fchmod(fd, 0o600)  # a file that was there before keeps no wider mode
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
 
 

@@ -153,6 +153,31 @@ def test_log_file_is_private_and_json_lines_name_the_worker(tmp_path):
     assert (entry["plugin"], entry["pid"], entry["stream"]) == ("x", 4242, "stdout")
 
 
+def test_a_planted_log_file_is_refused_and_its_target_untouched(tmp_path):
+    """The sixteenth attacker's F2: --log-file opened a symlink another user planted in /tmp, so root
+    appended its log to the link's target (any file of root's) and chmodded it 0600. Now a symlink, a
+    hard link, a file of another user's and a FIFO are each refused, by name, and nothing is written."""
+    import os
+    import subprocess
+    import sys
+    victim = tmp_path / "victim.txt"
+    victim.write_text("root's own\n")
+    os.chmod(victim, 0o644)
+    (tmp_path / "link.log").symlink_to(victim)
+    os.link(victim, tmp_path / "hard.log")
+    (tmp_path / "theirs.log").write_text("")
+    os.chown(tmp_path / "theirs.log", 65534, 65534)
+    os.mkfifo(tmp_path / "fifo.log")
+    for name, why in (("link.log", "a symlink: refused"), ("hard.log", "other names (hard links)"),
+                      ("theirs.log", "owned by uid 65534"), ("fifo.log", "not a regular file")):
+        done = subprocess.run([sys.executable, "-m", "qanot_host", "tools", "--log-file", str(tmp_path / name),
+                               "--config", str(tmp_path / "none.json")], capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and f"--log-file {tmp_path / name}: " in done.stderr, (name, done.stderr)
+        assert why in done.stderr, (name, done.stderr)
+    assert victim.read_text() == "root's own\n" and os.stat(victim).st_mode & 0o777 == 0o644
+    assert (tmp_path / "theirs.log").read_text() == ""
+
+
 async def test_a_flood_never_logs_part_of_a_line_and_waits_for_what_a_long_line_costs(write_config, monkeypatch):
     """The ninth attacker: a plugin printing its config in a loop, over its rate, leaked secret tails
     (a dropped chunk left the next "line" starting mid-line), as did a secret across a 64 KiB read of a
