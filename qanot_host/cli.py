@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -113,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                                                        "variable's value")
     mcp.add_argument("--token-file", metavar="PATH", help="with --http: require `Authorization: Bearer` this "
                                                          "file's content")
+    mcp.add_argument("--allow-host", metavar="NAME", action="append", default=[],
+                     help="with --http: a host name clients reach it by, beside its addresses and the machine's "
+                          "own name (a Host header naming anything else is refused: DNS rebinding); repeatable")
     call = command("call", "call one tool through the running host of that config, or a host of its own; "
                            "print its result")
     call.add_argument("tool")
@@ -329,16 +333,21 @@ async def _mcp(args: argparse.Namespace) -> int:
         raise QanotHostError(f"qanot-host mcp needs the MCP SDK ({exc.name} is missing): "
                              "pip install 'qanot-host[mcp]'") from None
     if args.http is None:
-        if args.token_env or args.token_file:
-            raise QanotHostError("--token-env and --token-file go with --http (stdio has no tokens)")
+        if args.token_env or args.token_file or args.allow_host:
+            raise QanotHostError("--token-env, --token-file and --allow-host go with --http (stdio has no "
+                                 "tokens or hosts)")
         return await serve(args.config, McpFront, lambda front: front.serve_stdio())
     token = _token(args)
+    for name in args.allow_host:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", name):
+            raise QanotHostError(f"--allow-host {name!r}: give a host name, such as qanot.internal (no port, "
+                                 "no scheme)")
     try:
         listener = listen(args.http)  # before any plugin starts: a taken port is this command's error
     except ValueError as exc:
         raise QanotHostError(str(exc)) from None
     try:
-        return await serve(args.config, McpFront, lambda front: front.serve_http(listener, token))
+        return await serve(args.config, McpFront, lambda front: front.serve_http(listener, token, args.allow_host))
     finally:
         listener.close()
 

@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import logging
 import socket
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .output import printable
@@ -34,6 +35,11 @@ MAX_SESSIONS = 100  # clients told of tool changes (the newest); a forgotten one
 MAX_RESULT_CHARS = 100_000
 MAX_HTTP_CONNECTIONS = 64  # at once; more are closed at once (no client can hold the host's descriptors)
 IDLE_CONNECTION_SECONDS = 5
+REQUEST_HEAD_SECONDS = 10  # from a connection's start, or its last answer, to a whole request head
+# MCP sessions over HTTP: the SDK's defaults (10,000, each kept 30 minutes) let one client take the
+# host from 74 to 444 MB and then stop any more, and made SIGTERM take 18 s
+MAX_HTTP_SESSIONS = 256
+SESSION_IDLE_SECONDS = 600
 
 
 class McpFront:
@@ -127,13 +133,16 @@ class McpFront:
         async with stdio_server() as (read, write):
             await self.server.run(read, write, self.options)
 
-    async def serve_http(self, listener: socket.socket, token: str | None) -> None:
+    async def serve_http(self, listener: socket.socket, token: str | None, names: Sequence[str] = ()) -> None:
         """Streamable HTTP at http://HOST:PORT/mcp on `listener` (bound before any plugin started, so
         a taken port is the command's error, not the end of a started host) until cancelled; with
-        `token`, every request must carry `Authorization: Bearer TOKEN`."""
+        `token`, every request must carry `Authorization: Bearer TOKEN`. `names`: host names clients
+        may reach it by, beside its addresses (the Host header must name one)."""
         import uvicorn
         host, port = listener.getsockname()[:2]
-        app: Any = self.server.streamable_http_app(host=host)
+        app: Any = self.server.streamable_http_app(
+            host=host, transport_security=transport_security(host, port, names), max_sessions=MAX_HTTP_SESSIONS,
+            session_idle_timeout=SESSION_IDLE_SECONDS)
         if token is not None:
             app = _BearerOnly(app, token)
             log.info("MCP: streamable HTTP at http://%s:%s/mcp (a bearer token is required)", host, port)
@@ -164,6 +173,8 @@ def _guarded_protocol() -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Guarded(H11Protocol):
+        head_deadline: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             if len(self.connections) > MAX_HTTP_CONNECTIONS:
@@ -171,8 +182,64 @@ def _guarded_protocol() -> type:
                 return
             self.timeout_keep_alive_task = self.loop.call_later(IDLE_CONNECTION_SECONDS,
                                                                 self.timeout_keep_alive_handler)
+            self._await_head()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle and self.head_deadline is not None:  # a whole request head came
+                self.head_deadline.cancel()
+                self.head_deadline = None
+
+        def on_response_complete(self) -> None:
+            self._await_head()  # first: a pipelined request is read within the call below
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            """uvicorn's idle timer stops at a request's first byte, and nothing bounds the rest of
+            its head: one byte every 2 s on each of the 64 connections kept every other client out
+            (the bearer token is only checked once the head is whole)."""
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+            self.head_deadline = self.loop.call_later(REQUEST_HEAD_SECONDS, self._head_too_slow)
+
+        def _head_too_slow(self) -> None:
+            self.head_deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
 
     return Guarded
+
+
+def transport_security(host: str, port: int, names: Sequence[str] = ()) -> Any:
+    """Host and Origin held to the listener's own addresses (and `names`), whatever it is bound to:
+    the SDK checks them only for a literal 127.0.0.1, localhost or ::1, so a web page that rebinds its
+    own DNS name to another address of the machine (127.0.0.2, a LAN address) reached every tool. A
+    host name the machine calls itself is allowed beside the addresses it is bound to (a page cannot
+    make a browser send it without being served from it)."""
+    from mcp.server.transport_security import TransportSecuritySettings
+    import psutil
+    address = ipaddress.ip_address(host)
+    if address.is_unspecified:
+        addresses = {ipaddress.ip_address(a.address.split("%")[0]) for nic in psutil.net_if_addrs().values()
+                     for a in nic if a.family in (socket.AF_INET, socket.AF_INET6)}
+    else:
+        addresses = {address}
+    hosts = {f"[{a}]" if a.version == 6 else str(a) for a in addresses}
+    if any(a.is_loopback for a in addresses):
+        hosts.add("localhost")
+    if not all(a.is_loopback for a in addresses):
+        hosts |= {socket.gethostname(), socket.getfqdn()}
+    hosts |= set(names)
+    allowed = sorted(f"{h}:{port}" for h in hosts) + (sorted(hosts) if port == 80 else [])
+    origins = [f"http://{h}" for h in allowed] + [f"https://{h}:{port}" for h in sorted(hosts)]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=allowed,
+                                     allowed_origins=origins)
 
 
 class _BearerOnly:

@@ -4,6 +4,7 @@ streamable HTTP, with real workers behind them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -133,28 +134,37 @@ def free_port() -> int:
 
 @pytest.fixture
 def http_host(write_config, markers):
+    with _http_host(mcp_config(write_config, markers), "127.0.0.1") as served:
+        yield served
+
+
+@contextlib.contextmanager
+def _http_host(config: str, address: str, *extra: str):
+    """`qanot-host mcp --http ADDRESS:PORT` with a bearer token, for the with block; it must then
+    stop cleanly on SIGTERM."""
     port = free_port()
-    config = mcp_config(write_config, markers)
     env = {**os.environ, "QH_MCP_TOKEN": "s3cret-token"}
     proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "mcp", "--config", config, "--http",
-                             f"127.0.0.1:{port}", "--token-env", "QH_MCP_TOKEN", "--log-level", "WARNING"],
+                             f"{address}:{port}", "--token-env", "QH_MCP_TOKEN", "--log-level", "WARNING", *extra],
                             cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/mcp", proc.pid
-    proc.terminate()
     try:
-        _, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((address, port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1].decode()
+                time.sleep(0.1)
+        yield f"http://{address}:{port}/mcp", proc.pid
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
     assert proc.returncode == 0, err.decode()
 
 
@@ -171,6 +181,84 @@ async def test_idle_connections_cannot_take_the_hosts_descriptors(http_host):
     finally:
         for conn in held:
             conn.close()
+
+
+async def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(http_host):
+    """The sixteenth attacker's F1: uvicorn's idle timer stops at a request's first byte and nothing
+    bounded the rest of its head, so 64 connections sending a byte every 2 s, with no token, kept
+    every client out for as long as they went on. A head must now be whole within 10 s."""
+    url, _ = http_host
+    port = int(url.split(":")[2].split("/")[0])
+    head = f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Padding: {'a' * 200}\r\n".encode()
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    began = time.monotonic()
+    try:
+        for byte in head:
+            try:
+                conn.send(bytes([byte]))
+            except OSError:
+                break  # cut off
+            conn.settimeout(1.0)
+            try:
+                if conn.recv(1) == b"":
+                    break  # closed by the host
+            except (TimeoutError, socket.timeout):
+                pass
+            assert time.monotonic() - began < 25, "still open after 25 s of trickling"
+    finally:
+        conn.close()
+    assert 9 < time.monotonic() - began < 25
+
+
+def test_host_and_origin_are_held_to_the_bound_address_whatever_it_is(write_config, markers):
+    """The sixteenth attacker's F3: the SDK checks Host and Origin only when bound to a literal
+    127.0.0.1, localhost or ::1, so on 127.0.0.2 (or a LAN address) a web page rebinding its own DNS
+    name to it reached every tool. Now any bound address is held to its own names, and --allow-host
+    adds one."""
+    config = mcp_config(write_config, markers)
+    with _http_host(config, "127.0.0.2", "--allow-host", "qanot.internal") as (url, _):
+        _held_to_its_names(url)
+
+
+def _held_to_its_names(url: str) -> None:
+    port = url.split(":")[2].split("/")[0]
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}).encode()
+
+    def status(host: str, origin: str | None = None) -> int:
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                   "Authorization": "Bearer s3cret-token", "Host": host}
+        if origin:
+            headers["Origin"] = origin
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=20) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+    assert status(f"evil.example.com:{port}") == 421
+    assert status(f"127.0.0.2:{port}", origin=f"http://evil.example.com:{port}") == 403
+    assert status(f"127.0.0.2:{port}") == 200
+    assert status(f"qanot.internal:{port}", origin=f"http://qanot.internal:{port}") == 200
+
+
+def test_http_sessions_are_bounded(http_host):
+    """The sixteenth attacker's F6: each initialize kept a session for 30 minutes, up to the SDK's
+    10,000 (the host went from 74 to 444 MB, then refused every new client, and took 18 s to stop).
+    Now 256 at most, each dropped after 10 idle minutes."""
+    from qanot_host.mcp_server import MAX_HTTP_SESSIONS
+    url, pid = http_host
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Authorization": "Bearer s3cret-token"}
+    statuses = []
+    for _ in range(MAX_HTTP_SESSIONS + 20):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=20) as r:
+                statuses.append(r.status)
+        except urllib.error.HTTPError as exc:
+            statuses.append(exc.code)
+    assert statuses.count(200) == MAX_HTTP_SESSIONS == 256 and set(statuses[MAX_HTTP_SESSIONS:]) == {503}, statuses
 
 
 async def test_streamable_http_with_a_bearer_token(http_host):
