@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qanot_host import Host, InvalidParams, PluginState, ToolFailed
+from qanot_host.errors import ConfigError
 from qanot_host.schema import MAX_PARAMS_DEPTH
 
 from .conftest import GREETER, grant_write, plugin, wait_until, worker_processes
@@ -333,6 +334,43 @@ async def test_the_worker_template_boots_while_uv_still_installs(write_config, s
     await asyncio.gather(starting, return_exceptions=True)
     await host.stop()
     assert not psutil.pid_exists(template) or psutil.Process(template).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("how", ["another users", "writable by all", "under a directory writable by all",
+                                 "through another users symlink"])
+async def test_a_state_dir_others_could_write_is_refused(write_config, tmp_path, how):
+    """The sixteenth attacker's F4: with a state_dir another user had made in /tmp, they planted
+    runtime/KEY/qanot_worker (the key is a hash anyone can compute), and the worker template, root,
+    ran their code. Such a state_dir is now the host's one-line error, and check's, and nothing runs."""
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    state = planted / "state"
+    if how == "another users":
+        state.mkdir()
+        os.chown(state, 65534, 65534)
+        why = f"{state} belongs to uid 65534"
+    elif how == "writable by all":
+        state.mkdir()
+        os.chmod(state, 0o777)
+        why = f"{state} is writable by others (mode 777)"
+    elif how == "under a directory writable by all":
+        os.chmod(planted, 0o777)  # (no sticky bit: anyone may rename state away and put theirs)
+        why = f"{planted} is writable by others (mode 777)"
+    else:
+        real = tmp_path / "real"
+        real.mkdir()
+        os.symlink(real, state)
+        os.lchown(state, 65534, 65534)
+        why = f"{state} is a symlink of uid 65534's"
+    config = write_config([GREETER], host={"state_dir": str(state)})
+    host = Host(config)
+    with pytest.raises(ConfigError) as refused:
+        await host.start()
+    assert f"host.state_dir: {state} is not safe: {why}" in str(refused.value), str(refused.value)
+    assert not host.plugins or all(s.worker is None for s in host.plugins.values())
+    done = subprocess.run([sys.executable, "-m", "qanot_host", "check", "--config", config], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and why in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 async def test_run_warns_of_an_unknown_key_in_a_plugin_entry_and_of_timeouts_for_no_tool(write_config, caplog):
