@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 
 import msgspec
 
 from .errors import ConfigError
 from .json_objects import parse_json_object
 from .mcp_servers import add_mcp_servers, read_mcp_servers
+from .safe_files import unsafe_directory
 from .schema import json_problem
 from .settings import Config, PluginSettings
 
@@ -202,7 +202,7 @@ def directory_problems(config: Config, create: bool) -> list[str]:
     for key, path in (("host.state_dir", config.host.state_dir), ("workspace_dir", config.workspace_dir)):
         problem = _directory_problem(path, create)
         if not problem and key == "host.state_dir":
-            problem = _ownership_problem(path)
+            problem = unsafe_directory(path)
         if problem:
             problems.append(f"{config.path}: {key}: {path} {problem}")
     return problems
@@ -223,42 +223,6 @@ def _directory_problem(path: str, create: bool) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         where = "" if existing == path else f" ({existing})"
         return f"is not writable by this user (uid {os.geteuid()}){where}"
-    return None
-
-
-def _ownership_problem(path: str) -> str | None:
-    """Why state_dir is not the host's alone, if it is not: it holds what the host runs and trusts
-    as its own user (the workers' import root, environments, the control socket, uids.json), so
-    whoever else can write it, or replace a directory on the way to it, could plant code the host runs
-    as root (a state_dir another user made in /tmp did just that). Each directory on the way must be
-    root's or this user's, and writable by no one else unless sticky (as /tmp is); a symlink on the
-    way, root's or this user's; state_dir itself writable by no one else at all."""
-    euid = os.geteuid()
-    trusted = (0, euid)
-    walked = "/"
-    for part in [p for p in os.path.abspath(path).split("/") if p]:
-        walked = os.path.join(walked, part)
-        try:
-            info = os.lstat(walked)
-        except OSError:
-            break  # not there yet: made by this user, in what is above it (checked below)
-        if stat.S_ISLNK(info.st_mode) and info.st_uid not in trusted:
-            return f"is not safe: {walked} is a symlink of uid {info.st_uid}'s, who could point it elsewhere"
-    real = os.path.realpath(path)
-    walked = "/"
-    for part in ["", *[p for p in real.split("/") if p]]:
-        walked = os.path.join(walked, part) if part else "/"
-        try:
-            info = os.stat(walked)
-        except OSError:
-            break
-        last = walked == real
-        if info.st_uid not in trusted:
-            return (f"is not safe: {walked} belongs to uid {info.st_uid}, not to root or this user (uid {euid}), "
-                    "who could plant code there that the host runs")
-        if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
-            return (f"is not safe: {walked} is writable by others (mode {stat.S_IMODE(info.st_mode):o}), "
-                    "who could plant code there that the host runs (chmod go-w)")
     return None
 
 

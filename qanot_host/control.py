@@ -213,11 +213,21 @@ class NoRunningHost(QanotHostError):
 
 
 async def _connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the host at `path`, which must be root's or this user's (the kernel says
+    whose, SO_PEERCRED): in a state_dir another user could write, they listened there themselves,
+    took a call's params and had their forged answer printed as the tool's result."""
     try:
-        return await asyncio.wait_for(asyncio.open_unix_connection(path, limit=MAX_REQUEST), 5)
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=MAX_REQUEST), 5)
     except (OSError, asyncio.TimeoutError) as exc:
         raise NoRunningHost(f"no running qanot-host answers at {path}: "
                             f"{getattr(exc, 'strerror', None) or exc}") from None
+    sock = writer.get_extra_info("socket")
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid not in (0, os.geteuid()):
+        writer.close()
+        raise QanotHostError(f"{path} is served by uid {uid}, neither root nor this user: nothing sent "
+                             "(whoever can write that state_dir could listen there and forge answers)")
+    return reader, writer
 
 
 async def control_request(path: str, command: str, timeout: float | None = 60.0, **fields: Any) -> dict[str, Any]:

@@ -18,6 +18,8 @@ import stat
 import sys
 from datetime import datetime, timezone
 
+from .safe_files import unsafe_directory
+
 __all__ = ["configure_logging", "flush_logs", "JsonFormatter", "LOG_FILE_BYTES", "LOG_FILES_KEPT"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -50,9 +52,14 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """Rotated log files only their owner can read (mode 0600): plugins' output is in them."""
 
     def _open(self):
-        """The file is the host's own, or refused: a log file in a place others may write (/tmp) may
-        have been planted there, as a symlink or a hard link to a file of root's (that took a
-        chmod and the host's log), or as a file its planter keeps reading."""
+        """The file is the host's own, in a directory of its own, or refused: a log file in a place
+        others may write (/tmp) may have been planted there, as a symlink or a hard link to a file of
+        root's (that took a chmod and the host's log), or as a file its planter keeps reading, and
+        a directory of theirs on the way (or their symlink) leads the host's writes and rotations
+        wherever they like."""
+        unsafe = unsafe_directory(os.path.dirname(self.baseFilename))  # checked again at each rotation
+        if unsafe:
+            raise OSError(errno.EPERM, f"its directory {unsafe}")
         try:
             fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
                          | os.O_CLOEXEC, 0o600)

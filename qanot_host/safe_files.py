@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 
-__all__ = ["read_regular_file", "open_regular_file"]
+__all__ = ["read_regular_file", "open_regular_file", "unsafe_directory"]
 
 
 def open_regular_file(path: str, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
@@ -42,3 +42,41 @@ def read_regular_file(path: str, limit: int, dir_fd: int | None = None) -> bytes
         return data
     finally:
         os.close(fd)
+
+
+def unsafe_directory(path: str) -> str | None:
+    """Why a directory the host writes as its own user is not the host's alone, if it is not
+    (state_dir holds what the host runs and trusts: the workers' import root, environments, the
+    control socket; a log directory, what it appends to and rotates): whoever else can write it, or
+    replace a directory on the way to it, could plant code the host runs as root (a state_dir another
+    user made in /tmp did just that), or point the host's writes at a file of root's. Each directory
+    on the way must be root's or this user's, and writable by no one else unless sticky (as /tmp is);
+    a symlink on the way, root's or this user's; the directory itself writable by no one else at all.
+    A part not made yet is fine: this user makes it, in what is above it."""
+    euid = os.geteuid()
+    trusted = (0, euid)
+    walked = "/"
+    for part in [p for p in os.path.abspath(path).split("/") if p]:
+        walked = os.path.join(walked, part)
+        try:
+            info = os.lstat(walked)
+        except OSError:
+            break  # not there yet: made by this user, in what is above it (checked below)
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in trusted:
+            return f"is not safe: {walked} is a symlink of uid {info.st_uid}'s, who could point it elsewhere"
+    real = os.path.realpath(path)
+    walked = "/"
+    for part in ["", *[p for p in real.split("/") if p]]:
+        walked = os.path.join(walked, part) if part else "/"
+        try:
+            info = os.stat(walked)
+        except OSError:
+            break
+        last = walked == real
+        if info.st_uid not in trusted:
+            return (f"is not safe: {walked} belongs to uid {info.st_uid}, not to root or this user (uid {euid}), "
+                    "who could plant code there that the host runs")
+        if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
+            return (f"is not safe: {walked} is writable by others (mode {stat.S_IMODE(info.st_mode):o}), "
+                    "who could plant code there that the host runs (chmod go-w)")
+    return None

@@ -178,6 +178,85 @@ def test_a_planted_log_file_is_refused_and_its_target_untouched(tmp_path):
     assert (tmp_path / "theirs.log").read_text() == ""
 
 
+def test_a_log_file_under_another_users_directory_or_symlink_is_refused(tmp_path):
+    """The seventeenth attacker's F1: O_NOFOLLOW guards the last part of --log-file only, so a symlink
+    another user made for a directory on the way (/tmp/theirs/logs -> /etc/x) led root's log, and its
+    chmod, to /etc/x/host.log. The log file's directory must be the host's alone, as state_dir is."""
+    import os
+    import subprocess
+    import sys
+    target = tmp_path / "etc"
+    target.mkdir()
+    (target / "host.log").write_text("root's own\n")
+    os.chmod(target / "host.log", 0o644)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    os.symlink(target, theirs / "logs")
+    os.lchown(theirs / "logs", 65534, 65534)
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    os.chmod(open_to_all, 0o1777)
+    for path, why in ((theirs / "logs" / "host.log", f"{theirs / 'logs'} is a symlink of uid 65534's"),
+                      (open_to_all / "host.log", f"{open_to_all} is writable by others (mode 1777)")):
+        done = subprocess.run([sys.executable, "-m", "qanot_host", "tools", "--log-file", str(path),
+                               "--config", str(tmp_path / "none.json")], capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and f"--log-file {path}: its directory is not safe: {why}" in done.stderr, \
+            (path, done.stderr)
+    assert (target / "host.log").read_text() == "root's own\n" and os.stat(target / "host.log").st_mode & 0o777 == 0o644
+    assert not (open_to_all / "host.log").exists()
+
+
+async def test_commands_send_nothing_to_a_control_socket_of_another_user(tmp_path):
+    """The seventeenth attacker's F2: in a state_dir another user could write, they listened on
+    control.sock themselves; `qanot-host call` sent them the params and printed their forged answer
+    as the tool's result, exit 0. The kernel now says whose the socket is, and nothing is sent."""
+    import os
+    import socket
+    import tempfile
+    from qanot_host.control import control_request
+    from qanot_host.errors import QanotHostError
+    place = tempfile.mkdtemp(prefix="qh-peer-", dir="/tmp")
+    os.chmod(place, 0o777)
+    path = os.path.join(place, "control.sock")
+    received = os.path.join(place, "received")
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other user: listens where the host's socket would be, and keeps what it is sent
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(path)
+            listener.listen()
+            os.write(ready_w, b"up")
+            conn, _ = listener.accept()
+            conn.settimeout(5)
+            data = conn.recv(65536)
+            with open(received, "wb") as out:
+                out.write(data)
+            conn.sendall(b'{"ok": true, "config": "x", "result": "FORGED"}\n')
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 2) == b"up"
+        with pytest.raises(QanotHostError, match="is served by uid 65534, neither root nor this user: nothing sent"):
+            await control_request(path, "call", tool="echo", params={"api_key": "SECRET-123"})
+        os.waitpid(pid, 0)  # it saw the connection close
+        assert not os.path.exists(received) or b"SECRET" not in open(received, "rb").read()
+    finally:
+        os.close(ready_r)
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        import shutil
+        shutil.rmtree(place, ignore_errors=True)
+
+
 async def test_a_flood_never_logs_part_of_a_line_and_waits_for_what_a_long_line_costs(write_config, monkeypatch):
     """The ninth attacker: a plugin printing its config in a loop, over its rate, leaked secret tails
     (a dropped chunk left the next "line" starting mid-line), as did a secret across a 64 KiB read of a
