@@ -46,6 +46,10 @@ log = logging.getLogger("qanot_host")
 START_CONCURRENCY = 4 * (os.cpu_count() or 1)
 
 
+# An MCP server's worker imports the MCP SDK's client before anything else: 1.6 s of CPU here, ten
+# times a plain plugin's import, which on a loaded two-core machine ran past a 10 s handshake_timeout.
+MCP_BRIDGE_LOAD_FACTOR = 3
+
 class WorkerFactory:
     def __init__(self, config: Config, launcher: Launcher | None = None) -> None:
         self.config = config  # the host's current one: a reload hands the factory the new config
@@ -105,12 +109,14 @@ class WorkerFactory:
         uid = self._plugin_uid(name)
         data_dir = self._data.prepare(name, uid, tmp=not self.namespaces)
         limits = config.limits_for(name)
+        bridged = mcp_server(config, name) is not None  # an MCP server's worker
         disk, disk_problem = "", ""
         if self.namespaces and limits.disk_mb:
             disk, disk_problem = await self._disks.image(name, limits.disk_mb)
         options = WorkerOptions(
             import_root=self.import_root, data_dir=data_dir, max_frame=settings.max_frame_bytes,
-            handshake_timeout=settings.handshake_timeout, setup_timeout=settings.setup_timeout,
+            handshake_timeout=settings.handshake_timeout * (MCP_BRIDGE_LOAD_FACTOR if bridged else 1),
+            setup_timeout=settings.setup_timeout,
             teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
             ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
             cancel_grace=settings.cancel_grace, extra_env=self._granted_env(config, name),
@@ -123,7 +129,7 @@ class WorkerFactory:
             options.extra_env[p.DISK_KEY] = "off"  # the operator's choice: a plain directory
         programs = None
         try:
-            if mcp_server(config, name) is not None:  # the bridge's config is the server's entry
+            if bridged:  # the bridge's config is the server's entry
                 plugin_config, redact, programs = bridge_config(config, name)
                 if programs is not None and not supervisor.sandbox_warned:
                     for ungranted in ungranted_args(config, name, programs):

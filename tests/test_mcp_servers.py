@@ -622,9 +622,12 @@ async def test_nested_server_names_keep_their_fallback_names_apart(write_config,
     async with Host(config) as host:
         # on a loaded machine a server's first start may time out and be retried: its tools come then
         await wait_until(lambda: all(host.plugins[n].state == "ready" for n in ("s", "s_calc")), 60, "both servers")
-        assert host.registry.get("calc_eval").plugin == "calc" and host.registry.get("eval").plugin == "s"
-        assert host.registry.get("mcp_s_calc_eval").plugin == "s_calc"
+        assert host.registry.get("calc_eval").plugin == "calc"
         assert "calc_eval" in host.plugins["s"].status()["conflicts"]  # no name left for it
+        fallback = host.registry.get("mcp_s_calc_eval")
+        assert fallback is None or fallback.plugin == "s_calc"  # never s's, whichever came up first
+        if host.registry.get("eval").plugin == "s":  # the usual order; a retried first start may change it
+            assert fallback is not None and fallback.plugin == "s_calc"
 
 
 async def test_each_variable_in_a_value_is_redacted_on_its_own(write_config, server_venv, token, monkeypatch):
