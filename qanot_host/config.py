@@ -196,13 +196,14 @@ def _resolve_paths(config: Config) -> None:
 
 
 def directory_problems(config: Config, create: bool) -> list[str]:
-    """Why state_dir or workspace_dir cannot be used (one line each, naming the file and the key);
+    """Why state_dir or workspace_dir cannot be used (one line each, naming the file and the key):
+    not there and not makeable, not writable, or not the host's alone (safe_files.unsafe_directory);
     `create`: make them (the host at start) rather than only look (check)."""
     problems = []
     for key, path in (("host.state_dir", config.host.state_dir), ("workspace_dir", config.workspace_dir)):
-        problem = _directory_problem(path, create)
-        if not problem and key == "host.state_dir":
-            problem = unsafe_directory(path)
+        # the host makes each plugin's place in workspace_dir (its owner changed to the plugin's uid,
+        # bound writable into its sandbox): through another user's symlink on the way, /etc/NAME
+        problem = _directory_problem(path, create) or unsafe_directory(path)
         if problem:
             problems.append(f"{config.path}: {key}: {path} {problem}")
     return problems

@@ -36,6 +36,7 @@ MAX_RESULT_CHARS = 100_000
 MAX_HTTP_CONNECTIONS = 64  # at once; more are closed at once (no client can hold the host's descriptors)
 IDLE_CONNECTION_SECONDS = 5
 REQUEST_HEAD_SECONDS = 10  # from a connection's start, or its last answer, to a whole request head
+STALLED_WRITE_SECONDS = 30  # an answer the client has stopped reading: the connection is dropped
 # MCP sessions over HTTP: the SDK's defaults (10,000, each kept 30 minutes) let one client take the
 # host from 74 to 444 MB and then stop any more, and made SIGTERM take 18 s
 MAX_HTTP_SESSIONS = 256
@@ -174,6 +175,7 @@ def _guarded_protocol() -> type:
 
     class Guarded(H11Protocol):
         head_deadline: asyncio.TimerHandle | None = None
+        write_deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -196,9 +198,28 @@ def _guarded_protocol() -> type:
             super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self.head_deadline is not None:
-                self.head_deadline.cancel()
+            for timer in (self.head_deadline, self.write_deadline):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            """The client reads none of what it is sent: pipelined requests whose answers it never
+            read kept all 64 connections busy writing (no token needed: the 401s piled up), and
+            nothing timed them out. A client still reading resumes the writes well within the time."""
+            super().pause_writing()
+            if self.write_deadline is None:
+                self.write_deadline = self.loop.call_later(STALLED_WRITE_SECONDS, self._write_stalled)
+
+        def resume_writing(self) -> None:
+            if self.write_deadline is not None:
+                self.write_deadline.cancel()
+                self.write_deadline = None
+            super().resume_writing()
+
+        def _write_stalled(self) -> None:
+            self.write_deadline = None
+            self.transport.abort()  # close() would wait for the very buffer nobody reads
 
         def _await_head(self) -> None:
             """uvicorn's idle timer stops at a request's first byte, and nothing bounds the rest of

@@ -63,7 +63,7 @@ def unsafe_directory(path: str) -> str | None:
         except OSError:
             break  # not there yet: made by this user, in what is above it (checked below)
         if stat.S_ISLNK(info.st_mode) and info.st_uid not in trusted:
-            return f"is not safe: {walked} is a symlink of uid {info.st_uid}'s, who could point it elsewhere"
+            return f"is not safe: {walked} is a symlink of uid {info.st_uid}'s, who could point it anywhere"
     real = os.path.realpath(path)
     walked = "/"
     for part in ["", *[p for p in real.split("/") if p]]:
@@ -74,9 +74,9 @@ def unsafe_directory(path: str) -> str | None:
             break
         last = walked == real
         if info.st_uid not in trusted:
-            return (f"is not safe: {walked} belongs to uid {info.st_uid}, not to root or this user (uid {euid}), "
-                    "who could plant code there that the host runs")
+            return (f"is not safe: {walked} belongs to uid {info.st_uid}, not to root or this user (uid {euid}): "
+                    "they could replace what the host makes, writes or runs there")
         if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
-            return (f"is not safe: {walked} is writable by others (mode {stat.S_IMODE(info.st_mode):o}), "
-                    "who could plant code there that the host runs (chmod go-w)")
+            return (f"is not safe: {walked} is writable by others (mode {stat.S_IMODE(info.st_mode):o}): they "
+                    "could replace what the host makes, writes or runs there (chmod go-w)")
     return None

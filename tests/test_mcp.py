@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from qanot_host import Host
+
 from .conftest import GREETER, grant_write, plugin, wait_until
 
 pytest.importorskip("mcp")
@@ -259,6 +261,54 @@ def test_http_sessions_are_bounded(http_host):
         except urllib.error.HTTPError as exc:
             statuses.append(exc.code)
     assert statuses.count(200) == MAX_HTTP_SESSIONS == 256 and set(statuses[MAX_HTTP_SESSIONS:]) == {503}, statuses
+
+
+async def test_a_client_that_reads_no_answers_is_dropped(write_config, markers, monkeypatch):
+    """The seventeenth attacker's F3: pipelined requests whose answers the client never reads (401s:
+    no token needed) left the host writing into a full socket, with no timer, on all 64 connections:
+    the operator was kept out. A connection whose answers stall is now dropped."""
+    import threading
+    from qanot_host import mcp_server
+    from qanot_host.mcp_server import McpFront, listen
+    monkeypatch.setattr(mcp_server, "STALLED_WRITE_SECONDS", 2)
+    host = Host(mcp_config(write_config, markers))
+    await host.start()
+    port = free_port()
+    serving = asyncio.ensure_future(McpFront(host).serve_http(listen(f"127.0.0.1:{port}"), "s3cret-token"))
+    outcome: list[str] = []
+    stop = threading.Event()
+
+    def pipeline_without_reading() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(20)
+        sock.connect(("127.0.0.1", port))
+        request = f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode() * 50
+        try:
+            while not stop.is_set():
+                sock.sendall(request)  # whole requests only: a cut one would end it as a bad request
+        except (ConnectionResetError, BrokenPipeError):
+            outcome.append("dropped")
+        except OSError as exc:  # the timeout: the host neither reads nor lets go
+            outcome.append(f"held: {exc}")
+        finally:
+            sock.close()
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        began = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(pipeline_without_reading), 60)
+        assert outcome == ["dropped"], outcome
+        assert time.monotonic() - began >= 2
+    finally:
+        stop.set()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await host.stop()
 
 
 async def test_streamable_http_with_a_bearer_token(http_host):

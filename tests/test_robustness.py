@@ -373,6 +373,26 @@ async def test_a_state_dir_others_could_write_is_refused(write_config, tmp_path,
     assert done.returncode != 0 and why in done.stdout + done.stderr, done.stdout + done.stderr
 
 
+async def test_a_workspace_dir_through_another_users_symlink_is_refused(write_config, tmp_path):
+    """The seventeenth attacker's F4: workspace_dir reached through a symlink another user made
+    (/var/tmp/theirs/ws -> /etc): the host made each plugin's place there, gave it to the plugin's
+    uid and bound it writable into its sandbox, so a plugin named nginx rewrote /etc/nginx. It is
+    refused now, as state_dir is, and nothing is made there."""
+    target = tmp_path / "etc"
+    target.mkdir()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.symlink(target, theirs / "ws")
+    os.lchown(theirs / "ws", 65534, 65534)
+    config = write_config([GREETER], workspace_dir=str(theirs / "ws"))
+    host = Host(config)
+    with pytest.raises(ConfigError) as refused:
+        await host.start()
+    assert f"workspace_dir: {theirs / 'ws'} is not safe: {theirs / 'ws'} is a symlink of uid 65534's" \
+        in str(refused.value), str(refused.value)
+    assert list(target.iterdir()) == []
+
+
 async def test_run_warns_of_an_unknown_key_in_a_plugin_entry_and_of_timeouts_for_no_tool(write_config, caplog):
     config = write_config([{"name": "greeter", "config": {"greeting_style": "x"}, "enabeld": False}],
                           host={"plugins": {"greeter": {"tool_timeouts": {"no_such_tool": 5}}}})
