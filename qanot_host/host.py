@@ -296,6 +296,15 @@ class Host:
     async def _reload(self, config: Config | None) -> dict[str, list[str]]:
         new = config or load_config(self.config.path)
         old = self.config
+        # checked as at the start, before anything stops: a reload once took another user's state_dir
+        # or workspace_dir that check and a fresh start refuse
+        if new.host.state_dir != old.host.state_dir:
+            raise ConfigError(f"{new.path}: host.state_dir: changed from {old.host.state_dir} to "
+                              f"{new.host.state_dir}: this host keeps its control socket, disks and uids in the "
+                              "first; restart it to use another")
+        problems = await asyncio.to_thread(directory_problems, new, True)
+        if problems:
+            raise ConfigError(problems[0])
         wanted = [e.name for e in new.plugins if e.enabled]
         removed = [name for name in self.plugins if name not in wanted]
         changed = [name for name in wanted if name in self.plugins and (

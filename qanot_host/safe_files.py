@@ -55,28 +55,46 @@ def unsafe_directory(path: str) -> str | None:
     A part not made yet is fine: this user makes it, in what is above it."""
     euid = os.geteuid()
     trusted = (0, euid)
-    walked = "/"
-    for part in [p for p in os.path.abspath(path).split("/") if p]:
-        walked = os.path.join(walked, part)
+    pending = [part for part in os.path.abspath(path).split("/") if part]
+    current = "/"
+    problem = _unsafe_part("/", os.stat("/"), trusted, euid, last=not pending)
+    links = 0
+    while pending and not problem:
+        # each part as the kernel resolves it, symlinks and the parts of their targets included: a
+        # root-owned link may lead through another user's link, which a walk of the path as written
+        # and of its real path would both miss
+        part = pending.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            current = os.path.dirname(current)  # `current` holds no symlink: this is its real parent
+            continue
+        candidate = os.path.join(current, part)
         try:
-            info = os.lstat(walked)
+            info = os.lstat(candidate)
         except OSError:
-            break  # not there yet: made by this user, in what is above it (checked below)
-        if stat.S_ISLNK(info.st_mode) and info.st_uid not in trusted:
-            return f"is not safe: {walked} is a symlink of uid {info.st_uid}'s, who could point it anywhere"
-    real = os.path.realpath(path)
-    walked = "/"
-    for part in ["", *[p for p in real.split("/") if p]]:
-        walked = os.path.join(walked, part) if part else "/"
-        try:
-            info = os.stat(walked)
-        except OSError:
-            break
-        last = walked == real
-        if info.st_uid not in trusted:
-            return (f"is not safe: {walked} belongs to uid {info.st_uid}, not to root or this user (uid {euid}): "
-                    "they could replace what the host makes, writes or runs there")
-        if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
-            return (f"is not safe: {walked} is writable by others (mode {stat.S_IMODE(info.st_mode):o}): they "
-                    "could replace what the host makes, writes or runs there (chmod go-w)")
+            return None  # not there yet: this user makes it, in what is above it (checked)
+        if stat.S_ISLNK(info.st_mode):
+            if info.st_uid not in trusted:
+                return f"is not safe: {candidate} is a symlink of uid {info.st_uid}'s, who could point it anywhere"
+            links += 1
+            if links > 40:
+                return f"is not safe: more than 40 symlinks on the way to {path}"
+            target = os.readlink(candidate)
+            pending[:0] = [p for p in target.split("/") if p]
+            if target.startswith("/"):
+                current = "/"
+            continue
+        problem = _unsafe_part(candidate, info, trusted, euid, last=not pending)
+        current = candidate
+    return problem
+
+
+def _unsafe_part(where: str, info: os.stat_result, trusted: tuple[int, int], euid: int, last: bool) -> str | None:
+    if info.st_uid not in trusted:
+        return (f"is not safe: {where} belongs to uid {info.st_uid}, not to root or this user (uid {euid}): "
+                "they could replace what the host makes, writes or runs there")
+    if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
+        return (f"is not safe: {where} is writable by others (mode {stat.S_IMODE(info.st_mode):o}): they "
+                "could replace what the host makes, writes or runs there (chmod go-w)")
     return None

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -391,6 +393,53 @@ async def test_a_workspace_dir_through_another_users_symlink_is_refused(write_co
     assert f"workspace_dir: {theirs / 'ws'} is not safe: {theirs / 'ws'} is a symlink of uid 65534's" \
         in str(refused.value), str(refused.value)
     assert list(target.iterdir()) == []
+
+
+def test_a_link_of_roots_that_leads_through_another_users_link_is_refused(tmp_path):
+    """The eighteenth attacker's F2: the walk looked at the path as written and at its real path, so
+    root's own link (mylink -> theirs/link2/x) hid another user's link (theirs/link2) met only while
+    resolving it; they could point it at a directory of theirs at any time."""
+    from qanot_host.safe_files import unsafe_directory
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()  # root's, and not writable by others: only the link in it is theirs
+    (tmp_path / "rootdir" / "x").mkdir(parents=True)
+    os.symlink(tmp_path / "rootdir", theirs / "link2")
+    os.lchown(theirs / "link2", 65534, 65534)
+    os.symlink(theirs / "link2" / "x", tmp_path / "mylink")
+    assert unsafe_directory(str(tmp_path / "mylink")) == (
+        f"is not safe: {theirs / 'link2'} is a symlink of uid 65534's, who could point it anywhere")
+    os.symlink("../rootdir/x", tmp_path / "relative")  # root's links all the way: fine
+    assert unsafe_directory(str(tmp_path / "relative")) is None
+    assert unsafe_directory(str(tmp_path / "relative" / "not-made-yet")) is None
+
+
+async def test_a_reload_refuses_a_workspace_dir_or_state_dir_a_start_would(write_config, tmp_path):
+    """The eighteenth attacker's F1: a reload took a new workspace_dir (through another user's
+    symlink: the added plugin's place was made and given away there) and a new state_dir (another
+    user's: root truncated a file through their link) that check and a start refuse. The running
+    config is kept."""
+    import json as json_module
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.symlink(target, theirs / "ws")
+    os.lchown(theirs / "ws", 65534, 65534)
+    config = write_config([GREETER])
+    async with Host(config) as host:
+        data = json_module.loads(Path(config).read_text())
+        data["plugins"].append({"name": "echo"})
+        data["workspace_dir"] = str(theirs / "ws")
+        Path(config).write_text(json_module.dumps(data))
+        with pytest.raises(ConfigError, match=r"workspace_dir: .* is a symlink of uid 65534's"):
+            await host.reload()
+        data["workspace_dir"] = host.config.workspace_dir
+        data["host"]["state_dir"] = str(tmp_path / "another-state")
+        Path(config).write_text(json_module.dumps(data))
+        with pytest.raises(ConfigError, match="host.state_dir: changed from .*; restart it to use another"):
+            await host.reload()
+        assert list(host.plugins) == ["greeter"] and list(target.iterdir()) == []
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
 
 
 async def test_run_warns_of_an_unknown_key_in_a_plugin_entry_and_of_timeouts_for_no_tool(write_config, caplog):
