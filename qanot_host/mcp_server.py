@@ -151,7 +151,7 @@ class McpFront:
             log.warning("MCP: streamable HTTP at http://%s:%s/mcp with no token: whoever reaches the port can "
                         "call every tool%s", host, port,
                         "" if ipaddress.ip_address(host).is_loopback else " (and it is not bound to loopback)")
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", http=_guarded_protocol(),
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", http=_guarded_protocol(token),
                                 timeout_keep_alive=IDLE_CONNECTION_SECONDS)
         server = uvicorn.Server(config)
         # SIGTERM and SIGINT are the host's (it stops everything, this included): uvicorn's own signal
@@ -166,22 +166,32 @@ class McpFront:
             raise
 
 
-def _guarded_protocol() -> type:
+def _guarded_protocol(token: str | None = None) -> type:
     """uvicorn's HTTP/1.1 protocol, guarded: past MAX_HTTP_CONNECTIONS a connection is closed at
     once, and one that sends nothing is closed after IDLE_CONNECTION_SECONDS (uvicorn only times out
     a connection after a response): idle connections once took 20 000 of the host's descriptors, and
-    a crashed plugin could not restart meanwhile."""
+    a crashed plugin could not restart meanwhile. With `token`, a client without it cannot keep one
+    with it out: a request without the token ends its connection (no pipelined requests ride on a
+    401), and when all connections are taken, a new one takes the place of the oldest that has not
+    shown the token (a client reading its 401s slowly held all 64 otherwise)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
+    expected = token.encode() if token else None
 
     class Guarded(H11Protocol):
         head_deadline: asyncio.TimerHandle | None = None
         write_deadline: asyncio.TimerHandle | None = None
+        trusted = False  # has shown the token
+        opened = 0.0
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            self.opened = self.loop.time()
             if len(self.connections) > MAX_HTTP_CONNECTIONS:
-                transport.close()
-                return
+                strangers = [c for c in self.connections if isinstance(c, Guarded) and c is not self and not c.trusted]
+                if expected is None or not strangers:
+                    transport.close()
+                    return
+                min(strangers, key=lambda c: c.opened).transport.abort()
             self.timeout_keep_alive_task = self.loop.call_later(IDLE_CONNECTION_SECONDS,
                                                                 self.timeout_keep_alive_handler)
             self._await_head()
@@ -189,9 +199,20 @@ def _guarded_protocol() -> type:
         def handle_events(self) -> None:
             cycle = self.cycle
             super().handle_events()
-            if self.cycle is not cycle and self.head_deadline is not None:  # a whole request head came
-                self.head_deadline.cancel()
-                self.head_deadline = None
+            if self.cycle is not cycle:  # a whole request head came
+                if self.head_deadline is not None:
+                    self.head_deadline.cancel()
+                    self.head_deadline = None
+                if expected is not None and self.cycle is not None:
+                    self._note_token()
+
+        def _note_token(self) -> None:
+            given = dict(self.headers).get(b"authorization", b"")
+            scheme, _, value = given.partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), expected or b""):
+                self.trusted = True
+            elif not self.trusted:
+                self.cycle.keep_alive = False  # its 401 is its last answer
 
         def on_response_complete(self) -> None:
             self._await_head()  # first: a pipelined request is read within the call below

@@ -311,6 +311,37 @@ async def test_a_client_that_reads_no_answers_is_dropped(write_config, markers, 
         await host.stop()
 
 
+def test_clients_without_the_token_cannot_keep_one_with_it_out(http_host):
+    """The eighteenth attacker's F2: 64 connections without the token, pipelining requests and
+    reading their 401s slowly, kept the operator (with the token) out. Now a request without the
+    token ends its connection, and a new connection takes the place of the oldest that has not
+    shown the token."""
+    url, _ = http_host
+    port = int(url.split(":")[2].split("/")[0])
+    head = f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+        conn.sendall(head * 5)  # pipelined, without the token
+        answers = b""
+        while chunk := conn.recv(65536):
+            answers += chunk
+    assert answers.count(b" 401 ") == 1, answers  # and then the host closed the connection
+    held = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(64)]
+    try:
+        for conn in held:
+            conn.sendall(b"GET /mcp HTTP/1.1\r\nHost: 1")  # heads never finished (10 s allowed)
+        time.sleep(0.5)
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}).encode()
+        request = urllib.request.Request(url, data=body, headers={
+            "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+            "Authorization": "Bearer s3cret-token"})
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            assert answer.status == 200
+    finally:
+        for conn in held:
+            conn.close()
+
+
 async def test_streamable_http_with_a_bearer_token(http_host):
     import httpx2
     from mcp.client.streamable_http import streamable_http_client

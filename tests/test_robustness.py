@@ -393,6 +393,10 @@ async def test_a_workspace_dir_through_another_users_symlink_is_refused(write_co
     assert f"workspace_dir: {theirs / 'ws'} is not safe: {theirs / 'ws'} is a symlink of uid 65534's" \
         in str(refused.value), str(refused.value)
     assert list(target.iterdir()) == []
+    config = write_config([GREETER], workspace_dir=str(theirs / "ws" / "made" / "by" / "root"))
+    with pytest.raises(ConfigError, match="is a symlink of uid 65534's"):
+        await Host(config).start()
+    assert list(target.iterdir()) == []  # the eighteenth attacker's F4: nothing made before it was judged
 
 
 def test_a_link_of_roots_that_leads_through_another_users_link_is_refused(tmp_path):
