@@ -264,9 +264,9 @@ def test_http_sessions_are_bounded(http_host):
 
 
 async def test_a_client_that_reads_no_answers_is_dropped(write_config, markers, monkeypatch):
-    """The seventeenth attacker's F3: pipelined requests whose answers the client never reads (401s:
-    no token needed) left the host writing into a full socket, with no timer, on all 64 connections:
-    the operator was kept out. A connection whose answers stall is now dropped."""
+    """The seventeenth attacker's F3: pipelined requests whose answers the client never reads left
+    the host writing into a full socket, with no timer, on all 64 connections: the operator was kept
+    out. A connection whose answers stall is now dropped, even one that has shown the token."""
     import threading
     from qanot_host import mcp_server
     from qanot_host.mcp_server import McpFront, listen
@@ -283,7 +283,9 @@ async def test_a_client_that_reads_no_answers_is_dropped(write_config, markers, 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.settimeout(20)
         sock.connect(("127.0.0.1", port))
-        request = f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode() * 50
+        # with the token (a request without it ends its connection at its 401), for a short answer (404)
+        request = (f"GET /elsewhere HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                   "Authorization: Bearer s3cret-token\r\n\r\n").encode() * 50
         try:
             while not stop.is_set():
                 sock.sendall(request)  # whole requests only: a cut one would end it as a bad request
