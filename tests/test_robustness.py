@@ -375,17 +375,23 @@ async def test_a_state_dir_others_could_write_is_refused(write_config, tmp_path,
     assert done.returncode != 0 and why in done.stdout + done.stderr, done.stdout + done.stderr
 
 
-async def test_a_workspace_dir_through_another_users_symlink_is_refused(write_config, tmp_path):
-    """The seventeenth attacker's F4: workspace_dir reached through a symlink another user made
-    (/var/tmp/theirs/ws -> /etc): the host made each plugin's place there, gave it to the plugin's
-    uid and bound it writable into its sandbox, so a plugin named nginx rewrote /etc/nginx. It is
-    refused now, as state_dir is, and nothing is made there."""
-    target = tmp_path / "etc"
+def _their_link(tmp_path: Path) -> tuple[Path, Path]:
+    """theirs/ws: uid 65534's symlink (in a directory of root's) to an empty directory, the target."""
+    target = tmp_path / "elsewhere"
     target.mkdir()
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     os.symlink(target, theirs / "ws")
     os.lchown(theirs / "ws", 65534, 65534)
+    return target, theirs
+
+
+async def test_a_workspace_dir_through_another_users_symlink_is_refused(write_config, tmp_path):
+    """The seventeenth attacker's F4: workspace_dir reached through a symlink another user made
+    (/var/tmp/theirs/ws -> /etc): the host made each plugin's place there, gave it to the plugin's
+    uid and bound it writable into its sandbox, so a plugin named nginx rewrote /etc/nginx. It is
+    refused now, as state_dir is, and nothing is made there."""
+    target, theirs = _their_link(tmp_path)
     config = write_config([GREETER], workspace_dir=str(theirs / "ws"))
     host = Host(config)
     with pytest.raises(ConfigError) as refused:
@@ -423,12 +429,7 @@ async def test_a_reload_refuses_a_workspace_dir_or_state_dir_a_start_would(write
     user's: root truncated a file through their link) that check and a start refuse. The running
     config is kept."""
     import json as json_module
-    target = tmp_path / "elsewhere"
-    target.mkdir()
-    theirs = tmp_path / "theirs"
-    theirs.mkdir()
-    os.symlink(target, theirs / "ws")
-    os.lchown(theirs / "ws", 65534, 65534)
+    target, theirs = _their_link(tmp_path)
     config = write_config([GREETER])
     async with Host(config) as host:
         data = json_module.loads(Path(config).read_text())
