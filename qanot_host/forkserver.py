@@ -337,7 +337,19 @@ class _PipeReaderProtocol(asyncio.StreamReaderProtocol):
 
 
 async def _reader(loop: asyncio.AbstractEventLoop, fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """A stream of the pipe `fd` (owned by it from here on). The connect runs to its end even when
+    the caller is cancelled (a host stopping mid-start), and the transport is then closed: a
+    connect_read_pipe cancelled under uvloop closes the descriptor but leaves its file object to
+    close the same number again when collected, by then maybe another worker's pipe (a full run
+    caught one as a ResourceWarning)."""
     reader = asyncio.StreamReader(limit=1 << 20)
-    transport, _ = await loop.connect_read_pipe(lambda: _PipeReaderProtocol(reader),
-                                                os.fdopen(fd, "rb", buffering=0))
+    connecting = loop.create_task(loop.connect_read_pipe(lambda: _PipeReaderProtocol(reader),
+                                                         os.fdopen(fd, "rb", buffering=0)))
+    try:
+        transport, _ = await asyncio.shield(connecting)
+    except BaseException:
+        connected = (await asyncio.gather(connecting, return_exceptions=True))[0]
+        if isinstance(connected, tuple):
+            connected[0].close()
+        raise
     return reader, transport
