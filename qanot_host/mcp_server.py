@@ -207,9 +207,7 @@ def _guarded_protocol(token: str | None = None) -> type:
                     self._note_token()
 
         def _note_token(self) -> None:
-            given = dict(self.headers).get(b"authorization", b"")
-            scheme, _, value = given.partition(b" ")
-            if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), expected or b""):
+            if _shows_token(self.headers, expected or b""):
                 self.trusted = True
             elif not self.trusted:
                 self.cycle.keep_alive = False  # its 401 is its last answer
@@ -293,14 +291,19 @@ class _BearerOnly:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
-            # the scheme's case is the client's (RFC 9110); the token is compared in constant time
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._expected):
+            if not _shows_token(scope.get("headers") or [], self._expected):
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
                 await send({"type": "http.response.body", "body": b'{"error": "a bearer token is required"}'})
                 return
         await self._app(scope, receive, send)
+
+
+def _shows_token(headers: list[tuple[bytes, bytes]], expected: bytes) -> bool:
+    """The request's headers (names lower-cased) carry `Authorization: Bearer` the token: the
+    scheme's case is the client's (RFC 9110), the token is compared in constant time."""
+    scheme, _, given = dict(headers).get(b"authorization", b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), expected)
 
 
 def _digest(definitions: list[dict]) -> str:

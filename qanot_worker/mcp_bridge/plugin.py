@@ -108,8 +108,7 @@ class QanotPlugin(Plugin):
         the program that could not be run, or that the server exited (its stderr is logged above)."""
         if self.config.get("transport", "stdio") != "stdio":
             return f"{self.config['url']}: {why}"
-        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
+        exc = _leaf(exc)
         if isinstance(exc, OSError) and not exc.filename:
             return f"{self.config['command']} could not be started: {why}"
         if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
@@ -255,7 +254,13 @@ def _children() -> list[int]:
 
 def _describe(exc: BaseException) -> str:
     """An exception group (anyio's task groups raise them) as its first leaf."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
+    exc = _leaf(exc)
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception an exception group (anyio's task groups raise them) holds, however deep."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
