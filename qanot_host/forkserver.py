@@ -27,6 +27,7 @@ from qanot_worker import protocol as p
 
 from .errors import PluginStartError, QanotHostError
 from .launcher import LaunchSpec, WorkerProcess, finish_worker_group
+from .loop import run_to_end
 from .output import OutputLimit, start_output_pumps
 
 __all__ = ["ForkServerLauncher"]
@@ -338,18 +339,10 @@ class _PipeReaderProtocol(asyncio.StreamReaderProtocol):
 
 async def _reader(loop: asyncio.AbstractEventLoop, fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
     """A stream of the pipe `fd` (owned by it from here on). The connect runs to its end even when
-    the caller is cancelled (a host stopping mid-start), and the transport is then closed: a
-    connect_read_pipe cancelled under uvloop closes the descriptor but leaves its file object to
-    close the same number again when collected, by then maybe another worker's pipe (a full run
-    caught one as a ResourceWarning)."""
+    the caller is cancelled (a host stopping mid-start), and the transport is then closed (loop.py's
+    run_to_end: a full run caught a descriptor closed twice as a ResourceWarning)."""
     reader = asyncio.StreamReader(limit=1 << 20)
-    connecting = loop.create_task(loop.connect_read_pipe(lambda: _PipeReaderProtocol(reader),
-                                                         os.fdopen(fd, "rb", buffering=0)))
-    try:
-        transport, _ = await asyncio.shield(connecting)
-    except BaseException:
-        connected = (await asyncio.gather(connecting, return_exceptions=True))[0]
-        if isinstance(connected, tuple):
-            connected[0].close()
-        raise
+    transport, _ = await run_to_end(loop.connect_read_pipe(lambda: _PipeReaderProtocol(reader),
+                                                           os.fdopen(fd, "rb", buffering=0)),
+                                    undo=lambda connected: connected[0].close())
     return reader, transport

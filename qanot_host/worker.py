@@ -25,6 +25,7 @@ from .errors import (ClosedMidFrame, PluginError, PluginStartError, PluginUnavai
                      WorkerCrashed, WorkerTimeout, describe_exit)
 from .launcher import Launcher, LaunchSpec, WorkerProcess
 from .log_ring import LogRing
+from .loop import run_to_end
 from .offered import OfferedTool, kept_info, offered_tools
 from .pid_namespaces import find_in_namespace
 
@@ -172,20 +173,15 @@ class WorkerHandle:
         # From the launch on, the exit is watched: whatever happens next, stop() ends (a worker whose
         # start was cancelled here once "survived SIGKILL" for 5 s: nothing was watching its exit).
         self._tasks = [loop.create_task(self._watch_exit())]
-        opening = loop.create_task(WorkerChannel.open(self.plugin, opts.max_frame, host_writes, host_reads,
-                                                      self._channel_lost, self._call_abandoned))
-        try:
-            self._channel = await asyncio.shield(opening)
-        except BaseException:  # the host stopping meanwhile: the worker goes, and its output pipes with it
-            self._process.signal_group(signal.SIGKILL)
-            # The open itself runs to its end (a loop turn or two) and its pipes are closed once, by their
-            # transports: a connect_write_pipe cancelled under uvloop closes the descriptor but leaves its
-            # file object to close the same number again when collected, by then maybe another pipe's.
-            opened = (await asyncio.gather(opening, return_exceptions=True))[0]
-            if isinstance(opened, WorkerChannel):
-                opened.close(None)
-            raise
-        self._channel.redact = opts.redact
+        # The host stopping meanwhile: the worker goes, and its output pipes with it; the open itself
+        # runs to its end (a loop turn or two) and its pipes are closed once, by their transports.
+        process = self._process
+        channel = await run_to_end(
+            WorkerChannel.open(self.plugin, opts.max_frame, host_writes, host_reads, self._channel_lost,
+                               self._call_abandoned),
+            undo=lambda opened: opened.close(None), abandoned=lambda: process.signal_group(signal.SIGKILL))
+        channel.redact = opts.redact
+        self._channel = channel
 
     def _environment(self) -> dict[str, str]:
         """Workers start with a scrubbed environment: no host secrets pass through."""
