@@ -203,8 +203,9 @@ def directory_problems(config: Config, create: bool) -> list[str]:
     for key, path in (("host.state_dir", config.host.state_dir), ("workspace_dir", config.workspace_dir)):
         # the host makes each plugin's place in workspace_dir (its owner changed to the plugin's uid,
         # bound writable into its sandbox): through another user's symlink on the way, /etc/NAME
-        # judged before it is made (nothing is made through another user's link) and after (a race)
-        problem = unsafe_directory(path) or _directory_problem(path, create) or unsafe_directory(path)
+        # judged before it is made (nothing is made through another user's link) and, when asked to make
+        # it, after (a race)
+        problem = unsafe_directory(path) or _directory_problem(path, create) or (create and unsafe_directory(path))
         if problem:
             problems.append(f"{config.path}: {key}: {path} {problem}")
     return problems

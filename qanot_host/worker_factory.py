@@ -50,6 +50,7 @@ START_CONCURRENCY = 4 * (os.cpu_count() or 1)
 # times a plain plugin's import, which on a loaded two-core machine ran past a 10 s handshake_timeout.
 MCP_BRIDGE_LOAD_FACTOR = 3
 
+
 class WorkerFactory:
     def __init__(self, config: Config, launcher: Launcher | None = None) -> None:
         self.config = config  # the host's current one: a reload hands the factory the new config
