@@ -222,25 +222,25 @@ def test_host_and_origin_are_held_to_the_bound_address_whatever_it_is(write_conf
         _held_to_its_names(url)
 
 
-def _held_to_its_names(url: str) -> None:
-    port = url.split(":")[2].split("/")[0]
+def _initialize(url: str, **headers: str) -> int:
+    """The HTTP status of an MCP initialize POSTed with the token (and `headers`)."""
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Authorization": "Bearer s3cret-token", **headers}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=20) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
-    def status(host: str, origin: str | None = None) -> int:
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-                   "Authorization": "Bearer s3cret-token", "Host": host}
-        if origin:
-            headers["Origin"] = origin
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=20) as r:
-                return r.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-    assert status(f"evil.example.com:{port}") == 421
-    assert status(f"127.0.0.2:{port}", origin=f"http://evil.example.com:{port}") == 403
-    assert status(f"127.0.0.2:{port}") == 200
-    assert status(f"qanot.internal:{port}", origin=f"http://qanot.internal:{port}") == 200
+
+def _held_to_its_names(url: str) -> None:
+    port = url.split(":")[2].split("/")[0]
+    assert _initialize(url, Host=f"evil.example.com:{port}") == 421
+    assert _initialize(url, Host=f"127.0.0.2:{port}", Origin=f"http://evil.example.com:{port}") == 403
+    assert _initialize(url, Host=f"127.0.0.2:{port}") == 200
+    assert _initialize(url, Host=f"qanot.internal:{port}", Origin=f"http://qanot.internal:{port}") == 200
 
 
 def test_http_sessions_are_bounded(http_host):
@@ -249,17 +249,7 @@ def test_http_sessions_are_bounded(http_host):
     Now 256 at most, each dropped after 10 idle minutes."""
     from qanot_host.mcp_server import MAX_HTTP_SESSIONS
     url, pid = http_host
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}).encode()
-    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-               "Authorization": "Bearer s3cret-token"}
-    statuses = []
-    for _ in range(MAX_HTTP_SESSIONS + 20):
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=20) as r:
-                statuses.append(r.status)
-        except urllib.error.HTTPError as exc:
-            statuses.append(exc.code)
+    statuses = [_initialize(url) for _ in range(MAX_HTTP_SESSIONS + 20)]
     assert statuses.count(200) == MAX_HTTP_SESSIONS == 256 and set(statuses[MAX_HTTP_SESSIONS:]) == {503}, statuses
 
 
@@ -332,13 +322,7 @@ def test_clients_without_the_token_cannot_keep_one_with_it_out(http_host):
         for conn in held:
             conn.sendall(b"GET /mcp HTTP/1.1\r\nHost: 1")  # heads never finished (10 s allowed)
         time.sleep(0.5)
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}).encode()
-        request = urllib.request.Request(url, data=body, headers={
-            "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-            "Authorization": "Bearer s3cret-token"})
-        with urllib.request.urlopen(request, timeout=20) as answer:
-            assert answer.status == 200
+        assert _initialize(url) == 200
     finally:
         for conn in held:
             conn.close()
