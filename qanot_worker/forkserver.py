@@ -29,7 +29,7 @@ import msgspec
 from . import linux
 from . import protocol as p
 from .disk import DiskError, attach_disk
-from .seccomp import warm_up
+from . import seccomp
 from .main import main
 from .spawner import Forker
 # Imported here, before any fork, so that every worker shares them instead of importing its own.
@@ -66,7 +66,7 @@ class Template:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, self._on_host_death)
         self.sock.send(self.encoder.encode(p.TemplateReady(os.getpid())))
-        warm_up()
+        _warm_up()
         # Objects made so far are never collected again: forked children then do not dirty (copy)
         # the pages that hold them when their own collector runs.
         gc.freeze()
@@ -152,6 +152,18 @@ class Template:
                     os.rmdir(directory)
                 except OSError:
                     pass
+
+
+def _warm_up() -> None:
+    """What every worker would otherwise do for itself, done once before any fork: the seccomp
+    filters compiled, and the `qanot` shim imported (a plugin's first import; no worker may write
+    its bytecode cache, so each compiled it from source, about two milliseconds). Only the template
+    imports the shim: the host may have the real `qanot` installed."""
+    seccomp.warm_up()
+    try:
+        import qanot.plugins.base  # noqa: F401
+    except ImportError:
+        pass  # the plugin's own import will say what is wrong
 
 
 def _run_worker(request: p.Spawn, fds: list[int], parent_pid: int) -> int:

@@ -23,6 +23,10 @@ from .server import serve
 
 __all__ = ["main"]
 
+# Built at import, so in the worker template before it forks (msgspec compiles the type on first
+# use, about a millisecond that every worker would otherwise spend on its own).
+SANDBOX_SPEC = msgspec.json.Decoder(p.SandboxSpec)
+
 
 def main(argv: list[str]) -> int:
     if os.environ.pop(p.COOKIE_KEY, None) != p.COOKIE_VALUE:
@@ -39,10 +43,8 @@ def main(argv: list[str]) -> int:
     # that seccomp would later deny (libuv aborts on that); created inside the sandbox, the loop
     # falls back to epoll. Plugin code comes later still, on Load.
     sandbox = _enter_sandbox()
-    # Meanwhile the launcher put us in our cgroups; Hello (and so any plugin code) only after that.
-    os.read(go_fd, 1)
-    os.close(go_fd)
-    return eventloop.run(serve(read_fd, write_fd, max_frame, sandbox))
+    # Meanwhile the launcher puts us in our cgroups; serve() waits for that before its Hello.
+    return eventloop.run(serve(read_fd, write_fd, max_frame, sandbox, go_fd))
 
 
 def _enter_sandbox() -> SandboxOutcome:
@@ -52,7 +54,7 @@ def _enter_sandbox() -> SandboxOutcome:
         if disk.startswith("fd:"):
             os.close(int(disk[3:]))
         return SandboxOutcome()
-    spec = msgspec.json.decode(raw, type=p.SandboxSpec)
+    spec = SANDBOX_SPEC.decode(raw)
     began = time.perf_counter()
     try:
         outcome = apply_sandbox(spec, os.environ.get(p.PLUGIN_KEY, "?"), disk)

@@ -35,12 +35,15 @@ log = logging.getLogger("qanot_worker")
 # A host that vanished gets this long for teardown() before the worker exits anyway.
 ORPHAN_TEARDOWN_SECONDS = 3.0
 
+# Built at import, so in the worker template before it forks: msgspec compiles a union of this
+# size on first use (about a millisecond), which every worker would otherwise do for itself.
+HOST_MESSAGES = msgspec.msgpack.Decoder(p.HostMessage)
+
 
 class WorkerServer(asyncio.Protocol):
     def __init__(self, max_frame: int, sandbox: SandboxOutcome) -> None:
         self._sandbox = sandbox
         self._frames = p.FrameBuffer(max_frame)
-        self._decoder = msgspec.msgpack.Decoder(p.HostMessage)
         self._outbox = p.Outbox(max_frame)
         self._reading = False  # inside data_received: replies are held and go out in chunks
         self._plugin: Plugin | None = None
@@ -72,7 +75,7 @@ class WorkerServer(asyncio.Protocol):
             frames = self._frames.feed(data)
             self._outbox.chunk = len(frames) // p.CHUNK_DIVISOR + 1
             for frame in frames:
-                self._dispatch(self._decoder.decode(frame))
+                self._dispatch(HOST_MESSAGES.decode(frame))
         except (p.FrameTooLarge, msgspec.DecodeError, RecursionError) as exc:
             log.error("bad frame from the host: %s", exc or type(exc).__name__)
             self._finish(70)
@@ -294,10 +297,15 @@ def _describe(exc: BaseException, bare_type: bool = False) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def serve(read_fd: int, write_fd: int, max_frame: int, sandbox: SandboxOutcome) -> int:
+async def serve(read_fd: int, write_fd: int, max_frame: int, sandbox: SandboxOutcome, go_fd: int) -> int:
+    """Serve the host until it is done with us. `go_fd` says the launcher has put us in our cgroups:
+    read only just before Hello (and so any plugin code), so that setting up the loop and pipes
+    overlaps the move, which waits for the kernel's RCU (milliseconds)."""
     loop = asyncio.get_running_loop()
     server = WorkerServer(max_frame, sandbox)
     out, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0))
+    os.read(go_fd, 1)
+    os.close(go_fd)
     server.attach(out)
     await loop.connect_read_pipe(lambda: server, os.fdopen(read_fd, "rb", buffering=0))
     code = await server.finished

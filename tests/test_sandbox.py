@@ -193,3 +193,25 @@ def test_disks_attach_when_many_workers_start_at_once(tmp_path):
         answers = eval(done.stdout)  # noqa: S307 - our own child's repr of a list of tuples
         assert [kind for kind, _ in answers] == ["ok"] * len(images), answers
         assert len({number for _, number in answers}) == len(images)  # each its own device
+
+
+async def test_plugins_starting_together_get_their_uids_in_one_write_of_the_table(write_config, monkeypatch):
+    """A fresh state_dir: every plugin's uid is chosen at once (the table was rewritten whole once
+    per plugin, which made 500 plugins' first start quadratic); the next start writes nothing."""
+    import os
+
+    import psutil
+
+    from qanot_host.uids import UidMap
+    if os.geteuid() != 0:
+        pytest.skip("plugin uids need a root host")
+    writes: list[dict] = []
+    write = UidMap._write
+    monkeypatch.setattr(UidMap, "_write", lambda self, table: (writes.append(dict(table)), write(self, table))[1])
+    config = write_config([GREETER, plugin("echo"), plugin("lazy_probe")])
+    async with Host(config) as host:
+        uids = {name: psutil.Process(s.worker.pid).uids().real for name, s in host.plugins.items()}
+    assert len(writes) == 1 and writes[0] == uids and len(set(uids.values())) == 3, (writes, uids)
+    async with Host(config) as host:
+        assert {name: psutil.Process(s.worker.pid).uids().real for name, s in host.plugins.items()} == uids
+    assert len(writes) == 1, writes
