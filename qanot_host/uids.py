@@ -14,6 +14,7 @@ import os
 import pwd
 import tempfile
 import zlib
+from typing import Iterable
 
 __all__ = ["UidMap", "UID_RANGE"]
 
@@ -29,8 +30,17 @@ class UidMap:
     def uid(self, plugin: str) -> int:
         uid = self._cache.get(plugin)
         if uid is None:
-            uid = self._cache[plugin] = self._allocate(plugin)
+            self.reserve([plugin])
+            uid = self._cache[plugin]
         return uid
+
+    def reserve(self, plugins: Iterable[str]) -> None:
+        """Give each of `plugins` its uid now: one read and at most one write of the table for all
+        of them (a host starting 500 plugins on a fresh state_dir rewrote it 500 times, 0.5 s of
+        its CPU). OSError if the table cannot be written or no uid is left."""
+        wanted = [plugin for plugin in plugins if plugin not in self._cache]
+        if wanted:
+            self._cache.update(self._allocate(wanted))
 
     def peek(self, plugin: str) -> int:
         """The uid the plugin has, or would get now, without writing anything (for `check`)."""
@@ -38,29 +48,32 @@ class UidMap:
         uid = table.get(plugin)
         if uid is not None and self._valid(uid):
             return uid
-        return self._first_free(plugin, table) or -1
+        return self._first_free(plugin, {v for k, v in table.items() if k != plugin}) or -1
 
-    def _allocate(self, plugin: str) -> int:
+    def _allocate(self, plugins: list[str]) -> dict[str, int]:
         os.makedirs(os.path.dirname(self._path), exist_ok=True)
         with open(self._path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             table = self._read()
-            uid = table.get(plugin)
-            if uid is not None and self._valid(uid):
-                return uid
-            uid = self._first_free(plugin, table)
-            if uid is None:
-                raise OSError(0, f"all {UID_RANGE} plugin uids from {self._base} are taken ({self._path})")
-            table[plugin] = uid
-            self._write(table)
-            return uid
+            kept = {plugin: uid for plugin, uid in table.items() if self._valid(uid)}
+            taken = set(kept.values())
+            given = {plugin: kept[plugin] for plugin in plugins if plugin in kept}
+            for plugin in plugins:
+                if plugin not in given:
+                    uid = self._first_free(plugin, taken)
+                    if uid is None:
+                        raise OSError(0, f"all {UID_RANGE} plugin uids from {self._base} are taken ({self._path})")
+                    given[plugin] = table[plugin] = uid
+                    taken.add(uid)
+            if len(given) > len(kept.keys() & given.keys()):  # someone got a new uid
+                self._write(table)
+            return given
 
     def _valid(self, uid: object) -> bool:
         return isinstance(uid, int) and self._base <= uid < self._base + UID_RANGE
 
-    def _first_free(self, plugin: str, table: dict[str, int]) -> int | None:
+    def _first_free(self, plugin: str, taken: set[int]) -> int | None:
         """The uid the plugin's name hashes to, else the next one no other plugin has."""
-        taken = {v for k, v in table.items() if k != plugin}
         start = zlib.crc32(plugin.encode()) % UID_RANGE
         return next((uid for uid in (self._base + (start + i) % UID_RANGE for i in range(UID_RANGE))
                      if uid not in taken and not _has_user(uid)), None)

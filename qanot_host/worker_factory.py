@@ -190,9 +190,22 @@ class WorkerFactory:
         self.workspaces[plugin] = real
         return own_workspace(config, plugin), real
 
-    def _plugin_uid(self, plugin: str) -> int:
+    def reserve_uids(self, plugins: list[str]) -> None:
+        """Plugins about to start: their uids in one go. A failure here is each plugin's own to
+        report when it starts."""
+        if self._identity:
+            try:
+                self._uids.reserve(plugins)
+            except OSError:
+                pass
+
+    @property
+    def _identity(self) -> bool:
         sandbox = self.config.host.sandbox
-        if not (sandbox.enabled and sandbox.identity and os.geteuid() == 0):
+        return sandbox.enabled and sandbox.identity and os.geteuid() == 0
+
+    def _plugin_uid(self, plugin: str) -> int:
+        if not self._identity:
             return -1
         try:
             return self._uids.uid(plugin)
