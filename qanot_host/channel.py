@@ -20,6 +20,7 @@ from qanot_worker import protocol as p
 from .deadlines import Deadlines
 from .errors import (ClosedMidFrame, InvalidParams, PluginError, ProtocolViolation, RemoteFailure, ToolFailed,
                      WorkerTimeout)
+from .loop import pipe_file
 from .output import printable
 
 __all__ = ["WorkerChannel", "RemoteFailure"]
@@ -81,15 +82,13 @@ class WorkerChannel(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         channel = cls(plugin, max_frame, on_lost, on_abandoned)
         try:
-            channel._out, _ = await loop.connect_write_pipe(
-                asyncio.Protocol, os.fdopen(to_worker, "wb", buffering=0))
+            channel._out, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe_file(to_worker, "wb"))
         except BaseException:
             os.close(from_worker)
             raise
         channel._outbox.transport = channel._out
         try:
-            channel._in, _ = await loop.connect_read_pipe(
-                lambda: channel, os.fdopen(from_worker, "rb", buffering=0))
+            channel._in, _ = await loop.connect_read_pipe(lambda: channel, pipe_file(from_worker, "rb"))
         except BaseException:
             channel._out.close()
             raise

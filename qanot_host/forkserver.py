@@ -27,7 +27,7 @@ from qanot_worker import protocol as p
 
 from .errors import PluginStartError, QanotHostError
 from .launcher import LaunchSpec, WorkerProcess, finish_worker_group
-from .loop import run_to_end
+from .loop import pipe_file, run_to_end
 from .output import OutputLimit, start_output_pumps
 
 __all__ = ["ForkServerLauncher"]
@@ -342,7 +342,6 @@ async def _reader(loop: asyncio.AbstractEventLoop, fd: int) -> tuple[asyncio.Str
     the caller is cancelled (a host stopping mid-start), and the transport is then closed (loop.py's
     run_to_end: a full run caught a descriptor closed twice as a ResourceWarning)."""
     reader = asyncio.StreamReader(limit=1 << 20)
-    transport, _ = await run_to_end(loop.connect_read_pipe(lambda: _PipeReaderProtocol(reader),
-                                                           os.fdopen(fd, "rb", buffering=0)),
+    transport, _ = await run_to_end(loop.connect_read_pipe(lambda: _PipeReaderProtocol(reader), pipe_file(fd, "rb")),
                                     undo=lambda connected: connected[0].close())
     return reader, transport

@@ -7,9 +7,10 @@ wire protocol and nothing else.
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-__all__ = ["run", "run_to_end"]
+__all__ = ["run", "run_to_end", "pipe_file"]
 
 T = TypeVar("T")
 
@@ -29,9 +30,9 @@ async def run_to_end(awaitable: Awaitable[T], undo: Callable[[T], object],
                      abandoned: Callable[[], object] | None = None) -> T:
     """`awaitable`'s result; if the caller is cancelled (or it fails), `abandoned()` at once, then
     `awaitable` still runs to its end and what it made is undone with `undo(result)`. For connecting
-    pipes: a connect_read_pipe or connect_write_pipe cancelled under uvloop closes the descriptor but
-    leaves its file object to close the same number again when collected, by then maybe another
-    worker's pipe; run to its end, the transport closes it once."""
+    pipes: whenever the caller gives up, the descriptor is closed once, by its transport (a connect
+    cancelled under uvloop once left a file object that closed the number again when collected, by
+    then maybe another worker's pipe; see pipe_file() for the same double close on every close)."""
     task = asyncio.ensure_future(awaitable)
     try:
         return await asyncio.shield(task)
@@ -42,3 +43,15 @@ async def run_to_end(awaitable: Awaitable[T], undo: Callable[[T], object],
         if not isinstance(result, BaseException):
             undo(result)
         raise
+
+
+def pipe_file(fd: int, mode: str) -> io.FileIO:
+    """`fd` as the file object to give loop.connect_read_pipe() or connect_write_pipe() (mode "rb" or
+    "wb"), which then owns the descriptor. Under uvloop it never closes `fd` itself: closing the
+    transport, uvloop has libuv close the descriptor, then closes the file object too, and that second
+    close(2) hits whatever took the number in between: another thread's open() that ran meanwhile
+    (a fingerprint's read, a disk image's copy), whose owner later closes the number again, by then
+    perhaps one of the host's own (a full density run lost a cgroup file that way). asyncio's own loop
+    closes the pipe only through the file object, so there it keeps its descriptor."""
+    loop = asyncio.get_running_loop()
+    return io.FileIO(fd, mode, closefd=not (uvloop is not None and isinstance(loop, uvloop.Loop)))

@@ -502,3 +502,48 @@ async def test_a_start_cancelled_while_its_pipes_open_still_ends_its_worker(writ
     await asyncio.wait_for(asyncio.gather(starting, return_exceptions=True), 30)
     assert "survived SIGKILL" not in caplog.text
     await wait_until(lambda: not worker_processes(include_template=True), 10, "no worker left")
+
+
+async def test_closing_a_workers_pipes_never_closes_a_descriptor_another_thread_just_opened():
+    """uvloop closes a pipe transport's descriptor, then closes the file object it was given too: that
+    second close(2) took whatever another thread had opened under the same number meanwhile (a full
+    density run lost one of the host's cgroup files after a chain of such closes). The host's pipes go
+    to the loop through pipe_file(), which leaves the closing to the loop's transport alone."""
+    import threading
+
+    from qanot_host.loop import pipe_file
+    stolen: list[int] = []
+    done = threading.Event()
+
+    def open_and_check() -> None:  # what the host's threads do: fingerprints, disk images, walks
+        while not done.is_set():
+            fd = os.open("/dev/null", os.O_RDONLY)
+            try:
+                before = os.fstat(fd)
+                time.sleep(0)
+                after = os.fstat(fd)
+                if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+                    os.close(fd)
+                    continue
+            except OSError:
+                pass
+            stolen.append(fd)  # closed under us (and maybe the number reused): never closed here again
+
+    loop = asyncio.get_running_loop()
+    threads = [threading.Thread(target=open_and_check) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        ends = time.monotonic() + 3.0  # the old file objects lost a descriptor within 0.2-0.3 s here
+        while time.monotonic() < ends and not stolen:
+            r, w = os.pipe()
+            reading, _ = await loop.connect_read_pipe(asyncio.Protocol, pipe_file(r, "rb"))
+            writing, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe_file(w, "wb"))
+            reading.close()
+            writing.close()
+            await asyncio.sleep(0)
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    assert not stolen, f"descriptors of another thread closed under it: {stolen}"
