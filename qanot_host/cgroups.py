@@ -16,6 +16,7 @@ dies; a host at start removes what hosts that are gone left behind.
 from __future__ import annotations
 
 import asyncio
+import errno
 import glob
 import logging
 import os
@@ -116,9 +117,22 @@ class Cgroups:
                     return ""
             try:
                 return os.pread(fd, 64, 0).decode()
-            except OSError:  # the group was removed (and maybe made again): open it anew
-                os.close(self._open_files.pop(plugin))
+            except OSError as exc:  # the group was removed (and maybe made again): open it anew
+                self._forget(plugin, exc)
         return ""
+
+    def _forget(self, plugin: str, failed: OSError | None = None) -> None:
+        """Close the plugin's kept descriptor, unless something closed it under us (EBADF: a bug
+        elsewhere, logged; the number may be another's by now, so it is not closed again)."""
+        fd = self._open_files.pop(plugin)
+        if failed is None or failed.errno != errno.EBADF:
+            try:
+                os.close(fd)
+                return
+            except OSError as exc:
+                failed = exc
+        if failed.errno == errno.EBADF:
+            log.error("plugin %s: the descriptor of its cgroup's CPU time (%d) was closed by someone else", plugin, fd)
 
     def members(self, plugin: str) -> list[int]:
         pids: set[int] = set()
@@ -168,9 +182,8 @@ class Cgroups:
         self._made.clear()
         self._base.clear()
         self._applied.clear()
-        for fd in self._open_files.values():
-            os.close(fd)
-        self._open_files.clear()
+        for plugin in list(self._open_files):
+            self._forget(plugin)
 
     def _group(self, controller: str, plugin: str) -> str:
         base = self._base.get(controller)

@@ -547,3 +547,23 @@ async def test_closing_a_workers_pipes_never_closes_a_descriptor_another_thread_
         for thread in threads:
             thread.join()
     assert not stolen, f"descriptors of another thread closed under it: {stolen}"
+
+
+async def test_a_kept_cgroup_descriptor_closed_under_the_host_neither_breaks_its_reads_nor_its_stop(
+        write_config, caplog):
+    """The host keeps each plugin's cgroup CPU file open. Something else closing that descriptor (a
+    double close elsewhere: one once made a full density run's stop fail with EBADF) is logged, the
+    file is opened anew, and the host still stops cleanly."""
+    host = Host(write_config([GREETER]))
+    await host.start()
+    try:
+        cgroups = host._factory.cgroups
+        if "cpuacct" not in cgroups._base:
+            pytest.skip("no cgroup v1 cpuacct here")
+        assert cgroups.cpu_seconds("greeter") is not None
+        os.close(cgroups._open_files["greeter"])  # behind its back
+        assert cgroups.cpu_seconds("greeter") is not None  # read from the file opened anew
+        os.close(cgroups._open_files["greeter"])  # and again, left for the stop to find
+    finally:
+        await host.stop()
+    assert "was closed by someone else" in caplog.text
