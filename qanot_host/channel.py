@@ -71,6 +71,8 @@ class WorkerChannel(asyncio.Protocol):
         self._on_lost = on_lost
         self._on_abandoned = on_abandoned
         self.last_heard = loop.time()  # when the worker last sent anything: proof its loop runs
+        self._ping_id = 0  # the heartbeat's Ping that awaits its Pong (0: none)
+        self.ping_sent = 0.0  # ...sent at this loop time
         self.closed: PluginError | None = None
         self.hello: asyncio.Future[p.Hello] = loop.create_future()
 
@@ -122,6 +124,19 @@ class WorkerChannel(asyncio.Protocol):
             raise InvalidParams(tool, [f"params are too large: {exc} (host.max_frame_bytes)"]) from None
         except UNENCODABLE as exc:  # the registry checks params first; this is the last line
             raise InvalidParams(tool, [f"params cannot be sent: {type(exc).__name__}: {exc}"]) from None
+
+    def ping(self) -> None:
+        """The heartbeat's Ping (heartbeat.py), one at a time, with no future or timer of its own:
+        `ping_pending` says whether its Pong is still awaited."""
+        if self._ping_id:
+            return
+        self._ping_id = self._next_id()
+        self.ping_sent = self._loop.time()
+        self._post(p.Ping(self._ping_id))
+
+    @property
+    def ping_pending(self) -> bool:
+        return bool(self._ping_id)
 
     def _next_id(self) -> int:
         if self.closed is not None:
@@ -211,6 +226,9 @@ class WorkerChannel(asyncio.Protocol):
             if self.hello.done():
                 raise msgspec.DecodeError("a second Hello")
             self.hello.set_result(msg)
+            return
+        if msg.id == self._ping_id and type(msg) is p.Pong:
+            self._ping_id = 0
             return
         entry = self._pending.pop(msg.id, None)
         if entry is None:

@@ -23,6 +23,7 @@ from .channel import RemoteFailure, WorkerChannel
 from .egress import RESOLVER_ENV, EgressGate, EgressPolicy
 from .errors import (ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
+from .heartbeat import Heartbeats
 from .launcher import Launcher, LaunchSpec, WorkerProcess
 from .log_ring import LogRing
 from .loop import run_to_end
@@ -63,6 +64,7 @@ class WorkerOptions:
     # sandbox, the interpreter and the plugin's imports are CPU work; five hundred at once on two
     # cores took 8.6 s each, close to handshake_timeout). setup() runs outside it.
     start_gate: asyncio.Semaphore | None = None
+    heartbeats: Heartbeats = field(default_factory=Heartbeats)  # the host's one timer for every worker's
 
 
 class WorkerHandle:
@@ -130,7 +132,7 @@ class WorkerHandle:
         self.started_at = time.monotonic()
         self.start_seconds = self.started_at - began  # spawn to tools listed
         # Pings start only now: a setup() that blocks its loop is bounded by setup_timeout instead.
-        self._tasks.append(asyncio.get_running_loop().create_task(self._heartbeat()))
+        self._options.heartbeats.add(self, self._options.ping_interval, self._options.ping_timeout)
 
     async def _launch_and_load(self, entry_file: str, plugin_dir: str, site_dirs: list[str],
                                sandbox: p.SandboxSpec | None) -> None:
@@ -273,25 +275,22 @@ class WorkerHandle:
 
     # ---- health ----------------------------------------------------------------------------------
 
-    async def _heartbeat(self) -> None:
-        """Ping a worker that has been silent for a whole interval: a blocked event loop cannot answer."""
-        opts = self._options
+    def beat(self, now: float) -> bool:
+        """A heartbeat tick (heartbeat.py): ping the worker if it has been silent for a whole
+        ping_interval; kill it if its ping has gone unanswered for ping_timeout (a blocked event loop
+        cannot answer). False once there is nothing left to watch."""
         channel = self._channel
-        assert channel is not None
-        loop = asyncio.get_running_loop()
-        while channel.closed is None:
-            silent = loop.time() - channel.last_heard
-            if silent < opts.ping_interval:
-                await asyncio.sleep(opts.ping_interval - silent)
-                continue
-            try:
-                await channel.request(p.Ping, p.Pong, opts.ping_timeout, "ping")
-            except WorkerTimeout:
+        if channel is None or channel.closed is not None:
+            return False
+        opts = self._options
+        if channel.ping_pending:
+            if now - channel.ping_sent >= opts.ping_timeout:
                 self.kill(WorkerTimeout(self.plugin, f"unresponsive: no answer to a ping within "
                                         f"{opts.ping_timeout:g} s (event loop blocked?); killed"))
-                return
-            except PluginError:
-                return
+                return False
+        elif now - channel.last_heard >= opts.ping_interval:
+            channel.ping()
+        return True
 
     def _call_abandoned(self, request_id: int, what: str) -> None:
         """A call timed out, or its caller was cancelled, and the worker was told to cancel it; a worker
@@ -351,6 +350,7 @@ class WorkerHandle:
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
+        self._options.heartbeats.discard(self)
         if not self.exited.done():
             self.exited.set_result(code)
         if self._on_exit is not None:

@@ -22,6 +22,7 @@ from .config import own_workspace
 from .datadirs import DataDirs, workspace_problem
 from .disks import DiskImages
 from .errors import PluginStartError, StartRefused
+from .heartbeat import Heartbeats
 from .forkserver import ForkServerLauncher
 from .launcher import Launcher, SubprocessLauncher
 from .log_ring import LogRing
@@ -65,6 +66,7 @@ class WorkerFactory:
         self._uids = UidMap(state_dir, config.host.sandbox.uid_base)
         self.tool_cache = ToolCache(state_dir)  # what lazy plugins offer, without starting them
         self.start_gate = asyncio.Semaphore(START_CONCURRENCY)  # workers between launch and loaded
+        self.heartbeats = Heartbeats()  # one timer for every worker's pings
         # As root, each worker gets namespaces (PID, mount, IPC, UTS) and a root of its own.
         sandbox = config.host.sandbox
         self.namespaces = (sandbox.enabled and sandbox.namespaces and os.geteuid() == 0
@@ -123,7 +125,7 @@ class WorkerFactory:
             cancel_grace=settings.cancel_grace, extra_env=self._granted_env(config, name),
             namespaces=self.namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second,
             oom_kills=partial(self.cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb,
-            start_gate=self.start_gate)
+            start_gate=self.start_gate, heartbeats=self.heartbeats)
         if disk_problem:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         elif self.namespaces and not limits.disk_mb:

@@ -167,6 +167,26 @@ async def test_blocked_event_loop_is_found_by_the_heartbeat(write_config):
         assert "unresponsive: no answer to a ping within 0.3 s" in sup.last_exit
 
 
+async def test_one_timer_pings_every_worker_and_only_the_blocked_one_is_replaced(write_config):
+    """Heartbeats scale with the host, not the workers: one task for all (a task and a request per
+    worker cost 500 idle workers 2.5% of a core), and idle workers that answer live on."""
+    config = write_config([misbehave(), GREETER, plugin("echo")],
+                          host={"ping_interval": 0.2, "ping_timeout": 0.3, **FAST})
+    async with Host(config) as host:
+        beating = [t for t in asyncio.all_tasks() if "beat" in t.get_coro().__qualname__.lower()]
+        assert len(beating) == 1, beating
+        pids = {name: s.worker.pid for name, s in host.plugins.items()}
+        await asyncio.sleep(1.5)  # several rounds of pings, answered
+        assert {name: s.worker.pid for name, s in host.plugins.items()} == pids
+        assert all(s.restarts == 0 for s in host.plugins.values())
+        assert await host.registry.execute("mb_block_later", {}) == "blocking soon"
+        sup = host.plugins["misbehave"]
+        await wait_until(lambda: sup.restarts == 1 and sup.state == PluginState.READY, 5, "heartbeat restart")
+        assert "unresponsive: no answer to a ping within 0.3 s" in sup.last_exit
+        assert {name: host.plugins[name].worker.pid for name in ("greeter", "echo")} == \
+            {name: pids[name] for name in ("greeter", "echo")}
+
+
 async def test_slow_and_crashing_setup(write_config):
     config = write_config([misbehave(slow_start=5), GREETER], host={"setup_timeout": 0.3})
     async with Host(config) as host:
