@@ -19,11 +19,12 @@ from .json_objects import parse_json_object
 from .mcp_servers import add_mcp_servers, read_mcp_servers
 from .safe_files import unsafe_directory
 from .schema import json_problem
-from .settings import Config, PluginSettings
+from .settings import AGENT_WORKSPACE_ENTRIES, Config, PluginSettings
 
 __all__ = ["load_config", "parse_config", "directory_problems", "own_workspace", "validation_message", "within"]
 
 log = logging.getLogger("qanot_host.config")
+
 
 
 def load_config(path: str) -> Config:
@@ -98,6 +99,11 @@ def _check_plugins(config: Config) -> None:
                               "(such as sdist-build:PLUGIN); rename the plugin's directory")
         if entry.name in seen:
             raise ConfigError(f"{where}: plugin {entry.name!r} is listed twice")
+        if entry.name.lower() in AGENT_WORKSPACE_ENTRIES and config.settings_for(entry.name).workspace:
+            raise ConfigError(f"{config.path}: host.plugins.{entry.name}.workspace: workspace_dir/{entry.name} is "
+                              "the agent's own (it keeps its state there, or reads it back into its prompt), never "
+                              "a plugin's place: remove the key (the plugin then has no place in the workspace) "
+                              "or rename the plugin's directory")
         seen.add(entry.name)
     for name in config.host.plugins:
         if name not in seen:
@@ -133,7 +139,7 @@ def _check_grants(config: Config) -> None:
                 raise ConfigError(f"{key}: {written} and {what} ({place}) overlap: a plugin may not write "
                                   "plugins' code")
     own = [(entry.name, own_workspace(config, entry.name)) for entry in config.plugins
-           if config.settings_for(entry.name).workspace]
+           if config.has_place(entry.name)]
     for owner, w_index, written in writes:
         for name, path in own:
             if name != owner and within(path, written):

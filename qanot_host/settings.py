@@ -13,7 +13,7 @@ import msgspec
 
 __all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "RestartSettings", "Limits", "DEFAULT_LIMITS",
            "SandboxSettings", "Permissions", "McpServer", "NetworkGrant", "FilesystemGrant", "Rlimits",
-           "split_host_port"]
+           "split_host_port", "AGENT_WORKSPACE_ENTRIES"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -66,6 +66,15 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
         return Limits(**{name: getattr(self, name) if getattr(self, name) is not None else getattr(base, name)
                          for name in self.__struct_fields__})
 
+
+# What the agent keeps in its own workspace (Qanot 2.0.4: what it reads back into its prompt, runs as
+# skills, or keeps as its state), and the host's TOOLS.md and SOUL.md. workspace_dir/NAME is made the
+# plugin's own, so a plugin of one of these names would be given the agent's: a plugin named skills
+# could plant a skill that Qanot runs unsandboxed, one named memory rewrite the agent's memory.
+AGENT_WORKSPACE_ENTRIES = frozenset(name.lower() for name in (
+    "agents", "generated", "memories", "memory", "notes", "screenshots", "skills", "souls", "uploads", "workspace",
+    "AGENTS.md", "BOOTSTRAP.md", "HEARTBEAT.md", "IDENTITY.md", "MEMORY.md", "SESSION-STATE.md", "SOUL.md",
+    "TOOLS.md", "USER.md", "costs.json", "config.json", "proactive-outbox.md", "rag.db", "working-buffer.md"))
 
 DEFAULT_LIMITS = Limits(memory_mb=1024, disk_mb=1024, workspace_mb=256, tmp_mb=64, cpu_weight=100,
                         log_lines_per_second=50)
@@ -170,8 +179,9 @@ class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
     restart: RestartSettings | None = None
     limits: Limits | None = None
     # workspace_dir/NAME, made by the host and writable by the plugin (Qanot plugins keep their
-    # files under workspace_dir); false: the plugin gets no place in the workspace.
-    workspace: bool = True
+    # files under workspace_dir); false: the plugin gets no place in the workspace. Unset: a place,
+    # unless NAME is one of the agent's own there (Config.has_place).
+    workspace: bool | None = None
     # None: the host's (host.activation, host.idle_timeout)
     activation: Activation | None = None
     idle_timeout: Seconds | None = None
@@ -252,6 +262,12 @@ class Config(msgspec.Struct):
 
     def settings_for(self, plugin: str) -> PluginSettings:
         return self.host.plugins.get(plugin) or PluginSettings()
+
+    def has_place(self, plugin: str) -> bool:
+        """Does the plugin get workspace_dir/NAME? Not by default where NAME is the agent's own
+        (memory, skills, ...: AGENT_WORKSPACE_ENTRIES), and config.py refuses asking for it there."""
+        asked = self.settings_for(plugin).workspace
+        return asked if asked is not None else plugin.lower() not in AGENT_WORKSPACE_ENTRIES
 
     def call_timeout(self, plugin: str, tool: str | None = None) -> float:
         """Per tool, else per plugin, else the host default (tool None: the plugin's own, as its

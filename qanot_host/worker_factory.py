@@ -177,7 +177,7 @@ class WorkerFactory:
 
     def _own_workspace(self, config: Config, plugin: str, uid: int) -> tuple[str, str] | None:
         """workspace_dir/NAME for the plugin to write: (as its config names it, its real path)."""
-        if not config.settings_for(plugin).workspace:
+        if not config.has_place(plugin):
             return None
         try:
             real = self._data.prepare_workspace(config.workspace_dir, plugin, uid)
