@@ -14,7 +14,7 @@ from .probe import probe_layers
 from .sandbox_spec import withheld_permissions
 from .settings import Config, PluginEntry
 from .static import SCAN_MEMORY, scan_plugins
-from .uids import UidMap
+from .uids import UidMap, writable_by
 
 __all__ = ["CheckReport", "check_config"]
 
@@ -130,25 +130,13 @@ def _check_settings(config: Config, name: str, declared: set[str] | None, label:
         where = f"{label}: {key}.permissions.filesystem.write[{index}]: {path}"
         if not os.path.isdir(path):
             problems.append(f"{where} is not a directory")
-        elif not _writable_by(path, uid):
+        elif not writable_by(path, uid):
             problems.append(f"{where} is not writable by the plugin's uid {uid} (chown or chmod it)")
     if settings.tool_timeouts:
         unknown = sorted(set(settings.tool_timeouts) - declared) if declared is not None else []
         if unknown and declared is not None:
             report.warnings.append(f"{label}: {key}.tool_timeouts: {', '.join(unknown)}: no such tool in the "
                                    f"plugin's code (it declares {', '.join(sorted(declared)) or 'none'})")
-
-
-def _writable_by(path: str, uid: int) -> bool:
-    """Would `uid` (not this process) be allowed to write in `path`? By its mode bits."""
-    st = os.stat(path)
-    if uid == 0:
-        return True
-    if st.st_uid == uid:
-        return bool(st.st_mode & 0o200)
-    if st.st_gid == uid:  # plugin uids have a group of the same number
-        return bool(st.st_mode & 0o020)
-    return bool(st.st_mode & 0o002)
 
 
 def _report_layers(config: Config, report: CheckReport) -> None:

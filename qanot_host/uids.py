@@ -16,7 +16,7 @@ import tempfile
 import zlib
 from typing import Iterable
 
-__all__ = ["UidMap", "UID_RANGE"]
+__all__ = ["UidMap", "UID_RANGE", "writable_by"]
 
 UID_RANGE = 4000
 
@@ -100,3 +100,15 @@ def _has_user(uid: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+def writable_by(path: str, uid: int) -> bool:
+    """Would `uid` (not this process) be allowed to write in `path`? By its mode bits."""
+    st = os.stat(path)
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & 0o200)
+    if st.st_gid == uid:  # plugin uids have a group of the same number
+        return bool(st.st_mode & 0o020)
+    return bool(st.st_mode & 0o002)

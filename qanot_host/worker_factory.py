@@ -32,7 +32,7 @@ from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable
 from .settings import Config
 from .tool_cache import ToolCache
-from .uids import UidMap
+from .uids import UidMap, writable_by
 from .worker import WorkerHandle, WorkerOptions
 
 if TYPE_CHECKING:
@@ -130,6 +130,8 @@ class WorkerFactory:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         elif self.namespaces and not limits.disk_mb:
             options.extra_env[p.DISK_KEY] = "off"  # the operator's choice: a plain directory
+        if not supervisor.sandbox_warned:
+            self._warn_unwritable_grants(config, name, uid)
         programs = None
         try:
             if bridged:  # the bridge's config is the server's entry
@@ -191,6 +193,21 @@ class WorkerFactory:
                                    f"it, or raise host.plugins.{plugin}.limits.workspace_mb)")
         self.workspaces[plugin] = real
         return own_workspace(config, plugin), real
+
+    @staticmethod
+    def _warn_unwritable_grants(config: Config, plugin: str, uid: int) -> None:
+        """A write grant the plugin's uid may not write (as `check` reports it) works as a read grant:
+        said when the plugin starts, too."""
+        grant = config.settings_for(plugin).permissions.filesystem
+        for index, path in enumerate(grant.write if grant is not None and uid >= 0 else []):
+            try:
+                writable = writable_by(path, uid)
+            except OSError:
+                continue  # not there: the worker reports the grant missing
+            if not writable:
+                log.warning("plugin %s: host.plugins.%s.permissions.filesystem.write[%d]: %s is not writable by "
+                            "the plugin's uid %d (chown or chmod it): it can only read there", plugin, plugin, index,
+                            path, uid)
 
     def reserve_uids(self, plugins: list[str]) -> None:
         """Plugins about to start: their uids in one go. A failure here is each plugin's own to

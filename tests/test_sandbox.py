@@ -215,3 +215,18 @@ async def test_plugins_starting_together_get_their_uids_in_one_write_of_the_tabl
     async with Host(config) as host:
         assert {name: psutil.Process(s.worker.pid).uids().real for name, s in host.plugins.items()} == uids
     assert len(writes) == 1, writes
+
+
+async def test_a_write_grant_the_plugins_uid_cannot_write_is_said_at_start_as_check_says_it(write_config, tmp_path,
+                                                                                            caplog):
+    import os
+    if os.geteuid() != 0:
+        pytest.skip("plugin uids need a root host")
+    roots = tmp_path / "roots_only"
+    roots.mkdir(mode=0o755)
+    config = write_config([GREETER], host={"plugins": {"greeter": {"permissions": {
+        "filesystem": {"write": [str(roots)]}}}}})
+    async with Host(config) as host:
+        assert host.plugins["greeter"].state.value == "ready"
+    assert f"host.plugins.greeter.permissions.filesystem.write[0]: {roots} is not writable by the plugin's uid" \
+        in caplog.text
