@@ -52,7 +52,7 @@ class Cgroups:
         self._hierarchies = _hierarchies() if mounts is None else mounts  # controller -> base parent dir
         self._v2 = "" in self._hierarchies
         self._base: dict[str, str] = {}  # controller (or "" on v2) -> the host's base group
-        self._made: list[str] = []
+        self._made: dict[str, None] = {}  # every group this host used, each after its parent (an ordered set)
         self._open_files: dict[str, int] = {}  # plugin -> its cpuacct.usage, kept open (cpu_seconds)
         self._applied: dict[str, CgroupLimits] = {}  # group -> the limits last written there
         self.problem = "" if self._hierarchies else "no writable cgroup hierarchy (not root, or no cgroups)"
@@ -161,7 +161,10 @@ class Cgroups:
     async def kill(self, plugin: str) -> bool:
         """Kill every process of the plugin's groups and wait until they are gone; False if some
         survived KILL_SECONDS (the caller must not start another worker on the same disk then)."""
+        # Only groups this host made: a plugin's first start reads nothing (cgroup files are slow to
+        # open while other workers are being moved between groups).
         groups = [os.path.join(base, plugin) for base in self._base.values()]
+        groups = [group for group in groups if group in self._made]
         deadline = time.monotonic() + KILL_SECONDS
         while any(_read_pids(group) for group in groups):
             if time.monotonic() > deadline:
@@ -174,7 +177,7 @@ class Cgroups:
         """rmdir every group this host used (children first). The kernel refuses (EBUSY) while a
         task that just exited still counts; such a group is tried again for up to KILL_SECONDS."""
         deadline = time.monotonic() + KILL_SECONDS
-        for group in reversed(self._made):
+        for group in reversed(list(self._made)):
             while not _rmdir(group) and os.path.isdir(group) and time.monotonic() < deadline:
                 if _read_pids(group):
                     _kill_group([group])
@@ -190,16 +193,14 @@ class Cgroups:
         if base is None:
             base = os.path.join(self._hierarchies[controller], f"{BASE_PREFIX}{os.getpid()}")
             _mkdir(base)
-            if base not in self._made:
-                self._made.append(base)
+            self._made.setdefault(base)
             if controller == "":
                 _enable_v2_controllers(base)
             self._base[controller] = base
         group = os.path.join(base, plugin)
         if _mkdir(group):
             self._applied.pop(group, None)  # a new group has the kernel's defaults
-        if group not in self._made:  # made now, or left by an earlier host of this process: ours to remove
-            self._made.insert(self._made.index(base) + 1, group)
+        self._made.setdefault(group)  # made now, or left by an earlier host of this process: ours to remove
         return group
 
 
