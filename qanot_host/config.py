@@ -26,7 +26,6 @@ __all__ = ["load_config", "parse_config", "directory_problems", "own_workspace",
 log = logging.getLogger("qanot_host.config")
 
 
-
 def load_config(path: str) -> Config:
     try:
         with open(path, "rb") as f:

@@ -51,7 +51,8 @@ def pipe_file(fd: int, mode: str) -> io.FileIO:
     transport, uvloop has libuv close the descriptor, then closes the file object too, and that second
     close(2) hits whatever took the number in between: another thread's open() that ran meanwhile
     (a fingerprint's read, a disk image's copy), whose owner later closes the number again, by then
-    perhaps one of the host's own (a full density run lost a cgroup file that way). asyncio's own loop
+    perhaps one of the host's own (a full density run once found a cgroup file of its own closed
+    under it). asyncio's own loop
     closes the pipe only through the file object, so there it keeps its descriptor."""
     loop = asyncio.get_running_loop()
     return io.FileIO(fd, mode, closefd=not (uvloop is not None and isinstance(loop, uvloop.Loop)))
