@@ -64,7 +64,7 @@ class WorkerOptions:
     # sandbox, the interpreter and the plugin's imports are CPU work; five hundred at once on two
     # cores took 8.6 s each, close to handshake_timeout). setup() runs outside it.
     start_gate: asyncio.Semaphore | None = None
-    heartbeats: Heartbeats = field(default_factory=Heartbeats)  # the host's one timer for every worker's
+    heartbeats: Heartbeats = field(default_factory=Heartbeats)  # one timer for the pings of all the host's workers
 
 
 class WorkerHandle:

@@ -22,8 +22,8 @@ from .config import own_workspace
 from .datadirs import DataDirs, workspace_problem
 from .disks import DiskImages
 from .errors import PluginStartError, StartRefused
-from .heartbeat import Heartbeats
 from .forkserver import ForkServerLauncher
+from .heartbeat import Heartbeats
 from .launcher import Launcher, SubprocessLauncher
 from .log_ring import LogRing
 from .mcp_servers import bridge_config, mcp_server, ungranted_args
@@ -67,6 +67,7 @@ class WorkerFactory:
         self.tool_cache = ToolCache(state_dir)  # what lazy plugins offer, without starting them
         self.start_gate = asyncio.Semaphore(START_CONCURRENCY)  # workers between launch and loaded
         self.heartbeats = Heartbeats()  # one timer for every worker's pings
+        self._grants_checked: set[str] = set()  # plugins whose write grants were looked at
         # As root, each worker gets namespaces (PID, mount, IPC, UTS) and a root of its own.
         sandbox = config.host.sandbox
         self.namespaces = (sandbox.enabled and sandbox.namespaces and os.geteuid() == 0
@@ -130,7 +131,8 @@ class WorkerFactory:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         elif self.namespaces and not limits.disk_mb:
             options.extra_env[p.DISK_KEY] = "off"  # the operator's choice: a plain directory
-        if not supervisor.sandbox_warned:
+        if name not in self._grants_checked:  # once a host, not at every restart
+            self._grants_checked.add(name)
             self._warn_unwritable_grants(config, name, uid)
         programs = None
         try:
