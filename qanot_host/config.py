@@ -98,7 +98,7 @@ def _check_plugins(config: Config) -> None:
                               "(such as sdist-build:PLUGIN); rename the plugin's directory")
         if entry.name in seen:
             raise ConfigError(f"{where}: plugin {entry.name!r} is listed twice")
-        if entry.name.lower() in AGENT_WORKSPACE_ENTRIES and config.settings_for(entry.name).workspace:
+        if entry.name.casefold() in AGENT_WORKSPACE_ENTRIES and config.settings_for(entry.name).workspace:
             raise ConfigError(f"{config.path}: host.plugins.{entry.name}.workspace: workspace_dir/{entry.name} is "
                               "the agent's own (it keeps its state there, or reads it back into its prompt), never "
                               "a plugin's place: remove the key (the plugin then has no place in the workspace) "

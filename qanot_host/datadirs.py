@@ -38,24 +38,35 @@ class DataDirs:
     def prepare_workspace(workspace_dir: str, plugin: str, uid: int) -> str:
         """Make workspace_dir/NAME, the plugin's own place in the workspace (readable by the agent,
         writable by the plugin); return its real path. OSError if NAME there is not a directory
-        (a symlink is never followed)."""
-        os.close(_own_directory(workspace_dir, plugin, uid, 0o755))
+        (a symlink is never followed), or is one the plugin's uid does not own already: the workspace
+        is the agent's, and a directory found there (its backups, its users' profiles) is never
+        handed to a plugin that happens to bear its name."""
+        os.close(_own_directory(workspace_dir, plugin, uid, 0o755, take_existing=False))
         return os.path.join(os.path.realpath(workspace_dir), plugin)
 
 
-def _own_directory(parent_path: str, name: str, uid: int, mode: int) -> int:
-    """parent/name made if absent and opened without following a link; given to uid (if >= 0)."""
+def _own_directory(parent_path: str, name: str, uid: int, mode: int, take_existing: bool = True) -> int:
+    """parent/name made if absent and opened without following a link; given to uid (if >= 0). An
+    existing one of another owner is taken only if `take_existing` (else OSError EEXIST)."""
     parent = os.open(parent_path, os.O_DIRECTORY | os.O_CLOEXEC)
+    made = False
     try:
         try:
             os.mkdir(name, mode, dir_fd=parent)
+            made = True
         except FileExistsError:
             pass
         fd = os.open(name, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     finally:
         os.close(parent)
     try:
-        if uid >= 0 and os.fstat(fd).st_uid != uid:
+        owner = os.fstat(fd).st_uid
+        if uid >= 0 and owner != uid and not made and not take_existing:
+            raise OSError(errno.EEXIST, f"it exists already and is uid {owner}'s, not the plugin's (uid {uid}): the "
+                                        "host hands a plugin only a place it made for it. If it is this plugin's "
+                                        f"from before, chown -R {uid}:{uid} it; if it is the agent's, rename the "
+                                        "plugin's directory")
+        if uid >= 0 and owner != uid:
             os.fchown(fd, uid, uid)
     except BaseException:
         os.close(fd)

@@ -107,7 +107,10 @@ class PluginManager:
             return
         manifest = _manifest(supervisor)
         log.info("Plugin %s v%s by %s", manifest.name, manifest.version, manifest.author or "unknown")
-        proxy = _proxy(supervisor)
+        # Another plugin's name (its directory's, or one a plugin loaded before took) is never a
+        # plugin's own: Qanot writes NAME_TOOLS.md by it, which would replace the other's.
+        taken = set(self.host.plugins) - {name} | {proxy.name for proxy in self._plugins.values()}
+        proxy = _proxy(supervisor, taken)
         tools = proxy.get_tools()
         conflicts = [tool.name for tool in tools if tool.name in registry.tool_names]
         if conflicts:
@@ -201,8 +204,9 @@ def _manifest(supervisor: PluginSupervisor) -> Any:
     return PluginManifest.from_file(path) if path.exists() else PluginManifest.default(supervisor.name)
 
 
-def _proxy(supervisor: PluginSupervisor) -> Any:
-    """An instance of a subclass of Qanot's Plugin standing for the worker's plugin."""
+def _proxy(supervisor: PluginSupervisor, taken: set[str]) -> Any:
+    """An instance of a subclass of Qanot's Plugin standing for the worker's plugin (`taken`: names
+    that are other plugins')."""
     from qanot.plugins.base import Plugin, ToolDef
     offer = supervisor.offer  # a lazy plugin's from the tool cache: its worker starts at its first call
     assert offer is not None
@@ -211,6 +215,10 @@ def _proxy(supervisor: PluginSupervisor) -> Any:
     if name and not SAFE_NAME.match(name):
         log.warning("Plugin %s names itself %r, which Qanot would use in a file name; it is called %s here",
                     supervisor.name, name[:80], supervisor.name)
+        name = supervisor.name
+    elif name in taken:
+        log.warning("Plugin %s names itself %r, another plugin's name; it is called %s here", supervisor.name,
+                    name, supervisor.name)
         name = supervisor.name
     # what the host registered itself: a name Qanot cannot call, or a schema the host cannot use, is
     # not registered here either (the host has logged why)

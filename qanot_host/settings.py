@@ -71,8 +71,9 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
 # skills, or keeps as its state), and the host's TOOLS.md and SOUL.md. workspace_dir/NAME is made the
 # plugin's own, so a plugin of one of these names would be given the agent's: a plugin named skills
 # could plant a skill that Qanot runs unsandboxed, one named memory rewrite the agent's memory.
-AGENT_WORKSPACE_ENTRIES = frozenset(name.lower() for name in (
-    "agents", "generated", "memories", "memory", "notes", "screenshots", "skills", "souls", "uploads", "workspace",
+AGENT_WORKSPACE_ENTRIES = frozenset(name.casefold() for name in (
+    "agents", "backups", "generated", "memories", "memory", "notes", "screenshots", "skills", "souls", "templates",
+    "uploads", "users", "workspace",
     "AGENTS.md", "BOOTSTRAP.md", "HEARTBEAT.md", "IDENTITY.md", "MEMORY.md", "SESSION-STATE.md", "SOUL.md",
     "TOOLS.md", "USER.md", "costs.json", "config.json", "proactive-outbox.md", "rag.db", "working-buffer.md"))
 
@@ -267,7 +268,7 @@ class Config(msgspec.Struct):
         """Does the plugin get workspace_dir/NAME? Not by default where NAME is the agent's own
         (memory, skills, ...: AGENT_WORKSPACE_ENTRIES), and config.py refuses asking for it there."""
         asked = self.settings_for(plugin).workspace
-        return asked if asked is not None else plugin.lower() not in AGENT_WORKSPACE_ENTRIES
+        return asked if asked is not None else plugin.casefold() not in AGENT_WORKSPACE_ENTRIES
 
     def call_timeout(self, plugin: str, tool: str | None = None) -> float:
         """Per tool, else per plugin, else the host default (tool None: the plugin's own, as its

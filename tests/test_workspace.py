@@ -127,3 +127,33 @@ async def test_a_plugin_named_after_the_agents_own_workspace_entries_gets_no_pla
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"host.plugins.memory.workspace: workspace_dir/memory is the agent's own"):
         Host(config)
+
+
+async def test_a_directory_found_in_the_workspace_is_never_handed_to_a_plugin_of_its_name(write_config, tmp_path):
+    """The agent keeps more in its workspace than any list of names foresees (Qanot's backups/ held
+    copies of its config with the bot's token): a plugin gets a place the host made for it, never one
+    it finds, and the directory stays as it was."""
+    import os
+
+    from qanot_host import PluginState
+    if os.geteuid() != 0:
+        import pytest
+        pytest.skip("plugin uids need a root host")
+    code = MEMORY_PLUGIN.replace('name = "memory"', 'name = "archive"').replace("memory_write", "archive_write")
+    (tmp_path / "plugins" / "archive").mkdir(parents=True)
+    (tmp_path / "plugins" / "archive" / "plugin.py").write_text(code)
+    found = tmp_path / "workspace" / "archive"
+    found.mkdir(parents=True)
+    (found / "config.json.bak").write_text('{"bot_token": "the agent\'s"}')
+    config = write_config([plugin("archive")], plugins_dir=str(tmp_path / "plugins"))
+    async with Host(config) as host:
+        sup = host.plugins["archive"]
+        assert sup.state == PluginState.FAILED
+        assert "its place in the workspace" in sup.error and "exists already and is uid 0's" in sup.error, sup.error
+    assert os.stat(found).st_uid == 0 and (found / "config.json.bak").exists()
+    # a place the host made for the plugin stays its own across starts
+    os.rename(found, tmp_path / "moved")
+    for _ in range(2):
+        async with Host(config) as host:
+            assert host.plugins["archive"].state == PluginState.READY
+    assert os.stat(found).st_uid != 0
