@@ -145,10 +145,10 @@ class Host:
             self._registration_paused = False
         for supervisor in fresh:
             self._register_tools(supervisor)
-        for supervisor in fresh if self.config.host.workspace_docs else ():
-            offer = supervisor.offer
-            if supervisor.serving and offer is not None:
-                await self.workspace.add_plugin_docs(supervisor.name, offer.info.tools_md, offer.info.soul_append)
+        if self.config.host.workspace_docs:
+            await self.workspace.add_plugins_docs([
+                (s.name, s.offer.info.tools_md, s.offer.info.soul_append) for s in fresh
+                if s.serving and s.offer is not None])
 
     async def _start_plugin(self, supervisor: PluginSupervisor) -> None:
         try:

@@ -8,7 +8,7 @@ import asyncio
 from qanot_host import Host
 from qanot_host.workspace import MAX_BLOCK, Workspace
 
-from .conftest import GREETER, plugin
+from .conftest import FIXTURE_PLUGINS, GREETER, plugin
 
 
 async def test_docs_appended_once_across_restarts(write_config, tmp_path):
@@ -157,3 +157,23 @@ async def test_a_directory_found_in_the_workspace_is_never_handed_to_a_plugin_of
         async with Host(config) as host:
             assert host.plugins["archive"].state == PluginState.READY
     assert os.stat(found).st_uid != 0
+
+
+async def test_plugins_started_together_put_their_docs_in_one_write_of_each_file(write_config, tmp_path, monkeypatch):
+    """One plugin at a time, 2000 plugins with docs took 10 s rewriting a TOOLS.md that grew with each."""
+    import shutil
+    writes: list[str] = []
+    write = Workspace._write
+    monkeypatch.setattr(Workspace, "_write", lambda self, d, name, text: (writes.append(name), write(self, d, name, text))[1])
+    plugins = tmp_path / "plugins"
+    for i in range(4):
+        shutil.copytree(FIXTURE_PLUGINS / "greeter", plugins / f"greeter{i}")
+    config = write_config([plugin(f"greeter{i}", greeting_style="warm") for i in range(4)], plugins_dir=str(plugins))
+    async with Host(config):
+        pass
+    assert sorted(writes) == ["SOUL.md", "TOOLS.md"], writes
+    tools = (tmp_path / "workspace" / "TOOLS.md").read_text()
+    assert all(tools.count(f"<!-- qanot-host:begin greeter{i} -->") == 1 for i in range(4)), tools
+    async with Host(config):  # unchanged: nothing written
+        pass
+    assert sorted(writes) == ["SOUL.md", "TOOLS.md"], writes
