@@ -19,7 +19,7 @@ from .json_objects import parse_json_object
 from .mcp_servers import add_mcp_servers, read_mcp_servers
 from .safe_files import unsafe_directory
 from .schema import json_problem
-from .settings import AGENT_WORKSPACE_ENTRIES, Config, PluginSettings
+from .settings import Config, PluginSettings, agents_own_name
 
 __all__ = ["load_config", "parse_config", "directory_problems", "own_workspace", "validation_message", "within"]
 
@@ -98,11 +98,11 @@ def _check_plugins(config: Config) -> None:
                               "(such as sdist-build:PLUGIN); rename the plugin's directory")
         if entry.name in seen:
             raise ConfigError(f"{where}: plugin {entry.name!r} is listed twice")
-        if entry.name.casefold() in AGENT_WORKSPACE_ENTRIES and config.settings_for(entry.name).workspace:
+        if agents_own_name(entry.name) and config.settings_for(entry.name).workspace:
             raise ConfigError(f"{config.path}: host.plugins.{entry.name}.workspace: workspace_dir/{entry.name} is "
-                              "the agent's own (it keeps its state there, or reads it back into its prompt), never "
-                              "a plugin's place: remove the key (the plugin then has no place in the workspace) "
-                              "or rename the plugin's directory")
+                              "the agent's own, or may be (it keeps its state and files there, and reads them back "
+                              "into its prompt), never a plugin's place: remove the key (the plugin then has no "
+                              "place in the workspace) or rename the plugin's directory")
         seen.add(entry.name)
     for name in config.host.plugins:
         if name not in seen:

@@ -82,6 +82,7 @@ class PluginManager:
         if self.host is not None:
             await self.shutdown_all()
         entries = _entries(config)
+        self._listed = {entry["name"] for entry in entries}  # disabled ones too: their NAME_TOOLS.md stays
         try:
             self.host = Host(_host_config(config, entries))
             await self.host.start()
@@ -109,7 +110,7 @@ class PluginManager:
         log.info("Plugin %s v%s by %s", manifest.name, manifest.version, manifest.author or "unknown")
         # Another plugin's name (its directory's, or one a plugin loaded before took) is never a
         # plugin's own: Qanot writes NAME_TOOLS.md by it, which would replace the other's.
-        taken = set(self.host.plugins) - {name} | {proxy.name for proxy in self._plugins.values()}
+        taken = self._listed - {name} | {proxy.name for proxy in self._plugins.values()}
         proxy = _proxy(supervisor, taken)
         tools = proxy.get_tools()
         conflicts = [tool.name for tool in tools if tool.name in registry.tool_names]
@@ -212,7 +213,7 @@ def _proxy(supervisor: PluginSupervisor, taken: set[str]) -> Any:
     assert offer is not None
     info, extensions = offer.info, offer.extensions
     name = info.name
-    if name and not SAFE_NAME.match(name):
+    if name and not SAFE_NAME.fullmatch(name):  # match() would let a trailing newline through
         log.warning("Plugin %s names itself %r, which Qanot would use in a file name; it is called %s here",
                     supervisor.name, name[:80], supervisor.name)
         name = supervisor.name

@@ -13,7 +13,7 @@ import msgspec
 
 __all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "RestartSettings", "Limits", "DEFAULT_LIMITS",
            "SandboxSettings", "Permissions", "McpServer", "NetworkGrant", "FilesystemGrant", "Rlimits",
-           "split_host_port", "AGENT_WORKSPACE_ENTRIES"]
+           "split_host_port", "AGENT_WORKSPACE_ENTRIES", "agents_own_name"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -76,6 +76,14 @@ AGENT_WORKSPACE_ENTRIES = frozenset(name.casefold() for name in (
     "uploads", "users", "workspace",
     "AGENTS.md", "BOOTSTRAP.md", "HEARTBEAT.md", "IDENTITY.md", "MEMORY.md", "SESSION-STATE.md", "SOUL.md",
     "TOOLS.md", "USER.md", "costs.json", "config.json", "proactive-outbox.md", "rag.db", "working-buffer.md"))
+
+def agents_own_name(name: str) -> bool:
+    """A name in workspace_dir that is, or may be, the agent's: one of AGENT_WORKSPACE_ENTRIES, in any
+    case, or any name with a dot in it, as every file there has (the host's own .qanot-host.lock,
+    Qanot's NAME_TOOLS.md for each plugin, SKILL.md, rag.db-wal): a plugin's place of that name
+    would stand where the agent or the host puts a file."""
+    return name.casefold() in AGENT_WORKSPACE_ENTRIES or "." in name
+
 
 DEFAULT_LIMITS = Limits(memory_mb=1024, disk_mb=1024, workspace_mb=256, tmp_mb=64, cpu_weight=100,
                         log_lines_per_second=50)
@@ -265,10 +273,10 @@ class Config(msgspec.Struct):
         return self.host.plugins.get(plugin) or PluginSettings()
 
     def has_place(self, plugin: str) -> bool:
-        """Does the plugin get workspace_dir/NAME? Not by default where NAME is the agent's own
-        (memory, skills, ...: AGENT_WORKSPACE_ENTRIES), and config.py refuses asking for it there."""
+        """Does the plugin get workspace_dir/NAME? Not by default where NAME may be the agent's own
+        (agents_own_name), and config.py refuses asking for it there."""
         asked = self.settings_for(plugin).workspace
-        return asked if asked is not None else plugin.casefold() not in AGENT_WORKSPACE_ENTRIES
+        return asked if asked is not None else not agents_own_name(plugin)
 
     def call_timeout(self, plugin: str, tool: str | None = None) -> float:
         """Per tool, else per plugin, else the host default (tool None: the plugin's own, as its

@@ -194,3 +194,26 @@ async def test_a_plugin_naming_itself_after_another_cannot_replace_that_ones_too
         assert "Plugin impostor names itself 'greeter', another plugin's name" in caplog.text
     finally:
         await qanot_loader.shutdown_plugins()
+
+
+@pytest.mark.parametrize("claimed, listed_disabled", [("greeter", True), ("nlname\n", False)],
+                         ids=["a-disabled-plugins-name", "a-name-ending-in-a-newline"])
+async def test_a_plugin_keeps_its_directorys_name_when_the_one_it_gives_itself_is_not_its_to_take(
+        qanot_setup, tmp_path, claimed, listed_disabled):
+    """A disabled plugin's NAME_TOOLS.md stays in the agent's prompt (Qanot reads every one), and a
+    name with a line break in it is no file name (attack pass 21)."""
+    _, workspace = qanot_setup
+    plugins = tmp_path / "plugins"
+    (plugins / "impostor").mkdir(parents=True)
+    (plugins / "impostor" / "plugin.py").write_text(IMPOSTOR.replace('name = "greeter"', f"name = {claimed!r}"))
+    (workspace / "greeter_TOOLS.md").write_text("the disabled greeter's own docs\n")
+    listed = [qanot_config.PluginConfig(name="greeter", enabled=False)] if listed_disabled else []
+    config = qanot_config.Config(workspace_dir=str(workspace), plugins_dir=str(plugins),
+                                 plugins=[*listed, qanot_config.PluginConfig(name="impostor")])
+    await qanot_loader.load_plugins(config, ToolRegistry())
+    try:
+        assert qanot_loader.get_plugin_manager().loaded_plugins["impostor"].name == "impostor"
+        assert (workspace / "greeter_TOOLS.md").read_text() == "the disabled greeter's own docs\n"
+        assert "FORGED greeter docs" in (workspace / "impostor_TOOLS.md").read_text()
+    finally:
+        await qanot_loader.shutdown_plugins()

@@ -177,3 +177,17 @@ async def test_plugins_started_together_put_their_docs_in_one_write_of_each_file
     async with Host(config):  # unchanged: nothing written
         pass
     assert sorted(writes) == ["SOUL.md", "TOOLS.md"], writes
+
+
+async def test_a_plugin_whose_name_has_a_dot_gets_no_place_where_the_agent_or_host_puts_files(write_config, tmp_path):
+    """Every file in the workspace has a dot in its name: a plugin named mid_TOOLS.md took the place
+    of plugin mid's docs file in the drop-in loader, one named .qanot-host.lock the host's own lock
+    (no plugin's docs were ever written again), one named SKILL.md the agent's file (attack pass 21)."""
+    import os
+    name = "mid_TOOLS.md"
+    (tmp_path / "plugins" / name).mkdir(parents=True)
+    (tmp_path / "plugins" / name / "plugin.py").write_text(MEMORY_PLUGIN)
+    config = write_config([plugin(name)], plugins_dir=str(tmp_path / "plugins"))
+    async with Host(config) as host:
+        assert host.plugins[name].serving and name not in host._factory.workspaces
+    assert not os.path.lexists(tmp_path / "workspace" / name)
