@@ -57,17 +57,16 @@ class UidMap:
             table = self._read()
             kept = {plugin: uid for plugin, uid in table.items() if self._valid(uid)}
             taken = set(kept.values())
-            given = {plugin: kept[plugin] for plugin in plugins if plugin in kept}
-            for plugin in plugins:
-                if plugin not in given:
-                    uid = self._first_free(plugin, taken)
-                    if uid is None:
-                        raise OSError(0, f"all {UID_RANGE} plugin uids from {self._base} are taken ({self._path})")
-                    given[plugin] = table[plugin] = uid
-                    taken.add(uid)
-            if len(given) > len(kept.keys() & given.keys()):  # someone got a new uid
+            fresh = [plugin for plugin in dict.fromkeys(plugins) if plugin not in kept]
+            for plugin in fresh:
+                uid = self._first_free(plugin, taken)
+                if uid is None:
+                    raise OSError(0, f"all {UID_RANGE} plugin uids from {self._base} are taken ({self._path})")
+                table[plugin] = kept[plugin] = uid
+                taken.add(uid)
+            if fresh:
                 self._write(table)
-            return given
+            return {plugin: kept[plugin] for plugin in plugins}
 
     def _valid(self, uid: object) -> bool:
         return isinstance(uid, int) and self._base <= uid < self._base + UID_RANGE
