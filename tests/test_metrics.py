@@ -83,7 +83,9 @@ async def test_counters_histograms_and_gauges_after_a_mix_of_calls(write_config)
     assert value(samples, "qanot_host_unknown_tool_calls_total") == 1
     assert value(samples, "qanot_host_call_duration_seconds_count", plugin="echo", tool="echo") == 3
     hung = value(samples, "qanot_host_call_duration_seconds_sum", plugin="misbehave", tool="mb_hang_async")
-    assert 0.3 <= hung < 5, hung  # its timeout, as the caller saw it
+    # its timeout, as the caller saw it: the host's timers run on the event loop's clock, which uvloop
+    # reads once per loop turn in whole milliseconds, so the caller may see it a millisecond or two early
+    assert 0.29 <= hung < 5, hung
     assert value(samples, "qanot_host_restarts_total", plugin="misbehave", reason="crashed") == 1
     for name in ("echo", "greeter", "misbehave"):
         assert value(samples, "qanot_host_plugin_state", plugin=name, state="ready") == 1
