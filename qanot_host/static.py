@@ -16,7 +16,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from .manifest import MAX_SOURCE
 from .safe_files import read_regular_file
@@ -117,7 +117,9 @@ def _name(node: ast.AST) -> str:
 # The scan runs in a child process: a syntax tree takes several hundred times its source in memory
 # (an attacker's 2 MB of `x=a,a,a,...` took the host to 1.2 GB, and 10 s), which must not be the
 # host's. The child has SCAN_MEMORY of address space and `timeout` seconds; what it cannot finish
-# is simply not known.
+# is simply not known. It reads the smallest plugins first and says each one's answer on a line of its
+# own as soon as it has it: a plugin whose code takes the child's whole time (or memory) costs only
+# its own answer, never the others' (a loaded machine once lost every plugin's behind one such).
 SCAN_MEMORY = 1024 * 1024 * 1024
 _SCANNER = """
 import ctypes, json, resource, sys
@@ -131,7 +133,8 @@ package = types.ModuleType("qanot_host")
 package.__path__ = [sys.argv[1] + "/qanot_host"]
 sys.modules["qanot_host"] = package
 from qanot_host.static import scan_here
-print(json.dumps(scan_here(json.loads(sys.stdin.read()))))
+for answer in scan_here(json.loads(sys.stdin.read())):
+    print(json.dumps(answer), flush=True)
 """
 
 
@@ -142,11 +145,13 @@ def scan_plugins(jobs: dict[str, tuple[str, str]], timeout: float) -> dict[str, 
     if not jobs:
         return {}
     try:
-        done = subprocess.run(_scanner_argv(), input=json.dumps(jobs), capture_output=True, text=True,
+        done = subprocess.run(_scanner_argv(), input=json.dumps(jobs).encode(), capture_output=True,
                               timeout=timeout)
-    except (subprocess.TimeoutExpired, OSError):
+    except subprocess.TimeoutExpired as exc:
+        return _answers(exc.stdout or b"")  # what the child had said by then
+    except OSError:
         return {}
-    return _answer(done.returncode, done.stdout)
+    return _answers(done.stdout)
 
 
 async def scan_plugins_async(jobs: dict[str, tuple[str, str]], timeout: float) -> dict[str, dict[str, Any]]:
@@ -159,16 +164,25 @@ async def scan_plugins_async(jobs: dict[str, tuple[str, str]], timeout: float) -
             stderr=asyncio.subprocess.DEVNULL)
     except OSError:
         return {}
+    out = bytearray()
+
+    async def read_all() -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(jobs).encode())
+        proc.stdin.close()
+        while chunk := await proc.stdout.read(1 << 16):
+            out.extend(chunk)
+        await proc.wait()
+
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(json.dumps(jobs).encode()), timeout)
+        await asyncio.wait_for(read_all(), timeout)
     except BaseException as exc:  # out of time, or cancelled (the host stopping)
         if proc.returncode is None:
             proc.kill()
         await asyncio.shield(proc.wait())
-        if isinstance(exc, asyncio.TimeoutError):
-            return {}
-        raise
-    return _answer(proc.returncode or 0, out.decode(errors="replace"))
+        if not isinstance(exc, (asyncio.TimeoutError, OSError)):
+            raise
+    return _answers(bytes(out))  # what the child had said by then
 
 
 def _scanner_argv() -> list[str]:
@@ -176,23 +190,45 @@ def _scanner_argv() -> list[str]:
     return [sys.executable, "-I", "-c", _SCANNER, root, str(SCAN_MEMORY)]
 
 
-def _answer(returncode: int, stdout: str) -> dict[str, dict[str, Any]]:
-    if returncode != 0:
-        return {}
-    try:
-        answer = json.loads(stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {}
-    return answer if isinstance(answer, dict) else {}
+def _answers(stdout: bytes) -> dict[str, dict[str, Any]]:
+    """The child's whole lines, one plugin's [name, answer] each; a cut last line is no answer."""
+    answers: dict[str, dict[str, Any]] = {}
+    for line in stdout.decode(errors="replace").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            name, answer = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(name, str) and isinstance(answer, dict):
+            answers[name] = answer
+    return answers
 
 
-def scan_here(jobs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
-    """scan_plugins' work, in the child: one plugin's MemoryError or RecursionError is its own."""
-    answer: dict[str, dict[str, Any]] = {}
-    for name, (plugin_dir, entry_file) in jobs.items():
+def scan_here(jobs: dict[str, list[str]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """scan_plugins' work, in the child, smallest code first: one plugin's MemoryError or
+    RecursionError is its own, and so is most of the time it takes."""
+    for name, (plugin_dir, entry_file) in sorted(jobs.items(), key=lambda job: _code_size(*job[1])):
         try:
             tools = declared_tools(plugin_dir, entry_file)
-            answer[name] = {"problem": code_problem(entry_file), "tools": sorted(tools) if tools is not None else None}
+            yield name, {"problem": code_problem(entry_file), "tools": sorted(tools) if tools is not None else None}
         except (MemoryError, RecursionError):
             continue
-    return answer
+
+
+def _code_size(plugin_dir: str, entry_file: str) -> int:
+    """The bytes of Python the scan would read (what its time goes with)."""
+    size = 0
+    try:
+        with os.scandir(plugin_dir) as entries:
+            for entry in entries:
+                if entry.name.endswith(".py") and entry.is_file(follow_symlinks=False):
+                    size += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        pass
+    if os.path.dirname(entry_file) != plugin_dir.rstrip("/"):
+        try:
+            size += os.stat(entry_file).st_size
+        except OSError:
+            pass
+    return size

@@ -887,6 +887,20 @@ async def test_reading_a_plugins_code_costs_the_host_nothing(write_config, tmp_p
     assert "Traceback" not in report.stderr and "2 plugins checked" in report.stdout, report.stdout + report.stderr
 
 
+async def test_a_plugin_whose_code_takes_the_readers_whole_time_costs_only_its_own_answer(tmp_path):
+    """CI, on a loaded machine: the index's reader ran out of time on a plugin with a large file, and
+    every other plugin's answer was lost with it (the reader said all at its end). It reads the
+    smallest first now and says each answer as it has it."""
+    from qanot_host.static import scan_plugins, scan_plugins_async
+    big = tmp_path / "big"
+    shutil.copytree(FIXTURE_PLUGINS / "greeter", big)
+    (big / "junk.py").write_text("x = " + "a," * 300_000 + "a\n")  # seconds to parse, here
+    jobs = {"big": (str(big), str(big / "plugin.py")),
+            "echo": (str(REPO / "plugins" / "echo"), str(REPO / "plugins" / "echo" / "plugin.py"))}
+    for answers in (scan_plugins(jobs, 0.8), await scan_plugins_async(jobs, 0.8)):
+        assert answers["echo"] == {"problem": None, "tools": ["echo"]}, answers
+
+
 @pytest.mark.parametrize("namespaces", [True, False])
 async def test_without_identity_a_root_worker_has_no_privilege_and_strict_refuses_it(write_config, namespaces):
     """The sixth attacker: with identity false the worker kept uid 0 with every capability (fanotify
