@@ -280,9 +280,14 @@ class EgressGate:
         self.last_denied = f"{address}:{port}"
         if (address, port) not in self._logged and len(self._logged) < MAX_LOGGED_DENIALS:
             self._logged.add((address, port))
-            log.warning("plugin %s: connect to %s:%d denied: not among its network grant (%s); to allow it, "
-                        "add \"HOST:%d\" to config.json host.plugins.%s.permissions.network.hosts",
-                        self.plugin, address, port, self.policy.describe() or "nothing", port, self.plugin)
+            unanswered = self.policy.unanswered(port)
+            if unanswered:  # it may well be theirs: "not granted" would send the operator the wrong way
+                log.warning("plugin %s: connect to %s:%d denied: not among the addresses known for its grant, and "
+                            "the look-up of %s went unanswered", self.plugin, address, port, ", ".join(unanswered))
+            else:
+                log.warning("plugin %s: connect to %s:%d denied: not among its network grant (%s); to allow it, "
+                            "add \"HOST:%d\" to config.json host.plugins.%s.permissions.network.hosts",
+                            self.plugin, address, port, self.policy.describe() or "nothing", port, self.plugin)
         self._answer(notif_id, error=errno.EACCES)
 
     def _answer(self, notif_id: int, flags: int = 0, error: int = 0) -> None:

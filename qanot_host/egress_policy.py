@@ -6,6 +6,12 @@ RESOLVE_TTL, resolved again when an address does not match, one look-up of a nam
 threads of its own, bounded by DNS_TIMEOUT) and allows an address one of them has. The host's own
 addresses, link-local and cloud metadata addresses are never reached by a grant that does not name
 them literally.
+
+getaddrinfo() cannot be interrupted: a look-up that times out keeps its thread until the resolver
+gives up. So each plugin may hold only DNS_THREADS_PER_PLUGIN of the shared threads, answered or not
+(a plugin whose own names' DNS never answers, connecting in a loop, once held all four there were
+and every other plugin's look-up timed out behind it), and a look-up that went unanswered is not
+taken to mean the name has no address: the name's last addresses stay in use until one answers.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import ipaddress
 import logging
 import socket
 import time
-from functools import partial
 
 import psutil
 
@@ -29,8 +34,9 @@ log = logging.getLogger("qanot_host.egress")
 
 RESOLVE_TTL = 30.0
 REFRESH_AFTER = 1.0  # an address that matches no cached name is looked up again after this long
-DNS_TIMEOUT = 5.0  # a granted name that takes longer to resolve does not resolve, this time
-DNS_THREADS = 4  # name look-ups for every plugin's egress, apart from the host's other threads
+DNS_TIMEOUT = 5.0  # a look-up of a granted name that takes longer goes unanswered, this time
+DNS_THREADS = 32  # name look-ups for every plugin's egress, apart from the host's other threads (made as needed)
+DNS_THREADS_PER_PLUGIN = 2  # of them, held by one plugin's look-ups that have not come back
 
 
 class EgressPolicy:
@@ -47,10 +53,18 @@ class EgressPolicy:
                      if literal_address(ns) is not None} if wants_names else set()
         self._resolved: dict[str, tuple[float, set[str]]] = {}
         self._resolving: dict[str, asyncio.Future] = {}  # one look-up of a name at a time
+        self._threads_held = 0  # look-ups of ours still in a thread (timed out or not)
+        self._unanswered: dict[str, tuple[float, str]] = {}  # name -> when and why its last look-up went unanswered
 
     @classmethod
     def from_spec(cls, plugin: str, spec: p.SandboxSpec) -> "EgressPolicy":
         return cls(plugin, list(spec.tcp_ports), [(str(host), int(port)) for host, port in spec.tcp_hosts])
+
+    def unanswered(self, port: int) -> list[str]:
+        """The granted names for `port` whose latest look-up went unanswered, with why: a denial of
+        an address they might have had says so, instead of that the address is not granted."""
+        return [f"{host} ({self._unanswered[host][1]})" for host, granted_port in self.hosts
+                if granted_port == port and host in self._unanswered]
 
     def describe(self) -> str:
         parts = [f"{host}:{port}" for host, port in self.hosts] + [f"any host:{port}" for port in sorted(self.ports)]
@@ -83,6 +97,9 @@ class EgressPolicy:
         cached = self._resolved.get(host)
         if cached is not None and now - cached[0] < (REFRESH_AFTER if refresh else RESOLVE_TTL):
             return cached[1]
+        failed = self._unanswered.get(host)
+        if failed is not None and now - failed[0] < REFRESH_AFTER:  # asked again after a pause, not at every connect
+            return cached[1] if cached is not None else set()
         pending = self._resolving.get(host)
         if pending is None:  # every connect that needs this name meanwhile waits for this one look-up
             pending = self._resolving[host] = asyncio.ensure_future(self._resolve(host))
@@ -90,18 +107,44 @@ class EgressPolicy:
         return await asyncio.shield(pending)
 
     async def _resolve(self, host: str) -> set[str]:
+        if self._threads_held >= DNS_THREADS_PER_PLUGIN:
+            return self._went_unanswered(host, f"{self._threads_held} earlier look-ups of its names have not come back")
         loop = asyncio.get_running_loop()
+        lookup = _dns_executor().submit(socket.getaddrinfo, host, None, type=socket.SOCK_STREAM)
+        self._threads_held += 1
+        lookup.add_done_callback(lambda _: _call_soon(loop, self._thread_back))
         try:
-            infos = await asyncio.wait_for(loop.run_in_executor(
-                _dns_executor(), partial(socket.getaddrinfo, host, None, type=socket.SOCK_STREAM)), DNS_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("plugin %s: granted host %s does not resolve: %s", self.plugin, host,
-                        exc if isinstance(exc, OSError) else f"no answer within {DNS_TIMEOUT:g} s")
+            infos = await asyncio.wait_for(asyncio.wrap_future(lookup, loop=loop), DNS_TIMEOUT)
+        except asyncio.TimeoutError:
+            return self._went_unanswered(host, f"no answer within {DNS_TIMEOUT:g} s")
+        except OSError as exc:
+            log.warning("plugin %s: granted host %s does not resolve: %s", self.plugin, host, exc)
             addresses: set[str] = set()
         else:
             addresses = {literal_address(str(info[4][0])) or str(info[4][0]) for info in infos}
+        self._unanswered.pop(host, None)
         self._resolved[host] = (time.monotonic(), addresses)
         return addresses
+
+    def _thread_back(self) -> None:
+        self._threads_held -= 1
+
+    def _went_unanswered(self, host: str, why: str) -> set[str]:
+        """No answer is not "no address": the name's last known addresses, if any, stay in use."""
+        if host not in self._unanswered:
+            log.warning("plugin %s: the look-up of granted host %s went unanswered: %s%s", self.plugin, host, why,
+                        "; its last known addresses stay in use" if host in self._resolved else "")
+        self._unanswered[host] = (time.monotonic(), why)
+        cached = self._resolved.get(host)
+        return cached[1] if cached is not None else set()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback) -> None:
+    """From a DNS thread: run `callback` on the host's loop (if it is still there)."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass  # the loop is closed: the host has stopped
 
 
 LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")

@@ -180,3 +180,43 @@ async def test_a_slow_granted_name_is_looked_up_once_and_starves_nobody(monkeypa
         assert calls.count("slow.example") <= 2  # one look-up (and one refresh), not 200
     finally:
         release.set()
+
+
+async def test_a_plugin_whose_names_never_answer_holds_two_dns_threads_not_every_plugins(monkeypatch):
+    """Attack pass 22: a plugin granted eight names whose DNS never answers, connecting to each in a
+    loop, held all four look-up threads there were: every other plugin's look-up timed out behind it
+    (its connects denied, and logged as "does not resolve" and "not among its network grant")."""
+    import socket
+    import threading
+
+    from qanot_host import egress_policy as egress
+    release = threading.Event()
+    answer = {"fine.example": "198.51.100.9"}
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in answer:
+            release.wait(10)
+            raise socket.gaierror("no answer")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer[host], 0))]
+
+    monkeypatch.setattr(egress.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(egress, "DNS_TIMEOUT", 1.0)
+    hog = egress.EgressPolicy("hog", [], [(f"n{i}.slow.example", 4430 + i) for i in range(8)], nameservers=[])
+    victim = egress.EgressPolicy("victim", [], [("fine.example", 443)], nameservers=[])
+    try:
+        hogging = [asyncio.ensure_future(hog.allows("203.0.113.9", 4430 + i)) for i in range(8)]
+        await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(victim.allows("198.51.100.9", 443), 0.9)
+        assert not any(await asyncio.gather(*hogging))
+        assert "n7.slow.example" in " ".join(hog.unanswered(4437)) and not victim.unanswered(443)
+        # a name that answered once and then goes unanswered keeps its addresses, not none
+        monkeypatch.setattr(egress, "REFRESH_AFTER", 0.0)
+        monkeypatch.setattr(egress, "RESOLVE_TTL", 0.0)
+        del answer["fine.example"]
+        release.set()  # the hog's threads come back
+        await asyncio.sleep(0.2)
+        release.clear()
+        assert await victim.allows("198.51.100.9", 443)
+        assert "no answer within 1 s" in " ".join(victim.unanswered(443))
+    finally:
+        release.set()
