@@ -318,7 +318,10 @@ class Host:
             if now is None or now != self._fingerprints.get(name):
                 changed.append(name)
         added = [name for name in wanted if name not in self.plugins]
-        await self._stop_plugins(removed + changed)
+        await asyncio.gather(
+            self._stop_plugins(removed, f"it is being removed by a reload of {new.path}"),
+            self._stop_plugins(changed, f"it is being restarted by a reload of {new.path}; call again once it "
+                                        "is ready"))
         self.config = new
         self.registry.timeout = new.host.call_timeout
         self.workspace = Workspace(new.workspace_dir)
@@ -335,9 +338,10 @@ class Host:
                  "; ".join(f"{key} {', '.join(names) or '-'}" for key, names in summary.items()))
         return summary
 
-    async def _stop_plugins(self, names: list[str]) -> None:
+    async def _stop_plugins(self, names: list[str], why: str) -> None:
+        """`why`: what a call to one of them is told while it stops."""
         supervisors = [self.plugins.pop(name) for name in names]
-        await asyncio.gather(*(s.stop() for s in supervisors), return_exceptions=True)
+        await asyncio.gather(*(s.stop(why) for s in supervisors), return_exceptions=True)
         for supervisor in supervisors:
             self.registry.remove_plugin_tools(supervisor.name)
 
@@ -393,7 +397,7 @@ class Host:
                 await supervisor.settled.wait()
             else:
                 await supervisor.settled.wait()  # a restart under way ends first
-                await self._stop_plugins([plugin])
+                await self._stop_plugins([plugin], "it is being restarted by the operator; call again once it is ready")
                 await self._start_plugins([plugin])
         status = self.plugins[plugin].status()
         log.info("plugin %s restarted by the operator: %s", plugin, status["state"])

@@ -100,6 +100,7 @@ class PluginSupervisor:
         self.restart_reasons: collections.Counter[str] = collections.Counter()  # what the metrics count
         self.sandbox_warned = False
         self._closing = False
+        self._closing_why = ""  # what a call is told once it is closing: the host stops, or a reload restarts it
         self._recycling: _Recycle | None = None
         self._calls_since_start = 0
         self._restart_task: asyncio.Task | None = None
@@ -345,8 +346,9 @@ class PluginSupervisor:
         tools = self._config.settings_for(self.name).tool_timeouts or {}
         return max([self._call_timeout(None), *(self._call_timeout(tool) for tool in tools)])
 
-    async def stop(self) -> None:
-        self._closing = True
+    async def stop(self, why: str = "the host is shutting down") -> None:
+        """`why`: what a call that comes meanwhile is told."""
+        self.close_to_calls(why)
         for task in (self._restart_task, self._activation):
             if task is not None:
                 task.cancel()
@@ -369,8 +371,9 @@ class PluginSupervisor:
         self._config = config
         self._timeouts.clear()
 
-    def close_to_calls(self) -> None:
+    def close_to_calls(self, why: str = "the host is shutting down") -> None:
         self._closing = True
+        self._closing_why = why
 
     # ---- calls -----------------------------------------------------------------------------------
 
@@ -463,7 +466,7 @@ class PluginSupervisor:
     def _refuse_if_unavailable(self) -> None:
         """At once, and without arming a timer: a caller retrying in a loop must leave nothing behind."""
         if self._closing:
-            raise PluginUnavailable(self.name, "the host is shutting down")
+            raise PluginUnavailable(self.name, self._closing_why)
         if self.state in (PluginState.FAILED, PluginState.EXITED, PluginState.STOPPED):
             raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
 

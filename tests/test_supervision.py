@@ -296,6 +296,24 @@ async def test_reload_starts_stops_restarts_and_keeps_untouched_serving(write_co
         assert list(host.plugins) == ["greeter", "echo", "calc"]
 
 
+async def test_a_call_to_a_plugin_a_reload_is_restarting_is_told_so_not_that_the_host_stops(write_config):
+    """Attack pass 22: while a reload stopped a changed plugin (its teardown() may take seconds), its
+    calls were answered "the host is shutting down", and the host was not."""
+    path = write_config([misbehave(hang_in_teardown=True), plugin("echo")], host={"teardown_timeout": 1.5})
+    async with Host(path) as host:
+        data = json.loads(Path(path).read_text())
+        data["plugins"] = [misbehave(hang_in_teardown=True, changed=1)]
+        Path(path).write_text(json.dumps(data))
+        reloading = asyncio.ensure_future(host.reload())
+        await wait_until(lambda: host.plugins.get("misbehave") is None or reloading.done(), 5, "the stop")
+        during = await host.registry.execute("mb_ok", {})
+        removed = await host.registry.execute("echo", {"text": "x"})
+        assert (await reloading)["restarted"] == ["misbehave"]
+        assert "being restarted by a reload" in during and "shutting down" not in during, during
+        assert "shutting down" not in removed, removed
+        assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
+
+
 def own_threads() -> int:
     """The host process's threads (native ones too) but asyncio's default executor's: a pool that may
     grow by a thread when two of its jobs (workspace walks, file reads) meet on a loaded machine, and
