@@ -66,6 +66,7 @@ class Host:
         self._registration_paused = False
         self.metrics: HostMetrics | None = None  # host.metrics: Prometheus, /healthz, /readyz
         self._fingerprints: dict[str, str] = {}  # plugin -> its directory's, when its worker started
+        self._last_offer: dict[str, set[str]] = {}  # plugin -> the tool names it offered last (since its start)
         self._fingerprinting = _Fingerprinting()
         self._operating = asyncio.Lock()  # reload and restart_plugin: one at a time
         self.registry.explain_missing = lambda tool: self._index.explain_missing(tool, self.config, self.plugins)
@@ -233,6 +234,7 @@ class Host:
         if self._registration_paused or not supervisor.serving:
             return
         offered = {spec.name for spec in supervisor.offered_tools}
+        self._warn_if_offer_changed(supervisor.name, offered)
         server = mcp_server(self.config, supervisor.name) is not None
         kept = offered | {_mcp_tool_name(supervisor.name, name) for name in offered} if server else offered
         for name in set(supervisor.tools) - kept:  # a restarted worker may offer fewer tools
@@ -281,9 +283,23 @@ class Host:
                 continue
             owner = f"plugin {holder.plugin}" if holder.plugin else "the host"
             conflicts.append(tool.name)
-            log.error("plugin %s: tool %s is not registered: %s already provides it (the plugin "
-                      "listed first in config.json keeps a tool name)", supervisor.name, tool.name, owner)
+            log.error("plugin %s: tool %s is not registered: %s already provides it (a tool name stays with "
+                      "the plugin that has it; plugins starting together take names in config.json's order)",
+                      supervisor.name, tool.name, owner)
         supervisor.set_tools(tools, conflicts, refused, unknown)
+
+    def _warn_if_offer_changed(self, plugin: str, offered: set[str]) -> None:
+        """A plugin whose tools change without a reload (a restarted worker, a lazy plugin's first
+        worker against its cached list) may be after another plugin's tool names: say so, once per
+        change, for the operator who reviewed the tools it offered before."""
+        before = self._last_offer.get(plugin)
+        self._last_offer[plugin] = offered
+        if before is None or before == offered:
+            return
+        log.warning("plugin %s now offers other tools than at its last listing: %s", plugin,
+                    printable("; ".join(part for part in (
+                        "new: " + ", ".join(sorted(offered - before)) if offered - before else "",
+                        "gone: " + ", ".join(sorted(before - offered)) if before - offered else "") if part), 2000))
 
     # ---- running ---------------------------------------------------------------------------------
 
@@ -341,6 +357,8 @@ class Host:
     async def _stop_plugins(self, names: list[str], why: str) -> None:
         """`why`: what a call to one of them is told while it stops."""
         supervisors = [self.plugins.pop(name) for name in names]
+        for name in names:
+            self._last_offer.pop(name, None)  # a restarted or removed plugin's next offer is a new one
         await asyncio.gather(*(s.stop(why) for s in supervisors), return_exceptions=True)
         for supervisor in supervisors:
             self.registry.remove_plugin_tools(supervisor.name)

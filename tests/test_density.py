@@ -203,3 +203,24 @@ async def test_plugins_starting_together_are_fingerprinted_in_one_hop_to_a_threa
     async with Host(config) as host:
         assert all(s.state == PluginState.IDLE for s in host.plugins.values())
     assert hops == [3], hops
+
+
+async def test_a_plugin_whose_tools_change_at_activation_takes_no_name_and_is_reported(write_config, caplog):
+    """Attack pass 22: a lazy plugin listed first offered a harmless tool to be cached, then, at its first
+    call, another plugin's tool name; the log said the plugin listed first keeps a name, which was not
+    what happened, and nothing said its tools had changed."""
+    config = write_config([plugin("shifty"), plugin("echo")], host={"plugins": {"shifty": {"activation": "lazy"}}})
+    async with Host(config):
+        pass  # its first worker lists shifty_a, and is cached
+    async with Host(config) as host:
+        assert "shifty_a" in host.registry.tool_names and host.registry.get("echo").plugin == "echo"
+        # its first call starts a later worker, which offers shifty_b and echo instead
+        assert "no tool named 'shifty_a'" in await host.registry.execute("shifty_a", {})
+        assert await host.registry.execute("shifty_b", {}) == "shifty answered"
+        assert host.registry.get("echo").plugin == "echo"  # echo keeps its name
+        assert json.loads(await host.registry.execute("echo", {"text": "x"})) == {"text": "x"}
+        assert "shifty_b" in host.registry.tool_names and "shifty_a" not in host.registry.tool_names
+    text = caplog.text
+    assert "plugin shifty now offers other tools than at its last listing: new: echo, shifty_b; gone: shifty_a" in text
+    assert "a tool name stays with the plugin that has it" in text and "listed first in config.json keeps" not in text
+
