@@ -44,7 +44,24 @@ class ChaosReport:
     unhealthy: list[str] = field(default_factory=list)
     leaked_processes: int = 0
     leaked_fds: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # of calls and kills: the host's start is not counted
+    kills_expected: bool = True  # --kill-every fits in --duration
+
+    def problems(self) -> list[str]:
+        """Why it did not pass. A run that exercised nothing (no call answered, no worker killed:
+        a start that took the whole duration, say) does not pass either."""
+        found = []
+        if not self.ok:
+            found.append("no call succeeded")
+        if self.kills_expected and not self.kills:
+            found.append("no worker was killed")
+        if self.hung:
+            found.append(f"{self.hung} calls hung")
+        if self.unhealthy:
+            found.append("plugins unhealthy after")
+        if self.leaked_processes or self.leaked_fds:
+            found.append("processes or fds leaked")
+        return found
 
     def percentile(self, q: float) -> float:
         if not self.recoveries_ms:
@@ -53,7 +70,7 @@ class ChaosReport:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     def passed(self) -> bool:
-        return not (self.hung or self.unhealthy or self.leaked_processes or self.leaked_fds)
+        return not self.problems()
 
     def render(self) -> str:
         errors = ", ".join(f"{kind} {count}" for kind, count in self.errors.most_common()) or "none"
@@ -69,7 +86,7 @@ class ChaosReport:
             f"unhealthy after  {', '.join(self.unhealthy) or 'none'}",
             f"leaked processes {self.leaked_processes}",
             f"leaked fds       {self.leaked_fds}",
-            "PASS" if self.passed() else "FAIL",
+            "PASS" if self.passed() else f"FAIL: {'; '.join(self.problems())}",
         ]
         return "\n".join(lines)
 
@@ -96,8 +113,7 @@ async def run_chaos(config_path: str, duration: float, kill_every: float, concur
         for settings in config.host.plugins.values():
             settings.restart = None
     me = psutil.Process()
-    report = ChaosReport()
-    started = time.monotonic()
+    report = ChaosReport(kills_expected=0 < kill_every < duration)
     async with Host(config) as host:
         # Measured with every worker up, and compared with the same state after the chaos: the
         # event loop keeps a few descriptors of its own from the first spawn on.
@@ -105,11 +121,13 @@ async def run_chaos(config_path: str, duration: float, kill_every: float, concur
         names = [n for n in host.registry.tool_names if _plugin_of(host, n)] if tools is None else tools
         if not names:
             raise QanotHostError("chaos: no plugin tools are registered")
+        started = time.monotonic()
         deadline = started + duration
         budget = [max_calls if max_calls is not None else float("inf")]
         await asyncio.gather(
             *(_caller(host, names, deadline, budget, report) for _ in range(concurrency)),
             _killer(host, deadline, budget, kill_every, report))
+        report.seconds = time.monotonic() - started
         await _settle(host, report)
         # Every killed worker's exit was awaited; the loop closes their pipes' transports a few turns
         # later, and nothing signals that: the count is read until it is back, for FD_SETTLE_SECONDS.
@@ -118,7 +136,6 @@ async def run_chaos(config_path: str, duration: float, kill_every: float, concur
                 break
             await asyncio.sleep(0.05)
         report.leaked_fds = max(0, me.num_fds() - fds_before)
-    report.seconds = time.monotonic() - started
     report.leaked_processes = len([c for c in me.children(recursive=True) if _alive(c)])
     return report
 
@@ -148,8 +165,10 @@ async def _caller(host: Host, names: list[str], deadline: float, budget: list, r
 
 async def _killer(host: Host, deadline: float, budget: list, every: float, report: ChaosReport) -> None:
     recoveries = []
-    while time.monotonic() < deadline and budget[0] > 0:
-        await asyncio.sleep(every)
+    while True:
+        await asyncio.sleep(min(every, max(0.0, deadline - time.monotonic())))  # not past the deadline
+        if time.monotonic() >= deadline or budget[0] <= 0:
+            break
         ready = [s for s in host.plugins.values() if s.state == PluginState.READY and s.worker]
         if ready:
             recoveries.append(asyncio.ensure_future(_kill_and_time(random.choice(ready), report)))

@@ -20,3 +20,16 @@ async def test_ten_thousand_calls_while_workers_are_killed(write_config):
     assert report.kills >= 5 and len(report.recoveries_ms) >= 5
     assert report.unhealthy == []
     assert report.leaked_processes == 0 and report.leaked_fds == 0
+
+
+async def test_a_run_that_exercised_nothing_does_not_pass(write_config):
+    """The newcomer's run beside a live host: its own host's start took the whole --duration, and it
+    printed PASS after 0 calls and 0 kills. The duration now starts once the host is up, and a run
+    in which no call succeeded, or no worker was killed, fails and says why."""
+    config = write_config([GREETER])
+    report = await run_chaos(config, duration=1, kill_every=5, concurrency=4, tools=["greeter_fail"])
+    assert report.calls > 0 and report.seconds < 3  # its start is not in its duration
+    assert not report.passed() and report.problems() == ["no call succeeded"], report.render()
+    assert report.render().endswith("FAIL: no call succeeded")
+    report = await run_chaos(config, duration=1, kill_every=0.5, concurrency=4, max_calls=1, tools=["greet"])
+    assert report.ok == 1 and report.problems() == ["no worker was killed"], report.render()
