@@ -19,7 +19,7 @@ from .chaos import run_chaos
 from .check import check_config
 from .config import load_config
 from .control import control_request, follow_logs, socket_path
-from .errors import ConfigError, QanotHostError, ToolNotFound
+from .errors import ConfigError, QanotHostError, ToolFailed, ToolNotFound
 from .host import Host
 from .supervisor import SERVING_STATES
 from .json_objects import parse_json_object
@@ -164,6 +164,8 @@ async def _call(args: argparse.Namespace) -> int:
     async with Host(args.config) as host:
         try:
             result = await host.registry.invoke(args.tool, params)
+        except ToolFailed as exc:  # as execute() and `qanot-host mcp` redact them
+            raise exc.redacted() from None
         except ToolNotFound as exc:
             await host.tool_index_ready()  # made in the background: it may say why by now
             missing = ToolNotFound(exc.tool, host.registry.explain_missing(exc.tool))

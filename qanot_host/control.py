@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .errors import PluginUnavailable, QanotHostError
+from .errors import PluginUnavailable, QanotHostError, ToolFailed
 
 if TYPE_CHECKING:
     from .host import Host
@@ -152,7 +152,10 @@ class ControlServer:
                 timeout = request.get("timeout")
                 if timeout is not None and (type(timeout) not in (int, float) or not 0 < timeout < 1e9):
                     raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-                result = await host.registry.invoke(str(request.get("tool")), request.get("params", {}), timeout)
+                try:
+                    result = await host.registry.invoke(str(request.get("tool")), request.get("params", {}), timeout)
+                except ToolFailed as exc:  # as execute() and `qanot-host mcp` redact them
+                    raise exc.redacted() from None
                 return {"ok": True, "result": result}
             case "logs":
                 plugin = str(request.get("plugin"))

@@ -26,7 +26,7 @@ from .errors import InvalidParams, QanotHostError, ToolFailed, ToolNotFound
 from .schema import MAX_PARAMS_DEPTH, SchemaError, check_schema, compile_validator, json_problem, type_name
 
 __all__ = ["ToolRegistry", "RegisteredTool", "TOOL_TIMEOUT", "MAX_TOOL_RESULT_CHARS", "tool_name_problem",
-           "truncate_tool_result", "sanitize_error"]
+           "truncate_tool_result", "sanitize_error", "redact_credentials"]
 
 log = logging.getLogger("qanot_host.registry")
 
@@ -273,7 +273,12 @@ def sanitize_error(message: str) -> str:
     key=value credentials redacted."""
     if len(message) > 500:
         message = message[:500] + "... [truncated]"
-    message = _PATHS.sub("[path redacted]", message)
+    return redact_credentials(_PATHS.sub("[path redacted]", message))
+
+
+def redact_credentials(message: str) -> str:
+    """key=value credentials in an exception's text redacted: what the operator's `call` shows too
+    (paths stay: the operator debugs with them)."""
     return _CREDENTIALS.sub("[credential redacted]", message)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -10,6 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from qanot_host import Host
+from qanot_host.control import ControlServer
 
 from .conftest import GREETER, grant_write, plugin
 
@@ -50,6 +54,24 @@ def test_call_errors_are_one_line(write_config):
                           "params: not valid JSON")
     assert_one_line_error(qanot_host("call", "--config", config, "greet", "[1]"),
                           "params: must hold a JSON object, not an array")
+
+
+async def test_call_redacts_credentials_in_a_plugins_error_as_execute_does(write_config):
+    """The newcomer: `call` printed password=hunter2 from a tool's error, which execute() and
+    `qanot-host mcp` redact; the same, standalone and through a running host's control socket."""
+    config = write_config([GREETER])
+    params = json.dumps({"why": "nope, password=hunter2 at /srv/app/x.py"})
+    standalone = qanot_host("call", "--standalone", "--config", config, "greeter_fail", params)
+    async with Host(config) as host:
+        control = ControlServer(host)
+        await control.start()
+        try:
+            running = await asyncio.to_thread(qanot_host, "call", "--config", config, "greeter_fail", params)
+        finally:
+            await control.close()
+    for proc in (standalone, running):
+        assert_one_line_error(proc, "ValueError: nope, [credential redacted] at /srv/app/x.py")
+        assert "hunter2" not in proc.stderr
 
 
 def test_bad_config_is_one_line(tmp_path):

@@ -70,9 +70,9 @@ Always greet in Uzbek first.
         await asyncio.sleep(params.get("seconds", 0.1))
         return f"slept {params.get('seconds', 0.1)}"
 
-    @tool(name="greeter_fail", description="Always raises.")
+    @tool(name="greeter_fail", description="Always raises (with `why`, if given).")
     async def fail(self, params: dict) -> str:
-        raise ValueError("the greeter cannot greet today")
+        raise ValueError(params.get("why", "the greeter cannot greet today"))
 
     @tool(name="greeter_errors", description="What on_error() saw.")
     async def seen_errors(self, params: dict) -> str:
