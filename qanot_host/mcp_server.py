@@ -261,7 +261,8 @@ def transport_security(host: str, port: int, names: Sequence[str] = ()) -> Any:
     the SDK checks them only for a literal 127.0.0.1, localhost or ::1, so a web page that rebinds its
     own DNS name to another address of the machine (127.0.0.2, a LAN address) reached every tool. A
     host name the machine calls itself is allowed beside the addresses it is bound to (a page cannot
-    make a browser send it without being served from it)."""
+    make a browser send it without being served from it). A name given in `names` is allowed without
+    a port too: a TLS proxy in front (on 443) passes its clients' Host on as it came."""
     from mcp.server.transport_security import TransportSecuritySettings
     import psutil
     address = ipaddress.ip_address(host)
@@ -276,8 +277,9 @@ def transport_security(host: str, port: int, names: Sequence[str] = ()) -> Any:
     if not all(a.is_loopback for a in addresses):
         hosts |= {socket.gethostname(), socket.getfqdn()}
     hosts |= set(names)
-    allowed = sorted(f"{h}:{port}" for h in hosts) + (sorted(hosts) if port == 80 else [])
-    origins = [f"http://{h}" for h in allowed] + [f"https://{h}:{port}" for h in sorted(hosts)]
+    allowed = sorted(f"{h}:{port}" for h in hosts) + sorted(set(names) | (hosts if port == 80 else set()))
+    origins = [f"http://{h}" for h in allowed] + [f"https://{h}:{port}" for h in sorted(hosts)] + \
+        [f"https://{name}" for name in sorted(set(names))]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=allowed,
                                      allowed_origins=origins)
 

@@ -241,6 +241,9 @@ def _held_to_its_names(url: str) -> None:
     assert _initialize(url, Host=f"127.0.0.2:{port}", Origin=f"http://evil.example.com:{port}") == 403
     assert _initialize(url, Host=f"127.0.0.2:{port}") == 200
     assert _initialize(url, Host=f"qanot.internal:{port}", Origin=f"http://qanot.internal:{port}") == 200
+    # a TLS proxy in front passes its clients' Host (and Origin) on without the port (the newcomer's 421)
+    assert _initialize(url, Host="qanot.internal", Origin="https://qanot.internal") == 200
+    assert _initialize(url, Host="127.0.0.2") == 421  # only a name given with --allow-host goes bare
 
 
 def test_http_sessions_are_bounded(http_host):
