@@ -137,6 +137,8 @@ class Host:
         if any(not s.lazy for s in fresh):  # a worker will start: its launcher gets ready meanwhile
             self._factory.prepare()
         self._factory.reserve_uids(names)
+        # before any of them has a process: any process that runs as one of their uids is another's
+        await self._factory.warn_of_shared_uids(names)
         # in config.json's order, as status lists them (a plugin started anew takes its own place)
         self.plugins = {e.name: self.plugins[e.name] for e in self.config.plugins if e.name in self.plugins}
         # config.json order decides tool-name conflicts: hold registration until all have started

@@ -96,5 +96,6 @@ def _unsafe_part(where: str, info: os.stat_result, trusted: tuple[int, int], eui
                 "they could replace what the host makes, writes or runs there")
     if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
         return (f"is not safe: {where} is writable by others (mode {stat.S_IMODE(info.st_mode):o}): they "
-                "could replace what the host makes, writes or runs there (chmod go-w)")
+                "could replace what the host makes, writes or runs there (use a directory only you can "
+                "write to)")
     return None

@@ -16,7 +16,7 @@ import tempfile
 import zlib
 from typing import Iterable
 
-__all__ = ["UidMap", "UID_RANGE", "writable_by"]
+__all__ = ["UidMap", "UID_RANGE", "writable_by", "used_elsewhere"]
 
 UID_RANGE = 4000
 
@@ -90,6 +90,50 @@ class UidMap:
         with os.fdopen(fd, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         os.replace(tmp, self._path)
+
+
+def used_elsewhere(uids: dict[int, str], ours: int) -> dict[str, tuple[int, int, str]]:
+    """Of `uids` (uid -> plugin), those a process runs as that does not descend from process `ours`
+    (the host): plugin -> (uid, pid, its name). The table is per state_dir, so another host with a
+    state_dir of its own and the same uid_base gives same-named plugins the same uids. Reads every
+    process's status: off the event loop."""
+    found: dict[str, tuple[int, int, str]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        name, _, uid = _status(int(entry.name))
+        plugin = uids.get(uid)
+        if plugin is not None and plugin not in found and not _descends_from(int(entry.name), ours):
+            found[plugin] = (uid, int(entry.name), name)
+    return found
+
+
+def _status(pid: int) -> tuple[str, int, int]:
+    """A process's name, parent and real uid, from /proc/PID/status (("", 0, -1) if it is gone)."""
+    name, ppid = "", 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                key, _, value = line.partition(b":")
+                if key == b"Name":
+                    name = value.strip().decode(errors="replace")
+                elif key == b"PPid":
+                    ppid = int(value)
+                elif key == b"Uid":  # after Name and PPid
+                    return name, ppid, int(value.split()[0])
+    except (OSError, ValueError):
+        pass
+    return "", 0, -1
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        pid = _status(pid)[1]
+        if pid <= 1:
+            return False
+    return False
 
 
 def _has_user(uid: int) -> bool:

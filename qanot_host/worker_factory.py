@@ -32,7 +32,7 @@ from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable
 from .settings import Config
 from .tool_cache import ToolCache
-from .uids import UidMap, writable_by
+from .uids import UID_RANGE, UidMap, used_elsewhere, writable_by
 from .worker import WorkerHandle, WorkerOptions
 
 if TYPE_CHECKING:
@@ -219,6 +219,22 @@ class WorkerFactory:
                 self._uids.reserve(plugins)
             except OSError:
                 pass
+
+    async def warn_of_shared_uids(self, plugins: list[str]) -> None:
+        """Say which of these plugins' uids a process not of this host runs as: another host with a
+        state_dir of its own gives same-named plugins the same uids unless its uid_base differs."""
+        if not self._identity:
+            return
+        uids = {}
+        for plugin in plugins:
+            try:
+                uids[self._uids.uid(plugin)] = plugin
+            except OSError:
+                continue  # said when it starts
+        for plugin, (uid, pid, name) in (await asyncio.to_thread(used_elsewhere, uids, os.getpid())).items():
+            log.warning("plugin %s: its uid %d is also that of process %d (%s), which is not this host's: another "
+                        "host with a state_dir of its own gives plugins the same uids; give each host a "
+                        "host.sandbox.uid_base of its own, %d or more apart", plugin, uid, pid, name, UID_RANGE)
 
     @property
     def _identity(self) -> bool:

@@ -567,3 +567,25 @@ async def test_a_kept_cgroup_descriptor_closed_under_the_host_neither_breaks_its
     finally:
         await host.stop()
     assert "was closed by someone else" in caplog.text
+
+
+async def test_a_host_warns_when_a_plugins_uid_is_another_hosts_process(write_config, tmp_path, caplog):
+    """The newcomer's second host gave its calc the uid of another host's calc (the uid table is
+    per state_dir), and nothing said so. A start now names the plugin, the uid and the process."""
+    config = write_config([GREETER])
+    async with Host(config):
+        pass
+    uid = json.loads((tmp_path / "state" / "uids.json").read_text())["greeter"]
+    async with Host(config):  # its own workers, at a restart of it, are not another's
+        pass
+    assert "is also that of process" not in caplog.text
+    # another host's process: not a descendant of this one (a child of ours would be this host's)
+    other = int(subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], user=uid, group=uid,
+                               capture_output=True, text=True, check=True).stdout)
+    try:
+        async with Host(config) as host:
+            assert host.plugins["greeter"].state == PluginState.READY  # a warning, not a refusal
+    finally:
+        os.kill(other, signal.SIGKILL)
+    assert f"plugin greeter: its uid {uid} is also that of process {other} (sleep)" in caplog.text
+    assert "host.sandbox.uid_base of its own" in caplog.text
