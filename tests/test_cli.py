@@ -205,3 +205,13 @@ def test_check_says_which_layers_the_config_turns_off(write_config):
     strict = write_config([plugin("echo")], host={"sandbox": {"identity": False, "strict": True}})
     proc = qanot_host("check", "--config", strict)
     assert proc.returncode != 0 and "error: sandbox layer identity: off" in proc.stdout, proc.stdout
+
+
+def test_a_reader_that_goes_away_gets_no_traceback():
+    """The newcomer's `qanot-host completion zsh | head -5` printed a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "completion", "bash"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes: what head does once it has its lines
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert proc.stderr.read() == b""
+    proc.stderr.close()
