@@ -64,6 +64,7 @@ class Host:
         self._stopping = False
         self._monitor: asyncio.Task | None = None
         self._registration_paused = False
+        self._held_registrations: set[str] = set()  # plugins (not starting) that got tools during a pause
         self.metrics: HostMetrics | None = None  # host.metrics: Prometheus, /healthz, /readyz
         self._fingerprints: dict[str, str] = {}  # plugin -> its directory's, when its worker started
         self._last_offer: dict[str, set[str]] = {}  # plugin -> the tool names it offered last (since its start)
@@ -149,6 +150,11 @@ class Host:
             self._registration_paused = False
         for supervisor in fresh:
             self._register_tools(supervisor)
+        # a plugin not among them whose worker came up meanwhile (a lazy one called during a reload)
+        held, self._held_registrations = self._held_registrations - {s.name for s in fresh}, set()
+        for name in held:
+            if name in self.plugins:
+                self._register_tools(self.plugins[name])
         if self.config.host.workspace_docs:
             await self.workspace.add_plugins_docs([
                 (s.name, s.offer.info.tools_md, s.offer.info.soul_append) for s in fresh
@@ -233,7 +239,10 @@ class Host:
 
     def _register_tools(self, supervisor: PluginSupervisor) -> None:
         """(Re-)register a ready plugin's tools; names another plugin holds stay with that plugin."""
-        if self._registration_paused or not supervisor.serving:
+        if self._registration_paused:
+            self._held_registrations.add(supervisor.name)  # done once the start in progress has registered its own
+            return
+        if not supervisor.serving:
             return
         offered = {spec.name for spec in supervisor.offered_tools}
         self._warn_if_offer_changed(supervisor.name, offered)

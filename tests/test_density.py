@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,23 @@ async def test_a_plugin_whose_tools_change_at_activation_takes_no_name_and_is_re
     assert "plugin shifty now offers other tools than at its last listing: new: echo, shifty_b; gone: shifty_a" in text
     assert "a tool name stays with the plugin that has it" in text and "listed first in config.json keeps" not in text
 
+
+
+async def test_a_lazy_plugin_activated_during_a_reload_gets_its_tools_registered(write_config):
+    """Attack pass 22 left it untried: tools registered while a reload's plugins start are held for
+    config.json's order, and a lazy plugin not among them, called meanwhile, was never registered."""
+    config = write_config([plugin("shifty"), plugin("echo")], host={"plugins": {"shifty": {"activation": "lazy"}}})
+    async with Host(config):
+        pass  # shifty's first worker lists shifty_a, and is cached
+    async with Host(config) as host:
+        data = json.loads(Path(config).read_text())
+        data["plugins"].append(plugin("misbehave", slow_start=1.5))
+        Path(config).write_text(json.dumps(data))
+        reloading = asyncio.ensure_future(host.reload())
+        await wait_until(lambda: "misbehave" in host.plugins, 10, "the reload's start")
+        # its first call starts a worker that offers shifty_b (and echo, which stays echo's)
+        assert "no tool named 'shifty_a'" in await host.registry.execute("shifty_a", {})
+        assert not reloading.done()
+        await reloading
+        assert "shifty_b" in host.registry.tool_names and "shifty_a" not in host.registry.tool_names
+        assert await host.registry.execute("shifty_b", {}) == "shifty answered"
