@@ -894,10 +894,10 @@ async def test_a_plugin_whose_code_takes_the_readers_whole_time_costs_only_its_o
     from qanot_host.static import scan_plugins, scan_plugins_async
     big = tmp_path / "big"
     shutil.copytree(FIXTURE_PLUGINS / "greeter", big)
-    (big / "junk.py").write_text("x = " + "a," * 300_000 + "a\n")  # seconds to parse, here
+    (big / "junk.py").write_text("x = " + "a," * 450_000 + "a\n")  # 2 s to parse here, in ~550 MB
     jobs = {"big": (str(big), str(big / "plugin.py")),
             "echo": (str(REPO / "plugins" / "echo"), str(REPO / "plugins" / "echo" / "plugin.py"))}
-    for answers in (scan_plugins(jobs, 0.8), await scan_plugins_async(jobs, 0.8)):
+    for answers in (scan_plugins(jobs, 1.5), await scan_plugins_async(jobs, 1.5)):
         assert answers["echo"] == {"problem": None, "tools": ["echo"]}, answers
 
 
