@@ -235,7 +235,7 @@ async def test_a_lazy_plugin_activated_during_a_reload_gets_its_tools_registered
         pass  # shifty's first worker lists shifty_a, and is cached
     async with Host(config) as host:
         data = json.loads(Path(config).read_text())
-        data["plugins"].append(plugin("misbehave", slow_start=1.5))
+        data["plugins"].append(plugin("misbehave", slow_start=3))
         Path(config).write_text(json.dumps(data))
         reloading = asyncio.ensure_future(host.reload())
         await wait_until(lambda: "misbehave" in host.plugins, 10, "the reload's start")
