@@ -283,7 +283,8 @@ class EgressGate:
             unanswered = self.policy.unanswered(port)
             if unanswered:  # it may well be theirs: "not granted" would send the operator the wrong way
                 log.warning("plugin %s: connect to %s:%d denied: not among the addresses known for its grant, and "
-                            "the look-up of %s went unanswered", self.plugin, address, port, ", ".join(unanswered))
+                            "granted names could not be resolved just now: %s", self.plugin, address, port,
+                            ", ".join(unanswered))
             else:
                 log.warning("plugin %s: connect to %s:%d denied: not among its network grant (%s); to allow it, "
                             "add \"HOST:%d\" to config.json host.plugins.%s.permissions.network.hosts",

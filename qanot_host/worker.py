@@ -21,6 +21,7 @@ from qanot_worker import protocol as p
 
 from .channel import RemoteFailure, WorkerChannel
 from .egress import RESOLVER_ENV, EgressGate, EgressPolicy
+from .egress_policy import NameResolver
 from .errors import (ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
 from .heartbeat import Heartbeats
@@ -65,6 +66,7 @@ class WorkerOptions:
     # cores took 8.6 s each, close to handshake_timeout). setup() runs outside it.
     start_gate: asyncio.Semaphore | None = None
     heartbeats: Heartbeats = field(default_factory=Heartbeats)  # one timer for the pings of all the host's workers
+    names: NameResolver = field(default_factory=NameResolver)  # the host's DNS look-ups for narrowed egress
 
 
 class WorkerHandle:
@@ -210,7 +212,7 @@ class WorkerHandle:
         assert self._process is not None and self._sandbox is not None
         try:
             self.egress = EgressGate(self.plugin, self.pid or self._process.pid, fd_in_worker,
-                                     EgressPolicy.from_spec(self.plugin, self._sandbox))
+                                     EgressPolicy.from_spec(self.plugin, self._sandbox, self._options.names))
         except OSError as exc:
             raise PluginStartError(self.plugin, f"cannot take the worker's connect() listener ({exc.strerror}): "
                                    "its network is narrowed to hosts, and no connection could be made") from None

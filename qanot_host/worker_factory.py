@@ -21,6 +21,7 @@ from .cgroups import CgroupLimits, Cgroups
 from .config import own_workspace
 from .datadirs import DataDirs, workspace_problem
 from .disks import DiskImages
+from .egress_policy import NameResolver
 from .errors import PluginStartError, StartRefused
 from .forkserver import ForkServerLauncher
 from .heartbeat import Heartbeats
@@ -67,6 +68,7 @@ class WorkerFactory:
         self.tool_cache = ToolCache(state_dir)  # what lazy plugins offer, without starting them
         self.start_gate = asyncio.Semaphore(START_CONCURRENCY)  # workers between launch and loaded
         self.heartbeats = Heartbeats()  # one timer for every worker's pings
+        self.names = NameResolver()  # the DNS look-ups of every narrowed plugin's egress, and their answers
         self._grants_checked: set[str] = set()  # plugins whose write grants were looked at
         # As root, each worker gets namespaces (PID, mount, IPC, UTS) and a root of its own.
         sandbox = config.host.sandbox
@@ -126,7 +128,7 @@ class WorkerFactory:
             cancel_grace=settings.cancel_grace, extra_env=self._granted_env(config, name),
             namespaces=self.namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second,
             oom_kills=partial(self.cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb,
-            start_gate=self.start_gate, heartbeats=self.heartbeats)
+            start_gate=self.start_gate, heartbeats=self.heartbeats, names=self.names)
         if disk_problem:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         elif self.namespaces and not limits.disk_mb:

@@ -602,8 +602,8 @@ async def test_a_bad_address_pointer_is_efault_and_no_traceback_flood(write_conf
 
 
 def test_cloud_metadata_and_the_hosts_own_addresses_need_a_literal_grant():
-    from qanot_host.egress import EgressPolicy
-    policy = EgressPolicy("p", ports=[80], hosts=[("100.100.100.200", 80)], nameservers=[])
+    from qanot_host.egress_policy import EgressPolicy, NameResolver
+    policy = EgressPolicy("p", ports=[80], hosts=[("100.100.100.200", 80)], resolver=NameResolver(), nameservers=[])
     allows = lambda address: asyncio.run(policy.allows(address, 80))  # noqa: E731
     assert allows("100.100.100.200")  # named as a literal: the operator meant it
     for address in ("fd00:ec2::254", "168.63.129.16", "169.254.169.254", "127.0.0.1", machine_address()):

@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 
@@ -167,8 +171,9 @@ async def test_a_slow_granted_name_is_looked_up_once_and_starves_nobody(monkeypa
 
     monkeypatch.setattr(egress.socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setattr(egress, "DNS_TIMEOUT", 1.0)
-    slow = egress.EgressPolicy("slowpoke", [], [("slow.example", 443)], nameservers=[])
-    other = egress.EgressPolicy("innocent", [], [("fine.example", 443)], nameservers=[])
+    resolver = egress.NameResolver()
+    slow = egress.EgressPolicy("slowpoke", [], [("slow.example", 443)], resolver, nameservers=[])
+    other = egress.EgressPolicy("innocent", [], [("fine.example", 443)], resolver, nameservers=[])
     try:
         pending = [asyncio.ensure_future(slow.allows("203.0.113.9", 443)) for _ in range(200)]
         await asyncio.sleep(0.1)
@@ -183,17 +188,22 @@ async def test_a_slow_granted_name_is_looked_up_once_and_starves_nobody(monkeypa
 
 
 async def test_a_plugin_whose_names_never_answer_holds_two_dns_threads_not_every_plugins(monkeypatch):
-    """Attack pass 22: a plugin granted eight names whose DNS never answers, connecting to each in a
-    loop, held all four look-up threads there were: every other plugin's look-up timed out behind it
-    (its connects denied, and logged as "does not resolve" and "not among its network grant")."""
+    """Attack passes 22 and 23: a plugin granted names whose DNS never answers, connecting to each in
+    a loop, held every look-up thread there was, and every other plugin's look-up timed out queued
+    behind it (denied, and logged as the victim's own name going unanswered). Then the cap of 2 was
+    per worker: a plugin that crashed itself got 2 more at each restart. Now 2 per plugin across its
+    workers, and a look-up that cannot have a thread is refused at once, not queued."""
     import socket
     import threading
+    import time
 
     from qanot_host import egress_policy as egress
     release = threading.Event()
     answer = {"fine.example": "198.51.100.9"}
+    asked: list[str] = []
 
     def getaddrinfo(host, *args, **kwargs):
+        asked.append(host)
         if host not in answer:
             release.wait(10)
             raise socket.gaierror("no answer")
@@ -201,22 +211,58 @@ async def test_a_plugin_whose_names_never_answer_holds_two_dns_threads_not_every
 
     monkeypatch.setattr(egress.socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setattr(egress, "DNS_TIMEOUT", 1.0)
-    hog = egress.EgressPolicy("hog", [], [(f"n{i}.slow.example", 4430 + i) for i in range(8)], nameservers=[])
-    victim = egress.EgressPolicy("victim", [], [("fine.example", 443)], nameservers=[])
+    monkeypatch.setattr(egress, "DNS_THREADS", 6)
+    resolver = egress.NameResolver()
+    hog_names = [(f"n{i}.slow.example", 4430 + i) for i in range(8)]
+    victim = egress.EgressPolicy("victim", [], [("fine.example", 443)], resolver, nameservers=[])
     try:
-        hogging = [asyncio.ensure_future(hog.allows("203.0.113.9", 4430 + i)) for i in range(8)]
+        # a plugin's three workers in a row (it crashes itself), each connecting to all eight names
+        hogs = [egress.EgressPolicy("hog", [], hog_names, resolver, nameservers=[]) for _ in range(3)]
+        hogging = [asyncio.ensure_future(hog.allows("203.0.113.9", 4430 + i)) for hog in hogs for i in range(8)]
         await asyncio.sleep(0.1)
-        assert await asyncio.wait_for(victim.allows("198.51.100.9", 443), 0.9)
+        assert len([name for name in asked if name.endswith("slow.example")]) == 2  # its 2 threads, no more
+        began = time.monotonic()
+        assert await victim.allows("198.51.100.9", 443)
+        assert time.monotonic() - began < 0.5  # not queued behind anyone
         assert not any(await asyncio.gather(*hogging))
-        assert "n7.slow.example" in " ".join(hog.unanswered(4437)) and not victim.unanswered(443)
-        # a name that answered once and then goes unanswered keeps its addresses, not none
+        assert "earlier look-ups of its names have not come back" in " ".join(hogs[2].unanswered(4437))
+        # colluding plugins can take every thread there is: then a look-up is refused at once, said so
+        others = [egress.EgressPolicy(f"ally{i}", [], hog_names, resolver, nameservers=[]) for i in range(3)]
+        await asyncio.gather(*(other.allows("203.0.113.9", 4430 + i) for other in others for i in range(2)),
+                             return_exceptions=True)
+        late = egress.EgressPolicy("late", [], [("late.example", 443)], resolver, nameservers=[])
+        began = time.monotonic()
+        assert not await late.allows("198.51.100.9", 443)
+        assert time.monotonic() - began < 0.5
+        assert "all 6 of the host's look-up threads are held" in " ".join(late.unanswered(443))
+        # a name that answered once and then goes unanswered keeps its addresses, not none; a new
+        # worker of the plugin keeps them too
         monkeypatch.setattr(egress, "REFRESH_AFTER", 0.0)
         monkeypatch.setattr(egress, "RESOLVE_TTL", 0.0)
         del answer["fine.example"]
-        release.set()  # the hog's threads come back
+        release.set()  # every stuck look-up comes back
         await asyncio.sleep(0.2)
         release.clear()
-        assert await victim.allows("198.51.100.9", 443)
-        assert "no answer within 1 s" in " ".join(victim.unanswered(443))
+        restarted = egress.EgressPolicy("victim", [], [("fine.example", 443)], resolver, nameservers=[])
+        assert await restarted.allows("198.51.100.9", 443)
+        assert "no answer within 1 s" in " ".join(restarted.unanswered(443))
     finally:
         release.set()
+
+
+def test_a_look_up_that_never_ends_does_not_hold_the_hosts_exit():
+    """Attack pass 23: the host logged "stopped", then its process lingered up to the resolver's
+    timeout, waiting for a hung look-up's thread."""
+    code = textwrap.dedent("""
+        import asyncio, socket, time
+        from qanot_host import egress_policy as egress
+        socket.getaddrinfo = lambda *args, **kwargs: time.sleep(60)
+        async def main():
+            policy = egress.EgressPolicy("p", [], [("never.example", 443)], egress.NameResolver(), nameservers=[])
+            asyncio.ensure_future(policy.allows("203.0.113.9", 443))
+            await asyncio.sleep(0.2)
+        asyncio.run(main())
+    """)
+    began = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    assert time.monotonic() - began < 10
