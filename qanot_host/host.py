@@ -8,6 +8,7 @@ does not depend on which worker happened to start first: the plugin listed earli
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,8 @@ class Host:
         self._stopping = False
         self._monitor: asyncio.Task | None = None
         self._registration_paused = False
-        self._held_registrations: set[str] = set()  # plugins (not starting) that got tools during a pause
+        self._held_registrations: set[str] = set()  # plugins that got tools during a pause, before their turn
+        self._released: set[str] = set()  # plugins of the start in progress whose turn to register has come
         self.metrics: HostMetrics | None = None  # host.metrics: Prometheus, /healthz, /readyz
         self._fingerprints: dict[str, str] = {}  # plugin -> its directory's, when its worker started
         self._last_offer: dict[str, set[str]] = {}  # plugin -> the tool names it offered last (since its start)
@@ -142,13 +144,28 @@ class Host:
         await self._factory.warn_of_shared_uids(names)
         # in config.json's order, as status lists them (a plugin started anew takes its own place)
         self.plugins = {e.name: self.plugins[e.name] for e in self.config.plugins if e.name in self.plugins}
-        # config.json order decides tool-name conflicts: hold registration until all have started
+        # config.json's order decides tool-name conflicts among them: each registers once every one
+        # listed before it has started (or failed), so a restarted plugin listed first is not held
+        # for as long as a slow new one after it takes (attack pass 23: "Unknown tool" for 25 s)
+        starting = {s.name for s in fresh}
+        waiting = collections.deque(s for s in self.plugins.values() if s.name in starting)
+        finished: set[str] = set()
+
+        async def start(supervisor: PluginSupervisor) -> None:
+            try:
+                await self._start_plugin(supervisor)
+            finally:
+                finished.add(supervisor.name)
+                while waiting and waiting[0].name in finished:
+                    self._release_registration(waiting.popleft())
+
         self._registration_paused = True
         try:
-            await asyncio.gather(*(self._start_plugin(s) for s in fresh))
+            await asyncio.gather(*(start(s) for s in fresh))
         finally:
             self._registration_paused = False
-        for supervisor in fresh:
+            self._released = set()
+        for supervisor in waiting:  # what a cancelled start left
             self._register_tools(supervisor)
         # a plugin not among them whose worker came up meanwhile (a lazy one called during a reload)
         held, self._held_registrations = self._held_registrations - {s.name for s in fresh}, set()
@@ -237,10 +254,15 @@ class Host:
             stack.extend(supervisor.source.manifest.plugin_deps)
         return False
 
+    def _release_registration(self, supervisor: PluginSupervisor) -> None:
+        self._released.add(supervisor.name)
+        self._held_registrations.discard(supervisor.name)
+        self._register_tools(supervisor)
+
     def _register_tools(self, supervisor: PluginSupervisor) -> None:
         """(Re-)register a ready plugin's tools; names another plugin holds stay with that plugin."""
-        if self._registration_paused:
-            self._held_registrations.add(supervisor.name)  # done once the start in progress has registered its own
+        if self._registration_paused and supervisor.name not in self._released:
+            self._held_registrations.add(supervisor.name)  # done in its turn, or once the start in progress ends
             return
         if not supervisor.serving:
             return

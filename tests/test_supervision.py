@@ -314,6 +314,24 @@ async def test_a_call_to_a_plugin_a_reload_is_restarting_is_told_so_not_that_the
         assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
 
 
+async def test_a_plugin_a_reload_restarted_serves_before_a_slow_new_one_after_it_has_started(write_config):
+    """Attack pass 23: registration waited for every plugin the reload started, so a restarted plugin
+    answered "Unknown tool" for as long as a new plugin's setup() took (25 s there)."""
+    path = write_config([GREETER, plugin("echo")])
+    async with Host(path) as host:
+        old = host.plugins["greeter"]
+        data = json.loads(Path(path).read_text())
+        data["plugins"] = [{**GREETER, "config": {"changed": 1}}, plugin("echo"), misbehave(slow_start=4)]
+        Path(path).write_text(json.dumps(data))
+        reloading = asyncio.ensure_future(host.reload())
+        await wait_until(lambda: host.plugins.get("greeter") not in (None, old)
+                         and host.plugins["greeter"].state == PluginState.READY, 10, "greeter's restart")
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+        assert not reloading.done()  # misbehave is still in its setup()
+        assert (await reloading)["restarted"] == ["greeter"]
+        assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
+
+
 def own_threads() -> int:
     """The host process's threads (native ones too) but asyncio's default executor's: a pool that may
     grow by a thread when two of its jobs (workspace walks, file reads) meet on a loaded machine, and
