@@ -19,12 +19,13 @@ from .chaos import run_chaos
 from .check import check_config
 from .config import load_config
 from .control import control_request, follow_logs, socket_path
-from .errors import ConfigError, QanotHostError, ToolFailed, ToolNotFound
+from .errors import ConfigError, QanotHostError, ToolNotFound
 from .host import Host
 from .supervisor import SERVING_STATES
 from .json_objects import parse_json_object
 from .completion import completion_script
 from .log_setup import configure_logging
+from .registry import call_error
 from .loop import run as run_event_loop
 from .safe_files import read_regular_file
 from .serve import serve
@@ -172,14 +173,14 @@ async def _call(args: argparse.Namespace) -> int:
     async with Host(args.config) as host:
         try:
             result = await host.registry.invoke(args.tool, params)
-        except ToolFailed as exc:  # as execute() and `qanot-host mcp` redact them
-            raise exc.redacted() from None
         except ToolNotFound as exc:
             await host.tool_index_ready()  # made in the background: it may say why by now
             missing = ToolNotFound(exc.tool, host.registry.explain_missing(exc.tool))
             if "(" in str(missing) or not host.not_ready():
-                raise missing from None  # the registry knew why (a disabled or failed plugin's tool)
-            raise QanotHostError(f"{missing} (plugins that failed to start: {host.not_ready()})") from None
+                raise call_error(missing) from None  # the registry knew why (a disabled or failed plugin's tool)
+            raise call_error(QanotHostError(f"{missing} (plugins that failed to start: {host.not_ready()})")) from None
+        except QanotHostError as exc:
+            raise call_error(exc) from None
     sys.stdout.write(result if result.endswith("\n") else result + "\n")
     return EXIT_OK
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .errors import PluginUnavailable, QanotHostError, ToolFailed
+from .errors import PluginUnavailable, QanotHostError
+from .registry import call_error
 
 if TYPE_CHECKING:
     from .host import Host
@@ -154,8 +155,8 @@ class ControlServer:
                     raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
                 try:
                     result = await host.registry.invoke(str(request.get("tool")), request.get("params", {}), timeout)
-                except ToolFailed as exc:  # as execute() and `qanot-host mcp` redact them
-                    raise exc.redacted() from None
+                except QanotHostError as exc:
+                    raise call_error(exc) from None
                 return {"ok": True, "result": result}
             case "logs":
                 plugin = str(request.get("plugin"))

@@ -108,11 +108,6 @@ class ToolFailed(PluginError):
         self.tool = tool
         self.message = message
 
-    def redacted(self) -> "ToolFailed":
-        """The same failure with key=value credentials in the plugin's text redacted (for `call`)."""
-        from .registry import redact_credentials
-        return ToolFailed(self.plugin, self.tool, redact_credentials(self.message))
-
 
 def describe_exit(returncode: int | None) -> str:
     """'killed by SIGKILL', 'exit code 3', or 'exit status unknown' for a process not yet reaped."""

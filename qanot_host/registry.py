@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from .errors import InvalidParams, QanotHostError, ToolFailed, ToolNotFound
+from .errors import InvalidParams, PluginError, QanotHostError, ToolFailed, ToolNotFound
 from .schema import MAX_PARAMS_DEPTH, SchemaError, check_schema, compile_validator, json_problem, type_name
 
 __all__ = ["ToolRegistry", "RegisteredTool", "TOOL_TIMEOUT", "MAX_TOOL_RESULT_CHARS", "tool_name_problem",
-           "truncate_tool_result", "sanitize_error", "redact_credentials"]
+           "truncate_tool_result", "sanitize_error", "redact_credentials", "call_error"]
 
 log = logging.getLogger("qanot_host.registry")
 
@@ -153,6 +153,9 @@ class ToolRegistry:
             return _error(str(exc))
         except ToolFailed as exc:  # the text is the plugin's own (its exception): sanitised as Qanot does
             return _error(f"plugin {exc.plugin}: tool {exc.tool} failed: {sanitize_error(exc.message)}")
+        except PluginError as exc:  # may carry the plugin's text too (its setup()'s exception, its last exit)
+            await asyncio.sleep(0)
+            return _error(sanitize_error(str(exc)))
         except QanotHostError as exc:  # the host's own words, naming the plugin
             await asyncio.sleep(0)
             return _error(str(exc))
@@ -280,6 +283,12 @@ def redact_credentials(message: str) -> str:
     """key=value credentials in an exception's text redacted: what the operator's `call` shows too
     (paths stay: the operator debugs with them)."""
     return _CREDENTIALS.sub("[credential redacted]", message)
+
+
+def call_error(exc: QanotHostError) -> QanotHostError:
+    """A failed call's error as `qanot-host call` prints it: the plugins' text in it (an exception,
+    a setup()'s) with credentials redacted, as execute() and `qanot-host mcp` redact them."""
+    return QanotHostError(redact_credentials(str(exc)))
 
 
 def _no_checks(params: Any) -> list[str]:

@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .discovery import find_plugin
+from .registry import sanitize_error
 from .settings import Config
 from .static import SCAN_MEMORY, scan_plugins_async
 from .supervisor import PluginState
@@ -80,7 +81,8 @@ class ToolIndex:
             if tool not in (self._declared.get(entry.name) or ()):
                 continue
             if supervisor is not None and supervisor.state is PluginState.FAILED:
-                return f"its plugin {entry.name} failed to start: {supervisor.error}"
+                # its setup()'s exception, maybe: sanitised as a tool's error is (status has it whole)
+                return f"its plugin {entry.name} failed to start: {sanitize_error(supervisor.error)}"
             if not entry.enabled:
                 return f"its plugin {entry.name} is disabled in {config.path}"
         return ""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -245,3 +247,27 @@ async def test_a_lazy_plugin_activated_during_a_reload_gets_its_tools_registered
         await reloading
         assert "shifty_b" in host.registry.tool_names and "shifty_a" not in host.registry.tool_names
         assert await host.registry.execute("shifty_b", {}) == "shifty answered"
+
+
+async def test_a_lazy_plugins_failed_setup_reaches_callers_sanitised(write_config):
+    """Attack pass 23: a lazy plugin's setup() failing at its activation reached execute() whole (774
+    characters, a password, a path) and `qanot-host call` with its credential; only a tool's own
+    exception was sanitised."""
+    from qanot_host.control import ControlServer
+    config = write_config([plugin("leaky_setup")], host={"plugins": {"leaky_setup": {"activation": "lazy"}}})
+    async with Host(config):
+        pass  # listed once, and cached
+    async with Host(config) as host:
+        answer = json.loads(await host.registry.execute("leaky_get", {}))["error"]
+        assert "setup() failed" in answer and "[credential redacted]" in answer, answer
+        assert "hunter2" not in answer and "/srv/app" not in answer and len(answer) < 600, answer
+        control = ControlServer(host)
+        await control.start()
+        try:
+            proc = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "qanot_host", "call", "--config", config, "leaky_get"],
+                capture_output=True, text=True, timeout=60)
+        finally:
+            await control.close()
+    assert proc.returncode != 0 and "setup() failed" in proc.stderr, proc.stderr
+    assert "hunter2" not in proc.stderr and "[credential redacted]" in proc.stderr, proc.stderr
