@@ -322,9 +322,9 @@ class Host:
         supervisor.set_tools(tools, conflicts, refused, unknown)
 
     def _warn_if_offer_changed(self, plugin: str, offered: set[str]) -> None:
-        """A plugin whose tools change without a reload (a restarted worker, a lazy plugin's first
-        worker against its cached list) may be after another plugin's tool names: say so, once per
-        change, for the operator who reviewed the tools it offered before."""
+        """A plugin whose tools change (a restarted worker, one brought back from failed, a lazy
+        plugin's first worker against its cached list, a reload) may be after another plugin's tool
+        names: say so, once per change, for the operator who reviewed the tools it offered before."""
         before = self._last_offer.get(plugin)
         self._last_offer[plugin] = offered
         if before is None or before == offered:
@@ -367,6 +367,8 @@ class Host:
             if now is None or now != self._fingerprints.get(name):
                 changed.append(name)
         added = [name for name in wanted if name not in self.plugins]
+        for name in removed:
+            self._last_offer.pop(name, None)  # a plugin added back later is a new one
         await asyncio.gather(
             self._stop_plugins(removed, f"it is being removed by a reload of {new.path}"),
             self._stop_plugins(changed, f"it is being restarted by a reload of {new.path}; call again once it "
@@ -390,8 +392,6 @@ class Host:
     async def _stop_plugins(self, names: list[str], why: str) -> None:
         """`why`: what a call to one of them is told while it stops."""
         supervisors = [self.plugins.pop(name) for name in names]
-        for name in names:
-            self._last_offer.pop(name, None)  # a restarted or removed plugin's next offer is a new one
         await asyncio.gather(*(s.stop(why) for s in supervisors), return_exceptions=True)
         for supervisor in supervisors:
             self.registry.remove_plugin_tools(supervisor.name)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +273,18 @@ async def test_a_lazy_plugins_failed_setup_reaches_callers_sanitised(write_confi
             await control.close()
     assert proc.returncode != 0 and "setup() failed" in proc.stderr, proc.stderr
     assert "hunter2" not in proc.stderr and "[credential redacted]" in proc.stderr, proc.stderr
+
+
+async def test_a_plugin_brought_back_from_failed_with_other_tools_is_warned_about(write_config, caplog):
+    """Attack pass 23: a plugin that crashed itself into failed, restarted by the operator, offered
+    new tools and no warning said so (the restart forgot what it had offered)."""
+    config = write_config([plugin("shifty"), plugin("echo")], host={"restart": {"max_restarts": 0}})
+    async with Host(config) as host:
+        shifty = host.plugins["shifty"]
+        assert "shifty_a" in host.registry.tool_names
+        os.kill(shifty.worker.pid, signal.SIGKILL)
+        await wait_until(lambda: shifty.state == PluginState.FAILED, 10, "the failure")
+        await host.restart_plugin("shifty")
+        assert "shifty_b" in host.registry.tool_names and host.registry.get("echo").plugin == "echo"
+    assert "plugin shifty now offers other tools than at its last listing: new: echo, shifty_b; gone: " \
+           "shifty_a" in caplog.text
