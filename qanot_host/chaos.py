@@ -23,7 +23,7 @@ from .config import load_config
 from .errors import QanotHostError
 from .host import Host
 from .settings import RestartSettings
-from .supervisor import PluginState, PluginSupervisor
+from .supervisor import SERVING_STATES, PluginState, PluginSupervisor
 
 __all__ = ["ChaosReport", "run_chaos", "sample_params"]
 
@@ -196,7 +196,8 @@ async def _settle(host: Host, report: ChaosReport, timeout: float = 10.0) -> Non
         await asyncio.wait_for(asyncio.gather(*(s.settled.wait() for s in host.plugins.values())), timeout)
     except asyncio.TimeoutError:
         pass
-    report.unhealthy = [f"{s.name} ({s.state})" for s in host.plugins.values() if s.state != PluginState.READY]
+    # idle is healthy: a lazy plugin, or one stopped for want of calls, that a call starts
+    report.unhealthy = [f"{s.name} ({s.state})" for s in host.plugins.values() if s.state not in SERVING_STATES]
 
 
 def _alive(process: psutil.Process) -> bool:

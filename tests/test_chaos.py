@@ -4,6 +4,7 @@ no process or descriptor is left behind. (A bound on behaviour, not a timing ben
 
 from __future__ import annotations
 
+from qanot_host import Host
 from qanot_host.chaos import run_chaos
 
 from .conftest import GREETER, plugin
@@ -33,3 +34,12 @@ async def test_a_run_that_exercised_nothing_does_not_pass(write_config):
     assert report.render().endswith("FAIL: no call succeeded")
     report = await run_chaos(config, duration=1, kill_every=0.5, concurrency=4, max_calls=1, tools=["greet"])
     assert report.ok == 1 and report.problems() == ["no worker was killed"], report.render()
+
+
+async def test_an_idle_lazy_plugin_is_not_unhealthy(write_config):
+    """Attack pass 23, in passing: a lazy plugin left idle was reported unhealthy, a false FAIL."""
+    config = write_config([GREETER, plugin("echo")], host={"plugins": {"echo": {"activation": "lazy"}}})
+    async with Host(config):
+        pass  # echo's tools get cached
+    report = await run_chaos(config, duration=1, kill_every=0.3, concurrency=4, tools=["greet"])
+    assert report.unhealthy == [] and report.passed(), report.render()
