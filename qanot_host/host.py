@@ -167,11 +167,7 @@ class Host:
             self._released = set()
         for supervisor in waiting:  # what a cancelled start left
             self._register_tools(supervisor)
-        # a plugin not among them whose worker came up meanwhile (a lazy one called during a reload)
-        held, self._held_registrations = self._held_registrations - {s.name for s in fresh}, set()
-        for name in held:
-            if name in self.plugins:
-                self._register_tools(self.plugins[name])
+        self._register_held()
         if self.config.host.workspace_docs:
             await self.workspace.add_plugins_docs([
                 (s.name, s.offer.info.tools_md, s.offer.info.soul_append) for s in fresh
@@ -253,6 +249,14 @@ class Host:
             seen.add(name)
             stack.extend(supervisor.source.manifest.plugin_deps)
         return False
+
+    def _register_held(self) -> None:
+        """Plugins whose workers came up while registration was held (a lazy one called during a
+        reload, a crashed one restarted): now, after the plugins that were starting."""
+        held, self._held_registrations = self._held_registrations, set()
+        for name in held:
+            if name in self.plugins:
+                self._register_tools(self.plugins[name])
 
     def _release_registration(self, supervisor: PluginSupervisor) -> None:
         self._released.add(supervisor.name)
@@ -369,19 +373,25 @@ class Host:
         added = [name for name in wanted if name not in self.plugins]
         for name in removed:
             self._last_offer.pop(name, None)  # a plugin added back later is a new one
-        await asyncio.gather(
-            self._stop_plugins(removed, f"it is being removed by a reload of {new.path}"),
-            self._stop_plugins(changed, f"it is being restarted by a reload of {new.path}; call again once it "
-                                        "is ready"))
-        self.config = new
-        self.registry.timeout = new.host.call_timeout
-        self.workspace = Workspace(new.workspace_dir)
-        self._envs = self._environment_builder(new)
-        self._factory.config = new
-        for supervisor in self.plugins.values():
-            supervisor.rebind(new)
-        self._index.forget()
-        await self._start_plugins([name for name in wanted if name in changed or name in added])
+        # from their stop to their start, the names of the plugins that restart are no other's to take
+        self._registration_paused = True
+        try:
+            await asyncio.gather(
+                self._stop_plugins(removed, f"it is being removed by a reload of {new.path}"),
+                self._stop_plugins(changed, f"it is being restarted by a reload of {new.path}; call again once "
+                                            "it is ready"))
+            self.config = new
+            self.registry.timeout = new.host.call_timeout
+            self.workspace = Workspace(new.workspace_dir)
+            self._envs = self._environment_builder(new)
+            self._factory.config = new
+            for supervisor in self.plugins.values():
+                supervisor.rebind(new)
+            self._index.forget()
+            await self._start_plugins([name for name in wanted if name in changed or name in added])
+        finally:
+            self._registration_paused = False
+            self._register_held()
         self._index.build_if_useful(new, self.plugins)
         summary = {"added": added, "removed": removed, "restarted": changed,
                    "unchanged": [n for n in wanted if n not in changed and n not in added]}
