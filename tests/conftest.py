@@ -9,6 +9,7 @@ import os
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
 import uvloop
 
@@ -86,11 +87,19 @@ async def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
         await asyncio.sleep(0.01)
 
 
+def gone(process: psutil.Process | int) -> bool:
+    """The process has ended (a zombie not yet reaped counts): it may end between any two looks."""
+    try:
+        process = process if isinstance(process, psutil.Process) else psutil.Process(process)
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def worker_processes(root: int | None = None, include_template: bool = False):
     """Live (non-zombie) descendants of `root` (default: this process), without the worker
     template and the workers' init processes (PID 1 of each worker's namespace) unless asked, and
     never the short-lived reader of plugins' code (static.py's scanner, a child of the host)."""
-    import psutil
     top = psutil.Process(root)
     templates = set()
     for child in top.children():

@@ -11,7 +11,7 @@ import pytest
 
 from qanot_host import Host, PluginState, ToolRegistry
 
-from .conftest import GREETER, grant_write, plugin, wait_until
+from .conftest import GREETER, gone, grant_write, plugin, wait_until
 
 
 async def test_plugin_tools_are_registered_and_called(write_config):
@@ -151,7 +151,7 @@ async def test_teardown_runs_at_shutdown_and_workers_exit(write_config, tmp_path
     assert marker.read_text() == "teardown ran"
     assert worker.stop_path == ["teardown"]
     assert worker.exited.result() == 0
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert gone(pid)
     assert host.registry.tool_names == []
 
 

@@ -22,7 +22,7 @@ from qanot_host.config import parse_config
 from qanot_host.errors import ConfigError
 from qanot_host.host import Host
 
-from .conftest import check_report, grant_write, plugin, wait_until
+from .conftest import check_report, gone, grant_write, plugin, wait_until
 from .third_party import filesystem_server, probe_script, python_servers
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,7 +201,7 @@ async def test_real_servers_killed_or_stopped_are_replaced(write_config, server_
         answer = json.loads(await host.registry.execute("list_directory", {"path": str(granted)}))
         assert "timed out" in answer["error"], answer
         await wait_until(lambda: replaced("files", node), 30, "the hung server replaced")
-        assert not node.is_running() or node.status() == psutil.STATUS_ZOMBIE
+        assert gone(node)
         assert "a.txt" in await host.registry.execute("list_directory", {"path": str(granted)})
         assert server_of("time") == python  # the other server untouched
         assert "Asia/Tokyo" in await host.registry.execute("get_current_time", {"timezone": "Asia/Tokyo"})
@@ -257,7 +257,7 @@ async def test_the_worker_killed_mid_call_takes_its_server_along(write_config, s
         call = await slow_call_in_flight(host)
         os.kill(host.plugins["probe"].worker.pid, signal.SIGKILL)
         assert "error" in json.loads(await asyncio.wait_for(call, 20))
-        await wait_until(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 10,
+        await wait_until(lambda: gone(first), 10,
                          "the old server gone")
         await wait_until(lambda: host.plugins["probe"].state.value == "ready" and server_processes(token)
                          and server_processes(token)[0].pid != first.pid, 30, "a new worker")
@@ -281,7 +281,7 @@ async def test_a_hung_server_is_cancelled_and_replaced(write_config, server_venv
         # A server whose loop is blocked answers neither the call nor the pings: it is replaced
         answer = json.loads(await host.registry.execute("freeze", {"seconds": 600}))
         assert "error" in answer
-        await wait_until(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 20,
+        await wait_until(lambda: gone(first), 20,
                          "the hung server gone")
         await wait_until(lambda: host.plugins["probe"].state.value == "ready" and server_processes(token)
                          and server_processes(token)[0].pid != first.pid, 30, "a new server")

@@ -24,7 +24,7 @@ from qanot_host import Host, InvalidParams, PluginState, ToolFailed
 from qanot_host.errors import ConfigError
 from qanot_host.schema import MAX_PARAMS_DEPTH
 
-from .conftest import GREETER, grant_write, plugin, wait_until, worker_processes
+from .conftest import GREETER, gone, grant_write, plugin, wait_until, worker_processes
 from .test_hostile import HostileLauncher
 
 
@@ -335,7 +335,7 @@ async def test_the_worker_template_boots_while_uv_still_installs(write_config, s
     starting.cancel()
     await asyncio.gather(starting, return_exceptions=True)
     await host.stop()
-    assert not psutil.pid_exists(template) or psutil.Process(template).status() == psutil.STATUS_ZOMBIE
+    assert gone(template)
 
 
 @pytest.mark.parametrize("how", ["another users", "writable by all", "under a directory writable by all",
