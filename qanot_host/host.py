@@ -69,7 +69,10 @@ class Host:
         self._released: set[str] = set()  # plugins of the start in progress whose turn to register has come
         self.metrics: HostMetrics | None = None  # host.metrics: Prometheus, /healthz, /readyz
         self._fingerprints: dict[str, str] = {}  # plugin -> its directory's, when its worker started
-        self._last_offer: dict[str, set[str]] = {}  # plugin -> the tool names it offered last (since its start)
+        self._last_offer: dict[str, set[str]] = {}  # plugin -> the tool names it offered last (since the host started)
+        self._claims: dict[str, set[str]] = {}  # plugin -> the names of its latest offer it could have
+        self._offered_by: dict[str, set[str]] = {}  # tool name -> the plugins claiming it
+        self._ranks: tuple[Config | None, dict[str, int]] = (None, {})  # config.json's order, for that config
         self._fingerprinting = _Fingerprinting()
         self._operating = asyncio.Lock()  # reload and restart_plugin: one at a time
         self.registry.explain_missing = lambda tool: self._index.explain_missing(tool, self.config, self.plugins)
@@ -264,20 +267,25 @@ class Host:
         self._register_tools(supervisor)
 
     def _register_tools(self, supervisor: PluginSupervisor) -> None:
-        """(Re-)register a ready plugin's tools; names another plugin holds stay with that plugin."""
+        """(Re-)register a ready plugin's tools. A name belongs to the plugin listed first in
+        config.json among those whose latest offer has it, whether it is serving now or not (a
+        failed or restarting plugin's names wait for it: attack pass 24 took a failed plugin's name
+        with one listed after it, and kept it once the first was fixed); an MCP server's tool whose
+        name is a plugin's goes to mcp_{server}_{tool}, as Qanot names it."""
         if self._registration_paused and supervisor.name not in self._released:
             self._held_registrations.add(supervisor.name)  # done in its turn, or once the start in progress ends
             return
         if not supervisor.serving:
             return
         offered = {spec.name for spec in supervisor.offered_tools}
-        self._warn_if_offer_changed(supervisor.name, offered)
         server = mcp_server(self.config, supervisor.name) is not None
         kept = offered | {_mcp_tool_name(supervisor.name, name) for name in offered} if server else offered
+        freed = []
         for name in set(supervisor.tools) - kept:  # a restarted worker may offer fewer tools
             tool = self.registry.get(name)
             if tool is not None and tool.plugin == supervisor.name:
                 self.registry.remove_tool(name)
+                freed.append(name)
         unknown = sorted(set(self.config.settings_for(supervisor.name).tool_timeouts) - offered)
         if unknown:
             log.warning("plugin %s: host.plugins.%s.tool_timeouts names %s, which the plugin does not offer "
@@ -286,6 +294,7 @@ class Host:
         tools: list[str] = []
         conflicts: list[str] = []
         refused: list[str] = []
+        displaced: set[str] = set()  # plugins listed after this one that held a name of its
         # mcp_{server}_... names are where each server's tools go when their own names are taken: a name
         # there is the server's whose name matches longest (s_calc's, not s's, for mcp_s_calc_eval)
         prefixes = sorted((_mcp_tool_name(other.name, ""), other.name) for other in self.config.mcp_servers)
@@ -293,6 +302,9 @@ class Host:
         def kept_for_another(name: str) -> bool:
             owners = [owner for prefix, owner in prefixes if name.startswith(prefix)]
             return bool(owners) and max(owners, key=len) != supervisor.name
+        # its claims: the names it offers that it could have (not one refused below)
+        self._note_offer(supervisor.name, offered, {spec.name for spec in supervisor.offered_tools
+                                                    if not spec.problem and not kept_for_another(spec.name)})
         for spec in supervisor.offered_tools:
             try:
                 if spec.problem:
@@ -307,36 +319,91 @@ class Host:
                 log.error("plugin %s: tool %s is not registered: its %s", supervisor.name,
                           printable(repr(spec.name), 100), printable(str(exc), 500))
                 continue
-            holder = self.registry.add_plugin_tool(tool)
-            fallback = _mcp_tool_name(supervisor.name, spec.name)
-            # as Qanot names an MCP tool whose name is taken; never a name another server's fallbacks take
-            # (servers s and s_calc: s's calc_eval would be mcp_s_calc_eval, s_calc's eval's place)
-            if holder is not None and server and not kept_for_another(fallback):
-                tool = RegisteredTool(fallback, tool.description, tool.parameters, tool.handler, tool.plugin,
-                                      tool.category)
-                holder = self.registry.add_plugin_tool(tool)
-            if holder is None:
-                tools.append(tool.name)
+            owner = self._name_owner(spec.name, supervisor.name)
+            if owner is not None and server and not kept_for_another(_mcp_tool_name(supervisor.name, spec.name)):
+                # as Qanot names an MCP tool whose name is taken; never a name another server's fallbacks
+                # take (servers s and s_calc: s's calc_eval would be mcp_s_calc_eval, s_calc's eval's place)
+                log.warning("MCP server %s: tool %s is registered as %s: %s has the name %s", supervisor.name,
+                            spec.name, _mcp_tool_name(supervisor.name, spec.name), owner, spec.name)
+                tool = RegisteredTool(_mcp_tool_name(supervisor.name, spec.name), tool.description, tool.parameters,
+                                      tool.handler, tool.plugin, tool.category)
+                owner = self._name_owner(tool.name, supervisor.name)
+            if owner is not None:
+                conflicts.append(tool.name)
+                log.error("plugin %s: tool %s is not registered: %s has it (a name is the plugin's listed first "
+                          "in config.json among those offering it)", supervisor.name, tool.name, owner)
                 continue
-            owner = f"plugin {holder.plugin}" if holder.plugin else "the host"
-            conflicts.append(tool.name)
-            log.error("plugin %s: tool %s is not registered: %s already provides it (a tool name stays with "
-                      "the plugin that has it; plugins starting together take names in config.json's order)",
-                      supervisor.name, tool.name, owner)
+            holder = self.registry.get(tool.name)
+            if holder is not None and holder.plugin and holder.plugin != supervisor.name:
+                log.error("plugin %s: tool %s is no longer registered: plugin %s, listed before it in config.json, "
+                          "offers it now", holder.plugin, tool.name, supervisor.name)
+                self.registry.remove_tool(tool.name)
+                displaced.add(holder.plugin)
+            self.registry.add_plugin_tool(tool)
+            tools.append(tool.name)
         supervisor.set_tools(tools, conflicts, refused, unknown)
+        # the plugins listed after it that lost a name to it, or may take one it let go, register anew
+        for name in freed:
+            displaced |= {p for p in self._offered_by.get(name, ()) if p != supervisor.name}
+        for name in sorted(displaced, key=self._rank):
+            other = self.plugins.get(name)
+            if other is not None and other is not supervisor and self._rank(name) > self._rank(supervisor.name):
+                self._register_tools(other)
 
-    def _warn_if_offer_changed(self, plugin: str, offered: set[str]) -> None:
-        """A plugin whose tools change (a restarted worker, one brought back from failed, a lazy
-        plugin's first worker against its cached list, a reload) may be after another plugin's tool
-        names: say so, once per change, for the operator who reviewed the tools it offered before."""
+    def _name_owner(self, tool: str, plugin: str) -> str | None:
+        """Who has `tool` instead of `plugin`: "plugin X" (listed before it, offering it: serving or
+        not) or "the host" (an in-host tool), or None."""
+        rank = self._rank(plugin)
+        earlier = [other for other in self._offered_by.get(tool, ()) if self._rank(other) < rank]
+        if earlier:
+            first = min(earlier, key=self._rank)
+            state = self.plugins[first].state if first in self.plugins else None
+            return f"plugin {first}" + (f" (it is {state} now; the name waits for it)"
+                                        if state is not None and state not in SERVING_STATES else "")
+        holder = self.registry.get(tool)
+        if holder is not None and not holder.plugin:
+            return "the host"
+        return None
+
+    def _rank(self, plugin: str) -> int:
+        """Where `plugin` stands in config.json (the MCP servers after the plugins)."""
+        config, ranks = self._ranks
+        if config is not self.config:
+            ranks = {entry.name: i for i, entry in enumerate(self.config.plugins)}
+            self._ranks = (self.config, ranks)
+        return ranks.get(plugin, len(ranks))
+
+    def _note_offer(self, plugin: str, offered: set[str], claims: set[str]) -> None:
+        """Keep the plugin's latest claims (the names it offers that it could have), and warn when
+        its offer changed: a plugin whose tools change (a restarted worker, one brought back from
+        failed, a lazy plugin's first worker against its cached list, a reload) may be after another
+        plugin's tool names."""
         before = self._last_offer.get(plugin)
         self._last_offer[plugin] = offered
+        claimed = self._claims.get(plugin, set())
+        self._claims[plugin] = claims
+        self._claim(plugin, claims - claimed, claimed - claims)
         if before is None or before == offered:
             return
         log.warning("plugin %s now offers other tools than at its last listing: %s", plugin,
                     printable("; ".join(part for part in (
                         "new: " + ", ".join(sorted(offered - before)) if offered - before else "",
                         "gone: " + ", ".join(sorted(before - offered)) if before - offered else "") if part), 2000))
+
+    def _forget_offer(self, plugin: str) -> None:
+        """A plugin removed from config.json: its names no longer wait for it."""
+        self._last_offer.pop(plugin, None)
+        self._claim(plugin, set(), self._claims.pop(plugin, set()))
+
+    def _claim(self, plugin: str, names: set[str], given_up: set[str]) -> None:
+        for name in names:
+            self._offered_by.setdefault(name, set()).add(plugin)
+        for name in given_up:
+            claimants = self._offered_by.get(name)
+            if claimants is not None:
+                claimants.discard(plugin)
+                if not claimants:
+                    del self._offered_by[name]
 
     # ---- running ---------------------------------------------------------------------------------
 
@@ -371,8 +438,9 @@ class Host:
             if now is None or now != self._fingerprints.get(name):
                 changed.append(name)
         added = [name for name in wanted if name not in self.plugins]
+        let_go = set().union(*(self._claims.get(name, set()) for name in removed))
         for name in removed:
-            self._last_offer.pop(name, None)  # a plugin added back later is a new one
+            self._forget_offer(name)  # its names wait for it no more; a plugin added back later is a new one
         # from their stop to their start, the names of the plugins that restart are no other's to take
         self._registration_paused = True
         try:
@@ -387,6 +455,8 @@ class Host:
             self._factory.config = new
             for supervisor in self.plugins.values():
                 supervisor.rebind(new)
+            for tool in let_go:  # the next plugin in line for a removed plugin's names takes them
+                self._held_registrations |= self._offered_by.get(tool, set()) & set(self.plugins)
             self._index.forget()
             await self._start_plugins([name for name in wanted if name in changed or name in added])
         finally:

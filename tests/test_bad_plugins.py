@@ -82,7 +82,7 @@ async def test_tool_name_conflict_first_listed_plugin_wins(write_config, caplog)
             assert await host.registry.execute("shared_tool", {}) == f"answered by {order[0]}"
             assert host.plugins[order[1]].conflicts == ["shared_tool"]
             assert host.plugins[order[1]].state == PluginState.READY
-    assert any("tool shared_tool is not registered: plugin conflict_b already provides it" in r.getMessage()
+    assert any("tool shared_tool is not registered: plugin conflict_b has it" in r.getMessage()
                for r in caplog.records)
 
 

@@ -210,25 +210,59 @@ async def test_plugins_starting_together_are_fingerprinted_in_one_hop_to_a_threa
     assert hops == [3], hops
 
 
-async def test_a_plugin_whose_tools_change_at_activation_takes_no_name_and_is_reported(write_config, caplog):
+async def test_a_plugin_whose_tools_change_at_activation_is_reported_and_config_order_decides(write_config, caplog):
     """Attack pass 22: a lazy plugin listed first offered a harmless tool to be cached, then, at its first
     call, another plugin's tool name; the log said the plugin listed first keeps a name, which was not
-    what happened, and nothing said its tools had changed."""
-    config = write_config([plugin("shifty"), plugin("echo")], host={"plugins": {"shifty": {"activation": "lazy"}}})
+    what happened, and nothing said its tools had changed. One rule now, at any time: the plugin listed
+    first among those offering a name has it, and every change of hands is logged, naming both."""
+    config = write_config([plugin("echo"), plugin("shifty"), plugin("calc")],
+                          host={"plugins": {"shifty": {"activation": "lazy"}}})
     async with Host(config):
         pass  # its first worker lists shifty_a, and is cached
     async with Host(config) as host:
         assert "shifty_a" in host.registry.tool_names and host.registry.get("echo").plugin == "echo"
-        # its first call starts a later worker, which offers shifty_b and echo instead
+        # its first call starts a later worker, which offers shifty_b and echo (listed before it: echo's)
         assert "no tool named 'shifty_a'" in await host.registry.execute("shifty_a", {})
         assert await host.registry.execute("shifty_b", {}) == "shifty answered"
-        assert host.registry.get("echo").plugin == "echo"  # echo keeps its name
+        assert host.registry.get("echo").plugin == "echo"  # echo, listed first, keeps its name
         assert json.loads(await host.registry.execute("echo", {"text": "x"})) == {"text": "x"}
         assert "shifty_b" in host.registry.tool_names and "shifty_a" not in host.registry.tool_names
     text = caplog.text
     assert "plugin shifty now offers other tools than at its last listing: new: echo, shifty_b; gone: shifty_a" in text
-    assert "a tool name stays with the plugin that has it" in text and "listed first in config.json keeps" not in text
+    assert "plugin shifty: tool echo is not registered: plugin echo has it" in text
 
+
+async def test_a_plugin_listed_first_takes_its_name_back_and_a_failed_ones_names_wait(write_config, caplog):
+    """Attack pass 24: a plugin listed first failed in a reload; one listed after it that offered the
+    same name took it at its next worker start, silently, and kept it once the first was fixed."""
+    config = write_config([plugin("shifty"), plugin("echo"), plugin("calc")], host={"restart": {"max_restarts": 0}})
+    async with Host(config) as host:
+        shifty = host.plugins["shifty"]
+        assert host.registry.get("echo").plugin == "echo"  # shifty's first worker offers shifty_a only
+        os.kill(shifty.worker.pid, signal.SIGKILL)
+        await wait_until(lambda: shifty.state == PluginState.FAILED, 10, "the failure")
+        await host.restart_plugin("shifty")  # its next worker offers echo, and shifty is listed first
+        assert host.registry.get("echo").plugin == "shifty"
+        assert await host.registry.execute("echo", {}) == "shifty answered"
+        assert "plugin echo: tool echo is no longer registered: plugin shifty, listed before it in config.json, " \
+               "offers it now" in caplog.text
+        # shifty fails: its names wait for it, and echo (listed after it) does not take them meanwhile
+        os.kill(host.plugins["shifty"].worker.pid, signal.SIGKILL)
+        await wait_until(lambda: host.plugins["shifty"].state == PluginState.FAILED, 10, "the failure")
+        echo = host.plugins["echo"]
+        os.kill(echo.worker.pid, signal.SIGKILL)  # echo's next worker registers anew
+        await wait_until(lambda: echo.state == PluginState.FAILED, 10, "echo's failure")
+        await host.restart_plugin("echo")
+        assert host.registry.get("echo").plugin == "shifty"
+        assert "plugin echo: tool echo is not registered: plugin shifty (it is failed now; the name waits for it)" \
+            in caplog.text
+        # shifty removed from config.json: echo, next in line, gets its name back
+        data = json.loads(Path(config).read_text())
+        data["plugins"] = [plugin("echo"), plugin("calc")]
+        Path(config).write_text(json.dumps(data))
+        await host.reload()
+        assert host.registry.get("echo").plugin == "echo"
+        assert json.loads(await host.registry.execute("echo", {"text": "y"})) == {"text": "y"}
 
 
 async def test_a_lazy_plugin_activated_during_a_reload_gets_its_tools_registered(write_config):
@@ -278,7 +312,7 @@ async def test_a_lazy_plugins_failed_setup_reaches_callers_sanitised(write_confi
 async def test_a_plugin_brought_back_from_failed_with_other_tools_is_warned_about(write_config, caplog):
     """Attack pass 23: a plugin that crashed itself into failed, restarted by the operator, offered
     new tools and no warning said so (the restart forgot what it had offered)."""
-    config = write_config([plugin("shifty"), plugin("echo")], host={"restart": {"max_restarts": 0}})
+    config = write_config([plugin("echo"), plugin("shifty")], host={"restart": {"max_restarts": 0}})
     async with Host(config) as host:
         shifty = host.plugins["shifty"]
         assert "shifty_a" in host.registry.tool_names

@@ -352,10 +352,13 @@ async def test_the_server_runs_in_the_workers_sandbox(write_config, server_venv,
         listener.close()
 
 
-async def test_a_taken_tool_name_becomes_mcp_server_tool_as_in_qanot(write_config, server_venv, token):
+async def test_a_taken_tool_name_becomes_mcp_server_tool_as_in_qanot(write_config, server_venv, token, caplog):
     config = write_config([plugin("echo")], host=probe_grants(), mcp_servers=[probe(server_venv, token)])
     async with Host(config) as host:
         assert host.registry.get("echo").plugin == "echo"
+        # said, naming both (attack pass 24: a plugin offering a server's tool name took its calls silently)
+        assert "MCP server probe: tool echo is registered as mcp_probe_echo: plugin echo has the name echo" \
+            in caplog.text
         assert host.registry.get("mcp_probe_echo").plugin == "probe"
         assert host.registry.get("mcp_probe_echo").description.startswith("[MCP:probe] ")
         assert await host.registry.execute("mcp_probe_echo", {"text": "from the server"}) == "from the server"
