@@ -25,6 +25,7 @@ from .supervisor import SERVING_STATES
 from .json_objects import parse_json_object
 from .completion import completion_script
 from .log_setup import configure_logging
+from .output import printable
 from .registry import call_error
 from .loop import run as run_event_loop
 from .safe_files import read_regular_file
@@ -57,8 +58,8 @@ def _main(argv: list[str] | None) -> int:
     command = COMMANDS[args.command]
     try:
         return run_event_loop(command(args) if args.command in ("run", "mcp") else _interruptible(command, args))
-    except QanotHostError as exc:
-        print(f"qanot-host: error: {exc}", file=sys.stderr)
+    except QanotHostError as exc:  # one line, whatever a plugin's text in it holds (newlines, escapes)
+        print(f"qanot-host: error: {printable(str(exc), 1 << 16)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

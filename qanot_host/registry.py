@@ -147,7 +147,8 @@ class ToolRegistry:
         except InvalidParams as exc:
             await asyncio.sleep(0)
             log.warning("Tool %s param validation: %s", name, exc.problems)
-            return _error("Invalid parameters: " + "; ".join(exc.problems))
+            # Qanot's words; sanitised, since a plugin's schema names what is missing (attack pass 24)
+            return _error(sanitize_error("Invalid parameters: " + "; ".join(exc.problems)))
         except ToolNotFound as exc:
             await asyncio.sleep(0)
             return _error(str(exc))

@@ -215,3 +215,16 @@ def test_a_reader_that_goes_away_gets_no_traceback():
     assert proc.wait(timeout=60) == 128 + signal.SIGPIPE
     assert proc.stderr.read() == b""
     proc.stderr.close()
+
+
+async def test_a_plugins_schema_text_in_an_error_is_sanitised_and_one_line(write_config):
+    """Attack pass 24: a parameter name from a plugin's schema came back in "Missing required
+    parameter" unsanitised through execute(), and through `call` with its newline (a forged line)."""
+    config = write_config([plugin("odd_required")])
+    async with Host(config) as host:
+        answer = json.loads(await host.registry.execute("odd_tool", {}))["error"]
+    assert answer.startswith("Invalid parameters: Missing required parameter") and "hunter2" not in answer, answer
+    assert "/srv/app" not in answer, answer
+    assert_one_line_error(qanot_host("call", "--config", config, "odd_tool"), "Missing required parameter")
+    assert "hunter2" not in qanot_host("call", "--config", config, "odd_tool").stderr
+
