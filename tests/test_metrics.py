@@ -90,7 +90,8 @@ async def test_counters_histograms_and_gauges_after_a_mix_of_calls(write_config)
     for name in ("echo", "greeter", "misbehave"):
         assert value(samples, "qanot_host_plugin_state", plugin=name, state="ready") == 1
         assert value(samples, "qanot_host_calls_in_flight", plugin=name) == 0
-        assert value(samples, "qanot_host_worker_memory_bytes", plugin=name) > 1e6
+        # its cgroup's charge: pages still shared with the template are the template's (0.7 MB seen for echo)
+        assert value(samples, "qanot_host_worker_memory_bytes", plugin=name) > 1e5
         assert (("qanot_host_worker_cpu_seconds_total", (("plugin", name),)) in samples)
     assert value(samples, "qanot_host_workers") == 3
     assert value(samples, "qanot_host_uptime_seconds") > 0
