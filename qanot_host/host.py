@@ -11,7 +11,7 @@ import asyncio
 import collections
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 
 from .cgroups import sweep_stale_cgroups
@@ -303,8 +303,8 @@ class Host:
             owners = [owner for prefix, owner in prefixes if name.startswith(prefix)]
             return bool(owners) and max(owners, key=len) != supervisor.name
         # its claims: the names it offers that it could have (not one refused below)
-        self._note_offer(supervisor.name, offered, {spec.name for spec in supervisor.offered_tools
-                                                    if not spec.problem and not kept_for_another(spec.name)})
+        given_up = self._note_offer(supervisor.name, offered, {spec.name for spec in supervisor.offered_tools
+                                                               if not spec.problem and not kept_for_another(spec.name)})
         for spec in supervisor.offered_tools:
             try:
                 if spec.problem:
@@ -324,14 +324,16 @@ class Host:
                 # as Qanot names an MCP tool whose name is taken; never a name another server's fallbacks
                 # take (servers s and s_calc: s's calc_eval would be mcp_s_calc_eval, s_calc's eval's place)
                 log.warning("MCP server %s: tool %s is registered as %s: %s has the name %s", supervisor.name,
-                            spec.name, _mcp_tool_name(supervisor.name, spec.name), owner, spec.name)
+                            spec.name, _mcp_tool_name(supervisor.name, spec.name), owner[1], spec.name)
+                self._let_go(spec.name, supervisor.name, owner[0], displaced)
                 tool = RegisteredTool(_mcp_tool_name(supervisor.name, spec.name), tool.description, tool.parameters,
                                       tool.handler, tool.plugin, tool.category)
                 owner = self._name_owner(tool.name, supervisor.name)
             if owner is not None:
                 conflicts.append(tool.name)
                 log.error("plugin %s: tool %s is not registered: %s has it (a name is the plugin's listed first "
-                          "in config.json among those offering it)", supervisor.name, tool.name, owner)
+                          "in config.json among those offering it)", supervisor.name, tool.name, owner[1])
+                self._let_go(tool.name, supervisor.name, owner[0], displaced)
                 continue
             holder = self.registry.get(tool.name)
             if holder is not None and holder.plugin and holder.plugin != supervisor.name:
@@ -342,27 +344,35 @@ class Host:
             self.registry.add_plugin_tool(tool)
             tools.append(tool.name)
         supervisor.set_tools(tools, conflicts, refused, unknown)
-        # the plugins listed after it that lost a name to it, or may take one it let go, register anew
-        for name in freed:
+        # the plugins that lost a name to it, or may take one it let go or no longer claims, register anew
+        for name in freed + given_up:
             displaced |= {p for p in self._offered_by.get(name, ()) if p != supervisor.name}
-        for name in sorted(displaced, key=self._rank):
-            other = self.plugins.get(name)
-            if other is not None and other is not supervisor and self._rank(name) > self._rank(supervisor.name):
-                self._register_tools(other)
+        for name in sorted(displaced - {supervisor.name}, key=self._rank):
+            if name in self.plugins:
+                self._register_tools(self.plugins[name])
 
-    def _name_owner(self, tool: str, plugin: str) -> str | None:
-        """Who has `tool` instead of `plugin`: "plugin X" (listed before it, offering it: serving or
-        not) or "the host" (an in-host tool), or None."""
+    def _let_go(self, tool: str, plugin: str, owner: str, to_register: set[str]) -> None:
+        """`plugin` may not have `tool` (`owner` has it, maybe by a new order of config.json): if it
+        still holds it, the name goes, and the owner registers anew to take it."""
+        holder = self.registry.get(tool)
+        if holder is not None and holder.plugin == plugin:
+            self.registry.remove_tool(tool)
+            if owner:
+                to_register.add(owner)
+
+    def _name_owner(self, tool: str, plugin: str) -> tuple[str, str] | None:
+        """Who has `tool` instead of `plugin`: (the plugin listed before it that claims it, serving or
+        not, and how to say so), ("", "the host") for an in-host tool, or None."""
         rank = self._rank(plugin)
         earlier = [other for other in self._offered_by.get(tool, ()) if self._rank(other) < rank]
         if earlier:
             first = min(earlier, key=self._rank)
             state = self.plugins[first].state if first in self.plugins else None
-            return f"plugin {first}" + (f" (it is {state} now; the name waits for it)"
-                                        if state is not None and state not in SERVING_STATES else "")
+            return first, f"plugin {first}" + (f" (it is {state} now; the name waits for it)"
+                                               if state is not None and state not in SERVING_STATES else "")
         holder = self.registry.get(tool)
         if holder is not None and not holder.plugin:
-            return "the host"
+            return "", "the host"
         return None
 
     def _rank(self, plugin: str) -> int:
@@ -373,22 +383,23 @@ class Host:
             self._ranks = (self.config, ranks)
         return ranks.get(plugin, len(ranks))
 
-    def _note_offer(self, plugin: str, offered: set[str], claims: set[str]) -> None:
+    def _note_offer(self, plugin: str, offered: set[str], claims: set[str]) -> list[str]:
         """Keep the plugin's latest claims (the names it offers that it could have), and warn when
         its offer changed: a plugin whose tools change (a restarted worker, one brought back from
         failed, a lazy plugin's first worker against its cached list, a reload) may be after another
-        plugin's tool names."""
+        plugin's tool names. Returns the names it no longer claims."""
         before = self._last_offer.get(plugin)
         self._last_offer[plugin] = offered
         claimed = self._claims.get(plugin, set())
         self._claims[plugin] = claims
         self._claim(plugin, claims - claimed, claimed - claims)
         if before is None or before == offered:
-            return
+            return sorted(claimed - claims)
         log.warning("plugin %s now offers other tools than at its last listing: %s", plugin,
                     printable("; ".join(part for part in (
                         "new: " + ", ".join(sorted(offered - before)) if offered - before else "",
                         "gone: " + ", ".join(sorted(before - offered)) if before - offered else "") if part), 2000))
+        return sorted(claimed - claims)
 
     def _forget_offer(self, plugin: str) -> None:
         """A plugin removed from config.json: its names no longer wait for it."""
@@ -457,6 +468,10 @@ class Host:
                 supervisor.rebind(new)
             for tool in let_go:  # the next plugin in line for a removed plugin's names takes them
                 self._held_registrations |= self._offered_by.get(tool, set()) & set(self.plugins)
+            if _order(old, self.plugins) != _order(new, self.plugins):  # a new order decides names anew
+                for claimants in self._offered_by.values():
+                    if len(claimants) > 1:
+                        self._held_registrations |= claimants & set(self.plugins)
             self._index.forget()
             await self._start_plugins([name for name in wanted if name in changed or name in added])
         finally:
@@ -569,6 +584,12 @@ def _may_retry(exc: PluginError) -> bool:
     host refused as configured, nor an environment or protocol that another try would not change."""
     return isinstance(exc, (PluginStartError, WorkerTimeout)) and \
         not isinstance(exc, (StartRefused, DependencyError, ProtocolMismatch))
+
+
+def _order(config: Config, plugins: Iterable[str]) -> list[str]:
+    """The order config.json gives these plugins."""
+    names = set(plugins)
+    return [entry.name for entry in config.plugins if entry.name in names]
 
 
 def _mcp_tool_name(server: str, tool: str) -> str:

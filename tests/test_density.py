@@ -322,3 +322,34 @@ async def test_a_plugin_brought_back_from_failed_with_other_tools_is_warned_abou
         assert "shifty_b" in host.registry.tool_names and host.registry.get("echo").plugin == "echo"
     assert "plugin shifty now offers other tools than at its last listing: new: echo, shifty_b; gone: " \
            "shifty_a" in caplog.text
+
+
+async def test_who_has_a_tool_name_follows_config_order_through_reorders_and_changes(write_config, tmp_path, caplog):
+    """Attack pass 25: a new order in config.json changed nothing; a name the first plugin stopped
+    offering went to nobody; and a plugin that lost a name by a new order still answered its calls."""
+    plugins_dir = tmp_path / "offering"
+    for name in ("aa", "bb"):
+        shutil.copytree(FIXTURE_PLUGINS / "offers", plugins_dir / name)
+    aa, bb = plugin("aa", tools=["x", "a_only"], me="aa"), plugin("bb", tools=["x"], me="bb")
+    config = write_config([aa, bb], plugins_dir=str(plugins_dir))
+
+    def reload_with(*entries):
+        data = json.loads(Path(config).read_text())
+        data["plugins"] = list(entries)
+        Path(config).write_text(json.dumps(data))
+        return host.reload()
+
+    async with Host(config) as host:
+        assert await host.registry.execute("x", {}) == "aa answered x"
+        await reload_with(bb, aa)  # the order alone changes
+        assert await host.registry.execute("x", {}) == "bb answered x"
+        assert "plugin aa: tool x is no longer registered: plugin bb, listed before it" in caplog.text \
+            or "plugin aa: tool x is not registered: plugin bb has it" in caplog.text
+        await host.restart_plugin("aa")  # its status and the registry agree
+        assert await host.registry.execute("x", {}) == "bb answered x"
+        assert host.plugins["aa"].conflicts == ["x"] and host.plugins["bb"].tools == ["x"]
+        await reload_with(aa, bb)
+        assert await host.registry.execute("x", {}) == "aa answered x"
+        await reload_with(plugin("aa", tools=["a_only"], me="aa"), bb)  # aa no longer offers x: bb has it
+        assert await host.registry.execute("x", {}) == "bb answered x"
+        assert await host.registry.execute("a_only", {}) == "aa answered a_only"
