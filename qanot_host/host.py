@@ -353,12 +353,13 @@ class Host:
 
     def _let_go(self, tool: str, plugin: str, owner: str, to_register: set[str]) -> None:
         """`plugin` may not have `tool` (`owner` has it, maybe by a new order of config.json): if it
-        still holds it, the name goes, and the owner registers anew to take it."""
+        still holds it, the name goes; and an owner that does not hold it registers anew to take it."""
         holder = self.registry.get(tool)
         if holder is not None and holder.plugin == plugin:
             self.registry.remove_tool(tool)
-            if owner:
-                to_register.add(owner)
+            holder = None
+        if owner and (holder is None or holder.plugin != owner):  # the owner has it not: it registers anew
+            to_register.add(owner)
 
     def _name_owner(self, tool: str, plugin: str) -> tuple[str, str] | None:
         """Who has `tool` instead of `plugin`: (the plugin listed before it that claims it, serving or
@@ -449,6 +450,8 @@ class Host:
             if now is None or now != self._fingerprints.get(name):
                 changed.append(name)
         added = [name for name in wanted if name not in self.plugins]
+        staying = [name for name in wanted if name in self.plugins]  # restarted ones too
+        reordered = _order(old, staying) != _order(new, staying)
         let_go = set().union(*(self._claims.get(name, set()) for name in removed))
         for name in removed:
             self._forget_offer(name)  # its names wait for it no more; a plugin added back later is a new one
@@ -468,7 +471,7 @@ class Host:
                 supervisor.rebind(new)
             for tool in let_go:  # the next plugin in line for a removed plugin's names takes them
                 self._held_registrations |= self._offered_by.get(tool, set()) & set(self.plugins)
-            if _order(old, self.plugins) != _order(new, self.plugins):  # a new order decides names anew
+            if reordered:  # a new order decides contested names anew
                 for claimants in self._offered_by.values():
                     if len(claimants) > 1:
                         self._held_registrations |= claimants & set(self.plugins)

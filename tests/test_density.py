@@ -353,3 +353,13 @@ async def test_who_has_a_tool_name_follows_config_order_through_reorders_and_cha
         await reload_with(plugin("aa", tools=["a_only"], me="aa"), bb)  # aa no longer offers x: bb has it
         assert await host.registry.execute("x", {}) == "bb answered x"
         assert await host.registry.execute("a_only", {}) == "aa answered a_only"
+        # attack pass 26: a new order that also restarts the plugin listed first before it
+        await reload_with(aa, bb)
+        assert await host.registry.execute("x", {}) == "aa answered x"
+        await reload_with(bb, plugin("aa", tools=["x", "a_only"], me="aa2"))
+        assert await host.registry.execute("x", {}) == "bb answered x"
+        assert host.plugins["aa"].conflicts == ["x"] and host.plugins["bb"].tools == ["x"]
+        await reload_with(aa, bb)
+        await reload_with(bb, plugin("aa", tools=["x"], fail=True))  # ...which fails to start again
+        assert host.plugins["aa"].state == PluginState.FAILED
+        assert await host.registry.execute("x", {}) == "bb answered x"

@@ -1,5 +1,5 @@
 """Offers the tools its config names (`tools`), each answering with the config's `me` and the tool:
-a plugin to copy under several names, for the rule of who has a tool name."""
+a plugin to copy under several names, for the rule of who has a tool name. `fail` fails its setup()."""
 
 from qanot.plugins.base import Plugin, ToolDef
 
@@ -12,6 +12,8 @@ class QanotPlugin(Plugin):
 
     async def setup(self, config):
         self.names, self.me = list(config.get("tools", [])), config.get("me", "?")
+        if config.get("fail"):
+            raise RuntimeError("told to fail")
 
     def get_tools(self):
         def handler(tool):
