@@ -294,7 +294,7 @@ class Host:
         tools: list[str] = []
         conflicts: list[str] = []
         refused: list[str] = []
-        displaced: set[str] = set()  # plugins listed after this one that held a name of its
+        displaced: set[str] = set()  # plugins to register anew: those it took a name from, and owners without theirs
         # mcp_{server}_... names are where each server's tools go when their own names are taken: a name
         # there is the server's whose name matches longest (s_calc's, not s's, for mcp_s_calc_eval)
         prefixes = sorted((_mcp_tool_name(other.name, ""), other.name) for other in self.config.mcp_servers)
@@ -394,12 +394,12 @@ class Host:
         claimed = self._claims.get(plugin, set())
         self._claims[plugin] = claims
         self._claim(plugin, claims - claimed, claimed - claims)
-        if before is None or before == offered:
-            return sorted(claimed - claims)
-        log.warning("plugin %s now offers other tools than at its last listing: %s", plugin,
-                    printable("; ".join(part for part in (
-                        "new: " + ", ".join(sorted(offered - before)) if offered - before else "",
-                        "gone: " + ", ".join(sorted(before - offered)) if before - offered else "") if part), 2000))
+        if before is not None and before != offered:
+            log.warning("plugin %s now offers other tools than at its last listing: %s", plugin,
+                        printable("; ".join(part for part in (
+                            "new: " + ", ".join(sorted(offered - before)) if offered - before else "",
+                            "gone: " + ", ".join(sorted(before - offered)) if before - offered else "") if part),
+                            2000))
         return sorted(claimed - claims)
 
     def _forget_offer(self, plugin: str) -> None:
@@ -469,12 +469,13 @@ class Host:
             self._factory.config = new
             for supervisor in self.plugins.values():
                 supervisor.rebind(new)
+            present = set(self.plugins)
             for tool in let_go:  # the next plugin in line for a removed plugin's names takes them
-                self._held_registrations |= self._offered_by.get(tool, set()) & set(self.plugins)
+                self._held_registrations |= self._offered_by.get(tool, set()) & present
             if reordered:  # a new order decides contested names anew
                 for claimants in self._offered_by.values():
                     if len(claimants) > 1:
-                        self._held_registrations |= claimants & set(self.plugins)
+                        self._held_registrations |= claimants & present
             self._index.forget()
             await self._start_plugins([name for name in wanted if name in changed or name in added])
         finally:

@@ -101,10 +101,11 @@ def used_elsewhere(uids: dict[int, str], ours: int) -> dict[str, tuple[int, int,
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        name, _, uid = _status(int(entry.name))
+        pid = int(entry.name)
+        name, parent, uid = _status(pid)
         plugin = uids.get(uid)
-        if plugin is not None and plugin not in found and not _descends_from(int(entry.name), ours):
-            found[plugin] = (uid, int(entry.name), name)
+        if plugin is not None and plugin not in found and pid != ours and not _descends_from(parent, ours):
+            found[plugin] = (uid, pid, name)
     return found
 
 
