@@ -572,7 +572,8 @@ async def test_a_kept_cgroup_descriptor_closed_under_the_host_neither_breaks_its
 async def test_a_host_warns_when_a_plugins_uid_is_another_hosts_process(write_config, tmp_path, caplog):
     """The newcomer's second host gave its calc the uid of another host's calc (the uid table is
     per state_dir), and nothing said so. A start now names the plugin, the uid and the process."""
-    config = write_config([GREETER])
+    # a uid range of its own: the tests beside it run greeter under the default one, as other hosts
+    config = write_config([GREETER], host={"sandbox": {"uid_base": 2_100_000_000}})
     async with Host(config):
         pass
     uid = json.loads((tmp_path / "state" / "uids.json").read_text())["greeter"]
