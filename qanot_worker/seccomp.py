@@ -3,7 +3,7 @@ worker start costs 14-20 ms; this costs a fraction of one).
 
 Denied with EPERM: ptrace and reading other processes' memory, every way to mount or change
 namespaces, module and kexec loading, reboot, bpf, perf_event_open, userfaultfd, the keyring,
-io_uring, open_by_handle_at, raw port I/O, swap, clock setters, mknod, socket() for AF_UNIX,
+io_uring, native AIO, open_by_handle_at, raw port I/O, swap, clock setters, mknod, socket() for AF_UNIX,
 NETLINK, PACKET, VSOCK and ALG (socketpair stays), ioctl(TIOCSTI); clone with namespace flags; and
 clone3 answers ENOSYS so glibc falls back to clone, where flags can be checked, and TCP Fast Open
 sends (a connect hidden in sendto/sendmsg, which the egress listener would not see). Without the
@@ -41,6 +41,10 @@ DENY = {
     # system (and holding its opens), the kernel log, process accounting, the host's names
     "fanotify_init": 300, "fanotify_mark": 301, "syslog": 103, "acct": 163, "sethostname": 170,
     "setdomainname": 171,
+    # Linux native AIO: its ceiling (fs.aio-max-nr) is one count for the whole machine, charged to no
+    # cgroup, so one io_setup(65536) left every other process's io_setup (a database's) EAGAIN
+    "io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209, "io_cancel": 210,
+    "io_pgetevents": 333,
 }
 # Calls that may aim at other processes: only at the worker itself here, (argument, value) pairs that
 # must all hold. A worker shares its uid with nobody, unless identity is off: then it shares the
