@@ -4,7 +4,8 @@ worker start costs 14-20 ms; this costs a fraction of one).
 Denied with EPERM: ptrace and reading other processes' memory, every way to mount or change
 namespaces, module and kexec loading, reboot, bpf, perf_event_open, userfaultfd, the keyring,
 io_uring, native AIO, open_by_handle_at, raw port I/O, swap, clock setters, mknod, socket() for AF_UNIX,
-NETLINK, PACKET, VSOCK and ALG (socketpair stays), ioctl(TIOCSTI); clone with namespace flags; and
+NETLINK, PACKET, VSOCK and ALG (socketpair stays), ioctl(TIOCSTI), fcntl(F_SETLEASE); clone with
+namespace flags; and
 clone3 answers ENOSYS so glibc falls back to clone, where flags can be checked, and TCP Fast Open
 sends (a connect hidden in sendto/sendmsg, which the egress listener would not see). Without the
 subprocess permission, execve and every clone that is not a thread are denied too.
@@ -75,6 +76,9 @@ CLONE_THREAD = 0x00010000
 CLONE_NEW_ANY = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x00000080
 DENIED_FAMILIES = (1, 16, 17, 38, 40)  # AF_UNIX, AF_NETLINK, AF_PACKET, AF_ALG, AF_VSOCK
 TIOCSTI = 0x5412
+# A lease on a file it owns (its workspace place, which the agent reads) would make every other
+# process's open() of that file wait for fs.lease-break-time (45 s), root's included.
+FCNTL, F_SETLEASE = 72, 1024
 
 # classic BPF
 LD_W_ABS, JEQ_K, JGE_K, JSET_K, RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
@@ -131,6 +135,8 @@ def _program(subprocess: bool, shares_uid: bool = False) -> list[tuple[int, int,
     prog.append(_op(LD_W_ABS, OFF_NR))
     ioctl = [_op(LD_W_ABS, OFF_ARG1), _op(JEQ_K, TIOCSTI, 0, 1), _op(RET_K, eperm), _op(RET_K, RET_ALLOW)]
     prog += [_op(JEQ_K, IOCTL, 0, len(ioctl))] + ioctl
+    lease = [_op(LD_W_ABS, OFF_ARG1), _op(JEQ_K, F_SETLEASE, 0, 1), _op(RET_K, eperm), _op(RET_K, RET_ALLOW)]
+    prog += [_op(JEQ_K, FCNTL, 0, len(lease))] + lease
     for number, flags_arg in ((SENDTO, 3), (SENDMSG, 2), (SENDMMSG, 3)):
         fastopen = [_op(LD_W_ABS, _arg(flags_arg)), _op(JSET_K, MSG_FASTOPEN, 0, 1), _op(RET_K, eperm),
                     _op(RET_K, RET_ALLOW)]
