@@ -32,6 +32,7 @@ import struct
 import time
 from typing import NamedTuple
 
+from . import tcp_diag
 from .egress_policy import EgressPolicy, literal_address
 
 __all__ = ["EgressGate", "EgressPolicy", "RESOLVER_ENV"]
@@ -66,6 +67,11 @@ DECISIONS_PER_SECOND = 500.0
 # A host-made socket's buffers, each way (the kernel doubles the figure): its memory is the host's,
 # outside the plugin's memory cgroup, so it is kept small; the plugin cannot raise it (seccomp).
 SOCKET_BUFFER = 128 * 1024
+# The host-made sockets a worker may hold at once: its nofile, however it holds them (a descriptor,
+# a memory mapping, an orphan closed with data unsent). At the bound the host counts which still
+# exist, at most every CENSUS_SPACING seconds; meanwhile connects get EMFILE.
+DEFAULT_MAX_SOCKETS = 1024
+CENSUS_SPACING = 0.5
 IPPROTO_MPTCP = 262
 CARRIED_PROTOCOLS = (0, socket.IPPROTO_TCP, IPPROTO_MPTCP)
 MIN_ADDRESS: dict[int, int] = {socket.AF_INET: 16, socket.AF_INET6: 24}  # sizeof sockaddr_in, SIN6_LEN_RFC2133
@@ -76,12 +82,19 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class EgressGate:
     """Answers one worker's connect() calls for the kernel, by its EgressPolicy."""
 
-    def __init__(self, plugin: str, worker_pid: int, listener_fd_in_worker: int, policy: EgressPolicy) -> None:
+    def __init__(self, plugin: str, worker_pid: int, listener_fd_in_worker: int, policy: EgressPolicy,
+                 max_sockets: int = DEFAULT_MAX_SOCKETS) -> None:
         self.plugin = plugin
         self.policy = policy
         self.allowed = 0
         self.denied = 0
+        self.over_limit = 0  # connects refused while it held max_sockets of the host's
         self.last_denied = ""
+        self._max_sockets = max_sockets
+        self._made: dict[int, tcp_diag.SocketKey] = {}  # cookie -> key, of the sockets installed
+        self._connecting = 0  # allowed, not yet installed
+        self._next_census = 0.0
+        self._census_failed = False
         self._pid = worker_pid
         self._pidfd = os.pidfd_open(worker_pid)
         try:
@@ -100,6 +113,8 @@ class EgressGate:
         self._loop.add_reader(self._fd, self._on_ready)
 
     def close(self) -> None:
+        """Once the worker is gone: what it left of the host's sockets (mapped, or orphans holding
+        data unsent to a peer that reads nothing) ends with it, as its descriptors did."""
         if self._fd < 0:
             return
         self._loop.remove_reader(self._fd)
@@ -108,10 +123,20 @@ class EgressGate:
         os.close(self._fd)
         os.close(self._pidfd)
         self._fd = -1
+        made, self._made = self._made, {}
+        for key in made.values():
+            try:
+                if not tcp_diag.destroy(key):
+                    log.warning("plugin %s: the connections the host made for it cannot be ended by the host "
+                                "(no SOCK_DESTROY here); those it still holds end as the kernel ends them", self.plugin)
+                    return
+            except OSError as exc:
+                log.warning("plugin %s: ending a connection the host made for it failed: %s", self.plugin, exc)
+                return
 
     def status(self) -> dict[str, object]:
-        return {"allowed": self.allowed, "denied": self.denied, "last_denied": self.last_denied,
-                "grant": self.policy.describe()}
+        return {"allowed": self.allowed, "denied": self.denied, "over_limit": self.over_limit,
+                "last_denied": self.last_denied, "grant": self.policy.describe()}
 
     # ---- one notification ------------------------------------------------------------------------
 
@@ -211,9 +236,13 @@ class EgressGate:
         if not await self.policy.allows(address, port):
             self._deny(notif_id, address, port)
             return
+        if not await self._room_for_another():
+            self._refuse_over_limit(notif_id)
+            return
         # Always plain TCP: an MPTCP socket would fall back to it anyway, and the host makes no
         # connection of another protocol.
         sock = socket.socket(target.family, socket.SOCK_STREAM, 0)
+        self._connecting += 1
         try:
             sock.setblocking(False)
             for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -234,6 +263,7 @@ class EgressGate:
                     self._answer(notif_id, error=error)
                     return
                 sock.setblocking(True)
+            key = tcp_diag.key_of(sock, sockaddr)
             try:
                 fcntl.ioctl(self._fd, IOCTL_ADDFD, ADDFD.pack(notif_id, ADDFD_FLAG_SETFD, sock.fileno(), fd,
                                                               target.fd_flags))
@@ -241,10 +271,41 @@ class EgressGate:
                 if exc.errno != errno.ENOENT:
                     self._answer(notif_id, error=errno.EACCES)
                 return
+            if self._fd >= 0:  # else the worker is gone, and its sockets were ended
+                self._made[key.cookie] = key
             self.allowed += 1
             self._answer(notif_id, error=error)
         finally:
+            self._connecting -= 1
             sock.close()
+
+    async def _room_for_another(self) -> bool:
+        """Whether the worker holds fewer than max_sockets of the host's (those being made included).
+        At the bound, the kernel's table says which still exist, at most every CENSUS_SPACING."""
+        if len(self._made) + self._connecting < self._max_sockets or self._census_failed:
+            return True
+        now = time.monotonic()
+        if now < self._next_census:
+            return False
+        self._next_census = now + CENSUS_SPACING
+        try:
+            alive = await asyncio.to_thread(tcp_diag.live_cookies)
+        except OSError as exc:
+            self._census_failed = True
+            log.warning("plugin %s: the host cannot count the connections it made for it (%s): they are bounded "
+                        "by its descriptors only from now on", self.plugin, exc.strerror or exc)
+            return True
+        self._made = {cookie: key for cookie, key in self._made.items() if cookie in alive}
+        return len(self._made) + self._connecting < self._max_sockets
+
+    def _refuse_over_limit(self, notif_id: int) -> None:
+        self.over_limit += 1
+        if self.over_limit == 1:
+            log.warning("plugin %s: connect refused (EMFILE): it holds %d connections the host made for it, its "
+                        "nofile (config.json host.sandbox.rlimits.nofile); each counts until it is closed, however "
+                        "it is held (a descriptor, a memory mapping, data left unsent). Later refusals are counted, "
+                        "not logged", self.plugin, len(self._made))
+        self._answer(notif_id, error=errno.EMFILE)
 
     async def _connect_while_waited_for(self, notif_id: int, sock: socket.socket, sockaddr: tuple) -> int | None:
         """Connect the host's socket, within CONNECT_TIMEOUT: 0, an errno, or None once the plugin's

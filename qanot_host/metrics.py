@@ -230,6 +230,7 @@ class _HostCollector(Collector):
             if status["egress"]:
                 egress.add_metric([name, "allowed"], status["egress"]["allowed"])
                 egress.add_metric([name, "denied"], status["egress"]["denied"])
+                egress.add_metric([name, "over_limit"], status["egress"]["over_limit"])
         yield from (states, in_flight, rss, cpu, egress)
         yield GaugeMetricFamily("qanot_host_workers", "Worker processes running", value=workers)
         restarts = CounterMetricFamily("qanot_host_restarts", "Worker restarts, by why the worker ended",

@@ -20,7 +20,7 @@ import msgspec
 from qanot_worker import protocol as p
 
 from .channel import RemoteFailure, WorkerChannel
-from .egress import RESOLVER_ENV, EgressGate, EgressPolicy
+from .egress import DEFAULT_MAX_SOCKETS, RESOLVER_ENV, EgressGate, EgressPolicy
 from .egress_policy import NameResolver
 from .errors import (ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
@@ -212,7 +212,8 @@ class WorkerHandle:
         assert self._process is not None and self._sandbox is not None
         try:
             self.egress = EgressGate(self.plugin, self.pid or self._process.pid, fd_in_worker,
-                                     EgressPolicy.from_spec(self.plugin, self._sandbox, self._options.names))
+                                     EgressPolicy.from_spec(self.plugin, self._sandbox, self._options.names),
+                                     self._sandbox.rlimits.get("nofile") or DEFAULT_MAX_SOCKETS)
         except OSError as exc:
             raise PluginStartError(self.plugin, f"cannot take the worker's connect() listener ({exc.strerror}): "
                                    "its network is narrowed to hosts, and no connection could be made") from None

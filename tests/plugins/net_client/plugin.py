@@ -111,3 +111,33 @@ class QanotPlugin(Plugin):
     async def fds(self, params: dict) -> str:
         return json.dumps(sorted(os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
                                  if os.path.exists(f"/proc/self/fd/{fd}")))
+
+    @tool(name="net_hoard", description="Connect `count` times, fill each socket's send buffer (the peer "
+          "reads nothing), map it into memory and close its descriptor: sockets held past nofile (attack pass 28).",
+          parameters={**ADDRESS, "properties": {**ADDRESS["properties"], "count": {"type": "integer"}}})
+    async def hoard(self, params: dict) -> str:
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        self.mapped = getattr(self, "mapped", [])
+        held, error = 0, ""
+        for _ in range(params["count"]):
+            try:
+                fd = _raw_connect(params["host"], params["port"])
+            except OSError as exc:
+                error = exc.strerror
+                break
+            os.set_blocking(fd, False)
+            try:
+                while True:
+                    os.write(fd, b"x" * 65536)
+            except BlockingIOError:
+                pass
+            address = libc.mmap(None, 4096, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED: the mapping holds the socket
+            os.close(fd)
+            if address in (None, ctypes.c_void_p(-1).value):
+                error = f"mmap: {os.strerror(ctypes.get_errno())}"
+                break
+            self.mapped.append(address)
+            held += 1
+        return json.dumps({"held": held, "error": error,
+                           "descriptors": len(os.listdir("/proc/self/fd"))})
