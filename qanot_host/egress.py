@@ -69,7 +69,8 @@ DECISIONS_PER_SECOND = 500.0
 SOCKET_BUFFER = 128 * 1024
 # The host-made sockets a worker may hold at once: its nofile, however it holds them (a descriptor,
 # a memory mapping, an orphan closed with data unsent). At the bound the host counts which still
-# exist, at most every CENSUS_SPACING seconds; meanwhile connects get EMFILE.
+# exist, at most every CENSUS_SPACING seconds, and a connect() waits for that count; past the bound
+# it gets EMFILE.
 DEFAULT_MAX_SOCKETS = 1024
 CENSUS_SPACING = 0.5
 IPPROTO_MPTCP = 262
@@ -94,6 +95,7 @@ class EgressGate:
         self._made: dict[int, tcp_diag.SocketKey] = {}  # cookie -> key, of the sockets installed
         self._connecting = 0  # allowed, not yet installed
         self._next_census = 0.0
+        self._census: asyncio.Future | None = None  # the count of them being taken
         self._census_failed = False
         self._pid = worker_pid
         self._pidfd = os.pidfd_open(worker_pid)
@@ -281,22 +283,34 @@ class EgressGate:
 
     async def _room_for_another(self) -> bool:
         """Whether the worker holds fewer than max_sockets of the host's (those being made included).
-        At the bound, the kernel's table says which still exist, at most every CENSUS_SPACING."""
-        if len(self._made) + self._connecting < self._max_sockets or self._census_failed:
-            return True
-        now = time.monotonic()
-        if now < self._next_census:
-            return False
-        self._next_census = now + CENSUS_SPACING
+        At the bound, the kernel's table says which still exist: one census at a time, at most every
+        CENSUS_SPACING, and a connect() that comes meanwhile waits for the next one rather than being
+        refused for sockets already closed."""
+        while not (self._census_failed or self._has_room()):
+            if self._census is not None and not self._census.done():
+                await asyncio.shield(self._census)
+            elif (delay := self._next_census - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+                continue
+            else:
+                self._next_census = time.monotonic() + CENSUS_SPACING
+                self._census = asyncio.ensure_future(self._take_census())
+                await asyncio.shield(self._census)
+            return self._census_failed or self._has_room()
+        return True
+
+    def _has_room(self) -> bool:
+        return len(self._made) + self._connecting < self._max_sockets
+
+    async def _take_census(self) -> None:
         try:
             alive = await asyncio.to_thread(tcp_diag.live_cookies)
         except OSError as exc:
             self._census_failed = True
             log.warning("plugin %s: the host cannot count the connections it made for it (%s): they are bounded "
                         "by its descriptors only from now on", self.plugin, exc.strerror or exc)
-            return True
+            return
         self._made = {cookie: key for cookie, key in self._made.items() if cookie in alive}
-        return len(self._made) + self._connecting < self._max_sockets
 
     def _refuse_over_limit(self, notif_id: int) -> None:
         self.over_limit += 1
