@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from .config import directory_problems
 from .discovery import find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import MAX_REQUIREMENTS, find_uv, requirement_problem
-from .mcp_servers import bridge_config, mcp_server, ungranted_args
+from .mcp_servers import bridge_config, mcp_server, mcp_tool_name, server_warnings
+from .registry import tool_name_problem
 from .probe import probe_layers
 from .sandbox_spec import withheld_permissions
 from .settings import Config, PluginEntry
@@ -102,8 +103,12 @@ def _check_mcp_server(config: Config, entry: PluginEntry, problems: list[str], r
     except ValueError as exc:
         problems.append(f"{label}: {exc}")
         return
+    if tool_name_problem(mcp_tool_name(entry.name, "t")):
+        report.warnings.append(f"{label}: a tool of it whose name another plugin has would be registered as "
+                               f"mcp_{entry.name}_TOOL, which Qanot cannot call, so such a tool is not registered; "
+                               "a server name of letters, digits and _ avoids it")
     if programs is not None:
-        report.warnings.extend(f"{label}: {problem}" for problem in ungranted_args(config, entry.name, programs))
+        report.warnings.extend(f"{label}: {problem}" for problem in server_warnings(config, entry.name, programs))
         runs = "any program of its root (permissions.subprocess)" \
             if config.settings_for(entry.name).permissions.subprocess else ", ".join(programs.executable)
         report.notes.append(f"{label}: runs {programs.command} {' '.join(server.args)}".rstrip()

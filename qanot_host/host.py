@@ -26,9 +26,9 @@ from .channel import FRAMES
 from .launcher import Launcher
 from .limits_watch import LimitsWatch
 from .log_ring import LogRing
-from .mcp_servers import install_stamp, mcp_server
+from .mcp_servers import install_stamp, mcp_server, mcp_tool_name
 from .output import printable
-from .registry import RegisteredTool, ToolRegistry
+from .registry import RegisteredTool, ToolRegistry, tool_name_problem
 from .sandbox_spec import withheld_permissions
 from .schema import SchemaError
 from .settings import Config
@@ -279,7 +279,7 @@ class Host:
             return
         offered = {spec.name for spec in supervisor.offered_tools}
         server = mcp_server(self.config, supervisor.name) is not None
-        kept = offered | {_mcp_tool_name(supervisor.name, name) for name in offered} if server else offered
+        kept = offered | {mcp_tool_name(supervisor.name, name) for name in offered} if server else offered
         freed = []
         for name in set(supervisor.tools) - kept:  # a restarted worker may offer fewer tools
             tool = self.registry.get(name)
@@ -297,7 +297,7 @@ class Host:
         displaced: set[str] = set()  # plugins to register anew: those it took a name from, and owners without theirs
         # mcp_{server}_... names are where each server's tools go when their own names are taken: a name
         # there is the server's whose name matches longest (s_calc's, not s's, for mcp_s_calc_eval)
-        prefixes = sorted((_mcp_tool_name(other.name, ""), other.name) for other in self.config.mcp_servers)
+        prefixes = sorted((mcp_tool_name(other.name, ""), other.name) for other in self.config.mcp_servers)
 
         def kept_for_another(name: str) -> bool:
             owners = [owner for prefix, owner in prefixes if name.startswith(prefix)]
@@ -320,14 +320,24 @@ class Host:
                           printable(repr(spec.name), 100), printable(str(exc), 500))
                 continue
             owner = self._name_owner(spec.name, supervisor.name)
-            if owner is not None and server and not kept_for_another(_mcp_tool_name(supervisor.name, spec.name)):
+            fallback = mcp_tool_name(supervisor.name, spec.name)
+            if owner is not None and server and tool_name_problem(fallback):
+                # a server named with a '-', or a long name of the server's choosing: never a crash
+                conflicts.append(spec.name)
+                log.error("MCP server %s: tool %s is not registered: %s has the name %s, and %s, Qanot's name for "
+                          "it then, is not one Qanot can call (letters, digits and _, at most 64): a shorter server "
+                          "name of those characters in config.json would give it one", supervisor.name, spec.name,
+                          owner[1], spec.name, printable(repr(fallback), 120))
+                self._let_go(spec.name, supervisor.name, owner[0], displaced)
+                continue
+            if owner is not None and server and not kept_for_another(fallback):
                 # as Qanot names an MCP tool whose name is taken; never a name another server's fallbacks
                 # take (servers s and s_calc: s's calc_eval would be mcp_s_calc_eval, s_calc's eval's place)
                 log.warning("MCP server %s: tool %s is registered as %s: %s has the name %s", supervisor.name,
-                            spec.name, _mcp_tool_name(supervisor.name, spec.name), owner[1], spec.name)
+                            spec.name, fallback, owner[1], spec.name)
                 self._let_go(spec.name, supervisor.name, owner[0], displaced)
-                tool = RegisteredTool(_mcp_tool_name(supervisor.name, spec.name), tool.description, tool.parameters,
-                                      tool.handler, tool.plugin, tool.category)
+                tool = RegisteredTool(fallback, tool.description, tool.parameters, tool.handler, tool.plugin,
+                                      tool.category)
                 owner = self._name_owner(tool.name, supervisor.name)
             if owner is not None:
                 conflicts.append(tool.name)
@@ -594,11 +604,6 @@ def _order(config: Config, plugins: Iterable[str]) -> list[str]:
     """The order config.json gives these plugins."""
     names = set(plugins)
     return [entry.name for entry in config.plugins if entry.name in names]
-
-
-def _mcp_tool_name(server: str, tool: str) -> str:
-    """Qanot's name for an MCP tool whose own name is taken (qanot/mcp_client.py)."""
-    return f"mcp_{server}_{tool}"
 
 
 def _fingerprint(source: PluginSource, config: Config) -> str:

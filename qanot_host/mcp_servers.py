@@ -36,8 +36,12 @@ from .safe_files import open_regular_file
 from .settings import Config, McpServer, NetworkGrant, PluginEntry, PluginSettings
 
 __all__ = ["read_mcp_servers", "add_mcp_servers", "mcp_server", "bridge_config", "ungranted_args", "Programs",
-           "program_plan", "install_stamp",
+           "program_plan", "install_stamp", "mcp_tool_name", "server_warnings",
            "BRIDGE_REQUIREMENT"]
+
+# Runners that fetch a package and run it at each start (Qanot's own example uses `npx -y`): in the
+# sandbox there is no network to fetch with, unless granted, and nothing written may be executed.
+FETCHING_RUNNERS = {"npx", "pnpx", "bunx", "uvx", "pipx"}
 
 log = logging.getLogger("qanot_host.config")
 
@@ -442,3 +446,20 @@ def _installation(path: str) -> list[str]:
         lib = os.path.join(os.path.dirname(directory), "lib")
         return [directory, lib] if os.path.isdir(lib) else [directory]
     return [path]
+
+
+def mcp_tool_name(server: str, tool: str) -> str:
+    """Qanot's name for an MCP tool whose own name is taken (qanot/mcp_client.py)."""
+    return f"mcp_{server}_{tool}"
+
+
+def server_warnings(config: Config, name: str, programs: Programs) -> list[str]:
+    """What would keep a stdio server from working in its sandbox, as `check` and its first start
+    say it: a runner that fetches the package at each start, arguments naming paths not granted."""
+    found = mcp_server(config, name)
+    runner = os.path.basename(found[1].command) if found is not None else ""
+    fetching = [f"{runner} fetches the package and runs it at each start, which its sandbox does not allow (no "
+                "network unless granted, and nothing it writes may be executed): install the package once (npm "
+                "install --prefix DIR PACKAGE, or a virtual environment) and make command its program"
+                ] if runner in FETCHING_RUNNERS else []
+    return fetching + ungranted_args(config, name, programs)

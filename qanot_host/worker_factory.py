@@ -27,7 +27,7 @@ from .forkserver import ForkServerLauncher
 from .heartbeat import Heartbeats
 from .launcher import Launcher, SubprocessLauncher
 from .log_ring import LogRing
-from .mcp_servers import bridge_config, mcp_server, ungranted_args
+from .mcp_servers import bridge_config, mcp_server, server_warnings
 from .plugin_secrets import resolve_config_secrets
 from .runtime import worker_import_root
 from .sandbox_spec import PluginPlaces, python_paths, sandbox_spec, unreachable
@@ -141,7 +141,7 @@ class WorkerFactory:
             if bridged:  # the bridge's config is the server's entry
                 plugin_config, redact, programs = bridge_config(config, name)
                 if programs is not None and not supervisor.sandbox_warned:
-                    for ungranted in ungranted_args(config, name, programs):
+                    for ungranted in server_warnings(config, name, programs):
                         log.warning("plugin %s: %s", name, ungranted)
             else:
                 index = next(i for i, entry in enumerate(config.plugins) if entry.name == name)

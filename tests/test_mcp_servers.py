@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -723,3 +724,42 @@ def test_check_says_what_to_grant_for_a_directory_a_server_is_given(write_config
     assert "mcp_servers[0].args[0]" in report and "host.plugins.files.permissions.filesystem.read" in report
     granted = {"plugins": {"files": {"permissions": {"filesystem": {"read": [str(shared)]}}}}}
     assert "args[0]" not in check_report(write_config([], host=granted, mcp_servers=[entry]), warnings=True)
+
+
+async def test_a_fallback_name_qanot_cannot_call_is_refused_and_never_stops_the_host(write_config, server_venv, token,
+                                                                                     caplog):
+    """Real servers, tried by hand: a taken tool's fallback name mcp_{server}_{tool} was registered
+    unchecked, and one Qanot cannot call (a server named with '-', or a long tool name of a server's
+    choosing) ended the host's start with a traceback, and a reload with "bad control request"."""
+    long_tool = "lookup_customer_order_history_by_phone_number_and_date_range_v2"  # 62 characters
+    grants = {**probe_grants("my-probe")["plugins"], **probe_grants("p1")["plugins"]}
+    servers = [probe(server_venv, token, name="my-probe"),
+               probe(server_venv, token, name="p1", env={"PROBE_EXTRA_TOOL": long_tool})]
+    config = write_config([plugin("echo")], host={"plugins": grants}, mcp_servers=servers)
+    assert "MCP server my-probe: a tool of it whose name another plugin has would be registered as " \
+           "mcp_my-probe_TOOL, which Qanot cannot call" in check_report(config, warnings=True)
+    async with Host(config) as host:
+        await wait_until(lambda: all(host.plugins[n].state == "ready" for n in ("my-probe", "p1")), 60, "servers")
+        assert host.registry.get("echo").plugin == "echo" and "echo" in host.plugins["my-probe"].status()["conflicts"]
+        assert "MCP server my-probe: tool echo is not registered: plugin echo has the name echo, and " \
+               "'mcp_my-probe_echo', Qanot's name for it then, is not one Qanot can call" in caplog.text
+        assert host.registry.get("whoami").plugin in ("my-probe", "p1")  # its other tools work on
+        data = json.loads(Path(config).read_text())
+        data["mcp_servers"].append(probe(server_venv, token, name="p2", env={"PROBE_EXTRA_TOOL": long_tool}))
+        data["host"]["plugins"].update(probe_grants("p2")["plugins"])
+        Path(config).write_text(json.dumps(data))
+        assert (await host.reload())["added"] == ["p2"]
+        await wait_until(lambda: host.plugins["p2"].state == "ready", 60, "p2")
+        assert host.registry.get(long_tool).plugin == "p1" and long_tool in host.plugins["p2"].status()["conflicts"]
+        assert f"MCP server p2: tool {long_tool} is not registered" in caplog.text
+        assert await host.registry.execute("echo", {"text": "still"}) == "{\"text\": \"still\"}"
+
+
+@pytest.mark.skipif(shutil.which("npx") is None, reason="npx is not installed")
+def test_check_says_a_runner_that_fetches_at_each_start_cannot_work_in_the_sandbox(write_config):
+    """Qanot's own example entry, `npx -y PACKAGE`, timed out or failed with "Permission denied" in the
+    sandbox (no network, and nothing it downloads may execute), and neither `check` nor the log said why."""
+    config = write_config([], mcp_servers=[{"name": "fs", "command": "npx",
+                                            "args": ["-y", "@modelcontextprotocol/server-filesystem", "/srv"]}])
+    assert "MCP server fs: npx fetches the package and runs it at each start, which its sandbox does not allow" \
+        in check_report(config, warnings=True)
