@@ -52,8 +52,8 @@ class McpFront:
 
         self._host = host
         self._types = types
-        # clients that listed the tools (each session object is kept while the client lives; the SDK
-        # hands a handler the connection's session), the newest MAX_SESSIONS of them
+        # clients that listed the tools, the newest MAX_SESSIONS of them: the session of its latest
+        # tools/list, kept by client
         self._sessions: dict[int, Any] = {}
         self._listed = ""  # a digest of the tool definitions the clients were last shown
         self._telling: asyncio.Task | None = None
@@ -70,8 +70,11 @@ class McpFront:
 
     async def _list_tools(self, ctx: Any, params: Any) -> Any:
         types = self._types
-        self._sessions.pop(id(ctx.session), None)
-        self._sessions[id(ctx.session)] = ctx.session
+        # One entry a client: SDK 2.x hands each request a session of its own over the client's
+        # connection (a notification sent on it goes down that connection), 1.x the connection's
+        client = id(getattr(ctx.session, "_connection", None) or ctx.session)
+        self._sessions.pop(client, None)
+        self._sessions[client] = ctx.session
         while len(self._sessions) > MAX_SESSIONS:
             del self._sessions[next(iter(self._sessions))]
         definitions = self._host.tool_definitions()
