@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any, Coroutine
 
 __all__ = ["run", "loop_name"]
@@ -13,9 +14,24 @@ try:
 except ImportError:  # uvloop does not exist on every platform; asyncio's loop is a fine fallback.
     uvloop = None
 
+if uvloop is not None:
+    class AuditedLoop(uvloop.Loop):
+        """uvloop resolves names in libuv, where Python's audit hooks never hear of it (asyncio's own
+        loop calls socket.getaddrinfo, which raises the audit event). A worker's loop raises it, so
+        the sandbox's explanation of a denial (a name resolved without the network grant) reaches a
+        plugin's aiohttp as it reaches its urllib."""
 
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    factory = uvloop.new_event_loop if uvloop is not None else None
+        async def getaddrinfo(self, host: Any, port: Any, *, family: int = 0, type: int = 0,  # noqa: A002
+                              proto: int = 0, flags: int = 0) -> Any:
+            sys.audit("socket.getaddrinfo", host, port, family, type, proto, flags)
+            return await super().getaddrinfo(host, port, family=family, type=type, proto=proto, flags=flags)
+
+
+def run(coro: Coroutine[Any, Any, Any], audited: bool = False) -> Any:
+    """`audited`: a worker's loop, whose name look-ups plugin code's audit hooks see."""
+    factory = None
+    if uvloop is not None:
+        factory = AuditedLoop if audited else uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
 

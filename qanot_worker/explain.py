@@ -47,6 +47,13 @@ def explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
             path = os.fsdecode(args[0])
             if not covered(path, readable):
                 raise denied(f"listing {path} needs the 'filesystem' permission ({grant})")
+        elif event in ("socket.getaddrinfo", "socket.gethostbyname") and not spec.network \
+                and _needs_dns(args[0]):
+            # Without a network there is no DNS either: the plugin would see "Temporary failure in
+            # name resolution" and never learn that a grant is missing. Still a gaierror, for code
+            # that catches that.
+            raise socket.gaierror(socket.EAI_AGAIN, f"denied by the sandbox: resolving {os.fsdecode(args[0])!r} "
+                                                    f"needs the 'network' permission ({grant})")
         elif event in ("socket.connect", "socket.bind") and not spec.network and _is_inet(args[0]):
             doing = "connecting to" if event == "socket.connect" else "binding"
             raise denied(f"{doing} {args[1]} needs the 'network' permission ({grant})")
@@ -85,6 +92,14 @@ def _reachability(spec: p.SandboxSpec):
 
 def _is_inet(sock: object) -> bool:
     return isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
+def _needs_dns(host: object) -> bool:
+    """A name only a nameserver can answer (not an address, not localhost, which /etc/hosts has)."""
+    if not isinstance(host, (str, bytes)):
+        return False
+    name = os.fsdecode(host).strip().rstrip(".").lower()
+    return bool(name) and name not in ("localhost", "localhost.localdomain") and not _is_ip_literal(name)
 
 
 def _is_ip_literal(name: str) -> bool:

@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     # falls back to epoll. Plugin code comes later still, on Load.
     sandbox = _enter_sandbox()
     # Meanwhile the launcher puts us in our cgroups; serve() waits for that before its Hello.
-    return eventloop.run(serve(read_fd, write_fd, max_frame, sandbox, go_fd))
+    return eventloop.run(serve(read_fd, write_fd, max_frame, sandbox, go_fd), audited=True)
 
 
 def _enter_sandbox() -> SandboxOutcome:
