@@ -30,7 +30,7 @@ import select
 import socket
 import struct
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from . import tcp_diag
 from .egress_policy import EgressPolicy, literal_address
@@ -84,7 +84,7 @@ class EgressGate:
     """Answers one worker's connect() calls for the kernel, by its EgressPolicy."""
 
     def __init__(self, plugin: str, worker_pid: int, listener_fd_in_worker: int, policy: EgressPolicy,
-                 max_sockets: int = DEFAULT_MAX_SOCKETS) -> None:
+                 max_sockets: int = DEFAULT_MAX_SOCKETS, processes: Callable[[], list[int]] | None = None) -> None:
         self.plugin = plugin
         self.policy = policy
         self.allowed = 0
@@ -92,6 +92,7 @@ class EgressGate:
         self.over_limit = 0  # connects refused while it held max_sockets of the host's
         self.last_denied = ""
         self._max_sockets = max_sockets
+        self._processes = processes or (lambda: [worker_pid])  # the plugin's, for the sockets they hold
         self._made: dict[int, tcp_diag.SocketKey] = {}  # cookie -> key, of the sockets installed
         self._connecting = 0  # allowed, not yet installed
         self._next_census = 0.0
@@ -304,7 +305,7 @@ class EgressGate:
 
     async def _take_census(self) -> None:
         try:
-            alive = await asyncio.to_thread(tcp_diag.live_cookies)
+            alive = await asyncio.to_thread(_still_there, dict(self._made), self._processes)
         except OSError as exc:
             self._census_failed = True
             log.warning("plugin %s: the host cannot count the connections it made for it (%s): they are bounded "
@@ -403,6 +404,15 @@ class EgressGate:
             return None
         finally:
             sock.close()
+
+
+def _still_there(made: dict[int, tcp_diag.SocketKey], processes: Callable[[], list[int]]) -> set[int]:
+    """The cookies of the sockets in `made` that still hold memory: in the kernel's table (open,
+    closing, an orphan with data unsent), or held by one of the plugin's processes (a socket closed
+    both ways leaves the table, not memory, while a descriptor or a mapping of it is left)."""
+    in_table = tcp_diag.live_cookies()
+    held = tcp_diag.held_inodes(processes())
+    return {cookie for cookie, key in made.items() if cookie in in_table or key.inode in held}
 
 
 class _Target(NamedTuple):

@@ -5,8 +5,9 @@ A plugin need not hold a descriptor to keep a socket: a memory mapping of it hol
 may be mapped, for zero-copy receive), and a socket closed with data unsent lingers as an orphan for
 as long as the peer keeps its window shut. So neither `nofile` nor the worker's exit bounds the
 sockets the host made for it, whose buffers are the host's memory and whose ports are the host's.
-The host knows each by the kernel's cookie for it (SO_COOKIE), counts those still in the table,
-and destroys the rest when the worker is gone (SOCK_DESTROY, as `ss -K` does).
+The host knows each by the kernel's cookie for it (SO_COOKIE) and its inode, counts those still in
+the table or still held by the plugin's processes (a closed socket leaves the table, not memory),
+and destroys what is left when the worker is gone (SOCK_DESTROY, as `ss -K` does).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-__all__ = ["SocketKey", "key_of", "live_cookies", "destroy"]
+__all__ = ["SocketKey", "key_of", "live_cookies", "held_inodes", "destroy"]
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY, SOCK_DESTROY = 20, 21
@@ -42,6 +43,7 @@ class SocketKey(NamedTuple):
     remote: bytes
     remote_port: int
     cookie: int
+    inode: int  # its file's, as a process that holds it shows it (socket:[inode])
 
 
 def key_of(sock: socket.socket, remote: tuple) -> SocketKey:
@@ -49,7 +51,7 @@ def key_of(sock: socket.socket, remote: tuple) -> SocketKey:
     local = sock.getsockname()
     cookie = struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
     return SocketKey(sock.family, _packed(sock.family, local[0]), local[1], _packed(sock.family, remote[0]),
-                     remote[1], cookie)
+                     remote[1], cookie, os.fstat(sock.fileno()).st_ino)
 
 
 def live_cookies() -> set[int]:
@@ -64,6 +66,28 @@ def live_cookies() -> set[int]:
                     + request)
             while not _read_dump(nl.recv(1 << 20), found):
                 pass
+    return found
+
+
+def held_inodes(pids: list[int]) -> set[int]:
+    """The inodes of the sockets these processes hold, by a descriptor or a memory mapping. A socket
+    that has reached CLOSE leaves the kernel's table, but not memory, while something holds it."""
+    found: set[int] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    found.add(int(target[8:-1]))
+            with open(f"/proc/{pid}/maps", "rb") as maps:
+                for line in maps:
+                    if b" socket:[" in line:
+                        found.add(int(line.split()[4]))
+        except (OSError, ValueError):
+            continue  # gone meanwhile
     return found
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import msgspec
+import psutil
 
 from qanot_worker import protocol as p
 
@@ -213,10 +214,21 @@ class WorkerHandle:
         try:
             self.egress = EgressGate(self.plugin, self.pid or self._process.pid, fd_in_worker,
                                      EgressPolicy.from_spec(self.plugin, self._sandbox, self._options.names),
-                                     self._sandbox.rlimits.get("nofile") or DEFAULT_MAX_SOCKETS)
+                                     self._sandbox.rlimits.get("nofile") or DEFAULT_MAX_SOCKETS, self._processes)
         except OSError as exc:
             raise PluginStartError(self.plugin, f"cannot take the worker's connect() listener ({exc.strerror}): "
                                    "its network is narrowed to hosts, and no connection could be made") from None
+
+    def _processes(self) -> list[int]:
+        """Every process of the worker's: its launcher's tree (with namespaces, the namespace's init's,
+        which orphans are reparented to). Walks /proc: for the egress's census, off the loop."""
+        root = self._process.pid if self._process is not None else None
+        if root is None:
+            return []
+        try:
+            return [root, *(child.pid for child in psutil.Process(root).children(recursive=True))]
+        except psutil.Error:
+            return []
 
     async def _handshake(self) -> p.Hello:
         assert self._channel is not None

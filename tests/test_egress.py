@@ -329,3 +329,24 @@ async def hoard_past_nofile(config: str, port: int, answering: int) -> None:
         assert said["descriptors"] < 40, said  # held by mappings, not descriptors
         assert host_sockets_to(port) == said["held"]
         assert host.plugins["net_client"].status()["egress"]["over_limit"] >= 1
+
+
+async def test_a_socket_closed_both_ways_still_counts_while_the_plugin_holds_it(write_config):
+    """Attack pass 29: a socket closed both ways leaves the kernel's table but not memory (its receive
+    queue) while a mapping of it is left: 1200 were held with nofile 128, none refused."""
+    async def answer_and_close(reader, writer):
+        writer.write(b"y" * 65536)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_and_close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = write_config([plugin("net_client")], host={"sandbox": {"rlimits": {"nofile": 128}}, "plugins": {
+        "net_client": {"permissions": {"network": {"hosts": [f"127.0.0.1:{port}"]}}}}})
+    try:
+        async with Host(config) as host:
+            said = json.loads(await host.registry.execute("net_hoard", {"host": "127.0.0.1", "port": port,
+                                                                         "count": 300, "closed": True}))
+            assert said["error"] == "Too many open files" and 120 <= said["held"] <= 128, said
+    finally:
+        server.close()

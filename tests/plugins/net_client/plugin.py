@@ -113,8 +113,10 @@ class QanotPlugin(Plugin):
                                  if os.path.exists(f"/proc/self/fd/{fd}")))
 
     @tool(name="net_hoard", description="Connect `count` times, fill each socket's send buffer (the peer "
-          "reads nothing), map it into memory and close its descriptor: sockets held past nofile (attack pass 28).",
-          parameters={**ADDRESS, "properties": {**ADDRESS["properties"], "count": {"type": "integer"}}})
+          "reads nothing; or, `closed`, take it to CLOSE after the peer closed), map it into memory and close its "
+          "descriptor: sockets held past nofile (attack passes 28 and 29).",
+          parameters={**ADDRESS, "properties": {**ADDRESS["properties"], "count": {"type": "integer"},
+                                                 "closed": {"type": "boolean"}}})
     async def hoard(self, params: dict) -> str:
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -127,11 +129,20 @@ class QanotPlugin(Plugin):
                 error = exc.strerror
                 break
             os.set_blocking(fd, False)
-            try:
-                while True:
-                    os.write(fd, b"x" * 65536)
-            except BlockingIOError:
-                pass
+            if params.get("closed"):  # the peer closes first: shut ours too, and wait for CLOSE (out of the table)
+                sock = socket.socket(fileno=os.dup(fd))
+                sock.shutdown(socket.SHUT_WR)
+                for _ in range(200):
+                    if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 7:
+                        break
+                    await asyncio.sleep(0.01)
+                sock.close()
+            else:
+                try:
+                    while True:
+                        os.write(fd, b"x" * 65536)
+                except BlockingIOError:
+                    pass
             address = libc.mmap(None, 4096, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED: the mapping holds the socket
             os.close(fd)
             if address in (None, ctypes.c_void_p(-1).value):
