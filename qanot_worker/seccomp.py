@@ -4,8 +4,8 @@ worker start costs 14-20 ms; this costs a fraction of one).
 Denied with EPERM: ptrace and reading other processes' memory, every way to mount or change
 namespaces, module and kexec loading, reboot, bpf, perf_event_open, userfaultfd, the keyring,
 io_uring, native AIO, open_by_handle_at, raw port I/O, swap, clock setters, mknod, socket() for AF_UNIX,
-NETLINK, PACKET, VSOCK and ALG (socketpair stays), ioctl(TIOCSTI), fcntl(F_SETLEASE); clone with
-namespace flags; and
+NETLINK, PACKET, VSOCK and ALG (socketpair stays), ioctl(TIOCSTI), fcntl(F_SETLEASE), huge pages
+(MAP_HUGETLB, SHM_HUGETLB, MFD_HUGETLB); clone with namespace flags; and
 clone3 answers ENOSYS so glibc falls back to clone, where flags can be checked, and TCP Fast Open
 sends (a connect hidden in sendto/sendmsg, which the egress listener would not see). Without the
 subprocess permission, execve and every clone that is not a thread are denied too.
@@ -60,6 +60,10 @@ SHARED_UID_SELF_ONLY = {"sched_setparam": (142, [(0, 0)]), "sched_setscheduler":
 MODE_SETTERS = {"open": (2, 2), "creat": (85, 1), "chmod": (90, 1), "fchmod": (91, 1), "openat": (257, 3),
                 "fchmodat": (268, 2), "fchmodat2": (452, 2)}
 SET_ID_BITS = 0o6000
+# Huge pages come from the machine's pool (vm.nr_hugepages, which an operator reserves for a database),
+# charged to no memory cgroup: (syscall, flags argument, flag) refused. mmap(MAP_HUGETLB),
+# shmget(SHM_HUGETLB), memfd_create(MFD_HUGETLB).
+HUGE_PAGE_FLAGS = {"mmap": (9, 3, 0x40000), "shmget": (29, 2, 0o4000), "memfd_create": (319, 1, 0x4)}
 OPENAT2 = 437  # its mode is in a struct the filter cannot read: ENOSYS, as an old kernel says
 DENY_WITHOUT_SUBPROCESS = {"execve": 59, "execveat": 322, "fork": 57, "vfork": 58}
 # A worker that may execve (subprocess, an MCP server) gets no memfd: vm.memfd_noexec stops an
@@ -128,6 +132,9 @@ def _program(subprocess: bool, shares_uid: bool = False) -> list[tuple[int, int,
             checks += [_op(LD_W_ABS, _arg(index)), _op(JEQ_K, value, 1, 0), _op(RET_K, eperm)]
         checks.append(_op(RET_K, RET_ALLOW))
         prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, number, 0, len(checks))] + checks
+    for number, flags_arg, flag in HUGE_PAGE_FLAGS.values():
+        huge = [_op(LD_W_ABS, _arg(flags_arg)), _op(JSET_K, flag, 0, 1), _op(RET_K, eperm), _op(RET_K, RET_ALLOW)]
+        prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, number, 0, len(huge))] + huge
     for number, mode_arg in MODE_SETTERS.values():
         mode = [_op(LD_W_ABS, _arg(mode_arg)), _op(JSET_K, SET_ID_BITS, 0, 1), _op(RET_K, eperm),
                 _op(RET_K, RET_ALLOW)]

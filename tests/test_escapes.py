@@ -46,6 +46,7 @@ CONTAINED = {
     "control_socket": "Operation not permitted",  # seccomp: no socket(AF_UNIX); the host refuses workers too
     "aio": "io_setup: Operation not permitted",  # fs.aio-max-nr is one count for the whole machine
     "lease": "F_SETLEASE: Operation not permitted",  # others' open() would wait 45 s, root's included
+    "hugetlb": "mmap(MAP_HUGETLB): Operation not permitted",  # the machine's pool, no cgroup of its
 }
 
 
