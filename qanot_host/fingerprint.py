@@ -7,7 +7,7 @@ their metadata, change time included, which no write can leave as it was. So no 
 and a plugin that ships a dataset does not make every reload read it. A directory of more files than
 MAX_FILES is not walked to the end: its fingerprint is new each time (it counts as changed at every
 reload, and a lazy one lists its tools at every start), and a warning says so. Bytecode caches
-never count.
+count too (Python may load a .pyc in place of its source), and a link counts by what it points to.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _entries(directory: str) -> list[tuple[str, os.stat_result]] | None:
     order; None past MAX_FILES."""
     found: list[tuple[str, os.stat_result]] = []
     for root, dirs, names in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        dirs[:] = sorted(dirs)
         for name in [*dirs, *sorted(names)]:
             if len(found) >= MAX_FILES:
                 return None
@@ -87,7 +87,13 @@ def _contents(directory: str, entries: list[tuple[str, os.stat_result]]) -> dict
 
 
 def _link_target(path: str) -> bytes:
+    """Where a link points, and what is there now: an edit of a file it names elsewhere counts."""
     try:
-        return os.readlink(path).encode(errors="surrogateescape") + b"\0"
+        target = os.readlink(path).encode(errors="surrogateescape")
     except OSError:
         return b"\0"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return target + b"\0dangling\0"
+    return target + f"\0{st.st_mode}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\0".encode()

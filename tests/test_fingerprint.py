@@ -64,15 +64,25 @@ def test_a_file_past_the_content_budget_still_counts_by_what_no_write_keeps(tmp_
     assert os.stat(big).st_mtime_ns == times.st_mtime_ns and plugin_fingerprint(str(tmp_path)) != before
 
 
-def test_content_decides_for_hashed_files_and_bytecode_caches_never_count(tmp_path):
+def test_content_decides_and_bytecode_caches_and_link_targets_count(tmp_path):
+    """Attack pass 29: reload ignored __pycache__ (a planted .pyc runs in place of its source) and what
+    a link in the plugin's directory points to."""
     (tmp_path / "plugin.py").write_text("A = 1\n")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-shared.py"
+    elsewhere.write_text("B = 1\n")
+    (tmp_path / "shared.py").symlink_to(elsewhere)
     before = plugin_fingerprint(str(tmp_path))
-    (tmp_path / "__pycache__").mkdir()
-    (tmp_path / "__pycache__" / "plugin.cpython-311.pyc").write_bytes(b"\0" * 64)
     os.utime(tmp_path / "plugin.py")  # touched, not changed
     assert plugin_fingerprint(str(tmp_path)) == before
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "plugin.cpython-311.pyc").write_bytes(b"\0" * 64)
+    with_cache = plugin_fingerprint(str(tmp_path))
+    assert with_cache != before
+    elsewhere.write_text("B = 2\n")
+    assert plugin_fingerprint(str(tmp_path)) != with_cache
+    after_link = plugin_fingerprint(str(tmp_path))
     (tmp_path / "plugin.py").write_text("A = 2\n")
-    assert plugin_fingerprint(str(tmp_path)) != before
+    assert plugin_fingerprint(str(tmp_path)) != after_link
 
 
 async def test_a_directory_too_large_to_walk_counts_as_changed_and_says_so(write_config, tmp_path, monkeypatch, caplog):
