@@ -37,6 +37,9 @@ def main(argv: list[str]) -> int:
     # A plugin's print() reaches the host's log (and `qanot-host logs`) when it is made, not when 8 KiB
     # have gathered or the worker ends: stdout is a pipe, which Python would fill block by block.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    # Never a bytecode cache in the plugin's directory (a worker with the sandbox off could write one):
+    # it is part of what the directory's fingerprint reads, and only its author's files belong there.
+    sys.dont_write_bytecode = True
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     # The sandbox goes up before the event loop exists: libuv sets up an io_uring at loop creation
