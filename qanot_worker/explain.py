@@ -85,7 +85,10 @@ def _reachability(spec: p.SandboxSpec):
         if port not in granted_ports:
             return False
         name = os.fsdecode(host).lower() if isinstance(host, (str, bytes)) else ""
-        return not name or (name, port) in granted_pairs or _is_ip_literal(name)
+        if not name or (name, port) in granted_pairs or _is_ip_literal(name):
+            return True
+        # a name may resolve to an address granted on this port: the host decides at the connect
+        return any(granted_port == port and _is_ip_literal(granted) for granted, granted_port in granted_pairs)
 
     return reachable
 

@@ -350,3 +350,14 @@ async def test_a_socket_closed_both_ways_still_counts_while_the_plugin_holds_it(
             assert said["error"] == "Too many open files" and 120 <= said["held"] <= 128, said
     finally:
         server.close()
+
+
+async def test_an_address_granted_is_reached_by_a_name_that_resolves_to_it(write_config):
+    """Attack pass 29: with "127.0.0.1:PORT" granted, a plugin asking for localhost:PORT was told by the
+    sandbox to add "localhost:PORT", though the host would have allowed the connection it makes."""
+    async with Listener() as granted:
+        config = narrowed(write_config, [f"127.0.0.1:{granted.port}"])
+        async with Host(config) as host:
+            for tool in ("net_blocking", "net_asyncio"):
+                assert await host.registry.execute(tool, {"host": "localhost", "port": granted.port}) \
+                    == f"pong:{granted.port}", tool
