@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import struct
 from typing import NamedTuple
@@ -34,6 +35,7 @@ PORTS = struct.Struct("!HH")  # sport, dport (big-endian), then src[16] and dst[
 TAIL = struct.Struct("=III")  # interface, cookie (two 32-bit halves, low first)
 COOKIE_OFFSET = 4 + PORTS.size + 32 + 4  # in struct inet_diag_msg: after family..retrans, ports, addresses, if
 NO_COOKIE = 0xFFFFFFFFFFFFFFFF
+MAPPED_SOCKET = re.compile(rb" (\d+) +socket:\[")  # a line of /proc/PID/maps: ... inode path
 
 
 class SocketKey(NamedTuple):
@@ -70,24 +72,33 @@ def live_cookies() -> set[int]:
 
 
 def held_inodes(pids: list[int]) -> set[int]:
-    """The inodes of the sockets these processes hold, by a descriptor or a memory mapping. A socket
-    that has reached CLOSE leaves the kernel's table, but not memory, while something holds it."""
+    """The inodes of the sockets these processes hold, by a descriptor (of any thread: one cloned
+    without CLONE_FILES has a table of its own) or a memory mapping. A socket that has reached CLOSE
+    leaves the kernel's table, but not memory, while something holds it."""
     found: set[int] = set()
     for pid in pids:
         try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone meanwhile
+        tables = [f"/proc/{pid}/task/{tid}/fd" for tid in tasks]
+        for table in tables:
+            try:
+                names = os.listdir(table)
+            except OSError:
+                continue
+            for fd in names:
                 try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    target = os.readlink(f"{table}/{fd}")
                 except OSError:
                     continue
                 if target.startswith("socket:["):
                     found.add(int(target[8:-1]))
+        try:
             with open(f"/proc/{pid}/maps", "rb") as maps:
-                for line in maps:
-                    if b" socket:[" in line:
-                        found.add(int(line.split()[4]))
-        except (OSError, ValueError):
-            continue  # gone meanwhile
+                found.update(int(inode) for inode in MAPPED_SOCKET.findall(maps.read()))
+        except OSError:
+            continue
     return found
 
 

@@ -47,6 +47,7 @@ CONTAINED = {
     "aio": "io_setup: Operation not permitted",  # fs.aio-max-nr is one count for the whole machine
     "lease": "F_SETLEASE: Operation not permitted",  # others' open() would wait 45 s, root's included
     "hugetlb": "mmap(MAP_HUGETLB): Operation not permitted",  # the machine's pool, no cgroup of its
+    "splice": "splice: Operation not permitted",  # what a pipe holds so is charged to no cgroup
 }
 
 

