@@ -48,6 +48,7 @@ CONTAINED = {
     "lease": "F_SETLEASE: Operation not permitted",  # others' open() would wait 45 s, root's included
     "hugetlb": "mmap(MAP_HUGETLB): Operation not permitted",  # the machine's pool, no cgroup of its
     "splice": "splice: Operation not permitted",  # what a pipe holds so is charged to no cgroup
+    "zerocopy": "TCP_ZEROCOPY_RECEIVE: Operation not permitted",  # received pages mapped, in no cgroup
 }
 
 
