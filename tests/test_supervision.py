@@ -346,7 +346,12 @@ async def test_sixty_restarts_leak_nothing(write_config):
     async with Host(write_config([misbehave()], host={"restart": {"max_restarts": 1000, "backoff_initial": 0}})) as host:
         sup = host.plugins["misbehave"]
         await host.tool_index_ready()  # (none is made: every plugin runs) its reader's pipes are not the host's
+        # the fewest of a few reads: the limits watcher's thread holds a descriptor for a moment now and
+        # then, and a baseline read then was never seen again (CI-like run: 34, then 32 for good)
         fds, threads = me.num_fds(), own_threads()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            fds = min(fds, me.num_fds())
         for i in range(60):  # a leak of one descriptor or thread a restart shows at any count
             pid = sup.worker.pid
             os.kill(pid, signal.SIGKILL)
@@ -354,7 +359,7 @@ async def test_sixty_restarts_leak_nothing(write_config):
                              f"restart {i}")
         assert sup.restarts == 60
         # the last worker's output pipes close a moment after its exit: wait for that, then count exactly
-        await wait_until(lambda: me.num_fds() == fds and own_threads() == threads, 5,
+        await wait_until(lambda: me.num_fds() <= fds and own_threads() == threads, 5,
                          f"the host back to {fds} fds and threads {threads}, from {me.num_fds()} and {own_threads()}")
         assert [c.pid for c in worker_processes()] == [sup.worker.pid]
     assert not worker_processes(include_template=True)
@@ -369,7 +374,8 @@ async def test_fds_leaked_by_a_plugin_stay_in_its_worker(write_config):
         worker = psutil.Process(sup.worker.pid)
         before = worker.num_fds()
         assert await host.registry.execute("mb_leak_fds", {"n": 300}) == "leaked 300"
-        assert worker.num_fds() == before + 300 and me.num_fds() == fds
+        # (the host's own: give or take the one its limits watcher's thread may hold for a moment)
+        assert worker.num_fds() == before + 300 and me.num_fds() <= fds + 1
         sup.recycle("test", counts=False)
         await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != worker.pid, 10, "recycle")
         assert psutil.Process(sup.worker.pid).num_fds() == before
