@@ -126,6 +126,8 @@ class EgressGate:
         self._loop.remove_reader(self._fd)
         for task in self._tasks:
             task.cancel()
+        if self._census is not None:
+            self._census.cancel()
         os.close(self._fd)
         os.close(self._pidfd)
         self._fd = -1
