@@ -102,7 +102,7 @@ RET_KILL = 0x80000000  # SECCOMP_RET_KILL_PROCESS: a foreign-architecture syscal
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 RET_USER_NOTIF = 0x7FC00000
 SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER = 317, 1, 1 << 3
-OFF_NR, OFF_ARCH, OFF_ARG0, OFF_ARG1 = 0, 4, 16, 24
+OFF_NR, OFF_ARCH, OFF_ARG0 = 0, 4, 16
 
 
 def _arg(index: int) -> int:
@@ -145,26 +145,27 @@ def _program(subprocess: bool, shares_uid: bool = False) -> list[tuple[int, int,
         checks.append(_op(RET_K, RET_ALLOW))
         prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, number, 0, len(checks))] + checks
     for number, flags_arg, flag in HUGE_PAGE_FLAGS.values():
-        huge = [_op(LD_W_ABS, _arg(flags_arg)), _op(JSET_K, flag, 0, 1), _op(RET_K, eperm), _op(RET_K, RET_ALLOW)]
-        prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, number, 0, len(huge))] + huge
+        prog += [_op(LD_W_ABS, OFF_NR)] + _refused_when(number, flags_arg, JSET_K, flag)
     for number, mode_arg in MODE_SETTERS.values():
-        mode = [_op(LD_W_ABS, _arg(mode_arg)), _op(JSET_K, SET_ID_BITS, 0, 1), _op(RET_K, eperm),
-                _op(RET_K, RET_ALLOW)]
-        prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, number, 0, len(mode))] + mode
+        prog += [_op(LD_W_ABS, OFF_NR)] + _refused_when(number, mode_arg, JSET_K, SET_ID_BITS)
     zerocopy = [_op(LD_W_ABS, _arg(1)), _op(JEQ_K, IPPROTO_TCP, 0, 3), _op(LD_W_ABS, _arg(2)),
                 _op(JEQ_K, TCP_ZEROCOPY_RECEIVE, 0, 1), _op(RET_K, eperm), _op(RET_K, RET_ALLOW)]
     prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, GETSOCKOPT, 0, len(zerocopy))] + zerocopy
-    prog.append(_op(LD_W_ABS, OFF_NR))
-    ioctl = [_op(LD_W_ABS, OFF_ARG1), _op(JEQ_K, TIOCSTI, 0, 1), _op(RET_K, eperm), _op(RET_K, RET_ALLOW)]
-    prog += [_op(JEQ_K, IOCTL, 0, len(ioctl))] + ioctl
-    lease = [_op(LD_W_ABS, OFF_ARG1), _op(JEQ_K, F_SETLEASE, 0, 1), _op(RET_K, eperm), _op(RET_K, RET_ALLOW)]
-    prog += [_op(JEQ_K, FCNTL, 0, len(lease))] + lease
+    prog.append(_op(LD_W_ABS, OFF_NR))  # each block below leaves it loaded for the next when it does not match
+    prog += _refused_when(IOCTL, 1, JEQ_K, TIOCSTI)
+    prog += _refused_when(FCNTL, 1, JEQ_K, F_SETLEASE)
     for number, flags_arg in ((SENDTO, 3), (SENDMSG, 2), (SENDMMSG, 3)):
-        fastopen = [_op(LD_W_ABS, _arg(flags_arg)), _op(JSET_K, MSG_FASTOPEN, 0, 1), _op(RET_K, eperm),
-                    _op(RET_K, RET_ALLOW)]
-        prog += [_op(JEQ_K, number, 0, len(fastopen))] + fastopen
+        prog += _refused_when(number, flags_arg, JSET_K, MSG_FASTOPEN)
     prog.append(_op(RET_K, RET_ALLOW))
     return prog
+
+
+def _refused_when(number: int, arg: int, test: int, value: int) -> list[tuple[int, int, int, int]]:
+    """With the syscall number loaded: syscall `number` is refused (EPERM) when its argument `arg`
+    equals `value` (test JEQ_K) or has any of its bits (JSET_K), and allowed otherwise."""
+    block = [_op(LD_W_ABS, _arg(arg)), _op(test, value, 0, 1), _op(RET_K, _errno(errno.EPERM)),
+             _op(RET_K, RET_ALLOW)]
+    return [_op(JEQ_K, number, 0, len(block))] + block
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
