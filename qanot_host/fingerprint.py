@@ -44,7 +44,7 @@ def plugin_fingerprint(directory: str) -> str:
         elif content is not None:
             digest.update(f"{stat.S_IMODE(st.st_mode)}:".encode() + content)
         else:
-            digest.update(f"{st.st_mode}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\0".encode())
+            digest.update(_metadata(st))
             if stat.S_ISLNK(st.st_mode):
                 digest.update(_link_target(os.path.join(directory, relative)))
     return digest.hexdigest()
@@ -96,4 +96,9 @@ def _link_target(path: str) -> bytes:
         st = os.stat(path)
     except OSError:
         return target + b"\0dangling\0"
-    return target + f"\0{st.st_mode}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\0".encode()
+    return target + b"\0" + _metadata(st)
+
+
+def _metadata(st: os.stat_result) -> bytes:
+    """What stands for a file not hashed: no write leaves its change time as it was."""
+    return f"{st.st_mode}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\0".encode()
