@@ -9,8 +9,6 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Callable
 
-import psutil
-
 from .datadirs import workspace_problem
 from .supervisor import PluginState, PluginSupervisor
 
@@ -103,11 +101,4 @@ def plugin_pids(factory: WorkerFactory, supervisor: PluginSupervisor) -> list[in
     """The plugin's processes: its cgroup's members where it has one, else its worker's tree."""
     if factory.cgroups.available:
         return factory.cgroups.members(supervisor.name)
-    worker = supervisor.worker
-    if worker is None or not worker.pid:
-        return []
-    try:
-        root = psutil.Process(worker.pid)
-        return [root.pid, *(child.pid for child in root.children(recursive=True))]
-    except psutil.Error:
-        return []
+    return supervisor.worker.processes() if supervisor.worker is not None else []

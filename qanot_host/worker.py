@@ -59,6 +59,7 @@ class WorkerOptions:
     # How often the kernel's OOM killer has struck the plugin's memory cgroup (None: no cgroup),
     # and its ceiling, so that an exit by SIGKILL can be told apart.
     oom_kills: Callable[[], int] | None = None
+    members: Callable[[], list[int]] | None = None  # the processes of the plugin's cgroup, where it has one
     memory_mb: int | None = None
     redact: Callable[[str], str] | None = None  # the plugin's resolved secrets out of what is logged
     ring: LogRing | None = None  # the plugin's recent output lines, kept for `qanot-host logs`
@@ -214,14 +215,17 @@ class WorkerHandle:
         try:
             self.egress = EgressGate(self.plugin, self.pid or self._process.pid, fd_in_worker,
                                      EgressPolicy.from_spec(self.plugin, self._sandbox, self._options.names),
-                                     self._sandbox.rlimits.get("nofile") or DEFAULT_MAX_SOCKETS, self._processes)
+                                     self._sandbox.rlimits.get("nofile") or DEFAULT_MAX_SOCKETS, self.processes)
         except OSError as exc:
             raise PluginStartError(self.plugin, f"cannot take the worker's connect() listener ({exc.strerror}): "
                                    "its network is narrowed to hosts, and no connection could be made") from None
 
-    def _processes(self) -> list[int]:
-        """Every process of the worker's: its launcher's tree (with namespaces, the namespace's init's,
-        which orphans are reparented to). Walks /proc: for the egress's census, off the loop."""
+    def processes(self) -> list[int]:
+        """Every process of the worker's: its cgroup's members where it has one, else its launcher's
+        tree (with namespaces, the namespace's init's, which orphans are reparented to). Reads /proc
+        or the cgroup: for the egress's census and the workspace's measure, off the loop."""
+        if self._options.members is not None:
+            return self._options.members()
         root = self._process.pid if self._process is not None else None
         if root is None:
             return []

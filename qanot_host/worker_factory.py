@@ -128,6 +128,7 @@ class WorkerFactory:
             cancel_grace=settings.cancel_grace, extra_env=self._granted_env(config, name),
             namespaces=self.namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second,
             oom_kills=partial(self.cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb,
+            members=partial(self.cgroups.members, name) if sandboxed and self.cgroups.available else None,
             start_gate=self.start_gate, heartbeats=self.heartbeats, names=self.names)
         if disk_problem:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
