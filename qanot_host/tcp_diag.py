@@ -62,7 +62,7 @@ def live_cookies() -> set[int]:
     found: set[int] = set()
     for family in (socket.AF_INET, socket.AF_INET6):
         request = REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, LIVE_STATES) + bytes(PORTS.size + 32) \
-            + TAIL.pack(0, 0xFFFFFFFF, 0xFFFFFFFF)
+            + _tail(NO_COOKIE)
         with _netlink() as nl:
             nl.send(HEADER.pack(HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
                     + request)
@@ -106,9 +106,8 @@ def destroy(key: SocketKey) -> bool:
     """End the socket if it is still the one `key` names (its cookie decides: a port used again by
     another socket is never touched). False where the kernel cannot (no CONFIG_INET_DIAG_DESTROY,
     or no CAP_NET_ADMIN); True otherwise, also when it was gone already."""
-    low, high = key.cookie & 0xFFFFFFFF, key.cookie >> 32
     request = (REQUEST.pack(key.family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-               + PORTS.pack(key.local_port, key.remote_port) + key.local + key.remote + TAIL.pack(0, low, high))
+               + PORTS.pack(key.local_port, key.remote_port) + key.local + key.remote + _tail(key.cookie))
     with _netlink() as nl:
         nl.send(HEADER.pack(HEADER.size + len(request), SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + request)
         reply = nl.recv(65536)
@@ -137,6 +136,11 @@ def _read_dump(data: bytes, found: set[int]) -> bool:
             found.add(low | high << 32)
         offset += (length + 3) & ~3
     return False
+
+
+def _tail(cookie: int) -> bytes:
+    """The end of an inet_diag_sockid: no interface, and the cookie as the kernel keeps it."""
+    return TAIL.pack(0, cookie & 0xFFFFFFFF, cookie >> 32)
 
 
 def _netlink() -> socket.socket:
