@@ -15,11 +15,13 @@ import glob
 import logging
 import os
 import shutil
+import time
 
 __all__ = ["DiskImages"]
 
 log = logging.getLogger("qanot_host.disks")
 
+DETACH_WAIT_SECONDS = 3.0  # for the loop device of a disk its launcher let go to detach
 MKFS_OPTIONS = ["-q", "-F", "-m", "0", "-J", "size=4", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]
 
 
@@ -29,6 +31,7 @@ class DiskImages:
         self._mkfs: str | None = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/sbin:/usr/sbin")
         self._resize = shutil.which("resize2fs") or shutil.which("resize2fs", path="/sbin:/usr/sbin")
         self._making: dict[int, asyncio.Lock] = {}  # size -> its template is being made
+        self._said: dict[str, int] = {}  # plugin -> the disk_mb it was last warned of
         self.problem = ""
         if self._mkfs is None:
             self.problem = "mkfs.ext4 is not installed (e2fsprogs)"
@@ -45,16 +48,42 @@ class DiskImages:
         if not self.available:
             return "", self.problem
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
-        path = os.path.join(self._dir, f"{plugin}.img")
+        path = self.path(plugin)
         size = size_mb * 2**20
         try:
             if not os.path.exists(path):
                 await self._make(path, size)
-            elif os.path.getsize(path) < size and not _attached(path):
-                await self._grow(path, size)
+            elif os.path.getsize(path) != size:
+                await self._resized(plugin, path, size)
         except OSError as exc:
             return "", f"cannot make {path}: {exc.strerror or exc}"
         return path, ""
+
+    def path(self, plugin: str) -> str:
+        return os.path.join(self._dir, f"{plugin}.img")
+
+    async def _resized(self, plugin: str, path: str, size: int) -> None:
+        """disk_mb is not the image's size: grown if it is larger, said if not (never shrunk)."""
+        current = os.path.getsize(path)
+        if current > size:
+            if self._said.get(plugin) != size:
+                self._said[plugin] = size
+                log.warning("plugin %s: its disk stays %d MB though disk_mb is %d: a disk is never shrunk (what "
+                            "is on it would be lost); to start afresh, stop the host and remove %s",
+                            plugin, current // 2**20, size // 2**20, path)
+            return
+        deadline = time.monotonic() + DETACH_WAIT_SECONDS
+        attached = await asyncio.to_thread(_attached, path)  # a scan of every loop device: not on the loop
+        while attached and time.monotonic() < deadline:  # a reload's last worker is ending
+            await asyncio.sleep(0.02)
+            attached = await asyncio.to_thread(_attached, path)
+        if attached:
+            if self._said.get(plugin) != size:
+                self._said[plugin] = size
+                log.warning("plugin %s: disk_mb is %d MB, but its disk (%d MB) is still attached by a worker that "
+                            "has not ended: it is grown at its next start", plugin, size // 2**20, current // 2**20)
+            return
+        await self._grow(path, size)
 
     async def _make(self, path: str, size: int) -> None:
         """A copy of an empty file system of that size, made by mkfs.ext4 once per size: a sparse copy

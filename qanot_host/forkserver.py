@@ -76,6 +76,14 @@ class ForkServerLauncher:
         template = self._template
         return {template.pid} if template is not None and not template.dead else set()
 
+    async def release_disk(self, image: str) -> None:
+        template = self._template
+        if template is not None and not template.dead:
+            try:
+                await template.release_disk(image)
+            except OSError as exc:  # a template gone meanwhile took its disks with it
+                log.debug("the worker template did not hear that %s is released: %s", image, exc)
+
     async def close(self) -> None:
         """Also when a launch (a restart) is starting the template right now: that start is waited
         for, and its template closed too, never left running beside a stopped host."""
@@ -231,6 +239,9 @@ class _Template:
             self._workers[reply.pid] = worker
         return worker
 
+    async def release_disk(self, image: str) -> None:
+        await self._send(self._encoder.encode(p.ReleaseDisk(image)), array.array("i"))
+
     async def _send(self, message: bytes, fds: array.array) -> None:
         """One request with its descriptors; when many plugins start at once the socket's buffer
         fills, and the request waits for room instead of failing (EAGAIN)."""
@@ -238,7 +249,7 @@ class _Template:
         async with self._sending:  # one waiter on the socket at a time (add_writer keeps one callback)
             while True:
                 try:
-                    self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                    self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else [])
                     return
                 except BlockingIOError:
                     if self.dead:

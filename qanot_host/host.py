@@ -452,6 +452,8 @@ class Host:
         removed = [name for name in self.plugins if name not in wanted]
         changed = [name for name in wanted if name in self.plugins and (
             old.settings_for(name) != new.settings_for(name)
+            or old.limits_for(name) != new.limits_for(name)  # host.limits' defaults too
+            or old.host.sandbox != new.host.sandbox
             or self.plugins[name].entry != next(e for e in new.plugins if e.name == name)
             or self.plugins[name].state in (PluginState.FAILED, PluginState.EXITED))]
         # ...and those whose code or plugin.json changed (or that are now found elsewhere)
@@ -472,6 +474,9 @@ class Host:
                 self._stop_plugins(removed, f"it is being removed by a reload of {new.path}"),
                 self._stop_plugins(changed, f"it is being restarted by a reload of {new.path}; call again once "
                                             "it is ready"))
+            # a removed plugin's disk, and one whose disk_mb changed (to be grown), are let go
+            resized = [n for n in changed if old.limits_for(n).disk_mb != new.limits_for(n).disk_mb]
+            await asyncio.gather(*(self._factory.release_disk(name) for name in [*removed, *resized]))
             self.config = new
             self.registry.timeout = new.host.call_timeout
             self.workspace = Workspace(new.workspace_dir)

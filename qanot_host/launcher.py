@@ -93,6 +93,10 @@ class Launcher(Protocol):
     def helper_pids(self) -> set[int]:
         """Processes of the launcher's own that plugin code could reach (a fork server's template)."""
 
+    async def release_disk(self, image: str) -> None:
+        """A plugin's workers are stopped for good (or until its disk is made anew): let go of its
+        disk if the launcher keeps it (a fork server's template does, for its life)."""
+
     async def close(self) -> None:
         """Release what the launcher itself holds (a fork server); workers are stopped first."""
 
@@ -150,6 +154,9 @@ class SubprocessLauncher:
 
     def prepare(self) -> None:
         pass  # nothing shared to start: each worker is an interpreter of its own
+
+    async def release_disk(self, image: str) -> None:
+        pass  # each worker's first process holds its disk, and it ends with the worker
 
     def command(self, spec: LaunchSpec, env_fd: int) -> tuple[list[str], dict[str, str]]:
         """The interpreter's argv and environment: it forks the worker as the template would."""

@@ -60,6 +60,11 @@ class RegisteredTool:
         self.callable_name = problem is None
         if problem and self.plugin is not None:
             raise SchemaError(problem)
+        if self.plugin is not None and not self.name.isascii():
+            # Qanot's rule takes any script's letters, so `victim_еcho` (a Cyrillic е) could pass for
+            # another plugin's tool, past the rule of who has a name; no model's API takes them anyway.
+            raise SchemaError(f"name {self.name[:80]!r} has letters or digits outside ASCII, which could "
+                              "pass for another tool's name (and which models' APIs refuse)")
         try:
             check_schema(self.parameters)
         except SchemaError as exc:

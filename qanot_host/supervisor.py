@@ -411,6 +411,10 @@ class PluginSupervisor:
         self._began()
         self._calls_since_start += 1
         reply = worker.call(tool, params, timeout)
+        max_calls = self.limits.max_calls
+        if max_calls and self._calls_since_start >= max_calls:
+            # its last call: calls that come while it is in flight wait for the next worker
+            self.recycle(f"served max_calls={max_calls} calls", counts=False)
         try:
             return await reply
         except asyncio.CancelledError:  # the caller went away (an MCP client's cancel): so does the call
@@ -426,9 +430,6 @@ class PluginSupervisor:
             raise
         finally:
             self._ended()
-            max_calls = self.limits.max_calls
-            if max_calls and self._calls_since_start >= max_calls:
-                self.recycle(f"served max_calls={max_calls} calls", counts=False)
 
     async def hook(self, name: str, kwargs: dict[str, Any]) -> Any:
         """Run one of the plugin's hooks in its worker (the Qanot drop-in forwards them); its value."""
@@ -493,6 +494,8 @@ class PluginSupervisor:
                     serving = self._serving()
                     if serving is not None:
                         return serving, max(deadline - time.monotonic(), 0.001)
+                    if not self.settled.is_set():  # a call woken with this one took the worker's last call
+                        continue
                     if self.state == PluginState.IDLE and self.worker is None:
                         continue
                     if self.state != PluginState.READY or self.worker is None:

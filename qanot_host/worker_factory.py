@@ -95,6 +95,13 @@ class WorkerFactory:
             await self.launcher.close()
         await self.cgroups.remove()
 
+    async def release_disk(self, plugin: str) -> None:
+        """`plugin`'s workers are stopped by a reload (removed, or to start anew): its launcher lets
+        its disk go, so that a removed plugin's loop device does not stay attached until the host
+        stops, and a disk_mb raised by the reload can grow the image."""
+        if self.launcher is not None and self._disks.available:
+            await self.launcher.release_disk(self._disks.path(plugin))
+
     async def spawn(self, supervisor: PluginSupervisor) -> WorkerHandle:
         """A started worker for `supervisor` (first start and every restart); PluginStartError if not."""
         try:

@@ -22,7 +22,7 @@ import time
 
 from . import linux
 
-__all__ = ["attach_disk", "DiskError"]
+__all__ = ["attach_disk", "released", "DiskError"]
 
 LOOP_CTL_GET_FREE, LOOP_CONFIGURE = 0x4C82, 0x4C0A
 LO_FLAGS_AUTOCLEAR = 4
@@ -62,7 +62,8 @@ def _wait_until_free(image: str) -> None:
     """An image still attached (by a worker or template of a host that is ending) must not be
     mounted a second time. Which images back a loop device is read once per process (the template
     attaches each image once and keeps it): a scan per attach cost 10 ms with 500 loop devices, and
-    made 500 plugins start three times slower. Only an image attached then is waited for."""
+    made 500 plugins start three times slower. Only an image attached then, or let go since
+    (released()), is waited for."""
     global _busy_at_start
     st = os.stat(image)
     identity = (st.st_dev, st.st_ino)
@@ -79,6 +80,19 @@ def _wait_until_free(image: str) -> None:
 
 
 _busy_at_start: set[tuple[int, int]] | None = None
+
+
+def released(image: str) -> None:
+    """The launcher let `image`'s mount go: its loop device detaches once the last worker that had a
+    copy is gone. Attached again, it is waited for as one busy at the start is."""
+    global _busy_at_start
+    try:
+        st = os.stat(image)
+    except OSError:
+        return
+    if _busy_at_start is None:
+        _busy_at_start = set(_backing_identities())
+    _busy_at_start.add((st.st_dev, st.st_ino))
 
 
 def _backing_identities() -> list[tuple[int, int]]:

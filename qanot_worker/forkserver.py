@@ -28,7 +28,7 @@ import msgspec
 
 from . import linux
 from . import protocol as p
-from .disk import DiskError, attach_disk
+from .disk import DiskError, attach_disk, released
 from . import seccomp
 from .main import main
 from .spawner import Forker
@@ -54,7 +54,7 @@ class Template:
         self.sock = sock
         self.host_pid = host_pid
         self.encoder = msgspec.msgpack.Encoder()
-        self.decoder = msgspec.msgpack.Decoder(p.Spawn)
+        self.decoder = msgspec.msgpack.Decoder(p.TemplateRequest)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.forker = Forker()
         self.disks: dict[str, int] = {}  # image -> detached mount, kept for the template's life
@@ -92,6 +92,11 @@ class Template:
         if not message:
             return True
         request = self.decoder.decode(message)
+        if isinstance(request, p.ReleaseDisk):
+            for fd in fds:
+                os.close(fd)
+            self._release_disk(request.image)
+            return True
         pid, error = self._fork(request, fds)
         self.sock.send(self.encoder.encode(p.Spawned(request.id, pid, error)))
         return True
@@ -123,6 +128,12 @@ class Template:
             except DiskError as exc:
                 return -1, str(exc)
         return fd, ""
+
+    def _release_disk(self, image: str) -> None:
+        fd = self.disks.pop(image, None)
+        if fd is not None:
+            os.close(fd)  # its workers' copies go with them; then the loop device detaches itself
+            released(image)
 
     def _reap(self) -> None:
         while True:

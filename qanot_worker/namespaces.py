@@ -32,6 +32,8 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 DEVICES = ("null", "zero", "full", "random", "urandom")
+PROC_MASKED_DIRS = ("fs",)  # ext4's and jbd2's figures per device, every plugin's disk among them
+PROC_MASKED_FILES = ("diskstats", "partitions")  # every device's reads and writes, and sizes
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2"}
 SYS_OPENAT2 = 437  # the generic table: one number everywhere (Linux 5.6)
@@ -134,9 +136,9 @@ class _Root:
         self._fds.append(fd)
         return fd
 
-    def exists(self, target: str) -> bool:
+    def exists(self, target: str, directory: bool = True) -> bool:
         try:
-            os.close(_openat2(self.fd, target.lstrip("/"), os.O_PATH | os.O_DIRECTORY,
+            os.close(_openat2(self.fd, target.lstrip("/"), os.O_PATH | (os.O_DIRECTORY if directory else 0),
                               RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS))
             return True
         except OSError:
@@ -235,7 +237,15 @@ def _hide(root: _Root, op: p.MountOp, disk_fd: int) -> None:
 
 def _proc(root: _Root, op: p.MountOp, disk_fd: int) -> None:
     # Mounted from inside the worker's PID namespace, it lists the plugin's own processes only.
-    linux.mount("proc", root.point(op.target, True), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    proc = op.target.rstrip("/")
+    linux.mount("proc", root.point(proc, True), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # What it says of every block device and file system is the machine's, not the namespace's:
+    # other plugins' disks, how full they are and how busy (a neighbour's writes, live). Masked.
+    for name in PROC_MASKED_DIRS:
+        _hide(root, p.MountOp("hide", f"{proc}/{name}"), disk_fd)
+    for name in PROC_MASKED_FILES:
+        if root.exists(f"{proc}/{name}", directory=False):  # reads as empty, as /dev/null (a plugin's own)
+            linux.mount("/dev/null", root.point(f"{proc}/{name}", False), None, MS_BIND)
 
 
 def _devices(root: _Root, op: p.MountOp, disk_fd: int) -> None:

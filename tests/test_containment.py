@@ -408,6 +408,42 @@ async def test_each_disk_is_a_copy_of_its_own_and_the_empty_one_stays_empty(writ
         assert (disks / "attacker.img").stat().st_blocks > 20 * (disks / "greeter.img").stat().st_blocks
 
 
+async def test_a_reload_grows_a_raised_disk_and_lets_a_removed_plugins_disk_go(write_config, caplog):
+    """Attack pass 33: a disk_mb raised by a reload was ignored without a word (the fork server kept
+    the disk attached), a lowered one too, and a plugin removed by a reload kept its loop device
+    until the host stopped. Now the reload lets those disks go: the raised one is grown, and said."""
+    config = write_config([plugin("attacker"), GREETER], host={"limits": {"disk_mb": 64}})
+
+    def write(plugins, disk_mb):
+        data = json.loads(Path(config).read_text())
+        data["plugins"], data["host"]["limits"]["disk_mb"] = plugins, disk_mb
+        Path(config).write_text(json.dumps(data))
+
+    def attached(image: Path) -> bool:
+        st = image.stat()
+        for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+            try:
+                other = os.stat(Path(backing).read_text().strip().removesuffix(" (deleted)"))
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return True
+        return False
+
+    async with Host(config) as host:
+        disks = Path(host.config.host.state_dir) / "disks"
+        assert 40 <= json.loads(await attack(host, "statvfs"))["total_mb"] <= 64
+        assert attached(disks / "greeter.img")
+        write([plugin("attacker")], 128)  # greeter removed, the disk raised
+        await host.reload()
+        assert 100 <= json.loads(await attack(host, "statvfs"))["total_mb"] <= 128
+        await wait_until(lambda: not attached(disks / "greeter.img"), 5, "the removed plugin's disk to go")
+        write([plugin("attacker")], 32)  # lowered: kept, and said
+        await host.reload()
+        assert 100 <= json.loads(await attack(host, "statvfs"))["total_mb"] <= 128
+    assert "plugin attacker: its disk stays 128 MB though disk_mb is 32: a disk is never shrunk" in caplog.text
+
+
 # ---- further attacks, on the layers that closed the ones above --------------------------------------
 
 FURTHER = {

@@ -49,6 +49,7 @@ CONTAINED = {
     "hugetlb": "mmap(MAP_HUGETLB): Operation not permitted",  # the machine's pool, no cgroup of its
     "splice": "splice: Operation not permitted",  # what a pipe holds so is charged to no cgroup
     "zerocopy": "TCP_ZEROCOPY_RECEIVE: Operation not permitted",  # received pages mapped, in no cgroup
+    "disk_stats": "no device's figures are visible",  # others' disks, how full and how busy
     "secretmem": "a secret memfd was refused (Operation not permitted)",  # splits the machine's direct map until reboot
 }
 

@@ -243,6 +243,18 @@ async def test_cpu_limit_and_max_calls_recycle(write_config):
         assert len(pids) == 3 and greeter.errors == 0  # recycled after every 3rd call, no call lost
 
 
+async def test_max_calls_holds_for_calls_that_come_together(write_config, caplog):
+    """A worker is given at most max_calls calls: the ones that arrive while its last is in flight
+    wait for the next worker, rather than all going to the one that is about to be recycled."""
+    config = write_config([GREETER], host={"plugins": {"greeter": {"limits": {"max_calls": 3}}}})
+    async with Host(config) as host:
+        results = await asyncio.gather(*(host.registry.execute("greeter_sleep", {"seconds": 0.3})
+                                         for _ in range(12)))
+        assert results == ["slept 0.3"] * 12 and host.plugins["greeter"].errors == 0
+        recycles = [r for r in caplog.records if "served max_calls=3 calls" in r.getMessage()]
+        assert len(recycles) == 4, [r.getMessage() for r in recycles]  # 12 calls, 3 to each worker
+
+
 async def test_graceful_shutdown_finishes_calls_in_flight(write_config):
     host = Host(write_config([GREETER]))
     await host.start()

@@ -15,7 +15,8 @@ __all__ = [
     "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
-    "FailureKind", "Spawn", "Spawned", "Exited", "TemplateReady", "TemplateMessage", "Extensions", "CommandSpec",
+    "FailureKind", "Spawn", "ReleaseDisk", "TemplateRequest", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
+    "Extensions", "CommandSpec",
     "Hook", "HookResult", "RunCommand", "decode_hook_value", "MAX_ITEMS", "MAX_KEYS", "MAX_TEMPLATE_VARS",
     "MAX_HOOK_VALUE", "Scalar", "Fields", "Items",
 ]
@@ -291,6 +292,16 @@ class Spawn(msgspec.Struct, tag=True, array_like=True):
     disk: str = ""  # the plugin's disk image, attached by the template and kept while it lives
     uid: int = -1  # the plugin's uid: owner of its disk's root, and of the worker's init process
     namespaces: bool = False  # a PID namespace of the worker's own, with an init that reaps it
+
+
+class ReleaseDisk(msgspec.Struct, tag=True, array_like=True):
+    """host -> template: a plugin removed (or restarted with a new disk_mb) by a reload: the template
+    lets its disk go, which it would otherwise keep attached for the host's life. No answer."""
+
+    image: str
+
+
+TemplateRequest = Union[Spawn, ReleaseDisk]
 
 
 class Spawned(msgspec.Struct, tag=True, array_like=True):
