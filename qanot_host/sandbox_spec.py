@@ -75,6 +75,7 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
     if programs is not None:
         own += [*programs.readable, *programs.executable]
     reads = [*own, *granted_reads]
+    no_namespaces = ""
     if namespaces:
         tmp_mb = config.limits_for(places.plugin).tmp_mb or 64
         mounts = _root_plan(places, own, granted_reads, granted_writes, network, grant.subprocess, uid, tmp_mb)
@@ -84,6 +85,8 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
                   *(places.workspace[:1] if places.workspace else [])]
     else:  # Landlock alone decides what of the host's file system the worker may touch
         mounts, visible = [], []
+        no_namespaces = "host.sandbox.namespaces is false" if not settings.namespaces else \
+            "the host is not root, so it cannot make them" if os.geteuid() != 0 else "this system has none"
         reads = [*reads, *UNSHARED_SYSTEM_READ, *(NETWORK_FILES if network else [])]
         if grant.subprocess:  # the programs it may run, their loader and libraries, and the interpreter
             reads += [path for path in SYSTEM_TREES if os.path.exists(path)]
@@ -97,7 +100,7 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
         exec_paths = sorted(programs.executable) if programs is not None else []
     return p.SandboxSpec(
         read_paths=sorted(set(reads)), write_paths=writes, link_free_paths=shared, exec_paths=exec_paths,
-        mounts=mounts, root_dir=places.root_dir, cwd=places.data_dir,
+        mounts=mounts, no_namespaces=no_namespaces, root_dir=places.root_dir, cwd=places.data_dir,
         network=network,
         tcp_ports=[] if anywhere else sorted({port for item in narrowed for port in item.ports}),
         tcp_hosts=[] if anywhere else sorted({pair for item in narrowed for pair in item.pairs()}),

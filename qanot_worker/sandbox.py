@@ -131,11 +131,12 @@ def _enter_world(spec: p.SandboxSpec, disk: str, layer, private_network: bool) -
     """Namespaces and the root; without a plan (no privilege for it), at least no network. A root
     that cannot be built is fatal, strict or not: the worker is half in its namespaces by then, and
     the rest of its sandbox was planned for the root it did not get."""
-    layer("pid-namespace", os.getpid() == 2, "the launcher could not give the worker a PID namespace")
+    layer("pid-namespace", os.getpid() == 2,
+          spec.no_namespaces or "the launcher could not give the worker a PID namespace")
     if spec.subprocess:  # it may execve: what it writes into a memfd must not be a program
         layer("memfd-noexec", *_memfd_noexec())
     if not spec.mounts:
-        layer("mount-namespace", False, "the host cannot make mount namespaces here (not root)")
+        layer("mount-namespace", False, spec.no_namespaces or "the host cannot make mount namespaces here (not root)")
         if private_network:
             ok = linux.libc.unshare(linux.CLONE_NEWNET) == 0
             layer("network-namespace", ok, f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())}")

@@ -116,7 +116,7 @@ async def test_each_plugin_runs_as_a_uid_of_its_own(write_config):
 ])
 @pytest.mark.parametrize("namespaces", [True, False], ids=["own-root", "landlock-only"])
 async def test_the_subprocess_grant_runs_programs_and_nothing_runs_without_it(write_config, tmp_path, argv,
-                                                                              expected, namespaces):
+                                                                              expected, namespaces, caplog):
     # Without a root of its own (a host that is not root), the worker runs as the host's user.
     sandbox = {"namespaces": True} if namespaces else {"namespaces": False, "identity": False}
     granted = write_config([plugin("wants_everything")], host={"sandbox": sandbox, "plugins": {
@@ -125,6 +125,8 @@ async def test_the_subprocess_grant_runs_programs_and_nothing_runs_without_it(wr
         result = await host.registry.execute("wants_run", {"argv": argv})
     assert result.startswith(expected), result
     assert "Permission denied" not in result and "Operation not permitted" not in result, result
+    if not namespaces:  # the reason is the config's, not a lack of privilege (it said "not root")
+        assert "sandbox layer mount-namespace is not active: host.sandbox.namespaces is false" in caplog.text
     async with Host(write_config([plugin("wants_everything")], host={"sandbox": sandbox})) as host:
         refused = await host.registry.execute("wants_run", {"argv": argv})
     assert refused.startswith("PermissionError"), refused

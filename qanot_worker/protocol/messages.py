@@ -200,6 +200,7 @@ class SandboxSpec(msgspec.Struct):
     # The worker's own root, built from these steps on a tmpfs mounted at root_dir (an empty
     # directory of the host's); [] where the host cannot give mount namespaces.
     mounts: list[MountOp] = []
+    no_namespaces: str = ""  # why the worker has no namespaces of its own (no mounts), in the host's words
     root_dir: str = ""
     cwd: str = ""  # inside the new root: the data directory
     network: bool = False
