@@ -21,6 +21,7 @@ answered ENETUNREACH, as the worker's empty namespace would, and unix sockets EA
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import errno
 import fcntl
@@ -79,6 +80,12 @@ CENSUS_SPACING_FACTOR = 20
 IPPROTO_MPTCP = 262
 CARRIED_PROTOCOLS = (0, socket.IPPROTO_TCP, IPPROTO_MPTCP)
 MIN_ADDRESS: dict[int, int] = {socket.AF_INET: 16, socket.AF_INET6: 24}  # sizeof sockaddr_in, SIN6_LEN_RFC2133
+
+# A close of the host's copy of a socket the plugin holds may be the last (the plugin closed its own
+# meanwhile), and then SO_LINGER makes it wait for the peer as long as the plugin set: such closes
+# are made by these threads, and a socket still lingering after LINGER_BOUND seconds is ended.
+LINGER_BOUND = 0.5
+_CLOSER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="qanot-egress-close")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -285,7 +292,7 @@ class EgressGate:
             self._answer(notif_id, error=error)
         finally:
             self._connecting -= 1
-            sock.close()
+            self._let_go(sock)  # installed, the plugin's other threads may have written to it and closed it
 
     async def _room_for_another(self) -> bool:
         """Whether the worker holds fewer than max_sockets of the host's (those being made included).
@@ -411,7 +418,40 @@ class EgressGate:
         except OSError:
             return None
         finally:
+            self._let_go(sock)
+
+    def _let_go(self, sock: socket.socket) -> None:
+        """Close the host's descriptor of a socket the plugin holds too, never on the event loop if
+        the close could wait: only a connection the host made can have data unsent (the plugin can
+        connect nothing itself), and if the plugin closes its own descriptor first, this close is
+        the last, and waits out the SO_LINGER the plugin set (attack pass 36: the host's loop froze
+        for 30 s). Past LINGER_BOUND the connection is ended, as the plugin's own close let it go."""
+        try:
+            cookie = struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, tcp_diag.SO_COOKIE, 8))[0]
+        except OSError:
+            cookie = -1
+        key = self._made.get(cookie)
+        if key is None:
             sock.close()
+            return
+        closing = self._loop.run_in_executor(_CLOSER, os.close, sock.detach())
+        bound = self._loop.call_later(LINGER_BOUND, _end_if_lingering, closing, key, self.plugin)
+
+        def closed(done: asyncio.Future) -> None:
+            bound.cancel()
+            done.exception()  # retrieved: a failed close (EBADF cannot happen) is nobody's to see
+        closing.add_done_callback(closed)
+
+
+def _end_if_lingering(closing: asyncio.Future, key: tcp_diag.SocketKey, plugin: str) -> None:
+    if closing.done():
+        return
+    log.warning("plugin %s: a connection the host made for it lingered past %g s after the plugin closed "
+                "it (SO_LINGER, a peer that reads nothing): ended", plugin, LINGER_BOUND)
+    try:
+        tcp_diag.destroy(key)
+    except OSError as exc:
+        log.warning("plugin %s: ending a lingering connection failed: %s", plugin, exc)
 
 
 def _still_there(made: dict[int, tcp_diag.SocketKey], processes: Callable[[], list[int]]) -> set[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import socket
 import subprocess
 import sys
@@ -369,3 +370,47 @@ async def test_an_address_granted_is_reached_by_a_name_that_resolves_to_it(write
             for tool in ("net_blocking", "net_asyncio"):
                 assert await host.registry.execute(tool, {"host": "localhost", "port": granted.port}) \
                     == f"pong:{granted.port}", tool
+
+
+async def test_a_lingering_close_of_a_host_made_connection_never_holds_the_hosts_loop(write_config, caplog):
+    """Attack pass 36: the host held a copy of a connection it made while the plugin's connect() on it
+    was decided; the plugin closed its own descriptor meanwhile, so the host's close was the last, and
+    SO_LINGER with data unsent to a peer that reads nothing held the host's event loop for 30 s. The
+    race is the plugin's to win (1 in 14-53 tries); here the host's close is made the last on purpose."""
+    if not kernel_ends_sockets():
+        pytest.skip("this kernel cannot end a socket on request (SOCK_DESTROY)")
+    from qanot_host import tcp_diag
+    kept = []
+
+    async def keep(reader, writer):  # accepts, never reads
+        kept.append(writer)
+
+    server = await asyncio.start_server(keep, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Host(narrowed(write_config, [f"127.0.0.1:{port}"])) as host:
+            gate = host.plugins["net_client"].worker.egress
+            lingering = socket.create_connection(("127.0.0.1", port))
+            lingering.setblocking(False)
+            try:
+                while True:
+                    lingering.send(b"x" * 65536)
+            except BlockingIOError:
+                pass  # its buffers are full: a close now waits for the peer to read
+            lingering.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 30))
+            key = tcp_diag.key_of(lingering, ("127.0.0.1", port))
+            gate._made[key.cookie] = key  # as one the host made for the plugin, whose descriptor is gone
+            began = time.monotonic()
+            gate._let_go(lingering)
+            assert time.monotonic() - began < 0.2  # the loop goes on
+            assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+            for _ in range(100):
+                if host_sockets_to(port) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert host_sockets_to(port) == 0  # ended past LINGER_BOUND, not after the plugin's 30 s
+        assert "lingered past 0.5 s after the plugin closed it" in caplog.text
+    finally:
+        for writer in kept:
+            writer.close()
+        server.close()
