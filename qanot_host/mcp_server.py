@@ -52,10 +52,10 @@ class McpFront:
 
         self._host = host
         self._types = types
-        # clients that listed the tools, the newest MAX_SESSIONS of them: the session of its latest
-        # tools/list, kept by client
-        self._sessions: dict[int, Any] = {}
-        self._listed = ""  # a digest of the tool definitions the clients were last shown
+        # clients that listed the tools, the newest MAX_SESSIONS of them, kept by client: the session
+        # of its latest tools/list, and a digest of the tool definitions it was last shown (each
+        # client's own: one that lists anew must not make another's list look current)
+        self._sessions: dict[int, tuple[Any, str]] = {}
         self._telling: asyncio.Task | None = None
         self._stale = False  # the registry changed since the clients were last told
         self.server = Server("qanot-host", version=_version(), on_list_tools=self._list_tools,
@@ -73,12 +73,11 @@ class McpFront:
         # One entry a client: SDK 2.x hands each request a session of its own over the client's
         # connection (a notification sent on it goes down that connection), 1.x the connection's
         client = id(getattr(ctx.session, "_connection", None) or ctx.session)
+        definitions = self._host.tool_definitions()
         self._sessions.pop(client, None)
-        self._sessions[client] = ctx.session
+        self._sessions[client] = (ctx.session, _digest(definitions))
         while len(self._sessions) > MAX_SESSIONS:
             del self._sessions[next(iter(self._sessions))]
-        definitions = self._host.tool_definitions()
-        self._listed = _digest(definitions)
         return types.ListToolsResult(tools=[
             types.Tool(name=d["name"], description=d["description"], input_schema=d["input_schema"])
             for d in definitions])
@@ -120,10 +119,11 @@ class McpFront:
     async def _tell(self) -> None:
         """Clients whose tool list is stale (names, descriptions or schemas) are told so, once."""
         now = _digest(self._host.tool_definitions())
-        if now == self._listed:
-            return
-        self._listed = now
-        for key, session in list(self._sessions.items()):
+        for key, (session, shown) in list(self._sessions.items()):
+            if shown == now:
+                continue
+            if self._sessions.get(key, (None, ""))[0] is session:  # not listed anew meanwhile
+                self._sessions[key] = (session, now)  # told once; its next tools/list shows it the rest
             try:
                 await asyncio.wait_for(session.send_tool_list_changed(), 5)
             except Exception as exc:  # noqa: BLE001 - a client gone is no reason to fail the reload

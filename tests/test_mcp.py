@@ -434,3 +434,52 @@ def test_sigterm_stops_the_host_even_when_its_client_reads_nothing(write_config,
         for stream in (proc.stdin, proc.stdout):
             stream.close()
         log.close()
+
+
+async def test_a_client_listing_anew_does_not_keep_another_from_being_told(write_config, markers):
+    """Attack pass 35: one digest of the tools last shown stood for every client, so a client that
+    listed the tools just after a reload (within the notice's 0.2 s) made every other client's stale
+    list look current: they were never told (6 of 8 tries)."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+    from qanot_host.mcp_server import McpFront, listen
+    config = mcp_config(write_config, markers)
+    host = Host(config)
+    await host.start()
+    port = free_port()
+    serving = asyncio.ensure_future(McpFront(host).serve_http(listen(f"127.0.0.1:{port}"), "s3cret-token"))
+    seen_by_a: list = []
+
+    async def on_message(message) -> None:
+        seen_by_a.append(message)
+
+    @asynccontextmanager
+    async def client(handler=None):
+        async with httpx2.AsyncClient(headers={"Authorization": "Bearer s3cret-token"}, timeout=30) as http, \
+                streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=http) as streams, \
+                ClientSession(streams[0], streams[1], message_handler=handler) as session:
+            await session.initialize()
+            yield session
+    try:
+        await wait_until(lambda: _listening(port), 10, "the MCP front")
+        async with client(on_message) as a, client() as b:
+            assert "calc_eval" not in {tool.name for tool in (await a.list_tools()).tools}
+            await b.list_tools()
+            data = json.loads(Path(config).read_text())
+            data["plugins"].append({"name": "calc"})
+            Path(config).write_text(json.dumps(data))
+            await host.reload()
+            assert "calc_eval" in {tool.name for tool in (await b.list_tools()).tools}  # within the 0.2 s
+            await wait_until(lambda: told_of(seen_by_a), 10, "tools/list_changed to the client that did not list")
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await host.stop()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
