@@ -563,6 +563,7 @@ class Host:
             else:
                 await supervisor.settled.wait()  # a restart under way ends first
                 await self._stop_plugins([plugin], "it is being restarted by the operator; call again once it is ready")
+                self._factory.tool_cache.forget(plugin)  # an idle lazy plugin lists its tools anew
                 await self._start_plugins([plugin])
         status = self.plugins[plugin].status()
         log.info("plugin %s restarted by the operator: %s", plugin, status["state"])

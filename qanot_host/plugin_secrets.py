@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from urllib.parse import quote, quote_plus
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -25,7 +26,7 @@ from typing import Any
 
 from .safe_files import read_regular_file
 
-__all__ = ["Redactor", "resolve_config_secrets", "is_secret_ref", "read_secret_file"]
+__all__ = ["Redactor", "resolve_config_secrets", "is_secret_ref", "read_secret_file", "secrets_digest"]
 
 log = logging.getLogger("qanot_host")
 MIN_REDACTED = 4  # shorter values would blank out ordinary words; they are not redacted
@@ -47,6 +48,23 @@ def read_secret_file(path: str) -> str:
         known = _WHY.get(exc.errno or 0)
         why = known.format(path=path) if known else f"Secret file {path} cannot be read: {exc.strerror or exc}"
         raise ValueError(why) from None
+
+
+def secrets_digest(config: Any) -> str:
+    """What the config's SecretRefs resolve to now, as a digest (never the values): a plugin's tools
+    may depend on them (Qanot's eskiz lists none when its login fails), so its cached tool list does
+    too. Read quietly: resolve_config_secrets() says what is wrong when the worker starts."""
+    digest = hashlib.sha256()
+    for key, value in sorted(config.items()) if isinstance(config, dict) else []:
+        if not is_secret_ref(value):
+            continue
+        try:
+            found = os.environ.get(value["env"], "") if "env" in value else \
+                read_regular_file(value["file"], MAX_SECRET_FILE).decode("utf-8", "replace").strip()
+        except OSError as exc:
+            found = f"unreadable ({exc.errno})"
+        digest.update(json.dumps([key, found]).encode())
+    return digest.hexdigest()
 
 
 def is_secret_ref(value: Any) -> bool:

@@ -2,9 +2,10 @@
 so a lazy plugin's tools are registered at the host's start without starting its worker.
 
 An entry is valid only under the key it was written with: the plugin's directory content, its
-config entry and host settings, its dependency environment, the Python and the protocol. Any change
-to one of them and the plugin is started once to list its tools again. The files are the host's
-own (STATE_DIR/tool-cache, mode 0700), written whole and renamed into place.
+config entry (and a digest of what its secrets resolve to) and host settings, its dependency
+environment, the Python and the protocol. Any change to one of them and the plugin is started once
+to list its tools again. An offer of no tools is never kept. The files are the host's own
+(STATE_DIR/tool-cache, mode 0700), written whole and renamed into place.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ import msgspec
 from qanot_worker import protocol as p
 
 from .offered import OfferedTool
+from .plugin_secrets import secrets_digest
 from .settings import PluginEntry, PluginSettings
 
 __all__ = ["ToolCache", "CachedOffer", "offer_key"]
 
 log = logging.getLogger("qanot_host")
+
+# The most a cache file may weigh (256 tools of 64 KiB schemas, and their docs, come to ~17 MB): a
+# larger one is not read, and the plugin lists its tools anew.
+MAX_CACHE_FILE = 32 * 2**20
 
 
 class CachedOffer(msgspec.Struct):
@@ -35,7 +41,8 @@ class CachedOffer(msgspec.Struct):
 
 
 def offer_key(fingerprint: str, entry: PluginEntry, settings: PluginSettings, site_dirs: list[str]) -> str:
-    material = msgspec.json.encode([p.PROTOCOL_VERSION, sys.version, fingerprint, entry.config, settings, site_dirs])
+    material = msgspec.json.encode([p.PROTOCOL_VERSION, sys.version, fingerprint, entry.config,
+                                    secrets_digest(entry.config), settings, site_dirs])
     return hashlib.sha256(material).hexdigest()
 
 
@@ -50,15 +57,32 @@ class ToolCache:
         """The plugin's cached offer if it was written under `key`; None otherwise (or unreadable)."""
         try:
             with open(self._path(plugin), "rb") as f:
-                cached = msgspec.msgpack.decode(f.read(), type=CachedOffer)
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_CACHE_FILE:
+                    raise ValueError(f"{size} bytes, more than any tool list takes")
+                cached = msgspec.msgpack.decode(f.read(MAX_CACHE_FILE + 1), type=CachedOffer)
         except FileNotFoundError:
             return None
         except (OSError, msgspec.DecodeError, ValueError) as exc:
             log.warning("plugin %s: its cached tool list is unusable (%s); starting it to list its tools", plugin, exc)
             return None
-        return cached if cached.key == key else None
+        # No tools is no offer to keep: most likely a failed login or a service down at its listing,
+        # and with no tool registered, no call would ever start it to list them again.
+        return cached if cached.key == key and cached.tools else None
+
+    def forget(self, plugin: str) -> None:
+        """The operator restarts the plugin: its next start lists its tools, whatever the cache says."""
+        try:
+            os.unlink(self._path(plugin))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("plugin %s: its cached tool list could not be removed: %s", plugin, exc.strerror or exc)
 
     def store(self, plugin: str, offer: CachedOffer) -> None:
+        if not offer.tools:  # see load(); an older list is not kept either
+            self.forget(plugin)
+            return
         try:
             os.makedirs(self._dir, mode=0o700, exist_ok=True)
             fd, scratch = tempfile.mkstemp(prefix=".offer.", dir=self._dir)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from qanot_host import Host, PluginState
@@ -322,6 +323,46 @@ async def test_a_plugin_brought_back_from_failed_with_other_tools_is_warned_abou
         assert "shifty_b" in host.registry.tool_names and host.registry.get("echo").plugin == "echo"
     assert "plugin shifty now offers other tools than at its last listing: new: echo, shifty_b; gone: " \
            "shifty_a" in caplog.text
+
+
+async def test_a_lazy_plugin_that_listed_no_tools_lists_them_again(write_config, tmp_path, monkeypatch):
+    """Attack pass 35: a lazy plugin that listed no tools once (its login failed, its service was
+    down) kept that empty list for good: with no tool registered no call could start it, the
+    cache's key took its secret as written, not its value, and an operator's restart used the
+    cache too. No tools is never cached now, the key holds a digest of the secrets' values, and
+    an operator's restart lists anew."""
+    monkeypatch.setenv("QH_LOGIN_TOKEN", "wrong")
+    entry = {"name": "login_tools", "config": {"token": {"env": "QH_LOGIN_TOKEN"}}}
+    config = write_config([entry, GREETER], host={"activation": "lazy"})
+    async with Host(config) as host:
+        assert host.plugins["login_tools"].state == PluginState.IDLE
+        assert "login_send" not in host.registry.tool_names
+    monkeypatch.setenv("QH_LOGIN_TOKEN", "good")  # the secret fixed, config.json as it was
+    down = tmp_path / "workspace" / "login_tools" / "down"
+    async with Host(config) as host:
+        assert "login_send" in host.registry.tool_names
+        assert await host.registry.execute("login_send", {}) == "sent"
+    down.write_text("")  # the service is down at the next listing: nothing cached changes
+    monkeypatch.setenv("QH_LOGIN_TOKEN", "good ")  # (a new value: the list is made anew)
+    async with Host(config) as host:
+        assert "login_send" not in host.registry.tool_names
+        down.unlink()  # up again: the operator restarts the plugin, which lists its tools anew
+        await host.restart_plugin("login_tools")
+        assert "login_send" in host.registry.tool_names
+
+
+async def test_a_huge_cache_file_is_not_read(write_config, tmp_path, caplog):
+    """Attack pass 35: a 1.5 GB (sparse) cache file was read whole, and the host took 1.5 GB."""
+    config = write_config([GREETER], host={"activation": "lazy"})
+    cached = tmp_path / "state" / "tool-cache" / "greeter.msgpack"
+    cached.parent.mkdir(parents=True)
+    with open(cached, "wb") as f:
+        f.truncate(1 << 30)
+    before = psutil.Process().memory_info().rss
+    async with Host(config) as host:
+        assert "greet" in host.registry.tool_names  # listed anew
+    assert psutil.Process().memory_info().rss - before < 200 * 2**20
+    assert "its cached tool list is unusable (1073741824 bytes, more than any tool list takes)" in caplog.text
 
 
 async def test_a_tool_name_that_looks_like_another_plugins_is_refused(write_config, tmp_path, caplog):
