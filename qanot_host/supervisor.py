@@ -28,6 +28,7 @@ from .discovery import PluginSource
 from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
 from .mcp_servers import mcp_server
 from .offered import OfferedTool
+from .output import printable
 from .restarter import RestartDecision, RestartPolicy, exit_reason
 from .settings import Config, PluginEntry
 from .tool_cache import CachedOffer
@@ -437,7 +438,10 @@ class PluginSupervisor:
 
     async def run_command(self, index: int, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """Call the handler of the plugin's get_commands()[index] in its worker; its value."""
-        return await self._ask(lambda i: p.RunCommand(i, index, args, kwargs), f"command {index}")
+        commands = self._offer.extensions.commands if self._offer is not None else []
+        what = f"command {printable(commands[index].command, 80)!r}" if 0 <= index < len(commands) else \
+            f"command {index}"
+        return await self._ask(lambda i: p.RunCommand(i, index, args, kwargs), what)
 
     async def _ask(self, make, what: str) -> Any:
         self._refuse_if_unavailable()

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from qanot_host import Host, PluginState
+from qanot_host.errors import WorkerTimeout
 from qanot_host.restarter import RestartPolicy
 
 from .conftest import GREETER, gone, grant_write, plugin, wait_until, worker_processes
@@ -432,3 +433,14 @@ async def test_no_reader_of_plugin_code_starts_after_the_host_stopped(write_conf
     await host.stop()
     host.registry.explain_missing("mb_ok")
     assert not [t for t in asyncio.all_tasks() if "ToolIndex._index" in t.get_coro().__qualname__]
+
+
+async def test_a_hung_command_is_named_in_its_timeout(write_config):
+    """Attack pass 35: a Qanot command's timeout said `command 1 timed out`, not which command."""
+    config = write_config([plugin("qanot_style")], host={"plugins": {"qanot_style": {"call_timeout": 0.3}}})
+    async with Host(config) as host:
+        style = host.plugins["qanot_style"]
+        assert await style.run_command(0, ["now"], {}) == "qs got now"
+        with pytest.raises(WorkerTimeout) as timed_out:
+            await style.run_command(0, ["hang"], {})
+    assert "command 'qs' timed out after 0.3 s" in str(timed_out.value), str(timed_out.value)

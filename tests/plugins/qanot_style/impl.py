@@ -122,4 +122,7 @@ class QanotStylePlugin(Plugin):
         return [{"command": "qs", "description": "Says what it got", "handler": self.command}]
 
     async def command(self, argument: str) -> str:
+        if argument == "hang":
+            import asyncio
+            await asyncio.sleep(3600)
         return f"qs got {argument}"
