@@ -238,11 +238,16 @@ def _hide(root: _Root, op: p.MountOp, disk_fd: int) -> None:
 def _proc(root: _Root, op: p.MountOp, disk_fd: int) -> None:
     # Mounted from inside the worker's PID namespace, it lists the plugin's own processes only.
     proc = op.target.rstrip("/")
+    # An empty directory of the root's own, beneath where proc goes (so nobody sees it): what masks
+    # a directory of proc, bound there (a tmpfs each would cost a superblock per worker)
+    empty = root.point_fd(f"{proc}/.masked", True)
     linux.mount("proc", root.point(proc, True), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     # What it says of every block device and file system is the machine's, not the namespace's:
     # other plugins' disks, how full they are and how busy (a neighbour's writes, live). Masked.
     for name in PROC_MASKED_DIRS:
-        _hide(root, p.MountOp("hide", f"{proc}/{name}"), disk_fd)
+        if root.exists(f"{proc}/{name}"):
+            linux.mount(f"/proc/self/fd/{empty}", root.point(f"{proc}/{name}", True), None, MS_BIND)
+            root.hidden.append(root.point(f"{proc}/{name}", True))  # the bind, made read-only at the end
     for name in PROC_MASKED_FILES:
         if root.exists(f"{proc}/{name}", directory=False):  # reads as empty, as /dev/null (a plugin's own)
             linux.mount("/dev/null", root.point(f"{proc}/{name}", False), None, MS_BIND)
