@@ -218,7 +218,13 @@ class PluginSupervisor:
         self.idle_stops += 1
         self.state = PluginState.IDLE
         log.info("plugin %s: worker pid %s stopped (%s); its next call starts one", self.name, worker.pid, why)
-        self._idle_stop = asyncio.get_running_loop().create_task(worker.stop(reason=f"idle: {why}"))
+        self._idle_stop = asyncio.get_running_loop().create_task(self._stop_idle(worker, why))
+
+    async def _stop_idle(self, worker: WorkerHandle, why: str) -> None:
+        """An idle plugin holds nothing: its worker goes, and so does its disk (the launcher would keep
+        it attached, a loop device, a mount and a journal thread, for the host's life)."""
+        await worker.stop(reason=f"idle: {why}")
+        await self._factory.release_disk(self.name)
 
     def _activate(self) -> None:
         """An idle plugin's first call: start a worker (once, however many calls wait for it)."""

@@ -419,29 +419,48 @@ async def test_a_reload_grows_a_raised_disk_and_lets_a_removed_plugins_disk_go(w
         data["plugins"], data["host"]["limits"]["disk_mb"] = plugins, disk_mb
         Path(config).write_text(json.dumps(data))
 
-    def attached(image: Path) -> bool:
-        st = image.stat()
-        for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
-            try:
-                other = os.stat(Path(backing).read_text().strip().removesuffix(" (deleted)"))
-            except OSError:
-                continue
-            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-                return True
-        return False
-
     async with Host(config) as host:
         disks = Path(host.config.host.state_dir) / "disks"
         assert 40 <= json.loads(await attack(host, "statvfs"))["total_mb"] <= 64
-        assert attached(disks / "greeter.img")
+        assert _attached(disks / "greeter.img")
         write([plugin("attacker")], 128)  # greeter removed, the disk raised
         await host.reload()
         assert 100 <= json.loads(await attack(host, "statvfs"))["total_mb"] <= 128
-        await wait_until(lambda: not attached(disks / "greeter.img"), 5, "the removed plugin's disk to go")
+        await wait_until(lambda: not _attached(disks / "greeter.img"), 5, "the removed plugin's disk to go")
         write([plugin("attacker")], 32)  # lowered: kept, and said
         await host.reload()
         assert 100 <= json.loads(await attack(host, "statvfs"))["total_mb"] <= 128
     assert "plugin attacker: its disk stays 128 MB though disk_mb is 32: a disk is never shrunk" in caplog.text
+
+
+async def test_an_idle_plugin_holds_no_disk_and_finds_its_files_again(write_config):
+    """An idle-stopped worker's disk stayed attached by the fork server for the host's life (a loop
+    device, a mount and a journal thread for each plugin once used): it is let go at the idle stop,
+    attached again at the next call, with what the plugin wrote."""
+    config = write_config([plugin("attacker")], host={"limits": {"disk_mb": 64}, "idle_timeout": 0.5})
+    async with Host(config) as host:
+        image = Path(host.config.host.state_dir) / "disks" / "attacker.img"
+        assert await attack(host, "fallocate", where=".", mb=30) == "allocated 30 MB"
+        assert _attached(image)
+        attacker = host.plugins["attacker"]
+        await wait_until(lambda: attacker.state == PluginState.IDLE, 10, "the idle stop")
+        await wait_until(lambda: not _attached(image), 10, "the idle plugin's disk to go")
+        result = await attacker.call("attack_fill_disk", {"mb": 4096})  # its next call starts a worker
+        assert result.startswith("contained: No space left on device after"), result
+        assert int(result.split("after ")[1].split()[0]) <= 64 - 30  # the 30 MB are still there
+        assert _attached(image)
+
+
+def _attached(image: Path) -> bool:
+    st = image.stat()
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            other = os.stat(Path(backing).read_text().strip().removesuffix(" (deleted)"))
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
 
 
 # ---- further attacks, on the layers that closed the ones above --------------------------------------
