@@ -9,6 +9,7 @@ and restart plugins.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -40,10 +41,14 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self.path = socket_path(host.config.host.state_dir)
         self._followers: set[asyncio.Task] = set()  # `logs --follow` connections, ended at close()
+        self._lock = -1  # state_dir/control.lock, held while this host serves
 
     async def start(self) -> None:
-        """Listen on state_dir/control.sock; without it the host still runs, minus status/reload."""
+        """Listen on state_dir/control.sock; without it the host still runs, minus status/reload.
+        One serving host per state_dir, whether or not its socket could be made: a lock says so
+        (two hosts on one state_dir would hand out the same uids and attach the same disks)."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._take_lock()
         if os.path.exists(self.path):
             try:
                 await control_request(self.path, "ping")
@@ -61,6 +66,17 @@ class ControlServer:
         finally:
             os.umask(old_umask)
 
+    def _take_lock(self) -> None:
+        path = os.path.join(os.path.dirname(self.path), "control.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise QanotHostError(f"another qanot-host is running with state_dir {self._host.config.host.state_dir} "
+                                 f"(it holds {path})") from None
+        self._lock = fd
+
     async def close(self) -> None:
         for task in list(self._followers):
             task.cancel()
@@ -72,6 +88,9 @@ class ControlServer:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._from_worker(writer):

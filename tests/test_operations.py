@@ -107,6 +107,15 @@ def test_a_second_host_on_the_same_state_dir_is_refused(write_config, running):
     assert_one_line_error(qanot_host("run", "--config", config), "another qanot-host is running")
 
 
+def test_a_second_host_is_refused_even_where_no_control_socket_can_be_made(write_config, running, tmp_path):
+    """Attack pass 37: with a state_dir too long for a unix socket's path, two hosts ran on it at
+    once (each warned of its socket), attaching one disk image twice and handing out the same uids."""
+    state_dir = tmp_path / ("state_" + "x" * 110)
+    config = write_config([GREETER], host={"state_dir": str(state_dir)})
+    running(config)
+    assert_one_line_error(qanot_host("run", "--config", config), "another qanot-host is running")
+
+
 def test_workers_exit_when_the_host_is_sigkilled(write_config, running):
     host = running(write_config([GREETER, plugin("init_style"), plugin("echo")]))
     workers = host.workers(include_template=True)
