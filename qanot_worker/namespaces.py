@@ -241,7 +241,10 @@ def _proc(root: _Root, op: p.MountOp, disk_fd: int) -> None:
     # An empty directory of the root's own, beneath where proc goes (so nobody sees it): what masks
     # a directory of proc, bound there (a tmpfs each would cost a superblock per worker)
     empty = root.point_fd(f"{proc}/.masked", True)
-    linux.mount("proc", root.point(proc, True), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # hidepid: a process the plugin may not trace is not there at all. Its init (PID 1), which made
+    # itself non-dumpable, stays in the host's network and mount namespaces, and /proc/1/net and
+    # /proc/1/mountinfo, which no ptrace check guards, told of the host's connections and mounts.
+    linux.mount("proc", root.point(proc, True), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
     # What it says of every block device and file system is the machine's, not the namespace's:
     # other plugins' disks, how full they are and how busy (a neighbour's writes, live). Masked.
     for name in PROC_MASKED_DIRS:

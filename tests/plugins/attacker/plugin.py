@@ -564,8 +564,10 @@ class QanotPlugin(Plugin):
           parameters=ANY)
     async def init_proc(self, params: dict) -> str:
         results = []
+        # its init stays in the host's network and mount namespaces: their tables, too
         for path in ("/proc/1/root/etc/hostname", "/proc/1/cwd", "/proc/1/environ", "/proc/1/mem",
-                     "/proc/1/fd/0", "/proc/1/root"):
+                     "/proc/1/fd/0", "/proc/1/root", "/proc/1/net/tcp", "/proc/1/mountinfo", "/proc/1/mounts",
+                     "/proc/1/task/1/net/tcp", "/proc/1/task/1/mountinfo", "/proc/1/net/unix"):
             fd = libc.open(path.encode(), os.O_RDONLY)
             if fd >= 0:
                 os.close(fd)
