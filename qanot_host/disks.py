@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import glob
 import logging
 import os
@@ -72,18 +73,26 @@ class DiskImages:
                             "is on it would be lost); to start afresh, stop the host and remove %s",
                             plugin, current // 2**20, size // 2**20, path)
             return
-        deadline = time.monotonic() + DETACH_WAIT_SECONDS
-        attached = await asyncio.to_thread(_attached, path)  # a scan of every loop device: not on the loop
-        while attached and time.monotonic() < deadline:  # a reload's last worker is ending
-            await asyncio.sleep(0.02)
-            attached = await asyncio.to_thread(_attached, path)
-        if attached:
-            if self._said.get(plugin) != size:
-                self._said[plugin] = size
-                log.warning("plugin %s: disk_mb is %d MB, but its disk (%d MB) is still attached by a worker that "
-                            "has not ended: it is grown at its next start", plugin, size // 2**20, current // 2**20)
-            return
-        await self._grow(path, size)
+        # The image's lock (qanot_worker/disk.py): held by a loop device backed by it, and by this
+        # host while it grows the image, so that nothing attaches it meanwhile.
+        lock = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            deadline = time.monotonic() + DETACH_WAIT_SECONDS
+            locked = _try_lock(lock)
+            while not locked and time.monotonic() < deadline:  # a reload's last worker is ending
+                await asyncio.sleep(0.02)
+                locked = _try_lock(lock)
+            # (a scan of every loop device, off the loop: one attached by a host without the lock)
+            if not locked or await asyncio.to_thread(_attached, path):
+                if self._said.get(plugin) != size:
+                    self._said[plugin] = size
+                    log.warning("plugin %s: disk_mb is %d MB, but its disk (%d MB) is still attached by a worker "
+                                "that has not ended: it is grown at its next start", plugin, size // 2**20,
+                                current // 2**20)
+                return
+            await self._grow(path, size)
+        finally:
+            os.close(lock)
 
     async def _make(self, path: str, size: int) -> None:
         """A copy of an empty file system of that size, made by mkfs.ext4 once per size: a sparse copy
@@ -149,6 +158,14 @@ def _sparse_copy(source: str, target: str, size: int) -> None:
                     raise OSError(errno.EIO, f"copying {source} stopped at {start}")
                 start += copied
             offset = stop
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _attached(path: str) -> bool:

@@ -7,8 +7,12 @@ launcher and its workers are gone, the last reference goes, the kernel unmounts 
 the loop device, set to clear itself, detaches. The file system's size is the plugin's disk
 ceiling, kernel-enforced (ENOSPC), instead of a poll that a fast writer outruns.
 
-One image must never be mounted twice at once (two ext4 instances on one file corrupt it): before
-attaching, the launcher waits until no loop device is backed by the image any more.
+One image must never be mounted twice at once (two ext4 instances on one file corrupt it). The loop
+device is given an open file of the image on which an exclusive flock() is taken: the lock goes with
+that open file, which the loop device holds until it detaches, so whoever attaches the image next
+(another host on the same state_dir, a standalone call, this launcher again) waits until the last
+attachment is really gone, however it ended. An image attached by a host without the lock is waited
+for as it was before: a scan of the loop devices, once per launcher.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 
 from . import linux
 
-__all__ = ["attach_disk", "released", "DiskError"]
+__all__ = ["attach_disk", "DiskError"]
 
 LOOP_CTL_GET_FREE, LOOP_CONFIGURE = 0x4C82, 0x4C0A
 LO_FLAGS_AUTOCLEAR = 4
@@ -60,10 +64,10 @@ def attach_disk(image: str, uid: int) -> int:
 
 def _wait_until_free(image: str) -> None:
     """An image still attached (by a worker or template of a host that is ending) must not be
-    mounted a second time. Which images back a loop device is read once per process (the template
-    attaches each image once and keeps it): a scan per attach cost 10 ms with 500 loop devices, and
-    made 500 plugins start three times slower. Only an image attached then, or let go since
-    (released()), is waited for."""
+    mounted a second time. Which images back a loop device is read once per process: a scan per
+    attach cost 10 ms with 500 loop devices, and made 500 plugins start three times slower. Only an
+    image attached then is waited for here (by a host without the lock); the image's lock waits
+    for every attachment made since."""
     global _busy_at_start
     st = os.stat(image)
     identity = (st.st_dev, st.st_ino)
@@ -80,19 +84,6 @@ def _wait_until_free(image: str) -> None:
 
 
 _busy_at_start: set[tuple[int, int]] | None = None
-
-
-def released(image: str) -> None:
-    """The launcher let `image`'s mount go: its loop device detaches once the last worker that had a
-    copy is gone. Attached again, it is waited for as one busy at the start is."""
-    global _busy_at_start
-    try:
-        st = os.stat(image)
-    except OSError:
-        return
-    if _busy_at_start is None:
-        _busy_at_start = set(_backing_identities())
-    _busy_at_start.add((st.st_dev, st.st_ino))
 
 
 def _backing_identities() -> list[tuple[int, int]]:
@@ -115,6 +106,7 @@ def _attach_loop(image: str) -> tuple[int, int]:
     it second gets EBUSY, and asks again, as losetup does."""
     backing = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
+        _lock(backing)
         for attempt in range(LOOP_ATTEMPTS):
             number, device = _free_loop()
             try:
@@ -132,6 +124,20 @@ def _attach_loop(image: str) -> tuple[int, int]:
         raise AssertionError("unreachable")
     finally:
         os.close(backing)
+
+
+def _lock(backing: int) -> None:
+    """The image's exclusive lock, held by the open file the loop device is about to take."""
+    deadline = time.monotonic() + BUSY_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(backing, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise OSError(errno.EBUSY, "attached elsewhere (another host on this state_dir, or a standalone "
+                                           "call), and still attached (device busy)") from None
+            time.sleep(0.01)
 
 
 def _free_loop() -> tuple[int, int]:

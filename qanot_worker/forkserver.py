@@ -28,7 +28,7 @@ import msgspec
 
 from . import linux
 from . import protocol as p
-from .disk import DiskError, attach_disk, released
+from .disk import DiskError, attach_disk
 from . import seccomp
 from .main import main
 from .spawner import Forker
@@ -132,8 +132,8 @@ class Template:
     def _release_disk(self, image: str) -> None:
         fd = self.disks.pop(image, None)
         if fd is not None:
-            os.close(fd)  # its workers' copies go with them; then the loop device detaches itself
-            released(image)
+            os.close(fd)  # its workers' copies go with them; then the loop device detaches itself (and
+            # lets go of the image's lock: attaching it again waits for that)
 
     def _reap(self) -> None:
         while True:

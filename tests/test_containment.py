@@ -451,6 +451,53 @@ async def test_an_idle_plugin_holds_no_disk_and_finds_its_files_again(write_conf
         assert _attached(image)
 
 
+async def test_a_disk_is_never_attached_twice_by_two_hosts(write_config):
+    """Attack pass 37 (high): a template read which images were attached once, at its first disk; a
+    standalone call beside a running host attached a lazy plugin's disk the host had not attached
+    yet, and the host's first call to it attached it again: two ext4 instances on one image, which
+    e2fsck then found corrupt. The image's lock now goes with the loop device that holds it."""
+    # echo, eager, has the host's launcher attach a disk (and look at the others) before the standalone
+    config = write_config([plugin("echo"), GREETER], host={"limits": {"disk_mb": 16}, "plugins": {
+        "greeter": {"activation": "lazy"}}})
+    async with Host(config):
+        pass  # greeter's tools are cached: the next host does not start it (nor attach its disk)
+    async with Host(config) as host:
+        image = Path(host.config.host.state_dir) / "disks" / "greeter.img"
+        assert _attachments(image) == 0
+        standalone = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "qanot_host", "call", "--standalone", "--config", config, "greeter_sleep",
+            '{"seconds": 4}', stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        await wait_until(lambda: _attachments(image) == 1, 30, "the standalone host's disk")
+        most = 1
+
+        async def watch() -> None:
+            nonlocal most
+            while True:
+                most = max(most, _attachments(image))
+                await asyncio.sleep(0.005)
+        watching = asyncio.ensure_future(watch())
+        try:
+            assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"  # starts the lazy worker
+            out, err = await standalone.communicate()
+            assert standalone.returncode == 0 and out.decode().strip() == "slept 4", err.decode()
+            await asyncio.sleep(0.5)
+        finally:
+            watching.cancel()
+        assert most == 1
+
+
+def _attachments(image: Path) -> int:
+    st = image.stat()
+    count = 0
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            other = os.stat(Path(backing).read_text().strip().removesuffix(" (deleted)"))
+        except OSError:
+            continue
+        count += (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+    return count
+
+
 def _attached(image: Path) -> bool:
     st = image.stat()
     for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
