@@ -414,3 +414,33 @@ async def test_a_lingering_close_of_a_host_made_connection_never_holds_the_hosts
         for writer in kept:
             writer.close()
         server.close()
+
+
+async def test_a_plugin_holding_its_memory_lock_holds_up_only_its_own_connects(write_config, monkeypatch):
+    """Attack pass 38: deciding a connect(), the host read the address from the plugin's memory on its
+    event loop, and that read waits for the plugin's mmap lock, which a plugin can keep taken for
+    writing (mprotect over 60 000 mappings from 16 threads): the loop was held 6 s in 7. The read is
+    made to wait here (as that lock would make it) and the host must serve another plugin meanwhile."""
+    import threading
+    from qanot_host import egress
+    reading, release, threads = threading.Event(), threading.Event(), []
+    original = egress._read_memory
+
+    def stalled(tid: int, address: int, size: int) -> bytes:
+        threads.append(threading.current_thread().name)
+        reading.set()
+        release.wait(10)
+        return original(tid, address, size)
+
+    monkeypatch.setattr(egress, "_read_memory", stalled)
+    async with Listener() as granted:
+        async with Host(narrowed(write_config, [f"127.0.0.1:{granted.port}"])) as host:
+            connecting = asyncio.ensure_future(host.registry.execute(
+                "net_blocking", {"host": "127.0.0.1", "port": granted.port}))
+            assert await asyncio.to_thread(reading.wait, 10)
+            try:
+                assert await asyncio.wait_for(host.registry.execute("greet", {"name": "x"}), 5) == "Salom, x!"
+            finally:
+                release.set()
+            assert await connecting == f"pong:{granted.port}"
+    assert threads and "MainThread" not in threads, threads
