@@ -77,7 +77,9 @@ class ControlServer:
                                  f"(it holds {path})") from None
         self._lock = fd
 
-    async def close(self) -> None:
+    async def close(self, keep_lock: bool = False) -> None:
+        """`keep_lock`: the host is still stopping (its workers and disks live on until host.stop()
+        returns): no other host may start on this state_dir before release_lock()."""
         for task in list(self._followers):
             task.cancel()
         await asyncio.gather(*self._followers, return_exceptions=True)
@@ -88,6 +90,10 @@ class ControlServer:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+        if not keep_lock:
+            self.release_lock()
+
+    def release_lock(self) -> None:
         if self._lock >= 0:
             os.close(self._lock)
             self._lock = -1

@@ -78,9 +78,12 @@ async def serve(config_path: str, front: Callable[[Host], Any] | None = None,
             await asyncio.wait([serving], timeout=FRONT_STOP_SECONDS)
         systemd.stopping()
         loop.remove_signal_handler(signal.SIGHUP)
-        await control.close()
-        await asyncio.gather(*reloads, return_exceptions=True)
-        await host.stop()
+        await control.close(keep_lock=True)
+        try:
+            await asyncio.gather(*reloads, return_exceptions=True)
+            await host.stop()
+        finally:
+            control.release_lock()  # only now may another host start on this state_dir
         await systemd.close()
     log.info("stopped")
     if serving is not None and not serving.done():

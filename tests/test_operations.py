@@ -116,6 +116,27 @@ def test_a_second_host_is_refused_even_where_no_control_socket_can_be_made(write
     assert_one_line_error(qanot_host("run", "--config", config), "another qanot-host is running")
 
 
+def test_a_stopping_host_holds_its_state_dir_until_it_has_stopped(write_config, running):
+    """Attack pass 39: the lock went with the control socket, before the host's stop (calls in flight,
+    teardown(), up to ~15 s): a host started 0.3 s after SIGTERM ran beside the stopping one, with
+    the same uids, and its worker without its disk, which the other still held."""
+    config = write_config([GREETER])
+    host = running(config)
+    slow = subprocess.Popen([sys.executable, "-m", "qanot_host", "call", "--config", config, "greeter_sleep",
+                             '{"seconds": 4}'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # the call is in flight: the host's stop waits for it
+        host.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert_one_line_error(qanot_host("run", "--config", config, timeout=20), "another qanot-host is running")
+        assert host.proc.wait(timeout=30) == 0
+        assert slow.communicate(timeout=30)[0].strip() == "slept 4"
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+            slow.communicate()
+
+
 def test_workers_exit_when_the_host_is_sigkilled(write_config, running):
     host = running(write_config([GREETER, plugin("init_style"), plugin("echo")]))
     workers = host.workers(include_template=True)
