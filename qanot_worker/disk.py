@@ -26,7 +26,7 @@ import time
 
 from . import linux
 
-__all__ = ["attach_disk", "DiskError"]
+__all__ = ["attach_disk", "DiskError", "DiskBusy"]
 
 LOOP_CTL_GET_FREE, LOOP_CONFIGURE = 0x4C82, 0x4C0A
 LO_FLAGS_AUTOCLEAR = 4
@@ -45,6 +45,11 @@ class DiskError(Exception):
     """The disk could not be attached; the message says why (the worker then runs without it)."""
 
 
+class DiskBusy(DiskError):
+    """The image is attached elsewhere still: the worker does not start (without its disk, its
+    files would be elsewhere, and it would have no ceiling)."""
+
+
 def attach_disk(image: str, uid: int) -> int:
     """A detached mount of `image`, its root owned by `uid`; the caller keeps the descriptor."""
     try:
@@ -59,7 +64,8 @@ def attach_disk(image: str, uid: int) -> int:
             _fchown_empty_path(mount_fd, uid)
         return mount_fd
     except OSError as exc:
-        raise DiskError(f"cannot attach {image}: {exc.strerror or exc}") from None
+        kind = DiskBusy if exc.errno == errno.EBUSY else DiskError
+        raise kind(f"cannot attach {image}: {exc.strerror or exc}") from None
 
 
 def _wait_until_free(image: str) -> None:

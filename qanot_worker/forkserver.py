@@ -28,7 +28,7 @@ import msgspec
 
 from . import linux
 from . import protocol as p
-from .disk import DiskError, attach_disk
+from .disk import DiskBusy, DiskError, attach_disk
 from . import seccomp
 from .main import main
 from .spawner import Forker
@@ -111,6 +111,8 @@ class Template:
         sys.stderr.flush()
         try:
             pid = self.forker.fork(request, fds, self._disk(request), _run_worker)
+        except DiskBusy as exc:
+            return 0, f"{exc}; the worker does not start without its disk (its files are there)"
         except OSError as exc:
             return 0, f"fork failed: {exc.strerror or exc}"
         finally:
@@ -125,6 +127,8 @@ class Template:
         if fd is None:
             try:
                 fd = self.disks[request.disk] = attach_disk(request.disk, request.uid)
+            except DiskBusy:
+                raise
             except DiskError as exc:
                 return -1, str(exc)
         return fd, ""
@@ -221,6 +225,9 @@ def run_spawned(read_fd: int, write_fd: int, env_fd: int, host_pid: int) -> int:
     if request.disk:
         try:
             disk = (attach_disk(request.disk, request.uid), "")
+        except DiskBusy as exc:
+            sys.stderr.write(f"{exc}; the worker does not start without its disk (its files are there)\n")
+            return 75  # EX_TEMPFAIL: the host's restart policy tries again
         except DiskError as exc:
             disk = (-1, str(exc))
     forker = Forker(new_session=False)

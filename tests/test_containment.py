@@ -477,9 +477,14 @@ async def test_a_disk_is_never_attached_twice_by_two_hosts(write_config):
                 await asyncio.sleep(0.005)
         watching = asyncio.ensure_future(watch())
         try:
-            assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"  # starts the lazy worker
+            # its lazy worker waits 3 s for the disk, then does not start (attack pass 39: it ran
+            # without its disk, its files elsewhere, no ceiling)
+            refused = json.loads(await host.registry.execute("greet", {"name": "x"}))["error"]
+            assert "attached elsewhere" in refused and "does not start without its disk" in refused
             out, err = await standalone.communicate()
             assert standalone.returncode == 0 and out.decode().strip() == "slept 4", err.decode()
+            assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"  # free again
+            assert "disk-quota" in host.plugins["greeter"].worker.report.sandbox_layers
             await asyncio.sleep(0.5)
         finally:
             watching.cancel()
