@@ -456,35 +456,49 @@ class EgressGate:
             return None, sock
 
     def _let_go(self, sock: socket.socket) -> None:
-        """Close the host's descriptor of a socket the plugin holds too, never on the event loop if
-        the close could wait: only a connection the host made can have data unsent (the plugin can
-        connect nothing itself), and if the plugin closes its own descriptor first, this close is
-        the last, and waits out the SO_LINGER the plugin set (attack pass 36: the host's loop froze
-        for 30 s). Past LINGER_BOUND the connection is ended, as the plugin's own close let it go."""
+        """Close the host's descriptor of a socket the plugin holds too, never on the event loop: if
+        the plugin closes its own first, this close is the last, and what it frees is freed by the
+        closing thread. A connection the host made, with SO_LINGER and data unsent to a peer that
+        reads nothing, waits out its linger there: the socket itself (attack pass 36: the loop froze
+        30 s), or one the plugin left queued in a socketpair whose last end this is (attack pass 40).
+        Past LINGER_BOUND it is ended: by its cookie, or, not knowing which, every connection the
+        host made for the plugin that none of its processes holds any more."""
         try:
             cookie = struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, tcp_diag.SO_COOKIE, 8))[0]
         except OSError:
             cookie = -1
         key = self._made.get(cookie)
-        if key is None:
-            sock.close()
-            return
         closing = self._loop.run_in_executor(_CLOSER, os.close, sock.detach())
-        bound = self._loop.call_later(LINGER_BOUND, _end_if_lingering, closing, key, self.plugin)
+        bound = self._loop.call_later(LINGER_BOUND, self._end_lingering, closing, key)
 
         def closed(done: asyncio.Future) -> None:
             bound.cancel()
             done.exception()  # retrieved: a failed close (EBADF cannot happen) is nobody's to see
         closing.add_done_callback(closed)
 
+    def _end_lingering(self, closing: asyncio.Future, key: tcp_diag.SocketKey | None) -> None:
+        if closing.done():
+            return
+        log.warning("plugin %s: a connection the host made for it lingered past %g s after the plugin closed "
+                    "it (SO_LINGER, a peer that reads nothing): ended", self.plugin, LINGER_BOUND)
+        # not on the closers' threads, which lingering closes may all hold
+        ending = self._loop.run_in_executor(None, _end_lingering, dict(self._made), self._processes, key,
+                                            self.plugin)
+        ending.add_done_callback(lambda done: done.exception())
 
-def _end_if_lingering(closing: asyncio.Future, key: tcp_diag.SocketKey, plugin: str) -> None:
-    if closing.done():
-        return
-    log.warning("plugin %s: a connection the host made for it lingered past %g s after the plugin closed "
-                "it (SO_LINGER, a peer that reads nothing): ended", plugin, LINGER_BOUND)
+
+def _end_lingering(made: dict[int, tcp_diag.SocketKey], processes: Callable[[], list[int]],
+                   key: tcp_diag.SocketKey | None, plugin: str) -> None:
+    """On a thread: end `key`, or every connection in `made` still in the kernel's table that none
+    of the plugin's processes holds (closed by the plugin, draining or lingering)."""
     try:
-        tcp_diag.destroy(key)
+        if key is not None:
+            keys = [key]
+        else:
+            in_table, held = tcp_diag.live_cookies(), tcp_diag.held_inodes(processes())
+            keys = [k for cookie, k in made.items() if cookie in in_table and k.inode not in held]
+        for each in keys:
+            tcp_diag.destroy(each)
     except OSError as exc:
         log.warning("plugin %s: ending a lingering connection failed: %s", plugin, exc)
 

@@ -69,7 +69,16 @@ class OutputLimit:
         self.drop(1)
         return False
 
-    def drop(self, lines: int) -> None:
+    def spend(self, lines: int) -> None:
+        """Lines read and not logged, being blank: they cost what a logged line costs (a flood of
+        empty lines cost nothing and kept the host splitting 64 KiB of them a read, as fast as the
+        plugin wrote: attack pass 40), so the host reads no faster than the rate, as for the rest."""
+        if self.rate is None or not lines:
+            return
+        self._refill()
+        # at most one burst's worth owed: a 64 KiB read of blank lines then waits ~2 bursts, not 20 min
+        self._tokens = max(self._tokens - lines, -self.capacity)
+        self._need = 1.0
         """`lines` not logged: counted, and said every REPORT_SECONDS while it goes on."""
         self.dropped += lines
         self._unreported += lines
@@ -132,10 +141,15 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
             if len(pending) > MAX_LOG_LINE + REDACT_MARGIN:
                 lines.append(pending)  # logged as its head; the rest of the line is skipped
                 pending, skipping = b"", True
+            blank = 0
             for line in lines:
+                if not line.strip():
+                    blank += 1
+                    continue
                 text = _prepare(limit, line)
                 if text and limit.take(len(text)):
                     _log(log, limit, kind, text)
+            limit.spend(blank)
         if pending:
             text = _prepare(limit, pending)
             if text and limit.take(len(text)):

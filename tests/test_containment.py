@@ -386,6 +386,18 @@ async def test_default_ceilings_hold_without_any_limits_configured(write_config,
     assert any("lines of output not logged: over log_lines_per_second=50" in r.getMessage() for r in caplog.records)
 
 
+async def test_blank_lines_count_toward_the_output_rate(write_config):
+    """Attack pass 40: a blank line cost no token, so 64 KiB reads of nothing but newlines kept the
+    host splitting 65 536 lines a read on its loop as fast as the plugin wrote (loop lag p99 8.5 to
+    82 ms). They cost what a line costs now: the host stops reading, and the plugin waits on its
+    own writes (here past its call's timeout)."""
+    config = write_config([plugin("attacker")], host={"plugins": {"attacker": {
+        "tool_timeouts": {"attack_flood_stderr": 3}}}})
+    async with Host(config) as host:
+        result = await attack(host, "flood_stderr", lines=8_000_000, blank=True)  # 8 MB of newlines
+    assert "timed out after 3 s" in result, result
+
+
 async def test_the_disk_ceiling_is_the_kernels(write_config):
     config = write_config([plugin("attacker")], host={"limits": {"disk_mb": 64}})
     async with Host(config) as host:

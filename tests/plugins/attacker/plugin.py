@@ -547,7 +547,7 @@ class QanotPlugin(Plugin):
 
     @tool(name="attack_flood_stderr", description="write many lines to stderr", parameters=ANY)
     async def flood_stderr(self, params: dict) -> str:
-        line = b"flood " + b"x" * 94 + b"\n"
+        line = b"\n" if params.get("blank") else b"flood " + b"x" * 94 + b"\n"
         block = line * 1000
         for _ in range(int(params.get("lines", 200_000)) // 1000):
             os.write(2, block)
