@@ -79,6 +79,8 @@ class OutputLimit:
         # at most one burst's worth owed: a 64 KiB read of blank lines then waits ~2 bursts, not 20 min
         self._tokens = max(self._tokens - lines, -self.capacity)
         self._need = 1.0
+
+    def drop(self, lines: int) -> None:
         """`lines` not logged: counted, and said every REPORT_SECONDS while it goes on."""
         self.dropped += lines
         self._unreported += lines
