@@ -86,11 +86,6 @@ MIN_ADDRESS: dict[int, int] = {socket.AF_INET: 16, socket.AF_INET6: 24}  # sizeo
 # are made by these threads, and a socket still lingering after LINGER_BOUND seconds is ended.
 LINGER_BOUND = 0.5
 _CLOSER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="qanot-egress-close")
-# What a connect() is (the address in the plugin's memory, the socket it names) is read by these
-# threads, one connect() at a time per worker: reading the plugin's memory waits for its mmap lock,
-# which a plugin can keep taken for writing (mprotect over 60 000 mappings from 16 threads held the
-# host's loop 6 s in 7, attack pass 38); then only its own connects wait.
-_INSPECTOR = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="qanot-egress-look")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -122,7 +117,12 @@ class EgressGate:
             raise
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
-        self._inspecting = asyncio.Lock()  # one look into the plugin's process at a time
+        # What a connect() is (the address in the plugin's memory, the socket it names) is read by a
+        # thread of this worker's own, made at its first connect(): reading the plugin's memory waits
+        # for its mmap lock, which a plugin can keep taken for writing (mprotect over 60 000 mappings
+        # from 16 threads held the host's loop 6 s in 7, attack pass 38); a pool shared by every
+        # worker was held whole by 8 such plugins (attack pass 41). Only its own connects wait.
+        self._inspector: concurrent.futures.ThreadPoolExecutor | None = None
         self._logged: set[tuple[str, int]] = set()
         self._failures = 0
         self._tokens = 2 * DECISIONS_PER_SECOND
@@ -139,6 +139,8 @@ class EgressGate:
         self._loop.remove_reader(self._fd)
         for task in self._tasks:
             task.cancel()
+        if self._inspector is not None:
+            self._inspector.shutdown(wait=False)  # a look under way ends as the worker's process does
         if self._census is not None:
             self._census.cancel()
         os.close(self._fd)
@@ -205,17 +207,19 @@ class EgressGate:
 
     async def _decide(self, notif_id: int, tid: int, fd: int, addr_ptr: int, addr_len: int) -> None:
         try:
-            async with self._inspecting:
-                # the thread's own copies of the listener and the pidfd (it closes them): close() may
-                # close the gate's while the thread still reads
-                listener, pidfd = os.dup(self._fd), os.dup(self._pidfd)
-                looking = self._loop.run_in_executor(_INSPECTOR, self._inspect, listener, pidfd, notif_id, tid, fd,
-                                                     addr_ptr, addr_len)
-                try:
-                    error, copy, seen = await asyncio.shield(looking)
-                except asyncio.CancelledError:  # the worker is gone: its copy is let go when the look ends
-                    looking.add_done_callback(self._let_go_copy)
-                    raise
+            if self._inspector is None:
+                self._inspector = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"qanot-egress-{self.plugin}"[:40])
+            # the thread's own copies of the listener and the pidfd (it closes them): close() may
+            # close the gate's while the thread still reads
+            listener, pidfd = os.dup(self._fd), os.dup(self._pidfd)
+            looking = self._loop.run_in_executor(self._inspector, self._inspect, listener, pidfd, notif_id, tid, fd,
+                                                 addr_ptr, addr_len)
+            try:
+                error, copy, seen = await asyncio.shield(looking)
+            except asyncio.CancelledError:  # the worker is gone: its copy is let go when the look ends
+                looking.add_done_callback(self._let_go_copy)
+                raise
             if copy is not None:
                 self._let_go(copy)
         except Exception:  # a notification left unanswered would hang the plugin's thread for good

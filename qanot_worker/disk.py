@@ -84,7 +84,8 @@ def _wait_until_free(image: str) -> None:
     deadline = time.monotonic() + BUSY_WAIT_SECONDS
     while identity in _backing_identities():
         if time.monotonic() > deadline:
-            raise OSError(16, "still attached by a worker that has not ended (device busy)")
+            raise OSError(errno.EBUSY, "attached elsewhere (another host on this state_dir, or a standalone "
+                                       "call, or a worker that has not ended), and still attached (device busy)")
         time.sleep(0.01)
     _busy_at_start.discard(identity)
 

@@ -443,7 +443,8 @@ async def test_a_plugin_holding_its_memory_lock_holds_up_only_its_own_connects(w
             finally:
                 release.set()
             assert await connecting == f"pong:{granted.port}"
-    assert threads and "MainThread" not in threads, threads
+    # on the worker's own thread: a pool shared by every worker was held whole by 8 plugins (pass 41)
+    assert threads and all(name.startswith("qanot-egress-net_client") for name in threads), threads
 
 
 async def test_a_lingering_connection_queued_in_a_socketpair_never_holds_the_hosts_loop(write_config, caplog):
