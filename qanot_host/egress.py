@@ -486,13 +486,13 @@ class EgressGate:
         log.warning("plugin %s: a connection the host made for it lingered past %g s after the plugin closed "
                     "it (SO_LINGER, a peer that reads nothing): ended", self.plugin, LINGER_BOUND)
         # not on the closers' threads, which lingering closes may all hold
-        ending = self._loop.run_in_executor(None, _end_lingering, dict(self._made), self._processes, key,
+        ending = self._loop.run_in_executor(None, _reset_lingering, dict(self._made), self._processes, key,
                                             self.plugin)
         ending.add_done_callback(lambda done: done.exception())
 
 
-def _end_lingering(made: dict[int, tcp_diag.SocketKey], processes: Callable[[], list[int]],
-                   key: tcp_diag.SocketKey | None, plugin: str) -> None:
+def _reset_lingering(made: dict[int, tcp_diag.SocketKey], processes: Callable[[], list[int]],
+                     key: tcp_diag.SocketKey | None, plugin: str) -> None:
     """On a thread: end `key`, or every connection in `made` still in the kernel's table that none
     of the plugin's processes holds (closed by the plugin, draining or lingering)."""
     try:
