@@ -8,7 +8,6 @@ before the worker is in control.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -18,6 +17,7 @@ import msgspec
 
 from . import eventloop, linux
 from . import protocol as p
+from .log_stream import install_log_stream
 from .sandbox import SandboxOutcome, SandboxRefused, apply_sandbox
 from .server import serve
 
@@ -40,8 +40,7 @@ def main(argv: list[str]) -> int:
     # Never a bytecode cache in the plugin's directory (a worker with the sandbox off could write one):
     # it is part of what the directory's fingerprint reads, and only its author's files belong there.
     sys.dont_write_bytecode = True
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    install_log_stream()
     # The sandbox goes up before the event loop exists: libuv sets up an io_uring at loop creation
     # that seccomp would later deny (libuv aborts on that); created inside the sandbox, the loop
     # falls back to epoll. Plugin code comes later still, on Load.

@@ -386,6 +386,23 @@ async def test_default_ceilings_hold_without_any_limits_configured(write_config,
     assert any("lines of output not logged: over log_lines_per_second=50" in r.getMessage() for r in caplog.records)
 
 
+async def test_logging_past_the_output_rate_never_blocks_the_worker(write_config):
+    """A tool failing thousands of times a second had each traceback logged to a stderr the host
+    reads at log_lines_per_second: the worker's event loop blocked in write(2), missed its pings and
+    was killed as unresponsive. Records that do not fit now are counted and dropped: 100 MB of
+    records take the time logging takes, not the 30 s the host needs to read them, and the worker
+    answers throughout."""
+    config = write_config([plugin("attacker"), GREETER], host={"plugins": {"attacker": {
+        "tool_timeouts": {"attack_flood_log": 20}}}})
+    async with Host(config) as host:
+        pid = host.plugins["attacker"].worker.pid
+        result = await attack(host, "flood_log", lines=100_000)
+        assert result.startswith("logged in"), result
+        assert float(result.split()[2]) < 10, result
+        assert json.loads(await attack(host, "statvfs"))["total_mb"] > 0
+        assert host.plugins["attacker"].worker.pid == pid  # never taken for unresponsive
+
+
 async def test_blank_lines_count_toward_the_output_rate(write_config):
     """Attack pass 40: a blank line cost no token, so 64 KiB reads of nothing but newlines kept the
     host splitting 65 536 lines a read on its loop as fast as the plugin wrote (loop lag p99 8.5 to

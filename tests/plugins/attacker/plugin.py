@@ -8,6 +8,7 @@ it ("contained: ..."). config: paths and ports on the host side to aim at, chose
 import ctypes
 import errno
 import json
+import logging
 import os
 import socket
 import struct
@@ -552,6 +553,14 @@ class QanotPlugin(Plugin):
         for _ in range(int(params.get("lines", 200_000)) // 1000):
             os.write(2, block)
         return "flooded"
+
+    @tool(name="attack_flood_log", description="log many long records through logging", parameters=ANY)
+    async def flood_log(self, params: dict) -> str:
+        log = logging.getLogger("attacker")
+        began = time.monotonic()
+        for n in range(int(params.get("lines", 100_000))):
+            log.error("record %d %s", n, "y" * 1000)
+        return f"logged in {time.monotonic() - began:.1f} s"
 
     @tool(name="attack_statvfs", description="how big is the data directory's file system", parameters=ANY)
     async def statvfs(self, params: dict) -> str:
