@@ -36,12 +36,16 @@ class Deadlines:
         queue = self._queues.get(timeout)
         if queue is None:
             queue = self._queues[timeout] = deque()
+        live = self._live
+        # Calls mostly end in the order they were made: the head's is most often over already, and
+        # dropping it here keeps the queue near the calls in flight without a rebuild.
+        if queue and queue[0][1] not in live:
+            queue.popleft()
         queue.append((deadline, request_id, what))
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
-        elif not request_id % COMPACT_SLACK and len(queue) > COMPACT_SLACK and \
-                len(queue) > 4 * len(self._live):
-            self._queues[timeout] = deque(entry for entry in queue if entry[1] in self._live)
+        elif not request_id % COMPACT_SLACK and len(queue) > COMPACT_SLACK and len(queue) > 4 * len(live):
+            self._queues[timeout] = deque(entry for entry in queue if entry[1] in live)
 
     def clear(self) -> None:
         if self._timer is not None:

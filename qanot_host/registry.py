@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from .errors import InvalidParams, PluginError, QanotHostError, ToolFailed, ToolNotFound
-from .schema import MAX_PARAMS_DEPTH, SchemaError, check_schema, compile_validator, json_problem, type_name
+from .schema import SchemaError, check_schema, compile_validator, params_problem, type_name
 
 __all__ = ["ToolRegistry", "RegisteredTool", "TOOL_TIMEOUT", "MAX_TOOL_RESULT_CHARS", "tool_name_problem",
            "truncate_tool_result", "sanitize_error", "redact_credentials", "call_error"]
@@ -141,8 +141,9 @@ class ToolRegistry:
                 if type(input_data) is not dict:
                     log.warning("Tool %s received non-dict input: %.200r", name, input_data)
                     raise _Refused("Tool input must be a JSON object")
+                known = None
             if self.observer is None:
-                result = await self._dispatch(self._checked(name, input_data), input_data, timeout)
+                result = await self._dispatch(self._checked(name, input_data, known), input_data, timeout)
             else:
                 result = await self._observed(name, input_data, timeout)
             return truncate_tool_result(result)
@@ -208,16 +209,18 @@ class ToolRegistry:
             return tool.handler(params) if timeout is None else tool.handler(params, timeout)
         return asyncio.wait_for(tool.handler(params), self.timeout if timeout is None else timeout)
 
-    def _checked(self, name: str, params: dict[str, Any]) -> RegisteredTool:
-        tool = self._tools.get(name) if isinstance(name, str) else None
+    def _checked(self, name: str, params: dict[str, Any], tool: RegisteredTool | None = None) -> RegisteredTool:
+        """`tool`: the caller looked `name` up already and found it, with a dict for params."""
         if tool is None:
-            raise ToolNotFound(name, self.explain_missing(name) if isinstance(name, str) else "")
-        if type(params) is not dict:
-            # JSON's names here (the CLI's caller wrote JSON); execute() answers Qanot's words first
-            raise InvalidParams(name, [f"Parameters must be an object, got {type_name(params)}"])
+            tool = self._tools.get(name) if isinstance(name, str) else None
+            if tool is None:
+                raise ToolNotFound(name, self.explain_missing(name) if isinstance(name, str) else "")
+            if type(params) is not dict:
+                # JSON's names here (the CLI's caller wrote JSON); execute() answers Qanot's words first
+                raise InvalidParams(name, [f"Parameters must be an object, got {type_name(params)}"])
         # What cannot cross the wire is refused here, before anything is written to a worker.
         if tool.plugin is not None:
-            problem = json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
+            problem = params_problem(params)
             if problem:
                 raise InvalidParams(name, [problem])
         problems = tool.validate(params)

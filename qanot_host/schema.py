@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, cast
 
-__all__ = ["SchemaError", "check_schema", "compile_validator", "json_problem", "MAX_DEPTH", "MAX_PARAMS_DEPTH",
-           "type_name"]
+__all__ = ["SchemaError", "check_schema", "compile_validator", "json_problem", "params_problem", "MAX_DEPTH",
+           "MAX_PARAMS_DEPTH", "type_name"]
 
 MAX_DEPTH = 32  # a schema nested deeper than this is refused
 MAX_PARAMS_DEPTH = 64  # params nested deeper than this are refused (InvalidParams)
@@ -82,6 +82,30 @@ def json_problem(value: object, where: str = "", depth: int = 0, max_depth: int 
     return f"{where or '$'}: a {kind.__name__} is not JSON"
 
 
+def params_problem(params: dict) -> str | None:
+    """json_problem() of a call's params, which every call pays: the usual flat object of ASCII
+    keys and plain scalars passes in one loop, anything else gets the whole walk (which cost 1.3 µs a
+    call, a sixth of the host's CPU per call with 64 calls in flight)."""
+    for key, value in params.items():
+        kind = type(value)
+        if type(key) is not str or not key.isascii():
+            break
+        if kind is str:
+            if not value.isascii():
+                break
+        elif kind is int:
+            if not -INT64 <= value < INT64:
+                break
+        elif kind is float:
+            if value - value != 0.0:  # inf or nan
+                break
+        elif value is not None and kind is not bool:
+            break
+    else:
+        return None
+    return json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
+
+
 def _surrogate_problem(text: str, where: str) -> str | None:
     if text.isascii():
         return None
@@ -133,11 +157,12 @@ def compile_validator(schema: dict[str, Any]) -> Callable[[dict], list[str]]:
     def validate(params: dict) -> list[str]:
         if type(params) is not dict:
             return [f"Parameters must be a dict, got {type(params).__name__}"]
-        errors = [f"Missing required parameter: {key}" for key in required if key not in params]
-        for key, value in params.items():
-            check = checks.get(key)
-            if check is not None and not any(test(value) for test in check[1]):
-                errors.append(f"Parameter '{key}' expected {check[0]}, got {type(value).__name__}")
+        errors = [f"Missing required parameter: {key}" for key in required if key not in params] if required else []
+        if checks:
+            for key, value in params.items():
+                check = checks.get(key)
+                if check is not None and not any(test(value) for test in check[1]):
+                    errors.append(f"Parameter '{key}' expected {check[0]}, got {type(value).__name__}")
         return errors
 
     return validate

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from qanot_host import Host, InvalidParams, PluginState, ToolFailed
 from qanot_host.errors import ConfigError
-from qanot_host.schema import MAX_PARAMS_DEPTH
+from qanot_host.schema import MAX_PARAMS_DEPTH, json_problem, params_problem
 
 from .conftest import GREETER, gone, grant_write, plugin, wait_until, worker_processes
 from .test_hostile import HostileLauncher
@@ -116,6 +116,14 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
     | st.dictionaries(st.text(max_size=6) | st.integers(0, 3), children, max_size=4),
     max_leaves=20)
+
+
+@settings(max_examples=500, deadline=None)
+@given(params=st.dictionaries(st.text(max_size=8) | st.integers(0, 3), json_values, max_size=5))
+def test_the_call_paths_quick_params_check_agrees_with_the_whole_walk(params):
+    """params_problem() passes a flat object of plain values in one loop and walks the rest: it must
+    refuse exactly what json_problem() refuses, with the same words."""
+    assert params_problem(params) == json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
