@@ -117,13 +117,19 @@ class WorkerChannel(asyncio.Protocol):
         """request() specialised for the hot path: a future of the tool's result string, failed
         with ToolFailed or WorkerTimeout. No coroutine and no timer of its own: the reply settles
         the future directly, and the timeout is one entry among the channel's deadlines."""
-        request_id = self._next_id()
+        if self.closed is not None:  # _start(), inline: every call comes this way
+            raise self.closed
+        request_id = next(self._ids)
         try:
-            return self._start(request_id, p.Call(request_id, tool, params), _CALL, timeout, tool)
+            self._post(p.Call(request_id, tool, params))
         except p.FrameTooLarge as exc:
             raise InvalidParams(tool, [f"params are too large: {exc} (host.max_frame_bytes)"]) from None
         except UNENCODABLE as exc:  # the registry checks params first; this is the last line
             raise InvalidParams(tool, [f"params cannot be sent: {type(exc).__name__}: {exc}"]) from None
+        future = self._loop.create_future()
+        self._pending[request_id] = (future, _CALL, tool)
+        self._deadlines.add(request_id, timeout, tool)
+        return future
 
     def ping(self) -> None:
         """The heartbeat's Ping (heartbeat.py), one at a time, with no future or timer of its own:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from .errors import InvalidParams, PluginError, QanotHostError, ToolFailed, ToolNotFound
-from .schema import SchemaError, check_schema, compile_validator, params_problem, type_name
+from .schema import SchemaError, check_schema, compile_params_check, compile_validator, type_name
 
 __all__ = ["ToolRegistry", "RegisteredTool", "TOOL_TIMEOUT", "MAX_TOOL_RESULT_CHARS", "tool_name_problem",
            "truncate_tool_result", "sanitize_error", "redact_credentials", "call_error"]
@@ -50,6 +50,8 @@ class RegisteredTool:
     plugin: str | None = None  # None: an in-host tool registered with register()
     category: str = "core"
     validate: Callable[[Any], list[str]] = field(init=False, repr=False)
+    # a plugin's tool: what cannot cross the wire, then `validate`, in one pass (compile_params_check)
+    check: Callable[[dict], list[str]] = field(init=False, repr=False)
     callable_name: bool = field(init=False, repr=False)  # one Qanot's execute() accepts
 
     def __post_init__(self) -> None:
@@ -71,10 +73,11 @@ class RegisteredTool:
             if self.plugin is not None:
                 raise
             log.warning("tool %s: %s; its params are not checked", self.name, exc)
-            self.validate = _no_checks
+            self.validate = self.check = _no_checks
             return
         # Qanot skips validation for an empty schema, and so does this.
         self.validate = compile_validator(self.parameters) if self.parameters else _no_checks
+        self.check = compile_params_check(self.parameters, self.validate) if self.plugin is not None else self.validate
 
     def definition(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "input_schema": self.parameters}
@@ -146,7 +149,7 @@ class ToolRegistry:
                 result = await self._dispatch(self._checked(name, input_data, known), input_data, timeout)
             else:
                 result = await self._observed(name, input_data, timeout)
-            return truncate_tool_result(result)
+            return result if len(result) <= MAX_TOOL_RESULT_CHARS else truncate_tool_result(result)
         except _Refused as exc:
             await asyncio.sleep(0)
             return _error(str(exc))
@@ -219,11 +222,7 @@ class ToolRegistry:
                 # JSON's names here (the CLI's caller wrote JSON); execute() answers Qanot's words first
                 raise InvalidParams(name, [f"Parameters must be an object, got {type_name(params)}"])
         # What cannot cross the wire is refused here, before anything is written to a worker.
-        if tool.plugin is not None:
-            problem = params_problem(params)
-            if problem:
-                raise InvalidParams(name, [problem])
-        problems = tool.validate(params)
+        problems = tool.check(params)
         if problems:
             raise InvalidParams(name, problems)
         return tool

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, cast
 
-__all__ = ["SchemaError", "check_schema", "compile_validator", "json_problem", "params_problem", "MAX_DEPTH",
+__all__ = ["SchemaError", "check_schema", "compile_validator", "json_problem", "compile_params_check", "MAX_DEPTH",
            "MAX_PARAMS_DEPTH", "type_name"]
 
 MAX_DEPTH = 32  # a schema nested deeper than this is refused
@@ -34,6 +34,10 @@ _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
 }
 
 _QANOT_TYPES = {name: test for name, test in _JSON_TYPES.items() if name != "null"}
+# The exact Python types that pass each test at once (its subclasses, bar bool's, are tested)
+_EXACT: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float),
+                                       "boolean": (bool,), "array": (list,), "object": (dict,),
+                                       "null": (type(None),)}
 
 
 class SchemaError(ValueError):
@@ -82,30 +86,6 @@ def json_problem(value: object, where: str = "", depth: int = 0, max_depth: int 
     return f"{where or '$'}: a {kind.__name__} is not JSON"
 
 
-def params_problem(params: dict) -> str | None:
-    """json_problem() of a call's params, which every call pays: the usual flat object of ASCII
-    keys and plain scalars passes in one loop, anything else gets the whole walk (which cost 1.3 µs a
-    call, a sixth of the host's CPU per call with 64 calls in flight)."""
-    for key, value in params.items():
-        kind = type(value)
-        if type(key) is not str or not key.isascii():
-            break
-        if kind is str:
-            if not value.isascii():
-                break
-        elif kind is int:
-            if not -INT64 <= value < INT64:
-                break
-        elif kind is float:
-            if value - value != 0.0:  # inf or nan
-                break
-        elif value is not None and kind is not bool:
-            break
-    else:
-        return None
-    return json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
-
-
 def _surrogate_problem(text: str, where: str) -> str | None:
     if text.isascii():
         return None
@@ -152,7 +132,8 @@ def compile_validator(schema: dict[str, Any]) -> Callable[[dict], list[str]]:
         names, known = (expected, _JSON_TYPES) if isinstance(expected, list) else ([expected], _QANOT_TYPES)
         tests = tuple(known[n] for n in names if n in known)
         if tests and len(tests) == len(names):  # an unknown type name in the list lets anything pass
-            checks[key] = (" or ".join(names), tests)
+            exact = frozenset(kind for n in names for kind in _EXACT.get(n, ()))
+            checks[key] = (" or ".join(names), tests, exact)
 
     def validate(params: dict) -> list[str]:
         if type(params) is not dict:
@@ -161,8 +142,65 @@ def compile_validator(schema: dict[str, Any]) -> Callable[[dict], list[str]]:
         if checks:
             for key, value in params.items():
                 check = checks.get(key)
-                if check is not None and not any(test(value) for test in check[1]):
+                # a value of exactly an accepted type passes at once; others get the type tests
+                if check is not None and type(value) not in check[2] and not _passes(value, check[1]):
                     errors.append(f"Parameter '{key}' expected {check[0]}, got {type(value).__name__}")
         return errors
 
     return validate
+
+
+def _passes(value: object, tests: tuple[Callable[[Any], bool], ...]) -> bool:
+    for test in tests:
+        if test(value):
+            return True
+    return False
+
+
+def compile_params_check(schema: dict[str, Any], validate: Callable[[dict], list[str]]) -> Callable[[dict], list[str]]:
+    """A plugin tool's whole check of a call's params, in one pass for the usual call: what cannot
+    cross the wire (json_problem) and what the schema refuses (`validate`). A flat object of ASCII
+    keys and plain values, each of exactly a type its schema names, passes in one loop; anything
+    else is decided by those two, in that order, with their words. Every call pays this: the two
+    apart, with a generator per typed param, cost 0.3-1.4 µs a call."""
+    required = tuple(schema.get("required", ()))
+    exact: dict[str, frozenset[type]] = {}
+    for key, prop in schema.get("properties", {}).items():
+        names = prop.get("type")
+        names = names if isinstance(names, list) else [names]
+        known = _JSON_TYPES if len(names) > 1 else _QANOT_TYPES
+        if all(n in known for n in names):  # else (no type, or an unknown name) anything passes
+            exact[key] = frozenset(kind for n in names for kind in _EXACT[n])
+
+    def slow(params: dict) -> list[str]:
+        problem = json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
+        return [problem] if problem else validate(params)
+
+    def check(params: dict) -> list[str]:
+        for key, value in params.items():
+            kind = type(value)
+            if type(key) is not str or not key.isascii():
+                return slow(params)
+            if kind is str:
+                if not value.isascii():
+                    return slow(params)
+            elif kind is int:
+                if not -INT64 <= value < INT64:
+                    return slow(params)
+            elif kind is float:
+                if value - value != 0.0:  # inf or nan
+                    return slow(params)
+            elif value is not None and kind is not bool:
+                return slow(params)  # a container, or what is not JSON: the whole walk
+            accepted = exact.get(key)
+            if accepted is not None and kind not in accepted:
+                return slow(params)
+        for key in required:
+            if key not in params:
+                return slow(params)
+        return _NO_PROBLEMS
+
+    return check
+
+
+_NO_PROBLEMS: list[str] = []  # never changed: what a check returns when it finds nothing

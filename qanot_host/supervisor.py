@@ -420,15 +420,19 @@ class PluginSupervisor:
         timeout = configured if timeout is None or timeout >= configured else max(timeout, 0.001)
         if worker is None:
             worker, timeout = await self._wait_for_worker(f"tool {tool}", timeout)
-        self.calls += 1
-        self._began()
-        self._calls_since_start += 1
+        # Refused here (params that cannot be framed): nothing is in flight. Counted in flight only
+        # once sent: a refused call was left in flight for good, and the host's stop waited on it.
         reply = worker.call(tool, params, timeout)
-        max_calls = self.limits.max_calls
-        if max_calls and self._calls_since_start >= max_calls:
-            # its last call: calls that come while it is in flight wait for the next worker
-            self.recycle(f"served max_calls={max_calls} calls", counts=False)
+        self.calls += 1
+        self._calls_since_start += 1
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self.idle.clear()
         try:
+            max_calls = self.limits.max_calls
+            if max_calls and self._calls_since_start >= max_calls:
+                # its last call: calls that come while it is in flight wait for the next worker
+                self.recycle(f"served max_calls={max_calls} calls", counts=False)
             return await reply
         except asyncio.CancelledError:  # the caller went away (an MCP client's cancel): so does the call
             worker.call_cancelled(reply)

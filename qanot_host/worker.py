@@ -268,7 +268,7 @@ class WorkerHandle:
         supervisor asked accepting_calls first (in the same step); this only keeps a write from a
         worker that is not there."""
         channel = self._channel
-        if channel is None or not self.accepting_calls:
+        if channel is None or channel.closed is not None or self._stopping:  # accepting_calls, inline
             raise PluginUnavailable(self.plugin, "worker is stopping")
         return channel.call(tool, params, timeout)
 

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import subprocess
+import string
 import sys
 import time
 
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from qanot_host import Host, InvalidParams, PluginState, ToolFailed
 from qanot_host.errors import ConfigError
-from qanot_host.schema import MAX_PARAMS_DEPTH, json_problem, params_problem
+from qanot_host.schema import MAX_PARAMS_DEPTH, compile_params_check, compile_validator, json_problem
 
 from .conftest import GREETER, gone, grant_write, plugin, wait_until, worker_processes
 from .test_hostile import HostileLauncher
@@ -81,6 +82,8 @@ async def test_params_over_max_frame_bytes_are_invalid_params(echo_host):
     result = json.loads(await host.registry.execute("echo", {"big": "x" * 100_000}))
     assert "Invalid parameters: params are too large" in result["error"]
     assert "host.max_frame_bytes" in result["error"]
+    # nothing of the refused call is left in flight (a drain, the host's stop, would wait on it)
+    assert host.plugins["echo"].in_flight == 0 and host.plugins["echo"].idle.is_set()
     assert await host.registry.execute("echo", {"ok": 1}) == '{"ok": 1}'
     assert unchanged(host, "echo", pid)
 
@@ -118,12 +121,37 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=500, deadline=None)
-@given(params=st.dictionaries(st.text(max_size=8) | st.integers(0, 3), json_values, max_size=5))
-def test_the_call_paths_quick_params_check_agrees_with_the_whole_walk(params):
-    """params_problem() passes a flat object of plain values in one loop and walks the rest: it must
-    refuse exactly what json_problem() refuses, with the same words."""
-    assert params_problem(params) == json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
+SCHEMAS = [{}, {"type": "object", "properties": {"text": {"type": "string"}, "n": {"type": "integer"}}},
+           {"type": "object", "properties": {"n": {"type": "number"}, "f": {"type": "boolean"}, "x": {"type": "null"},
+                                             "l": {"type": "array"}, "o": {"type": "object"}, "u": {"type": "nonsense"},
+                                             "m": {"type": ["integer", "null"]}}, "required": ["n"]}]
+
+
+plain_values = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats()
+                | st.text(alphabet=string.printable, max_size=5) | st.lists(st.integers(), max_size=2)
+                | st.dictionaries(st.text(alphabet=string.ascii_letters, max_size=2), st.integers(), max_size=2))
+schema_keys = st.sampled_from(["text", "n", "f", "x", "l", "o", "u", "m"])
+
+
+@settings(max_examples=800, deadline=None)
+@given(params=st.dictionaries(schema_keys, plain_values, max_size=5)
+       | st.dictionaries(schema_keys | st.text(max_size=8) | st.integers(0, 3), json_values, max_size=5),
+       schema=st.sampled_from(SCHEMAS))
+@example(params={"n": 2**64}, schema=SCHEMAS[1])  # each way out of the one pass, surely tried
+@example(params={"n": -(2**63) - 1}, schema=SCHEMAS[2])
+@example(params={"n": math.nan}, schema=SCHEMAS[2])
+@example(params={"n": 1.0, "f": math.inf}, schema=SCHEMAS[2])
+@example(params={"text": 1}, schema=SCHEMAS[1])
+@example(params={"f": True}, schema=SCHEMAS[2])
+@example(params={"n": 1, "s": "\ud800"}, schema=SCHEMAS[2])
+@example(params={"n": 1, 2: "a"}, schema=SCHEMAS[2])
+def test_the_call_paths_one_pass_check_agrees_with_the_whole_walk_and_the_schema(params, schema):
+    """A plugin tool's check passes a flat object of plain values in one loop and hands anything
+    else to the full walk and the schema's validator: it must refuse exactly what those refuse,
+    with the same words, in the same order."""
+    validate = compile_validator(schema)
+    problem = json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
+    assert compile_params_check(schema, validate)(params) == ([problem] if problem else validate(params))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
