@@ -166,9 +166,9 @@ def compile_params_check(schema: dict[str, Any], validate: Callable[[dict], list
     required = tuple(schema.get("required", ()))
     exact: dict[str, frozenset[type]] = {}
     for key, prop in schema.get("properties", {}).items():
-        names = prop.get("type")
-        names = names if isinstance(names, list) else [names]
-        known = _JSON_TYPES if len(names) > 1 else _QANOT_TYPES
+        expected = prop.get("type")
+        # as compile_validator reads it: a list of types as JSON Schema says, a single one as Qanot
+        names, known = (expected, _JSON_TYPES) if isinstance(expected, list) else ([expected], _QANOT_TYPES)
         if all(n in known for n in names):  # else (no type, or an unknown name) anything passes
             exact[key] = frozenset(kind for n in names for kind in _EXACT[n])
 
