@@ -262,9 +262,14 @@ async def _connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 async def control_request(path: str, command: str, timeout: float | None = 60.0, **fields: Any) -> dict[str, Any]:
     """Send one command to a running host; NoRunningHost if none answers, QanotHostError with the
     host's own words if it refuses."""
+    request = {"command": command, **fields}
+    try:
+        data = json.dumps(request, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate (in params): sent escaped, so the host says where it is
+        data = json.dumps(request).encode()
     reader, writer = await _connect(path)
     try:
-        writer.write(json.dumps({"command": command, **fields}, ensure_ascii=False).encode() + b"\n")
+        writer.write(data + b"\n")
         line = await asyncio.wait_for(reader.readline(), timeout)
     except ValueError:  # a line over the limit: the host refuses those itself, so this is not ours
         raise QanotHostError(f"the answer at {path} is over {MAX_REQUEST} bytes") from None

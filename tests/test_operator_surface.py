@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from qanot_host import Host, PluginState
+from qanot_host import Host, PluginState, QanotHostError
 from qanot_host.control import ControlServer, control_request, follow_logs
 from qanot_host.output import OutputLimit
 
@@ -113,6 +113,9 @@ async def test_an_answer_too_large_for_the_control_socket_is_refused_in_words(wr
     try:
         small = await control_request(control.path, "call", tool="greeter_big", params={"size": 1000})
         assert small["result"] == "x" * 1000
+        # a lone surrogate in params (attack pass 43): the host's own words, not "the answer is over ..."
+        with pytest.raises(QanotHostError, match=r"params.name: '\\ud800' holds a lone surrogate"):
+            await control_request(control.path, "call", tool="greet", params={"name": "\ud800"})
         with pytest.raises(Exception, match="over the control socket's 1048576: use `qanot-host call --standalone`"):
             await control_request(control.path, "call", tool="greeter_big", params={"size": 2 << 20})
         for request in ('{"command": "logs", "plugin": "greeter", "lines": Infinity}', "[[[[" * 5000, "7"):
