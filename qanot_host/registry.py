@@ -141,9 +141,10 @@ class ToolRegistry:
                 if tool_name_problem(name):
                     log.warning("Rejected invalid tool name: %r", name[:80])
                     raise _Refused(BAD_NAME)
-                if type(input_data) is not dict:
+                if not isinstance(input_data, dict):
                     log.warning("Tool %s received non-dict input: %.200r", name, input_data)
                     raise _Refused("Tool input must be a JSON object")
+                input_data = _plain(input_data)
                 known = None
             if self.observer is None:
                 result = await self._dispatch(self._checked(name, input_data, known), input_data, timeout)
@@ -182,6 +183,7 @@ class ToolRegistry:
     async def invoke(self, name: str, params: dict[str, Any], timeout: float | None = None) -> Any:
         """execute() with typed errors raised instead of returned, and the result whole (a checkpoint too)."""
         try:
+            params = _plain(params)
             if self.observer is None:
                 return await self._dispatch(self._checked(name, params), params, timeout)
             return await self._observed(name, params, timeout)
@@ -297,6 +299,12 @@ def call_error(exc: QanotHostError) -> QanotHostError:
     """A failed call's error as `qanot-host call` prints it: the plugins' text in it (an exception,
     a setup()'s) with credentials redacted, as execute() and `qanot-host mcp` redact them."""
     return QanotHostError(redact_credentials(str(exc)))
+
+
+def _plain(params: Any) -> Any:
+    """A dict subclass (an OrderedDict, a defaultdict) as the plain dict Qanot's execute() takes it
+    for (it asks isinstance); anything else as it is, for the checks to refuse."""
+    return dict(params) if type(params) is not dict and isinstance(params, dict) else params
 
 
 def _no_checks(params: Any) -> list[str]:

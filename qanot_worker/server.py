@@ -215,10 +215,12 @@ class WorkerServer(asyncio.Protocol):
             await self._on_error(msg.tool, exc)
             self._send(p.Failure(msg.id, p.FailureKind.TOOL, _describe(exc)))
             return
-        if type(result) is not str and not isinstance(result, str):
-            self._send(p.Failure(msg.id, p.FailureKind.BAD_RESULT,
-                                 f"returned {type(result).__name__}, expected str"))
-            return
+        if type(result) is not str:
+            if not isinstance(result, str):
+                self._send(p.Failure(msg.id, p.FailureKind.BAD_RESULT,
+                                     f"returned {type(result).__name__}, expected str"))
+                return
+            result = str.__str__(result)  # a str subclass, as the plain str msgpack carries
         self._send(p.Result(msg.id, result))
 
     def _call_ended(self, request_id: int, task: asyncio.Task) -> None:

@@ -9,11 +9,11 @@ import json
 import math
 import os
 import signal
-import subprocess
 import string
+import subprocess
 import sys
 import time
-
+from collections import OrderedDict
 from pathlib import Path
 
 import psutil
@@ -95,6 +95,18 @@ async def test_a_result_that_cannot_be_sent_fails_that_call_only(echo_host):
         await host.registry.invoke("mb_bad_string", {})
     assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
     assert unchanged(host, "misbehave", pid)
+
+
+async def test_subclasses_of_dict_and_str_are_taken_as_qanot_takes_them(echo_host):
+    """Attack pass 43: Qanot's execute() asks isinstance(input_data, dict), so an OrderedDict is a
+    JSON object to it; here it was "Tool input must be a JSON object" (and "got object" from
+    invoke()). A plugin's str subclass is a str result (msgpack could not encode it)."""
+    host = echo_host
+    pid = host.plugins["echo"].worker.pid
+    assert await host.registry.execute("echo", OrderedDict(a=1)) == await host.registry.execute("echo", {"a": 1})
+    assert await host.registry.invoke("echo", OrderedDict(a=1)) == await host.registry.invoke("echo", {"a": 1})
+    assert await host.registry.execute("mb_fancy_string", {}) == "a str subclass"
+    assert unchanged(host, "echo", pid)
 
 
 async def test_a_frame_nested_deeper_than_the_decoder_accepts_is_a_protocol_violation(tmp_path):

@@ -127,6 +127,13 @@ class QanotPlugin(Plugin):
     async def bad_string(self, params: dict) -> str:
         return "half a surrogate pair: \ud800"
 
+    @tool(name="mb_fancy_string", description="Returns a str subclass.", parameters=ANY)
+    async def fancy_string(self, params: dict) -> str:
+        class Fancy(str):
+            def __str__(self) -> str:
+                return "not what was returned"
+        return Fancy("a str subclass")
+
     @tool(name="mb_garbage", description="Writes random bytes to stdout and stderr.", parameters=ANY)
     async def garbage(self, params: dict) -> str:
         os.write(1, os.urandom(params.get("n", 100000)))
