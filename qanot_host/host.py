@@ -557,11 +557,13 @@ class Host:
             supervisor = self.plugins.get(plugin)
             if supervisor is None:
                 raise PluginUnavailable(plugin, f"no enabled plugin {plugin!r} in {self.config.path}")
+            # A start or restart under way ends first: a call waiting for it (a lazy plugin's first
+            # call) is then drained with the ready worker, not failed by stopping the one starting.
+            await supervisor.settled.wait()
             if supervisor.state == PluginState.READY:
                 supervisor.recycle("restarted by the operator", counts=False, label="operator")  # drains first
                 await supervisor.settled.wait()
             else:
-                await supervisor.settled.wait()  # a restart under way ends first
                 await self._stop_plugins([plugin], "it is being restarted by the operator; call again once it is ready")
                 self._factory.tool_cache.forget(plugin)  # an idle lazy plugin lists its tools anew
                 await self._start_plugins([plugin])

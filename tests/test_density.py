@@ -169,6 +169,21 @@ async def test_stopping_the_host_while_an_idle_plugin_starts_leaves_nothing(writ
     assert probe.state == PluginState.STOPPED
 
 
+async def test_an_operators_restart_during_a_start_for_a_call_lets_that_call_through(write_config):
+    """Attack pass 43: `qanot-host restart` while a call's lazy start was under way stopped the new
+    worker, and the call failed with "worker stopped"; a restart lets calls finish first. The start
+    under way ends, the worker is replaced as a ready one would be, and the call is answered."""
+    config = write_config([plugin("misbehave", slow_start=1.0)], host=lazy_host())
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        assert sup.state == PluginState.IDLE
+        call = asyncio.ensure_future(host.registry.invoke("mb_ok", {}))
+        await wait_until(lambda: sup.state == PluginState.STARTING, 5, "the call's start")
+        status = await host.restart_plugin("misbehave")
+        assert (await asyncio.wait_for(call, 10)).startswith("ok ")
+        assert status["state"] == "ready"
+
+
 def test_the_host_raises_its_open_files_limit_and_says_how_many_workers_fit():
     import subprocess
     import sys
