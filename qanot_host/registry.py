@@ -19,11 +19,11 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
 from .errors import InvalidParams, PluginError, QanotHostError, ToolFailed, ToolNotFound
-from .schema import SchemaError, check_schema, compile_params_check, compile_validator, type_name
+from .schema import CHECK_OFF_LOOP, SchemaError, check_schema, compile_params_check, compile_validator, type_name
 
 __all__ = ["ToolRegistry", "RegisteredTool", "TOOL_TIMEOUT", "MAX_TOOL_RESULT_CHARS", "tool_name_problem",
            "truncate_tool_result", "sanitize_error", "redact_credentials", "call_error"]
@@ -50,8 +50,10 @@ class RegisteredTool:
     plugin: str | None = None  # None: an in-host tool registered with register()
     category: str = "core"
     validate: Callable[[Any], list[str]] = field(init=False, repr=False)
-    # a plugin's tool: what cannot cross the wire, then `validate`, in one pass (compile_params_check)
+    # a plugin's tool: what cannot cross the wire, then `validate`, in one pass (compile_params_check),
+    # and the same for params too large to check on the event loop (checked on a thread)
     check: Callable[[dict], list[str]] = field(init=False, repr=False)
+    check_whole: Callable[[dict], list[str]] = field(init=False, repr=False)
     callable_name: bool = field(init=False, repr=False)  # one Qanot's execute() accepts
 
     def __post_init__(self) -> None:
@@ -73,11 +75,14 @@ class RegisteredTool:
             if self.plugin is not None:
                 raise
             log.warning("tool %s: %s; its params are not checked", self.name, exc)
-            self.validate = self.check = _no_checks
+            self.validate = self.check = self.check_whole = _no_checks
             return
         # Qanot skips validation for an empty schema, and so does this.
         self.validate = compile_validator(self.parameters) if self.parameters else _no_checks
-        self.check = compile_params_check(self.parameters, self.validate) if self.plugin is not None else self.validate
+        if self.plugin is not None:
+            self.check, self.check_whole = compile_params_check(self.parameters, self.validate)
+        else:
+            self.check = self.check_whole = self.validate
 
     def definition(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "input_schema": self.parameters}
@@ -226,6 +231,8 @@ class ToolRegistry:
         # What cannot cross the wire is refused here, before anything is written to a worker.
         problems = tool.check(params)
         if problems:
+            if problems is CHECK_OFF_LOOP:  # rare: the same tool, checking its params on a thread first
+                return replace(tool, handler=_checked_on_a_thread(tool, name))
             raise InvalidParams(name, problems)
         return tool
 
@@ -299,6 +306,18 @@ def call_error(exc: QanotHostError) -> QanotHostError:
     """A failed call's error as `qanot-host call` prints it: the plugins' text in it (an exception,
     a setup()'s) with credentials redacted, as execute() and `qanot-host mcp` redact them."""
     return QanotHostError(redact_credentials(str(exc)))
+
+
+def _checked_on_a_thread(tool: RegisteredTool, name: str) -> Handler:
+    """`tool`'s handler, after its whole params check, run on a thread: params of millions of values
+    walked there leave the host's event loop answering meanwhile (framing them is msgspec's, fast)."""
+    async def handler(params: dict[str, Any], *timeout: float) -> Any:
+        problems = await asyncio.to_thread(tool.check_whole, params)
+        if problems:
+            raise InvalidParams(name, problems)
+        return await tool.handler(params, *timeout)
+
+    return handler
 
 
 def _plain(params: Any) -> Any:

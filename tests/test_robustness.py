@@ -165,7 +165,39 @@ def test_the_call_paths_one_pass_check_agrees_with_the_whole_walk_and_the_schema
     with the same words, in the same order."""
     validate = compile_validator(schema)
     problem = json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
-    assert compile_params_check(schema, validate)(params) == ([problem] if problem else validate(params))
+    check, whole = compile_params_check(schema, validate)
+    assert check(params) == whole(params) == ([problem] if problem else validate(params))
+
+
+async def test_params_of_millions_of_values_are_checked_off_the_event_loop(echo_host):
+    """Attack pass 43: the check of a call's params walked them on the host's event loop: 9 million
+    floats held it 1.8 s (/healthz answered 503), six such calls 10.75 s. Past CHECK_ON_LOOP_VALUES
+    values the walk runs on a thread; what it finds is said with the same words."""
+    host = echo_host
+    gaps = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.ensure_future(ticker())
+    big = {"x": [1.5] * 3_000_000}
+    await asyncio.sleep(0.05)  # the ticker is running
+    try:
+        with pytest.raises(InvalidParams, match="params are too large"):  # valid, then over max_frame_bytes
+            await host.registry.invoke("echo", big)
+        bad = {"x": [1.5] * 200_000 + [math.nan]}
+        with pytest.raises(InvalidParams, match=r"params.x\[200000\]: nan is not a JSON number"):
+            await host.registry.invoke("echo", bad)
+        assert "params.x[200000]: nan" in await host.registry.execute("echo", bad)
+    finally:
+        ticking.cancel()
+    assert max(gaps) < 0.3, f"the loop was held {max(gaps):.2f} s"
+    assert await host.registry.execute("echo", {"ok": 1}) == '{"ok": 1}'
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
