@@ -518,6 +518,8 @@ class PluginSupervisor:
                         continue
                     if self.state == PluginState.IDLE and self.worker is None:
                         continue
+                    if self._closing:  # stopped meanwhile (a reload restarts it, the host stops): say so
+                        raise PluginUnavailable(self.name, self._closing_why)
                     if self.state != PluginState.READY or self.worker is None:
                         raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
         except TimeoutError:

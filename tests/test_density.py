@@ -184,6 +184,20 @@ async def test_an_operators_restart_during_a_start_for_a_call_lets_that_call_thr
         assert status["state"] == "ready"
 
 
+async def test_a_call_waiting_for_a_start_that_a_reload_restarts_is_told_so(write_config):
+    """Attack pass 43: a call waiting for a lazy plugin's start, which a reload then restarted, was
+    told "plugin is stopped"; the README says such a call hears that a reload is restarting it."""
+    config = write_config([plugin("misbehave", slow_start=1.0)], host=lazy_host())
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        call = asyncio.ensure_future(host.registry.invoke("mb_ok", {}))
+        await wait_until(lambda: sup.state == PluginState.STARTING, 5, "the call's start")
+        write_config([plugin("misbehave", slow_start=0.1)], host=lazy_host())  # changed: restarted
+        await host.reload()
+        with pytest.raises(PluginUnavailable, match="being restarted by a reload"):
+            await asyncio.wait_for(call, 10)
+
+
 def test_the_host_raises_its_open_files_limit_and_says_how_many_workers_fit():
     import subprocess
     import sys
