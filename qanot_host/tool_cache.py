@@ -2,10 +2,11 @@
 so a lazy plugin's tools are registered at the host's start without starting its worker.
 
 An entry is valid only under the key it was written with: the plugin's directory content, its
-config entry (and a digest of what its secrets resolve to) and host settings, its dependency
-environment, the Python and the protocol. Any change to one of them and the plugin is started once
-to list its tools again. An offer of no tools is never kept. The files are the host's own
-(STATE_DIR/tool-cache, mode 0700), written whole and renamed into place.
+config entry (and a digest of what its secrets resolve to) and host settings (and a digest of what
+its granted env_vars hold), its dependency environment, the Python and the protocol. Any change to
+one of them and the plugin is started once to list its tools again. An offer of no tools is never
+kept. The files are the host's own (STATE_DIR/tool-cache, mode 0700), written whole and renamed
+into place.
 """
 
 from __future__ import annotations
@@ -42,8 +43,17 @@ class CachedOffer(msgspec.Struct):
 
 def offer_key(fingerprint: str, entry: PluginEntry, settings: PluginSettings, site_dirs: list[str]) -> str:
     material = msgspec.json.encode([p.PROTOCOL_VERSION, sys.version, fingerprint, entry.config,
-                                    secrets_digest(entry.config), settings, site_dirs])
+                                    secrets_digest(entry.config), settings, site_dirs,
+                                    _granted_env_digest(settings)])
     return hashlib.sha256(material).hexdigest()
+
+
+def _granted_env_digest(settings: PluginSettings) -> str:
+    """What the plugin's granted env_vars hold now, as a digest (never the values): its tools may
+    depend on them as on its secrets (attack pass 44: a tool named after one kept its old name from
+    the cache after the variable changed)."""
+    granted = {name: os.environ.get(name) for name in settings.permissions.env_vars}
+    return hashlib.sha256(msgspec.json.encode(granted)).hexdigest()
 
 
 class ToolCache:

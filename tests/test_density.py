@@ -77,6 +77,22 @@ async def test_a_changed_config_entry_or_plugin_code_lists_the_tools_again(write
         assert "lazy_probe_pid2" in host.registry.tool_names and "lazy_probe_pid" not in host.registry.tool_names
 
 
+async def test_a_changed_value_of_a_granted_env_var_lists_the_tools_again(write_config, tmp_path, monkeypatch):
+    """Attack pass 44: a plugin's tools may depend on a granted environment variable as on a secret;
+    the cache was keyed by the names granted, not their values, and a tool named after one kept its
+    old name after the variable changed (a call to it failed: no such tool in the worker)."""
+    settings = {"lazy_probe": {"permissions": {"env_vars": ["QH_LAZY_MODE"]}}}
+    config = write_config([plugin("lazy_probe")], host=lazy_host(plugins=settings))
+    monkeypatch.setenv("QH_LAZY_MODE", "a")
+    async with Host(config):
+        pass
+    async with Host(config) as host:
+        assert host.plugins["lazy_probe"].idle_stops == 0  # the same value: the cache fits
+    monkeypatch.setenv("QH_LAZY_MODE", "b")
+    async with Host(config) as host:
+        assert host.plugins["lazy_probe"].idle_stops == 1  # listed anew
+
+
 async def test_an_idle_worker_is_stopped_with_teardown_and_restarted_by_the_next_call(write_config, tmp_path):
     config = write_config([plugin("lazy_probe")], host={"idle_timeout": 0.5, "limits_interval": 0.1})
     async with Host(config) as host:
@@ -108,26 +124,23 @@ async def test_concurrent_first_calls_start_one_worker(write_config, tmp_path):
         assert host.plugins["lazy_probe"].activations == 1
 
 
-async def test_a_worker_that_fails_to_start_for_a_call_fails_that_call_only(write_config, tmp_path, monkeypatch):
-    settings = {"lazy_probe": {"permissions": {"env_vars": ["QH_LAZY_FAIL"]}}}
-    config = write_config([plugin("lazy_probe"), GREETER], host=lazy_host(plugins=settings))
+async def test_a_worker_that_fails_to_start_for_a_call_fails_that_call_only(write_config, tmp_path):
+    config = write_config([plugin("lazy_probe"), GREETER], host=lazy_host())
     async with Host(config):
         pass  # the tool list is cached
-    monkeypatch.setenv("QH_LAZY_FAIL", "1")
+    fail = tmp_path / "workspace" / "lazy_probe" / "fail"
+    fail.write_text("setup() refuses while this is here")
     async with Host(config) as host:
         probe = host.plugins["lazy_probe"]
         assert probe.state == PluginState.IDLE
-        with pytest.raises(PluginUnavailable, match="QH_LAZY_FAIL is set"):
+        with pytest.raises(PluginUnavailable, match="a file named fail is in its place"):
             await host.registry.invoke("lazy_probe_pid", {})
         answer = await host.registry.execute("lazy_probe_pid", {})
-        assert "QH_LAZY_FAIL is set" in answer  # execute() says it as Qanot's registry would
+        assert "a file named fail is in its place" in answer  # execute() says it as Qanot's registry would
         assert "x" in await host.registry.invoke("greet", {"name": "x"})  # the others serve on
         assert host.plugins["greeter"].state == PluginState.READY
-        monkeypatch.delenv("QH_LAZY_FAIL")
     # the restart policy bounds the retries: after max_restarts failures in its window, it gives up
-    monkeypatch.setenv("QH_LAZY_FAIL", "1")
-    config = write_config([plugin("lazy_probe")], host=lazy_host(
-        plugins=settings, restart={"max_restarts": 2, "backoff_initial": 0}))
+    config = write_config([plugin("lazy_probe")], host=lazy_host(restart={"max_restarts": 2, "backoff_initial": 0}))
     async with Host(config) as host:
         for _ in range(3):
             with pytest.raises(PluginUnavailable):
