@@ -29,6 +29,11 @@ log = logging.getLogger("qanot_host.qanot_loader")
 MAX_PATTERN = 1000  # characters of one WAL pattern
 MAX_PATTERNS = 16  # WAL patterns of one plugin (Qanot's own plugins have none to two)
 WAL_COMPILE_SECONDS = 0.02  # a pattern that takes longer to compile stops the plugin's list there
+# What one pattern may come to with its counted repeats written out, as the `regex` engine compiles
+# them (about 250 bytes each: `(?:x{60000}){60000}`, 19 characters, took the agent past 24 GB), and
+# all of a plugin's together (attack pass 45). Qanot's own patterns come to a few dozen.
+MAX_PATTERN_UNITS = 20_000
+MAX_PLUGIN_UNITS = 50_000
 WAL_SEARCH_SECONDS = 0.05  # all of one plugin's patterns on one message
 MAX_TEMPLATE_KEY, MIN_TEMPLATE_KEY, MAX_TEMPLATE_VALUE = 100, 3, 256
 MAX_SECTION_TEXT = 64 * 1024  # characters of all of one plugin's prompt sections (or cron jobs)
@@ -50,6 +55,7 @@ def wal_patterns(plugin: str, patterns: list[tuple[str, str, bool]]) -> list[tup
     """The patterns Qanot may compile. Compiled here first as Qanot compiles them (IGNORECASE, so
     that Qanot's own compile is re's cache hit), timed: past one slow compile the rest are left out."""
     kept = []
+    units = 0
     for index, (pattern, category, durable) in enumerate(patterns):
         if index == MAX_PATTERNS:
             log.warning("Plugin %s: %d WAL patterns; the first %d are taken", plugin, len(patterns), MAX_PATTERNS)
@@ -59,6 +65,12 @@ def wal_patterns(plugin: str, patterns: list[tuple[str, str, bool]]) -> list[tup
             if len(pattern) > MAX_PATTERN:
                 raise ValueError(f"longer than {MAX_PATTERN} characters")
             re.compile(pattern, re.IGNORECASE)
+            size = _expanded_size(pattern, min(MAX_PATTERN_UNITS, MAX_PLUGIN_UNITS - units))
+            if size > MAX_PATTERN_UNITS:
+                raise ValueError(f"its counted repeats come to over {MAX_PATTERN_UNITS} elements written out")
+            if units + size > MAX_PLUGIN_UNITS:
+                raise ValueError(f"the plugin's patterns come to over {MAX_PLUGIN_UNITS} elements written out")
+            units += size
         except (re.error, ValueError, RecursionError) as exc:
             log.warning("Plugin %s: WAL pattern %.60r left out: %s", plugin, pattern, exc)
             continue
@@ -68,6 +80,39 @@ def wal_patterns(plugin: str, patterns: list[tuple[str, str, bool]]) -> list[tup
             break
         kept.append((pattern, one_line(category), durable))
     return kept
+
+
+def _expanded_size(pattern: str, limit: int) -> int:
+    """How many elements `pattern` comes to with every counted repeat written out (the body of
+    `x{m,n}` n times, of `x{m,}` m times), counted no further than just past `limit`. Read from the
+    syntax tree of Python's own parser, which has just accepted the pattern."""
+    from re import _parser  # type: ignore[attr-defined]
+
+    def size(items: Any, budget: int) -> int:
+        total = 0
+        for op, av in items:
+            if op in _REPEATS:
+                low, high, body = av
+                times = max(1, low, high if high != _parser.MAXREPEAT else 0)
+                total += times * size(body, budget // times + 1)
+            elif op is _parser.SUBPATTERN:
+                total += size(av[3], budget)
+            elif op is _parser.BRANCH:
+                total += sum(size(branch, budget) for branch in av[1])
+            elif op is _parser.ATOMIC_GROUP:
+                total += size(av, budget)
+            elif op in (_parser.ASSERT, _parser.ASSERT_NOT):
+                total += size(av[1], budget)
+            elif op is _parser.GROUPREF_EXISTS:
+                total += size(av[1], budget) + (size(av[2], budget) if av[2] else 0)
+            else:
+                total += 1
+            if total > budget:
+                return total
+        return total
+
+    _REPEATS = (_parser.MAX_REPEAT, _parser.MIN_REPEAT, _parser.POSSESSIVE_REPEAT)
+    return size(_parser.parse(pattern, re.IGNORECASE), limit)
 
 
 class _Budget:

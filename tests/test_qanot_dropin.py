@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 
 import psutil
 import pytest
@@ -130,8 +131,13 @@ async def test_what_a_plugin_returns_cannot_hang_bloat_or_forge_the_agent(qanot_
     make_config, workspace = qanot_setup
     registry = ToolRegistry()
     caplog.set_level("INFO")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     await qanot_loader.load_plugins(make_config({"name": "extension_abuse"}), registry)
     try:
+        # attack pass 45: a counted repeat in a counted repeat, which the agent's regex engine writes
+        # out in full (a 19-character pattern took the agent past 24 GB), is left out before it is compiled
+        assert "'(?:x{2000}){1000}' left out: its counted repeats come to over 20000 elements" in caplog.text
+        assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) < 200 * 1024  # KiB
         assert registry.tool_names == ["abuse_ok"]  # the forged name is refused, as the host refuses it
         raw = ("\x1b", "\x85", "\x9b", "\u2028", "\u202e")
         logged = "\n".join(r.getMessage() for r in caplog.records)

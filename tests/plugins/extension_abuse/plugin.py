@@ -20,7 +20,8 @@ class QanotPlugin(Plugin):
 
     def get_wal_patterns(self):
         slow = [(f"(.*?,){{30}}Z{i}", "slow" + FORGE, False) for i in range(40)]  # each runs out of time
-        return [(r"abuse (\w+)", "abuse_fact", False), *slow]
+        bomb = ("(?:x{2000}){1000}", "bomb", False)  # 19 characters; written out by `regex`, ~0.5 GB
+        return [(r"abuse (\w+)", "abuse_fact", False), bomb, *slow]
 
     def get_prompt_sections(self):
         return [{"name": "sec" + FORGE, "content": "text " + FORGE}]
