@@ -97,7 +97,9 @@ def sample_params(schema: dict[str, Any]) -> dict[str, Any]:
     params = {}
     for key in schema.get("required", ()):
         kind = (properties.get(key) or {}).get("type", "string")
-        params[key] = SAMPLE_VALUES.get(kind[0] if isinstance(kind, list) else kind, "x")
+        if isinstance(kind, list):  # the first of its types; none (`[]`, which passes anything): a string
+            kind = kind[0] if kind else "string"
+        params[key] = SAMPLE_VALUES.get(kind, "x")
     return params
 
 

@@ -5,7 +5,7 @@ no process or descriptor is left behind. (A bound on behaviour, not a timing ben
 from __future__ import annotations
 
 from qanot_host import Host
-from qanot_host.chaos import run_chaos
+from qanot_host.chaos import SAMPLE_VALUES, run_chaos, sample_params
 
 from .conftest import GREETER, plugin
 
@@ -46,3 +46,11 @@ async def test_an_idle_lazy_plugin_is_not_unhealthy(write_config):
         pass  # echo's tools get cached
     report = await run_chaos(config, duration=1, kill_every=0.3, concurrency=4, tools=["greet"])
     assert report.unhealthy == [] and report.passed(), report.render()
+
+
+def test_sample_params_take_any_schema_a_tool_may_have():
+    """Attack pass 45: a required param typed `[]` (a list of no types, which the host accepts and
+    which passes anything) ended `chaos` in an IndexError traceback."""
+    schema = {"type": "object", "required": ["a", "b", "c", "d"],
+              "properties": {"a": {"type": []}, "b": {"type": ["integer", "null"]}, "c": {}, "d": {"type": "nonsense"}}}
+    assert sample_params(schema) == {"a": "x", "b": SAMPLE_VALUES["integer"], "c": "x", "d": "x"}
