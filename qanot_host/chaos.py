@@ -123,6 +123,9 @@ async def run_chaos(config_path: str, duration: float, kill_every: float, concur
         names = [n for n in host.registry.tool_names if _plugin_of(host, n)] if tools is None else tools
         if not names:
             raise QanotHostError("chaos: no plugin tools are registered")
+        strangers = [n for n in names if not _plugin_of(host, n)]
+        if strangers:
+            raise QanotHostError(f"chaos: {', '.join(strangers)} is not a plugin's tool")
         started = time.monotonic()
         deadline = started + duration
         budget = [max_calls if max_calls is not None else float("inf")]
@@ -156,10 +159,12 @@ async def _caller(host: Host, names: list[str], deadline: float, budget: list, r
         budget[0] -= 1
         name = random.choice(names)
         tool = host.registry.get(name)
-        if tool is None or tool.plugin is None:
-            raise QanotHostError(f"chaos: {name} is not a plugin's tool")
-        limit = host.config.call_timeout(tool.plugin, name) + HANG_MARGIN
         report.calls += 1
+        if tool is None or tool.plugin is None:  # gone since (a restarted plugin that offers other tools)
+            report.errors["ToolNotFound"] += 1
+            await asyncio.sleep(0)
+            continue
+        limit = host.config.call_timeout(tool.plugin, name) + HANG_MARGIN
         try:
             await asyncio.wait_for(host.registry.invoke(name, sample_params(tool.parameters)), limit)
             report.ok += 1

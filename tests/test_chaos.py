@@ -54,3 +54,12 @@ def test_sample_params_take_any_schema_a_tool_may_have():
     schema = {"type": "object", "required": ["a", "b", "c", "d"],
               "properties": {"a": {"type": []}, "b": {"type": ["integer", "null"]}, "c": {}, "d": {"type": "nonsense"}}}
     assert sample_params(schema) == {"a": "x", "b": SAMPLE_VALUES["integer"], "c": "x", "d": "x"}
+
+
+async def test_a_tool_gone_mid_run_is_counted_not_the_end_of_the_run(write_config):
+    """Attack pass 45: a plugin offering other tools after each restart stopped `chaos` with only
+    "X is not a plugin's tool" and no figures. A tool gone since the start is a counted error."""
+    config = write_config([plugin("shifty")])
+    report = await run_chaos(config, duration=1.5, kill_every=0.3, concurrency=4)
+    assert report.kills > 0 and report.errors["ToolNotFound"] > 0, report.render()
+    assert report.hung == 0 and report.leaked_processes == 0, report.render()
