@@ -7,6 +7,7 @@ with its path. Reading and checking a file is config.py's.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -140,6 +141,10 @@ class Permissions(msgspec.Struct, forbid_unknown_fields=True):
         if self.env_vars:
             names.add("env_vars")
         return names
+
+    def environment(self) -> dict[str, str]:
+        """The granted env_vars the host has, with its values: what the plugin's worker is given."""
+        return {name: os.environ[name] for name in self.env_vars if name in os.environ}
 
 
 Rlimit = Annotated[int, msgspec.Meta(ge=0)] | None

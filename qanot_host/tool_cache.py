@@ -52,8 +52,7 @@ def _granted_env_digest(settings: PluginSettings) -> str:
     """What the plugin's granted env_vars hold now, as a digest (never the values): its tools may
     depend on them as on its secrets (attack pass 44: a tool named after one kept its old name from
     the cache after the variable changed)."""
-    granted = {name: os.environ.get(name) for name in settings.permissions.env_vars}
-    return hashlib.sha256(msgspec.json.encode(granted)).hexdigest()
+    return hashlib.sha256(msgspec.json.encode(settings.permissions.environment())).hexdigest()
 
 
 class ToolCache:

@@ -132,7 +132,7 @@ class WorkerFactory:
             setup_timeout=settings.setup_timeout,
             teardown_timeout=settings.teardown_timeout, term_timeout=settings.term_timeout,
             ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
-            cancel_grace=settings.cancel_grace, extra_env=self._granted_env(config, name),
+            cancel_grace=settings.cancel_grace, extra_env=config.settings_for(name).permissions.environment(),
             namespaces=self.namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second,
             oom_kills=partial(self.cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb,
             members=partial(self.cgroups.members, name) if sandboxed and self.cgroups.available else None,
@@ -259,7 +259,3 @@ class WorkerFactory:
         except OSError as exc:
             raise PluginStartError(plugin, f"no uid of its own: {exc.strerror or exc}") from None
 
-    @staticmethod
-    def _granted_env(config: Config, plugin: str) -> dict[str, str]:
-        names = config.settings_for(plugin).permissions.env_vars
-        return {name: os.environ[name] for name in names if name in os.environ}
