@@ -88,10 +88,12 @@ def _expanded_size(pattern: str, limit: int) -> int:
     syntax tree of Python's own parser, which has just accepted the pattern."""
     from re import _parser  # type: ignore[attr-defined]
 
+    repeats = (_parser.MAX_REPEAT, _parser.MIN_REPEAT, _parser.POSSESSIVE_REPEAT)
+
     def size(items: Any, budget: int) -> int:
         total = 0
         for op, av in items:
-            if op in _REPEATS:
+            if op in repeats:
                 low, high, body = av
                 times = max(1, low, high if high != _parser.MAXREPEAT else 0)
                 total += times * size(body, budget // times + 1)
@@ -111,7 +113,6 @@ def _expanded_size(pattern: str, limit: int) -> int:
                 return total
         return total
 
-    _REPEATS = (_parser.MAX_REPEAT, _parser.MIN_REPEAT, _parser.POSSESSIVE_REPEAT)
     return size(_parser.parse(pattern, re.IGNORECASE), limit)
 
 
