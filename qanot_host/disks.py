@@ -23,7 +23,11 @@ __all__ = ["DiskImages"]
 log = logging.getLogger("qanot_host.disks")
 
 DETACH_WAIT_SECONDS = 3.0  # for the loop device of a disk its launcher let go to detach
-MKFS_OPTIONS = ["-q", "-F", "-m", "0", "-J", "size=4", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]
+# No resize inode: its reserved descriptor blocks (for growing while mounted, which the host never
+# does: it grows an image offline, resize2fs -f) were 500 of a 1 GB image's 650 KB of metadata, and
+# every plugin's first start wrote them out: 1.3 ms of CPU a plugin, 0.3 without.
+MKFS_OPTIONS = ["-q", "-F", "-m", "0", "-J", "size=4", "-O", "^resize_inode",
+                "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]
 
 
 class DiskImages:
