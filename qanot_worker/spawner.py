@@ -66,7 +66,7 @@ class Forker:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         linux.unshare(linux.CLONE_NEWPID)
         try:
-            pid = os.fork()
+            pid = linux.bare_fork()  # the init runs a few lines of ours, then os._exit: see bare_fork
         finally:
             if os.getpid() != 1:
                 linux.setns(self._own_pid_ns, linux.CLONE_NEWPID)  # the next fork is ours again
