@@ -25,6 +25,8 @@ __all__ = ["load_config", "parse_config", "directory_problems", "own_workspace",
 
 log = logging.getLogger("qanot_host.config")
 
+MAX_PLUGIN_NAME_BYTES = 200  # a file name holds 255: room for what the host adds (.img, sdist-build:)
+
 
 def load_config(path: str) -> Config:
     try:
@@ -93,6 +95,10 @@ def _check_plugins(config: Config) -> None:
         where = f"{config.path}: plugins[{index}].name"
         if not entry.name or entry.name in (".", "..") or "/" in entry.name or "\0" in entry.name:
             raise ConfigError(f"{where}: {entry.name!r} is not a plugin directory name")
+        if len(os.fsencode(entry.name)) > MAX_PLUGIN_NAME_BYTES:
+            raise ConfigError(f"{where}: a name of {len(os.fsencode(entry.name))} bytes: the host names files and "
+                              f"directories after its plugins (its disk image NAME.img, the sdist-build:NAME job's), "
+                              f"and a file name holds 255 bytes; at most {MAX_PLUGIN_NAME_BYTES}")
         if ":" in entry.name:  # the host's own jobs are named NAME:PLUGIN (uid, data, disk, cgroup)
             raise ConfigError(f"{where}: {entry.name!r}: ':' is reserved for the host's own jobs "
                               "(such as sdist-build:PLUGIN); rename the plugin's directory")

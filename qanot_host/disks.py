@@ -3,8 +3,10 @@
 The image is sparse (it takes the space its files take) and its file system's size is the plugin's
 disk ceiling. The host only makes and grows images; it never mounts them in its own namespace and
 never reads what a plugin wrote: the worker's launcher attaches the image (qanot_worker/disk.py).
-Where images cannot be made or attached (no mkfs.ext4, no loop devices, not root), the plugin's data
-directory is a plain directory and the disk-quota layer is reported missing.
+Where this machine cannot make or attach images at all (no mkfs.ext4, no loop devices, not root), a
+plugin's data directory is a plain directory and the disk-quota layer is reported missing; where it
+can, a plugin whose own image cannot be made or attached does not start (worker_factory.py, the
+worker's sandbox): it never runs on the host's disk, with no ceiling, in its disk's place.
 """
 
 from __future__ import annotations

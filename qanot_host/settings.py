@@ -38,6 +38,12 @@ class RestartSettings(msgspec.Struct, forbid_unknown_fields=True):
     stable_after: Annotated[float, msgspec.Meta(ge=0)] = 10.0
 
 
+# A disk is an ext4 image: under 16 MB its 4 MB journal does not fit (mkfs.ext4 refuses), and no
+# image file on an ext4 host may pass 16 TiB. Outside these, a plugin's disk could not be made at
+# its start: refused in the config instead, where the key is named.
+MIN_DISK_MB, MAX_DISK_MB = 16, 16 * 2**20
+
+
 class Limits(msgspec.Struct, forbid_unknown_fields=True):
     """Ceilings for a plugin. Each key left out takes the host's value, else the default below.
 
@@ -55,12 +61,17 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     max_cpu_seconds: Seconds | None = None
     max_calls: Annotated[int, msgspec.Meta(gt=0)] | None = None
     memory_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    disk_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    disk_mb: Annotated[int, msgspec.Meta(ge=0, le=MAX_DISK_MB)] | None = None
     workspace_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
     tmp_mb: Annotated[int, msgspec.Meta(ge=1)] | None = None
     cpu_weight: Annotated[int, msgspec.Meta(ge=1, le=10000)] | None = None
     cpu_max: Annotated[float, msgspec.Meta(gt=0)] | None = None
     log_lines_per_second: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.disk_mb is not None and 0 < self.disk_mb < MIN_DISK_MB:
+            raise ValueError(f"disk_mb: {self.disk_mb} MB is too small for a disk (an ext4 file system with its "
+                             f"journal needs {MIN_DISK_MB}); 0 for none")
 
     def over(self, base: "Limits") -> "Limits":
         """These limits, with what they leave out taken from `base`."""

@@ -126,6 +126,10 @@ class WorkerFactory:
         disk, disk_problem = "", ""
         if self.namespaces and limits.disk_mb:
             disk, disk_problem = await self._disks.image(name, limits.disk_mb)
+            if disk_problem and self._disks.available:  # this machine makes disks; this one failed
+                raise PluginStartError(name, f"its disk ({limits.disk_mb} MB, limits.disk_mb) could not be made: "
+                                       f"{disk_problem}; it does not start without it (its files would be on the "
+                                       "host's disk, with no ceiling): disk_mb 0 gives it a plain directory")
         options = WorkerOptions(
             import_root=self.import_root, data_dir=data_dir, max_frame=settings.max_frame_bytes,
             handshake_timeout=settings.handshake_timeout * (MCP_BRIDGE_LOAD_FACTOR if bridged else 1),

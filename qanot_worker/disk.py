@@ -41,8 +41,26 @@ AT_EMPTY_PATH = 0x1000
 BUSY_WAIT_SECONDS = 3.0
 
 
+# What a machine that cannot attach disks at all answers (a container without loop devices or the
+# right to mount, a kernel without ext4), as against this one image failing (no file system on it).
+UNSUPPORTED = frozenset({errno.EPERM, errno.EACCES, errno.ENODEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENXIO,
+                         errno.ENOENT})
+
+
 class DiskError(Exception):
-    """The disk could not be attached; the message says why (the worker then runs without it)."""
+    """The disk could not be attached; the message says why. Where the machine cannot attach disks
+    at all (`unsupported`), the worker runs on a plain directory and reports the disk-quota layer
+    missing, as where the host makes no images; otherwise it does not start: its files are on that
+    disk, and without it nothing would bound what it writes to the host's."""
+
+    def __init__(self, message: str, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.unsupported = unsupported
+
+    def setting(self) -> str:
+        """What the worker is told of its disk (protocol.DISK_KEY): "error:" a missing layer, "failed:"
+        a refusal."""
+        return f"{'error' if self.unsupported else 'failed'}:{self}"
 
 
 class DiskBusy(DiskError):
@@ -65,7 +83,7 @@ def attach_disk(image: str, uid: int) -> int:
         return mount_fd
     except OSError as exc:
         kind = DiskBusy if exc.errno == errno.EBUSY else DiskError
-        raise kind(f"cannot attach {image}: {exc.strerror or exc}") from None
+        raise kind(f"cannot attach {image}: {exc.strerror or exc}", exc.errno in UNSUPPORTED) from None
 
 
 def _wait_until_free(image: str) -> None:

@@ -130,7 +130,7 @@ class Template:
             except DiskBusy:
                 raise
             except DiskError as exc:
-                return -1, str(exc)
+                return -1, exc.setting()
         return fd, ""
 
     def _release_disk(self, image: str) -> None:
@@ -229,7 +229,7 @@ def run_spawned(read_fd: int, write_fd: int, env_fd: int, host_pid: int) -> int:
             sys.stderr.write(f"{exc}; the worker does not start without its disk (its files are there)\n")
             return 75  # EX_TEMPFAIL: the host's restart policy tries again
         except DiskError as exc:
-            disk = (-1, str(exc))
+            disk = (-1, exc.setting())
     forker = Forker(new_session=False)
     fds = [read_fd, write_fd, os.dup(1), os.dup(2), env_fd]
     pid = forker.fork(request, fds, disk, _run_worker)

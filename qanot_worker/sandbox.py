@@ -38,7 +38,8 @@ RLIMITS = {"data": resource.RLIMIT_DATA, "nofile": resource.RLIMIT_NOFILE, "npro
 
 
 class SandboxRefused(Exception):
-    """strict was asked for and a layer could not be had."""
+    """strict was asked for and a layer could not be had, or a layer the machine has failed for this
+    plugin (its disk)."""
 
 
 @dataclass
@@ -141,6 +142,11 @@ def _enter_world(spec: p.SandboxSpec, disk: str, layer, private_network: bool) -
             ok = linux.libc.unshare(linux.CLONE_NEWNET) == 0
             layer("network-namespace", ok, f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())}")
         return []
+    if disk.startswith("failed:"):
+        # Its image is there but would not attach: without it, its files would go to a plain directory
+        # on the host's disk, with no ceiling, and the ones on its disk would seem gone. Strict or not.
+        raise SandboxRefused(f"its disk could not be attached ({disk.removeprefix('failed:')}); it does not start "
+                             "without it (limits.disk_mb 0 gives it a plain directory, with no ceiling)")
     disk_fd = int(disk[3:]) if disk.startswith("fd:") else -1
     try:
         enter_namespaces(network=not private_network)

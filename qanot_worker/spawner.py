@@ -50,7 +50,7 @@ class Forker:
 
     def fork(self, request: p.Spawn, fds: list[int], disk: tuple[int, str], run_worker: RunWorker) -> int:
         """Fork the worker for `request` (fds: its protocol read and write ends, stdout, stderr;
-        disk: a detached mount or -1, and why not); returns the pid to signal and wait for.
+        disk: a detached mount, or -1 and DiskError.setting()); returns the pid to signal and wait for.
         `run_worker(request, [read_fd, write_fd, go_fd], parent_pid)` is the worker's main. The
         child keeps no descriptor of the parent's but these."""
         if not request.namespaces or self._own_pid_ns < 0:
@@ -201,7 +201,7 @@ def _become_worker(request: p.Spawn, fds: list[int], disk: tuple[int, str], go_r
     os.environ.clear()
     os.environ.update(_read_environment(env_fd))
     if request.disk:  # else the host has said (in env) why there is no disk
-        os.environ[p.DISK_KEY] = f"fd:{disk[0]}" if disk[0] >= 0 else f"error:{disk[1]}"
+        os.environ[p.DISK_KEY] = f"fd:{disk[0]}" if disk[0] >= 0 else disk[1]  # DiskError.setting()
     random.seed()  # a forked child would otherwise repeat its siblings' random numbers
     gc.unfreeze()
     _name_process(f"qanot:{request.plugin}")

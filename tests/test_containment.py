@@ -520,6 +520,72 @@ async def test_a_disk_is_never_attached_twice_by_two_hosts(write_config):
         assert most == 1
 
 
+def test_a_disk_the_host_could_not_make_is_refused_in_the_config_naming_its_key(tmp_path):
+    """Attack pass 46: a disk_mb of 99999999999 (or 2-8 MB: no room for the journal) passed check,
+    and at the start the image could not be made; a plugin name of 252 bytes made an image name
+    over 255. Each ran its plugin without a disk, on the host's own, with no ceiling."""
+    from qanot_host.config import parse_config
+    for raw, fragment in [
+        ({"host": {"limits": {"disk_mb": 99999999999}}}, "host.limits.disk_mb: Expected `int` <= 16777216"),
+        ({"host": {"plugins": {"a": {"limits": {"disk_mb": 8}}}}},
+         "host.plugins.a.limits: disk_mb: 8 MB is too small for a disk"),
+        ({"plugins": [{"name": "a" * 201}]}, "plugins[0].name: a name of 201 bytes"),
+    ]:
+        data = {"plugins": [{"name": "a"}], **raw}
+        with pytest.raises(ConfigError) as caught:
+            parse_config(json.dumps(data), str(tmp_path / "config.json"))
+        assert fragment in str(caught.value), caught.value
+    parse_config(json.dumps({"plugins": [{"name": "a" * 200}], "host": {"limits": {"disk_mb": 16}}}),
+                 str(tmp_path / "config.json"))
+
+
+async def test_a_plugin_whose_disk_cannot_be_made_or_attached_does_not_start_without_it(write_config):
+    """Attack pass 46: a disk that could not be made, or attached, left the plugin on a plain
+    directory of the host's disk, with no ceiling, said only in a warning (and its files on the
+    disk out of sight). Now that plugin fails to start, saying why; the others do not notice."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control") or not shutil.which("mkfs.ext4"):
+        pytest.skip("disks need root, loop devices and mkfs.ext4")
+    config = write_config([plugin("attacker"), plugin("echo"), GREETER], host={"limits": {"disk_mb": 16}, "plugins": {
+        "echo": {"limits": {"disk_mb": 32}}}})
+    disks = Path(load_config(config).host.state_dir) / "disks"
+    (disks / "templates" / f"empty-{32 * 2**20}.img").mkdir(parents=True)  # echo's image cannot be made
+    with open(disks / "attacker.img", "wb") as image:  # attacker's is no file system: it will not mount
+        image.truncate(16 * 2**20)
+    async with Host(config) as host:
+        attacker, echo = host.plugins["attacker"], host.plugins["echo"]
+        await wait_until(lambda: attacker.state == echo.state == PluginState.FAILED, 30, "both to fail")
+        assert "its disk could not be attached" in attacker.error and "does not start without it" in attacker.error
+        assert "its disk (32 MB, limits.disk_mb) could not be made" in echo.error, echo.error
+        assert "does not start without it" in echo.error
+        assert host.plugins["greeter"].state == PluginState.READY
+        assert "disk-quota" in host.plugins["greeter"].worker.report.sandbox_layers
+
+
+def test_a_disk_failing_on_its_own_is_a_refusal_and_a_machine_without_disks_a_missing_layer(tmp_path):
+    """Which attach failures refuse the plugin: its own image's (no file system on it), not a
+    machine's that cannot attach disks at all (no right to loop devices or mounts: a container),
+    where every plugin runs on a plain directory and the disk-quota layer is reported missing."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("attaching loop devices needs root and /dev/loop-control")
+    image = tmp_path / "garbage.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * 2**20)
+    code = textwrap.dedent(f"""
+        import os, sys
+        from qanot_worker.disk import DiskError, attach_disk
+        if sys.argv[1] == "nobody":
+            os.setgroups([]); os.setgid(65534); os.setuid(65534)
+        try:
+            attach_disk({str(image)!r}, 0)
+        except DiskError as exc:
+            print(exc.setting())
+        """)
+    outcomes = {who: subprocess.run([sys.executable, "-c", code, who], capture_output=True, text=True, timeout=30,
+                                    cwd=REPO, check=True).stdout.strip() for who in ("root", "nobody")}
+    assert outcomes["root"].startswith("failed:cannot attach"), outcomes
+    assert outcomes["nobody"].startswith("error:cannot attach"), outcomes
+
+
 def _attachments(image: Path) -> int:
     st = image.stat()
     count = 0
@@ -556,7 +622,7 @@ FURTHER = {
     "sockets": "unix: EPERM",
     "tmpfs": "/tmp: No space left on device after 6",
     "rename_data": "rename: Permission denied",
-    "trace_init": "ptrace(ATTACH, 1): EPERM",
+    "trace_init": "ptrace(ATTACH, 1): EPERM; process_vm_readv(1): EPERM; pidfd_open(1): EPERM",
 }
 
 

@@ -30,7 +30,8 @@ COOKIE_VALUE = "d1b4a8a0f3c94e39a7e1"
 SANDBOX_KEY = "QANOT_WORKER_SANDBOX"  # the sandbox to enter: JSON of SandboxSpec
 PLUGIN_KEY = "QANOT_WORKER_PLUGIN"  # the plugin's name, for its messages
 SPAWN_KEY = "QANOT_WORKER_SPAWN"  # the "spawn" launcher's request: JSON of Spawn
-# "fd:N" (a detached mount to put at the data directory) or "error:why" (no disk; says why)
+# "fd:N" (a detached mount to put at the data directory), "error:why" (no disk on this machine: a
+# missing layer), "failed:why" (its disk would not attach: it does not start) or "off" (disk_mb 0)
 DISK_KEY = "QANOT_WORKER_DISK"
 MAX_SCHEMA_BYTES = 64 * 1024  # one tool's parameters schema, encoded
 # all of one plugin's schemas, encoded (Qanot's largest plugin: ~40 KiB); decoded, 256 KiB of tiny
