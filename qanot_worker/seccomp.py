@@ -79,6 +79,10 @@ DENY_WITHOUT_SUBPROCESS = {"execve": 59, "execveat": 322, "fork": 57, "vfork": 5
 DENY_WITH_SUBPROCESS = {"memfd_create": 319}
 CLONE, CLONE3, SOCKET, IOCTL, CONNECT = 56, 435, 41, 16, 42
 SENDTO, SENDMSG, SENDMMSG = 44, 46, 307  # flags are arg 3, 2 and 3
+# A pidfd of its namespace's init (PID 1, out of its sight in /proc) told its uid and cgroup, though
+# nothing could be done with it (attack pass 46): refused. Any other process's, its own among them,
+# is as the kernel decides.
+PIDFD_OPEN, INIT_PID = 434, 1
 LISTEN, ACCEPT, ACCEPT4, SETSOCKOPT = 50, 43, 288, 54
 SOL_SOCKET = 1
 BUFFER_OPTIONS = (7, 8, 32, 33)  # SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE
@@ -146,6 +150,7 @@ def _program(subprocess: bool, shares_uid: bool = False) -> list[tuple[int, int,
         prog += [_op(LD_W_ABS, OFF_NR), _op(JEQ_K, number, 0, len(checks))] + checks
     for number, flags_arg, flag in HUGE_PAGE_FLAGS.values():
         prog += [_op(LD_W_ABS, OFF_NR)] + _refused_when(number, flags_arg, JSET_K, flag)
+    prog += [_op(LD_W_ABS, OFF_NR)] + _refused_when(PIDFD_OPEN, 0, JEQ_K, INIT_PID)
     for number, mode_arg in MODE_SETTERS.values():
         prog += [_op(LD_W_ABS, OFF_NR)] + _refused_when(number, mode_arg, JSET_K, SET_ID_BITS)
     zerocopy = [_op(LD_W_ABS, _arg(1)), _op(JEQ_K, IPPROTO_TCP, 0, 3), _op(LD_W_ABS, _arg(2)),

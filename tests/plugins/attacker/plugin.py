@@ -676,6 +676,14 @@ class QanotPlugin(Plugin):
         results.append(f"process_vm_readv(1): {err() if rc < 0 else rc}")
         if rc > 0:
             return "ESCAPED: read its init's memory"
+        own = libc.syscall(434, os.getpid(), 0)  # pidfd_open: its own, as ever
+        if own < 0:
+            return f"BROKEN: pidfd_open of itself: {err()}"
+        os.close(own)
+        fd = libc.syscall(434, 1, 0)
+        results.append(f"pidfd_open(1): {err() if fd < 0 else 'opened'}")
+        if fd >= 0:
+            return "ESCAPED: a pidfd of its init (its uid and cgroup with PIDFD_GET_INFO)"
         return contained(*results)
 
     @tool(name="attack_proc_sys", description="write kernel settings", parameters=ANY)
