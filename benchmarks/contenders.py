@@ -293,16 +293,26 @@ class McpServerHost(QanotHost):
 
 def server_python(scratch: Path) -> str:
     """A virtual environment with the host's MCP SDK (the server's interpreter: the host's own
-    packages are not in a worker's root), built once per run by uv from its cache."""
+    packages are not in a worker's root), built once per run by uv from its cache. d's server runs
+    on this process's interpreter and packages, so g's does too: the same Python (uv would pick its
+    own), and every package at the version installed here (a newer pydantic, say, would make g's
+    server another server)."""
     import shutil
     import subprocess
-    from importlib.metadata import version
+    from importlib.metadata import distributions, version
     venv = scratch / "mcp-venv"
     if not (venv / "bin" / "python").exists():
         uv = shutil.which("uv") or "uv"
-        subprocess.run([uv, "venv", "-q", str(venv)], check=True)
+        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+        pins = scratch / "mcp-venv-pins.txt"
+        installed: dict[str, str] = {}  # the first of a name is the one imported
+        for dist in distributions():
+            name = dist.metadata["Name"]
+            if name and "+" not in dist.version:
+                installed.setdefault(name.lower(), dist.version)
+        pins.write_text("".join(f"{name}=={v}\n" for name, v in installed.items()))
         subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
-                        f"mcp=={version('mcp')}"], check=True)
+                        "--constraint", str(pins), f"mcp=={version('mcp')}"], check=True)
         subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True)
     return str(venv / "bin" / "python")
 
