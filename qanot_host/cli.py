@@ -18,7 +18,7 @@ from pathlib import Path
 from .chaos import run_chaos
 from .check import check_config
 from .config import load_config
-from .control import control_request, follow_logs, socket_path
+from .control import NoRunningHost, control_request, follow_logs, socket_path
 from .errors import ConfigError, QanotHostError, ToolNotFound
 from .host import Host
 from .supervisor import SERVING_STATES
@@ -200,8 +200,10 @@ async def _running_host(config_path: str) -> str | None:
         return None
     try:
         reply = await control_request(path, "ping", timeout=5)
-    except QanotHostError:
+    except NoRunningHost:  # a socket left behind: nobody listens there
         return None
+    # A host that is there but busy, slow or not ours is reported (QanotHostError), never worked
+    # around with a standalone host beside it on the same state_dir.
     return path if reply.get("config") == config.path else None
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -29,6 +30,10 @@ __all__ = ["ControlServer", "control_request", "follow_logs", "socket_path", "No
 
 log = logging.getLogger("qanot_host.control")
 MAX_REQUEST = 64 * 2**20  # a call's params may be large (a file's content); the socket is the owner's only
+# Connections waiting to be accepted (asyncio's default is 100: a burst of 250 `qanot-host call`s
+# found it full, and each refused one took the host for gone; the kernel caps it at somaxconn).
+CONNECT_BACKLOG = 4096
+CONNECT_SECONDS = 5.0  # a host that is there but cannot take a connection within this is reported
 
 
 def socket_path(state_dir: str) -> str:
@@ -59,7 +64,8 @@ class ControlServer:
                                      f"{self._host.config.host.state_dir} ({self.path})")
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_REQUEST)
+            self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_REQUEST,
+                                                           backlog=CONNECT_BACKLOG)
         except OSError as exc:  # e.g. a path longer than a unix socket address allows
             log.warning("no control socket at %s (%s): `qanot-host status` and `reload` will not "
                         "reach this host; SIGHUP still reloads", self.path, exc.strerror or exc)
@@ -99,9 +105,10 @@ class ControlServer:
             self._lock = -1
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._from_worker(writer):
+        refused = self._from_worker(writer)
+        if refused:
             # Landlock (ABI 7) does not cover connect() to a pathname socket: refuse plugins here.
-            log.warning("control socket: refused a connection from worker process %s", _peer_pid(writer))
+            log.warning("control socket: refused a connection from %s", refused)
             try:  # read what it sent first: closing on unread data would reset, not close, the connection
                 await asyncio.wait_for(reader.readline(), 1)
             except (asyncio.TimeoutError, OSError, ValueError):
@@ -145,23 +152,27 @@ class ControlServer:
         finally:
             writer.close()
 
-    def _from_worker(self, writer: asyncio.StreamWriter) -> bool:
-        """True if the peer is one of our workers or any process they started: by its ancestry, or
-        by its cgroup (a double-forked daemon leaves the ancestry, not its plugin's cgroup)."""
+    def _from_worker(self, writer: asyncio.StreamWriter) -> str:
+        """Why the peer is refused ("" if it is not): one of our workers or any process they started,
+        by its ancestry, or by its cgroup (a double-forked daemon leaves the ancestry, not its
+        plugin's cgroup); or one gone before it could be told from them (an impatient CLI, as a rule)."""
         pid = _peer_pid(writer)
         if pid is None:
-            return True
+            return "a process that could not be identified"
         try:
             lineage = {pid, *(parent.pid for parent in psutil.Process(pid).parents())}
+        except psutil.NoSuchProcess:
+            return f"process {pid}, gone before it could be identified"
         except psutil.Error:
-            return True
+            return f"process {pid}, which could not be identified"
+        worker = f"worker process {pid}"
         if lineage & self._host.worker_pids():
-            return True
+            return worker
         try:
             with open(f"/proc/{pid}/cgroup") as f:
-                return f"/qanot-host-{os.getpid()}/" in f.read()
+                return worker if f"/qanot-host-{os.getpid()}/" in f.read() else ""
         except OSError:
-            return True
+            return f"process {pid}, gone before it could be identified"
 
     async def _answer(self, command: Any, request: dict[str, Any]) -> dict[str, Any]:
         host = self._host
@@ -238,18 +249,33 @@ def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
 
 
 class NoRunningHost(QanotHostError):
-    """Nothing answers at the control socket (no host runs with that state_dir)."""
+    """Nothing listens at the control socket (no host runs with that state_dir). Only this lets the
+    CLI start a standalone host: a host that is there but busy or slow is an error to report."""
 
 
 async def _connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection to the host at `path`, which must be root's or this user's (the kernel says
     whose, SO_PEERCRED): in a state_dir another user could write, they listened there themselves,
     took a call's params and had their forged answer printed as the tool's result."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=MAX_REQUEST), 5)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise NoRunningHost(f"no running qanot-host answers at {path}: "
-                            f"{getattr(exc, 'strerror', None) or exc}") from None
+    deadline = time.monotonic() + CONNECT_SECONDS
+    while True:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=MAX_REQUEST),
+                                                    max(deadline - time.monotonic(), 0.1))
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as exc:  # no socket, or nobody listening on it
+            raise NoRunningHost(f"no running qanot-host answers at {path}: {exc.strerror}") from None
+        except BlockingIOError:  # its queue of connections to accept is full: a host, and busy
+            if time.monotonic() >= deadline:
+                raise QanotHostError(f"the host at {path} is too busy to take a connection (its queue of "
+                                     f"{CONNECT_BACKLOG} waiting connections stayed full for "
+                                     f"{CONNECT_SECONDS:g} s); nothing was sent") from None
+            await asyncio.sleep(0.05)
+        except asyncio.TimeoutError:
+            raise QanotHostError(f"the host at {path} did not take the connection within {CONNECT_SECONDS:g} s; "
+                                 "nothing was sent") from None
+        except OSError as exc:
+            raise QanotHostError(f"cannot connect to {path}: {exc.strerror or exc}") from None
     sock = writer.get_extra_info("socket")
     _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     if uid not in (0, os.geteuid()):
@@ -271,6 +297,8 @@ async def control_request(path: str, command: str, timeout: float | None = 60.0,
     try:
         writer.write(data + b"\n")
         line = await asyncio.wait_for(reader.readline(), timeout)
+    except asyncio.TimeoutError:
+        raise QanotHostError(f"the host at {path} did not answer {command!r} within {timeout:g} s") from None
     except ValueError:  # a line over the limit: the host refuses those itself, so this is not ours
         raise QanotHostError(f"the answer at {path} is over {MAX_REQUEST} bytes") from None
     except ConnectionError as exc:

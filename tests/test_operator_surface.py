@@ -309,3 +309,52 @@ def test_a_stderr_nobody_reads_never_blocks_whoever_logs():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.split()[-1]) < 20  # 200 MB into a pipe nobody reads: not one wait on it
+
+
+async def test_a_burst_of_control_connections_is_queued_not_taken_for_no_host(write_config):
+    """Attack pass 47: 250 `qanot-host call`s at once filled the control socket's queue (asyncio's
+    100), and each refused connect (EAGAIN) was taken for "no running host": the CLI started
+    standalone hosts beside the running one, on its state_dir, and a slow ping ended in a traceback."""
+    host = Host(write_config([GREETER]))
+    await host.start()
+    control = ControlServer(host)
+    await control.start()
+    try:
+        replies = await asyncio.gather(*(control_request(control.path, "call", timeout=None, tool="greeter_sleep",
+                                                         params={"seconds": 0.5}) for _ in range(400)))
+        assert [reply["result"] for reply in replies] == ["slept 0.5"] * 400
+    finally:
+        await control.close()
+        await host.stop()
+
+
+async def test_a_host_that_cannot_take_a_connection_is_reported_not_worked_around(tmp_path, monkeypatch):
+    """A listener whose queue is full (a host too busy to accept) is a host: said as such, never
+    "no running qanot-host" (which lets the CLI start a standalone host beside it)."""
+    from qanot_host import control
+    from qanot_host.control import NoRunningHost
+    monkeypatch.setattr(control, "CONNECT_SECONDS", 0.5)
+    path = str(tmp_path / "control.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)  # never accepts: its queue fills at once
+    held = []
+    try:
+        for _ in range(8):
+            client = socket.socket(socket.AF_UNIX)
+            client.setblocking(False)
+            try:
+                client.connect(path)
+            except BlockingIOError:
+                client.close()
+                break
+            held.append(client)
+        with pytest.raises(QanotHostError, match="is too busy to take a connection") as caught:
+            await control_request(path, "ping", timeout=5)
+        assert not isinstance(caught.value, NoRunningHost)
+    finally:
+        for client in held:
+            client.close()
+        listener.close()
+    with pytest.raises(NoRunningHost, match="no running qanot-host answers"):  # nobody listens: a stale socket
+        await control_request(path, "ping", timeout=5)
