@@ -122,23 +122,38 @@ def find_plugin_class(module: types.ModuleType) -> type[Plugin] | None:
 
 
 def check_tools(tools: object, plugin: str) -> dict[str, ToolDef]:
-    """get_tools() output, checked: a list of ToolDef with names and callable handlers. A name
+    """get_tools() output, checked: a list of ToolDef with names and callable handlers. An item that
+    is not one is left out alone, said in the log under the plugin's name (its other tools are
+    served: attack pass 47 found one tool's list for parameters failing the whole plugin). A name
     given twice keeps the last one, as Qanot's registry does, with a warning."""
     if not isinstance(tools, (list, tuple)):
         raise TypeError(f"get_tools() returned {type(tools).__name__}, expected a list of ToolDef")
     by_name: dict[str, ToolDef] = {}
+    problems = []
     for index, item in enumerate(tools):
-        where = f"get_tools()[{index}]"
-        if not isinstance(item, ToolDef):
-            raise TypeError(f"{where} is {type(item).__name__}, expected ToolDef")
-        if not isinstance(item.name, str) or not item.name:
-            raise TypeError(f"{where} has no name")
-        if not isinstance(item.parameters, dict):
-            raise TypeError(f"{where} ({item.name}): parameters must be a dict")
-        if not callable(item.handler):
-            raise TypeError(f"{where} ({item.name}): handler is not callable")
+        problem = _tool_problem(item, f"get_tools()[{index}]")
+        if problem:
+            problems.append(problem)
+            continue
         if item.name in by_name:
-            log.warning("plugin %s: get_tools() names tool %r twice; the later one (%s) is kept",
-                        plugin, item.name, where)
+            log.warning("plugin %s: get_tools() names tool %r twice; the later one (get_tools()[%d]) is kept",
+                        plugin, item.name, index)
         by_name[item.name] = item
+    if problems and not by_name:  # nothing usable at all: the plugin is broken, not one tool
+        raise TypeError(problems[0])
+    for problem in problems:
+        log.error("plugin %s: %s; that tool is left out, the others are served", plugin, problem)
     return by_name
+
+
+def _tool_problem(item: object, where: str) -> str:
+    if not isinstance(item, ToolDef):
+        return f"{where} is {type(item).__name__}, expected ToolDef"
+    if not isinstance(item.name, str) or not item.name:
+        return f"{where} has no name"
+    name = repr(item.name[:100])
+    if not isinstance(item.parameters, dict):
+        return f"{where} ({name}): parameters must be a dict, not {type(item.parameters).__name__}"
+    if not callable(item.handler):
+        return f"{where} ({name}): handler is not callable"
+    return ""

@@ -168,9 +168,16 @@ class WorkerServer(asyncio.Protocol):
             self._send(p.Failure(msg.id, p.FailureKind.BAD_TOOLS, _describe(exc, bare_type=True)))
             return
         extensions, self._command_handlers = read_extensions(self._require_plugin())
-        self._send(p.ToolList(msg.id, [
-            p.ToolSpec(t.name, _text(t.description), p.ToolSpec.encode_parameters(t.parameters))
-            for t in self._tools.values()], extensions))
+        specs = []
+        for tool in list(self._tools.values()):
+            try:
+                parameters = p.ToolSpec.encode_parameters(tool.parameters)
+                specs.append(p.ToolSpec(tool.name, _text(tool.description), parameters))
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # an object() in its schema, say
+                log.error("plugin %s: tool %r: its parameters cannot be sent to the host (%s: %s); that tool is left "
+                          "out, the others are served", self._plugin_name, tool.name[:100], type(exc).__name__, exc)
+                del self._tools[tool.name]
+        self._send(p.ToolList(msg.id, specs, extensions))
 
     async def _answer(self, request_id: int, work, what: str) -> None:
         """A hook's or a command's reply: its value, or a Failure saying what went wrong."""

@@ -94,3 +94,18 @@ async def test_disabled_plugins_do_not_start(write_config):
 async def test_calls_to_a_failed_plugin_say_why(write_config):
     async with Host(write_config([plugin("setup_fails")])) as host:
         assert json.loads(await host.registry.execute("anything", {})) == {"error": "Unknown tool: anything"}
+
+
+async def test_each_bad_tool_is_left_out_alone_and_the_others_are_served(write_config, caplog):
+    """Attack pass 47: one ToolDef whose parameters were a list (or had no name) failed the whole
+    plugin, none of its good tools registered."""
+    async with Host(write_config([plugin("some_bad_tools"), GREETER])) as host:
+        assert host.plugins["some_bad_tools"].state == PluginState.READY
+        assert await host.registry.execute("sbt_good", {}) == "good"
+        assert sorted(t for t in host.registry.tool_names if t.startswith("sbt_")) == ["sbt_good"]
+        assert await host.registry.execute("greet", {"name": "ok"}) == "Salom, ok!"
+    for expected in ("get_tools()[1] is str, expected ToolDef", "get_tools()[2] has no name",
+                     "get_tools()[3] ('sbt_list_schema'): parameters must be a dict, not list",
+                     "get_tools()[4] ('sbt_not_callable'): handler is not callable",
+                     "tool 'sbt_set_in_schema': its parameters cannot be sent to the host"):
+        assert f"{expected}" in caplog.text and "left out, the others are served" in caplog.text, expected
