@@ -22,6 +22,7 @@ import pytest
 from qanot_host.config import parse_config
 from qanot_host.errors import ConfigError
 from qanot_host.host import Host
+from qanot_host.supervisor import PluginState
 
 from .conftest import check_report, gone, grant_write, plugin, wait_until
 from .third_party import filesystem_server, probe_script, python_servers
@@ -364,6 +365,23 @@ async def test_a_taken_tool_name_becomes_mcp_server_tool_as_in_qanot(write_confi
         assert host.registry.get("mcp_probe_echo").description.startswith("[MCP:probe] ")
         assert await host.registry.execute("mcp_probe_echo", {"text": "from the server"}) == "from the server"
         assert host.registry.get("whoami").plugin == "probe"  # a free name stays the tool's own
+
+
+async def test_a_listing_the_sdk_refuses_fails_the_server_saying_where(write_config, server_venv, token, caplog):
+    """Attack pass 47: one tool whose inputSchema was no object made the SDK refuse the whole
+    tools/list (as Qanot's own client, on the same SDK, does), and the server failed saying only
+    "the server process exited" (it had not: the failed connection closed its stdin). Now the
+    error says which tool's which field, and the host's other plugins do not notice."""
+    entry = {"name": "badlist", "command": str(server_venv / "bin" / "python"),
+             "args": [probe_script("bad_listing_server.py"), token]}
+    config = write_config([plugin("echo")], host=probe_grants("badlist", restart={"max_restarts": 1, "backoff_initial": 0}),
+                          mcp_servers=[entry])
+    async with Host(config) as host:
+        badlist = host.plugins["badlist"]
+        await wait_until(lambda: badlist.state == PluginState.FAILED, 30, "badlist to fail")
+        assert "the server's answer is not valid MCP (ListToolsResult): tools.1.inputSchema: " in badlist.error
+        assert host.plugins["echo"].state == PluginState.READY
+    assert "the server process exited" not in caplog.text
 
 
 async def test_remote_http_server_reconnects_after_it_comes_back(write_config, server_venv, token):

@@ -66,18 +66,20 @@ def filesystem_server() -> Path:
         / "node_modules" / ".bin" / "mcp-server-filesystem"
 
 
-def probe_script() -> str:
-    """probe_server.py where a plugin's uid can read it (the repository may be in a private home):
-    its directory is what a config grants the server to read."""
+def probe_script(script: str = "probe_server.py") -> str:
+    """A test server of tests/mcp_servers (probe_server.py by default) where a plugin's uid can read
+    it (the repository may be in a private home): its directory is what a config grants the server
+    to read."""
+    source = PROBE_SERVER.parent / script
     place = CACHE / "probe"
     place.mkdir(parents=True, exist_ok=True)
     os.chmod(CACHE, 0o755)
     os.chmod(place, 0o755)
-    target = place / "probe_server.py"
-    if target.exists() and target.read_bytes() == PROBE_SERVER.read_bytes():
+    target = place / script
+    if target.exists() and target.read_bytes() == source.read_bytes():
         return str(target)  # unchanged: a server's installation stamp (and its cached tools) stays as it was
-    scratch = place / f"probe_server.py.{os.getpid()}"
-    shutil.copyfile(PROBE_SERVER, scratch)
+    scratch = place / f"{script}.{os.getpid()}"
+    shutil.copyfile(source, scratch)
     os.chmod(scratch, 0o644)
     os.replace(scratch, target)
     return str(target)

@@ -25,6 +25,7 @@ from qanot.plugins.base import Plugin, ToolDef
 from qanot_worker.extensions import ToolFailed
 
 from mcp import ClientSession, MCPError, StdioServerParameters, types
+from pydantic import ValidationError
 from mcp.client.stdio import stdio_client
 
 EXIT_CONNECTION_LOST = 3  # the worker's exit code when the server is gone: a crash to the host
@@ -158,7 +159,9 @@ class QanotPlugin(Plugin):
 
         def exited() -> None:
             loop.remove_reader(pidfd)
-            if not self._stopping:
+            # Before its tools are listed, setup() says why the connection failed: a server ended by
+            # that failure (a refused tools/list closes its stdin) has not "exited" on its own.
+            if not self._stopping and self.session is not None:
                 self._lost("the server process exited")
         loop.add_reader(pidfd, exited)
 
@@ -253,8 +256,16 @@ def _children() -> list[int]:
 
 
 def _describe(exc: BaseException) -> str:
-    """An exception group (anyio's task groups raise them) as its first leaf."""
+    """An exception group (anyio's task groups raise them) as its first leaf; an answer the SDK's
+    models refuse as where and why, on one line (a tools/list with one tool whose inputSchema is
+    no object: the SDK refuses the whole answer, as Qanot's own client, on the same SDK, would)."""
     exc = _leaf(exc)
+    if isinstance(exc, ValidationError):
+        errors = exc.errors()
+        where = ".".join(str(part) for part in errors[0]["loc"]) if errors else ""
+        what = errors[0]["msg"] if errors else str(exc)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return f"the server's answer is not valid MCP ({exc.title}): {where}: {what}{more}"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -1,0 +1,39 @@
+"""A broken third-party MCP server, as the tests need one: among its tools, one whose inputSchema is
+no object (which the SDK's own model refuses). Newline-delimited JSON-RPC on stdio, stdlib only, so
+that it can be exactly that broken. Run as `python bad_listing_server.py TOKEN`."""
+
+import json
+import sys
+
+TOOLS = [
+    {"name": "bl_echo", "description": "Return the text.",
+     "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}},
+    {"name": "bl_bad_schema", "description": "Its schema is a string.", "inputSchema": "notanobject"},
+    {"name": "bl_after", "description": "Listed after the bad one.", "inputSchema": {"type": "object"}},
+]
+
+
+def answer(request: dict) -> dict | None:
+    method, params = request.get("method"), request.get("params") or {}
+    if "id" not in request:
+        return None  # a notification
+    if method == "initialize":
+        result = {"protocolVersion": params.get("protocolVersion", "2025-06-18"), "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "bad-listing", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": TOOLS}
+    elif method == "tools/call":
+        text = f"{params.get('name')}: {(params.get('arguments') or {}).get('text', '')}"
+        result = {"content": [{"type": "text", "text": text}], "isError": False}
+    elif method == "ping":
+        result = {}
+    else:
+        return {"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32601, "message": f"no method {method}"}}
+    return {"jsonrpc": "2.0", "id": request["id"], "result": result}
+
+
+for line in sys.stdin:
+    reply = answer(json.loads(line))
+    if reply is not None:
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
