@@ -565,8 +565,14 @@ class Host:
                 await supervisor.settled.wait()
             else:
                 await self._stop_plugins([plugin], "it is being restarted by the operator; call again once it is ready")
-                self._factory.tool_cache.forget(plugin)  # an idle lazy plugin lists its tools anew
+                cache = self._factory.tool_cache
+                kept = cache.load(plugin, supervisor.offer_key) if supervisor.offer_key else None
+                cache.forget(plugin)  # an idle lazy plugin lists its tools anew
                 await self._start_plugins([plugin])
+                if kept is not None and self.plugins[plugin].state == PluginState.FAILED:
+                    # that listing failed (a setup() that fails now and then): the last good list stays,
+                    # and the next start (a reload, the host's) registers its tools from it again
+                    cache.store(plugin, kept)
         status = self.plugins[plugin].status()
         log.info("plugin %s restarted by the operator: %s", plugin, status["state"])
         return status
