@@ -29,6 +29,7 @@ from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTime
 from .mcp_servers import mcp_server
 from .offered import OfferedTool
 from .output import printable
+from .registry import redact_credentials
 from .restarter import RestartDecision, RestartPolicy, exit_reason
 from .settings import Config, PluginEntry
 from .tool_cache import CachedOffer
@@ -419,7 +420,11 @@ class PluginSupervisor:
         configured = self._timeouts.get(tool) or self._call_timeout(tool)
         timeout = configured if timeout is None or timeout >= configured else max(timeout, 0.001)
         if worker is None:
-            worker, timeout = await self._wait_for_worker(f"tool {tool}", timeout)
+            try:
+                worker, timeout = await self._wait_for_worker(f"tool {tool}", timeout)
+            except PluginError:
+                self.errors += 1  # failed all the same (its start for this call failed, say): counted
+                raise
         # Refused here (params that cannot be framed): nothing is in flight. Counted in flight only
         # once sent: a refused call was left in flight for good, and the host's stop waited on it.
         reply = worker.call(tool, params, timeout)
@@ -572,10 +577,11 @@ class PluginSupervisor:
         server = mcp_server(self._config, self.name)
         return {
             "plugin": self.name, "kind": f"mcp {server[1].transport}" if server else "plugin",
-            "state": self.state, "error": self.error,
+            # key=value credentials in a plugin's own words redacted, as `call` shows them (attack pass 47)
+            "state": self.state, "error": redact_credentials(self.error),
             "pid": live.pid if live else None,
             "uptime": round(time.monotonic() - live.started_at, 3) if live and live.started_at else 0.0,
-            "restarts": self.restarts, "last_exit": self.last_exit,
+            "restarts": self.restarts, "last_exit": redact_credentials(self.last_exit),
             "rss_mb": round(usage[0], 1) if usage else None, "cpu_s": round(usage[1], 2) if usage else None,
             "calls": self.calls, "errors": self.errors, "timeouts": self.timeouts,
             "tools": list(self.tools), "conflicts": list(self.conflicts), "refused_tools": list(self.refused),

@@ -340,6 +340,11 @@ async def test_a_lazy_plugins_failed_setup_reaches_callers_sanitised(write_confi
         answer = json.loads(await host.registry.execute("leaky_get", {}))["error"]
         assert "setup() failed" in answer and "[credential redacted]" in answer, answer
         assert "hunter2" not in answer and "/srv/app" not in answer and len(answer) < 600, answer
+        # status and tools (not_ready) too (attack pass 47: they showed what call redacts)
+        status = json.dumps(host.status())
+        assert "hunter2" not in status and "[credential redacted]" in status, status
+        assert "hunter2" not in host.not_ready()
+        assert host.plugins["leaky_setup"].errors == 1  # a call its start failed is an error (it showed 0)
         control = ControlServer(host)
         await control.start()
         try:
