@@ -384,6 +384,20 @@ async def test_a_listing_the_sdk_refuses_fails_the_server_saying_where(write_con
     assert "the server process exited" not in caplog.text
 
 
+async def test_lines_of_a_servers_stdout_that_are_no_json_rpc_are_logged_one_line_each(write_config, server_venv,
+                                                                                        token, caplog):
+    """Attack pass 47: the SDK logged each with its traceback; a server flooding its stdout with
+    garbage had its calls wait behind the formatting of tracebacks nobody read."""
+    entry = {"name": "garbage", "command": str(server_venv / "bin" / "python"),
+             "args": [probe_script("bad_listing_server.py"), token, "garbage"]}
+    async with Host(write_config([], host=probe_grants("garbage"), mcp_servers=[entry])) as host:
+        assert await host.registry.execute("bl_garbage", {}) == "done"
+        assert await host.registry.execute("bl_echo", {"text": "after"}) == "bl_echo: after"
+    parse_errors = [r.getMessage() for r in caplog.records if "Failed to parse JSONRPC message" in r.getMessage()]
+    assert len(parse_errors) == 3, parse_errors
+    assert "Traceback" not in caplog.text
+
+
 async def test_remote_http_server_reconnects_after_it_comes_back(write_config, server_venv, token):
     port = _free_port()
     remote = _start_remote(server_venv, token, port)

@@ -15,6 +15,7 @@ transports, cancellation); nothing here speaks JSON-RPC.
 
 import asyncio
 import json
+import logging
 import os
 import select
 import signal
@@ -29,6 +30,21 @@ from pydantic import ValidationError
 from mcp.client.stdio import stdio_client
 
 EXIT_CONNECTION_LOST = 3  # the worker's exit code when the server is gone: a crash to the host
+
+
+class _WithoutTraceback(logging.Filter):
+    """The SDK logs every stdout line of the server's that is no JSON-RPC with its traceback, which
+    nobody reads: a server flooding its stdout with garbage had its own calls wait behind half its
+    time formatting them (20,000 lines: 2.6 s, 1.1 s without; attack pass 47). One line each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg, record.args = f"{record.getMessage()}: {record.exc_info[1]}"[:300], ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("mcp.client.stdio").addFilter(_WithoutTraceback())
 
 
 class QanotPlugin(Plugin):

@@ -1,6 +1,7 @@
 """A broken third-party MCP server, as the tests need one: among its tools, one whose inputSchema is
 no object (which the SDK's own model refuses). Newline-delimited JSON-RPC on stdio, stdlib only, so
-that it can be exactly that broken. Run as `python bad_listing_server.py TOKEN`."""
+that it can be exactly that broken. Run as `python bad_listing_server.py TOKEN [garbage]`: with
+`garbage`, no bad tool is listed, and bl_garbage writes lines that are no JSON-RPC before its answer."""
 
 import json
 import sys
@@ -13,6 +14,11 @@ TOOLS = [
 ]
 
 
+GARBAGE = sys.argv[2:] == ["garbage"]
+if GARBAGE:
+    TOOLS = [TOOLS[0], {"name": "bl_garbage", "description": "Garbage, then an answer.", "inputSchema": {"type": "object"}}]
+
+
 def answer(request: dict) -> dict | None:
     method, params = request.get("method"), request.get("params") or {}
     if "id" not in request:
@@ -22,6 +28,9 @@ def answer(request: dict) -> dict | None:
                   "serverInfo": {"name": "bad-listing", "version": "1"}}
     elif method == "tools/list":
         result = {"tools": TOOLS}
+    elif method == "tools/call" and params.get("name") == "bl_garbage":
+        sys.stdout.write("".join(f"garbage line {n}, no JSON-RPC\n" for n in range(3)))
+        result = {"content": [{"type": "text", "text": "done"}], "isError": False}
     elif method == "tools/call":
         text = f"{params.get('name')}: {(params.get('arguments') or {}).get('text', '')}"
         result = {"content": [{"type": "text", "text": text}], "isError": False}
