@@ -419,7 +419,9 @@ class PluginSupervisor:
             worker = self._serving()
         configured = self._timeouts.get(tool) or self._call_timeout(tool)
         timeout = configured if timeout is None or timeout >= configured else max(timeout, 0.001)
+        waited_from = 0.0
         if worker is None:
+            waited_from = timeout
             try:
                 worker, timeout = await self._wait_for_worker(f"tool {tool}", timeout)
             except PluginError:
@@ -445,8 +447,12 @@ class PluginSupervisor:
         except WorkerTimeout as exc:
             self.timeouts += 1
             self.errors += 1
-            log.warning("plugin %s: %s (pid %s)", self.name, exc.detail, worker.pid)
-            raise
+            said = exc
+            if waited_from:  # its time ran partly while it waited for a worker: said whole, not what was left
+                said = WorkerTimeout(self.name, f"tool {tool} timed out after {waited_from:g} s, "
+                                                f"{waited_from - timeout:.3g} s of it waiting for a worker")
+            log.warning("plugin %s: %s (pid %s)", self.name, said.detail, worker.pid)
+            raise said from None
         except PluginError:
             self.errors += 1
             raise

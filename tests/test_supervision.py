@@ -444,3 +444,16 @@ async def test_a_hung_command_is_named_in_its_timeout(write_config):
         with pytest.raises(WorkerTimeout) as timed_out:
             await style.run_command(0, ["hang"], {})
     assert "command 'qs' timed out after 0.3 s" in str(timed_out.value), str(timed_out.value)
+
+
+async def test_a_call_that_waited_for_a_worker_says_its_whole_timeout(write_config):
+    """Attack pass 47: a call that waited behind a start said "timed out after 0.415539 s", what was
+    left of its 5 s when the worker took it."""
+    config = write_config([plugin("misbehave", slow_start=0.3)], host={"activation": "lazy", "plugins": {
+        "misbehave": {"call_timeout": 0.8}}})
+    async with Host(config):
+        pass  # its tools are listed and cached: the next host starts it on a call
+    async with Host(config) as host:
+        answer = await host.registry.execute("mb_hang_async", {})
+        assert "tool mb_hang_async timed out after 0.8 s, 0." in answer and "of it waiting for a worker" in answer, \
+            answer
