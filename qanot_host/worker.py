@@ -328,9 +328,9 @@ class WorkerHandle:
         """SIGKILL the worker's process group; calls in flight end with `reason`."""
         if self._process is None or self.exited.done():
             return
-        if self._lost_reason is None:
+        if self._lost_reason is None:  # said once: calls abandoned together each ask for the kill
             self._lost_reason = reason
-        log.error("%s (pid %s)", reason, self.pid)
+            log.error("%s (pid %s)", reason, self.pid)
         self._process.signal_group(signal.SIGKILL)
 
     # ---- end -------------------------------------------------------------------------------------

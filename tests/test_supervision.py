@@ -457,3 +457,17 @@ async def test_a_call_that_waited_for_a_worker_says_its_whole_timeout(write_conf
         answer = await host.registry.execute("mb_hang_async", {})
         assert "tool mb_hang_async timed out after 0.8 s, 0." in answer and "of it waiting for a worker" in answer, \
             answer
+
+
+async def test_a_worker_killed_for_calls_abandoned_together_is_said_once(write_config, caplog):
+    """Attack pass 47: one kill, for four calls that did not stop, was logged four times."""
+    config = write_config([misbehave()], host={
+        "cancel_grace": 0.3, **FAST, "plugins": {"misbehave": {"tool_timeouts": {"mb_hang_blocking": 0.3}}}})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        pid = sup.worker.pid
+        await asyncio.gather(*(host.registry.execute("mb_hang_blocking", {}) for _ in range(4)))
+        await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != pid, 10, "restart")
+    kills = [r for r in caplog.records if "of being cancelled (a handler blocking the event loop?); killed" in
+             r.getMessage() and r.name == "qanot_host.worker"]
+    assert len(kills) == 1, [r.getMessage() for r in kills]
