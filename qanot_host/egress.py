@@ -543,9 +543,9 @@ def _read_memory(tid: int, address: int, size: int) -> bytes:
 
 def _tgid(tid: int) -> int:
     try:
-        with open(f"/proc/{tid}/status") as f:
+        with open(f"/proc/{tid}/status", "rb") as f:  # bytes: its Name line is the plugin's to set
             for line in f:
-                if line.startswith("Tgid:"):
+                if line.startswith(b"Tgid:"):
                     return int(line.split()[1])
     except OSError:
         pass

@@ -23,10 +23,12 @@ def find_in_namespace(root: int, nspid: int) -> int | None:
 
 
 def _nspids(pid: int) -> list[int]:
+    # Read as bytes: its Name line is the process's name cut at 15 bytes, which may cut a letter
+    # in two (a plugin named погода: UnicodeDecodeError, and the plugin never started).
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
-                if line.startswith("NSpid:"):
+                if line.startswith(b"NSpid:"):
                     return [int(x) for x in line.split()[1:]]
     except OSError:
         pass

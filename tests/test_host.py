@@ -252,3 +252,22 @@ async def test_execute_checks_names_and_input_as_qanot_does_before_anything_else
     assert await registry.execute("ok_tool", {"anything": 1}) == "ran"  # an empty schema checks nothing
     assert await registry.execute("x" * 65, {}) == error(
         "Invalid tool name: must be alphanumeric/underscore, max 64 chars")
+
+
+async def test_plugins_named_in_any_script_start(write_config, tmp_path):
+    """Attack pass 48: a plugin named погода (or 天气) never started: its process name, cut by the
+    kernel at 15 bytes, cut a letter in two, and the host's reading of /proc/PID/status failed."""
+    extra = tmp_path / "extra"
+    names = ["погода", "прогноз_погоды", "天气", "aaaé"]
+    for index, name in enumerate(names):
+        (extra / name).mkdir(parents=True)
+        (extra / name / "plugin.py").write_text(
+            "from qanot.plugins.base import Plugin, tool\n"
+            "class QanotPlugin(Plugin):\n"
+            "    def get_tools(self):\n        return self._collect_tools()\n"
+            f"    @tool(name='script_{index}', description='x')\n"
+            "    async def run(self, params):\n        return 'ok'\n")
+    async with Host(write_config([plugin(name) for name in names], plugins_dir=str(extra))) as host:
+        for index, name in enumerate(names):
+            assert host.plugins[name].state == PluginState.READY, (name, host.plugins[name].error)
+            assert await host.registry.execute(f"script_{index}", {}) == "ok"
