@@ -149,11 +149,23 @@ def check_tools(tools: object, plugin: str) -> dict[str, ToolDef]:
 def _tool_problem(item: object, where: str) -> str:
     if not isinstance(item, ToolDef):
         return f"{where} is {type(item).__name__}, expected ToolDef"
-    if not isinstance(item.name, str) or not item.name:
+    if not isinstance(item.name, str):
+        return f"{where}: its name is {type(item.name).__name__}, not text"
+    if not item.name:
         return f"{where} has no name"
     name = repr(item.name[:100])
+    if not item.name.isascii() and not _encodable(item.name):
+        return f"{where} ({name}): its name cannot be sent (a lone surrogate in it)"
     if not isinstance(item.parameters, dict):
         return f"{where} ({name}): parameters must be a dict, not {type(item.parameters).__name__}"
     if not callable(item.handler):
         return f"{where} ({name}): handler is not callable"
     return ""
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False

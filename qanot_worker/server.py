@@ -172,7 +172,9 @@ class WorkerServer(asyncio.Protocol):
         for tool in list(self._tools.values()):
             try:
                 parameters = p.ToolSpec.encode_parameters(tool.parameters)
-                specs.append(p.ToolSpec(tool.name, _text(tool.description), parameters))
+                # a lone surrogate in a description (which msgpack cannot carry) becomes '?', not a failed list
+                description = _text(tool.description).encode(errors="replace").decode()
+                specs.append(p.ToolSpec(tool.name, description, parameters))
             except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # an object() in its schema, say
                 log.error("plugin %s: tool %r: its parameters cannot be sent to the host (%s: %s); that tool is left "
                           "out, the others are served", self._plugin_name, tool.name[:100], type(exc).__name__, exc)

@@ -102,10 +102,13 @@ async def test_each_bad_tool_is_left_out_alone_and_the_others_are_served(write_c
     async with Host(write_config([plugin("some_bad_tools"), GREETER])) as host:
         assert host.plugins["some_bad_tools"].state == PluginState.READY
         assert await host.registry.execute("sbt_good", {}) == "good"
-        assert sorted(t for t in host.registry.tool_names if t.startswith("sbt_")) == ["sbt_good"]
+        assert sorted(t for t in host.registry.tool_names if t.startswith("sbt_")) == ["sbt_good", "sbt_odd_description"]
+        assert host.registry.get("sbt_odd_description").description == "half a pair: ?"
         assert await host.registry.execute("greet", {"name": "ok"}) == "Salom, ok!"
     for expected in ("get_tools()[1] is str, expected ToolDef", "get_tools()[2] has no name",
                      "get_tools()[3] ('sbt_list_schema'): parameters must be a dict, not list",
                      "get_tools()[4] ('sbt_not_callable'): handler is not callable",
-                     "tool 'sbt_set_in_schema': its parameters cannot be sent to the host"):
+                     "tool 'sbt_set_in_schema': its parameters cannot be sent to the host",
+                     "get_tools()[6] ('sbt_surrogate_\\udcff'): its name cannot be sent (a lone surrogate in it)",
+                     "get_tools()[7]: its name is int, not text"):
         assert f"{expected}" in caplog.text and "left out, the others are served" in caplog.text, expected

@@ -20,6 +20,9 @@ class QanotPlugin(Plugin):
             ToolDef(name="sbt_not_callable", description="x", parameters={}, handler="nope"),
             ToolDef(name="sbt_set_in_schema", description="x", parameters={"type": "object", "default": object()},
                     handler=_unused),
+            ToolDef(name="sbt_surrogate_\udcff", description="x", parameters={}, handler=_unused),
+            ToolDef(name=123, description="x", parameters={}, handler=_unused),
+            ToolDef(name="sbt_odd_description", description="half a pair: \udcff", parameters={}, handler=self.good),
         ]
 
     @tool(name="sbt_good", description="The one good tool.")
