@@ -38,10 +38,10 @@ class RestartSettings(msgspec.Struct, forbid_unknown_fields=True):
     stable_after: Annotated[float, msgspec.Meta(ge=0)] = 10.0
 
 
-# A disk is an ext4 image: under 16 MB its 4 MB journal does not fit (mkfs.ext4 refuses), and no
-# image file on an ext4 host may pass 16 TiB. Outside these, a plugin's disk could not be made at
-# its start: refused in the config instead, where the key is named.
-MIN_DISK_MB, MAX_DISK_MB = 16, 16 * 2**20
+# A disk is an ext4 image: under 16 MB its 4 MB journal does not fit (mkfs.ext4 refuses), and a file
+# on an ext4 host stops one block short of 16 TiB. Outside these, a plugin's disk could not be made
+# at its start: refused in the config instead, where the key is named.
+MIN_DISK_MB, MAX_DISK_MB = 16, 16 * 2**20 - 1
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True):

@@ -526,7 +526,7 @@ def test_a_disk_the_host_could_not_make_is_refused_in_the_config_naming_its_key(
     over 255. Each ran its plugin without a disk, on the host's own, with no ceiling."""
     from qanot_host.config import parse_config
     for raw, fragment in [
-        ({"host": {"limits": {"disk_mb": 99999999999}}}, "host.limits.disk_mb: Expected `int` <= 16777216"),
+        ({"host": {"limits": {"disk_mb": 99999999999}}}, "host.limits.disk_mb: Expected `int` <= 16777215"),
         ({"host": {"plugins": {"a": {"limits": {"disk_mb": 8}}}}},
          "host.plugins.a.limits: disk_mb: 8 MB is too small for a disk"),
         ({"plugins": [{"name": "a" * 201}]}, "plugins[0].name: a name of 201 bytes"),
