@@ -187,6 +187,7 @@ async def _call(args: argparse.Namespace) -> int:
 
 
 MAX_PARAMS_FILE = 64 * 1024 * 1024  # as much as one frame to a worker can carry
+PING_SECONDS = 5.0  # a running host answers a ping at once; one that does not is stopped or wedged
 
 
 async def _running_host(config_path: str) -> str | None:
@@ -199,7 +200,7 @@ async def _running_host(config_path: str) -> str | None:
     if not os.path.exists(path):
         return None
     try:
-        reply = await control_request(path, "ping", timeout=5)
+        reply = await control_request(path, "ping", timeout=PING_SECONDS)
     except NoRunningHost:  # a socket left behind: nobody listens there
         return None
     # A host that is there but busy, slow or not ours is reported (QanotHostError), never worked
@@ -270,9 +271,17 @@ async def _check(args: argparse.Namespace) -> int:
     return EXIT_ERROR if report.errors else EXIT_OK
 
 
+async def _answering(config_path: str) -> str:
+    """The control socket of the host of this config, once it has answered a ping (5 s at most): a
+    stopped (SIGSTOP) or wedged host is said at once, not after a command's own timeout, or never
+    (reload and restart wait as long as their work takes). Attack pass 48."""
+    path = socket_path(load_config(config_path).host.state_dir)
+    await control_request(path, "ping", timeout=PING_SECONDS)
+    return path
+
+
 async def _status(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    reply = await control_request(socket_path(config.host.state_dir), "status")
+    reply = await control_request(await _answering(args.config), "status")
     if args.json:
         print(json.dumps(reply["plugins"], ensure_ascii=False, indent=2))
         return EXIT_OK
@@ -299,16 +308,15 @@ def _cell(value: object) -> str:
 
 
 async def _reload(args: argparse.Namespace) -> int:
-    config = load_config(args.config)  # a broken config is refused here, with a one-line error
-    reply = await control_request(socket_path(config.host.state_dir), "reload")
+    # a broken config is refused here (load_config), with a one-line error
+    reply = await control_request(await _answering(args.config), "reload")
     for key, names in reply["reload"].items():
         print(f"{key}: {', '.join(names) or '-'}")
     return EXIT_OK
 
 
 async def _restart(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    reply = await control_request(socket_path(config.host.state_dir), "restart", timeout=None, plugin=args.plugin)
+    reply = await control_request(await _answering(args.config), "restart", timeout=None, plugin=args.plugin)
     status = reply["status"]
     print(f"{status['plugin']}: {status['state']}" + (f", pid {status['pid']}" if status["pid"] else "")
           + (f": {status['error']}" if status["error"] else ""))
@@ -316,8 +324,7 @@ async def _restart(args: argparse.Namespace) -> int:
 
 
 async def _logs(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    path = socket_path(config.host.state_dir)
+    path = await _answering(args.config)
     if args.follow:
         async for line in follow_logs(path, args.plugin, args.lines):
             _print_log_line(line)

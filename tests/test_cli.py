@@ -228,3 +228,26 @@ async def test_a_plugins_schema_text_in_an_error_is_sanitised_and_one_line(write
     assert_one_line_error(qanot_host("call", "--config", config, "odd_tool"), "Missing required parameter")
     assert "hunter2" not in qanot_host("call", "--config", config, "odd_tool").stderr
 
+
+
+@pytest.mark.parametrize("command", [["status"], ["reload"], ["restart", "greeter"], ["logs", "greeter"],
+                                     ["call", "greet", '{"name": "x"}'], ["tools"]])
+def test_a_host_that_takes_connections_but_never_answers_is_said_within_seconds(write_config, command):
+    """Attack pass 48: against a SIGSTOPped host (the kernel still queues its connections), `status`
+    waited 60 s, `reload` and `restart` for good. Every command now asks for a ping first."""
+    import socket
+    from qanot_host.config import load_config
+    config = write_config([GREETER])
+    state_dir = Path(load_config(config).host.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    stopped = socket.socket(socket.AF_UNIX)
+    stopped.bind(str(state_dir / "control.sock"))
+    stopped.listen(16)  # connections complete in the kernel's queue; nobody ever reads them
+    try:
+        began = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "qanot_host", *command, "--config", config],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert time.monotonic() - began < 20
+        assert_one_line_error(proc, "did not answer 'ping' within 5 s")
+    finally:
+        stopped.close()
