@@ -570,9 +570,13 @@ class Host:
                 cache.forget(plugin)  # an idle lazy plugin lists its tools anew
                 await self._start_plugins([plugin])
                 if kept is not None and self.plugins[plugin].state == PluginState.FAILED:
-                    # that listing failed (a setup() that fails now and then): the last good list stays,
-                    # and the next start (a reload, the host's) registers its tools from it again
+                    # That listing failed (a setup() that fails now and then): the last good list
+                    # stays, its tools registered from it again, and each call tries the start anew.
+                    why = self.plugins[plugin].error
                     cache.store(plugin, kept)
+                    await self._start_plugins([plugin])
+                    log.warning("plugin %s: restarted, but listing its tools anew failed (%s); its last list "
+                                "is served, and its next call starts it", plugin, why)
         status = self.plugins[plugin].status()
         log.info("plugin %s restarted by the operator: %s", plugin, status["state"])
         return status
