@@ -18,7 +18,7 @@ from pathlib import Path
 from .chaos import run_chaos
 from .check import check_config
 from .config import load_config
-from .control import NoRunningHost, control_request, follow_logs, socket_path
+from .control import NoRunningHost, control_request, follow_logs, host_holds, socket_path
 from .errors import ConfigError, QanotHostError, ToolNotFound
 from .host import Host
 from .supervisor import SERVING_STATES
@@ -197,11 +197,15 @@ async def _running_host(config_path: str) -> str | None:
     except ConfigError:
         return None  # the standalone host says what is wrong with it
     path = socket_path(config.host.state_dir)
-    if not os.path.exists(path):
-        return None
     try:
+        if not os.path.exists(path):
+            raise NoRunningHost(path)
         reply = await control_request(path, "ping", timeout=PING_SECONDS)
-    except NoRunningHost:  # a socket left behind: nobody listens there
+    except NoRunningHost:  # no socket, or one left behind: nobody listens there
+        if host_holds(config.host.state_dir):  # a host stopping (its disks attached still), or starting
+            raise QanotHostError(f"a qanot-host holds state_dir {config.host.state_dir} but does not answer at "
+                                 f"{path}: it is starting or stopping; nothing was sent (--standalone runs a "
+                                 "host of its own beside it)") from None
         return None
     # A host that is there but busy, slow or not ours is reported (QanotHostError), never worked
     # around with a standalone host beside it on the same state_dir.

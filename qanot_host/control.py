@@ -26,7 +26,7 @@ from .registry import call_error
 if TYPE_CHECKING:
     from .host import Host
 
-__all__ = ["ControlServer", "control_request", "follow_logs", "socket_path", "NoRunningHost"]
+__all__ = ["ControlServer", "control_request", "follow_logs", "socket_path", "host_holds", "NoRunningHost"]
 
 log = logging.getLogger("qanot_host.control")
 MAX_REQUEST = 64 * 2**20  # a call's params may be large (a file's content); the socket is the owner's only
@@ -38,6 +38,28 @@ CONNECT_SECONDS = 5.0  # a host that is there but cannot take a connection withi
 
 def socket_path(state_dir: str) -> str:
     return os.path.join(state_dir, "control.sock")
+
+
+def lock_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "control.lock")
+
+
+def host_holds(state_dir: str) -> bool:
+    """Does a serving host hold this state_dir (its control socket up or not: a host starting, or
+    stopping with its workers and disks still there)?"""
+    try:
+        fd = os.open(lock_path(state_dir), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class ControlServer:
@@ -73,7 +95,7 @@ class ControlServer:
             os.umask(old_umask)
 
     def _take_lock(self) -> None:
-        path = os.path.join(os.path.dirname(self.path), "control.lock")
+        path = lock_path(os.path.dirname(self.path))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -251,3 +251,20 @@ def test_a_host_that_takes_connections_but_never_answers_is_said_within_seconds(
         assert_one_line_error(proc, "did not answer 'ping' within 5 s")
     finally:
         stopped.close()
+
+
+def test_a_call_while_a_host_stops_is_refused_not_run_beside_it(write_config):
+    """Attack pass 48: while a host stopped (its control socket gone, its workers and disks not
+    yet), calls started standalone hosts beside it, which failed on "disk attached elsewhere", the
+    last 24 s later. The state_dir's lock says a host is still there."""
+    import fcntl
+    from qanot_host.config import load_config
+    config = write_config([GREETER])
+    state_dir = Path(load_config(config).host.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "control.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a stopping host holds it
+        proc = qanot_host("call", "--config", config, "greet", '{"name": "x"}')
+        assert_one_line_error(proc, "but does not answer at", "it is starting or stopping; nothing was sent")
+    proc = qanot_host("call", "--config", config, "greet", '{"name": "x"}')  # gone: a host of its own
+    assert proc.returncode == 0 and proc.stdout.strip() == "Salom, x!", proc.stderr
