@@ -41,10 +41,14 @@ AT_EMPTY_PATH = 0x1000
 BUSY_WAIT_SECONDS = 3.0
 
 
-# What a machine that cannot attach disks at all answers (a container without loop devices or the
-# right to mount, a kernel without ext4), as against this one image failing (no file system on it).
-UNSUPPORTED = frozenset({errno.EPERM, errno.EACCES, errno.ENODEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENXIO,
-                         errno.ENOENT})
+# Failures another try may cure (the kernel short of memory a moment): the worker does not start
+# this time, and its restart policy tries again, as for an image still attached elsewhere.
+TRANSIENT = frozenset({errno.EBUSY, errno.ENOMEM, errno.EAGAIN, errno.EINTR})
+
+
+class _MachineCannot(OSError):
+    """A step that fails on a machine that cannot attach disks at all, whatever the image: the loop
+    devices (none, or no right to them: a container), LOOP_CONFIGURE (Linux 5.8), ext4 itself."""
 
 
 class DiskError(Exception):
@@ -69,7 +73,9 @@ class DiskBusy(DiskError):
 
 
 def attach_disk(image: str, uid: int) -> int:
-    """A detached mount of `image`, its root owned by `uid`; the caller keeps the descriptor."""
+    """A detached mount of `image`, its root owned by `uid`; the caller keeps the descriptor.
+    Which step failed decides what the failure is (an errno alone does not: EINVAL is an old
+    kernel's answer to LOOP_CONFIGURE and ext4's to an image that is no file system)."""
     try:
         _wait_until_free(image)
         loop = _attach_loop(image)
@@ -78,12 +84,19 @@ def attach_disk(image: str, uid: int) -> int:
         finally:
             os.close(loop[1])  # the mount holds the device now; autoclear detaches it after
         if uid >= 0:
-            # The root directory only, through the mount itself: never a walk of what the plugin wrote.
-            _fchown_empty_path(mount_fd, uid)
+            try:
+                # The root directory only, through the mount itself: never a walk of what the plugin wrote.
+                _fchown_empty_path(mount_fd, uid)
+            except OSError:
+                os.close(mount_fd)  # else the template would keep it, and the image, for good
+                raise
         return mount_fd
+    except _MachineCannot as exc:
+        raise DiskError(f"cannot attach {image}: this machine cannot attach disks: {exc.strerror or exc}",
+                        unsupported=True) from None
     except OSError as exc:
-        kind = DiskBusy if exc.errno == errno.EBUSY else DiskError
-        raise kind(f"cannot attach {image}: {exc.strerror or exc}", exc.errno in UNSUPPORTED) from None
+        kind = DiskBusy if exc.errno in TRANSIENT else DiskError
+        raise kind(f"cannot attach {image}: {exc.strerror or exc}") from None
 
 
 def _wait_until_free(image: str) -> None:
@@ -141,6 +154,8 @@ def _attach_loop(image: str) -> tuple[int, int]:
                 return number, device
             except OSError as exc:
                 os.close(device)
+                if exc.errno in (errno.EINVAL, errno.ENOTTY):  # a kernel before 5.8: no LOOP_CONFIGURE
+                    raise _MachineCannot(exc.errno, f"LOOP_CONFIGURE: {exc.strerror}") from None
                 if exc.errno != errno.EBUSY or attempt == LOOP_ATTEMPTS - 1:
                     raise
             except BaseException:
@@ -166,16 +181,24 @@ def _lock(backing: int) -> None:
 
 
 def _free_loop() -> tuple[int, int]:
-    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
-        number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
-    finally:
-        os.close(control)
-    return number, os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
+        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+        finally:
+            os.close(control)
+        return number, os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in TRANSIENT:
+            raise
+        raise _MachineCannot(exc.errno, f"loop devices: {exc.strerror}") from None
 
 
 def _mount_ext4(device: str) -> int:
-    fs = linux.check(linux.libc.syscall(SYS_FSOPEN, b"ext4", FSMOUNT_CLOEXEC), "fsopen ext4")
+    try:
+        fs = linux.check(linux.libc.syscall(SYS_FSOPEN, b"ext4", FSMOUNT_CLOEXEC), "fsopen ext4")
+    except OSError as exc:  # no ext4 in this kernel, no new mount API, or no right to mount
+        raise _MachineCannot(exc.errno, str(exc)) from None
     try:
         linux.check(linux.libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, b"source", device.encode(), 0),
                     "fsconfig source")

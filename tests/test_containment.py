@@ -567,9 +567,13 @@ def test_a_disk_failing_on_its_own_is_a_refusal_and_a_machine_without_disks_a_mi
     where every plugin runs on a plain directory and the disk-quota layer is reported missing."""
     if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
         pytest.skip("attaching loop devices needs root and /dev/loop-control")
-    image = tmp_path / "garbage.img"
+    import tempfile
+    place = Path(tempfile.mkdtemp(dir="/var/tmp"))  # where nobody may reach the image: its step is the loop devices
+    os.chmod(place, 0o755)
+    image = place / "garbage.img"
     with open(image, "wb") as f:
         f.truncate(16 * 2**20)
+    os.chmod(image, 0o666)
     code = textwrap.dedent(f"""
         import os, sys
         from qanot_worker.disk import DiskError, attach_disk
@@ -582,8 +586,10 @@ def test_a_disk_failing_on_its_own_is_a_refusal_and_a_machine_without_disks_a_mi
         """)
     outcomes = {who: subprocess.run([sys.executable, "-c", code, who], capture_output=True, text=True, timeout=30,
                                     cwd=REPO, check=True).stdout.strip() for who in ("root", "nobody")}
-    assert outcomes["root"].startswith("failed:cannot attach"), outcomes
-    assert outcomes["nobody"].startswith("error:cannot attach"), outcomes
+    shutil.rmtree(place)
+    assert outcomes["root"].startswith("failed:cannot attach"), outcomes  # ext4 refuses it: this image
+    assert outcomes["nobody"].startswith("error:cannot attach"), outcomes  # no right to loop devices: the machine
+    assert "this machine cannot attach disks: loop devices: Permission denied" in outcomes["nobody"], outcomes
 
 
 def _attachments(image: Path) -> int:
