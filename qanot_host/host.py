@@ -569,14 +569,17 @@ class Host:
                 kept = cache.load(plugin, supervisor.offer_key) if supervisor.offer_key else None
                 cache.forget(plugin)  # an idle lazy plugin lists its tools anew
                 await self._start_plugins([plugin])
-                if kept is not None and self.plugins[plugin].state == PluginState.FAILED:
-                    # That listing failed (a setup() that fails now and then): the last good list
-                    # stays, its tools registered from it again, and each call tries the start anew.
-                    why = self.plugins[plugin].error
-                    cache.store(plugin, kept)
-                    await self._start_plugins([plugin])
-                    log.warning("plugin %s: restarted, but listing its tools anew failed (%s); its last list "
-                                "is served, and its next call starts it", plugin, why)
+                now = self.plugins[plugin]
+                if kept is not None and now.state not in SERVING_STATES:
+                    cache.store(plugin, kept)  # nothing listed anew: the last good list is not lost
+                    if now.lazy and now.state == PluginState.FAILED and kept.key == now.offer_key:
+                        # That listing failed (a setup() that fails now and then), its code unchanged:
+                        # its tools are registered from the last list again, each call trying the start.
+                        why = now.error
+                        await self._start_plugins([plugin])
+                        if self.plugins[plugin].state == PluginState.IDLE:
+                            log.warning("plugin %s: restarted, but listing its tools anew failed (%s); its last "
+                                        "list is served, and its next call starts it", plugin, why)
         status = self.plugins[plugin].status()
         log.info("plugin %s restarted by the operator: %s", plugin, status["state"])
         return status
