@@ -18,8 +18,8 @@ import msgspec
 from qanot_worker import protocol as p
 
 from .deadlines import Deadlines
-from .errors import (ClosedMidFrame, InvalidParams, PluginError, ProtocolViolation, RemoteFailure, ToolFailed,
-                     WorkerTimeout)
+from .errors import (CallTimedOut, ClosedMidFrame, InvalidParams, PluginError, ProtocolViolation, RemoteFailure,
+                     ToolFailed, WorkerTimeout)
 from .loop import pipe_file
 from .output import printable
 
@@ -167,10 +167,11 @@ class WorkerChannel(asyncio.Protocol):
             return
         future = entry[0]
         self._abandoned.add(request_id)
+        kind = WorkerTimeout
         if entry[1] is _CALL:
-            what = f"tool {what}"
+            what, kind = f"tool {what}", CallTimedOut
         if not future.done():
-            future.set_exception(WorkerTimeout(self._plugin, f"{what} timed out after {timeout:g} s"))
+            future.set_exception(kind(self._plugin, f"{what} timed out after {timeout:g} s"))
         self._post(p.Cancel(request_id))
         if self._on_abandoned is not None:
             self._on_abandoned(request_id, what)

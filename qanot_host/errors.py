@@ -29,7 +29,8 @@ import signal
 __all__ = [
     "QanotHostError", "ConfigError", "ToolNotFound", "InvalidParams", "PluginError",
     "PluginUnavailable", "PluginStartError", "DependencyError", "ProtocolMismatch", "WorkerCrashed",
-    "WorkerTimeout", "ProtocolViolation", "ToolFailed", "RemoteFailure", "ClosedMidFrame", "describe_exit",
+    "WorkerTimeout", "CallTimedOut", "ProtocolViolation", "ToolFailed", "RemoteFailure", "ClosedMidFrame",
+    "describe_exit",
 ]
 
 
@@ -91,6 +92,10 @@ class WorkerCrashed(PluginError):
 
 class WorkerTimeout(PluginError):
     pass
+
+
+class CallTimedOut(WorkerTimeout):
+    """A tool call's own timeout ran out (not a worker killed for another reason meanwhile)."""
 
 
 class ProtocolViolation(PluginError):

@@ -25,7 +25,7 @@ import psutil
 from qanot_worker import protocol as p
 
 from .discovery import PluginSource
-from .errors import PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
+from .errors import CallTimedOut, PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
 from .mcp_servers import mcp_server
 from .offered import OfferedTool
 from .output import printable
@@ -448,7 +448,7 @@ class PluginSupervisor:
             self.timeouts += 1
             self.errors += 1
             said = exc
-            if waited_from:  # its time ran partly while it waited for a worker: said whole, not what was left
+            if waited_from and isinstance(exc, CallTimedOut):  # its time ran partly while it waited for a worker
                 said = WorkerTimeout(self.name, f"tool {tool} timed out after {waited_from:g} s, "
                                                 f"{waited_from - timeout:.3g} s of it waiting for a worker")
             log.warning("plugin %s: %s (pid %s)", self.name, said.detail, worker.pid)
