@@ -207,9 +207,13 @@ async def _running_host(config_path: str) -> str | None:
                                  f"{path}: it is starting or stopping; nothing was sent (--standalone runs a "
                                  "host of its own beside it)") from None
         return None
-    # A host that is there but busy, slow or not ours is reported (QanotHostError), never worked
-    # around with a standalone host beside it on the same state_dir.
-    return path if reply.get("config") == config.path else None
+    # A host that is there but busy, slow or running another config is reported (QanotHostError),
+    # never worked around with a standalone host beside it on the same state_dir.
+    running = str(reply.get("config"))
+    if os.path.realpath(running) != os.path.realpath(config.path):  # one config, named through a symlink: the same
+        raise QanotHostError(f"the host at {path} runs {running}, not {config.path}, on the same state_dir: nothing "
+                             "was sent (--standalone runs a host of its own beside it)")
+    return path
 
 
 def _params_text(argument: str) -> str:

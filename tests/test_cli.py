@@ -268,3 +268,27 @@ def test_a_call_while_a_host_stops_is_refused_not_run_beside_it(write_config):
         assert_one_line_error(proc, "but does not answer at", "it is starting or stopping; nothing was sent")
     proc = qanot_host("call", "--config", config, "greet", '{"name": "x"}')  # gone: a host of its own
     assert proc.returncode == 0 and proc.stdout.strip() == "Salom, x!", proc.stderr
+
+
+async def test_a_running_host_of_another_config_on_the_state_dir_is_said_not_run_beside(write_config, tmp_path):
+    """Review: a host answering with another config's path (the same file through a symlink, or
+    another file on the same state_dir) had a standalone host started beside it, on its state_dir."""
+    import shutil
+    config = write_config([GREETER])
+    other = tmp_path / "other.json"
+    shutil.copyfile(config, other)
+    linked = tmp_path / "linked"
+    linked.symlink_to(Path(config).parent)
+    async with Host(config) as host:
+        control = ControlServer(host)
+        await control.start()
+        try:
+            through_link = await asyncio.to_thread(qanot_host, "call", "--config", str(linked / Path(config).name),
+                                                   "greet", '{"name": "x"}')
+            elsewhere = await asyncio.to_thread(qanot_host, "call", "--config", str(other), "greet", '{"name": "x"}')
+            calls = host.plugins["greeter"].calls
+        finally:
+            await control.close()
+    assert through_link.returncode == 0 and through_link.stdout == "Salom, x!\n", through_link.stderr
+    assert calls == 1  # through the running host: the same config, named through a symlink
+    assert_one_line_error(elsewhere, f"runs {config}, not {other}, on the same state_dir: nothing was sent")
