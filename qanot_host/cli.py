@@ -204,8 +204,9 @@ async def _running_host(config_path: str) -> str | None:
     except NoRunningHost:  # no socket, or one left behind: nobody listens there
         if host_holds(config.host.state_dir):  # a host stopping (its disks attached still), or starting
             raise QanotHostError(f"a qanot-host holds state_dir {config.host.state_dir} but does not answer at "
-                                 f"{path}: it is starting or stopping; nothing was sent (--standalone runs a "
-                                 "host of its own beside it)") from None
+                                 f"{path}: it is starting or stopping (or runs without its control socket: its log "
+                                 "says why); nothing was sent (--standalone runs a host of its own beside "
+                                 "it)") from None
         return None
     # A host that is there but busy, slow or running another config is reported (QanotHostError),
     # never worked around with a standalone host beside it on the same state_dir.
@@ -317,7 +318,7 @@ def _cell(value: object) -> str:
 
 async def _reload(args: argparse.Namespace) -> int:
     # a broken config is refused here (load_config), with a one-line error
-    reply = await control_request(await _answering(args.config), "reload")
+    reply = await control_request(await _answering(args.config), "reload", timeout=None)  # as long as it takes
     for key, names in reply["reload"].items():
         print(f"{key}: {', '.join(names) or '-'}")
     return EXIT_OK

@@ -34,6 +34,7 @@ MAX_REQUEST = 64 * 2**20  # a call's params may be large (a file's content); the
 # found it full, and each refused one took the host for gone; the kernel caps it at somaxconn).
 CONNECT_BACKLOG = 4096
 CONNECT_SECONDS = 5.0  # a host that is there but cannot take a connection within this is reported
+LOCK_PROBE_SECONDS = 0.3  # how long a starting host lets a CLI's look at its lock (host_holds) pass
 
 
 def socket_path(state_dir: str) -> str:
@@ -97,12 +98,18 @@ class ControlServer:
     def _take_lock(self) -> None:
         path = lock_path(os.path.dirname(self.path))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise QanotHostError(f"another qanot-host is running with state_dir {self._host.config.host.state_dir} "
-                                 f"(it holds {path})") from None
+        deadline = time.monotonic() + LOCK_PROBE_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:  # a CLI's look (host_holds) lasts a moment: not a host
+                    time.sleep(0.01)
+                    continue
+                os.close(fd)
+                raise QanotHostError(f"another qanot-host is running with state_dir "
+                                     f"{self._host.config.host.state_dir} (it holds {path})") from None
         self._lock = fd
 
     async def close(self, keep_lock: bool = False) -> None:
@@ -279,32 +286,38 @@ async def _connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
     """A connection to the host at `path`, which must be root's or this user's (the kernel says
     whose, SO_PEERCRED): in a state_dir another user could write, they listened there themselves,
     took a call's params and had their forged answer printed as the tool's result."""
+    # Connected here, not by asyncio: a unix socket whose queue is full answers EAGAIN, which
+    # asyncio's own loop takes for a connect under way (and hands back an unconnected socket).
     deadline = time.monotonic() + CONNECT_SECONDS
     while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=MAX_REQUEST),
-                                                    max(deadline - time.monotonic(), 0.1))
+            sock.connect(path)
             break
         except (FileNotFoundError, ConnectionRefusedError) as exc:  # no socket, or nobody listening on it
+            sock.close()
             raise NoRunningHost(f"no running qanot-host answers at {path}: {exc.strerror}") from None
         except BlockingIOError:  # its queue of connections to accept is full: a host, and busy
+            sock.close()
             if time.monotonic() >= deadline:
                 raise QanotHostError(f"the host at {path} is too busy to take a connection (its queue of "
                                      f"{CONNECT_BACKLOG} waiting connections stayed full for "
                                      f"{CONNECT_SECONDS:g} s); nothing was sent") from None
             await asyncio.sleep(0.05)
-        except asyncio.TimeoutError:
-            raise QanotHostError(f"the host at {path} did not take the connection within {CONNECT_SECONDS:g} s; "
-                                 "nothing was sent") from None
         except OSError as exc:
+            sock.close()
             raise QanotHostError(f"cannot connect to {path}: {exc.strerror or exc}") from None
-    sock = writer.get_extra_info("socket")
-    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    except OSError as exc:
+        sock.close()
+        raise QanotHostError(f"cannot tell who serves {path}: {exc.strerror or exc}; nothing sent") from None
     if uid not in (0, os.geteuid()):
-        writer.close()
+        sock.close()
         raise QanotHostError(f"{path} is served by uid {uid}, neither root nor this user: nothing sent "
                              "(whoever can write that state_dir could listen there and forge answers)")
-    return reader, writer
+    return await asyncio.open_unix_connection(sock=sock, limit=MAX_REQUEST)
 
 
 async def control_request(path: str, command: str, timeout: float | None = 60.0, **fields: Any) -> dict[str, Any]:

@@ -265,7 +265,7 @@ def test_a_call_while_a_host_stops_is_refused_not_run_beside_it(write_config):
     with open(state_dir / "control.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # as a stopping host holds it
         proc = qanot_host("call", "--config", config, "greet", '{"name": "x"}')
-        assert_one_line_error(proc, "but does not answer at", "it is starting or stopping; nothing was sent")
+        assert_one_line_error(proc, "but does not answer at", "it is starting or stopping", "nothing was sent")
     proc = qanot_host("call", "--config", config, "greet", '{"name": "x"}')  # gone: a host of its own
     assert proc.returncode == 0 and proc.stdout.strip() == "Salom, x!", proc.stderr
 

@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -248,7 +249,7 @@ async def test_commands_send_nothing_to_a_control_socket_of_another_user(tmp_pat
         with pytest.raises(QanotHostError, match="is served by uid 65534, neither root nor this user: nothing sent"):
             await control_request(path, "call", tool="echo", params={"api_key": "SECRET-123"})
         os.waitpid(pid, 0)  # it saw the connection close
-        assert not os.path.exists(received) or b"SECRET" not in open(received, "rb").read()
+        assert not os.path.exists(received) or b"SECRET" not in Path(received).read_bytes()
     finally:
         os.close(ready_r)
         try:
