@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -309,7 +310,7 @@ def server_python(scratch: Path) -> str:
         for dist in distributions():
             name = dist.metadata["Name"]
             if name and "+" not in dist.version:
-                installed.setdefault(name.lower(), dist.version)
+                installed.setdefault(re.sub(r"[-_.]+", "-", name).lower(), dist.version)  # PEP 503's name
         pins.write_text("".join(f"{name}=={v}\n" for name, v in installed.items()))
         subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
                         "--constraint", str(pins), f"mcp=={version('mcp')}"], check=True)

@@ -179,7 +179,10 @@ class WorkerServer(asyncio.Protocol):
                 log.error("plugin %s: tool %r: its parameters cannot be sent to the host (%s: %s); that tool is left "
                           "out, the others are served", self._plugin_name, tool.name[:100], type(exc).__name__, exc)
                 del self._tools[tool.name]
-        self._send(p.ToolList(msg.id, specs, extensions))
+        if self._tools or not tools:
+            self._send(p.ToolList(msg.id, specs, extensions))
+        else:  # every tool left out at the last step: as broken as a list with nothing usable
+            self._send(p.Failure(msg.id, p.FailureKind.BAD_TOOLS, "no tool of get_tools() can be sent to the host"))
 
     async def _answer(self, request_id: int, work, what: str) -> None:
         """A hook's or a command's reply: its value, or a Failure saying what went wrong."""

@@ -112,3 +112,22 @@ async def test_each_bad_tool_is_left_out_alone_and_the_others_are_served(write_c
                      "get_tools()[6] ('sbt_surrogate_\\udcff'): its name cannot be sent (a lone surrogate in it)",
                      "get_tools()[7]: its name is int, not text"):
         assert f"{expected}" in caplog.text and "left out, the others are served" in caplog.text, expected
+
+
+async def test_a_plugin_none_of_whose_tools_can_be_sent_fails_clearly(write_config, tmp_path):
+    """Review: every tool left out at the last step (its schema cannot be encoded) made a ready
+    plugin with no tools, where a list with nothing usable fails the plugin."""
+    extra = tmp_path / "extra"
+    (extra / "unsendable").mkdir(parents=True)
+    (extra / "unsendable" / "plugin.py").write_text(
+        "from qanot.plugins.base import Plugin, ToolDef\n"
+        "async def run(params):\n    return 'x'\n"
+        "class QanotPlugin(Plugin):\n"
+        "    def get_tools(self):\n"
+        "        return [ToolDef(name='unsendable_run', description='x', parameters={'default': object()}, "
+        "handler=run)]\n")
+    shutil.copytree(FIXTURE_PLUGINS / "greeter", extra / "greeter")
+    async with Host(write_config([plugin("unsendable"), GREETER], plugins_dir=str(extra))) as host:
+        assert host.plugins["unsendable"].state == PluginState.FAILED
+        assert "no tool of get_tools() can be sent to the host" in host.plugins["unsendable"].error
+        assert host.plugins["greeter"].state == PluginState.READY

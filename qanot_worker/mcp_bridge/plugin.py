@@ -104,6 +104,8 @@ class QanotPlugin(Plugin):
                 await session.initialize()
                 self.listed = await _all_tools(session)
                 self.session = session
+                if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
+                    self._lost("the server process exited")  # just now: its exit was seen before this
                 ready.set_result(None)
                 pinging = asyncio.create_task(self._ping(session))
                 try:
