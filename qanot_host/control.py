@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .errors import PluginUnavailable, QanotHostError
+from .flock import flock_within
 from .registry import call_error
 
 if TYPE_CHECKING:
@@ -98,18 +99,10 @@ class ControlServer:
     def _take_lock(self) -> None:
         path = lock_path(os.path.dirname(self.path))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        deadline = time.monotonic() + LOCK_PROBE_SECONDS
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:  # a CLI's look (host_holds) lasts a moment: not a host
-                    time.sleep(0.01)
-                    continue
-                os.close(fd)
-                raise QanotHostError(f"another qanot-host is running with state_dir "
-                                     f"{self._host.config.host.state_dir} (it holds {path})") from None
+        if not flock_within(fd, LOCK_PROBE_SECONDS, poll=0.01):  # a CLI's look (host_holds) lasts a moment
+            os.close(fd)
+            raise QanotHostError(f"another qanot-host is running with state_dir {self._host.config.host.state_dir} "
+                                 f"(it holds {path})")
         self._lock = fd
 
     async def close(self, keep_lock: bool = False) -> None:

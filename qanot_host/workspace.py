@@ -22,13 +22,12 @@ temporary file that replaces the old one, so a reader never sees a torn file.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import re
 import secrets
-import time
 
+from .flock import flock_within
 from .output import plain_text
 from .safe_files import read_regular_file
 
@@ -164,16 +163,8 @@ class Workspace:
 
 
 def _lock_within(fd: int, timeout: float, path: str) -> None:
-    """flock, but never waiting on it for good: whoever holds the lock longer is in the wrong."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise WorkspaceFileError(f"{path} has been locked by someone else for over {timeout:g} s") from None
-            time.sleep(0.05)
+    if not flock_within(fd, timeout):
+        raise WorkspaceFileError(f"{path} has been locked by someone else for over {timeout:g} s")
 
 
 def _inert(plugin: str, what: str, text: str) -> str:
