@@ -124,16 +124,7 @@ def compile_validator(schema: dict[str, Any]) -> Callable[[dict], list[str]]:
     params' own order (named by its Python type, as Qanot names it). Valid params (the common
     case) cost a dict lookup per param."""
     required = tuple(schema.get("required", ()))
-    checks = {}
-    for key, prop in schema.get("properties", {}).items():
-        expected = prop.get("type")
-        # A single type is Qanot's check ("null" and unknown names pass anything); a list of types,
-        # which Qanot cannot take, is checked as JSON Schema says.
-        names, known = (expected, _JSON_TYPES) if isinstance(expected, list) else ([expected], _QANOT_TYPES)
-        tests = tuple(known[n] for n in names if n in known)
-        if tests and len(tests) == len(names):  # an unknown type name in the list lets anything pass
-            exact = frozenset(kind for n in names for kind in _EXACT.get(n, ()))
-            checks[key] = (" or ".join(names), tests, exact)
+    checks = _type_checks(schema)
 
     def validate(params: dict) -> list[str]:
         if type(params) is not dict:
@@ -148,6 +139,21 @@ def compile_validator(schema: dict[str, Any]) -> Callable[[dict], list[str]]:
         return errors
 
     return validate
+
+
+def _type_checks(schema: dict[str, Any]) -> dict[str, tuple[str, tuple[Callable[[Any], bool], ...], frozenset[type]]]:
+    """Per property whose values are checked: its types' names, their tests, and the exact Python
+    types that pass at once. A single type is Qanot's check ("null" and unknown names pass
+    anything); a list of types, which Qanot cannot take, is checked as JSON Schema says (an unknown
+    name in it lets anything pass)."""
+    checks = {}
+    for key, prop in schema.get("properties", {}).items():
+        expected = prop.get("type")
+        names, known = (expected, _JSON_TYPES) if isinstance(expected, list) else ([expected], _QANOT_TYPES)
+        tests = tuple(known[n] for n in names if n in known)
+        if tests and len(tests) == len(names):
+            checks[key] = (" or ".join(names), tests, frozenset(kind for n in names for kind in _EXACT[n]))
+    return checks
 
 
 def _passes(value: object, tests: tuple[Callable[[Any], bool], ...]) -> bool:
@@ -175,13 +181,7 @@ def compile_params_check(schema: dict[str, Any], validate: Callable[[dict], list
     Returns (check, whole): `check` answers CHECK_OFF_LOOP for params of more than
     CHECK_ON_LOOP_VALUES values, which `whole` (the two checks, for any size) then decides."""
     required = tuple(schema.get("required", ()))
-    exact: dict[str, frozenset[type]] = {}
-    for key, prop in schema.get("properties", {}).items():
-        expected = prop.get("type")
-        # as compile_validator reads it: a list of types as JSON Schema says, a single one as Qanot
-        names, known = (expected, _JSON_TYPES) if isinstance(expected, list) else ([expected], _QANOT_TYPES)
-        if all(n in known for n in names):  # else (no type, or an unknown name) anything passes
-            exact[key] = frozenset(kind for n in names for kind in _EXACT[n])
+    exact = {key: check[2] for key, check in _type_checks(schema).items()}  # as compile_validator reads them
 
     def whole(params: dict) -> list[str]:
         problem = json_problem(params, "params", max_depth=MAX_PARAMS_DEPTH)
