@@ -198,8 +198,6 @@ async def _running_host(config_path: str) -> str | None:
         return None  # the standalone host says what is wrong with it
     path = socket_path(config.host.state_dir)
     try:
-        if not os.path.exists(path):
-            raise NoRunningHost(path)
         reply = await control_request(path, "ping", timeout=PING_SECONDS)
     except NoRunningHost:  # no socket, or one left behind: nobody listens there
         if host_holds(config.host.state_dir):  # a host stopping (its disks attached still), or starting

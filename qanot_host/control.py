@@ -262,12 +262,15 @@ def _encode(reply: dict[str, Any]) -> bytes:
 
 
 def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
-    sock = writer.get_extra_info("socket")
     try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return _peer_credentials(writer.get_extra_info("socket"))[0]
     except (OSError, AttributeError):
         return None
-    return struct.unpack("3i", creds)[0]
+
+
+def _peer_credentials(sock: Any) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket, as the kernel says."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
 
 
 class NoRunningHost(QanotHostError):
@@ -301,8 +304,7 @@ async def _connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
             sock.close()
             raise QanotHostError(f"cannot connect to {path}: {exc.strerror or exc}") from None
     try:
-        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("3i")))
+        _, uid, _ = _peer_credentials(sock)
     except OSError as exc:
         sock.close()
         raise QanotHostError(f"cannot tell who serves {path}: {exc.strerror or exc}; nothing sent") from None

@@ -26,8 +26,8 @@ from qanot.plugins.base import Plugin, ToolDef
 from qanot_worker.extensions import ToolFailed
 
 from mcp import ClientSession, MCPError, StdioServerParameters, types
-from pydantic import ValidationError
 from mcp.client.stdio import stdio_client
+from pydantic import ValidationError
 
 EXIT_CONNECTION_LOST = 3  # the worker's exit code when the server is gone: a crash to the host
 
