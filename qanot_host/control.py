@@ -290,7 +290,7 @@ async def _connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
         try:
             sock.connect(path)
             break
-        except (FileNotFoundError, ConnectionRefusedError) as exc:  # no socket, or nobody listening on it
+        except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError) as exc:  # no socket, no listener
             sock.close()
             raise NoRunningHost(f"no running qanot-host answers at {path}: {exc.strerror}") from None
         except BlockingIOError:  # its queue of connections to accept is full: a host, and busy
