@@ -128,7 +128,7 @@ class WorkerChannel(asyncio.Protocol):
             raise InvalidParams(tool, [f"params cannot be sent: {type(exc).__name__}: {exc}"]) from None
         future = self._loop.create_future()
         self._pending[request_id] = (future, _CALL, tool)
-        self._deadlines.add(request_id, timeout, tool)
+        self._deadlines.add(request_id, timeout)
         return future
 
     def ping(self) -> None:
@@ -156,16 +156,16 @@ class WorkerChannel(asyncio.Protocol):
         self._post(message)
         future = self._loop.create_future()
         self._pending[request_id] = (future, expect, what)
-        self._deadlines.add(request_id, timeout, what)
+        self._deadlines.add(request_id, timeout)
         return future
 
-    def _expire(self, request_id: int, timeout: float, what: str) -> None:
+    def _expire(self, request_id: int, timeout: float) -> None:
         """A request's time is up. Whether or not its caller still waits (it may have been
         cancelled), the worker is told to stop, and its late answer is expected, not a violation."""
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return
-        future = entry[0]
+        future, _, what = entry
         self._abandoned.add(request_id)
         kind = WorkerTimeout
         if entry[1] is _CALL:
@@ -197,9 +197,8 @@ class WorkerChannel(asyncio.Protocol):
         """The first message of a loop turn goes at once (a lone call waits for nothing); the ones
         after it in the same turn, from calls made together, are coalesced (protocol.Outbox).
         FrameTooLarge: nothing was sent."""
+        self._outbox.post(message, self._turn_flush_pending)
         self._posted += 1
-        self._outbox.post(message, hold=self._turn_flush_pending)
-        FRAMES.sent += 1
         if not self._turn_flush_pending:
             # Calls come in waves (the replies of one read wake their callers together): size
             # this turn's chunks by the last turn's wave.
@@ -209,6 +208,7 @@ class WorkerChannel(asyncio.Protocol):
 
     def _end_of_turn(self) -> None:
         self._turn_flush_pending = False
+        FRAMES.sent += self._posted  # by the turn: at every frame, it showed in the calls' throughput
         self._last_wave, self._posted = self._posted, 0
         self._outbox.flush()
 
@@ -219,8 +219,9 @@ class WorkerChannel(asyncio.Protocol):
             return
         self.last_heard = self._loop.time()
         try:
-            for frame in self._frames.feed(data):
-                FRAMES.received += 1
+            frames = self._frames.feed(data)
+            FRAMES.received += len(frames)
+            for frame in frames:
                 self._deliver(self._decoder.decode(frame))
         except (p.FrameTooLarge, msgspec.DecodeError) as exc:
             self.close(ProtocolViolation(self._plugin, f"bad frame from the worker: {exc}"))
