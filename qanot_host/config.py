@@ -134,6 +134,14 @@ def _check_grants(config: Config) -> None:
     code = {"plugins_dir": config.plugins_dir, "host.builtin_plugins_dir": builtin,
             "host.wheel_dir": config.host.wheel_dir,
             **{f"host.search_path[{i}]": path for i, path in enumerate(config.host.search_path or [])}}
+    # workspace_dir holds every plugin's own place, each writable by its plugin (and named after it,
+    # by the operator): the host's own files or plugins' code in it, or it in them, would be a
+    # plugin's to change (a plugin named `envs` in a workspace_dir that is state_dir: attack pass 49)
+    for what, place in {**protected, **code}.items():
+        if place is not None and _overlap(config.workspace_dir, place):
+            raise ConfigError(f"{config.path}: workspace_dir: {config.workspace_dir} and {what} ({place}) overlap: "
+                              "each plugin may write its own directory in workspace_dir, so it may hold neither "
+                              "the host's own files nor plugins' code, nor lie inside them")
     for owner, w_index, written in writes:
         key = f"{config.path}: host.plugins.{owner}.permissions.filesystem.write[{w_index}]"
         if within(config.workspace_dir, written):
@@ -160,6 +168,9 @@ def _check_grants(config: Config) -> None:
         for kind, paths in (("read", grant.read), ("write", grant.write)):
             for index, path in enumerate(paths):
                 key = f"{config.path}: host.plugins.{name}.permissions.filesystem.{kind}[{index}]"
+                system = _system_place(path)
+                if system:
+                    raise ConfigError(f"{key}: {path} is not granted: {system}")
                 for what, place in protected.items():
                     if within(place, path) or within(path, place):
                         raise ConfigError(f"{key}: {path} and {what} ({place}) overlap: a plugin may not be "
@@ -174,9 +185,29 @@ def _check_grants(config: Config) -> None:
                             "outside it")
 
 
+def _system_place(path: str) -> str | None:
+    """Why a grant of the host's own /proc, /sys or /dev (which the worker's root has its own of)
+    is refused: bound over the worker's, the host's /proc showed a plugin every process of the
+    machine and its command line (attack pass 49). A device node under /dev may be granted."""
+    for real in {path, os.path.realpath(path)}:
+        if within(real, "/proc") or within(real, "/sys"):
+            return ("the host's /proc and /sys are never a plugin's (the worker has its own /proc, of its "
+                    "PID namespace, and no /sys): they show every process of the machine")
+        if real == "/dev" or within(real, "/dev/shm") or within(real, "/dev/mqueue") or within(real, "/dev/pts"):
+            return ("the host's /dev, /dev/shm, /dev/mqueue and /dev/pts are never a plugin's (the worker has its "
+                    "own): grant the device nodes it needs, one by one")
+    return None
+
+
 def own_workspace(config: Config, plugin: str) -> str:
     """workspace_dir/NAME: the plugin's own place in the workspace."""
     return os.path.join(config.workspace_dir, plugin)
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Either holds the other, as written or once links are followed (one may be a link to the other)."""
+    pairs = ((one, other), (os.path.realpath(one), os.path.realpath(other)))
+    return any(within(a, b) or within(b, a) for a, b in pairs)
 
 
 def within(path: str, directory: str) -> bool:

@@ -82,7 +82,9 @@ class LimitsWatch:
             self._next_walk[supervisor.name] = now + WORKSPACE_WALK_SPACING * seconds
             if problem:
                 self._last_within.pop(supervisor.name, None)
-                supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True)
+                # killed at once: the host's own disk, which a teardown() of seconds went on filling
+                # (attack pass 49: caught at 655 MB of 256, 1.7 GB by the end of its teardown)
+                supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True, at_once=True)
             elif cpu is not None:
                 self._last_within[supervisor.name] = (cpu, now)
 

@@ -332,8 +332,9 @@ class PluginSupervisor:
         self.last_exit = f"{what} failed: {detail}"
         return self.policy.decide(abnormal=True, uptime=0.0, now=time.monotonic())
 
-    def recycle(self, reason: str, counts: bool, label: str = "recycled") -> None:
-        """Replace a running worker on purpose: teardown() is tried, then the worker is killed."""
+    def recycle(self, reason: str, counts: bool, label: str = "recycled", at_once: bool = False) -> None:
+        """Replace a running worker on purpose: teardown() is tried, then the worker is killed.
+        `at_once`: killed straight away, with no teardown() (a ceiling it would go on passing)."""
         worker = self.worker
         if self.state != PluginState.READY or worker is None or self._recycling is not None:
             return
@@ -341,15 +342,15 @@ class PluginSupervisor:
         self._recycling = _Recycle(reason, counts, label)
         self.state = PluginState.RESTARTING
         self.settled.clear()
-        asyncio.get_running_loop().create_task(self._recycle(worker, reason, drain=not counts))
+        asyncio.get_running_loop().create_task(self._recycle(worker, reason, drain=not counts, at_once=at_once))
 
-    async def _recycle(self, worker: WorkerHandle, reason: str, drain: bool) -> None:
+    async def _recycle(self, worker: WorkerHandle, reason: str, drain: bool, at_once: bool) -> None:
         if drain:  # a planned recycle lets calls in flight finish first, as long as the plugin's calls may take
             try:
                 await asyncio.wait_for(self.idle.wait(), self.longest_call_timeout())
             except asyncio.TimeoutError:
                 pass
-        await worker.stop(reason=f"worker recycled: {reason}")
+        await worker.stop(reason=f"worker recycled: {reason}", at_once=at_once)
 
     def longest_call_timeout(self) -> float:
         """The longest any call to this plugin may take: its own timeout, or a tool's if longer."""

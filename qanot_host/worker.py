@@ -381,15 +381,17 @@ class WorkerHandle:
             return WorkerCrashed(self.plugin, code, f": out of memory, over its memory_mb={self._options.memory_mb}")
         return WorkerCrashed(self.plugin, code)
 
-    async def stop(self, teardown: bool = True, reason: str = "worker stopped") -> int | None:
-        """Teardown, then SIGTERM, then SIGKILL; returns the exit code. Safe to call many times."""
+    async def stop(self, teardown: bool = True, reason: str = "worker stopped", at_once: bool = False) -> int | None:
+        """Teardown, then SIGTERM, then SIGKILL; returns the exit code. Safe to call many times.
+        `at_once`: SIGKILL straight away (a plugin over a ceiling gets no time to go on)."""
         if self._process is None:
             return None
         self._stopping = True
         self._stop_reason = reason
         opts = self._options
         first_grace = 0.0
-        if teardown and not self.exited.done() and self._channel is not None and self._channel.closed is None:
+        if teardown and not at_once and not self.exited.done() and self._channel is not None \
+                and self._channel.closed is None:
             try:
                 await self._channel.request(p.Teardown, p.Done, opts.teardown_timeout, "teardown()")
                 self.stop_path.append("teardown")
@@ -397,7 +399,9 @@ class WorkerHandle:
             except (PluginError, RemoteFailure) as exc:
                 self.stop_path.append("teardown-failed")
                 log.warning("plugin %s: teardown() did not finish cleanly: %s", self.plugin, exc)
-        for sig, grace in ((None, first_grace), (signal.SIGTERM, opts.term_timeout), (signal.SIGKILL, 5.0)):
+        steps = ((signal.SIGKILL, 5.0),) if at_once else \
+            ((None, first_grace), (signal.SIGTERM, opts.term_timeout), (signal.SIGKILL, 5.0))
+        for sig, grace in steps:
             if sig is not None:
                 self.stop_path.append(sig.name)
                 self._process.signal_group(sig)

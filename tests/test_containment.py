@@ -716,6 +716,55 @@ def test_a_grant_inside_a_directory_a_plugin_may_write_is_refused(tmp_path):
         assert fragment in str(caught.value), caught.value
 
 
+def test_a_workspace_dir_that_overlaps_the_hosts_own_files_or_plugins_code_is_refused(tmp_path):
+    """Each plugin may write workspace_dir/NAME: with workspace_dir the state_dir, a plugin named `envs`
+    owned the host's dependency environments and planted code in another plugin's (attack pass 49)."""
+    from qanot_host import ConfigError
+    from qanot_host.config import parse_config
+    state, plugins = tmp_path / "state", tmp_path / "plugins"
+    (tmp_path / "alias").symlink_to(state)
+    for workspace, also, fragment in [
+        (state, {}, f"workspace_dir: {state} and host.state_dir ({state}) overlap"),
+        (state / "ws", {}, f"workspace_dir: {state}/ws and host.state_dir ({state}) overlap"),
+        (tmp_path, {}, f"workspace_dir: {tmp_path} and host.state_dir ({state}) overlap"),
+        (tmp_path / "alias", {}, f"workspace_dir: {tmp_path}/alias and host.state_dir ({state}) overlap"),
+        (tmp_path / "shared", {"plugins_dir": str(tmp_path / "shared" / "plugins")},
+         f"workspace_dir: {tmp_path}/shared and plugins_dir ({tmp_path}/shared/plugins) overlap"),
+        (plugins / "ws", {}, f"workspace_dir: {plugins}/ws and plugins_dir ({plugins}) overlap"),
+    ]:
+        raw = {"plugins": [{"name": "envs"}], "plugins_dir": str(plugins), "workspace_dir": str(workspace),
+               "host": {"state_dir": str(state)}, **also}
+        with pytest.raises(ConfigError) as caught:
+            parse_config(json.dumps(raw), str(tmp_path / "config.json"))
+        assert fragment in str(caught.value), caught.value
+    raw = {"plugins": [], "plugins_dir": str(plugins), "workspace_dir": str(tmp_path / "workspace"),
+           "host": {"state_dir": str(state)}}
+    parse_config(json.dumps(raw), str(tmp_path / "config.json"))  # apart: fine
+
+
+def test_the_hosts_proc_sys_and_dev_are_never_granted(tmp_path):
+    """Attack pass 49: a read grant of /proc was bound over the worker's own and showed the plugin every
+    process of the machine and its command line. A device node may still be granted."""
+    from qanot_host import ConfigError
+    from qanot_host.config import parse_config
+    (tmp_path / "proc-link").symlink_to("/proc")
+    for kind, path, fragment in [("read", "/proc", "the host's /proc and /sys are never a plugin's"),
+                                 ("read", "/proc/1", "/proc/1 is not granted"),
+                                 ("read", str(tmp_path / "proc-link"), "the host's /proc and /sys"),
+                                 ("read", "/sys/fs/cgroup", "the host's /proc and /sys"),
+                                 ("write", "/dev", "grant the device nodes it needs, one by one"),
+                                 ("write", "/dev/shm", "/dev/shm is not granted")]:
+        raw = {"plugins": [{"name": "a"}], "host": {"state_dir": str(tmp_path / "state"), "plugins": {
+            "a": {"permissions": {"filesystem": {kind: [path]}}}}}}
+        with pytest.raises(ConfigError) as caught:
+            parse_config(json.dumps(raw), str(tmp_path / "config.json"))
+        assert f"host.plugins.a.permissions.filesystem.{kind}[0]: " in str(caught.value), caught.value
+        assert fragment in str(caught.value), caught.value
+    raw = {"plugins": [{"name": "a"}], "host": {"state_dir": str(tmp_path / "state"), "plugins": {
+        "a": {"permissions": {"filesystem": {"read": ["/dev/urandom"]}}}}}}
+    parse_config(json.dumps(raw), str(tmp_path / "config.json"))  # a device node: fine
+
+
 async def test_a_grant_through_a_symlink_refuses_the_plugin_never_binds_the_target(write_config, tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
@@ -969,6 +1018,25 @@ async def test_the_workspace_has_a_ceiling_too(write_config):
             path.unlink()
         await host.reload()  # a failed plugin is started again by a reload
         assert host.plugins["attacker"].state == PluginState.READY, host.plugins["attacker"].error
+
+
+async def test_a_plugin_over_its_workspace_ceiling_gets_no_teardown_to_go_on_writing(write_config):
+    """Attack pass 49: found at 655 MB of workspace_mb=256, a plugin whose loop was blocked was asked
+    for teardown() and given teardown_timeout (3 s) to answer, writing on: 1.7 GB by its end. Over the
+    ceiling, the worker is killed at once."""
+    config = write_config([plugin("attacker")], host={
+        "limits_interval": 0.2, "teardown_timeout": 15, "restart": {"backoff_initial": 0, "max_restarts": 1},
+        "plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
+    async with Host(config) as host:
+        place = Path(host.config.workspace_dir) / "attacker"
+        sup = host.plugins["attacker"]
+        began = time.monotonic()
+        assert await host.registry.execute("attack_write_on", {"where": str(place), "mb": 600}) == "writing"
+        await wait_until(lambda: sup.state == PluginState.FAILED, 30, "the plugin to fail")
+        took = time.monotonic() - began
+        written = (place / "fill-on").stat().st_size >> 20
+        assert "over its workspace_mb=20" in sup.error, sup.error
+        assert took < 12 and written < 400, (took, written)  # 15 s of teardown: all 600 MB
 
 
 async def test_space_taken_with_next_to_no_cpu_is_still_found(write_config):

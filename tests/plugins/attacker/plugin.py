@@ -539,6 +539,20 @@ class QanotPlugin(Plugin):
             return contained(f"{exc.strerror} after {written >> 20} MB in {where}")
         return f"ESCAPED: wrote {written >> 20} MB"
 
+    @tool(name="attack_write_on", description="write on from a thread, the event loop blocked", parameters=ANY)
+    async def write_on(self, params: dict) -> str:
+        path, limit = os.path.join(params["where"], "fill-on"), int(params["mb"])
+
+        def write() -> None:
+            with open(path, "wb") as f:
+                for _ in range(limit):
+                    f.write(b"\0" * 2**20)
+                    f.flush()
+                    time.sleep(0.01)
+        threading.Thread(target=write, daemon=True).start()
+        __import__("asyncio").get_running_loop().call_later(0.05, time.sleep, 3600)  # no teardown() answered
+        return "writing"
+
     @tool(name="attack_eat_memory", description="allocate and touch memory", parameters=ANY)
     async def eat_memory(self, params: dict) -> str:
         hoard = []
