@@ -10,6 +10,7 @@ from .config import directory_problems
 from .discovery import find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import MAX_REQUIREMENTS, find_uv, requirement_problem
 from .mcp_servers import bridge_config, mcp_server, mcp_tool_name, server_warnings
+from .plugin_secrets import resolve_config_secrets
 from .registry import tool_name_problem
 from .probe import probe_layers
 from .sandbox_spec import withheld_permissions
@@ -61,6 +62,11 @@ def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report:
     if source.problem:
         problems.append(f"{label}: {source.problem}")
         return
+    try:  # what `run` would resolve: here, in check's own environment (a service's may differ)
+        index = config.plugins.index(entry)
+        resolve_config_secrets(entry.config, f"{config.path}: plugins[{index}].config")
+    except ValueError as exc:
+        report.warnings.append(f"{label}: {exc}: a start here would fail")
     problems.extend(f"{label}: {problem}" for problem in manifest_problems(source, entry, config))
     report.warnings.extend(f"{label}: {warning}" for warning in manifest_warnings(source, entry, config))
     manifest_path = os.path.join(source.directory, "plugin.json")
@@ -137,6 +143,14 @@ def _check_settings(config: Config, name: str, declared: set[str] | None, label:
             problems.append(f"{where} is not a directory")
         elif not writable_by(path, uid):
             problems.append(f"{where} is not writable by the plugin's uid {uid} (chown or chmod it)")
+    if config.host.sandbox.enabled and not config.limits_for(name).memory_mb:
+        report.warnings.append(f"{label}: limits.memory_mb is 0 (host.limits or {key}.limits): its memory "
+                               "has no ceiling")
+    restart = config.restart_for(name)
+    if restart.backoff_initial > restart.backoff_max:
+        report.warnings.append(f"{label}: restart.backoff_initial ({restart.backoff_initial:g} s) is over "
+                               f"restart.backoff_max ({restart.backoff_max:g} s): every restart waits "
+                               f"backoff_max")
     if settings.tool_timeouts:
         unknown = sorted(set(settings.tool_timeouts) - declared) if declared is not None else []
         if unknown and declared is not None:

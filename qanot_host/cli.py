@@ -25,7 +25,7 @@ from .supervisor import SERVING_STATES
 from .json_objects import parse_json_object
 from .completion import completion_script
 from .log_setup import configure_logging
-from .output import printable
+from .output import for_terminal, printable
 from .registry import call_error
 from .loop import run as run_event_loop
 from .safe_files import read_regular_file
@@ -168,8 +168,7 @@ async def _call(args: argparse.Namespace) -> int:
     running = None if args.standalone else await _running_host(args.config)
     if running is not None:  # counted there, and no start-up here
         reply = await control_request(running, "call", timeout=None, tool=args.tool, params=params)
-        result = reply["result"]
-        sys.stdout.write(result if result.endswith("\n") else result + "\n")
+        _print_result(reply["result"])
         return EXIT_OK
     async with Host(args.config) as host:
         try:
@@ -182,8 +181,15 @@ async def _call(args: argparse.Namespace) -> int:
             raise call_error(QanotHostError(f"{missing} (plugins that failed to start: {host.not_ready()})")) from None
         except QanotHostError as exc:
             raise call_error(exc) from None
-    sys.stdout.write(result if result.endswith("\n") else result + "\n")
+    _print_result(result)
     return EXIT_OK
+
+
+def _print_result(result: str) -> None:
+    """The result as it is, for a pipe or a file; on a terminal, with its control characters escaped."""
+    if sys.stdout.isatty():
+        result = for_terminal(result)
+    sys.stdout.write(result if result.endswith("\n") else result + "\n")
 
 
 MAX_PARAMS_FILE = 64 * 1024 * 1024  # as much as one frame to a worker can carry

@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from .log_ring import LogRing
 
-__all__ = ["start_output_pumps", "OutputLimit", "MAX_LOG_LINE", "printable", "plain_text", "one_line", "MAX_MESSAGE"]
+__all__ = ["start_output_pumps", "OutputLimit", "MAX_LOG_LINE", "printable", "plain_text", "one_line", "MAX_MESSAGE",
+           "for_terminal"]
 
 # A plugin that prints without newlines must not make the host buffer without bound.
 MAX_LOG_LINE = 4096
 BURST_SECONDS = 10.0
 REPORT_SECONDS = 10.0
+NOTICE_SECONDS = 1.0  # at most one "N lines not logged" a second as lines flow again
 
 
 class OutputLimit:
@@ -62,7 +64,9 @@ class OutputLimit:
         if self._tokens >= cost:
             self._tokens -= cost
             self._need = 1.0
-            if self._unreported:  # lines flow again: say how many were not logged
+            if self._unreported and self._stamp - self._reported_at >= NOTICE_SECONDS:
+                # lines flow again: say how many were not logged; once a second at most, or a plugin
+                # flooding at the rate had a notice logged after each of its lines (attack pass 49)
                 self.report(self._stamp)
             return True
         self._need = min(cost, self.capacity)  # the reader waits for this much before reading on
@@ -168,7 +172,15 @@ UNSAFE_CODEPOINTS = (*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, 0
                      *range(0x202A, 0x202F), *range(0x2066, 0x206A))
 _CONTROLS = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in UNSAFE_CODEPOINTS if c != 0x09}
 _NOT_IN_TEXT = {c: None for c in UNSAFE_CODEPOINTS if c not in (0x09, 0x0A)}
+_ON_TERMINAL = {c: escaped for c, escaped in _CONTROLS.items() if c != 0x0A}
 _NOT_IN_LINE = {c: None for c in UNSAFE_CODEPOINTS}
+
+
+def for_terminal(text: str) -> str:
+    """A plugin's result as a terminal shows it: lines and tabs kept, every other control character
+    escaped (a result's ESC sequences recoloured, moved the cursor or retitled the operator's
+    terminal: attack pass 49)."""
+    return text.translate(_ON_TERMINAL)
 
 
 def plain_text(text: str) -> str:

@@ -7,6 +7,7 @@ with its path. Reading and checking a file is config.py's.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Annotated, Any, Literal
 
@@ -200,7 +201,8 @@ class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
 
     permissions: Permissions = msgspec.field(default_factory=Permissions)
     call_timeout: Seconds | None = None
-    tool_timeouts: dict[str, Seconds] = {}
+    # seconds > 0 each, checked below: msgspec's own error says `tool_timeouts[...]`, not which tool
+    tool_timeouts: dict[str, Any] = {}
     restart: RestartSettings | None = None
     limits: Limits | None = None
     # workspace_dir/NAME, made by the host and writable by the plugin (Qanot plugins keep their
@@ -210,6 +212,12 @@ class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
     # None: the host's (host.activation, host.idle_timeout)
     activation: Activation | None = None
     idle_timeout: Seconds | None = None
+
+    def __post_init__(self) -> None:
+        for tool, seconds in self.tool_timeouts.items():
+            if type(seconds) not in (int, float) or not 0 < seconds < float("inf"):
+                raise ValueError(f"tool_timeouts: {tool}: expected seconds > 0, got {json.dumps(seconds)[:80]}")
+            self.tool_timeouts[tool] = float(seconds)
 
 
 class HostSettings(msgspec.Struct, forbid_unknown_fields=True):

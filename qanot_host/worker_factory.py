@@ -165,6 +165,8 @@ class WorkerFactory:
         options.ring = self.rings.setdefault(name, LogRing())
         plugin_config.setdefault("workspace_dir", config.workspace_dir)
         worker = WorkerHandle(name, self.launcher, options, supervisor.worker_exited)
+        if sandboxed and self.cgroups.available and not limits.memory_mb and not supervisor.sandbox_warned:
+            log.warning("plugin %s: limits.memory_mb is 0: its memory has no ceiling", name)
         cgroups = self.cgroups.prepare(name, CgroupLimits(
             settings.sandbox.pids_max, (limits.memory_mb or 0) * 2**20 or None, limits.cpu_weight or 100,
             limits.cpu_max)) if sandboxed else {}

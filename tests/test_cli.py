@@ -207,6 +207,49 @@ def test_check_says_which_layers_the_config_turns_off(write_config):
     assert proc.returncode != 0 and "error: sandbox layer identity: off" in proc.stdout, proc.stdout
 
 
+def test_check_warns_of_what_run_would_fail_or_quietly_turn_off(write_config):
+    """Attack pass 49: memory_mb 0 (no memory ceiling), a backoff_initial over backoff_max and a
+    SecretRef naming an unset variable all passed check without a word."""
+    from .conftest import check_report
+    entry = {"name": "echo", "enabled": True, "config": {"token": {"env": "QANOT_TEST_NOT_SET"}}}
+    config = write_config([entry], host={"limits": {"memory_mb": 0},
+                                         "restart": {"backoff_initial": 100, "backoff_max": 1}})
+    report = check_report(config, warnings=True)
+    assert "plugin echo: limits.memory_mb is 0" in report and "its memory has no ceiling" in report, report
+    assert "restart.backoff_initial (100 s) is over restart.backoff_max (1 s)" in report, report
+    assert "plugins[0].config.token: the environment variable 'QANOT_TEST_NOT_SET' it names is not set" in report
+    assert check_report(config) == ""  # warnings, not errors: a service's environment may differ
+
+
+def test_call_escapes_a_results_control_characters_on_a_terminal_only(write_config):
+    """Attack pass 49: a result's ESC sequences reached the operator's terminal as they were."""
+    import os
+    import pty
+    config = write_config([GREETER])
+    hostile = json.dumps({"name": "\x1b]0;owned\x07\x1b[31mred\rover"})
+    main, side = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "qanot_host", "call", "--config", config, "--standalone",
+                               "greet", hostile], stdout=side, stderr=subprocess.PIPE, timeout=60, cwd=REPO)
+        os.close(side)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(main)
+    assert proc.returncode == 0, proc.stderr
+    assert b"\x1b" not in shown and b"\x07" not in shown, shown
+    assert b"\\x1b]0;owned\\x07\\x1b[31mred\\x0dover" in shown, shown
+    piped = qanot_host("call", "--config", config, "--standalone", "greet", hostile)
+    assert "\x1b]0;owned\x07\x1b[31mred" in piped.stdout, piped.stdout  # a pipe gets the result as it is
+
+
 def test_a_reader_that_goes_away_gets_no_traceback():
     """The newcomer's `qanot-host completion zsh | head -5` printed a BrokenPipeError traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "qanot_host", "completion", "bash"], cwd=REPO,

@@ -19,6 +19,11 @@ from qanot_host.config import parse_config
     ('{"host": {"call_timout": 1}}', "c.json: host: Object contains unknown field `call_timout`"),
     ('{"host": {"call_timeout": 0}}', "c.json: host.call_timeout: Expected `float` > 0.0"),
     ('{"plugins": [], "host": {"plugins": {"x": {}}}}', "c.json: host.plugins.x: no plugin 'x' in plugins"),
+    # the tool at fault named (msgspec's own words said `tool_timeouts[...]`: attack pass 49)
+    ('{"plugins": [{"name": "a"}], "host": {"plugins": {"a": {"tool_timeouts": {"slow": 60, "echo": 0}}}}}',
+     "c.json: host.plugins.a: tool_timeouts: echo: expected seconds > 0, got 0"),
+    ('{"plugins": [{"name": "a"}], "host": {"plugins": {"a": {"tool_timeouts": {"echo": "5"}}}}}',
+     'c.json: host.plugins.a: tool_timeouts: echo: expected seconds > 0, got "5"'),
 ])
 def test_config_errors(raw, message):
     with pytest.raises(ConfigError) as info:

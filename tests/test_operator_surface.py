@@ -139,6 +139,24 @@ def test_output_is_limited_by_its_bytes_not_only_its_lines(caplog):
     assert limit.dropped == 100 - long_lines
 
 
+def test_a_steady_flood_gets_its_rate_of_lines_and_a_notice_a_second_at_most(caplog, monkeypatch):
+    """Attack pass 49: flooding at log_lines_per_second=50, a plugin had a "lines not logged" notice
+    logged after each of its lines: twice its rate in the host's log."""
+    import qanot_host.output as output
+    clock = [1000.0]
+    monkeypatch.setattr(output.time, "monotonic", lambda: clock[0])
+    limit = OutputLimit("flood", lines_per_second=50)
+    caplog.set_level(logging.WARNING, logger="qanot_host.plugin.flood")
+    logged = 0
+    for _ in range(30 * 100):  # 30 s, 1000 lines a second
+        clock[0] += 0.01
+        logged += sum(limit.take(100) for _ in range(10))
+    notices = [r for r in caplog.records if "lines of output not logged" in r.getMessage()]
+    assert logged <= 50 * (10 + 30) + 1  # the burst, then the rate
+    assert len(notices) <= 31, len(notices)
+    assert limit.dropped == 30_000 - logged
+
+
 def test_log_file_is_private_and_json_lines_name_the_worker(tmp_path):
     import os
     from qanot_host.log_setup import configure_logging, flush_logs
