@@ -48,9 +48,14 @@ class FrameCount:
 FRAMES = FrameCount()
 
 
+def _nobody(error: PluginError | None) -> None:
+    pass
+
+
 class WorkerChannel(asyncio.Protocol):
     def __init__(self, plugin: str, max_frame: int, on_lost: Callable[[PluginError | None], None],
-                 on_abandoned: Callable[[int, str], None] | None = None) -> None:
+                 on_abandoned: Callable[[int, str], None] | None = None,
+                 on_call_ended: Callable[[PluginError | None], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._plugin = plugin
@@ -70,6 +75,8 @@ class WorkerChannel(asyncio.Protocol):
         self._in: asyncio.ReadTransport | None = None
         self._on_lost = on_lost
         self._on_abandoned = on_abandoned
+        # told how each tool call ended (None: answered, or its caller went away), once for each
+        self._call_ended = on_call_ended or _nobody
         self.last_heard = loop.time()  # when the worker last sent anything: proof its loop runs
         self._ping_id = 0  # the heartbeat's Ping that awaits its Pong (0: none)
         self.ping_sent = 0.0  # ...sent at this loop time
@@ -79,10 +86,11 @@ class WorkerChannel(asyncio.Protocol):
     @classmethod
     async def open(cls, plugin: str, max_frame: int, to_worker: int, from_worker: int,
                    on_lost: Callable[[PluginError | None], None],
-                   on_abandoned: Callable[[int, str], None] | None = None) -> "WorkerChannel":
+                   on_abandoned: Callable[[int, str], None] | None = None,
+                   on_call_ended: Callable[[PluginError | None], None] | None = None) -> "WorkerChannel":
         """Wrap the host's ends of the two pipes (the fds are owned by the channel from here on)."""
         loop = asyncio.get_running_loop()
-        channel = cls(plugin, max_frame, on_lost, on_abandoned)
+        channel = cls(plugin, max_frame, on_lost, on_abandoned, on_call_ended)
         try:
             channel._out, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe_file(to_worker, "wb"))
         except BaseException:
@@ -170,8 +178,11 @@ class WorkerChannel(asyncio.Protocol):
         kind = WorkerTimeout
         if entry[1] is _CALL:
             what, kind = f"tool {what}", CallTimedOut
+        error = kind(self._plugin, f"{what} timed out after {timeout:g} s")
         if not future.done():
-            future.set_exception(kind(self._plugin, f"{what} timed out after {timeout:g} s"))
+            future.set_exception(error)
+        if entry[1] is _CALL:
+            self._call_ended(error)
         self._post(p.Cancel(request_id))
         if self._on_abandoned is not None:
             self._on_abandoned(request_id, what)
@@ -184,6 +195,8 @@ class WorkerChannel(asyncio.Protocol):
             return  # answered meanwhile, or the worker is gone
         entry = self._pending.pop(request_id)
         self._abandoned.add(request_id)
+        if entry[1] is _CALL:
+            self._call_ended(None)
         if self.closed is None:
             self._post(p.Cancel(request_id))
             if self._on_abandoned is not None:
@@ -247,13 +260,17 @@ class WorkerChannel(asyncio.Protocol):
                                       "already answered")
         future, expect, what = entry
         if expect is _CALL:
-            if isinstance(msg, p.Result):
+            if type(msg) is p.Result:
                 if not future.done():  # done: the caller went away (cancelled), nobody to tell
                     future.set_result(msg.value)
+                self._call_ended(None)
             elif isinstance(msg, p.Failure):
+                error = ToolFailed(self._plugin, what, self._message(msg.message))
                 if not future.done():
-                    future.set_exception(ToolFailed(self._plugin, what, self._message(msg.message)))
+                    future.set_exception(error)
+                self._call_ended(error)
             else:
+                self._call_ended(ProtocolViolation(self._plugin, "bad reply from the worker"))
                 self._wrong_reply(future, f"{type(msg).__name__} in reply to a tool call")
             return
         failed = isinstance(msg, p.Failure)
@@ -307,9 +324,11 @@ class WorkerChannel(asyncio.Protocol):
         pending = list(self._pending.values())
         self._pending.clear()  # the same dict: the deadlines watch it
         self._deadlines.clear()
-        for future, _, _ in pending:
+        for future, expect, _ in pending:
             if not future.done():
                 future.set_exception(error)
+            if expect is _CALL:
+                self._call_ended(error)
         if not self.hello.done():
             self.hello.set_exception(error)
             self.hello.exception()  # retrieved: nobody may be waiting for it any more

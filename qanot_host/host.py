@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -313,7 +314,8 @@ class Host:
                     raise SchemaError(f"name {spec.name!r} is kept for another MCP server's tools "
                                       "(mcp_{server}_{tool})")
                 tool = RegisteredTool(spec.name, spec.description, spec.parameters,
-                                      partial(supervisor.call, spec.name), supervisor.name, "mcp" if server else "core")
+                                      partial(supervisor.call, spec.name), supervisor.name, "mcp" if server else "core",
+                                      sender=supervisor, remote_name=spec.name)
             except SchemaError as exc:
                 refused.append(spec.name)
                 log.error("plugin %s: tool %s is not registered: its %s", supervisor.name,
@@ -336,8 +338,7 @@ class Host:
                 log.warning("MCP server %s: tool %s is registered as %s: %s has the name %s", supervisor.name,
                             spec.name, fallback, owner[1], spec.name)
                 self._let_go(spec.name, supervisor.name, owner[0], displaced)
-                tool = RegisteredTool(fallback, tool.description, tool.parameters, tool.handler, tool.plugin,
-                                      tool.category)
+                tool = replace(tool, name=fallback)
                 owner = self._name_owner(tool.name, supervisor.name)
             if owner is not None:
                 conflicts.append(tool.name)

@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from .errors import InvalidParams, PluginError, QanotHostError, ToolFailed, ToolNotFound
 from .schema import CHECK_OFF_LOOP, SchemaError, check_schema, compile_params_check, compile_validator, type_name
@@ -32,6 +32,16 @@ log = logging.getLogger("qanot_host.registry")
 
 # A plugin's tool handler also takes a timeout (supervisor.call); an in-host one takes the params only.
 Handler = Callable[..., Awaitable[Any]]
+
+
+class CallSender(Protocol):
+    """A plugin's supervisor, as execute() uses it: sends a call and hands back its reply's future
+    (None: no worker can take it now, and the handler's coroutine waits for one); told if the
+    caller then goes away."""
+
+    def send(self, tool: str, params: dict[str, Any], timeout: float | None = None) -> Awaitable[str] | None: ...
+
+    def cancelled(self, reply: Awaitable[str]) -> None: ...
 
 TOOL_TIMEOUT = 30  # Qanot's default for execute()
 MAX_TOOL_RESULT_CHARS = 8000  # what Qanot's agent lets one result put in the context
@@ -49,6 +59,10 @@ class RegisteredTool:
     handler: Handler
     plugin: str | None = None  # None: an in-host tool registered with register()
     category: str = "core"
+    # A plugin's tool: its supervisor, and the tool's name in its worker (an MCP server's tool may be
+    # registered as mcp_{server}_{tool}), for execute()'s way round the handler's coroutine.
+    sender: CallSender | None = field(default=None, repr=False)
+    remote_name: str = ""
     validate: Callable[[Any], list[str]] = field(init=False, repr=False)
     # a plugin's tool: what cannot cross the wire, then `validate`, in one pass (compile_params_check),
     # and the same for params too large to check on the event loop (checked on a thread)
@@ -152,7 +166,16 @@ class ToolRegistry:
                 input_data = _plain(input_data)
                 known = None
             if self.observer is None:
-                result = await self._dispatch(self._checked(name, input_data, known), input_data, timeout)
+                tool = self._checked(name, input_data, known)
+                sender = tool.sender
+                if sender is not None and (reply := sender.send(tool.remote_name, input_data, timeout)) is not None:
+                    try:  # a ready plugin's call: its future, awaited here (no coroutine of its own)
+                        result = await reply
+                    except asyncio.CancelledError:
+                        sender.cancelled(reply)
+                        raise
+                else:
+                    result = await self._dispatch(tool, input_data, timeout)
             else:
                 result = await self._observed(name, input_data, timeout)
             return result if len(result) <= MAX_TOOL_RESULT_CHARS else truncate_tool_result(result)
@@ -232,7 +255,7 @@ class ToolRegistry:
         problems = tool.check(params)
         if problems:
             if problems is CHECK_OFF_LOOP:  # rare: the same tool, checking its params on a thread first
-                return replace(tool, handler=_checked_on_a_thread(tool, name))
+                return replace(tool, handler=_checked_on_a_thread(tool, name), sender=None)
             raise InvalidParams(name, problems)
         return tool
 

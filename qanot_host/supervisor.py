@@ -18,7 +18,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import psutil
 
@@ -410,55 +410,80 @@ class PluginSupervisor:
             return worker
         return None
 
-    async def call(self, tool: str, params: dict[str, Any], timeout: float | None = None) -> str:
-        """Call one tool; it stops at its configured timeout, or at the caller's if that is sooner.
-        Every call runs this, so a ready plugin's call takes the short way through each check (the
-        checks' own method calls cost a fifth of the host's CPU per call at 64 in flight)."""
+    def send(self, tool: str, params: dict[str, Any], timeout: float | None = None) -> Awaitable[str] | None:
+        """A ready plugin's call, sent at once: its future, which the worker's reply settles; None if
+        no worker can take it now (call() waits for one). The call stops at its configured timeout,
+        or at the caller's if that is sooner. Every call comes this way, so it takes the short way
+        through each check (the checks' own method calls cost a fifth of the host's CPU per call at
+        64 in flight), and the caller awaits the channel's future itself (execute() does: a
+        coroutine of this method's own cost as much again). How the call ends is counted by
+        call_ended(), which the channel calls; a caller cancelled while it waits says so with
+        cancelled(), so that the worker is told."""
         worker = self.worker
         if self.state is not _READY or self._closing or worker is None or not worker.accepting_calls:
-            self._refuse_if_unavailable()
-            worker = self._serving()
+            return None
         configured = self._timeouts.get(tool) or self._call_timeout(tool)
-        timeout = configured if timeout is None or timeout >= configured else max(timeout, 0.001)
-        waited_from = 0.0
-        if worker is None:
-            waited_from = timeout
-            try:
-                worker, timeout = await self._wait_for_worker(f"tool {tool}", timeout)
-            except PluginError:
-                self.errors += 1  # failed all the same (its start for this call failed, say): counted
-                raise
         # Refused here (params that cannot be framed): nothing is in flight. Counted in flight only
         # once sent: a refused call was left in flight for good, and the host's stop waited on it.
-        reply = worker.call(tool, params, timeout)
+        reply = worker.call(tool, params, configured if timeout is None or timeout >= configured
+                            else max(timeout, 0.001))
         self.calls += 1
         self._calls_since_start += 1
         self.in_flight += 1
         if self.in_flight == 1:
             self.idle.clear()
+        max_calls = self.limits.max_calls
+        if max_calls and self._calls_since_start >= max_calls:
+            # its last call: calls that come while it is in flight wait for the next worker
+            self.recycle(f"served max_calls={max_calls} calls", counts=False)
+        return reply
+
+    async def call(self, tool: str, params: dict[str, Any], timeout: float | None = None) -> str:
+        """send() and the wait for its reply, as one coroutine; a call that finds no ready worker
+        waits for one (a start, a restart) within its timeout."""
+        reply = self.send(tool, params, timeout)
+        waited_from = left = 0.0
+        if reply is None:
+            self._refuse_if_unavailable()
+            configured = self._timeouts.get(tool) or self._call_timeout(tool)
+            timeout = configured if timeout is None or timeout >= configured else max(timeout, 0.001)
+            waited_from = timeout
+            try:  # not in flight while it waits: a drain (a recycle) waits for calls sent, not these
+                _, left = await self._wait_for_worker(f"tool {tool}", timeout)
+                reply = self.send(tool, params, left)
+                if reply is None:  # taken from under it in the same step: say why, as a call then would
+                    self._refuse_if_unavailable()
+                    raise PluginUnavailable(self.name, "its worker is not taking calls")
+            except PluginError:
+                self.errors += 1  # failed all the same (its start for this call failed, say): counted
+                raise
         try:
-            max_calls = self.limits.max_calls
-            if max_calls and self._calls_since_start >= max_calls:
-                # its last call: calls that come while it is in flight wait for the next worker
-                self.recycle(f"served max_calls={max_calls} calls", counts=False)
             return await reply
         except asyncio.CancelledError:  # the caller went away (an MCP client's cancel): so does the call
-            worker.call_cancelled(reply)
+            self.cancelled(reply)
             raise
-        except WorkerTimeout as exc:
-            self.timeouts += 1
+        except CallTimedOut as exc:
+            if waited_from:  # its time ran partly while it waited for a worker
+                raise WorkerTimeout(self.name, f"tool {tool} timed out after {waited_from:g} s, "
+                                               f"{waited_from - left:.3g} s of it waiting for a worker") from None
+            raise exc from None
+
+    def cancelled(self, reply: Awaitable[str]) -> None:
+        """The caller awaiting send()'s `reply` was cancelled: the worker is told to cancel the
+        handler (and killed if it cannot within cancel_grace), as at a timeout."""
+        if self.worker is not None:
+            self.worker.call_cancelled(reply)
+
+    def call_ended(self, error: PluginError | None) -> None:
+        """A call sent by send() ended (answered, failed, timed out, its caller gone, its worker
+        gone): the channel says so, once for each."""
+        if error is not None:
             self.errors += 1
-            said = exc
-            if waited_from and isinstance(exc, CallTimedOut):  # its time ran partly while it waited for a worker
-                said = WorkerTimeout(self.name, f"tool {tool} timed out after {waited_from:g} s, "
-                                                f"{waited_from - timeout:.3g} s of it waiting for a worker")
-            log.warning("plugin %s: %s (pid %s)", self.name, said.detail, worker.pid)
-            raise said from None
-        except PluginError:
-            self.errors += 1
-            raise
-        finally:
-            self._ended()
+            if isinstance(error, WorkerTimeout):
+                self.timeouts += 1
+                worker = self.worker
+                log.warning("plugin %s: %s (pid %s)", self.name, error.detail, worker.pid if worker else None)
+        self._ended()
 
     async def hook(self, name: str, kwargs: dict[str, Any]) -> Any:
         """Run one of the plugin's hooks in its worker (the Qanot drop-in forwards them); its value."""

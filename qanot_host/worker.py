@@ -73,11 +73,14 @@ class WorkerOptions:
 
 class WorkerHandle:
     def __init__(self, plugin: str, launcher: Launcher, options: WorkerOptions,
-                 on_exit: Callable[["WorkerHandle"], None] | None = None) -> None:
+                 on_exit: Callable[["WorkerHandle"], None] | None = None,
+                 on_call_ended: Callable[[PluginError | None], None] | None = None) -> None:
+        """`on_call_ended`: told how each tool call ended, once for each (the supervisor counts them)."""
         self.plugin = plugin
         self._launcher = launcher
         self._options = options
         self._on_exit = on_exit
+        self._on_call_ended = on_call_ended
         self._process: WorkerProcess | None = None
         self._channel: WorkerChannel | None = None
         self._stopping = False
@@ -184,7 +187,7 @@ class WorkerHandle:
         process = self._process
         channel = await run_to_end(
             WorkerChannel.open(self.plugin, opts.max_frame, host_writes, host_reads, self._channel_lost,
-                               self._call_abandoned),
+                               self._call_abandoned, self._on_call_ended),
             undo=lambda opened: opened.close(None), abandoned=lambda: process.signal_group(signal.SIGKILL))
         channel.redact = opts.redact
         self._channel = channel

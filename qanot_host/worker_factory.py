@@ -164,7 +164,7 @@ class WorkerFactory:
         options.redact = redact or None
         options.ring = self.rings.setdefault(name, LogRing())
         plugin_config.setdefault("workspace_dir", config.workspace_dir)
-        worker = WorkerHandle(name, self.launcher, options, supervisor.worker_exited)
+        worker = WorkerHandle(name, self.launcher, options, supervisor.worker_exited, supervisor.call_ended)
         if sandboxed and self.cgroups.available and not limits.memory_mb and not supervisor.sandbox_warned:
             log.warning("plugin %s: limits.memory_mb is 0: its memory has no ceiling", name)
         cgroups = self.cgroups.prepare(name, CgroupLimits(
