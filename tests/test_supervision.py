@@ -134,7 +134,8 @@ async def test_async_hang_is_cancelled_without_a_restart(write_config):
         assert sup.restarts == 0 and sup.worker.in_flight == 0
 
 
-async def test_a_cancelled_caller_cancels_the_call_in_the_worker(write_config, tmp_path):
+@pytest.mark.parametrize("way", ["invoke", "execute"])  # execute() awaits the reply's future itself
+async def test_a_cancelled_caller_cancels_the_call_in_the_worker(write_config, tmp_path, way):
     """An MCP client's cancel, or any caller's task cancelled: the handler is cancelled in the worker
     at once, not left running until the call's timeout; the worker serves on."""
     place = tmp_path / "markers"
@@ -145,14 +146,36 @@ async def test_a_cancelled_caller_cancels_the_call_in_the_worker(write_config, t
     async with Host(config) as host:
         sup = host.plugins["misbehave"]
         pid = sup.worker.pid
-        call = asyncio.ensure_future(host.registry.invoke("mb_hang_async", {}))
+        call = asyncio.ensure_future(getattr(host.registry, way)("mb_hang_async", {}))
         await wait_until(marker.exists, 10, "the call in flight")
+        assert sup.in_flight == 1
         call.cancel()
         await asyncio.gather(call, return_exceptions=True)
         await wait_until(lambda: (place / "marker.cancelled").exists(), 5, "the handler cancelled")
         await wait_until(lambda: sup.worker.in_flight == 0, 5, "the cancel answered")
         assert await host.registry.execute("mb_sleep", {"seconds": 0}) == "slept"
         assert sup.worker.pid == pid and sup.restarts == 0 and sup.in_flight == 0
+
+
+async def test_every_end_of_a_call_is_counted_once_and_leaves_the_plugin_idle(write_config):
+    """execute() awaits the reply's future itself; the channel counts how each call ended (answered,
+    failed, timed out, its worker gone) for in_flight, idle, errors and timeouts."""
+    config = write_config([misbehave()], host={**FAST, "plugins": {"misbehave": {"tool_timeouts": {"mb_sleep": 0.2}}}})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        ended = [
+            await host.registry.execute("mb_ok", {}),
+            await host.registry.execute("mb_bad_string", {}),  # a Failure from the worker
+            await host.registry.execute("mb_sleep", {"seconds": 2}),  # over its 0.2 s
+            await host.registry.execute("mb_crash", {"how": "signal"}),  # its worker gone
+        ]
+        assert ended[0].startswith("ok ") and all("error" in json.loads(r) for r in ended[1:]), ended
+        assert (sup.calls, sup.errors, sup.timeouts, sup.in_flight) == (4, 3, 1, 0)
+        assert sup.idle.is_set()
+        await wait_until(lambda: sup.state == PluginState.READY, 10, "the restart")
+        many = await asyncio.gather(*(host.registry.execute("mb_ok", {}) for _ in range(50)))
+        assert all(r.startswith("ok ") for r in many) and sup.in_flight == 0 and sup.idle.is_set()
+        assert (sup.calls, sup.errors) == (54, 3)
 
 
 async def test_blocked_event_loop_is_found_by_the_heartbeat(write_config):
