@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import msgspec
 
@@ -134,33 +135,39 @@ def _check_grants(config: Config) -> None:
     code = {"plugins_dir": config.plugins_dir, "host.builtin_plugins_dir": builtin,
             "host.wheel_dir": config.host.wheel_dir,
             **{f"host.search_path[{i}]": path for i, path in enumerate(config.host.search_path or [])}}
-    # workspace_dir holds every plugin's own place, each writable by its plugin (and named after it,
-    # by the operator): the host's own files or plugins' code in it, or it in them, would be a
-    # plugin's to change (a plugin named `envs` in a workspace_dir that is state_dir: attack pass 49)
+    # workspace_dir holds every plugin's own place, workspace_dir/NAME, writable by that plugin: the
+    # host's own files or plugins' code there, or workspace_dir in them, would be a plugin's to change
+    # (a plugin named `envs` with workspace_dir the state_dir: attack pass 49). Under a name no plugin
+    # is ever given as its place (a name with a dot: Qanot's config.json beside the default
+    # .qanot-host, say), they are out of every plugin's reach.
     for what, place in {**protected, **code}.items():
-        if place is not None and _overlap(config.workspace_dir, place):
+        if place is None:
+            continue
+        inside = _beneath(place, config.workspace_dir)
+        if _overlap(config.workspace_dir, place) and not (inside and agents_own_name(inside.split("/")[0])):
             raise ConfigError(f"{config.path}: workspace_dir: {config.workspace_dir} and {what} ({place}) overlap: "
-                              "each plugin may write its own directory in workspace_dir, so it may hold neither "
-                              "the host's own files nor plugins' code, nor lie inside them")
+                              "each plugin may write its own directory in workspace_dir (workspace_dir/NAME), so "
+                              "it may lie in neither the host's own files nor plugins' code, nor hold them but "
+                              "under a name with a dot in it, which no plugin's place has")
+    host_code = _host_code()
     for owner, w_index, written in writes:
         key = f"{config.path}: host.plugins.{owner}.permissions.filesystem.write[{w_index}]"
-        if within(config.workspace_dir, written):
+        if _holds(written, config.workspace_dir):
             raise ConfigError(f"{key}: {written} holds workspace_dir ({config.workspace_dir}), where the host "
                               "writes TOOLS.md and SOUL.md: grant a directory inside it instead")
-        for what, place in code.items():
-            if place is not None and (within(place, written) or within(written, place)):
-                raise ConfigError(f"{key}: {written} and {what} ({place}) overlap: a plugin may not write "
-                                  "plugins' code")
+        for what, place in host_code.items():
+            if _overlap(place, written):
+                raise ConfigError(f"{key}: {written} and {what} ({place}) overlap: a plugin may not write code or "
+                                  "settings the host and every worker run (attack pass 50)")
     own = [(entry.name, own_workspace(config, entry.name)) for entry in config.plugins
            if config.has_place(entry.name)]
     for owner, w_index, written in writes:
         for name, path in own:
-            if name != owner and within(path, written):
+            if name != owner and _holds(written, path):
                 raise ConfigError(
                     f"{config.path}: host.plugins.{owner}.permissions.filesystem.write[{w_index}]: {written} holds "
                     f"{path}, plugin {name}'s own place in the workspace: {owner} could swap it for a directory "
                     f"of its own. Set host.plugins.{name}.workspace to false, or grant {owner} less")
-    writes += [(name, None, path) for name, path in own]
     for name, settings in config.host.plugins.items():
         grant = settings.permissions.filesystem
         if grant is None:
@@ -171,18 +178,43 @@ def _check_grants(config: Config) -> None:
                 system = _system_place(path)
                 if system:
                     raise ConfigError(f"{key}: {path} is not granted: {system}")
+                # every comparison below follows links too: plugins_dir named through a symlink let a
+                # write grant of its real path through, and one plugin rewrote another's code (attack pass 50)
                 for what, place in protected.items():
-                    if within(place, path) or within(path, place):
+                    if _overlap(place, path):
                         raise ConfigError(f"{key}: {path} and {what} ({place}) overlap: a plugin may not be "
                                           "granted the host's own files")
+                for what, place in code.items():
+                    if place is not None and _overlap(place, path):
+                        raise ConfigError(f"{key}: {path} and {what} ({place}) overlap: a plugin may not be granted "
+                                          "plugins' code (its own directory is in its root already)")
+                for other, place in own:
+                    if other != name and _overlap(place, path):
+                        raise ConfigError(f"{key}: {path} and {place}, plugin {other}'s own place in the workspace, "
+                                          "overlap: a plugin's place is its own (attack pass 50)")
+                    if other == name and _holds(place, path) and not _same(place, path):
+                        raise ConfigError(f"{key}: {path} is inside {place}, its own place in the workspace, which "
+                                          "it may write: it could turn part of the path into a symlink to anywhere")
                 for owner, w_index, written in writes:
-                    if within(path, written) and path != written:
-                        how = f"host.plugins.{owner}.permissions.filesystem.write[{w_index}]" \
-                            if w_index is not None else "its own place in the workspace"
+                    if _holds(written, path) and not _same(path, written):
                         raise ConfigError(
-                            f"{key}: {path} is inside {written}, which plugin {owner} may write ({how}): it could "
-                            "turn part of the path into a symlink to anywhere. Grant the outer directory, or one "
-                            "outside it")
+                            f"{key}: {path} is inside {written}, which plugin {owner} may write "
+                            f"(host.plugins.{owner}.permissions.filesystem.write[{w_index}]): it could turn part of "
+                            "the path into a symlink to anywhere. Grant the outer directory, or one outside it")
+
+
+def _host_code() -> dict[str, str]:
+    """Where the code and settings the host runs, and binds into every worker's root, live: its
+    interpreter, standard library and installed packages (qanot_host's own among them), and the
+    system's programs, libraries and /etc. A plugin that may write there runs code as the host."""
+    import site
+    import sysconfig
+    places = {"the interpreter's prefix": sys.prefix, "the interpreter's base prefix": sys.base_prefix,
+              "the standard library": sysconfig.get_paths()["stdlib"],
+              "qanot-host's own package": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    places.update({f"site-packages ({i})": path for i, path in enumerate(site.getsitepackages())})
+    places.update({f"the system's {path}": path for path in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc")})
+    return places
 
 
 def _system_place(path: str) -> str | None:
@@ -206,8 +238,27 @@ def own_workspace(config: Config, plugin: str) -> str:
 
 def _overlap(one: str, other: str) -> bool:
     """Either holds the other, as written or once links are followed (one may be a link to the other)."""
-    pairs = ((one, other), (os.path.realpath(one), os.path.realpath(other)))
-    return any(within(a, b) or within(b, a) for a, b in pairs)
+    return any(within(a, b) or within(b, a) for a, b in _both_ways(one, other))
+
+
+def _holds(directory: str, path: str) -> bool:
+    """`path` is `directory` or lies beneath it, as written or once links are followed."""
+    return any(within(b, a) for a, b in _both_ways(directory, path))
+
+
+def _same(one: str, other: str) -> bool:
+    return one == other or os.path.realpath(one) == os.path.realpath(other)
+
+
+def _beneath(path: str, directory: str) -> str:
+    """`path` relative to `directory` if it lies strictly beneath it (as written, or links followed:
+    both must agree), else ""."""
+    found = {os.path.relpath(a, b) if within(a, b) and a != b else "" for a, b in _both_ways(path, directory)}
+    return found.pop() if len(found) == 1 else ""
+
+
+def _both_ways(one: str, other: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    return (one, other), (os.path.realpath(one), os.path.realpath(other))
 
 
 def within(path: str, directory: str) -> bool:
@@ -219,7 +270,10 @@ def _resolve_paths(config: Config) -> None:
     base = os.path.dirname(os.path.abspath(config.path))
 
     def resolve(value: str) -> str:
-        return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+        path = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+        # normpath keeps a leading '//' (POSIX lets it mean something else; Linux does not): one
+        # '/' then, or //STATE_DIR passed the checks above as a path of its own (the review of 11-27)
+        return "/" + path.lstrip("/") if path.startswith("//") else path
 
     config.plugins_dir = resolve(config.plugins_dir)
     config.workspace_dir = resolve(config.workspace_dir)

@@ -731,15 +731,69 @@ def test_a_workspace_dir_that_overlaps_the_hosts_own_files_or_plugins_code_is_re
         (tmp_path / "shared", {"plugins_dir": str(tmp_path / "shared" / "plugins")},
          f"workspace_dir: {tmp_path}/shared and plugins_dir ({tmp_path}/shared/plugins) overlap"),
         (plugins / "ws", {}, f"workspace_dir: {plugins}/ws and plugins_dir ({plugins}) overlap"),
+        (tmp_path / "ws", {"host": {"state_dir": str(tmp_path / "ws" / "state")}},  # a plugin named state
+         f"workspace_dir: {tmp_path}/ws and host.state_dir ({tmp_path}/ws/state) overlap"),
     ]:
         raw = {"plugins": [{"name": "envs"}], "plugins_dir": str(plugins), "workspace_dir": str(workspace),
-               "host": {"state_dir": str(state)}, **also}
+               "host": {"state_dir": str(state)}}
+        raw.update(also)
         with pytest.raises(ConfigError) as caught:
             parse_config(json.dumps(raw), str(tmp_path / "config.json"))
         assert fragment in str(caught.value), caught.value
-    raw = {"plugins": [], "plugins_dir": str(plugins), "workspace_dir": str(tmp_path / "workspace"),
-           "host": {"state_dir": str(state)}}
-    parse_config(json.dumps(raw), str(tmp_path / "config.json"))  # apart: fine
+    for workspace, state_dir in ((tmp_path / "workspace", state),  # apart: fine
+                                 (tmp_path / "ws", tmp_path / "ws" / ".qanot-host")):  # no plugin's place has a dot
+        raw = {"plugins": [], "plugins_dir": str(plugins), "workspace_dir": str(workspace),
+               "host": {"state_dir": str(state_dir)}}
+        parse_config(json.dumps(raw), str(tmp_path / "config.json"))
+
+
+def test_grants_are_checked_with_links_followed_and_against_places_and_the_hosts_code(tmp_path):
+    """Attack pass 50: with plugins_dir named through a symlink, a write grant of its real path passed
+    and one plugin rewrote another's plugin.py; read grants of another plugin's place, of the whole
+    workspace_dir and of plugins_dir passed; write grants of the host's own packages passed."""
+    import site
+    from qanot_host import ConfigError
+    from qanot_host.config import parse_config
+    real = tmp_path / "real-plugins"
+    real.mkdir()
+    (tmp_path / "plugins").symlink_to(real)
+    workspace = tmp_path / "workspace"
+    for kind, path, fragment in [
+        ("write", real, "a plugin may not be granted plugins' code"),
+        ("read", real / "victim", "a plugin may not be granted plugins' code"),
+        ("read", workspace / "victim", "plugin victim's own place in the workspace, overlap"),
+        ("read", workspace, "plugin victim's own place in the workspace, overlap"),
+        ("write", workspace / "spy" / "sub", "inside " + str(workspace / "spy") + ", its own place"),
+        ("write", site.getsitepackages()[0], "a plugin may not write code or settings the host and every worker run"),
+        ("write", sys.prefix, "a plugin may not write code or settings the host and every worker run"),
+        ("write", "/usr/lib", "a plugin may not write code or settings the host and every worker run"),
+    ]:
+        raw = {"plugins": [{"name": "spy"}, {"name": "victim"}], "plugins_dir": str(tmp_path / "plugins"),
+               "workspace_dir": str(workspace), "host": {"state_dir": str(tmp_path / "state"), "plugins": {
+                   "spy": {"permissions": {"filesystem": {kind: [str(path)]}}}}}}
+        with pytest.raises(ConfigError) as caught:
+            parse_config(json.dumps(raw), str(tmp_path / "config.json"))
+        assert f"host.plugins.spy.permissions.filesystem.{kind}[0]: " in str(caught.value), caught.value
+        assert fragment in str(caught.value), (path, caught.value)
+    raw = {"plugins": [{"name": "spy"}, {"name": "victim"}], "plugins_dir": str(tmp_path / "plugins"),
+           "workspace_dir": str(workspace), "host": {"state_dir": str(tmp_path / "state"), "plugins": {
+               "spy": {"permissions": {"filesystem": {"read": [str(tmp_path / "shared")],
+                                                      "write": [str(workspace / "spy")]}}}}}}
+    parse_config(json.dumps(raw), str(tmp_path / "config.json"))  # elsewhere, or its own place: fine
+
+
+def test_a_grant_written_with_a_leading_double_slash_is_the_same_path(tmp_path):
+    """The review of 11-27: normpath keeps a leading '//', and //PLUGINS_DIR passed as another path."""
+    from qanot_host import ConfigError
+    from qanot_host.config import parse_config
+    for kind, path, fragment in [("write", f"/{tmp_path}/plugins", "a plugin may not be granted plugins' code"),
+                                 ("read", f"//{tmp_path}/state", "a plugin may not be granted the host's own files")]:
+        raw = {"plugins": [{"name": "a"}], "plugins_dir": str(tmp_path / "plugins"),
+               "workspace_dir": str(tmp_path / "workspace"), "host": {"state_dir": str(tmp_path / "state"), "plugins": {
+                   "a": {"permissions": {"filesystem": {kind: [path]}}}}}}
+        with pytest.raises(ConfigError) as caught:
+            parse_config(json.dumps(raw), str(tmp_path / "config.json"))
+        assert fragment in str(caught.value), caught.value
 
 
 def test_the_hosts_proc_sys_and_dev_are_never_granted(tmp_path):
@@ -1037,6 +1091,27 @@ async def test_a_plugin_over_its_workspace_ceiling_gets_no_teardown_to_go_on_wri
         written = (place / "fill-on").stat().st_size >> 20
         assert "over its workspace_mb=20" in sup.error, sup.error
         assert took < 12 and written < 400, (took, written)  # 15 s of teardown: all 600 MB
+
+
+async def test_a_ceiling_passed_while_a_recycle_drains_its_calls_kills_at_once(write_config):
+    """The review of 11-27: a max_calls recycle waits for its calls in flight (up to the longest
+    call timeout); the workspace was not measured meanwhile, and a kill found due was dropped."""
+    config = write_config([plugin("attacker")], host={
+        "limits_interval": 0.2, "call_timeout": 60, "restart": {"backoff_initial": 0, "max_restarts": 1},
+        "plugins": {"attacker": {"limits": {"workspace_mb": 20, "max_calls": 2}}}})
+    async with Host(config) as host:
+        place = Path(host.config.workspace_dir) / "attacker"
+        sup = host.plugins["attacker"]
+        began = time.monotonic()
+        assert await host.registry.execute("attack_write_on", {"where": str(place), "mb": 600}) == "writing"
+        await asyncio.sleep(0.3)  # its loop blocked now: the next call, its max_calls-th, is never answered
+        stuck = asyncio.ensure_future(host.registry.execute("attack_statvfs", {}))
+        await wait_until(lambda: sup.state == PluginState.FAILED, 40, "the plugin to fail")
+        took = time.monotonic() - began
+        written = (place / "fill-on").stat().st_size >> 20
+        assert "over its workspace_mb=20" in sup.error, sup.error
+        assert took < 20 and written < 400, (took, written)  # the drain alone: 60 s
+        assert "error" in await asyncio.wait_for(stuck, 10)
 
 
 async def test_space_taken_with_next_to_no_cpu_is_still_found(write_config):
