@@ -270,12 +270,15 @@ class WorkerChannel(asyncio.Protocol):
                     future.set_exception(error)
                 self._call_ended(error)
             else:
-                self._call_ended(ProtocolViolation(self._plugin, "bad reply from the worker"))
-                self._wrong_reply(future, f"{type(msg).__name__} in reply to a tool call")
+                what = f"{type(msg).__name__} in reply to a tool call"
+                self._call_ended(self._wrong_reply(future, what))
+                raise msgspec.DecodeError(what)  # the channel ends
             return
         failed = isinstance(msg, p.Failure)
         if type(msg) is not expect and not failed:
-            self._wrong_reply(future, f"{type(msg).__name__} in reply to a request that expects {expect.__name__}")
+            what = f"{type(msg).__name__} in reply to a request that expects {expect.__name__}"
+            self._wrong_reply(future, what)
+            raise msgspec.DecodeError(what)  # the channel ends
         if future.done():
             return
         if isinstance(msg, p.Failure):
@@ -287,11 +290,12 @@ class WorkerChannel(asyncio.Protocol):
         """A worker's error message as the host passes it on: secrets out, printable, bounded."""
         return printable(text if self.redact is None else self.redact(text))
 
-    def _wrong_reply(self, future: asyncio.Future, what: str) -> None:
-        """The request was answered, wrongly: its caller learns so now, then the channel ends."""
+    def _wrong_reply(self, future: asyncio.Future, what: str) -> ProtocolViolation:
+        """The request was answered, wrongly: its caller learns so now (the channel ends then)."""
+        error = ProtocolViolation(self._plugin, f"bad reply from the worker: {what}")
         if not future.done():
-            future.set_exception(ProtocolViolation(self._plugin, f"bad reply from the worker: {what}"))
-        raise msgspec.DecodeError(what)
+            future.set_exception(error)
+        return error
 
     def eof_received(self) -> bool:
         self.close(None)

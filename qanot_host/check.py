@@ -44,11 +44,11 @@ def check_config(config: Config, raw_entries: list[object]) -> CheckReport:
         raw = raw_entries[index] if index < len(raw_entries) else {}
         for key in sorted(set(raw) - KNOWN_ENTRY_KEYS) if isinstance(raw, dict) else ():
             report.warnings.append(f"{config.path}: plugins[{index}].{key}: unknown key, ignored")
-        _check_plugin(config, entry, enabled, report)
+        _check_plugin(config, index, entry, enabled, report)
     return report
 
 
-def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report: CheckReport) -> None:
+def _check_plugin(config: Config, index: int, entry: PluginEntry, enabled: set[str], report: CheckReport) -> None:
     report.checked += 1
     problems = report.errors if entry.enabled else report.warnings
     if mcp_server(config, entry.name) is not None:
@@ -63,7 +63,6 @@ def _check_plugin(config: Config, entry: PluginEntry, enabled: set[str], report:
         problems.append(f"{label}: {source.problem}")
         return
     try:  # what `run` would resolve: here, in check's own environment (a service's may differ)
-        index = config.plugins.index(entry)
         resolve_config_secrets(entry.config, f"{config.path}: plugins[{index}].config")
     except ValueError as exc:
         report.warnings.append(f"{label}: {exc}: a start here would fail")
@@ -144,8 +143,8 @@ def _check_settings(config: Config, name: str, declared: set[str] | None, label:
         elif not writable_by(path, uid):
             problems.append(f"{where} is not writable by the plugin's uid {uid} (chown or chmod it)")
     if config.host.sandbox.enabled and not config.limits_for(name).memory_mb:
-        report.warnings.append(f"{label}: limits.memory_mb is 0 (host.limits or {key}.limits): its memory "
-                               "has no ceiling")
+        report.warnings.append(f"{label}: limits.memory_mb is 0 (host.limits or host.plugins.{name}.limits): its "
+                               "memory has no ceiling")
     restart = config.restart_for(name)
     if restart.backoff_initial > restart.backoff_max:
         report.warnings.append(f"{label}: restart.backoff_initial ({restart.backoff_initial:g} s) is over "

@@ -20,12 +20,17 @@ what was called.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from typing import Callable, Collection
 
 __all__ = ["Deadlines"]
 
-COMPACT_SLACK = 512  # batches tolerated per queue beyond one per call in flight before it is rebuilt
+log = logging.getLogger("qanot_host")
+
+# A queue of more batches than this, and than twice the calls in flight, is rebuilt from the live ones:
+# at least half of it goes, so each rebuild is paid for by the batches that made it necessary.
+COMPACT_SLACK = 512
 
 
 class Deadlines:
@@ -110,7 +115,10 @@ class Deadlines:
                 if deadline <= now:
                     for request_id in batch:
                         if request_id in live:
-                            self._expire(request_id, timeout)
+                            try:
+                                self._expire(request_id, timeout)
+                            except Exception:  # one bad expiry must not leave the rest of its batch waiting
+                                log.exception("expiring request %s failed", request_id)
             if not queue:
                 if self._queues.get(timeout) is queue:  # an expiry may have cleared them all
                     del self._queues[timeout]

@@ -33,6 +33,13 @@ log = logging.getLogger("qanot_host.registry")
 # A plugin's tool handler also takes a timeout (supervisor.call); an in-host one takes the params only.
 Handler = Callable[..., Awaitable[Any]]
 
+TOOL_TIMEOUT = 30  # Qanot's default for execute()
+MAX_TOOL_RESULT_CHARS = 8000  # what Qanot's agent lets one result put in the context
+MAX_TOOL_NAME = 64
+BAD_NAME = "Invalid tool name: must be alphanumeric/underscore, max 64 chars"
+_PATHS = re.compile(r"(/[\w./\-]+){3,}")
+_CREDENTIALS = re.compile(r"(?:key|token|secret|password|auth)[=:]\s*\S+", re.IGNORECASE)
+
 
 class CallSender(Protocol):
     """A plugin's supervisor, as execute() uses it: sends a call and hands back its reply's future
@@ -42,13 +49,6 @@ class CallSender(Protocol):
     def send(self, tool: str, params: dict[str, Any], timeout: float | None = None) -> Awaitable[str] | None: ...
 
     def cancelled(self, reply: Awaitable[str]) -> None: ...
-
-TOOL_TIMEOUT = 30  # Qanot's default for execute()
-MAX_TOOL_RESULT_CHARS = 8000  # what Qanot's agent lets one result put in the context
-MAX_TOOL_NAME = 64
-BAD_NAME = "Invalid tool name: must be alphanumeric/underscore, max 64 chars"
-_PATHS = re.compile(r"(/[\w./\-]+){3,}")
-_CREDENTIALS = re.compile(r"(?:key|token|secret|password|auth)[=:]\s*\S+", re.IGNORECASE)
 
 
 @dataclass
@@ -235,12 +235,15 @@ class ToolRegistry:
         return result
 
     def _dispatch(self, tool: RegisteredTool, params: dict[str, Any], timeout: float | None) -> Awaitable[Any]:
-        """The one way execute() and invoke() reach a checked tool's handler. A plugin's tool goes
-        to its supervisor, which resolves the call's timeout (a caller's may only shorten it); an
-        in-host tool runs under the registry's. No coroutine layer of its own: this is the hot path."""
+        """How invoke() reaches a checked tool's handler, and execute() too but for a ready plugin's
+        call (sent at once, its reply awaited there). A plugin's tool goes to its supervisor, which
+        resolves the call's timeout (a caller's may only shorten it); an in-host tool runs under the
+        registry's. No coroutine layer of its own."""
         if tool.plugin is not None:
             return tool.handler(params) if timeout is None else tool.handler(params, timeout)
-        return asyncio.wait_for(tool.handler(params), self.timeout if timeout is None else timeout)
+        # a timeout that is not a number (NaN) is none: the registry's then, not no timeout at all
+        own = self.timeout if timeout is None or timeout != timeout else timeout
+        return asyncio.wait_for(tool.handler(params), own)
 
     def _checked(self, name: str, params: dict[str, Any], tool: RegisteredTool | None = None) -> RegisteredTool:
         """`tool`: the caller looked `name` up already and found it, with a dict for params."""

@@ -18,6 +18,7 @@ __all__ = ["Config", "PluginEntry", "HostSettings", "PluginSettings", "RestartSe
            "split_host_port", "AGENT_WORKSPACE_ENTRIES", "agents_own_name"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+MAX_SECONDS = 1e12  # a tool_timeouts value beyond (an int of 400 digits) is no float, and no timeout
 
 
 class PluginEntry(msgspec.Struct):
@@ -215,8 +216,9 @@ class PluginSettings(msgspec.Struct, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         for tool, seconds in self.tool_timeouts.items():
-            if type(seconds) not in (int, float) or not 0 < seconds < float("inf"):
-                raise ValueError(f"tool_timeouts: {tool}: expected seconds > 0, got {json.dumps(seconds)[:80]}")
+            if type(seconds) not in (int, float) or not 0 < seconds < MAX_SECONDS:
+                raise ValueError(f"tool_timeouts: {tool}: expected seconds > 0 (and under {MAX_SECONDS:g}), got "
+                                 f"{json.dumps(seconds)[:80]}")
             self.tool_timeouts[tool] = float(seconds)
 
 

@@ -336,6 +336,13 @@ class PluginSupervisor:
         """Replace a running worker on purpose: teardown() is tried, then the worker is killed.
         `at_once`: killed straight away, with no teardown() (a ceiling it would go on passing)."""
         worker = self.worker
+        if worker is not None and at_once and self._recycling is not None and not worker.exited.done():
+            # over a ceiling while a recycle drains its calls (max_calls, an operator's restart) or
+            # waits for teardown(): that time is not given to it (the review of 11-27)
+            log.warning("plugin %s: killing worker pid %s: %s", self.name, worker.pid, reason)
+            self._recycling = _Recycle(reason, counts, label)
+            asyncio.get_running_loop().create_task(worker.stop(reason=f"worker recycled: {reason}", at_once=True))
+            return
         if self.state != PluginState.READY or worker is None or self._recycling is not None:
             return
         log.warning("plugin %s: recycling worker pid %s: %s", self.name, worker.pid, reason)
@@ -403,8 +410,9 @@ class PluginSupervisor:
         return timeout
 
     def _serving(self) -> WorkerHandle | None:
-        """The one answer to "can this take a call now?": the worker of a ready plugin, while it
-        accepts calls."""
+        """"Can this take a call now?": the worker of a ready plugin, while it accepts calls (send()
+        asks the same, inline, and also whether the plugin is closing, which _refuse_if_unavailable
+        then turns into the caller's error)."""
         worker = self.worker
         if self.state is PluginState.READY and worker is not None and worker.accepting_calls:
             return worker
@@ -422,11 +430,10 @@ class PluginSupervisor:
         worker = self.worker
         if self.state is not _READY or self._closing or worker is None or not worker.accepting_calls:
             return None
-        configured = self._timeouts.get(tool) or self._call_timeout(tool)
+        configured = self._timeouts.get(tool) or self._call_timeout(tool)  # the cache, then its method
         # Refused here (params that cannot be framed): nothing is in flight. Counted in flight only
         # once sent: a refused call was left in flight for good, and the host's stop waited on it.
-        reply = worker.call(tool, params, configured if timeout is None or timeout >= configured
-                            else max(timeout, 0.001))
+        reply = worker.call(tool, params, configured if timeout is None else _clamped(timeout, configured))
         self.calls += 1
         self._calls_since_start += 1
         self.in_flight += 1
@@ -445,8 +452,8 @@ class PluginSupervisor:
         waited_from = left = 0.0
         if reply is None:
             self._refuse_if_unavailable()
-            configured = self._timeouts.get(tool) or self._call_timeout(tool)
-            timeout = configured if timeout is None or timeout >= configured else max(timeout, 0.001)
+            configured = self._call_timeout(tool)
+            timeout = configured if timeout is None else _clamped(timeout, configured)
             waited_from = timeout
             try:  # not in flight while it waits: a drain (a recycle) waits for calls sent, not these
                 _, left = await self._wait_for_worker(f"tool {tool}", timeout)
@@ -623,3 +630,11 @@ class PluginSupervisor:
             "activation": "lazy" if self.lazy else "eager", "idle_timeout": self.idle_timeout,
             "activations": self.activations, "idle_stops": self.idle_stops,
         }
+
+
+def _clamped(timeout: float, configured: float) -> float:
+    """A caller's timeout may only shorten the configured one; not a number (NaN) is no timeout at
+    all, which turned the configured one off (attack pass 50)."""
+    if timeout != timeout or timeout >= configured:
+        return configured
+    return max(timeout, 0.001)

@@ -61,6 +61,7 @@ class WorkerFactory:
         self.import_root = ""
         self.workspaces: dict[str, str] = {}  # plugin -> the real path of its place in the workspace
         self.rings: dict[str, LogRing] = {}  # plugin -> its recent output, across its workers
+        self._said_unbounded: set[str] = set()  # plugins told once that memory_mb 0 leaves them no ceiling
         state_dir = config.host.state_dir
         self._disks = DiskImages(state_dir)
         self._data = DataDirs(state_dir)
@@ -165,7 +166,8 @@ class WorkerFactory:
         options.ring = self.rings.setdefault(name, LogRing())
         plugin_config.setdefault("workspace_dir", config.workspace_dir)
         worker = WorkerHandle(name, self.launcher, options, supervisor.worker_exited, supervisor.call_ended)
-        if sandboxed and self.cgroups.available and not limits.memory_mb and not supervisor.sandbox_warned:
+        if sandboxed and self.cgroups.available and not limits.memory_mb and name not in self._said_unbounded:
+            self._said_unbounded.add(name)  # once, not at every restart
             log.warning("plugin %s: limits.memory_mb is 0: its memory has no ceiling", name)
         cgroups = self.cgroups.prepare(name, CgroupLimits(
             settings.sandbox.pids_max, (limits.memory_mb or 0) * 2**20 or None, limits.cpu_weight or 100,

@@ -21,9 +21,11 @@ from qanot_host.config import parse_config
     ('{"plugins": [], "host": {"plugins": {"x": {}}}}', "c.json: host.plugins.x: no plugin 'x' in plugins"),
     # the tool at fault named (msgspec's own words said `tool_timeouts[...]`: attack pass 49)
     ('{"plugins": [{"name": "a"}], "host": {"plugins": {"a": {"tool_timeouts": {"slow": 60, "echo": 0}}}}}',
-     "c.json: host.plugins.a: tool_timeouts: echo: expected seconds > 0, got 0"),
+     "c.json: host.plugins.a: tool_timeouts: echo: expected seconds > 0 (and under 1e+12), got 0"),
     ('{"plugins": [{"name": "a"}], "host": {"plugins": {"a": {"tool_timeouts": {"echo": "5"}}}}}',
-     'c.json: host.plugins.a: tool_timeouts: echo: expected seconds > 0, got "5"'),
+     'c.json: host.plugins.a: tool_timeouts: echo: expected seconds > 0 (and under 1e+12), got "5"'),
+    ('{"plugins": [{"name": "a"}], "host": {"plugins": {"a": {"tool_timeouts": {"echo": 1' + "0" * 400 + '}}}}}',
+     "c.json: host.plugins.a: tool_timeouts: echo: expected seconds > 0 (and under 1e+12), got 1" + "0" * 79),
 ])
 def test_config_errors(raw, message):
     with pytest.raises(ConfigError) as info:

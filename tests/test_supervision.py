@@ -178,6 +178,16 @@ async def test_every_end_of_a_call_is_counted_once_and_leaves_the_plugin_idle(wr
         assert (sup.calls, sup.errors) == (54, 3)
 
 
+async def test_a_callers_timeout_that_is_no_number_leaves_the_configured_one(write_config):
+    """Attack pass 50: execute(timeout=nan) ran a call for 8 s against its configured 4 s."""
+    config = write_config([misbehave()], host={"plugins": {"misbehave": {"call_timeout": 0.3}}})
+    async with Host(config) as host:
+        began = time.monotonic()
+        answer = await asyncio.wait_for(host.registry.execute("mb_sleep", {"seconds": 5}, timeout=float("nan")), 10)
+        assert json.loads(answer)["error"].endswith("timed out after 0.3 s"), answer
+        assert time.monotonic() - began < 3
+
+
 async def test_blocked_event_loop_is_found_by_the_heartbeat(write_config):
     config = write_config([misbehave()], host={"ping_interval": 0.3, "ping_timeout": 0.3, **FAST})
     async with Host(config) as host:
