@@ -29,7 +29,6 @@ __all__ = ["McpFront", "listen"]
 
 log = logging.getLogger("qanot_host.mcp")
 
-MAX_SESSIONS = 100  # clients told of tool changes (the newest); a forgotten one can still list the tools
 # Characters of one result (Qanot's cut: head and tail kept, a marker between). Over JSON a character
 # can take six bytes; the SDK's own HTTP client refuses an answer over 1 MiB.
 MAX_RESULT_CHARS = 100_000
@@ -41,6 +40,9 @@ STALLED_WRITE_SECONDS = 30  # an answer the client has stopped reading: the conn
 # host from 74 to 444 MB and then stop any more, and made SIGTERM take 18 s
 MAX_HTTP_SESSIONS = 256
 SESSION_IDLE_SECONDS = 600
+# Clients told of tool changes (the newest that listed them): as many as there may be sessions, or
+# 100 clients listing the tools made a real one miss its list_changed (attack pass 51).
+MAX_SESSIONS = MAX_HTTP_SESSIONS
 
 
 class McpFront:

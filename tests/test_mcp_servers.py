@@ -291,6 +291,29 @@ async def test_a_hung_server_is_cancelled_and_replaced(write_config, server_venv
         assert "no answer to an MCP ping" in "\n".join(text for _, _, text in host.logs("probe").recent(1000))
 
 
+async def test_a_hung_server_is_replaced_while_calls_keep_coming(write_config, server_venv, token):
+    """Attack pass 51: the heartbeat pings a server only when no call is in flight, so a server whose
+    loop hung was never replaced while calls kept coming (18 timeouts in 45 s). A cancelled call
+    (its timeout) now asks for one ping."""
+    settings = probe_grants(tool_timeouts={"freeze": 1, "echo": 1}, restart={"backoff_initial": 0})
+    config = write_config([], host={**settings, "ping_interval": 60, "ping_timeout": 1},
+                          mcp_servers=[probe(server_venv, token)])
+    async with Host(config) as host:
+        first = the_server(token)
+        began = time.monotonic()
+        calls = [asyncio.ensure_future(host.registry.execute("freeze", {"seconds": 600}))]
+        while not gone(first) and time.monotonic() - began < 20:  # the calls keep coming meanwhile
+            calls.append(asyncio.ensure_future(host.registry.execute("echo", {"text": "x"})))
+            await asyncio.sleep(0.3)
+        took = time.monotonic() - began
+        assert gone(first) and took < 10, took
+        await asyncio.gather(*calls)
+        await wait_until(lambda: host.plugins["probe"].state.value == "ready" and server_processes(token)
+                         and server_processes(token)[0].pid != first.pid, 30, "a new server")
+        assert await host.registry.execute("echo", {"text": "alive"}) == "alive"
+        assert "after a call was cancelled" in "\n".join(text for _, _, text in host.logs("probe").recent(1000))
+
+
 def test_no_server_outlives_the_hosts_sigkill(write_config, server_venv, token, tmp_path):
     config = write_config([plugin("echo")], host=probe_grants(),
                           mcp_servers=[probe(server_venv, token), probe(server_venv, token, name="other")])

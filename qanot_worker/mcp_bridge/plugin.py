@@ -60,6 +60,7 @@ class QanotPlugin(Plugin):
         self._connection: asyncio.Task | None = None
         self._pidfd: int | None = None  # the stdio server's
         self._in_flight = 0  # calls the server has not answered yet
+        self._checking: asyncio.Task | None = None  # the ping after a cancelled call, while it waits
 
     async def setup(self, config: dict) -> None:
         self.config = config
@@ -200,6 +201,26 @@ class QanotPlugin(Plugin):
             except Exception as exc:  # noqa: BLE001
                 self._lost(f"an MCP ping failed: {_describe(exc)}")
 
+    def _check_answering(self, session: ClientSession) -> None:
+        """After a cancelled call, one MCP ping, calls in flight or not: a server whose only thread
+        hung answered no call and no ping was sent while calls kept coming (the heartbeat waits for
+        a moment without calls), so it was never replaced (attack pass 51), where a plugin's worker
+        in that state is killed cancel_grace after the cancel. One check at a time."""
+        if self._stopping or (self._checking is not None and not self._checking.done()):
+            return  # a teardown cancels the calls itself
+        timeout = self.config["ping_timeout"]
+
+        async def ping() -> None:
+            try:
+                await asyncio.wait_for(session.send_ping(), timeout)
+            except asyncio.TimeoutError:
+                if not self._stopping:
+                    self._lost(f"no answer to an MCP ping within {timeout:g} s after a call was cancelled")
+            except Exception as exc:  # noqa: BLE001
+                if not self._stopping:
+                    self._lost(f"an MCP ping after a cancelled call failed: {_describe(exc)}")
+        self._checking = asyncio.get_running_loop().create_task(ping())
+
     def _lost(self, why: str) -> None:
         """The worker ends with the connection: the host restarts it, with its backoff. Said on
         stderr first, which the host logs under the server's name."""
@@ -217,6 +238,9 @@ class QanotPlugin(Plugin):
             self._in_flight += 1
             try:
                 result = await session.call_tool(tool, params)
+            except asyncio.CancelledError:  # its timeout, or its caller gone: is the server still there?
+                self._check_answering(session)
+                raise
             except MCPError as exc:  # a JSON-RPC error: the server refused the call
                 self._check_alive()
                 raise ToolFailed(f"MCP server {self.name}: {exc}") from None
