@@ -220,14 +220,15 @@ def _host_code() -> dict[str, str]:
 def _system_place(path: str) -> str | None:
     """Why a grant of the host's own /proc, /sys or /dev (which the worker's root has its own of)
     is refused: bound over the worker's, the host's /proc showed a plugin every process of the
-    machine and its command line (attack pass 49). A device node under /dev may be granted."""
+    machine and its command line (attack pass 49)."""
     for real in {path, os.path.realpath(path)}:
         if within(real, "/proc") or within(real, "/sys"):
             return ("the host's /proc and /sys are never a plugin's (the worker has its own /proc, of its "
                     "PID namespace, and no /sys): they show every process of the machine")
-        if real == "/dev" or within(real, "/dev/shm") or within(real, "/dev/mqueue") or within(real, "/dev/pts"):
-            return ("the host's /dev, /dev/shm, /dev/mqueue and /dev/pts are never a plugin's (the worker has its "
-                    "own): grant the device nodes it needs, one by one")
+        if within(real, "/dev"):
+            # the worker has its own /dev (null, zero, random, urandom, tty, shm): a device node of the
+            # host's cannot be bound into its read-only root, and failed the plugin's start (attack pass 51)
+            return "the host's /dev and its device nodes are never a plugin's (the worker has its own /dev)"
     return None
 
 
@@ -237,8 +238,33 @@ def own_workspace(config: Config, plugin: str) -> str:
 
 
 def _overlap(one: str, other: str) -> bool:
-    """Either holds the other, as written or once links are followed (one may be a link to the other)."""
-    return any(within(a, b) or within(b, a) for a, b in _both_ways(one, other))
+    """Either holds the other: as written, once links are followed (one may be a link to the other),
+    or as the directories they are (a bind mount of state_dir elsewhere is state_dir: attack pass 51)."""
+    if any(within(a, b) or within(b, a) for a, b in _both_ways(one, other)):
+        return True
+    (own_one, chain_one), (own_other, chain_other) = _identities(one), _identities(other)
+    return (own_one is not None and own_one in chain_other) or (own_other is not None and own_other in chain_one)
+
+
+def _identities(path: str) -> tuple[tuple[int, int] | None, set[tuple[int, int]]]:
+    """(device, inode) of what `path` names (None: nothing yet), and of it and every directory above
+    it that exists."""
+    own: tuple[int, int] | None = None
+    chain = set()
+    current = real = os.path.realpath(path)
+    while True:
+        try:
+            info = os.stat(current)
+        except OSError:
+            pass
+        else:
+            chain.add((info.st_dev, info.st_ino))
+            if current == real:
+                own = (info.st_dev, info.st_ino)
+        parent = os.path.dirname(current)
+        if parent == current:
+            return own, chain
+        current = parent
 
 
 def _holds(directory: str, path: str) -> bool:

@@ -386,6 +386,20 @@ async def test_default_ceilings_hold_without_any_limits_configured(write_config,
     assert any("lines of output not logged: over log_lines_per_second=50" in r.getMessage() for r in caplog.records)
 
 
+async def test_lines_not_logged_are_counted_aloud_while_the_plugin_lives(write_config, caplog):
+    """Attack pass 51: 20,000 lines at once were said as "1 lines of output not logged", the rest only
+    when the worker ended, 67 s later."""
+    config = write_config([plugin("attacker")], host={"limits": {"log_lines_per_second": 50}})
+    async with Host(config) as host:
+        assert await attack(host, "flood_stderr", lines=20_000) == "flooded"
+
+        def counted() -> int:
+            return sum(int(r.getMessage().split("] ")[1].split()[0]) for r in caplog.records
+                       if "lines of output not logged" in r.getMessage())
+        await wait_until(lambda: counted() > 10_000, 15, "the lines not logged, counted")
+        assert host.plugins["attacker"].worker.exited.done() is False  # said while it lives
+
+
 async def test_logging_past_the_output_rate_never_blocks_the_worker(write_config):
     """A tool failing thousands of times a second had each traceback logged to a stderr the host
     reads at log_lines_per_second: the worker's event loop blocked in write(2), missed its pings and
@@ -798,7 +812,8 @@ def test_a_grant_written_with_a_leading_double_slash_is_the_same_path(tmp_path):
 
 def test_the_hosts_proc_sys_and_dev_are_never_granted(tmp_path):
     """Attack pass 49: a read grant of /proc was bound over the worker's own and showed the plugin every
-    process of the machine and its command line. A device node may still be granted."""
+    process of the machine and its command line. Nor a device node (attack pass 51: /dev/ttyS0 passed
+    check and then failed the plugin's start)."""
     from qanot_host import ConfigError
     from qanot_host.config import parse_config
     (tmp_path / "proc-link").symlink_to("/proc")
@@ -806,7 +821,8 @@ def test_the_hosts_proc_sys_and_dev_are_never_granted(tmp_path):
                                  ("read", "/proc/1", "/proc/1 is not granted"),
                                  ("read", str(tmp_path / "proc-link"), "the host's /proc and /sys"),
                                  ("read", "/sys/fs/cgroup", "the host's /proc and /sys"),
-                                 ("write", "/dev", "grant the device nodes it needs, one by one"),
+                                 ("write", "/dev", "the host's /dev and its device nodes are never a plugin's"),
+                                 ("read", "/dev/ttyS0", "the host's /dev and its device nodes"),
                                  ("write", "/dev/shm", "/dev/shm is not granted")]:
         raw = {"plugins": [{"name": "a"}], "host": {"state_dir": str(tmp_path / "state"), "plugins": {
             "a": {"permissions": {"filesystem": {kind: [path]}}}}}}
@@ -814,9 +830,18 @@ def test_the_hosts_proc_sys_and_dev_are_never_granted(tmp_path):
             parse_config(json.dumps(raw), str(tmp_path / "config.json"))
         assert f"host.plugins.a.permissions.filesystem.{kind}[0]: " in str(caught.value), caught.value
         assert fragment in str(caught.value), caught.value
-    raw = {"plugins": [{"name": "a"}], "host": {"state_dir": str(tmp_path / "state"), "plugins": {
-        "a": {"permissions": {"filesystem": {"read": ["/dev/urandom"]}}}}}}
-    parse_config(json.dumps(raw), str(tmp_path / "config.json"))  # a device node: fine
+    if os.geteuid() == 0:  # a bind mount of state_dir elsewhere is state_dir
+        state, alias = tmp_path / "state", tmp_path / "alias"
+        state.mkdir()
+        alias.mkdir()
+        subprocess.run(["mount", "--bind", str(state), str(alias)], check=True)
+        try:
+            raw = {"plugins": [{"name": "a"}], "host": {"state_dir": str(state), "plugins": {
+                "a": {"permissions": {"filesystem": {"read": [str(alias / "runtime")]}}}}}}
+            with pytest.raises(ConfigError, match="a plugin may not be granted the host's own files"):
+                parse_config(json.dumps(raw), str(tmp_path / "config.json"))
+        finally:
+            subprocess.run(["umount", str(alias)], check=True)
 
 
 async def test_a_grant_through_a_symlink_refuses_the_plugin_never_binds_the_target(write_config, tmp_path):
