@@ -3,8 +3,9 @@ and no faster than the plugin's log_lines_per_second.
 
 A plugin printing in a loop must not fill the host's disk or take its CPU: lines past the rate (a
 burst of BURST_SECONDS worth is let through first) are counted, not logged, and the count is logged
-once the plugin calms down or every REPORT_SECONDS. While over the rate, the host reads only as
-fast as lines may be logged: the pipe fills and the plugin waits on its own writes.
+within NOTICE_SECONDS, once a second at most. While over the rate, the host reads one pipeful (64
+KiB) each time a line may be logged, and drops the rest of it: the pipe fills and the plugin waits
+on its own writes.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ __all__ = ["start_output_pumps", "OutputLimit", "MAX_LOG_LINE", "printable", "pl
 # A plugin that prints without newlines must not make the host buffer without bound.
 MAX_LOG_LINE = 4096
 BURST_SECONDS = 10.0
-REPORT_SECONDS = 10.0
-NOTICE_SECONDS = 1.0  # at most one "N lines not logged" a second as lines flow again
+NOTICE_SECONDS = 1.0  # "N lines not logged": within a second of the first, and at most once a second
 
 
 class OutputLimit:
@@ -39,6 +39,7 @@ class OutputLimit:
         self.dropped = 0  # lines not logged, over the plugin's whole life
         self._unreported = 0
         self._reported_at = self._stamp
+        self._report_timer: asyncio.TimerHandle | None = None
         self._log = logging.getLogger(f"qanot_host.plugin.{plugin}")
         self.redact: Callable[[str], str] | None = None  # the plugin's secrets out of its lines
         self.ring: LogRing | None = None  # the plugin's recent lines, for `qanot-host logs`
@@ -85,11 +86,22 @@ class OutputLimit:
         self._need = 1.0
 
     def drop(self, lines: int) -> None:
-        """`lines` not logged: counted, and said every REPORT_SECONDS while it goes on."""
+        """`lines` not logged: counted, and the count said within NOTICE_SECONDS, by a timer: a plugin
+        that floods and then goes quiet had its count said only when its worker ended, minutes
+        later (attack pass 51)."""
         self.dropped += lines
         self._unreported += lines
-        if self._stamp - self._reported_at >= REPORT_SECONDS:
-            self.report(self._stamp)
+        if self._report_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # counted outside the host's loop (a test): said at the next report
+                return
+            delay = max(0.0, self._reported_at + NOTICE_SECONDS - time.monotonic())
+            self._report_timer = loop.call_later(delay, self._report_due)
+
+    def _report_due(self) -> None:
+        self._report_timer = None
+        self.report()
 
     def _refill(self) -> float:
         now = time.monotonic()
