@@ -64,7 +64,7 @@ class WorkerChannel(asyncio.Protocol):
         self._ids = itertools.count(1)
         # id -> (future, the reply type expected, what was asked); a tool call expects _CALL
         self._pending: dict[int, tuple[asyncio.Future, type, str]] = {}
-        self._deadlines = Deadlines(loop, self._pending, self._expire)
+        self._deadlines = Deadlines(loop, self._pending, self._expire, sealed_by_owner=True)  # by _end_of_turn
         self._abandoned: set[int] = set()
         # Takes the plugin's resolved secrets out of the error messages its worker sends.
         self.redact: Callable[[str], str] | None = None
@@ -220,6 +220,8 @@ class WorkerChannel(asyncio.Protocol):
             self._loop.call_soon(self._end_of_turn)
 
     def _end_of_turn(self) -> None:
+        """Every request is posted (_post schedules this) before its deadline is added: this seals them."""
+        self._deadlines.seal()
         self._turn_flush_pending = False
         FRAMES.sent += self._posted  # by the turn: at every frame, it showed in the calls' throughput
         self._last_wave, self._posted = self._posted, 0

@@ -9,8 +9,8 @@ earliest head, wakes the check.
 Even a queue entry per call showed: at 64 calls in flight, the host's CPU per call fell by a tenth
 without it (measured 2026-11-27; the entry's tuple, its float and the pruning behind them). So the
 calls of one loop turn that share a timeout share one entry, a batch: each call only appends its id
-to the open batch, and the batch is sealed, its deadline taken, once the turn is over (one
-callback per turn). The deadline is the seal's time plus the timeout: never early, late only by what
+to the open batch, and the batch is sealed, its deadline taken, once the turn is over (by the
+channel's own end-of-turn callback). The deadline is the seal's time plus the timeout: never early, late only by what
 is left of the turn when a call is made (the loop's clock ticks in milliseconds anyway). Batches
 whose calls all ended are dropped when they reach the head; a queue that grows well past the calls
 still in flight (behind one slow call, say) is compacted, so memory follows what is in flight, not
@@ -35,10 +35,13 @@ COMPACT_SLACK = 512
 
 class Deadlines:
     def __init__(self, loop: asyncio.AbstractEventLoop, live: Collection[int],
-                 expire: Callable[[int, float], None]) -> None:
+                 expire: Callable[[int, float], None], sealed_by_owner: bool = False) -> None:
         """`live`: the ids still waiting (the channel's pending table); `expire(id, timeout)` is
-        called for each one whose time is up."""
+        called for each one whose time is up. `sealed_by_owner`: the owner calls seal() at the end
+        of every turn in which it added (the channel does, with its own end-of-turn callback: a
+        second callback per turn showed on a lone call's path); else a callback of its own does."""
         self._loop = loop
+        self._sealed_by_owner = sealed_by_owner
         self._live = live
         self._expire = expire
         self._open: dict[float, list[int]] = {}  # timeout -> the ids of this turn's calls
@@ -51,8 +54,8 @@ class Deadlines:
         if batch is not None:
             batch.append(request_id)
             return
-        if not self._open:
-            self._loop.call_soon(self._seal)
+        if not self._open and not self._sealed_by_owner:
+            self._loop.call_soon(self.seal)
         self._open[timeout] = [request_id]
 
     def clear(self) -> None:
@@ -62,7 +65,7 @@ class Deadlines:
         self._open.clear()
         self._queues.clear()
 
-    def _seal(self) -> None:
+    def seal(self) -> None:
         """The turn is over: each open batch gets its deadline and joins its timeout's queue."""
         if not self._open:
             return  # cleared meanwhile

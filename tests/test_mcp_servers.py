@@ -296,7 +296,7 @@ async def test_a_hung_server_is_replaced_while_calls_keep_coming(write_config, s
     loop hung was never replaced while calls kept coming (18 timeouts in 45 s). A cancelled call
     (its timeout) now asks for one ping."""
     settings = probe_grants(tool_timeouts={"freeze": 1, "echo": 1}, restart={"backoff_initial": 0})
-    config = write_config([], host={**settings, "ping_interval": 60, "ping_timeout": 1},
+    config = write_config([], host={**settings, "ping_interval": 3, "ping_timeout": 1},
                           mcp_servers=[probe(server_venv, token)])
     async with Host(config) as host:
         first = the_server(token)
@@ -312,6 +312,24 @@ async def test_a_hung_server_is_replaced_while_calls_keep_coming(write_config, s
                          and server_processes(token)[0].pid != first.pid, 30, "a new server")
         assert await host.registry.execute("echo", {"text": "alive"}) == "alive"
         assert "after a call was cancelled" in "\n".join(text for _, _, text in host.logs("probe").recent(1000))
+
+
+async def test_a_server_busy_writing_a_large_answer_is_not_taken_for_hung(write_config, server_venv, token):
+    """The review: the ping after a cancelled call waits behind an answer the server is still
+    writing; a healthy server was killed 3 s into a 5 s answer. It gets max(ping_timeout,
+    ping_interval)."""
+    settings = probe_grants(tool_timeouts={"slow": 0.5}, restart={"backoff_initial": 0})
+    config = write_config([], host={**settings, "ping_interval": 20, "ping_timeout": 1},
+                          mcp_servers=[probe(server_venv, token)])
+    async with Host(config) as host:
+        first = the_server(token)
+        large = asyncio.ensure_future(host.registry.invoke("blob", {"mb": 16}))
+        await asyncio.sleep(0.05)
+        assert "timed out" in json.loads(await host.registry.execute("slow", {"seconds": 30}))["error"]
+        assert len(await asyncio.wait_for(large, 60)) == 16 << 20
+        await asyncio.sleep(1.5)  # past ping_timeout after the answer
+        assert not gone(first) and host.plugins["probe"].restarts == 0
+        assert await host.registry.execute("echo", {"text": "still"}) == "still"
 
 
 def test_no_server_outlives_the_hosts_sigkill(write_config, server_venv, token, tmp_path):

@@ -202,20 +202,23 @@ class QanotPlugin(Plugin):
                 self._lost(f"an MCP ping failed: {_describe(exc)}")
 
     def _check_answering(self, session: ClientSession) -> None:
-        """After a cancelled call, one MCP ping, calls in flight or not: a server whose only thread
+        """After a cancelled call, an MCP ping, calls in flight or not: a server whose only thread
         hung answered no call and no ping was sent while calls kept coming (the heartbeat waits for
         a moment without calls), so it was never replaced (attack pass 51), where a plugin's worker
-        in that state is killed cancel_grace after the cancel. One check at a time."""
+        in that state is killed cancel_grace after the cancel. Its answer may wait behind a large
+        answer the server is still writing (600 KB over 5 s: the review), so it gets the longer of
+        ping_timeout and ping_interval, as a server waits that long for a heartbeat anyway. One
+        check at a time."""
         if self._stopping or (self._checking is not None and not self._checking.done()):
             return  # a teardown cancels the calls itself
-        timeout = self.config["ping_timeout"]
+        patience = max(self.config["ping_timeout"], self.config["ping_interval"])
 
         async def ping() -> None:
             try:
-                await asyncio.wait_for(session.send_ping(), timeout)
+                await asyncio.wait_for(session.send_ping(), patience)
             except asyncio.TimeoutError:
                 if not self._stopping:
-                    self._lost(f"no answer to an MCP ping within {timeout:g} s after a call was cancelled")
+                    self._lost(f"no answer to an MCP ping within {patience:g} s after a call was cancelled")
             except Exception as exc:  # noqa: BLE001
                 if not self._stopping:
                     self._lost(f"an MCP ping after a cancelled call failed: {_describe(exc)}")

@@ -59,6 +59,12 @@ async def freeze(seconds: float) -> str:
 
 
 @server.tool()
+def blob(mb: int) -> str:
+    """A large answer (MB megabytes): it takes the client a while to read."""
+    return "x" * (mb << 20)
+
+
+@server.tool()
 def crash() -> str:
     """Die mid-call."""
     os._exit(9)
