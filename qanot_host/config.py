@@ -9,8 +9,11 @@ the key at fault.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
+import stat
 import sys
 
 import msgspec
@@ -126,13 +129,16 @@ def _check_grants(config: Config) -> None:
     writes: list[tuple[str, int | None, str]] = [
         (name, i, path) for name, settings in config.host.plugins.items()
         for i, path in enumerate(settings.permissions.filesystem.write if settings.permissions.filesystem else [])]
-    protected = {"host.state_dir": config.host.state_dir}
+    _forget_the_file_systems()
+    # the host's own files: its state, and config.json (model keys; its grants, rewritten, at a reload)
+    protected = {"host.state_dir": config.host.state_dir, "config.json": os.path.abspath(config.path)}
     # Where the host writes (workspace_dir) or finds code it runs (plugins, wheels): a plugin that
     # may write one of these, or a directory that holds one, could swap it for a link to anywhere,
     # or change another plugin's code. A grant inside workspace_dir is fine (its own subdirectory).
     builtin = config.host.builtin_plugins_dir or os.path.realpath(os.path.join(os.path.dirname(__file__),
                                                                                  "builtin_plugins"))
-    code = {"plugins_dir": config.plugins_dir, "host.builtin_plugins_dir": builtin,
+    builtin_key = "host.builtin_plugins_dir" if config.host.builtin_plugins_dir else "qanot-host's built-in plugins"
+    code = {"plugins_dir": config.plugins_dir, builtin_key: builtin,
             "host.wheel_dir": config.host.wheel_dir,
             **{f"host.search_path[{i}]": path for i, path in enumerate(config.host.search_path or [])}}
     # workspace_dir holds every plugin's own place, workspace_dir/NAME, writable by that plugin: the
@@ -159,15 +165,37 @@ def _check_grants(config: Config) -> None:
             if _overlap(place, written):
                 raise ConfigError(f"{key}: {written} and {what} ({place}) overlap: a plugin may not write code or "
                                   "settings the host and every worker run (attack pass 50)")
-    own = [(entry.name, own_workspace(config, entry.name)) for entry in config.plugins
-           if config.has_place(entry.name)]
+    own = {entry.name: own_workspace(config, entry.name) for entry in config.plugins if config.has_place(entry.name)}
+    # which places a path touches, found from the path (a plugin's place is workspace_dir/NAME): a
+    # comparison with each place cost 1.3 s for 500 plugins of two grants each
+    def places_touched(path: str) -> list[str]:
+        names = _places_touched(path, config.workspace_dir)
+        return list(own) if names is None else [name for name in names if name in own]
     for owner, w_index, written in writes:
-        for name, path in own:
+        for name in places_touched(written):
+            path = own[name]
             if name != owner and _holds(written, path):
                 raise ConfigError(
                     f"{config.path}: host.plugins.{owner}.permissions.filesystem.write[{w_index}]: {written} holds "
                     f"{path}, plugin {name}'s own place in the workspace: {owner} could swap it for a directory "
                     f"of its own. Set host.plugins.{name}.workspace to false, or grant {owner} less")
+    by_place: dict[str, list[tuple[str, int | None, str]]] = {}
+    for entry in writes:
+        for form in {entry[2], _real(entry[2])}:
+            by_place.setdefault(form, []).append(entry)
+
+    def writes_holding(path: str) -> list[tuple[str, int | None, str]]:
+        """The write grants that hold `path` (it, or a directory above it), as written or links followed."""
+        found: dict[int, tuple[str, int | None, str]] = {}
+        for form in {path, _real(path)}:
+            while True:
+                for entry in by_place.get(form, ()):
+                    found[id(entry)] = entry
+                parent = os.path.dirname(form)
+                if parent == form:
+                    break
+                form = parent
+        return list(found.values())
     for name, settings in config.host.plugins.items():
         grant = settings.permissions.filesystem
         if grant is None:
@@ -188,15 +216,16 @@ def _check_grants(config: Config) -> None:
                     if place is not None and _overlap(place, path):
                         raise ConfigError(f"{key}: {path} and {what} ({place}) overlap: a plugin may not be granted "
                                           "plugins' code (its own directory is in its root already)")
-                for other, place in own:
+                for other in places_touched(path):
+                    place = own[other]
                     if other != name and _overlap(place, path):
                         raise ConfigError(f"{key}: {path} and {place}, plugin {other}'s own place in the workspace, "
                                           "overlap: a plugin's place is its own (attack pass 50)")
                     if other == name and _holds(place, path) and not _same(place, path):
                         raise ConfigError(f"{key}: {path} is inside {place}, its own place in the workspace, which "
                                           "it may write: it could turn part of the path into a symlink to anywhere")
-                for owner, w_index, written in writes:
-                    if _holds(written, path) and not _same(path, written):
+                for owner, w_index, written in writes_holding(path):
+                    if not _same(path, written):
                         raise ConfigError(
                             f"{key}: {path} is inside {written}, which plugin {owner} may write "
                             f"(host.plugins.{owner}.permissions.filesystem.write[{w_index}]): it could turn part of "
@@ -209,10 +238,15 @@ def _host_code() -> dict[str, str]:
     system's programs, libraries and /etc. A plugin that may write there runs code as the host."""
     import site
     import sysconfig
+    here = os.path.dirname(os.path.abspath(__file__))
     places = {"the interpreter's prefix": sys.prefix, "the interpreter's base prefix": sys.base_prefix,
-              "the standard library": sysconfig.get_paths()["stdlib"],
-              "qanot-host's own package": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    places.update({f"site-packages ({i})": path for i, path in enumerate(site.getsitepackages())})
+              "the standard library": sysconfig.get_paths()["stdlib"], "qanot-host's own package": here,
+              "qanot-host's worker package": os.path.join(os.path.dirname(here), "qanot_worker")}
+    packages = [*site.getsitepackages(), *(path for path in sys.path if os.path.basename(path) in
+                                           ("site-packages", "dist-packages"))]
+    if site.ENABLE_USER_SITE:  # the host imports from it (and runs its .pth files) at every start
+        packages.append(site.getusersitepackages())
+    places.update({f"site-packages ({path})": path for path in packages})
     places.update({f"the system's {path}": path for path in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc")})
     return places
 
@@ -225,11 +259,20 @@ def _system_place(path: str) -> str | None:
         if within(real, "/proc") or within(real, "/sys"):
             return ("the host's /proc and /sys are never a plugin's (the worker has its own /proc, of its "
                     "PID namespace, and no /sys): they show every process of the machine")
-        if within(real, "/dev"):
+        if within(real, "/dev") or _is_device(real):
             # the worker has its own /dev (null, zero, random, urandom, tty, shm): a device node of the
             # host's cannot be bound into its read-only root, and failed the plugin's start (attack pass 51)
-            return "the host's /dev and its device nodes are never a plugin's (the worker has its own /dev)"
+            return ("the host's /dev and its device nodes are never a plugin's (the worker has its own /dev): "
+                    "remove the grant")
     return None
+
+
+def _is_device(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
 def own_workspace(config: Config, plugin: str) -> str:
@@ -239,32 +282,72 @@ def own_workspace(config: Config, plugin: str) -> str:
 
 def _overlap(one: str, other: str) -> bool:
     """Either holds the other: as written, once links are followed (one may be a link to the other),
-    or as the directories they are (a bind mount of state_dir elsewhere is state_dir: attack pass 51)."""
+    or as places in the file systems they are on (a bind mount of state_dir, or of a directory in it,
+    elsewhere is that directory: attack pass 51 and the review after it)."""
     if any(within(a, b) or within(b, a) for a, b in _both_ways(one, other)):
         return True
-    (own_one, chain_one), (own_other, chain_other) = _identities(one), _identities(other)
-    return (own_one is not None and own_one in chain_other) or (own_other is not None and own_other in chain_one)
+    first, second = _in_file_system(one), _in_file_system(other)
+    return first[0] == second[0] and (within(first[1], second[1]) or within(second[1], first[1]))
 
 
-def _identities(path: str) -> tuple[tuple[int, int] | None, set[tuple[int, int]]]:
-    """(device, inode) of what `path` names (None: nothing yet), and of it and every directory above
-    it that exists."""
-    own: tuple[int, int] | None = None
-    chain = set()
-    current = real = os.path.realpath(path)
-    while True:
-        try:
-            info = os.stat(current)
-        except OSError:
-            pass
-        else:
-            chain.add((info.st_dev, info.st_ino))
-            if current == real:
-                own = (info.st_dev, info.st_ino)
-        parent = os.path.dirname(current)
-        if parent == current:
-            return own, chain
-        current = parent
+@functools.lru_cache(maxsize=65536)
+def _real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+@functools.lru_cache(maxsize=65536)
+def _in_file_system(path: str) -> tuple[str, str]:
+    """(the file system's device, the path within it) of `path`, links followed, whether or not it
+    exists yet: from the mount it lies on (/proc/self/mountinfo gives each mount's device and the
+    directory of its file system it shows, which a bind mount chooses)."""
+    real = _real(path)
+    best = ("", "/", "/")  # no mount table: the path as it is
+    for point, device, root in _mounts():
+        if within(real, point) and len(point) >= len(best[1]):  # the last of one point is on top
+            best = (device, point, root)
+    device, point, root = best
+    rest = os.path.relpath(real, point)
+    return device, root if rest == "." else os.path.normpath(os.path.join(root, rest))
+
+
+@functools.lru_cache(maxsize=1)
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mount point, device, root) of each mount this process sees, in /proc/self/mountinfo's order."""
+    def unescape(field: str) -> str:
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 5:
+            mounts.append((unescape(fields[4]), fields[2], unescape(fields[3])))
+    return mounts
+
+
+def _forget_the_file_systems() -> None:
+    """Each load looks at the file systems anew (a mount or a link may have changed since the last)."""
+    for cached in (_real, _in_file_system, _mounts):
+        cached.cache_clear()
+
+
+def _places_touched(path: str, workspace: str) -> set[str] | None:
+    """The names under workspace_dir whose places `path` is, lies in or holds: None for all of them
+    (it holds workspace_dir); as written, links followed, and in the file system."""
+    names: set[str] = set()
+    forms = [*_both_ways(path, workspace)]
+    (device, inside), (device_ws, inside_ws) = _in_file_system(path), _in_file_system(workspace)
+    if device == device_ws:
+        forms.append((inside, inside_ws))
+    for one, directory in forms:
+        if within(directory, one):
+            return None
+        if within(one, directory):
+            names.add(os.path.relpath(one, directory).split("/")[0])
+    return names
 
 
 def _holds(directory: str, path: str) -> bool:
@@ -273,7 +356,7 @@ def _holds(directory: str, path: str) -> bool:
 
 
 def _same(one: str, other: str) -> bool:
-    return one == other or os.path.realpath(one) == os.path.realpath(other)
+    return one == other or _real(one) == _real(other)
 
 
 def _beneath(path: str, directory: str) -> str:
@@ -284,7 +367,7 @@ def _beneath(path: str, directory: str) -> str:
 
 
 def _both_ways(one: str, other: str) -> tuple[tuple[str, str], tuple[str, str]]:
-    return (one, other), (os.path.realpath(one), os.path.realpath(other))
+    return (one, other), (_real(one), _real(other))
 
 
 def within(path: str, directory: str) -> bool:

@@ -789,11 +789,19 @@ def test_grants_are_checked_with_links_followed_and_against_places_and_the_hosts
             parse_config(json.dumps(raw), str(tmp_path / "config.json"))
         assert f"host.plugins.spy.permissions.filesystem.{kind}[0]: " in str(caught.value), caught.value
         assert fragment in str(caught.value), (path, caught.value)
+    if site.ENABLE_USER_SITE:  # the host imports from it at every start: the review
+        raw = {"plugins": [{"name": "spy"}], "workspace_dir": str(workspace), "host": {
+            "state_dir": str(tmp_path / "state"), "plugins": {"spy": {"permissions": {"filesystem": {
+                "write": [site.getusersitepackages()]}}}}}}
+        with pytest.raises(ConfigError, match="a plugin may not write code or settings"):
+            parse_config(json.dumps(raw), str(tmp_path / "config.json"))
+    # elsewhere, its own place, or beside qanot-host's package (a checkout's other directories): fine
+    beside = Path(__file__).resolve().parent.parent / "not-code"
     raw = {"plugins": [{"name": "spy"}, {"name": "victim"}], "plugins_dir": str(tmp_path / "plugins"),
            "workspace_dir": str(workspace), "host": {"state_dir": str(tmp_path / "state"), "plugins": {
                "spy": {"permissions": {"filesystem": {"read": [str(tmp_path / "shared")],
-                                                      "write": [str(workspace / "spy")]}}}}}}
-    parse_config(json.dumps(raw), str(tmp_path / "config.json"))  # elsewhere, or its own place: fine
+                                                      "write": [str(workspace / "spy"), str(beside)]}}}}}}
+    parse_config(json.dumps(raw), str(tmp_path / "config.json"))
 
 
 def test_a_grant_written_with_a_leading_double_slash_is_the_same_path(tmp_path):
@@ -830,18 +838,37 @@ def test_the_hosts_proc_sys_and_dev_are_never_granted(tmp_path):
             parse_config(json.dumps(raw), str(tmp_path / "config.json"))
         assert f"host.plugins.a.permissions.filesystem.{kind}[0]: " in str(caught.value), caught.value
         assert fragment in str(caught.value), caught.value
-    if os.geteuid() == 0:  # a bind mount of state_dir elsewhere is state_dir
-        state, alias = tmp_path / "state", tmp_path / "alias"
-        state.mkdir()
-        alias.mkdir()
-        subprocess.run(["mount", "--bind", str(state), str(alias)], check=True)
+    if os.geteuid() == 0:  # a bind mount of state_dir, or of a directory in it, elsewhere is that directory
+        root = tmp_path / "host"
+        state = root / "state"  # not made yet: reached through a bind mount of the directory above
+        (root / "workspace").mkdir(parents=True)
+        mounts = []
         try:
-            raw = {"plugins": [{"name": "a"}], "host": {"state_dir": str(state), "plugins": {
-                "a": {"permissions": {"filesystem": {"read": [str(alias / "runtime")]}}}}}}
-            with pytest.raises(ConfigError, match="a plugin may not be granted the host's own files"):
-                parse_config(json.dumps(raw), str(tmp_path / "config.json"))
+            for name, source in (("alias-root", root), ("alias-ws", root / "workspace")):
+                (tmp_path / name).mkdir()
+                subprocess.run(["mount", "--bind", str(source), str(tmp_path / name)], check=True)
+                mounts.append(tmp_path / name)
+            for grant, fragment in [
+                (tmp_path / "alias-root" / "state" / "runtime", "a plugin may not be granted the host's own files"),
+                (tmp_path / "alias-root" / "state" / "data", "a plugin may not be granted the host's own files"),
+                (tmp_path / "alias-ws" / "b", "plugin b's own place in the workspace, overlap"),  # made at b's start
+            ]:
+                raw = {"plugins": [{"name": "a"}, {"name": "b"}], "workspace_dir": str(root / "workspace"),
+                       "host": {"state_dir": str(state), "plugins": {
+                           "a": {"permissions": {"filesystem": {"read": [str(grant)]}}}}}}
+                with pytest.raises(ConfigError) as caught:
+                    parse_config(json.dumps(raw), str(tmp_path / "config.json"))
+                assert fragment in str(caught.value), (grant, caught.value)
         finally:
-            subprocess.run(["umount", str(alias)], check=True)
+            for mount in reversed(mounts):
+                subprocess.run(["umount", str(mount)], check=True)
+    # config.json is the host's own (model keys; its grants, rewritten, at a reload): the review
+    (tmp_path / "etc").mkdir()
+    for kind, grant in (("read", tmp_path / "etc" / "config.json"), ("write", tmp_path / "etc")):
+        raw = {"plugins": [{"name": "a"}], "host": {"state_dir": str(tmp_path / "state"), "plugins": {
+            "a": {"permissions": {"filesystem": {kind: [str(grant)]}}}}}}
+        with pytest.raises(ConfigError, match=r"and config.json \("):
+            parse_config(json.dumps(raw), str(tmp_path / "etc" / "config.json"))
 
 
 async def test_a_grant_through_a_symlink_refuses_the_plugin_never_binds_the_target(write_config, tmp_path):
