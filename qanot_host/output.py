@@ -110,9 +110,12 @@ class OutputLimit:
         return self._tokens
 
     def report(self, now: float | None = None) -> None:
+        if self._report_timer is not None:  # said now: the timer has nothing left to say
+            self._report_timer.cancel()
+            self._report_timer = None
         if self._unreported:
             self._log.warning("[%s] %d lines of output not logged: over log_lines_per_second=%g", self.plugin,
-                              self._unreported, self.rate)
+                              self._unreported, self.rate, extra={"plugin": self.plugin, "pid": self.pid})
             self._unreported = 0
         self._reported_at = now if now is not None else time.monotonic()
 
