@@ -220,8 +220,10 @@ class WorkerChannel(asyncio.Protocol):
             self._loop.call_soon(self._end_of_turn)
 
     def _end_of_turn(self) -> None:
-        """Every request is posted (_post schedules this) before its deadline is added: this seals them."""
-        self._deadlines.seal()
+        """Every request is posted (_post schedules this) before its deadline is added: this seals them
+        (a ping, every worker's every ping_interval, adds none: no call for it)."""
+        if self._deadlines.open_batches:
+            self._deadlines.seal()
         self._turn_flush_pending = False
         FRAMES.sent += self._posted  # by the turn: at every frame, it showed in the calls' throughput
         self._last_wave, self._posted = self._posted, 0

@@ -44,35 +44,35 @@ class Deadlines:
         self._sealed_by_owner = sealed_by_owner
         self._live = live
         self._expire = expire
-        self._open: dict[float, list[int]] = {}  # timeout -> the ids of this turn's calls
+        self.open_batches: dict[float, list[int]] = {}  # timeout -> the ids of this turn's calls, till seal()
         self._queues: dict[float, deque[tuple[float, list[int]]]] = {}  # timeout -> sealed batches
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
     def add(self, request_id: int, timeout: float) -> None:
-        batch = self._open.get(timeout)
+        batch = self.open_batches.get(timeout)
         if batch is not None:
             batch.append(request_id)
             return
-        if not self._open and not self._sealed_by_owner:
+        if not self.open_batches and not self._sealed_by_owner:
             self._loop.call_soon(self.seal)
-        self._open[timeout] = [request_id]
+        self.open_batches[timeout] = [request_id]
 
     def clear(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._open.clear()
+        self.open_batches.clear()
         self._queues.clear()
 
     def seal(self) -> None:
         """The turn is over: each open batch gets its deadline and joins its timeout's queue."""
-        if not self._open:
+        if not self.open_batches:
             return  # cleared meanwhile
         now = self._loop.time()
         live = self._live
         earliest = None
-        for timeout, batch in self._open.items():
+        for timeout, batch in self.open_batches.items():
             queue = self._queues.get(timeout)
             if queue is None:
                 queue = self._queues[timeout] = deque()
@@ -85,7 +85,7 @@ class Deadlines:
                 self._queues[timeout] = self._compact(queue)
             if earliest is None or deadline < earliest:
                 earliest = deadline
-        self._open.clear()
+        self.open_batches.clear()
         if earliest is not None and (self._timer is None or earliest < self._timer_at):
             self._arm(earliest)
 

@@ -59,12 +59,13 @@ class LimitsWatch:
         of a core walked every second; at every ping, 1.5%).
         Returns whether to walk, and the group's CPU time read for that (None: no cgroups)."""
         name = supervisor.name
-        worker = supervisor.worker
-        # RESTARTING with its worker still there: a recycle draining its calls, which may write on
-        running = supervisor.state == PluginState.READY or (
-            supervisor.state == PluginState.RESTARTING and worker is not None and not worker.exited.done())
-        if not (self._factory.workspaces.get(name) and supervisor.limits.workspace_mb and running):
+        if not (self._factory.workspaces.get(name) and supervisor.limits.workspace_mb):
             return False, None
+        if supervisor.state is not PluginState.READY:
+            # RESTARTING with its worker still there: a recycle draining its calls, which may write on
+            worker = supervisor.worker
+            if supervisor.state is not PluginState.RESTARTING or worker is None or worker.exited.done():
+                return False, None
         now = asyncio.get_running_loop().time()
         if now < self._next_walk.get(name, 0.0):
             return False, None
