@@ -136,12 +136,17 @@ async def test_rewriting_the_address_during_connect_reaches_nothing_else(write_c
     flips the port in the plugin's memory meanwhile never gets the other port."""
     async with Listener() as granted, Listener() as other:
         async with Host(narrowed(write_config, [f"127.0.0.1:{granted.port}"])) as host:
-            outcome = json.loads(await host.registry.execute(
-                "net_race", {"host": "127.0.0.1", "port": granted.port, "other_port": other.port}))
             gate = host.plugins["net_client"].worker.egress
-            assert outcome["connected"] + outcome["refused"] == 200
-            assert outcome["connected"] == gate.allowed and outcome["refused"] == gate.denied
-            assert gate.allowed > 0
+            connected = refused = 0
+            for _ in range(5):  # which port each connect finds is the flipper's timing: once, under CI's
+                outcome = json.loads(await host.registry.execute(  # load, all 200 found the other one
+                    "net_race", {"host": "127.0.0.1", "port": granted.port, "other_port": other.port}))
+                assert outcome["connected"] + outcome["refused"] == 200
+                connected, refused = connected + outcome["connected"], refused + outcome["refused"]
+                if connected:
+                    break
+            assert connected == gate.allowed and refused == gate.denied
+            assert gate.allowed > 0  # the race reached the granted port: it was run, not only refused
         assert other.accepted == 0
 
 
