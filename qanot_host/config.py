@@ -255,7 +255,7 @@ def _system_place(path: str) -> str | None:
     """Why a grant of the host's own /proc, /sys or /dev (which the worker's root has its own of)
     is refused: bound over the worker's, the host's /proc showed a plugin every process of the
     machine and its command line (attack pass 49)."""
-    for real in {path, os.path.realpath(path)}:
+    for real in {path, _real(path)}:
         if within(real, "/proc") or within(real, "/sys"):
             return ("the host's /proc and /sys are never a plugin's (the worker has its own /proc, of its "
                     "PID namespace, and no /sys): they show every process of the machine")
@@ -284,10 +284,7 @@ def _overlap(one: str, other: str) -> bool:
     """Either holds the other: as written, once links are followed (one may be a link to the other),
     or as places in the file systems they are on (a bind mount of state_dir, or of a directory in it,
     elsewhere is that directory: attack pass 51 and the review after it)."""
-    if any(within(a, b) or within(b, a) for a, b in _both_ways(one, other)):
-        return True
-    first, second = _in_file_system(one), _in_file_system(other)
-    return first[0] == second[0] and (within(first[1], second[1]) or within(second[1], first[1]))
+    return any(within(a, b) or within(b, a) for a, b in _all_ways(one, other))
 
 
 @functools.lru_cache(maxsize=65536)
@@ -338,11 +335,7 @@ def _places_touched(path: str, workspace: str) -> set[str] | None:
     """The names under workspace_dir whose places `path` is, lies in or holds: None for all of them
     (it holds workspace_dir); as written, links followed, and in the file system."""
     names: set[str] = set()
-    forms = [*_both_ways(path, workspace)]
-    (device, inside), (device_ws, inside_ws) = _in_file_system(path), _in_file_system(workspace)
-    if device == device_ws:
-        forms.append((inside, inside_ws))
-    for one, directory in forms:
+    for one, directory in _all_ways(path, workspace):
         if within(directory, one):
             return None
         if within(one, directory):
@@ -368,6 +361,12 @@ def _beneath(path: str, directory: str) -> str:
 
 def _both_ways(one: str, other: str) -> tuple[tuple[str, str], tuple[str, str]]:
     return (one, other), (_real(one), _real(other))
+
+
+def _all_ways(one: str, other: str) -> list[tuple[str, str]]:
+    """The two paths as written, with links followed, and, on one file system, as its paths."""
+    (device, inside), (other_device, other_inside) = _in_file_system(one), _in_file_system(other)
+    return [*_both_ways(one, other), *([(inside, other_inside)] if device == other_device else [])]
 
 
 def within(path: str, directory: str) -> bool:

@@ -10,11 +10,11 @@ Even a queue entry per call showed: at 64 calls in flight, the host's CPU per ca
 without it (measured 2026-11-27; the entry's tuple, its float and the pruning behind them). So the
 calls of one loop turn that share a timeout share one entry, a batch: each call only appends its id
 to the open batch, and the batch is sealed, its deadline taken, once the turn is over (by the
-channel's own end-of-turn callback). The deadline is the seal's time plus the timeout: never early, late only by what
-is left of the turn when a call is made (the loop's clock ticks in milliseconds anyway). Batches
-whose calls all ended are dropped when they reach the head; a queue that grows well past the calls
-still in flight (behind one slow call, say) is compacted, so memory follows what is in flight, not
-what was called.
+channel's own end-of-turn callback). The deadline is the seal's time plus the timeout: never early,
+late only by what is left of the turn when a call is made (the loop's clock ticks in milliseconds
+anyway). Batches whose calls all ended are dropped when they reach the head; a queue that grows well
+past the calls still in flight (behind one slow call, say) is compacted, so memory follows what is
+in flight, not what was called.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class Deadlines:
                  expire: Callable[[int, float], None], sealed_by_owner: bool = False) -> None:
         """`live`: the ids still waiting (the channel's pending table); `expire(id, timeout)` is
         called for each one whose time is up. `sealed_by_owner`: the owner calls seal() at the end
-        of every turn in which it added (the channel does, with its own end-of-turn callback: a
-        second callback per turn showed on a lone call's path); else a callback of its own does."""
+        of every turn in which it added (the channel does, from the end-of-turn callback it has
+        anyway: one callback a turn, not two); else a callback of its own does."""
         self._loop = loop
         self._sealed_by_owner = sealed_by_owner
         self._live = live

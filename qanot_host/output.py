@@ -97,11 +97,7 @@ class OutputLimit:
             except RuntimeError:  # counted outside the host's loop (a test): said at the next report
                 return
             delay = max(0.0, self._reported_at + NOTICE_SECONDS - time.monotonic())
-            self._report_timer = loop.call_later(delay, self._report_due)
-
-    def _report_due(self) -> None:
-        self._report_timer = None
-        self.report()
+            self._report_timer = loop.call_later(delay, self.report)  # which lets go of the timer
 
     def _refill(self) -> float:
         now = time.monotonic()
@@ -110,7 +106,7 @@ class OutputLimit:
         return self._tokens
 
     def report(self, now: float | None = None) -> None:
-        if self._report_timer is not None:  # said now: the timer has nothing left to say
+        if self._report_timer is not None:  # said now (or by the timer itself): nothing left for it to say
             self._report_timer.cancel()
             self._report_timer = None
         if self._unreported:
