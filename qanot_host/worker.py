@@ -297,22 +297,27 @@ class WorkerHandle:
 
     # ---- health ----------------------------------------------------------------------------------
 
-    def beat(self, now: float) -> bool:
-        """A heartbeat tick (heartbeat.py): ping the worker if it has been silent for a whole
-        ping_interval; kill it if its ping has gone unanswered for ping_timeout (a blocked event loop
-        cannot answer). False once there is nothing left to watch."""
+    def beat(self, now: float) -> float | None:
+        """A heartbeat tick's look at this worker (heartbeat.py): ping it if it has been silent for a
+        whole ping_interval; kill it if its ping has gone unanswered for ping_timeout (a blocked
+        event loop cannot answer). Returns when it should next be looked at; None once there is
+        nothing left to watch."""
         channel = self._channel
         if channel is None or channel.closed is not None:
-            return False
+            return None
         opts = self._options
         if channel.ping_pending:
-            if now - channel.ping_sent >= opts.ping_timeout:
+            answer_by = channel.ping_sent + opts.ping_timeout
+            if now >= answer_by:
                 self.kill(WorkerTimeout(self.plugin, f"unresponsive: no answer to a ping within "
                                         f"{opts.ping_timeout:g} s (event loop blocked?); killed"))
-                return False
-        elif now - channel.last_heard >= opts.ping_interval:
-            channel.ping()
-        return True
+                return None
+            return answer_by
+        ping_at = channel.last_heard + opts.ping_interval
+        if now < ping_at:
+            return ping_at
+        channel.ping()
+        return now + opts.ping_timeout
 
     def _call_abandoned(self, request_id: int, what: str) -> None:
         """A call timed out, or its caller was cancelled, and the worker was told to cancel it; a worker

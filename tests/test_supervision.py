@@ -221,6 +221,39 @@ async def test_one_timer_pings_every_worker_and_only_the_blocked_one_is_replaced
             {name: pids[name] for name in ("greeter", "echo")}
 
 
+async def test_a_tick_looks_only_at_the_workers_whose_moment_has_come(write_config, monkeypatch):
+    """An idle worker is looked at when its ping is due and when its answer is, not at every tick:
+    with ping_interval 1.5 s and ping_timeout 0.4 s the tick is 0.1 s, so looking at every worker
+    at every tick is ~25 looks each in 2.5 s; due times make it ~4, and the pings still go out."""
+    from qanot_host.channel import WorkerChannel
+    from qanot_host.worker import WorkerHandle
+
+    looks: dict[int, int] = {}
+    pings: dict[int, int] = {}
+    beat, ping = WorkerHandle.beat, WorkerChannel.ping
+
+    def counted_beat(self, now):
+        looks[id(self)] = looks.get(id(self), 0) + 1
+        return beat(self, now)
+
+    def counted_ping(self):
+        pings[id(self)] = pings.get(id(self), 0) + 1
+        return ping(self)
+
+    monkeypatch.setattr(WorkerHandle, "beat", counted_beat)
+    monkeypatch.setattr(WorkerChannel, "ping", counted_ping)
+    config = write_config([GREETER, plugin("echo")], host={"ping_interval": 1.5, "ping_timeout": 0.4})
+    async with Host(config) as host:
+        looks.clear()
+        pings.clear()
+        await asyncio.sleep(2.5)  # at least one whole ping_interval of silence for each
+        workers = [s.worker for s in host.plugins.values()]
+        assert all(s.restarts == 0 for s in host.plugins.values())
+    assert len(pings) == 2 and all(n >= 1 for n in pings.values()), pings
+    assert {id(w) for w in workers} <= set(looks), looks
+    assert all(n <= 8 for n in looks.values()), looks
+
+
 async def test_slow_and_crashing_setup(write_config):
     config = write_config([misbehave(slow_start=5), GREETER], host={"setup_timeout": 0.3})
     async with Host(config) as host:
