@@ -299,7 +299,7 @@ async def _status(args: argparse.Namespace) -> int:
         print(json.dumps(reply["plugins"], ensure_ascii=False, indent=2))
         return EXIT_OK
     columns = ("plugin", "state", "pid", "uptime", "restarts", "rss_mb", "cpu_s", "calls", "errors",
-               "timeouts", "egress", "sandbox", "last_exit", "kind")
+               "timeouts", "egress", "sandbox", "last_exit", "kind", "error")
     rows = [[_cell(_status_cell(row, c)) for c in columns] for row in reply["plugins"]]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
@@ -309,11 +309,23 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 def _status_cell(row: dict, column: str) -> object:
-    if column == "sandbox":
-        return ",".join(row["sandbox"])
+    """The table's short form of a row's value; `status --json` has them whole (the layers' names)."""
+    if column == "sandbox":  # 17 names made the table 200 characters wide: counted, and what is missing
+        layers, missing = row["sandbox"], row.get("sandbox_missing") or []
+        return (f"{len(layers)} layers" + (f", {len(missing)} missing" if missing else "")) if layers else None
+    if column == "uptime":
+        return _duration(row["uptime"]) if row["uptime"] else None
     if column == "egress":  # connections allowed/denied, where the network is narrowed to hosts
         return f"{row['egress']['allowed']}/{row['egress']['denied']}" if row.get("egress") else None
     return row.get(column)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
 
 
 def _cell(value: object) -> str:
@@ -323,9 +335,13 @@ def _cell(value: object) -> str:
 async def _reload(args: argparse.Namespace) -> int:
     # a broken config is refused here (load_config), with a one-line error
     reply = await control_request(await _answering(args.config), "reload", timeout=None)  # as long as it takes
-    for key, names in reply["reload"].items():
-        print(f"{key}: {', '.join(names) or '-'}")
-    return EXIT_OK
+    summary, errors = reply["reload"], reply.get("errors", {})
+    for key, names in summary.items():
+        if key != "failed":
+            print(f"{key}: {', '.join(names) or '-'}")
+    for name in summary.get("failed", []):  # on stdout with the rest, and the exit status says so
+        print(f"failed: {name}: {errors.get(name) or 'see status'}")
+    return EXIT_ERROR if summary.get("failed") else EXIT_OK
 
 
 async def _restart(args: argparse.Namespace) -> int:

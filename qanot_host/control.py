@@ -204,7 +204,10 @@ class ControlServer:
             case "status":
                 return {"ok": True, "pid": os.getpid(), "plugins": host.status()}
             case "reload":
-                return {"ok": True, "reload": await host.reload()}
+                summary = await host.reload()
+                return {"ok": True, "reload": summary,
+                        "errors": {name: host.plugins[name].error for name in summary["failed"]
+                                   if name in host.plugins}}
             case "restart":
                 return {"ok": True, "status": await host.restart_plugin(str(request.get("plugin")))}
             case "call":

@@ -499,7 +499,10 @@ class Host:
             self._register_held()
         self._index.build_if_useful(new, self.plugins)
         summary = {"added": added, "removed": removed, "restarted": changed,
-                   "unchanged": [n for n in wanted if n not in changed and n not in added]}
+                   "unchanged": [n for n in wanted if n not in changed and n not in added],
+                   # of those it started: an operator's script is told, not only the log (status says why)
+                   "failed": [n for n in [*added, *changed] if n in self.plugins
+                              and self.plugins[n].state is PluginState.FAILED]}
         log.info("reloaded %s: %s", new.path,
                  "; ".join(f"{key} {', '.join(names) or '-'}" for key, names in summary.items()))
         return summary

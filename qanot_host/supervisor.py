@@ -626,6 +626,7 @@ class PluginSupervisor:
             "tools": list(self.tools), "conflicts": list(self.conflicts), "refused_tools": list(self.refused),
             "unknown_tool_timeouts": list(self.unknown_timeouts),
             "sandbox": list(live.report.sandbox_layers) if live else [],
+            "sandbox_missing": list(live.report.sandbox_warnings) if live else [],
             "egress": live.egress.status() if live and live.egress else None,
             "activation": "lazy" if self.lazy else "eager", "idle_timeout": self.idle_timeout,
             "activations": self.activations, "idle_stops": self.idle_stops,

@@ -85,6 +85,15 @@ class ToolIndex:
                 return f"its plugin {entry.name} failed to start: {sanitize_error(supervisor.error)}"
             if not entry.enabled:
                 return f"its plugin {entry.name} is disabled in {config.path}"
+        # A failed plugin whose code names no tool that could be read (a syntax error, the likeliest
+        # mistake, leaves none) may be the one: named, with why, rather than a bare "Unknown tool"
+        # (the newcomer of 11-27 got that through a running host; a standalone call named it)
+        unread = [(entry.name, supervisor.error) for entry in config.plugins
+                  if (supervisor := plugins.get(entry.name)) is not None
+                  and supervisor.state is PluginState.FAILED and not self._declared.get(entry.name)]
+        if unread:
+            return "plugins that failed to start, whose tools are not known: " + "; ".join(
+                f"{name}: {sanitize_error(error)}" for name, error in unread)
         return ""
 
     async def _index(self, config: Config) -> None:

@@ -282,6 +282,34 @@ def test_reload_restarts_a_plugin_whose_code_changed(write_config, running, tmp_
     assert qanot_host("reload", "--config", config).stdout.splitlines()[2] == "restarted: misbehave"
 
 
+def test_a_plugin_broken_at_reload_is_named_by_reload_status_and_a_call(write_config, running, tmp_path):
+    """A syntax error brought in by a reload: `reload` says the plugin failed and why (exit 1),
+    the status table says why, and a call to its tool through the running host names it (it said
+    only "Unknown tool": its code cannot be read for the tools it declares)."""
+    import shutil
+    plugins = tmp_path / "plugins"
+    shutil.copytree(Path(__file__).parent / "plugins" / "greeter", plugins / "greeter")
+    config = write_config([GREETER, plugin("echo")], plugins_dir=str(plugins))
+    running(config)
+    code = plugins / "greeter" / "plugin.py"
+    code.write_text(code.read_text().replace("class ", "class class ", 1))
+    proc = qanot_host("reload", "--config", config)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = proc.stdout.splitlines()
+    assert lines[2] == "restarted: greeter" and lines[-1].startswith("failed: greeter: "), lines
+    assert "syntax error" in lines[-1] and "plugin.py" in lines[-1]
+    header, *rows = qanot_host("status", "--config", config).stdout.splitlines()
+    assert header.split()[-1] == "ERROR"
+    failed = next(r for r in rows if r.startswith("greeter"))
+    assert failed.split()[1] == "failed" and "syntax error" in failed
+    ready = next(r for r in rows if r.startswith("echo"))
+    assert "layers" in ready and ready.split()[3].endswith("s")  # counted layers; an uptime with its unit
+    call = qanot_host("call", "--config", config, "greet", '{"name": "x"}')
+    assert call.returncode != 0
+    assert "Unknown tool: greet" in call.stderr and "greeter" in call.stderr and "syntax error" in call.stderr
+    assert qanot_host("call", "--config", config, "echo", '{"a": 1}').returncode == 0
+
+
 def test_completion_scripts_offer_the_commands_and_options(tmp_path):
     done = qanot_host("completion", "bash")
     assert done.returncode == 0

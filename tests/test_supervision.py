@@ -366,7 +366,7 @@ async def test_reload_starts_stops_restarts_and_keeps_untouched_serving(write_co
         Path(path).write_text(json.dumps(data))
         summary = await host.reload()
         assert summary == {"added": ["calc"], "removed": ["init_style"], "restarted": ["echo"],
-                           "unchanged": ["greeter"]}
+                           "unchanged": ["greeter"], "failed": []}
         assert await in_flight == "slept 0.3"
         assert host.plugins["greeter"].worker.pid == greeter_pid
         assert host.plugins["echo"].worker.pid != echo_pid
