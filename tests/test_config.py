@@ -49,3 +49,18 @@ def test_timeouts_per_tool_then_plugin_then_host(tmp_path):
     assert config.call_timeout("a", "slow") == 60
     assert config.call_timeout("a", "fast") == 5
     assert config.call_timeout("b", "fast") == 9
+
+
+def test_qanot_host_uid_base_is_the_default_of_configs_that_set_none(tmp_path, monkeypatch):
+    """So that the test suite's configs (and an example's) can run beside another host."""
+    from qanot_host.config import parse_config
+    from qanot_host.errors import ConfigError
+    monkeypatch.setenv("QANOT_HOST_UID_BASE", "1900000000")
+    assert parse_config('{"plugins": []}', str(tmp_path / "c.json")).host.sandbox.uid_base == 1_900_000_000
+    own = '{"plugins": [], "host": {"sandbox": {"uid_base": 1500000000}}}'
+    assert parse_config(own, str(tmp_path / "c.json")).host.sandbox.uid_base == 1_500_000_000
+    monkeypatch.setenv("QANOT_HOST_UID_BASE", "lots")
+    with pytest.raises(ConfigError, match="QANOT_HOST_UID_BASE='lots' in the environment: not a whole number"):
+        parse_config('{"plugins": []}', str(tmp_path / "c.json"))
+    monkeypatch.delenv("QANOT_HOST_UID_BASE")
+    assert parse_config('{"plugins": []}', str(tmp_path / "c.json")).host.sandbox.uid_base == 2_000_000_000

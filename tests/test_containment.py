@@ -670,7 +670,8 @@ async def test_the_worker_is_nobody_in_a_world_of_its_own(write_config):
     async with Host(write_config([plugin("attacker"), GREETER])) as host:
         me = json.loads(await attack(host, "identity"))
         greeter_uid = psutil.Process(host.plugins["greeter"].worker.pid).uids().real
-    assert me["uid"] >= 2_000_000_000 and me["uid"] != greeter_uid
+        uid_base = host.config.host.sandbox.uid_base  # QANOT_HOST_UID_BASE's, where it is set
+    assert uid_base <= me["uid"] < uid_base + 4000 and me["uid"] != greeter_uid
     assert me["CapEff"] == me["CapPrm"] == "0000000000000000"
     assert (me["NoNewPrivs"], me["Seccomp"], me["pid"], me["procs"]) == ("1", "2", 2, [2])  # its init: hidden
     # the system's programs, read-only; no more (but the top directory of this checkout, which holds the
