@@ -19,7 +19,7 @@ from qanot_worker import protocol as p
 
 from .deadlines import Deadlines
 from .errors import (CallTimedOut, ClosedMidFrame, InvalidParams, PluginError, ProtocolViolation, RemoteFailure,
-                     ToolFailed, WorkerTimeout)
+                     ToolFailed, WorkerCrashed, WorkerTimeout)
 from .loop import pipe_file
 from .output import printable
 
@@ -326,21 +326,40 @@ class WorkerChannel(asyncio.Protocol):
         self.closed = error or PluginError(self._plugin, "the worker closed its pipe")
         self._on_lost(error)
 
-    def fail_pending(self, error: PluginError) -> None:
-        """End every request still waiting, at once, with `error`."""
+    def fail_pending(self, error: PluginError) -> list[str]:
+        """End every request still waiting, at once, with `error`; returns the tools of the calls
+        among them. A crash's error names each call's own tool (the caller of the tool that crashed
+        the worker was told only that it crashed: the newcomer of 11-27)."""
         self.closed = error
         pending = list(self._pending.values())
         self._pending.clear()  # the same dict: the deadlines watch it
         self._deadlines.clear()
-        for future, expect, _ in pending:
-            if not future.done():
-                future.set_exception(error)
+        tools = []
+        for future, expect, what in pending:
+            failure = error
             if expect is _CALL:
-                self._call_ended(error)
+                tools.append(what)
+                if isinstance(error, WorkerCrashed):
+                    failure = _naming(error, what)
+            if not future.done():
+                future.set_exception(failure)
+            if expect is _CALL:
+                self._call_ended(failure)
         if not self.hello.done():
             self.hello.set_exception(error)
             self.hello.exception()  # retrieved: nobody may be waiting for it any more
+        return tools
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+
+def _naming(error: WorkerCrashed, tool: str) -> WorkerCrashed:
+    """The crash as one call's error: its type and fields (whoever catches it reads them), its
+    message naming the call's tool. Not copy.copy(): that calls the class with the message alone."""
+    failure = WorkerCrashed.__new__(type(error))
+    failure.__dict__.update(error.__dict__)
+    failure.args = (f"{error} during tool {tool}",)
+    failure.detail = f"{error.detail} during tool {tool}"
+    return failure

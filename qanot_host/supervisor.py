@@ -276,17 +276,18 @@ class PluginSupervisor:
             self._schedule_restart(0.0)
             return
         decision = self.policy.decide(abnormal=recycle is not None or code != 0, uptime=uptime, now=now)
+        in_flight = f" with {_calls(worker.lost_calls)} in flight" if worker.lost_calls else ""
         if decision.restart:
             self.restart_reasons[exit_reason(worker.exit_error, recycle is not None, code)] += 1
-            log.warning("plugin %s: worker pid %s ended (%s); restarting in %.2f s", self.name, worker.pid,
-                        self.last_exit, decision.delay)
+            log.warning("plugin %s: worker pid %s ended (%s)%s; restarting in %.2f s", self.name, worker.pid,
+                        self.last_exit, in_flight, decision.delay)
             self._schedule_restart(decision.delay)
             return
         self.state = PluginState.FAILED if code != 0 or recycle else PluginState.EXITED
         self.error = f"{decision.reason}; last exit: {self.last_exit}"
         self.settled.set()
-        log.error("plugin %s: worker pid %s ended (%s); not restarting: %s", self.name, worker.pid,
-                  self.last_exit, decision.reason)
+        log.error("plugin %s: worker pid %s ended (%s)%s; not restarting: %s", self.name, worker.pid,
+                  self.last_exit, in_flight, decision.reason)
 
     def _schedule_restart(self, delay: float) -> None:
         self.state = PluginState.RESTARTING
@@ -631,6 +632,14 @@ class PluginSupervisor:
             "activation": "lazy" if self.lazy else "eager", "idle_timeout": self.idle_timeout,
             "activations": self.activations, "idle_stops": self.idle_stops,
         }
+
+
+def _calls(tools: list[str]) -> str:
+    """"tool a", "calls of a (3), b": the calls a worker had in flight, for the log."""
+    counts = collections.Counter(tools)
+    if len(tools) == 1:
+        return f"tool {tools[0]}"
+    return "calls of " + ", ".join(f"{tool} ({n})" if n > 1 else tool for tool, n in sorted(counts.items()))
 
 
 def _clamped(timeout: float, configured: float) -> float:

@@ -99,6 +99,7 @@ class WorkerHandle:
         self.stop_path: list[str] = []  # how the last stop went, for logs and tests
         self._tasks: list[asyncio.Task] = []
         self.exit_error: PluginError | None = None  # why the worker ended, once it has
+        self.lost_calls: list[str] = []  # the tools of the calls in flight when it ended
         self.egress: EgressGate | None = None  # network narrowed to hosts: the host connects for it
 
     @property
@@ -372,7 +373,7 @@ class WorkerHandle:
         if self.egress is not None:
             self.egress.close()
         if self._channel is not None:  # None: the start ended before its pipes were open
-            self._channel.fail_pending(error)
+            self.lost_calls = self._channel.fail_pending(error)
             self._channel.close(None)
         for task in self._tasks:
             if task is not asyncio.current_task():

@@ -191,7 +191,7 @@ async def test_both_launchers_give_the_same_isolated_worker(write_config, launch
         sup = host.plugins["misbehave"]
         pid = sup.worker.pid
         crash = json.loads(await host.registry.execute("mb_crash", {"how": "segfault"}))
-        assert crash == {"error": "plugin misbehave: worker crashed (killed by SIGSEGV)"}
+        assert crash == {"error": "plugin misbehave: worker crashed (killed by SIGSEGV) during tool mb_crash"}
         await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != pid, 10, "the restart")
         assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
 

@@ -35,7 +35,7 @@ CRASHES = [
 
 
 @pytest.mark.parametrize("how, expected", CRASHES, ids=[c[0] for c in CRASHES])
-async def test_crash_ends_calls_in_flight_at_once_and_restarts(write_config, how, expected):
+async def test_crash_ends_calls_in_flight_at_once_and_restarts(write_config, how, expected, caplog):
     async with Host(write_config([misbehave(), GREETER], host=FAST)) as host:
         sup = host.plugins["misbehave"]
         first_pid = sup.worker.pid
@@ -45,10 +45,13 @@ async def test_crash_ends_calls_in_flight_at_once_and_restarts(write_config, how
         crash = await asyncio.wait_for(host.registry.execute("mb_crash", {"how": how}), 5)
         others = await asyncio.wait_for(asyncio.gather(*hanging), 5)
         assert time.monotonic() - started < 5  # at once, not after the 30 s call timeout
-        for result in [crash, *others]:
-            assert json.loads(result) == {"error": f"plugin misbehave: {expected}"}
+        # each call's error names its own tool; the log names them all
+        assert json.loads(crash) == {"error": f"plugin misbehave: {expected} during tool mb_crash"}
+        for result in others:
+            assert json.loads(result) == {"error": f"plugin misbehave: {expected} during tool mb_hang_async"}
         await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != first_pid, 10, "restart")
         assert sup.restarts == 1 and sup.last_exit == expected
+        assert f"ended ({expected}) with calls of mb_crash, mb_hang_async (5) in flight; restarting" in caplog.text
         assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
 
