@@ -77,7 +77,7 @@ class WorkerChannel(asyncio.Protocol):
         self._on_abandoned = on_abandoned
         # told how each tool call ended (None: answered, or its caller went away), once for each
         self._call_ended = on_call_ended or _nobody
-        self.last_heard = loop.time()  # when the worker last sent anything: proof its loop runs
+        self.last_heard = loop.time()  # when the worker last sent a whole frame: proof its loop runs
         self._ping_id = 0  # the heartbeat's Ping that awaits its Pong (0: none)
         self.ping_sent = 0.0  # ...sent at this loop time
         self.closed: PluginError | None = None
@@ -234,9 +234,10 @@ class WorkerChannel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed is not None:
             return
-        self.last_heard = self._loop.time()
         try:
             frames = self._frames.feed(data)
+            if frames:  # whole frames only: a frame trickled a byte at a time kept a hung worker from
+                self.last_heard = self._loop.time()  # ever being pinged, and its buffer held (attack pass 52)
             FRAMES.received += len(frames)
             for frame in frames:
                 self._deliver(self._decoder.decode(frame))
@@ -252,9 +253,9 @@ class WorkerChannel(asyncio.Protocol):
                 raise msgspec.DecodeError("a second Hello")
             self.hello.set_result(msg)
             return
-        if msg.id == self._ping_id and type(msg) is p.Pong:
-            self._ping_id = 0
-            return
+        if msg.id == self._ping_id and self._ping_id and type(msg) is p.Pong:
+            self._ping_id = 0  # a Pong with no ping out is a reply to no request: unsolicited frames
+            return  # cost the host's loop a core (attack pass 52), and each one passed for a heartbeat
         entry = self._pending.pop(msg.id, None)
         if entry is None:
             if msg.id in self._abandoned:

@@ -29,7 +29,7 @@ from .heartbeat import Heartbeats
 from .launcher import Launcher, LaunchSpec, WorkerProcess
 from .log_ring import LogRing
 from .loop import run_to_end
-from .offered import OfferedTool, kept_info, offered_tools
+from .offered import OfferedTool, kept_extensions, kept_info, offered_tools
 from .pid_namespaces import find_in_namespace
 
 __all__ = ["WorkerHandle", "WorkerOptions"]
@@ -136,7 +136,7 @@ class WorkerHandle:
         await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
         reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
         self.tools = offered_tools(self.plugin, reply)
-        self.extensions = reply.extensions
+        self.extensions = kept_extensions(reply.extensions, self.plugin)  # bounded: kept while it lives
         self.started_at = time.monotonic()
         self.start_seconds = self.started_at - began  # spawn to tools listed
         # Pings start only now: a setup() that blocks its loop is bounded by setup_timeout instead.

@@ -60,4 +60,8 @@ while True:
                 os._exit(0)
             if os.environ.get("FAKE_THEN") == "close":  # ends its pipe, and lives on
                 os.close(write_fd)
+            if os.environ.get("FAKE_THEN") == "trickle":  # a frame that never ends, a byte at a time
+                for _ in range(600):
+                    time.sleep(0.05)
+                    os.write(write_fd, b"\x00")
             time.sleep(30)

@@ -189,3 +189,38 @@ async def test_a_pipe_closed_inside_a_frame_is_a_violation_only_if_the_worker_li
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.01)
         assert "middle of a frame" in sup.last_exit, sup.last_exit
+
+
+async def test_pongs_no_ping_asked_for_end_the_worker(write_config, caplog):
+    """Plugin code wrote Pong frames with id 0 into the protocol pipe, as fast as it took them: the
+    host took each for the answer to a ping not sent, and spent a whole core on them while the
+    plugin stayed ready under cpu_max 0.05 (attack pass 52). A reply to no request ends it."""
+    from .conftest import GREETER, wait_until
+    config = write_config([plugin("forged_frames"), GREETER], host={"restart": {"backoff_initial": 0}})
+    async with Host(config) as host:
+        sup = host.plugins["forged_frames"]
+        first = sup.worker.pid
+        result = await asyncio.wait_for(host.registry.execute("forged_pongs", {}), 10)
+        assert "ESCAPED" not in result and json.loads(result)["error"].startswith("plugin forged_frames: "), result
+        await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != first, 10, "the restart")
+        assert "bad frame from the worker: a reply to request 0, which was never sent" in caplog.text, \
+            caplog.text[-2000:]
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+
+
+async def test_a_frame_that_never_ends_does_not_keep_a_worker_from_its_pings(tmp_path):
+    """Bytes of a frame that never ends, one every 50 ms, counted as signs of life: the worker was
+    never pinged, stayed ready for minutes, and the host held the frame's buffer (attack pass 52).
+    Only whole frames count: it is pinged, cannot answer inside its endless frame, and is killed."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({
+        "plugins": [plugin("echo")], "workspace_dir": str(tmp_path / "ws"),
+        "host": {"state_dir": str(tmp_path / "state"), "call_timeout": 30, "ping_interval": 0.3,
+                 "ping_timeout": 0.5, "restart": {"max_restarts": 1, "backoff_initial": 0}}}))
+    begun = (1 << 20).to_bytes(4, "big") + b"\x00" * 1000  # a frame of 1 MiB, 1000 bytes of it sent
+    async with Host(str(path), launcher=HostileLauncher(begun, "trickle")) as host:
+        sup = host.plugins["echo"]
+        first = sup.worker.pid
+        result = json.loads(await asyncio.wait_for(host.registry.execute("fake_tool", {}), 10))
+        assert "unresponsive: no answer to a ping within 0.5 s" in result["error"], result
+        assert sup.worker.pid != first or sup.state is not PluginState.READY

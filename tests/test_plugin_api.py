@@ -240,3 +240,30 @@ def test_a_hooks_value_is_decoded_by_the_host_only_within_bounds():
     assert p.decode_hook_value(p.HookResult.encode_value({"a": [1, None]})) == {"a": [1, None]}
     with pytest.raises(ValueError, match="at most"):
         p.decode_hook_value(msgspec.Raw(b"\xdd" + (10**6).to_bytes(4, "big") + b"\x90" * 10**6))
+
+
+def test_the_host_keeps_a_bounded_copy_of_extension_values_however_large(caplog):
+    """A worker's plugin returned one 60 MB template variable, which the host kept for the worker's
+    life (attack pass 52): each string is cut at what its readers take at most, and all of them
+    together at 1 MiB, items past it left out; what is within bounds is kept as it came."""
+    import msgspec
+
+    from qanot_host.offered import MAX_EXTENSION_STRING, MAX_EXTENSION_TEXT, kept_extensions
+    from qanot_worker import protocol as p
+
+    within = p.Extensions(wal_patterns=[("remember (.*)", "fact", True)], template_vars={"{{REGION}}": "uz"},
+                          prompt_sections=[{"name": "s", "content": "text", "order": 3}],
+                          commands=[p.CommandSpec("c", "does c")], template_dir="/t")
+    assert kept_extensions(within, "fine") == within and "fine" not in caplog.text
+    hoard = p.Extensions(
+        template_vars={"{{BIG}}": "x" * 60_000_000, **{f"{{{{V{i}}}}}": "y" * 100_000 for i in range(200)}},
+        prompt_sections=[{"k" * 100_000: "z" * 100_000} for _ in range(64)],
+        wal_patterns=[("p" * 1_000_000, "c" * 100_000, False)], template_dir="/" * 100_000,
+        commands=[p.CommandSpec("n" * 100_000, "d" * 100_000)])
+    kept = kept_extensions(hoard, "hoard")
+    assert len(kept.template_vars["{{BIG}}"]) == MAX_EXTENSION_STRING
+    text = msgspec.json.encode(kept)
+    assert len(text) < MAX_EXTENSION_TEXT + 2 * MAX_EXTENSION_STRING  # the item that crossed the line, and syntax
+    assert 0 < len(kept.template_vars) < 201 and kept.prompt_sections == [] and kept.commands == []
+    assert "over 1048576 in all: cut" in kept.problems[-1]
+    assert "plugin hoard: its extension points returned strings over 65536 characters" in caplog.text

@@ -1,0 +1,57 @@
+"""Hostile fixture: plugin code writing frames of its own into the worker's protocol pipe (attack
+pass 52): Pong frames no ping asked for, as fast as the pipe takes them. The host must end the
+worker, not spend its loop on them."""
+
+import os
+import struct
+import threading
+import time
+
+import msgspec
+from qanot.plugins.base import Plugin, tool
+from qanot_worker.protocol import messages as p
+
+
+def _write_only_pipes() -> list[int]:
+    """The protocol pipe is among the write-only pipes past stderr (the others carry logs, where
+    these bytes are only text)."""
+    import fcntl
+    found = []
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:") and \
+                    fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+def _flood_pongs() -> None:
+    body = msgspec.msgpack.encode(p.Pong(0))
+    data = (struct.pack(">I", len(body)) + body) * 1024
+    for _ in range(200):
+        for fd in _write_only_pipes():
+            try:
+                os.write(fd, data)
+            except OSError:
+                return
+        time.sleep(0.01)
+
+
+class QanotPlugin(Plugin):
+    name = "forged_frames"
+
+    def get_tools(self):
+        return self._collect_tools()
+
+    @tool(name="forged_pongs", description="write unasked-for Pong frames into the protocol pipe")
+    async def pongs(self, params: dict) -> str:
+        threading.Thread(target=_flood_pongs, daemon=True).start()
+        import asyncio
+        await asyncio.sleep(5)
+        return "ESCAPED: still served after flooding Pongs"
+
+    @tool(name="forged_ok", description="answers")
+    async def ok(self, params: dict) -> str:
+        return "ok"
