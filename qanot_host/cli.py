@@ -300,7 +300,9 @@ async def _status(args: argparse.Namespace) -> int:
         return EXIT_OK
     columns = ("plugin", "state", "pid", "uptime", "restarts", "rss_mb", "cpu_s", "calls", "errors",
                "timeouts", "egress", "sandbox", "last_exit", "kind", "error")
-    rows = [[_cell(_status_cell(row, c)) for c in columns] for row in reply["plugins"]]
+    # ERROR is the last column and mostly empty: left blank, not "-", so that a row ends with its kind
+    rows = [[_cell(_status_cell(row, c)) if c != "error" else row.get("error") or "" for c in columns]
+            for row in reply["plugins"]]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in rows:

@@ -61,6 +61,7 @@ class WorkerOptions:
     oom_kills: Callable[[], int] | None = None
     members: Callable[[], list[int]] | None = None  # the processes of the plugin's cgroup, where it has one
     memory_mb: int | None = None
+    bridged: bool = False  # an MCP server's worker (its exit EXIT_MCP_SERVER_GONE: the server is gone)
     redact: Callable[[str], str] | None = None  # the plugin's resolved secrets out of what is logged
     ring: LogRing | None = None  # the plugin's recent output lines, kept for `qanot-host logs`
     # Shared by every worker of the host: how many may be between launch and loaded at once (the
@@ -388,6 +389,9 @@ class WorkerHandle:
         oom = self._options.oom_kills
         if code == -signal.SIGKILL and oom is not None and oom() > self._oom_kills_at_start:
             return WorkerCrashed(self.plugin, code, f": out of memory, over its memory_mb={self._options.memory_mb}")
+        if code == p.EXIT_MCP_SERVER_GONE and self._options.bridged:
+            return WorkerCrashed(self.plugin, code, ": its MCP server exited, stopped answering or lost its "
+                                                    "connection (the log says which)")
         return WorkerCrashed(self.plugin, code)
 
     async def stop(self, teardown: bool = True, reason: str = "worker stopped", at_once: bool = False) -> int | None:

@@ -141,7 +141,7 @@ class WorkerFactory:
             namespaces=self.namespaces, disk=disk, log_lines_per_second=limits.log_lines_per_second,
             oom_kills=partial(self.cgroups.oom_kills, name) if sandboxed else None, memory_mb=limits.memory_mb,
             members=partial(self.cgroups.members, name) if sandboxed and self.cgroups.available else None,
-            start_gate=self.start_gate, heartbeats=self.heartbeats, names=self.names)
+            start_gate=self.start_gate, heartbeats=self.heartbeats, names=self.names, bridged=bridged)
         if disk_problem:
             options.extra_env[p.DISK_KEY] = f"error:{disk_problem}"
         elif self.namespaces and not limits.disk_mb:

@@ -24,12 +24,11 @@ from contextlib import asynccontextmanager
 
 from qanot.plugins.base import Plugin, ToolDef
 from qanot_worker.extensions import ToolFailed
+from qanot_worker.protocol import EXIT_MCP_SERVER_GONE
 
 from mcp import ClientSession, MCPError, StdioServerParameters, types
 from mcp.client.stdio import stdio_client
 from pydantic import ValidationError
-
-EXIT_CONNECTION_LOST = 3  # the worker's exit code when the server is gone: a crash to the host
 
 
 class _WithoutTraceback(logging.Filter):
@@ -229,7 +228,7 @@ class QanotPlugin(Plugin):
         stderr first, which the host logs under the server's name."""
         print(f"MCP server {self.name}: {why}; the worker exits so that the host restarts it",
               file=sys.stderr, flush=True)
-        os._exit(EXIT_CONNECTION_LOST)
+        os._exit(EXIT_MCP_SERVER_GONE)
 
     # ---- calls ---------------------------------------------------------------------------------
 

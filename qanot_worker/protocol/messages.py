@@ -12,7 +12,7 @@ import msgspec
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_SCHEMAS_TOTAL", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE",
-    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY",
+    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "EXIT_MCP_SERVER_GONE",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "ReleaseDisk", "TemplateRequest", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
@@ -33,6 +33,10 @@ SPAWN_KEY = "QANOT_WORKER_SPAWN"  # the "spawn" launcher's request: JSON of Spaw
 # "fd:N" (a detached mount to put at the data directory), "error:why" (no disk on this machine: a
 # missing layer), "failed:why" (its disk would not attach: it does not start) or "off" (disk_mb 0)
 DISK_KEY = "QANOT_WORKER_DISK"
+# An MCP server's worker exits with this when its server is gone (exited, hung, its connection
+# lost): a crash to the host, which then tells callers that it was the server (3, an exception out
+# of any worker's loop, said nothing of the kind; a tester of 11-27 saw only "exit code 3")
+EXIT_MCP_SERVER_GONE = 75
 MAX_SCHEMA_BYTES = 64 * 1024  # one tool's parameters schema, encoded
 # all of one plugin's schemas, encoded (Qanot's largest plugin: ~40 KiB); decoded, 256 KiB of tiny
 # containers can still take ~18 MB of the host's memory while the worker lives
