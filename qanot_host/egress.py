@@ -418,6 +418,11 @@ class EgressGate:
                 log.warning("plugin %s: connect to %s:%d denied: not among the addresses known for its grant, and "
                             "granted names could not be resolved just now: %s", self.plugin, address, port,
                             ", ".join(unanswered))
+            elif self.policy.internal_on_a_granted_port(address, port):  # "any host:P" granted, and denied
+                log.warning("plugin %s: connect to %s:%d denied: an address of this host's own (or link-local, or "
+                            "unspecified), which a \"ports\" grant (any host:%d) never reaches; to allow it, add "
+                            "\"%s:%d\" to config.json host.plugins.%s.permissions.network.hosts",
+                            self.plugin, address, port, port, address, port, self.plugin)
             else:
                 log.warning("plugin %s: connect to %s:%d denied: not among its network grant (%s); to allow it, "
                             "add \"HOST:%d\" to config.json host.plugins.%s.permissions.network.hosts",

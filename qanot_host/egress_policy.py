@@ -136,6 +136,11 @@ class EgressPolicy:
         parts = [f"{host}:{port}" for host, port in self.hosts] + [f"any host:{port}" for port in sorted(self.ports)]
         return ", ".join(parts)
 
+    def internal_on_a_granted_port(self, address: str, port: int) -> bool:
+        """A denial that a `ports` grant seems to allow: the address is one of the host's own (or
+        link-local, metadata, unspecified), which "any host" never covers; its message says so."""
+        return port in self.ports and _internal(address)
+
     async def allows(self, address: str, port: int) -> bool:
         """The host's own addresses (loopback, and every address of its interfaces), link-local and
         the other cloud metadata addresses, and unspecified ones are reached only when the grant

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -225,8 +226,26 @@ def _prepare(limit: OutputLimit, line: bytes) -> str:
     return text[:MAX_LOG_LINE].translate(_CONTROLS)
 
 
+# The level a plugin's own logging wrote at the front of its line: "INFO:name:message" (the logging
+# module's default), "INFO name: message", "[INFO] message", "2026-11-27 10:00:00,123 INFO ...". Every
+# stderr line was a WARNING, so a plugin's routine INFO lines and a server's start-up banner filled
+# the host's warnings (a tester of 11-27). Read in the line's first 80 characters, anchored.
+_LEVEL_AT_START = re.compile(r"[\[\s]*(?:\d[\d:.,TZ+ -]*\s)?[\[(]?(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL)\b")
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "WARN": logging.WARNING,
+           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL, "FATAL": logging.CRITICAL}
+
+
+def line_level(kind: str, text: str) -> int:
+    """The level a plugin's output line is logged at: the one it names at its start, else WARNING
+    for stderr and INFO for stdout."""
+    named = _LEVEL_AT_START.match(text[:80])
+    if named is not None:
+        return _LEVELS[named.group(1)]
+    return logging.WARNING if kind == "stderr" else logging.INFO
+
+
 def _log(log: logging.Logger, limit: OutputLimit, kind: str, text: str) -> None:
     if limit.ring is not None:
         limit.ring.append(kind, text)
-    log.log(logging.WARNING if kind == "stderr" else logging.INFO, "[%s %s] %s", limit.plugin, kind, text,
+    log.log(line_level(kind, text), "[%s %s] %s", limit.plugin, kind, text,
             extra={"plugin": limit.plugin, "pid": limit.pid, "stream": kind})

@@ -257,7 +257,7 @@ async def test_a_host_at_start_removes_cgroups_left_by_hosts_that_are_gone(write
 
 # ---- 6. a ports grant carries TCP to those ports, nothing else ---------------------------------------
 
-async def test_a_ports_grant_carries_tcp_to_its_ports_and_nothing_else(write_config, outside_host):
+async def test_a_ports_grant_carries_tcp_to_its_ports_and_nothing_else(write_config, outside_host, caplog):
     granted = outside_host.listen()  # another machine: what a ports grant (any host) is for
     port = granted.getsockname()[1]
     own = socket.socket()  # a service of the host's own, on all its addresses
@@ -304,6 +304,11 @@ async def test_a_ports_grant_carries_tcp_to_its_ports_and_nothing_else(write_con
             with pytest.raises(ConnectionRefusedError):  # its MPTCP listener is in its own network
                 socket.create_connection(("127.0.0.1", listen_port), timeout=2).close()
             assert host.status()[0]["egress"]["denied"] >= 2, (result, host.status()[0]["egress"])
+        # the denial of the host's own address on a granted port says why ("not among its grant",
+        # beside "any host:P" in the grant, puzzled a tester)
+        own_port = own.getsockname()[1]
+        assert f":{own_port} denied: an address of this host's own (or link-local, or unspecified), which a " \
+               f"\"ports\" grant (any host:{own_port}) never reaches" in caplog.text, caplog.text[-3000:]
     finally:
         for s in (granted, other, udp, own):
             s.close()

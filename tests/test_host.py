@@ -271,3 +271,16 @@ async def test_plugins_named_in_any_script_start(write_config, tmp_path):
         for index, name in enumerate(names):
             assert host.plugins[name].state == PluginState.READY, (name, host.plugins[name].error)
             assert await host.registry.execute(f"script_{index}", {}) == "ok"
+
+
+def test_a_plugins_output_line_is_logged_at_the_level_it_names():
+    """Every stderr line was a WARNING, a plugin's routine INFO lines among them (a tester of 11-27)."""
+    import logging
+
+    from qanot_host.output import line_level
+    named = {"INFO:plugin_onec:[onec] 18 tools registered": logging.INFO, "[DEBUG] cache warm": logging.DEBUG,
+             "2026-11-27 10:00:00,123 ERROR db down": logging.ERROR, "WARNING: slow": logging.WARNING,
+             "2026-11-27T10:00:00.123Z CRITICAL x": logging.CRITICAL}
+    assert {line: line_level("stderr", line) for line in named} == named
+    for line in ("Traceback (most recent call last):", "ValueError: INFO", "INFORMATION", "hello"):
+        assert line_level("stderr", line) == logging.WARNING and line_level("stdout", line) == logging.INFO
