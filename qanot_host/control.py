@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .errors import PluginUnavailable, QanotHostError
+from .errors import PluginUnavailable, QanotHostError, ToolNotFound
 from .flock import flock_within
 from .registry import call_error
 
@@ -216,6 +216,9 @@ class ControlServer:
                     raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
                 try:
                     result = await host.registry.invoke(str(request.get("tool")), request.get("params", {}), timeout)
+                except ToolNotFound as exc:  # the index of declared tools, made in the background, may say why
+                    await host.tool_index_ready()
+                    raise call_error(ToolNotFound(exc.tool, host.registry.explain_missing(exc.tool))) from None
                 except QanotHostError as exc:
                     raise call_error(exc) from None
                 return {"ok": True, "result": result}

@@ -20,6 +20,7 @@ import time
 
 from qanot_worker import protocol as p
 
+from .manifest import PERMISSIONS
 from .mcp_servers import Programs
 from .settings import Config, NetworkGrant, Permissions
 
@@ -326,6 +327,7 @@ def _mode(path: str) -> str:
 
 
 def withheld_permissions(declared: list[str], grant: Permissions) -> list[str]:
-    """What plugin.json asks for that config.json does not grant."""
+    """What plugin.json asks for that config.json does not grant; a name no permission has is
+    plugin.json's own error, said once, not also "withheld" (a newcomer's misspelling got both)."""
     granted = grant.granted()
-    return [name for name in declared if name not in granted]
+    return [name for name in declared if name not in granted and name in PERMISSIONS]

@@ -90,7 +90,8 @@ class ToolIndex:
         # (the newcomer of 11-27 got that through a running host; a standalone call named it)
         unread = [(entry.name, supervisor.error) for entry in config.plugins
                   if (supervisor := plugins.get(entry.name)) is not None
-                  and supervisor.state is PluginState.FAILED and not self._declared.get(entry.name)]
+                  and supervisor.state is PluginState.FAILED and entry.name in self._declared
+                  and not self._declared[entry.name]]  # read, and found to declare none
         if unread:
             return "plugins that failed to start, whose tools are not known: " + "; ".join(
                 f"{name}: {sanitize_error(error)}" for name, error in unread)
