@@ -39,6 +39,7 @@ from .config import parse_config
 from .errors import ConfigError, PluginError
 from .host import Host
 from .output import printable
+from .registry import tool_name_problem
 from .schema import json_problem
 from .settings import Config
 from .supervisor import PluginState, PluginSupervisor
@@ -221,10 +222,11 @@ def _proxy(supervisor: PluginSupervisor, taken: set[str]) -> Any:
         log.warning("Plugin %s names itself %r, another plugin's name; it is called %s here", supervisor.name,
                     name, supervisor.name)
         name = supervisor.name
-    # what the host registered itself: a name Qanot cannot call, or a schema the host cannot use, is
-    # not registered here either (the host has logged why)
+    # what the host refused (a schema it cannot use), and a name Qanot cannot call (which the host
+    # registers for MCP clients only), are not registered here (the host has logged why)
     tools = [ToolDef(tool.name, tool.description, tool.parameters, partial(supervisor.call, tool.name))
-             for tool in offer.tools if not tool.problem and tool.name not in supervisor.refused]
+             for tool in offer.tools if not tool.problem and tool.name not in supervisor.refused
+             and tool_name_problem(tool.name) is None]
     for tool in offer.tools:
         if tool.problem:
             log.error("Plugin %s: tool %r is not registered: its %s", supervisor.name, tool.name, tool.problem)

@@ -36,6 +36,11 @@ Handler = Callable[..., Awaitable[Any]]
 TOOL_TIMEOUT = 30  # Qanot's default for execute()
 MAX_TOOL_RESULT_CHARS = 8000  # what Qanot's agent lets one result put in the context
 MAX_TOOL_NAME = 64
+# MCP's rule for a tool's name (letters, digits, _ - and ., 1 to 128): a plugin's or MCP server's tool
+# named by it but not by Qanot's (get-tiny-image: most current MCP servers write names so) is
+# registered for MCP clients and the CLI, left out of what Qanot's agent is offered, and refused by
+# execute() in Qanot's words. 12 of server-everything's 13 tools were lost to every client (11-27).
+MCP_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 BAD_NAME = "Invalid tool name: must be alphanumeric/underscore, max 64 chars"
 _PATHS = re.compile(r"(/[\w./\-]+){3,}")
 _CREDENTIALS = re.compile(r"(?:key|token|secret|password|auth)[=:]\s*\S+", re.IGNORECASE)
@@ -76,8 +81,9 @@ class RegisteredTool:
         taken as Qanot takes it."""
         problem = tool_name_problem(self.name) if isinstance(self.name, str) else "its name is not text"
         self.callable_name = problem is None
-        if problem and self.plugin is not None:
-            raise SchemaError(problem)
+        mcp_name = isinstance(self.name, str) and MCP_TOOL_NAME.fullmatch(self.name) is not None
+        if problem and self.plugin is not None and not mcp_name:
+            raise SchemaError(problem + "; nor MCP's (letters, digits, _ - and ., 1 to 128)")
         if self.plugin is not None and not self.name.isascii():
             # Qanot's rule takes any script's letters, so `victim_еcho` (a Cyrillic е) could pass for
             # another plugin's tool, past the rule of who has a name; no model's API takes them anyway.
@@ -130,7 +136,10 @@ class ToolRegistry:
 
     def get_definitions(self) -> list[dict[str, Any]]:
         if self._definitions is None:
-            self._definitions = [tool.definition() for tool in self._tools.values()]
+            # a plugin's tool Qanot could not call (an MCP name) is the MCP front's and the CLI's only:
+            # offered to the agent, it would be called and refused
+            self._definitions = [tool.definition() for tool in self._tools.values()
+                                 if tool.callable_name or tool.plugin is None]
         return self._definitions
 
     def get_lazy_definitions(self, user_message: str = "") -> list[dict[str, Any]]:

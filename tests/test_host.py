@@ -284,3 +284,21 @@ def test_a_plugins_output_line_is_logged_at_the_level_it_names():
     assert {line: line_level("stderr", line) for line in named} == named
     for line in ("Traceback (most recent call last):", "ValueError: INFO", "INFORMATION", "hello"):
         assert line_level("stderr", line) == logging.WARNING and line_level("stdout", line) == logging.INFO
+
+
+async def test_a_tool_named_by_mcps_rule_is_for_mcp_clients_and_the_cli_not_qanot(write_config, caplog):
+    """server-everything's get-tiny-image and 11 more of its 13 tools were not registered at all,
+    lost to every MCP client too (a tester of 11-27): a name MCP allows and Qanot does not is
+    registered, left out of what Qanot's agent is offered, and refused by execute() as Qanot does."""
+    LONG = "mcp_" + "x" * 96  # as the fixture names it  # noqa: N806
+    async with Host(write_config([plugin("mcp_names")])) as host:
+        registry = host.registry
+        assert set(registry.tool_names) == {"get-tiny-thing", "mcp.names.dotted", LONG, "mcp_names_plain"}
+        assert [d["name"] for d in registry.get_definitions()] == ["mcp_names_plain"]
+        assert {d["name"] for d in host.tool_definitions()} == set(registry.tool_names)  # the MCP front's list
+        assert await registry.invoke("get-tiny-thing", {"what": "x"}) == "ran x"
+        assert await registry.invoke(LONG, {}) == "ran "
+        assert json.loads(await registry.execute("get-tiny-thing", {})) == {
+            "error": "Invalid tool name: must be alphanumeric/underscore, max 64 chars"}
+        assert await registry.execute("mcp_names_plain", {"what": "y"}) == "ran y"
+    assert "tool 'has space' is not registered" in caplog.text and "nor MCP's" in caplog.text

@@ -87,6 +87,15 @@ async def test_list_and_call_and_every_failure_is_a_tool_result(write_config, ma
         assert text(await session.call_tool("greet", {"name": "Ann"})).count("Ann") == 1
 
 
+async def test_a_tool_named_by_mcps_rule_alone_is_listed_and_called(write_config):
+    """get-tiny-image (server-everything's, as most current servers name tools) reached no client."""
+    async with stdio_session(write_config([plugin("mcp_names")])) as session:
+        listed = {tool.name for tool in (await session.list_tools()).tools}
+        assert {"get-tiny-thing", "mcp.names.dotted", "mcp_names_plain"} <= listed and "has space" not in listed
+        answer = await session.call_tool("get-tiny-thing", {"what": "it"})
+        assert not answer.is_error and text(answer) == "ran it"
+
+
 async def test_a_worker_killed_mid_call_is_an_error_result_and_the_next_call_works(write_config, markers):
     config = mcp_config(write_config, markers)
     async with stdio_session(config) as session:
