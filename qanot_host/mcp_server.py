@@ -91,14 +91,36 @@ class McpFront:
         from .registry import sanitize_error, truncate_tool_result
         types = self._types
         try:
-            text = await self._host.registry.invoke(params.name, dict(params.arguments or {}))
+            text = await self._host.registry.invoke(params.name, dict(params.arguments or {}), whole_mcp_result=True)
         except QanotHostError as exc:
             return self._error(sanitize_error(str(exc)))
         except Exception as exc:  # noqa: BLE001 - a tool's failure is the client's to read, the session lives on
             log.exception("tool %s: unexpected error", printable(str(params.name), 100))
             return self._error(sanitize_error(f"{type(exc).__name__}: {exc}"))
+        if isinstance(text, str) and text[:1] == "\x00":
+            whole = self._whole(params.name, text)
+            if whole is not None:
+                return whole
         return types.CallToolResult(content=[types.TextContent(
             type="text", text=truncate_tool_result(str(text), MAX_RESULT_CHARS))])
+
+    def _whole(self, tool: str, sent: str) -> Any:
+        """An MCP server's result with images or resources in it, handed on as the server sent it
+        (its text parts cut as a text result is); None, for its text instead, if it is not well made."""
+        from .registry import mcp_result, truncate_tool_result
+        whole = mcp_result(sent)
+        if whole is None:
+            return None
+        for block in whole["content"]:
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                block["text"] = truncate_tool_result(block["text"], MAX_RESULT_CHARS)
+        try:
+            return self._types.CallToolResult.model_validate(
+                {"content": whole["content"], "structuredContent": whole.get("structuredContent")})
+        except ValueError as exc:  # pydantic's ValidationError is one
+            log.warning("tool %s: its MCP server's result could not be handed on whole (%s); its text is",
+                        printable(str(tool), 100), printable(str(exc), 300))
+            return None
 
     def _error(self, message: str) -> Any:
         types = self._types

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Protocol
 
+from qanot_worker.protocol import MCP_RESULT
+
 from .errors import InvalidParams, PluginError, QanotHostError, ToolFailed, ToolNotFound
 from .schema import CHECK_OFF_LOOP, SchemaError, check_schema, compile_params_check, compile_validator, type_name
 
@@ -187,6 +189,8 @@ class ToolRegistry:
                     result = await self._dispatch(tool, input_data, timeout)
             else:
                 result = await self._observed(name, input_data, timeout)
+            if type(result) is str and result[:1] == "\x00":  # an MCP server's, images in it: Qanot takes the text
+                result = mcp_text(result)
             return result if len(result) <= MAX_TOOL_RESULT_CHARS else truncate_tool_result(result)
         except _Refused as exc:
             await asyncio.sleep(0)
@@ -217,16 +221,23 @@ class ToolRegistry:
 
     # ---- qanot-host's additions ------------------------------------------------------------------
 
-    async def invoke(self, name: str, params: dict[str, Any], timeout: float | None = None) -> Any:
-        """execute() with typed errors raised instead of returned, and the result whole (a checkpoint too)."""
+    async def invoke(self, name: str, params: dict[str, Any], timeout: float | None = None, *,
+                     whole_mcp_result: bool = False) -> Any:
+        """execute() with typed errors raised instead of returned, and the result whole (a checkpoint
+        too). `whole_mcp_result`: an MCP server's result with images or resources in it as its
+        worker sent it (MCP_RESULT's form: `qanot-host mcp` hands it on), not its text."""
         try:
             params = _plain(params)
             if self.observer is None:
-                return await self._dispatch(self._checked(name, params), params, timeout)
-            return await self._observed(name, params, timeout)
+                result = await self._dispatch(self._checked(name, params), params, timeout)
+            else:
+                result = await self._observed(name, params, timeout)
         except QanotHostError:
             await asyncio.sleep(0)
             raise
+        if whole_mcp_result or not isinstance(result, str) or result[:1] != "\x00":
+            return result
+        return mcp_text(result)
 
     async def _observed(self, name: str, params: dict[str, Any], timeout: float | None) -> Any:
         """A call, timed and told to the observer however it ends."""
@@ -302,6 +313,27 @@ class ToolRegistry:
 
 class _Refused(Exception):
     """execute() refused the call before looking the tool up; the message is Qanot's."""
+
+
+def mcp_result(result: str) -> dict[str, Any] | None:
+    """An MCP server's result in MCP_RESULT's form, read: {"text", "content", "structuredContent"};
+    None if it is not in that form, or not well made (its worker runs beside the server it bridges)."""
+    if not result.startswith(MCP_RESULT):
+        return None
+    try:
+        whole = json.loads(result[len(MCP_RESULT):])
+    except (ValueError, RecursionError):
+        return None
+    if not (isinstance(whole, dict) and isinstance(whole.get("text"), str) and isinstance(whole.get("content"), list)):
+        return None
+    return whole
+
+
+def mcp_text(result: str) -> str:
+    """What Qanot's callers get of a result in MCP_RESULT's form: the text Qanot's own MCP client
+    makes of it (binary parts as their size); a result not well made, as it came."""
+    whole = mcp_result(result)
+    return whole["text"] if whole is not None else result
 
 
 def tool_name_problem(name: str) -> str | None:

@@ -12,7 +12,7 @@ import msgspec
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_SCHEMAS_TOTAL", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE",
-    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "EXIT_MCP_SERVER_GONE",
+    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "EXIT_MCP_SERVER_GONE", "MCP_RESULT",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "ReleaseDisk", "TemplateRequest", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
@@ -37,6 +37,12 @@ DISK_KEY = "QANOT_WORKER_DISK"
 # lost): a crash to the host, which then tells callers that it was the server (3, an exception out
 # of any worker's loop, said nothing of the kind; a tester of 11-27 saw only "exit code 3")
 EXIT_MCP_SERVER_GONE = 75
+# An MCP server's result with more than text in it (an image, a resource, structured content), as
+# its worker's Result: this, then JSON {"text": what Qanot's client makes of it, "content": the
+# content blocks as MCP writes them, "structuredContent": ...}. The host gives Qanot's callers the
+# text, and `qanot-host mcp`'s clients the whole result. No text a server returns starts with it:
+# the worker sends such a text in this form too.
+MCP_RESULT = "\x00qanot-host:mcp-result\x00"
 MAX_SCHEMA_BYTES = 64 * 1024  # one tool's parameters schema, encoded
 # all of one plugin's schemas, encoded (Qanot's largest plugin: ~40 KiB); decoded, 256 KiB of tiny
 # containers can still take ~18 MB of the host's memory while the worker lives

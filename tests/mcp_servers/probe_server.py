@@ -13,10 +13,11 @@ import subprocess
 import sys
 import time
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Image, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 server = MCPServer("probe")
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000")  # a PNG's first bytes
 
 
 @server.tool()
@@ -111,6 +112,15 @@ def run(program: str, via_loader: bool = False, copy_first: bool = False, into: 
 
 def _loader() -> str:
     return (glob.glob("/lib64/ld-linux-*.so*") + glob.glob("/usr/lib/*-linux-gnu/ld-linux-*.so*"))[0]
+
+
+@server.tool()
+def picture(caption: str) -> list:
+    """A caption, a small PNG and an embedded resource: a result with more than text in it."""
+    from mcp import types
+    return [caption, Image(data=PNG, format="png"),
+            types.EmbeddedResource(type="resource", resource=types.TextResourceContents(
+                uri="file:///probe/note.txt", mime_type="text/plain", text="a note"))]
 
 
 @server.tool()
