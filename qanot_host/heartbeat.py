@@ -51,29 +51,42 @@ class Heartbeats:
             self._task = loop.create_task(self._run())
 
     def discard(self, worker: WorkerHandle) -> None:
-        self._workers.pop(worker, None)
+        """Its entry leaves the heap now: left until its moment, it held the gone worker (and all it
+        offered) for up to a ping_interval, and restarts piled them up (attack pass 53)."""
+        if self._workers.pop(worker, None) is None:
+            return
         if not self._workers and self._task is not None:
             self._task.cancel()
             self._task = None
             self._due.clear()
+            return
+        self._due[:] = [entry for entry in self._due if entry[2] is not worker]  # the list _run holds
+        heapq.heapify(self._due)
 
     def __len__(self) -> int:
         return len(self._workers)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        due, workers = self._due, self._workers
         while True:
             await asyncio.sleep(self._tick)
-            now = loop.time()
-            while due and due[0][0] <= now:
-                _, entry, worker = heapq.heappop(due)
-                if workers.get(worker) != entry:
-                    continue  # discarded, or added again under a newer entry
-                next_look = worker.beat(now)
-                if next_look is None:
-                    self.discard(worker)
-                    if self._task is None:
-                        return
-                else:
-                    heapq.heappush(due, (next_look, entry, worker))
+            if not self._look(loop.time()):
+                return
+
+    def _look(self, now: float) -> bool:
+        """One tick: each worker whose moment has come. False once nothing is left to watch (the
+        task ends). A method of its own, so that no gone worker stays held by a local while the
+        loop sleeps."""
+        due, workers = self._due, self._workers
+        while due and due[0][0] <= now:
+            _, entry, worker = heapq.heappop(due)
+            if workers.get(worker) != entry:
+                continue  # discarded, or added again under a newer entry
+            next_look = worker.beat(now)
+            if next_look is None:
+                self.discard(worker)
+                if self._task is None:
+                    return False
+            else:
+                heapq.heappush(due, (next_look, entry, worker))
+        return True

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from qanot_worker import protocol as p
+from qanot_worker.plugin_api import HOOKS
 
 from .errors import PluginStartError
 from .output import plain_text
@@ -24,6 +25,7 @@ __all__ = ["OfferedTool", "offered_tools", "kept_info", "kept_extensions", "MAX_
 log = logging.getLogger("qanot_host")
 
 MAX_DESCRIPTION = 16 * 1024
+MAX_TOOL_NAME = 128  # MCP's longest; Qanot's is 64 (registry.py): what is kept of a longer one is cut
 MAX_DOC = 64 * 1024  # characters of tools_md and soul_append the host keeps (the workspace takes 64 KiB)
 # What the host keeps of a plugin's extension points' strings: each at most what the most generous
 # of their readers takes (a prompt section's 64 KiB), a name or a path much less, and all of them
@@ -53,8 +55,11 @@ def offered_tools(plugin: str, reply: p.ToolList) -> list[OfferedTool]:
     for spec in reply.tools:
         parameters: dict[str, Any] = {}
         problem = ""
+        name = spec.name
         budget -= len(spec.parameters)
-        if len(spec.parameters) > p.MAX_SCHEMA_BYTES:
+        if len(name) > MAX_TOOL_NAME:  # kept cut: 255 names of 240 KB each held 61 MB of the host's memory
+            name, problem = f"{name[:80]}...", f"name is {len(name)} characters, over {MAX_TOOL_NAME} (MCP's limit)"
+        elif len(spec.parameters) > p.MAX_SCHEMA_BYTES:
             problem = f"parameters schema is {len(spec.parameters)} bytes encoded, over {p.MAX_SCHEMA_BYTES}"
         elif budget < 0:
             problem = f"parameters schema is past the {p.MAX_SCHEMAS_TOTAL} bytes all of a plugin's schemas may take"
@@ -63,7 +68,7 @@ def offered_tools(plugin: str, reply: p.ToolList) -> list[OfferedTool]:
                 parameters = msgspec.msgpack.decode(spec.parameters, type=dict[str, Any])
             except (msgspec.DecodeError, RecursionError) as exc:
                 problem = f"parameters must be a JSON object ({exc or 'nested too deeply'})"
-        tools.append(OfferedTool(spec.name, _description(spec.description), parameters, problem))
+        tools.append(OfferedTool(name, _description(spec.description), parameters, problem))
     return tools
 
 
@@ -80,7 +85,9 @@ def kept_info(info: p.Loaded) -> p.Loaded:
     tools_md would otherwise stay in the host's memory, once per plugin."""
     return msgspec.structs.replace(info, name=info.name[:200], description=_description(info.description),
                                    version=info.version[:100], tools_md=info.tools_md[:MAX_DOC],
-                                   soul_append=info.soul_append[:MAX_DOC])
+                                   soul_append=info.soul_append[:MAX_DOC],
+                                   # Qanot's hooks by name: 60 names of 1 MiB each were kept whole (attack pass 53)
+                                   hooks=[hook for hook in info.hooks if hook in HOOKS])
 
 
 def kept_extensions(extensions: p.Extensions, plugin: str) -> p.Extensions:

@@ -301,4 +301,18 @@ async def test_a_tool_named_by_mcps_rule_is_for_mcp_clients_and_the_cli_not_qano
         assert json.loads(await registry.execute("get-tiny-thing", {})) == {
             "error": "Invalid tool name: must be alphanumeric/underscore, max 64 chars"}
         assert await registry.execute("mcp_names_plain", {"what": "y"}) == "ran y"
+        # a name past MCP's 128 characters is refused, and kept cut (255 names of 240 KB each held
+        # 61 MB of the host's memory, and restarts piled them up: attack pass 53)
+        refused = host.plugins["mcp_names"].status()["refused_tools"]
+        assert sorted(refused) == ["has space", "z" * 80 + "..."], [r[:100] for r in refused]
     assert "tool 'has space' is not registered" in caplog.text and "nor MCP's" in caplog.text
+    assert "name is 200000 characters, over 128 (MCP's limit)" in caplog.text
+
+
+def test_the_host_keeps_only_qanots_hook_names_of_what_a_worker_says_it_overrides():
+    """Plugin code speaking the protocol itself sent 60 hook names of 1 MiB each, kept whole for the
+    worker's life (attack pass 53): a name Qanot has no hook of is no hook."""
+    from qanot_host.offered import kept_info
+    from qanot_worker import protocol as p
+    info = p.Loaded(1, "n", "d", "1", "", "", hooks=["on_pre_turn", "x" * 1_000_000, "on_error"])
+    assert kept_info(info).hooks == ["on_pre_turn", "on_error"]

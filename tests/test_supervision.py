@@ -52,6 +52,9 @@ async def test_crash_ends_calls_in_flight_at_once_and_restarts(write_config, how
         await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != first_pid, 10, "restart")
         assert sup.restarts == 1 and sup.last_exit == expected
         assert f"ended ({expected}) with calls of mb_crash, mb_hang_async (5) in flight; restarting" in caplog.text
+        # the heartbeat holds no gone worker (it held one, and all it offered, for a ping_interval)
+        beating = host._factory.heartbeats
+        assert all(not worker.exited.done() for _, _, worker in beating._due) and len(beating) == 2
         assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
 

@@ -1,5 +1,5 @@
 """Fixture: tools named by MCP's rule but not Qanot's (a '-', a '.', past 64 characters), beside one
-Qanot can call and one no rule allows."""
+Qanot can call, one no rule allows and one of 200 000 characters (the host keeps it cut)."""
 
 from qanot.plugins.base import Plugin, ToolDef
 
@@ -17,4 +17,5 @@ class QanotPlugin(Plugin):
     def get_tools(self) -> list[ToolDef]:
         schema = {"type": "object", "properties": {"what": {"type": "string"}}}
         return [ToolDef(name, f"tool {name}", schema, _named)
-                for name in ("get-tiny-thing", "mcp.names.dotted", LONG, "mcp_names_plain", "has space")]
+                for name in ("get-tiny-thing", "mcp.names.dotted", LONG, "mcp_names_plain", "has space",
+                             "z" * 200_000)]
