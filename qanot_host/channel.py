@@ -79,8 +79,6 @@ class WorkerChannel(asyncio.Protocol):
         self._call_ended = on_call_ended or _nobody
         self.last_heard = loop.time()  # when the worker last sent a whole frame: proof its loop runs
         self._ping_id = 0  # the heartbeat's Ping that awaits its Pong (0: none)
-        self.min_alive_gap = 0.0  # Alive frames closer together than this end the worker (0: none expected)
-        self._last_alive = float("-inf")
         self.ping_sent = 0.0  # ...sent at this loop time
         self.closed: PluginError | None = None
         self.hello: asyncio.Future[p.Hello] = loop.create_future()
@@ -250,12 +248,6 @@ class WorkerChannel(asyncio.Protocol):
                                                        "decoder accepts"))
 
     def _deliver(self, msg: p.WorkerMessage) -> None:
-        if isinstance(msg, p.Alive):  # heard (data_received noted when): nothing else to do, if not too often
-            now = self._loop.time()
-            if not self.min_alive_gap or now - self._last_alive < self.min_alive_gap:
-                raise msgspec.DecodeError("Alive more often than the worker was told to send it")
-            self._last_alive = now
-            return
         if isinstance(msg, p.Hello):
             if self.hello.done():
                 raise msgspec.DecodeError("a second Hello")

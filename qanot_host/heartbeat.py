@@ -22,14 +22,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .worker import WorkerHandle
 
-__all__ = ["Heartbeats", "BEAT_FRACTION"]
+__all__ = ["Heartbeats"]
 
-# A worker writes Alive when it has written nothing for this fraction of ping_interval (since its last
-# look, so the host hears from a healthy one within twice that, 0.9 ping_interval): the host then has
-# no ping to write to it. A write that wakes a sleeping process cost 30-160 us here; 500 idle workers'
-# pings took the host half a percent of a core and more. A worker that is silent for a whole
-# ping_interval (its loop blocked) is pinged as before, and killed if it does not answer.
-BEAT_FRACTION = 0.45
 MAX_TICK = 1.0
 MIN_TICK = 0.01
 TICKS_PER_PERIOD = 4

@@ -25,7 +25,7 @@ from .egress import DEFAULT_MAX_SOCKETS, RESOLVER_ENV, EgressGate, EgressPolicy
 from .egress_policy import NameResolver
 from .errors import (ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
                      WorkerCrashed, WorkerTimeout, describe_exit)
-from .heartbeat import BEAT_FRACTION, Heartbeats
+from .heartbeat import Heartbeats
 from .launcher import Launcher, LaunchSpec, WorkerProcess
 from .log_ring import LogRing
 from .loop import run_to_end
@@ -134,10 +134,7 @@ class WorkerHandle:
         finally:
             if gate is not None:
                 gate.release()
-        beat_every = self._options.ping_interval * BEAT_FRACTION
-        assert self._channel is not None
-        self._channel.min_alive_gap = beat_every / 2  # Alive more often than that is a lie
-        await self._ask(lambda i: p.Setup(i, config, beat_every), p.Done, self._options.setup_timeout, "setup()")
+        await self._ask(lambda i: p.Setup(i, config), p.Done, self._options.setup_timeout, "setup()")
         reply = await self._ask(p.GetTools, p.ToolList, self._options.setup_timeout, "get_tools()")
         self.tools = offered_tools(self.plugin, reply)
         self.extensions = kept_extensions(reply.extensions, self.plugin)  # bounded: kept while it lives

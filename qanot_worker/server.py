@@ -115,8 +115,6 @@ class WorkerServer(asyncio.Protocol):
             case p.Load():
                 self._load(msg)
             case p.Setup():
-                if msg.beat_every > 0:
-                    self._beat(msg.beat_every, -1)
                 self._spawn(self._setup(msg))
             case p.GetTools():
                 self._get_tools(msg)
@@ -128,15 +126,6 @@ class WorkerServer(asyncio.Protocol):
             case p.RunCommand():
                 self._spawn(self._answer(msg.id, lambda: run_command(self._command_handlers, msg.index, msg.args,
                                                                      msg.kwargs), f"command {msg.index}"))
-
-    def _beat(self, every: float, writes_seen: int) -> None:
-        """Alive, if nothing was written to the host since the last look, `every` seconds ago; a
-        worker that answers calls or pings is heard from anyway. One timer, rearmed here."""
-        if self.finished.done():
-            return
-        if self._outbox.writes == writes_seen:
-            self._send(p.Alive())
-        asyncio.get_running_loop().call_later(every, self._beat, every, self._outbox.writes)
 
     def _load(self, msg: p.Load) -> None:
         sandbox = self._sandbox

@@ -228,11 +228,9 @@ async def test_one_timer_pings_every_worker_and_only_the_blocked_one_is_replaced
 
 
 async def test_a_tick_looks_only_at_the_workers_whose_moment_has_come(write_config, monkeypatch):
-    """An idle worker is looked at when its ping would be due, not at every tick: with ping_interval
-    1.5 s and ping_timeout 0.4 s the tick is 0.1 s, so looking at every worker at every tick is ~25
-    looks each in 2.5 s; due times make it a few. And a healthy idle worker is never pinged: it says
-    Alive on its own before a ping is due (a write that wakes a sleeping process cost the host
-    30-160 us here, each ping of each idle worker)."""
+    """An idle worker is looked at when its ping is due and when its answer is, not at every tick:
+    with ping_interval 1.5 s and ping_timeout 0.4 s the tick is 0.1 s, so looking at every worker
+    at every tick is ~25 looks each in 2.5 s; due times make it ~4, and the pings still go out."""
     from qanot_host.channel import WorkerChannel
     from qanot_host.worker import WorkerHandle
 
@@ -254,28 +252,12 @@ async def test_a_tick_looks_only_at_the_workers_whose_moment_has_come(write_conf
     async with Host(config) as host:
         looks.clear()
         pings.clear()
-        await asyncio.sleep(3.5)  # more than two whole ping_intervals of silence from the host's side
+        await asyncio.sleep(2.5)  # at least one whole ping_interval of silence for each
         workers = [s.worker for s in host.plugins.values()]
         assert all(s.restarts == 0 for s in host.plugins.values())
-        alive_at = [w._channel._last_alive for w in workers]
-        assert all(host_time > asyncio.get_running_loop().time() - 1.5 for host_time in alive_at), alive_at
-    assert pings == {}, pings
+    assert len(pings) == 2 and all(n >= 1 for n in pings.values()), pings
     assert {id(w) for w in workers} <= set(looks), looks
     assert all(n <= 8 for n in looks.values()), looks
-
-
-async def test_alive_more_often_than_asked_ends_the_worker(write_config):
-    """Alive is the one frame a worker sends unasked: more often than half its beat it is a flood
-    (Pong frames with no ping out cost the host's loop a core: attack pass 52)."""
-    config = write_config([plugin("forged_frames"), GREETER], host={"restart": {"backoff_initial": 0}})
-    async with Host(config) as host:
-        sup = host.plugins["forged_frames"]
-        first = sup.worker.pid
-        result = json.loads(await asyncio.wait_for(host.registry.execute("forged_alives", {}), 10))
-        assert result["error"].startswith("plugin forged_frames: "), result
-        await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != first, 10, "the restart")
-        assert "Alive more often than the worker was told to send it" in sup.last_exit, sup.last_exit
-        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
 
 
 async def test_slow_and_crashing_setup(write_config):

@@ -12,16 +12,16 @@ import msgspec
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_SCHEMAS_TOTAL", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE",
-    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "EXIT_MCP_SERVER_GONE", "MCP_RESULT", "HOOK_NAMES",
+    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "EXIT_MCP_SERVER_GONE", "MCP_RESULT",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
-    "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "Alive", "HostMessage", "WorkerMessage",
+    "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "ReleaseDisk", "TemplateRequest", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
     "Extensions", "CommandSpec",
     "Hook", "HookResult", "RunCommand", "decode_hook_value", "MAX_ITEMS", "MAX_KEYS", "MAX_TEMPLATE_VARS",
     "MAX_HOOK_VALUE", "Scalar", "Fields", "Items",
 ]
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 5
 # How a launcher hands a worker what it needs before the first frame, in its environment.
 # The cookie is not a secret: it only stops someone from running a worker by hand and wondering
 # why it hangs.
@@ -97,11 +97,6 @@ class Hello(msgspec.Struct, tag=True, array_like=True):
     sandbox_layers: Items = []  # the layers the worker put itself in
     sandbox_warnings: Items = []  # ...and the ones it could not
     sandbox_ms: float = 0.0  # what entering the sandbox cost the worker
-
-
-# Qanot's hooks, by the names Loaded.hooks gives them (plugin_api.HOOKS, the worker's): the host keeps
-# no other name a worker sends there
-HOOK_NAMES = ("on_pre_turn", "on_post_turn", "on_tool_use", "on_error", "on_startup", "on_shutdown", "on_compaction")
 
 
 class Loaded(msgspec.Struct, tag=True, array_like=True):
@@ -183,12 +178,6 @@ class Done(msgspec.Struct, tag=True, array_like=True):
     id: int
 
 
-class Alive(msgspec.Struct, tag=True, array_like=True):
-    """Unasked, at most once per Setup.beat_every: the worker's loop runs. The host then has no
-    ping to write: a write that wakes a sleeping process cost 30-160 us here, 500 workers' pings
-    half a percent of a core in the host."""
-
-
 # ---- host -> worker -------------------------------------------------------------------------------
 
 class MountOp(msgspec.Struct, array_like=True, frozen=True):
@@ -255,9 +244,6 @@ class Load(msgspec.Struct, tag=True, array_like=True):
 class Setup(msgspec.Struct, tag=True, array_like=True):
     id: int
     config: dict[str, Any]
-    # From then on the worker sends Alive whenever it has written nothing for this long (0: never),
-    # so that a healthy worker is never silent long enough to be pinged (heartbeat.py)
-    beat_every: float = 0.0
 
 
 class GetTools(msgspec.Struct, tag=True, array_like=True):
@@ -300,7 +286,7 @@ class Teardown(msgspec.Struct, tag=True, array_like=True):
 
 
 HostMessage = Union[Load, Setup, GetTools, Call, Cancel, Ping, Teardown, Hook, RunCommand]
-WorkerMessage = Union[Hello, Loaded, ToolList, Result, Failure, Pong, Done, HookResult, Alive]
+WorkerMessage = Union[Hello, Loaded, ToolList, Result, Failure, Pong, Done, HookResult]
 
 
 # ---- fork server (one SOCK_SEQPACKET message each; Spawn carries four fds by SCM_RIGHTS) ---------

@@ -26,12 +26,11 @@ class Outbox:
     the calls in flight keep both: the peer starts on the first chunk while this side makes the next.
     """
 
-    __slots__ = ("transport", "chunk", "writes", "_writer", "_buf", "_held")
+    __slots__ = ("transport", "chunk", "_writer", "_buf", "_held")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.transport: Any = None  # an asyncio WriteTransport, once the pipe is connected
         self.chunk = 1  # frames per write: the owner sizes it to the calls in flight
-        self.writes = 0  # write()s so far: whether anything went since the owner last looked
         self._writer = FrameWriter(max_frame)
         self._buf = bytearray()
         self._held = 0
@@ -50,4 +49,3 @@ class Outbox:
             transport = self.transport  # a fresh buffer each time: the transport may keep this one
             if transport is not None and not transport.is_closing():
                 transport.write(data)
-                self.writes += 1

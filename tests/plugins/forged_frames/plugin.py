@@ -27,8 +27,8 @@ def _write_only_pipes() -> list[int]:
     return found
 
 
-def _flood_pongs(message=None) -> None:
-    body = msgspec.msgpack.encode(message or p.Pong(0))
+def _flood_pongs() -> None:
+    body = msgspec.msgpack.encode(p.Pong(0))
     data = (struct.pack(">I", len(body)) + body) * 1024
     for _ in range(200):
         for fd in _write_only_pipes():
@@ -51,13 +51,6 @@ class QanotPlugin(Plugin):
         import asyncio
         await asyncio.sleep(5)
         return "ESCAPED: still served after flooding Pongs"
-
-    @tool(name="forged_alives", description="write Alive frames into the protocol pipe, many a second")
-    async def alives(self, params: dict) -> str:
-        threading.Thread(target=_flood_pongs, args=(p.Alive(),), daemon=True).start()
-        import asyncio
-        await asyncio.sleep(5)
-        return "ESCAPED: still served after flooding Alive frames"
 
     @tool(name="forged_ok", description="answers")
     async def ok(self, params: dict) -> str:
