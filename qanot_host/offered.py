@@ -14,7 +14,6 @@ from typing import Any
 import msgspec
 
 from qanot_worker import protocol as p
-from qanot_worker.plugin_api import HOOKS
 
 from .errors import PluginStartError
 from .output import plain_text
@@ -87,7 +86,7 @@ def kept_info(info: p.Loaded) -> p.Loaded:
                                    version=info.version[:100], tools_md=info.tools_md[:MAX_DOC],
                                    soul_append=info.soul_append[:MAX_DOC],
                                    # Qanot's hooks by name: 60 names of 1 MiB each were kept whole (attack pass 53)
-                                   hooks=[hook for hook in info.hooks if hook in HOOKS])
+                                   hooks=[hook for hook in info.hooks if hook in p.HOOK_NAMES])
 
 
 def kept_extensions(extensions: p.Extensions, plugin: str) -> p.Extensions:

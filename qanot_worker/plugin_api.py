@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from .protocol.messages import HOOK_NAMES
+
 __all__ = ["QANOT_VERSION", "Plugin", "ToolDef", "tool", "validate_tool_params", "PluginManifest", "HOOKS",
            "EXTENSIONS", "overridden_hooks", "logger"]
 
@@ -25,7 +27,7 @@ logger = logging.getLogger("qanot.plugins.base")
 
 # The hooks a plugin may override (Qanot's HookRegistry.register_plugin looks at these), and the
 # extension points it may fill (read once, at load).
-HOOKS = ("on_pre_turn", "on_post_turn", "on_tool_use", "on_error", "on_startup", "on_shutdown", "on_compaction")
+HOOKS = HOOK_NAMES  # the wire's names for them (protocol/messages.py), which the host checks Loaded.hooks by
 EXTENSIONS = ("get_wal_patterns", "get_prompt_sections", "get_template_dir", "get_cron_jobs", "get_commands",
               "get_template_vars")
 

@@ -12,7 +12,7 @@ import msgspec
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_SCHEMAS_TOTAL", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE",
-    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "EXIT_MCP_SERVER_GONE", "MCP_RESULT",
+    "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "EXIT_MCP_SERVER_GONE", "MCP_RESULT", "HOOK_NAMES",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "ReleaseDisk", "TemplateRequest", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
@@ -97,6 +97,11 @@ class Hello(msgspec.Struct, tag=True, array_like=True):
     sandbox_layers: Items = []  # the layers the worker put itself in
     sandbox_warnings: Items = []  # ...and the ones it could not
     sandbox_ms: float = 0.0  # what entering the sandbox cost the worker
+
+
+# Qanot's hooks, by the names Loaded.hooks gives them (plugin_api.HOOKS, the worker's): the host keeps
+# no other name a worker sends there
+HOOK_NAMES = ("on_pre_turn", "on_post_turn", "on_tool_use", "on_error", "on_startup", "on_shutdown", "on_compaction")
 
 
 class Loaded(msgspec.Struct, tag=True, array_like=True):
