@@ -178,7 +178,7 @@ class WorkerChannel(asyncio.Protocol):
         kind = WorkerTimeout
         if entry[1] is _CALL:
             what, kind = f"tool {what}", CallTimedOut
-        error = kind(self._plugin, f"{what} timed out after {timeout:g} s")
+        error = kind(self._plugin, f"{what} timed out after {timeout:.3g} s")  # 3.93, not 3.92617: what was left of 4
         if not future.done():
             future.set_exception(error)
         if entry[1] is _CALL:
