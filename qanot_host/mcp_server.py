@@ -97,26 +97,35 @@ class McpFront:
         except Exception as exc:  # noqa: BLE001 - a tool's failure is the client's to read, the session lives on
             log.exception("tool %s: unexpected error", printable(str(params.name), 100))
             return self._error(sanitize_error(f"{type(exc).__name__}: {exc}"))
-        if isinstance(text, str) and text[:1] == "\x00":
+        if isinstance(text, str) and text[:1] == "\x00" and self._host.registry.from_mcp_server(params.name):
             whole = self._whole(params.name, text)
             if whole is not None:
                 return whole
+            text = self._host.registry.mcp_text(params.name, text)
         return types.CallToolResult(content=[types.TextContent(
             type="text", text=truncate_tool_result(str(text), MAX_RESULT_CHARS))])
 
     def _whole(self, tool: str, sent: str) -> Any:
         """An MCP server's result with images or resources in it, handed on as the server sent it
-        (its text parts cut as a text result is); None, for its text instead, if it is not well made."""
-        from .registry import mcp_result, truncate_tool_result
-        whole = mcp_result(sent)
+        (at most MAX_MCP_BLOCKS blocks, read as McpResult: typed, so nothing in it becomes more than
+        its fields; its text parts cut as a text result is); None, for its text, if not well made."""
+        import msgspec
+
+        from qanot_worker.protocol import MCP_RESULT, McpResult
+
+        from .registry import truncate_tool_result
+        try:
+            whole = msgspec.json.decode(sent[len(MCP_RESULT):], type=McpResult) if sent.startswith(MCP_RESULT) else None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            whole = None
         if whole is None:
             return None
-        for block in whole["content"]:
-            if isinstance(block, dict) and isinstance(block.get("text"), str):
+        blocks = msgspec.to_builtins(whole.content)
+        for block in blocks:
+            if isinstance(block.get("text"), str):
                 block["text"] = truncate_tool_result(block["text"], MAX_RESULT_CHARS)
         try:
-            return self._types.CallToolResult.model_validate(
-                {"content": whole["content"], "structuredContent": whole.get("structuredContent")})
+            return self._types.CallToolResult.model_validate({"content": blocks})
         except ValueError as exc:  # pydantic's ValidationError is one
             log.warning("tool %s: its MCP server's result could not be handed on whole (%s); its text is",
                         printable(str(tool), 100), printable(str(exc), 300))

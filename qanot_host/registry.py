@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Protocol
 
-from qanot_worker.protocol import MCP_RESULT
+import msgspec
+
+from qanot_worker.protocol import MCP_RESULT, McpText
 
 from .errors import InvalidParams, PluginError, QanotHostError, ToolFailed, ToolNotFound
 from .schema import CHECK_OFF_LOOP, SchemaError, check_schema, compile_params_check, compile_validator, type_name
@@ -190,7 +192,7 @@ class ToolRegistry:
             else:
                 result = await self._observed(name, input_data, timeout)
             if type(result) is str and result[:1] == "\x00":  # an MCP server's, images in it: Qanot takes the text
-                result = mcp_text(result)
+                result = self.mcp_text(name, result)
             return result if len(result) <= MAX_TOOL_RESULT_CHARS else truncate_tool_result(result)
         except _Refused as exc:
             await asyncio.sleep(0)
@@ -237,7 +239,24 @@ class ToolRegistry:
             raise
         if whole_mcp_result or not isinstance(result, str) or result[:1] != "\x00":
             return result
-        return mcp_text(result)
+        return self.mcp_text(name, result)
+
+    def from_mcp_server(self, name: str) -> bool:
+        """Whether `name` is an MCP server's tool, whose worker (the bridge) alone may send a result
+        in MCP_RESULT's form: any plugin's result may start so, and be read as one (attack pass 54)."""
+        tool = self._tools.get(name)
+        return tool is not None and tool.plugin is not None and tool.category == "mcp"
+
+    def mcp_text(self, name: str, result: str) -> str:
+        """What Qanot's callers get of an MCP server's result in MCP_RESULT's form: the text Qanot's
+        own MCP client makes of it (binary parts as their size), read alone (the rest is skipped,
+        not made into objects); another tool's result, or one not well made, as it came."""
+        if not self.from_mcp_server(name) or not result.startswith(MCP_RESULT):
+            return result
+        try:
+            return msgspec.json.decode(result[len(MCP_RESULT):], type=McpText).text
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return result
 
     async def _observed(self, name: str, params: dict[str, Any], timeout: float | None) -> Any:
         """A call, timed and told to the observer however it ends."""
@@ -313,27 +332,6 @@ class ToolRegistry:
 
 class _Refused(Exception):
     """execute() refused the call before looking the tool up; the message is Qanot's."""
-
-
-def mcp_result(result: str) -> dict[str, Any] | None:
-    """An MCP server's result in MCP_RESULT's form, read: {"text", "content", "structuredContent"};
-    None if it is not in that form, or not well made (its worker runs beside the server it bridges)."""
-    if not result.startswith(MCP_RESULT):
-        return None
-    try:
-        whole = json.loads(result[len(MCP_RESULT):])
-    except (ValueError, RecursionError):
-        return None
-    if not (isinstance(whole, dict) and isinstance(whole.get("text"), str) and isinstance(whole.get("content"), list)):
-        return None
-    return whole
-
-
-def mcp_text(result: str) -> str:
-    """What Qanot's callers get of a result in MCP_RESULT's form: the text Qanot's own MCP client
-    makes of it (binary parts as their size); a result not well made, as it came."""
-    whole = mcp_result(result)
-    return whole["text"] if whole is not None else result
 
 
 def tool_name_problem(name: str) -> str | None:

@@ -22,9 +22,10 @@ import signal
 import sys
 from contextlib import asynccontextmanager
 
+import msgspec
 from qanot.plugins.base import Plugin, ToolDef
 from qanot_worker.extensions import ToolFailed
-from qanot_worker.protocol import EXIT_MCP_SERVER_GONE, MCP_RESULT
+from qanot_worker.protocol import EXIT_MCP_SERVER_GONE, MAX_MCP_BLOCKS, MCP_RESULT, McpBlock, McpResult
 
 from mcp import ClientSession, MCPError, StdioServerParameters, types
 from mcp.client.stdio import stdio_client
@@ -262,20 +263,18 @@ class QanotPlugin(Plugin):
 
 
 def _as_sent(result, text: str) -> str:
-    """The text alone when the content is all text; else MCP_RESULT's form, in which the host
-    gives Qanot's callers the text and `qanot-host mcp`'s clients the images and resources as the
-    server sent them (a tester of 11-27 got "[binary data: 5380 bytes]" for an image), structured
-    content with them. Structured content beside text alone does not make that form: the text
-    carries it (a tool's dict, or its one value), the front offers no outputSchema for a client to
-    read it by, and most tools' results have it (the SDK makes {"result": ...} of a str), which would
-    put a JSON round trip on every call. A text that looks like that form is sent in it, so none
-    can pass for it."""
+    """The text alone when the content is all text; else MCP_RESULT's form (McpResult), in which
+    the host gives Qanot's callers the text and `qanot-host mcp`'s clients the images and resources
+    as the server sent them (a tester of 11-27 got "[binary data: 5380 bytes]" for an image): its
+    first MAX_MCP_BLOCKS blocks. Structured content is not carried: the text carries it (a tool's
+    dict, or its one value) and the front offers no outputSchema to read it by. A text that looks
+    like that form is sent in it, so none can pass for it."""
     rich = any(getattr(content, "type", "text") != "text" for content in result.content)
     if not rich and not text.startswith(MCP_RESULT):
         return text
-    return MCP_RESULT + json.dumps({
-        "text": text, "structuredContent": result.structured_content,
-        "content": [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in result.content]})
+    blocks = [msgspec.convert(content.model_dump(mode="json", by_alias=True, exclude_none=True), McpBlock)
+              for content in result.content[:MAX_MCP_BLOCKS]]
+    return MCP_RESULT + msgspec.json.encode(McpResult(text, blocks)).decode()
 
 
 async def _all_tools(session: ClientSession) -> list:

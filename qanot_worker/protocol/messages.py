@@ -13,6 +13,7 @@ import msgspec
 __all__ = [
     "PROTOCOL_VERSION", "MAX_SCHEMA_BYTES", "MAX_SCHEMAS_TOTAL", "MAX_TOOLS", "COOKIE_KEY", "COOKIE_VALUE",
     "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "EXIT_MCP_SERVER_GONE", "MCP_RESULT", "HOOK_NAMES",
+    "MAX_MCP_BLOCKS", "McpResource", "McpBlock", "McpResult", "McpText",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
     "FailureKind", "Spawn", "ReleaseDisk", "TemplateRequest", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
@@ -37,12 +38,13 @@ DISK_KEY = "QANOT_WORKER_DISK"
 # lost): a crash to the host, which then tells callers that it was the server (3, an exception out
 # of any worker's loop, said nothing of the kind; a tester of 11-27 saw only "exit code 3")
 EXIT_MCP_SERVER_GONE = 75
-# An MCP server's result with more than text in it (an image, a resource, structured content), as
-# its worker's Result: this, then JSON {"text": what Qanot's client makes of it, "content": the
-# content blocks as MCP writes them, "structuredContent": ...}. The host gives Qanot's callers the
-# text, and `qanot-host mcp`'s clients the whole result. No text a server returns starts with it:
-# the worker sends such a text in this form too.
+# An MCP server's result with more than text in it (an image, a resource), as its worker's Result:
+# this, then McpResult as JSON. The host reads it only from an MCP server's worker (any plugin's
+# result may start so: attack pass 54), and only as McpResult: typed, so a forged one cannot become
+# millions of objects in the host. No text a server returns starts with it: the worker sends such a
+# text in this form too.
 MCP_RESULT = "\x00qanot-host:mcp-result\x00"
+MAX_MCP_BLOCKS = 64
 MAX_SCHEMA_BYTES = 64 * 1024  # one tool's parameters schema, encoded
 # all of one plugin's schemas, encoded (Qanot's largest plugin: ~40 KiB); decoded, 256 KiB of tiny
 # containers can still take ~18 MB of the host's memory while the worker lives
@@ -355,3 +357,41 @@ def decode_hook_value(raw: msgspec.Raw | bytes) -> Any:
         raise ValueError(f"a list or dict returned by a hook or command is {len(raw)} bytes encoded; "
                          f"at most {MAX_HOOK_VALUE} are taken (a string may be longer)")
     return msgspec.msgpack.decode(raw)
+
+
+# ---- an MCP server's result, whole (MCP_RESULT) ----------------------------------------------------
+
+class McpResource(msgspec.Struct, rename="camel", omit_defaults=True):
+    """An embedded resource's contents: text or a base64 blob."""
+
+    uri: str
+    mime_type: str | None = None
+    text: str | None = None
+    blob: str | None = None
+
+
+class McpBlock(msgspec.Struct, rename="camel", omit_defaults=True):
+    """One content block as MCP writes it, with the fields of its kinds (text, image, audio,
+    resource, resource_link); annotations and _meta are not carried."""
+
+    type: str
+    text: str | None = None
+    data: str | None = None
+    mime_type: str | None = None
+    uri: str | None = None
+    name: str | None = None
+    title: str | None = None
+    description: str | None = None
+    size: int | None = None
+    resource: McpResource | None = None
+
+
+class McpResult(msgspec.Struct):
+    text: str  # what Qanot's own MCP client makes of the result: its text parts, binary as its size
+    content: Annotated[list[McpBlock], _at_most(MAX_MCP_BLOCKS)] = []
+
+
+class McpText(msgspec.Struct):
+    """What the host reads of an McpResult for Qanot's callers: the text alone, the rest skipped."""
+
+    text: str

@@ -8,6 +8,10 @@ async def _named(params: dict) -> str:
     return f"ran {params.get('what', '')}"
 
 
+async def _verbatim(params: dict) -> str:
+    return params["what"]
+
+
 LONG = "mcp_" + "x" * 96
 
 
@@ -18,4 +22,4 @@ class QanotPlugin(Plugin):
         schema = {"type": "object", "properties": {"what": {"type": "string"}}}
         return [ToolDef(name, f"tool {name}", schema, _named)
                 for name in ("get-tiny-thing", "mcp.names.dotted", LONG, "mcp_names_plain", "has space",
-                             "z" * 200_000)]
+                             "z" * 200_000)] + [ToolDef("mcp_names_verbatim", "returns what", schema, _verbatim)]
