@@ -186,13 +186,21 @@ def test_version_params_from_a_file_or_stdin_and_check_as_json(tmp_path):
     # 200 KB of params: over the kernel's limit for one argument, fine from a file or stdin
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"text": "x" * 200_000}))
-    proc = qanot_host("call", "--config", "examples/config.json", "echo", f"@{params}")
+    # a copy of the example: a host run on examples/config.json itself left examples/workspace/echo
+    # to the tests' uids, and the README's first command then failed under any other uid_base
+    example = tmp_path / "example" / "config.json"
+    example.parent.mkdir()
+    example.write_text((REPO / "examples" / "config.json").read_text())
+    config = str(example)
+    left_before = (REPO / "examples" / "workspace").exists()
+    proc = qanot_host("call", "--config", config, "echo", f"@{params}")
     assert proc.returncode == 0 and json.loads(proc.stdout) == {"text": "x" * 200_000}, proc.stderr
-    piped = subprocess.run([sys.executable, "-m", "qanot_host", "call", "--config", "examples/config.json", "echo",
+    piped = subprocess.run([sys.executable, "-m", "qanot_host", "call", "--config", config, "echo",
                             "-"], input='{"a": 1}', capture_output=True, text=True, timeout=60, cwd=REPO)
     assert piped.returncode == 0 and json.loads(piped.stdout) == {"a": 1}, piped.stderr
-    assert_one_line_error(qanot_host("call", "--config", "examples/config.json", "echo", "@/nonexistent/params"),
+    assert_one_line_error(qanot_host("call", "--config", config, "echo", "@/nonexistent/params"),
                           "params: /nonexistent/params: No such file or directory")
+    assert (REPO / "examples" / "workspace").exists() == left_before  # nothing of the tests' in the example
     report = json.loads(qanot_host("check", "--config", "examples/config.json", "--json").stdout)
     assert report["checked"] == 3 and report["errors"] == []
 
