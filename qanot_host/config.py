@@ -42,6 +42,7 @@ def load_config(path: str) -> Config:
 
 
 UID_BASE_VARIABLE = "QANOT_HOST_UID_BASE"
+UID_BASE_MAX = 2**31 - 5000  # settings.py's bound on host.sandbox.uid_base
 
 
 def parse_config(raw: bytes | str, path: str) -> Config:
@@ -81,10 +82,13 @@ def _default_uid_base(data: dict) -> None:
     if not isinstance(sandbox, dict) or "uid_base" in sandbox:
         return  # not an object: the config's own error; set: the config's own value
     try:
-        sandbox["uid_base"] = int(value)
+        uid_base = int(value)
     except ValueError:
-        raise ConfigError(f"{UID_BASE_VARIABLE}={value!r} in the environment: not a whole number "
-                          "(the uid_base of configs that set none)") from None
+        uid_base = -1
+    if not 1000 <= uid_base <= UID_BASE_MAX:
+        raise ConfigError(f"{UID_BASE_VARIABLE}={value!r} in the environment: not a whole number from 1000 to "
+                          f"{UID_BASE_MAX} (the uid_base of configs that set none)")
+    sandbox["uid_base"] = uid_base
 
 
 def _plugin_entries(data: dict, path: str) -> None:

@@ -18,6 +18,7 @@ from .registry import sanitize_error
 from .settings import Config
 from .static import SCAN_MEMORY, scan_plugins_async
 from .supervisor import PluginState
+from .worker import LOADING
 
 if TYPE_CHECKING:
     from .supervisor import PluginSupervisor
@@ -27,6 +28,7 @@ __all__ = ["ToolIndex", "INDEX_TIMEOUT"]
 log = logging.getLogger("qanot_host")
 
 INDEX_TIMEOUT = 10.0  # what the index's reader (a child process) may take
+LOAD_FAILED = f"{LOADING} failed"  # how a plugin whose code did not load failed
 
 
 class ToolIndex:
@@ -88,13 +90,17 @@ class ToolIndex:
         # A failed plugin whose code names no tool that could be read (a syntax error, the likeliest
         # mistake, leaves none) may be the one: named, with why, rather than a bare "Unknown tool"
         # (the newcomer of 11-27 got that through a running host; a standalone call named it)
+        # Only code that did not load (its error is the file's, not what setup() said, which may hold
+        # its config: attack pass 54), and three at most: any caller of any unknown name reads this.
         unread = [(entry.name, supervisor.error) for entry in config.plugins
                   if (supervisor := plugins.get(entry.name)) is not None
                   and supervisor.state is PluginState.FAILED and entry.name in self._declared
-                  and not self._declared[entry.name]]  # read, and found to declare none
+                  and not self._declared[entry.name]  # read, and found to declare none
+                  and supervisor.error.startswith(LOAD_FAILED)]
         if unread:
-            return "plugins that failed to start, whose tools are not known: " + "; ".join(
-                f"{name}: {sanitize_error(error)}" for name, error in unread)
+            more = f"; and {len(unread) - 3} more" if len(unread) > 3 else ""
+            return "plugins whose code did not load, so their tools are not known: " + "; ".join(
+                f"{name}: {sanitize_error(error)}" for name, error in unread[:3]) + more
         return ""
 
     async def _index(self, config: Config) -> None:

@@ -40,6 +40,9 @@ log = logging.getLogger("qanot_host.worker")
 EOF_GRACE = 0.25
 
 
+LOADING = "loading the plugin"  # a failure's words then: "loading the plugin failed: ..." (tool_index.py)
+
+
 @dataclass
 class WorkerOptions:
     import_root: str
@@ -158,7 +161,7 @@ class WorkerHandle:
             self._take_egress_listener(hello.egress_fd)
         self.info = kept_info(await self._ask(
             lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs), p.Loaded,
-            self._options.handshake_timeout, "loading the plugin"))
+            self._options.handshake_timeout, LOADING))
 
     async def _spawn(self) -> None:
         opts = self._options

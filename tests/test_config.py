@@ -59,8 +59,9 @@ def test_qanot_host_uid_base_is_the_default_of_configs_that_set_none(tmp_path, m
     assert parse_config('{"plugins": []}', str(tmp_path / "c.json")).host.sandbox.uid_base == 1_900_000_000
     own = '{"plugins": [], "host": {"sandbox": {"uid_base": 1500000000}}}'
     assert parse_config(own, str(tmp_path / "c.json")).host.sandbox.uid_base == 1_500_000_000
-    monkeypatch.setenv("QANOT_HOST_UID_BASE", "lots")
-    with pytest.raises(ConfigError, match="QANOT_HOST_UID_BASE='lots' in the environment: not a whole number"):
-        parse_config('{"plugins": []}', str(tmp_path / "c.json"))
+    for wrong in ("lots", "5", "3000000000"):  # the variable named, not config.json
+        monkeypatch.setenv("QANOT_HOST_UID_BASE", wrong)
+        with pytest.raises(ConfigError, match=f"QANOT_HOST_UID_BASE='{wrong}' in the environment: not a whole"):
+            parse_config('{"plugins": []}', str(tmp_path / "c.json"))
     monkeypatch.delenv("QANOT_HOST_UID_BASE")
     assert parse_config('{"plugins": []}', str(tmp_path / "c.json")).host.sandbox.uid_base == 2_000_000_000
