@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from .config import directory_problems
-from .discovery import find_plugin, manifest_problems, manifest_warnings, searched_paths
+from .discovery import find_plugin, manifest_problems, manifest_warnings, searched_paths, shadowed
 from .environments import MAX_REQUIREMENTS, find_uv, requirement_problem
 from .mcp_servers import bridge_config, mcp_server, mcp_tool_name, server_warnings
 from .plugin_secrets import resolve_config_secrets
@@ -62,6 +62,9 @@ def _check_plugin(config: Config, index: int, entry: PluginEntry, enabled: set[s
     if source.problem:
         problems.append(f"{label}: {source.problem}")
         return
+    for hidden in shadowed(source, config):
+        report.warnings.append(f"{label}: {hidden} is never run: {source.directory}, earlier on the search path "
+                               "(built-in plugins come first), has that name; give yours a name of its own")
     try:  # what `run` would resolve: here, in check's own environment (a service's may differ)
         resolve_config_secrets(entry.config, f"{config.path}: plugins[{index}].config")
     except ValueError as exc:

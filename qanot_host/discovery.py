@@ -16,7 +16,8 @@ from .manifest import PERMISSIONS, QANOT_API_VERSION, Manifest, ManifestError, p
 from .mcp_servers import BRIDGE_REQUIREMENT, mcp_server
 from .settings import Config, PluginEntry
 
-__all__ = ["PluginSource", "builtin_plugins_dir", "find_plugin", "bridge_source", "search_path", "searched_paths",
+__all__ = ["PluginSource", "builtin_plugins_dir", "find_plugin", "shadowed", "bridge_source", "search_path",
+           "searched_paths",
            "manifest_problems", "manifest_warnings"]
 
 ENTRY_FILES = ("plugin.py", "__init__.py")
@@ -66,6 +67,20 @@ def find_plugin(name: str, config: Config) -> PluginSource | None:
                     return PluginSource(name, directory, entry_file, builtin, Manifest(name=name), str(exc))
                 return PluginSource(name, directory, entry_file, builtin, manifest, warnings=warnings)
     return None
+
+
+def shadowed(source: PluginSource, config: Config) -> list[str]:
+    """The directories of the same name, later on the search path, that `source` hides: a plugin a
+    user put in plugins_dir under a built-in's name never runs (a newcomer's `weather`, 11-27)."""
+    hidden, seen = [], False
+    for root, _ in search_path(config):
+        directory = os.path.join(root, source.name)
+        if not seen:
+            seen = os.path.realpath(directory) == os.path.realpath(source.directory)
+            continue
+        if any(os.path.isfile(os.path.join(directory, entry)) for entry in ENTRY_FILES):
+            hidden.append(directory)
+    return hidden
 
 
 def _real_path(root: str, *names: str) -> str:

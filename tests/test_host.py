@@ -213,6 +213,10 @@ async def test_builtin_plugin_wins_over_plugins_dir(write_config, tmp_path):
         assert await host.registry.execute("echo", {"a": 1}) == '{"a": 1}'
         assert not host.plugins["only_here"].source.builtin
         assert await host.registry.execute("only_here", {}) == "impostor"
+    # check says so: the one in plugins_dir never runs (a newcomer's `weather` did not, unsaid)
+    from .conftest import check_report
+    said = check_report(write_config([plugin("echo"), plugin("only_here")], plugins_dir=str(external)), warnings=True)
+    assert f"plugin echo: {external / 'echo'} is never run: " in said and "only_here" not in said, said
 
 
 async def test_handlers_see_one_task_their_timeouts_and_their_own_context(write_config):
