@@ -22,7 +22,7 @@ import psutil
 
 from .errors import PluginUnavailable, QanotHostError, ToolNotFound
 from .flock import flock_within
-from .registry import call_error
+from .registry import call_error, redact_credentials
 
 if TYPE_CHECKING:
     from .host import Host
@@ -206,7 +206,8 @@ class ControlServer:
             case "reload":
                 summary = await host.reload()
                 return {"ok": True, "reload": summary,
-                        "errors": {name: host.plugins[name].error for name in summary["failed"]
+                        # as status shows them: key=value credentials in a plugin's own words redacted
+                        "errors": {name: redact_credentials(host.plugins[name].error) for name in summary["failed"]
                                    if name in host.plugins}}
             case "restart":
                 return {"ok": True, "status": await host.restart_plugin(str(request.get("plugin")))}

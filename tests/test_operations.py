@@ -310,6 +310,27 @@ def test_a_plugin_broken_at_reload_is_named_by_reload_status_and_a_call(write_co
     assert qanot_host("call", "--config", config, "echo", '{"a": 1}').returncode == 0
 
 
+def test_reload_says_a_failed_plugins_error_with_its_credentials_redacted(write_config, running, tmp_path):
+    """reload printed a failed setup()'s token=... whole, where status and call redact it (11-27)."""
+    plugins = tmp_path / "plugins"
+    (plugins / "leaky").mkdir(parents=True)
+    (plugins / "leaky" / "plugin.py").write_text(
+        "from qanot.plugins.base import Plugin, tool\n"
+        "class QanotPlugin(Plugin):\n"
+        "    def get_tools(self):\n        return self._collect_tools()\n"
+        "    async def setup(self, config):\n        raise RuntimeError('login refused: token=abc123')\n"
+        "    @tool(name='leaky_x', description='x')\n"
+        "    async def x(self, params):\n        return 'x'\n")
+    config = write_config([plugin("echo")], plugins_dir=str(plugins))
+    running(config)
+    data = json.loads(Path(config).read_text())
+    data["plugins"].append(plugin("leaky"))
+    Path(config).write_text(json.dumps(data))
+    proc = qanot_host("reload", "--config", config)
+    assert proc.returncode == 1 and "failed: leaky: " in proc.stdout and "login refused" in proc.stdout, proc.stdout
+    assert "abc123" not in proc.stdout, proc.stdout
+
+
 def test_completion_scripts_offer_the_commands_and_options(tmp_path):
     done = qanot_host("completion", "bash")
     assert done.returncode == 0
