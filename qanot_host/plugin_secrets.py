@@ -106,7 +106,10 @@ class Redactor:
 
 def resolve_config_secrets(config: dict[str, Any], where: str) -> tuple[dict[str, Any], Redactor]:
     """The config with its top-level SecretRefs resolved, and a Redactor for their values. `where`
-    names the config in errors ("config.json: plugins[2].config"). ValueError if one cannot be."""
+    names the config in errors ("config.json: plugins[2].config"), the key after it as
+    `['api_key']`: `.api_key:` read as a key=value credential to status's redaction, which showed
+    "config.api_[credential redacted] environment variable..." (a newcomer, 11-27). ValueError if
+    one cannot be."""
     resolved = dict(config)
     secrets: dict[str, str] = {}
     for key, value in config.items():
@@ -116,7 +119,7 @@ def resolve_config_secrets(config: dict[str, Any], where: str) -> tuple[dict[str
             name = value["env"]
             found = os.environ.get(name, "") if name.strip() else ""
             if not found:
-                raise ValueError(f"{where}.{key}: the environment variable {name!r} it names is not set "
+                raise ValueError(f"{where}[{key!r}]: the environment variable {name!r} it names is not set "
                                  "(or empty) in the host's environment")
         else:
             path = value["file"]
@@ -124,8 +127,8 @@ def resolve_config_secrets(config: dict[str, Any], where: str) -> tuple[dict[str
                 found = read_secret_file(path)
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 why = exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)
-                raise ValueError(f"{where}.{key}: {why}") from None
+                raise ValueError(f"{where}[{key!r}]: {why}") from None
             if not found:
-                raise ValueError(f"{where}.{key}: the secret file {path} is empty")
+                raise ValueError(f"{where}[{key!r}]: the secret file {path} is empty")
         resolved[key] = secrets[key] = found
     return resolved, Redactor(secrets)

@@ -225,7 +225,9 @@ def test_check_warns_of_what_run_would_fail_or_quietly_turn_off(write_config):
     report = check_report(config, warnings=True)
     assert "plugin echo: limits.memory_mb is 0" in report and "its memory has no ceiling" in report, report
     assert "restart.backoff_initial (100 s) is over restart.backoff_max (1 s)" in report, report
-    assert "plugins[0].config.token: the environment variable 'QANOT_TEST_NOT_SET' it names is not set" in report
+    assert "plugins[0].config['token']: the environment variable 'QANOT_TEST_NOT_SET' it names is not set" in report
+    from qanot_host.registry import redact_credentials  # as status shows it: the key named, not redacted
+    assert "config['token']: the environment variable" in redact_credentials(report)
     assert check_report(config) == ""  # warnings, not errors: a service's environment may differ
 
 

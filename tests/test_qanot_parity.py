@@ -128,7 +128,7 @@ async def test_a_secret_that_cannot_be_resolved_fails_that_plugin_naming_the_key
     async with Host(config) as host:
         failed = host.plugins[STYLE]
         assert failed.state == PluginState.FAILED
-        assert "plugins[0].config.token: " in failed.error and why in failed.error, failed.error
+        assert "plugins[0].config['token']: " in failed.error and why in failed.error, failed.error
         assert host.plugins["greeter"].state == PluginState.READY
 
 
