@@ -32,6 +32,11 @@ log = logging.getLogger("qanot_host.mcp")
 # Characters of one result (Qanot's cut: head and tail kept, a marker between). Over JSON a character
 # can take six bytes; the SDK's own HTTP client refuses an answer over 1 MiB.
 MAX_RESULT_CHARS = 100_000
+# A result with images or resources in it (an MCP server's, handed on whole): its text parts share
+# MAX_RESULT_CHARS, its binary parts (base64) MAX_BINARY_CHARS, so that it fits in the SDK client's
+# 1 MiB too; a binary part past that goes as a line saying its size, as Qanot's client writes it.
+MAX_BINARY_CHARS = 700_000
+MAX_FIELD_CHARS = 2000  # a block's uri, name, title, description, MIME type
 MAX_HTTP_CONNECTIONS = 64  # at once; more are closed at once (no client can hold the host's descriptors)
 IDLE_CONNECTION_SECONDS = 5
 REQUEST_HEAD_SECONDS = 10  # from a connection's start, or its last answer, to a whole request head
@@ -108,22 +113,18 @@ class McpFront:
     def _whole(self, tool: str, sent: str) -> Any:
         """An MCP server's result with images or resources in it, handed on as the server sent it
         (at most MAX_MCP_BLOCKS blocks, read as McpResult: typed, so nothing in it becomes more than
-        its fields; its text parts cut as a text result is); None, for its text, if not well made."""
+        its fields), within one result's bounds (_bounded); None, for its text, if not well made."""
         import msgspec
 
         from qanot_worker.protocol import MCP_RESULT, McpResult
 
-        from .registry import truncate_tool_result
         try:
             whole = msgspec.json.decode(sent[len(MCP_RESULT):], type=McpResult) if sent.startswith(MCP_RESULT) else None
         except (msgspec.DecodeError, msgspec.ValidationError):
             whole = None
         if whole is None:
             return None
-        blocks = msgspec.to_builtins(whole.content)
-        for block in blocks:
-            if isinstance(block.get("text"), str):
-                block["text"] = truncate_tool_result(block["text"], MAX_RESULT_CHARS)
+        blocks = [_bounded(block, budget) for budget in [_Budget()] for block in msgspec.to_builtins(whole.content)]
         try:
             return self._types.CallToolResult.model_validate({"content": blocks})
         except ValueError as exc:  # pydantic's ValidationError is one
@@ -379,3 +380,37 @@ def _version() -> str:
         return version("qanot-host")
     except PackageNotFoundError:
         return "0"
+
+
+class _Budget:
+    """What is left of one result's text and binary allowance (a 40 MB image and 63 blocks of 200 000
+    characters each reached a client whole, and a neighbour's call waited 18 s behind them on the
+    same session: attack pass 55)."""
+
+    def __init__(self) -> None:
+        self.text = MAX_RESULT_CHARS
+        self.binary = MAX_BINARY_CHARS
+
+
+def _bounded(block: dict[str, Any], budget: _Budget) -> dict[str, Any]:
+    """One block of a whole result within what is left: text cut as a text result is (head and tail
+    kept), a binary part past the allowance as its size in a text block, other fields cut."""
+    from .registry import truncate_tool_result
+    for key in ("uri", "name", "title", "description", "mimeType"):
+        if isinstance(block.get(key), str):
+            block[key] = block[key][:MAX_FIELD_CHARS]
+    holder = block["resource"] if isinstance(block.get("resource"), dict) else block
+    if isinstance(holder.get("uri"), str):
+        holder["uri"] = holder["uri"][:MAX_FIELD_CHARS]
+    if isinstance(holder.get("text"), str):
+        text = holder["text"]
+        holder["text"] = truncate_tool_result(text, max(budget.text, 200)) if len(text) > budget.text else text
+        budget.text = max(budget.text - len(holder["text"]), 0)
+    for key in ("data", "blob"):
+        data = holder.get(key)
+        if isinstance(data, str):
+            if len(data) > budget.binary:
+                return {"type": "text", "text": f"[binary data: {len(data) * 3 // 4} bytes, past what one result "
+                                                f"carries here ({MAX_BINARY_CHARS * 3 // 4} bytes)]"}
+            budget.binary -= len(data)
+    return block

@@ -556,6 +556,14 @@ async def test_qanot_host_mcp_serves_a_supervised_servers_tools(write_config, se
         assert whole.content[0].text == "a picture" and whole.content[1].mime_type == "image/png"
         assert base64.b64decode(whole.content[1].data).startswith(b"\x89PNG")
         assert whole.content[2].resource.text == "a note"
+        # within one result's bounds: 1 MB more of image and of text (a 40 MB image and 63 blocks of
+        # 200 000 characters reached a client whole, a neighbour's call 18 s behind them: pass 55)
+        bounded = await session.call_tool("picture", {"caption": "big", "big": 1_000_000})
+        kinds = [block.type for block in bounded.content]
+        assert kinds == ["text", "image", "resource", "text", "text"], kinds
+        assert bounded.content[3].text.startswith("[binary data: 1000") and "past what one result" in \
+            bounded.content[3].text
+        assert len(bounded.content[4].text) <= 100_000 and "truncated" in bounded.content[4].text
 
 
 async def test_a_result_with_an_image_is_its_text_to_qanots_callers(write_config, server_venv, token):

@@ -115,12 +115,16 @@ def _loader() -> str:
 
 
 @server.tool()
-def picture(caption: str) -> list:
-    """A caption, a small PNG and an embedded resource: a result with more than text in it."""
+def picture(caption: str, big: int = 0) -> list:
+    """A caption, a small PNG and an embedded resource: a result with more than text in it; with
+    `big`, also an image and a text of that many bytes."""
     from mcp import types
-    return [caption, Image(data=PNG, format="png"),
-            types.EmbeddedResource(type="resource", resource=types.TextResourceContents(
-                uri="file:///probe/note.txt", mime_type="text/plain", text="a note"))]
+    blocks = [caption, Image(data=PNG, format="png"),
+              types.EmbeddedResource(type="resource", resource=types.TextResourceContents(
+                  uri="file:///probe/note.txt", mime_type="text/plain", text="a note"))]
+    if big:
+        blocks += [Image(data=PNG + b"\0" * big, format="png"), "t" * big]
+    return blocks
 
 
 @server.tool()
