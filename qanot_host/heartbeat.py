@@ -31,21 +31,21 @@ TICKS_PER_PERIOD = 4
 
 class Heartbeats:
     def __init__(self) -> None:
-        # worker -> the number of its live entry in _due: an entry of a worker discarded (or added
-        # again since) is stale, and dropped when it comes up, instead of searched for in the heap
-        self._workers: dict[WorkerHandle, int] = {}
-        self._due: list[tuple[float, int, WorkerHandle]] = []  # (when it is next looked at, entry number, worker)
-        self._entries = itertools.count()
+        self._workers: set[WorkerHandle] = set()
+        # one entry a watched worker: (when it is next looked at, a tie-break, the worker); discard()
+        # takes a worker's out at once
+        self._due: list[tuple[float, int, WorkerHandle]] = []
+        self._order = itertools.count()
         self._task: asyncio.Task | None = None
         self._tick = MAX_TICK
 
     def add(self, worker: WorkerHandle, interval: float, timeout: float) -> None:
         """Watch `worker` from now on (until beat() says it is gone, or discard()): first looked at
         by the next tick."""
-        entry = next(self._entries)
-        self._workers[worker] = entry
         loop = asyncio.get_running_loop()
-        heapq.heappush(self._due, (loop.time(), entry, worker))
+        if worker not in self._workers:
+            self._workers.add(worker)
+            heapq.heappush(self._due, (loop.time(), next(self._order), worker))
         self._tick = min(self._tick, max(MIN_TICK, min(MAX_TICK, min(interval, timeout) / TICKS_PER_PERIOD)))
         if self._task is None:
             self._task = loop.create_task(self._run())
@@ -53,8 +53,9 @@ class Heartbeats:
     def discard(self, worker: WorkerHandle) -> None:
         """Its entry leaves the heap now: left until its moment, it held the gone worker (and all it
         offered) for up to a ping_interval, and restarts piled them up (attack pass 53)."""
-        if self._workers.pop(worker, None) is None:
+        if worker not in self._workers:
             return
+        self._workers.discard(worker)
         if not self._workers and self._task is not None:
             self._task.cancel()
             self._task = None
@@ -77,16 +78,14 @@ class Heartbeats:
         """One tick: each worker whose moment has come. False once nothing is left to watch (the
         task ends). A method of its own, so that no gone worker stays held by a local while the
         loop sleeps."""
-        due, workers = self._due, self._workers
+        due = self._due
         while due and due[0][0] <= now:
-            _, entry, worker = heapq.heappop(due)
-            if workers.get(worker) != entry:
-                continue  # discarded, or added again under a newer entry
+            _, order, worker = heapq.heappop(due)
             next_look = worker.beat(now)
             if next_look is None:
                 self.discard(worker)
                 if self._task is None:
                     return False
             else:
-                heapq.heappush(due, (next_look, entry, worker))
+                heapq.heappush(due, (next_look, order, worker))
         return True
