@@ -19,9 +19,9 @@ def __getattr__(name: str) -> Any:
 
 
 from .config import load_config  # noqa: E402
-from .errors import (ConfigError, DependencyError, InvalidParams, PluginError, PluginStartError,  # noqa: E402
-                     PluginUnavailable, ProtocolMismatch, ProtocolViolation, QanotHostError, ToolFailed,
-                     ToolNotFound, WorkerCrashed, WorkerTimeout)
+from .errors import (CallTimedOut, ConfigError, DependencyError, InvalidParams, PluginError,  # noqa: E402
+                     PluginStartError, PluginUnavailable, ProtocolMismatch, ProtocolViolation, QanotHostError,
+                     ToolFailed, ToolNotFound, WorkerCrashed, WorkerKilled, WorkerTimeout)
 from .host import Host, PluginState, PluginSupervisor  # noqa: E402
 from .registry import ToolRegistry  # noqa: E402
 from .settings import Config  # noqa: E402
@@ -29,6 +29,7 @@ from .settings import Config  # noqa: E402
 __all__ = [
     "Host", "PluginState", "PluginSupervisor", "ToolRegistry", "Config", "load_config", "QanotHostError", "ConfigError",
     "ToolNotFound", "InvalidParams", "PluginError", "PluginUnavailable", "PluginStartError",
-    "DependencyError", "ProtocolMismatch", "WorkerCrashed", "WorkerTimeout", "ProtocolViolation",
+    "DependencyError", "ProtocolMismatch", "WorkerCrashed", "WorkerKilled", "WorkerTimeout", "CallTimedOut",
+    "ProtocolViolation",
     "ToolFailed", "__version__",
 ]

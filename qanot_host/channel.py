@@ -18,8 +18,8 @@ import msgspec
 from qanot_worker import protocol as p
 
 from .deadlines import Deadlines
-from .errors import (CallTimedOut, ClosedMidFrame, InvalidParams, PluginError, ProtocolViolation, RemoteFailure,
-                     ToolFailed, WorkerCrashed, WorkerTimeout)
+from .errors import (CallStuck, CallTimedOut, ClosedMidFrame, InvalidParams, PluginError, ProtocolViolation,
+                     RemoteFailure, ToolFailed, WorkerKilled, WorkerTimeout)
 from .loop import pipe_file
 from .output import printable
 
@@ -340,8 +340,7 @@ class WorkerChannel(asyncio.Protocol):
             failure = error
             if expect is _CALL:
                 tools.append(what)
-                if isinstance(error, WorkerCrashed):
-                    failure = _naming(error, what)
+                failure = _naming(error, what)
             if not future.done():
                 future.set_exception(failure)
             if expect is _CALL:
@@ -356,10 +355,15 @@ class WorkerChannel(asyncio.Protocol):
         return len(self._pending)
 
 
-def _naming(error: WorkerCrashed, tool: str) -> WorkerCrashed:
-    """The crash as one call's error: its type and fields (whoever catches it reads them), its
-    message naming the call's tool. Not copy.copy(): that calls the class with the message alone."""
-    failure = WorkerCrashed.__new__(type(error))
+def _naming(error: PluginError, tool: str) -> PluginError:
+    """The end of the worker as one call's error, naming the call's own tool: a crash or a broken
+    protocol keeps its type and fields (whoever catches it reads them); a worker killed because
+    another call would not stop is that other call's fault, and says so (WorkerKilled, not a
+    timeout of this one: the newcomer of 11-27's call was blamed on the tool that blocked).
+    Not copy.copy(): that calls the class with the message alone."""
+    if isinstance(error, CallStuck):
+        return WorkerKilled(error.plugin, tool, error.detail)
+    failure = PluginError.__new__(type(error))
     failure.__dict__.update(error.__dict__)
     failure.args = (f"{error} during tool {tool}",)
     failure.detail = f"{error.detail} during tool {tool}"

@@ -90,12 +90,27 @@ class WorkerCrashed(PluginError):
         self.returncode = returncode
 
 
+class WorkerKilled(WorkerCrashed):
+    """A call lost because the host killed its worker for another call's sake (one that did not stop
+    when cancelled): the call itself neither crashed nor timed out, and its caller is told whose
+    fault it was (the newcomer of 11-27 was told only the other tool's timeout)."""
+
+    def __init__(self, plugin: str, tool: str, why: str) -> None:
+        PluginError.__init__(self, plugin, f"worker killed during tool {tool}: {why}")
+        self.returncode = -9
+
+
 class WorkerTimeout(PluginError):
     pass
 
 
 class CallTimedOut(WorkerTimeout):
     """A tool call's own timeout ran out (not a worker killed for another reason meanwhile)."""
+
+
+class CallStuck(WorkerTimeout):
+    """A call that did not stop within cancel_grace of being cancelled: its worker is killed, and
+    the other calls in flight there end as WorkerKilled."""
 
 
 class ProtocolViolation(PluginError):

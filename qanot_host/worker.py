@@ -23,8 +23,8 @@ from qanot_worker import protocol as p
 from .channel import RemoteFailure, WorkerChannel
 from .egress import DEFAULT_MAX_SOCKETS, RESOLVER_ENV, EgressGate, EgressPolicy
 from .egress_policy import NameResolver
-from .errors import (ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable, ProtocolMismatch,
-                     WorkerCrashed, WorkerTimeout, describe_exit)
+from .errors import (CallStuck, ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable,
+                     ProtocolMismatch, WorkerCrashed, WorkerTimeout, describe_exit)
 from .heartbeat import Heartbeats
 from .launcher import Launcher, LaunchSpec, WorkerProcess
 from .log_ring import LogRing
@@ -332,8 +332,8 @@ class WorkerHandle:
         def check() -> None:
             channel = self._channel
             if channel is not None and channel.closed is None and channel.is_abandoned(request_id):
-                self.kill(WorkerTimeout(self.plugin, f"{what} did not stop within {grace:g} s of being "
-                                        "cancelled (a handler blocking the event loop?); killed"))
+                self.kill(CallStuck(self.plugin, f"{what} did not stop within {grace:g} s of being "
+                                    "cancelled (a handler blocking the event loop?); killed"))
 
         asyncio.get_running_loop().call_later(grace, check)
 

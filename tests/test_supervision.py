@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 from qanot_host import Host, PluginState
-from qanot_host.errors import WorkerTimeout
+from qanot_host.errors import WorkerCrashed, WorkerKilled, WorkerTimeout
+from qanot_host.metrics import call_outcome
 from qanot_host.restarter import RestartPolicy
 
 from .conftest import GREETER, gone, grant_write, plugin, wait_until, worker_processes
@@ -129,6 +130,30 @@ async def test_blocking_handler_times_out_then_worker_is_killed_and_restarted(wr
         assert "did not stop within 0.3 s of being cancelled" in sup.last_exit
         assert sup.timeouts == 1
         assert gone(pid)
+
+
+async def test_calls_lost_to_another_calls_kill_name_their_own_tool_and_whose_fault_it_was(write_config):
+    """A call in flight when its worker is killed because another call would not stop is not that
+    call's timeout: it names its own tool and the one that blocked, typed WorkerKilled, counted as
+    crashed (the newcomer of 11-27 got the blocking tool's message, counted as a timeout)."""
+    config = write_config([misbehave()], host={
+        "cancel_grace": 0.3, **FAST, "plugins": {"misbehave": {"tool_timeouts": {"mb_hang_blocking": 0.3}}}})
+    async with Host(config) as host:
+        sup = host.plugins["misbehave"]
+        victim = asyncio.ensure_future(host.registry.invoke("mb_sleep", {"seconds": 30}))
+        await wait_until(lambda: sup.in_flight == 1, 5, "the victim in flight")
+        culprit = asyncio.ensure_future(host.registry.invoke("mb_hang_blocking", {}))
+        with pytest.raises(WorkerTimeout, match="tool mb_hang_blocking timed out after 0.3 s"):
+            await asyncio.wait_for(culprit, 5)
+        with pytest.raises(WorkerKilled) as lost:
+            await asyncio.wait_for(victim, 5)
+        assert str(lost.value) == ("plugin misbehave: worker killed during tool mb_sleep: tool mb_hang_blocking did "
+                                   "not stop within 0.3 s of being cancelled (a handler blocking the event loop?); "
+                                   "killed")
+        assert not isinstance(lost.value, WorkerTimeout) and isinstance(lost.value, WorkerCrashed)
+        assert call_outcome(lost.value) == "crashed"
+        await wait_until(lambda: sup.state == PluginState.READY, 10, "restart")
+        assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
 
 
 async def test_async_hang_is_cancelled_without_a_restart(write_config):
