@@ -173,7 +173,13 @@ class EnvironmentBuilder:
         built: set[str] = set()
         use_built = False
         while True:
-            extra = ["--find-links", built_dir] if use_built and os.path.isdir(built_dir) else []
+            extra = []
+            if use_built and os.path.isdir(built_dir):
+                # uv's cache knows a find-links wheel by its directory and file name, not its content:
+                # a project built again (the same name, other code) installed the first build's files,
+                # even after built-wheels/ and envs/ were wiped (attack pass 56)
+                refresh = [f"--refresh-package={name}" for name in _wheel_projects(built_dir)]
+                extra = ["--find-links", built_dir, *refresh]
             try:
                 await self._uv(plugin, [*install, *self._index_args(), *extra, *requirements])
                 return
@@ -253,6 +259,15 @@ class EnvironmentBuilder:
                     os.unlink(path + ".lock")
                 except FileNotFoundError:
                     pass
+
+
+def _wheel_projects(directory: str) -> list[str]:
+    """The projects of the wheels in `directory`, by their file names."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted({name.split("-", 1)[0] for name in names if name.endswith(".whl") and "-" in name})
 
 
 def _has_wheel(directory: str, project: str) -> bool:

@@ -126,6 +126,27 @@ async def test_a_built_wheel_is_reused_by_the_next_environment(write_config, sou
     assert "from source" not in caplog.text
 
 
+def marked_setup(marker: str) -> str:
+    return ("import os\nfrom setuptools import setup\nos.makedirs('qhtest_source', exist_ok=True)\n"
+            "with open('qhtest_source/__init__.py', 'w') as f:\n"
+            f"    f.write('BUILD = ' + repr({{'uid': os.getuid(), 'marker': {marker!r}}}) + '\\n')\n"
+            "setup(name='qhtest-source', version='1.0', packages=['qhtest_source'])\n")
+
+
+async def test_a_project_built_again_installs_the_new_build_not_uvs_cached_one(write_config, wheels, tmp_path):
+    """uv's cache knows a find-links wheel by its directory and file name: the same project built
+    again (other code, same name) installed the first build's files, even with built-wheels/ and
+    envs/ wiped (attack pass 56). What runs is the wheel the host built last."""
+    config = write_config([plugin("dep_source")], host={"wheel_dir": str(wheels)})
+    for marker in ("first", "second"):
+        make_sdist(wheels, marked_setup(marker))
+        for stale in [tmp_path / "state" / "built-wheels", *(tmp_path / "state" / "envs").glob("dep_source-*")]:
+            subprocess.run(["rm", "-rf", str(stale)], check=True)
+        async with Host(config) as host:
+            assert host.plugins["dep_source"].state == PluginState.READY, host.plugins["dep_source"].error
+            assert json.loads(await host.registry.execute("dep_source_build", {}))["build"]["marker"] == marker
+
+
 async def test_a_failing_build_fails_that_plugin_only_and_says_why(write_config, wheels):
     make_sdist(wheels, "raise SystemExit('this package cannot be built here')\n")
     config = write_config([plugin("dep_source"), plugin("greeter")], host={"wheel_dir": str(wheels)})
