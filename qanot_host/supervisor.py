@@ -123,6 +123,7 @@ class PluginSupervisor:
         self._last_active = 0.0  # when its last call ended (monotonic)
         self._activation: asyncio.Task | None = None
         self._idle_stop: asyncio.Task | None = None  # the idle worker's teardown, still under way
+        self._background: set[asyncio.Task] = set()  # a failed plugin's disk being let go
         self.activations = 0  # workers started by a call to an idle plugin
         self.idle_stops = 0
 
@@ -187,6 +188,22 @@ class PluginSupervisor:
         self.state = PluginState.FAILED
         self.error = message
         self.settled.set()
+        self._let_disk_go()
+
+    def _let_disk_go(self) -> None:
+        """A failed plugin holds nothing until a reload tries it again: its disk's loop device and
+        mount go now, not at the host's stop (newcomer pass 56: a plugin failed at its start kept
+        both for the host's life). The worker template hears it before any later start's request."""
+        worker = self.worker
+        if self._closing or (worker is not None and not worker.exited.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self._factory.release_disk(self.name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _became_ready(self) -> None:
         self._cpu_at_start = self._factory.group_cpu(self.name) or 0.0
@@ -286,6 +303,7 @@ class PluginSupervisor:
         self.state = PluginState.FAILED if code != 0 or recycle else PluginState.EXITED
         self.error = f"{decision.reason}; last exit: {self.last_exit}"
         self.settled.set()
+        self._let_disk_go()
         log.error("plugin %s: worker pid %s ended (%s)%s; not restarting: %s", self.name, worker.pid,
                   self.last_exit, in_flight, decision.reason)
 
@@ -374,6 +392,7 @@ class PluginSupervisor:
                 await asyncio.gather(task, return_exceptions=True)
         if self._idle_stop is not None:
             await asyncio.gather(self._idle_stop, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self.worker is not None:
             await self.worker.stop()
         if self.state != PluginState.FAILED:

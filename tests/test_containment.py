@@ -499,6 +499,29 @@ async def test_an_idle_plugin_holds_no_disk_and_finds_its_files_again(write_conf
         assert _attached(image)
 
 
+async def test_a_failed_plugin_holds_no_disk(write_config):
+    """A plugin that failed at its start (its setup() raising, its code not loading), or whose
+    restarts were given up, kept its disk's loop device and mount until the host stopped (newcomer
+    pass 56): it holds nothing until a reload tries it again, and a reload that does finds its disk."""
+    config = write_config([plugin("setup_fails"), plugin("syntax_error"), plugin("misbehave"), GREETER],
+                          host={"limits": {"disk_mb": 64}, "restart": {"max_restarts": 0}})
+    async with Host(config) as host:
+        disks = Path(host.config.host.state_dir) / "disks"
+        assert host.plugins["setup_fails"].state == PluginState.FAILED
+        assert host.plugins["syntax_error"].state == PluginState.FAILED
+        for name in ("setup_fails", "syntax_error"):
+            await wait_until(lambda name=name: not _attached(disks / f"{name}.img"), 10, f"{name}'s disk to go")
+        assert _attached(disks / "misbehave.img") and _attached(disks / "greeter.img")
+        await host.registry.execute("mb_crash", {"how": "exit"})
+        await wait_until(lambda: host.plugins["misbehave"].state == PluginState.FAILED, 10, "misbehave given up")
+        await wait_until(lambda: not _attached(disks / "misbehave.img"), 10, "misbehave's disk to go")
+        assert _attached(disks / "greeter.img")
+        await host.reload()
+        assert host.plugins["misbehave"].state == PluginState.READY
+        assert (await host.registry.execute("mb_ok", {})).startswith("ok ")
+        assert _attached(disks / "misbehave.img")
+
+
 async def test_a_disk_is_never_attached_twice_by_two_hosts(write_config):
     """Attack pass 37 (high): a template read which images were attached once, at its first disk; a
     standalone call beside a running host attached a lazy plugin's disk the host had not attached
