@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
+
 from .chaos import run_chaos
 from .check import check_config
 from .config import load_config
@@ -170,12 +172,12 @@ async def _call(args: argparse.Namespace) -> int:
         reply = await control_request(running, "call", timeout=None, tool=args.tool, params=params)
         _print_result(reply["result"])
         return EXIT_OK
-    async with Host(args.config) as host:
+    async with _one_shot_host(args.config) as host:
         try:
             result = await host.registry.invoke(args.tool, params)
         except ToolNotFound as exc:
             await host.tool_index_ready()  # made in the background: it may say why by now
-            missing = ToolNotFound(exc.tool, host.registry.explain_missing(exc.tool))
+            missing = ToolNotFound(exc.tool, host.registry.explain_missing(exc.tool, whole=True))
             if "(" in str(missing) or not host.not_ready():
                 raise call_error(missing) from None  # the registry knew why (a disabled or failed plugin's tool)
             raise call_error(QanotHostError(f"{missing} (plugins that failed to start: {host.not_ready()})")) from None
@@ -183,6 +185,20 @@ async def _call(args: argparse.Namespace) -> int:
             raise call_error(exc) from None
     _print_result(result)
     return EXIT_OK
+
+
+def _one_shot_host(config_path: str) -> Host:
+    """A host of its own for one call or one listing: no metrics server (a running host of the
+    config serves its port: the newcomer of pass 56's standalone call failed on that alone). Beside
+    a running host of the same state_dir, each plugin that host started waits 3 s for its disk and
+    does not start here: said first, not only after it all."""
+    config = load_config(config_path)
+    config = msgspec.structs.replace(config, host=msgspec.structs.replace(config.host, metrics=None))
+    if host_holds(config.host.state_dir):
+        print(f"qanot-host: note: a qanot-host holds state_dir {config.host.state_dir}: the plugins it has "
+              "started cannot start here (their disks are attached there; 3 s each); without --standalone "
+              "the call goes through it", file=sys.stderr, flush=True)
+    return Host(config)
 
 
 def _print_result(result: str) -> None:
@@ -248,7 +264,7 @@ async def _tools(args: argparse.Namespace) -> int:
         reply = await control_request(running, "tools")
         tools, failed = reply["tools"], reply["failed"]
     else:
-        async with Host(args.config) as host:
+        async with _one_shot_host(args.config) as host:
             tools = host.tool_definitions()
             failed = host.not_ready()
     if args.json:

@@ -219,7 +219,8 @@ class ControlServer:
                     result = await host.registry.invoke(str(request.get("tool")), request.get("params", {}), timeout)
                 except ToolNotFound as exc:  # the index of declared tools, made in the background, may say why
                     await host.tool_index_ready()
-                    raise call_error(ToolNotFound(exc.tool, host.registry.explain_missing(exc.tool))) from None
+                    why = host.registry.explain_missing(exc.tool, whole=True)
+                    raise call_error(ToolNotFound(exc.tool, why)) from None
                 except QanotHostError as exc:
                     raise call_error(exc) from None
                 return {"ok": True, "result": result}

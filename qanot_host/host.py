@@ -76,7 +76,8 @@ class Host:
         self._ranks: tuple[Config | None, dict[str, int]] = (None, {})  # config.json's order, for that config
         self._fingerprinting = _Fingerprinting()
         self._operating = asyncio.Lock()  # reload and restart_plugin: one at a time
-        self.registry.explain_missing = lambda tool: self._index.explain_missing(tool, self.config, self.plugins)
+        self.registry.explain_missing = lambda tool, whole=False: self._index.explain_missing(
+            tool, self.config, self.plugins, whole)
 
     async def __aenter__(self) -> "Host":
         await self.start()

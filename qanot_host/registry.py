@@ -120,7 +120,7 @@ class ToolRegistry:
         self._definitions: list[dict[str, Any]] | None = None
         self.timeout: float = TOOL_TIMEOUT  # an in-host tool's, when execute() is given none
         # Set by the host: why a name is not registered, when it knows (a disabled plugin's tool).
-        self.explain_missing: Callable[[str], str] = lambda name: ""
+        self.explain_missing: Callable[..., str] = lambda name, whole=False: ""  # (tool, whole) -> why
         # Set by the host that serves metrics: told of every call's end (plugin, tool, error, seconds).
         self.observer: Callable[[str | None, str, BaseException | None, float], None] | None = None
         # Set by whoever shows the tool list elsewhere (the MCP front): told of every change to it.

@@ -70,12 +70,17 @@ class ToolIndex:
             self._indexing.cancel()
             await asyncio.gather(self._indexing, return_exceptions=True)
 
-    def explain_missing(self, tool: str, config: Config, plugins: dict[str, PluginSupervisor]) -> str:
+    def explain_missing(self, tool: str, config: Config, plugins: dict[str, PluginSupervisor],
+                        whole: bool = False) -> str:
         """Why a tool is not registered, when the config knows: its plugin is disabled or failed.
-        Only from the index (never a parse here, in the event loop: a caller naming unknown tools
-        must not make the host read plugin code each time); a plugin that failed since the last
-        look starts the index, for the next caller."""
+        Plugins' errors sanitised as a tool's are for Qanot's model, or `whole` (but for credentials,
+        which call_error takes out) for the operator's `qanot-host call` (the newcomer of pass 56
+        read "[path redacted]" in the command's error about his own config). Only from the index
+        (never a parse here, in the event loop: a caller naming unknown tools must not make the
+        host read plugin code each time); a plugin that failed since the last look starts the
+        index, for the next caller."""
         self.build_if_useful(config, plugins)
+        clean = _as_is if whole else sanitize_error
         for entry in config.plugins:
             supervisor = plugins.get(entry.name)
             if supervisor is not None and tool in supervisor.tools + supervisor.refused + supervisor.conflicts:
@@ -84,7 +89,7 @@ class ToolIndex:
                 continue
             if supervisor is not None and supervisor.state is PluginState.FAILED:
                 # its setup()'s exception, maybe: sanitised as a tool's error is (status has it whole)
-                return f"its plugin {entry.name} failed to start: {sanitize_error(supervisor.error)}"
+                return f"its plugin {entry.name} failed to start: {clean(supervisor.error)}"
             if not entry.enabled:
                 return f"its plugin {entry.name} is disabled in {config.path}"
         # A failed plugin whose code names no tool that could be read (a syntax error, the likeliest
@@ -100,7 +105,7 @@ class ToolIndex:
         if unread:
             more = f"; and {len(unread) - 3} more" if len(unread) > 3 else ""
             return "plugins whose code did not load, so their tools are not known: " + "; ".join(
-                f"{name}: {sanitize_error(error)}" for name, error in unread[:3]) + more
+                f"{name}: {clean(error)}" for name, error in unread[:3]) + more
         return ""
 
     async def _index(self, config: Config) -> None:
@@ -123,3 +128,7 @@ def _scan_jobs(config: Config) -> dict[str, tuple[str, str]]:
         if source is not None:
             jobs[entry.name] = (source.directory, source.entry_file)
     return jobs
+
+
+def _as_is(text: str) -> str:
+    return text

@@ -74,6 +74,34 @@ async def test_call_redacts_credentials_in_a_plugins_error_as_execute_does(write
         assert "hunter2" not in proc.stderr
 
 
+async def test_a_standalone_call_beside_a_running_host_serving_metrics(write_config, monkeypatch):
+    """The newcomer of pass 56: a standalone call beside a running host of the config failed on the
+    metrics port that host serves (a one-shot host serves none), and said nothing of the disks it
+    would wait for until it had (it says so first now). Errors about the operator's own config are
+    whole, not "[path redacted]" as Qanot's model reads them."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("QH_UNSET_SECRET", raising=False)
+    config = write_config([GREETER, plugin("needs_config", api_key={"env": "QH_UNSET_SECRET"})],
+                          host={"metrics": f"127.0.0.1:{port}", "limits": {"disk_mb": 0}})
+    async with Host(config) as host:
+        control = ControlServer(host)
+        await control.start()
+        try:
+            standalone = await asyncio.to_thread(qanot_host, "call", "--standalone", "--config", config, "greet",
+                                                 '{"name": "x"}')
+            through = await asyncio.to_thread(qanot_host, "call", "--config", config, "needs_config_ping", "{}")
+        finally:
+            await control.close()
+    assert standalone.returncode == 0, standalone.stderr
+    assert standalone.stdout == "Salom, x!\n"
+    assert "note: a qanot-host holds state_dir" in standalone.stderr and "address" not in standalone.stderr.lower()
+    assert_one_line_error(through, f"{config}: plugins[1].config['api_key']")
+    assert "[path redacted]" not in through.stderr
+
+
 def test_bad_config_is_one_line(tmp_path):
     missing = qanot_host("call", "--config", str(tmp_path / "nope.json"), "greet")
     assert_one_line_error(missing, "nope.json: cannot be read")
