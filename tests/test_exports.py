@@ -25,8 +25,8 @@ def test_the_public_surface_is_exactly_this():
     assert set(qanot_host.__all__) == {
         "Host", "PluginState", "PluginSupervisor", "ToolRegistry", "Config", "load_config", "__version__",
         "QanotHostError", "ConfigError", "ToolNotFound", "InvalidParams", "PluginError", "PluginUnavailable",
-        "PluginStartError", "DependencyError", "ProtocolMismatch", "WorkerCrashed", "WorkerTimeout",
-        "ProtocolViolation", "ToolFailed"}
+        "PluginStartError", "DependencyError", "ProtocolMismatch", "WorkerCrashed", "WorkerKilled", "WorkerTimeout",
+        "CallTimedOut", "ProtocolViolation", "ToolFailed"}
     assert set(qanot_worker.__all__) == {"PROTOCOL_VERSION"}
 
 
