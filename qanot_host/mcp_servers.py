@@ -462,4 +462,19 @@ def server_warnings(config: Config, name: str, programs: Programs) -> list[str]:
                 "network unless granted, and nothing it writes may be executed): install the package once (npm "
                 "install --prefix DIR PACKAGE, or a virtual environment) and make command its program"
                 ] if runner in FETCHING_RUNNERS else []
-    return fetching + ungranted_args(config, name, programs)
+    return fetching + _hidden_packages(programs) + ungranted_args(config, name, programs)
+
+
+def _hidden_packages(programs: Programs) -> list[str]:
+    """A server run by the host's own Python (its virtual environment, or its installation) finds
+    none of the packages installed there: every worker's root lays an empty directory over the
+    host's site-packages. The newcomer of pass 56 read only "No module named 'mcp'", at the start."""
+    from .sandbox_spec import host_site_dirs
+    roots = _installation(programs.command)  # as named: a venv's python links to the base's, whose lib is seen too
+    hidden = [site_dir for site_dir in host_site_dirs()
+              if any(site_dir == root or site_dir.startswith(root.rstrip("/") + "/") for root in roots)]
+    if not hidden:
+        return []
+    return [f"{programs.command} is the host's own Python, and the host's installed packages ({hidden[0]}) are "
+            "hidden from every worker, its MCP servers too: give the server a virtual environment of its own "
+            "(python3 -m venv DIR && DIR/bin/pip install PACKAGE) and make command DIR/bin/python"]

@@ -119,7 +119,7 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
     def add(op: p.MountOp) -> None:
         ops.setdefault(op.target, op)
 
-    hidden = [path for path in _host_site_dirs()]
+    hidden = [path for path in host_site_dirs()]
     for op in _system_ops(network, tuple(_mount_points()), tuple(hidden)):
         add(op)
     if places.programs is not None and not subprocess:
@@ -198,9 +198,9 @@ def _only_its_programs(ops: dict[str, p.MountOp], programs: Programs) -> None:
     for hop in programs.hops:
         directory = os.path.realpath(os.path.dirname(hop))
         if directory in emptied:  # /bin/x is put back as /usr/bin/x where /bin is a link
-            target = os.path.join(directory, os.path.basename(hop))
+            target = os.path.join(directory, os.path.basename(hop))  # bound from there too: the worker binds
             ops[target] = p.MountOp("symlink", target, text=os.readlink(hop)) if os.path.islink(hop) \
-                else p.MountOp("ro", target, hop)
+                else p.MountOp("ro", target, target)  # real paths only (/bin/dash failed: /bin is a link)
 
 
 def _interpreter_paths() -> list[str]:
@@ -271,7 +271,7 @@ def _python_paths(import_root: str) -> list[str]:
 
 
 @functools.cache
-def _host_site_dirs() -> list[str]:
+def host_site_dirs() -> list[str]:
     """Every directory of the host's own installed packages: none is the plugin's to read. A host
     in a virtual environment names only the environment's, but the base interpreter's lie in the
     library tree the workers are given (its lib/pythonX.Y/site-packages, Debian's dist-packages):

@@ -337,7 +337,7 @@ def test_a_host_in_a_virtual_environment_hides_its_base_interpreters_packages_to
     monkeypatch.setattr(sys, "exec_prefix", str(venv))
     monkeypatch.setattr(site, "PREFIXES", [str(venv), str(venv)])
     monkeypatch.setattr(sys, "path", [p for p in sys.path if "-packages" not in p])
-    hidden = sandbox_spec._host_site_dirs.__wrapped__()
+    hidden = sandbox_spec.host_site_dirs.__wrapped__()
     base = os.path.realpath(sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
                             ["purelib"])
     assert os.path.isdir(base) and base in hidden, hidden

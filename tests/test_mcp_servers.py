@@ -524,6 +524,22 @@ async def test_a_server_that_cannot_start_fails_alone_naming_the_key(write_confi
     assert "MCP server missing" in report and "mcp_servers[0].command" in report
 
 
+async def test_a_server_that_exits_at_once_says_why_in_its_error(write_config):
+    """Its error said "its stderr, logged above, may say why", which a one-shot command (`call`,
+    `tools`) does not log (newcomer pass 56: a server run by the host's own interpreter, without
+    `mcp`): the last lines of its stderr are in the error, or that it wrote none."""
+    config = write_config([], host={"restart": {"max_restarts": 0}}, mcp_servers=[
+        {"name": "dies", "command": "/bin/sh",
+         "args": ["-c", "echo Traceback >&2; echo \"ModuleNotFoundError: No module named 'mcp'\" >&2; exit 1"]},
+        {"name": "silent", "command": "/bin/sh", "args": ["-c", "exit 1"]}])
+    async with Host(config) as host:
+        status = {row["plugin"]: row for row in host.status()}
+    assert "the server exited before it answered; the end of its stderr: Traceback | ModuleNotFoundError: " \
+           "No module named 'mcp'" in status["dies"]["error"], status["dies"]
+    assert "the server exited before it answered, and wrote nothing to its stderr" in status["silent"]["error"], \
+        status["silent"]
+
+
 def test_cli_call_reaches_a_server_tool(write_config, server_venv, token):
     config = write_config([], host=probe_grants(), mcp_servers=[probe(server_venv, token)])
     done = subprocess.run([sys.executable, "-m", "qanot_host", "call", "--config", config, "echo",
@@ -868,3 +884,16 @@ def test_check_says_a_runner_that_fetches_at_each_start_cannot_work_in_the_sandb
                                             "args": ["-y", "@modelcontextprotocol/server-filesystem", "/srv"]}])
     assert "MCP server fs: npx fetches the package and runs it at each start, which its sandbox does not allow" \
         in check_report(config, warnings=True)
+
+
+def test_check_says_a_server_run_by_the_hosts_own_python_finds_none_of_its_packages(write_config, server_venv):
+    """The newcomer of pass 56 made the host's own interpreter a server's command: "No module named
+    'mcp'" at its start, as the host's site-packages are hidden from every worker, and `check` said
+    nothing. A server in an environment of its own is not warned of."""
+    config = write_config([], mcp_servers=[
+        {"name": "own", "command": sys.executable, "args": [probe_script(), "x"]},
+        {"name": "apart", "command": str(server_venv / "bin" / "python"), "args": [probe_script(), "x"]}])
+    report = check_report(config, warnings=True)
+    assert f"MCP server own: {sys.executable} is the host's own Python, and the host's installed packages" in report
+    assert "give the server a virtual environment of its own" in report
+    assert "apart: " + str(server_venv) not in report and "is the host's own Python" not in report.split("MCP server apart")[1], report

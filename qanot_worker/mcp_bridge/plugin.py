@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import sys
+import threading
 from contextlib import asynccontextmanager
 
 import msgspec
@@ -61,6 +62,7 @@ class QanotPlugin(Plugin):
         self._pidfd: int | None = None  # the stdio server's
         self._in_flight = 0  # calls the server has not answered yet
         self._checking: asyncio.Task | None = None  # the ping after a cancelled call, while it waits
+        self._stderr: StderrTail | None = None  # the stdio server's stderr, passed on
 
     async def setup(self, config: dict) -> None:
         self.config = config
@@ -132,7 +134,10 @@ class QanotPlugin(Plugin):
         if isinstance(exc, OSError) and not exc.filename:
             return f"{self.config['command']} could not be started: {why}"
         if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
-            return f"{why} (the server exited before it answered: its stderr, logged above, may say why)"
+            tail = self._stderr.last_lines() if self._stderr is not None else []
+            if not tail:
+                return f"{why} (the server exited before it answered, and wrote nothing to its stderr)"
+            return f"{why} (the server exited before it answered; the end of its stderr: {' | '.join(tail)})"
         return why
 
     @asynccontextmanager
@@ -142,9 +147,20 @@ class QanotPlugin(Plugin):
             env = {"HOME": os.getcwd(), **self.config["env"]}  # the worker's data directory, its own
             params = StdioServerParameters(command=self.config["command"], args=self.config["args"], env=env,
                                            cwd=os.getcwd())
-            async with stdio_client(params, errlog=sys.stderr) as streams:
-                self._watch_child()
-                yield streams[0], streams[1]
+            # its stderr through this worker's (the host logs each line), its last lines kept: the
+            # reason a server that exits at once gives (the newcomer of pass 56 read "its stderr,
+            # logged above", but a one-shot command logs no such lines)
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            tail = self._stderr = StderrTail(read_end)
+            try:
+                with os.fdopen(write_end, "wb", buffering=0) as errlog:
+                    async with stdio_client(params, errlog=errlog) as streams:
+                        errlog.close()  # the server holds it now: its exit is the tail's end of file
+                        tail.start()
+                        self._watch_child()
+                        yield streams[0], streams[1]
+            finally:
+                tail.close_unless_started()
         elif transport == "sse":
             from mcp.client.sse import sse_client
             async with sse_client(self.config["url"], headers=self.config["headers"],
@@ -335,3 +351,56 @@ def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
+
+
+class StderrTail:
+    """A stdio server's stderr: passed on to this worker's stderr as it comes (the host logs each
+    line under the plugin's name), the last few lines kept for the error of a server that exits
+    before it answers. On a thread, writing as the server did: when the host reads slowly, the
+    thread waits and the server with it, never the bridge's event loop."""
+
+    KEEP = 5
+    LINE_CHARS = 300
+    DRAIN_SECONDS = 0.5  # for what an exited server wrote last (a child of it may hold the pipe on)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._last: list[str] = []
+        self._partial = b""
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._pass_on, name="mcp-server-stderr", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close_unless_started(self) -> None:
+        """No server was started (its command could not be run): nothing to read."""
+        if self._thread.ident is None:
+            os.close(self._fd)
+
+    def last_lines(self) -> list[str]:
+        """What the server wrote last (it has exited: what it wrote is read first, briefly)."""
+        if self._thread.is_alive():
+            self._thread.join(self.DRAIN_SECONDS)
+        with self._lock:
+            return self._last + ([self._cut(self._partial)] if self._partial.strip() else [])
+
+    def _pass_on(self) -> None:
+        try:
+            while data := os.read(self._fd, 65536):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(2, view):]
+                with self._lock:
+                    lines = (self._partial + data).split(b"\n")
+                    self._partial = lines.pop()[-4096:]
+                    kept = [self._cut(line) for line in lines if line.strip()]
+                    self._last = (self._last + kept)[-self.KEEP:]
+        except OSError:
+            pass  # the host's end of stderr gone: the worker is ending
+        finally:
+            os.close(self._fd)
+
+    def _cut(self, line: bytes) -> str:
+        text = line.decode("utf-8", "replace").strip()
+        return text if len(text) <= self.LINE_CHARS else text[:self.LINE_CHARS] + "..."
