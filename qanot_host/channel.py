@@ -48,6 +48,9 @@ class FrameCount:
 FRAMES = FrameCount()
 
 
+MAX_DENIED_REPORTS_PER_SECOND = 20
+
+
 def _nobody(error: PluginError | None) -> None:
     pass
 
@@ -82,6 +85,10 @@ class WorkerChannel(asyncio.Protocol):
         self.ping_sent = 0.0  # ...sent at this loop time
         self.closed: PluginError | None = None
         self.hello: asyncio.Future[p.Hello] = loop.create_future()
+        # connects the worker's own check refused (p.Denied): (count, first destinations)
+        self.on_denied: Callable[[int, list[str]], None] | None = None
+        self._denied_since = 0.0
+        self._denied_reports = 0
 
     @classmethod
     async def open(cls, plugin: str, max_frame: int, to_worker: int, from_worker: int,
@@ -253,6 +260,9 @@ class WorkerChannel(asyncio.Protocol):
                 raise msgspec.DecodeError("a second Hello")
             self.hello.set_result(msg)
             return
+        if isinstance(msg, p.Denied):
+            self._denied(msg)
+            return
         if msg.id == self._ping_id and self._ping_id and type(msg) is p.Pong:
             self._ping_id = 0  # a Pong with no ping out is a reply to no request: unsolicited frames
             return  # cost the host's loop a core (attack pass 52), and each one passed for a heartbeat
@@ -290,6 +300,19 @@ class WorkerChannel(asyncio.Protocol):
             future.set_exception(RemoteFailure(msg.kind, self._message(msg.message)))
         else:
             future.set_result(msg)
+
+    def _denied(self, msg: p.Denied) -> None:
+        """A worker reports once per DENIED_REPORT_SECONDS at most: a flood of reports (plugin code
+        can write frames into the pipe) is a lying worker, as unsolicited Pongs are (attack pass 52)."""
+        now = self._loop.time()
+        if now - self._denied_since >= 1.0:
+            self._denied_since, self._denied_reports = now, 0
+        self._denied_reports += 1
+        if self._denied_reports > MAX_DENIED_REPORTS_PER_SECOND:
+            raise msgspec.DecodeError(f"more than {MAX_DENIED_REPORTS_PER_SECOND} reports of denied connects in a "
+                                      "second (a worker sends one every 0.1 s at most)")
+        if self.on_denied is not None:
+            self.on_denied(msg.count, msg.destinations)
 
     def _message(self, text: str) -> str:
         """A worker's error message as the host passes it on: secrets out, printable, bounded."""

@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple
 
 from . import tcp_diag
 from .egress_policy import EgressPolicy, literal_address
+from .output import printable
 
 __all__ = ["EgressGate", "EgressPolicy", "RESOLVER_ENV"]
 
@@ -428,6 +429,20 @@ class EgressGate:
                             "add \"HOST:%d\" to config.json host.plugins.%s.permissions.network.hosts",
                             self.plugin, address, port, self.policy.describe() or "nothing", port, self.plugin)
         self._answer(notif_id, error=errno.EACCES)
+
+    def denied_in_worker(self, count: int, destinations: list[str]) -> None:
+        """Connects the worker's audit hook refused before asking (an address surely outside the
+        grant: the plugin's error names what to grant): counted and logged as this gate's own."""
+        self.denied += count
+        for destination in destinations:
+            where = printable(destination)[:300]
+            self.last_denied = where
+            if (where, -1) in self._logged or len(self._logged) >= MAX_LOGGED_DENIALS:
+                continue
+            self._logged.add((where, -1))
+            log.warning("plugin %s: connect to %s denied (by its worker's own check): not among its network grant "
+                        "(%s); to allow it, add \"%s\" to config.json host.plugins.%s.permissions.network.hosts",
+                        self.plugin, where, self.policy.describe() or "nothing", where, self.plugin)
 
     def _answer(self, notif_id: int, flags: int = 0, error: int = 0) -> None:
         if self._fd < 0:

@@ -195,7 +195,12 @@ class WorkerHandle:
                                self._call_abandoned, self._on_call_ended),
             undo=lambda opened: opened.close(None), abandoned=lambda: process.signal_group(signal.SIGKILL))
         channel.redact = opts.redact
+        channel.on_denied = self._denied_in_worker
         self._channel = channel
+
+    def _denied_in_worker(self, count: int, destinations: list[str]) -> None:
+        if self.egress is not None:  # a worker with no narrowed network has nothing to report
+            self.egress.denied_in_worker(count, destinations)
 
     def _environment(self) -> dict[str, str]:
         """Workers start with a scrubbed environment: no host secrets pass through."""

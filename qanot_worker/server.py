@@ -23,6 +23,7 @@ import msgspec
 
 from . import protocol as p
 from .eager import EagerStarter
+from .explain import denial_reports
 from .extensions import ToolFailed, read_extensions, run_command, run_hook
 from .loader import PluginLoadError, check_tools, load_plugin
 from .plugin_api import Plugin, ToolDef, overridden_hooks
@@ -66,6 +67,7 @@ class WorkerServer(asyncio.Protocol):
             warnings = [*warnings[:p.MAX_ITEMS - 1], f"... and {len(warnings) - p.MAX_ITEMS + 1} more"]
         self._send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), sandbox.egress_fd, sandbox.layers[:p.MAX_ITEMS],
                            warnings, sandbox.milliseconds))
+        denial_reports.attach(self._loop, self._send)
 
     # ---- transport callbacks ---------------------------------------------------------------------
 

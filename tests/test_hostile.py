@@ -208,6 +208,22 @@ async def test_pongs_no_ping_asked_for_end_the_worker(write_config, caplog):
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
 
 
+async def test_a_flood_of_denial_reports_ends_the_worker(write_config, caplog):
+    """A worker reports the connects its own check refused (p.Denied) once per 0.1 s at most; plugin
+    code writing such reports into the pipe as fast as it takes them is a lying worker, ended as the
+    Pong flood is, not a loop spent counting them."""
+    from .conftest import GREETER, wait_until
+    config = write_config([plugin("forged_frames"), GREETER], host={"restart": {"backoff_initial": 0}})
+    async with Host(config) as host:
+        sup = host.plugins["forged_frames"]
+        first = sup.worker.pid
+        result = await asyncio.wait_for(host.registry.execute("forged_denials", {}), 10)
+        assert "ESCAPED" not in result and json.loads(result)["error"].startswith("plugin forged_frames: "), result
+        await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != first, 10, "the restart")
+        assert "more than 20 reports of denied connects in a second" in caplog.text, caplog.text[-2000:]
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+
+
 async def test_a_frame_that_never_ends_does_not_keep_a_worker_from_its_pings(tmp_path):
     """Bytes of a frame that never ends, one every 50 ms, counted as signs of life: the worker was
     never pinged, stayed ready for minutes, and the host held the frame's buffer (attack pass 52).

@@ -15,14 +15,15 @@ __all__ = [
     "SANDBOX_KEY", "PLUGIN_KEY", "SPAWN_KEY", "DISK_KEY", "EXIT_MCP_SERVER_GONE", "MCP_RESULT", "HOOK_NAMES",
     "MAX_MCP_BLOCKS", "McpResource", "McpBlock", "McpResult", "McpText",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
-    "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "HostMessage", "WorkerMessage",
+    "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "Denied", "HostMessage", "WorkerMessage",
+    "MAX_DENIED_DESTINATIONS",
     "FailureKind", "Spawn", "ReleaseDisk", "TemplateRequest", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
     "Extensions", "CommandSpec",
     "Hook", "HookResult", "RunCommand", "decode_hook_value", "MAX_ITEMS", "MAX_KEYS", "MAX_TEMPLATE_VARS",
     "MAX_HOOK_VALUE", "Scalar", "Fields", "Items",
 ]
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 # How a launcher hands a worker what it needs before the first frame, in its environment.
 # The cookie is not a secret: it only stops someone from running a worker by hand and wondering
 # why it hangs.
@@ -185,6 +186,18 @@ class Done(msgspec.Struct, tag=True, array_like=True):
     id: int
 
 
+MAX_DENIED_DESTINATIONS = 8
+
+
+class Denied(msgspec.Struct, tag=True, array_like=True):
+    """Connects the worker's own check refused (a network narrowed to hosts: the audit hook says
+    what to grant before the host is asked), since the last such report, and the first few
+    destinations among them ("host:port"): no request asks for it. A worker sends one at most every
+    DENIED_REPORT_SECONDS; the host counts them as the denials it makes itself."""
+    count: Annotated[int, msgspec.Meta(ge=1, le=2**40)]
+    destinations: Annotated[list[Annotated[str, msgspec.Meta(max_length=300)]], _at_most(MAX_DENIED_DESTINATIONS)]
+
+
 # ---- host -> worker -------------------------------------------------------------------------------
 
 class MountOp(msgspec.Struct, array_like=True, frozen=True):
@@ -293,7 +306,7 @@ class Teardown(msgspec.Struct, tag=True, array_like=True):
 
 
 HostMessage = Union[Load, Setup, GetTools, Call, Cancel, Ping, Teardown, Hook, RunCommand]
-WorkerMessage = Union[Hello, Loaded, ToolList, Result, Failure, Pong, Done, HookResult]
+WorkerMessage = Union[Hello, Loaded, ToolList, Result, Failure, Pong, Done, HookResult, Denied]
 
 
 # ---- fork server (one SOCK_SEQPACKET message each; Spawn carries four fds by SCM_RIGHTS) ---------

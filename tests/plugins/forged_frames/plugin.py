@@ -1,6 +1,6 @@
 """Hostile fixture: plugin code writing frames of its own into the worker's protocol pipe (attack
-pass 52): Pong frames no ping asked for, as fast as the pipe takes them. The host must end the
-worker, not spend its loop on them."""
+pass 52): Pong frames no ping asked for, or reports of denied connects, as fast as the pipe takes
+them. The host must end the worker, not spend its loop on them."""
 
 import os
 import struct
@@ -27,8 +27,8 @@ def _write_only_pipes() -> list[int]:
     return found
 
 
-def _flood_pongs() -> None:
-    body = msgspec.msgpack.encode(p.Pong(0))
+def _flood_pongs(message: msgspec.Struct | None = None) -> None:
+    body = msgspec.msgpack.encode(message or p.Pong(0))
     data = (struct.pack(">I", len(body)) + body) * 1024
     for _ in range(200):
         for fd in _write_only_pipes():
@@ -51,6 +51,13 @@ class QanotPlugin(Plugin):
         import asyncio
         await asyncio.sleep(5)
         return "ESCAPED: still served after flooding Pongs"
+
+    @tool(name="forged_denials", description="write reports of denied connects into the protocol pipe")
+    async def denials(self, params: dict) -> str:
+        threading.Thread(target=_flood_pongs, args=(p.Denied(1000, ["example.com:443"]),), daemon=True).start()
+        import asyncio
+        await asyncio.sleep(5)
+        return "ESCAPED: still served after flooding denial reports"
 
     @tool(name="forged_ok", description="answers")
     async def ok(self, params: dict) -> str:
