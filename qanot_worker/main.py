@@ -52,6 +52,7 @@ def main(argv: list[str]) -> int:
 def _enter_sandbox() -> SandboxOutcome:
     raw = os.environ.pop(p.SANDBOX_KEY, None)
     disk = os.environ.pop(p.DISK_KEY, "")
+    plugin = os.environ.pop(p.PLUGIN_KEY, "?")  # the host's, not the plugin's: gone before its code runs
     if raw is None:
         if disk.startswith("fd:"):
             os.close(int(disk[3:]))
@@ -59,7 +60,7 @@ def _enter_sandbox() -> SandboxOutcome:
     spec = SANDBOX_SPEC.decode(raw)
     began = time.perf_counter()
     try:
-        outcome = apply_sandbox(spec, os.environ.get(p.PLUGIN_KEY, "?"), disk)
+        outcome = apply_sandbox(spec, plugin, disk)
     except SandboxRefused as exc:
         return SandboxOutcome(refused=str(exc))
     outcome.milliseconds = 1000 * (time.perf_counter() - began)

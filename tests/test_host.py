@@ -182,7 +182,7 @@ async def test_both_launchers_give_the_same_isolated_worker(write_config, launch
     async with Host(config) as host:
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
         env = json.loads(await host.registry.execute("greeter_env", {}))
-        assert env["flags"] == [1, 1] and set(env["environ"]) == {"PATH", "LANG", "HOME", "TMPDIR", "QANOT_WORKER_PLUGIN"}
+        assert env["flags"] == [1, 1] and set(env["environ"]) == {"PATH", "LANG", "HOME", "TMPDIR"}
         assert env["cwd"].endswith(os.path.join("data", "greeter"))
         worker = psutil.Process(host.plugins["greeter"].worker.pid)
         # a session and process group of its own (led by its namespace's init), not the host's
