@@ -64,7 +64,9 @@ def requirement_problem(entry: object) -> str | None:
     try:
         requirement = Requirement(entry)
     except InvalidRequirement as exc:
-        return f"{entry!r} is not a plain requirement ({exc}); give a name and version constraints"
+        # packaging's first line: the two after it draw a caret under the entry (one line is promised)
+        why = str(exc).splitlines()[0].strip() if str(exc).strip() else type(exc).__name__
+        return f"{entry!r} is not a plain requirement ({why}); give a name and version constraints"
     if requirement.url:
         return f"{entry!r}: a direct reference (URL or path) is refused; give a name and version constraints"
     return None
