@@ -326,6 +326,9 @@ async def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+LAST_EXIT_CHARS = 40  # in the table; `status --json` has it whole
+
+
 def _status_cell(row: dict, column: str) -> object:
     """The table's short form of a row's value; `status --json` has them whole (the layers' names)."""
     if column == "sandbox":  # 17 names made the table 200 characters wide: counted, and what is missing
@@ -333,6 +336,9 @@ def _status_cell(row: dict, column: str) -> object:
         return (f"{len(layers)} layers" + (f", {len(missing)} missing" if missing else "")) if layers else None
     if column == "uptime":
         return _duration(row["uptime"]) if row["uptime"] else None
+    if column == "last_exit":  # a whole sentence made each row 250 characters wide (newcomer pass 56)
+        text = row.get("last_exit") or ""
+        return text if len(text) <= LAST_EXIT_CHARS else text[:LAST_EXIT_CHARS - 3] + "..."
     if column == "egress":  # connections allowed/denied, where the network is narrowed to hosts
         return f"{row['egress']['allowed']}/{row['egress']['denied']}" if row.get("egress") else None
     return row.get(column)
@@ -351,8 +357,11 @@ def _cell(value: object) -> str:
 
 
 async def _reload(args: argparse.Namespace) -> int:
-    # a broken config is refused here (load_config), with a one-line error
-    reply = await control_request(await _answering(args.config), "reload", timeout=None)  # as long as it takes
+    try:
+        path = await _answering(args.config)
+    except ConfigError as exc:  # refused here, before any host hears of it: it runs on as it was
+        raise ConfigError(f"{exc}; nothing was sent: a running host keeps the config it runs") from None
+    reply = await control_request(path, "reload", timeout=None)  # as long as it takes
     summary, errors = reply["reload"], reply.get("errors", {})
     for key, names in summary.items():
         if key != "failed":

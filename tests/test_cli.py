@@ -373,3 +373,12 @@ async def test_a_running_host_of_another_config_on_the_state_dir_is_said_not_run
     assert through_link.returncode == 0 and through_link.stdout == "Salom, x!\n", through_link.stderr
     assert calls == 1  # through the running host: the same config, named through a symlink
     assert_one_line_error(elsewhere, f"runs {config}, not {other}, on the same state_dir: nothing was sent")
+
+
+def test_the_status_table_keeps_a_long_last_exit_short():
+    """A whole sentence in LAST_EXIT made each row 250 characters wide (newcomer pass 56): cut in the
+    table, whole in `status --json`."""
+    from qanot_host.cli import _status_cell
+    long = "tool faulty_block did not stop within 3 s of being cancelled (a handler blocking the event loop?); killed"
+    assert _status_cell({"last_exit": long}, "last_exit") == long[:37] + "..."
+    assert _status_cell({"last_exit": "exit code 7"}, "last_exit") == "exit code 7"

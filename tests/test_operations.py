@@ -90,6 +90,9 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_old_one(write_config, runn
     host.proc.send_signal(signal.SIGHUP)
     host.wait_for("reloaded")
     Path(config).write_text("{broken")
+    # the command refuses it before the host hears of it, and says the host runs on as it was
+    assert_one_line_error(qanot_host("reload", "--config", config), "not valid JSON",
+                          "nothing was sent: a running host keeps the config it runs")
     host.proc.send_signal(signal.SIGHUP)
     assert "not valid JSON" in host.wait_for("reload refused")
     assert len(host.workers()) == 2
