@@ -106,7 +106,7 @@ def sandbox_spec(config: Config, places: PluginPlaces, uid: int, cgroups: dict[s
         tcp_ports=[] if anywhere else sorted({port for item in narrowed for port in item.ports}),
         tcp_hosts=[] if anywhere else sorted({pair for item in narrowed for pair in item.pairs()}),
         subprocess=runs, rlimits=settings.rlimits.as_dict(), cgroups=cgroups, strict=settings.strict,
-        uid=uid, gid=uid)
+        uid=uid, gid=uid, host_private=[config.path, config.host.state_dir])
 
 
 def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str], granted_writes: list[str],

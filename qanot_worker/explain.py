@@ -36,8 +36,18 @@ def explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
     def covered(path: str, roots: tuple[str, ...]) -> bool:
         return os.path.join(os.path.realpath(path), "").startswith(roots)
 
+    private = tuple(os.path.join(os.path.realpath(x), "") for x in spec.host_private if x)
+
     def denied(what: str) -> PermissionError:
         return PermissionError(errno.EACCES, f"denied by the sandbox: {what}")
+
+    def not_granted(doing: str, path: str) -> PermissionError:
+        """A path no grant may reach (the host's config.json and state_dir: a config that grants
+        them is refused) is not said to need the 'filesystem' permission (newcomer pass 56)."""
+        if covered(path, private) or os.path.realpath(path) in (x.rstrip("/") for x in private):
+            return denied(f"{doing} {path}: the host's own files (its config.json, its state_dir) are no "
+                          "plugin's, whatever it is granted")
+        return denied(f"{doing} {path} needs the 'filesystem' permission ({grant})")
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
         if event == "open" and isinstance(args[0], (str, bytes)):
@@ -45,12 +55,11 @@ def explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
             mode = args[1] or "r"
             wants_write = any(c in str(mode) for c in "wax+") or (isinstance(args[2], int) and args[2] & 3)
             if not covered(path, writable if wants_write else readable):
-                raise denied(f"{'writing' if wants_write else 'reading'} {path} needs the 'filesystem' "
-                             f"permission ({grant})")
+                raise not_granted("writing" if wants_write else "reading", path)
         elif event in ("os.listdir", "os.scandir") and isinstance(args[0], (str, bytes)):
             path = os.fsdecode(args[0])
             if not covered(path, readable):
-                raise denied(f"listing {path} needs the 'filesystem' permission ({grant})")
+                raise not_granted("listing", path)
         elif event in ("socket.getaddrinfo", "socket.gethostbyname") and not spec.network \
                 and _needs_dns(args[0]):
             # Without a network there is no DNS either: the plugin would see "Temporary failure in

@@ -110,3 +110,28 @@ async def test_control_socket_refuses_workers_even_without_seccomp(write_config,
         finally:
             await control.close()
     assert "the host closed the control connection" in result
+
+
+async def test_reading_the_hosts_config_is_not_said_to_need_a_grant(write_config, tmp_path):
+    """The host's config.json and state_dir can never be granted (a config that grants them is
+    refused), yet a plugin reading config.json was told it "needs the 'filesystem' permission
+    (config.json: host.plugins.X.permissions)" (newcomer pass 56): it is told they are the host's."""
+    import json
+    import shutil
+    import tempfile
+    from qanot_host import ToolFailed
+    place = Path(tempfile.mkdtemp(dir="/var/tmp"))  # not under the worker's own /tmp, which the hook allows
+    try:
+        config = json.loads(Path(write_config([plugin("escape_read_host_config")])).read_text())
+        (place / "workspace").mkdir()
+        config["workspace_dir"] = str(place / "workspace")
+        config["host"]["state_dir"] = str(place / "state")
+        (place / "config.json").write_text(json.dumps(config))
+        async with Host(str(place / "config.json")) as host:
+            with pytest.raises(ToolFailed) as denied:
+                await host.registry.invoke("escape_read_host_config", {})
+        assert f"denied by the sandbox: reading {place / 'config.json'}: the host's own files (its config.json, its " \
+               "state_dir) are no plugin's, whatever it is granted" in str(denied.value)
+        assert "needs the 'filesystem' permission" not in str(denied.value)
+    finally:
+        shutil.rmtree(place, ignore_errors=True)

@@ -241,6 +241,9 @@ class SandboxSpec(msgspec.Struct):
     tcp_ports: list[int] = []
     tcp_hosts: list[tuple[str, int]] = []
     subprocess: bool = False
+    # the host's own files (config.json, state_dir), as the host names them: no grant reaches them,
+    # so a denial there says so rather than which permission to grant
+    host_private: list[str] = []
     rlimits: dict[str, int] = {}
     # the cgroups the launcher put the worker in: layer name (pids-cgroup, ...) -> its cgroup.procs
     cgroups: dict[str, str] = {}
