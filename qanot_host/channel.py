@@ -48,7 +48,8 @@ class FrameCount:
 FRAMES = FrameCount()
 
 
-MAX_DENIED_REPORTS_PER_SECOND = 20
+DENIED_REPORTS_PER_SECOND = 20  # a worker sends at most 10
+DENIED_REPORTS_HELD = 600  # a minute of an honest worker's reports, read at once after a stall
 
 
 def _nobody(error: PluginError | None) -> None:
@@ -87,8 +88,8 @@ class WorkerChannel(asyncio.Protocol):
         self.hello: asyncio.Future[p.Hello] = loop.create_future()
         # connects the worker's own check refused (p.Denied): (count, first destinations)
         self.on_denied: Callable[[int, list[str]], None] | None = None
-        self._denied_since = 0.0
-        self._denied_reports = 0
+        self._denied_since = loop.time()
+        self._denied_allowance = float(DENIED_REPORTS_HELD)
 
     @classmethod
     async def open(cls, plugin: str, max_frame: int, to_worker: int, from_worker: int,
@@ -303,14 +304,18 @@ class WorkerChannel(asyncio.Protocol):
 
     def _denied(self, msg: p.Denied) -> None:
         """A worker reports once per DENIED_REPORT_SECONDS at most: a flood of reports (plugin code
-        can write frames into the pipe) is a lying worker, as unsolicited Pongs are (attack pass 52)."""
+        can write frames into the pipe) is a lying worker, as unsolicited Pongs are (attack pass 52).
+        Counted as a bucket that refills at twice an honest worker's rate and holds a minute of it:
+        the reports of a host whose loop was late for seconds arrive together, and its honest
+        worker was ended for that (attack pass 57: a 1.2 s stall sufficed with a per-second count)."""
         now = self._loop.time()
-        if now - self._denied_since >= 1.0:
-            self._denied_since, self._denied_reports = now, 0
-        self._denied_reports += 1
-        if self._denied_reports > MAX_DENIED_REPORTS_PER_SECOND:
-            raise msgspec.DecodeError(f"more than {MAX_DENIED_REPORTS_PER_SECOND} reports of denied connects in a "
-                                      "second (a worker sends one every 0.1 s at most)")
+        self._denied_allowance = min(DENIED_REPORTS_HELD, self._denied_allowance
+                                     + (now - self._denied_since) * DENIED_REPORTS_PER_SECOND)
+        self._denied_since = now
+        if self._denied_allowance < 1:
+            raise msgspec.DecodeError(f"reports of denied connects faster than {DENIED_REPORTS_PER_SECOND} a second "
+                                      "for a minute (a worker sends one every 0.1 s at most)")
+        self._denied_allowance -= 1
         if self.on_denied is not None:
             self.on_denied(msg.count, msg.destinations)
 

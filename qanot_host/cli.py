@@ -172,33 +172,35 @@ async def _call(args: argparse.Namespace) -> int:
         reply = await control_request(running, "call", timeout=None, tool=args.tool, params=params)
         _print_result(reply["result"])
         return EXIT_OK
-    async with _one_shot_host(args.config) as host:
+    host, beside = _one_shot_host(args.config)
+    async with host:
         try:
             result = await host.registry.invoke(args.tool, params)
         except ToolNotFound as exc:
             await host.tool_index_ready()  # made in the background: it may say why by now
             missing = ToolNotFound(exc.tool, host.registry.explain_missing(exc.tool, whole=True))
             if "(" in str(missing) or not host.not_ready():
-                raise call_error(missing) from None  # the registry knew why (a disabled or failed plugin's tool)
-            raise call_error(QanotHostError(f"{missing} (plugins that failed to start: {host.not_ready()})")) from None
+                raise call_error(missing, beside) from None  # the registry knew why (a disabled or failed plugin's)
+            raise call_error(QanotHostError(f"{missing} (plugins that failed to start: {host.not_ready()})"),
+                             beside) from None
         except QanotHostError as exc:
-            raise call_error(exc) from None
+            raise call_error(exc, beside) from None
     _print_result(result)
     return EXIT_OK
 
 
-def _one_shot_host(config_path: str) -> Host:
-    """A host of its own for one call or one listing: no metrics server (a running host of the
-    config serves its port: the newcomer of pass 56's standalone call failed on that alone). Beside
-    a running host of the same state_dir, each plugin that host started waits 3 s for its disk and
-    does not start here: said first, not only after it all."""
+def _one_shot_host(config_path: str) -> tuple[Host, str]:
+    """A host of its own for one call or one listing, and what to add to its error beside a running
+    host of the same state_dir. It serves no metrics (a running host of the config serves its port:
+    the newcomer of pass 56's standalone call failed on that alone). Beside a running host, each
+    plugin that host started waits 3 s for its disk and does not start here: an error says so."""
     config = load_config(config_path)
     config = msgspec.structs.replace(config, host=msgspec.structs.replace(config.host, metrics=None))
+    beside = ""
     if host_holds(config.host.state_dir):
-        print(f"qanot-host: note: a qanot-host holds state_dir {config.host.state_dir}: the plugins it has "
-              "started cannot start here (their disks are attached there; 3 s each); without --standalone "
-              "the call goes through it", file=sys.stderr, flush=True)
-    return Host(config)
+        beside = (f"a qanot-host holds state_dir {config.host.state_dir}: the plugins it has started cannot start "
+                  "beside it (their disks are attached there); without --standalone the call goes through it")
+    return Host(config), beside
 
 
 def _print_result(result: str) -> None:
@@ -260,11 +262,13 @@ def _parse_params(text: str) -> dict:
 
 async def _tools(args: argparse.Namespace) -> int:
     running = None if args.standalone else await _running_host(args.config)
+    beside = ""
     if running is not None:  # the running host's tools, as they are now; nothing starts here
         reply = await control_request(running, "tools")
         tools, failed = reply["tools"], reply["failed"]
     else:
-        async with _one_shot_host(args.config) as host:
+        host, beside = _one_shot_host(args.config)
+        async with host:
             tools = host.tool_definitions()
             failed = host.not_ready()
     if args.json:
@@ -276,7 +280,8 @@ async def _tools(args: argparse.Namespace) -> int:
         for name, plugin, description in rows:
             print(f"{name:<{widths[0]}}  {plugin:<{widths[1]}}  {description}")
     if failed:
-        print(f"qanot-host: error: plugins that failed to start: {failed}", file=sys.stderr)
+        print(f"qanot-host: error: plugins that failed to start: {failed}" + (f"; {beside}" if beside else ""),
+              file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 

@@ -27,6 +27,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import select
 import socket
 import struct
@@ -35,7 +36,6 @@ from typing import Callable, NamedTuple
 
 from . import tcp_diag
 from .egress_policy import EgressPolicy, literal_address
-from .output import printable
 
 __all__ = ["EgressGate", "EgressPolicy", "RESOLVER_ENV"]
 
@@ -89,6 +89,10 @@ LINGER_BOUND = 0.5
 _CLOSER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="qanot-egress-close")
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+# a destination as the worker's check names it: a name or an address (IPv6 bare or bracketed), a port
+DESTINATION = re.compile(r"[A-Za-z0-9._\-:\[\]%]{1,260}:[0-9]{1,5}")
 
 
 class EgressGate:
@@ -435,7 +439,9 @@ class EgressGate:
         grant: the plugin's error names what to grant): counted and logged as this gate's own."""
         self.denied += count
         for destination in destinations:
-            where = printable(destination)[:300]
+            if not DESTINATION.fullmatch(destination):  # plugin code can write these: only a host:port is
+                continue  # quoted, not a sentence of its making in the host's advice (attack pass 57)
+            where = destination
             self.last_denied = where
             if (where, -1) in self._logged or len(self._logged) >= MAX_LOGGED_DENIALS:
                 continue

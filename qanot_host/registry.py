@@ -367,10 +367,11 @@ def redact_credentials(message: str) -> str:
     return _CREDENTIALS.sub("[credential redacted]", message)
 
 
-def call_error(exc: QanotHostError) -> QanotHostError:
+def call_error(exc: QanotHostError, context: str = "") -> QanotHostError:
     """A failed call's error as `qanot-host call` prints it: the plugins' text in it (an exception,
-    a setup()'s) with credentials redacted, as execute() and `qanot-host mcp` redact them."""
-    return QanotHostError(redact_credentials(str(exc)))
+    a setup()'s) with credentials redacted, as execute() and `qanot-host mcp` redact them; and
+    `context`, the command's own words, after it."""
+    return QanotHostError(redact_credentials(str(exc)) + (f"; {context}" if context else ""))
 
 
 def _checked_on_a_thread(tool: RegisteredTool, name: str) -> Handler:

@@ -80,6 +80,21 @@ async def test_granted_host_is_reached_every_way_and_nothing_else(write_config, 
         assert other.accepted == 0 and granted.accepted == 3
 
 
+async def test_a_host_late_for_seconds_does_not_end_a_worker_reporting_its_denials(write_config):
+    """A worker reports the connects its own check refused ten times a second at most; the host
+    counted them as they were read, so a loop late for 1.2 s read a burst of honest reports and
+    ended the worker as a liar (attack pass 57). Three seconds late, it is still the same worker."""
+    config = narrowed(write_config, ["127.0.0.1:9"])
+    async with Host(config) as host:
+        sup = host.plugins["net_client"]
+        pid = sup.worker.pid
+        assert await host.registry.execute("net_deny_loop", {"seconds": 5}) == "started"
+        time.sleep(3)  # the host's loop held: the reports queue in the pipe
+        await asyncio.sleep(3)
+        assert sup.state == PluginState.READY and sup.worker.pid == pid and sup.restarts == 0, sup.last_exit
+        assert sup.worker.egress.denied >= 100, sup.worker.egress.denied
+
+
 async def test_a_granted_port_on_another_address_is_refused(write_config):
     async with Listener("127.0.0.1") as granted, Listener("127.0.0.2", 0) as elsewhere:
         config = narrowed(write_config, [f"127.0.0.1:{granted.port}", f"127.0.0.1:{elsewhere.port}"])

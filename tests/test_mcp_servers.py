@@ -540,6 +540,26 @@ async def test_a_server_that_exits_at_once_says_why_in_its_error(write_config):
         status["silent"]
 
 
+async def test_the_stderr_a_failed_server_is_quoted_by_keeps_its_secrets_whole_or_out(write_config, monkeypatch,
+                                                                                         caplog):
+    """The end of a dying server's stderr was cut (300 characters a line, an unended line's last
+    4096 bytes) in the bridge, before the host took the server's secrets out: a token across each
+    cut gave its start and its end to the log and status (attack pass 57)."""
+    token = "SUPERSECRETTOKEN0123456789abcdef"
+    monkeypatch.setenv("QH_TAIL_TOKEN", token)
+    script = ('printf "ERROR connecting as admin with %0270d%s rest\\n" 0 "$API_TOKEN" >&2; '
+              'printf "config dump %s%04084d" "$API_TOKEN" 0 >&2; exit 3')
+    config = write_config([], host={"restart": {"max_restarts": 0}}, mcp_servers=[
+        {"name": "leaky", "command": "/bin/sh", "args": ["-c", script], "env": {"API_TOKEN": "${QH_TAIL_TOKEN}"}}])
+    async with Host(config) as host:
+        status = {row["plugin"]: row for row in host.status()}
+    error = status["leaky"]["error"]
+    assert "the end of its stderr: ERROR connecting as admin with 000" in error, error
+    for piece in (token[:8], token[-8:], token[10:18]):
+        assert piece not in error and piece not in caplog.text, piece
+    assert "[secret" in error
+
+
 def test_cli_call_reaches_a_server_tool(write_config, server_venv, token):
     config = write_config([], host=probe_grants(), mcp_servers=[probe(server_venv, token)])
     done = subprocess.run([sys.executable, "-m", "qanot_host", "call", "--config", config, "echo",

@@ -192,7 +192,8 @@ def test_call_goes_through_the_running_host_unless_standalone(write_config, runn
     # a standalone host beside it: greeter's disk is the running host's, so its worker does not start
     # (without its disk its files would be elsewhere, with no ceiling)
     done = qanot_host("call", "--config", config, "--standalone", "greet", '{"name": "y"}')
-    assert_one_line_error(done, "Unknown tool: greet", "attached elsewhere")
+    assert_one_line_error(done, "Unknown tool: greet", "attached elsewhere", "; a qanot-host holds state_dir",
+                          "without --standalone the call goes through it")
     assert calls_of(config, "greeter") == 1  # the standalone host's call is not the running one's
 
 

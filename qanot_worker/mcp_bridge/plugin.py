@@ -133,7 +133,10 @@ class QanotPlugin(Plugin):
         exc = _leaf(exc)
         if isinstance(exc, OSError) and not exc.filename:
             return f"{self.config['command']} could not be started: {why}"
-        if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
+        exited = self._pidfd is not None and bool(select.select([self._pidfd], [], [], 0)[0])
+        if self._pidfd is None and self._stderr is not None:  # gone before its pid was found: its stderr ended
+            exited = self._stderr.ended()
+        if exited:
             tail = self._stderr.last_lines() if self._stderr is not None else []
             if not tail:
                 return f"{why} (the server exited before it answered, and wrote nothing to its stderr)"
@@ -151,7 +154,8 @@ class QanotPlugin(Plugin):
             # reason a server that exits at once gives (the newcomer of pass 56 read "its stderr,
             # logged above", but a one-shot command logs no such lines)
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            tail = self._stderr = StderrTail(read_end)
+            secrets = {key: env[key] for key in self.config.get("secret_env", []) if key in env}
+            tail = self._stderr = StderrTail(read_end, secrets)
             try:
                 with os.fdopen(write_end, "wb", buffering=0) as errlog:
                     async with stdio_client(params, errlog=errlog) as streams:
@@ -355,20 +359,32 @@ def _leaf(exc: BaseException) -> BaseException:
 
 class StderrTail:
     """A stdio server's stderr: passed on to this worker's stderr as it comes (the host logs each
-    line under the plugin's name), the last few lines kept for the error of a server that exits
-    before it answers. On a thread, writing as the server did: when the host reads slowly, the
-    thread waits and the server with it, never the bridge's event loop."""
+    line under the plugin's name, its secrets out), the last few lines kept for the error of a
+    server that exits before it answers. On a thread, writing as the server did: when the host
+    reads slowly, the thread waits and the server with it, never the bridge's event loop.
+
+    No line is cut before the secrets the server was given are out of it: a cut through one kept
+    its start (attack pass 57: two cuts gave back a whole token). A line too long to keep whole is
+    said to be there, not quoted."""
 
     KEEP = 5
-    LINE_CHARS = 300
+    LINE_CHARS = 300  # shown of a line, once its secrets are out
+    LONGEST = 16384  # bytes of a line kept to be shown; a longer one is only counted
     DRAIN_SECONDS = 0.5  # for what an exited server wrote last (a child of it may hold the pipe on)
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, secrets: dict[str, str] | None = None) -> None:
         self._fd = fd
-        self._last: list[str] = []
+        self._last: list[bytes | int] = []  # a line, or the length of one too long to keep
         self._partial = b""
+        self._partial_length = 0  # of the unfinished line, all of it
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._pass_on, name="mcp-server-stderr", daemon=True)
+        forms: dict[str, str] = {}
+        for key, value in (secrets or {}).items():
+            for form in {value, *value.splitlines()}:
+                if len(form.strip()) >= 4:
+                    forms.setdefault(form, key)
+        self._secrets = sorted(forms.items(), key=lambda pair: -len(pair[0]))
 
     def start(self) -> None:
         self._thread.start()
@@ -378,12 +394,23 @@ class StderrTail:
         if self._thread.ident is None:
             os.close(self._fd)
 
+    def ended(self) -> bool:
+        """Whether the server's end of the pipe is closed (it has exited), waiting a moment for it."""
+        if self._thread.ident is None:
+            return False
+        self._thread.join(self.DRAIN_SECONDS)
+        return not self._thread.is_alive()
+
     def last_lines(self) -> list[str]:
-        """What the server wrote last (it has exited: what it wrote is read first, briefly)."""
+        """What the server wrote last (it has exited: what it wrote is read first, briefly), its
+        secrets out, each line cut after that."""
         if self._thread.is_alive():
             self._thread.join(self.DRAIN_SECONDS)
         with self._lock:
-            return self._last + ([self._cut(self._partial)] if self._partial.strip() else [])
+            kept = list(self._last)
+            if self._partial_length:
+                kept.append(self._partial if self._partial_length <= self.LONGEST else self._partial_length)
+        return [self._shown(line) for line in kept]
 
     def _pass_on(self) -> None:
         try:
@@ -392,15 +419,28 @@ class StderrTail:
                 while view:
                     view = view[os.write(2, view):]
                 with self._lock:
-                    lines = (self._partial + data).split(b"\n")
-                    self._partial = lines.pop()[-4096:]
-                    kept = [self._cut(line) for line in lines if line.strip()]
-                    self._last = (self._last + kept)[-self.KEEP:]
+                    self._take(data)
         except OSError:
             pass  # the host's end of stderr gone: the worker is ending
         finally:
             os.close(self._fd)
 
-    def _cut(self, line: bytes) -> str:
+    def _take(self, data: bytes) -> None:
+        *ended, rest = data.split(b"\n")
+        for piece in ended:
+            whole = self._partial_length + len(piece)
+            line = self._partial + piece if whole <= self.LONGEST else whole
+            self._partial, self._partial_length = b"", 0
+            if whole and (not isinstance(line, bytes) or line.strip()):
+                self._last = [*self._last, line][-self.KEEP:]
+        self._partial_length += len(rest)
+        self._partial = self._partial + rest if self._partial_length <= self.LONGEST else b""
+
+    def _shown(self, line: bytes | int) -> str:
+        if isinstance(line, int):
+            return f"(a line of {line} bytes)"
         text = line.decode("utf-8", "replace").strip()
+        for value, key in self._secrets:
+            if value in text:
+                text = text.replace(value, f"[secret env.{key}]")
         return text if len(text) <= self.LINE_CHARS else text[:self.LINE_CHARS] + "..."

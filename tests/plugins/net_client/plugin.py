@@ -7,6 +7,8 @@ import json
 import os
 import socket
 import struct
+import threading
+import time
 
 from qanot.plugins.base import Plugin, tool
 
@@ -17,6 +19,7 @@ CLONE_THEN_PAUSE = bytes.fromhex("b838000000" "31d2" "4531d2" "4531c0" "0f05" "4
                                  "b822000000" "0f05" "ebf7" "c3")
 ADDRESS = {"type": "object", "required": ["host", "port"],
            "properties": {"host": {"type": "string"}, "port": {"type": "integer"}}}
+SECONDS = {"type": "object", "required": ["seconds"], "properties": {"seconds": {"type": "number"}}}
 
 
 def _raw_connect(host: str, port: int) -> int:
@@ -110,6 +113,20 @@ class QanotPlugin(Plugin):
             stop.set()
             flipper.join()
         return json.dumps({"connected": connected, "refused": refused})
+
+    @tool(name="net_deny_loop", description="From a thread, for `seconds`: connect where the grant surely "
+          "refuses, every 10 ms (the worker's own check refuses each).", parameters=SECONDS)
+    async def deny_loop(self, params: dict) -> str:
+        def loop() -> None:
+            end = time.monotonic() + params["seconds"]
+            while time.monotonic() < end:
+                try:
+                    socket.create_connection(("127.0.0.1", 1), timeout=1).close()
+                except OSError:
+                    pass
+                time.sleep(0.01)
+        threading.Thread(target=loop, daemon=True).start()
+        return "started"
 
     @tool(name="net_fds", description="What each open descriptor of this process is.")
     async def fds(self, params: dict) -> str:
