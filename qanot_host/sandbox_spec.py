@@ -140,8 +140,8 @@ def _root_plan(places: PluginPlaces, reads: list[str], granted_reads: list[str],
             bound.append(real)
     for path in granted_reads:
         add(p.MountOp("ro", path, path))
-    for path in granted_writes:
-        add(p.MountOp("rw", path, path))
+    for path in granted_writes:  # granted both ways: writable (it was bound read-only, EROFS: compat pass 57)
+        ops[path] = p.MountOp("rw", path, path)
     if places.workspace:
         add(p.MountOp("rw", *places.workspace))
     for path in hidden:

@@ -53,6 +53,20 @@ async def test_granted_env_vars_and_paths_reach_the_plugin(write_config, tmp_pat
            "host.plugins.wants_everything.permissions)" in str(raised.value)
 
 
+async def test_a_path_granted_both_read_and_write_is_writable(write_config, tmp_path):
+    """Granted in `read` and in `write` (as one would for a server's directory), it was bound
+    read-only: writes failed with EROFS, and nothing said why (compat pass 57)."""
+    place = tmp_path / "both"
+    place.mkdir()
+    place.chmod(0o777)
+    config = write_config([plugin("wants_everything")], host={"plugins": {"wants_everything": {"permissions": {
+        "filesystem": {"read": [str(place)], "write": [str(place)]}}}}})
+    async with Host(config) as host:
+        assert await host.registry.execute("wants_write", {"path": str(place / "a.txt"), "text": "hi"}) == "written"
+        assert await host.registry.execute("wants_read", {"path": str(place / "a.txt")}) == "hi"
+    assert (place / "a.txt").read_text() == "hi"
+
+
 async def test_declared_but_not_granted_starts_and_is_logged(write_config, caplog):
     async with Host(write_config([plugin("wants_everything")])) as host:
         assert host.plugins["wants_everything"].state == PluginState.READY

@@ -20,6 +20,14 @@ class QanotPlugin(Plugin):
         with open(params["path"]) as f:
             return f.read()
 
+    @tool(name="wants_write", description="Write `text` to a file by path.",
+          parameters={"type": "object", "required": ["path", "text"],
+                      "properties": {"path": {"type": "string"}, "text": {"type": "string"}}})
+    async def write(self, params: dict) -> str:
+        with open(params["path"], "w") as f:
+            f.write(params["text"])
+        return "written"
+
     @tool(name="wants_run", description="Run a program; its output, or why it could not run.",
           parameters={"type": "object", "required": ["argv"], "properties": {"argv": {"type": "array"}}})
     async def run(self, params: dict) -> str:
