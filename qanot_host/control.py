@@ -23,6 +23,7 @@ import psutil
 from .errors import PluginUnavailable, QanotHostError, ToolNotFound
 from .flock import flock_within
 from .registry import call_error, redact_credentials
+from .supervisor import PluginState
 
 if TYPE_CHECKING:
     from .host import Host
@@ -207,8 +208,10 @@ class ControlServer:
                 summary = await host.reload()
                 return {"ok": True, "reload": summary,
                         # as status shows them: key=value credentials in a plugin's own words redacted
-                        "errors": {name: redact_credentials(host.plugins[name].error) for name in summary["failed"]
-                                   if name in host.plugins}}
+                        "errors": {name: redact_credentials(host.plugins[name].error) + (
+                                       "" if host.plugins[name].state is PluginState.FAILED else
+                                       " (its restart policy tries again)")
+                                   for name in summary["failed"] if name in host.plugins}}
             case "restart":
                 return {"ok": True, "status": await host.restart_plugin(str(request.get("plugin")))}
             case "call":

@@ -502,8 +502,7 @@ class Host:
         summary = {"added": added, "removed": removed, "restarted": changed,
                    "unchanged": [n for n in wanted if n not in changed and n not in added],
                    # of those it started: an operator's script is told, not only the log (status says why)
-                   "failed": [n for n in [*added, *changed] if n in self.plugins
-                              and self.plugins[n].state is PluginState.FAILED]}
+                   "failed": [n for n in [*added, *changed] if n in self.plugins and _start_failed(self.plugins[n])]}
         log.info("reloaded %s: %s", new.path,
                  "; ".join(f"{key} {', '.join(names) or '-'}" for key, names in summary.items()))
         return summary
@@ -688,3 +687,10 @@ def _current_fingerprint(plugin: str, config: Config) -> str | None:
     """The plugin's fingerprint as it is found now under `config` (None: it is not found)."""
     source = find_plugin(plugin, config)
     return _fingerprint(source, config) if source is not None else None
+
+
+def _start_failed(supervisor: PluginSupervisor) -> bool:
+    """Failed, or its start failed and its restart policy tries again (an MCP server: a reload said
+    "added" and exited 0 for one that never started, compat pass 57)."""
+    return supervisor.state is PluginState.FAILED or (
+        supervisor.state in (PluginState.RESTARTING, PluginState.STARTING) and bool(supervisor.error))

@@ -17,7 +17,7 @@ from .discovery import find_plugin
 from .registry import sanitize_error
 from .settings import Config
 from .static import SCAN_MEMORY, scan_plugins_async
-from .supervisor import PluginState
+from .supervisor import SERVING_STATES, PluginState
 from .worker import LOADING
 
 if TYPE_CHECKING:
@@ -106,6 +106,13 @@ class ToolIndex:
             more = f"; and {len(unread) - 3} more" if len(unread) > 3 else ""
             return "plugins whose code did not load, so their tools are not known: " + "; ".join(
                 f"{name}: {clean(error)}" for name, error in unread[:3]) + more
+        # An MCP server's tools are known once it has listed them: one that is not serving is named
+        # (not why: its error quotes its stderr, and any caller of any name reads this; compat pass 57)
+        down = [server.name for server in config.mcp_servers if (supervisor := plugins.get(server.name)) is not None
+                and supervisor.state not in SERVING_STATES and not supervisor.offered_tools]
+        if down:
+            more = f", and {len(down) - 3} more" if len(down) > 3 else ""
+            return "MCP servers not serving, whose tools are not known (status says why): " + ", ".join(down[:3]) + more
         return ""
 
     async def _index(self, config: Config) -> None:

@@ -660,6 +660,14 @@ async def test_reload_restarts_a_changed_server_and_keeps_the_others(write_confi
         Path(config).write_text(json.dumps(data))
         assert (await host.reload())["removed"] == ["other"]
         assert host.registry.get("mcp_other_echo") is None and host.registry.get("echo").plugin == "probe"
+        # a server added that cannot start is tried again by its restart policy: the reload says it
+        # failed all the same, not only "added" (compat pass 57: exit 0, nothing said)
+        data["mcp_servers"].append({"name": "dies", "command": "/bin/sh", "args": ["-c", "exit 1"]})
+        Path(config).write_text(json.dumps(data))
+        summary = await host.reload()
+        assert summary["added"] == ["dies"] and summary["failed"] == ["dies"], summary
+        unknown = json.loads(await host.registry.execute("a_tool_of_dies", {}))["error"]
+        assert "MCP servers not serving, whose tools are not known (status says why): dies" in unknown, unknown
 
 
 async def test_a_server_whose_program_a_plugin_may_write_is_refused(write_config, tmp_path):
