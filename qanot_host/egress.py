@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 from . import tcp_diag
 from .egress_policy import EgressPolicy, literal_address
 
-__all__ = ["EgressGate", "EgressPolicy", "RESOLVER_ENV"]
+__all__ = ["EgressGate", "EgressPolicy", "RESOLVER_ENV", "DESTINATION", "MAX_LOGGED_DENIALS"]
 
 log = logging.getLogger("qanot_host.egress")
 
@@ -92,7 +92,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 # a destination as the worker's check names it: a name or an address (IPv6 bare or bracketed), a port
-DESTINATION = re.compile(r"[A-Za-z0-9._\-:\[\]%]{1,260}:[0-9]{1,5}")
+DESTINATION = re.compile(r"[A-Za-z0-9._\-:\[\]%]{1,260}(:[0-9]{1,5})?")
 
 
 class EgressGate:

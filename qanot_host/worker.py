@@ -21,7 +21,7 @@ import psutil
 from qanot_worker import protocol as p
 
 from .channel import RemoteFailure, WorkerChannel
-from .egress import DEFAULT_MAX_SOCKETS, RESOLVER_ENV, EgressGate, EgressPolicy
+from .egress import DEFAULT_MAX_SOCKETS, DESTINATION, MAX_LOGGED_DENIALS, RESOLVER_ENV, EgressGate, EgressPolicy
 from .egress_policy import NameResolver
 from .errors import (CallStuck, ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable,
                      ProtocolMismatch, WorkerCrashed, WorkerTimeout, describe_exit)
@@ -105,6 +105,7 @@ class WorkerHandle:
         self.exit_error: PluginError | None = None  # why the worker ended, once it has
         self.lost_calls: list[str] = []  # the tools of the calls in flight when it ended
         self.egress: EgressGate | None = None  # network narrowed to hosts: the host connects for it
+        self._no_network_logged: set[str] = set()  # destinations it was refused, with no network at all
 
     @property
     def pid(self) -> int | None:
@@ -199,8 +200,20 @@ class WorkerHandle:
         self._channel = channel
 
     def _denied_in_worker(self, count: int, destinations: list[str]) -> None:
-        if self.egress is not None:  # a worker with no narrowed network has nothing to report
+        """Connects (and look-ups) its own check refused: a narrowed network's gate counts them;
+        without a network at all, each destination is logged once with the key that grants it
+        (a library's own error, "Can't connect to MySQL server", said nothing of it: compat pass 57)."""
+        if self.egress is not None:
             self.egress.denied_in_worker(count, destinations)
+            return
+        for destination in destinations:
+            if not DESTINATION.fullmatch(destination) or destination in self._no_network_logged \
+                    or len(self._no_network_logged) >= MAX_LOGGED_DENIALS:
+                continue
+            self._no_network_logged.add(destination)
+            log.warning("plugin %s: connect to %s denied: it has no 'network' permission; to allow it, grant "
+                        "config.json host.plugins.%s.permissions.network (true, or {\"hosts\": [\"HOST:PORT\"]})",
+                        self.plugin, destination, self.plugin)
 
     def _environment(self) -> dict[str, str]:
         """Workers start with a scrubbed environment: no host secrets pass through."""

@@ -64,18 +64,23 @@ def explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
                 and _needs_dns(args[0]):
             # Without a network there is no DNS either: the plugin would see "Temporary failure in
             # name resolution" and never learn that a grant is missing. Still a gaierror, for code
-            # that catches that.
+            # that catches that. The host is told too: a library that wraps the error in its own
+            # ("Can't connect to MySQL server") leaves the operator nothing else (compat pass 57).
+            port = args[1] if event == "socket.getaddrinfo" and len(args) > 1 else None
+            denial_reports.note(_destination(args[0], port))
             raise socket.gaierror(socket.EAI_AGAIN, f"denied by the sandbox: resolving {os.fsdecode(args[0])!r} "
                                                     f"needs the 'network' permission ({grant})")
         elif event in ("socket.connect", "socket.bind") and not spec.network and _is_inet(args[0]):
             doing = "connecting to" if event == "socket.connect" else "binding"
+            if event == "socket.connect" and isinstance(args[1], tuple) and len(args[1]) >= 2:
+                denial_reports.note(_destination(args[1][0], args[1][1]))
             raise denied(f"{doing} {args[1]} needs the 'network' permission ({grant})")
         elif event in ("socket.connect", "socket.getaddrinfo") and spec.egress_filtered:
             address = args[1] if event == "socket.connect" else args[:2]
             if (event == "socket.getaddrinfo" or _is_inet(args[0])) and not reachable(address):
                 host, port = address[0], address[1]
                 # a look-up refused (create_connection's first step) is the connect refused
-                denial_reports.note(f"{os.fsdecode(host) if isinstance(host, (str, bytes)) else host}:{port}")
+                denial_reports.note(_destination(host, port))
                 raise denied(f"{host}:{port} is not among the 'network' hosts and ports granted ({grant}.network: "
                              f"add \"{host}:{port}\" to its \"hosts\")")
         elif event in STARTS_A_PROCESS and not spec.subprocess:
@@ -157,6 +162,12 @@ def _reachability(spec: p.SandboxSpec):
         return any(granted_port == port and _is_ip_literal(granted) for granted, granted_port in granted_pairs)
 
     return reachable
+
+
+def _destination(host: object, port: object) -> str:
+    """host:port as the host quotes it (the port left out when there is none)."""
+    name = os.fsdecode(host) if isinstance(host, (str, bytes)) else str(host)
+    return f"{name}:{port}" if isinstance(port, int) else name
 
 
 def _is_inet(sock: object) -> bool:

@@ -484,3 +484,22 @@ async def test_a_plugin_holding_its_memory_lock_holds_up_only_its_own_connects(w
             assert await connecting == f"pong:{granted.port}"
     # on the worker's own thread: a pool shared by every worker was held whole by 8 plugins (pass 41)
     assert threads and all(name.startswith("qanot-egress-net_client") for name in threads), threads
+
+
+async def test_without_a_network_each_refused_destination_is_logged_with_the_key(write_config, caplog):
+    """A plugin with no network grant at all: a library that wraps the refusal in its own words
+    ("Can't connect to MySQL server") left the operator nothing to go on (compat pass 57). The
+    worker reports what its check refused, and the host logs each destination once, with the key."""
+    config = write_config([plugin("net_client")])
+    async with Host(config) as host:
+        for address in ({"host": "127.0.0.1", "port": 5}, {"host": "db.example.com", "port": 3306}):
+            assert "needs the 'network' permission" in await host.registry.execute("net_blocking", address)
+        await host.registry.execute("net_blocking", {"host": "127.0.0.1", "port": 5})
+
+        def logged(destination: str) -> int:
+            return caplog.text.count(f"plugin net_client: connect to {destination} denied: it has no 'network' "
+                                     "permission; to allow it, grant config.json host.plugins.net_client."
+                                     "permissions.network")
+        await wait_until(lambda: logged("db.example.com:3306") == 1, 5, "the report of the look-up refused")
+        assert logged("127.0.0.1:5") == 1  # once, however often
+        assert host.plugins["net_client"].state == PluginState.READY
