@@ -531,9 +531,15 @@ async def test_a_server_that_exits_at_once_says_why_in_its_error(write_config):
     config = write_config([], host={"restart": {"max_restarts": 0}}, mcp_servers=[
         {"name": "dies", "command": "/bin/sh",
          "args": ["-c", "echo Traceback >&2; echo \"ModuleNotFoundError: No module named 'mcp'\" >&2; exit 1"]},
-        {"name": "silent", "command": "/bin/sh", "args": ["-c", "exit 1"]}])
+        {"name": "silent", "command": "/bin/sh", "args": ["-c", "exit 1"]},
+        {"name": "banner", "command": "/bin/sh",
+         "args": ["-c", "echo 'ImportError: Bad git executable.' >&2; for i in 1 2 3 4 5 6 7; do echo banner $i >&2; "
+                        "done; exit 1"]}])
     async with Host(config) as host:
         status = {row["plugin"]: row for row in host.status()}
+    # the exception's line, which a long banner after it pushed out of the last lines (compat pass 57)
+    assert "the end of its stderr: ImportError: Bad git executable. | ... | banner 3 | banner 4 | banner 5 | " \
+           "banner 6 | banner 7)" in status["banner"]["error"], status["banner"]
     assert "the server exited before it answered; the end of its stderr: Traceback | ModuleNotFoundError: " \
            "No module named 'mcp'" in status["dies"]["error"], status["dies"]
     assert "the server exited before it answered, and wrote nothing to its stderr" in status["silent"]["error"], \

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import select
 import signal
 import sys
@@ -357,6 +358,9 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+PYTHON_ERROR = re.compile(rb"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b(: |$)")
+
+
 class StderrTail:
     """A stdio server's stderr: passed on to this worker's stderr as it comes (the host logs each
     line under the plugin's name, its secrets out), the last few lines kept for the error of a
@@ -377,6 +381,7 @@ class StderrTail:
         self._last: list[bytes | int] = []  # a line, or the length of one too long to keep
         self._partial = b""
         self._partial_length = 0  # of the unfinished line, all of it
+        self._error: bytes | None = None  # the last line that reads as a Python exception's
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._pass_on, name="mcp-server-stderr", daemon=True)
         forms: dict[str, str] = {}
@@ -407,9 +412,11 @@ class StderrTail:
         if self._thread.is_alive():
             self._thread.join(self.DRAIN_SECONDS)
         with self._lock:
-            kept = list(self._last)
+            kept: list[bytes | int] = list(self._last)
             if self._partial_length:
                 kept.append(self._partial if self._partial_length <= self.LONGEST else self._partial_length)
+            if self._error is not None and self._error not in kept:  # what a long banner after it hid
+                kept = [self._error, b"...", *kept]  # (GitPython's "Bad git executable": compat pass 57)
         return [self._shown(line) for line in kept]
 
     def _pass_on(self) -> None:
@@ -433,6 +440,8 @@ class StderrTail:
             self._partial, self._partial_length = b"", 0
             if whole and (not isinstance(line, bytes) or line.strip()):
                 self._last = [*self._last, line][-self.KEEP:]
+                if isinstance(line, bytes) and PYTHON_ERROR.match(line):
+                    self._error = line
         self._partial_length += len(rest)
         self._partial = self._partial + rest if self._partial_length <= self.LONGEST else b""
 
