@@ -70,7 +70,7 @@ class Heartbeats:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self._tick - loop.time() % self._tick)  # on the grid, with the limits watch
+            await asyncio.sleep(self._tick)
             if not self._look(loop.time()):
                 return
 

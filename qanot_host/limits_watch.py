@@ -40,12 +40,7 @@ class LimitsWatch:
         cost 1-6 us here, three of them for each of 500 plugins every second."""
         loop = asyncio.get_running_loop()
         while True:
-            # On the loop clock's grid of `interval`, as the heartbeat's tick is: both wake the host
-            # in one loop turn, not two. Here a process that slept pays to touch its memory again
-            # (40-50 us a page after a second asleep, measured), so each wake-up costs the host's
-            # idle CPU about as much as the looks it makes.
-            period = interval()
-            await asyncio.sleep(period - loop.time() % period)
+            await asyncio.sleep(interval())
             due: list[tuple[PluginSupervisor, float | None]] = []
             now, loop_now = time.monotonic(), loop.time()
             for supervisor in plugins():
