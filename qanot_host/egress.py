@@ -434,14 +434,16 @@ class EgressGate:
                             self.plugin, address, port, self.policy.describe() or "nothing", port, self.plugin)
         self._answer(notif_id, error=errno.EACCES)
 
-    def denied_in_worker(self, count: int, destinations: list[str]) -> None:
+    def denied_in_worker(self, count: int, destinations: list[str],
+                         redact: Callable[[str], str] | None = None) -> None:
         """Connects the worker's audit hook refused before asking (an address surely outside the
-        grant: the plugin's error names what to grant): counted and logged as this gate's own."""
+        grant: the plugin's error names what to grant): counted and logged as this gate's own. A
+        name may be a secret of the plugin's config (a database host): `redact` takes it out."""
         self.denied += count
         for destination in destinations:
             if not DESTINATION.fullmatch(destination):  # plugin code can write these: only a host:port is
                 continue  # quoted, not a sentence of its making in the host's advice (attack pass 57)
-            where = destination
+            where = redact(destination) if redact is not None else destination  # (attack pass 58)
             self.last_denied = where
             if (where, -1) in self._logged or len(self._logged) >= MAX_LOGGED_DENIALS:
                 continue

@@ -208,6 +208,14 @@ def _stdio_programs(config: Config, where: str, command: str, path: str | None) 
     programs = program_plan(command, search, os.path.dirname(config.path), f"{where}.command")
     for place in [*programs.hops, *programs.executable, *programs.readable]:
         _refuse_writable(place, writable, f"{where}.command")
+    from .config import within
+    for root in programs.readable:  # and no place to write within what it loads: a venv's site-packages
+        real = os.path.realpath(root)  # granted to a plugin let it replace a module the server imports,
+        for key, place in writable:  # and read the server's secrets from inside it (attack pass 58)
+            if within(place, real):
+                raise ValueError(f"{where}.command: its installation {root} holds {place} ({key}), where "
+                                 "plugins may write: a plugin could change the code this server loads. Grant "
+                                 "a directory outside it")
     return search, programs
 
 

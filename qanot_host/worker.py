@@ -203,14 +203,17 @@ class WorkerHandle:
         """Connects (and look-ups) its own check refused: a narrowed network's gate counts them;
         without a network at all, each destination is logged once with the key that grants it
         (a library's own error, "Can't connect to MySQL server", said nothing of it: compat pass 57)."""
+        redact = self._options.redact  # a name may be a secret of its config: a database's host (attack pass 58)
         if self.egress is not None:
-            self.egress.denied_in_worker(count, destinations)
+            self.egress.denied_in_worker(count, destinations, redact)
             return
         for destination in destinations:
             if not DESTINATION.fullmatch(destination) or destination in self._no_network_logged \
                     or len(self._no_network_logged) >= MAX_LOGGED_DENIALS:
                 continue
             self._no_network_logged.add(destination)
+            if redact is not None:
+                destination = redact(destination)
             log.warning("plugin %s: connect to %s denied: it has no 'network' permission; to allow it, grant "
                         "config.json host.plugins.%s.permissions.network (true, or {\"hosts\": [\"HOST:PORT\"]})",
                         self.plugin, destination, self.plugin)

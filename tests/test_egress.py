@@ -503,3 +503,16 @@ async def test_without_a_network_each_refused_destination_is_logged_with_the_key
         await wait_until(lambda: logged("db.example.com:3306") == 1, 5, "the report of the look-up refused")
         assert logged("127.0.0.1:5") == 1  # once, however often
         assert host.plugins["net_client"].state == PluginState.READY
+
+
+@pytest.mark.parametrize("hosts", [None, ["127.0.0.1:9"]], ids=["no network", "narrowed"])
+async def test_a_refused_name_that_is_a_secret_of_the_config_is_not_logged(write_config, monkeypatch, caplog, hosts):
+    """A database's host name from a SecretRef, refused: the host logged it whole, and status showed
+    it as last_denied (attack pass 58). It is redacted as every line about the plugin is."""
+    monkeypatch.setenv("QH_DB_HOST", "sekr3t-db.internal.example")
+    grants = {} if hosts is None else {"plugins": {"net_client": {"permissions": {"network": {"hosts": hosts}}}}}
+    config = write_config([plugin("net_client", db_host={"env": "QH_DB_HOST"})], host=grants)
+    async with Host(config) as host:
+        await host.registry.execute("net_blocking", {"host": "sekr3t-db.internal.example", "port": 3306})
+        await wait_until(lambda: "connect to [secret config.db_host]:3306 denied" in caplog.text, 5, "the log line")
+        assert "sekr3t" not in caplog.text and "sekr3t" not in json.dumps(host.status())

@@ -691,6 +691,28 @@ async def test_a_server_whose_program_a_plugin_may_write_is_refused(write_config
         assert "host.plugins.echo.permissions.filesystem.write" in status["swappable"]["error"]
 
 
+async def test_a_server_whose_installation_a_plugin_may_write_within_is_refused(write_config, tmp_path):
+    """A write grant inside a server's installation (its venv's site-packages), not on its programs,
+    let a plugin replace a module the server imports, and read the server's secrets from inside it;
+    `check` said nothing (attack pass 58)."""
+    venv = tmp_path / "servervenv"
+    site_packages = venv / "lib" / "python3" / "site-packages"
+    site_packages.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (venv / "bin").mkdir()
+    program = venv / "bin" / "server"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    config = write_config([plugin("echo")], host=grant_write("echo", site_packages),
+                          mcp_servers=[{"name": "victim", "command": str(program)}])
+    async with Host(config) as running:
+        status = {row["plugin"]: row for row in running.status()}
+    assert status["victim"]["state"] == "failed" and status["echo"]["state"] == "ready"
+    assert f"its installation {venv} holds {site_packages} (host.plugins.echo.permissions.filesystem.write)" \
+        in status["victim"]["error"], status["victim"]["error"]
+    assert "mcp_servers[0].command" in check_report(config)
+
+
 async def test_a_path_where_plugins_write_is_refused_and_squatted_names_too(write_config, server_venv, token,
                                                                               tmp_path):
     """Attack pass 13: a server's own place on its PATH let it plant a script whose #! line the host
