@@ -115,15 +115,6 @@ class Cgroups:
             return int(usec) / 1e6 if usec else None
         return None
 
-    def cpu_file(self, plugin: str) -> tuple[str, bool]:
-        """The file of the plugin group's CPU time, and whether it is cgroup v2's cpu.stat (usage_usec
-        on its first line) rather than v1's cpuacct.usage (ns); "" where there is none."""
-        if "cpuacct" in self._base:
-            return os.path.join(self._base["cpuacct"], plugin, "cpuacct.usage"), False
-        if "" in self._base:
-            return os.path.join(self._base[""], plugin, "cpu.stat"), True
-        return "", False
-
     def _pread(self, plugin: str, path: str) -> str:
         for _ in range(2):
             fd = self._open_files.get(plugin)

@@ -64,7 +64,6 @@ class Host:
         self._install_seconds: dict[str, float] = {}  # plugin -> its environments' build time, across reloads
         self._envs = self._environment_builder(self.config)
         self._stopping = False
-        self._generation = 0  # of self.plugins: changed when a plugin is added, replaced or removed
         self._monitor: asyncio.Task | None = None
         self._registration_paused = False
         self._held_registrations: set[str] = set()  # plugins that got tools during a pause, before their turn
@@ -122,10 +121,8 @@ class Host:
         await self._start_plugins([e.name for e in self.config.plugins if e.enabled])
         self._index.build_if_useful(self.config, self.plugins)  # some failed to start
         watch = LimitsWatch(self._factory)
-        watch.take(list(self.plugins.values()), self._generation)
         self._monitor = asyncio.get_running_loop().create_task(
-            watch.run(lambda: list(self.plugins.values()), lambda: self.config.host.limits_interval,
-                      lambda: self._generation))
+            watch.run(lambda: list(self.plugins.values()), lambda: self.config.host.limits_interval))
         ready = [s for s in self.plugins.values() if s.serving]
         log.info("ready: %d of %d plugins, %d tools", len(ready), len(self.plugins),
                  len(self.registry.tool_names))
@@ -145,7 +142,6 @@ class Host:
                                           self._factory, self._register_tools)
             self.plugins[name] = supervisor
             fresh.append(supervisor)
-            self._generation += 1  # the limits watch takes the plugins anew
         if any(not s.lazy for s in fresh):  # a worker will start: its launcher gets ready meanwhile
             self._factory.prepare()
         self._factory.reserve_uids(names)
@@ -484,7 +480,6 @@ class Host:
             resized = [n for n in changed if old.limits_for(n).disk_mb != new.limits_for(n).disk_mb]
             await asyncio.gather(*(self._factory.release_disk(name) for name in [*removed, *resized]))
             self.config = new
-            self._generation += 1  # ping_interval, say, is the limits watch's too
             self.registry.timeout = new.host.call_timeout
             self.workspace = Workspace(new.workspace_dir)
             self._envs = self._environment_builder(new)
@@ -515,7 +510,6 @@ class Host:
     async def _stop_plugins(self, names: list[str], why: str) -> None:
         """`why`: what a call to one of them is told while it stops."""
         supervisors = [self.plugins.pop(name) for name in names]
-        self._generation += 1
         await asyncio.gather(*(s.stop(why) for s in supervisors), return_exceptions=True)
         for supervisor in supervisors:
             self.registry.remove_plugin_tools(supervisor.name)

@@ -5,9 +5,7 @@ last one cost). One timer for all plugins, however many there are.
 
 from __future__ import annotations
 
-import array
 import asyncio
-import os
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -25,9 +23,7 @@ WORKSPACE_WALK_SPACING = 20  # a workspace walk is followed by 20 times its leng
 # costs an idle plugin ~0.2 ms of CPU each, which alone set off a walk (/proc maps read included) every
 # ping_interval for every plugin: 500 idle plugins, 50 walks a second, 3-4% of a core.
 WALK_CPU = 0.002
-WALK_CPU_NS = int(WALK_CPU * 1e9)
 WALK_AT_LEAST_PINGS = 6
-NEVER_WALKED = -WALK_CPU_NS  # a CPU time that makes any plugin's look due
 
 
 class LimitsWatch:
@@ -36,50 +32,29 @@ class LimitsWatch:
         self._next_walk: dict[str, float] = {}  # plugin -> when its workspace may be walked again
         # plugin -> (its group's CPU time, the loop's time) when its place was last found within
         self._last_within: dict[str, tuple[float, float]] = {}
-        self._generation = -1  # of the host's plugins, when the lists below were made
-        self._looked: list[PluginSupervisor] = []  # an idle_timeout or a ceiling: looked at each time
-        self._probe = CpuProbe()  # those with a workspace_mb, by their cgroups' CPU time
 
-    async def run(self, plugins: Callable[[], list[PluginSupervisor]], interval: Callable[[], float],
-                  generation: Callable[[], int] = lambda: 0) -> None:
-        """Until cancelled (the host's stop): every `interval()` seconds, each plugin that needs a
-        look; the workspace walks that are due, all in one thread hop. A plugin is asked only what
-        applies to it (no idle_timeout: no idle check; no memory or CPU ceiling: no usage read), and
-        a plugin whose cgroup has not run is not looked at at all: its CPU time, read from a
-        descriptor kept open, says so (CpuProbe). `generation()` changes when the plugins do."""
+    async def run(self, plugins: Callable[[], list[PluginSupervisor]], interval: Callable[[], float]) -> None:
+        """Until cancelled (the host's stop): every `interval()` seconds, each plugin in turn; the
+        workspace walks that are due, all in one thread hop. A plugin is asked only what applies to
+        it (no idle_timeout: no idle check; no memory or CPU ceiling: no usage read): each look
+        cost 1-6 us here, three of them for each of 500 plugins every second."""
         loop = asyncio.get_running_loop()
-        try:
-            while True:
-                await asyncio.sleep(interval())
-                if generation() != self._generation:
-                    self.take(plugins(), generation())
-                now, loop_now = time.monotonic(), loop.time()
-                for supervisor in self._looked:
-                    if supervisor.idle_timeout is not None:
-                        supervisor.stop_if_idle(now)
-                    limits = supervisor.limits
-                    if limits.max_rss_mb or limits.max_cpu_seconds:
-                        supervisor.check_limits()
-                due: list[tuple[PluginSupervisor, float | None]] = []
-                for supervisor in self._probe.moved(loop_now):
+        while True:
+            await asyncio.sleep(interval())
+            due: list[tuple[PluginSupervisor, float | None]] = []
+            now, loop_now = time.monotonic(), loop.time()
+            for supervisor in plugins():
+                if supervisor.idle_timeout is not None:
+                    supervisor.stop_if_idle(now)
+                limits = supervisor.limits
+                if limits.max_rss_mb or limits.max_cpu_seconds:
+                    supervisor.check_limits()
+                if limits.workspace_mb:
                     walk, cpu = self._walk_due(supervisor, loop_now)
                     if walk:
                         due.append((supervisor, cpu))
-                if due:
-                    await self._check_workspaces(due)
-        finally:
-            self._probe.close()
-
-    def take(self, supervisors: list[PluginSupervisor], generation: int) -> None:
-        """Look at these plugins from now on (the host calls it once started, before its first
-        tick: the descriptors it keeps are the host's from its start on, as a chaos run counts them)."""
-        self._generation = generation
-        self._looked = [s for s in supervisors if s.idle_timeout is not None
-                        or s.limits.max_rss_mb or s.limits.max_cpu_seconds]
-        cgroups = self._factory.cgroups
-        gap = supervisors[0].config.host.ping_interval * WALK_AT_LEAST_PINGS if supervisors else 60.0
-        self._probe.rebuild([s for s in supervisors if s.limits.workspace_mb],
-                            cgroups.cpu_file if cgroups.available else None, gap)
+            if due:
+                await self._check_workspaces(due)
 
     def _walk_due(self, supervisor: PluginSupervisor, now: float) -> tuple[bool, float | None]:
         """workspace_mb. A walk costs the host CPU in proportion to what the plugin put there (100 000
@@ -115,7 +90,6 @@ class LimitsWatch:
         now = asyncio.get_running_loop().time()
         for (supervisor, cpu), (problem, seconds) in zip(due, found, strict=True):
             self._next_walk[supervisor.name] = now + WORKSPACE_WALK_SPACING * seconds
-            self._probe.walked(supervisor, None if problem else cpu, now)
             if problem:
                 self._last_within.pop(supervisor.name, None)
                 # killed at once: the host's own disk, which a teardown() of seconds went on filling
@@ -123,90 +97,6 @@ class LimitsWatch:
                 supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True, at_once=True)
             elif cpu is not None:
                 self._last_within[supervisor.name] = (cpu, now)
-
-
-class CpuProbe:
-    """Which plugins' cgroups have run since their places were last walked: each plugin's CPU time
-    read from a descriptor kept open, compared in arrays, without touching the plugin's objects.
-    Waking after a second asleep, this machine made the host pay 40-50 us for each page of memory it
-    wrote again (a Python object's reference count is written on any use), so a look at every one
-    of 500 plugins each second, a few pages each, cost a few percent of a core at idle. A plugin is
-    taken up only when its cgroup has used WALK_CPU since its last walk, or used any and its
-    WALK_AT_LEAST_PINGS ping intervals are up (as _walk_due decides again), or its time cannot be
-    read (no cgroups here, its group not made yet, a read failing)."""
-
-    def __init__(self) -> None:
-        self._supervisors: list[PluginSupervisor] = []
-        self._index: dict[PluginSupervisor, int] = {}
-        self._cpu_file: Callable[[str], tuple[str, bool]] | None = None
-        self._fds = array.array("i")
-        self._v2 = array.array("b")  # cpu.stat (usage_usec) rather than cpuacct.usage (ns)
-        self._at_walk = array.array("q")  # ns of CPU time when its place was last found within
-        self._walked_at = array.array("d")  # the loop's time then
-        self._gap = 60.0
-
-    def rebuild(self, supervisors: list[PluginSupervisor], cpu_file: Callable[[str], tuple[str, bool]] | None,
-                gap: float) -> None:
-        """For these plugins from now on (what was known of those still among them is kept)."""
-        known = {s: (self._at_walk[i], self._walked_at[i]) for s, i in self._index.items()}
-        self.close()
-        self._gap, self._cpu_file = gap, cpu_file
-        self._supervisors = list(supervisors)
-        self._index = {s: i for i, s in enumerate(self._supervisors)}
-        for supervisor in self._supervisors:
-            self._v2.append(False)
-            self._fds.append(-1)
-            at_walk, walked_at = known.get(supervisor, (NEVER_WALKED, 0.0))
-            self._at_walk.append(at_walk)
-            self._walked_at.append(walked_at)
-        for i in range(len(self._supervisors)):  # now, not at the first look (those not yet made: then)
-            self._open(i)
-
-    def moved(self, now: float) -> list[PluginSupervisor]:
-        fds, at_walk, walked_at, gap, v2 = self._fds, self._at_walk, self._walked_at, self._gap, self._v2
-        taken = []
-        for i in range(len(fds)):
-            fd = fds[i]
-            if fd < 0:
-                fd = self._open(i)
-                if fd < 0:
-                    taken.append(self._supervisors[i])
-                    continue
-            try:
-                data = os.pread(fd, 64, 0)
-                used = (int(data.split(None, 2)[1]) * 1000 if v2[i] else int(data)) - at_walk[i]
-            except (OSError, ValueError, IndexError):
-                taken.append(self._supervisors[i])
-                continue
-            if used >= WALK_CPU_NS or (used > 0 and now - walked_at[i] >= gap):
-                taken.append(self._supervisors[i])
-        return taken
-
-    def walked(self, supervisor: PluginSupervisor, cpu: float | None, now: float) -> None:
-        """Its place was walked: found within at `cpu` seconds of its group's time, or not (None)."""
-        i = self._index.get(supervisor)
-        if i is not None:
-            self._at_walk[i] = NEVER_WALKED if cpu is None else int(cpu * 1e9)
-            self._walked_at[i] = now
-
-    def _open(self, i: int) -> int:
-        path, v2 = self._cpu_file(self._supervisors[i].name) if self._cpu_file is not None else ("", False)
-        if not path:
-            return -1
-        try:
-            self._fds[i] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:  # its group is not made yet (a lazy plugin never started)
-            return -1
-        self._v2[i] = v2
-        return self._fds[i]
-
-    def close(self) -> None:
-        for fd in self._fds:
-            if fd >= 0:
-                os.close(fd)
-        self._supervisors, self._index = [], {}
-        for column in (self._fds, self._v2, self._at_walk, self._walked_at):
-            del column[:]
 
 
 def _measure_all(measure: list[tuple[str, str, int]], pids: dict[str, list[int]]) -> list[tuple[str | None, float]]:
