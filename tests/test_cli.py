@@ -381,3 +381,11 @@ def test_the_status_table_keeps_a_long_last_exit_short():
     long = "tool faulty_block did not stop within 3 s of being cancelled (a handler blocking the event loop?); killed"
     assert _status_cell({"last_exit": long}, "last_exit") == long[:37] + "..."
     assert _status_cell({"last_exit": "exit code 7"}, "last_exit") == "exit code 7"
+
+
+def test_a_secret_the_host_redacted_is_not_redacted_again_into_pieces():
+    """`call` printed "api_[credential redacted] config.api_key]" for the host's own "[secret ...]":
+    the key=value pass ran over a value redacted already (newcomer pass 58)."""
+    from qanot_host.registry import redact_credentials
+    assert redact_credentials("failed with api_key=[secret config.api_key] and password=hunter2") == \
+        "failed with api_key=[secret config.api_key] and [credential redacted]"
