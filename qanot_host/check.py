@@ -134,8 +134,10 @@ def _check_settings(config: Config, name: str, declared: set[str] | None, label:
     settings = config.settings_for(name)
     key = f"{config.path}: host.plugins.{name}"
     grant = settings.permissions.filesystem
-    uid = UidMap(config.host.state_dir, config.host.sandbox.uid_base).peek(name) \
-        if config.host.sandbox.identity and os.geteuid() == 0 else os.geteuid()
+    uids = UidMap(config.host.state_dir, config.host.sandbox.uid_base)
+    uid = uids.peek(name) if config.host.sandbox.identity and os.geteuid() == 0 else os.geteuid()
+    if config.host.sandbox.identity and os.geteuid() == 0 and uids.problem() and uids.problem() not in problems:
+        problems.append(uids.problem())
     for index, path in enumerate(grant.read if grant else []):
         if not os.path.exists(path):
             problems.append(f"{label}: {key}.permissions.filesystem.read[{index}]: {path} does not exist")

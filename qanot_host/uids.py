@@ -42,6 +42,23 @@ class UidMap:
         if wanted:
             self._cache.update(self._allocate(wanted))
 
+    def problem(self) -> str:
+        """Why this table is not this uid_base's, "" when it is (for `check`, and each start)."""
+        return self._foreign(self._read())
+
+    def _foreign(self, table: dict[str, int]) -> str:
+        """A table whose uids come from another uid_base: a host of this state_dir ran with another
+        (QANOT_HOST_UID_BASE left out of one shell): each plugin was given a uid anew and its data
+        directory chowned to it, and its workspace place refused (newcomer pass 58)."""
+        other = next(((name, uid) for name, uid in table.items()
+                      if isinstance(uid, int) and not self._valid(uid)), None)
+        if other is None:
+            return ""
+        return (f"{self._path} was made with another uid_base (plugin {other[0]} has uid {other[1]}, outside "
+                f"{self._base}..{self._base + UID_RANGE - 1}): run with the uid_base it was made with "
+                "(host.sandbox.uid_base, or QANOT_HOST_UID_BASE), or remove the file to give the plugins new uids "
+                "(then chown their data and workspace places to them)")
+
     def peek(self, plugin: str) -> int:
         """The uid the plugin has, or would get now, without writing anything (for `check`)."""
         table = self._read()
@@ -55,6 +72,9 @@ class UidMap:
         with open(self._path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             table = self._read()
+            foreign = self._foreign(table)
+            if foreign:
+                raise OSError(0, foreign)
             kept = {plugin: uid for plugin, uid in table.items() if self._valid(uid)}
             taken = set(kept.values())
             fresh = [plugin for plugin in dict.fromkeys(plugins) if plugin not in kept]

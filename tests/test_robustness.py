@@ -25,7 +25,7 @@ from qanot_host import Host, InvalidParams, PluginState, ToolFailed
 from qanot_host.errors import ConfigError
 from qanot_host.schema import MAX_PARAMS_DEPTH, compile_params_check, compile_validator, json_problem
 
-from .conftest import GREETER, gone, grant_write, plugin, wait_until, worker_processes
+from .conftest import GREETER, check_report, gone, grant_write, plugin, wait_until, worker_processes
 from .test_hostile import HostileLauncher
 
 
@@ -672,3 +672,24 @@ async def test_a_host_warns_when_a_plugins_uid_is_another_hosts_process(write_co
         os.kill(other, signal.SIGKILL)
     assert f"plugin greeter: its uid {uid} is also that of process {other} (sleep)" in caplog.text
     assert "host.sandbox.uid_base of its own" in caplog.text
+
+
+async def test_a_state_dir_whose_uids_are_another_uid_bases_is_refused_not_rebased(write_config, tmp_path):
+    """A call from a shell without QANOT_HOST_UID_BASE started a host on the state_dir with the
+    default uid_base: every plugin was given a uid anew and its data directory chowned to it, and
+    every later start refused its workspace place (newcomer pass 58). It is refused, saying why."""
+    config = write_config([GREETER], host={"sandbox": {"uid_base": 2_101_000_000}})
+    async with Host(config) as host:
+        assert host.plugins["greeter"].state == PluginState.READY
+    table = (tmp_path / "state" / "uids.json").read_text()
+    data = json.loads(Path(config).read_text())
+    data["host"]["sandbox"]["uid_base"] = 2_102_000_000
+    Path(config).write_text(json.dumps(data))
+    async with Host(config) as host:
+        greeter = host.plugins["greeter"]
+        assert greeter.state == PluginState.FAILED
+        assert "uids.json was made with another uid_base (plugin greeter has uid 21010" in greeter.error
+        assert "run with the uid_base it was made with (host.sandbox.uid_base, or QANOT_HOST_UID_BASE)" \
+            in greeter.error
+    assert (tmp_path / "state" / "uids.json").read_text() == table  # nothing given anew
+    assert "uids.json was made with another uid_base" in check_report(config)
