@@ -6,7 +6,9 @@ import asyncio
 import sys
 from typing import Any, Coroutine
 
-__all__ = ["run", "loop_name"]
+__all__ = ["run", "loop_name", "CONNECT_EVENT"]
+
+CONNECT_EVENT = "qanot_worker.connect"  # (host, port): a connection the loop is asked to make
 
 uvloop: Any
 try:
@@ -25,6 +27,19 @@ if uvloop is not None:
                               proto: int = 0, flags: int = 0) -> Any:
             sys.audit("socket.getaddrinfo", host, port, family, type, proto, flags)
             return await super().getaddrinfo(host, port, family=family, type=type, proto=proto, flags=flags)
+
+        async def create_connection(self, protocol_factory: Any, host: Any = None, port: Any = None,
+                                    **kwargs: Any) -> Any:
+            """asyncio.open_connection(), aiohttp's connector: uvloop resolves and connects in libuv,
+            so a plugin without the grant got a bare "Permission denied", or "Temporary failure in
+            name resolution" for a name, and the host heard nothing (newcomer pass 58)."""
+            if host is not None and kwargs.get("sock") is None:
+                sys.audit(CONNECT_EVENT, host, port)
+            return await super().create_connection(protocol_factory, host, port, **kwargs)
+
+        async def sock_connect(self, sock: Any, address: Any) -> Any:
+            sys.audit("socket.connect", sock, address)  # as socket.connect() raises it
+            return await super().sock_connect(sock, address)
 
 
 def run(coro: Coroutine[Any, Any, Any], audited: bool = False) -> Any:

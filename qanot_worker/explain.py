@@ -17,6 +17,7 @@ import threading
 from typing import Any, Callable
 
 from . import protocol as p
+from .eventloop import CONNECT_EVENT
 
 __all__ = ["explain_denials", "DenialReports", "denial_reports"]
 
@@ -80,6 +81,16 @@ def explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
             if (event == "socket.getaddrinfo" or _is_inet(args[0])) and not reachable(address):
                 host, port = address[0], address[1]
                 # a look-up refused (create_connection's first step) is the connect refused
+                denial_reports.note(_destination(host, port))
+                raise denied(f"{host}:{port} is not among the 'network' hosts and ports granted ({grant}.network: "
+                             f"add \"{host}:{port}\" to its \"hosts\")")
+        elif event == CONNECT_EVENT and (not spec.network or spec.egress_filtered):  # the worker's loop's
+            address = (args[0], args[1])
+            if not spec.network:
+                denial_reports.note(_destination(*address))
+                raise denied(f"connecting to {address} needs the 'network' permission ({grant})")
+            if not reachable(address):
+                host, port = address
                 denial_reports.note(_destination(host, port))
                 raise denied(f"{host}:{port} is not among the 'network' hosts and ports granted ({grant}.network: "
                              f"add \"{host}:{port}\" to its \"hosts\")")

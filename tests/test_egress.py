@@ -494,6 +494,12 @@ async def test_without_a_network_each_refused_destination_is_logged_with_the_key
     async with Host(config) as host:
         for address in ({"host": "127.0.0.1", "port": 5}, {"host": "db.example.com", "port": 3306}):
             assert "needs the 'network' permission" in await host.registry.execute("net_blocking", address)
+        # asyncio.open_connection on the worker's uvloop: a bare "Permission denied", or "Temporary
+        # failure in name resolution" for a name, and no report (newcomer pass 58)
+        for address in ({"host": "127.0.0.1", "port": 6}, {"host": "api.example.com", "port": 443}):
+            answer = await host.registry.execute("net_asyncio", address)
+            assert f"connecting to ('{address['host']}', {address['port']}) needs the 'network' permission" \
+                in answer, answer
         await host.registry.execute("net_blocking", {"host": "127.0.0.1", "port": 5})
 
         def logged(destination: str) -> int:
@@ -502,6 +508,8 @@ async def test_without_a_network_each_refused_destination_is_logged_with_the_key
                                      "permissions.network")
         await wait_until(lambda: logged("db.example.com:3306") == 1, 5, "the report of the look-up refused")
         assert logged("127.0.0.1:5") == 1  # once, however often
+        await wait_until(lambda: logged("api.example.com:443") == 1 and logged("127.0.0.1:6") == 1, 5,
+                         "the reports of the loop's connects refused")
         assert host.plugins["net_client"].state == PluginState.READY
 
 
