@@ -31,8 +31,9 @@ class RestartDecision:
 class RestartPolicy:
     def __init__(self, policy: str = "permanent", max_restarts: int = 5, window: float = 60.0,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, stable_after: float = 10.0,
-                 jitter: float = 0.1) -> None:
+                 jitter: float = 0.1, plugin: str = "NAME") -> None:
         self.policy = policy
+        self.plugin = plugin  # named in what to do once it gives up
         self.max_restarts = max_restarts
         self.window = window
         self.backoff_initial = backoff_initial
@@ -52,7 +53,8 @@ class RestartPolicy:
             self._recent.popleft()
         if len(self._recent) >= self.max_restarts:
             return RestartDecision(False, reason=f"restart intensity exceeded: {len(self._recent)} restarts "
-                                                 f"within {self.window:g} s")
+                                                 f"within {self.window:g} s (`qanot-host restart {self.plugin}` "
+                                                 "or a reload starts it again)")
         self._recent.append(now)
         if uptime >= self.stable_after:
             self._consecutive = 0

@@ -81,7 +81,8 @@ class PluginSupervisor:
         self.site_dirs: list[str] = []  # its dependencies' environment
         restart = config.restart_for(entry.name)
         self.policy = RestartPolicy(restart.policy, restart.max_restarts, restart.window,
-                                    restart.backoff_initial, restart.backoff_max, restart.stable_after)
+                                    restart.backoff_initial, restart.backoff_max, restart.stable_after,
+                                    plugin=entry.name)
         self.limits = config.limits_for(entry.name)
         self._config = config
         self._timeouts: dict[str | None, float] = {}  # per tool (None: hooks, commands), resolved once

@@ -162,7 +162,7 @@ class WorkerHandle:
             self._take_egress_listener(hello.egress_fd)
         self.info = kept_info(await self._ask(
             lambda i: p.Load(i, self.plugin, entry_file, plugin_dir, site_dirs), p.Loaded,
-            self._options.handshake_timeout, LOADING))
+            self._options.handshake_timeout, LOADING, "handshake_timeout"))
 
     async def _spawn(self) -> None:
         opts = self._options
@@ -279,11 +279,15 @@ class WorkerHandle:
                                    f"the host speaks {p.PROTOCOL_VERSION}")
         return hello
 
-    async def _ask(self, make, expect: type, timeout: float, what: str):
+    async def _ask(self, make, expect: type, timeout: float, what: str, setting: str = "setup_timeout"):
+        """`setting`: the host key that gives `timeout`, named when it runs out (newcomer pass 58:
+        "setup() timed out after 5 s" said nothing of what to raise)."""
         if self._channel is None:
             raise PluginUnavailable(self.plugin, "worker is not running")
         try:
             return await self._channel.request(make, expect, timeout, what)
+        except WorkerTimeout as exc:
+            raise type(exc)(self.plugin, f"{exc.detail} (host.{setting})") from None
         except RemoteFailure as exc:
             raise PluginStartError(self.plugin, f"{what} failed: {exc.message}") from None
         except WorkerCrashed as exc:

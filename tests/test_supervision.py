@@ -80,7 +80,8 @@ async def test_restart_intensity_limit_then_reload_revives(write_config):
             await host.registry.execute("mb_crash", {"how": "exit"})
         await wait_until(lambda: sup.state == PluginState.FAILED, 10, "failed")
         assert sup.restarts == 2
-        assert "restart intensity exceeded: 2 restarts within 60 s" in sup.error
+        assert "restart intensity exceeded: 2 restarts within 60 s (`qanot-host restart misbehave` or a reload " \
+               "starts it again)" in sup.error
         answer = json.loads(await host.registry.execute("mb_ok", {}))
         assert "restart intensity exceeded" in answer["error"] and "exit code 7" in answer["error"]
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
@@ -288,7 +289,7 @@ async def test_a_tick_looks_only_at_the_workers_whose_moment_has_come(write_conf
 async def test_slow_and_crashing_setup(write_config):
     config = write_config([misbehave(slow_start=5), GREETER], host={"setup_timeout": 0.3})
     async with Host(config) as host:
-        assert host.plugins["misbehave"].error == "setup() timed out after 0.3 s"
+        assert host.plugins["misbehave"].error == "setup() timed out after 0.3 s (host.setup_timeout)"
     async with Host(write_config([misbehave(crash_in_setup=True)])) as host:
         assert host.plugins["misbehave"].error == "worker crashed during setup() (exit code 5)"
 
