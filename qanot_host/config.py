@@ -23,7 +23,7 @@ from .json_objects import parse_json_object
 from .mcp_servers import add_mcp_servers, read_mcp_servers
 from .safe_files import unsafe_directory
 from .schema import json_problem
-from .settings import Config, PluginSettings, agents_own_name
+from .settings import Config, PluginSettings, agents_own_name, split_host_port
 
 __all__ = ["load_config", "parse_config", "directory_problems", "own_workspace", "validation_message", "within"]
 
@@ -59,6 +59,11 @@ def parse_config(raw: bytes | str, path: str) -> Config:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {_name_the_plugin(data, validation_message(exc))}") from None
     config.path = path
+    if config.host.metrics is not None:  # refused by `check` as by `run` (newcomer pass 58: check passed it)
+        try:
+            split_host_port(config.host.metrics, "host.metrics")
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     add_mcp_servers(config)  # each server one more plugin, after the plugins
     _check_plugins(config)
     _resolve_paths(config)

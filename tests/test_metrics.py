@@ -198,3 +198,13 @@ async def test_idle_plugins_and_their_activations_are_counted_and_ready(write_co
         samples = await scrape(port)
         assert value(samples, "qanot_host_activations_total", plugin="greeter") == 1
         assert value(samples, "qanot_host_plugin_state", plugin="greeter", state="ready") == 1
+
+
+@pytest.mark.parametrize("address", ["nonsense", "127.0.0.1:99999"])
+def test_a_metrics_address_that_is_no_host_port_is_refused_by_check_too(write_config, address):
+    """`check` passed host.metrics "nonsense", which `run` then refused (newcomer pass 58): it is
+    refused where config.json is read, by both."""
+    from qanot_host.config import load_config
+    config = write_config([GREETER], host={"metrics": address})
+    with pytest.raises(ConfigError, match=rf"config\.json: host\.metrics: '{re.escape(address)}' is not \"host:port\""):
+        load_config(config)
