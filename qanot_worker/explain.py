@@ -34,8 +34,18 @@ def explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
     grant = f"config.json: host.plugins.{plugin}.permissions"
     reachable = _reachability(spec)
 
+    # The host's own paths under /tmp (a checkout there, a state_dir): the worker's root binds them on
+    # its private /tmp, with the directories on their way, and those are not the plugin's /tmp (a
+    # clone under /tmp had its plugins list its skeleton, and told ENOENT, not what to grant)
+    bound = [*spec.read_paths, *spec.exec_paths, *spec.write_paths]
+    in_tmp = tuple(os.path.join(x, "") for x in bound if x.startswith("/tmp/"))
+    hosts_in_tmp = tuple(sorted({"/tmp/" + x[5:].split("/", 1)[0] + "/" for x in bound if x.startswith("/tmp/")}))
+
     def covered(path: str, roots: tuple[str, ...]) -> bool:
-        return os.path.join(os.path.realpath(path), "").startswith(roots)
+        real = os.path.join(os.path.realpath(path), "")
+        if hosts_in_tmp and real.startswith(hosts_in_tmp) and not real.startswith(in_tmp):
+            return False
+        return real.startswith(roots)
 
     private = tuple(os.path.join(os.path.realpath(x), "") for x in spec.host_private if x)
 
