@@ -90,6 +90,7 @@ class WorkerChannel(asyncio.Protocol):
         self.on_denied: Callable[[int, list[str]], None] | None = None
         self._denied_since = loop.time()
         self._denied_allowance = float(DENIED_REPORTS_HELD)
+        self._reports_read = 0  # of the frames of one read, reports of denied connects
 
     @classmethod
     async def open(cls, plugin: str, max_frame: int, to_worker: int, from_worker: int,
@@ -244,11 +245,17 @@ class WorkerChannel(asyncio.Protocol):
             return
         try:
             frames = self._frames.feed(data)
+            heard = self.last_heard
             if frames:  # whole frames only: a frame trickled a byte at a time kept a hung worker from
                 self.last_heard = self._loop.time()  # ever being pinged, and its buffer held (attack pass 52)
             FRAMES.received += len(frames)
+            self._reports_read = 0
             for frame in frames:
                 self._deliver(self._decoder.decode(frame))
+            if self._reports_read and self._reports_read == len(frames):
+                # reports of denied connects alone are no sign of life: a thread can write them while
+                # the loop is blocked, and kept the worker from ever being pinged (attack pass 59)
+                self.last_heard = heard
         except (p.FrameTooLarge, msgspec.DecodeError) as exc:
             self.close(ProtocolViolation(self._plugin, f"bad frame from the worker: {exc}"))
         except RecursionError:
@@ -316,6 +323,7 @@ class WorkerChannel(asyncio.Protocol):
             raise msgspec.DecodeError(f"reports of denied connects faster than {DENIED_REPORTS_PER_SECOND} a second "
                                       "for a minute (a worker sends one every 0.1 s at most)")
         self._denied_allowance -= 1
+        self._reports_read += 1
         if self.on_denied is not None:
             self.on_denied(msg.count, msg.destinations)
 

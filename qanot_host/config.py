@@ -281,7 +281,8 @@ def _host_code() -> dict[str, str]:
     if site.ENABLE_USER_SITE:  # the host imports from it (and runs its .pth files) at every start
         packages.append(site.getusersitepackages())
     places.update({f"site-packages ({path})": path for path in packages})
-    places.update({f"the system's {path}": path for path in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc")})
+    places.update({f"the system's {path}": path
+                   for path in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc")})
     return places
 
 

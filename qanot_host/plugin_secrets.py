@@ -16,7 +16,6 @@ does not put it in the host's log).
 from __future__ import annotations
 
 import json
-from urllib.parse import quote, quote_plus
 import errno
 import hashlib
 import logging
@@ -24,12 +23,13 @@ import os
 import stat
 from typing import Any
 
+from qanot_worker.secret_forms import secret_forms
+
 from .safe_files import read_regular_file
 
 __all__ = ["Redactor", "resolve_config_secrets", "is_secret_ref", "read_secret_file", "secrets_digest"]
 
 log = logging.getLogger("qanot_host")
-MIN_REDACTED = 4  # shorter values would blank out ordinary words; they are not redacted
 MAX_SECRET_FILE = 64 * 1024  # Qanot's own limit
 # What went wrong reading a secret file, in Qanot's words (qanot/secrets.py)
 _WHY = {errno.ENOENT: "Secret file not found: {path}", errno.ELOOP: "Secret file is a symlink (security risk): {path}",
@@ -78,21 +78,7 @@ class Redactor:
     """Replaces each secret value in a text with a placeholder naming its config key."""
 
     def __init__(self, secrets: dict[str, str] | None = None) -> None:
-        # Each secret as a plugin may print it by accident: as it is; escaped as repr(), ascii(), a
-        # bytes repr and JSON escape it (print(config), json.dumps(config), JSON inside JSON); quoted
-        # as in a URL (a database DSN); and, for a secret of several lines, each line (output is
-        # logged line by line). Longest first, so a secret that contains another is replaced whole.
-        forms: dict[str, str] = {}
-        for key, value in (secrets or {}).items():
-            once = json.dumps(value)[1:-1]
-            variants = {value, repr(value)[1:-1], ascii(value)[1:-1], repr(value.encode())[2:-1], once,
-                        json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(once)[1:-1],
-                        quote(value, safe=""), quote_plus(value), quote(value)}
-            variants |= {line for line in value.splitlines() if len(line.strip()) >= MIN_REDACTED}
-            for variant in variants:
-                if len(variant) >= MIN_REDACTED:
-                    forms.setdefault(variant, key)
-        self._secrets = sorted(forms.items(), key=lambda pair: -len(pair[0]))
+        self._secrets = secret_forms(secrets or {})  # every form a plugin may print one in
 
     def __bool__(self) -> bool:
         return bool(self._secrets)

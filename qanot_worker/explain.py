@@ -155,7 +155,7 @@ class DenialReports:
             count, destinations = self._count, self._destinations
             self._count, self._destinations, self._due = 0, [], False
         if count and self._send is not None:
-            self._send(p.Denied(count, destinations))
+            self._send(p.Denied(min(count, p.MAX_DENIED_COUNT), destinations))
 
 
 denial_reports = DenialReports()

@@ -224,6 +224,20 @@ async def test_a_flood_of_denial_reports_ends_the_worker(write_config, caplog):
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
 
 
+async def test_reports_of_denied_connects_are_no_sign_of_life(write_config):
+    """A thread writing reports of denied connects while the worker's loop was blocked kept it from
+    ever being pinged (attack pass 59): only other frames count as life; it is pinged and killed."""
+    from .conftest import GREETER, wait_until
+    config = write_config([plugin("forged_frames"), GREETER], host={
+        "ping_interval": 1, "ping_timeout": 1, "restart": {"backoff_initial": 0}})
+    async with Host(config) as host:
+        sup = host.plugins["forged_frames"]
+        first = sup.worker.pid
+        assert await host.registry.execute("forged_alive", {}) == "blocking"
+        await wait_until(lambda: sup.worker is not None and sup.worker.pid != first, 15, "the blocked worker replaced")
+        assert "unresponsive" in sup.last_exit, sup.last_exit
+
+
 async def test_a_frame_that_never_ends_does_not_keep_a_worker_from_its_pings(tmp_path):
     """Bytes of a frame that never ends, one every 50 ms, counted as signs of life: the worker was
     never pinged, stayed ready for minutes, and the host held the frame's buffer (attack pass 52).

@@ -553,17 +553,20 @@ async def test_the_stderr_a_failed_server_is_quoted_by_keeps_its_secrets_whole_o
     """The end of a dying server's stderr was cut (300 characters a line, an unended line's last
     4096 bytes) in the bridge, before the host took the server's secrets out: a token across each
     cut gave its start and its end to the log and status (attack pass 57)."""
-    token = "SUPERSECRETTOKEN0123456789abcdef"
+    token = "Zk9+aGVsbG8/d29ybGQ=SUPERSECRET0123"  # its URL-quoted form differs (attack pass 59)
+    quoted = token.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
     monkeypatch.setenv("QH_TAIL_TOKEN", token)
     script = ('printf "ERROR connecting as admin with %0270d%s rest\\n" 0 "$API_TOKEN" >&2; '
+              'printf "GET https://api.example.com/v1?x=%0250d&api_key=%s\\n" 0 "$QUOTED" >&2; '
               'printf "config dump %s%04084d" "$API_TOKEN" 0 >&2; exit 3')
     config = write_config([], host={"restart": {"max_restarts": 0}}, mcp_servers=[
-        {"name": "leaky", "command": "/bin/sh", "args": ["-c", script], "env": {"API_TOKEN": "${QH_TAIL_TOKEN}"}}])
+        {"name": "leaky", "command": "/bin/sh", "args": ["-c", script],
+         "env": {"API_TOKEN": "${QH_TAIL_TOKEN}", "QUOTED": quoted}}])  # as given, no secret of its own
     async with Host(config) as host:
         status = {row["plugin"]: row for row in host.status()}
     error = status["leaky"]["error"]
     assert "the end of its stderr: ERROR connecting as admin with 000" in error, error
-    for piece in (token[:8], token[-8:], token[10:18]):
+    for piece in (token[:8], token[-8:], token[10:18], quoted[:6], quoted[-10:]):
         assert piece not in error and piece not in caplog.text, piece
     assert "[secret" in error
 

@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 import msgspec
 from qanot.plugins.base import Plugin, ToolDef
 from qanot_worker.extensions import ToolFailed
+from qanot_worker.secret_forms import secret_forms
 from qanot_worker.protocol import EXIT_MCP_SERVER_GONE, MAX_MCP_BLOCKS, MCP_RESULT, McpBlock, McpResult
 
 from mcp import ClientSession, MCPError, StdioServerParameters, types
@@ -384,12 +385,7 @@ class StderrTail:
         self._error: bytes | None = None  # the last line that reads as a Python exception's
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._pass_on, name="mcp-server-stderr", daemon=True)
-        forms: dict[str, str] = {}
-        for key, value in (secrets or {}).items():
-            for form in {value, *value.splitlines()}:
-                if len(form.strip()) >= 4:
-                    forms.setdefault(form, key)
-        self._secrets = sorted(forms.items(), key=lambda pair: -len(pair[0]))
+        self._secrets = secret_forms(secrets or {})  # the host's forms: the URL-quoted one too (attack pass 59)
 
     def start(self) -> None:
         self._thread.start()

@@ -16,7 +16,7 @@ __all__ = [
     "MAX_MCP_BLOCKS", "McpResource", "McpBlock", "McpResult", "McpText",
     "Hello", "Load", "Loaded", "MountOp", "SandboxSpec", "Setup", "GetTools", "ToolSpec", "ToolList", "Call", "Result",
     "Failure", "Cancel", "Ping", "Pong", "Teardown", "Done", "Denied", "HostMessage", "WorkerMessage",
-    "MAX_DENIED_DESTINATIONS",
+    "MAX_DENIED_DESTINATIONS", "MAX_DENIED_COUNT",
     "FailureKind", "Spawn", "ReleaseDisk", "TemplateRequest", "Spawned", "Exited", "TemplateReady", "TemplateMessage",
     "Extensions", "CommandSpec",
     "Hook", "HookResult", "RunCommand", "decode_hook_value", "MAX_ITEMS", "MAX_KEYS", "MAX_TEMPLATE_VARS",
@@ -187,6 +187,9 @@ class Done(msgspec.Struct, tag=True, array_like=True):
 
 
 MAX_DENIED_DESTINATIONS = 8
+# connects one report may count: far more than a worker's check refuses in its 0.1 s (a forged count
+# of 2**40 a frame made a plugin's metrics say 6.5e14: attack pass 59); more is a lying worker
+MAX_DENIED_COUNT = 100_000
 
 
 class Denied(msgspec.Struct, tag=True, array_like=True):
@@ -194,7 +197,7 @@ class Denied(msgspec.Struct, tag=True, array_like=True):
     what to grant before the host is asked), since the last such report, and the first few
     destinations among them ("host:port"): no request asks for it. A worker sends one at most every
     DENIED_REPORT_SECONDS; the host counts them as the denials it makes itself."""
-    count: Annotated[int, msgspec.Meta(ge=1, le=2**40)]
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_DENIED_COUNT)]
     destinations: Annotated[list[Annotated[str, msgspec.Meta(max_length=300)]], _at_most(MAX_DENIED_DESTINATIONS)]
 
 

@@ -59,6 +59,28 @@ class QanotPlugin(Plugin):
         await asyncio.sleep(5)
         return "ESCAPED: still served after flooding denial reports"
 
+    @tool(name="forged_alive", description="block the loop once answered, while a thread writes a report of "
+          "denied connects every 0.2 s (a pace the host takes): no sign of life")
+    async def alive(self, params: dict) -> str:
+        import asyncio
+
+        def reports() -> None:
+            import fcntl
+            body = msgspec.msgpack.encode(p.Denied(1, ["example.com:443"]))
+            # the protocol pipe alone, the one not closed on exec (garbage in the event loop's own
+            # signal pipe ends the worker with SIGSEGV, which is no answer to the question asked)
+            pipes = [fd for fd in _write_only_pipes() if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC]
+            while True:
+                for fd in pipes:
+                    try:
+                        os.write(fd, struct.pack(">I", len(body)) + body)
+                    except OSError:
+                        return
+                time.sleep(0.2)
+        threading.Thread(target=reports, daemon=True).start()
+        asyncio.get_running_loop().call_later(0.2, time.sleep, 120)
+        return "blocking"
+
     @tool(name="forged_ok", description="answers")
     async def ok(self, params: dict) -> str:
         return "ok"
