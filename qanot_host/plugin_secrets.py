@@ -23,7 +23,7 @@ import os
 import stat
 from typing import Any
 
-from qanot_worker.secret_forms import secret_forms
+from qanot_worker.protocol.secret_forms import secret_forms
 
 from .safe_files import read_regular_file
 

@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 import msgspec
 from qanot.plugins.base import Plugin, ToolDef
 from qanot_worker.extensions import ToolFailed
-from qanot_worker.secret_forms import secret_forms
+from qanot_worker.protocol.secret_forms import secret_forms
 from qanot_worker.protocol import EXIT_MCP_SERVER_GONE, MAX_MCP_BLOCKS, MCP_RESULT, McpBlock, McpResult
 
 from mcp import ClientSession, MCPError, StdioServerParameters, types

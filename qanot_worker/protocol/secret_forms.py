@@ -1,7 +1,7 @@
 """The forms a secret takes in text a plugin prints by accident, so that each is taken out: the host's
 redactor uses them on everything it prints about a plugin, and the MCP bridge on the stderr it quotes
 before it cuts a line (a cut through the URL-quoted form of a token gave its start away: attack pass
-59). Defined once, here, where both the host and the worker import it."""
+59). Defined once, in the package both the host and the worker import (the seam)."""
 
 from __future__ import annotations
 
