@@ -429,9 +429,13 @@ class EgressGate:
                             "\"%s:%d\" to config.json host.plugins.%s.permissions.network.hosts",
                             self.plugin, address, port, port, address, port, self.plugin)
             else:
+                # the address, as the kernel has it: the name the plugin asked for, if any, is the better
+                # grant ("HOST:%d" was no line to paste: newcomer pass 58)
                 log.warning("plugin %s: connect to %s:%d denied: not among its network grant (%s); to allow it, "
-                            "add \"HOST:%d\" to config.json host.plugins.%s.permissions.network.hosts",
-                            self.plugin, address, port, self.policy.describe() or "nothing", port, self.plugin)
+                            "add \"%s:%d\" (or the name the plugin connects to, with that port) to config.json "
+                            "host.plugins.%s.permissions.network.hosts",
+                            self.plugin, address, port, self.policy.describe() or "nothing", address, port,
+                            self.plugin)
         self._answer(notif_id, error=errno.EACCES)
 
     def denied_in_worker(self, count: int, destinations: list[str],

@@ -118,8 +118,9 @@ async def test_host_names_are_matched_by_their_addresses(write_config, caplog):
             denied = await host.registry.execute("net_raw", {"host": "127.0.0.1", "port": granted.port + 1})
             assert "Permission denied" in denied
     assert any(f"connect to 127.0.0.1:{granted.port + 1} denied: not among its network grant "
-               f"(localhost:{granted.port})" in r.getMessage() and "host.plugins.net_client.permissions"
-               in r.getMessage() for r in caplog.records)
+               f"(localhost:{granted.port}); to allow it, add \"127.0.0.1:{granted.port + 1}\" (or the name the "
+               "plugin connects to, with that port) to config.json host.plugins.net_client.permissions" in r.getMessage()
+               for r in caplog.records)
 
 
 async def test_a_host_made_socket_cannot_be_aimed_elsewhere(write_config):
