@@ -59,6 +59,7 @@ _READY = PluginState.READY  # for the hot path: `is` against a global, not a loo
 
 # The states in which a plugin's tools are registered and a call reaches it (an idle one starts its worker)
 SERVING_STATES = (PluginState.READY, PluginState.IDLE)
+MISSING_LAYER = "sandbox layer "  # how the worker words a layer it could not have (qanot_worker/sandbox.py)
 
 
 @dataclass
@@ -647,7 +648,11 @@ class PluginSupervisor:
             "tools": list(self.tools), "conflicts": list(self.conflicts), "refused_tools": list(self.refused),
             "unknown_tool_timeouts": list(self.unknown_timeouts),
             "sandbox": list(live.report.sandbox_layers) if live else [],
-            "sandbox_missing": list(live.report.sandbox_warnings) if live else [],
+            # the layers not active, apart from its other warnings (a granted path that does not
+            # exist was counted as a missing layer: newcomer pass 58)
+            "sandbox_missing": [w for w in live.report.sandbox_warnings if w.startswith(MISSING_LAYER)] if live else [],
+            "sandbox_warnings": [w for w in live.report.sandbox_warnings
+                                 if not w.startswith(MISSING_LAYER)] if live else [],
             "egress": live.egress.status() if live and live.egress else None,
             "activation": "lazy" if self.lazy else "eager", "idle_timeout": self.idle_timeout,
             "activations": self.activations, "idle_stops": self.idle_stops,

@@ -254,3 +254,14 @@ async def test_a_write_grant_the_plugins_uid_cannot_write_is_said_at_start_as_ch
         assert host.plugins["greeter"].state.value == "ready"
     assert f"host.plugins.greeter.permissions.filesystem.write[0]: {roots} is not writable by the plugin's uid" \
         in caplog.text
+
+
+async def test_a_granted_path_that_does_not_exist_is_no_missing_layer(write_config, tmp_path):
+    """`status` counted "... is granted but does not exist" among the missing sandbox layers, and
+    `sandbox_missing` held the sentence (newcomer pass 58): it is among the other warnings."""
+    config = write_config([plugin("wants_everything")], host={"plugins": {"wants_everything": {"permissions": {
+        "filesystem": {"read": [str(tmp_path / "not-there")]}}}}})
+    async with Host(config) as host:
+        row = host.status()[0]
+    assert row["sandbox_missing"] == [], row["sandbox_missing"]
+    assert any("is granted but does not exist" in warning for warning in row["sandbox_warnings"]), row
