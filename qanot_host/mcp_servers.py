@@ -195,7 +195,9 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
                "PATH": f"{command_dir}:{search}" if command_dir not in search.split(":") else search}
         bridged["command"] = programs.command
     bridged["env"] = env
-    bridged["secret_env"] = sorted(redact_env)  # whose values the bridge takes out of the stderr it quotes
+    # the values the bridge takes out of the stderr it quotes: each ${VAR}'s own too, not only whole
+    # values (a password inside a DSN leaked up to the line's cut: attack pass 60)
+    bridged["secrets"] = dict(redact_env)
     secrets = {f"mcp_servers[{index}].{table}.{key}": value
                for table, found in (("env", redact_env), ("headers", redact_headers)) for key, value in found.items()}
     return bridged, Redactor(secrets), programs

@@ -55,7 +55,8 @@ def explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
     def not_granted(doing: str, path: str) -> PermissionError:
         """A path no grant may reach (the host's config.json and state_dir: a config that grants
         them is refused) is not said to need the 'filesystem' permission (newcomer pass 56)."""
-        if covered(path, private) or os.path.realpath(path) in (x.rstrip("/") for x in private):
+        real = os.path.realpath(path)  # by their names alone: under /tmp covered() says no to them all
+        if os.path.join(real, "").startswith(private) or real in (x.rstrip("/") for x in private):
             return denied(f"{doing} {path}: the host's own files (its config.json, its state_dir) are no "
                           "plugin's, whatever it is granted")
         return denied(f"{doing} {path} needs the 'filesystem' permission ({grant})")

@@ -112,7 +112,8 @@ async def test_control_socket_refuses_workers_even_without_seccomp(write_config,
     assert "the host closed the control connection" in result
 
 
-async def test_reading_the_hosts_config_is_not_said_to_need_a_grant(write_config, tmp_path):
+@pytest.mark.parametrize("under", ["/var/tmp", "/tmp"])
+async def test_reading_the_hosts_config_is_not_said_to_need_a_grant(write_config, tmp_path, under):
     """The host's config.json and state_dir can never be granted (a config that grants them is
     refused), yet a plugin reading config.json was told it "needs the 'filesystem' permission
     (config.json: host.plugins.X.permissions)" (newcomer pass 56): it is told they are the host's."""
@@ -120,7 +121,9 @@ async def test_reading_the_hosts_config_is_not_said_to_need_a_grant(write_config
     import shutil
     import tempfile
     from qanot_host import ToolFailed
-    place = Path(tempfile.mkdtemp(dir="/var/tmp"))  # not under the worker's own /tmp, which the hook allows
+    # under /tmp too, where the host's paths are bound on the worker's own /tmp (attack pass 60: there,
+    # the host's files were said to need a grant)
+    place = Path(tempfile.mkdtemp(dir=under))
     try:
         config = json.loads(Path(write_config([plugin("escape_read_host_config")])).read_text())
         (place / "workspace").mkdir()

@@ -558,15 +558,19 @@ async def test_the_stderr_a_failed_server_is_quoted_by_keeps_its_secrets_whole_o
     monkeypatch.setenv("QH_TAIL_TOKEN", token)
     script = ('printf "ERROR connecting as admin with %0270d%s rest\\n" 0 "$API_TOKEN" >&2; '
               'printf "GET https://api.example.com/v1?x=%0250d&api_key=%s\\n" 0 "$QUOTED" >&2; '
+              'PW=${DSN#*app:}; PW=${PW%%@*}; printf "db error: %0270d password=%s\\n" 0 "$PW" >&2; '
               'printf "config dump %s%04084d" "$API_TOKEN" 0 >&2; exit 3')
+    password = "TopSecretPgPassw0rd"  # inside a value: a ${VAR} of its own (attack pass 60)
+    monkeypatch.setenv("QH_TAIL_PW", password)
     config = write_config([], host={"restart": {"max_restarts": 0}}, mcp_servers=[
         {"name": "leaky", "command": "/bin/sh", "args": ["-c", script],
-         "env": {"API_TOKEN": "${QH_TAIL_TOKEN}", "QUOTED": quoted}}])  # as given, no secret of its own
+         "env": {"API_TOKEN": "${QH_TAIL_TOKEN}", "QUOTED": quoted,  # as given, no secret of its own
+                 "DSN": "postgresql://app:${QH_TAIL_PW}@db.internal/app"}}])
     async with Host(config) as host:
         status = {row["plugin"]: row for row in host.status()}
     error = status["leaky"]["error"]
     assert "the end of its stderr: ERROR connecting as admin with 000" in error, error
-    for piece in (token[:8], token[-8:], token[10:18], quoted[:6], quoted[-10:]):
+    for piece in (token[:8], token[-8:], token[10:18], quoted[:6], quoted[-10:], password[:6]):
         assert piece not in error and piece not in caplog.text, piece
     assert "[secret" in error
 

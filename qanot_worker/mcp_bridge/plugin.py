@@ -156,7 +156,7 @@ class QanotPlugin(Plugin):
             # reason a server that exits at once gives (the newcomer of pass 56 read "its stderr,
             # logged above", but a one-shot command logs no such lines)
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            secrets = {key: env[key] for key in self.config.get("secret_env", []) if key in env}
+            secrets = {str(key): str(value) for key, value in (self.config.get("secrets") or {}).items()}
             tail = self._stderr = StderrTail(read_end, secrets)
             try:
                 with os.fdopen(write_end, "wb", buffering=0) as errlog:
