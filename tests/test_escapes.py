@@ -125,7 +125,8 @@ async def test_reading_the_hosts_config_is_not_said_to_need_a_grant(write_config
     # the host's files were said to need a grant)
     place = Path(tempfile.mkdtemp(dir=under))
     try:
-        config = json.loads(Path(write_config([plugin("escape_read_host_config")])).read_text())
+        config = json.loads(Path(write_config([plugin("escape_read_host_config"),
+                                               plugin("wants_everything")])).read_text())
         (place / "workspace").mkdir()
         config["workspace_dir"] = str(place / "workspace")
         config["host"]["state_dir"] = str(place / "state")
@@ -133,8 +134,11 @@ async def test_reading_the_hosts_config_is_not_said_to_need_a_grant(write_config
         async with Host(str(place / "config.json")) as host:
             with pytest.raises(ToolFailed) as denied:
                 await host.registry.invoke("escape_read_host_config", {})
+            with pytest.raises(ToolFailed) as in_state:  # what lies in state_dir, not only its name
+                await host.registry.invoke("wants_read", {"path": str(place / "state" / "uids.json")})
         assert f"denied by the sandbox: reading {place / 'config.json'}: the host's own files (its config.json, its " \
                "state_dir) are no plugin's, whatever it is granted" in str(denied.value)
-        assert "needs the 'filesystem' permission" not in str(denied.value)
+        assert "the host's own files" in str(in_state.value), str(in_state.value)
+        assert "needs the 'filesystem' permission" not in str(denied.value) + str(in_state.value)
     finally:
         shutil.rmtree(place, ignore_errors=True)
