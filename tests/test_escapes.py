@@ -42,7 +42,7 @@ CONTAINED = {
     "dev_mem": ABSENT,
     "huge_file": "File too large",
     "protocol_garbage": "bad frame from the worker",
-    "other_plugin_data": "needs the 'filesystem' permission",
+    "other_plugin_data": "the host's own files (its config.json, its state_dir) are no plugin's",
     "control_socket": "Operation not permitted",  # seccomp: no socket(AF_UNIX); the host refuses workers too
     "aio": "io_setup: Operation not permitted",  # fs.aio-max-nr is one count for the whole machine
     "lease": "F_SETLEASE: Operation not permitted",  # others' open() would wait 45 s, root's included
