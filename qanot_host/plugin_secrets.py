@@ -23,7 +23,7 @@ import os
 import stat
 from typing import Any
 
-from qanot_worker.protocol.secret_forms import secret_forms
+from qanot_worker.protocol.secret_forms import replace_secrets, secret_forms
 
 from .safe_files import read_regular_file
 
@@ -84,10 +84,7 @@ class Redactor:
         return bool(self._secrets)
 
     def __call__(self, text: str) -> str:
-        for value, key in self._secrets:
-            if value in text:
-                text = text.replace(value, f"[secret config.{key}]")
-        return text
+        return replace_secrets(text, self._secrets, "config")
 
 
 def resolve_config_secrets(config: dict[str, Any], where: str) -> tuple[dict[str, Any], Redactor]:

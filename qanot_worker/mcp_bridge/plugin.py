@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 import msgspec
 from qanot.plugins.base import Plugin, ToolDef
 from qanot_worker.extensions import ToolFailed
-from qanot_worker.protocol.secret_forms import secret_forms
+from qanot_worker.protocol.secret_forms import replace_secrets, secret_forms
 from qanot_worker.protocol import EXIT_MCP_SERVER_GONE, MAX_MCP_BLOCKS, MCP_RESULT, McpBlock, McpResult
 
 from mcp import ClientSession, MCPError, StdioServerParameters, types
@@ -444,8 +444,5 @@ class StderrTail:
     def _shown(self, line: bytes | int) -> str:
         if isinstance(line, int):
             return f"(a line of {line} bytes)"
-        text = line.decode("utf-8", "replace").strip()
-        for value, key in self._secrets:
-            if value in text:
-                text = text.replace(value, f"[secret env.{key}]")
+        text = replace_secrets(line.decode("utf-8", "replace").strip(), self._secrets, "env")
         return text if len(text) <= self.LINE_CHARS else text[:self.LINE_CHARS] + "..."

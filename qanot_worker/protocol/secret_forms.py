@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from urllib.parse import quote, quote_plus
 
-__all__ = ["secret_forms", "MIN_REDACTED"]
+__all__ = ["secret_forms", "replace_secrets", "MIN_REDACTED"]
 
 MIN_REDACTED = 4  # shorter values would blank out ordinary words; they are not redacted
 
@@ -29,3 +29,11 @@ def secret_forms(secrets: dict[str, str]) -> list[tuple[str, str]]:
             if len(variant) >= MIN_REDACTED:
                 forms.setdefault(variant, key)
     return sorted(forms.items(), key=lambda pair: -len(pair[0]))
+
+
+def replace_secrets(text: str, forms: list[tuple[str, str]], label: str) -> str:
+    """`text` with each of secret_forms()' forms replaced by "[secret LABEL.KEY]"."""
+    for value, key in forms:
+        if value in text:
+            text = text.replace(value, f"[secret {label}.{key}]")
+    return text
