@@ -480,10 +480,10 @@ def _hidden_packages(programs: Programs) -> list[str]:
     """A server run by the host's own Python (its virtual environment, or its installation) finds
     none of the packages installed there: every worker's root lays an empty directory over the
     host's site-packages. The newcomer of pass 56 read only "No module named 'mcp'", at the start."""
+    from .config import within
     from .sandbox_spec import host_site_dirs
     roots = _installation(programs.command)  # as named: a venv's python links to the base's, whose lib is seen too
-    hidden = [site_dir for site_dir in host_site_dirs()
-              if any(site_dir == root or site_dir.startswith(root.rstrip("/") + "/") for root in roots)]
+    hidden = [site_dir for site_dir in host_site_dirs() if any(within(site_dir, root) for root in roots)]
     if not hidden:
         return []
     return [f"{programs.command} is the host's own Python, and the host's installed packages ({hidden[0]}) are "
