@@ -39,6 +39,10 @@ def check_config(config: Config, raw_entries: list[object]) -> CheckReport:
     _report_layers(config, report)
     if config.host.wheel_dir is not None and not os.path.isdir(config.host.wheel_dir):
         report.errors.append(f"{config.path}: host.wheel_dir: {config.host.wheel_dir} is not a directory")
+    if config.host.sandbox.identity and os.geteuid() == 0:  # the state_dir's uid table, once
+        uid_problem = UidMap(config.host.state_dir, config.host.sandbox.uid_base).problem()
+        if uid_problem:
+            report.errors.append(uid_problem)
     enabled = {e.name for e in config.plugins if e.enabled}
     for index, entry in enumerate(config.plugins):
         raw = raw_entries[index] if index < len(raw_entries) else {}
@@ -134,10 +138,8 @@ def _check_settings(config: Config, name: str, declared: set[str] | None, label:
     settings = config.settings_for(name)
     key = f"{config.path}: host.plugins.{name}"
     grant = settings.permissions.filesystem
-    uids = UidMap(config.host.state_dir, config.host.sandbox.uid_base)
-    uid = uids.peek(name) if config.host.sandbox.identity and os.geteuid() == 0 else os.geteuid()
-    if config.host.sandbox.identity and os.geteuid() == 0 and uids.problem() and uids.problem() not in problems:
-        problems.append(uids.problem())
+    uid = UidMap(config.host.state_dir, config.host.sandbox.uid_base).peek(name) \
+        if config.host.sandbox.identity and os.geteuid() == 0 else os.geteuid()
     for index, path in enumerate(grant.read if grant else []):
         if not os.path.exists(path):
             problems.append(f"{label}: {key}.permissions.filesystem.read[{index}]: {path} does not exist")
