@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 from . import tcp_diag
 from .egress_policy import EgressPolicy, literal_address
 
-__all__ = ["EgressGate", "EgressPolicy", "RESOLVER_ENV", "DESTINATION", "MAX_LOGGED_DENIALS"]
+__all__ = ["EgressGate", "EgressPolicy", "RESOLVER_ENV", "MAX_LOGGED_DENIALS", "quotable"]
 
 log = logging.getLogger("qanot_host.egress")
 
@@ -93,6 +93,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 # a destination as the worker's check names it: a name or an address (IPv6 bare or bracketed), a port
 DESTINATION = re.compile(r"[A-Za-z0-9._\-:\[\]%]{1,260}(:[0-9]{1,5})?")
+
+
+def quotable(destination: str, redact: Callable[[str], str] | None) -> str | None:
+    """A destination a worker reported, as the host may quote it; None if it is none. Plugin code
+    can write these: only a host[:port] is quoted, not a sentence of its making in the host's advice
+    (attack pass 57); and a name may be a secret of its config, a database's host (attack pass 58)."""
+    if not DESTINATION.fullmatch(destination):
+        return None
+    return redact(destination) if redact is not None else destination
 
 
 class EgressGate:
@@ -445,9 +454,9 @@ class EgressGate:
         name may be a secret of the plugin's config (a database host): `redact` takes it out."""
         self.denied += count
         for destination in destinations:
-            if not DESTINATION.fullmatch(destination):  # plugin code can write these: only a host:port is
-                continue  # quoted, not a sentence of its making in the host's advice (attack pass 57)
-            where = redact(destination) if redact is not None else destination  # (attack pass 58)
+            where = quotable(destination, redact)
+            if where is None:
+                continue
             self.last_denied = where
             if (where, -1) in self._logged or len(self._logged) >= MAX_LOGGED_DENIALS:
                 continue

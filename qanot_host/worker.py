@@ -21,7 +21,7 @@ import psutil
 from qanot_worker import protocol as p
 
 from .channel import RemoteFailure, WorkerChannel
-from .egress import DEFAULT_MAX_SOCKETS, DESTINATION, MAX_LOGGED_DENIALS, RESOLVER_ENV, EgressGate, EgressPolicy
+from .egress import DEFAULT_MAX_SOCKETS, MAX_LOGGED_DENIALS, RESOLVER_ENV, EgressGate, EgressPolicy, quotable
 from .egress_policy import NameResolver
 from .errors import (CallStuck, ClosedMidFrame, PluginError, PluginStartError, PluginUnavailable,
                      ProtocolMismatch, WorkerCrashed, WorkerTimeout, describe_exit)
@@ -203,17 +203,15 @@ class WorkerHandle:
         """Connects (and look-ups) its own check refused: a narrowed network's gate counts them;
         without a network at all, each destination is logged once with the key that grants it
         (a library's own error, "Can't connect to MySQL server", said nothing of it: compat pass 57)."""
-        redact = self._options.redact  # a name may be a secret of its config: a database's host (attack pass 58)
         if self.egress is not None:
-            self.egress.denied_in_worker(count, destinations, redact)
+            self.egress.denied_in_worker(count, destinations, self._options.redact)
             return
-        for destination in destinations:
-            if not DESTINATION.fullmatch(destination) or destination in self._no_network_logged \
+        for reported in destinations:
+            destination = quotable(reported, self._options.redact)
+            if destination is None or destination in self._no_network_logged \
                     or len(self._no_network_logged) >= MAX_LOGGED_DENIALS:
                 continue
             self._no_network_logged.add(destination)
-            if redact is not None:
-                destination = redact(destination)
             log.warning("plugin %s: connect to %s denied: it has no 'network' permission; to allow it, grant "
                         "config.json host.plugins.%s.permissions.network (true, or {\"hosts\": [\"HOST:PORT\"]})",
                         self.plugin, destination, self.plugin)
