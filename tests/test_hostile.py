@@ -191,36 +191,29 @@ async def test_a_pipe_closed_inside_a_frame_is_a_violation_only_if_the_worker_li
         assert "middle of a frame" in sup.last_exit, sup.last_exit
 
 
-async def test_pongs_no_ping_asked_for_end_the_worker(write_config, caplog):
-    """Plugin code wrote Pong frames with id 0 into the protocol pipe, as fast as it took them: the
-    host took each for the answer to a ping not sent, and spent a whole core on them while the
-    plugin stayed ready under cpu_max 0.05 (attack pass 52). A reply to no request ends it."""
+UNASKED_FLOODS = [
+    # Pong frames with id 0, as fast as the pipe took them: the host took each for the answer to a
+    # ping not sent, and spent a whole core on them while the plugin stayed ready under cpu_max 0.05
+    # (attack pass 52). A reply to no request ends it.
+    ("forged_pongs", "bad frame from the worker: a reply to request 0, which was never sent"),
+    # reports of denied connects (p.Denied): a worker sends one per 0.1 s at most; a flood is a lying
+    # worker, ended as the Pong flood is, not a loop spent counting them
+    ("forged_denials", "reports of denied connects faster than 20 a second for a minute"),
+]
+
+
+@pytest.mark.parametrize("tool, said", UNASKED_FLOODS, ids=["pongs", "denial reports"])
+async def test_a_flood_of_frames_no_request_asked_for_ends_the_worker(write_config, caplog, tool, said):
+    """Plugin code writes frames of its own into the protocol pipe, as fast as it takes them."""
     from .conftest import GREETER, wait_until
     config = write_config([plugin("forged_frames"), GREETER], host={"restart": {"backoff_initial": 0}})
     async with Host(config) as host:
         sup = host.plugins["forged_frames"]
         first = sup.worker.pid
-        result = await asyncio.wait_for(host.registry.execute("forged_pongs", {}), 10)
+        result = await asyncio.wait_for(host.registry.execute(tool, {}), 10)
         assert "ESCAPED" not in result and json.loads(result)["error"].startswith("plugin forged_frames: "), result
         await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != first, 10, "the restart")
-        assert "bad frame from the worker: a reply to request 0, which was never sent" in caplog.text, \
-            caplog.text[-2000:]
-        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
-
-
-async def test_a_flood_of_denial_reports_ends_the_worker(write_config, caplog):
-    """A worker reports the connects its own check refused (p.Denied) once per 0.1 s at most; plugin
-    code writing such reports into the pipe as fast as it takes them is a lying worker, ended as the
-    Pong flood is, not a loop spent counting them."""
-    from .conftest import GREETER, wait_until
-    config = write_config([plugin("forged_frames"), GREETER], host={"restart": {"backoff_initial": 0}})
-    async with Host(config) as host:
-        sup = host.plugins["forged_frames"]
-        first = sup.worker.pid
-        result = await asyncio.wait_for(host.registry.execute("forged_denials", {}), 10)
-        assert "ESCAPED" not in result and json.loads(result)["error"].startswith("plugin forged_frames: "), result
-        await wait_until(lambda: sup.state == PluginState.READY and sup.worker.pid != first, 10, "the restart")
-        assert "reports of denied connects faster than 20 a second for a minute" in caplog.text, caplog.text[-2000:]
+        assert said in caplog.text, caplog.text[-2000:]
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
 
 
