@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from .datadirs import workspace_problem
+from .disk_growth import DiskGrowth
 from .supervisor import PluginState, PluginSupervisor
 
 if TYPE_CHECKING:
@@ -24,6 +25,9 @@ WORKSPACE_WALK_SPACING = 20  # a workspace walk is followed by 20 times its leng
 # ping_interval for every plugin: 500 idle plugins, 50 walks a second, 3-4% of a core.
 WALK_CPU = 0.002
 WALK_AT_LEAST_PINGS = 6
+# Where the filesystem holding a place did not grow since the last look (disk_growth.py), its plugin's
+# CPU is read at one look in QUIET_TURN (a rotation over the plugins), not at every look.
+QUIET_TURN = 10
 
 
 class LimitsWatch:
@@ -32,6 +36,8 @@ class LimitsWatch:
         self._next_walk: dict[str, float] = {}  # plugin -> when its workspace may be walked again
         # plugin -> (its group's CPU time, the loop's time) when its place was last found within
         self._last_within: dict[str, tuple[float, float]] = {}
+        self._disks = DiskGrowth()
+        self._looks = 0
 
     async def run(self, plugins: Callable[[], list[PluginSupervisor]], interval: Callable[[], float]) -> None:
         """Until cancelled (the host's stop): every `interval()` seconds, each plugin in turn; the
@@ -43,27 +49,31 @@ class LimitsWatch:
             await asyncio.sleep(interval())
             due: list[tuple[PluginSupervisor, float | None]] = []
             now, loop_now = time.monotonic(), loop.time()
-            for supervisor in plugins():
+            self._disks.look()
+            self._looks += 1
+            for index, supervisor in enumerate(plugins()):
                 if supervisor.idle_timeout is not None:
                     supervisor.stop_if_idle(now)
                 limits = supervisor.limits
                 if limits.max_rss_mb or limits.max_cpu_seconds:
                     supervisor.check_limits()
                 if limits.workspace_mb:
-                    walk, cpu = self._walk_due(supervisor, loop_now)
+                    walk, cpu = self._walk_due(supervisor, loop_now, (index + self._looks) % QUIET_TURN == 0)
                     if walk:
                         due.append((supervisor, cpu))
             if due:
                 await self._check_workspaces(due)
 
-    def _walk_due(self, supervisor: PluginSupervisor, now: float) -> tuple[bool, float | None]:
+    def _walk_due(self, supervisor: PluginSupervisor, now: float, turn: bool) -> tuple[bool, float | None]:
         """workspace_mb. A walk costs the host CPU in proportion to what the plugin put there (100 000
         empty files: a third of a core, walked every second), so a plugin's next walk waits at least
         WORKSPACE_WALK_SPACING times as long as its last one took: at most ~5% of a core each. And a
         plugin that has not run since its place was last found within its ceiling cannot have written
         there (its cgroup counts every process of it): no walk; one that ran for less than WALK_CPU,
         as answering pings takes, every WALK_AT_LEAST_PINGS ping intervals (measured: 200 plugins, 37%
-        of a core walked every second; at every ping, 1.5%).
+        of a core walked every second; at every ping, 1.5%). Nor, unless it is the plugin's `turn`
+        (one look in QUIET_TURN), one whose filesystem did not grow since the last look: its CPU is not
+        even read (disk_growth.py).
         Returns whether to walk, and the group's CPU time read for that (None: no cgroups)."""
         name = supervisor.name
         if supervisor.state is not PluginState.READY:
@@ -71,7 +81,10 @@ class LimitsWatch:
             worker = supervisor.worker
             if supervisor.state is not PluginState.RESTARTING or worker is None or worker.exited.done():
                 return False, None
-        if now < self._next_walk.get(name, 0.0) or not self._factory.workspaces.get(name):
+        place = self._factory.workspaces.get(name)
+        if now < self._next_walk.get(name, 0.0) or not place:
+            return False, None
+        if not turn and not self._disks.may_have_grown(place):
             return False, None
         cgroups = self._factory.cgroups
         cpu = cgroups.cpu_seconds(name) if cgroups.available else None

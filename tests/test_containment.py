@@ -1211,6 +1211,60 @@ async def test_space_taken_with_next_to_no_cpu_is_still_found(write_config):
         assert "over its workspace_mb=20" in sup.error, sup.error
 
 
+@pytest.fixture
+def quiet_workspace(tmp_path):
+    """workspace_dir on a tmpfs of its own, where nothing but the test and its plugins writes."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    place = tmp_path / "workspace"
+    place.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "qanot-test", str(place)], check=True)
+    yield place
+    subprocess.run(["umount", "-l", str(place)], check=False)
+
+
+async def test_a_plugins_cpu_is_read_at_its_turn_until_its_workspaces_filesystem_grows(
+        write_config, quiet_workspace, monkeypatch):
+    """Whether a place needs walking was decided by reading every plugin's cgroup CPU at every look:
+    at 500 idle plugins, half the host's idle CPU. Where the filesystem holding the places did not
+    grow since the last look, a plugin's CPU is read only at its turn (one look in QUIET_TURN); at the
+    look after it grows, every plugin's."""
+    from qanot_host import disk_growth
+    from qanot_host.limits_watch import QUIET_TURN
+
+    grown_after = 25
+    looks: list[int] = []
+    original_look = disk_growth.DiskGrowth.look
+
+    def look(self):
+        original_look(self)
+        looks.append(len(looks) + 1)
+        if len(looks) == grown_after:  # between this look and the next
+            (quiet_workspace / "grown").write_bytes(b"x" * 2**20)
+
+    monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
+    config = write_config([plugin("attacker"), GREETER], host={"limits_interval": 0.1})
+    host = Host(config)
+    cgroups = host._factory.cgroups
+    if not cgroups.available:
+        pytest.skip("no cgroups here: no CPU to read")
+    reads: list[tuple[int, str]] = []  # (the look, the plugin)
+    read_cpu = cgroups.cpu_seconds
+
+    def cpu_seconds(name):
+        reads.append((len(looks), name))
+        return read_cpu(name)
+
+    monkeypatch.setattr(cgroups, "cpu_seconds", cpu_seconds)
+    async with host:
+        await wait_until(lambda: len(looks) >= grown_after + 3, 20, "the looks")
+        for index, name in enumerate(host.plugins):
+            quiet = {n for n, who in reads if who == name and 5 <= n <= grown_after}
+            turns = {n for n in range(5, grown_after + 1) if (index + n) % QUIET_TURN == 0}
+            assert quiet and quiet <= turns, (name, quiet, turns)
+            assert (grown_after + 1, name) in reads, (name, reads[-6:])
+
+
 async def test_unlinked_files_a_plugin_holds_open_count_against_its_workspace(write_config):
     """The fourth attacker's F6: files opened in the workspace, unlinked at once and written while held
     open took 815 MB under workspace_mb=10 (the tree itself stays empty)."""
