@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import logging
 import socket
 import threading
@@ -79,6 +80,31 @@ async def test_secrets_are_redacted_in_the_forms_a_plugin_prints_them(write_conf
     for form in ("SECRET-42", "word-SECRET", 'p"a', "p\\\"a"):
         assert form not in logged, logged[:2000]
     assert "[secret config.token]" in logged
+
+
+async def test_secrets_are_redacted_as_go_html_lower_case_urls_and_base64_print_them(write_config, monkeypatch):
+    """Attack pass 60: a token printed by Go's JSON encoder (\\u0026), escaped for HTML or in a URL
+    quoted in lower case hex was logged as printed."""
+    import base64
+    import html
+    from urllib.parse import quote
+    secret = "tok&en<9>/\u00e9-XYZ-77"
+    monkeypatch.setenv("QH_OPERATOR_SECRET", secret)
+    config = write_config([plugin("misbehave", token={"env": "QH_OPERATOR_SECRET"})])
+    go = json.dumps(secret)[1:-1].replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    lower = re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), quote(secret, safe=""))  # Go's, Java's
+    encoded = base64.b64encode(secret.encode()).decode()
+    printed = [f'{{"token":"{go}"}}', f"<td>{html.escape(secret)}</td>", f"https://x.test/?t={lower}&a=1",
+               f"Authorization: Bearer {encoded}"]
+    async with Host(config) as host:
+        for text in printed:
+            assert await host.registry.execute("mb_print", {"text": text}) == "printed"
+        ring = host.logs("misbehave")
+        await wait_until(lambda: ring.total >= len(printed), 10, "the printed lines")
+        logged = "\n".join(text for _, _, text in ring.recent(100))
+    for form in ("XYZ-77", encoded.rstrip("=")):
+        assert form not in logged, logged[:2000]
+    assert logged.count("[secret config.token]") == len(printed), logged
 
 
 async def test_followers_end_when_their_client_goes_and_when_the_host_stops(write_config):

@@ -5,25 +5,39 @@ before it cuts a line (a cut through the URL-quoted form of a token gave its sta
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import re
 from urllib.parse import quote, quote_plus
 
 __all__ = ["secret_forms", "replace_secrets", "MIN_REDACTED"]
 
 MIN_REDACTED = 4  # shorter values would blank out ordinary words; they are not redacted
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 
 def secret_forms(secrets: dict[str, str]) -> list[tuple[str, str]]:
     """(form, key) for each secret: as it is; escaped as repr(), ascii(), a bytes repr and JSON
-    escape it (print(config), json.dumps(config), JSON inside JSON); quoted as in a URL (a database
-    DSN); and, for a secret of several lines, each line (output is logged line by line). Longest
-    first, so a secret that contains another is replaced whole."""
+    escape it (print(config), json.dumps(config), JSON inside JSON), and as Go's and JavaScript's
+    encoders escape <, > and & in JSON (\\u0026); quoted as in a URL (a database DSN), in upper and
+    lower case hex; escaped for HTML; in base64; and, for a secret of several lines, each line
+    (output is logged line by line). Longest first, so a secret that contains another is replaced
+    whole. (Attack pass 60 printed a token in the forms this list did not have.)"""
     forms: dict[str, str] = {}
     for key, value in secrets.items():
         once = json.dumps(value)[1:-1]
-        variants = {value, repr(value)[1:-1], ascii(value)[1:-1], repr(value.encode())[2:-1], once,
-                    json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(once)[1:-1],
-                    quote(value, safe=""), quote_plus(value), quote(value)}
+        quoted = {quote(value, safe=""), quote_plus(value), quote(value)}
+        encoded = value.encode("utf-8", "surrogatepass")
+        as_json = {once, json.dumps(value, ensure_ascii=False)[1:-1]}
+        variants = {value, repr(value)[1:-1], ascii(value)[1:-1], repr(encoded)[2:-1], *as_json,
+                    json.dumps(once)[1:-1],
+                    *(form.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+                      for form in as_json),
+                    html.escape(value), html.escape(value, quote=False),
+                    base64.b64encode(encoded).decode().rstrip("="),
+                    base64.urlsafe_b64encode(encoded).decode().rstrip("="), *quoted,
+                    *(_PERCENT.sub(lambda m: m.group().lower(), form) for form in quoted)}
         variants |= {line for line in value.splitlines() if len(line.strip()) >= MIN_REDACTED}
         for variant in variants:
             if len(variant) >= MIN_REDACTED:
