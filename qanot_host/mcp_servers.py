@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .errors import ConfigError
-from .plugin_secrets import Redactor, is_secret_ref, resolve_config_secrets
+from .plugin_secrets import Redactor, is_secret_ref, is_text, resolve_config_secrets
 from .safe_files import open_regular_file
 from .settings import Config, McpServer, NetworkGrant, PluginEntry, PluginSettings
 
@@ -332,6 +332,9 @@ def _resolve_table(table: dict[str, Any], where: str) -> tuple[dict[str, str], d
             if not os.environ.get(var):
                 raise ValueError(f"{where}.{key}: the environment variable {var!r} it names (${{{var}}}) is not "
                                  "set (or empty) in the host's environment")
+            if not is_text(os.environ[var]):
+                raise ValueError(f"{where}.{key}: the environment variable {var!r} it names (${{{var}}}) holds "
+                                 "bytes that are not UTF-8")
         out[key] = PLACEHOLDER.sub(lambda m: os.environ[m.group(1)], text)
         if names:  # the whole value, and each variable's on its own (a token, a DSN's password)
             secrets[key] = out[key]

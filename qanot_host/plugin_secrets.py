@@ -27,7 +27,7 @@ from qanot_worker.protocol.secret_forms import replace_secrets, secret_forms
 
 from .safe_files import read_regular_file
 
-__all__ = ["Redactor", "resolve_config_secrets", "is_secret_ref", "read_secret_file", "secrets_digest"]
+__all__ = ["Redactor", "resolve_config_secrets", "is_secret_ref", "is_text", "read_secret_file", "secrets_digest"]
 
 log = logging.getLogger("qanot_host")
 MAX_SECRET_FILE = 64 * 1024  # Qanot's own limit
@@ -67,6 +67,16 @@ def secrets_digest(config: Any) -> str:
     return digest.hexdigest()
 
 
+def is_text(value: str) -> bool:
+    """Whether an environment variable's value is UTF-8 text: Python reads other bytes as lone
+    surrogates, which no frame to a worker can carry (its error named no key: attack pass 60)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_secret_ref(value: Any) -> bool:
     """{"env": NAME} or {"file": PATH}, exactly: a config that happens to have an "env" key among
     others is the plugin's own data."""
@@ -104,6 +114,9 @@ def resolve_config_secrets(config: dict[str, Any], where: str) -> tuple[dict[str
             if not found:
                 raise ValueError(f"{where}[{key!r}]: the environment variable {name!r} it names is not set "
                                  "(or empty) in the host's environment")
+            if not is_text(found):
+                raise ValueError(f"{where}[{key!r}]: the environment variable {name!r} it names holds bytes "
+                                 "that are not UTF-8")
         else:
             path = value["file"]
             try:

@@ -508,11 +508,13 @@ def test_unusable_mcp_server_entries_are_refused_by_name(servers, message):
     assert "/etc/qanot/config.json" in str(caught.value) and message in str(caught.value)
 
 
-async def test_a_server_that_cannot_start_fails_alone_naming_the_key(write_config, server_venv, token):
+async def test_a_server_that_cannot_start_fails_alone_naming_the_key(write_config, server_venv, token, monkeypatch):
+    monkeypatch.setenv("QH_NOT_UTF8", "Secret\udcffPassword")  # a byte that is not UTF-8 (attack pass 60)
     config = write_config([plugin("echo")], host=probe_grants(), mcp_servers=[
         {"name": "missing", "command": "no-such-mcp-server-anywhere"},
         {"name": "unset", "command": "true", "env": {"K": "${QH_SURELY_NOT_SET_ANYWHERE}"}},
-        probe(server_venv, token)])
+        probe(server_venv, token),
+        {"name": "bytes", "command": "true", "env": {"DSN": "pg://app:${QH_NOT_UTF8}@db/app"}}])
     async with Host(config) as host:
         status = {row["plugin"]: row for row in host.status()}
         assert status["missing"]["state"] == "failed"
@@ -521,6 +523,9 @@ async def test_a_server_that_cannot_start_fails_alone_naming_the_key(write_confi
         assert status["unset"]["state"] == "failed"
         assert "mcp_servers[1].env.K" in status["unset"]["error"]
         assert "QH_SURELY_NOT_SET_ANYWHERE" in status["unset"]["error"]
+        assert status["bytes"]["state"] == "failed", status["bytes"]
+        assert "mcp_servers[3].env.DSN: the environment variable 'QH_NOT_UTF8' it names (${QH_NOT_UTF8}) holds " \
+               "bytes that are not UTF-8" in status["bytes"]["error"], status["bytes"]["error"]
         assert status["probe"]["state"] == "ready" and status["echo"]["state"] == "ready"
     report = check_report(config)
     assert "MCP server missing" in report and "mcp_servers[0].command" in report

@@ -117,9 +117,11 @@ async def test_a_secret_in_a_setup_error_is_redacted_too(write_config, secret_fi
     ({"env": "QS_NEVER_SET_ANYWHERE"}, "the environment variable 'QS_NEVER_SET_ANYWHERE' it names is not set"),
     ({"file": "/nonexistent/secret"}, "Secret file not found: /nonexistent/secret"),
     ({"file": "LINK"}, "Secret file is a symlink (security risk)"),
+    ({"env": "QS_NOT_UTF8"}, "the environment variable 'QS_NOT_UTF8' it names holds bytes that are not UTF-8"),
 ])
 async def test_a_secret_that_cannot_be_resolved_fails_that_plugin_naming_the_key(write_config, tmp_path, ref, why,
-                                                                                 secret_file):
+                                                                                 secret_file, monkeypatch):
+    monkeypatch.setenv("QS_NOT_UTF8", "Secret\udcffPassword")  # a byte that is not UTF-8 (attack pass 60)
     if ref.get("file") == "LINK":
         link = tmp_path / "link"
         link.symlink_to(secret_file)
