@@ -27,6 +27,7 @@ from .channel import FRAMES
 from .launcher import Launcher
 from .limits_watch import LimitsWatch
 from .log_ring import LogRing
+from .look_alike import LookAlikes
 from .mcp_servers import install_stamp, mcp_server, mcp_tool_name
 from .output import printable
 from .registry import RegisteredTool, ToolRegistry, tool_name_problem
@@ -73,6 +74,7 @@ class Host:
         self._last_offer: dict[str, set[str]] = {}  # plugin -> the tool names it offered last (since the host started)
         self._claims: dict[str, set[str]] = {}  # plugin -> the names of its latest offer it could have
         self._offered_by: dict[str, set[str]] = {}  # tool name -> the plugins claiming it
+        self._look_alikes = LookAlikes()
         self._ranks: tuple[Config | None, dict[str, int]] = (None, {})  # config.json's order, for that config
         self._fingerprinting = _Fingerprinting()
         self._operating = asyncio.Lock()  # reload and restart_plugin: one at a time
@@ -355,6 +357,10 @@ class Host:
                 displaced.add(holder.plugin)
             self.registry.add_plugin_tool(tool)
             tools.append(tool.name)
+            alike = self._look_alikes.added(tool.name, supervisor.name, self._registered_to)
+            if alike is not None:
+                log.warning("plugin %s: its tool %s looks like plugin %s's %s (they differ only in case, '-', '.' or "
+                            "'_'): a model may call one for the other", supervisor.name, tool.name, alike[1], alike[0])
         supervisor.set_tools(tools, conflicts, refused, unknown)
         # the plugins that lost a name to it, or may take one it let go or no longer claims, register anew
         for name in freed + given_up:
@@ -372,6 +378,10 @@ class Host:
             holder = None
         if owner and (holder is None or holder.plugin != owner):  # the owner has it not: it registers anew
             to_register.add(owner)
+
+    def _registered_to(self, tool: str) -> str | None:
+        holder = self.registry.get(tool)
+        return holder.plugin if holder is not None else None
 
     def _name_owner(self, tool: str, plugin: str) -> tuple[str, str] | None:
         """Who has `tool` instead of `plugin`: (the plugin listed before it that claims it, serving or
