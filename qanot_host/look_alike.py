@@ -12,6 +12,9 @@ from typing import Callable
 __all__ = ["LookAlikes", "shape"]
 
 _SEPARATORS = re.compile(r"[-._]+")
+# names a plugin offers anew at every restart would pile up: past this many, it starts again (a pair
+# may then be told once more)
+MAX_KEPT = 65_536
 
 
 def shape(name: str) -> str:
@@ -28,6 +31,9 @@ class LookAlikes:
         """A tool registered for `plugin`: (another plugin's registered tool it looks like, that
         plugin) the first time the two are seen together, else None. `owner(name)` is the plugin
         a name is registered to now (None: to none)."""
+        if len(self._first) > MAX_KEPT or len(self._said) > MAX_KEPT:
+            self._first.clear()
+            self._said.clear()
         key = shape(name)
         other = self._first.get(key)
         other_plugin = owner(other) if other is not None else None
