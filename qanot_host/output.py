@@ -145,9 +145,10 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
             chunk = await stream.read(65536)
             if not chunk:
                 break
-            if skipping:  # the rest of a line already cut or dropped
-                end = chunk.find(b"\n")
-                if end < 0:
+            if skipping:  # the rest of a line already cut or dropped: each KiB costs what a line does
+                end = chunk.find(b"\n")  # (read for nothing at the plugin's speed, one line that never
+                limit.spend((len(chunk) if end < 0 else end) // 1024)  # ended took 69% of a core of the
+                if end < 0:  # host's: attack pass 61)
                     continue
                 chunk, skipping = chunk[end + 1:], False
             if limit.exhausted():  # still over: count the lines, do not split them; and a part of a
@@ -158,6 +159,7 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
             pending = lines.pop()
             if len(pending) > MAX_LOG_LINE + REDACT_MARGIN:
                 lines.append(pending)  # logged as its head; the rest of the line is skipped
+                limit.spend((len(pending) - MAX_LOG_LINE) // 1024)  # and what was read of it past the cut
                 pending, skipping = b"", True
             blank = 0
             for line in lines:

@@ -434,6 +434,20 @@ async def test_blank_lines_count_toward_the_output_rate(write_config):
     assert "timed out after 3 s" in result, result
 
 
+async def test_a_line_that_never_ends_is_read_no_faster_than_the_output_rate(write_config):
+    """Attack pass 61: the rest of a line too long to log was read and dropped at whatever speed the
+    plugin wrote it, costing nothing: one plugin writing 64 KiB blocks with no newline took 69% of a
+    core of the host's (16% with the plugin's own CPU capped at 5%). Each KiB skipped costs what a
+    line costs now, so the host stops reading and the plugin's writes wait."""
+    config = write_config([plugin("attacker")], host={"limits": {"log_lines_per_second": 50}})
+    async with Host(config) as host:
+        result = await attack(host, "flood_endless", seconds=2)
+        assert await host.registry.execute("attack_identity", {}), "the plugin answers on"
+    written = int(result.split()[1])
+    # 50 lines a second, a 10 s burst: ~0.6 MB taken, and one pipeful; GBs before
+    assert written < 8 * 2**20, result
+
+
 async def test_the_disk_ceiling_is_the_kernels(write_config):
     config = write_config([plugin("attacker")], host={"limits": {"disk_mb": 64}})
     async with Host(config) as host:

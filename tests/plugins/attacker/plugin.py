@@ -568,6 +568,20 @@ class QanotPlugin(Plugin):
             os.write(2, block)
         return "flooded"
 
+    @tool(name="attack_flood_endless", description="write one line that never ends, for `seconds`", parameters=ANY)
+    async def flood_endless(self, params: dict) -> str:
+        """From a thread, blocking writes (as print() makes them): how much the host took in that
+        time is the answer. The thread goes on after it, blocked where the host stopped reading."""
+        written = [0]
+
+        def write() -> None:
+            block = b"A" * 65536
+            while True:
+                written[0] += os.write(2, block)
+        threading.Thread(target=write, daemon=True).start()
+        await __import__("asyncio").sleep(float(params.get("seconds", 2)))
+        return f"wrote {written[0]} bytes"
+
     @tool(name="attack_flood_log", description="log many long records through logging", parameters=ANY)
     async def flood_log(self, params: dict) -> str:
         log = logging.getLogger("attacker")
