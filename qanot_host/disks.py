@@ -20,6 +20,8 @@ import os
 import shutil
 import time
 
+from .children import die_with_host
+
 __all__ = ["DiskImages"]
 
 log = logging.getLogger("qanot_host.disks")
@@ -189,8 +191,8 @@ def _attached(path: str) -> bool:
 
 
 async def _run(argv: list[str]) -> None:
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_host())
     output, _ = await proc.communicate()
     if proc.returncode != 0:
         raise OSError(0, f"{os.path.basename(argv[0])} failed: {' '.join(output.decode(errors='replace').split())}")

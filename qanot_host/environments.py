@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .children import die_with_host
 from .errors import DependencyError
 
 if TYPE_CHECKING:
@@ -234,7 +235,8 @@ class EnvironmentBuilder:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, cwd=self._root, env=_uv_environment(), start_new_session=True)
+                stderr=asyncio.subprocess.STDOUT, cwd=self._root, env=_uv_environment(), start_new_session=True,
+                preexec_fn=die_with_host())
         except OSError as exc:
             raise DependencyError(plugin, f"uv could not be started: {exc.strerror or exc}") from None
         try:

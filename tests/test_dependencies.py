@@ -91,6 +91,82 @@ def http_server():
     server.server_close()
 
 
+@pytest.fixture
+def stalling_index():
+    """A package index that answers a byte a second: uv waits on it as long as the test likes."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            try:
+                for _ in range(120):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/simple"
+    server.shutdown()
+    server.server_close()
+
+
+def test_uv_dies_with_a_sigkilled_host(write_config, tmp_path, stalling_index):
+    """Attack pass 61: uv, installing a plugin's dependencies from a slow index, went on under PID 1
+    after the host's SIGKILL (holding the connection and its scratch environment), and each start
+    of the host added another."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    plugins = tmp_path / "extra"
+    (plugins / "slow_deps").mkdir(parents=True)
+    (plugins / "slow_deps" / "plugin.py").write_text("from qanot.plugins.base import Plugin\n"
+                                                     "class QanotPlugin(Plugin):\n    pass\n")
+    (plugins / "slow_deps" / "plugin.json").write_text(json.dumps({"dependencies": ["qhtest-stalled>=1"]}))
+    config = write_config([plugin("slow_deps")], plugins_dir=str(plugins), host={"index_url": stalling_index})
+
+    def uvs() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            try:
+                if proc.info["name"] == "uv" and str(tmp_path) in " ".join(proc.info["cmdline"] or []) \
+                        and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+    host = subprocess.Popen([sys.executable, "-m", "qanot_host", "run", "--config", config],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not uvs():
+            assert host.poll() is None and time.monotonic() < deadline, "no uv started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # uv on its way to the index
+        host.send_signal(signal.SIGKILL)
+        host.wait()
+        deadline = time.monotonic() + 5
+        while uvs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert uvs() == [], [(p.pid, p.ppid()) for p in uvs()]
+    finally:
+        host.kill()
+        host.wait()
+        for proc in uvs():
+            proc.kill()
+
+
 @pytest.mark.parametrize("entry, why", [
     ("--index-url={url}/simple", "options are not taken from plugin.json"),
     ("evil @ {url}/evil-1.0-py3-none-any.whl", "a direct reference (URL or path) is refused"),
