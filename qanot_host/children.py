@@ -18,7 +18,7 @@ from typing import Callable
 __all__ = ["die_with_host"]
 
 PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
 
 
 def die_with_host() -> Callable[[], None]:
@@ -27,7 +27,7 @@ def die_with_host() -> Callable[[], None]:
     host_pid = os.getpid()
 
     def in_child() -> None:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != host_pid:
             os._exit(1)
     return in_child
