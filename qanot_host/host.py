@@ -335,6 +335,15 @@ class Host:
                           owner[1], spec.name, printable(repr(fallback), 120))
                 self._let_go(spec.name, supervisor.name, owner[0], displaced)
                 continue
+            if owner is not None and server and fallback in offered:
+                # the server offers that name itself: the renamed tool would take its place, and the
+                # log said it was registered (attack pass 61)
+                conflicts.append(spec.name)
+                log.error("MCP server %s: tool %s is not registered: %s has the name %s, and %s, Qanot's name for "
+                          "it then, is the name of another of the server's own tools", supervisor.name, spec.name,
+                          owner[1], spec.name, fallback)
+                self._let_go(spec.name, supervisor.name, owner[0], displaced)
+                continue
             if owner is not None and server and not kept_for_another(fallback):
                 # as Qanot names an MCP tool whose name is taken; never a name another server's fallbacks
                 # take (servers s and s_calc: s's calc_eval would be mcp_s_calc_eval, s_calc's eval's place)

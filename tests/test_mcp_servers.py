@@ -401,6 +401,24 @@ async def test_the_server_runs_in_the_workers_sandbox(write_config, server_venv,
         listener.close()
 
 
+async def test_a_taken_name_whose_qanot_name_the_server_offers_itself_is_refused_in_words(
+        write_config, server_venv, token, caplog):
+    """Attack pass 61: a server offering echo (a plugin's) and mcp_evil_echo: the log said echo was
+    registered as mcp_evil_echo, which reached the server's own tool of that name, and status listed
+    it twice."""
+    config = write_config([plugin("echo")], host=probe_grants(), mcp_servers=[
+        probe(server_venv, token, env={"PROBE_EXTRA_TOOL": "mcp_probe_echo"})])
+    async with Host(config) as host:
+        assert host.registry.get("echo").plugin == "echo"
+        assert host.registry.get("mcp_probe_echo").plugin == "probe"
+        status = {row["plugin"]: row for row in host.status()}["probe"]
+        assert status["tools"].count("mcp_probe_echo") == 1, status["tools"]
+        assert "echo" in status["conflicts"], status
+    assert "MCP server probe: tool echo is not registered: plugin echo has the name echo, and mcp_probe_echo, " \
+           "Qanot's name for it then, is the name of another of the server's own tools" in caplog.text
+    assert "tool echo is registered as mcp_probe_echo" not in caplog.text
+
+
 async def test_a_taken_tool_name_becomes_mcp_server_tool_as_in_qanot(write_config, server_venv, token, caplog):
     config = write_config([plugin("echo")], host=probe_grants(), mcp_servers=[probe(server_venv, token)])
     async with Host(config) as host:
