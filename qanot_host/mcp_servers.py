@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import urllib.parse
 import shutil
 import struct
 from dataclasses import dataclass
@@ -200,6 +201,9 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
     bridged["secrets"] = dict(redact_env)
     secrets = {f"mcp_servers[{index}].{table}.{key}": value
                for table, found in (("env", redact_env), ("headers", redact_headers)) for key, value in found.items()}
+    password = urllib.parse.urlsplit(server.url or "").password
+    if password:  # a password in the url itself: errors quote the url (attack pass 61)
+        secrets[f"mcp_servers[{index}].url"] = urllib.parse.unquote(password)  # and its quoted forms
     return bridged, Redactor(secrets), programs
 
 

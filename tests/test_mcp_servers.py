@@ -860,6 +860,19 @@ async def test_each_variable_in_a_value_is_redacted_on_its_own(write_config, ser
         assert "connecting with [secret" in logged() and "hunter2" not in logged()
 
 
+async def test_a_password_in_a_remote_servers_url_is_redacted_from_its_errors(write_config):
+    """Attack pass 61: `http://user:PASSWORD@host/mcp` was quoted whole in the server's start error,
+    so in the log, `status` and `reload`."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there: the start fails, quoting the url
+    config = write_config([], host={"restart": {"max_restarts": 0}}, mcp_servers=[
+        {"name": "remote", "type": "http", "url": f"http://app:Pw%40Secret-7781@127.0.0.1:{port}/mcp"}])
+    async with Host(config) as host:
+        error = {row["plugin"]: row for row in host.status()}["remote"]["error"]
+    assert error and "Secret-7781" not in error and "[secret config.mcp_servers[0].url]" in error, error
+
+
 async def test_a_remote_server_whose_start_hangs_is_tried_again(write_config, server_venv, token):
     """Attack pass 14: a remote server that accepts connections and never answers timed out in
     setup() and stayed failed."""
