@@ -1279,6 +1279,37 @@ async def test_a_plugins_cpu_is_read_at_its_turn_until_its_workspaces_filesystem
             assert (grown_after + 1, name) in reads, (name, reads[-6:])
 
 
+async def test_a_place_is_walked_again_only_once_its_filesystem_has_grown(write_config, quiet_workspace, monkeypatch):
+    """Answering pings, each of 500 idle plugins had its place walked every 6 ping intervals (8 walks
+    a second) though nothing on the filesystem had grown: not again until a look finds it grown."""
+    from qanot_host import disk_growth, limits_watch
+
+    grown_after = 40
+    looks: list[int] = []
+    walked: list[tuple[int, str]] = []  # (the look, the plugin)
+    original_look, original_measure = disk_growth.DiskGrowth.look, limits_watch._measure_all
+
+    def look(self):
+        original_look(self)
+        looks.append(len(looks) + 1)
+        if len(looks) == grown_after:
+            (quiet_workspace / "grown").write_bytes(b"x" * 2**20)
+
+    def measure_all(measure, pids):
+        walked.extend((len(looks), name) for name, _, _ in measure)
+        return original_measure(measure, pids)
+
+    monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
+    monkeypatch.setattr(limits_watch, "_measure_all", measure_all)
+    config = write_config([plugin("attacker"), GREETER], host={"limits_interval": 0.1, "ping_interval": 0.2})
+    async with Host(config) as host:
+        await wait_until(lambda: len(looks) >= grown_after + 12, 30, "the looks")
+        assert {who for _, who in walked} == set(host.plugins), walked  # each found within at the start
+    # 3 s of pings, 6 ping intervals being 1.2 s: a walk each, every 1.2 s, before
+    assert [(n, who) for n, who in walked if 10 <= n <= grown_after] == [], walked
+    assert {who for n, who in walked if grown_after < n <= grown_after + 12} == {"attacker", "greeter"}, walked
+
+
 async def test_unlinked_files_a_plugin_holds_open_count_against_its_workspace(write_config):
     """The fourth attacker's F6: files opened in the workspace, unlinked at once and written while held
     open took 815 MB under workspace_mb=10 (the tree itself stays empty)."""
