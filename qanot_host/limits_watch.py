@@ -28,7 +28,8 @@ WALK_AT_LEAST_PINGS = 6
 # Where the filesystem holding a place did not grow since the last look (disk_growth.py), its plugin's
 # CPU is read at one look in QUIET_TURN (a rotation over the plugins), not at every look.
 QUIET_TURN = 10
-# ...and a place whose filesystem has not grown since its last walk is walked again only after this long
+# ...and a place whose filesystem has not grown by disk_growth's slack since its last walk is walked again
+# only after this long
 QUIET_WALK_MAX = 600.0
 
 
@@ -36,9 +37,9 @@ class LimitsWatch:
     def __init__(self, factory: WorkerFactory) -> None:
         self._factory = factory
         self._next_walk: dict[str, float] = {}  # plugin -> when its workspace may be walked again
-        # plugin -> (its group's CPU time, the loop's time, its filesystem's generation) when its place
-        # was last found within
-        self._last_within: dict[str, tuple[float | None, float, int | None]] = {}
+        # plugin -> (its group's CPU time, the loop's time, its filesystem's use) when its place was
+        # last found within
+        self._last_within: dict[str, tuple[float | None, float, tuple[int, int] | None]] = {}
         self._disks = DiskGrowth()
         self._looks = 0
         self._listed: list[PluginSupervisor] = []
@@ -100,7 +101,7 @@ class LimitsWatch:
         as answering pings takes, every WALK_AT_LEAST_PINGS ping intervals (measured: 200 plugins, 37%
         of a core walked every second; at every ping, 1.5%). Nor, unless it is the plugin's `turn`
         (one look in QUIET_TURN), one whose filesystem did not grow since the last look: its CPU is not
-        even read; nor one whose filesystem no look found grown since its last walk, for up to
+        even read; nor one whose filesystem has not grown by the slack since its last walk, for up to
         QUIET_WALK_MAX (disk_growth.py).
         Returns whether to walk, and the group's CPU time read for that (None: no cgroups)."""
         name = supervisor.name
@@ -119,9 +120,10 @@ class LimitsWatch:
         last = self._last_within.get(name)
         if last is None:
             return True, cpu
-        generation = self._disks.generation(place)
-        if generation is not None and generation == last[2] and now - last[1] < QUIET_WALK_MAX:
-            return False, cpu  # no look found its filesystem grown since its last walk
+        in_use, then = self._disks.in_use(place), last[2]
+        if in_use is not None and then is not None and not DiskGrowth.grown_by_slack(in_use, then) \
+                and now - last[1] < QUIET_WALK_MAX:
+            return False, cpu  # its filesystem has not grown by the slack since its last walk
         if cpu is None or last[0] is None:
             return True, cpu
         used = cpu - last[0]
@@ -143,7 +145,7 @@ class LimitsWatch:
                 supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True, at_once=True)
             else:
                 place = self._factory.workspaces[supervisor.name]
-                self._last_within[supervisor.name] = (cpu, now, self._disks.generation(place))
+                self._last_within[supervisor.name] = (cpu, now, self._disks.in_use(place))
 
 
 def _measure_all(measure: list[tuple[str, str, int]], pids: dict[str, list[int]]) -> list[tuple[str | None, float]]:
