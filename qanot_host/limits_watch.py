@@ -25,12 +25,12 @@ WORKSPACE_WALK_SPACING = 20  # a workspace walk is followed by 20 times its leng
 # ping_interval for every plugin: 500 idle plugins, 50 walks a second, 3-4% of a core.
 WALK_CPU = 0.002
 WALK_AT_LEAST_PINGS = 6
-# Where the filesystem holding a place did not grow since the last look (disk_growth.py), its plugin's
-# CPU is read at one look in QUIET_TURN (a rotation over the plugins), not at every look.
-QUIET_TURN = 10
-# ...and a place whose filesystem has not grown by disk_growth's slack since its last walk is walked again
-# only after this long
+# A place whose filesystem has not grown by disk_growth's slack since its last walk is walked again only
+# after this long (its plugin's CPU not even read meanwhile)...
 QUIET_WALK_MAX = 600.0
+# ...and where no filesystem holding places grew since the last look, a plugin is looked at only at its
+# turn, one look in QUIET_TURN (a rotation over the plugins), not at every look.
+QUIET_TURN = 10
 
 
 class LimitsWatch:
@@ -99,10 +99,9 @@ class LimitsWatch:
         plugin that has not run since its place was last found within its ceiling cannot have written
         there (its cgroup counts every process of it): no walk; one that ran for less than WALK_CPU,
         as answering pings takes, every WALK_AT_LEAST_PINGS ping intervals (measured: 200 plugins, 37%
-        of a core walked every second; at every ping, 1.5%). Nor, unless it is the plugin's `turn`
-        (one look in QUIET_TURN), one whose filesystem did not grow since the last look: its CPU is not
-        even read; nor one whose filesystem has not grown by the slack since its last walk, for up to
-        QUIET_WALK_MAX (disk_growth.py).
+        of a core walked every second; at every ping, 1.5%). Nor one whose filesystem has not grown
+        by the slack since its last walk, for up to QUIET_WALK_MAX, nor one whose filesystem did not
+        grow since the last look unless it is its `turn`: its CPU is not even read (disk_growth.py).
         Returns whether to walk, and the group's CPU time read for that (None: no cgroups)."""
         name = supervisor.name
         if supervisor.state is not PluginState.READY:
@@ -115,16 +114,15 @@ class LimitsWatch:
             return False, None
         if not self._disks.may_have_grown(place) and not turn:  # asked first: a place not seen is watched
             return False, None
+        last = self._last_within.get(name)
+        if last is not None:
+            in_use, then = self._disks.in_use(place), last[2]
+            if in_use is not None and then is not None and not DiskGrowth.grown_by_slack(in_use, then) \
+                    and now - last[1] < QUIET_WALK_MAX:
+                return False, None  # its filesystem has not grown by the slack since its last walk
         cgroups = self._factory.cgroups
         cpu = cgroups.cpu_seconds(name) if cgroups.available else None
-        last = self._last_within.get(name)
-        if last is None:
-            return True, cpu
-        in_use, then = self._disks.in_use(place), last[2]
-        if in_use is not None and then is not None and not DiskGrowth.grown_by_slack(in_use, then) \
-                and now - last[1] < QUIET_WALK_MAX:
-            return False, cpu  # its filesystem has not grown by the slack since its last walk
-        if cpu is None or last[0] is None:
+        if cpu is None or last is None or last[0] is None:
             return True, cpu
         used = cpu - last[0]
         if used >= WALK_CPU:

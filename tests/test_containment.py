@@ -1237,14 +1237,14 @@ def quiet_workspace(tmp_path):
     subprocess.run(["umount", "-l", str(place)], check=False)
 
 
-async def test_a_plugins_cpu_is_read_at_its_turn_until_its_workspaces_filesystem_grows(
-        write_config, quiet_workspace, monkeypatch):
+async def test_a_plugins_cpu_is_not_read_until_its_workspaces_filesystem_grows(write_config, quiet_workspace,
+                                                                               monkeypatch):
     """Whether a place needs walking was decided by reading every plugin's cgroup CPU at every look:
-    at 500 idle plugins, half the host's idle CPU. Where the filesystem holding the places did not
-    grow since the last look, a plugin's CPU is read only at its turn (one look in QUIET_TURN); at the
-    look after it grows, every plugin's."""
+    at 500 idle plugins, half the host's idle CPU. Until the filesystem holding the places has grown
+    by the slack since a place's last walk, its plugin's CPU is not read; at the look after it has,
+    every plugin's is."""
     from qanot_host import disk_growth
-    from qanot_host.limits_watch import QUIET_TURN
+    from qanot_host.disk_growth import SLACK_BYTES
 
     grown_after = 25
     looks: list[int] = []
@@ -1254,7 +1254,7 @@ async def test_a_plugins_cpu_is_read_at_its_turn_until_its_workspaces_filesystem
         original_look(self)
         looks.append(len(looks) + 1)
         if len(looks) == grown_after:  # between this look and the next
-            (quiet_workspace / "grown").write_bytes(b"x" * 2**21)
+            (quiet_workspace / "grown").write_bytes(b"x" * 2 * SLACK_BYTES)
 
     monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
     config = write_config([plugin("attacker"), GREETER], host={"limits_interval": 0.1})
@@ -1272,10 +1272,8 @@ async def test_a_plugins_cpu_is_read_at_its_turn_until_its_workspaces_filesystem
     monkeypatch.setattr(cgroups, "cpu_seconds", cpu_seconds)
     async with host:
         await wait_until(lambda: len(looks) >= grown_after + 3, 20, "the looks")
-        for index, name in enumerate(host.plugins):
-            quiet = {n for n, who in reads if who == name and 5 <= n <= grown_after}
-            turns = {n for n in range(5, grown_after + 1) if (index + n) % QUIET_TURN == 0}
-            assert quiet and quiet <= turns, (name, quiet, turns)
+        for name in host.plugins:
+            assert [n for n, who in reads if who == name and 5 <= n <= grown_after] == [], (name, reads)
             assert (grown_after + 1, name) in reads, (name, reads[-6:])
 
 
@@ -1311,6 +1309,28 @@ async def test_a_place_is_walked_again_only_once_its_filesystem_has_grown(write_
     # 3 s of pings, 6 ping intervals being 1.2 s: a walk each, every 1.2 s, before
     assert [(n, who) for n, who in walked if 10 <= n <= grown_after] == [], walked
     assert {who for n, who in walked if grown_after < n <= grown_after + 12} == {"attacker", "greeter"}, walked
+
+
+async def test_space_written_as_as_much_is_freed_is_found_within_quiet_walk_max(write_config, quiet_workspace,
+                                                                                 monkeypatch):
+    """The filesystem's use is counted net: 40 MB written into a place as 40 MB are freed beside it
+    leaves it as it was at the last walk. That place is walked again within QUIET_WALK_MAX anyway
+    (here 2 s), as its plugin ran."""
+    from qanot_host import limits_watch
+    monkeypatch.setattr(limits_watch, "QUIET_WALK_MAX", 2.0)
+    filler = quiet_workspace / "filler"
+    filler.write_bytes(b"x" * (40 << 20))  # before the host: counted in every place's last walk
+    config = write_config([plugin("attacker")], host={
+        "limits_interval": 0.1, "restart": {"backoff_initial": 0, "max_restarts": 1},
+        "plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
+    async with Host(config) as host:
+        sup = host.plugins["attacker"]
+        await asyncio.sleep(0.5)  # its place walked once, empty
+        filler.unlink()
+        wrote = await host.registry.execute("attack_fill_disk", {"where": str(quiet_workspace / "attacker"), "mb": 40})
+        assert "wrote 40 MB" in wrote, wrote
+        await wait_until(lambda: sup.state == PluginState.FAILED, 15, "the plugin to fail")
+        assert "over its workspace_mb=20" in sup.error, sup.error
 
 
 async def test_unlinked_files_a_plugin_holds_open_count_against_its_workspace(write_config):
