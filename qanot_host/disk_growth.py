@@ -1,31 +1,45 @@
-"""Whether the filesystems that hold the plugins' places in the workspace grew since the last look.
+"""Whether the filesystems holding the plugins' places in the workspace grew, and by how much.
 
 A place in the workspace is walked when its plugin has run since its last walk, which the limits watch
-learns by reading every plugin's cgroup CPU time at every look: 500 reads a second at 500 plugins, half
-the host's idle CPU (side by side, 2026-11-27: 1.88% of a core with them, 0.83% without). No place can
-grow unless its filesystem's used blocks or inodes do, and one statfs a filesystem (under 1 us here)
-says whether they did: where neither grew since the last look, the watch reads a plugin's CPU only at
-its turn in a rotation (limits_watch.QUIET_TURN), not at every look; and a place is not walked again
-(for limits_watch.QUIET_WALK_MAX) until its filesystem holds SLACK_BYTES or SLACK_INODES more than at
-its last walk, though its plugin ran: answering pings, 500 idle plugins had a walk each a minute, 8
-walks a second; and this machine's own writes grow its disk by a block every half minute or so.
+learnt by reading every plugin's cgroup CPU at every look: 500 reads a second at 500 plugins, half the
+host's idle CPU (side by side, 2026-11-27: 1.88% of a core with them, 0.83% without); and as answering
+pings is running, every idle plugin had a walk a minute (8 walks a second at 500). No place can grow
+unless its filesystem's used bytes or inodes do, and one statfs a filesystem a look (under 1 us here)
+says whether they did. So a place is not walked again, nor its plugin's CPU read, until its filesystem
+holds SLACK_BYTES or SLACK_INODES more than at the place's last walk (this machine's own writes grow its
+disk by a block every half minute or so), or until limits_watch.QUIET_WALK_MAX has gone by; and where no
+filesystem grew since the last look, a plugin is looked at only at its turn (limits_watch.QUIET_TURN).
 
-What it cannot see, and what bounds it: the count is net, so space freed on the same filesystem in the
-same interval (another process's deletion, a plugin's own files removed) hides as much written, once,
-up to what was freed; the next look at which the filesystem grows reads every plugin's CPU, and a
-plugin's CPU counts from its last walk, so what it wrote is found then; what can be hidden so is bounded
-by what can be freed (and the slack), not by time. Entries that take no space (hard links on ext4, until
-their directory needs another block) likewise.
+What it cannot see, and what bounds it: the count is net, so space freed on the same filesystem meanwhile
+(another process's deletion, a plugin's own files removed) hides as much written, up to what was freed,
+until QUIET_WALK_MAX; entries that take no space (hard links on ext4, until their directory needs another
+block) likewise. Only filesystems whose statfs counts a write as it is made are trusted so
+(COUNTS_AT_ONCE); on any other the watch does as it did without this.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 
-__all__ = ["DiskGrowth", "SLACK_BYTES", "SLACK_INODES"]
+__all__ = ["DiskGrowth", "SLACK_BYTES", "SLACK_INODES", "counts_at_once"]
 
 SLACK_BYTES = 1 << 20
 SLACK_INODES = 64
+# Filesystems whose statfs counts a write when it is made (delayed allocations included: ext4's dirty
+# clusters, XFS's reservations, tmpfs's pages). Any other (a network filesystem, FUSE, one that counts
+# at writeback) is looked at as before: every plugin's CPU at every look, and a walk as it ran.
+COUNTS_AT_ONCE = {0xEF53: "ext2/3/4", 0x58465342: "xfs", 0x01021994: "tmpfs"}
+_statfs = ctypes.CDLL(None, use_errno=True).statfs
+
+
+def counts_at_once(path: str) -> bool:
+    """Whether the filesystem holding `path` is one of COUNTS_AT_ONCE (statfs's f_type, the struct's
+    first field, a long on Linux)."""
+    buffer = ctypes.create_string_buffer(256)
+    if _statfs(os.fsencode(path), buffer) != 0:
+        return False
+    return (ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF) in COUNTS_AT_ONCE
 
 
 class DiskGrowth:
@@ -34,6 +48,7 @@ class DiskGrowth:
         self._place_on: dict[int, str] = {}  # a device -> one place on it, to statfs
         self._used: dict[int, tuple[int, int]] = {}  # a device -> (bytes, inodes) in use at the last look
         self._grew: set[int] = set()
+        self._uncounted: set[int] = set()  # devices whose filesystem is not one of COUNTS_AT_ONCE
 
     def look(self) -> None:
         """At each look's start: one statfs a filesystem (not a place: a few, however many plugins)."""
@@ -52,14 +67,15 @@ class DiskGrowth:
         self._grew = grew
 
     def grew_anywhere(self) -> bool:
-        """Whether any filesystem grew between the last two looks."""
-        return bool(self._grew)
+        """Whether any filesystem grew between the last two looks (one whose statfs is not trusted
+        for that: always)."""
+        return bool(self._grew) or bool(self._uncounted)
 
     def in_use(self, place: str) -> tuple[int, int] | None:
         """(bytes, inodes) in use on the filesystem holding `place` at the last look (None: not
         watched yet)."""
         device = self._device_of.get(place)
-        return self._used.get(device) if device is not None else None
+        return self._used.get(device) if device is not None and device not in self._uncounted else None
 
     @staticmethod
     def grown_by_slack(now: tuple[int, int], then: tuple[int, int]) -> bool:
@@ -76,7 +92,11 @@ class DiskGrowth:
             except OSError:
                 return True
             self._device_of[place] = device
-            self._place_on.setdefault(device, place)
+            if device not in self._place_on and device not in self._uncounted:
+                if counts_at_once(place):
+                    self._place_on[device] = place
+                else:
+                    self._uncounted.add(device)
             return True
         return device in self._grew or device not in self._place_on
 

@@ -1225,14 +1225,27 @@ async def test_space_taken_with_next_to_no_cpu_is_still_found(write_config):
         assert "over its workspace_mb=20" in sup.error, sup.error
 
 
+def _workspace_on(tmp_path, kind: str, options: str):
+    if os.geteuid() != 0:
+        pytest.skip(f"mounting a {kind} needs root")
+    place = tmp_path / "workspace"
+    place.mkdir()
+    subprocess.run(["mount", "-t", kind, "-o", options, "qanot-test", str(place)], check=True)
+    return place
+
+
 @pytest.fixture
 def quiet_workspace(tmp_path):
     """workspace_dir on a tmpfs of its own, where nothing but the test and its plugins writes."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    place = tmp_path / "workspace"
-    place.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "qanot-test", str(place)], check=True)
+    place = _workspace_on(tmp_path, "tmpfs", "size=64m,mode=0755")
+    yield place
+    subprocess.run(["umount", "-l", str(place)], check=False)
+
+
+@pytest.fixture
+def ramfs_workspace(tmp_path):
+    """workspace_dir on a ramfs, whose statfs counts nothing (always 0 blocks)."""
+    place = _workspace_on(tmp_path, "ramfs", "mode=0755")
     yield place
     subprocess.run(["umount", "-l", str(place)], check=False)
 
@@ -1328,6 +1341,23 @@ async def test_space_written_as_as_much_is_freed_is_found_within_quiet_walk_max(
         await asyncio.sleep(0.5)  # its place walked once, empty
         filler.unlink()
         wrote = await host.registry.execute("attack_fill_disk", {"where": str(quiet_workspace / "attacker"), "mb": 40})
+        assert "wrote 40 MB" in wrote, wrote
+        await wait_until(lambda: sup.state == PluginState.FAILED, 15, "the plugin to fail")
+        assert "over its workspace_mb=20" in sup.error, sup.error
+
+
+async def test_a_workspace_whose_filesystem_counts_nothing_is_walked_as_its_plugin_runs(write_config,
+                                                                                         ramfs_workspace):
+    """Whether a place may have grown is read from its filesystem's statfs only where that counts a
+    write as it is made (ext4, XFS, tmpfs): on a ramfs (or a network filesystem) it never changes, and
+    40 MB there went unseen until QUIET_WALK_MAX."""
+    config = write_config([plugin("attacker")], host={
+        "limits_interval": 0.2, "restart": {"backoff_initial": 0, "max_restarts": 1},
+        "plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
+    async with Host(config) as host:
+        sup = host.plugins["attacker"]
+        await asyncio.sleep(0.5)  # its place walked once, empty
+        wrote = await host.registry.execute("attack_fill_disk", {"where": str(ramfs_workspace / "attacker"), "mb": 40})
         assert "wrote 40 MB" in wrote, wrote
         await wait_until(lambda: sup.state == PluginState.FAILED, 15, "the plugin to fail")
         assert "over its workspace_mb=20" in sup.error, sup.error
