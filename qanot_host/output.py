@@ -181,10 +181,15 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
 # Control characters are written as escapes: a plugin must not be able to move the cursor, clear a
 # line or start a new one in the host's log and forge what seems to be the host's own line. Beyond
 # ASCII's: the C1 controls (U+0085 NEL breaks a line for Python and many viewers, U+009B is an 8-bit
-# CSI), the Unicode line and paragraph separators, and the bidi controls that reorder what is shown.
-UNSAFE_CODEPOINTS = (*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
-                     *range(0x202A, 0x202F), *range(0x2066, 0x206A))
-_CONTROLS = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in UNSAFE_CODEPOINTS if c != 0x09}
+# CSI), the Unicode line and paragraph separators, the bidi controls that reorder what is shown, and
+# what shows nothing at all: the zero-width space, word joiner and BOM (a name or an error could hide
+# a difference in them: attack pass 61) and the tag characters, in which text invisible to the operator
+# reaches a model through a tool's description ("ASCII smuggling"). The zero-width (non-)joiners are
+# kept: emoji sequences and Persian and Indic writing need them.
+UNSAFE_CODEPOINTS = (*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200B, 0x200E, 0x200F, 0x2028, 0x2029,
+                     *range(0x202A, 0x202F), 0x2060, *range(0x2066, 0x206A), 0xFEFF, *range(0xE0000, 0xE0080))
+_CONTROLS = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}")
+             for c in UNSAFE_CODEPOINTS if c != 0x09}
 _NOT_IN_TEXT = {c: None for c in UNSAFE_CODEPOINTS if c not in (0x09, 0x0A)}
 _ON_TERMINAL = {c: escaped for c, escaped in _CONTROLS.items() if c != 0x0A}
 _NOT_IN_LINE = {c: None for c in UNSAFE_CODEPOINTS}
