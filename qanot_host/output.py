@@ -51,6 +51,10 @@ class OutputLimit:
         """True while not one more line may be logged (one as long as the last refused one)."""
         return self.rate is not None and self._refill() < self._need
 
+    def budget(self) -> int | None:
+        """How many lines, at most, may be logged now (each costs a token or more); None: no rate."""
+        return None if self.rate is None else max(0, int(self._refill()))
+
     def until_next(self) -> float:
         """Seconds until one more line may be logged (one as long as the last refused one)."""
         return max(0.01, (self._need - self._tokens) / self.rate) if self.rate else 0.0
@@ -145,37 +149,49 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
             chunk = await stream.read(65536)
             if not chunk:
                 break
-            if skipping:  # the rest of a line already cut or dropped: each KiB costs what a line does
-                end = chunk.find(b"\n")  # (read for nothing at the plugin's speed, one line that never
-                limit.spend((len(chunk) if end < 0 else end) // 1024)  # ended took 69% of a core of the
-                if end < 0:  # host's: attack pass 61)
-                    continue
+            if skipping:  # the rest of a line already cut or dropped: each KiB, or part of one, a read
+                end = chunk.find(b"\n")  # costs what a line does (read for nothing at the plugin's
+                limit.spend(_kib(len(chunk) if end < 0 else end + 1))  # speed, one line that never ended
+                if end < 0:  # took 69% of a core of the host's: attack pass 61; in pieces under a KiB,
+                    continue  # the review after it)
                 chunk, skipping = chunk[end + 1:], False
             if limit.exhausted():  # still over: count the lines, do not split them; and a part of a
                 limit.drop(chunk.count(b"\n") or 1)  # line is never logged (it could start mid-secret)
                 pending, skipping = b"", not chunk.endswith(b"\n")
                 continue
-            lines = (pending + chunk).split(b"\n")
+            budget = limit.budget()  # split no more lines than may be logged: 64 KiB of "x\n" is 32 768
+            lines = (pending + chunk).split(b"\n", -1 if budget is None else budget)  # of them
             pending = lines.pop()
+            cut = pending.rfind(b"\n")
+            if cut >= 0:  # whole lines past the budget: counted as dropped, never split (the reader
+                limit.drop(pending.count(b"\n", 0, cut + 1))  # waits for a token before reading on)
+                pending = pending[cut + 1:]
             if len(pending) > MAX_LOG_LINE + REDACT_MARGIN:
-                lines.append(pending)  # logged as its head; the rest of the line is skipped
-                limit.spend((len(pending) - MAX_LOG_LINE) // 1024)  # and what was read of it past the cut
+                lines.append(pending)  # logged as its head (charged whole); the rest of the line is skipped
                 pending, skipping = b"", True
             blank = 0
-            for line in lines:
+            for index, line in enumerate(lines):
                 if not line.strip():
                     blank += 1
                     continue
+                if limit.exhausted():  # the rest of this read dropped at once, not looked at a line
+                    limit.drop(len(lines) - index)  # at a time (64 KiB of "x\n" a read kept the host's
+                    break  # loop busy at any rate: attack pass 62)
                 text = _prepare(limit, line)
-                if text and limit.take(len(text)):
+                if text and limit.take(max(len(text), len(line))):  # what was read, not only what is logged
                     _log(log, limit, kind, text)
             limit.spend(blank)
         if pending:
             text = _prepare(limit, pending)
-            if text and limit.take(len(text)):
+            if text and limit.take(max(len(text), len(pending))):
                 _log(log, limit, kind, text)
     finally:
         limit.report()
+
+
+def _kib(size: int) -> int:
+    """KiB, a part of one counting as one."""
+    return -(-size // 1024)
 
 
 # Control characters are written as escapes: a plugin must not be able to move the cursor, clear a

@@ -425,27 +425,55 @@ async def test_logging_past_the_output_rate_never_blocks_the_worker(write_config
 async def test_blank_lines_count_toward_the_output_rate(write_config):
     """Attack pass 40: a blank line cost no token, so 64 KiB reads of nothing but newlines kept the
     host splitting 65 536 lines a read on its loop as fast as the plugin wrote (loop lag p99 8.5 to
-    82 ms). They cost what a line costs now: the host stops reading, and the plugin waits on its
-    own writes (here past its call's timeout)."""
+    82 ms). They cost what a line costs now, and lines past what may be logged are not split: the
+    host reads a pipeful each time a line may be logged, and the plugin waits on its own writes
+    (here past its call's timeout)."""
     config = write_config([plugin("attacker")], host={"plugins": {"attacker": {
         "tool_timeouts": {"attack_flood_stderr": 3}}}})
     async with Host(config) as host:
-        result = await attack(host, "flood_stderr", lines=8_000_000, blank=True)  # 8 MB of newlines
+        result = await attack(host, "flood_stderr", lines=80_000_000, blank=True)  # 80 MB of newlines
     assert "timed out after 3 s" in result, result
 
 
-async def test_a_line_that_never_ends_is_read_no_faster_than_the_output_rate(write_config):
+@pytest.mark.parametrize("kind", ["short", "blank"])
+async def test_a_flood_of_short_lines_is_not_split_past_what_may_be_logged(write_config, monkeypatch, kind):
+    """Attack pass 62: 64 KiB of "x\\n" a read was split into 32 768 lines, each looked at, whenever
+    one line could be logged: one plugin took half to three quarters of a core of the host's, two a
+    whole core. A read is split into no more lines than may be logged; the rest are counted."""
+    from qanot_host import output
+    looked = [0]
+    original = output._prepare
+
+    def prepare(limit, line):
+        looked[0] += 1
+        return original(limit, line)
+
+    monkeypatch.setattr(output, "_prepare", prepare)
+    config = write_config([plugin("attacker")], host={"limits": {"log_lines_per_second": 50}, "plugins": {
+        "attacker": {"tool_timeouts": {"attack_flood_stderr": 3}}}})
+    async with Host(config) as host:
+        result = await attack(host, "flood_stderr", lines=50_000_000, **{kind: True})  # 100 MB
+        assert "timed out after 3 s" in result, result
+    assert looked[0] < 5_000, looked[0]  # the burst (500), then 50 a second: millions, split whole
+
+
+@pytest.mark.parametrize("how", [{}, {"piece": 1000}, {"piece": 60_000, "ended": True}],
+                         ids=["64 KiB pieces", "1000-byte pieces", "60 KB lines"])
+async def test_a_long_line_is_read_no_faster_than_the_output_rate(write_config, how):
     """Attack pass 61: the rest of a line too long to log was read and dropped at whatever speed the
     plugin wrote it, costing nothing: one plugin writing 64 KiB blocks with no newline took 69% of a
-    core of the host's (16% with the plugin's own CPU capped at 5%). Each KiB skipped costs what a
-    line costs now, so the host stops reading and the plugin's writes wait."""
+    core of the host's (16% with the plugin's own CPU capped at 5%); and (the review after it) in
+    pieces under a KiB each read cost nothing still, and a line that ended was charged for its logged
+    head only. Each KiB read, or part of one, costs what a line costs now, so the host stops reading
+    and the plugin's writes wait."""
     config = write_config([plugin("attacker")], host={"limits": {"log_lines_per_second": 50}})
     async with Host(config) as host:
-        result = await attack(host, "flood_endless", seconds=2)
+        result = await attack(host, "flood_endless", seconds=2, **how)
         assert await host.registry.execute("attack_identity", {}), "the plugin answers on"
     written = int(result.split()[1])
-    # 50 lines a second, a 10 s burst: ~0.6 MB taken, and one pipeful; GBs before
-    assert written < 8 * 2**20, result
+    # 50 lines a second, a 10 s burst: ~0.6 MB taken, and what the host's stream buffers (~2.1 MB):
+    # 2.7 MB in each case; before, GBs, 14 MB and 8 MB
+    assert written < 4 * 2**20, result
 
 
 async def test_the_disk_ceiling_is_the_kernels(write_config):

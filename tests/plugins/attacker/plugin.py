@@ -562,7 +562,7 @@ class QanotPlugin(Plugin):
 
     @tool(name="attack_flood_stderr", description="write many lines to stderr", parameters=ANY)
     async def flood_stderr(self, params: dict) -> str:
-        line = b"\n" if params.get("blank") else b"flood " + b"x" * 94 + b"\n"
+        line = b"\n" if params.get("blank") else b"x\n" if params.get("short") else b"flood " + b"x" * 94 + b"\n"
         block = line * 1000
         for _ in range(int(params.get("lines", 200_000)) // 1000):
             os.write(2, block)
@@ -575,9 +575,12 @@ class QanotPlugin(Plugin):
         written = [0]
 
         def write() -> None:
-            block = b"A" * 65536
+            size = int(params.get("piece", 65536))  # a line's pieces, or (`ended`) whole lines of that size
+            block = b"A" * (size - 1) + (b"\n" if params.get("ended") else b"A")
             while True:
                 written[0] += os.write(2, block)
+                if size < 4096:
+                    time.sleep(0.00005)  # pieces the host can keep up with, one read each
         threading.Thread(target=write, daemon=True).start()
         await __import__("asyncio").sleep(float(params.get("seconds", 2)))
         return f"wrote {written[0]} bytes"
