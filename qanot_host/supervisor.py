@@ -24,6 +24,7 @@ import psutil
 
 from qanot_worker import protocol as p
 
+from .datadirs import workspace_problem
 from .discovery import PluginSource
 from .errors import CallTimedOut, PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
 from .mcp_servers import mcp_server
@@ -247,6 +248,21 @@ class PluginSupervisor:
         it attached, a loop device, a mount and a journal thread, for the host's life)."""
         await worker.stop(reason=f"idle: {why}")
         await self._factory.release_disk(self.name)
+        await self._measure_place_after_stop()
+
+    async def _measure_place_after_stop(self) -> None:
+        """Its teardown() may have written to its place in the workspace, and no walk follows an idle
+        stop (attack pass 62: 5 GB taken by fallocate() in teardown(), unseen until the next call):
+        measured once its worker is gone; over its ceiling, the plugin fails, as it would at a start."""
+        place, limit = self._factory.workspaces.get(self.name), self.limits.workspace_mb
+        if not place or not limit or self._closing:
+            return
+        problem = await asyncio.to_thread(workspace_problem, place, limit)
+        if problem and self.state is PluginState.IDLE and not self._closing:
+            message = (f"its place in the workspace is full: {problem} (remove files from it, or raise "
+                       f"host.plugins.{self.name}.limits.workspace_mb; then reload)")
+            log.error("plugin %s: %s", self.name, message)
+            self.fail(message)
 
     def _activate(self) -> None:
         """An idle plugin's first call: start a worker (once, however many calls wait for it)."""

@@ -1391,6 +1391,21 @@ async def test_a_workspace_whose_filesystem_counts_nothing_is_walked_as_its_plug
         assert "over its workspace_mb=20" in sup.error, sup.error
 
 
+async def test_what_teardown_writes_at_an_idle_stop_is_measured(write_config):
+    """Attack pass 62: teardown() at an idle stop took 5 GB of the workspace (workspace_mb=8) with
+    fallocate(), and nothing measured it until the next call, 71 s later. Its place is measured once
+    the worker is gone: over its ceiling, the plugin fails, saying so."""
+    config = write_config([plugin("attacker"), GREETER], host={"limits_interval": 0.2, "plugins": {"attacker": {
+        "idle_timeout": 1, "limits": {"workspace_mb": 20}}}})
+    async with Host(config) as host:
+        sup = host.plugins["attacker"]
+        place = Path(host.config.workspace_dir) / "attacker"
+        assert await host.registry.execute("attack_fill_at_teardown", {"where": str(place), "mb": 60}) == "armed"
+        await wait_until(lambda: sup.state == PluginState.FAILED, 15, "the plugin to fail after its idle stop")
+        assert sup.idle_stops == 1 and "over its workspace_mb=20" in sup.error, (sup.idle_stops, sup.error)
+        assert host.plugins["greeter"].state == PluginState.READY
+
+
 async def test_unlinked_files_a_plugin_holds_open_count_against_its_workspace(write_config):
     """The fourth attacker's F6: files opened in the workspace, unlinked at once and written while held
     open took 815 MB under workspace_mb=10 (the tree itself stays empty)."""

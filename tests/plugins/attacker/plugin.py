@@ -43,6 +43,21 @@ class QanotPlugin(Plugin):
     async def setup(self, config: dict) -> None:
         self.config = config
         self.racing = False
+        self.fill_at_teardown: tuple[str, int] | None = None
+
+    async def teardown(self) -> None:
+        if self.fill_at_teardown is not None:  # the last word: space no walk follows
+            where, mb = self.fill_at_teardown
+            fd = os.open(os.path.join(where, "teardown-fill"), os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, mb * 2**20)
+            finally:
+                os.close(fd)
+
+    @tool(name="attack_fill_at_teardown", description="fallocate in `where` at teardown()", parameters=ANY)
+    async def fill_at_teardown_tool(self, params: dict) -> str:
+        self.fill_at_teardown = (params["where"], int(params["mb"]))
+        return "armed"
 
     # ---- item 1: make the root host chown or open through a symlink ---------------------------
 
