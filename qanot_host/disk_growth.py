@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Iterable
 
 __all__ = ["DiskGrowth", "SLACK_BYTES", "SLACK_INODES", "counts_at_once"]
 
@@ -35,11 +36,18 @@ _statfs = ctypes.CDLL(None, use_errno=True).statfs
 
 def counts_at_once(path: str) -> bool:
     """Whether the filesystem holding `path` is one of COUNTS_AT_ONCE (statfs's f_type, the struct's
-    first field, a long on Linux)."""
+    first field, a long on Linux), and counts both blocks and inodes: a tmpfs mounted with size=0 or
+    nr_inodes=0 counts nothing of that kind (the review of 11-27)."""
     buffer = ctypes.create_string_buffer(256)
     if _statfs(os.fsencode(path), buffer) != 0:
         return False
-    return (ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF) in COUNTS_AT_ONCE
+    if (ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF) not in COUNTS_AT_ONCE:
+        return False
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return False
+    return fs.f_blocks > 0 and fs.f_files > 0
 
 
 class DiskGrowth:
@@ -49,22 +57,27 @@ class DiskGrowth:
         self._used: dict[int, tuple[int, int]] = {}  # a device -> (bytes, inodes) in use at the last look
         self._grew: set[int] = set()
         self._uncounted: set[int] = set()  # devices whose filesystem is not one of COUNTS_AT_ONCE
+        self._fresh: set[str] = set()  # places first watched at this look
 
     def look(self) -> None:
         """At each look's start: one statfs a filesystem (not a place: a few, however many plugins)."""
         grew = set()
+        self._fresh.clear()
         for device, place in list(self._place_on.items()):
-            try:
-                fs = os.statvfs(place)
-            except OSError:  # that place is gone: the device is found again through the others
-                self._forget(device)
-                continue
-            used = ((fs.f_blocks - fs.f_bfree) * fs.f_frsize, fs.f_files - fs.f_ffree)
             last = self._used.get(device)
-            self._used[device] = used
-            if last is None or used[0] > last[0] or used[1] > last[1]:
+            used = self._read(device, place)
+            if used is not None and (last is None or used[0] > last[0] or used[1] > last[1]):
                 grew.add(device)
         self._grew = grew
+
+    def _read(self, device: int, place: str) -> tuple[int, int] | None:
+        try:
+            fs = os.statvfs(place)
+        except OSError:  # that place is gone: the device is found again through the others
+            self._forget(device)
+            return None
+        used = self._used[device] = ((fs.f_blocks - fs.f_bfree) * fs.f_frsize, fs.f_files - fs.f_ffree)
+        return used
 
     def grew_anywhere(self) -> bool:
         """Whether any filesystem grew between the last two looks (one whose statfs is not trusted
@@ -81,6 +94,14 @@ class DiskGrowth:
     def grown_by_slack(now: tuple[int, int], then: tuple[int, int]) -> bool:
         return now[0] - then[0] >= SLACK_BYTES or now[1] - then[1] >= SLACK_INODES
 
+    def watch(self, places: Iterable[str]) -> bool:
+        """Watch these places' filesystems from the next look on; True if any place was new."""
+        new = [place for place in places if place not in self._device_of]
+        for place in new:
+            self.may_have_grown(place)
+        self._fresh.update(new)  # and may have grown, at this look
+        return bool(new)
+
     def may_have_grown(self, place: str) -> bool:
         """False only when the filesystem holding `place` was seen at the last two looks and its used
         blocks and inodes did not grow between them. A place not seen before: True, and it is
@@ -95,10 +116,11 @@ class DiskGrowth:
             if device not in self._place_on and device not in self._uncounted:
                 if counts_at_once(place):
                     self._place_on[device] = place
-                else:
+                    self._read(device, place)  # its use known from now: a walk before the next look
+                else:  # has its baseline
                     self._uncounted.add(device)
             return True
-        return device in self._grew or device not in self._place_on
+        return device in self._grew or device not in self._place_on or place in self._fresh
 
     def _forget(self, device: int) -> None:
         self._place_on.pop(device, None)

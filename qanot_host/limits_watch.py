@@ -45,6 +45,8 @@ class LimitsWatch:
         self._listed: list[PluginSupervisor] = []
         self._every_look: list[PluginSupervisor] = []
         self._placed: list[PluginSupervisor] = []
+        self._owners: dict[str, PluginSupervisor] = {}  # name -> the supervisor its walk state is of
+        self._places_seen = 0
 
     async def run(self, plugins: Callable[[], list[PluginSupervisor]], interval: Callable[[], float]) -> None:
         """Until cancelled (the host's stop): every `interval()` seconds, the plugins whose look is
@@ -60,6 +62,7 @@ class LimitsWatch:
             self._disks.look()
             self._looks += 1
             self._sort(plugins())
+            fresh = self._watch_new_places()
             for supervisor in self._every_look:
                 if supervisor.idle_timeout is not None:
                     supervisor.stop_if_idle(now)
@@ -67,7 +70,8 @@ class LimitsWatch:
                     supervisor.check_limits()
             turn = -self._looks % QUIET_TURN
             placed = self._placed
-            looked = (((s, i % QUIET_TURN == turn) for i, s in enumerate(placed)) if self._disks.grew_anywhere()
+            everyone = fresh or self._disks.grew_anywhere()
+            looked = (((s, i % QUIET_TURN == turn) for i, s in enumerate(placed)) if everyone
                       else ((s, True) for s in placed[turn::QUIET_TURN]))
             due: list[tuple[PluginSupervisor, float | None]] = []
             for supervisor, at_turn in looked:
@@ -87,10 +91,22 @@ class LimitsWatch:
         self._every_look = [s for s in supervisors if s.idle_timeout is not None or s.limits.max_rss_mb
                             or s.limits.max_cpu_seconds]
         self._placed = [s for s in supervisors if s.limits.workspace_mb]
-        for supervisor in self._placed:  # their filesystems watched from the next look on
-            place = self._factory.workspaces.get(supervisor.name)
-            if place:
-                self._disks.may_have_grown(place)
+        for name in [name for name, owner in self._owners.items() if owner not in supervisors]:
+            # a plugin removed, or made anew by a reload: nothing of its last walk is its successor's
+            del self._owners[name]
+            self._last_within.pop(name, None)
+            self._next_walk.pop(name, None)
+        self._owners.update((s.name, s) for s in supervisors)
+
+    def _watch_new_places(self) -> bool:
+        """Places made since the last look (a lazy plugin's, at its first start) are watched from now
+        on, and this look goes to every plugin: a new place was looked at only at its plugin's turn,
+        up to QUIET_TURN looks after its start (the review of 11-27). True if there were any."""
+        workspaces = self._factory.workspaces
+        if len(workspaces) == self._places_seen:  # places are only ever added
+            return False
+        self._places_seen = len(workspaces)
+        return self._disks.watch(workspaces.values())
 
     def _walk_due(self, supervisor: PluginSupervisor, now: float, turn: bool) -> tuple[bool, float | None]:
         """workspace_mb. A walk costs the host CPU in proportion to what the plugin put there (100 000

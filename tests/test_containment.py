@@ -1352,6 +1352,37 @@ async def test_a_place_is_walked_again_only_once_its_filesystem_has_grown(write_
     assert {who for n, who in walked if grown_after < n <= grown_after + 12} == {"attacker", "greeter"}, walked
 
 
+async def test_what_a_lazy_plugin_writes_after_its_first_start_is_found_at_the_next_look(write_config,
+                                                                                          quiet_workspace,
+                                                                                          monkeypatch):
+    """The review of 11-27: a place first known after the host's start (a lazy plugin's, at its first
+    call) was not watched until its plugin's turn, up to 10 looks later, where no other place shares
+    its filesystem: what it wrote meanwhile went unmeasured."""
+    from qanot_host import disk_growth
+    looks: list[int] = []
+    original_look = disk_growth.DiskGrowth.look
+
+    def look(self):
+        original_look(self)
+        looks.append(len(looks) + 1)
+
+    monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
+    config = write_config([plugin("attacker")], host={"limits_interval": 0.2, "activation": "lazy", "plugins": {
+        "attacker": {"limits": {"workspace_mb": 20}}}, "restart": {"max_restarts": 0}})
+    async with Host(config):
+        pass  # its tools listed once (its worker started and stopped): the next host has them cached
+    async with Host(config) as host:
+        sup = host.plugins["attacker"]
+        await asyncio.sleep(0.5)
+        assert sup.state == PluginState.IDLE and sup.activations == 0
+        wrote = await host.registry.execute("attack_fill_disk", {"where": str(quiet_workspace / "attacker"),
+                                                                 "mb": 40})
+        assert "wrote 40 MB" in wrote, wrote
+        filled = len(looks)
+        await wait_until(lambda: sup.state == PluginState.FAILED, 10, "the plugin to fail")
+        assert len(looks) <= filled + 3, (filled, len(looks))  # its turn: up to 10 looks
+
+
 async def test_space_written_as_as_much_is_freed_is_found_within_quiet_walk_max(write_config, quiet_workspace,
                                                                                  monkeypatch):
     """The filesystem's use is counted net: 40 MB written into a place as 40 MB are freed beside it
@@ -1370,8 +1401,11 @@ async def test_space_written_as_as_much_is_freed_is_found_within_quiet_walk_max(
         filler.unlink()
         wrote = await host.registry.execute("attack_fill_disk", {"where": str(quiet_workspace / "attacker"), "mb": 40})
         assert "wrote 40 MB" in wrote, wrote
+        written = time.monotonic()
         await wait_until(lambda: sup.state == PluginState.FAILED, 15, "the plugin to fail")
         assert "over its workspace_mb=20" in sup.error, sup.error
+        # not by the filesystem's growth (it did not grow, net), which a look 0.1 s later would see
+        assert time.monotonic() - written > 1.0
 
 
 async def test_a_workspace_whose_filesystem_counts_nothing_is_walked_as_its_plugin_runs(write_config,
