@@ -348,6 +348,17 @@ def test_secrets_in_the_escaped_forms_plugins_print(monkeypatch):
         assert "[secret config.password]" in redact(printed) and "rd@1" not in redact(printed), printed
 
 
+def test_a_secret_too_short_to_redact_blanks_none_of_its_forms_and_html_is_each_templates():
+    """The review of 11-27: a secret "&" (too short to be redacted) had its longer forms redacted:
+    every `&amp;` and `\\u0026` in the plugin's output became "[secret ...]". And Jinja's, Go's and
+    PHP's HTML escapes of a secret were not known."""
+    from qanot_host.plugin_secrets import Redactor
+    redact = Redactor({"short": "&", "token": "it's-\"SECRET\"-9"})
+    assert redact("Tom &amp; Jerry \\u0026 co") == "Tom &amp; Jerry \\u0026 co"
+    for printed in ("it&#39;s-&#34;SECRET&#34;-9", "it&#039;s-&quot;SECRET&quot;-9", "it&#x27;s-&quot;SECRET&quot;-9"):
+        assert redact(f"<b>{printed}</b>") == "<b>[secret config.token]</b>", printed
+
+
 def test_a_stderr_nobody_reads_never_blocks_whoever_logs():
     """An MCP client that keeps the host's stderr and never reads it: a full pipe once froze the
     host's event loop (and every plugin with it) at the next log line. Logging returns at once; what

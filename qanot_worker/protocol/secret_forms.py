@@ -19,13 +19,15 @@ _PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 def secret_forms(secrets: dict[str, str]) -> list[tuple[str, str]]:
     """(form, key) for each secret: as it is; escaped as repr(), ascii(), a bytes repr and JSON
-    escape it (print(config), json.dumps(config), JSON inside JSON), and as Go's and JavaScript's
-    encoders escape <, > and & in JSON (\\u0026); quoted as in a URL (a database DSN), in upper and
+    escape it (print(config), json.dumps(config), JSON inside JSON), and as Go's encoder (and some
+    JavaScript serializers) escape <, > and & in JSON (\\u0026); quoted as in a URL (a database DSN), in upper and
     lower case hex; escaped for HTML; in base64; and, for a secret of several lines, each line
     (output is logged line by line). Longest first, so a secret that contains another is replaced
     whole. (Attack pass 60 printed a token in the forms this list did not have.)"""
     forms: dict[str, str] = {}
     for key, value in secrets.items():
+        if len(value) < MIN_REDACTED:  # its longer forms too (`&` as `&amp;` blanked every `&amp;`: the
+            continue  # review of 11-27)
         once = json.dumps(value)[1:-1]
         quoted = {quote(value, safe=""), quote_plus(value), quote(value)}
         encoded = value.encode("utf-8", "surrogatepass")
@@ -34,7 +36,7 @@ def secret_forms(secrets: dict[str, str]) -> list[tuple[str, str]]:
                     json.dumps(once)[1:-1],
                     *(form.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
                       for form in as_json),
-                    html.escape(value), html.escape(value, quote=False),
+                    *_html_forms(value),
                     base64.b64encode(encoded).decode().rstrip("="),
                     base64.urlsafe_b64encode(encoded).decode().rstrip("="), *quoted,
                     *(_PERCENT.sub(lambda m: m.group().lower(), form) for form in quoted)}
@@ -43,6 +45,14 @@ def secret_forms(secrets: dict[str, str]) -> list[tuple[str, str]]:
             if len(variant) >= MIN_REDACTED:
                 forms.setdefault(variant, key)
     return sorted(forms.items(), key=lambda pair: -len(pair[0]))
+
+
+def _html_forms(value: str) -> set[str]:
+    """Escaped for HTML as Python's html.escape() does it, as Jinja/markupsafe and Go's templates do
+    (&#39; &#34;) and as PHP does (&#039;)."""
+    plain = html.escape(value, quote=False)
+    return {plain, html.escape(value), *(plain.replace('"', double).replace("'", single)
+                                          for double, single in (("&#34;", "&#39;"), ("&quot;", "&#039;")))}
 
 
 def replace_secrets(text: str, forms: list[tuple[str, str]], label: str) -> str:
