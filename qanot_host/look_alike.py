@@ -18,32 +18,33 @@ MAX_KEPT = 65_536
 
 
 def shape(name: str) -> str:
-    """What a name looks like to a reader: case and runs of separators not told apart."""
-    return _SEPARATORS.sub("_", name.casefold())
+    """What a name looks like to a reader: case and separators (present or not) not told apart."""
+    return _SEPARATORS.sub("", name.casefold())
 
 
 class LookAlikes:
     def __init__(self) -> None:
-        self._first: dict[str, str] = {}  # a shape -> the first registered name of that shape
-        self._said: set[tuple[str, str]] = set()
+        self._names: dict[str, set[str]] = {}  # a shape -> the names of that shape registered so far
+        self._said: set[tuple[tuple[str, str], ...]] = set()  # pairs of (name, its plugin) told of
 
     def added(self, name: str, plugin: str, owner: Callable[[str], str | None]) -> tuple[str, str] | None:
         """A tool registered for `plugin`: (another plugin's registered tool it looks like, that
         plugin) the first time the two are seen together, else None. `owner(name)` is the plugin
         a name is registered to now (None: to none)."""
-        if len(self._first) > MAX_KEPT or len(self._said) > MAX_KEPT:
-            self._first.clear()
+        if len(self._names) > MAX_KEPT or len(self._said) > MAX_KEPT:
+            self._names.clear()
             self._said.clear()
-        key = shape(name)
-        other = self._first.get(key)
-        other_plugin = owner(other) if other is not None else None
-        if other is None or other_plugin is None:
-            self._first[key] = name
-            return None
-        if other == name or other_plugin == plugin:
-            return None
-        pair = (min(name, other), max(name, other))
-        if pair in self._said:
-            return None
-        self._said.add(pair)
-        return other, other_plugin
+        names = self._names.setdefault(shape(name), set())
+        names.add(name)
+        for other in sorted(names - {name}):
+            other_plugin = owner(other)
+            if other_plugin is None:
+                names.discard(other)
+                continue
+            if other_plugin == plugin:
+                continue
+            key = tuple(sorted([(name, plugin), (other, other_plugin)]))
+            if key not in self._said:
+                self._said.add(key)
+                return other, other_plugin
+        return None

@@ -303,7 +303,9 @@ async def test_tools_of_two_plugins_whose_names_differ_only_in_case_or_separator
         "plugin look_alike: its tool Greet looks like plugin greeter's greet (they differ only in case, '-', '.' "
         "or '_'): a model may call one for the other",
         "plugin look_alike: its tool greet-sync looks like plugin greeter's greet_sync (they differ only in case, "
-        "'-', '.' or '_'): a model may call one for the other"], warnings
+        "'-', '.' or '_'): a model may call one for the other",
+        "plugin look_alike: its tool greetersleep looks like plugin greeter's greeter_sleep (they differ only in "
+        "case, '-', '.' or '_'): a model may call one for the other"], warnings
 
 
 async def test_a_tool_named_by_mcps_rule_is_for_mcp_clients_and_the_cli_not_qanot(write_config, caplog):
