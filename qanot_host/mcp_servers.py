@@ -21,13 +21,12 @@ import hashlib
 import logging
 import os
 import re
-import urllib.parse
 import shutil
 import struct
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgspec
 
@@ -201,10 +200,20 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
     bridged["secrets"] = dict(redact_env)
     secrets = {f"mcp_servers[{index}].{table}.{key}": value
                for table, found in (("env", redact_env), ("headers", redact_headers)) for key, value in found.items()}
-    password = urllib.parse.urlsplit(server.url or "").password
-    if password:  # a password in the url itself: errors quote the url (attack pass 61)
-        secrets[f"mcp_servers[{index}].url"] = urllib.parse.unquote(password)  # and its quoted forms
+    secrets.update(_url_secrets(server.url or "", f"mcp_servers[{index}].url"))
     return bridged, Redactor(secrets), programs
+
+
+def _url_secrets(url: str, key: str) -> dict[str, str]:
+    """What in a remote server's url may be a credential, as written and decoded: the userinfo (a
+    password, or a token given as the user name) and the query's values (`?key=...`, as hosted SSE
+    servers take it). Errors quote the url (attack pass 61; the review after it)."""
+    parts = urlsplit(url)
+    user, password = parts.username or "", parts.password or ""
+    written = [password] + ([user] if len(user) >= 16 else [])  # a user name that long is a token
+    found = {*written, *(unquote(value) for value in written)}
+    found |= {value for _, value in parse_qsl(parts.query, keep_blank_values=True) if len(value) >= 8}
+    return {(key if n == 0 else f"{key} {n}"): value for n, value in enumerate(sorted(found - {""}))}
 
 
 def _stdio_programs(config: Config, where: str, command: str, path: str | None) -> tuple[str, Programs]:

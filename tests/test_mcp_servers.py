@@ -866,11 +866,17 @@ async def test_a_password_in_a_remote_servers_url_is_redacted_from_its_errors(wr
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     listener.close()  # nothing listens there: the start fails, quoting the url
+    token = "ghp_" + "T0ken" * 5
     config = write_config([], host={"restart": {"max_restarts": 0}}, mcp_servers=[
-        {"name": "remote", "type": "http", "url": f"http://app:Pw%40Secret-7781@127.0.0.1:{port}/mcp"}])
+        {"name": "remote", "type": "http", "url": f"http://app:Pw%40Secret-7781@127.0.0.1:{port}/mcp"},
+        {"name": "hosted", "type": "sse", "url": f"http://{token}:x-oauth-basic@127.0.0.1:{port}/sse?key=sk-live-5551234"}])
     async with Host(config) as host:
-        error = {row["plugin"]: row for row in host.status()}["remote"]["error"]
+        status = {row["plugin"]: row for row in host.status()}
+    error = status["remote"]["error"]
     assert error and "Secret-7781" not in error and "[secret config.mcp_servers[0].url]" in error, error
+    error = status["hosted"]["error"]  # a token as the user name, a key in the query (the review after)
+    assert error and "T0ken" not in error and "5551234" not in error and "[secret config.mcp_servers[1].url" in error, \
+        error
 
 
 async def test_a_remote_server_whose_start_hangs_is_tried_again(write_config, server_venv, token):
