@@ -1367,20 +1367,34 @@ async def test_what_a_lazy_plugin_writes_after_its_first_start_is_found_at_the_n
         looks.append(len(looks) + 1)
 
     monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
-    config = write_config([plugin("attacker")], host={"limits_interval": 0.2, "activation": "lazy", "plugins": {
-        "attacker": {"limits": {"workspace_mb": 20}}}, "restart": {"max_restarts": 0}})
+    config = ceiling_of_20_mb(write_config, limits_interval=0.2, activation="lazy")
     async with Host(config):
         pass  # its tools listed once (its worker started and stopped): the next host has them cached
     async with Host(config) as host:
-        sup = host.plugins["attacker"]
         await asyncio.sleep(0.5)
-        assert sup.state == PluginState.IDLE and sup.activations == 0
-        wrote = await host.registry.execute("attack_fill_disk", {"where": str(quiet_workspace / "attacker"),
-                                                                 "mb": 40})
-        assert "wrote 40 MB" in wrote, wrote
-        filled = len(looks)
-        await wait_until(lambda: sup.state == PluginState.FAILED, 10, "the plugin to fail")
-        assert len(looks) <= filled + 3, (filled, len(looks))  # its turn: up to 10 looks
+        assert host.plugins["attacker"].state == PluginState.IDLE and host.plugins["attacker"].activations == 0
+        await fill_until_failed(host, quiet_workspace / "attacker", looks)  # at its turn: up to 10 looks
+
+
+def ceiling_of_20_mb(write_config, **host) -> str:
+    """A config of the attacker plugin alone, its place's ceiling 20 MB, failed at once when over it."""
+    return write_config([plugin("attacker")], host={
+        "restart": {"backoff_initial": 0, "max_restarts": 0}, "plugins": {"attacker": {"limits": {"workspace_mb": 20}}},
+        **host})
+
+
+async def fill_until_failed(host: Host, place: Path, looks: list | None = None) -> float:
+    """40 MB written into `place` by the attacker plugin; the seconds until its plugin failed for it
+    (and, given the list of the limits watch's looks, failed within 3 looks of the write)."""
+    sup = host.plugins["attacker"]
+    wrote = await host.registry.execute("attack_fill_disk", {"where": str(place), "mb": 40})
+    assert "wrote 40 MB" in wrote, wrote
+    written, looked = time.monotonic(), len(looks or [])
+    await wait_until(lambda: sup.state == PluginState.FAILED, 15, "the plugin to fail")
+    assert "over its workspace_mb=20" in sup.error, sup.error
+    if looks is not None:
+        assert len(looks) <= looked + 3, (looked, len(looks))
+    return time.monotonic() - written
 
 
 async def test_space_written_as_as_much_is_freed_is_found_within_quiet_walk_max(write_config, quiet_workspace,
@@ -1392,20 +1406,11 @@ async def test_space_written_as_as_much_is_freed_is_found_within_quiet_walk_max(
     monkeypatch.setattr(limits_watch, "QUIET_WALK_MAX", 2.0)
     filler = quiet_workspace / "filler"
     filler.write_bytes(b"x" * (40 << 20))  # before the host: counted in every place's last walk
-    config = write_config([plugin("attacker")], host={
-        "limits_interval": 0.1, "restart": {"backoff_initial": 0, "max_restarts": 1},
-        "plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
-    async with Host(config) as host:
-        sup = host.plugins["attacker"]
+    async with Host(ceiling_of_20_mb(write_config, limits_interval=0.1)) as host:
         await asyncio.sleep(0.5)  # its place walked once, empty
         filler.unlink()
-        wrote = await host.registry.execute("attack_fill_disk", {"where": str(quiet_workspace / "attacker"), "mb": 40})
-        assert "wrote 40 MB" in wrote, wrote
-        written = time.monotonic()
-        await wait_until(lambda: sup.state == PluginState.FAILED, 15, "the plugin to fail")
-        assert "over its workspace_mb=20" in sup.error, sup.error
-        # not by the filesystem's growth (it did not grow, net), which a look 0.1 s later would see
-        assert time.monotonic() - written > 1.0
+        # not found by the filesystem's growth (it did not grow, net), which a look 0.1 s later would see
+        assert await fill_until_failed(host, quiet_workspace / "attacker") > 1.0
 
 
 async def test_a_workspace_whose_filesystem_counts_nothing_is_walked_as_its_plugin_runs(write_config,
@@ -1413,16 +1418,9 @@ async def test_a_workspace_whose_filesystem_counts_nothing_is_walked_as_its_plug
     """Whether a place may have grown is read from its filesystem's statfs only where that counts a
     write as it is made (ext4, XFS, tmpfs): on a ramfs (or a network filesystem) it never changes, and
     40 MB there went unseen until QUIET_WALK_MAX."""
-    config = write_config([plugin("attacker")], host={
-        "limits_interval": 0.2, "restart": {"backoff_initial": 0, "max_restarts": 1},
-        "plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
-    async with Host(config) as host:
-        sup = host.plugins["attacker"]
+    async with Host(ceiling_of_20_mb(write_config, limits_interval=0.2)) as host:
         await asyncio.sleep(0.5)  # its place walked once, empty
-        wrote = await host.registry.execute("attack_fill_disk", {"where": str(ramfs_workspace / "attacker"), "mb": 40})
-        assert "wrote 40 MB" in wrote, wrote
-        await wait_until(lambda: sup.state == PluginState.FAILED, 15, "the plugin to fail")
-        assert "over its workspace_mb=20" in sup.error, sup.error
+        await fill_until_failed(host, ramfs_workspace / "attacker")
 
 
 async def test_what_teardown_writes_at_an_idle_stop_is_measured(write_config):
