@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .cgroups import sweep_stale_cgroups
 from .config import directory_problems, load_config
+from .datadirs import workspace_problem
 from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import EnvironmentBuilder, sweep_partial_builds
 from .errors import (ConfigError, DependencyError, PluginError, PluginStartError, PluginUnavailable,
@@ -497,7 +498,8 @@ class Host:
                                             "it is ready"))
             # a removed plugin's disk, and one whose disk_mb changed (to be grown), are let go
             resized = [n for n in changed if old.limits_for(n).disk_mb != new.limits_for(n).disk_mb]
-            await asyncio.gather(*(self._factory.release_disk(name) for name in [*removed, *resized]))
+            await asyncio.gather(*(self._factory.release_disk(name) for name in [*removed, *resized]),
+                                 *(self._measure_removed_place(name, old) for name in removed))
             self.config = new
             self.registry.timeout = new.host.call_timeout
             self.workspace = Workspace(new.workspace_dir)
@@ -525,6 +527,17 @@ class Host:
         log.info("reloaded %s: %s", new.path,
                  "; ".join(f"{key} {', '.join(names) or '-'}" for key, names in summary.items()))
         return summary
+
+    async def _measure_removed_place(self, name: str, old: Config) -> None:
+        """What a removed plugin's teardown() wrote in its place in the workspace stays there, and no
+        start of it will ever measure it (attack pass 63: 3 GB, with nothing said): measured once
+        it is gone, and said if over its ceiling."""
+        place, limit = self._factory.place_of(name), old.limits_for(name).workspace_mb
+        if place and limit:
+            problem = await asyncio.to_thread(workspace_problem, place, limit)
+            if problem:
+                log.error("plugin %s, removed by this reload: its place in the workspace is full: %s (its files "
+                          "stay until someone removes them)", name, problem)
 
     async def _stop_plugins(self, names: list[str], why: str) -> None:
         """`why`: what a call to one of them is told while it stops."""

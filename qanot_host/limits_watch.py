@@ -47,6 +47,7 @@ class LimitsWatch:
         self._placed: list[PluginSupervisor] = []
         self._owners: dict[str, PluginSupervisor] = {}  # name -> the supervisor its walk state is of
         self._places_seen = 0
+        self._idle_walked: set[str] = set()  # lazy plugins not started by this host, their place measured
 
     async def run(self, plugins: Callable[[], list[PluginSupervisor]], interval: Callable[[], float]) -> None:
         """Until cancelled (the host's stop): every `interval()` seconds, the plugins whose look is
@@ -96,6 +97,7 @@ class LimitsWatch:
             del self._owners[name]
             self._last_within.pop(name, None)
             self._next_walk.pop(name, None)
+            self._idle_walked.discard(name)
         self._owners.update((s.name, s) for s in supervisors)
 
     def _watch_new_places(self) -> bool:
@@ -123,6 +125,12 @@ class LimitsWatch:
         if supervisor.state is not PluginState.READY:
             # RESTARTING with its worker still there: a recycle draining its calls, which may write on
             worker = supervisor.worker
+            if supervisor.state is PluginState.IDLE and worker is None and name not in self._last_within \
+                    and name not in self._idle_walked and turn:
+                # a lazy plugin this host has not started: what an earlier host's worker left there
+                # (its teardown() at that host's stop: attack pass 63) is measured once, at its turn
+                self._idle_walked.add(name)
+                return self._factory.place_of(name) is not None, None
             if supervisor.state is not PluginState.RESTARTING or worker is None or worker.exited.done():
                 return False, None
         place = self._factory.workspaces.get(name)
@@ -146,18 +154,20 @@ class LimitsWatch:
         return used > 0 and now - last[1] >= WALK_AT_LEAST_PINGS * supervisor.config.host.ping_interval, cpu
 
     async def _check_workspaces(self, due: list[tuple[PluginSupervisor, float | None]]) -> None:
-        measure = [(s.name, self._factory.workspaces[s.name], s.limits.workspace_mb or 0) for s, _ in due]
+        measure = [(s.name, self._factory.place_of(s.name) or "", s.limits.workspace_mb or 0) for s, _ in due]
         pids = {s.name: plugin_pids(self._factory, s) for s, _ in due}
         found = await asyncio.to_thread(_measure_all, measure, pids)
         now = asyncio.get_running_loop().time()
         for (supervisor, cpu), (problem, seconds) in zip(due, found, strict=True):
             self._next_walk[supervisor.name] = now + WORKSPACE_WALK_SPACING * seconds
-            if problem:
+            if problem and supervisor.state is PluginState.IDLE and supervisor.worker is None:
+                supervisor.place_full(problem)  # no worker to kill: it fails, as its start would
+            elif problem:
                 self._last_within.pop(supervisor.name, None)
                 # killed at once: the host's own disk, which a teardown() of seconds went on filling
                 # (attack pass 49: caught at 655 MB of 256, 1.7 GB by the end of its teardown)
                 supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True, at_once=True)
-            else:
+            elif supervisor.name in self._factory.workspaces:
                 place = self._factory.workspaces[supervisor.name]
                 self._last_within[supervisor.name] = (cpu, now, self._disks.in_use(place))
 

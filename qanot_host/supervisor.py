@@ -146,6 +146,9 @@ class PluginSupervisor:
         self._became_ready()
         if self.lazy:
             self._stop_idle_worker("lazy: started only to list its tools")
+            if self._idle_stop is not None:  # its place measured after it, before the start is reported
+                await asyncio.wait([self._idle_stop])  # (a reload said nothing of one over its ceiling then:
+                # attack pass 63)
 
     async def _spawn(self) -> WorkerHandle:
         worker = await self._factory.spawn(self)
@@ -259,10 +262,15 @@ class PluginSupervisor:
             return
         problem = await asyncio.to_thread(workspace_problem, place, limit)
         if problem and self.state is PluginState.IDLE and not self._closing:
-            message = (f"its place in the workspace is full: {problem} (remove files from it, or raise "
-                       f"host.plugins.{self.name}.limits.workspace_mb; then reload)")
-            log.error("plugin %s: %s", self.name, message)
-            self.fail(message)
+            self.place_full(problem)
+
+    def place_full(self, problem: str) -> None:
+        """An idle plugin (no worker) whose place in the workspace is over its ceiling: failed, as its
+        start would fail, at once rather than at its next call."""
+        message = (f"its place in the workspace is full: {problem} (remove files from it, or raise "
+                   f"host.plugins.{self.name}.limits.workspace_mb; then reload)")
+        log.error("plugin %s: %s", self.name, message)
+        self.fail(message)
 
     def _activate(self) -> None:
         """An idle plugin's first call: start a worker (once, however many calls wait for it)."""

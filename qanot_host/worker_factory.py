@@ -197,6 +197,16 @@ class WorkerFactory:
         """The plugin cgroup's (memory MB, CPU s); (None, None) where the host has no cgroups."""
         return self.cgroups.usage(plugin) if self.cgroups.available else (None, None)
 
+    def place_of(self, plugin: str) -> str | None:
+        """The real path of the plugin's place in the workspace: as its last start made it; for a
+        plugin this host has not started (a lazy one), where it is, if it is there (a directory, not
+        a link), for the limits watch to measure what an earlier host's worker left."""
+        real = self.workspaces.get(plugin)
+        if real is not None or not self.config.has_place(plugin):
+            return real
+        path = os.path.join(os.path.realpath(self.config.workspace_dir), plugin)
+        return path if not os.path.islink(path) and os.path.isdir(path) else None
+
     def _own_workspace(self, config: Config, plugin: str, uid: int) -> tuple[str, str] | None:
         """workspace_dir/NAME for the plugin to write: (as its config names it, its real path)."""
         if not config.has_place(plugin):

@@ -1438,6 +1438,42 @@ async def test_what_teardown_writes_at_an_idle_stop_is_measured(write_config):
         assert host.plugins["greeter"].state == PluginState.READY
 
 
+async def test_a_lazy_plugin_over_its_ceiling_is_found_without_a_call(write_config):
+    """Attack pass 63: a lazy plugin's teardown() at a host's stop left 2 GB in its place (ceiling 8
+    MB); the next host, starting it from its cached tools, showed it idle and well until its first
+    call. A place this host has not started is measured once, at its plugin's turn."""
+    config = ceiling_of_20_mb(write_config, limits_interval=0.1, activation="lazy")
+    async with Host(config) as host:
+        place = Path(host.config.workspace_dir) / "attacker"
+        assert host.plugins["attacker"].state == PluginState.IDLE
+    (place / "left-by-teardown").write_bytes(b"x" * (40 << 20))  # as its teardown() at that stop would
+    async with Host(config) as host:
+        sup = host.plugins["attacker"]
+        await wait_until(lambda: sup.state == PluginState.FAILED, 10, "the plugin to fail, with no call")
+        assert sup.activations == 0 and "over its workspace_mb=20" in sup.error, sup.error
+
+
+async def test_reload_says_what_a_plugin_wrote_at_its_listing_start_or_its_removal(write_config, caplog):
+    """Attack pass 63: a new lazy plugin whose start to list its tools overfilled its place was not
+    among reload's failed ones (exit 0); a plugin removed by a reload left its teardown()'s 3 GB with
+    nothing said."""
+    host_settings = {"plugins": {"attacker": {"activation": "lazy", "limits": {"workspace_mb": 20}}}}
+    async with Host(write_config([GREETER])) as host:
+        write_config([GREETER, plugin("attacker", teardown_fill_mb=40)], host=host_settings)
+        summary = await host.reload()
+        assert summary["added"] == ["attacker"] and summary["failed"] == ["attacker"], summary
+        assert "over its workspace_mb=20" in host.plugins["attacker"].error
+        for path in (Path(host.config.workspace_dir) / "attacker").iterdir():
+            path.unlink()
+        write_config([GREETER, plugin("attacker", teardown_fill_mb=40)],
+                     host={"plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
+        assert (await host.reload())["restarted"] == ["attacker"]  # eager now: it runs
+        assert host.plugins["attacker"].state == PluginState.READY
+        write_config([GREETER])
+        assert (await host.reload())["removed"] == ["attacker"]
+    assert "plugin attacker, removed by this reload: its place in the workspace is full" in caplog.text
+
+
 async def test_unlinked_files_a_plugin_holds_open_count_against_its_workspace(write_config):
     """The fourth attacker's F6: files opened in the workspace, unlinked at once and written while held
     open took 815 MB under workspace_mb=10 (the tree itself stays empty)."""

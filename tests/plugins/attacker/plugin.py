@@ -44,6 +44,8 @@ class QanotPlugin(Plugin):
         self.config = config
         self.racing = False
         self.fill_at_teardown: tuple[str, int] | None = None
+        if config.get("teardown_fill_mb"):  # its place: workspace_dir/attacker
+            self.fill_at_teardown = (os.path.join(config["workspace_dir"], "attacker"), int(config["teardown_fill_mb"]))
 
     async def teardown(self) -> None:
         if self.fill_at_teardown is not None:  # the last word: space no walk follows
