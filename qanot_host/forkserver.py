@@ -352,7 +352,11 @@ async def _reader(loop: asyncio.AbstractEventLoop, fd: int) -> tuple[asyncio.Str
     """A stream of the pipe `fd` (owned by it from here on). The connect runs to its end even when
     the caller is cancelled (a host stopping mid-start), and the transport is then closed (loop.py's
     run_to_end: a full run caught a descriptor closed twice as a ResourceWarning)."""
-    reader = asyncio.StreamReader(limit=1 << 20)
+    # 64 KiB, as a spawned worker's (asyncio's default): the transport reads ahead of the output pump up
+    # to twice this, whatever the plugin's rate, one read per write the plugin makes (1 MiB: 2 MiB of
+    # 1-byte writes a stream, a core-second of the host's each, and 2 MiB held per stream, 2 GB for 500
+    # plugins: attack pass 63)
+    reader = asyncio.StreamReader(limit=1 << 16)
     transport, _ = await run_to_end(loop.connect_read_pipe(lambda: _PipeReaderProtocol(reader), pipe_file(fd, "rb")),
                                     undo=lambda connected: connected[0].close())
     return reader, transport

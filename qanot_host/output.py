@@ -159,6 +159,9 @@ async def _pump(stream: asyncio.StreamReader | None, log: logging.Logger, limit:
                 limit.drop(chunk.count(b"\n") or 1)  # line is never logged (it could start mid-secret)
                 pending, skipping = b"", not chunk.endswith(b"\n")
                 continue
+            if b"\n" not in chunk:  # a piece of a line still to end: each read costs a line (one written
+                limit.spend(1)  # a byte at a time was read free up to the cut, a core-second a line:
+                # attack pass 63); what it ends as is charged as well, as every line is
             budget = limit.budget()  # split no more lines than may be logged: 64 KiB of "x\n" is 32 768
             lines = (pending + chunk).split(b"\n", -1 if budget is None else budget)  # of them
             pending = lines.pop()
