@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from .config import directory_problems
 from .discovery import find_plugin, manifest_problems, manifest_warnings, searched_paths, shadowed
 from .environments import MAX_REQUIREMENTS, find_uv, requirement_problem
-from .mcp_servers import bridge_config, mcp_server, mcp_tool_name, server_warnings
+from .mcp_servers import bridge_config, mcp_server, mcp_tool_name, server_warnings, shown_url
 from .plugin_secrets import resolve_config_secrets
 from .registry import tool_name_problem
 from .probe import probe_layers
@@ -126,8 +126,8 @@ def _check_mcp_server(config: Config, entry: PluginEntry, problems: list[str], r
         report.notes.append(f"{label}: runs {programs.command} {' '.join(server.args)}".rstrip()
                             + f" in its worker's sandbox; it may execute {runs}")
     else:
-        report.warnings.append(f"{label}: {server.transport} at {server.url}: a remote server, which no sandbox of "
-                               "this host covers; its worker may reach that address only")
+        report.warnings.append(f"{label}: {server.transport} at {shown_url(server.url)}: a remote server, which no "
+                               "sandbox of this host covers; its worker may reach that address only")
     _check_settings(config, entry.name, None, label, problems, report)
 
 

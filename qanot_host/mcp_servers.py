@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
@@ -211,9 +211,23 @@ def _url_secrets(url: str, key: str) -> dict[str, str]:
     parts = urlsplit(url)
     user, password = parts.username or "", parts.password or ""
     written = [password] + ([user] if len(user) >= 16 else [])  # a user name that long is a token
+    # key=value pairs of the query, the fragment (#access_token=...) and the path's parameters (;sig=...)
+    pairs = [parts.query, parts.fragment, *[segment.split(";", 1)[1] for segment in parts.path.split("/")
+                                            if ";" in segment]]
+    written += [value for text in pairs for piece in re.split(r"[&;]", text) if "=" in piece
+                for value in [piece.split("=", 1)[1]] if len(unquote(value)) >= 8]
     found = {*written, *(unquote(value) for value in written)}
-    found |= {value for _, value in parse_qsl(parts.query, keep_blank_values=True) if len(value) >= 8}
     return {(key if n == 0 else f"{key} {n}"): value for n, value in enumerate(sorted(found - {""}))}
+
+
+def shown_url(url: str) -> str:
+    """A remote server's url as `check` prints it: scheme, host, port and path; never a user name,
+    password, query, fragment or path parameter, where credentials go (attack pass 63)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    path = "/".join(segment.split(";", 1)[0] for segment in parts.path.split("/"))
+    return f"{parts.scheme}://{netloc}{path}" + ("?..." if parts.query or parts.fragment else "")
 
 
 def _stdio_programs(config: Config, where: str, command: str, path: str | None) -> tuple[str, Programs]:

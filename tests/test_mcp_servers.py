@@ -869,14 +869,19 @@ async def test_a_password_in_a_remote_servers_url_is_redacted_from_its_errors(wr
     token = "ghp_" + "T0ken" * 5
     config = write_config([], host={"restart": {"max_restarts": 0}}, mcp_servers=[
         {"name": "remote", "type": "http", "url": f"http://app:Pw%40Secret-7781@127.0.0.1:{port}/mcp"},
-        {"name": "hosted", "type": "sse", "url": f"http://{token}:x-oauth-basic@127.0.0.1:{port}/sse?key=sk-live-5551234"}])
+        {"name": "hosted", "type": "sse", "url": f"http://{token}:x-oauth-basic@127.0.0.1:{port}/sse;sig=Matrix-777123"
+                                                 f"?key=sk-live-5551234#access_token=Fragment-888123"}])
     async with Host(config) as host:
         status = {row["plugin"]: row for row in host.status()}
     error = status["remote"]["error"]
     assert error and "Secret-7781" not in error and "[secret config.mcp_servers[0].url]" in error, error
-    error = status["hosted"]["error"]  # a token as the user name, a key in the query (the review after)
-    assert error and "T0ken" not in error and "5551234" not in error and "[secret config.mcp_servers[1].url" in error, \
-        error
+    error = status["hosted"]["error"]  # a token as the user name, a key in the query (the review after), a
+    assert error and "[secret config.mcp_servers[1].url" in error, error  # path parameter, a fragment (attack
+    for secret in ("T0ken", "5551234", "777123", "888123"):  # pass 63)
+        assert secret not in error, error
+    report = check_report(config, warnings=True)  # check prints the url, none of them
+    assert "http://127.0.0.1:" in report and not any(s in report for s in ("T0ken", "5551234", "777123", "888123",
+                                                                              "Secret-7781")), report
 
 
 async def test_a_remote_server_whose_start_hangs_is_tried_again(write_config, server_venv, token):
