@@ -367,10 +367,9 @@ class Host:
                 displaced.add(holder.plugin)
             self.registry.add_plugin_tool(tool)
             tools.append(tool.name)
-            alike = self._look_alikes.added(tool.name, supervisor.name, self._registered_to)
-            if alike is not None:
+            for other, other_plugin in self._look_alikes.added(tool.name, supervisor.name, self._registered_to):
                 log.warning("plugin %s: its tool %s looks like plugin %s's %s (they differ only in case, '-', '.' or "
-                            "'_'): a model may call one for the other", supervisor.name, tool.name, alike[1], alike[0])
+                            "'_'): a model may call one for the other", supervisor.name, tool.name, other_plugin, other)
         supervisor.set_tools(tools, conflicts, refused, unknown)
         # the plugins that lost a name to it, or may take one it let go or no longer claims, register anew
         for name in freed + given_up:

@@ -27,16 +27,17 @@ class LookAlikes:
         self._names: dict[str, set[str]] = {}  # a shape -> the names of that shape registered so far
         self._said: set[tuple[tuple[str, str], ...]] = set()  # pairs of (name, its plugin) told of
 
-    def added(self, name: str, plugin: str, owner: Callable[[str], str | None]) -> tuple[str, str] | None:
-        """A tool registered for `plugin`: (another plugin's registered tool it looks like, that
-        plugin) the first time the two are seen together, else None. `owner(name)` is the plugin
-        a name is registered to now (None: to none)."""
+    def added(self, name: str, plugin: str, owner: Callable[[str], str | None]) -> list[tuple[str, str]]:
+        """A tool registered for `plugin`: each (other plugin's registered tool it looks like, that
+        plugin) the first time the two are seen together. `owner(name)` is the plugin a name is
+        registered to now (None: to none)."""
         if len(self._names) > MAX_KEPT or len(self._said) > MAX_KEPT:
             self._names.clear()
             self._said.clear()
         names = self._names.setdefault(shape(name), set())
         names.add(name)
-        for other in sorted(names - {name}):
+        found = []
+        for other in sorted(names - {name}):  # all of them: one tool may look like two (attack pass 63)
             other_plugin = owner(other)
             if other_plugin is None:
                 names.discard(other)
@@ -46,5 +47,5 @@ class LookAlikes:
             key = tuple(sorted([(name, plugin), (other, other_plugin)]))
             if key not in self._said:
                 self._said.add(key)
-                return other, other_plugin
-        return None
+                found.append((other, other_plugin))
+        return found

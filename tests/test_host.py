@@ -292,20 +292,19 @@ def test_a_plugins_output_line_is_logged_at_the_level_it_names():
 
 async def test_tools_of_two_plugins_whose_names_differ_only_in_case_or_separators_are_warned_of(write_config, caplog):
     """Attack pass 55: `calc-eval` was served beside calc's `calc_eval` without a word. Both are
-    registered (Qanot registers both), and the operator is told once, naming both plugins."""
-    config = write_config([GREETER, plugin("look_alike")])
+    registered (Qanot registers both), and the operator is told once of each pair, naming both
+    plugins; one tool that looks like two of another plugin's, of both (attack pass 63)."""
+    config = write_config([plugin("look_alike"), GREETER])
     async with Host(config) as host:
-        assert {"greet", "Greet", "greet_sync", "greet-sync", "greet_twice"} <= set(host.registry.tool_names)
+        assert {"greet", "Greet", "G.reet", "greet_sync", "greet-sync", "greet_twice"} <= set(host.registry.tool_names)
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
         await host.restart_plugin("look_alike")  # the same pairs again: said once
+        await host.restart_plugin("greeter")
         warnings = [r.getMessage() for r in caplog.records if "looks like" in r.getMessage()]
-    assert sorted(warnings) == [
-        "plugin look_alike: its tool Greet looks like plugin greeter's greet (they differ only in case, '-', '.' "
-        "or '_'): a model may call one for the other",
-        "plugin look_alike: its tool greet-sync looks like plugin greeter's greet_sync (they differ only in case, "
-        "'-', '.' or '_'): a model may call one for the other",
-        "plugin look_alike: its tool greetersleep looks like plugin greeter's greeter_sleep (they differ only in "
-        "case, '-', '.' or '_'): a model may call one for the other"], warnings
+    said = " (they differ only in case, '-', '.' or '_'): a model may call one for the other"
+    assert sorted(warnings) == [f"plugin greeter: its tool {mine} looks like plugin look_alike's {theirs}{said}"
+                                for mine, theirs in [("greet", "G.reet"), ("greet", "Greet"), ("greet_sync", "greet-sync"),
+                                                     ("greeter_sleep", "greetersleep")]], warnings
 
 
 async def test_a_tool_named_by_mcps_rule_is_for_mcp_clients_and_the_cli_not_qanot(write_config, caplog):

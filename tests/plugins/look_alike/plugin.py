@@ -12,4 +12,4 @@ class QanotPlugin(Plugin):
 
     def get_tools(self) -> list[ToolDef]:
         schema = {"type": "object", "properties": {"name": {"type": "string"}}}
-        return [ToolDef(name, f"tool {name}", schema, _answer) for name in ("Greet", "greet-sync", "greet_twice", "greetersleep")]
+        return [ToolDef(name, f"tool {name}", schema, _answer) for name in ("Greet", "G.reet", "greet-sync", "greet_twice", "greetersleep")]
