@@ -497,8 +497,11 @@ class Host:
                                             "it is ready"))
             # a removed plugin's disk, and one whose disk_mb changed (to be grown), are let go
             resized = [n for n in changed if old.limits_for(n).disk_mb != new.limits_for(n).disk_mb]
+            # and the places no start will measure again: a removed plugin's, one given workspace: false
+            placeless = [(n, "removed") for n in removed] + [
+                (n, "left without one") for n in changed if old.has_place(n) and not new.has_place(n)]
             await asyncio.gather(*(self._factory.release_disk(name) for name in [*removed, *resized]),
-                                 *(self._measure_removed_place(name, old) for name in removed))
+                                 *(self._measure_left_place(name, how, old) for name, how in placeless))
             self.config = new
             self.registry.timeout = new.host.call_timeout
             self.workspace = Workspace(new.workspace_dir)
@@ -527,16 +530,16 @@ class Host:
                  "; ".join(f"{key} {', '.join(names) or '-'}" for key, names in summary.items()))
         return summary
 
-    async def _measure_removed_place(self, name: str, old: Config) -> None:
-        """What a removed plugin's teardown() wrote in its place in the workspace stays there, and no
-        start of it will ever measure it (attack pass 63: 3 GB, with nothing said): measured once
-        it is gone, and said if over its ceiling."""
+    async def _measure_left_place(self, name: str, how: str, old: Config) -> None:
+        """What a teardown() wrote in a place in the workspace no start will measure again (its plugin
+        removed, or given `workspace: false`) stays there (attack pass 63: 3 GB, with nothing said):
+        measured once its worker is gone, and said if over its ceiling."""
         place, limit = self._factory.place_of(name), old.limits_for(name).workspace_mb
         if place and limit:
             problem = await asyncio.to_thread(workspace_problem, place, limit)
             if problem:
-                log.error("plugin %s, removed by this reload: its place in the workspace is full: %s (its files "
-                          "stay until someone removes them)", name, problem)
+                log.error("plugin %s, %s by this reload: its place in the workspace is full: %s (its files stay "
+                          "until someone removes them)", name, how, problem)
 
     async def _stop_plugins(self, names: list[str], why: str) -> None:
         """`why`: what a call to one of them is told while it stops."""

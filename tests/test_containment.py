@@ -1474,6 +1474,15 @@ async def test_reload_says_what_a_plugin_wrote_at_its_listing_start_or_its_remov
                      host={"plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
         assert (await host.reload())["restarted"] == ["attacker"]  # eager now: it runs
         assert host.plugins["attacker"].state == PluginState.READY
+        write_config([GREETER, plugin("attacker", teardown_fill_mb=40)],
+                     host={"plugins": {"attacker": {"workspace": False, "limits": {"workspace_mb": 20}}}})
+        assert (await host.reload())["restarted"] == ["attacker"]
+        assert "plugin attacker, left without one by this reload: its place in the workspace is full" in caplog.text
+        for path in (Path(host.config.workspace_dir) / "attacker").iterdir():
+            path.unlink()
+        write_config([GREETER, plugin("attacker", teardown_fill_mb=40)],
+                     host={"plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
+        assert (await host.reload())["restarted"] == ["attacker"]
         write_config([GREETER])
         assert (await host.reload())["removed"] == ["attacker"]
     assert "plugin attacker, removed by this reload: its place in the workspace is full" in caplog.text
