@@ -214,8 +214,8 @@ def _url_secrets(url: str, key: str) -> dict[str, str]:
     # key=value pairs of the query, the fragment (#access_token=...) and the path's parameters (;sig=...)
     pairs = [parts.query, parts.fragment, *[segment.split(";", 1)[1] for segment in parts.path.split("/")
                                             if ";" in segment]]
-    written += [value for text in pairs for piece in re.split(r"[&;]", text) if "=" in piece
-                for value in [piece.split("=", 1)[1]] if len(unquote(value)) >= 8]
+    written += [value for text in pairs for piece in re.split(r"[&;]", text)  # `key=value`, or a bare
+                for value in [piece.split("=", 1)[-1]] if len(unquote(value)) >= 8]  # value (`#TOKEN`)
     found = {*written, *(unquote(value) for value in written)}
     return {(key if n == 0 else f"{key} {n}"): value for n, value in enumerate(sorted(found - {""}))}
 

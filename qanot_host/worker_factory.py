@@ -210,6 +210,8 @@ class WorkerFactory:
     def _own_workspace(self, config: Config, plugin: str, uid: int) -> tuple[str, str] | None:
         """workspace_dir/NAME for the plugin to write: (as its config names it, its real path)."""
         if not config.has_place(plugin):
+            # no longer its (a reload gave it workspace: false): the limits watch measured the old one
+            self.workspaces.pop(plugin, None)  # for it still, and recycled it on (attack pass 64)
             return None
         try:
             real = self._data.prepare_workspace(config.workspace_dir, plugin, uid)

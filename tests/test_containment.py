@@ -1483,10 +1483,13 @@ async def test_reload_says_what_a_plugin_wrote_at_its_listing_start_or_its_remov
                      host={"plugins": {"attacker": {"limits": {"workspace_mb": 20}}}})
         assert (await host.reload())["restarted"] == ["attacker"]  # eager now: it runs
         assert host.plugins["attacker"].state == PluginState.READY
-        write_config([GREETER, plugin("attacker", teardown_fill_mb=40)],
-                     host={"plugins": {"attacker": {"workspace": False, "limits": {"workspace_mb": 20}}}})
+        write_config([GREETER, plugin("attacker", teardown_fill_mb=40)], host={
+            "limits_interval": 0.1, "plugins": {"attacker": {"workspace": False, "limits": {"workspace_mb": 20}}}})
         assert (await host.reload())["restarted"] == ["attacker"]
         assert "plugin attacker, left without one by this reload: its place in the workspace is full" in caplog.text
+        pid = host.plugins["attacker"].worker.pid
+        await asyncio.sleep(1)  # its worker, with no place, was recycled on for the place it had (attack pass 64)
+        assert host.plugins["attacker"].worker.pid == pid and host.plugins["attacker"].restarts == 0
         for path in (Path(host.config.workspace_dir) / "attacker").iterdir():
             path.unlink()
         write_config([GREETER, plugin("attacker", teardown_fill_mb=40)],

@@ -870,7 +870,8 @@ async def test_a_password_in_a_remote_servers_url_is_redacted_from_its_errors(wr
     config = write_config([], host={"restart": {"max_restarts": 0}}, mcp_servers=[
         {"name": "remote", "type": "http", "url": f"http://app:Pw%40Secret-7781@127.0.0.1:{port}/mcp"},
         {"name": "hosted", "type": "sse", "url": f"http://{token}:x-oauth-basic@127.0.0.1:{port}/sse;sig=Matrix-777123"
-                                                 f"?key=sk-live-5551234#access_token=Fragment-888123"}])
+                                                 f"?key=sk-live-5551234#access_token=Fragment-888123"},
+        {"name": "bare", "type": "http", "url": f"http://127.0.0.1:{port}/mcp;BareParam-999123?BareQuery-999456"}])
     async with Host(config) as host:
         status = {row["plugin"]: row for row in host.status()}
     error = status["remote"]["error"]
@@ -879,6 +880,8 @@ async def test_a_password_in_a_remote_servers_url_is_redacted_from_its_errors(wr
     assert error and "[secret config.mcp_servers[1].url" in error, error  # path parameter, a fragment (attack
     for secret in ("T0ken", "5551234", "777123", "888123"):  # pass 63)
         assert secret not in error, error
+    error = status["bare"]["error"]  # values with no key (attack pass 64)
+    assert error and "999123" not in error and "999456" not in error, error
     report = check_report(config, warnings=True)  # check prints the url, none of them
     assert "http://127.0.0.1:" in report and not any(s in report for s in ("T0ken", "5551234", "777123", "888123",
                                                                               "Secret-7781")), report
