@@ -75,6 +75,11 @@ class StartRefused(PluginStartError):
     again cannot help until the configuration changes."""
 
 
+class PlaceFull(StartRefused):
+    """Its place in the workspace is over its ceiling: no start of it can succeed until files are
+    removed there (then a reload starts it again)."""
+
+
 class DependencyError(PluginStartError):
     pass
 

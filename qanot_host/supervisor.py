@@ -26,7 +26,7 @@ from qanot_worker import protocol as p
 
 from .datadirs import workspace_problem
 from .discovery import PluginSource
-from .errors import CallTimedOut, PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
+from .errors import CallTimedOut, PlaceFull, PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
 from .mcp_servers import mcp_server
 from .offered import OfferedTool
 from .output import printable
@@ -288,7 +288,10 @@ class PluginSupervisor:
             self.worker = await self._spawn()
         except Exception as exc:  # noqa: BLE001 - whatever it was, the waiting calls are told, the host runs on
             detail, decision = self._spawn_failed(exc, "start on a call")
-            if decision.restart:
+            if isinstance(exc, PlaceFull):  # no later call can start it either
+                log.error("plugin %s: its worker did not start for a call (%s)", self.name, detail)
+                self.fail(detail)  # (status showed it idle: attack pass 64)
+            elif decision.restart:
                 log.error("plugin %s: its worker did not start for a call: %s", self.name, detail)
                 self.error = detail
                 self.state = PluginState.IDLE
@@ -353,7 +356,10 @@ class PluginSupervisor:
             return
         except Exception as exc:  # PluginError, or the host short of something (EMFILE from a pipe)
             detail, decision = self._spawn_failed(exc, "restart")
-            if decision.restart and not self._closing:
+            if isinstance(exc, PlaceFull):  # trying again cannot help until files are removed
+                self.fail(detail)
+                log.error("plugin %s: restart failed (%s); not trying again until a reload", self.name, detail)
+            elif decision.restart and not self._closing:
                 log.error("plugin %s: restart failed (%s); retrying in %.2f s", self.name, detail, decision.delay)
                 self._schedule_restart(decision.delay)
             else:

@@ -22,7 +22,7 @@ from .config import own_workspace
 from .datadirs import DataDirs, workspace_problem
 from .disks import DiskImages
 from .egress_policy import NameResolver
-from .errors import PluginStartError, StartRefused
+from .errors import PlaceFull, PluginStartError, StartRefused
 from .forkserver import ForkServerLauncher
 from .heartbeat import Heartbeats
 from .launcher import Launcher, SubprocessLauncher
@@ -221,7 +221,7 @@ class WorkerFactory:
                                    "it without one)") from None
         problem = workspace_problem(real, config.limits_for(plugin).workspace_mb or 0)
         if problem:
-            raise PluginStartError(plugin, f"its place in the workspace is full: {problem} (remove files from "
+            raise PlaceFull(plugin, f"its place in the workspace is full: {problem} (remove files from "
                                    f"it, or raise host.plugins.{plugin}.limits.workspace_mb)")
         self.workspaces[plugin] = real
         return own_workspace(config, plugin), real

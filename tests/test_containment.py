@@ -1467,6 +1467,19 @@ async def test_a_lazy_plugin_over_its_ceiling_is_found_without_a_call(write_conf
         assert sup.activations == 0 and "over its workspace_mb=20" in sup.error, sup.error
 
 
+async def test_an_idle_plugin_whose_place_is_full_fails_at_the_call_that_would_start_it(write_config):
+    """Attack pass 64: a call whose start found the place over its ceiling left the plugin `idle` (with
+    the error), as if the next call might start it: none can until files are removed, so it fails."""
+    config = write_config([plugin("attacker")], host={"limits_interval": 0.1, "plugins": {"attacker": {
+        "idle_timeout": 0.5, "limits": {"workspace_mb": 20}}}})
+    async with Host(config) as host:
+        sup = host.plugins["attacker"]
+        await wait_until(lambda: sup.state == PluginState.IDLE, 10, "the idle stop")
+        (Path(host.config.workspace_dir) / "attacker" / "filled").write_bytes(b"x" * (40 << 20))
+        assert "over its workspace_mb=20" in await host.registry.execute("attack_identity", {})
+        assert sup.state == PluginState.FAILED and "over its workspace_mb=20" in sup.error, (sup.state, sup.error)
+
+
 async def test_reload_says_what_a_plugin_wrote_at_its_listing_start_or_its_removal(write_config, caplog):
     """Attack pass 63: a new lazy plugin whose start to list its tools overfilled its place was not
     among reload's failed ones (exit 0); a plugin removed by a reload left its teardown()'s 3 GB with
