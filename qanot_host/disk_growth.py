@@ -6,15 +6,16 @@ host's idle CPU (side by side, 2026-11-27: 1.88% of a core with them, 0.83% with
 pings is running, every idle plugin had a walk a minute (8 walks a second at 500). No place can grow
 unless its filesystem's used bytes or inodes do, and one statfs a filesystem a look (under 1 us here)
 says whether they did. So a place is not walked again, nor its plugin's CPU read, until its filesystem
-holds SLACK_BYTES or SLACK_INODES more than at the place's last walk (this machine's own writes grow its
-disk by a block every half minute or so), or until limits_watch.QUIET_WALK_MAX has gone by; and where no
-filesystem grew since the last look, a plugin is looked at only at its turn (limits_watch.QUIET_TURN).
+has grown by SLACK_BYTES or SLACK_INODES since the place's last walk, summed over the looks at which it
+grew (this machine's own writes grow its disk by a block every half minute or so), or until
+limits_watch.QUIET_WALK_MAX has gone by; and where no filesystem grew since the last look, a plugin is
+looked at only at its turn (limits_watch.QUIET_TURN).
 
-What it cannot see, and what bounds it: the count is net, so space freed on the same filesystem meanwhile
-(another process's deletion, a plugin's own files removed) hides as much written, up to what was freed,
-until QUIET_WALK_MAX; entries that take no space (hard links on ext4, until their directory needs another
-block) likewise. Only filesystems whose statfs counts a write as it is made are trusted so
-(COUNTS_AT_ONCE); on any other the watch does as it did without this.
+What it cannot see, and what bounds it: between two looks the count is net, so space freed on the same
+filesystem in the same interval (another process's deletion, a plugin's own files removed) hides as
+much written, up to what was freed, until QUIET_WALK_MAX; entries that take no space (hard links on
+ext4, until their directory needs another block) likewise. Only filesystems whose statfs counts a write
+as it is made are trusted so (COUNTS_AT_ONCE); on any other the watch does as it did without this.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class DiskGrowth:
         self._device_of: dict[str, int] = {}  # a place -> the device it is on
         self._place_on: dict[int, str] = {}  # a device -> one place on it, to statfs
         self._used: dict[int, tuple[int, int]] = {}  # a device -> (bytes, inodes) in use at the last look
+        # a device -> (bytes, inodes) it grew by, summed over the looks at which it grew: what is freed
+        # takes nothing off (another test's files deleted beside a plugin's 60 MB hid them until
+        # QUIET_WALK_MAX, in CI): only a free and a write in the same interval cancel out
+        self._grown: dict[int, tuple[int, int]] = {}
         self._grew: set[int] = set()
         self._uncounted: set[int] = set()  # devices whose filesystem is not one of COUNTS_AT_ONCE
         self._fresh: set[str] = set()  # places first watched at this look
@@ -76,7 +81,12 @@ class DiskGrowth:
         except OSError:  # that place is gone: the device is found again through the others
             self._forget(device)
             return None
+        last = self._used.get(device)
         used = self._used[device] = ((fs.f_blocks - fs.f_bfree) * fs.f_frsize, fs.f_files - fs.f_ffree)
+        grown = self._grown.get(device, (0, 0))
+        if last is not None:
+            grown = (grown[0] + max(0, used[0] - last[0]), grown[1] + max(0, used[1] - last[1]))
+        self._grown[device] = grown
         return used
 
     def grew_anywhere(self) -> bool:
@@ -84,11 +94,11 @@ class DiskGrowth:
         for that: always)."""
         return bool(self._grew) or bool(self._uncounted)
 
-    def in_use(self, place: str) -> tuple[int, int] | None:
-        """(bytes, inodes) in use on the filesystem holding `place` at the last look (None: not
-        watched yet)."""
+    def grown(self, place: str) -> tuple[int, int] | None:
+        """(bytes, inodes) the filesystem holding `place` grew by, summed over the looks at which it
+        grew, up to the last look (None: not watched yet)."""
         device = self._device_of.get(place)
-        return self._used.get(device) if device is not None and device not in self._uncounted else None
+        return self._grown.get(device) if device is not None and device not in self._uncounted else None
 
     @staticmethod
     def grown_by_slack(now: tuple[int, int], then: tuple[int, int]) -> bool:
@@ -125,5 +135,6 @@ class DiskGrowth:
     def _forget(self, device: int) -> None:
         self._place_on.pop(device, None)
         self._used.pop(device, None)
+        self._grown.pop(device, None)
         for place in [p for p, d in self._device_of.items() if d == device]:
             del self._device_of[place]

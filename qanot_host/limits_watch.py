@@ -37,8 +37,8 @@ class LimitsWatch:
     def __init__(self, factory: WorkerFactory) -> None:
         self._factory = factory
         self._next_walk: dict[str, float] = {}  # plugin -> when its workspace may be walked again
-        # plugin -> (its group's CPU time, the loop's time, its filesystem's use) when its place was
-        # last found within
+        # plugin -> (its group's CPU time, the loop's time, how much its filesystem had grown) when its
+        # place was last found within
         self._last_within: dict[str, tuple[float | None, float, tuple[int, int] | None]] = {}
         self._disks = DiskGrowth()
         self._looks = 0
@@ -140,8 +140,8 @@ class LimitsWatch:
             return False, None
         last = self._last_within.get(name)
         if last is not None:
-            in_use, then = self._disks.in_use(place), last[2]
-            if in_use is not None and then is not None and not DiskGrowth.grown_by_slack(in_use, then) \
+            grown, then = self._disks.grown(place), last[2]
+            if grown is not None and then is not None and not DiskGrowth.grown_by_slack(grown, then) \
                     and now - last[1] < QUIET_WALK_MAX:
                 return False, None  # its filesystem has not grown by the slack since its last walk
         cgroups = self._factory.cgroups
@@ -169,7 +169,7 @@ class LimitsWatch:
                 supervisor.recycle(f"its place in the workspace is full: {problem}", counts=True, at_once=True)
             elif supervisor.name in self._factory.workspaces:
                 place = self._factory.workspaces[supervisor.name]
-                self._last_within[supervisor.name] = (cpu, now, self._disks.in_use(place))
+                self._last_within[supervisor.name] = (cpu, now, self._disks.grown(place))
 
 
 def _measure_all(measure: list[tuple[str, str, int]], pids: dict[str, list[int]]) -> list[tuple[str | None, float]]:

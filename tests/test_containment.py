@@ -1413,18 +1413,51 @@ async def fill_until_failed(host: Host, place: Path, looks: list | None = None) 
 
 async def test_space_written_as_as_much_is_freed_is_found_within_quiet_walk_max(write_config, quiet_workspace,
                                                                                  monkeypatch):
-    """The filesystem's use is counted net: 40 MB written into a place as 40 MB are freed beside it
-    leaves it as it was at the last walk. That place is walked again within QUIET_WALK_MAX anyway
-    (here 2 s), as its plugin ran."""
+    """Between two looks the filesystem's use is counted net: 40 MB written into a place in the
+    interval in which 40 MB were freed beside it leave the filesystem as it was. The place is walked
+    again within QUIET_WALK_MAX anyway (here 4 s), as its plugin ran. (Space freed in another
+    interval takes nothing off what the filesystem grew by: found at the next look.)"""
     from qanot_host import limits_watch
-    monkeypatch.setattr(limits_watch, "QUIET_WALK_MAX", 2.0)
+    monkeypatch.setattr(limits_watch, "QUIET_WALK_MAX", 4.0)
+    monkeypatch.setattr(limits_watch, "QUIET_TURN", 1)  # every look its turn (else found at the turn after)
+    walks: list[str] = []
+    original_measure = limits_watch._measure_all
+
+    def measure_all(measure, pids):
+        found = original_measure(measure, pids)
+        walks.extend(name for name, _, _ in measure)
+        return found
+
+    monkeypatch.setattr(limits_watch, "_measure_all", measure_all)
     filler = quiet_workspace / "filler"
     filler.write_bytes(b"x" * (40 << 20))  # before the host: counted in every place's last walk
-    async with Host(ceiling_of_20_mb(write_config, limits_interval=0.1)) as host:
-        await asyncio.sleep(0.5)  # its place walked once, empty
+    async with Host(ceiling_of_20_mb(write_config, limits_interval=3)) as host:
+        await wait_until(lambda: walks, 10, "its place walked once, empty")
+        filler.unlink()  # and 40 MB written, before the next look, 3 s on
+        assert await fill_until_failed(host, quiet_workspace / "attacker") > 4.0  # not at the next look
+
+
+async def test_space_freed_earlier_hides_nothing_written_later(write_config, quiet_workspace, monkeypatch):
+    """CI's own tests deleting files beside a plugin's 60 MB hid them from the limits watch, which
+    compared the filesystem's net use with the place's last walk: space freed at one look takes
+    nothing off what is written at another."""
+    from qanot_host import disk_growth
+    looks: list[int] = []
+    original_look = disk_growth.DiskGrowth.look
+
+    def look(self):
+        original_look(self)
+        looks.append(len(looks) + 1)
+
+    monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
+    filler = quiet_workspace / "filler"
+    filler.write_bytes(b"x" * (40 << 20))
+    async with Host(ceiling_of_20_mb(write_config, limits_interval=0.2)) as host:
+        await wait_until(lambda: len(looks) >= 3, 10, "its place walked once, empty")
         filler.unlink()
-        # not found by the filesystem's growth (it did not grow, net), which a look 0.1 s later would see
-        assert await fill_until_failed(host, quiet_workspace / "attacker") > 1.0
+        freed = len(looks)
+        await wait_until(lambda: len(looks) >= freed + 2, 10, "a look after the free")
+        await fill_until_failed(host, quiet_workspace / "attacker", looks)
 
 
 async def test_a_workspace_whose_filesystem_counts_nothing_is_walked_as_its_plugin_runs(write_config,
