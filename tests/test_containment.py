@@ -20,6 +20,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
@@ -1292,26 +1293,56 @@ def ramfs_workspace(tmp_path):
     subprocess.run(["umount", "-l", str(place)], check=False)
 
 
+class Looks(list):
+    """The limits watch's looks so far, numbered from 1; `at[n]()` runs right after the n-th."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: dict[int, Callable[[], object]] = {}
+
+
+@pytest.fixture
+def looks(monkeypatch) -> Looks:
+    """Counts the limits watch's looks (DiskGrowth.look, the first thing each does)."""
+    from qanot_host import disk_growth
+    counted, original = Looks(), disk_growth.DiskGrowth.look
+
+    def look(self):
+        original(self)
+        counted.append(len(counted) + 1)
+        if len(counted) in counted.at:
+            counted.at[len(counted)]()
+
+    monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
+    return counted
+
+
+@pytest.fixture
+def walks(monkeypatch, looks) -> list[tuple[int, str]]:
+    """(the look, the plugin) of each walk of a place in the workspace, once it is done."""
+    from qanot_host import limits_watch
+    walked: list[tuple[int, str]] = []
+    original = limits_watch._measure_all
+
+    def measure_all(measure, pids):
+        found = original(measure, pids)
+        walked.extend((len(looks), name) for name, _, _ in measure)
+        return found
+
+    monkeypatch.setattr(limits_watch, "_measure_all", measure_all)
+    return walked
+
+
 async def test_a_plugins_cpu_is_not_read_until_its_workspaces_filesystem_grows(write_config, quiet_workspace,
-                                                                               monkeypatch):
+                                                                               monkeypatch, looks):
     """Whether a place needs walking was decided by reading every plugin's cgroup CPU at every look:
     at 500 idle plugins, half the host's idle CPU. Until the filesystem holding the places has grown
     by the slack since a place's last walk, its plugin's CPU is not read; at the look after it has,
     every plugin's is."""
-    from qanot_host import disk_growth
     from qanot_host.disk_growth import SLACK_BYTES
 
-    grown_after = 25
-    looks: list[int] = []
-    original_look = disk_growth.DiskGrowth.look
-
-    def look(self):
-        original_look(self)
-        looks.append(len(looks) + 1)
-        if len(looks) == grown_after:  # between this look and the next
-            (quiet_workspace / "grown").write_bytes(b"x" * 2 * SLACK_BYTES)
-
-    monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
+    grown_after = 25  # between this look and the next:
+    looks.at[grown_after] = lambda: (quiet_workspace / "grown").write_bytes(b"x" * 2 * SLACK_BYTES)
     config = write_config([plugin("attacker"), GREETER], host={"limits_interval": 0.1})
     host = Host(config)
     cgroups = host._factory.cgroups
@@ -1332,55 +1363,30 @@ async def test_a_plugins_cpu_is_not_read_until_its_workspaces_filesystem_grows(w
             assert (grown_after + 1, name) in reads, (name, reads[-6:])
 
 
-async def test_a_place_is_walked_again_only_once_its_filesystem_has_grown(write_config, quiet_workspace, monkeypatch):
+async def test_a_place_is_walked_again_only_once_its_filesystem_has_grown(write_config, quiet_workspace, looks,
+                                                                          walks):
     """Answering pings, each of 500 idle plugins had its place walked every 6 ping intervals (8 walks
     a second) though nothing on the filesystem had grown: not again until it has grown by the slack."""
-    from qanot_host import disk_growth, limits_watch
     from qanot_host.disk_growth import SLACK_BYTES
 
     grown_after = 40
-    looks: list[int] = []
-    walked: list[tuple[int, str]] = []  # (the look, the plugin)
-    original_look, original_measure = disk_growth.DiskGrowth.look, limits_watch._measure_all
-
-    def look(self):
-        original_look(self)
-        looks.append(len(looks) + 1)
-        if len(looks) == 20:  # under the slack: the machine's own writes are at least this
-            (quiet_workspace / "small").write_bytes(b"x" * 8192)
-        if len(looks) == grown_after:
-            (quiet_workspace / "grown").write_bytes(b"x" * 2 * SLACK_BYTES)
-
-    def measure_all(measure, pids):
-        walked.extend((len(looks), name) for name, _, _ in measure)
-        return original_measure(measure, pids)
-
-    monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
-    monkeypatch.setattr(limits_watch, "_measure_all", measure_all)
+    # under the slack (the machine's own writes are at least this), then over it
+    looks.at[20] = lambda: (quiet_workspace / "small").write_bytes(b"x" * 8192)
+    looks.at[grown_after] = lambda: (quiet_workspace / "grown").write_bytes(b"x" * 2 * SLACK_BYTES)
     config = write_config([plugin("attacker"), GREETER], host={"limits_interval": 0.1, "ping_interval": 0.2})
     async with Host(config) as host:
         await wait_until(lambda: len(looks) >= grown_after + 12, 30, "the looks")
-        assert {who for _, who in walked} == set(host.plugins), walked  # each found within at the start
+        assert {who for _, who in walks} == set(host.plugins), walks  # each found within at the start
     # 3 s of pings, 6 ping intervals being 1.2 s: a walk each, every 1.2 s, before
-    assert [(n, who) for n, who in walked if 10 <= n <= grown_after] == [], walked
-    assert {who for n, who in walked if grown_after < n <= grown_after + 12} == {"attacker", "greeter"}, walked
+    assert [(n, who) for n, who in walks if 10 <= n <= grown_after] == [], walks
+    assert {who for n, who in walks if grown_after < n <= grown_after + 12} == {"attacker", "greeter"}, walks
 
 
 async def test_what_a_lazy_plugin_writes_after_its_first_start_is_found_at_the_next_look(write_config,
-                                                                                          quiet_workspace,
-                                                                                          monkeypatch):
+                                                                                          quiet_workspace, looks):
     """The review of 11-27: a place first known after the host's start (a lazy plugin's, at its first
     call) was not watched until its plugin's turn, up to 10 looks later, where no other place shares
     its filesystem: what it wrote meanwhile went unmeasured."""
-    from qanot_host import disk_growth
-    looks: list[int] = []
-    original_look = disk_growth.DiskGrowth.look
-
-    def look(self):
-        original_look(self)
-        looks.append(len(looks) + 1)
-
-    monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
     config = ceiling_of_20_mb(write_config, limits_interval=0.2, activation="lazy")
     async with Host(config):
         pass  # its tools listed once (its worker started and stopped): the next host has them cached
@@ -1412,7 +1418,7 @@ async def fill_until_failed(host: Host, place: Path, looks: list | None = None) 
 
 
 async def test_space_written_as_as_much_is_freed_is_found_within_quiet_walk_max(write_config, quiet_workspace,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, walks):
     """Between two looks the filesystem's use is counted net: 40 MB written into a place in the
     interval in which 40 MB were freed beside it leave the filesystem as it was. The place is walked
     again within QUIET_WALK_MAX anyway (here 4 s), as its plugin ran. (Space freed in another
@@ -1420,15 +1426,6 @@ async def test_space_written_as_as_much_is_freed_is_found_within_quiet_walk_max(
     from qanot_host import limits_watch
     monkeypatch.setattr(limits_watch, "QUIET_WALK_MAX", 4.0)
     monkeypatch.setattr(limits_watch, "QUIET_TURN", 1)  # every look its turn (else found at the turn after)
-    walks: list[str] = []
-    original_measure = limits_watch._measure_all
-
-    def measure_all(measure, pids):
-        found = original_measure(measure, pids)
-        walks.extend(name for name, _, _ in measure)
-        return found
-
-    monkeypatch.setattr(limits_watch, "_measure_all", measure_all)
     filler = quiet_workspace / "filler"
     filler.write_bytes(b"x" * (40 << 20))  # before the host: counted in every place's last walk
     async with Host(ceiling_of_20_mb(write_config, limits_interval=3)) as host:
@@ -1437,19 +1434,10 @@ async def test_space_written_as_as_much_is_freed_is_found_within_quiet_walk_max(
         assert await fill_until_failed(host, quiet_workspace / "attacker") > 4.0  # not at the next look
 
 
-async def test_space_freed_earlier_hides_nothing_written_later(write_config, quiet_workspace, monkeypatch):
+async def test_space_freed_earlier_hides_nothing_written_later(write_config, quiet_workspace, looks):
     """CI's own tests deleting files beside a plugin's 60 MB hid them from the limits watch, which
     compared the filesystem's net use with the place's last walk: space freed at one look takes
     nothing off what is written at another."""
-    from qanot_host import disk_growth
-    looks: list[int] = []
-    original_look = disk_growth.DiskGrowth.look
-
-    def look(self):
-        original_look(self)
-        looks.append(len(looks) + 1)
-
-    monkeypatch.setattr(disk_growth.DiskGrowth, "look", look)
     filler = quiet_workspace / "filler"
     filler.write_bytes(b"x" * (40 << 20))
     async with Host(ceiling_of_20_mb(write_config, limits_interval=0.2)) as host:
