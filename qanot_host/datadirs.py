@@ -114,6 +114,13 @@ def workspace_problem(path: str, limit_mb: int, pids: list[int] | None = None) -
     return None
 
 
+def place_full_error(plugin: str, problem: str) -> str:
+    """What a plugin over its workspace ceiling is failed with (at a start, or found idle), and how
+    the operator brings it back."""
+    return (f"its place in the workspace is full: {problem} (remove files from it, or raise "
+            f"host.plugins.{plugin}.limits.workspace_mb; then reload)")
+
+
 def disk_usage(path: str, max_entries: int) -> tuple[int, int]:
     """(bytes on disk, entries) beneath path, counting no further than max_entries (a tree deeper than
     MAX_WORKSPACE_DEPTH counts as max_entries). Each directory is opened relative to its parent,

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .cgroups import sweep_stale_cgroups
 from .config import directory_problems, load_config
-from .datadirs import workspace_problem
 from .discovery import PluginSource, find_plugin, manifest_problems, manifest_warnings, searched_paths
 from .environments import EnvironmentBuilder, sweep_partial_builds
 from .errors import (ConfigError, DependencyError, PluginError, PluginStartError, PluginUnavailable,
@@ -534,12 +533,10 @@ class Host:
         """What a teardown() wrote in a place in the workspace no start will measure again (its plugin
         removed, or given `workspace: false`) stays there (attack pass 63: 3 GB, with nothing said):
         measured once its worker is gone, and said if over its ceiling."""
-        place, limit = self._factory.place_of(name), old.limits_for(name).workspace_mb
-        if place and limit:
-            problem = await asyncio.to_thread(workspace_problem, place, limit)
-            if problem:
-                log.error("plugin %s, %s by this reload: its place in the workspace is full: %s (its files stay "
-                          "until someone removes them)", name, how, problem)
+        problem = await self._factory.place_problem(name, old.limits_for(name).workspace_mb)
+        if problem:
+            log.error("plugin %s, %s by this reload: its place in the workspace is full: %s (its files stay "
+                      "until someone removes them)", name, how, problem)
 
     async def _stop_plugins(self, names: list[str], why: str) -> None:
         """`why`: what a call to one of them is told while it stops."""

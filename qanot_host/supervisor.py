@@ -24,7 +24,7 @@ import psutil
 
 from qanot_worker import protocol as p
 
-from .datadirs import workspace_problem
+from .datadirs import place_full_error
 from .discovery import PluginSource
 from .errors import CallTimedOut, PlaceFull, PluginError, PluginUnavailable, ProtocolMismatch, WorkerTimeout
 from .mcp_servers import mcp_server
@@ -257,18 +257,16 @@ class PluginSupervisor:
         """Its teardown() may have written to its place in the workspace, and no walk follows an idle
         stop (attack pass 62: 5 GB taken by fallocate() in teardown(), unseen until the next call):
         measured once its worker is gone; over its ceiling, the plugin fails, as it would at a start."""
-        place, limit = self._factory.workspaces.get(self.name), self.limits.workspace_mb
-        if not place or not limit or self._closing:
+        if self._closing:
             return
-        problem = await asyncio.to_thread(workspace_problem, place, limit)
+        problem = await self._factory.place_problem(self.name, self.limits.workspace_mb)
         if problem and self.state is PluginState.IDLE and not self._closing:
             self.place_full(problem)
 
     def place_full(self, problem: str) -> None:
         """An idle plugin (no worker) whose place in the workspace is over its ceiling: failed, as its
         start would fail, at once rather than at its next call."""
-        message = (f"its place in the workspace is full: {problem} (remove files from it, or raise "
-                   f"host.plugins.{self.name}.limits.workspace_mb; then reload)")
+        message = place_full_error(self.name, problem)
         log.error("plugin %s: %s", self.name, message)
         self.fail(message)
 

@@ -19,7 +19,7 @@ from qanot_worker import protocol as p
 
 from .cgroups import CgroupLimits, Cgroups
 from .config import own_workspace
-from .datadirs import DataDirs, workspace_problem
+from .datadirs import DataDirs, place_full_error, workspace_problem
 from .disks import DiskImages
 from .egress_policy import NameResolver
 from .errors import PlaceFull, PluginStartError, StartRefused
@@ -207,6 +207,14 @@ class WorkerFactory:
         path = os.path.join(os.path.realpath(self.config.workspace_dir), plugin)
         return path if not os.path.islink(path) and os.path.isdir(path) else None
 
+    async def place_problem(self, plugin: str, limit_mb: int | None) -> str | None:
+        """Why the plugin's place in the workspace (place_of) is over `limit_mb`, measured off the
+        loop; None if it is within, or there is none, or no ceiling."""
+        place = self.place_of(plugin)
+        if not place or not limit_mb:
+            return None
+        return await asyncio.to_thread(workspace_problem, place, limit_mb)
+
     def _own_workspace(self, config: Config, plugin: str, uid: int) -> tuple[str, str] | None:
         """workspace_dir/NAME for the plugin to write: (as its config names it, its real path)."""
         if not config.has_place(plugin):
@@ -221,8 +229,7 @@ class WorkerFactory:
                                    "it without one)") from None
         problem = workspace_problem(real, config.limits_for(plugin).workspace_mb or 0)
         if problem:
-            raise PlaceFull(plugin, f"its place in the workspace is full: {problem} (remove files from "
-                                   f"it, or raise host.plugins.{plugin}.limits.workspace_mb)")
+            raise PlaceFull(plugin, place_full_error(plugin, problem))
         self.workspaces[plugin] = real
         return own_workspace(config, plugin), real
 
