@@ -206,8 +206,9 @@ def bridge_config(config: Config, name: str) -> tuple[dict[str, Any], Redactor, 
 
 def _url_secrets(url: str, key: str) -> dict[str, str]:
     """What in a remote server's url may be a credential, as written and decoded: the userinfo (a
-    password, or a token given as the user name) and the query's values (`?key=...`, as hosted SSE
-    servers take it). Errors quote the url (attack pass 61; the review after it)."""
+    password, or a token given as the user name) and the values, with a `key=` or bare, of its query
+    (`?key=...`, as hosted SSE servers take it), fragment and path parameters. Errors quote the url
+    (attack passes 61, 63, 64)."""
     parts = urlsplit(url)
     user, password = parts.username or "", parts.password or ""
     written = [password] + ([user] if len(user) >= 16 else [])  # a user name that long is a token
