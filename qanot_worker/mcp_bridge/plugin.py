@@ -10,16 +10,15 @@ client, granted that one address.
 The worker's life is the connection's: if the server exits, stops answering MCP pings or the
 connection drops, the worker exits, and the host's supervisor restarts it (policy, backoff,
 intensity) as it would a crashed plugin. Everything MCP is the official SDK's (client session,
-transports, cancellation); nothing here speaks JSON-RPC.
+messages, remote transports, cancellation); a stdio server's pipes are the session's streams
+directly (stdio_pipes.py, for speed), and nothing here speaks JSON-RPC.
 """
 
 import asyncio
 import json
-import logging
 import os
 import re
 import select
-import signal
 import sys
 import threading
 from contextlib import asynccontextmanager
@@ -30,24 +29,9 @@ from qanot_worker.extensions import ToolFailed
 from qanot_worker.protocol.secret_forms import replace_secrets, secret_forms
 from qanot_worker.protocol import EXIT_MCP_SERVER_GONE, MAX_MCP_BLOCKS, MCP_RESULT, McpBlock, McpResult
 
-from mcp import ClientSession, MCPError, StdioServerParameters, types
-from mcp.client.stdio import stdio_client
+from mcp import ClientSession, MCPError, types
 from pydantic import ValidationError
-
-
-class _WithoutTraceback(logging.Filter):
-    """The SDK logs every stdout line of the server's that is no JSON-RPC with its traceback, which
-    nobody reads: a server flooding its stdout with garbage had its own calls wait behind half its
-    time formatting them (20,000 lines: 2.6 s, 1.1 s without; attack pass 47). One line each."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            record.msg, record.args = f"{record.getMessage()}: {record.exc_info[1]}"[:300], ()
-            record.exc_info = record.exc_text = None
-        return True
-
-
-logging.getLogger("mcp.client.stdio").addFilter(_WithoutTraceback())
+from qanot_worker.mcp_bridge.stdio_pipes import server_pipes
 
 
 class QanotPlugin(Plugin):
@@ -83,20 +67,13 @@ class QanotPlugin(Plugin):
                         handler=self._handler(tool.name)) for tool in self.listed if tool.name]
 
     async def teardown(self) -> None:
-        """MCP's own shutdown (stdin closed), with a short wait: a server still there after half a
-        second gets SIGTERM, as the spec's next step, rather than the SDK's seconds of patience (a
-        restart of mcp-server-time waited 5 s for it); its PID namespace ends whatever is left."""
+        """MCP's own shutdown (the transport's, _transport), waited for; its PID namespace ends
+        whatever is left of the server after that."""
         self._stopping = True
         self._stop.set()
         if self._connection is None:
             return
-        done, _ = await asyncio.wait({self._connection}, timeout=0.5)
-        if not done and self._pidfd is not None:
-            try:
-                signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
-            except OSError:
-                pass
-            await asyncio.wait({self._connection}, timeout=self.config.get("close_timeout", 2.0))
+        await asyncio.wait({self._connection}, timeout=self.config.get("close_timeout", 2.0) + 1.5)
 
     # ---- the connection ------------------------------------------------------------------------
 
@@ -150,8 +127,6 @@ class QanotPlugin(Plugin):
         transport = self.config.get("transport", "stdio")
         if transport == "stdio":
             env = {"HOME": os.getcwd(), **self.config["env"]}  # the worker's data directory, its own
-            params = StdioServerParameters(command=self.config["command"], args=self.config["args"], env=env,
-                                           cwd=os.getcwd())
             # its stderr through this worker's (the host logs each line), its last lines kept: the
             # reason a server that exits at once gives (the newcomer of pass 56 read "its stderr,
             # logged above", but a one-shot command logs no such lines)
@@ -159,12 +134,21 @@ class QanotPlugin(Plugin):
             secrets = {str(key): str(value) for key, value in (self.config.get("secrets") or {}).items()}
             tail = self._stderr = StderrTail(read_end, secrets)
             try:
-                with os.fdopen(write_end, "wb", buffering=0) as errlog:
-                    async with stdio_client(params, errlog=errlog) as streams:
-                        errlog.close()  # the server holds it now: its exit is the tail's end of file
+                try:
+                    # MCP's shutdown: stdin closed; a server still there after half a second gets
+                    # SIGTERM, as the spec's next step, rather than the SDK's seconds of patience (a
+                    # restart of mcp-server-time waited 5 s for it); its PID namespace ends whatever is left
+                    pipes = server_pipes(self.config["command"], self.config["args"], env, os.getcwd(), write_end,
+                                         stdin_grace=0.5, term_grace=self.config.get("close_timeout", 2.0))
+                    async with pipes as (read, write, process):
+                        os.close(write_end)  # the server holds it now: its exit is the tail's end of file
+                        write_end = -1
                         tail.start()
-                        self._watch_child()
-                        yield streams[0], streams[1]
+                        self._watch_child(process.pid)
+                        yield read, write
+                finally:
+                    if write_end >= 0:
+                        os.close(write_end)
             finally:
                 tail.close_unless_started()
         elif transport == "sse":
@@ -186,16 +170,13 @@ class QanotPlugin(Plugin):
         if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0] and not self._stopping:
             self._lost("the server process exited during a call")
 
-    def _watch_child(self) -> None:
-        """The server process is this worker's only child: its exit is seen at once (a pidfd), not
-        at the next ping, so calls meanwhile are not lost to a dead server."""
-        children = _children()
-        if len(children) != 1:
-            return  # the pings still find out
+    def _watch_child(self, pid: int) -> None:
+        """The server's exit is seen at once (a pidfd), not at the next ping, so calls meanwhile
+        are not lost to a dead server."""
         try:
-            pidfd = self._pidfd = os.pidfd_open(children[0])
+            pidfd = self._pidfd = os.pidfd_open(pid)
         except OSError:
-            return
+            return  # the pings still find out
         loop = asyncio.get_running_loop()
 
         def exited() -> None:
@@ -324,17 +305,6 @@ def _text(result) -> str:
         return "\n".join(parts)
     structured = getattr(result, "structured_content", None)
     return json.dumps(structured) if structured is not None else json.dumps({"result": "ok"})
-
-
-def _children() -> list[int]:
-    pids: list[int] = []
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/children") as f:
-                pids.extend(int(pid) for pid in f.read().split())
-        except OSError:
-            pass
-    return pids
 
 
 def _describe(exc: BaseException) -> str:
