@@ -45,8 +45,9 @@ WRITE_HIGH = 64 * 1024  # bytes queued for the server's stdin before a send wait
 class ServerLines:
     """The server's stdout, a message a line: the session's read stream."""
 
-    def __init__(self, stdout: asyncio.StreamReader) -> None:
+    def __init__(self, stdout: asyncio.StreamReader, line_limit: int) -> None:
         self._stdout = stdout
+        self._line_limit = line_limit  # the stream's own: readline() raises ValueError past it
         self._items: collections.deque[SessionMessage | Exception] = collections.deque()
         self._waiter: asyncio.Future | None = None  # the session's receive(), waiting for a line
         self._room: asyncio.Future | None = None  # the pump, waiting for the session to take some
@@ -63,7 +64,7 @@ class ServerLines:
                     line = await readline()
                 except ValueError:  # longer than the stream's limit: what was read of it is gone
                     if not self._closed:
-                        self._put(ValueError(f"the server wrote a line of more than {self._stdout._limit} "
+                        self._put(ValueError(f"the server wrote a line of more than {self._line_limit} "
                                              "bytes; it was dropped"))
                     continue
                 if not line.endswith(b"\n"):
@@ -175,7 +176,7 @@ async def server_pipes(command: str, args: list[str], env: dict[str, str], cwd: 
         command, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
         env=get_default_environment() | env, cwd=cwd, start_new_session=True, limit=line_limit)
     assert process.stdin is not None and process.stdout is not None
-    lines, sending = ServerLines(process.stdout), ServerInput(process.stdin)
+    lines, sending = ServerLines(process.stdout, line_limit), ServerInput(process.stdin)
     pump = asyncio.create_task(lines.pump())
     try:
         yield lines, sending, process
