@@ -257,6 +257,26 @@ async def test_a_server_killed_mid_call_fails_that_call_and_is_restarted(write_c
         assert await host.registry.execute("echo", {"text": "again"}) == "again"
 
 
+async def test_a_server_that_closes_its_stdout_and_lives_on_is_replaced_at_once(write_config, server_venv, token,
+                                                                                 caplog):
+    config = write_config([], host={**probe_grants(), "restart": {"backoff_initial": 0}, "ping_interval": 120},
+                          mcp_servers=[probe(server_venv, token)])
+    async with Host(config) as host:
+        first = the_server(token)
+        started = time.monotonic()
+        answer = json.loads(await asyncio.wait_for(host.registry.execute("hang_up", {}), 20))
+        assert "error" in answer, answer
+
+        def replaced() -> bool:
+            servers = server_processes(token)
+            return host.plugins["probe"].state.value == "ready" and bool(servers) and servers[0].pid != first.pid
+        await wait_until(replaced, 30, "a new server")  # not at the next ping, 120 s on
+        assert time.monotonic() - started < 30
+        assert await host.registry.execute("echo", {"text": "back"}) == "back"
+        assert host.plugins["probe"].status()["restarts"] >= 1
+    assert "MCP server probe: the server closed its stdout" in caplog.text
+
+
 async def test_the_worker_killed_mid_call_takes_its_server_along(write_config, server_venv, token):
     async with Host(restarting_probe(write_config, server_venv, token)) as host:
         first = the_server(token)

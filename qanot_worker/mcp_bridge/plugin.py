@@ -49,6 +49,7 @@ class QanotPlugin(Plugin):
         self._in_flight = 0  # calls the server has not answered yet
         self._checking: asyncio.Task | None = None  # the ping after a cancelled call, while it waits
         self._stderr: StderrTail | None = None  # the stdio server's stderr, passed on
+        self._stdout_ended: asyncio.Event | None = None  # the stdio server's stdout closed
 
     async def setup(self, config: dict) -> None:
         self.config = config
@@ -91,7 +92,7 @@ class QanotPlugin(Plugin):
                 ready.set_result(None)
                 pinging = asyncio.create_task(self._ping(session))
                 try:
-                    await self._stop.wait()
+                    await self._until_stopped()
                 finally:
                     pinging.cancel()
         except BaseException as exc:  # noqa: BLE001 - whatever ends the connection is reported once
@@ -145,6 +146,7 @@ class QanotPlugin(Plugin):
                         write_end = -1
                         tail.start()
                         self._watch_child(process.pid)
+                        self._stdout_ended = read.ended
                         yield read, write
                 finally:
                     if write_end >= 0:
@@ -163,6 +165,25 @@ class QanotPlugin(Plugin):
             async with httpx2.AsyncClient(headers=self.config["headers"], timeout=timeout) as client, \
                     streamable_http_client(self.config["url"], http_client=client) as streams:
                 yield streams[0], streams[1]
+
+    async def _until_stopped(self) -> None:
+        """Until teardown; or, for a stdio server that closed its stdout (an exit is seen by its
+        pidfd), until the answers it wrote before are passed on: the worker then goes, so that the
+        host restarts it, rather than failing every call ("Connection closed") until a ping finds out."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        waits = {stop}
+        if self._stdout_ended is not None:
+            waits.add(asyncio.ensure_future(self._stdout_ended.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if not self._stop.is_set():
+            await asyncio.sleep(0.2)  # the session's last answers reach their calls, and the host
+            if not self._stopping:
+                self._lost("the server closed its stdout")
+            await self._stop.wait()
 
     def _check_alive(self) -> None:
         """After a failed call: if the server is gone, the worker goes now, before it answers, so

@@ -52,6 +52,8 @@ class ServerLines:
         self._waiter: asyncio.Future | None = None  # the session's receive(), waiting for a line
         self._room: asyncio.Future | None = None  # the pump, waiting for the session to take some
         self._ended = False  # the server's stdout closed: nothing more will come
+        self.ended = asyncio.Event()  # ...for whoever waits on it (the bridge: a server that closed
+        # its stdout and lives on would answer nothing, its calls failing until a ping found out)
         self._closed = False  # the session is done reading: lines are read and dropped
 
     async def pump(self) -> None:
@@ -82,6 +84,7 @@ class ServerLines:
                     await self._room
         finally:
             self._ended = True
+            self.ended.set()
             self._wake()
 
     def _put(self, item: SessionMessage | Exception) -> None:

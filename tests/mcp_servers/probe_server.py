@@ -17,6 +17,7 @@ from mcp.server.mcpserver import Image, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 server = MCPServer("probe")
+STDOUT = os.readlink("/proc/self/fd/1")  # the SDK moves it to another descriptor
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000")  # a PNG's first bytes
 
 
@@ -69,6 +70,20 @@ def blob(mb: int) -> str:
 def crash() -> str:
     """Die mid-call."""
     os._exit(9)
+
+
+@server.tool()
+def hang_up() -> str:
+    """Close stdout, and every copy of it the SDK holds (each becomes /dev/null), and live on: the
+    client hears nothing more, ever."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == STDOUT:
+                os.dup2(devnull, int(fd))
+        except OSError:
+            pass
+    return "no one hears this"
 
 
 @server.tool()
