@@ -64,14 +64,15 @@ class EagerStarter:
 
 
 class _Carrier:
-    __slots__ = ("task", "_wake", "_coro", "_waiting_for", "_context")
+    __slots__ = ("task", "started", "_wake", "_coro", "_waiting_for", "_context")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._wake = loop.create_future()
         self._coro: Coroutine[Any, Any, None] | None = None
         self._waiting_for: Any = None
         self._context: contextvars.Context | None = None
-        self.task = loop.create_task(self._drive(), name="qanot-call")
+        self.started = False  # its Task has run its first step: a cancel now reaches _drive
+        self.task = _CarrierTask(self, self._drive(), loop=loop, name="qanot-call")
 
     def adopt(self, coro: Coroutine[Any, Any, None], waiting_for: Any, context: contextvars.Context) -> None:
         self._coro, self._waiting_for, self._context = coro, waiting_for, context
@@ -80,6 +81,7 @@ class _Carrier:
 
     @types.coroutine
     def _drive(self):
+        self.started = True
         try:
             yield from self._wake  # dormant: lending its name to first steps
         except asyncio.CancelledError as exc:
@@ -109,3 +111,21 @@ class _Carrier:
                 step = (coro.throw, exc)
             else:
                 step = (coro.send, None)
+
+
+class _CarrierTask(asyncio.Task):
+    """A carrier's Task. A Task cancelled before its first step never runs its coroutine: a carrier
+    lent, adopting a call that waits, then cancelled before the loop got to it (the call's Cancel
+    read with the call) left the call's coroutine half run, never ended, never answered, and the
+    host killed a healthy worker cancel_grace later (attack pass 65). Such a cancel waits for that
+    first step, already in the loop's queue ahead of it, and reaches the call as any cancel does."""
+
+    def __init__(self, carrier: _Carrier, coro: Any, **kwargs: Any) -> None:
+        super().__init__(coro, **kwargs)
+        self._carrier = carrier
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not self._carrier.started and not self.done():
+            self.get_loop().call_soon(super().cancel, msg)
+            return True
+        return super().cancel(msg)

@@ -100,6 +100,13 @@ async def waits():
             log.append(("timed out", asyncio.current_task() is first, var.get()))
             raise
 
+async def cancelled_in_its_await(name):
+    try:
+        await asyncio.sleep(1)
+    except asyncio.CancelledError:
+        log.append(("cancelled in its await", name))
+        raise
+
 async def from_a_callback(coro):
     # as the worker does it: from the transport's callback, where no task is running
     loop = asyncio.get_running_loop()
@@ -119,6 +126,22 @@ async def main():
         pass
     assert log[-1] == ("timed out", True, "waits-set"), log
     assert await from_a_callback(quick()) is None and log[-1] == ("quick", "unset"), log  # its own context
+    # Two calls that wait, read together, the second cancelled at once (its Cancel in the same
+    # read): the second's task has not run a step yet when it is cancelled. Its handler must still
+    # see the cancel at its await, not be dropped half run (attack pass 65).
+    loop = asyncio.get_running_loop()
+    held = loop.create_future()
+    def read_together():
+        first = starter.start(cancelled_in_its_await("first"))
+        second = starter.start(cancelled_in_its_await("second"))
+        second.cancel()
+        held.set_result((first, second))
+    loop.call_soon(read_together)
+    first, second = await held
+    await asyncio.gather(second, return_exceptions=True)
+    assert log[-1] == ("cancelled in its await", "second"), log
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
     print("native" if NATIVE else "lent task")
 
 asyncio.run(main())

@@ -277,6 +277,25 @@ async def test_a_server_that_closes_its_stdout_and_lives_on_is_replaced_at_once(
     assert "MCP server probe: the server closed its stdout" in caplog.text
 
 
+async def test_bursts_of_calls_cancelled_as_they_are_answered_leave_a_healthy_server_alone(write_config, server_venv,
+                                                                                          token):
+    """Attack pass 65: bursts of calls timing out within milliseconds, as the server answered them,
+    had the host kill the server's healthy worker ("did not stop within 3 s of being cancelled"):
+    cancelled calls the bridge never answered (qanot_worker/eager.py)."""
+    quick = {"name": "probe", "command": str(server_venv / "bin" / "python"), "args": [probe_script("quick_server.py"),
+                                                                                      token]}
+    config = write_config([], host={**probe_grants(), "cancel_grace": 1}, mcp_servers=[quick])
+    async with Host(config) as host:
+        sup = host.plugins["probe"]
+        pid = sup.worker.pid
+        for _ in range(15):  # one kill in one to five bursts before
+            await asyncio.gather(*(host.registry.execute("quick", {}, timeout=0.003) for _ in range(100)))
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)  # past cancel_grace
+        assert sup.worker.pid == pid and sup.restarts == 0, sup.status()
+        assert await host.registry.execute("quick", {}) == "done"
+
+
 async def test_the_worker_killed_mid_call_takes_its_server_along(write_config, server_venv, token):
     async with Host(restarting_probe(write_config, server_venv, token)) as host:
         first = the_server(token)
