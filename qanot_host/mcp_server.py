@@ -400,8 +400,9 @@ def _bounded(block: dict[str, Any], budget: _Budget) -> dict[str, Any]:
         if isinstance(block.get(key), str):
             block[key] = block[key][:MAX_FIELD_CHARS]
     holder = block["resource"] if isinstance(block.get("resource"), dict) else block
-    if isinstance(holder.get("uri"), str):
-        holder["uri"] = holder["uri"][:MAX_FIELD_CHARS]
+    for key in ("uri", "mimeType"):  # an embedded resource's own (its MIME type reached a client at
+        if isinstance(holder.get(key), str):  # 480 000 characters, 64 times a result: attack pass 65)
+            holder[key] = holder[key][:MAX_FIELD_CHARS]
     if isinstance(holder.get("text"), str):
         text = holder["text"]
         holder["text"] = truncate_tool_result(text, max(budget.text, 200)) if len(text) > budget.text else text

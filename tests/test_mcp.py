@@ -497,3 +497,16 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_every_string_of_a_whole_results_block_is_cut_resources_own_too():
+    """What `qanot-host mcp` hands on of an MCP server's result whole: an embedded resource's MIME
+    type went uncut (64 blocks of 480 000 characters each, 30 MB a result: attack pass 65)."""
+    from qanot_host.mcp_server import MAX_FIELD_CHARS, _bounded, _Budget
+    big = "m" * 500_000
+    for resource in ({"uri": big, "mimeType": big, "text": "t"}, {"uri": big, "mimeType": big, "blob": "AAAA"}):
+        block = _bounded({"type": "resource", "resource": dict(resource)}, _Budget())
+        assert all(len(value) <= MAX_FIELD_CHARS for value in block["resource"].values()), \
+            {key: len(value) for key, value in block["resource"].items()}
+    block = _bounded({"type": "image", "data": "AAAA", "mimeType": big, "uri": big}, _Budget())
+    assert len(block["mimeType"]) <= MAX_FIELD_CHARS and len(block["uri"]) <= MAX_FIELD_CHARS
