@@ -502,6 +502,24 @@ async def test_lines_of_a_servers_stdout_that_are_no_json_rpc_are_logged_one_lin
     assert "Traceback" not in caplog.text
 
 
+async def test_no_piece_of_a_secret_reaches_the_log_from_a_line_that_is_no_json_rpc(write_config, server_venv, token,
+                                                                                       caplog, monkeypatch):
+    """Attack pass 65: the SDK's parse error quoted the line's first and last 23 bytes, the head or
+    tail of a secret the server printed there, which no redaction of the whole secret could find."""
+    secret = "SuperSecretApiKeyValue0123456789"
+    monkeypatch.setenv("QH_PROBE_SECRET", secret)
+    entry = {"name": "garbage", "command": str(server_venv / "bin" / "python"),
+             "args": [probe_script("bad_listing_server.py"), token, "garbage"],
+             "env": {"PROBE_SECRET": "${QH_PROBE_SECRET}"}}
+    async with Host(write_config([], host=probe_grants("garbage"), mcp_servers=[entry])) as host:
+        assert await host.registry.execute("bl_garbage", {}) == "done"
+    parse_errors = [r.getMessage() for r in caplog.records if "Failed to parse JSONRPC message" in r.getMessage()]
+    assert len(parse_errors) == 6, parse_errors
+    pieces = {secret[start:start + 6] for start in range(len(secret) - 5)}
+    assert not [piece for piece in pieces if piece in caplog.text], parse_errors
+    assert "[secret env.PROBE_SECRET]" in caplog.text, parse_errors  # said to be there
+
+
 async def test_remote_http_server_reconnects_after_it_comes_back(write_config, server_venv, token):
     port = _free_port()
     remote = _start_remote(server_venv, token, port)

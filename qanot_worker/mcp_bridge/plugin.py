@@ -139,8 +139,10 @@ class QanotPlugin(Plugin):
                     # MCP's shutdown: stdin closed; a server still there after half a second gets
                     # SIGTERM, as the spec's next step, rather than the SDK's seconds of patience (a
                     # restart of mcp-server-time waited 5 s for it); its PID namespace ends whatever is left
+                    forms = secret_forms(secrets)
                     pipes = server_pipes(self.config["command"], self.config["args"], env, os.getcwd(), write_end,
-                                         stdin_grace=0.5, term_grace=self.config.get("close_timeout", 2.0))
+                                         stdin_grace=0.5, term_grace=self.config.get("close_timeout", 2.0),
+                                         redact=lambda text: replace_secrets(text, forms, "env"))
                     async with pipes as (read, write, process):
                         os.close(write_end)  # the server holds it now: its exit is the tail's end of file
                         write_end = -1

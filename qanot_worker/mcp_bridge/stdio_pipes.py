@@ -25,8 +25,11 @@ Where it differs on purpose:
   they fit (in the order sent), so a server that never reads makes its senders wait, not the
   worker's memory grow; a send cancelled while it waits was never written.
 - A line that is not JSON-RPC is logged in one line, not with a traceback (a server flooding its
-  stdout with garbage had its own calls wait behind the formatting: attack pass 47), and bytes
-  that are not UTF-8 make that line an error, not the end of the connection.
+  stdout with garbage had its own calls wait behind the formatting: attack pass 47): its length,
+  pydantic's kinds of error, and its start, cut only after `redact` (the bridge's: the secrets the
+  server was given) has taken them out (pydantic's own message quotes the line's first and last 23
+  bytes, pieces of a secret where the cut went through one: attack pass 65). Bytes that are not
+  UTF-8 make that line an error, not the end of the connection.
 """
 
 from __future__ import annotations
@@ -38,12 +41,13 @@ import os
 import signal
 import subprocess
 from contextlib import asynccontextmanager, suppress
-from typing import Any, AsyncIterator, cast
+from typing import Any, AsyncIterator, Callable, cast
 
 import anyio
 from mcp import types
 from mcp.client.stdio import get_default_environment
 from mcp.shared.message import SessionMessage
+from pydantic import ValidationError
 
 __all__ = ["BACKLOG", "LINE_LIMIT", "WRITE_HIGH", "server_pipes"]
 
@@ -58,8 +62,11 @@ class ServerLines(asyncio.Protocol):
     """The server's stdout, a message a line: the session's read stream. Lines are split as they
     arrive and parsed as the session takes them."""
 
-    def __init__(self, line_limit: int) -> None:
+    SHOWN_CHARS = 200  # of a line that is no JSON-RPC, once its secrets are out
+
+    def __init__(self, line_limit: int, redact: Callable[[str], str] = str) -> None:
         self._limit = line_limit
+        self._redact = redact
         self._lines: collections.deque[bytes | Exception] = collections.deque()
         self._partial = bytearray()  # the start of a line not yet ended
         self._dropping = False  # in a line over the limit: the rest of it, up to its newline, goes
@@ -133,8 +140,17 @@ class ServerLines(asyncio.Protocol):
         try:
             return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
         except ValueError as exc:  # pydantic's ValidationError is one; so is a line not UTF-8
-            log.error("Failed to parse JSONRPC message from server: %s", " | ".join(str(exc).splitlines())[:300])
-            return exc
+            refused = self._refused(line, exc)
+            log.error("Failed to parse JSONRPC message from server: %s", refused)
+            return refused
+
+    def _refused(self, line: bytes, exc: ValueError) -> ValueError:
+        """What is said of a line that is no JSON-RPC: never pydantic's words, which quote it cut."""
+        kinds = (", ".join(sorted({error["type"] for error in exc.errors()})) if isinstance(exc, ValidationError)
+                 else type(exc).__name__)
+        text = " ".join(self._redact(line.decode("utf-8", "replace")).split())
+        shown = text if len(text) <= self.SHOWN_CHARS else text[:self.SHOWN_CHARS] + "..."
+        return ValueError(f"a line of {len(line)} bytes that is not JSON-RPC ({kinds}): {shown}")
 
     async def _next_line(self) -> bytes | Exception:
         """The next line as read (or the error in place of one), waiting for it."""
@@ -232,12 +248,13 @@ Connected = tuple[ServerLines, ServerInput, subprocess.Popen]
 
 @asynccontextmanager
 async def server_pipes(command: str, args: list[str], env: dict[str, str], cwd: str, stderr: int,
-                       stdin_grace: float = 0.5, term_grace: float = 2.0,
-                       line_limit: int = LINE_LIMIT) -> AsyncIterator[Connected]:
+                       stdin_grace: float = 0.5, term_grace: float = 2.0, line_limit: int = LINE_LIMIT,
+                       redact: Callable[[str], str] = str) -> AsyncIterator[Connected]:
     """Starts the server and yields (read stream, write stream, process); on the way out stops
     it: stdin closed, `stdin_grace` seconds to exit on its own (MCP's shutdown), then SIGTERM to
     its process group and `term_grace` seconds for the group to go, then SIGKILL to what is left.
-    OSError (without a file name) if it cannot be started."""
+    `redact` takes the server's secrets out of a line quoted in the log. OSError (without a file
+    name) if it cannot be started."""
     loop = asyncio.get_running_loop()
     stdin_read, stdin_write = os.pipe2(os.O_CLOEXEC)
     stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
@@ -253,7 +270,7 @@ async def server_pipes(command: str, args: list[str], env: dict[str, str], cwd: 
     finally:
         for fd in (stdin_read, stdout_write):
             os.close(fd)
-    lines = ServerLines(line_limit)
+    lines = ServerLines(line_limit, redact)
     sending = ServerInput(lines)
     stdout_transport = stdin_transport = None
     try:

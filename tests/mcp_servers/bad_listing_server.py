@@ -4,6 +4,7 @@ that it can be exactly that broken. Run as `python bad_listing_server.py TOKEN [
 `garbage`, no bad tool is listed, and bl_garbage writes lines that are no JSON-RPC before its answer."""
 
 import json
+import os
 import sys
 
 TOOLS = [
@@ -30,6 +31,9 @@ def answer(request: dict) -> dict | None:
         result = {"tools": TOOLS}
     elif method == "tools/call" and params.get("name") == "bl_garbage":
         sys.stdout.write("".join(f"garbage line {n}, no JSON-RPC\n" for n in range(3)))
+        secret = os.environ.get("PROBE_SECRET")
+        if secret:  # a debug print on the wrong stream, its secret where a cut of the line goes through
+            sys.stdout.write(f"{secret}{'x' * 300}\n{'y' * 300}{secret}\n{'z' * 190}{secret}\n")
         result = {"content": [{"type": "text", "text": "done"}], "isError": False}
     elif method == "tools/call":
         text = f"{params.get('name')}: {(params.get('arguments') or {}).get('text', '')}"
