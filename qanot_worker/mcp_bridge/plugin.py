@@ -74,7 +74,8 @@ class QanotPlugin(Plugin):
         self._stop.set()
         if self._connection is None:
             return
-        await asyncio.wait({self._connection}, timeout=self.config.get("close_timeout", 2.0) + 1.5)
+        # the transport's stop at its longest (half a second, close_timeout, a second after SIGKILL), and a second
+        await asyncio.wait({self._connection}, timeout=self.config.get("close_timeout", 2.0) + 2.5)
 
     # ---- the connection ------------------------------------------------------------------------
 
