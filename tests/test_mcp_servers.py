@@ -296,6 +296,48 @@ async def test_bursts_of_calls_cancelled_as_they_are_answered_leave_a_healthy_se
         assert await host.registry.execute("quick", {}) == "done"
 
 
+def serial_server(server_venv: Path, token: str, milliseconds: int) -> dict:
+    return {"name": "probe", "command": str(server_venv / "bin" / "python"),
+            "args": [probe_script("quick_server.py"), token, str(milliseconds)]}
+
+
+async def test_a_call_cancelled_behind_a_backlog_of_requests_is_answered_at_once(write_config, server_venv, token):
+    """Attack pass 66: a server reading one request at a time, 10 MB of calls waiting for its stdin;
+    the last call cancelled: its notifications/cancelled waited behind them all, its worker was not
+    done with the cancel until then, and was killed cancel_grace later with every call in flight."""
+    config = write_config([], host={**probe_grants(), "cancel_grace": 1},
+                          mcp_servers=[serial_server(server_venv, token, 30)])
+    async with Host(config) as host:
+        sup = host.plugins["probe"]
+        pid = sup.worker.pid
+        calls = [asyncio.ensure_future(host.registry.execute("quick", {"pad": "q" * 100_000}, timeout=60))
+                 for _ in range(100)]
+        await asyncio.sleep(0.3)
+        calls[-1].cancel()
+        answers = await asyncio.gather(*calls[:-1])
+        assert answers == ["done"] * 99, [answer for answer in answers if answer != "done"][:2]
+        assert sup.worker.pid == pid and sup.restarts == 0, sup.status()
+
+
+async def test_a_server_answering_its_queue_is_not_taken_for_hung_after_a_cancel(write_config, server_venv, token,
+                                                                               caplog):
+    """Attack pass 66: after a cancelled call, the ping that checks the server is not hung waited
+    behind 140 calls a server answers one at a time (20 ms each), and the server was replaced while
+    answering them; one answering requests within the patience is busy, not hung."""
+    config = write_config([], host={**probe_grants(), "ping_interval": 1, "ping_timeout": 1},
+                          mcp_servers=[serial_server(server_venv, token, 20)])
+    async with Host(config) as host:
+        sup = host.plugins["probe"]
+        pid = sup.worker.pid
+        calls = [asyncio.ensure_future(host.registry.execute("quick", {}, timeout=60)) for _ in range(150)]
+        await asyncio.sleep(0.2)
+        calls[-1].cancel()
+        answers = await asyncio.gather(*calls[:-1])
+        assert answers == ["done"] * 149, [answer for answer in answers if answer != "done"][:2]
+        assert sup.worker.pid == pid and sup.restarts == 0, sup.status()
+    assert "no answer to an MCP ping" not in caplog.text
+
+
 async def test_the_worker_killed_mid_call_takes_its_server_along(write_config, server_venv, token):
     async with Host(restarting_probe(write_config, server_venv, token)) as host:
         first = the_server(token)

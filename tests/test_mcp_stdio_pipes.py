@@ -21,6 +21,7 @@ from qanot_worker.mcp_bridge.stdio_pipes import WRITE_HIGH, server_pipes  # noqa
 
 PING = json.dumps({"jsonrpc": "2.0", "id": 7, "result": {}})
 NOTE = SessionMessage(types.JSONRPCNotification(jsonrpc="2.0", method="x", params={"pad": "y" * 4096}))
+REQUEST = SessionMessage(types.JSONRPCRequest(jsonrpc="2.0", id=1, method="x", params={"pad": "y" * 4096}))
 
 
 def pipes(code: str, *args: str, **settings):
@@ -41,7 +42,7 @@ async def test_the_server_holds_no_descriptor_of_the_bridge_but_its_stdin_stdout
     assert json.loads(line) == [0, 1, 2, 3]  # 3: the listing's own
 
 
-async def test_a_line_over_the_limit_is_one_error_in_its_place_however_it_arrives():
+async def test_a_line_over_the_limit_is_one_error_in_its_place_however_it_arrives(caplog):
     code = ("import sys, time\nfor _ in range(5): sys.stdout.write('x' * 1000); sys.stdout.flush(); time.sleep(0.05)\n"
             f"sys.stdout.write('\\n' + {PING!r} + '\\n'); sys.stdout.flush(); sys.stdin.read()")
     async with pipes(code, line_limit=1024) as (read, write, process):
@@ -49,6 +50,8 @@ async def test_a_line_over_the_limit_is_one_error_in_its_place_however_it_arrive
         assert isinstance(first, ValueError) and "more than 1024 bytes" in str(first)
         second = await asyncio.wait_for(read.receive(), 10)
         assert isinstance(second, SessionMessage) and second.message.id == 7, second
+    # said in the log too: the call it answered waits for its timeout, and the operator should know why
+    assert [r.getMessage() for r in caplog.records if "more than 1024 bytes" in r.getMessage()], caplog.text
 
 
 async def test_a_line_that_is_no_json_rpc_is_an_error_logged_in_one_line(caplog):
@@ -72,13 +75,16 @@ async def test_a_server_flooding_its_stdout_is_held_back_while_nothing_is_taken(
         assert sum(len(line) for line in read._lines if isinstance(line, bytes)) < 1024 * 1024
 
 
-async def test_sends_to_a_server_that_does_not_read_wait_once_the_high_water_mark_is_reached():
+async def test_requests_to_a_server_that_does_not_read_wait_once_the_high_water_mark_is_reached():
     async with pipes("import time; time.sleep(60)", stdin_grace=0.1, term_grace=0.5) as (read, write, process):
-        sends = [asyncio.ensure_future(write.send(NOTE)) for _ in range(200)]  # 800 KB, all at once
+        sends = [asyncio.ensure_future(write.send(REQUEST)) for _ in range(200)]  # 800 KB, all at once
         await asyncio.sleep(1.0)
         waiting = sum(1 for send in sends if not send.done())
         assert waiting > 150, waiting
         assert write._transport.get_write_buffer_size() <= WRITE_HIGH + 8192
+        # a notification (a cancelled call's notifications/cancelled) does not wait behind them: its
+        # call's worker is not done with the cancel until it is written (attack pass 66)
+        await asyncio.wait_for(write.send(NOTE), 1)
         for send in sends:
             send.cancel()
 
@@ -100,6 +106,7 @@ async def test_a_server_that_closes_its_stdin_makes_sends_fail_and_the_session_e
                 await write.send(NOTE)
                 await asyncio.sleep(0.01)
         await asyncio.wait_for(read.ended.wait(), 10)  # calls waiting for answers fail now, not at a ping
+        assert read.why_ended == "closed its stdin"  # what the bridge says as it goes (not "its stdout")
 
 
 async def test_a_server_gone_makes_a_send_fail_as_a_closed_connection():

@@ -31,7 +31,7 @@ from qanot_worker.protocol import EXIT_MCP_SERVER_GONE, MAX_MCP_BLOCKS, MCP_RESU
 
 from mcp import ClientSession, MCPError, types
 from pydantic import ValidationError
-from qanot_worker.mcp_bridge.stdio_pipes import server_pipes
+from qanot_worker.mcp_bridge.stdio_pipes import ServerLines, server_pipes
 
 
 class QanotPlugin(Plugin):
@@ -49,7 +49,8 @@ class QanotPlugin(Plugin):
         self._in_flight = 0  # calls the server has not answered yet
         self._checking: asyncio.Task | None = None  # the ping after a cancelled call, while it waits
         self._stderr: StderrTail | None = None  # the stdio server's stderr, passed on
-        self._stdout_ended: asyncio.Event | None = None  # the stdio server's stdout closed
+        self._stdout_ended: asyncio.Event | None = None  # the stdio server's stdout (or stdin) closed
+        self._lines: ServerLines | None = None  # the stdio server's stdout, as the session reads it
 
     async def setup(self, config: dict) -> None:
         self.config = config
@@ -149,7 +150,7 @@ class QanotPlugin(Plugin):
                         write_end = -1
                         tail.start()
                         self._watch_child(process.pid)
-                        self._stdout_ended = read.ended
+                        self._stdout_ended, self._lines = read.ended, read
                         yield read, write
                 finally:
                     if write_end >= 0:
@@ -185,7 +186,7 @@ class QanotPlugin(Plugin):
         if not self._stop.is_set():
             await asyncio.sleep(0.2)  # the session's last answers reach their calls, and the host
             if not self._stopping:
-                self._lost("the server closed its stdout")
+                self._lost(f"the server {self._lines.why_ended if self._lines else 'closed its stdout'}")
             await self._stop.wait()
 
     def _check_alive(self) -> None:
@@ -239,16 +240,27 @@ class QanotPlugin(Plugin):
         if self._stopping or (self._checking is not None and not self._checking.done()):
             return  # a teardown cancels the calls itself
         patience = max(self.config["ping_timeout"], self.config["ping_interval"])
+        loop = asyncio.get_running_loop()
 
         async def ping() -> None:
+            pinging = asyncio.ensure_future(session.send_ping())
             try:
-                await asyncio.wait_for(session.send_ping(), patience)
-            except asyncio.TimeoutError:
-                if not self._stopping:
-                    self._lost(f"no answer to an MCP ping within {patience:g} s after a call was cancelled")
+                while not (await asyncio.wait({pinging}, timeout=patience))[0]:
+                    # A stdio server that answered other requests within the patience is busy, not
+                    # hung: a server answering one request at a time had its ping wait behind the
+                    # calls queued before it, and was replaced while answering them (attack pass 66)
+                    answered = self._lines.answered_at if self._lines is not None else None
+                    if answered is None or loop.time() - answered >= patience:
+                        if not self._stopping:
+                            self._lost(f"no answer to an MCP ping within {patience:g} s after a call was "
+                                       "cancelled, nor to any request")
+                        return
+                pinging.result()
             except Exception as exc:  # noqa: BLE001
                 if not self._stopping:
                     self._lost(f"an MCP ping after a cancelled call failed: {_describe(exc)}")
+            finally:
+                pinging.cancel()
         self._checking = asyncio.get_running_loop().create_task(ping())
 
     def _lost(self, why: str) -> None:

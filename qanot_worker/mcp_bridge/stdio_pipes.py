@@ -49,7 +49,7 @@ from mcp.client.stdio import get_default_environment
 from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
 
-__all__ = ["BACKLOG", "LINE_LIMIT", "WRITE_HIGH", "server_pipes"]
+__all__ = ["BACKLOG", "LINE_LIMIT", "WRITE_HIGH", "ServerLines", "server_pipes"]
 
 log = logging.getLogger("mcp.client.stdio")
 
@@ -77,6 +77,8 @@ class ServerLines(asyncio.Protocol):
         self.ended = asyncio.Event()  # ...for whoever waits on it (the bridge: a server that closed
         # its stdout and lives on would answer nothing, its calls failing until a ping found out)
         self._closed = False  # the session is done reading: lines are read and dropped
+        self.why_ended = "closed its stdout"
+        self.answered_at: float | None = None  # loop time of the server's last answer to a request
 
     # ---- the pipe's side ----------------------------------------------------------------------
 
@@ -118,13 +120,17 @@ class ServerLines(asyncio.Protocol):
         """End of file (a last line without its newline is no message, as in the SDK)."""
         self.end()
 
-    def end(self) -> None:
+    def end(self, why: str | None = None) -> None:
+        if why is not None and not self._ended:
+            self.why_ended = why
         self._ended = True
         self.ended.set()
         self._wake()
 
     def _too_long(self) -> ValueError:
-        return ValueError(f"the server wrote a line of more than {self._limit} bytes; it was dropped")
+        refused = ValueError(f"the server wrote a line of more than {self._limit} bytes; it was dropped")
+        log.error("Failed to read a JSONRPC message from server: %s", refused)
+        return refused
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -138,11 +144,14 @@ class ServerLines(asyncio.Protocol):
         if isinstance(line, Exception):
             return line
         try:
-            return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
+            message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
         except ValueError as exc:  # pydantic's ValidationError is one; so is a line not UTF-8
             refused = self._refused(line, exc)
             log.error("Failed to parse JSONRPC message from server: %s", refused)
             return refused
+        if isinstance(message, (types.JSONRPCResponse, types.JSONRPCError)):
+            self.answered_at = asyncio.get_running_loop().time()
+        return SessionMessage(message)
 
     def _refused(self, line: bytes, exc: ValueError) -> ValueError:
         """What is said of a line that is no JSON-RPC: never pydantic's words, which quote it cut."""
@@ -219,18 +228,27 @@ class ServerInput(asyncio.BaseProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._broken = True
         self._room.set()  # the waiting senders find out
-        self._lines.end()  # as the SDK's writer closes the read side: every call waiting fails now
+        self._lines.end("closed its stdin")  # as the SDK's writer closes the read side: calls waiting fail now
 
     async def send(self, message: SessionMessage, /) -> None:
         data = message.message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
+        if isinstance(message.message, types.JSONRPCNotification):
+            # at once, past the requests waiting for room: a cancelled call's notifications/cancelled
+            # waited behind them, and its worker, not done with the cancel until it was written, was
+            # killed cancel_grace later (attack pass 66); small, and one a call at most
+            self._write(data)
+            return
         async with self._order:
             await self._room.wait()
-            if self._closed:
-                raise anyio.ClosedResourceError
-            transport = self._transport
-            if self._broken or transport is None or transport.is_closing():
-                raise anyio.BrokenResourceError
-            transport.write(data)
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        transport = self._transport
+        if self._broken or transport is None or transport.is_closing():
+            raise anyio.BrokenResourceError
+        transport.write(data)
 
     async def aclose(self) -> None:
         self._closed = True  # stdin itself is closed by server_pipes(), as the server is stopped

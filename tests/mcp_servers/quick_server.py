@@ -1,8 +1,13 @@
-"""An MCP stdio server on the standard library alone, answering every call at once, in the order
-received, on its one thread: calls cancelled within milliseconds cross its answers on the wire."""
+"""An MCP stdio server on the standard library alone, answering every call in the order received,
+on its one thread: at once (calls cancelled within milliseconds cross its answers on the wire), or,
+run as `quick_server.py TOKEN MS`, MS milliseconds a call, reading its next request only then (a
+server that handles one request at a time, requests waiting in its stdin)."""
 
 import json
 import sys
+import time
+
+PAUSE = int(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0
 
 TOOLS = [{"name": "quick", "description": "Answers at once.", "inputSchema": {"type": "object", "properties": {}}}]
 
@@ -22,6 +27,8 @@ for line in sys.stdin:
     elif method == "tools/list":
         send({"jsonrpc": "2.0", "id": ident, "result": {"tools": TOOLS}})
     elif method in ("ping", "tools/call"):
+        if method == "tools/call":
+            time.sleep(PAUSE)
         result = {"content": [{"type": "text", "text": "done"}], "isError": False} if method == "tools/call" else {}
         send({"jsonrpc": "2.0", "id": ident, "result": result})
     elif method == "notifications/cancelled":
