@@ -383,6 +383,36 @@ async def test_streamable_http_with_a_bearer_token(http_host):
                 assert failed.is_error and "timed out" in text(failed)
 
 
+async def test_over_http_failures_a_kill_mid_call_and_a_cancel_are_tool_results_and_the_session_lives_on(
+        http_host, markers):
+    """What the stdio tests above check, over streamable HTTP: a failing tool, a worker SIGKILLed with
+    a call in flight (both get error results, the next call works), a client's cancel reaching the
+    handler in the worker."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+    url, _ = http_host
+    async with httpx2.AsyncClient(headers={"Authorization": "Bearer s3cret-token"}, timeout=30) as client:
+        async with streamable_http_client(url, http_client=client) as streams:
+            async with ClientSession(streams[0], streams[1]) as session:
+                await session.initialize()
+                missing = await session.call_tool("greet", {"times": 2})
+                assert missing.is_error and "name" in text(missing), text(missing)
+                hanging = asyncio.ensure_future(session.call_tool("mb_hang_async", {}))
+                await wait_until((markers / "call").exists, 15, "the call in flight")
+                crash = await session.call_tool("mb_crash", {"how": "signal"})
+                assert crash.is_error and "killed by SIGKILL" in text(crash), text(crash)
+                lost = await asyncio.wait_for(hanging, 10)
+                assert lost.is_error and "killed by SIGKILL" in text(lost), text(lost)
+                assert text(await session.call_tool("mb_sleep", {"seconds": 0})) == "slept"
+                (markers / "call").unlink()
+                call = asyncio.ensure_future(session.call_tool("mb_hang_async", {}))
+                await wait_until((markers / "call").exists, 15, "the call in flight")
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+                await wait_until((markers / "call.cancelled").exists, 10, "the handler cancelled in the worker")
+                assert text(await session.call_tool("mb_sleep", {"seconds": 0})) == "slept"
+
+
 async def test_an_unchanged_qanot_uses_the_plugins_through_its_mcp_servers_entry(write_config, markers):
     """The README's mcp_servers entry, read by Qanot's own MCP client (qanot==2.0.4) into Qanot's own
     registry: a call through Qanot's execute() reaches a sandboxed worker."""
