@@ -338,6 +338,22 @@ async def test_a_server_answering_its_queue_is_not_taken_for_hung_after_a_cancel
     assert "no answer to an MCP ping" not in caplog.text
 
 
+async def test_a_hung_server_writing_answers_to_requests_never_sent_is_still_replaced(write_config, server_venv,
+                                                                                       token):
+    """Attack pass 67: after a cancelled call, a server gets longer to answer the check's ping while
+    it answers other requests; a hung server's thread writing answers to requests nobody sent passed
+    for that, and with a call always in flight (no heartbeat ping) was never replaced."""
+    config = write_config([], host={**probe_grants(), "ping_interval": 1, "ping_timeout": 1,
+                                    "restart": {"backoff_initial": 0}},
+                          mcp_servers=[serial_server(server_venv, token, 0)])
+    async with Host(config) as host:
+        sup = host.plugins["probe"]
+        assert "timed out" in await host.registry.execute("hang", {}, timeout=0.5)
+        waiting = asyncio.ensure_future(host.registry.execute("quick", {}, timeout=30))  # a call in flight
+        await wait_until(lambda: sup.restarts >= 1, 10, "the hung server replaced")
+        assert "error" in json.loads(await asyncio.wait_for(waiting, 10))
+
+
 async def test_the_worker_killed_mid_call_takes_its_server_along(write_config, server_venv, token):
     async with Host(restarting_probe(write_config, server_venv, token)) as host:
         first = the_server(token)

@@ -56,6 +56,7 @@ log = logging.getLogger("mcp.client.stdio")
 LINE_LIMIT = 256 * 1024 * 1024  # bytes of one line (a message): above the host's largest frame
 BACKLOG = 64  # messages read and not yet taken by the session before the server's stdout waits
 WRITE_HIGH = 64 * 1024  # bytes waiting unread in the server's stdin before a send waits
+OUTSTANDING_KEPT = 4096  # ids of requests written and not answered, kept to recognise their answers
 
 
 class ServerLines(asyncio.Protocol):
@@ -79,6 +80,10 @@ class ServerLines(asyncio.Protocol):
         self._closed = False  # the session is done reading: lines are read and dropped
         self.why_ended = "closed its stdout"
         self.answered_at: float | None = None  # loop time of the server's last answer to a request
+        # ids of the requests written to the server and not yet answered (the newest OUTSTANDING_KEPT):
+        # only an answer to one of them is an answer (a hung server's thread writing answers to
+        # requests nobody sent passed for a busy server: attack pass 67)
+        self.outstanding: dict[Any, None] = {}
 
     # ---- the pipe's side ----------------------------------------------------------------------
 
@@ -149,7 +154,8 @@ class ServerLines(asyncio.Protocol):
             refused = self._refused(line, exc)
             log.error("Failed to parse JSONRPC message from server: %s", refused)
             return refused
-        if isinstance(message, (types.JSONRPCResponse, types.JSONRPCError)):
+        if isinstance(message, (types.JSONRPCResponse, types.JSONRPCError)) and \
+                self.outstanding.pop(message.id, self) is None:
             self.answered_at = asyncio.get_running_loop().time()
         return SessionMessage(message)
 
@@ -241,6 +247,11 @@ class ServerInput(asyncio.BaseProtocol):
         async with self._order:
             await self._room.wait()
             self._write(data)
+        if isinstance(message.message, types.JSONRPCRequest):
+            outstanding = self._lines.outstanding
+            outstanding[message.message.id] = None
+            if len(outstanding) > OUTSTANDING_KEPT:  # requests never answered (cancelled ones, say)
+                del outstanding[next(iter(outstanding))]
 
     def _write(self, data: bytes) -> None:
         if self._closed:
