@@ -49,7 +49,6 @@ class QanotPlugin(Plugin):
         self._in_flight = 0  # calls the server has not answered yet
         self._checking: asyncio.Task | None = None  # the ping after a cancelled call, while it waits
         self._stderr: StderrTail | None = None  # the stdio server's stderr, passed on
-        self._stdout_ended: asyncio.Event | None = None  # the stdio server's stdout (or stdin) closed
         self._lines: ServerLines | None = None  # the stdio server's stdout, as the session reads it
 
     async def setup(self, config: dict) -> None:
@@ -150,7 +149,7 @@ class QanotPlugin(Plugin):
                         write_end = -1
                         tail.start()
                         self._watch_child(process.pid)
-                        self._stdout_ended, self._lines = read.ended, read
+                        self._lines = read
                         yield read, write
                 finally:
                     if write_end >= 0:
@@ -176,8 +175,8 @@ class QanotPlugin(Plugin):
         host restarts it, rather than failing every call ("Connection closed") until a ping finds out."""
         stop = asyncio.ensure_future(self._stop.wait())
         waits = {stop}
-        if self._stdout_ended is not None:
-            waits.add(asyncio.ensure_future(self._stdout_ended.wait()))
+        if self._lines is not None:
+            waits.add(asyncio.ensure_future(self._lines.ended.wait()))
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -74,9 +74,10 @@ class ServerLines(asyncio.Protocol):
         self._transport: asyncio.ReadTransport | None = None
         self._paused = False
         self._waiter: asyncio.Future | None = None  # the session's receive(), waiting for a line
-        self._ended = False  # the server's stdout closed (or its stdin broke): nothing more will come
-        self.ended = asyncio.Event()  # ...for whoever waits on it (the bridge: a server that closed
-        # its stdout and lives on would answer nothing, its calls failing until a ping found out)
+        # set when the server's stdout closed (or its stdin broke): nothing more will come. The bridge
+        # waits on it too: a server that closed its stdout and lives on would answer nothing, its calls
+        # failing until a ping found out
+        self.ended = asyncio.Event()
         self._closed = False  # the session is done reading: lines are read and dropped
         self.why_ended = "closed its stdout"
         self.answered_at: float | None = None  # loop time of the server's last answer to a request
@@ -126,9 +127,8 @@ class ServerLines(asyncio.Protocol):
         self.end()
 
     def end(self, why: str | None = None) -> None:
-        if why is not None and not self._ended:
+        if why is not None and not self.ended.is_set():
             self.why_ended = why
-        self._ended = True
         self.ended.set()
         self._wake()
 
@@ -170,7 +170,7 @@ class ServerLines(asyncio.Protocol):
     async def _next_line(self) -> bytes | Exception:
         """The next line as read (or the error in place of one), waiting for it."""
         while not self._lines:
-            if self._ended or self._closed:
+            if self.ended.is_set() or self._closed:
                 raise anyio.EndOfStream
             self._waiter = asyncio.get_running_loop().create_future()
             try:
