@@ -101,27 +101,36 @@ async def test_a_tool_named_by_mcps_rule_alone_is_listed_and_called(write_config
         assert [block.type for block in answer.content] == ["text"] and text(answer) == forged
 
 
+async def a_worker_killed_mid_call_is_an_error_result_and_the_next_call_works(session, markers) -> None:
+    """Over any transport: the worker SIGKILLed with a call in flight; both calls get error results."""
+    hanging = asyncio.ensure_future(session.call_tool("mb_hang_async", {}))
+    await wait_until((markers / "call").exists, 15, "the call in flight")
+    crash = await session.call_tool("mb_crash", {"how": "signal"})  # SIGKILL, with the other call in it
+    assert crash.is_error and "killed by SIGKILL" in text(crash), text(crash)
+    lost = await asyncio.wait_for(hanging, 10)
+    assert lost.is_error and "killed by SIGKILL" in text(lost), text(lost)
+    assert text(await session.call_tool("mb_sleep", {"seconds": 0})) == "slept"
+    (markers / "call").unlink()  # for a call after this one
+
+
+async def a_clients_cancel_cancels_the_call_in_the_worker(session, markers) -> None:
+    """Over any transport: the client cancels a call in flight; its handler is cancelled in the worker."""
+    call = asyncio.ensure_future(session.call_tool("mb_hang_async", {}))
+    await wait_until((markers / "call").exists, 15, "the call in flight")
+    call.cancel()
+    await asyncio.gather(call, return_exceptions=True)
+    await wait_until((markers / "call.cancelled").exists, 10, "the handler cancelled in the worker")
+    assert text(await session.call_tool("mb_sleep", {"seconds": 0})) == "slept"
+
+
 async def test_a_worker_killed_mid_call_is_an_error_result_and_the_next_call_works(write_config, markers):
-    config = mcp_config(write_config, markers)
-    async with stdio_session(config) as session:
-        hanging = asyncio.ensure_future(session.call_tool("mb_hang_async", {}))
-        await wait_until((markers / "call").exists, 15, "the call in flight")
-        crash = await session.call_tool("mb_crash", {"how": "signal"})  # SIGKILL, with the other call in it
-        assert crash.is_error and "killed by SIGKILL" in text(crash)
-        lost = await asyncio.wait_for(hanging, 10)
-        assert lost.is_error and "killed by SIGKILL" in text(lost)
-        assert text(await session.call_tool("mb_sleep", {"seconds": 0})) == "slept"
+    async with stdio_session(mcp_config(write_config, markers)) as session:
+        await a_worker_killed_mid_call_is_an_error_result_and_the_next_call_works(session, markers)
 
 
 async def test_a_clients_cancel_cancels_the_call_in_the_worker(write_config, markers):
-    config = mcp_config(write_config, markers)
-    async with stdio_session(config) as session:
-        call = asyncio.ensure_future(session.call_tool("mb_hang_async", {}))
-        await wait_until((markers / "call").exists, 15, "the call in flight")
-        call.cancel()
-        await asyncio.gather(call, return_exceptions=True)
-        await wait_until((markers / "call.cancelled").exists, 10, "the handler cancelled in the worker")
-        assert text(await session.call_tool("mb_sleep", {"seconds": 0})) == "slept"
+    async with stdio_session(mcp_config(write_config, markers)) as session:
+        await a_clients_cancel_cancels_the_call_in_the_worker(session, markers)
 
 
 async def test_reload_tells_clients_the_tool_list_changed(write_config, markers, tmp_path):
@@ -397,20 +406,8 @@ async def test_over_http_failures_a_kill_mid_call_and_a_cancel_are_tool_results_
                 await session.initialize()
                 missing = await session.call_tool("greet", {"times": 2})
                 assert missing.is_error and "name" in text(missing), text(missing)
-                hanging = asyncio.ensure_future(session.call_tool("mb_hang_async", {}))
-                await wait_until((markers / "call").exists, 15, "the call in flight")
-                crash = await session.call_tool("mb_crash", {"how": "signal"})
-                assert crash.is_error and "killed by SIGKILL" in text(crash), text(crash)
-                lost = await asyncio.wait_for(hanging, 10)
-                assert lost.is_error and "killed by SIGKILL" in text(lost), text(lost)
-                assert text(await session.call_tool("mb_sleep", {"seconds": 0})) == "slept"
-                (markers / "call").unlink()
-                call = asyncio.ensure_future(session.call_tool("mb_hang_async", {}))
-                await wait_until((markers / "call").exists, 15, "the call in flight")
-                call.cancel()
-                await asyncio.gather(call, return_exceptions=True)
-                await wait_until((markers / "call.cancelled").exists, 10, "the handler cancelled in the worker")
-                assert text(await session.call_tool("mb_sleep", {"seconds": 0})) == "slept"
+                await a_worker_killed_mid_call_is_an_error_result_and_the_next_call_works(session, markers)
+                await a_clients_cancel_cancels_the_call_in_the_worker(session, markers)
 
 
 async def test_an_unchanged_qanot_uses_the_plugins_through_its_mcp_servers_entry(write_config, markers):
