@@ -349,22 +349,14 @@ def _signal_group(process: subprocess.Popen, sig: int) -> bool:
 
 
 async def _exited(process: subprocess.Popen, timeout: float) -> bool:
-    """Whether the server (not its children) has exited, and been reaped."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while process.poll() is None:
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
+    """Whether the server (not its children) has exited, and been reaped, within `timeout`."""
+    return await _within(timeout, lambda: process.poll() is not None)
 
 
 async def _group_gone(process: subprocess.Popen, timeout: float) -> bool:
-    """Whether every process of the server's group has gone (the server reaped by this process,
-    the others by whoever is their parent, or the PID namespace's init)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
+    """Whether every process of the server's group has gone within `timeout` (the server reaped by
+    this process, the others by whoever is their parent, or the PID namespace's init)."""
+    def gone() -> bool:
         process.poll()
         try:
             os.killpg(process.pid, 0)
@@ -372,6 +364,16 @@ async def _group_gone(process: subprocess.Popen, timeout: float) -> bool:
             return True
         except PermissionError:
             pass
+        return False
+    return await _within(timeout, gone)
+
+
+async def _within(timeout: float, done: Callable[[], bool]) -> bool:
+    """Whether `done()` comes true within `timeout` seconds, looked at every 10 ms."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not done():
         if loop.time() >= deadline:
             return False
         await asyncio.sleep(0.01)
+    return True
