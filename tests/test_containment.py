@@ -765,6 +765,27 @@ async def test_the_worker_is_nobody_in_a_world_of_its_own(write_config):
     assert [d for d in me["exists"] if d != checkout_top] == ["/usr/bin/python3"], me["exists"]
 
 
+# Calls the filter lets through, and what the kernel answers them with these arguments: a jump of the
+# filter landing one instruction off would refuse them, or let a denied one through.
+ALLOWED_ANSWERS = {3: "EBADF", 32: "EBADF", 39: "ok", 74: "EBADF", 81: "EBADF"}  # close, dup, getpid, fsync, fchdir
+RAW_CALLS_LEFT_OUT = {57, 58}  # fork and vfork: let through, vfork would run on the worker's own stack
+
+
+@pytest.mark.parametrize("subprocess", [False, True], ids=["no-subprocess", "subprocess"])
+async def test_every_call_on_the_deny_list_is_refused_from_a_worker(write_config, subprocess):
+    from qanot_worker import seccomp
+    denied = {**seccomp.DENY, **(seccomp.DENY_WITH_SUBPROCESS if subprocess else seccomp.DENY_WITHOUT_SUBPROCESS)}
+    numbers = sorted(set(denied.values()) - RAW_CALLS_LEFT_OUT)
+    grant = {"plugins": {"attacker": {"permissions": {"subprocess": True}}}} if subprocess else {}
+    async with Host(write_config([plugin("attacker"), GREETER], host=grant)) as host:
+        result = await attack(host, "syscalls", numbers=[*numbers, *ALLOWED_ANSWERS, seccomp.CLONE3, seccomp.OPENAT2])
+        answers = {int(number): answer for number, answer in json.loads(result.removeprefix("contained: ")).items()}
+        assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
+    assert {number: answers[number] for number in numbers if answers[number] != "EPERM"} == {}
+    assert {number: answers[number] for number in ALLOWED_ANSWERS} == ALLOWED_ANSWERS
+    assert (answers[seccomp.CLONE3], answers[seccomp.OPENAT2]) == ("ENOSYS", "ENOSYS")
+
+
 # ---- the second independent pass: what got through the namespaced sandbox ------------------------
 
 @pytest.fixture

@@ -436,6 +436,16 @@ class QanotPlugin(Plugin):
             os.close(fd)
         return contained(f"errnos {sorted(codes)}")
 
+    @tool(name="attack_syscalls", description="every system call number in `numbers`, raw, with arguments that "
+          "would do nothing if it went through; answers each one's errno", parameters=ANY)
+    async def syscalls(self, params: dict) -> str:
+        answers = {}
+        for number in params["numbers"]:
+            result = libc.syscall(ctypes.c_long(number), ctypes.c_long(-1), ctypes.c_long(0), ctypes.c_long(0),
+                                  ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0))
+            answers[number] = "ok" if result >= 0 else err()
+        return contained(json.dumps(answers))
+
     @tool(name="attack_scan_memory", description="look for another plugin's secret in its own memory",
           parameters=ANY)
     async def scan_memory(self, params: dict) -> str:
