@@ -765,6 +765,45 @@ async def test_the_worker_is_nobody_in_a_world_of_its_own(write_config):
     assert [d for d in me["exists"] if d != checkout_top] == ["/usr/bin/python3"], me["exists"]
 
 
+def assert_devices_work_and_nothing_more(seen: dict) -> None:
+    devices = {name: ["crw-rw-rw-", 1, minor] for name, minor in
+               (("null", 3), ("zero", 5), ("full", 7), ("random", 8), ("urandom", 9))}
+    links = {name: "lrwxrwxrwx" for name in ("fd", "stdin", "stdout", "stderr")}
+    assert seen["dev"] == {**devices, **links, "shm": "drwxrwxrwt"}, seen["dev"]
+    assert seen["done"].pop("chmod null") in ("EROFS", "EPERM")  # a node made read-only / the host's, root's
+    assert seen["done"] == {"write null": 100, "write full": "ENOSPC", "read zero": "000000", "read urandom": 16,
+                            "exec zero": "EPERM", "mknod": "EPERM", "create": "EACCES"}
+
+
+async def test_the_workers_dev_holds_its_five_devices_working_and_nothing_it_can_change(write_config):
+    async with Host(write_config([plugin("attacker")])) as host:
+        assert_devices_work_and_nothing_more(json.loads((await attack(host, "dev_nodes")).removeprefix("contained: ")))
+
+
+HOST_WITHOUT_MKNOD = r"""
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from qanot_host import Host
+async def main():
+    async with Host(sys.argv[2]) as host:
+        print(await host.registry.execute("attack_dev_nodes", {}))
+asyncio.run(main())
+"""
+
+
+async def test_a_root_host_without_cap_mknod_binds_the_hosts_devices_instead(write_config):
+    """The devices are made with mknod; root in a container may lack CAP_MKNOD: the same /dev, bound."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    config = write_config([plugin("attacker")])
+    proc = await asyncio.create_subprocess_exec("setpriv", "--bounding-set", "-mknod", sys.executable, "-c",
+                                                HOST_WITHOUT_MKNOD, str(REPO), config,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert_devices_work_and_nothing_more(json.loads(out.decode().strip().removeprefix("contained: ")))
+
+
 # Calls the filter lets through, and what the kernel answers them with these arguments: a jump of the
 # filter landing one instruction off would refuse them, or let a denied one through.
 ALLOWED_ANSWERS = {3: "EBADF", 32: "EBADF", 39: "ok", 74: "EBADF", 81: "EBADF"}  # close, dup, getpid, fsync, fchdir

@@ -677,6 +677,45 @@ class QanotPlugin(Plugin):
             results.append(f"{os.path.basename(path)}: {err()}")
         return contained(*results)
 
+    @tool(name="attack_dev_nodes", description="what its /dev holds, and what its devices let it do", parameters=ANY)
+    async def dev_nodes(self, params: dict) -> str:
+        import mmap
+        import stat
+        seen = {}
+        for name in sorted(os.listdir("/dev")):
+            info = os.lstat(f"/dev/{name}")
+            seen[name] = [stat.filemode(info.st_mode), os.major(info.st_rdev), os.minor(info.st_rdev)] \
+                if stat.S_ISCHR(info.st_mode) else stat.filemode(info.st_mode)
+        done = {}
+        with open("/dev/null", "w") as f:
+            done["write null"] = f.write("x" * 100)
+        try:
+            with open("/dev/full", "wb", buffering=0) as f:
+                f.write(b"x")
+        except OSError as exc:
+            done["write full"] = errno.errorcode[exc.errno]
+        with open("/dev/zero", "rb") as f:
+            done["read zero"] = f.read(3).hex()
+        with open("/dev/urandom", "rb") as f:
+            done["read urandom"] = len(f.read(16))
+        fd = os.open("/dev/zero", os.O_RDWR)
+        try:
+            mmap.mmap(fd, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)
+            done["exec zero"] = "mapped"
+        except OSError as exc:
+            done["exec zero"] = errno.errorcode[exc.errno]
+        finally:
+            os.close(fd)
+        for what, act in (("chmod null", lambda: os.chmod("/dev/null", 0o777)),
+                          ("mknod", lambda: os.mknod("/dev/mine", stat.S_IFCHR | 0o666, os.makedev(1, 3))),
+                          ("create", lambda: os.close(os.open("/dev/mine", os.O_CREAT | os.O_WRONLY, 0o644)))):
+            try:
+                act()
+                return f"ESCAPED: {what}"
+            except OSError as exc:
+                done[what] = errno.errorcode[exc.errno]
+        return contained(json.dumps({"dev": seen, "done": done}))
+
     @tool(name="attack_write_readonly", description="write into its own code, the runtime and the stdlib",
           parameters=ANY)
     async def write_readonly(self, params: dict) -> str:
