@@ -41,6 +41,7 @@ ROWS = [
 
 def render(results: dict, quick: bool) -> str:
     side = results.pop("mcp", None)
+    tp_side = results.pop("tp_side", None)
     keys = list(results)
     header = "| figure | " + " | ".join(results[k]["label"] for k in keys) + " | e ÷ b | target |"
     lines = [header, "|" + " --- |" * (len(keys) + 3)]
@@ -56,6 +57,9 @@ def render(results: dict, quick: bool) -> str:
               f"{min(c['p50_us'], results['c1']['p50_us']) / e['p50_us']:.2f}× faster than c (the faster c)",
               f"- throughput at 64 on one worker: e is {e['tp64'] / results['b']['tp64']:.2f}× b and "
               f"{e['tp64'] / d['tp64']:.0f}× d",
+              *([f"- throughput at 64, b and e side by side (both running, their runs alternating, the same "
+                 f"minutes of the machine for each): b {tp_side['b']:.0f}, e {tp_side['e']:.0f} calls/s "
+                 f"({tp_side['e'] / tp_side['b']:.2f}× b); target: at least 0.7× b"] if tp_side else []),
               f"- cold start: e is {d['cold_ms'] / e['cold_ms']:.1f}× faster than d"]
     f = results.get("f")
     if f:

@@ -36,7 +36,8 @@ from qanot_worker import eventloop  # noqa: E402
 from contenders import (BarePipe, InProcess, Mcp, McpHost, McpServerHost, MultiprocessingPool,  # noqa: E402
                         ProcessPool, QanotHost)
 from measurements import (blob_rate, cold_start, cpu_share, egress_sandbox_cost, fifty_plugins,  # noqa: E402
-                          interleaved_p50, latency, memory, restart_to_ready, throughput, worker_cold_start)
+                          interleaved_p50, interleaved_throughput, latency, memory, restart_to_ready, throughput,
+                          worker_cold_start)
 from report import chart, render  # noqa: E402
 
 
@@ -67,7 +68,7 @@ async def measure(quick: bool) -> dict:
             if getattr(contender, "init_pids", None) and contender.init_pids():
                 r["init_uss_mb"], _ = memory(contender.init_pids())
             if key != "f":  # qanot-host's MCP front cuts a result at 100 000 characters, by design
-                r["blob_mbs"] = await blob_rate(contender)
+                r["blob_mbs"] = await blob_rate(contender, 3 if slow or quick else 7)
             await contender.stop()
             if key != "a":
                 contender = make()
@@ -78,6 +79,7 @@ async def measure(quick: bool) -> dict:
                     r["cold_ms"] = await cold_start(make, 2 if slow or quick else reps)
             print(f"  measured {r['label']}", file=sys.stderr)
         results["mcp"] = await mcp_side_by_side(scratch, 3 if quick else 10)
+        results["tp_side"] = await throughput_side_by_side(scratch, n_tp, 3 if quick else 9)
         e = results["e"]
         e["cold_ms"], e["host_start_ms"], e["sandbox_ms"] = await worker_cold_start(scratch, reps)
         results["e"]["restart_ms"] = await restart_to_ready(scratch, reps)
@@ -102,6 +104,20 @@ async def mcp_side_by_side(scratch: Path, rounds: int) -> dict:
         return await interleaved_p50(running, rounds)
     finally:
         for contender in reversed(running.values()):  # the SDK's scopes end in the order opposite to their start
+            await contender.stop()
+
+
+async def throughput_side_by_side(scratch: Path, total: int, rounds: int) -> dict:
+    """b and e running at once, their runs at 64 in flight alternating: the ratio the target names,
+    from the same minutes of the machine."""
+    running = {"b": BarePipe(), "e": QanotHost(scratch)}
+    for contender in running.values():
+        await contender.start(1)
+        await throughput(contender, 64, total // 4, trials=1)  # warm-up, discarded
+    try:
+        return await interleaved_throughput(running, 64, total, rounds)
+    finally:
+        for contender in running.values():
             await contender.stop()
 
 
