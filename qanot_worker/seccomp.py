@@ -53,6 +53,11 @@ DENY = {
     # secret memory is taken out of the kernel's direct map, which splits its large pages for the whole
     # machine until reboot (one 32 MiB run split 12 GiB of 1 GiB pages), and it escapes RLIMIT_MEMLOCK
     "memfd_secret": 447,
+    # any file system of the machine by device number: another plugin's disk, how full it is, live (the
+    # very figures /proc/diskstats is masked for; attack pass 68), and the kernel's file system types
+    "ustat": 136, "sysfs": 139,
+    # the new mount API's latest (Linux 6.15), with the rest of it
+    "open_tree_attr": 467,
 }
 # Calls that may aim at other processes: only at the worker itself here, (argument, value) pairs that
 # must all hold. A worker shares its uid with nobody, unless identity is off: then it shares the
@@ -130,6 +135,8 @@ def _program(subprocess: bool, shares_uid: bool = False) -> list[tuple[int, int,
     # One test per denied call, all jumping to one shared RET: half the instructions of a RET each,
     # and the kernel's cost of taking the filter (checking and compiling it) goes by its length.
     numbers = sorted(set(denied.values()))
+    if len(numbers) > 255:
+        raise ValueError(f"{len(numbers)} denied calls: a jump of classic BPF reaches 255 instructions at most")
     prog += [_op(JEQ_K, number, len(numbers) - i, 0) for i, number in enumerate(numbers)]
     prog += [_op(JA, 1), _op(RET_K, eperm)]
     prog += [_op(JEQ_K, CLONE3, 0, 1), _op(RET_K, _errno(errno.ENOSYS))]
@@ -205,11 +212,13 @@ class _Filter:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(subprocess: bool, shares_uid: bool = False) -> _Filter:
+    """The deny-list, one of four: warm_up() makes them all in the template, before any fork."""
     return _Filter(_program(subprocess, shares_uid))
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_listener() -> _Filter:
+    """The connect() listener's filter, made in the template as the deny-lists are."""
     return _Filter(_narrowed_network_program())
 
 
