@@ -47,6 +47,8 @@ def explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
             return False
         return real.startswith(roots)
 
+    private = tuple(os.path.join(os.path.normpath(x), "") for x in spec.host_private if x)  # resolved by the host
+
     def denied(what: str) -> PermissionError:
         return PermissionError(errno.EACCES, f"denied by the sandbox: {what}")
 
@@ -54,9 +56,6 @@ def explain_denials(spec: p.SandboxSpec, plugin: str) -> None:
         """A path no grant may reach (the host's config.json and state_dir: a config that grants
         them is refused) is not said to need the 'filesystem' permission (newcomer pass 56)."""
         real = os.path.realpath(path)  # by their names alone: under /tmp covered() says no to them all
-        # made here, on a denial, not at every start: in a worker's root they are not there, and
-        # realpath took 45 µs each to say so
-        private = tuple(os.path.join(os.path.realpath(x), "") for x in spec.host_private if x)
         if os.path.join(real, "").startswith(private) or real in (x.rstrip("/") for x in private):
             return denied(f"{doing} {path}: the host's own files (its config.json, its state_dir) are no "
                           "plugin's, whatever it is granted")

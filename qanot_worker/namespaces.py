@@ -119,32 +119,30 @@ class _Root:
 
     def point_fd(self, target: str, is_dir: bool) -> int:
         """point(), as a descriptor (kept open until the root is built)."""
-        return self.point_in(target, is_dir)[1]
+        parent_fd, fd = self.point_and_parent(target, is_dir)
+        os.close(parent_fd)
+        self._fds.append(fd)
+        return fd
 
-    def point_in(self, target: str, is_dir: bool) -> tuple[int, int]:
-        """point_fd(), and a descriptor of the directory it is in (both kept open until the root is
-        built): what is mounted on the point is then reached again with again(), no walk from the root."""
+    def point_and_parent(self, target: str, is_dir: bool) -> tuple[int, int]:
+        """Descriptors of the directory `target` is in and of `target` itself, made where missing
+        (no symlink followed): the caller closes both."""
         relative = target.lstrip("/")
         parent, _, name = relative.rpartition("/")
         parent_fd = self._directory(parent)
-        self._fds.append(parent_fd)
         try:
-            if is_dir:
-                os.mkdir(name, 0o755, dir_fd=parent_fd)
-            else:
-                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=parent_fd))
-        except FileExistsError:
-            pass
-        fd = _openat2(parent_fd, name, os.O_PATH, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
-        self._fds.append(fd)
-        return parent_fd, fd
-
-    def again(self, parent_fd: int, target: str) -> str:
-        """`target`'s last part looked up anew in its directory (as point() would: no symlink), so the
-        path leads to the root of what was just mounted there, which is what a remount takes."""
-        fd = _openat2(parent_fd, target.rpartition("/")[2], os.O_PATH, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
-        self._fds.append(fd)
-        return f"/proc/self/fd/{fd}"
+            try:
+                if is_dir:
+                    os.mkdir(name, 0o755, dir_fd=parent_fd)
+                else:
+                    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644,
+                                     dir_fd=parent_fd))
+            except FileExistsError:
+                pass
+            return parent_fd, _openat2(parent_fd, name, os.O_PATH, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+        except BaseException:
+            os.close(parent_fd)
+            raise
 
     def exists(self, target: str, directory: bool = True) -> bool:
         try:
@@ -203,13 +201,20 @@ def _bind(root: _Root, op: p.MountOp, flags: int) -> None:
     except FileNotFoundError:
         root.warnings.append(f"{op.source} is granted but does not exist: not in the plugin's root")
         return
+    held = [fd]
     try:
         is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
-        parent_fd, point = root.point_in(op.target, is_dir)
+        parent_fd, point = root.point_and_parent(op.target, is_dir)
+        held += [parent_fd, point]
         linux.mount(f"/proc/self/fd/{fd}", f"/proc/self/fd/{point}", None, MS_BIND)
-        linux.mount(None, root.again(parent_fd, op.target), None, MS_REMOUNT | MS_BIND | flags)
+        # The last part looked up again (no symlink, beneath the root) in the directory held since the
+        # first walk, not from the root: the path now leads to the new mount's root, which a remount takes.
+        mounted = _openat2(parent_fd, op.target.rpartition("/")[2], os.O_PATH, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+        held.append(mounted)
+        linux.mount(None, f"/proc/self/fd/{mounted}", None, MS_REMOUNT | MS_BIND | flags)
     finally:
-        os.close(fd)
+        for each in held:
+            os.close(each)
 
 
 def _ro(root: _Root, op: p.MountOp, disk_fd: int) -> None:
@@ -251,6 +256,9 @@ def _proc(root: _Root, op: p.MountOp, disk_fd: int) -> None:
     # An empty directory of the root's own, beneath where proc goes (so nobody sees it): what masks
     # a directory of proc, bound there (a tmpfs each would cost a superblock per worker)
     empty = root.point_fd(f"{proc}/.masked", True)
+    # and an empty file, what masks a file of it: the host's /dev/null, bound there, was one inode with
+    # the host's and every plugin's /dev/null, and inotify on it told of their opens and writes (review 68)
+    empty_file = root.point_fd(f"{proc}/.masked-file", False)
     # hidepid: a process the plugin may not trace is not there at all. Its init (PID 1), which made
     # itself non-dumpable, stays in the host's network and mount namespaces, and /proc/1/net and
     # /proc/1/mountinfo, which no ptrace check guards, told of the host's connections and mounts.
@@ -262,8 +270,9 @@ def _proc(root: _Root, op: p.MountOp, disk_fd: int) -> None:
             linux.mount(f"/proc/self/fd/{empty}", root.point(f"{proc}/{name}", True), None, MS_BIND)
             root.hidden.append(root.point(f"{proc}/{name}", True))  # the bind, made read-only at the end
     for name in PROC_MASKED_FILES:
-        if root.exists(f"{proc}/{name}", directory=False):  # reads as empty, as /dev/null (a plugin's own)
-            linux.mount("/dev/null", root.point(f"{proc}/{name}", False), None, MS_BIND)
+        if root.exists(f"{proc}/{name}", directory=False):  # reads as empty
+            linux.mount(f"/proc/self/fd/{empty_file}", root.point(f"{proc}/{name}", False), None, MS_BIND)
+            root.hidden.append(root.point(f"{proc}/{name}", False))  # the bind, made read-only at the end
 
 
 def _devices(root: _Root, op: p.MountOp, disk_fd: int) -> None:
@@ -276,9 +285,9 @@ def _devices(root: _Root, op: p.MountOp, disk_fd: int) -> None:
         # walks from the root (0.45 ms of every start for the five). A root without CAP_MKNOD (in
         # a container) binds the host's.
         try:
-            os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(major, minor), dir_fd=dev_fd)
-            os.chmod(name, 0o666, dir_fd=dev_fd)  # as the host's: mknod's mode went through the umask
-        except PermissionError:
+            os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev_fd)
+            os.chmod(name, 0o666, dir_fd=dev_fd)  # mknod's mode went through the umask: 0666, as the host's
+        except OSError:
             linux.mount(f"/dev/{name}", root.point(f"{dev}/{name}", False), None, MS_BIND)
             linux.mount(None, root.point(f"{dev}/{name}", False), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
     for name, points_to in DEV_LINKS.items():

@@ -791,6 +791,19 @@ asyncio.run(main())
 """
 
 
+async def test_nothing_in_the_workers_root_is_the_hosts_dev_null_to_watch(write_config):
+    """inotify on a node shared with the host tells of every open and write of it, the host's and every
+    plugin's: proc's masked files were the host's /dev/null, bound (review 68)."""
+    async with Host(write_config([plugin("attacker")])) as host:
+        watching = asyncio.ensure_future(attack(host, "watch_shared_nodes", seconds=1.5))
+        await asyncio.sleep(0.5)
+        for _ in range(20):
+            with open("/dev/null", "w") as null:
+                null.write("x")
+        seen = json.loads((await watching).removeprefix("contained: "))
+    assert seen == {"/dev/null": 0, "/proc/diskstats": 0, "/proc/partitions": 0}
+
+
 async def test_a_root_host_without_cap_mknod_binds_the_hosts_devices_instead(write_config):
     """The devices are made with mknod; root in a container may lack CAP_MKNOD: the same /dev, bound."""
     if shutil.which("setpriv") is None:

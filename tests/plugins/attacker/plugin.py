@@ -716,6 +716,34 @@ class QanotPlugin(Plugin):
                 done[what] = errno.errorcode[exc.errno]
         return contained(json.dumps({"dev": seen, "done": done}))
 
+    @tool(name="attack_watch_shared_nodes", description="inotify on what its root may share with the host "
+          "(/dev/null, proc's masks): the events seen in `seconds`", parameters=ANY)
+    async def watch_shared_nodes(self, params: dict) -> str:
+        import asyncio
+        paths = ["/dev/null", "/proc/diskstats", "/proc/partitions"]
+        fd = libc.inotify_init1(os.O_NONBLOCK)
+        if fd < 0:
+            return contained(f"inotify_init1: {err()}")
+        try:
+            watches = {}
+            for path in paths:  # IN_OPEN | IN_ACCESS | IN_MODIFY | IN_CLOSE_WRITE
+                wd = libc.inotify_add_watch(fd, path.encode(), 0x20 | 0x1 | 0x2 | 0x8)
+                watches[wd] = path
+            await asyncio.sleep(params.get("seconds", 1.0))
+            seen = dict.fromkeys(paths, 0)
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                data = b""
+            offset = 0
+            while offset < len(data):
+                wd, _mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                seen[watches.get(wd, "?")] = seen.get(watches.get(wd, "?"), 0) + 1
+                offset += 16 + length
+        finally:
+            os.close(fd)
+        return contained(json.dumps(seen))
+
     @tool(name="attack_write_readonly", description="write into its own code, the runtime and the stdlib",
           parameters=ANY)
     async def write_readonly(self, params: dict) -> str:
