@@ -58,6 +58,9 @@ DENY = {
     "ustat": 136, "sysfs": 139,
     # the new mount API's latest (Linux 6.15), with the rest of it
     "open_tree_attr": 467,
+    # a local descriptor table: for 16-bit code (Wine, DOSEMU), never Python's, and kernel code with a
+    # history of holes that only this call reaches
+    "modify_ldt": 154,
 }
 # Calls that may aim at other processes: only at the worker itself here, (argument, value) pairs that
 # must all hold. A worker shares its uid with nobody, unless identity is off: then it shares the
