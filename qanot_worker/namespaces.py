@@ -279,17 +279,24 @@ def _devices(root: _Root, op: p.MountOp, disk_fd: int) -> None:
     linux.mount("tmpfs", root.point(op.target, True), "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
     dev = op.target.rstrip("/")
     dev_fd = root.point_fd(dev, True)  # the new tmpfs's root
+    refused = ""
     for name, (major, minor) in DEVICES.items():
         # Made on the tmpfs (noexec, nosuid, read-only at the end), as container runtimes do: two
         # system calls where a bind of the host's node and its remount were two mounts and two
-        # walks from the root (0.45 ms of every start for the five). A root without CAP_MKNOD (in
-        # a container) binds the host's.
-        try:
-            os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev_fd)
-            os.chmod(name, 0o666, dir_fd=dev_fd)  # mknod's mode went through the umask: 0666, as the host's
-        except OSError:
-            linux.mount(f"/dev/{name}", root.point(f"{dev}/{name}", False), None, MS_BIND)
-            linux.mount(None, root.point(f"{dev}/{name}", False), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
+        # walks from the root (0.45 ms of every start for the five). Where mknod is refused (root
+        # without CAP_MKNOD, in a container; a device cgroup; a kernel such as gVisor) the host's
+        # are bound. (Made so, a node has the tmpfs's SELinux label, not the device's.)
+        if not refused:
+            try:
+                os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev_fd)
+                os.chmod(name, 0o666, dir_fd=dev_fd)  # mknod's mode went through the umask: 0666, as the host's
+                continue
+            except OSError as exc:
+                refused = exc.strerror or type(exc).__name__
+                root.warnings.append(f"its /dev holds the host's device nodes, bound (mknod: {refused}): inotify "
+                                     "on them sees every process's opens and writes of them")
+        linux.mount(f"/dev/{name}", root.point(f"{dev}/{name}", False), None, MS_BIND)
+        linux.mount(None, root.point(f"{dev}/{name}", False), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
     for name, points_to in DEV_LINKS.items():
         root.symlink(f"{dev}/{name}", points_to)
     linux.mount("tmpfs", root.point(f"{dev}/shm", True), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,

@@ -781,12 +781,13 @@ async def test_the_workers_dev_holds_its_five_devices_working_and_nothing_it_can
 
 
 HOST_WITHOUT_MKNOD = r"""
-import asyncio, sys
+import asyncio, json, sys
 sys.path.insert(0, sys.argv[1])
 from qanot_host import Host
 async def main():
     async with Host(sys.argv[2]) as host:
         print(await host.registry.execute("attack_dev_nodes", {}))
+        print(json.dumps(host.plugins["attacker"].worker.report.sandbox_warnings))
 asyncio.run(main())
 """
 
@@ -814,7 +815,10 @@ async def test_a_root_host_without_cap_mknod_binds_the_hosts_devices_instead(wri
                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()[-2000:]
-    assert_devices_work_and_nothing_more(json.loads(out.decode().strip().removeprefix("contained: ")))
+    result, warnings = out.decode().strip().splitlines()
+    assert_devices_work_and_nothing_more(json.loads(result.removeprefix("contained: ")))
+    assert ("its /dev holds the host's device nodes, bound (mknod: Operation not permitted): inotify on them sees "
+            "every process's opens and writes of them") in json.loads(warnings)
 
 
 # Calls the filter lets through, and what the kernel answers them with these arguments: a jump of the
