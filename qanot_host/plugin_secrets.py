@@ -102,29 +102,38 @@ def resolve_config_secrets(config: dict[str, Any], where: str) -> tuple[dict[str
     names the config in errors ("config.json: plugins[2].config"), the key after it as
     `['api_key']`: `.api_key:` read as a key=value credential to status's redaction, which showed
     "config.api_[credential redacted] environment variable..." (a newcomer, 11-27). ValueError if
-    one cannot be."""
+    one cannot be, naming every one that cannot (an operator fixing them one start at a time was
+    told of the next only at the next start)."""
     resolved = dict(config)
     secrets: dict[str, str] = {}
+    problems = []
     for key, value in config.items():
         if not is_secret_ref(value):
             continue
-        if "env" in value:
-            name = value["env"]
-            found = os.environ.get(name, "") if name.strip() else ""
-            if not found:
-                raise ValueError(f"{where}[{key!r}]: the environment variable {name!r} it names is not set "
-                                 "(or empty) in the host's environment")
-            if not is_text(found):
-                raise ValueError(f"{where}[{key!r}]: the environment variable {name!r} it names holds bytes "
-                                 "that are not UTF-8")
-        else:
-            path = value["file"]
-            try:
-                found = read_secret_file(path)
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                why = exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)
-                raise ValueError(f"{where}[{key!r}]: {why}") from None
-            if not found:
-                raise ValueError(f"{where}[{key!r}]: the secret file {path} is empty")
-        resolved[key] = secrets[key] = found
+        try:
+            resolved[key] = secrets[key] = _resolve(value)
+        except ValueError as exc:
+            problems.append(f"{where}[{key!r}]: {exc}")
+    if problems:
+        raise ValueError("; ".join(problems))
     return resolved, Redactor(secrets)
+
+
+def _resolve(ref: dict[str, str]) -> str:
+    if "env" in ref:
+        name = ref["env"]
+        found = os.environ.get(name, "") if name.strip() else ""
+        if not found:
+            raise ValueError(f"the environment variable {name!r} it names is not set (or empty) in the host's "
+                             "environment")
+        if not is_text(found):
+            raise ValueError(f"the environment variable {name!r} it names holds bytes that are not UTF-8")
+        return found
+    path = ref["file"]
+    try:
+        found = read_secret_file(path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)) from None
+    if not found:
+        raise ValueError(f"the secret file {path} is empty")
+    return found

@@ -246,13 +246,15 @@ def test_check_warns_of_what_run_would_fail_or_quietly_turn_off(write_config):
     """Attack pass 49: memory_mb 0 (no memory ceiling), a backoff_initial over backoff_max and a
     SecretRef naming an unset variable all passed check without a word."""
     from .conftest import check_report
-    entry = {"name": "echo", "enabled": True, "config": {"token": {"env": "QANOT_TEST_NOT_SET"}}}
+    entry = {"name": "echo", "enabled": True, "config": {"token": {"env": "QANOT_TEST_NOT_SET"},
+                                                         "key": {"file": "/nonexistent/qanot-key"}}}
     config = write_config([entry], host={"limits": {"memory_mb": 0},
                                          "restart": {"backoff_initial": 100, "backoff_max": 1}})
     report = check_report(config, warnings=True)
     assert "plugin echo: limits.memory_mb is 0" in report and "its memory has no ceiling" in report, report
     assert "restart.backoff_initial (100 s) is over restart.backoff_max (1 s)" in report, report
     assert "plugins[0].config['token']: the environment variable 'QANOT_TEST_NOT_SET' it names is not set" in report
+    assert "plugins[0].config['key']: " in report and "/nonexistent/qanot-key" in report, report  # each one, not the first
     from qanot_host.registry import redact_credentials  # as status shows it: the key named, not redacted
     assert "config['token']: the environment variable" in redact_credentials(report)
     assert check_report(config) == ""  # warnings, not errors: a service's environment may differ
