@@ -23,6 +23,7 @@ from qanot_worker import protocol as p
 
 from .offered import OfferedTool
 from .plugin_secrets import secrets_digest
+from .safe_files import read_regular_file
 from .settings import PluginEntry, PluginSettings
 
 __all__ = ["ToolCache", "CachedOffer", "offer_key"]
@@ -64,16 +65,13 @@ class ToolCache:
 
     def load(self, plugin: str, key: str) -> CachedOffer | None:
         """The plugin's cached offer if it was written under `key`; None otherwise (or unreadable)."""
-        try:
-            with open(self._path(plugin), "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > MAX_CACHE_FILE:
-                    raise ValueError(f"{size} bytes, more than any tool list takes")
-                cached = msgspec.msgpack.decode(f.read(MAX_CACHE_FILE + 1), type=CachedOffer)
+        try:  # no symlink, nothing but a regular file (a FIFO put there held the host's loop: attack pass 69)
+            cached = msgspec.msgpack.decode(read_regular_file(self._path(plugin), MAX_CACHE_FILE), type=CachedOffer)
         except FileNotFoundError:
             return None
         except (OSError, msgspec.DecodeError, ValueError) as exc:
-            log.warning("plugin %s: its cached tool list is unusable (%s); starting it to list its tools", plugin, exc)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.warning("plugin %s: its cached tool list is unusable (%s); starting it to list its tools", plugin, why)
             return None
         # No tools is no offer to keep: most likely a failed login or a service down at its listing,
         # and with no tool registered, no call would ever start it to list them again.
