@@ -48,6 +48,11 @@ __all__ = ["Host", "PluginState", "PluginSupervisor"]
 
 log = logging.getLogger("qanot_host")
 
+# Plugins that start together register their tools in config.json's order, so that a contested name
+# goes to the one listed first without changing hands; none waits longer than this for the slower
+# ones listed before it.
+REGISTRATION_PATIENCE = 2.0
+
 
 
 class Host:
@@ -154,9 +159,29 @@ class Host:
         # config.json's order decides tool-name conflicts among them: each registers once every one
         # listed before it has started (or failed), so a restarted plugin listed first is not held
         # for as long as a slow new one after it takes (attack pass 23: "Unknown tool" for 25 s)
+        # ... for REGISTRATION_PATIENCE at most: then each registers as it is up, and a slower plugin listed
+        # before it takes a contested name once it is up itself (attack pass 69: a lazy plugin whose setup()
+        # hung left every tool of those after it, eager ones too, "Unknown" for the whole setup_timeout)
         starting = {s.name for s in fresh}
         waiting = collections.deque(s for s in self.plugins.values() if s.name in starting)
         finished: set[str] = set()
+        impatient = False
+
+        def release(supervisor: PluginSupervisor) -> None:
+            if supervisor.name not in self._released:
+                self._release_registration(supervisor)
+
+        def release_out_of_turn() -> None:
+            nonlocal impatient
+            impatient = True
+            slow = [s.name for s in waiting if s.name not in finished]
+            early = [s for s in waiting if s.name in finished]
+            if early:
+                log.warning("%s still starting after %g s: the tools of %s are registered meanwhile (a name "
+                            "they share with a plugin listed before them goes to that one once it is up)",
+                            _names(slow), REGISTRATION_PATIENCE, _names([s.name for s in early]))
+            for supervisor in early:
+                release(supervisor)
 
         async def start(supervisor: PluginSupervisor) -> None:
             try:
@@ -164,12 +189,16 @@ class Host:
             finally:
                 finished.add(supervisor.name)
                 while waiting and waiting[0].name in finished:
-                    self._release_registration(waiting.popleft())
+                    release(waiting.popleft())
+                if impatient:
+                    release(supervisor)
 
         self._registration_paused = True
+        patience = asyncio.get_running_loop().call_later(REGISTRATION_PATIENCE, release_out_of_turn)
         try:
             await asyncio.gather(*(start(s) for s in fresh))
         finally:
+            patience.cancel()
             self._registration_paused = False
             self._released = set()
         for supervisor in waiting:  # what a cancelled start left
@@ -647,6 +676,12 @@ class Host:
 
     def status(self) -> list[dict[str, Any]]:
         return [supervisor.status() for supervisor in self.plugins.values()]
+
+
+def _names(plugins: list[str], shown: int = 5) -> str:
+    """"plugins a, b and c" (the first `shown` of them, and how many more)."""
+    head = ", ".join(plugins[:shown]) + (f" and {len(plugins) - shown} more" if len(plugins) > shown else "")
+    return f"plugin{'s' if len(plugins) > 1 else ''} {head}"
 
 
 def _may_retry(exc: PluginError) -> bool:

@@ -148,6 +148,25 @@ async def test_a_worker_that_fails_to_start_for_a_call_fails_that_call_only(writ
         assert host.plugins["lazy_probe"].state == PluginState.FAILED
 
 
+async def test_a_slow_start_holds_back_the_tools_of_plugins_listed_after_it_for_two_seconds_at_most(write_config,
+                                                                                                      caplog):
+    """Attack pass 69: a lazy plugin (no cached tools) whose setup() hung left the tools of every plugin
+    listed after it, eager ones too, "Unknown tool" for the whole setup_timeout."""
+    config = write_config([plugin("misbehave", slow_start=5), GREETER], host={"setup_timeout": 10})
+    host = Host(config)
+    starting = asyncio.ensure_future(host.start())
+    try:
+        await wait_until(lambda: host.registry.get("greet") is not None, 4, "greeter's tools")
+        assert not starting.done()  # misbehave's setup() still runs
+        assert "x" in await host.registry.invoke("greet", {"name": "x"})
+        assert "plugin misbehave still starting after 2 s: the tools of plugin greeter are registered meanwhile" \
+            in caplog.text
+        await starting
+        assert host.plugins["misbehave"].state == PluginState.READY
+    finally:
+        await host.stop()
+
+
 async def test_plugin_json_keep_running_opts_out_of_lazy_and_idle(write_config, tmp_path, caplog):
     config = write_config([plugin("keeps_running"), plugin("lazy_probe")],
                           host=lazy_host(idle_timeout=0.3))
