@@ -344,6 +344,8 @@ def _status_cell(row: dict, column: str) -> object:
     if column == "last_exit":  # a whole sentence made each row 250 characters wide (newcomer pass 56)
         text = row.get("last_exit") or ""
         return text if len(text) <= LAST_EXIT_CHARS else text[:LAST_EXIT_CHARS - 3] + "..."
+    if column == "pid" and not row["pid"] and row.get("stopping_pid"):  # an idle stop's teardown() runs
+        return f"{row['stopping_pid']} (stopping)"
     if column == "egress":  # connections allowed/denied, where the network is narrowed to hosts
         return f"{row['egress']['allowed']}/{row['egress']['denied']}" if row.get("egress") else None
     return row.get(column)

@@ -125,7 +125,10 @@ class PluginSupervisor:
         self._offer: CachedOffer | None = None  # what its last worker offered, or the cache did
         self._last_active = 0.0  # when its last call ended (monotonic)
         self._activation: asyncio.Task | None = None
+        self._failed_activations = 0  # starts for a call that failed: a call waiting through one fails with it
+        self._next_activation_at = 0.0  # after a failed one, the restart policy's backoff (monotonic)
         self._idle_stop: asyncio.Task | None = None  # the idle worker's teardown, still under way
+        self._stopping: WorkerHandle | None = None  # that worker
         self._background: set[asyncio.Task] = set()  # a failed plugin's disk being let go
         self.activations = 0  # workers started by a call to an idle plugin
         self.idle_stops = 0
@@ -241,15 +244,19 @@ class PluginSupervisor:
         if worker is None:
             return
         self.worker = None  # its exit is no crash: worker_exited ignores a worker that is not current
+        self._stopping = worker  # until it is gone: status shows its pid (its teardown() may take a while)
         self.idle_stops += 1
         self.state = PluginState.IDLE
-        log.info("plugin %s: worker pid %s stopped (%s); its next call starts one", self.name, worker.pid, why)
+        log.info("plugin %s: stopping worker pid %s (%s); its next call starts one", self.name, worker.pid, why)
         self._idle_stop = asyncio.get_running_loop().create_task(self._stop_idle(worker, why))
 
     async def _stop_idle(self, worker: WorkerHandle, why: str) -> None:
         """An idle plugin holds nothing: its worker goes, and so does its disk (the launcher would keep
         it attached, a loop device, a mount and a journal thread, for the host's life)."""
+        began = time.monotonic()
         await worker.stop(reason=f"idle: {why}")
+        log.info("plugin %s: worker pid %s stopped (%.2f s after it was asked to)", self.name, worker.pid,
+                 time.monotonic() - began)
         await self._factory.release_disk(self.name)
         await self._measure_place_after_stop()
 
@@ -280,17 +287,25 @@ class PluginSupervisor:
     async def _start_on_call(self) -> None:
         if self._idle_stop is not None:  # the last worker's teardown ends first (its disk, its cgroup);
             await asyncio.wait([self._idle_stop])  # cancelling this start must not cancel that teardown
+        backoff = self._next_activation_at - time.monotonic()
+        if backoff > 0:  # the start before failed: the callers wait, within their timeouts, as for a restart
+            await asyncio.sleep(backoff)
         if self._closing:
             return
         try:
             self.worker = await self._spawn()
         except Exception as exc:  # noqa: BLE001 - whatever it was, the waiting calls are told, the host runs on
             detail, decision = self._spawn_failed(exc, "start on a call")
+            self._failed_activations += 1
             if isinstance(exc, PlaceFull):  # no later call can start it either
                 log.error("plugin %s: its worker did not start for a call (%s)", self.name, detail)
                 self.fail(detail)  # (status showed it idle: attack pass 64)
             elif decision.restart:
-                log.error("plugin %s: its worker did not start for a call: %s", self.name, detail)
+                # Attack pass 69: with no backoff, a burst of calls to a plugin whose setup() failed (a
+                # service down for a moment) spent its restart intensity in 0.2 s, and it was failed.
+                self._next_activation_at = time.monotonic() + decision.delay
+                log.error("plugin %s: its worker did not start for a call: %s%s", self.name, detail,
+                          f"; the next call's start waits {decision.delay:.2f} s" if decision.delay else "")
                 self.error = detail
                 self.state = PluginState.IDLE
                 self.settled.set()
@@ -591,6 +606,7 @@ class PluginSupervisor:
         rather than fail the call."""
         deadline = time.monotonic() + timeout
         activated = False
+        failed_starts = self._failed_activations  # one failing after this call came is its answer too
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -600,7 +616,9 @@ class PluginSupervisor:
                         await asyncio.sleep(0)  # let the exit callback move the state on
                         continue
                     if self.state == PluginState.IDLE:
-                        if activated:  # this call's start failed: say why rather than try again
+                        if activated or self._failed_activations != failed_starts:
+                            # the start this call waited for failed: say why rather than try again (calls
+                            # that shared it each started another: attack pass 69, six setup()s in 0.16 s)
                             raise PluginUnavailable(self.name, f"its worker did not start: {self.error}")
                         self._activate()
                         activated = True
@@ -618,7 +636,8 @@ class PluginSupervisor:
                         raise PluginUnavailable(self.name, self.error or f"plugin is {self.state}")
         except TimeoutError:
             self.timeouts += 1
-            waited = "start" if activated else "restart"
+            starting = activated or (self._activation is not None and not self._activation.done())
+            waited = "start" if starting else "restart"  # an idle plugin's start is no restart (attack pass 69)
             raise WorkerTimeout(self.name, f"{what} timed out after {timeout:g} s waiting for "
                                 f"the plugin's worker to {waited}") from None
 
@@ -684,6 +703,10 @@ class PluginSupervisor:
             "egress": live.egress.status() if live and live.egress else None,
             "activation": "lazy" if self.lazy else "eager", "idle_timeout": self.idle_timeout,
             "activations": self.activations, "idle_stops": self.idle_stops,
+            # a worker stopped when idle, still there: its teardown() runs (attack pass 69: shown as no
+            # worker while it held 841 MB for seconds)
+            "stopping_pid": self._stopping.pid if self._stopping is not None and not self._stopping.exited.done()
+            else None,
         }
 
 

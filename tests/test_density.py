@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import signal
@@ -106,6 +107,25 @@ async def test_an_idle_worker_is_stopped_with_teardown_and_restarted_by_the_next
         assert probe.restarts == 0 and not probe.restart_reasons  # not a crash, nothing counted
 
 
+async def test_status_shows_a_worker_stopped_when_idle_until_it_is_gone(write_config, caplog):
+    """Attack pass 69: status showed no worker, and the log "stopped", while its teardown() still ran
+    (841 MB held for seconds)."""
+    caplog.set_level(logging.INFO, logger="qanot_host")
+    config = write_config([plugin("misbehave", hang_in_teardown=True)],
+                          host={"idle_timeout": 0.3, "limits_interval": 0.1, "teardown_timeout": 1.5})
+    async with Host(config) as host:
+        supervisor = host.plugins["misbehave"]
+        pid = supervisor.worker.pid
+        await wait_until(lambda: supervisor.state == PluginState.IDLE, what="the idle stop")
+        status = supervisor.status()
+        assert (status["pid"], status["stopping_pid"]) == (None, pid) and psutil.pid_exists(pid)
+        from qanot_host.cli import _status_cell
+        assert _status_cell(status, "pid") == f"{pid} (stopping)"  # `qanot-host status`'s PID column
+        assert f"stopping worker pid {pid} (no call for 0.3 s)" in caplog.text
+        await wait_until(lambda: supervisor.status()["stopping_pid"] is None, 5, "the worker gone")
+        assert f"worker pid {pid} stopped (1." in caplog.text  # its teardown_timeout, and its exit
+
+
 async def test_calls_kept_coming_keep_the_worker(write_config, tmp_path):
     config = write_config([plugin("lazy_probe")], host={"idle_timeout": 0.6, "limits_interval": 0.1})
     async with Host(config) as host:
@@ -146,6 +166,35 @@ async def test_a_worker_that_fails_to_start_for_a_call_fails_that_call_only(writ
             with pytest.raises(PluginUnavailable):
                 await host.registry.invoke("lazy_probe_pid", {})
         assert host.plugins["lazy_probe"].state == PluginState.FAILED
+
+
+async def test_calls_that_shared_a_failed_start_share_its_error_and_the_next_start_waits_its_backoff(write_config,
+                                                                                                      tmp_path):
+    """Attack pass 69: 20 first calls to a plugin whose setup() failed ran it six times in 0.16 s (each
+    caller that shared the failed start started another) and spent the restart intensity: failed."""
+    config = write_config([plugin("lazy_probe")], host=lazy_host(restart={"backoff_initial": 1.0}))
+    async with Host(config):
+        pass  # the tool list is cached
+    (tmp_path / "workspace" / "lazy_probe" / "events").unlink()
+    (tmp_path / "workspace" / "lazy_probe" / "fail").write_text("setup() refuses while this is here")
+    async with Host(config) as host:
+        probe = host.plugins["lazy_probe"]
+        answers = await asyncio.gather(*(host.registry.invoke("lazy_probe_pid", {}) for _ in range(20)),
+                                       return_exceptions=True)
+        assert all(isinstance(a, PluginUnavailable) and "its worker did not start: " in str(a)
+                   and "a file named fail is in its place" in str(a) for a in answers), answers
+        assert [e for e in events(tmp_path) if e == "setup"] == ["setup"]
+        assert probe.state == PluginState.IDLE
+        with pytest.raises(PluginUnavailable, match="a file named fail is in its place"):
+            await host.registry.invoke("lazy_probe_pid", {})  # the next call tries again, at once (the first retry)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(PluginUnavailable, match="a file named fail is in its place"):
+            await host.registry.invoke("lazy_probe_pid", {})  # and the next one after the policy's backoff
+        assert asyncio.get_running_loop().time() - started >= 0.85  # 1 s, less the policy's jitter
+        assert [e for e in events(tmp_path) if e == "setup"] == ["setup"] * 3
+        (tmp_path / "workspace" / "lazy_probe" / "fail").unlink()
+        await host.registry.invoke("lazy_probe_pid", {}, timeout=10)  # waits its backoff (2 s), then serves
+        assert probe.state == PluginState.READY
 
 
 async def test_a_slow_start_holds_back_the_tools_of_plugins_listed_after_it_for_two_seconds_at_most(write_config,
