@@ -52,6 +52,9 @@ DENIED_REPORTS_PER_SECOND = 20  # a worker sends at most 10
 DENIED_REPORTS_HELD = 600  # a minute of an honest worker's reports, read at once after a stall
 
 
+_RESULT = p.Result  # the hot path's, looked up once
+
+
 def _nobody(error: PluginError | None) -> None:
     pass
 
@@ -263,17 +266,18 @@ class WorkerChannel(asyncio.Protocol):
                                                        "decoder accepts"))
 
     def _deliver(self, msg: p.WorkerMessage) -> None:
-        if isinstance(msg, p.Hello):
-            if self.hello.done():
-                raise msgspec.DecodeError("a second Hello")
-            self.hello.set_result(msg)
-            return
-        if isinstance(msg, p.Denied):
-            self._denied(msg)
-            return
-        if msg.id == self._ping_id and self._ping_id and type(msg) is p.Pong:
-            self._ping_id = 0  # a Pong with no ping out is a reply to no request: unsolicited frames
-            return  # cost the host's loop a core (attack pass 52), and each one passed for a heartbeat
+        if type(msg) is not _RESULT:  # a tool's result, nearly every frame, is none of these three
+            if isinstance(msg, p.Hello):
+                if self.hello.done():
+                    raise msgspec.DecodeError("a second Hello")
+                self.hello.set_result(msg)
+                return
+            if isinstance(msg, p.Denied):
+                self._denied(msg)
+                return
+            if msg.id == self._ping_id and self._ping_id and type(msg) is p.Pong:
+                self._ping_id = 0  # a Pong with no ping out is a reply to no request: unsolicited frames
+                return  # cost the host's loop a core (attack pass 52), and each one passed for a heartbeat
         entry = self._pending.pop(msg.id, None)
         if entry is None:
             if msg.id in self._abandoned:
@@ -283,7 +287,7 @@ class WorkerChannel(asyncio.Protocol):
                                       "already answered")
         future, expect, what = entry
         if expect is _CALL:
-            if type(msg) is p.Result:
+            if type(msg) is _RESULT:
                 if not future.done():  # done: the caller went away (cancelled), nobody to tell
                     future.set_result(msg.value)
                 self._call_ended(None)

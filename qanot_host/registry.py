@@ -181,7 +181,10 @@ class ToolRegistry:
                 input_data = _plain(input_data)
                 known = None
             if self.observer is None:
-                tool = self._checked(name, input_data, known)
+                # _checked()'s check, inline for a registered name with a dict (nearly every call)
+                problems = known.check(input_data) if known is not None else None
+                tool = known if known is not None and not problems else \
+                    self._checked(name, input_data, known, problems)
                 sender = tool.sender
                 if sender is not None and (reply := sender.send(tool.remote_name, input_data, timeout)) is not None:
                     try:  # a ready plugin's call: its future, awaited here (no coroutine of its own)
@@ -286,8 +289,10 @@ class ToolRegistry:
         own = self.timeout if timeout is None or timeout != timeout else timeout
         return asyncio.wait_for(tool.handler(params), own)
 
-    def _checked(self, name: str, params: dict[str, Any], tool: RegisteredTool | None = None) -> RegisteredTool:
-        """`tool`: the caller looked `name` up already and found it, with a dict for params."""
+    def _checked(self, name: str, params: dict[str, Any], tool: RegisteredTool | None = None,
+                 problems: list[str] | None = None) -> RegisteredTool:
+        """`tool`: the caller looked `name` up already and found it, with a dict for params;
+        `problems`: and checked them already."""
         if tool is None:
             tool = self._tools.get(name) if isinstance(name, str) else None
             if tool is None:
@@ -296,7 +301,8 @@ class ToolRegistry:
                 # JSON's names here (the CLI's caller wrote JSON); execute() answers Qanot's words first
                 raise InvalidParams(name, [f"Parameters must be an object, got {type_name(params)}"])
         # What cannot cross the wire is refused here, before anything is written to a worker.
-        problems = tool.check(params)
+        if problems is None:
+            problems = tool.check(params)
         if problems:
             if problems is CHECK_OFF_LOOP:  # rare: the same tool, checking its params on a thread first
                 return replace(tool, handler=_checked_on_a_thread(tool, name), sender=None)

@@ -493,12 +493,14 @@ class PluginSupervisor:
         call_ended(), which the channel calls; a caller cancelled while it waits says so with
         cancelled(), so that the worker is told."""
         worker = self.worker
-        if self.state is not _READY or self._closing or worker is None or not worker.accepting_calls:
+        if self.state is not _READY or self._closing or worker is None:
             return None
         configured = self._timeouts.get(tool) or self._call_timeout(tool)  # the cache, then its method
         # Refused here (params that cannot be framed): nothing is in flight. Counted in flight only
         # once sent: a refused call was left in flight for good, and the host's stop waited on it.
         reply = worker.call(tool, params, configured if timeout is None else _clamped(timeout, configured))
+        if reply is None:  # its pipe closed, or a stop began: call() waits for the next worker
+            return None
         self.calls += 1
         self._calls_since_start += 1
         self.in_flight += 1
@@ -555,7 +557,11 @@ class PluginSupervisor:
                 self.timeouts += 1
                 worker = self.worker
                 log.warning("plugin %s: %s (pid %s)", self.name, error.detail, worker.pid if worker else None)
-        self._ended()
+        self.in_flight -= 1  # _ended(), inline: every call ends this way
+        if not self.in_flight:
+            self.idle.set()
+            if self.idle_timeout is not None:
+                self._last_active = time.monotonic()
 
     async def hook(self, name: str, kwargs: dict[str, Any]) -> Any:
         """Run one of the plugin's hooks in its worker (the Qanot drop-in forwards them); its value."""

@@ -39,6 +39,7 @@ ORPHAN_TEARDOWN_SECONDS = 3.0
 # Built at import, so in the worker template before it forks: msgspec compiles a union of this
 # size on first use (about a millisecond), which every worker would otherwise do for itself.
 HOST_MESSAGES = msgspec.msgpack.Decoder(p.HostMessage)
+_CALL, _RESULT = p.Call, p.Result  # the hot path's, looked up once
 
 
 class WorkerServer(asyncio.Protocol):
@@ -76,8 +77,16 @@ class WorkerServer(asyncio.Protocol):
         try:
             frames = self._frames.feed(data)
             self._outbox.chunk = len(frames) // p.CHUNK_DIVISOR + 1
+            decode, calls, start = HOST_MESSAGES.decode, self._calls, self._eager.start
             for frame in frames:
-                self._dispatch(HOST_MESSAGES.decode(frame))
+                msg = decode(frame)
+                if type(msg) is _CALL and msg.id not in calls:  # nearly every message, started here
+                    task = start(self._call(msg))
+                    if task is not None:  # it waits: _calls holds its task until it ends
+                        calls[msg.id] = task
+                        task.add_done_callback(partial(self._call_ended, msg.id))
+                else:
+                    self._dispatch(msg)
         except (p.FrameTooLarge, msgspec.DecodeError, RecursionError) as exc:
             log.error("bad frame from the host: %s", exc or type(exc).__name__)
             self._finish(70)
@@ -97,14 +106,10 @@ class WorkerServer(asyncio.Protocol):
     # ---- requests --------------------------------------------------------------------------------
 
     def _dispatch(self, msg: p.HostMessage) -> None:
-        if type(msg) is p.Call:  # nearly every message: before the match
-            if msg.id in self._calls:
-                self._send(p.Failure(msg.id, p.FailureKind.PROTOCOL, "duplicate request id"))
-                return
-            task = self._eager.start(self._call(msg))
-            if task is not None:  # it waits: _calls holds its task until it ends
-                self._calls[msg.id] = task
-                task.add_done_callback(partial(self._call_ended, msg.id))
+        """Every message but a Call, which data_received() starts itself; a Call here reuses the id of
+        one in flight."""
+        if type(msg) is _CALL:
+            self._send(p.Failure(msg.id, p.FailureKind.PROTOCOL, "duplicate request id"))
             return
         match msg:
             case p.Cancel():
@@ -235,7 +240,10 @@ class WorkerServer(asyncio.Protocol):
                                      f"returned {type(result).__name__}, expected str"))
                 return
             result = str.__str__(result)  # a str subclass, as the plain str msgpack carries
-        self._send(p.Result(msg.id, result))
+        try:  # _send(), inline: every call's reply comes this way
+            self._outbox.post(_RESULT(msg.id, result), self._reading)
+        except (p.FrameTooLarge, TypeError, ValueError, OverflowError, RecursionError):
+            self._send(_RESULT(msg.id, result))  # says why, in a Failure of its own
 
     def _call_ended(self, request_id: int, task: asyncio.Task) -> None:
         self._calls.pop(request_id, None)

@@ -247,3 +247,15 @@ async def test_a_frame_that_never_ends_does_not_keep_a_worker_from_its_pings(tmp
         result = json.loads(await asyncio.wait_for(host.registry.execute("fake_tool", {}), 10))
         assert "unresponsive: no answer to a ping within 0.5 s" in result["error"], result
         assert sup.worker.pid != first or sup.state is not PluginState.READY
+
+
+async def test_a_call_reusing_the_id_of_one_in_flight_is_refused_by_the_worker(write_config):
+    """The other way round: a host (or whatever holds its pipe) that sends a Call under the id of one
+    still running is answered with a protocol failure, not a second run under that id."""
+    from qanot_host.errors import ToolFailed
+    async with Host(write_config([plugin("misbehave")])) as host:
+        channel = host.plugins["misbehave"].worker._channel
+        reply = channel.call("mb_sleep", {"seconds": 1}, 10)
+        channel._post(p.Call(max(channel._pending), "mb_ok", {}))
+        with pytest.raises(ToolFailed, match="duplicate request id"):
+            await reply
