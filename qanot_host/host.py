@@ -54,7 +54,6 @@ log = logging.getLogger("qanot_host")
 REGISTRATION_PATIENCE = 2.0
 
 
-
 class Host:
     """Async context manager: ``async with Host("config.json") as host: await host.registry.execute(...)``."""
 

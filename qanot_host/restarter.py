@@ -52,9 +52,11 @@ class RestartPolicy:
         while self._recent and now - self._recent[0] > self.window:
             self._recent.popleft()
         if len(self._recent) >= self.max_restarts:
-            return RestartDecision(False, reason=f"restart intensity exceeded: {len(self._recent)} restarts "
-                                                 f"within {self.window:g} s (`qanot-host restart {self.plugin}` "
-                                                 "or a reload starts it again)")
+            # counted: its workers' unplanned exits and its starts that failed (attack pass 70: a lazy
+            # plugin whose setup() failed four times read "4 restarts" beside status's RESTARTS 0)
+            return RestartDecision(False, reason=f"restart intensity exceeded: {len(self._recent)} exits or failed "
+                                                 f"starts within {self.window:g} s (`qanot-host restart "
+                                                 f"{self.plugin}` or a reload starts it again)")
         self._recent.append(now)
         if uptime >= self.stable_after:
             self._consecutive = 0

@@ -80,8 +80,8 @@ async def test_restart_intensity_limit_then_reload_revives(write_config):
             await host.registry.execute("mb_crash", {"how": "exit"})
         await wait_until(lambda: sup.state == PluginState.FAILED, 10, "failed")
         assert sup.restarts == 2
-        assert "restart intensity exceeded: 2 restarts within 60 s (`qanot-host restart misbehave` or a reload " \
-               "starts it again)" in sup.error
+        assert "restart intensity exceeded: 2 exits or failed starts within 60 s (`qanot-host restart misbehave` " \
+               "or a reload starts it again)" in sup.error
         answer = json.loads(await host.registry.execute("mb_ok", {}))
         assert "restart intensity exceeded" in answer["error"] and "exit code 7" in answer["error"]
         assert await host.registry.execute("greet", {"name": "x"}) == "Salom, x!"
