@@ -166,10 +166,6 @@ class Host:
         finished: set[str] = set()
         impatient = False
 
-        def release(supervisor: PluginSupervisor) -> None:
-            if supervisor.name not in self._released:
-                self._release_registration(supervisor)
-
         def release_out_of_turn() -> None:
             nonlocal impatient
             impatient = True
@@ -180,7 +176,7 @@ class Host:
                             "they share with a plugin listed before them goes to that one once it is up)",
                             _names(slow), REGISTRATION_PATIENCE, _names([s.name for s in early]))
             for supervisor in early:
-                release(supervisor)
+                self._release_registration(supervisor)
 
         async def start(supervisor: PluginSupervisor) -> None:
             try:
@@ -188,9 +184,9 @@ class Host:
             finally:
                 finished.add(supervisor.name)
                 while waiting and waiting[0].name in finished:
-                    release(waiting.popleft())
+                    self._release_registration(waiting.popleft())
                 if impatient:
-                    release(supervisor)
+                    self._release_registration(supervisor)
 
         self._registration_paused = True
         patience = asyncio.get_running_loop().call_later(REGISTRATION_PATIENCE, release_out_of_turn)
@@ -294,6 +290,10 @@ class Host:
                 self._register_tools(self.plugins[name])
 
     def _release_registration(self, supervisor: PluginSupervisor) -> None:
+        """Its turn to register has come (once: in config.json's order, or out of it when slower ones
+        listed before it kept it waiting)."""
+        if supervisor.name in self._released:
+            return
         self._released.add(supervisor.name)
         self._held_registrations.discard(supervisor.name)
         self._register_tools(supervisor)

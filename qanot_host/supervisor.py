@@ -557,11 +557,7 @@ class PluginSupervisor:
                 self.timeouts += 1
                 worker = self.worker
                 log.warning("plugin %s: %s (pid %s)", self.name, error.detail, worker.pid if worker else None)
-        self.in_flight -= 1  # _ended(), inline: every call ends this way
-        if not self.in_flight:
-            self.idle.set()
-            if self.idle_timeout is not None:
-                self._last_active = time.monotonic()
+        self._ended()
 
     async def hook(self, name: str, kwargs: dict[str, Any]) -> Any:
         """Run one of the plugin's hooks in its worker (the Qanot drop-in forwards them); its value."""
